@@ -1,0 +1,1 @@
+"""LangGraph workflows over the model. Importing this package never imports torch."""

@@ -1,0 +1,1 @@
+"""The Elastic-MoT masked-diffusion model: config, modeling, tokenizers, samplers, pipeline."""

@@ -1,0 +1,1 @@
+"""Leaf utilities (numpy, OpenCV, PIL; never torch): boxes, images, drawing, artifacts, ShapesWorld."""
