@@ -10,13 +10,17 @@ from lavida_agent.tools.shapes_world.scene import (
     SIZES,
     Object,
     Scene,
+    boxes_apart,
     holds,
     region_box,
     region_of,
     size_class,
+    valid_box,
+    valid_scene,
 )
 
 __all__ = [
     "BACKGROUNDS", "CANVAS", "COLORS", "REGIONS", "RELATIONS", "SHAPES", "SIZES",
-    "Object", "Scene", "holds", "region_box", "region_of", "size_class",
+    "Object", "Scene", "boxes_apart", "holds", "region_box", "region_of", "size_class",
+    "valid_box", "valid_scene",
 ]  # fmt: skip

@@ -170,3 +170,29 @@ def size_class(side: int) -> str | None:
         if lo <= side <= hi:
             return name
     return None
+
+
+def boxes_apart(a: Box, b: Box, gap: int = MIN_GAP) -> bool:
+    """True when boxes `a` and `b` are separated by at least `gap` pixels on some axis."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def valid_box(box: Box, others: tuple[Box, ...] | list[Box] = (), canvas: int = CANVAS) -> bool:
+    """Whether `box` lies inside the canvas with `MARGIN` and keeps `MIN_GAP` to every other box."""
+    x0, y0, x1, y1 = box
+    inside = x0 >= MARGIN and y0 >= MARGIN and x1 <= canvas - MARGIN and y1 <= canvas - MARGIN
+    return inside and x1 > x0 and y1 > y0 and all(boxes_apart(box, o) for o in others)
+
+
+def valid_scene(scene: Scene) -> bool:
+    """Whether every constraint of SHAPES_WORLD.md holds (count, sizes, margins, gaps)."""
+    if len(scene.objects) > MAX_OBJECTS:
+        return False
+    boxes = [o.box for o in scene.objects]
+    for i, o in enumerate(scene.objects):
+        x0, y0, x1, y1 = o.box
+        if x1 - x0 != y1 - y0 or size_class(x1 - x0) != o.size:
+            return False
+        if not valid_box(o.box, boxes[:i] + boxes[i + 1 :]):
+            return False
+    return True
