@@ -1,0 +1,75 @@
+"""Verification by grounding, shared by the t2i critique and the edit check.
+
+The model grounds each expected object in the image (one `Engine.ground` call for all of
+them); an object passes when the box found overlaps the expected box with IoU >= threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from lavida_agent import prompts
+from lavida_agent.graphs.engine import BoxList
+from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, box_iou
+from lavida_agent.tools.artifacts import ImageRef
+
+Role = Literal["planned", "target", "keep"]
+
+
+def grounding_checks(
+    expected: Sequence[LayoutItem], found: Sequence[BoxList], *, threshold: float, role: Role
+) -> list[GroundingCheck]:
+    """Compare expected objects with the boxes grounding found for them (same order)."""
+    if len(found) != len(expected):
+        raise ValueError(f"grounding returned {len(found)} boxes for {len(expected)} expressions")
+    checks = []
+    for item, raw in zip(expected, found, strict=True):
+        box = Box.model_validate([float(v) for v in raw])
+        iou = box_iou(item.box, box)
+        checks.append(GroundingCheck(label=item.label, expected=item.box, found=box,
+                                     iou=round(iou, 4), ok=iou >= threshold, role=role))  # fmt: skip
+    return checks
+
+
+def _fmt(box: Box) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box.as_list()) + "]"
+
+
+def reason_for(check: GroundingCheck) -> str:
+    """A user-readable reason for a failed check (templates `critique_grounding_<role>`)."""
+    return prompts.render(f"critique_grounding_{check.role}", label=check.label,
+                          expected=_fmt(check.expected), found=_fmt(check.found),
+                          iou=f"{check.iou:.2f}")  # fmt: skip
+
+
+def make_critique(
+    *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
+    model_text: str, checks: Sequence[GroundingCheck],
+) -> Critique:  # fmt: skip
+    """Combine the model's verdict with the grounding checks into one `Critique`.
+
+    Accept only when the model accepts and every check passes; blame each failed object.
+    """
+    failed = [c for c in checks if not c.ok]
+    accept = model_ok and not failed
+    reasons = [str(r) for r in model_reasons] + [reason_for(c) for c in failed]
+    if not accept and not reasons:
+        reasons = [model_text or "the model rejected the image"]
+    score = (int(model_ok) + sum(c.ok for c in checks)) / (1 + len(checks))
+    return Critique(
+        round=round,
+        image=image,
+        verdict="accept" if accept else "reject",
+        reasons=[] if accept else reasons,
+        blamed=[LayoutItem(label=c.label, box=c.expected) for c in failed],
+        model_ok=model_ok,
+        model_text=model_text,
+        grounding=list(checks),
+        score=round_score(score),
+    )
+
+
+def round_score(x: float) -> float:
+    """Scores are rounded so they compare equal after a JSON round trip."""
+    return round(float(x), 6)

@@ -1,0 +1,107 @@
+"""`Context`: the per-run, immutable knobs of every workflow (LangGraph runtime context).
+
+Run data lives in state; knobs live here. Nothing here reads environment variables: the
+public surface (`lavida_agent/settings.py`) builds a `Context` and passes it as
+`graph.invoke(input, context=Context(...))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lavida_agent.graphs.engine import Engine, load_engine
+from lavida_agent.tools.artifacts import ArtifactStore
+
+__all__ = ("Context", "DEFAULT_ARTIFACTS_ROOT")
+
+DEFAULT_ARTIFACTS_ROOT = Path("runs") / "artifacts"
+"""Where images go when the context names no store (relative to the working directory)."""
+
+_STORES: dict[str, ArtifactStore] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """Knobs for one workflow run. Every field has a default, so `Context()` is valid."""
+
+    engine: Any = field(
+        default=None,
+        metadata={
+            "description": "The `Engine` to call (e.g. a `BatchingEngine`). None: load the "
+            "real model lazily with `load_engine(model_path)` on first use."
+        },
+    )
+    model_path: str | None = field(
+        default=None,
+        metadata={"description": "Pipeline folder for `load_engine`; None: embedded weights."},
+    )
+    artifacts: Any = field(
+        default=None,
+        metadata={
+            "description": "An `ArtifactStore`, or the root folder of one. None: "
+            "`runs/artifacts` under the working directory."
+        },
+    )
+    num_steps: int = field(
+        default=16, metadata={"description": "Denoising steps per image (generate/edit)."}
+    )
+    max_rounds: int = field(
+        default=3,
+        metadata={"description": "Most images per t2i run / attempts per edit turn (>= 1)."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"description": "Base seed when the input gives none; round r uses seed + r."},
+    )
+    refine: Literal["auto", "regenerate", "regions"] = field(
+        default="auto",
+        metadata={
+            "description": "How t2i refines a rejected image: 'regenerate' redraws all of it "
+            "with the critique as feedback and a new seed; 'regions' re-masks and redraws only "
+            "the blamed boxes; 'auto' uses regions when the critique blamed boxes, else "
+            "regenerate."
+        },
+    )
+    review_plan: bool = field(
+        default=False,
+        metadata={"description": "Pause with `interrupt()` after planning for a human review."},
+    )
+    preview_every: int = field(
+        default=0,
+        metadata={
+            "description": "Stream a partial preview (as an ImageRef) every k sampler steps; "
+            "0: no previews."
+        },
+    )
+    iou_threshold: float = field(
+        default=0.5,
+        metadata={"description": "Grounding check: found box vs expected box IoU to pass."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.refine not in ("auto", "regenerate", "regions"):
+            raise ValueError(f"refine must be auto|regenerate|regions, got {self.refine!r}")
+        if self.preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0, got {self.preview_every}")
+
+    def get_engine(self) -> Engine:
+        """The engine to call: the one given, else the lazily loaded real model."""
+        if self.engine is not None:
+            engine: Engine = self.engine
+            return engine
+        return load_engine(self.model_path)
+
+    def get_store(self) -> ArtifactStore:
+        """The artifact store: the one given, or one (cached per root) at the given root."""
+        if isinstance(self.artifacts, ArtifactStore):
+            return self.artifacts
+        root = str(self.artifacts if self.artifacts is not None else DEFAULT_ARTIFACTS_ROOT)
+        if root not in _STORES:
+            _STORES[root] = ArtifactStore(root)
+        return _STORES[root]

@@ -1,0 +1,219 @@
+"""The `edit` workflow: plan an edit, apply it, verify it, re-edit until it passes.
+
+    plan_edit -> edit_image -> verify_edit -+-> commit_edit -> END
+                    ^                       |
+                    +-----------------------+  (rejected and rounds left)
+
+A thread is a session: each invocation is one *turn* (one instruction) applied to the
+session's current image (or to `image` when the input gives one). Every verified attempt is
+appended to the lineage `steps`; `commit_edit` keeps the best attempt of the turn as the new
+current image and records it in `heads`. Round `r` of a turn uses seed `base + r`.
+
+- `plan_edit`: the model plans the edit (`Engine.plan_edit`) and grounds the referred
+  objects in the source image.
+- `verify_edit`: the model's own verdict plus grounding: each object the edit should
+  produce is found where planned, and each object to keep has not moved.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+
+from lavida_agent.graphs._verify import grounding_checks, make_critique
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import EditPlanResult, as_plan_items
+from lavida_agent.graphs.events import emit, node_events, step_callback
+from lavida_agent.graphs.state import (
+    Box,
+    EditInput,
+    EditOutput,
+    EditPlan,
+    EditState,
+    EditStep,
+    LayoutItem,
+)
+
+__all__ = (
+    "build_edit_graph",
+    "commit_edit",
+    "edit_image",
+    "graph",
+    "plan_edit",
+    "route_after_verify",
+    "verify_edit",
+)
+
+
+def _context(runtime: Runtime[Context]) -> Context:
+    return runtime.context if runtime.context is not None else Context()
+
+
+def _items(items: list[Any]) -> list[LayoutItem]:
+    return [LayoutItem.model_validate(i) for i in as_plan_items(items) or []]
+
+
+def _to_engine_plan(plan: EditPlan) -> EditPlanResult:
+    return EditPlanResult(targets=list(plan.targets),
+                          target_boxes=[b.as_list() for b in plan.regions],
+                          layout=[i.to_engine() for i in plan.layout],
+                          keep=[i.to_engine() for i in plan.keep])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# Nodes
+# ----------------------------------------------------------------------------------------
+
+
+def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Start a turn: pick the source image, plan the edit and ground what it refers to.
+
+    Returns:
+        `source`, `source_step`, `edit_plan`, `round = 0` and `max_rounds` (the loop bound,
+        recorded) for the new turn.
+
+    Raises:
+        ValueError: neither an input image nor a current session image exists.
+    """
+    ctx = _context(runtime)
+    store, engine = ctx.get_store(), ctx.get_engine()
+    with node_events("plan_edit"):
+        # Step 1: an input image (re)starts the session; otherwise edit the current head.
+        if state.image is not None:
+            source, source_step = state.image, None
+        elif state.current is not None:
+            source, source_step = state.current, state.current_step
+        else:
+            raise ValueError("edit needs an `image` on the first turn of a session")
+        pixels = store.open(source)
+        # Step 2: the model plans the edit (targets, regions, resulting layout, keep list).
+        planned = engine.plan_edit(pixels, state.instruction)
+        # Step 3: ground the referred objects in the source image.
+        targets = [str(t) for t in planned.targets]
+        found = engine.ground(pixels, targets) if targets else []
+        grounded = [LayoutItem(label=t, box=Box.model_validate([float(v) for v in b]))
+                    for t, b in zip(targets, found, strict=True)]  # fmt: skip
+        # The region defaults to where the targets are when the planner gave none.
+        regions = [Box.model_validate([float(v) for v in b]) for b in planned.target_boxes]
+        plan = EditPlan(targets=targets, grounded=grounded,
+                        regions=regions or [g.box for g in grounded],
+                        layout=_items(planned.layout), keep=_items(planned.keep))  # fmt: skip
+        emit("edit_plan", plan=plan.model_dump(mode="json"))
+    return {"source": source, "source_step": source_step, "edit_plan": plan, "round": 0,
+            "accepted": False, "candidate": None, "max_rounds": ctx.max_rounds}  # fmt: skip
+
+
+def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Apply the planned edit to the source image (seed `base + round`).
+
+    Returns:
+        `candidate`: the drawn, not yet verified `EditStep`.
+    """
+    ctx = _context(runtime)
+    store = ctx.get_store()
+    assert state.source is not None and state.edit_plan is not None, "plan_edit runs first"
+    with node_events("edit_image"):
+        base = state.seed if state.seed is not None else ctx.seed
+        seed = base + state.round
+        start = time.perf_counter()
+        image = ctx.get_engine().edit(
+            store.open(state.source), state.instruction, plan=_to_engine_plan(state.edit_plan),
+            seed=seed, num_steps=ctx.num_steps,
+            on_step=step_callback("edit_image", store, ctx.preview_every),
+        )  # fmt: skip
+        step = EditStep(index=len(state.steps), turn=state.turn, round=state.round,
+                        parent=state.source, parent_step=state.source_step,
+                        instruction=state.instruction, plan=state.edit_plan,
+                        result=store.put(image), seed=seed, num_steps=ctx.num_steps,
+                        timings={"sample_s": time.perf_counter() - start})  # fmt: skip
+        emit("image", node="edit_image", step=step.model_dump(mode="json"))
+    return {"candidate": step}
+
+
+def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Verify the candidate: model verdict + the change is present + the rest is unmoved.
+
+    Returns:
+        `steps` (the verified step appended to the lineage), `accepted`, `round + 1`.
+    """
+    ctx = _context(runtime)
+    store, engine = ctx.get_store(), ctx.get_engine()
+    step = state.candidate
+    assert step is not None, "edit_image runs first"
+    with node_events("verify_edit"):
+        pixels = store.open(step.result)
+        # Step 1: the model's own verdict on the edited image.
+        verdict = engine.critique(pixels, step.instruction)
+        # Step 2: one grounding call for the produced objects and the ones to keep.
+        expected = [*step.plan.layout, *step.plan.keep]
+        found = engine.ground(pixels, [i.label for i in expected]) if expected else []
+        n = len(step.plan.layout)
+        checks = [
+            *grounding_checks(step.plan.layout, found[:n], threshold=ctx.iou_threshold,
+                              role="target"),
+            *grounding_checks(step.plan.keep, found[n:], threshold=ctx.iou_threshold,
+                              role="keep"),
+        ]  # fmt: skip
+        # Step 3: combine into the step's critique and append the step to the lineage.
+        critique = make_critique(round=step.round, image=step.result, model_ok=verdict.ok,
+                                 model_reasons=verdict.reasons, model_text=verdict.text,
+                                 checks=checks)  # fmt: skip
+        verified = step.model_copy(update={"critique": critique})
+        emit("critique", critique=critique.model_dump(mode="json"))
+    return {"steps": [verified], "candidate": None, "accepted": critique.accepted,
+            "round": state.round + 1}  # fmt: skip
+
+
+def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """End the turn: the best attempt of this turn becomes the session's current image.
+
+    Returns:
+        `current`, `current_step`, `heads` (appended), `turn + 1`, and `image = None`
+        (so the next turn edits the current image unless it passes a new one).
+    """
+    with node_events("commit_edit"):
+        turn_steps = [s for s in state.steps if s.turn == state.turn]
+        best = max(turn_steps, key=lambda s: (s.critique.score if s.critique else 0.0, -s.index))
+        emit("commit", step=best.index, accepted=state.accepted)
+    return {"current": best.result, "current_step": best.index, "heads": [best.index],
+            "turn": state.turn + 1, "image": None}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# Routers
+# ----------------------------------------------------------------------------------------
+
+
+def route_after_verify(state: EditState) -> Literal["edit_image", "commit_edit"]:
+    """Commit on an accepted edit or once `max_rounds` attempts of the turn exist; else re-edit."""
+    if state.accepted or state.round >= (state.max_rounds or 1):
+        return "commit_edit"
+    return "edit_image"
+
+
+# ----------------------------------------------------------------------------------------
+# Wiring
+# ----------------------------------------------------------------------------------------
+
+
+def build_edit_graph() -> StateGraph[EditState, Context, EditInput, EditOutput]:
+    """The uncompiled `edit` builder."""
+    builder = StateGraph(EditState, context_schema=Context, input_schema=EditInput,
+                         output_schema=EditOutput)  # fmt: skip
+    builder.add_node(plan_edit)
+    builder.add_node(edit_image)
+    builder.add_node(verify_edit)
+    builder.add_node(commit_edit)
+    builder.add_edge(START, "plan_edit")
+    builder.add_edge("plan_edit", "edit_image")
+    builder.add_edge("edit_image", "verify_edit")
+    builder.add_conditional_edges("verify_edit", route_after_verify, ["edit_image", "commit_edit"])
+    builder.add_edge("commit_edit", END)
+    return builder
+
+
+graph = build_edit_graph().compile(name="edit")
+"""Compiled without a checkpointer; compile with one (see `session.py`) for sessions."""

@@ -1,0 +1,210 @@
+"""The `Engine` protocol: everything the workflows ask of the model, and nothing more.
+
+Graph nodes talk to the model only through this protocol, so `lavida_agent.graphs` never
+imports torch. An engine is per-request and synchronous; images are numpy `uint8` arrays of
+shape `(H, W, 3)`; layouts are lists of `{"label": str, "box": [x0, y0, x1, y1]}` in canvas
+pixels (64 x 64 for the embedded model; x right, y down, x1/y1 exclusive).
+
+Contents:
+- `PlanItem`, `StepEvent`, `CritiqueResult`, `EditPlanResult`: plain, torch-free result types.
+- `Engine`: the protocol (the real `PipelineEngine` and `tests/fakes.FakeEngine` satisfy it
+  structurally; `BatchingEngine` in `runtime.py` implements it over a batched backend).
+- `load_engine()`: the one lazy reference to `lavida_agent.model`, used when a graph runs
+  without an engine in its context (e.g. under `langgraph dev`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypedDict, runtime_checkable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = (
+    "BoxList",
+    "CritiqueResult",
+    "EditPlanResult",
+    "Engine",
+    "EngineUnavailableError",
+    "PlanItem",
+    "StepCallback",
+    "StepEvent",
+    "load_engine",
+)
+
+BoxList = list[float]
+"""A box as `[x0, y0, x1, y1]` in canvas pixels."""
+
+
+class PlanItem(TypedDict):
+    """One object of a layout: what to draw (`label`) and where (`box`)."""
+
+    label: str
+    box: BoxList
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One sampler step, reported through an `on_step` callback.
+
+    Attributes:
+        step: 1-based index of the step just finished.
+        total: number of steps of this request.
+        preview: the current x0 prediction as `(H, W, 3)` `uint8`, or `None` when the engine
+            did not decode one for this step (decoding costs a VQ decode).
+    """
+
+    step: int
+    total: int
+    preview: np.ndarray | None = None
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass(frozen=True)
+class CritiqueResult:
+    """The model's verdict on its own image.
+
+    Attributes:
+        ok: `True` when the model judges that the image matches the prompt.
+        reasons: short, user-readable reasons for a rejection (empty when `ok`).
+        text: the model's raw critique text, kept for traces.
+    """
+
+    ok: bool
+    reasons: list[str] = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class EditPlanResult:
+    """What the model plans for an edit instruction.
+
+    Attributes:
+        targets: referring expressions of the objects the instruction is about, in the source
+            image (e.g. `["the red circle"]`); an `add` instruction may have none.
+        target_boxes: the regions to re-mask and redraw, one box per region.
+        layout: the target layout inside those regions after the edit (label and box of each
+            object that should be there), used to verify the edit by grounding.
+        keep: objects of the source image that the edit must leave untouched (label and
+            their box in the source), used to verify that nothing else moved.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    target_boxes: list[BoxList] = field(default_factory=list)
+    layout: list[PlanItem] = field(default_factory=list)
+    keep: list[PlanItem] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The model, as the workflows see it: one synchronous call per request.
+
+    Every stochastic method takes an explicit `seed`, so an attempt recorded in graph state
+    (seed, steps, plan) replays to the same image.
+    """
+
+    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
+        """Plan the objects of `prompt` as a layout (label + box per object)."""
+        ...
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        seed: int,
+        num_steps: int,
+        feedback: list[str] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """Generate an `(H, W, 3)` `uint8` image, optionally conditioned on a plan and feedback."""
+        ...
+
+    def regenerate_regions(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        boxes: list[BoxList],
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """Re-mask only the image tokens inside `boxes` and denoise them again."""
+        ...
+
+    def critique(self, image: np.ndarray, prompt: str) -> CritiqueResult:
+        """The model's own verdict on whether `image` matches `prompt`."""
+        ...
+
+    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
+        """One box per referring expression (a degenerate box when nothing is found)."""
+        ...
+
+    def answer(self, image: np.ndarray, question: str) -> str:
+        """Answer a question about `image`."""
+        ...
+
+    def plan_edit(self, image: np.ndarray, instruction: str) -> EditPlanResult:
+        """Decide which objects an edit refers to, where to redraw and the target layout."""
+        ...
+
+    def edit(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        *,
+        plan: EditPlanResult | None,
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """Apply `instruction` to `image`, redrawing the planned regions."""
+        ...
+
+
+class EngineUnavailableError(RuntimeError):
+    """No engine was given in the context and the model package could not provide one."""
+
+
+def as_plan_items(items: Sequence[PlanItem] | None) -> list[PlanItem] | None:
+    """Normalise engine layout output to `[{"label": str, "box": [float x 4]}]` (plain types)."""
+    if items is None:
+        return None
+    return [{"label": str(i["label"]), "box": [float(v) for v in i["box"]]} for i in items]
+
+
+@functools.lru_cache(maxsize=4)
+def load_engine(model_path: str | None = None) -> Engine:
+    """Load the real engine, once per `model_path` (lazily: torch is imported here only).
+
+    Args:
+        model_path: a pipeline folder; `None` means the embedded default checkpoint.
+
+    Returns:
+        An `Engine` backed by `lavida_agent.model.engine.PipelineEngine`.
+
+    Raises:
+        EngineUnavailableError: the model package is missing or failed to load.
+    """
+    try:
+        module = importlib.import_module("lavida_agent.model.engine")
+        pipeline_engine = module.PipelineEngine
+    except (ImportError, AttributeError) as e:
+        raise EngineUnavailableError(
+            "no engine in the graph context and the model package cannot provide one "
+            f"(import of lavida_agent.model.engine.PipelineEngine failed: {e}). Pass "
+            "`context=Context(engine=...)` when invoking the graph."
+        ) from e
+    logger.info("loading engine from %s", model_path or "the embedded checkpoint")
+    engine: Engine = pipeline_engine.from_pretrained(model_path)
+    return engine

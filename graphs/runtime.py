@@ -1,0 +1,460 @@
+"""The batching runtime: many concurrent graph runs, one model, batched forwards.
+
+`BatchingEngine(backend)` implements the `Engine` protocol for any number of callers (threads,
+or asyncio tasks through the async `a*` helpers) while one worker thread owns the backend.
+Each engine call becomes a request; the worker collects requests for up to `max_wait_ms`,
+takes the oldest one and every queued request *compatible* with it (same method, same
+`batch_key()`, e.g. the same `num_steps`), at most `max_batch`, and makes one backend call
+for all of them. Results and exceptions go back to the right caller.
+
+The batched backend protocol (`BatchedBackend`): one method per engine method, each taking a
+list of requests and returning a list of the same length and order; a row may be an
+`Exception` instance to fail that row only, and an exception raised by the call fails every
+row. Every request carries its own seed: the backend must draw each row from its own
+generator (`torch.Generator().manual_seed(request.seed)`), never from a shared one, so a
+batched result equals the unbatched one.
+
+Sampler step events are delivered in the *caller's* thread (the blocking engine methods
+drain them while they wait), so `on_step` may use thread-bound things such as LangGraph's
+stream writer. Cancelling a pending request (`PendingRequest.cancel()`, or cancelling the
+awaiting asyncio task) drops it before it reaches the backend; a request already running
+completes but its result is discarded. `close()` stops the worker: queued requests are run
+first (`cancel_pending=False`) or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from lavida_agent.graphs.engine import (
+    BoxList,
+    CritiqueResult,
+    EditPlanResult,
+    PlanItem,
+    StepCallback,
+    StepEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = (
+    "AnswerRequest",
+    "BatchedBackend",
+    "BatchingEngine",
+    "CritiqueRequest",
+    "EditRequest",
+    "EngineClosedError",
+    "GenerateRequest",
+    "GroundRequest",
+    "PendingRequest",
+    "PlanEditRequest",
+    "PlanLayoutRequest",
+    "RegenerateRegionsRequest",
+    "Request",
+)
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------------------
+# Requests: one frozen dataclass per engine method
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """Base of all requests. `batch_key()` says which requests may share a backend call."""
+
+    method = ""
+
+    def batch_key(self) -> Hashable:
+        """Requests of the same method with equal keys are batched together."""
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanLayoutRequest(Request):
+    """`Engine.plan_layout` as a request."""
+
+    method = "plan_layout"
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest(Request):
+    """`Engine.generate` as a request (batched by `num_steps`)."""
+
+    method = "generate"
+    prompt: str
+    plan: list[PlanItem] | None
+    seed: int
+    num_steps: int
+    feedback: list[str] | None = None
+    on_step: StepCallback | None = field(default=None, compare=False)
+
+    def batch_key(self) -> Hashable:
+        return self.num_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegenerateRegionsRequest(Request):
+    """`Engine.regenerate_regions` as a request (batched by `num_steps`)."""
+
+    method = "regenerate_regions"
+    image: np.ndarray = field(compare=False)
+    prompt: str
+    plan: list[PlanItem] | None
+    boxes: list[BoxList]
+    seed: int
+    num_steps: int
+    on_step: StepCallback | None = field(default=None, compare=False)
+
+    def batch_key(self) -> Hashable:
+        return self.num_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class CritiqueRequest(Request):
+    """`Engine.critique` as a request."""
+
+    method = "critique"
+    image: np.ndarray = field(compare=False)
+    prompt: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroundRequest(Request):
+    """`Engine.ground` as a request."""
+
+    method = "ground"
+    image: np.ndarray = field(compare=False)
+    expressions: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnswerRequest(Request):
+    """`Engine.answer` as a request."""
+
+    method = "answer"
+    image: np.ndarray = field(compare=False)
+    question: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanEditRequest(Request):
+    """`Engine.plan_edit` as a request."""
+
+    method = "plan_edit"
+    image: np.ndarray = field(compare=False)
+    instruction: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditRequest(Request):
+    """`Engine.edit` as a request (batched by `num_steps`)."""
+
+    method = "edit"
+    image: np.ndarray = field(compare=False)
+    instruction: str
+    plan: EditPlanResult | None
+    seed: int
+    num_steps: int
+    on_step: StepCallback | None = field(default=None, compare=False)
+
+    def batch_key(self) -> Hashable:
+        return self.num_steps
+
+
+class BatchedBackend(Protocol):
+    """What `BatchingEngine` drives: list of requests in, list of results (same order) out.
+
+    A row may be an `Exception` instance (that caller gets it raised). Each row must be
+    sampled with its own generator seeded from `request.seed`; `on_step` of a row, when set,
+    is called with that row's `StepEvent`s.
+    """
+
+    def plan_layout(self, requests: Sequence[PlanLayoutRequest]) -> Sequence[Any]: ...
+    def generate(self, requests: Sequence[GenerateRequest]) -> Sequence[Any]: ...
+    def regenerate_regions(
+        self, requests: Sequence[RegenerateRegionsRequest]
+    ) -> Sequence[Any]: ...
+    def critique(self, requests: Sequence[CritiqueRequest]) -> Sequence[Any]: ...
+    def ground(self, requests: Sequence[GroundRequest]) -> Sequence[Any]: ...
+    def answer(self, requests: Sequence[AnswerRequest]) -> Sequence[Any]: ...
+    def plan_edit(self, requests: Sequence[PlanEditRequest]) -> Sequence[Any]: ...
+    def edit(self, requests: Sequence[EditRequest]) -> Sequence[Any]: ...
+
+
+class EngineClosedError(RuntimeError):
+    """A request was submitted to (or left pending in) a closed `BatchingEngine`."""
+
+
+class PendingRequest(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A submitted request: a `concurrent.futures.Future` of its result."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self.request = request
+        self.key: tuple[str, Hashable] = (request.method, request.batch_key())
+        self.submitted_at = time.monotonic()
+
+
+# ----------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------
+
+
+class BatchingEngine:
+    """An `Engine` for concurrent callers, batching compatible requests into backend calls.
+
+    Args:
+        backend: a `BatchedBackend` (owned by the worker thread from now on).
+        max_batch: most requests per backend call.
+        max_wait_ms: how long the worker waits, after the oldest request arrived, for more
+            compatible requests before it calls the backend with what it has.
+        name: worker thread name.
+    """
+
+    def __init__(
+        self,
+        backend: BatchedBackend,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+        name: str = "lavida-batching-engine",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._pending: list[PendingRequest] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._cancel_pending = False
+        self.batches: list[tuple[str, int]] = []
+        """(method, size) of every backend call made, for inspection."""
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Stop accepting requests and stop the worker.
+
+        Args:
+            cancel_pending: cancel queued requests instead of running them first.
+            timeout: seconds to wait for the worker to finish (None: wait).
+        """
+        with self._cond:
+            self._closing = True
+            self._cancel_pending = cancel_pending
+            self._cond.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closing
+
+    def __enter__(self) -> BatchingEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting -----------------------------------------------------------------------
+
+    def submit(self, request: Request) -> PendingRequest:
+        """Queue `request`; returns a future of its result (thread-safe, non-blocking).
+
+        `on_step` callbacks of a request submitted this way run in the worker thread.
+
+        Raises:
+            EngineClosedError: the engine is closed.
+        """
+        if not hasattr(self.backend, request.method):
+            raise ValueError(f"the backend has no method {request.method!r}")
+        pending = PendingRequest(request)
+        with self._cond:
+            if self._closing:
+                raise EngineClosedError("the batching engine is closed")
+            self._pending.append(pending)
+            self._cond.notify_all()
+        return pending
+
+    async def asubmit(self, request: Request) -> Any:
+        """Await the result of `request`; cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    def call(self, request: Request, on_step: StepCallback | None = None) -> Any:
+        """Submit `request` and block for its result, running `on_step` in this thread.
+
+        If this thread is interrupted (e.g. `KeyboardInterrupt`) the request is cancelled.
+        """
+        events: queue.SimpleQueue[StepEvent | None] = queue.SimpleQueue()
+        if on_step is not None:
+            request = _with_on_step(request, events.put)
+        pending = self.submit(request)
+        pending.add_done_callback(lambda _: events.put(None))
+        try:
+            while (ev := events.get()) is not None:
+                if on_step is not None:
+                    on_step(ev)
+        except BaseException:
+            pending.cancel()
+            raise
+        return pending.result()
+
+    # -- the Engine protocol --------------------------------------------------------------
+
+    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
+        """See `Engine.plan_layout`."""
+        result: list[PlanItem] = self.call(PlanLayoutRequest(prompt=prompt, seed=seed))
+        return result
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        seed: int,
+        num_steps: int,
+        feedback: list[str] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """See `Engine.generate`."""
+        req = GenerateRequest(prompt=prompt, plan=plan, seed=seed, num_steps=num_steps,
+                              feedback=feedback)  # fmt: skip
+        image: np.ndarray = self.call(req, on_step)
+        return image
+
+    def regenerate_regions(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        boxes: list[BoxList],
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """See `Engine.regenerate_regions`."""
+        req = RegenerateRegionsRequest(image=image, prompt=prompt, plan=plan, boxes=boxes,
+                                       seed=seed, num_steps=num_steps)  # fmt: skip
+        out: np.ndarray = self.call(req, on_step)
+        return out
+
+    def critique(self, image: np.ndarray, prompt: str) -> CritiqueResult:
+        """See `Engine.critique`."""
+        result: CritiqueResult = self.call(CritiqueRequest(image=image, prompt=prompt))
+        return result
+
+    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
+        """See `Engine.ground`."""
+        boxes: list[BoxList] = self.call(GroundRequest(image=image, expressions=expressions))
+        return boxes
+
+    def answer(self, image: np.ndarray, question: str) -> str:
+        """See `Engine.answer`."""
+        text: str = self.call(AnswerRequest(image=image, question=question))
+        return text
+
+    def plan_edit(self, image: np.ndarray, instruction: str) -> EditPlanResult:
+        """See `Engine.plan_edit`."""
+        plan: EditPlanResult = self.call(PlanEditRequest(image=image, instruction=instruction))
+        return plan
+
+    def edit(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        *,
+        plan: EditPlanResult | None,
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """See `Engine.edit`."""
+        req = EditRequest(image=image, instruction=instruction, plan=plan, seed=seed,
+                          num_steps=num_steps)  # fmt: skip
+        out: np.ndarray = self.call(req, on_step)
+        return out
+
+    # -- the worker -----------------------------------------------------------------------
+
+    def _next_batch(self) -> list[PendingRequest] | None:
+        """Block until a batch is due; None when closed and nothing is left to run."""
+        with self._cond:
+            while True:
+                if self._closing and self._cancel_pending:
+                    for p in self._pending:
+                        p.cancel()
+                    self._pending.clear()
+                self._pending = [p for p in self._pending if not p.cancelled()]
+                if not self._pending:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                # Step 1: the oldest request decides the batch key.
+                key = self._pending[0].key
+                same = [p for p in self._pending if p.key == key]
+                # Step 2: wait (bounded) for more compatible requests, unless full or closing.
+                deadline = self._pending[0].submitted_at + self.max_wait_s
+                remaining = deadline - time.monotonic()
+                if len(same) < self.max_batch and remaining > 0 and not self._closing:
+                    self._cond.wait(remaining)
+                    continue
+                # Step 3: take up to max_batch of them, in arrival order.
+                batch = same[: self.max_batch]
+                taken = set(map(id, batch))
+                self._pending = [p for p in self._pending if id(p) not in taken]
+                # A request cancelled meanwhile is dropped here, never run.
+                return [p for p in batch if p.set_running_or_notify_cancel()]
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            method = batch[0].request.method
+            self.batches.append((method, len(batch)))
+            try:
+                results = list(getattr(self.backend, method)([p.request for p in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"backend.{method} returned {len(results)} results for {len(batch)} "
+                        "requests"
+                    )
+            except BaseException as e:  # one failing call fails every row of it
+                logger.debug("backend.%s failed for a batch of %d: %r", method, len(batch), e)
+                for p in batch:
+                    p.set_exception(e)
+                continue
+            for p, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    p.set_exception(result)
+                else:
+                    p.set_result(result)
+
+
+def _with_on_step(request: Request, put: Callable[[StepEvent], None]) -> Request:
+    """A copy of `request` whose `on_step` forwards events to `put` (if it takes one)."""
+    if not hasattr(request, "on_step"):
+        return request
+    return dataclasses.replace(request, on_step=put)  # type: ignore[type-var]

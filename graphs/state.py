@@ -1,0 +1,339 @@
+"""Pydantic models for everything a workflow run produces, and the graph states built on them.
+
+Two sections, as in ODR's `state.py`:
+
+- **Values**: `Box`, `LayoutItem`, `Plan`, `Attempt`, `GroundingCheck`, `Critique`,
+  `EditPlan`, `EditStep`: small, JSON-serialisable records of what the model planned, drew,
+  judged and edited.
+- **Graph states**: `*Input` (what a caller passes), `*State` (what nodes see) and `*Output`
+  (what `invoke` returns) for the `t2i`, `edit`, `ground` and `understand` workflows. List
+  fields that grow over a run use an `operator.add` reducer (append); every other field is
+  overwritten by the node that writes it.
+
+Images are only `ImageRef`s (content hash, size and path in the artifact store), never bytes
+or arrays, so checkpoints and traces stay small (PEERS.md §0 item 8). Numbers are plain
+`int`/`float` (msgpack cannot hold numpy scalars).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lavida_agent.graphs.engine import BoxList, PlanItem
+from lavida_agent.tools.artifacts import ImageRef
+
+__all__ = (
+    "Attempt",
+    "Box",
+    "Critique",
+    "EditInput",
+    "EditOutput",
+    "EditPlan",
+    "EditState",
+    "EditStep",
+    "GroundInput",
+    "GroundOutput",
+    "GroundState",
+    "GroundingCheck",
+    "LayoutItem",
+    "Plan",
+    "T2IInput",
+    "T2IOutput",
+    "T2IState",
+    "UnderstandInput",
+    "UnderstandOutput",
+    "UnderstandState",
+    "box_iou",
+)
+
+# ----------------------------------------------------------------------------------------
+# Values
+# ----------------------------------------------------------------------------------------
+
+
+class Box(BaseModel):
+    """An axis-aligned box in canvas pixels (x right, y down, x1/y1 exclusive).
+
+    Accepts `[x0, y0, x1, y1]` as input, so engine output validates directly.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sequence(cls, data: Any) -> Any:
+        if isinstance(data, list | tuple):
+            if len(data) != 4:
+                raise ValueError(f"a box needs 4 numbers [x0, y0, x1, y1], got {data!r}")
+            return dict(zip(("x0", "y0", "x1", "y1"), data, strict=True))
+        return data
+
+    def as_list(self) -> BoxList:
+        """The box as `[x0, y0, x1, y1]`, the engine's format."""
+        return [self.x0, self.y0, self.x1, self.y1]
+
+    @property
+    def area(self) -> float:
+        """Area in square pixels (0 for a degenerate box)."""
+        return max(0.0, self.x1 - self.x0) * max(0.0, self.y1 - self.y0)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (0 when either is degenerate)."""
+    iw = min(a.x1, b.x1) - max(a.x0, b.x0)
+    ih = min(a.y1, b.y1) - max(a.y0, b.y0)
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
+class LayoutItem(BaseModel):
+    """One object of a layout: a label (referring expression) and its box."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    box: Box
+
+    def to_engine(self) -> PlanItem:
+        """The engine's `{"label", "box"}` form."""
+        return {"label": self.label, "box": self.box.as_list()}
+
+
+class Plan(BaseModel):
+    """A layout to draw: where each object of the prompt goes."""
+
+    items: list[LayoutItem] = Field(default_factory=list)
+    source: Literal["model", "user", "input"] = Field(
+        default="model", description="Who made it: the planner, a reviewer, or the caller."
+    )
+    seed: int | None = Field(default=None, description="Planner seed (None if not planned).")
+
+    @classmethod
+    def from_engine(
+        cls, items: list[PlanItem], *, source: Literal["model", "user", "input"], seed: int | None
+    ) -> Plan:
+        """Build a plan from the engine's list of `{"label", "box"}` dicts."""
+        return cls(items=[LayoutItem.model_validate(i) for i in items], source=source, seed=seed)
+
+    def to_engine(self) -> list[PlanItem]:
+        """The engine's list-of-dicts form."""
+        return [item.to_engine() for item in self.items]
+
+
+class Attempt(BaseModel):
+    """One image drawn by the t2i loop: everything needed to replay it exactly."""
+
+    round: int = Field(description="0 for the first image, then 1, 2, ... per refinement.")
+    image: ImageRef
+    seed: int = Field(description="Sampler seed of this attempt (base seed + round).")
+    num_steps: int
+    mode: Literal["generate", "regenerate_regions"]
+    plan: Plan | None = Field(default=None, description="The layout the image was drawn with.")
+    feedback: list[str] = Field(default_factory=list, description="Critique text fed back in.")
+    regions: list[Box] = Field(default_factory=list, description="Re-masked boxes (regions mode).")
+    parent: ImageRef | None = Field(default=None, description="Image the regions were redrawn in.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
+
+
+class GroundingCheck(BaseModel):
+    """One object looked for by grounding: where it should be and where it was found."""
+
+    label: str
+    expected: Box
+    found: Box
+    iou: float
+    ok: bool
+    role: Literal["planned", "target", "keep"] = Field(
+        default="planned",
+        description="planned: a t2i layout object; target: an object the edit should produce; "
+        "keep: an object the edit must leave where it was.",
+    )
+
+
+class Critique(BaseModel):
+    """The verdict on one image, and how it was reached.
+
+    `verdict` is `accept` only when the model accepts its image *and* every grounding check
+    passes (each planned object found where it was planned, IoU >= the threshold).
+    """
+
+    round: int
+    image: ImageRef
+    verdict: Literal["accept", "reject"]
+    reasons: list[str] = Field(default_factory=list)
+    blamed: list[LayoutItem] = Field(
+        default_factory=list, description="Objects (with their expected boxes) judged wrong."
+    )
+    model_ok: bool = Field(description="The model's own verdict (Engine.critique).")
+    model_text: str = ""
+    grounding: list[GroundingCheck] = Field(default_factory=list)
+    score: float = Field(description="(model_ok + checks passed) / (1 + checks); ranks attempts.")
+
+    @property
+    def accepted(self) -> bool:
+        """`True` when the verdict is `accept`."""
+        return self.verdict == "accept"
+
+
+class EditPlan(BaseModel):
+    """The plan for one edit: what it refers to, where to redraw, what must result."""
+
+    targets: list[str] = Field(default_factory=list, description="Referring expressions.")
+    grounded: list[LayoutItem] = Field(
+        default_factory=list, description="The targets as grounded in the source image."
+    )
+    regions: list[Box] = Field(default_factory=list, description="Boxes to re-mask and redraw.")
+    layout: list[LayoutItem] = Field(default_factory=list, description="Objects after the edit.")
+    keep: list[LayoutItem] = Field(default_factory=list, description="Objects that must not move.")
+
+
+class EditStep(BaseModel):
+    """One edit attempt in the lineage: parent image -> result, and its verification."""
+
+    index: int = Field(description="Position in the lineage (`EditState.steps`).")
+    turn: int = Field(description="Which instruction of the session (0, 1, ...).")
+    round: int = Field(description="Attempt within the turn (0, then re-edits).")
+    parent: ImageRef
+    parent_step: int | None = Field(
+        default=None, description="Index of the step that produced `parent` (None: an input)."
+    )
+    instruction: str
+    plan: EditPlan
+    result: ImageRef
+    seed: int
+    num_steps: int
+    critique: Critique | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# Graph states
+# ----------------------------------------------------------------------------------------
+
+
+class T2IInput(BaseModel):
+    """What a caller passes to the `t2i` workflow."""
+
+    prompt: str
+    seed: int | None = Field(default=None, description="Base seed; None: the context's seed.")
+    plan: Plan | None = Field(default=None, description="A ready layout (skips planning).")
+
+
+class T2IState(T2IInput):
+    """Everything the `t2i` nodes read and write."""
+
+    base_seed: int | None = Field(default=None, description="Resolved base seed of the run.")
+    max_rounds: int | None = Field(default=None, description="Loop bound, recorded at start.")
+    plan_reviewed: bool = False
+    attempts: Annotated[list[Attempt], operator.add] = Field(default_factory=list)
+    """Every image drawn, in order (append-only)."""
+    critiques: Annotated[list[Critique], operator.add] = Field(default_factory=list)
+    """One critique per attempt, same order (append-only)."""
+    best: Attempt | None = None
+    accepted: bool = False
+
+
+class T2IOutput(BaseModel):
+    """What `invoke` returns for `t2i` (validate the dict with `T2IOutput.model_validate`)."""
+
+    prompt: str
+    plan: Plan | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    critiques: list[Critique] = Field(default_factory=list)
+    best: Attempt | None = None
+    accepted: bool = False
+
+
+class EditInput(BaseModel):
+    """What a caller passes to the `edit` workflow (one turn of a session).
+
+    `image` starts a session (or restarts it from an outside image); without it the turn
+    edits the session's current image.
+    """
+
+    instruction: str
+    image: ImageRef | None = None
+    seed: int | None = None
+
+
+class EditState(EditInput):
+    """Everything the `edit` nodes read and write; a thread accumulates turns."""
+
+    turn: int = Field(default=0, description="Index of the turn being run (or next to run).")
+    round: int = Field(default=0, description="Attempts made in this turn so far.")
+    max_rounds: int | None = Field(default=None, description="Loop bound, recorded per turn.")
+    source: ImageRef | None = Field(default=None, description="Image this turn edits.")
+    source_step: int | None = None
+    edit_plan: EditPlan | None = None
+    candidate: EditStep | None = Field(default=None, description="Drawn, not yet verified.")
+    steps: Annotated[list[EditStep], operator.add] = Field(default_factory=list)
+    """The lineage: every verified edit attempt of the session (append-only)."""
+    heads: Annotated[list[int], operator.add] = Field(default_factory=list)
+    """Per committed turn, the index of the step kept as the result (append-only)."""
+    current: ImageRef | None = Field(default=None, description="Head image of the session.")
+    current_step: int | None = None
+    accepted: bool = False
+
+
+class EditOutput(BaseModel):
+    """What `invoke` returns for `edit`."""
+
+    instruction: str
+    current: ImageRef | None = None
+    current_step: int | None = None
+    accepted: bool = False
+    steps: list[EditStep] = Field(default_factory=list)
+    heads: list[int] = Field(default_factory=list)
+
+
+class GroundInput(BaseModel):
+    """Find each referring expression in an image."""
+
+    image: ImageRef
+    expressions: list[str]
+
+
+class GroundState(GroundInput):
+    """State of the `ground` workflow."""
+
+    boxes: list[LayoutItem] = Field(default_factory=list)
+
+
+class GroundOutput(BaseModel):
+    """One box per expression, labelled with it."""
+
+    boxes: list[LayoutItem] = Field(default_factory=list)
+
+
+class UnderstandInput(BaseModel):
+    """Ask a question about an image."""
+
+    image: ImageRef
+    question: str
+
+
+class UnderstandState(UnderstandInput):
+    """State of the `understand` workflow."""
+
+    answer: str | None = None
+
+
+class UnderstandOutput(BaseModel):
+    """The model's answer."""
+
+    answer: str | None = None
+
+
+STATE_VALUE_TYPES: tuple[type, ...] = (
+    Attempt, Box, Critique, EditPlan, EditStep, GroundingCheck, LayoutItem, Plan, ImageRef,
+)  # fmt: skip
+"""Types a checkpoint may hold as values (the msgpack allow-list, see `persistence.py`)."""

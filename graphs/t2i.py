@@ -1,0 +1,260 @@
+"""The `t2i` workflow: plan a layout, draw it, critique the image, refine until it passes.
+
+    plan_layout -> review_plan -> generate_image -> critique_image -+-> END
+                                                      ^             |
+                                                      +- refine_image <-+
+
+- `plan_layout` asks the model for a layout (skipped when the input carries a plan).
+- `review_plan` is a light node that pauses with `interrupt()` when `Context.review_plan`
+  is set; on resume only this node re-runs, so no model work repeats.
+- `critique_image` uses the model only: its own verdict plus grounding of every planned
+  object (a planned object not found where planned is blamed).
+- `refine_image` either regenerates the whole image with the critique as feedback, or
+  re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
+  seed `base_seed + r`, recorded in its `Attempt`.
+- The loop stops on an accepting critique or after `max_rounds` images; `best` is the
+  highest-scoring attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+
+from lavida_agent.graphs._verify import grounding_checks, make_critique
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import as_plan_items
+from lavida_agent.graphs.events import emit, node_events, step_callback
+from lavida_agent.graphs.state import (
+    Attempt,
+    Critique,
+    LayoutItem,
+    Plan,
+    T2IInput,
+    T2IOutput,
+    T2IState,
+)
+
+__all__ = (
+    "build_t2i_graph",
+    "critique_image",
+    "generate_image",
+    "graph",
+    "plan_layout",
+    "refine_image",
+    "refine_mode",
+    "review_plan",
+    "route_after_critique",
+)
+
+
+def _context(runtime: Runtime[Context]) -> Context:
+    return runtime.context if runtime.context is not None else Context()
+
+
+# ----------------------------------------------------------------------------------------
+# Nodes
+# ----------------------------------------------------------------------------------------
+
+
+def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Resolve the run's seed and bound, and plan the layout of the prompt.
+
+    Args:
+        state: needs `prompt`; `seed` and `plan` are optional inputs.
+        runtime: the run's `Context` (engine, seed, max_rounds).
+
+    Returns:
+        `plan`, `base_seed` and `max_rounds` (recorded so the run replays exactly).
+    """
+    ctx = _context(runtime)
+    with node_events("plan_layout"):
+        # Step 1: the base seed comes from the input, else the context; record it.
+        base_seed = state.seed if state.seed is not None else ctx.seed
+        # Step 2: a plan given as input is used as is; otherwise the model plans.
+        if state.plan is not None:
+            plan = state.plan.model_copy(update={"source": "input"})
+        else:
+            items = ctx.get_engine().plan_layout(state.prompt, seed=base_seed)
+            plan = Plan.from_engine(as_plan_items(items) or [], source="model", seed=base_seed)
+        emit("plan", plan=plan.model_dump(mode="json"))
+    return {"plan": plan, "base_seed": base_seed, "max_rounds": ctx.max_rounds}
+
+
+def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Pause for a human to approve or replace the plan (only when `Context.review_plan`).
+
+    The interrupt payload is `{"kind": "review_plan", "prompt", "plan"}`. Resume with
+    `Command(resume=...)`: `None`/`True`/`"approve"` keeps the plan; a list of
+    `{"label", "box"}` items or a dict with `"items"` replaces it (source `user`).
+    """
+    ctx = _context(runtime)
+    if not ctx.review_plan or state.plan_reviewed:
+        return {}
+    plan = state.plan or Plan()
+    answer = interrupt(
+        {"kind": "review_plan", "prompt": state.prompt, "plan": plan.model_dump(mode="json")}
+    )
+    if isinstance(answer, dict) and "items" in answer:
+        answer = answer["items"]
+    if isinstance(answer, list):
+        plan = Plan(items=[LayoutItem.model_validate(i) for i in answer], source="user",
+                    seed=plan.seed)  # fmt: skip
+        emit("plan", plan=plan.model_dump(mode="json"))
+    elif answer not in (None, True, "approve"):
+        raise ValueError(f"review_plan: cannot use resume value {answer!r}")
+    return {"plan": plan, "plan_reviewed": True}
+
+
+def generate_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Draw the first image (round 0) from the prompt and the plan.
+
+    Returns:
+        `attempts`: one new `Attempt` (appended).
+    """
+    ctx = _context(runtime)
+    store = ctx.get_store()
+    with node_events("generate_image"):
+        # Step 1: round 0 uses the base seed itself.
+        seed = _seed_for(state, 0)
+        start = time.perf_counter()
+        image = ctx.get_engine().generate(
+            state.prompt,
+            plan=state.plan.to_engine() if state.plan else None,
+            seed=seed,
+            num_steps=ctx.num_steps,
+            feedback=None,
+            on_step=step_callback("generate_image", store, ctx.preview_every),
+        )
+        elapsed = time.perf_counter() - start
+        # Step 2: store the pixels; the state only holds the reference.
+        attempt = Attempt(round=0, image=store.put(image), seed=seed, num_steps=ctx.num_steps,
+                          mode="generate", plan=state.plan, timings={"sample_s": elapsed})  # fmt: skip
+        emit("image", node="generate_image", attempt=attempt.model_dump(mode="json"))
+    return {"attempts": [attempt]}
+
+
+def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Judge the newest attempt: the model's verdict plus grounding of the planned objects.
+
+    Returns:
+        `critiques` (one appended), `accepted` (this verdict) and `best` (best so far).
+    """
+    ctx = _context(runtime)
+    store, engine = ctx.get_store(), ctx.get_engine()
+    attempt = state.attempts[-1]
+    with node_events("critique_image"):
+        image = store.open(attempt.image)
+        # Step 1: the model's own verdict on its image.
+        verdict = engine.critique(image, state.prompt)
+        # Step 2: ground every planned object and compare with where it was planned.
+        planned = attempt.plan.items if attempt.plan else []
+        found = engine.ground(image, [i.label for i in planned]) if planned else []
+        checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
+        # Step 3: combine; keep the best attempt so far (earliest wins a tie).
+        critique = make_critique(round=attempt.round, image=attempt.image, model_ok=verdict.ok,
+                                 model_reasons=verdict.reasons, model_text=verdict.text,
+                                 checks=checks)  # fmt: skip
+        critiques = [*state.critiques, critique]
+        best = max(range(len(critiques)), key=lambda i: (critiques[i].score, -i))
+        emit("critique", critique=critique.model_dump(mode="json"))
+    return {"critiques": [critique], "accepted": critique.accepted,
+            "best": state.attempts[best]}  # fmt: skip
+
+
+def refine_mode(
+    refine: Literal["auto", "regenerate", "regions"], critique: Critique
+) -> Literal["generate", "regenerate_regions"]:
+    """How to refine after `critique`: redraw all, or only the blamed boxes (pure)."""
+    if refine == "regenerate" or not critique.blamed:
+        return "generate"  # nothing to re-mask: a region redraw needs blamed boxes
+    return "regenerate_regions"
+
+
+def refine_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Draw the next attempt after a rejection, with seed `base_seed + round`.
+
+    Returns:
+        `attempts`: one new `Attempt` (appended).
+    """
+    ctx = _context(runtime)
+    store, engine = ctx.get_store(), ctx.get_engine()
+    last, critique = state.attempts[-1], state.critiques[-1]
+    round_ = len(state.attempts)
+    with node_events("refine_image"):
+        # Step 1: choose the mode and derive this round's seed.
+        mode = refine_mode(ctx.refine, critique)
+        seed = _seed_for(state, round_)
+        plan = state.plan.to_engine() if state.plan else None
+        on_step = step_callback("refine_image", store, ctx.preview_every)
+        start = time.perf_counter()
+        # Step 2: regenerate with the critique as feedback, or redraw the blamed boxes only.
+        if mode == "generate":
+            image = engine.generate(state.prompt, plan=plan, seed=seed, num_steps=ctx.num_steps,
+                                    feedback=list(critique.reasons), on_step=on_step)  # fmt: skip
+            regions, parent, feedback = [], None, list(critique.reasons)
+        else:
+            regions = [item.box for item in critique.blamed]
+            image = engine.regenerate_regions(
+                store.open(last.image), state.prompt, plan=plan,
+                boxes=[b.as_list() for b in regions], seed=seed, num_steps=ctx.num_steps,
+                on_step=on_step,
+            )  # fmt: skip
+            parent, feedback = last.image, []
+        attempt = Attempt(round=round_, image=store.put(image), seed=seed,
+                          num_steps=ctx.num_steps, mode=mode, plan=state.plan,
+                          feedback=feedback, regions=regions, parent=parent,
+                          timings={"sample_s": time.perf_counter() - start})  # fmt: skip
+        emit("image", node="refine_image", attempt=attempt.model_dump(mode="json"))
+    return {"attempts": [attempt]}
+
+
+def _seed_for(state: T2IState, round_: int) -> int:
+    """Seed of round `round_`: base seed + round (the base is recorded by `plan_layout`)."""
+    assert state.base_seed is not None, "plan_layout records base_seed first"
+    return state.base_seed + round_
+
+
+# ----------------------------------------------------------------------------------------
+# Routers
+# ----------------------------------------------------------------------------------------
+
+
+def route_after_critique(state: T2IState) -> Literal["refine_image", "__end__"]:
+    """Stop on an accepting critique or once `max_rounds` images exist; else refine."""
+    if state.accepted:
+        return END
+    if len(state.attempts) >= (state.max_rounds or 1):
+        return END
+    return "refine_image"
+
+
+# ----------------------------------------------------------------------------------------
+# Wiring
+# ----------------------------------------------------------------------------------------
+
+
+def build_t2i_graph() -> StateGraph[T2IState, Context, T2IInput, T2IOutput]:
+    """The uncompiled `t2i` builder (compile it with the checkpointer you need)."""
+    builder = StateGraph(T2IState, context_schema=Context, input_schema=T2IInput,
+                         output_schema=T2IOutput)  # fmt: skip
+    builder.add_node(plan_layout)
+    builder.add_node(review_plan)  # light: a resume re-runs only this node
+    builder.add_node(generate_image)
+    builder.add_node(critique_image)
+    builder.add_node(refine_image)
+    builder.add_edge(START, "plan_layout")
+    builder.add_edge("plan_layout", "review_plan")
+    builder.add_edge("review_plan", "generate_image")
+    builder.add_edge("generate_image", "critique_image")
+    builder.add_conditional_edges("critique_image", route_after_critique, ["refine_image", END])
+    builder.add_edge("refine_image", "critique_image")
+    return builder
+
+
+graph = build_t2i_graph().compile(name="t2i")
+"""Compiled without a checkpointer (LangGraph server / `lavida_agent` supply one)."""

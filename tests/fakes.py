@@ -1,0 +1,310 @@
+"""Scripted stand-ins for the model: `FakeEngine` (the `Engine` protocol, one request at a
+time) and `FakeBatchedBackend` (the batched-backend protocol of `graphs/runtime.py`).
+
+`FakeEngine` draws deterministic images: seeded noise in 0..127 as background plus one
+filled rectangle per planned object, its colour derived from the label with every channel
+in 128..255, so grounding by exact colour never confuses noise with an object. `ground`
+really looks for that colour, so it works across processes and on stored images. Verdicts,
+plans, boxes and edit plans can be scripted with `enqueue_*` (llm's MockModel style);
+otherwise defaults apply. `calls` counts every call per method, and `exit_on` makes the
+process die (`os._exit`) on a chosen call, to test crash recovery.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from lavida_agent.graphs.engine import (
+    BoxList,
+    CritiqueResult,
+    EditPlanResult,
+    PlanItem,
+    StepCallback,
+    StepEvent,
+)
+from lavida_agent.graphs.runtime import (
+    AnswerRequest,
+    CritiqueRequest,
+    EditRequest,
+    GenerateRequest,
+    GroundRequest,
+    PlanEditRequest,
+    PlanLayoutRequest,
+    RegenerateRegionsRequest,
+)
+
+CANVAS = 64
+NOT_FOUND: BoxList = [0.0, 0.0, 0.0, 0.0]
+
+
+def label_color(label: str) -> np.ndarray:
+    """A colour unique to `label`, every channel in 128..255 (never in the noise)."""
+    rng = np.random.default_rng(zlib.crc32(label.encode()))
+    return rng.integers(128, 256, size=3, dtype=np.uint8)
+
+
+def noise(shape: tuple[int, int], prompt: str, seed: int) -> np.ndarray:
+    """Background noise, values 0..127, determined by (prompt, seed)."""
+    rng = np.random.default_rng([zlib.crc32(prompt.encode()), seed & 0xFFFFFFFF])
+    return rng.integers(0, 128, size=(*shape, 3), dtype=np.uint8)
+
+
+def _clip(box: Sequence[float]) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    return max(0, x0), max(0, y0), min(CANVAS, x1), min(CANVAS, y1)
+
+
+def draw(image: np.ndarray, items: Sequence[PlanItem]) -> np.ndarray:
+    """Fill each item's box with its label colour."""
+    out = image.copy()
+    for item in items:
+        x0, y0, x1, y1 = _clip(item["box"])
+        out[y0:y1, x0:x1] = label_color(item["label"])
+    return out
+
+
+def default_plan(prompt: str) -> list[PlanItem]:
+    """One object per ' and '-separated phrase, laid out left to right."""
+    labels = [p.strip() for p in prompt.split(" and ") if p.strip()] or ["object"]
+    width = CANVAS // len(labels)
+    return [{"label": lab, "box": [i * width + 2.0, 20.0, (i + 1) * width - 2.0, 44.0]}
+            for i, lab in enumerate(labels)]  # fmt: skip
+
+
+class FakeEngine:
+    """A scripted, deterministic `Engine`.
+
+    Args:
+        step_delay_s: sleep per sampler step (simulates work; 0 by default).
+        exit_on: `(method, n)`: call `os._exit(exit_code)` at the start of the n-th call
+            (1-based) of `method`, as a crashed process would.
+        drop_labels: labels that `generate` "forgets" to draw (so grounding blames them).
+    """
+
+    def __init__(
+        self,
+        *,
+        step_delay_s: float = 0.0,
+        exit_on: tuple[str, int] | None = None,
+        exit_code: int = 17,
+        drop_labels: Sequence[str] = (),
+    ) -> None:
+        self.step_delay_s = step_delay_s
+        self.exit_on = exit_on
+        self.exit_code = exit_code
+        self.drop_labels = set(drop_labels)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.log: list[tuple[str, dict[str, object]]] = []
+        self._plans: collections.deque[list[PlanItem]] = collections.deque()
+        self._critiques: collections.deque[CritiqueResult] = collections.deque()
+        self._grounds: collections.deque[list[BoxList]] = collections.deque()
+        self._edit_plans: collections.deque[EditPlanResult] = collections.deque()
+        self._answers: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+
+    # -- scripting ------------------------------------------------------------------------
+
+    def enqueue_plan(self, items: list[PlanItem]) -> None:
+        """The next `plan_layout` returns `items`."""
+        self._plans.append(items)
+
+    def enqueue_critique(self, ok: bool, reasons: Sequence[str] = (), text: str = "") -> None:
+        """The next `critique` returns this verdict (default: accept)."""
+        self._critiques.append(CritiqueResult(ok=ok, reasons=list(reasons), text=text))
+
+    def enqueue_ground(self, boxes: list[BoxList]) -> None:
+        """The next `ground` returns `boxes` (default: found by colour)."""
+        self._grounds.append(boxes)
+
+    def enqueue_edit_plan(self, plan: EditPlanResult) -> None:
+        """The next `plan_edit` returns `plan`."""
+        self._edit_plans.append(plan)
+
+    def enqueue_answer(self, text: str) -> None:
+        """The next `answer` returns `text`."""
+        self._answers.append(text)
+
+    def _record(self, method: str, **info: object) -> None:
+        with self._lock:
+            self.calls[method] += 1
+            n = self.calls[method]
+            self.log.append((method, info))
+        if self.exit_on is not None and self.exit_on == (method, n):
+            os._exit(self.exit_code)
+
+    def _sample(self, num_steps: int, on_step: StepCallback | None, final: np.ndarray) -> None:
+        for step in range(1, num_steps + 1):
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
+            if on_step is not None:
+                on_step(StepEvent(step=step, total=num_steps, preview=final))
+
+    # -- the Engine protocol --------------------------------------------------------------
+
+    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
+        self._record("plan_layout", prompt=prompt, seed=seed)
+        return self._plans.popleft() if self._plans else default_plan(prompt)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        seed: int,
+        num_steps: int,
+        feedback: list[str] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        self._record("generate", prompt=prompt, seed=seed, num_steps=num_steps,
+                     feedback=list(feedback or []))  # fmt: skip
+        items = [i for i in (plan or default_plan(prompt)) if i["label"] not in self.drop_labels]
+        image = draw(noise((CANVAS, CANVAS), prompt, seed), items)
+        self._sample(num_steps, on_step, image)
+        return image
+
+    def regenerate_regions(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        *,
+        plan: list[PlanItem] | None,
+        boxes: list[BoxList],
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        self._record("regenerate_regions", prompt=prompt, seed=seed, boxes=boxes)
+        fresh = draw(noise((CANVAS, CANVAS), prompt, seed), plan or default_plan(prompt))
+        out = image.copy()
+        for box in boxes:
+            x0, y0, x1, y1 = _clip(box)
+            out[y0:y1, x0:x1] = fresh[y0:y1, x0:x1]
+        self._sample(num_steps, on_step, out)
+        return out
+
+    def critique(self, image: np.ndarray, prompt: str) -> CritiqueResult:
+        self._record("critique", prompt=prompt)
+        return self._critiques.popleft() if self._critiques else CritiqueResult(ok=True)
+
+    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
+        self._record("ground", expressions=list(expressions))
+        if self._grounds:
+            return self._grounds.popleft()
+        return [find(image, e) for e in expressions]
+
+    def answer(self, image: np.ndarray, question: str) -> str:
+        self._record("answer", question=question)
+        return self._answers.popleft() if self._answers else f"{int(image.mean())}"
+
+    def plan_edit(self, image: np.ndarray, instruction: str) -> EditPlanResult:
+        self._record("plan_edit", instruction=instruction)
+        return self._edit_plans.popleft() if self._edit_plans else EditPlanResult()
+
+    def edit(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        *,
+        plan: EditPlanResult | None,
+        seed: int,
+        num_steps: int,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        self._record("edit", instruction=instruction, seed=seed)
+        out = image.copy()
+        fresh = noise((CANVAS, CANVAS), instruction, seed)
+        for box in plan.target_boxes if plan else []:
+            x0, y0, x1, y1 = _clip(box)
+            out[y0:y1, x0:x1] = fresh[y0:y1, x0:x1]
+        items = [i for i in (plan.layout if plan else []) if i["label"] not in self.drop_labels]
+        out = draw(out, items)
+        self._sample(num_steps, on_step, out)
+        return out
+
+
+def find(image: np.ndarray, label: str) -> BoxList:
+    """The bounding box of `label`'s colour in `image` (NOT_FOUND when absent)."""
+    mask = np.all(image == label_color(label), axis=-1)
+    if not mask.any():
+        return list(NOT_FOUND)
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+class FakeBatchedBackend:
+    """The batched-backend protocol over a `FakeEngine`, counting backend calls.
+
+    Each method takes a list of requests and answers row by row with the engine (each row
+    keeps its own seed), after sleeping `call_delay_s` once per call: the fixed cost of one
+    batched forward that batching amortises.
+    """
+
+    def __init__(self, engine: FakeEngine | None = None, *, call_delay_s: float = 0.0) -> None:
+        self.engine = engine or FakeEngine()
+        self.call_delay_s = call_delay_s
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: list[tuple[str, int]] = []
+        self.fail_rows: set[str] = set()
+        """Prompts/instructions whose row returns an exception (per-row failure)."""
+
+    def _call(self, method: str, n: int) -> None:
+        self.calls[method] += 1
+        self.batch_sizes.append((method, n))
+        if self.call_delay_s:
+            time.sleep(self.call_delay_s)
+
+    @property
+    def total_calls(self) -> int:
+        """Backend calls over all methods."""
+        return sum(self.calls.values())
+
+    def plan_layout(self, requests: Sequence[PlanLayoutRequest]) -> list[object]:
+        self._call("plan_layout", len(requests))
+        return [self.engine.plan_layout(r.prompt, seed=r.seed) for r in requests]
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[object]:
+        self._call("generate", len(requests))
+        out: list[object] = []
+        for r in requests:
+            if r.prompt in self.fail_rows:
+                out.append(RuntimeError(f"row failed: {r.prompt}"))
+                continue
+            out.append(self.engine.generate(r.prompt, plan=r.plan, seed=r.seed,
+                                            num_steps=r.num_steps, feedback=r.feedback,
+                                            on_step=r.on_step))  # fmt: skip
+        return out
+
+    def regenerate_regions(self, requests: Sequence[RegenerateRegionsRequest]) -> list[object]:
+        self._call("regenerate_regions", len(requests))
+        return [self.engine.regenerate_regions(r.image, r.prompt, plan=r.plan, boxes=r.boxes,
+                                               seed=r.seed, num_steps=r.num_steps,
+                                               on_step=r.on_step) for r in requests]  # fmt: skip
+
+    def critique(self, requests: Sequence[CritiqueRequest]) -> list[object]:
+        self._call("critique", len(requests))
+        return [self.engine.critique(r.image, r.prompt) for r in requests]
+
+    def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
+        self._call("ground", len(requests))
+        return [self.engine.ground(r.image, r.expressions) for r in requests]
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[object]:
+        self._call("answer", len(requests))
+        return [self.engine.answer(r.image, r.question) for r in requests]
+
+    def plan_edit(self, requests: Sequence[PlanEditRequest]) -> list[object]:
+        self._call("plan_edit", len(requests))
+        return [self.engine.plan_edit(r.image, r.instruction) for r in requests]
+
+    def edit(self, requests: Sequence[EditRequest]) -> list[object]:
+        self._call("edit", len(requests))
+        return [self.engine.edit(r.image, r.instruction, plan=r.plan, seed=r.seed,
+                                 num_steps=r.num_steps, on_step=r.on_step)
+                for r in requests]  # fmt: skip

@@ -1,0 +1,254 @@
+"""The `t2i` workflow on `FakeEngine`: the bounded loop, routers, seeds, state, interrupts,
+streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from lavida_agent.graphs import t2i
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.state import Box, Critique, LayoutItem, T2IOutput, T2IState
+from tests.fakes import FakeEngine
+
+PROMPT = "red circle and blue square"
+
+
+def _critique(verdict, blamed=()):
+    return Critique(round=0, image=_ref(), verdict=verdict, model_ok=verdict == "accept",
+                    blamed=list(blamed), score=1.0 if verdict == "accept" else 0.0)  # fmt: skip
+
+
+def _ref():
+    from lavida_agent.tools.artifacts import ImageRef
+
+    return ImageRef.for_image("0" * 64, 64, 64)
+
+
+def _state(**kw):
+    from lavida_agent.graphs.state import Attempt
+
+    n = kw.pop("n_attempts", 1)
+    attempts = [Attempt(round=i, image=_ref(), seed=i, num_steps=4, mode="generate")
+                for i in range(n)]  # fmt: skip
+    return T2IState(prompt="p", attempts=attempts, **kw)
+
+
+# -- routers, as pure functions ---------------------------------------------------------
+
+
+def test_route_after_critique_ends_on_accept():
+    assert t2i.route_after_critique(_state(accepted=True, max_rounds=3)) == "__end__"
+
+
+def test_route_after_critique_refines_while_rounds_left():
+    assert t2i.route_after_critique(_state(accepted=False, max_rounds=3, n_attempts=2)) == (
+        "refine_image"
+    )
+
+
+def test_route_after_critique_stops_at_max_rounds():
+    assert t2i.route_after_critique(_state(accepted=False, max_rounds=3, n_attempts=3)) == (
+        "__end__"
+    )
+
+
+def test_refine_mode():
+    blamed = [LayoutItem(label="x", box=Box.model_validate([0, 0, 8, 8]))]
+    assert t2i.refine_mode("auto", _critique("reject", blamed)) == "regenerate_regions"
+    assert t2i.refine_mode("auto", _critique("reject")) == "generate"
+    assert t2i.refine_mode("regenerate", _critique("reject", blamed)) == "generate"
+    assert t2i.refine_mode("regions", _critique("reject")) == "generate"  # nothing to re-mask
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+def test_stops_on_first_accepting_critique(engine, ctx):
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1}
+    assert out.best == out.attempts[0]
+    assert all(c.ok for c in out.critiques[0].grounding)
+
+
+def test_stops_at_max_rounds_and_keeps_best(engine, ctx):
+    engine.enqueue_critique(False, ["too dark"])  # round 0: rejected, nothing found: 0/3
+    engine.enqueue_ground([[0, 0, 0, 0], [0, 0, 0, 0]])
+    engine.enqueue_critique(True)  # round 1: model accepts, one object missing: 2/3
+    engine.enqueue_ground([[0, 0, 0, 0], [34, 20, 62, 44]])
+    engine.enqueue_critique(False, ["still wrong"])  # round 2: 2/3 too; the earlier one wins
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert not out.accepted
+    assert len(out.attempts) == ctx.max_rounds == len(out.critiques)
+    assert [c.verdict for c in out.critiques] == ["reject"] * 3
+    # Round 1 scored best: model ok and one of two objects found.
+    assert out.critiques[1].score == pytest.approx(2 / 3)
+    assert out.best == out.attempts[1]
+
+
+def test_model_rejection_regenerates_with_feedback_and_next_seed(engine, ctx):
+    engine.enqueue_critique(False, ["the square should be blue"])
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT, "seed": 100}, context=ctx))
+    assert out.accepted and [a.mode for a in out.attempts] == ["generate", "generate"]
+    assert [a.seed for a in out.attempts] == [100, 101]
+    assert out.attempts[1].feedback == ["the square should be blue"]
+    assert engine.log[-3] == ("generate", {"prompt": PROMPT, "seed": 101, "num_steps": 4,
+                                           "feedback": ["the square should be blue"]})  # fmt: skip
+
+
+def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
+    engine = FakeEngine(drop_labels=["blue square"])
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=3)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    first = out.critiques[0]
+    assert first.verdict == "reject" and first.model_ok
+    assert [b.label for b in first.blamed] == ["blue square"]
+    assert "blue square is not where the layout puts it" in first.reasons[0]
+    second = out.attempts[1]
+    assert second.mode == "regenerate_regions" and second.parent == out.attempts[0].image
+    assert second.regions == [first.blamed[0].box] and second.seed == 4
+    assert out.accepted and engine.calls["regenerate_regions"] == 1
+    # Pixels outside the blamed box are untouched.
+    before, after = store.open(out.attempts[0].image), store.open(second.image)
+    box = second.regions[0]
+    mask = after != before
+    mask[int(box.y0):int(box.y1), int(box.x0):int(box.x1)] = False
+    assert not mask.any()
+
+
+def test_refine_regenerate_mode_ignores_blamed_boxes(store):
+    engine = FakeEngine(drop_labels=["blue square"])
+    ctx = Context(engine=engine, artifacts=store, max_rounds=2, refine="regenerate")
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert [a.mode for a in out.attempts] == ["generate", "generate"]
+    assert engine.calls["regenerate_regions"] == 0 and not out.accepted
+
+
+def test_input_plan_skips_planning(engine, ctx):
+    plan = {"items": [{"label": "red circle", "box": [10, 10, 30, 30]}]}
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": "x", "plan": plan}, context=ctx))
+    assert engine.calls["plan_layout"] == 0 and out.plan.source == "input"
+    assert out.critiques[0].grounding[0].iou == 1.0
+
+
+# -- seeds and state --------------------------------------------------------------------
+
+
+def test_recorded_seeds_replay_identically(store):
+    def run():
+        engine = FakeEngine(drop_labels=["blue square"])
+        engine.enqueue_critique(False, ["no"])
+        ctx = Context(engine=engine, artifacts=store, max_rounds=3, seed=11, refine="auto")
+        return T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+
+    first = run()
+    assert [a.seed for a in first.attempts] == [11, 12, 13][: len(first.attempts)]
+    # Replaying each recorded attempt from its recorded seed/plan/feedback gives the same image.
+    engine = FakeEngine(drop_labels=["blue square"])
+    for a in first.attempts:
+        if a.mode == "generate":
+            img = engine.generate(PROMPT, plan=a.plan.to_engine(), seed=a.seed,
+                                  num_steps=a.num_steps, feedback=a.feedback)  # fmt: skip
+        else:
+            img = engine.regenerate_regions(store.open(a.parent), PROMPT, plan=a.plan.to_engine(),
+                                            boxes=[b.as_list() for b in a.regions], seed=a.seed,
+                                            num_steps=a.num_steps)  # fmt: skip
+        assert store.put(img) == a.image
+    # And a second full run records the same images and seeds.
+    second = run()
+    assert [(a.seed, a.image) for a in second.attempts] == [(a.seed, a.image) for a in first.attempts]
+
+
+def test_state_is_json_serialisable_without_image_bytes(store):
+    engine = FakeEngine(drop_labels=["blue square"])
+    ctx = Context(engine=engine, artifacts=store, max_rounds=2)
+    saver = InMemorySaver()
+    g = t2i.build_t2i_graph().compile(checkpointer=saver)
+    cfg = {"configurable": {"thread_id": "j"}}
+    g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+    values = T2IState.model_validate(g.get_state(cfg).values)
+    text = json.dumps(values.model_dump(mode="json"))
+    assert len(text) < 20_000
+    for snap in g.get_state_history(cfg):
+        _assert_no_bytes(snap.values)
+    assert T2IState.model_validate_json(text) == values
+
+
+def _assert_no_bytes(obj):
+    import numpy as np
+
+    if isinstance(obj, bytes | bytearray | memoryview | np.ndarray | np.generic):
+        raise AssertionError(f"image data in state: {type(obj)}")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _assert_no_bytes(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _assert_no_bytes(v)
+    elif hasattr(obj, "model_dump"):
+        _assert_no_bytes(obj.model_dump())
+
+
+# -- human in the loop ------------------------------------------------------------------
+
+
+def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
+    ctx = Context(engine=engine, artifacts=store, review_plan=True)
+    g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "review"}}
+    out = g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+    (intr,) = out["__interrupt__"]
+    assert intr.value["kind"] == "review_plan" and len(intr.value["plan"]["items"]) == 2
+    assert g.get_state(cfg).next == ("review_plan",)
+    assert engine.calls == {"plan_layout": 1}
+    # The reviewer moves the circle; nothing planned twice, the new plan is drawn.
+    new_plan = [{"label": "red circle", "box": [4, 4, 20, 20]}]
+    out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1}
+    assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
+
+
+def test_review_plan_approve(engine, store):
+    ctx = Context(engine=engine, artifacts=store, review_plan=True)
+    g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "approve"}}
+    g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+    out = T2IOutput.model_validate(g.invoke(Command(resume=True), cfg, context=ctx))
+    assert out.plan.source == "model" and engine.calls["plan_layout"] == 1 and out.accepted
+
+
+# -- streaming --------------------------------------------------------------------------
+
+
+def _check_events(events):
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "node_start" and kinds[-1] == "node_end"
+    for node in ("plan_layout", "review_plan", "generate_image", "critique_image"):
+        if node != "review_plan":
+            assert {"event": "node_start", "node": node} in events
+    steps = [e for e in events if e["event"] == "sampler_step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert [e["preview"] is not None for e in steps] == [False, True, False, True]
+    assert set(steps[1]["preview"]) == {"sha256", "width", "height", "path"}
+    assert {"plan", "image", "critique"} <= set(kinds)
+    json.dumps(events)
+
+
+def test_stream_custom_events(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2)
+    events = list(t2i.graph.stream({"prompt": PROMPT}, context=ctx, stream_mode="custom"))
+    _check_events(events)
+
+
+async def test_astream_custom_events(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2)
+    events = []
+    async for mode, chunk in t2i.graph.astream({"prompt": PROMPT}, context=ctx,
+                                               stream_mode=["custom", "updates"]):  # fmt: skip
+        if mode == "custom":
+            events.append(chunk)
+    _check_events(events)
