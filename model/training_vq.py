@@ -1,0 +1,408 @@
+"""Train and evaluate the ShapesWorld VQ image tokenizer.
+
+Training data is rendered on the fly from a seeded `numpy.random.Generator` (ShapesWorld
+`sample_scene` + `render`), so a run is a pure function of its arguments. Checkpoints
+hold the full training state (model incl. EMA codebook buffers, optimizer, scheduler,
+step, the data generator's state and the restart `torch.Generator`'s state): a resumed
+run continues exactly as the uninterrupted one would have.
+
+Run it:
+
+    python -m lavida_agent.model.training_vq --out checkpoints/vq --steps 3000 \
+        --eval-scenes 500 --export model/weights/vq
+
+Files in `--out`: `checkpoint.pt` (latest training state), `metrics.jsonl` (one JSON
+record per `log_every` steps), `final/` (fp32 `save_pretrained` of the last step) and
+`eval.json` when `--eval-scenes` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .configuration_vq import VQConfig
+from .modeling_vq import VQImageTokenizer, images_to_tensor, tensor_to_images
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+# (rng, batch_size) -> uint8 images (B, 64, 64, 3)
+BatchSampler = Callable[[np.random.Generator, int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- data
+def sample_shapes_world_batch(rng: np.random.Generator, batch_size: int) -> np.ndarray:
+    """Render `batch_size` random ShapesWorld scenes: uint8 `(B, 64, 64, 3)`."""
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    return np.stack([render(sample_scene(rng)) for _ in range(batch_size)])
+
+
+# ----------------------------------------------------------------------------- schedule
+def warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.05
+) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _WarmupCosine:
+    """LR lambda as a callable object, so `LambdaLR.state_dict()` records its settings."""
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log records written after `step` (by a run that died after its last save)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]  # fmt: skip
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- training
+def train_vq(
+    config: VQConfig,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    out_dir: str | os.PathLike,
+    log_every: int = 50,
+    save_every: int = 500,
+    resume: bool = True,
+    progress: bool = True,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    sample_batch: BatchSampler | None = None,
+) -> dict[str, Any]:
+    """Train a `VQImageTokenizer` on ShapesWorld renders.
+
+    Args:
+        config: Architecture of the tokenizer.
+        steps: Total optimizer steps (the LR schedule spans exactly these).
+        batch_size: Images per step.
+        lr: Peak AdamW learning rate.
+        seed: Seeds the weight init, the data generator and the restart generator.
+        out_dir: Where `checkpoint.pt`, `metrics.jsonl` and `final/` go.
+        log_every: Steps between JSONL metric records.
+        save_every: Steps between checkpoints (one is always written at the end).
+        resume: Continue from `out_dir/checkpoint.pt` if it exists.
+        progress: Show a tqdm bar.
+        warmup_steps: Linear warmup length; default `min(200, steps // 10)`.
+        weight_decay: AdamW weight decay (0: the model is tiny and the data unlimited).
+        grad_clip: Max global gradient norm.
+        sample_batch: `(rng, batch_size) -> uint8 (B, 64, 64, 3)`; default ShapesWorld.
+
+    Returns:
+        Final metrics: `step`, `loss`, `recon_loss`, `commitment_loss`, `perplexity`,
+        `codebook_usage` (EMA), `seconds_per_step` (this process), `out_dir`.
+    """
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_path / CHECKPOINT_NAME
+    metrics_path = out_path / METRICS_NAME
+    sample_batch = sample_batch or sample_shapes_world_batch
+    warmup_steps = min(200, max(1, steps // 10)) if warmup_steps is None else warmup_steps
+
+    # Three independent streams from one seed: init, data, codebook restarts.
+    init_generator = torch.Generator().manual_seed(seed)
+    model = VQImageTokenizer(config, generator=init_generator)
+    data_rng = np.random.default_rng([seed, 1])
+    restart_generator = torch.Generator().manual_seed(seed + 2)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup_steps, steps))
+
+    start_step = 0
+    if resume and ckpt_path.exists():
+        state = _load_checkpoint(ckpt_path)
+        if state["config"] != config.to_dict():
+            raise ValueError(
+                f"checkpoint {ckpt_path} was written for a different config: "
+                f"{state['config']} != {config.to_dict()}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_rng.bit_generator.state = state["data_rng"]
+        restart_generator.set_state(state["restart_generator"])
+        start_step = int(state["step"])
+        _truncate_metrics(metrics_path, start_step)
+        logger.info("resumed from %s at step %d", ckpt_path, start_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+
+    def save(step: int) -> None:
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "step": step,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data_rng": data_rng.bit_generator.state,
+                "restart_generator": restart_generator.get_state(),
+            },
+        )
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "training VQ (%.2fM params, K=%d) for %d steps, batch %d, lr %g",
+        n_params / 1e6, config.num_vq_embeddings, steps, batch_size, lr,
+    )  # fmt: skip
+
+    model.train()
+    last: dict[str, Any] = {"step": start_step}
+    window: list[dict[str, float]] = []
+    t_start = time.perf_counter()
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="vq", dynamic_ncols=True)
+    with bar:
+        for step in range(start_step, steps):
+            pixels = images_to_tensor(sample_batch(data_rng, batch_size))  # (B, 3, 64, 64)
+            output = model(pixels, generator=restart_generator)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+
+            window.append(
+                {
+                    "loss": output.loss.item(),
+                    "recon_loss": output.recon_loss.item(),
+                    "commitment_loss": output.commitment_loss.item(),
+                    "perplexity": output.perplexity.item(),
+                    "grad_norm": float(grad_norm),
+                    "restarts": float(output.num_restarted),
+                }
+            )
+            done = step + 1
+            bar.update(1)
+            if done % log_every == 0 or done == steps:
+                record: dict[str, Any] = {"step": done}
+                for key in window[0]:
+                    record[key] = float(np.mean([w[key] for w in window]))
+                record["restarts"] = int(sum(w["restarts"] for w in window))
+                record["codebook_usage"] = float(output.codebook_usage)
+                record["lr"] = scheduler.get_last_lr()[0]
+                record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+                window = []
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ppl=f"{record['perplexity']:.0f}")
+                logger.info("step %d %s", done, {k: v for k, v in record.items() if k != "step"})
+                last = record
+            if done % save_every == 0 or done == steps:
+                save(done)
+
+    elapsed = time.perf_counter() - t_start
+    ran = steps - start_step
+    model.eval()
+    model.save_pretrained(out_path / "final", dtype=torch.float32)
+    result = dict(last)
+    result.update(
+        step=steps,
+        seconds_per_step=elapsed / ran if ran else float("nan"),
+        out_dir=str(out_path),
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _same_scene(a: Any, b: Any, *, box_tolerance: int = 1) -> bool:
+    """Same background, same unknown-blob count, and a one-to-one matching of objects with
+    equal shape/colour/size and every box coordinate within `box_tolerance` pixels."""
+    if a.background != b.background or len(a.unknown) != len(b.unknown):
+        return False
+    if len(a.objects) != len(b.objects):
+        return False
+    unmatched = list(b.objects)
+    for obj in a.objects:
+        for i, other in enumerate(unmatched):
+            if (obj.shape, obj.color, obj.size) == (other.shape, other.color, other.size) and all(
+                abs(p - q) <= box_tolerance for p, q in zip(obj.box, other.box, strict=True)
+            ):
+                del unmatched[i]
+                break
+        else:
+            return False
+    return True
+
+
+@torch.no_grad()
+def evaluate_vq(
+    tokenizer: VQImageTokenizer, n_scenes: int = 500, seed: int = 20240, batch_size: int = 100
+) -> dict[str, float]:
+    """Round-trip `n_scenes` fresh ShapesWorld renders and judge them with the detector.
+
+    Args:
+        tokenizer: The tokenizer (put in eval mode here).
+        n_scenes: Number of scenes, drawn from `numpy.random.default_rng(seed)`.
+        seed: Seed of the scene generator (keep it away from the training seed's stream).
+        batch_size: Images per encode/decode call.
+
+    Returns:
+        `detector_exact`: fraction of reconstructions on which the detector finds the same
+        scene as on the original render (same background, same objects with boxes
+        within 1 px, same number of unknown blobs);
+        `detector_on_originals`: the same test between the original render and its
+        ground-truth scene (the detector's own accuracy, for reference);
+        `pixel_exact`: fraction of images reconstructed bit-exactly (uint8);
+        `pixel_accuracy`: fraction of pixels exactly right;
+        `psnr`: over all pixels (100.0 when every pixel is exact);
+        `max_abs_error`: largest uint8 error anywhere;
+        `codes_used`: distinct codes over the evaluation set.
+    """
+    from lavida_agent.tools.shapes_world.detect import detect
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    tokenizer.eval()
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n_scenes)]
+    originals = np.stack([render(scene) for scene in scenes])  # (N, 64, 64, 3) uint8
+    recons, codes_seen = [], set()
+    for start in range(0, n_scenes, batch_size):
+        pixels = images_to_tensor(originals[start : start + batch_size])
+        codes = tokenizer.encode(pixels).codes  # (b, 16, 16)
+        codes_seen.update(codes.unique().tolist())
+        recons.append(tensor_to_images(tokenizer.decode(codes)))
+    recon = np.concatenate(recons)  # (N, 64, 64, 3) uint8
+
+    detector_exact = detector_ok = 0
+    for scene, original, reconstruction in zip(scenes, originals, recon, strict=True):
+        found_original = detect(original)
+        detector_ok += _same_scene(found_original, _as_detection(scene))
+        detector_exact += _same_scene(found_original, detect(reconstruction))
+
+    error = recon.astype(np.int64) - originals.astype(np.int64)
+    mse = float(np.mean(error.astype(np.float64) ** 2))
+    return {
+        "n_scenes": n_scenes,
+        "detector_exact": detector_exact / n_scenes,
+        "detector_on_originals": detector_ok / n_scenes,
+        "pixel_exact": float(np.mean(np.all(error == 0, axis=(1, 2, 3)))),
+        "pixel_accuracy": float(np.mean(np.all(error == 0, axis=-1))),
+        "psnr": 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        "max_abs_error": int(np.abs(error).max()),
+        "codes_used": len(codes_seen),
+    }
+
+
+class _SceneAsDetection:
+    """Adapts a ground-truth `Scene` to the fields `_same_scene` reads."""
+
+    def __init__(self, scene: Any):
+        self.background = scene.background
+        self.objects = scene.objects
+        self.unknown = ()
+
+
+def _as_detection(scene: Any) -> _SceneAsDetection:
+    return _SceneAsDetection(scene)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    defaults = VQConfig()
+    parser = argparse.ArgumentParser(description="Train the ShapesWorld VQ image tokenizer.")
+    # run
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs)")
+    parser.add_argument("--steps", type=int, default=3000, help="total optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, data and restarts")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between log records")
+    parser.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    # architecture
+    parser.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels)
+    parser.add_argument("--num-res-blocks", type=int, default=defaults.num_res_blocks)
+    parser.add_argument("--latent-channels", type=int, default=defaults.latent_channels)
+    parser.add_argument("--codebook-size", type=int, default=defaults.num_vq_embeddings)
+    # evaluation / export
+    parser.add_argument("--eval-scenes", type=int, default=0, help="evaluate N scenes at the end")
+    parser.add_argument("--eval-seed", type=int, default=20240, help="seed of the eval scenes")
+    parser.add_argument("--export", default=None, help="also save_pretrained (fp16) here")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = VQConfig(
+        hidden_channels=args.hidden_channels,
+        num_res_blocks=args.num_res_blocks,
+        latent_channels=args.latent_channels,
+        num_vq_embeddings=args.codebook_size,
+    )
+    result = train_vq(
+        config,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out_dir=args.out,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
+    logger.info("final: %s", result)
+    tokenizer = VQImageTokenizer.from_pretrained(Path(args.out) / "final")
+    if args.export:
+        tokenizer.save_pretrained(args.export, dtype=torch.float16)
+        tokenizer = VQImageTokenizer.from_pretrained(args.export)  # evaluate what ships
+    if args.eval_scenes:
+        metrics = evaluate_vq(tokenizer, n_scenes=args.eval_scenes, seed=args.eval_seed)
+        (Path(args.out) / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info("eval: %s", metrics)
+        result["eval"] = metrics
+    return result
+
+
+if __name__ == "__main__":
+    main()

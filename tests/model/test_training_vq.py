@@ -1,0 +1,142 @@
+"""Fast tests of `train_vq` (loss goes down, checkpoints, exact resume), `evaluate_vq`
+and the CLI, on a tiny config and stand-in images.
+
+Run: `pytest tests/model/test_training_vq.py`
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lavida_agent.model.configuration_vq import VQConfig
+from lavida_agent.model.modeling_vq import VQImageTokenizer
+from lavida_agent.model.training_vq import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    evaluate_vq,
+    main,
+    train_vq,
+    warmup_cosine,
+)
+
+from .test_modeling_vq import stand_in_images, tiny_config
+
+
+class Interrupted(Exception):
+    """Raised by the stand-in data source to simulate a crash mid-run."""
+
+
+def crashing_sampler(after_calls: int):
+    calls = {"n": 0}
+
+    def sample(rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise Interrupted
+        return stand_in_images(rng, batch_size)
+
+    return sample
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / METRICS_NAME).read_text().splitlines()]
+
+
+def run(out_dir, *, steps: int, sample_batch=stand_in_images, **kwargs):
+    options = dict(batch_size=4, lr=3e-3, seed=0, log_every=2, save_every=4, progress=False)
+    options.update(kwargs)
+    return train_vq(tiny_config(), steps=steps, out_dir=out_dir, sample_batch=sample_batch,
+                    **options)  # fmt: skip
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, warmup_steps=10, total_steps=100) == pytest.approx(0.1)
+    assert warmup_cosine(9, warmup_steps=10, total_steps=100) == pytest.approx(1.0)
+    assert warmup_cosine(10, warmup_steps=10, total_steps=100) == pytest.approx(1.0)
+    assert warmup_cosine(100, warmup_steps=10, total_steps=100) == pytest.approx(0.05)
+    values = [warmup_cosine(s, warmup_steps=10, total_steps=100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path):
+    result = run(tmp_path, steps=24, lr=1e-2, warmup_steps=2, log_every=4, save_every=100)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    assert records[-1]["recon_loss"] < 0.6 * records[0]["recon_loss"]  # ~1.08 -> ~0.41
+    assert result["step"] == 24 and result["seconds_per_step"] > 0
+    assert {"loss", "recon_loss", "commitment_loss", "perplexity", "codebook_usage"} <= set(result)
+    # The final model is saved (fp32) and loads.
+    loaded = VQImageTokenizer.from_pretrained(tmp_path / "final")
+    assert loaded.config == tiny_config()
+
+
+def test_checkpoint_holds_the_full_training_state(tmp_path):
+    run(tmp_path, steps=4)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["step"] == 4
+    assert state["config"] == tiny_config().to_dict()
+    assert {"model", "optimizer", "scheduler", "data_rng", "restart_generator"} <= set(state)
+    assert "quantizer.cluster_size" in state["model"]  # EMA codebook statistics travel too
+
+
+def test_resume_continues_identically(tmp_path):
+    full_dir, crash_dir = tmp_path / "full", tmp_path / "crash"
+    run(full_dir, steps=10)
+    # The same run dies while drawing the batch of step 7; its last checkpoint is step 4,
+    # and it had already logged step 6.
+    with pytest.raises(Interrupted):
+        run(crash_dir, steps=10, sample_batch=crashing_sampler(after_calls=6))
+    assert [r["step"] for r in read_metrics(crash_dir)] == [2, 4, 6]
+    run(crash_dir, steps=10)  # resume=True by default
+
+    full = VQImageTokenizer.from_pretrained(full_dir / "final")
+    resumed = VQImageTokenizer.from_pretrained(crash_dir / "final")
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    def drop_timing(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+    assert drop_timing(read_metrics(crash_dir)) == drop_timing(read_metrics(full_dir))
+
+
+def test_resume_rejects_a_different_config(tmp_path):
+    run(tmp_path, steps=2)
+    with pytest.raises(ValueError, match="different config"):
+        train_vq(tiny_config(num_vq_embeddings=16), steps=4, out_dir=tmp_path,
+                 sample_batch=stand_in_images, progress=False)  # fmt: skip
+
+
+def test_no_resume_starts_over(tmp_path):
+    run(tmp_path, steps=4)
+    run(tmp_path, steps=2, resume=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2]
+
+
+def test_evaluate_vq_reports_fractions():
+    pytest.importorskip("lavida_agent.tools.shapes_world.detect")
+    metrics = evaluate_vq(VQImageTokenizer(tiny_config()), n_scenes=6, seed=0, batch_size=4)
+    assert metrics["n_scenes"] == 6
+    for key in ("detector_exact", "detector_on_originals", "pixel_exact", "pixel_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["detector_on_originals"] == 1.0  # the detector is exact on renders
+    assert metrics["psnr"] > 0 and metrics["codes_used"] >= 1
+
+
+def test_cli_trains_and_exports(tmp_path, monkeypatch):
+    pytest.importorskip("lavida_agent.tools.shapes_world.sampler")
+    out, export = tmp_path / "run", tmp_path / "export"
+    result = main([
+        "--out", str(out), "--steps", "2", "--batch-size", "2", "--log-every", "1",
+        "--hidden-channels", "16", "--latent-channels", "8", "--codebook-size", "16",
+        "--no-progress", "--export", str(export), "--eval-scenes", "2",
+    ])  # fmt: skip
+    assert result["step"] == 2 and "eval" in result
+    assert (out / CHECKPOINT_NAME).exists() and (out / "eval.json").exists()
+    assert VQConfig.from_pretrained(export).num_vq_embeddings == 16
