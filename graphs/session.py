@@ -122,12 +122,17 @@ class EditSession:
 
     # -- time travel ----------------------------------------------------------------------
 
-    def branch(self, step: int) -> RunnableConfig:
+    def branch(self, step: int, *, at: RunnableConfig | None = None) -> RunnableConfig:
         """Fork the session so that lineage step `step`'s image is the current one.
 
         The fork is written from the checkpoint (on the current branch) taken right after
         `step` was verified, so the new branch's lineage is `steps[: step + 1]`; the next
         `edit()` continues from it.
+
+        Args:
+            step: index of the lineage step whose image becomes current.
+            at: a checkpoint config on another branch (from `snapshots()`) whose lineage
+                holds `step`; default: the current branch.
 
         Returns:
             The config of the fork's checkpoint.
@@ -135,7 +140,7 @@ class EditSession:
         Raises:
             ValueError: no checkpoint of this thread holds lineage step `step`.
         """
-        snap = self._earliest_with(step + 1)
+        snap = self._earliest_with(step + 1, at)
         st = EditState.model_validate(snap.values)
         target = st.steps[step]
         update = {"current": target.result, "current_step": step, "heads": [step],
@@ -165,9 +170,9 @@ class EditSession:
                   "candidate": None, "turn": head.turn, "accepted": False}  # fmt: skip
         return self.graph.update_state(snap.config, update, as_node="commit_edit")
 
-    def ancestry(self) -> list[StateSnapshot]:
-        """The checkpoints of the *current* branch only, newest first (parent links)."""
-        out, snap = [], self.graph.get_state(self.config)
+    def ancestry(self, at: RunnableConfig | None = None) -> list[StateSnapshot]:
+        """The checkpoints of one branch (default: the current one), newest first."""
+        out, snap = [], self.graph.get_state(at or self.config)
         while snap is not None and snap.config is not None:
             out.append(snap)
             parent = snap.parent_config
@@ -177,8 +182,8 @@ class EditSession:
     def _lineage_len(self, snap: StateSnapshot) -> int:
         return len(snap.values.get("steps", []))
 
-    def _earliest_with(self, n_steps: int) -> StateSnapshot:
-        found = [s for s in self.ancestry() if self._lineage_len(s) == n_steps]
+    def _earliest_with(self, n_steps: int, at: RunnableConfig | None) -> StateSnapshot:
+        found = [s for s in self.ancestry(at) if self._lineage_len(s) == n_steps]
         if not found:
             raise ValueError(f"no checkpoint holds lineage step {n_steps - 1}")
         return found[-1]  # history is newest first

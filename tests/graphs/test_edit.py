@@ -1,0 +1,131 @@
+"""The `edit` workflow, sessions (history, undo, branches), and the single-node graphs."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import numpy as np
+
+from lavida_agent.graphs import edit, ground, understand
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.graphs.persistence import checkpointer_from_path
+from lavida_agent.graphs.session import EditSession, lineage_json
+from lavida_agent.graphs.state import EditOutput, EditState, GroundOutput, UnderstandOutput
+from tests.fakes import FakeEngine, draw
+
+RED = {"label": "red circle", "box": [4.0, 4.0, 20.0, 20.0]}
+BLUE = {"label": "blue square", "box": [40.0, 40.0, 56.0, 56.0]}
+
+
+def _plan(item, keep=()):
+    return EditPlanResult(targets=[item["label"]], target_boxes=[item["box"]], layout=[item],
+                          keep=list(keep))  # fmt: skip
+
+
+def _scene(store):
+    return store.put(draw(np.full((64, 64, 3), 10, np.uint8), [RED]))
+
+
+def test_route_after_verify():
+    base = {"instruction": "x", "max_rounds": 2}
+    assert edit.route_after_verify(EditState(**base, accepted=True, round=1)) == "commit_edit"
+    assert edit.route_after_verify(EditState(**base, accepted=False, round=1)) == "edit_image"
+    assert edit.route_after_verify(EditState(**base, accepted=False, round=2)) == "commit_edit"
+
+
+def test_edit_verifies_change_and_untouched_objects(engine, ctx, store):
+    src = _scene(store)
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add a blue square", "image": src}, context=ctx))
+    (step,) = out.steps
+    assert out.accepted and out.current == step.result and out.heads == [0]
+    assert step.parent == src and step.parent_step is None and step.seed == ctx.seed
+    roles = {c.role: c.ok for c in step.critique.grounding}
+    assert roles == {"target": True, "keep": True}
+    assert engine.calls == {"plan_edit": 1, "ground": 2, "edit": 1, "critique": 1}
+
+
+def test_edit_that_moves_a_kept_object_is_re_edited_then_bounded(engine, ctx, store):
+    src = _scene(store)
+    # The plan redraws a region covering the red circle but says to keep it: it gets erased.
+    engine.enqueue_edit_plan(EditPlanResult(targets=[], target_boxes=[[0, 0, 30, 30]],
+                                            layout=[BLUE], keep=[RED]))  # fmt: skip
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add blue", "image": src}, context=ctx))
+    assert not out.accepted and len(out.steps) == ctx.max_rounds
+    assert [s.seed for s in out.steps] == [7, 8, 9]
+    keep = [c for c in out.steps[0].critique.grounding if c.role == "keep"]
+    assert keep and not keep[0].ok
+    assert "should stay untouched" in out.steps[0].critique.reasons[0]
+    assert out.heads == [0]  # all tie; the earliest is kept
+
+
+def test_session_history_undo_and_branch_keep_the_original_history(tmp_path, store):
+    engine = FakeEngine()
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2)
+    session = EditSession("s1", checkpointer=checkpointer_from_path(tmp_path / "s.db"),
+                          context=ctx)  # fmt: skip
+    src = _scene(store)
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    session.edit("add blue", image=src)
+    engine.enqueue_edit_plan(_plan({"label": "green", "box": [40, 4, 56, 20]}))
+    second = session.edit("add green", seed=50)
+    assert [s.instruction for s in session.history()] == ["add blue", "add green"]
+    assert second.steps[1].parent == second.steps[0].result and second.steps[1].seed == 50
+    original = [(s.config["configurable"]["checkpoint_id"], s.values.get("heads"))
+                for s in session.snapshots()]  # fmt: skip
+
+    # Undo: back to the first edit's result; then a new edit starts a branch from there.
+    session.undo()
+    assert session.state().current == second.steps[0].result
+    engine.enqueue_edit_plan(_plan({"label": "yellow", "box": [4, 40, 20, 56]}))
+    third = session.edit("add yellow")
+    assert [s.instruction for s in third.steps] == ["add blue", "add yellow"]
+    assert third.steps[1].parent_step == 0
+
+    # The original checkpoints are all still there, unchanged.
+    now = {s.config["configurable"]["checkpoint_id"]: s.values.get("heads")
+           for s in session.snapshots()}  # fmt: skip
+    assert all(now[cid] == heads for cid, heads in original)
+
+    # Branching back to step 1 of the original branch restores that image as current.
+    old_end = next(s for s in session.snapshots()
+                   if s.config["configurable"]["checkpoint_id"] == original[0][0])  # fmt: skip
+    session.branch(1, at=old_end.config)
+    st = session.state()
+    assert st.current == second.steps[1].result and st.steps == second.steps
+
+    # The lineage over every branch is one DAG: src -> blue -> {green, yellow}.
+    dag = session.lineage(all_branches=True)
+    assert nx.is_directed_acyclic_graph(dag) and dag.number_of_edges() == 3
+    assert sorted(d for _, d in dag.out_degree()) == [0, 0, 1, 2]
+    doc = lineage_json(third.steps, third.heads)
+    assert json.loads(json.dumps(doc))["edges"][0]["instruction"] == "add blue"
+
+
+def test_undo_to_the_input_image(engine, ctx, store):
+    session = EditSession("s2", checkpointer=checkpointer_from_path(None), context=ctx)
+    src = _scene(store)
+    engine.enqueue_edit_plan(_plan(BLUE))
+    session.edit("add blue", image=src)
+    session.undo()
+    st = session.state()
+    assert st.current == src and st.current_step is None and st.heads == []
+    engine.enqueue_edit_plan(_plan(BLUE))
+    out = session.edit("add blue again")
+    assert out.steps[-1].parent == src and out.heads == [0] and len(out.steps) == 1
+
+
+def test_ground_and_understand_graphs(engine, ctx, store):
+    img = _scene(store)
+    out = GroundOutput.model_validate(
+        ground.graph.invoke({"image": img, "expressions": ["red circle", "blue"]}, context=ctx))
+    assert [b.box.as_list() for b in out.boxes] == [RED["box"], [0.0, 0.0, 0.0, 0.0]]
+    engine.enqueue_answer("one red circle")
+    ans = UnderstandOutput.model_validate(
+        understand.graph.invoke({"image": img, "question": "what is there?"}, context=ctx))
+    assert ans.answer == "one red circle"
+    assert engine.calls == {"ground": 1, "answer": 1}

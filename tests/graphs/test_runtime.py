@@ -1,0 +1,160 @@
+"""`BatchingEngine`: concurrent callers, batched backend calls, per-row seeds, errors,
+cancellation and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from lavida_agent.graphs import t2i
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import Engine
+from lavida_agent.graphs.runtime import (
+    BatchingEngine,
+    EngineClosedError,
+    GenerateRequest,
+    PlanLayoutRequest,
+)
+from lavida_agent.graphs.state import T2IOutput
+from tests.fakes import FakeBatchedBackend, FakeEngine
+
+PROMPTS = [f"shape {i} and other {i}" for i in range(8)]
+
+
+def test_satisfies_engine_protocol():
+    with BatchingEngine(FakeBatchedBackend()) as engine:
+        assert isinstance(engine, Engine)
+        assert isinstance(FakeEngine(), Engine)
+
+
+def _direct(store, prompt, seed):
+    ctx = Context(engine=FakeEngine(), artifacts=store, num_steps=4, seed=seed)
+    return T2IOutput.model_validate(t2i.graph.invoke({"prompt": prompt}, context=ctx))
+
+
+def test_eight_concurrent_runs_are_batched_and_correct(store):
+    backend = FakeBatchedBackend(call_delay_s=0.01)
+    barrier = threading.Barrier(8)
+
+    with BatchingEngine(backend, max_batch=16, max_wait_ms=30) as engine:
+        def run(i):
+            ctx = Context(engine=engine, artifacts=store, num_steps=4, seed=1000 + i)
+            barrier.wait()
+            return T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPTS[i]}, context=ctx))
+
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(run, range(8)))
+
+    # Each run's result is exactly what it gives alone, with its own seed.
+    for i, out in enumerate(outs):
+        alone = _direct(store, PROMPTS[i], 1000 + i)
+        assert out.accepted and out.attempts[0].seed == 1000 + i
+        assert out.attempts[0].image == alone.attempts[0].image
+    assert len({o.attempts[0].image.sha256 for o in outs}) == 8
+    # Sequentially 8 runs make 8 x 4 backend calls (plan, generate, critique, ground).
+    assert backend.total_calls < 8 * 4
+    assert max(n for _, n in backend.batch_sizes) > 1
+
+
+async def test_eight_concurrent_async_runs(store):
+    backend = FakeBatchedBackend(call_delay_s=0.01)
+    with BatchingEngine(backend, max_wait_ms=30) as engine:
+        async def run(i):
+            ctx = Context(engine=engine, artifacts=store, num_steps=2, seed=i)
+            return T2IOutput.model_validate(
+                await t2i.graph.ainvoke({"prompt": PROMPTS[i]}, context=ctx))
+
+        outs = await asyncio.gather(*(run(i) for i in range(8)))
+    assert [o.attempts[0].seed for o in outs] == list(range(8))
+    assert all(o.accepted for o in outs)
+    assert backend.total_calls < 8 * 4
+
+
+def test_incompatible_requests_are_not_batched():
+    backend = FakeBatchedBackend()
+    with BatchingEngine(backend, max_wait_ms=50) as engine:
+        futs = [engine.submit(GenerateRequest(prompt="a", plan=None, seed=s, num_steps=n))
+                for s, n in [(1, 2), (2, 3), (3, 2), (4, 3)]]  # fmt: skip
+        futs.append(engine.submit(PlanLayoutRequest(prompt="a", seed=0)))
+        for f in futs:
+            f.result(timeout=5)
+    assert sorted(backend.batch_sizes) == [("generate", 2), ("generate", 2), ("plan_layout", 1)]
+
+
+def test_on_step_runs_in_the_callers_thread():
+    seen = []
+    with BatchingEngine(FakeBatchedBackend()) as engine:
+        engine.generate("a", plan=None, seed=1, num_steps=3,
+                        on_step=lambda ev: seen.append((ev.step, threading.get_ident())))
+    assert [s for s, _ in seen] == [1, 2, 3]
+    assert {t for _, t in seen} == {threading.get_ident()}
+
+
+def test_errors_reach_the_right_caller():
+    backend = FakeBatchedBackend()
+    backend.fail_rows.add("bad")
+    with BatchingEngine(backend, max_wait_ms=50) as engine:
+        good = engine.submit(GenerateRequest(prompt="good", plan=None, seed=1, num_steps=2))
+        bad = engine.submit(GenerateRequest(prompt="bad", plan=None, seed=1, num_steps=2))
+        assert good.result(timeout=5).shape == (64, 64, 3)
+        with pytest.raises(RuntimeError, match="row failed: bad"):
+            bad.result(timeout=5)
+    assert backend.batch_sizes == [("generate", 2)]
+
+
+def test_a_failing_backend_call_fails_every_row_and_the_engine_keeps_working():
+    class Boom(FakeBatchedBackend):
+        def critique(self, requests):
+            raise ValueError("backend down")
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    with BatchingEngine(Boom(), max_wait_ms=20) as engine:
+        with ThreadPoolExecutor(3) as pool:
+            futs = [pool.submit(engine.critique, img, "p") for _ in range(3)]
+            for f in futs:
+                with pytest.raises(ValueError, match="backend down"):
+                    f.result(timeout=5)
+        assert engine.plan_layout("a", seed=0)[0]["label"] == "a"
+
+
+def test_cancelled_request_never_reaches_the_backend():
+    backend = FakeBatchedBackend()
+    with BatchingEngine(backend, max_wait_ms=200) as engine:
+        fut = engine.submit(PlanLayoutRequest(prompt="x", seed=0))
+        assert fut.cancel()
+        time.sleep(0.3)
+    assert backend.total_calls == 0
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_request():
+    backend = FakeBatchedBackend()
+    with BatchingEngine(backend, max_wait_ms=300) as engine:
+        task = asyncio.ensure_future(engine.asubmit(PlanLayoutRequest(prompt="x", seed=0)))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.4)
+    assert backend.total_calls == 0
+
+
+def test_close_runs_queued_requests_then_refuses_new_ones():
+    backend = FakeBatchedBackend()
+    engine = BatchingEngine(backend, max_wait_ms=1000)
+    fut = engine.submit(PlanLayoutRequest(prompt="x", seed=0))
+    engine.close()  # does not wait out max_wait_ms
+    assert fut.result(timeout=1)[0]["label"] == "x"
+    with pytest.raises(EngineClosedError):
+        engine.submit(PlanLayoutRequest(prompt="y", seed=0))
+
+
+def test_close_can_cancel_queued_requests():
+    engine = BatchingEngine(FakeBatchedBackend(), max_wait_ms=1000)
+    fut = engine.submit(PlanLayoutRequest(prompt="x", seed=0))
+    engine.close(cancel_pending=True)
+    assert fut.cancelled()
