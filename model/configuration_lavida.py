@@ -1,0 +1,209 @@
+"""`LavidaConfig`: hyperparameters of the Elastic-MoT masked-diffusion model.
+
+One config describes every scale, from the test-sized model to the Lavida-O shapes
+(8B understanding + 2.4B generation branch, `LAVIDA_O_FACTS.md` §1.1, §2). Token ids of
+the special tokens come from the text tokenizer and are stored here so a checkpoint
+folder is self-describing.
+
+Example:
+    >>> from lavida_agent.model.configuration_lavida import LavidaConfig
+    >>> config = LavidaConfig(hidden_size=64, num_layers=2, joint_layers=1, num_heads=4,
+    ...                       gen_hidden_size=32, intermediate_size=128, gen_intermediate_size=64)
+    >>> config.head_dim
+    16
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+__all__ = ["LavidaConfig", "PRESETS"]
+
+
+class LavidaConfig(PretrainedConfig):
+    """Configuration of `LavidaForMaskedDiffusion`.
+
+    Args:
+        vocab_size: Text vocabulary size, including special and location tokens.
+        hidden_size: Width of the understanding (und) branch; also the attention width.
+        num_layers: Number of Elastic-MoT layers.
+        joint_layers: Layers `< joint_layers` attend over the whole sequence; later
+            layers attend within each modality only (Lavida-O `dual_tower_layers`).
+        num_heads: Attention heads (head_dim = hidden_size / num_heads) for both branches.
+        intermediate_size: Hidden size of the und gated MLP.
+        gen_hidden_size: Width of the generation (gen) branch; its Q/K/V project up to
+            `hidden_size` so both branches share heads (FACTS §2.2).
+        gen_intermediate_size: Hidden size of the gen gated MLP.
+        rope_theta: RoPE base; positions are plain 1-D sequence indices (FACTS §11.1).
+        rms_norm_eps: Epsilon of every RMSNorm.
+        codebook_size: VQ codebook size K; code id K is the image mask code.
+        image_grid: VQ grid side (16 for 64 px images with a 4x tokenizer).
+        compression: Token compression factor per side (2: 2x2 codes -> one position).
+        vision_patch_size: Patch size of the understanding-side vision encoder.
+        vision_hidden_size: Width of the vision encoder.
+        vision_layers: Depth of the vision encoder.
+        vision_heads: Heads of the vision encoder.
+        image_size: Input image side for the vision encoder and the VQ tokenizer.
+        attention_mode: `"one_way"`: a position attends only to positions of its own or
+            an earlier segment, so conditions never see what is being generated and
+            their keys/values can be cached; `"full"`: every position attends to all.
+        mask_token_id, pad_token_id, eos_token_id, img_gen_token_id, img_src_token_id,
+        img_enc_token_id, loc_token_offset, num_loc_tokens: ids from the tokenizer.
+            `img_gen` marks a position of an image to generate, `img_src` a position of an
+            edit source's VQ codes (both routed to the gen branch), `img_enc` a position
+            holding a vision-encoder feature (und branch). `<LOC_i>` has id
+            `loc_token_offset + i`.
+    """
+
+    model_type = "lavida_mdm"
+
+    def __init__(
+        self,
+        vocab_size: int = 512,
+        hidden_size: int = 256,
+        num_layers: int = 6,
+        joint_layers: int = 3,
+        num_heads: int = 8,
+        intermediate_size: int = 704,
+        gen_hidden_size: int = 128,
+        gen_intermediate_size: int = 384,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        codebook_size: int = 512,
+        image_grid: int = 16,
+        compression: int = 2,
+        vision_patch_size: int = 8,
+        vision_hidden_size: int = 128,
+        vision_layers: int = 2,
+        vision_heads: int = 4,
+        image_size: int = 64,
+        attention_mode: str = "one_way",
+        mask_token_id: int = 3,
+        pad_token_id: int = 0,
+        eos_token_id: int = 2,
+        img_gen_token_id: int = 5,
+        img_src_token_id: int = 6,
+        img_enc_token_id: int = 7,
+        loc_token_offset: int = 16,
+        num_loc_tokens: int = 65,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.joint_layers = joint_layers
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size
+        self.gen_hidden_size = gen_hidden_size
+        self.gen_intermediate_size = gen_intermediate_size
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.codebook_size = codebook_size
+        self.image_grid = image_grid
+        self.compression = compression
+        self.vision_patch_size = vision_patch_size
+        self.vision_hidden_size = vision_hidden_size
+        self.vision_layers = vision_layers
+        self.vision_heads = vision_heads
+        self.image_size = image_size
+        self.attention_mode = attention_mode
+        self.mask_token_id = mask_token_id
+        self.img_gen_token_id = img_gen_token_id
+        self.img_src_token_id = img_src_token_id
+        self.img_enc_token_id = img_enc_token_id
+        self.loc_token_offset = loc_token_offset
+        self.num_loc_tokens = num_loc_tokens
+        self.initializer_range = initializer_range
+        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.validate_architecture()
+
+    # ------------------------------------------------------------------ derived sizes
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def image_mask_code(self) -> int:
+        """Code id of a masked image token (one past the codebook)."""
+        return self.codebook_size
+
+    @property
+    def positions_per_image(self) -> int:
+        """Sequence positions one image occupies after token compression (64 by default)."""
+        return (self.image_grid // self.compression) ** 2
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        return (self.image_size // self.vision_patch_size) ** 2
+
+    def validate_architecture(self) -> None:
+        """Raise `ValueError` naming the offending values when the shapes do not fit."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if not 0 <= self.joint_layers <= self.num_layers:
+            raise ValueError(
+                f"joint_layers ({self.joint_layers}) must be in [0, num_layers={self.num_layers}]"
+            )
+        if self.gen_hidden_size > self.hidden_size:
+            raise ValueError(
+                f"gen_hidden_size ({self.gen_hidden_size}) must not exceed hidden_size "
+                f"({self.hidden_size}): gen states live in the first channels of the und width"
+            )
+        if self.image_grid % self.compression:
+            raise ValueError(
+                f"image_grid ({self.image_grid}) must be divisible by compression "
+                f"({self.compression})"
+            )
+        if self.image_size % self.vision_patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by vision_patch_size "
+                f"({self.vision_patch_size})"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
+                f"vision_heads ({self.vision_heads})"
+            )
+        if self.attention_mode not in ("one_way", "full"):
+            raise ValueError(
+                f"attention_mode must be 'one_way' or 'full', got {self.attention_mode!r}"
+            )
+        for name in ("mask_token_id", "img_gen_token_id", "img_src_token_id", "img_enc_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+        if self.loc_token_offset + self.num_loc_tokens > self.vocab_size:
+            raise ValueError(
+                f"location tokens [{self.loc_token_offset}, "
+                f"{self.loc_token_offset + self.num_loc_tokens}) exceed vocab_size "
+                f"({self.vocab_size})"
+            )
+
+
+# Named configurations. `tiny` is for tests, `shapes` is the embedded model, `lavida-o`
+# reproduces the parameter shapes of the released checkpoint (FACTS §1.1, §2.1-2.2):
+# und 4096 x 32 layers (LLaDA-8B), gen 2048 wide, 17 joint layers, 8192 codes.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=128, hidden_size=64, num_layers=2, joint_layers=1, num_heads=4,
+        intermediate_size=128, gen_hidden_size=32, gen_intermediate_size=64,
+        codebook_size=32, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+        loc_token_offset=40, num_loc_tokens=65,
+    ),
+    "shapes": dict(),
+    "lavida-o": dict(
+        vocab_size=127378, hidden_size=4096, num_layers=32, joint_layers=17, num_heads=32,
+        intermediate_size=12288, gen_hidden_size=2048, gen_intermediate_size=8192,
+        rope_theta=500000.0, codebook_size=8192, image_grid=64, compression=2,
+        image_size=1024, vision_patch_size=64, vision_hidden_size=1152, vision_layers=26,
+        vision_heads=16, mask_token_id=126336, pad_token_id=126081, eos_token_id=126081,
+        img_gen_token_id=126089, img_src_token_id=126090, img_enc_token_id=126091,
+        loc_token_offset=126349, num_loc_tokens=1025,
+    ),
+}  # fmt: skip

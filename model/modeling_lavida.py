@@ -1,0 +1,590 @@
+"""The Elastic-MoT masked-diffusion transformer of Lavida-O, at any scale, in one file.
+
+Features (LAVIDA_O_FACTS.md section numbers in brackets):
+- Elastic-MoT layers [§2.2-2.3]: every layer holds an understanding (und) parameter set of
+  width `hidden_size` and a narrower generation (gen) set of width `gen_hidden_size`. Gen
+  Q/K/V project *up* to the und attention width so both branches share heads; the
+  attention output projection and the final norm are shared (gen keeps the first
+  `gen_hidden_size` output channels). A boolean modality mask, derived from the input
+  ids, routes each position: image-to-generate and edit-source codes -> gen; text, plan,
+  location tokens and vision-encoder features -> und.
+- Joint attention in layers `< joint_layers`, modality-separated attention after.
+- Token compression [§1.4, §4.4]: 2x2 VQ codes -> one position (embedding, RMSNorm,
+  stride-2 conv), expanded back by a transposed conv before the code classifier.
+- An understanding-side patch encoder (the SigLIP analogue) [§1.2] whose features fill
+  `img_enc` placeholder positions.
+- Elastic activation: when only image codes are predicted, und rows skip every layer
+  `>= joint_layers` (after the joint layers text cannot reach image positions).
+- Condition caching (beyond Lavida-O): with `attention_mode="one_way"` a position attends
+  only to its own and earlier *segments* (prompt < plan < image), so a condition's
+  keys/values are computed once per request and reused at every denoising step.
+- Masked-diffusion loss [§3.1-3.2]: unweighted cross-entropy over masked text positions
+  plus cross-entropy over masked image codes.
+
+Inputs are packed as one sequence per row. Placeholder ids mark image positions and the
+tensors that fill them are passed flat, in order of appearance (row-major over the
+batch): `gen_codes` (S, G, G) fills every `img_gen`/`img_src` run of P positions
+(P = positions_per_image), `pixel_values` (V, 3, H, W) every `img_enc` run.
+
+Deviations from the released model, all small-scale choices: learned 2-D position
+embeddings for image and patch positions (RoPE over the flat sequence as in Lavida-O is
+kept too); the gen final norm normalises over the gen width with the first channels of the
+shared weight (upstream pads to the und width, a constant sqrt(2) scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from lavida_agent.model.configuration_lavida import LavidaConfig
+
+__all__ = [
+    "ConditionCache",
+    "LavidaForMaskedDiffusion",
+    "LavidaOutput",
+    "LavidaPreTrainedModel",
+]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class LavidaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * w.float()).to(dtype)
+
+
+class LavidaRotaryEmbedding(nn.Module):
+    """Plain 1-D RoPE over absolute sequence indices (FACTS §11.1).
+
+    The frequencies are recomputed per call instead of living in a non-persistent buffer:
+    transformers 5 materialises such buffers uninitialised after `from_pretrained`.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, L) -> cos, sin (B, 1, L, head_dim), broadcast over heads
+        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, L, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class LavidaMLP(nn.Module):
+    """Gated SiLU MLP: down(silu(gate x) * up x), as LLaDA's blocks (FACTS §1.1)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LavidaDecoderLayer(nn.Module):
+    """One Elastic-MoT layer: two parameter sets, one attention, a shared output projection.
+
+    Rows are kept per branch: `h_und` (Nu, d) and `h_gen` (Ng, dg) hold the hidden states
+    of the und and gen positions of the flattened batch; `und_idx`/`gen_idx` say where
+    they sit in the (B * L) sequence so attention can run over the whole sequence.
+    """
+
+    def __init__(self, config: LavidaConfig, layer_idx: int):
+        super().__init__()
+        d, dg = config.hidden_size, config.gen_hidden_size
+        self.is_joint = layer_idx < config.joint_layers
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        # und branch
+        self.attn_norm = LavidaRMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = LavidaRMSNorm(d, config.rms_norm_eps)
+        self.mlp = LavidaMLP(d, config.intermediate_size)
+        # gen branch: Q/K/V project dg -> d so that heads are shared (FACTS §2.2)
+        self.attn_norm_gen = LavidaRMSNorm(dg, config.rms_norm_eps)
+        self.q_proj_gen = nn.Linear(dg, d, bias=False)
+        self.k_proj_gen = nn.Linear(dg, d, bias=False)
+        self.v_proj_gen = nn.Linear(dg, d, bias=False)
+        self.mlp_norm_gen = LavidaRMSNorm(dg, config.rms_norm_eps)
+        self.mlp_gen = LavidaMLP(dg, config.gen_intermediate_size)
+        # shared: there is no separate gen output projection upstream either
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(
+        self,
+        h_und: torch.Tensor,
+        h_gen: torch.Tensor,
+        und_idx: torch.Tensor,
+        gen_idx: torch.Tensor,
+        shape: tuple[int, int],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        skip_und: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, L = shape
+        N, d, H, hd = B * L, self.q_proj.in_features, self.num_heads, self.head_dim
+        dg = self.attn_norm_gen.weight.shape[0]
+        run_und = not skip_und and und_idx.numel() > 0
+
+        # Step 1: per-branch Q/K/V, scattered back into sequence order. Rows of a skipped
+        # branch stay zero: the attention mask never lets a live query see them.
+        q = h_gen.new_zeros(N, d)
+        k, v = torch.zeros_like(q), torch.zeros_like(q)
+        if run_und:
+            x = self.attn_norm(h_und)
+            q = q.index_copy(0, und_idx, self.q_proj(x))
+            k = k.index_copy(0, und_idx, self.k_proj(x))
+            v = v.index_copy(0, und_idx, self.v_proj(x))
+        if gen_idx.numel():
+            x = self.attn_norm_gen(h_gen)
+            q = q.index_copy(0, gen_idx, self.q_proj_gen(x))
+            k = k.index_copy(0, gen_idx, self.k_proj_gen(x))
+            v = v.index_copy(0, gen_idx, self.v_proj_gen(x))
+        q, k, v = (t.view(B, L, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        present = (k, v)  # post-RoPE keys: a cache stores them as they are
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+
+        # Step 2: one bidirectional attention over the whole sequence; the boolean mask
+        # carries segments (one-way conditions), padding and, in split layers, modality.
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
+        o = o.transpose(1, 2).reshape(N, d)
+
+        # Step 3: shared output projection (gen keeps its first dg channels), residual, MLPs.
+        if run_und:
+            h_und = h_und + self.o_proj(o[und_idx])
+            h_und = h_und + self.mlp(self.mlp_norm(h_und))
+        if gen_idx.numel():
+            h_gen = h_gen + F.linear(o[gen_idx], self.o_proj.weight[:dg])
+            h_gen = h_gen + self.mlp_gen(self.mlp_norm_gen(h_gen))
+        return h_und, h_gen, present
+
+
+class LavidaVisionEncoder(nn.Module):
+    """Understanding-side patch encoder + 2-layer MLP projector (SigLIP + mlp2x_gelu analogue)."""
+
+    def __init__(self, config: LavidaConfig):
+        super().__init__()
+        p, ve = config.vision_patch_size, config.vision_hidden_size
+        self.patch_size = p
+        self.patch_embed = nn.Linear(3 * p * p, ve)
+        self.pos_embed = nn.Parameter(torch.zeros(config.vision_tokens_per_image, ve))
+        layer = nn.TransformerEncoderLayer(
+            ve, config.vision_heads, dim_feedforward=4 * ve, dropout=0.0,
+            activation="gelu", batch_first=True, norm_first=True,
+        )  # fmt: skip
+        self.layers = nn.ModuleList([_clone(layer) for _ in range(config.vision_layers)])
+        self.norm = nn.LayerNorm(ve)
+        self.projector = nn.Sequential(
+            nn.Linear(ve, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values (V, 3, H, W) in [0, 1] -> (V, T, d) with T = (H / p) * (W / p)
+        p = self.patch_size
+        x = (pixel_values - 0.5) / 0.5
+        V, C, Hh, W = x.shape
+        x = x.unfold(2, p, p).unfold(3, p, p)  # (V, C, H/p, W/p, p, p)
+        x = x.permute(0, 2, 3, 1, 4, 5).reshape(V, (Hh // p) * (W // p), C * p * p)
+        x = self.patch_embed(x) + self.pos_embed
+        for layer in self.layers:
+            x = layer(x)
+        return self.projector(self.norm(x))
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+class LavidaImageEmbedding(nn.Module):
+    """VQ codes (S, G, G) -> compressed gen-branch inputs (S, P, dg) [FACTS §1.4]."""
+
+    def __init__(self, config: LavidaConfig):
+        super().__init__()
+        dg, c = config.gen_hidden_size, config.compression
+        self.code_embed = nn.Embedding(config.codebook_size + 1, dg)  # + the mask code
+        self.down_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
+        self.down = nn.Conv2d(dg, dg, kernel_size=c, stride=c, bias=False)
+        self.pos_embed = nn.Parameter(torch.zeros(config.positions_per_image, dg))
+        self.out_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
+        self.out_proj = nn.Linear(dg, dg, bias=False)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self.down_norm(self.code_embed(codes))  # (S, G, G, dg)
+        x = self.down(x.permute(0, 3, 1, 2))  # (S, dg, G/c, G/c): 2x2 codes -> 1 position
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (S, P, dg), raster order
+        return self.out_proj(self.out_norm(x))
+
+
+class LavidaImageHead(nn.Module):
+    """Gen final states (S, P, dg) -> code logits (S, G, G, K): expand 2x2, then classify."""
+
+    def __init__(self, config: LavidaConfig):
+        super().__init__()
+        dg, c = config.gen_hidden_size, config.compression
+        self.side = config.image_grid // c
+        self.up = nn.ConvTranspose2d(dg, dg, kernel_size=c, stride=c, bias=False)
+        self.norm = LavidaRMSNorm(dg, config.rms_norm_eps)
+        self.proj = nn.Linear(dg, dg, bias=False)
+        self.classifier = nn.Linear(dg, config.codebook_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        S, P, dg = h.shape
+        x = h.transpose(1, 2).reshape(S, dg, self.side, self.side)
+        x = self.up(x).permute(0, 2, 3, 1)  # (S, G, G, dg)
+        return self.classifier(F.silu(self.proj(self.norm(x))))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class ConditionCache:
+    """Keys/values of a condition prefix, computed once and reused at every step.
+
+    Attributes:
+        key_values: per layer `(k, v)`, each `(B, H, Lc, head_dim)` after RoPE.
+        valid: `(B, Lc)` bool, False at padding.
+        is_gen: `(B, Lc)` bool, gen-branch positions.
+        segment_ids: `(B, Lc)` long.
+        elastic: whether und rows skipped the split layers (then only gen targets may use it).
+    """
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    valid: torch.Tensor
+    is_gen: torch.Tensor
+    segment_ids: torch.Tensor
+    elastic: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def repeat_interleave(self, n: int) -> ConditionCache:
+        """The cache with every row repeated `n` times (e.g. for several samples per prompt)."""
+        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        return ConditionCache(
+            [(rep(k), rep(v)) for k, v in self.key_values], rep(self.valid), rep(self.is_gen),
+            rep(self.segment_ids), self.elastic,
+        )  # fmt: skip
+
+
+@dataclass
+class LavidaOutput:
+    """Output of `LavidaForMaskedDiffusion.forward`.
+
+    Attributes:
+        loss: text + image masked-diffusion loss when labels are given.
+        text_logits: `(B, L, V)`; zeros at gen positions; None under elastic activation.
+        image_logits: `(M, G, G, K)` for every `img_gen` slot in order of appearance.
+        cache: the condition cache when `use_cache=True`.
+        text_loss, image_loss: the two terms (detached), for logging.
+    """
+
+    loss: torch.Tensor | None = None
+    text_logits: torch.Tensor | None = None
+    image_logits: torch.Tensor | None = None
+    cache: ConditionCache | None = None
+    text_loss: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LavidaPreTrainedModel(PreTrainedModel):
+    config_class = LavidaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LavidaDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (LavidaRMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (LavidaImageEmbedding, LavidaVisionEncoder)):
+            nn.init.normal_(module.pos_embed, mean=0.0, std=std)
+        if isinstance(module, LavidaDecoderLayer):
+            # GPT-2 style: scale residual projections by 1/sqrt(2 * num_layers)
+            scale = std / math.sqrt(2 * self.config.num_layers)
+            for lin in (module.o_proj, module.mlp.down_proj, module.mlp_gen.down_proj):
+                nn.init.normal_(lin.weight, mean=0.0, std=scale)
+
+
+class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
+    """Elastic-MoT masked-diffusion model with text (LM) and image-code heads.
+
+    Example:
+        >>> config = LavidaConfig(**PRESETS["tiny"])
+        >>> model = LavidaForMaskedDiffusion(config)
+        >>> out = model(input_ids, gen_codes=codes, segment_ids=segments)
+    """
+
+    def __init__(self, config: LavidaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.image_embed = LavidaImageEmbedding(config)
+        self.vision = LavidaVisionEncoder(config)
+        self.layers = nn.ModuleList(LavidaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = LavidaRMSNorm(config.hidden_size, config.rms_norm_eps)  # shared final norm
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.image_head = LavidaImageHead(config)
+        self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.post_init()
+
+    # -------------------------------------------------------------- input packing
+
+    def _check_slots(self, flags: torch.Tensor, count: int, name: str, what: str) -> None:
+        P = self.config.positions_per_image if name == "gen_codes" else self.config.vision_tokens_per_image
+        n = int(flags.sum())
+        if n != count * P:
+            raise ValueError(
+                f"{n} {what} placeholder positions but {name} holds {count} images "
+                f"({count} x {P} = {count * P} positions expected)"
+            )
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        gen_codes: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed a packed batch into per-branch rows.
+
+        Returns `h_und (Nu, d)`, `h_gen (Ng, dg)`, `und_idx`, `gen_idx` (indices into the
+        flattened `(B * L)` sequence) and `gen_is_target (Ng,)` marking `img_gen` rows.
+        """
+        cfg = self.config
+        ids = input_ids.reshape(-1)
+        is_tgt = ids == cfg.img_gen_token_id
+        is_gen = is_tgt | (ids == cfg.img_src_token_id)
+        is_enc = ids == cfg.img_enc_token_id
+        und_idx = (~is_gen).nonzero().squeeze(1)
+        gen_idx = is_gen.nonzero().squeeze(1)
+
+        n_codes = 0 if gen_codes is None else gen_codes.shape[0]
+        self._check_slots(is_gen, n_codes, "gen_codes", "img_gen/img_src")
+        n_views = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_slots(is_enc, n_views, "pixel_values", "img_enc")
+
+        # und rows: token embeddings, with vision features written over img_enc positions
+        h = self.embed_tokens(ids[und_idx])  # (Nu, d)
+        if n_views:
+            feats = self.vision(pixel_values).reshape(-1, cfg.hidden_size)
+            enc_rows = is_enc[und_idx].nonzero().squeeze(1)
+            h = h.index_copy(0, enc_rows, feats.to(h.dtype))
+        if n_codes:
+            h_gen = self.image_embed(gen_codes).reshape(-1, cfg.gen_hidden_size)  # (Ng, dg)
+        else:
+            h_gen = h.new_zeros(0, cfg.gen_hidden_size)
+        return h, h_gen, und_idx, gen_idx, is_tgt[gen_idx]
+
+    def _attention_masks(
+        self,
+        q_valid: torch.Tensor,
+        q_gen: torch.Tensor,
+        q_seg: torch.Tensor,
+        k_valid: torch.Tensor,
+        k_gen: torch.Tensor,
+        k_seg: torch.Tensor,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks `(B, 1, Lq, Lk)` for joint and split layers."""
+        allowed = k_valid[:, None, :].expand(-1, q_valid.shape[1], -1)
+        if self.config.attention_mode == "one_way":
+            allowed = allowed & (k_seg[:, None, :] <= q_seg[:, :, None])
+        split = allowed & (k_gen[:, None, :] == q_gen[:, :, None])
+        # Every query may attend to itself, so no row is fully masked (no NaN from padding).
+        Lq = q_valid.shape[1]
+        eye = torch.zeros(Lq, k_valid.shape[1], dtype=torch.bool, device=q_valid.device)
+        eye[torch.arange(Lq), offset + torch.arange(Lq)] = True
+        return (allowed | eye)[:, None], (split | eye)[:, None]
+
+    # -------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        gen_codes: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        condition_cache: ConditionCache | None = None,
+        use_cache: bool = False,
+        elastic: bool = False,
+        labels: torch.Tensor | None = None,
+        image_labels: torch.Tensor | None = None,
+    ) -> LavidaOutput:
+        """Run the model on a packed batch.
+
+        Args:
+            input_ids: `(B, L)` token ids with placeholder ids at image positions.
+            gen_codes: `(S, G, G)` VQ codes (mask code at masked positions) for every
+                `img_gen`/`img_src` run, in order of appearance.
+            pixel_values: `(V, 3, H, W)` in [0, 1] for every `img_enc` run.
+            segment_ids: `(B, L)`; with one-way attention a position sees only segments
+                `<=` its own. Defaults to zeros.
+            attention_mask: `(B, L)` bool/int, 0 at padding. Defaults to all ones.
+            condition_cache: keys/values of a condition prefix; `input_ids` then holds
+                only the positions after it (their RoPE positions continue the prefix).
+            use_cache: return this pass's keys/values as a `ConditionCache`.
+            elastic: skip und rows in layers `>= joint_layers` (image outputs only).
+            labels: `(B, L)` text targets, -100 where no loss is taken.
+            image_labels: `(M, G, G)` code targets for the `img_gen` slots, -100 elsewhere.
+        """
+        cfg = self.config
+        B, L = input_ids.shape
+        device = input_ids.device
+        seg = torch.zeros_like(input_ids) if segment_ids is None else segment_ids
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        if condition_cache is not None and cfg.attention_mode != "one_way":
+            raise ValueError("condition_cache needs attention_mode='one_way' to be exact")
+        if condition_cache is not None and condition_cache.elastic and not elastic:
+            raise ValueError("an elastic condition cache can only serve elastic (image-only) passes")
+
+        h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values)
+        is_gen = torch.zeros(B * L, dtype=torch.bool, device=device)
+        is_gen[gen_idx] = True
+        is_gen = is_gen.view(B, L)
+
+        offset = 0 if condition_cache is None else condition_cache.length
+        position_ids = offset + torch.arange(L, device=device).expand(B, L)
+        rope = self.rotary(position_ids)
+        if condition_cache is None:
+            k_valid, k_gen, k_seg = valid, is_gen, seg
+        else:
+            c = condition_cache
+            k_valid = torch.cat([c.valid, valid], 1)
+            k_gen = torch.cat([c.is_gen, is_gen], 1)
+            k_seg = torch.cat([c.segment_ids, seg], 1)
+        mask_joint, mask_split = self._attention_masks(valid, is_gen, seg, k_valid, k_gen, k_seg, offset)
+
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = None if condition_cache is None else condition_cache.key_values[i]
+            skip_und = elastic and not layer.is_joint
+            h_und, h_gen, present = layer(
+                h_und, h_gen, und_idx, gen_idx, (B, L), rope,
+                mask_joint if layer.is_joint else mask_split, past, skip_und,
+            )  # fmt: skip
+            if use_cache:
+                presents.append(present)
+
+        out = LavidaOutput()
+        if use_cache:
+            out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic)
+
+        # Text head: only meaningful when und rows ran every layer.
+        if not elastic:
+            text_logits = self.lm_head(self.norm(h_und))  # (Nu, V)
+            full = text_logits.new_zeros(B * L, cfg.vocab_size)
+            out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
+        # Image head on target slots only; the shared final norm uses its first dg weights.
+        if bool(gen_is_target.any()):
+            h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[: cfg.gen_hidden_size])
+            P = cfg.positions_per_image
+            out.image_logits = self.image_head(h_tgt.view(-1, P, cfg.gen_hidden_size))
+
+        if labels is not None or image_labels is not None:
+            zero = h_gen.new_zeros(())
+            text_loss = image_loss = zero
+            if labels is not None and out.text_logits is not None and bool((labels != -100).any()):
+                text_loss = F.cross_entropy(
+                    out.text_logits.reshape(-1, cfg.vocab_size).float(), labels.reshape(-1),
+                    ignore_index=-100,
+                )  # fmt: skip
+            if (
+                image_labels is not None
+                and out.image_logits is not None
+                and bool((image_labels != -100).any())
+            ):
+                image_loss = F.cross_entropy(
+                    out.image_logits.reshape(-1, cfg.codebook_size).float(),
+                    image_labels.reshape(-1), ignore_index=-100,
+                )  # fmt: skip
+            out.loss = text_loss + image_loss
+            out.text_loss, out.image_loss = text_loss.detach(), image_loss.detach()
+        return out
+
+    # ------------------------------------------------------------------ accounting
+
+    def parameter_groups(self) -> dict[str, int]:
+        """Parameter counts per branch (see `count_parameters`)."""
+        return count_parameters(self)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Split parameters into und, gen, vision and shared groups.
+
+    Following FACTS §2.6, `und` counts the understanding stack *including* the shared
+    attention output projections and final norm (the released model's und branch owns
+    them), `gen` counts the gen parameters inside the layers, `gen_heads` the image
+    embedding/compression/expansion/classifier, `vision` the patch encoder + projector.
+    `shared` reports, for information, the part of `und` that gen positions also use.
+    `total` sums und + gen + gen_heads + vision.
+    """
+    groups = dict(und=0, gen=0, gen_heads=0, vision=0, shared=0)
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith("vision."):
+            groups["vision"] += n
+        elif name.startswith(("image_embed.", "image_head.")):
+            groups["gen_heads"] += n
+        elif "_gen" in name:
+            groups["gen"] += n
+        else:
+            groups["und"] += n
+            if name.endswith("o_proj.weight") or name == "norm.weight":
+                groups["shared"] += n
+    groups["total"] = groups["und"] + groups["gen"] + groups["gen_heads"] + groups["vision"]
+    return groups

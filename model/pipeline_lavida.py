@@ -1,0 +1,558 @@
+"""`LavidaPipeline`: every task of the unified model behind one diffusers-style object.
+
+`plan`, `generate`, `edit`, `regenerate_regions`, `ground`, `understand` and `critique`
+take lists and return lists (one batched pass per call), accept `seed` (one per request,
+or one for all) or `generator`, a step `callback`, and an `interrupt` check, and return
+typed outputs. Conditions are encoded once per call and cached (one-way attention);
+image passes run with elastic activation (und rows skip the split layers).
+
+Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
+
+    pipeline_index.json   {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer",
+                           "defaults": {...sampler and guidance defaults...}}
+    transformer/          config.json + model.safetensors (LavidaForMaskedDiffusion)
+    vq/                   config.json + model.safetensors (VQImageTokenizer)
+    tokenizer/            tokenizer.json + tokenizer_config.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configuration_lavida import LavidaConfig
+from .modeling_lavida import LavidaForMaskedDiffusion
+from .modeling_vq import VQImageTokenizer, images_to_tensor, tensor_to_images
+from .sampling_image import ImageMaskSampler
+from .sampling_text import TextMaskSampler
+from .tasks import (
+    ANSWER_LEN,
+    CRITIQUE_LEN,
+    PLAN_LEN,
+    Example,
+    PlanItem,
+    build_critique,
+    build_edit,
+    build_ground,
+    build_t2i,
+    build_understand,
+    drop_conditions,
+    pack,
+    parse_plan,
+)
+from .tokenization_lavida import clean_decoded
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CritiqueOutput",
+    "GroundingOutput",
+    "ImageOutput",
+    "LavidaPipeline",
+    "PipelineInterrupted",
+    "PlanOutput",
+    "StepInfo",
+    "TextOutput",
+    "default_weights_path",
+]
+
+Box = tuple[int, int, int, int]
+
+DEFAULTS: dict = {
+    "num_steps": 16,
+    "guidance_scale": 2.0,
+    "image_guidance_scale": 0.0,
+    "temperature": 1.0,
+    "order": "stratified",
+    "shift": 5.0,
+    "text_steps": 8,
+}
+
+
+def default_weights_path() -> Path:
+    """Folder of the embedded ShapesWorld model shipped inside the package."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+class PipelineInterrupted(RuntimeError):
+    """The `interrupt` check returned True; the loop stopped before finishing."""
+
+
+@dataclass
+class StepInfo:
+    """What a step callback receives: `step` of `total` (1-based), and a preview image per
+    row (uint8 (H, W, 3), the current x0 prediction decoded) on preview steps, else None."""
+
+    task: str
+    step: int
+    total: int
+    previews: list[np.ndarray] | None = None
+
+
+@dataclass
+class ImageOutput:
+    images: list[np.ndarray]  # uint8 (64, 64, 3) per request
+    codes: torch.Tensor  # (B, G, G)
+    plans: list[list[PlanItem]] | None = None
+    seeds: list[int | None] = field(default_factory=list)
+
+
+@dataclass
+class PlanOutput:
+    plans: list[list[PlanItem]]
+    texts: list[str]
+
+
+@dataclass
+class TextOutput:
+    texts: list[str]
+
+
+@dataclass
+class GroundingOutput:
+    boxes: list[list[Box | None]]  # per image, one box (or None if unparsable) per expression
+
+
+@dataclass
+class CritiqueOutput:
+    ok: list[bool]
+    reasons: list[list[str]]
+    texts: list[str]
+
+
+def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator | None], list[int | None]]:
+    """One generator per request: from `generator` (shared or a list), or from seeds."""
+    if generator is not None:
+        gens = generator if isinstance(generator, list) else [generator] * n
+        if len(gens) != n:
+            raise ValueError(f"got {len(gens)} generators for {n} requests")
+        return gens, [None] * n
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} requests")
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(s) if s is not None else int(torch.seed() % 2**63))
+        gens.append(g)
+    return gens, seeds
+
+
+def _as_list(x, n: int | None = None, name: str = "value") -> list:
+    if isinstance(x, (list, tuple)):
+        if n is not None and len(x) != n:
+            raise ValueError(f"{name}: expected {n} entries, got {len(x)}")
+        return list(x)
+    return [x] * (n or 1)
+
+
+class LavidaPipeline:
+    """The unified model plus its image tokenizer and text tokenizer.
+
+    Example:
+        >>> pipe = LavidaPipeline.from_pretrained()  # the embedded ShapesWorld model
+        >>> out = pipe.generate(["a red circle left of a blue square"], seed=1)
+        >>> out.images[0].shape
+        (64, 64, 3)
+    """
+
+    def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None):
+        self.model = model.eval()
+        self.vq = vq.eval()
+        self.tokenizer = tokenizer
+        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.forward_count = 0  # model forwards since construction (benchmarks, tests)
+        loc0 = self.config.loc_token_offset
+        self._loc_ids = torch.arange(loc0, loc0 + self.config.num_loc_tokens)
+
+    @property
+    def config(self) -> LavidaConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ save / load
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LavidaPipeline:  # fmt: skip
+        """Load a pipeline folder (default: the embedded weights), offline."""
+        from transformers import AutoTokenizer
+
+        root = Path(path) if path is not None else default_weights_path()
+        index_file = root / "pipeline_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"no pipeline_index.json in {root}: not a LavidaPipeline folder"
+                + (" (the embedded weights are missing: train them with `lavida-agent train`)" if path is None else "")
+            )
+        index = json.loads(index_file.read_text())
+        model = LavidaForMaskedDiffusion.from_pretrained(root / index["transformer"], dtype=dtype)
+        vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
+        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"))
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype = torch.float16) -> None:
+        """Write the pipeline folder (weights stored as `dtype`, fp16 by default)."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if dtype != next(model.parameters()).dtype:
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)
+        model.save_pretrained(root / "transformer")
+        self.vq.save_pretrained(root / "vq", dtype=dtype)
+        self.tokenizer.save_pretrained(root / "tokenizer")
+        index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer", "defaults": self.defaults}
+        (root / "pipeline_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def to(self, device) -> LavidaPipeline:
+        self.model.to(device)
+        self.vq.to(device)
+        return self
+
+    # ------------------------------------------------------------------ helpers
+
+    def _forward(self, **kw):
+        self.forward_count += 1
+        return self.model(**kw)
+
+    def _encode_images(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            pix = images_to_tensor(np.stack([self._check_image(im) for im in images])).to(self.device)
+            return list(self.vq.encode(pix).codes.cpu().numpy())
+
+    def _decode_codes(self, codes: torch.Tensor) -> list[np.ndarray]:
+        with torch.no_grad():
+            return list(tensor_to_images(self.vq.decode(codes.to(self.device))))
+
+    def _check_image(self, image) -> np.ndarray:
+        image = np.asarray(image)
+        size = self.config.image_size
+        if image.shape != (size, size, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}; "
+                "letterbox other images first (lavida_agent.tools.images.letterbox)"
+            )
+        return image
+
+    def _split(self, examples: list[Example], target_len: int):
+        """Pack left-padded and split into the condition prefix and the last `target_len`
+        positions (the target: equal length in every row, so left padding aligns it)."""
+        batch = pack(examples, self.config, pad_left=True).to(self.device)
+        L = batch.input_ids.shape[1]
+        c = L - target_len
+        src_codes = None
+        if batch.gen_codes is not None:
+            keep = [i for i, t in enumerate(batch.gen_is_target) if not t]
+            src_codes = batch.gen_codes[keep] if keep else None
+        cond = dict(
+            input_ids=batch.input_ids[:, :c], gen_codes=src_codes, pixel_values=batch.pixel_values,
+            segment_ids=batch.segment_ids[:, :c], attention_mask=batch.attention_mask[:, :c],
+        )  # fmt: skip
+        tgt = dict(input_ids=batch.input_ids[:, c:], segment_ids=batch.segment_ids[:, c:],
+                   attention_mask=batch.attention_mask[:, c:])  # fmt: skip
+        return cond, tgt
+
+    @torch.no_grad()
+    def _decode_image(
+        self,
+        examples: list[Example],
+        *,
+        groups: int,
+        combine: Callable[[list[torch.Tensor]], torch.Tensor],
+        start: torch.Tensor | None,
+        gens: list,
+        num_steps: int,
+        temperature: float,
+        order: str,
+        callback,
+        preview_every: int,
+        interrupt,
+        task: str,
+    ) -> torch.Tensor:
+        """The image loop: `examples` holds `groups` blocks of B rows (e.g. [cond, uncond]);
+        `combine` turns the per-group logits into guided logits. Returns codes (B, G, G)."""
+        cfg = self.config
+        G, P = cfg.image_grid, cfg.positions_per_image
+        B = len(examples) // groups
+        cond, tgt = self._split(examples, P)
+        cache = self._forward(**cond, use_cache=True, elastic=True).cache
+        sample = (
+            torch.full((B, G * G), cfg.image_mask_code, dtype=torch.long, device=self.device)
+            if start is None else start.reshape(B, G * G).to(self.device).clone()
+        )  # fmt: skip
+        n_masked = int((sample == cfg.image_mask_code).sum(1).max())
+        sampler = ImageMaskSampler(cfg.image_mask_code, shift=self.defaults["shift"], order=order,
+                                   temperature=temperature)  # fmt: skip
+        sampler.set_timesteps(num_steps, n_masked, G)
+        total = len(sampler.timesteps)
+        for i in sampler.timesteps:
+            if interrupt is not None and interrupt():
+                raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
+            codes = sample.view(B, G, G).repeat(groups, 1, 1)
+            logits = self._forward(**tgt, gen_codes=codes, condition_cache=cache, elastic=True).image_logits
+            logits = logits.view(groups, B, G * G, -1)
+            guided = combine([logits[g] for g in range(groups)])
+            out = sampler.step(guided, i, sample, generator=gens)
+            sample = out.prev_sample
+            if callback is not None:
+                previews = None
+                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+                    previews = self._decode_codes(out.pred_original_sample.view(B, G, G))
+                callback(StepInfo(task, i + 1, total, previews))
+        return sample.view(B, G, G)
+
+    @torch.no_grad()
+    def _decode_text(self, examples, answer_len, *, gens, num_steps, temperature, block_length=None,
+                     allowed=None, callback=None, interrupt=None, task="text") -> list[str]:  # fmt: skip
+        cfg = self.config
+        cond, tgt = self._split(examples, answer_len)
+        cache = self._forward(**cond, use_cache=True).cache
+        sample = tgt["input_ids"].clone()
+        sampler = TextMaskSampler(cfg.mask_token_id, block_length=block_length or answer_len,
+                                  temperature=temperature)  # fmt: skip
+        sampler.set_timesteps(num_steps, answer_len)
+        total = len(sampler.timesteps)
+        for i in sampler.timesteps:
+            if interrupt is not None and interrupt():
+                raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
+            logits = self._forward(**{**tgt, "input_ids": sample}, condition_cache=cache).text_logits
+            sample = sampler.step(logits, i, sample, generator=gens, allowed=allowed).prev_sample
+            if callback is not None:
+                callback(StepInfo(task, i + 1, total))
+        texts = self.tokenizer.batch_decode(sample.tolist(), skip_special_tokens=False)
+        return [self._clean(t) for t in texts]
+
+    def _clean(self, text: str) -> str:
+        for tok in ("[EOS]", "[PAD]", "[MASK]"):
+            text = text.replace(tok, " ")
+        return clean_decoded(text)
+
+    def _text_allowed(self) -> torch.Tensor:
+        """Answers never contain image placeholders or the mask token."""
+        allowed = torch.ones(self.config.vocab_size, dtype=torch.bool)
+        c = self.config
+        for t in (c.mask_token_id, c.img_gen_token_id, c.img_src_token_id, c.img_enc_token_id, c.pad_token_id):
+            allowed[t] = False
+        return allowed
+
+    # ------------------------------------------------------------------ tasks
+
+    def plan(
+        self, prompts: Sequence[str], *, seed=0, generator=None, num_steps: int | None = None,
+        temperature: float = 0.0, callback=None, interrupt=None,
+    ) -> PlanOutput:  # fmt: skip
+        """Plan layouts: one list of `(label, box)` per prompt (FACTS §6.1)."""
+        prompts = _as_list(prompts)
+        gens, _ = _generators(seed, generator, len(prompts), self.device)
+        exs = [build_t2i(self.tokenizer, self.config, p, with_plan=True, with_image=False) for p in prompts]
+        texts = self._decode_text(
+            exs, PLAN_LEN, gens=gens, num_steps=num_steps or 2 * self.defaults["text_steps"],
+            temperature=temperature, allowed=self._text_allowed(), callback=callback,
+            interrupt=interrupt, task="plan",
+        )  # fmt: skip
+        return PlanOutput(plans=[parse_plan(t) for t in texts], texts=texts)
+
+    def generate(
+        self, prompts: Sequence[str], *, plans: Sequence[list[PlanItem] | None] | None = None,
+        seed=0, generator=None, num_steps: int | None = None, guidance_scale: float | None = None,
+        temperature: float | None = None, order: str | None = None, micro_conditions: str = "",
+        callback=None, preview_every: int = 0, interrupt=None,
+    ) -> ImageOutput:  # fmt: skip
+        """Text-to-image, optionally conditioned on plans (one per prompt, or None).
+
+        Args:
+            prompts: captions.
+            plans: a plan per prompt (`plan()` output) or None for direct generation.
+            seed: one seed, or one per prompt (ignored when `generator` is given).
+            generator: a `torch.Generator` or one per prompt.
+            num_steps, guidance_scale, temperature, order: sampler settings (defaults
+                from `pipeline_index.json`).
+            callback: called with a `StepInfo` after every step.
+            preview_every: decode a preview every k steps (0 = never).
+            interrupt: called before each step; True stops with `PipelineInterrupted`.
+        """
+        prompts = _as_list(prompts)
+        plans = _as_list(plans, len(prompts), "plans") if plans is not None else [None] * len(prompts)
+        gens, seeds = _generators(seed, generator, len(prompts), self.device)
+        d = self.defaults
+        g = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        cond = [build_t2i(self.tokenizer, self.config, p, plan=pl, micro_conditions=micro_conditions)
+                for p, pl in zip(prompts, plans)]  # fmt: skip
+        # Plans change the segment count, so CFG rows align by padding on the left only.
+        exs, groups = cond, 1
+        if g:
+            exs = cond + [drop_conditions(e, self.config, prompt=True, source=False) for e in cond]
+            groups = 2
+        codes = self._decode_image(
+            exs, groups=groups, combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
+            start=None, gens=gens, num_steps=num_steps or d["num_steps"],
+            temperature=d["temperature"] if temperature is None else temperature,
+            order=order or d["order"], callback=callback, preview_every=preview_every,
+            interrupt=interrupt, task="generate",
+        )  # fmt: skip
+        return ImageOutput(images=self._decode_codes(codes), codes=codes.cpu(), plans=list(plans), seeds=seeds)
+
+    def regenerate_regions(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Sequence[Box]], *,
+        plans=None, seed=0, generator=None, num_steps: int | None = None,
+        guidance_scale: float | None = None, temperature: float | None = None, order: str | None = None,
+        callback=None, preview_every: int = 0, interrupt=None,
+    ) -> ImageOutput:  # fmt: skip
+        """Re-mask the codes inside `boxes` (pixels) and denoise only them again.
+
+        Masked diffusion can inpaint: codes outside the boxes stay exactly as they were.
+        """
+        images, prompts = _as_list(images), _as_list(prompts)
+        n = len(images)
+        boxes = _as_list(boxes, n, "boxes")
+        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        gens, seeds = _generators(seed, generator, n, self.device)
+        cfg, d = self.config, self.defaults
+        codes = torch.from_numpy(np.stack(self._encode_images(images)))  # (B, G, G)
+        cell = cfg.image_size // cfg.image_grid
+        for b, row in enumerate(boxes):
+            for x0, y0, x1, y1 in row:
+                # every code whose 4x4 cell overlaps the box
+                gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
+                gx1, gy1 = min(cfg.image_grid, -(-int(x1) // cell)), min(cfg.image_grid, -(-int(y1) // cell))
+                codes[b, gy0:gy1, gx0:gx1] = cfg.image_mask_code
+        g = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        cond = [build_t2i(self.tokenizer, cfg, p, plan=pl) for p, pl in zip(prompts, plans)]
+        exs = cond + [drop_conditions(e, cfg, prompt=True, source=False) for e in cond] if g else cond
+        out = self._decode_image(
+            exs, groups=2 if g else 1,
+            combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
+            start=codes, gens=gens, num_steps=num_steps or d["num_steps"],
+            temperature=d["temperature"] if temperature is None else temperature,
+            order=order or d["order"], callback=callback, preview_every=preview_every,
+            interrupt=interrupt, task="regenerate_regions",
+        )  # fmt: skip
+        return ImageOutput(images=self._decode_codes(out), codes=out.cpu(), plans=list(plans), seeds=seeds)
+
+    def edit(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], *, plans=None, seed=0,
+        generator=None, num_steps: int | None = None, guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None, temperature: float | None = None,
+        order: str | None = None, callback=None, preview_every: int = 0, interrupt=None,
+    ) -> ImageOutput:  # fmt: skip
+        """Instruction-based editing with two- or three-way CFG (FACTS §7).
+
+        Rows: full condition; fully unconditional; with `image_guidance_scale > 0` also a
+        source-only row. c = (1 + g_img) full - g_img source_only; out = (1 + g) c - g uncond.
+        """
+        images, instructions = _as_list(images), _as_list(instructions)
+        n = len(images)
+        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        gens, seeds = _generators(seed, generator, n, self.device)
+        cfg, d = self.config, self.defaults
+        g = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        gi = d["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
+        src = self._encode_images(images)
+        cond = [build_edit(self.tokenizer, cfg, ins, im, c, plan=pl)
+                for ins, im, c, pl in zip(instructions, images, src, plans)]  # fmt: skip
+        exs = list(cond)
+        if g:
+            exs += [drop_conditions(e, cfg, prompt=True, source=True) for e in cond]
+        if g and gi:
+            exs += [drop_conditions(e, cfg, prompt=True, source=False) for e in cond]
+
+        def combine(lg):
+            if not g:
+                return lg[0]
+            c = (1 + gi) * lg[0] - gi * lg[2] if gi else lg[0]
+            return (1 + g) * c - g * lg[1]
+
+        out = self._decode_image(
+            exs, groups=len(exs) // n, combine=combine, start=None, gens=gens,
+            num_steps=num_steps or d["num_steps"],
+            temperature=d["temperature"] if temperature is None else temperature,
+            order=order or d["order"], callback=callback, preview_every=preview_every,
+            interrupt=interrupt, task="edit",
+        )  # fmt: skip
+        return ImageOutput(images=self._decode_codes(out), codes=out.cpu(), plans=list(plans), seeds=seeds)
+
+    @torch.no_grad()
+    def ground(self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]]) -> GroundingOutput:
+        """Locate every expression in one model forward for the whole batch (FACTS §5).
+
+        Args:
+            images: one image per request.
+            expressions: the expressions of each request (each gets one box).
+        """
+        images = _as_list(images)
+        expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
+        exs = [build_ground(self.tokenizer, self.config, self._check_image(im), ex)
+               for im, ex in zip(images, expressions)]  # fmt: skip
+        batch = pack(exs, self.config, pad_left=True).to(self.device)
+        logits = self._forward(**batch.model_inputs()).text_logits  # the one forward
+        loc = self._loc_ids.to(self.device)
+        out = []
+        for r, ex in enumerate(exs):
+            masked = (batch.input_ids[r] == self.config.mask_token_id).nonzero().squeeze(1)
+            bins = logits[r, masked][:, loc].argmax(-1).view(-1, 4).tolist()
+            boxes = []
+            for q in bins:
+                x0, y0, x1, y1 = (v * self.config.image_size / (self.config.num_loc_tokens - 1) for v in q)
+                boxes.append((round(x0), round(y0), round(x1), round(y1)) if x1 > x0 and y1 > y0 else None)
+            out.append(boxes)
+        return GroundingOutput(boxes=out)
+
+    def understand(
+        self, images: Sequence[np.ndarray], questions: Sequence[str], *, num_steps: int | None = None,
+        seed=0, generator=None, temperature: float = 0.0, callback=None, interrupt=None,
+    ) -> TextOutput:  # fmt: skip
+        """Answer questions about images (and captions for `describe the image.`)."""
+        images = _as_list(images)
+        questions = _as_list(questions, len(images), "questions")
+        gens, _ = _generators(seed, generator, len(images), self.device)
+        exs = [build_understand(self.tokenizer, self.config, self._check_image(im), q)
+               for im, q in zip(images, questions)]  # fmt: skip
+        texts = self._decode_text(
+            exs, ANSWER_LEN, gens=gens, num_steps=num_steps or self.defaults["text_steps"],
+            temperature=temperature, allowed=self._text_allowed(), callback=callback,
+            interrupt=interrupt, task="understand",
+        )  # fmt: skip
+        return TextOutput(texts=texts)
+
+    def critique(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], *, num_steps: int | None = None,
+        seed=0, generator=None, callback=None, interrupt=None,
+    ) -> CritiqueOutput:  # fmt: skip
+        """The model's own verdict: does each image match its prompt, and what is wrong."""
+        from lavida_agent.tools.shapes_world.language import parse_verdict
+
+        images = _as_list(images)
+        prompts = _as_list(prompts, len(images), "prompts")
+        gens, _ = _generators(seed, generator, len(images), self.device)
+        exs = [build_critique(self.tokenizer, self.config, self._check_image(im), p)
+               for im, p in zip(images, prompts)]  # fmt: skip
+        texts = self._decode_text(
+            exs, CRITIQUE_LEN, gens=gens, num_steps=num_steps or self.defaults["text_steps"],
+            temperature=0.0, allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
+            task="critique",
+        )  # fmt: skip
+        ok, reasons = [], []
+        for t in texts:
+            try:
+                verdict, why = parse_verdict(t)
+            except ValueError:
+                verdict, why = False, [f"unparsable verdict: {t!r}"]
+            ok.append(verdict)
+            reasons.append(list(why))
+        return CritiqueOutput(ok=ok, reasons=reasons, texts=texts)

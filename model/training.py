@@ -1,0 +1,438 @@
+"""Multi-task masked-diffusion training of the Elastic-MoT model on ShapesWorld.
+
+Data is generated on the fly: the batch of step `s` is drawn from
+`np.random.default_rng([seed, s])`, so there is no dataset on disk and a resumed run sees
+exactly the batches an uninterrupted run would. Each step trains one task (the grouped
+sampler of FACTS §3.6), drawn by `TASK_WEIGHTS`.
+
+Objective (FACTS §3.1-3.5): per row an independent mask ratio for the text answer and
+for the target image (t = cos(pi u / 2), mask where r <= max(p, min r)), cross-entropy on
+masked positions only; condition dropout for CFG (10% of image-generating rows lose their
+whole prompt, 50% of edit rows lose the source codes); 80% of plan+image rows keep the
+plan clean; micro-conditions (`objects : N ;`) dropped 30%.
+
+Run: `python -m lavida_agent.model.training --out DIR --vq model/weights/vq --steps N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.render import render
+from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+from .configuration_lavida import PRESETS, LavidaConfig
+from .modeling_lavida import LavidaForMaskedDiffusion
+from .tasks import (
+    Example,
+    build_critique,
+    build_edit,
+    build_ground,
+    build_t2i,
+    build_understand,
+    drop_conditions,
+    images_to_pixels,
+    pack,
+)
+from .tokenization_lavida import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TASK_WEIGHTS: dict[str, float] = {
+    "t2i": 0.20,  # prompt -> image
+    "t2i_plan": 0.14,  # prompt -> plan -> image (plan clean 80%, masked 20%)
+    "plan": 0.06,  # prompt -> plan only
+    "edit": 0.18,  # source + instruction -> image (25% with the edit plan)
+    "ground": 0.14,
+    "understand": 0.14,  # questions 75%, captions 25%
+    "critique": 0.14,
+}
+PROMPT_DROP = 0.1
+SOURCE_DROP = 0.5
+MICRO_DROP = 0.3
+PLAN_CLEAN = 0.8
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of one training run (saved with every checkpoint)."""
+
+    out: str = "checkpoints/model"
+    vq: str = "model/weights/vq"
+    preset: str = "shapes"
+    model_overrides: dict = field(default_factory=dict)
+    steps: int = 6000
+    tokens_per_batch: int = 4096
+    max_rows: int = 48
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    eval_every: int = 500
+    save_every: int = 250
+    task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def micro_conditions(scene, rng: np.random.Generator) -> str:
+    """Universal text conditioning (FACTS §3.5): `objects : N ;`, dropped 30% of the time."""
+    return "" if rng.random() < MICRO_DROP else f"objects : {len(scene.objects)} ;"
+
+
+def touched_plan(source, target) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """The edit plan: the regions an edit changes, as plan items.
+
+    Objects of the target that are not in the source (added, moved, recoloured, ...) are
+    listed with their target label and box; objects of the source that are gone are
+    listed as `removed` at their source box. A background edit touches no box.
+    """
+    src, tgt = set(source.objects), set(target.objects)
+    items = [(f"{o.size} {o.color} {o.shape}", o.box) for o in target.sorted_left_to_right() if o not in src]
+    items += [("removed", o.box) for o in source.sorted_left_to_right() if o not in tgt]
+    return items[:4]
+
+
+class TaskSampler:
+    """Builds training examples of each task from seeded ShapesWorld draws."""
+
+    def __init__(self, tokenizer, config: LavidaConfig, vq):
+        self.tok, self.cfg, self.vq = tokenizer, config, vq
+
+    @torch.no_grad()
+    def encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if not images:
+            return []
+        codes = self.vq.encode(images_to_pixels(images).to(self.vq_device)).codes
+        return list(codes.cpu().numpy())
+
+    @property
+    def vq_device(self):
+        return next(self.vq.parameters()).device
+
+    def examples(self, task: str, rng: np.random.Generator, n: int) -> list[Example]:
+        make = getattr(self, f"_{task}")
+        return make(rng, n)
+
+    def _t2i(self, rng, n, plan: str = "none"):
+        drafts = []
+        for _ in range(n):
+            text, spec = lang.sample_prompt(rng)
+            scene = lang.scene_for_prompt(rng, spec)
+            drafts.append((text, scene, micro_conditions(scene, rng)))
+        codes = self.encode([render(s) for _, s, _ in drafts]) if plan != "only" else [None] * n
+        out = []
+        for (text, scene, micro), c in zip(drafts, codes):
+            if plan == "none":
+                ex = build_t2i(self.tok, self.cfg, text, codes=c, micro_conditions=micro)
+            else:
+                ex = build_t2i(
+                    self.tok, self.cfg, text, codes=c, plan=lang.plan_items(scene),
+                    plan_is_target=True, with_image=plan != "only", micro_conditions=micro,
+                )  # fmt: skip
+            out.append(ex)
+        return out
+
+    def _t2i_plan(self, rng, n):
+        return self._t2i(rng, n, plan="with_image")
+
+    def _plan(self, rng, n):
+        return self._t2i(rng, n, plan="only")
+
+    def _edit(self, rng, n):
+        drafts = []
+        for _ in range(n):
+            source = sample_scene(rng)
+            instruction, _, target = lang.sample_edit(rng, source)
+            drafts.append((source, instruction, target, rng.random() < 0.25))
+        images = [render(s) for s, _, _, _ in drafts] + [render(t) for _, _, t, _ in drafts]
+        codes = self.encode(images)
+        out = []
+        for i, (source, instruction, target, with_plan) in enumerate(drafts):
+            out.append(build_edit(
+                self.tok, self.cfg, instruction, images[i], codes[i], codes=codes[n + i],
+                plan=touched_plan(source, target) if with_plan else None, plan_is_target=True,
+            ))  # fmt: skip
+        return out
+
+    def _ground(self, rng, n):
+        out = []
+        for _ in range(n):
+            scene = sample_scene(rng)
+            k = int(rng.integers(1, len(scene.objects) + 1))
+            exprs, boxes = [], []
+            for _ in range(k):
+                text, _, idx = lang.sample_refexp(rng, scene)
+                exprs.append(text)
+                boxes.append(scene.objects[idx].box)
+            out.append(build_ground(self.tok, self.cfg, render(scene), exprs, boxes))
+        return out
+
+    def _understand(self, rng, n):
+        out = []
+        for _ in range(n):
+            scene = sample_scene(rng, n_objects=None)
+            if rng.random() < 0.25:
+                question, ans = "describe the image.", lang.caption(scene)
+            else:
+                question, _, ans = lang.sample_question(rng, scene)
+            out.append(build_understand(self.tok, self.cfg, render(scene), question, ans))
+        return out
+
+    def _critique(self, rng, n):
+        out = []
+        for _ in range(n):
+            prompt, scene, verdict = lang.sample_critique(rng)
+            out.append(build_critique(self.tok, self.cfg, render(scene), prompt, verdict))
+        return out
+
+
+def corpus_for_tokenizer(n: int = 3000, seed: int = 12345) -> list[str]:
+    """Sample texts of every grammar so the tokenizer knows every word they use."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(n):
+        text, spec = lang.sample_prompt(rng)
+        scene = lang.scene_for_prompt(rng, spec)
+        texts += [text, lang.caption(scene), lang.sample_edit(rng, scene)[0]]
+        texts += [lang.sample_refexp(rng, scene)[0], *lang.sample_question(rng, scene)[::2]]
+        texts.append(lang.sample_critique(rng)[2])
+    from lavida_agent import prompts
+
+    texts += [prompts.load(name) for name in prompts.names()]
+    return texts
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _mask_draw(rng: np.random.Generator, n: int, eps: float = 1e-3) -> np.ndarray:
+    """Which of `n` positions to mask: t = cos(pi u / 2), at least one (FACTS §3.1)."""
+    t = math.cos(math.pi * rng.random() / 2)
+    p = (1 - eps) * t + eps
+    r = rng.random(n)
+    return r <= max(p, r.min())
+
+
+def add_noise(ex: Example, rng: np.random.Generator, config: LavidaConfig) -> tuple[Example, list[np.ndarray]]:
+    """Mask an example for training; returns it (targets = labels) and its image labels."""
+    cfg = config
+    ids = list(ex.input_ids)
+    labels = [-100] * len(ids)
+    codes, is_target = list(ex.gen_codes), list(ex.gen_is_target)
+    makes_image = any(is_target)
+
+    # Text answer: independent ratio. Plan+image rows keep the plan clean 80% of the time.
+    targets = ex.target_positions()
+    if targets and not (makes_image and rng.random() < PLAN_CLEAN):
+        for pos, m in zip(targets, _mask_draw(rng, len(targets))):
+            if m:
+                labels[pos] = ids[pos]
+                ids[pos] = cfg.mask_token_id
+
+    # Target image: its own independent ratio over the VQ grid.
+    image_labels = []
+    for k, tgt in enumerate(is_target):
+        if not tgt:
+            continue
+        c = codes[k].copy()
+        m = _mask_draw(rng, c.size).reshape(c.shape)
+        image_labels.append(np.where(m, c, -100))
+        c[m] = cfg.image_mask_code
+        codes[k] = c
+
+    noisy = Example(ids, list(ex.segment_ids), labels, codes, is_target, list(ex.images), ex.task, ex.loc_only)
+    # Condition dropout for classifier-free guidance (FACTS §3.4); the source's codes
+    # are dropped on their own draw, not with the prompt.
+    if makes_image:
+        drop_prompt, drop_source = rng.random() < PROMPT_DROP, rng.random() < SOURCE_DROP
+        if drop_prompt or drop_source:
+            noisy = drop_conditions(noisy, cfg, prompt=drop_prompt, source=drop_source)
+    return noisy, image_labels
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rows_for(task: str, tc: TrainConfig, cfg: LavidaConfig) -> int:
+    """Rows per batch so that every task costs about `tokens_per_batch` positions."""
+    P, T = cfg.positions_per_image, cfg.vision_tokens_per_image
+    approx_len = {
+        "t2i": 20 + P, "t2i_plan": 20 + 48 + P, "plan": 20 + 48, "edit": T + P + 16 + P,
+        "ground": T + 40, "understand": T + 14 + 28, "critique": T + 20 + 16,
+    }[task]  # fmt: skip
+    return max(4, min(tc.max_rows, tc.tokens_per_batch // approx_len))
+
+
+def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int, cfg):
+    examples = sampler.examples(task, rng, n)
+    noisy, image_labels = [], []
+    for ex in examples:
+        e, il = add_noise(ex, rng, cfg)
+        noisy.append(e)
+        image_labels += il
+    batch = pack(noisy, cfg)
+    image_labels = torch.from_numpy(np.stack(image_labels)).long() if image_labels else None
+    return batch, image_labels
+
+
+def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) -> dict:
+    """Train (or resume) a model; writes checkpoints, `metrics.jsonl` and a final export."""
+    from tqdm import tqdm
+
+    from .modeling_vq import VQImageTokenizer
+
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
+
+    vq = VQImageTokenizer.from_pretrained(tc.vq).to(device).eval()
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = build_tokenizer(corpus_for_tokenizer())
+        tokenizer.save_pretrained(tok_dir)
+    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **token_ids(tokenizer),
+                          "codebook_size": vq.num_vq_embeddings})  # fmt: skip
+    torch.manual_seed(tc.seed)
+    model = LavidaForMaskedDiffusion(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    step = 0
+    ckpt = out / "state.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        logger.info("resumed from %s at step %d", ckpt, step)
+    (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
+
+    sampler = TaskSampler(tokenizer, cfg, vq)
+    tasks = list(tc.task_weights)
+    weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
+    weights /= weights.sum()
+    log = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    t0 = time.time()
+    while step < tc.steps:
+        rng = np.random.default_rng([tc.seed, step])
+        task = tasks[int(rng.choice(len(tasks), p=weights))]
+        batch, image_labels = make_batch(sampler, task, rng, rows_for(task, tc, cfg), cfg)
+        batch = batch.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        with autocast:
+            outp = model(**batch.model_inputs(), labels=batch.text_targets,
+                         image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        outp.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        window.setdefault(task, []).append(float(outp.loss))
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.steps:
+            rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),
+                   "elapsed_s": round(time.time() - t0, 1),
+                   **{f"loss/{k}": float(np.mean(v)) for k, v in window.items()}}  # fmt: skip
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{np.mean(v):.3f}" for k, v in window.items()})
+            window = {}
+        if step % tc.eval_every == 0 or step == tc.steps:
+            ev = evaluate_loss(model, sampler, tasks, cfg, device)
+            log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
+            log.flush()
+            model.train()
+        if step % tc.save_every == 0 or step == tc.steps:
+            _save_state(ckpt, model, opt, step)
+    bar.close()
+    export = out / "export"
+    model.eval()
+    model.save_pretrained(export / "transformer")
+    tokenizer.save_pretrained(export / "tokenizer")
+    return {"step": step, "export": str(export)}
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+    """The special-token ids a `LavidaConfig` stores, read from the tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        img_gen_token_id=ids("<img_gen>"), img_src_token_id=ids("<img_src>"),
+        img_enc_token_id=ids("<img_enc>"), loc_token_offset=ids("<LOC_0>"),
+    )  # fmt: skip
+
+
+def _save_state(path: Path, model, opt, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate_loss(model, sampler: TaskSampler, tasks: list[str], cfg, device, rows: int = 16) -> dict:
+    """Loss per task on fixed held-out draws (seeded apart from training)."""
+    model.eval()
+    result = {}
+    for i, task in enumerate(tasks):
+        rng = np.random.default_rng([987654321, i])
+        batch, image_labels = make_batch(sampler, task, rng, rows, cfg)
+        batch = batch.to(device)
+        outp = model(**batch.model_inputs(), labels=batch.text_targets,
+                     image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
+        result[task] = round(float(outp.loss), 4)
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.type in ("int", "float", "str"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
+    parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    kw = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    tc = TrainConfig(**kw, model_overrides=args.model)
+    print(json.dumps(train(tc, progress=not args.quiet)))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

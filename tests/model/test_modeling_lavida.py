@@ -1,0 +1,161 @@
+"""Elastic-MoT model: shapes, routing, modality isolation, elastic and cached paths, loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
+from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters
+from lavida_agent.model.tasks import build_edit, build_t2i, pack
+from lavida_agent.model.training import TASK_WEIGHTS, TaskSampler, make_batch
+
+# Elastic and cached paths compute the same sums in a different grouping: equal to
+# float32 rounding. Measured max abs difference is 0 on CPU; allow 1e-5.
+ATOL = 1e-5
+
+
+def t2i_batch(config, n=2, text_len=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = config.positions_per_image
+    text = torch.randint(config.loc_token_offset + 65, config.vocab_size, (n, text_len), generator=g)
+    ids = torch.cat([text, torch.full((n, P), config.img_gen_token_id)], 1)
+    seg = torch.cat([torch.zeros(n, text_len, dtype=torch.long), torch.ones(n, P, dtype=torch.long)], 1)
+    G = config.image_grid
+    codes = torch.randint(0, config.codebook_size + 1, (n, G, G), generator=g)
+    return ids, seg, codes
+
+
+@pytest.mark.parametrize("task", list(TASK_WEIGHTS))
+def test_every_task_builds_and_trains(task, tokenizer, tiny_config, tiny_vq, tiny_model):
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq)
+    batch, image_labels = make_batch(sampler, task, np.random.default_rng(0), 3, tiny_config)
+    out = tiny_model(**batch.model_inputs(), labels=batch.text_targets, image_labels=image_labels)
+    B, L = batch.input_ids.shape
+    assert out.text_logits.shape == (B, L, tiny_config.vocab_size)
+    if task in ("t2i", "t2i_plan", "edit"):
+        assert out.image_logits.shape == (3, 16, 16, tiny_config.codebook_size)
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_elastic_activation_equals_full_computation(tiny_model):
+    ids, seg, codes = t2i_batch(tiny_model.config)
+    with torch.no_grad():
+        full = tiny_model(ids, gen_codes=codes, segment_ids=seg).image_logits
+        elastic = tiny_model(ids, gen_codes=codes, segment_ids=seg, elastic=True).image_logits
+    torch.testing.assert_close(elastic, full, atol=ATOL, rtol=0)
+
+
+def test_condition_cache_equals_full_computation(tiny_model):
+    ids, seg, codes = t2i_batch(tiny_model.config)
+    T = 9
+    with torch.no_grad():
+        full = tiny_model(ids, gen_codes=codes, segment_ids=seg).image_logits
+        cache = tiny_model(ids[:, :T], segment_ids=seg[:, :T], use_cache=True, elastic=True).cache
+        cached = tiny_model(ids[:, T:], gen_codes=codes, segment_ids=seg[:, T:],
+                            condition_cache=cache, elastic=True).image_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+
+
+def test_cached_edit_with_source_codes_equals_full(tokenizer, tiny_config, tiny_model, scene_image):
+    src = np.random.default_rng(0).integers(0, 32, (16, 16))
+    exs = [build_edit(tokenizer, tiny_config, "remove the red circle", scene_image, src, codes=src)]
+    b = pack(exs, tiny_config, pad_left=True)
+    P = tiny_config.positions_per_image
+    c = b.input_ids.shape[1] - P
+    with torch.no_grad():
+        full = tiny_model(**b.model_inputs()).image_logits
+        cache = tiny_model(b.input_ids[:, :c], gen_codes=b.gen_codes[:1], pixel_values=b.pixel_values,
+                           segment_ids=b.segment_ids[:, :c], use_cache=True, elastic=True).cache  # fmt: skip
+        cached = tiny_model(b.input_ids[:, c:], gen_codes=b.gen_codes[1:], segment_ids=b.segment_ids[:, c:],
+                            condition_cache=cache, elastic=True).image_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+
+
+def test_text_reaches_images_only_through_joint_layers(tiny_config):
+    """With no joint layer, text cannot influence image logits at all; with one it does."""
+    ids, seg, codes = t2i_batch(tiny_config)
+    other = ids.clone()
+    other[:, 0] = (other[:, 0] + 1) % tiny_config.vocab_size
+    for joint, expect_change in ((0, False), (1, True)):
+        torch.manual_seed(0)
+        cfg = LavidaConfig(**{**tiny_config.to_dict(), "joint_layers": joint})
+        model = LavidaForMaskedDiffusion(cfg).eval()
+        with torch.no_grad():
+            a = model(ids, gen_codes=codes, segment_ids=seg).image_logits
+            b = model(other, gen_codes=codes, segment_ids=seg).image_logits
+        assert (not torch.equal(a, b)) == expect_change, f"joint_layers={joint}"
+
+
+def test_one_way_attention_keeps_condition_blind_to_targets(tiny_model):
+    """Changing the codes being generated never changes a condition position's output."""
+    ids, seg, codes = t2i_batch(tiny_model.config)
+    other = (codes + 1) % tiny_model.config.codebook_size
+    with torch.no_grad():
+        a = tiny_model(ids, gen_codes=codes, segment_ids=seg).text_logits[:, :9]
+        b = tiny_model(ids, gen_codes=other, segment_ids=seg).text_logits[:, :9]
+        # and the other way: with full attention the condition does see the target
+        cfg = LavidaConfig(**{**tiny_model.config.to_dict(), "attention_mode": "full"})
+        full = LavidaForMaskedDiffusion(cfg).eval()
+        full.load_state_dict(tiny_model.state_dict())
+        c = full(ids, gen_codes=codes, segment_ids=seg).text_logits[:, :9]
+        d = full(ids, gen_codes=other, segment_ids=seg).text_logits[:, :9]
+    assert torch.equal(a, b)
+    assert not torch.equal(c, d)
+
+
+def test_padding_does_not_change_outputs(tokenizer, tiny_config, tiny_model):
+    short = build_t2i(tokenizer, tiny_config, "a red circle")
+    long = build_t2i(tokenizer, tiny_config, "a red circle and a blue square on a white background")
+    with torch.no_grad():
+        alone = tiny_model(**pack([short], tiny_config, pad_left=True).model_inputs()).image_logits
+        batched = tiny_model(**pack([short, long], tiny_config, pad_left=True).model_inputs()).image_logits
+    torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=0)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tiny_model):
+    ids, seg, codes = t2i_batch(tiny_model.config)
+    with pytest.raises(ValueError, match="placeholder positions"):
+        tiny_model(ids, gen_codes=codes[:1], segment_ids=seg)
+
+
+def test_save_and_load_give_identical_outputs(tiny_model, tmp_path):
+    ids, seg, codes = t2i_batch(tiny_model.config)
+    tiny_model.save_pretrained(tmp_path)
+    loaded = LavidaForMaskedDiffusion.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a = tiny_model(ids, gen_codes=codes, segment_ids=seg)
+        b = loaded(ids, gen_codes=codes, segment_ids=seg)
+    assert torch.equal(a.image_logits, b.image_logits)
+    assert torch.equal(a.text_logits, b.text_logits)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=30, num_heads=4), "divisible by num_heads"),
+        (dict(joint_layers=5, num_layers=2), "joint_layers"),
+        (dict(gen_hidden_size=128, hidden_size=64), "gen_hidden_size"),
+        (dict(image_grid=15), "image_grid"),
+        (dict(attention_mode="causal"), "attention_mode"),
+        (dict(mask_token_id=10_000), "mask_token_id"),
+    ],
+)
+def test_config_validation_names_the_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LavidaConfig(**{**PRESETS["tiny"], **overrides})
+
+
+def test_lavida_o_preset_matches_the_released_shapes():
+    """FACTS §2.6: 8.02B und (incl. embeddings/head) and 2.416B gen, built without memory."""
+    with torch.device("meta"):
+        model = LavidaForMaskedDiffusion(LavidaConfig(**PRESETS["lavida-o"]))
+    counts = count_parameters(model)
+    assert abs(counts["und"] / 1e9 - 8.02) < 0.01
+    assert abs(counts["gen"] / 1e9 - 2.416) < 0.01
+    assert next(model.parameters()).device.type == "meta"
