@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"lavida_agent": "lavida_agent", "model": "lavida_agent.model",
+          "benchmarks": "lavida_agent.benchmarks",
           "graphs": "lavida_agent.graphs", "tools": "lavida_agent.tools",
           "prompts": "lavida_agent.prompts"}  # fmt: skip
 
