@@ -80,7 +80,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    tokenizer_corpus: int = 3000  # sampled texts whose words build the tokenizer
     log_every: int = 25
+    eval_rows: int = 16
     eval_every: int = 500
     save_every: int = 250
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
@@ -315,7 +317,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     else:
-        tokenizer = build_tokenizer(corpus_for_tokenizer())
+        tokenizer = build_tokenizer(corpus_for_tokenizer(tc.tokenizer_corpus))
         tokenizer.save_pretrained(tok_dir)
     cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **token_ids(tokenizer),
                           "codebook_size": vq.num_vq_embeddings})  # fmt: skip
@@ -355,7 +357,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        window.setdefault(task, []).append(float(outp.loss))
+        window.setdefault(task, []).append(outp.loss.item())
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),
@@ -365,8 +367,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             log.flush()
             bar.set_postfix({k: f"{np.mean(v):.3f}" for k, v in window.items()})
             window = {}
-        if step % tc.eval_every == 0 or step == tc.steps:
-            ev = evaluate_loss(model, sampler, tasks, cfg, device)
+        if step % tc.eval_every == 0 or (step == tc.steps and tc.steps >= tc.eval_every):
+            ev = evaluate_loss(model, sampler, tasks, cfg, device, rows=tc.eval_rows)
             log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
             log.flush()
             model.train()

@@ -1,0 +1,97 @@
+"""LavidaPipeline with dummy components: every task, seeds, callbacks, interrupt, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted
+from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text
+
+
+def test_generate_shapes_and_seed_replay(pipe):
+    a = pipe.generate(["a red circle", "two blue squares"], seed=[1, 2], num_steps=4)
+    b = pipe.generate(["a red circle", "two blue squares"], seed=[1, 2], num_steps=4)
+    c = pipe.generate(["a red circle"], seed=1, num_steps=4)
+    assert [im.shape for im in a.images] == [(64, 64, 3)] * 2
+    assert a.images[0].dtype == np.uint8
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.codes[0], c.codes[0])  # a request's result does not depend on its batch
+    assert a.seeds == [1, 2]
+
+
+def test_callback_fires_once_per_step_with_previews(pipe):
+    events = []
+    pipe.generate(["a red circle"], seed=0, num_steps=6, preview_every=3, callback=events.append)
+    assert [e.step for e in events] == list(range(1, 7))
+    assert all(e.total == 6 for e in events)
+    with_preview = [e.step for e in events if e.previews is not None]
+    assert with_preview == [3, 6]
+    assert events[2].previews[0].shape == (64, 64, 3)
+
+
+def test_interrupt_stops_the_loop(pipe):
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    before = pipe.forward_count
+    with pytest.raises(PipelineInterrupted, match="step 2"):
+        pipe.generate(["a red circle"], seed=0, num_steps=8, interrupt=stop_after_two)
+    assert pipe.forward_count - before == 1 + 2  # condition pass + two steps
+
+
+def test_grounding_uses_one_forward_for_any_number_of_expressions(pipe, scene_image):
+    for exprs in (["the red circle"], ["the circle", "the blue square", "the large triangle"]):
+        before = pipe.forward_count
+        out = pipe.ground([scene_image, scene_image], [exprs, exprs[:1]])
+        assert pipe.forward_count - before == 1
+        assert len(out.boxes[0]) == len(exprs) and len(out.boxes[1]) == 1
+
+
+def test_edit_plan_understand_critique_run(pipe, scene_image):
+    e = pipe.edit([scene_image], ["remove the red circle"], seed=0, num_steps=3, image_guidance_scale=1.0)
+    assert e.images[0].shape == (64, 64, 3)
+    p = pipe.plan(["a red circle"], seed=0, num_steps=4)
+    assert isinstance(p.plans[0], list) and isinstance(p.texts[0], str)
+    u = pipe.understand([scene_image], ["how many circles are there?"], num_steps=4)
+    assert isinstance(u.texts[0], str) and "[MASK]" not in u.texts[0]
+    c = pipe.critique([scene_image], ["a red circle"], num_steps=4)
+    assert isinstance(c.ok[0], bool)
+
+
+def test_regenerate_regions_keeps_codes_outside_the_boxes(pipe, scene_image):
+    original = torch.from_numpy(pipe._encode_images([scene_image])[0])
+    out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(0, 0, 16, 16)]], seed=3, num_steps=4)
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[:4, :4] = True
+    assert torch.equal(out.codes[0][~inside], original[~inside])
+
+
+def test_bad_image_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match="letterbox"):
+        pipe.ground([np.zeros((32, 32, 3), np.uint8)], [["the circle"]])
+
+
+def test_save_and_load_roundtrip_is_bit_identical(pipe, tmp_path, scene_image):
+    pipe.save_pretrained(tmp_path, dtype=torch.float32)
+    loaded = LavidaPipeline.from_pretrained(tmp_path)
+    a = pipe.generate(["a red circle"], seed=4, num_steps=3)
+    b = loaded.generate(["a red circle"], seed=4, num_steps=3)
+    assert torch.equal(a.codes, b.codes)
+    assert pipe.ground([scene_image], [["the circle"]]).boxes == loaded.ground([scene_image], [["the circle"]]).boxes
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline_index.json"):
+        LavidaPipeline.from_pretrained(tmp_path)
+
+
+def test_plan_text_roundtrip():
+    items = [("small red circle", (4, 8, 16, 20)), ("large blue square", (30, 30, 52, 52))]
+    assert parse_plan(plan_text(items)) == items
+    assert parse_boxes(plan_text(items)) == [b for _, b in items]
+    assert parse_plan("<box_p> red circle </box_p> <LOC_BEGIN> <LOC_3> <LOC_END> garbage") == []
