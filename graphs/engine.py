@@ -7,8 +7,9 @@ pixels (64 x 64 for the embedded model; x right, y down, x1/y1 exclusive).
 
 Contents:
 - `PlanItem`, `StepEvent`, `CritiqueResult`, `EditPlanResult`: plain, torch-free result types.
-- `Engine`: the protocol (the real `PipelineEngine` and `tests/fakes.FakeEngine` satisfy it
-  structurally; `BatchingEngine` in `runtime.py` implements it over a batched backend).
+- `Engine`: the protocol (`tests/fakes.FakeEngine` satisfies it structurally;
+  `BatchingEngine` in `runtime.py` implements it over a batched backend, e.g. the real
+  model's `PipelineBackend` in `pipeline_backend.py`).
 - `load_engine()`: the one lazy reference to `lavida_agent.model`, used when a graph runs
   without an engine in its context (e.g. under `langgraph dev`).
 """
@@ -187,24 +188,40 @@ def as_plan_items(items: Sequence[PlanItem] | None) -> list[PlanItem] | None:
 def load_engine(model_path: str | None = None) -> Engine:
     """Load the real engine, once per `model_path` (lazily: torch is imported here only).
 
+    Builds `BatchingEngine(PipelineBackend(LavidaPipeline.from_pretrained(model_path)))`:
+    one worker thread owns the pipeline and batches concurrent graph runs. A successful load
+    is cached (per `model_path`); a failed one is not, so a later call retries.
+
     Args:
         model_path: a pipeline folder; `None` means the embedded default checkpoint.
 
     Returns:
-        An `Engine` backed by `lavida_agent.model.engine.PipelineEngine`.
+        A `BatchingEngine` over the pipeline.
 
     Raises:
-        EngineUnavailableError: the model package is missing or failed to load.
+        EngineUnavailableError: the model package is missing or the weights failed to load
+            (e.g. the embedded weights are not there yet).
     """
+    hint = "Pass `context=Context(engine=...)` when invoking the graph."
     try:
-        module = importlib.import_module("lavida_agent.model.engine")
-        pipeline_engine = module.PipelineEngine
+        module = importlib.import_module("lavida_agent.model.pipeline_lavida")
+        pipeline_cls = module.LavidaPipeline
     except (ImportError, AttributeError) as e:
         raise EngineUnavailableError(
             "no engine in the graph context and the model package cannot provide one "
-            f"(import of lavida_agent.model.engine.PipelineEngine failed: {e}). Pass "
-            "`context=Context(engine=...)` when invoking the graph."
+            f"(import of lavida_agent.model.pipeline_lavida.LavidaPipeline failed: {e}). {hint}"
         ) from e
-    logger.info("loading engine from %s", model_path or "the embedded checkpoint")
-    engine: Engine = pipeline_engine.from_pretrained(model_path)
-    return engine
+    where = model_path or "the embedded checkpoint"
+    logger.info("loading engine from %s", where)
+    try:
+        pipeline = pipeline_cls.from_pretrained(model_path)
+    except Exception as e:  # missing folder, missing/corrupt weights, config mismatch
+        raise EngineUnavailableError(
+            f"no engine in the graph context and the model could not be loaded from {where}: "
+            f"{type(e).__name__}: {e}. {hint}"
+        ) from e
+    # Local imports: runtime.py imports this module.
+    from lavida_agent.graphs.pipeline_backend import PipelineBackend
+    from lavida_agent.graphs.runtime import BatchingEngine
+
+    return BatchingEngine(PipelineBackend(pipeline))

@@ -308,3 +308,38 @@ class FakeBatchedBackend:
         return [self.engine.edit(r.image, r.instruction, plan=r.plan, seed=r.seed,
                                  num_steps=r.num_steps, on_step=r.on_step)
                 for r in requests]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# A tiny random `LavidaPipeline` (torch imported lazily: importing this module stays light)
+# ----------------------------------------------------------------------------------------
+
+TINY_VQ = dict(hidden_channels=16, num_vq_embeddings=32, latent_channels=8, num_res_blocks=0,
+               norm_num_groups=4)  # fmt: skip
+"""The VQ config of the model tests (`tests/model/conftest.py`)."""
+
+
+def tiny_pipeline(seed: int = 0, corpus: Sequence[str] = ()) -> object:
+    """A seeded, randomly initialised `LavidaPipeline` small enough for CPU tests.
+
+    Built as `tests/model/conftest.py` builds its components: the project's tokenizer (plus
+    the words of `corpus`), a tiny VQ (`TINY_VQ`, codebook 32) and the `tiny` preset. Its
+    outputs are noise, but every shape, seed and callback behaves as with real weights.
+    Two calls with the same arguments give identical pipelines.
+    """
+    import torch
+
+    from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
+    from lavida_agent.model.configuration_vq import VQConfig
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.modeling_vq import VQImageTokenizer
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+    from lavida_agent.model.tokenization_lavida import build_tokenizer
+    from lavida_agent.model.training import token_ids
+
+    tok = build_tokenizer(["move the red circle to the top left .", "objects : 3 ;", *corpus])
+    config = LavidaConfig(**{**PRESETS["tiny"], **token_ids(tok), "codebook_size": 32})
+    vq = VQImageTokenizer(VQConfig(**TINY_VQ), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    model = LavidaForMaskedDiffusion(config)
+    return LavidaPipeline(model.eval(), vq.eval(), tok)

@@ -1,0 +1,666 @@
+"""`PipelineBackend`: the batched backend of `runtime.py` over a real `LavidaPipeline`.
+
+    engine = BatchingEngine(PipelineBackend(LavidaPipeline.from_pretrained(path)))
+
+Each backend method turns one batch of requests into **one** batched pipeline call (plus, for
+`plan_edit`, one `understand` and one `ground` call), every row sampled from its own generator
+seeded with `request.seed` (the pipeline builds one `torch.Generator` per seed), so a row's
+result does not depend on what it was batched with. Rows with and without a plan go into the
+same call: the pipeline packs rows left-padded, and a mixed batch gives exactly the images of
+separate calls (tested), so splitting it would only cost forwards.
+
+The pipeline is passed in and duck-typed: this module never imports torch (or
+`lavida_agent.model`), so `lavida_agent.graphs` stays importable without them.
+
+Conversions to the graph types (`engine.py`):
+
+- plans: `(label, (x0, y0, x1, y1))` tuples <-> `PlanItem` dicts with float boxes; an empty
+  plan is sent as "no plan" (it carries no layout);
+- grounding: one `[x0, y0, x1, y1]` float box per expression, `[0, 0, 0, 0]` when the model's
+  box is degenerate (`None`);
+- critique: `CritiqueOutput` row -> `CritiqueResult(ok, reasons, text)`;
+- step callbacks: each `StepInfo` becomes one `StepEvent` per row that has an `on_step`, with
+  that row's preview (decoded every `preview_every` steps and at the last step).
+
+`plan_edit` uses the model only (never the classical detector); see `PipelineBackend.plan_edit`.
+Images must be `(S, S, 3)` `uint8` with `S = pipeline.config.image_size` (64 for the embedded
+model); a row with another shape fails alone with a `ValueError` (letterbox images first,
+`lavida_agent.tools.images.letterbox`), the rest of its batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lavida_agent.graphs.engine import (
+    BoxList,
+    CritiqueResult,
+    EditPlanResult,
+    PlanItem,
+    StepCallback,
+    StepEvent,
+)
+from lavida_agent.graphs.runtime import (
+    AnswerRequest,
+    CritiqueRequest,
+    EditRequest,
+    GenerateRequest,
+    GroundRequest,
+    PlanEditRequest,
+    PlanLayoutRequest,
+    RegenerateRegionsRequest,
+)
+from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.scene import (
+    BACKGROUNDS,
+    CANVAS,
+    COLORS,
+    MARGIN,
+    MIN_GAP,
+    SHAPES,
+    SIZES,
+    region_box,
+    size_class,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ("Caption", "PipelineBackend", "parse_caption")
+
+DESCRIBE = "describe the image."
+"""The caption question of SHAPES_WORLD.md; its answer lists every object of the image."""
+
+NOT_FOUND: BoxList = [0.0, 0.0, 0.0, 0.0]
+
+IntBox = tuple[int, int, int, int]
+ModelPlan = list[tuple[str, IntBox]]
+"""A plan as the pipeline takes it: `(label, (x0, y0, x1, y1))` in integer pixels."""
+
+# Sides (in 64-px canvas units) of boxes this module plans for objects it has not seen: the
+# middle of each size class of SHAPES_WORLD.md (small 10-14, large 18-24).
+_PLANNED_SIDE = {"small": 12, "large": 21}
+
+
+# ----------------------------------------------------------------------------------------
+# Captions (the `describe the image.` answer)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A parsed canonical caption.
+
+    Attributes:
+        objects: the captioned objects, in caption order (left to right); items that do not
+            fit the grammar are left out.
+        background: the background word, or None when the caption does not name a known one.
+    """
+
+    objects: tuple[lang.Noun, ...]
+    background: str | None
+
+
+_CAPTION_RE = re.compile(r"^(?P<body>.*?)\s*\bon an? (?P<bg>\w+) background$")
+
+
+def parse_caption(text: str) -> Caption:
+    """Parse `a small red circle, a large blue square and ... on a white background`.
+
+    Tolerant by design (the text comes from a model): case, spacing, a final `.` and the
+    order of size and colour words are forgiven; an object phrase that is not
+    `a|an {size?} {color?} {shape}` is skipped, not an error. `nothing on a ... background`
+    (an empty scene) gives no objects.
+    """
+    t = " ".join(text.lower().replace(",", " , ").split())
+    t = re.sub(r"[\s.!?]+$", "", t)
+    m = _CAPTION_RE.match(t)
+    body, bg = (m["body"], m["bg"]) if m else (t, None)
+    objects: list[lang.Noun] = []
+    if body and body != "nothing":
+        for part in re.split(r"\s*,\s*|\s+and\s+", body):
+            noun = _caption_noun(part)
+            if noun is None:
+                logger.debug("caption: skipping %r (not `a {size} {color} {shape}`)", part)
+            else:
+                objects.append(noun)
+    return Caption(tuple(objects), bg if bg in BACKGROUNDS else None)
+
+
+def _caption_noun(part: str) -> lang.Noun | None:
+    words = part.split()
+    if words and words[0] in ("a", "an"):
+        words = words[1:]
+    if not words or words[-1] not in SHAPES:
+        return None
+    size = color = None
+    for w in words[:-1]:
+        if w in SIZES and size is None:
+            size = w
+        elif w in COLORS and color is None:
+            color = w
+        else:
+            return None
+    return lang.Noun(words[-1], color, size)
+
+
+# ----------------------------------------------------------------------------------------
+# Small conversions
+# ----------------------------------------------------------------------------------------
+
+
+def _to_plan_items(plan: Sequence[tuple[str, Sequence[int]]]) -> list[PlanItem]:
+    return [{"label": str(label), "box": [float(v) for v in box]} for label, box in plan]
+
+
+def _int_box(box: Sequence[float], canvas: int) -> IntBox:
+    """Round to integer pixels, clipped to the canvas."""
+    x0, y0, x1, y1 = (min(canvas, max(0, int(round(float(v))))) for v in box)
+    return (x0, y0, x1, y1)
+
+
+def _cover_box(box: Sequence[float], canvas: int) -> IntBox:
+    """The integer box covering `box` (floor the start, ceil the end), clipped."""
+    x0, y0 = (min(canvas, max(0, math.floor(float(v)))) for v in box[:2])
+    x1, y1 = (min(canvas, max(0, math.ceil(float(v)))) for v in box[2:])
+    return (x0, y0, x1, y1)
+
+
+def _to_model_plan(plan: Sequence[PlanItem] | None, canvas: int) -> ModelPlan | None:
+    """Graph plan -> pipeline plan; an empty plan says nothing, so it is sent as None."""
+    if not plan:
+        return None
+    return [(str(i["label"]), _int_box(i["box"], canvas)) for i in plan]
+
+
+def _box_list(box: Sequence[int] | None) -> BoxList:
+    return list(NOT_FOUND) if box is None else [float(v) for v in box]
+
+
+def _refexp(noun: lang.Noun) -> str:
+    """The referring expression for a noun, in the forms grounding was trained on."""
+    if noun.color is not None:
+        return f"the {noun.color} {noun.shape}"
+    if noun.size is not None:
+        return f"the {noun.size} {noun.shape}"
+    return f"the {noun.shape}"
+
+
+def _side(box: Sequence[float]) -> float:
+    return max(float(box[2]) - float(box[0]), float(box[3]) - float(box[1]))
+
+
+def _centre(box: Sequence[float]) -> tuple[float, float]:
+    return ((float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2)
+
+
+def _box_at(cx: float, cy: float, w: float, h: float, canvas: int) -> BoxList:
+    """A `w x h` box centred at `(cx, cy)`, shifted to lie inside the canvas margin."""
+    m = MARGIN * canvas / CANVAS
+    x0 = min(max(cx - w / 2, m), canvas - m - w)
+    y0 = min(max(cy - h / 2, m), canvas - m - h)
+    return [float(round(x0)), float(round(y0)), float(round(x0 + w)), float(round(y0 + h))]
+
+
+# ----------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _EditDraft:
+    """One `plan_edit` row between its model calls."""
+
+    spec: lang.EditSpec
+    referred: str | None = None  # expression of the edited object (or the add anchor)
+    caption: Caption | None = None
+    keep_exprs: tuple[str, ...] = ()
+    boxes: dict[str, BoxList | None] | None = None
+
+
+class PipelineBackend:
+    """The `BatchedBackend` of `runtime.py` over a `LavidaPipeline` (duck-typed).
+
+    Args:
+        pipeline: a `LavidaPipeline` (or anything with its batched methods and `config`).
+        preview_every: decode a preview for `on_step` every k sampler steps (and at the last
+            one); 0 never decodes. Previews cost one VQ decode of the batch, and only batches
+            with at least one `on_step` pay it. The graphs then keep the previews on their own
+            `Context.preview_every` cadence.
+        plan_steps: text-decoding steps of `plan_layout` (None: the pipeline default).
+        text_steps: text-decoding steps of answers, captions and critiques (None: default).
+        use_edit_plans: condition `edit` on the edit plan (see `edit`); False edits from the
+            instruction alone.
+        interrupt: passed to every pipeline call; returning True stops the running batch
+            (every row of it fails with the pipeline's `PipelineInterrupted`).
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        preview_every: int = 1,
+        plan_steps: int | None = None,
+        text_steps: int | None = None,
+        use_edit_plans: bool = True,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> None:
+        if preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0, got {preview_every}")
+        self.pipeline = pipeline
+        self.preview_every = preview_every
+        self.plan_steps = plan_steps
+        self.text_steps = text_steps
+        self.use_edit_plans = use_edit_plans
+        self.interrupt = interrupt
+
+    @property
+    def canvas(self) -> int:
+        """Side of the model's square images in pixels."""
+        return int(self.pipeline.config.image_size)
+
+    # -- shared helpers -------------------------------------------------------------------
+
+    def _image_error(self, image: Any) -> ValueError | None:
+        arr = np.asarray(image)
+        if arr.shape == (self.canvas, self.canvas, 3) and arr.dtype == np.uint8:
+            return None
+        return ValueError(
+            f"expected a uint8 ({self.canvas}, {self.canvas}, 3) image, got {arr.dtype} "
+            f"{arr.shape}; letterbox other images first (lavida_agent.tools.images.letterbox)"
+        )
+
+    def _valid_rows(self, images: Sequence[Any]) -> tuple[list[Any], list[int]]:
+        """Per-row results pre-filled with image errors, and the indices of good rows."""
+        results: list[Any] = [None] * len(images)
+        good = []
+        for i, image in enumerate(images):
+            err = self._image_error(image)
+            if err is None:
+                good.append(i)
+            else:
+                results[i] = err
+        return results, good
+
+    def _callback(
+        self, sinks: Sequence[StepCallback | None]
+    ) -> tuple[Callable[[Any], None] | None, int]:
+        """The pipeline `callback` fanning `StepInfo` out to each row's `on_step`."""
+        if not any(s is not None for s in sinks):
+            return None, 0  # nobody listens: no callback, no preview decoding
+
+        def callback(info: Any) -> None:
+            previews = info.previews
+            for i, sink in enumerate(sinks):
+                if sink is None:
+                    continue
+                preview = None if previews is None else np.asarray(previews[i], dtype=np.uint8)
+                try:
+                    sink(StepEvent(step=int(info.step), total=int(info.total), preview=preview))
+                except Exception:  # one listener must not fail the batch
+                    logger.exception("on_step callback of row %d failed", i)
+
+        return callback, self.preview_every
+
+    @staticmethod
+    def _images(out: Any) -> list[np.ndarray]:
+        return [np.ascontiguousarray(im, dtype=np.uint8) for im in out.images]
+
+    # -- BatchedBackend -------------------------------------------------------------------
+
+    def plan_layout(self, requests: Sequence[PlanLayoutRequest]) -> list[Any]:
+        """One `pipeline.plan` call; each plan as `PlanItem` dicts."""
+        if not requests:
+            return []
+        out = self.pipeline.plan([r.prompt for r in requests], seed=[r.seed for r in requests],
+                                 num_steps=self.plan_steps, interrupt=self.interrupt)  # fmt: skip
+        return [_to_plan_items(p) for p in out.plans]
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Any]:
+        """One `pipeline.generate` call for the batch (all rows share `num_steps`).
+
+        `feedback` is **not** a model input: the embedded model was never trained with
+        critique feedback in its sequence, so it is ignored here (the graph still records it
+        in the attempt). A refine round differs from the first one through its new seed, or
+        through region re-masking (`regenerate_regions`).
+        """
+        if not requests:
+            return []
+        canvas = self.canvas
+        callback, preview_every = self._callback([r.on_step for r in requests])
+        out = self.pipeline.generate(
+            [r.prompt for r in requests],
+            plans=[_to_model_plan(r.plan, canvas) for r in requests],
+            seed=[r.seed for r in requests], num_steps=requests[0].num_steps,
+            callback=callback, preview_every=preview_every, interrupt=self.interrupt,
+        )  # fmt: skip
+        return list(self._images(out))
+
+    def regenerate_regions(self, requests: Sequence[RegenerateRegionsRequest]) -> list[Any]:
+        """One `pipeline.regenerate_regions` call: re-mask each row's boxes, denoise them.
+
+        Boxes are widened to whole pixels (floor/ceil) so the re-masked codes cover them.
+        """
+        results, good = self._valid_rows([r.image for r in requests])
+        if not good:
+            return results
+        rows = [requests[i] for i in good]
+        canvas = self.canvas
+        callback, preview_every = self._callback([r.on_step for r in rows])
+        out = self.pipeline.regenerate_regions(
+            [np.asarray(r.image) for r in rows], [r.prompt for r in rows],
+            [[_cover_box(b, canvas) for b in r.boxes] for r in rows],
+            plans=[_to_model_plan(r.plan, canvas) for r in rows],
+            seed=[r.seed for r in rows], num_steps=rows[0].num_steps,
+            callback=callback, preview_every=preview_every, interrupt=self.interrupt,
+        )  # fmt: skip
+        for i, image in zip(good, self._images(out), strict=True):
+            results[i] = image
+        return results
+
+    def critique(self, requests: Sequence[CritiqueRequest]) -> list[Any]:
+        """One `pipeline.critique` call; each row as a `CritiqueResult`."""
+        results, good = self._valid_rows([r.image for r in requests])
+        if not good:
+            return results
+        rows = [requests[i] for i in good]
+        out = self.pipeline.critique([np.asarray(r.image) for r in rows],
+                                     [r.prompt for r in rows], num_steps=self.text_steps,
+                                     seed=[0] * len(rows), interrupt=self.interrupt)  # fmt: skip
+        for k, i in enumerate(good):
+            reasons = [str(s) for s in out.reasons[k]]
+            results[i] = CritiqueResult(ok=bool(out.ok[k]), reasons=reasons, text=str(out.texts[k]))
+        return results
+
+    def ground(self, requests: Sequence[GroundRequest]) -> list[Any]:
+        """One `pipeline.ground` call (one model forward) for every row with expressions."""
+        results, good = self._valid_rows([r.image for r in requests])
+        for i in list(good):
+            if not requests[i].expressions:
+                results[i] = []
+                good.remove(i)
+        if good:
+            found = self._ground([requests[i].image for i in good],
+                                 [list(requests[i].expressions) for i in good])  # fmt: skip
+            for i, boxes in zip(good, found, strict=True):
+                results[i] = [_box_list(b) for b in boxes]
+        return results
+
+    def _ground(self, images: Sequence[Any], expressions: Sequence[list[str]]) -> list[list[Any]]:
+        out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions))
+        return [list(row) for row in out.boxes]
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[Any]:
+        """One `pipeline.understand` call; the answer text per row."""
+        results, good = self._valid_rows([r.image for r in requests])
+        if good:
+            texts = self._understand([requests[i].image for i in good],
+                                     [requests[i].question for i in good])  # fmt: skip
+            for i, text in zip(good, texts, strict=True):
+                results[i] = text
+        return results
+
+    def _understand(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
+        out = self.pipeline.understand([np.asarray(im) for im in images], list(questions),
+                                       num_steps=self.text_steps, seed=[0] * len(images),
+                                       interrupt=self.interrupt)  # fmt: skip
+        return [str(t) for t in out.texts]
+
+    def edit(self, requests: Sequence[EditRequest]) -> list[Any]:
+        """One `pipeline.edit` call, each row conditioned on its edit plan.
+
+        The plan is given to the model in the format its edit plans were trained on
+        (`model/training.py:touched_plan`): every object of `plan.layout` with a
+        `{size} {color} {shape}` label at its planned box, then `("removed", box)` at the
+        source box of the object the instruction names (recolor, remove, move, resize,
+        replace), which by this module's convention is `plan.target_boxes[0]`. Add and
+        background edits remove nothing; an empty plan (or an instruction outside the
+        ShapesWorld grammar with no layout) is sent as no plan.
+        """
+        results, good = self._valid_rows([r.image for r in requests])
+        if not good:
+            return results
+        rows = [requests[i] for i in good]
+        callback, preview_every = self._callback([r.on_step for r in rows])
+        plans = [self._model_edit_plan(r.instruction, r.plan) if self.use_edit_plans else None
+                 for r in rows]  # fmt: skip
+        out = self.pipeline.edit(
+            [np.asarray(r.image) for r in rows], [r.instruction for r in rows], plans=plans,
+            seed=[r.seed for r in rows], num_steps=rows[0].num_steps, callback=callback,
+            preview_every=preview_every, interrupt=self.interrupt,
+        )  # fmt: skip
+        for i, image in zip(good, self._images(out), strict=True):
+            results[i] = image
+        return results
+
+    def _model_edit_plan(self, instruction: str, plan: EditPlanResult | None) -> ModelPlan | None:
+        if plan is None:
+            return None
+        canvas = self.canvas
+        layout = sorted(plan.layout, key=lambda i: _centre(i["box"]))  # left to right
+        items = [(self._plan_label(i["label"], i["box"]), _int_box(i["box"], canvas))
+                 for i in layout]  # fmt: skip
+        try:
+            spec: lang.EditSpec | None = lang.parse_edit(instruction)
+        except lang.GrammarError:
+            spec = None
+        if spec is not None and spec.target is not None and plan.target_boxes:
+            items.append(("removed", _int_box(plan.target_boxes[0], canvas)))
+        return items[:4] or None  # training plans hold at most 4 items
+
+    def _plan_label(self, label: str, box: Sequence[float]) -> str:
+        """`the red circle` at a 12-px box -> `small red circle` (the plan label format)."""
+        try:
+            ref = lang.parse_refexp(label)
+        except lang.GrammarError:
+            return label.removeprefix("the ").strip()
+        size = ref.size or size_class(int(round(_side(box) * CANVAS / self.canvas)))
+        return " ".join(w for w in (size, ref.color, ref.shape) if w)
+
+    # -- plan_edit ------------------------------------------------------------------------
+
+    def plan_edit(self, requests: Sequence[PlanEditRequest]) -> list[Any]:
+        """Plan each edit with the model alone: one caption call and one grounding call.
+
+        Step 1: parse the instruction (`language.parse_edit`, pure text) for the edit's
+        category and the object it names (the add anchor for `add ... left of the X`).
+        Step 2: ask the model `describe the image.` (`understand`, one batched call) and
+        parse its caption: the objects the model sees.
+        Step 3: ground, in one batched call, the named object and every *other* captioned
+        object that a `the {color} {shape}` (else `the {size} {shape}`) expression names
+        uniquely. Objects matching the named noun are never kept (the edit may touch them).
+        Step 4: derive, in canvas pixels:
+
+        - `targets`: the named object's expression (the anchor's for a relative add);
+        - `target_boxes` (regions to redraw; the first is the named object's source box):
+          its grounded box (recolor, remove, replace), plus the resized box (resize), plus
+          the destination cell `scene.region_box` (move); the cell (add at a region), the
+          strip between the anchor and the canvas edge on the named side (relative add);
+          the whole canvas (background);
+        - `layout`: the object expected after the edit, labelled with a referring expression
+          so the graph can verify it by grounding: same box (recolor, replace), same centre
+          with a size-class side (resize), same size centred in the cell (move), a
+          size-class box centred in the cell or just beside the anchor (add); empty for
+          remove and background;
+        - `keep`: the other captioned objects with their grounded boxes, minus any whose
+          expression would name an object of `layout` after the edit (ambiguous then).
+
+        Honest limits: everything rests on the model's caption and grounding; objects the
+        caption misses are not kept, a degenerate grounded box drops a keep item, and when
+        the named object is not grounded the whole canvas becomes the region and `layout` is
+        left empty. Planned boxes are centred guesses (the spec allows anywhere in a cell),
+        so the graph's IoU check on them is approximate. An instruction outside the
+        ShapesWorld grammar gets an empty plan (the model edits from the instruction alone
+        and only its own verdict checks the result).
+        """
+        results, good = self._valid_rows([r.image for r in requests])
+        # Step 1: the instruction's grammar; rows outside it get an empty plan.
+        drafts: dict[int, _EditDraft] = {}
+        for i in good:
+            try:
+                spec = lang.parse_edit(requests[i].instruction)
+            except lang.GrammarError as e:
+                logger.warning("plan_edit: %s; planning nothing for this instruction", e)
+                results[i] = EditPlanResult()
+                continue
+            named = spec.anchor if spec.category == "add" else spec.target
+            drafts[i] = _EditDraft(spec, referred=_refexp(named) if named is not None else None)
+        if not drafts:
+            return results
+        rows = sorted(drafts)
+        # Step 2: one caption call for every row.
+        texts = self._understand([requests[i].image for i in rows], [DESCRIBE] * len(rows))
+        for i, text in zip(rows, texts, strict=True):
+            d = drafts[i]
+            d.caption = parse_caption(text)
+            d.keep_exprs = self._keep_expressions(d.caption, d.spec)
+        # Step 3: one grounding call for the named objects and the keep candidates.
+        exprs = {i: list(dict.fromkeys([*([drafts[i].referred] if drafts[i].referred else []),
+                                        *drafts[i].keep_exprs]))
+                 for i in rows}  # fmt: skip
+        to_ground = [i for i in rows if exprs[i]]
+        found = self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
+        for i, boxes in zip(to_ground, found, strict=True):
+            drafts[i].boxes = {e: (None if b is None else [float(v) for v in b])
+                               for e, b in zip(exprs[i], boxes, strict=True)}  # fmt: skip
+        # Step 4: regions, layout and keep list per row.
+        for i in rows:
+            results[i] = self._edit_plan(drafts[i])
+        return results
+
+    def _keep_expressions(self, caption: Caption, spec: lang.EditSpec) -> tuple[str, ...]:
+        """Unique expressions for the captioned objects the edit does not name."""
+        objs = [o for o in caption.objects if spec.target is None or not _could_be(o, spec.target)]
+        out = []
+        for o in objs:
+            if o.color is not None and sum(p.color == o.color and p.shape == o.shape
+                                           for p in caption.objects) == 1:  # fmt: skip
+                out.append(f"the {o.color} {o.shape}")
+            elif o.size is not None and sum(p.size == o.size and p.shape == o.shape
+                                            for p in caption.objects) == 1:  # fmt: skip
+                out.append(f"the {o.size} {o.shape}")
+            else:
+                logger.debug("plan_edit: no unique expression for captioned %r", o.text)
+        return tuple(out)
+
+    def _edit_plan(self, d: _EditDraft) -> EditPlanResult:
+        canvas, scale = self.canvas, self.canvas / CANVAS
+        spec, boxes = d.spec, d.boxes or {}
+        whole: BoxList = [0.0, 0.0, float(canvas), float(canvas)]
+        referred_box = boxes.get(d.referred) if d.referred else None
+        # The named object, completed from the caption when the instruction omits words.
+        named = spec.anchor if spec.category == "add" else spec.target
+        seen = _resolve_noun(d.caption, named) if named is not None else None
+        targets = [d.referred] if d.referred else []
+        layout: list[PlanItem] = []
+        regions: list[BoxList]
+
+        def item(noun: lang.Noun, box: BoxList) -> PlanItem:
+            return {"label": _refexp(noun), "box": box}
+
+        if spec.category == "background":
+            regions = [whole]
+        elif spec.category == "add":
+            assert spec.new is not None  # EditSpec checks it
+            side = _PLANNED_SIDE[spec.new.size or "small"] * scale
+            if spec.region is not None:
+                cell = [float(v) for v in region_box(spec.region, canvas)]
+                cx, cy = _centre(cell)
+                new_box = _box_at(cx, cy, side, side, canvas)
+                regions, layout = [cell], [item(spec.new, new_box)]
+            elif referred_box is not None and spec.relation is not None:
+                new_box, area = _beside(referred_box, spec.relation, side, canvas)
+                regions, layout = [area], [item(spec.new, new_box)]
+            else:
+                logger.warning("plan_edit: anchor %r not grounded; region = whole canvas",
+                               d.referred)  # fmt: skip
+                regions = [whole]
+        elif referred_box is None:
+            logger.warning("plan_edit: %r not grounded; region = whole canvas", d.referred)
+            regions = [whole]
+        else:
+            assert seen is not None and spec.target is not None
+            src = referred_box
+            (cx, cy), w, h = _centre(src), src[2] - src[0], src[3] - src[1]
+            regions = [src]
+            if spec.category == "recolor":
+                layout = [item(lang.Noun(seen.shape, spec.color, seen.size), src)]
+            elif spec.category == "replace":
+                assert spec.shape is not None
+                layout = [item(lang.Noun(spec.shape, seen.color, seen.size), src)]
+            elif spec.category == "resize":
+                side = _resized_side(_side(src) / scale, spec.direction or "larger") * scale
+                new_box = _box_at(cx, cy, side, side, canvas)
+                regions.append(new_box)
+                layout = [item(lang.Noun(seen.shape, seen.color), new_box)]
+            elif spec.category == "move":
+                assert spec.region is not None
+                cell = [float(v) for v in region_box(spec.region, canvas)]
+                new_box = _box_at(*_centre(cell), w, h, canvas)
+                regions.append(cell)
+                layout = [item(seen, new_box)]
+            # remove: nothing should be there afterwards
+        after = {i["label"] for i in layout}
+        keep: list[PlanItem] = []
+        for e in d.keep_exprs:
+            box = boxes.get(e)
+            if e in after:
+                continue  # after the edit this expression would name the edited object too
+            if box is None or box[2] <= box[0] or box[3] <= box[1]:
+                logger.debug("plan_edit: keep candidate %r not grounded; not kept", e)
+                continue
+            keep.append({"label": e, "box": box})
+        return EditPlanResult(targets=targets, target_boxes=regions, layout=layout, keep=keep)
+
+
+def _could_be(obj: lang.Noun, named: lang.Noun) -> bool:
+    """Whether a captioned object fits every word of the named noun."""
+    return obj.shape == named.shape and named.color in (None, obj.color) \
+        and named.size in (None, obj.size)  # fmt: skip
+
+
+def _resolve_noun(caption: Caption | None, named: lang.Noun) -> lang.Noun:
+    """The named noun completed with the colour/size of the one captioned object it fits."""
+    fits = [o for o in (caption.objects if caption else ()) if _could_be(o, named)]
+    if len(fits) == 1:
+        o = fits[0]
+        return lang.Noun(named.shape, named.color or o.color, named.size or o.size)
+    return named
+
+
+def _resized_side(side: float, direction: str) -> float:
+    """`larger`: at least the large class (capped at 24); `smaller`: at most small (>= 10)."""
+    if direction == "larger":
+        return float(min(SIZES["large"][1], max(side + 2, _PLANNED_SIDE["large"])))
+    return float(max(SIZES["small"][0], min(side - 2, _PLANNED_SIDE["small"])))
+
+
+def _beside(anchor: BoxList, relation: str, side: float, canvas: int) -> tuple[BoxList, BoxList]:
+    """A `side` box just on the `relation` side of `anchor`, and the strip it lies in.
+
+    The strip runs from the anchor (minus the gap) to the canvas edge, across the rows (or
+    columns) of the new box; the new box is clamped into the canvas (best effort when the
+    anchor sits at the edge).
+    """
+    gap = 2 * MIN_GAP * canvas / CANVAS
+    ax0, ay0, ax1, ay1 = anchor
+    acx, acy = _centre(anchor)
+    if relation == "left of":
+        box = _box_at(ax0 - gap - side / 2, acy, side, side, canvas)
+        area = [0.0, box[1], max(ax0 - MIN_GAP, box[2]), box[3]]
+    elif relation == "right of":
+        box = _box_at(ax1 + gap + side / 2, acy, side, side, canvas)
+        area = [min(ax1 + MIN_GAP, box[0]), box[1], float(canvas), box[3]]
+    elif relation == "above":
+        box = _box_at(acx, ay0 - gap - side / 2, side, side, canvas)
+        area = [box[0], 0.0, box[2], max(ay0 - MIN_GAP, box[3])]
+    else:  # below
+        box = _box_at(acx, ay1 + gap + side / 2, side, side, canvas)
+        area = [box[0], min(ay1 + MIN_GAP, box[1]), box[2], float(canvas)]
+    return box, area

@@ -1,0 +1,337 @@
+"""`PipelineBackend`: the workflows on a real (tiny, random) `LavidaPipeline`, batched.
+
+The tiny pipeline's outputs are noise; what is checked is the wiring: every node runs, state
+fields, seeds and events are right, rows keep their own seeds in a batch, concurrent runs
+share forwards. `plan_edit`'s logic is checked on a scripted, duck-typed pipeline.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lavida_agent.graphs import edit, t2i
+from lavida_agent.graphs import engine as engine_mod
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import CritiqueResult, EditPlanResult
+from lavida_agent.graphs.pipeline_backend import PipelineBackend, parse_caption
+from lavida_agent.graphs.runtime import (
+    BatchingEngine,
+    CritiqueRequest,
+    EditRequest,
+    GenerateRequest,
+    GroundRequest,
+    PlanEditRequest,
+)
+from lavida_agent.graphs.state import EditOutput, T2IOutput
+from tests.fakes import tiny_pipeline
+
+PLAN = [{"label": "small red circle", "box": [4.0, 4.0, 16.0, 16.0]}]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture
+def backend(pipe):
+    return PipelineBackend(pipe, plan_steps=2, text_steps=2)
+
+
+@pytest.fixture
+def engine(backend):
+    with BatchingEngine(backend, max_wait_ms=50) as eng:
+        yield eng
+
+
+def _image(seed=0):
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    return render(sample_scene(np.random.default_rng(seed), n_objects=3))
+
+
+def _stream(graph, inp, ctx):
+    """Run `graph`, returning (final values, custom events)."""
+    events, values = [], None
+    for mode, chunk in graph.stream(inp, context=ctx, stream_mode=["custom", "values"]):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            values = chunk
+    return values, events
+
+
+# -- the workflows end to end -----------------------------------------------------------
+
+
+def test_t2i_graph_runs_on_the_pipeline_and_replays(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, seed=5,
+                  preview_every=1, refine="auto")  # fmt: skip
+    plan = {"items": PLAN, "source": "input"}
+    values, events = _stream(t2i.graph, {"prompt": "a red circle", "plan": plan}, ctx)
+    out = T2IOutput.model_validate(values)
+    # The random model rejects its image and grounds nothing: both rounds run.
+    assert [a.seed for a in out.attempts] == [5, 6] and [a.round for a in out.attempts] == [0, 1]
+    assert [a.mode for a in out.attempts] == ["generate", "regenerate_regions"]
+    assert out.attempts[1].parent == out.attempts[0].image
+    assert [r.as_list() for r in out.attempts[1].regions] == [PLAN[0]["box"]]
+    assert len(out.critiques) == 2 and not out.accepted and out.best is not None
+    check = out.critiques[0].grounding[0]
+    assert check.role == "planned" and check.found.as_list() == [0.0, 0.0, 0.0, 0.0]
+    assert out.critiques[0].model_text  # the model's raw critique text is kept
+    for a in out.attempts:
+        img = store.open(a.image)
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    # Sampler events of both drawing nodes, with a stored preview at every step.
+    steps = [e for e in events if e["event"] == "sampler_step"]
+    assert [(e["node"], e["step"], e["total"]) for e in steps] == [
+        ("generate_image", 1, 2), ("generate_image", 2, 2),
+        ("refine_image", 1, 2), ("refine_image", 2, 2),
+    ]  # fmt: skip
+    assert all(e["preview"] is not None for e in steps)
+    # Replay: the recorded seed and plan redraw the same image.
+    again = engine.generate("a red circle", plan=PLAN, seed=out.attempts[0].seed, num_steps=2)
+    assert np.array_equal(again, store.open(out.attempts[0].image))
+    other = engine.generate("a red circle", plan=PLAN, seed=99, num_steps=2)
+    assert not np.array_equal(other, again)
+
+
+def test_edit_graph_runs_on_the_pipeline(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, seed=7,
+                  preview_every=2)  # fmt: skip
+    src = store.put(_image())
+    instruction = "make the red circle blue"
+    values, events = _stream(edit.graph, {"instruction": instruction, "image": src}, ctx)
+    out = EditOutput.model_validate(values)
+    assert [s.seed for s in out.steps] == [7, 8] and [s.round for s in out.steps] == [0, 1]
+    assert all(s.parent == src and s.instruction == instruction for s in out.steps)
+    plan = out.steps[0].plan
+    assert plan.targets == ["the red circle"] and len(plan.grounded) == 1
+    # The random model grounds nothing, so the whole canvas is the region and nothing is kept.
+    assert [r.as_list() for r in plan.regions] == [[0.0, 0.0, 64.0, 64.0]]
+    assert plan.layout == [] and plan.keep == []
+    assert out.heads and out.current == out.steps[out.heads[0]].result
+    assert all(s.critique is not None and s.critique.verdict == "reject" for s in out.steps)
+    steps = [e for e in events if e["event"] == "sampler_step"]
+    assert [(e["node"], e["step"]) for e in steps] == [("edit_image", 1), ("edit_image", 2)] * 2
+    assert [e["preview"] is not None for e in steps] == [False, True] * 2
+
+
+# -- batching ---------------------------------------------------------------------------
+
+
+def test_concurrent_t2i_runs_share_batched_forwards(pipe, store):
+    def run(engine, i, outs):
+        ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=1, seed=10 + i)
+        outs[i] = T2IOutput.model_validate(
+            t2i.graph.invoke({"prompt": f"a red circle {i}"}, context=ctx))
+
+    backend = PipelineBackend(pipe, plan_steps=2, text_steps=2)
+    with BatchingEngine(backend, max_wait_ms=0) as eng:
+        start = pipe.forward_count
+        run(eng, 0, {})
+        single = pipe.forward_count - start
+    # A full batch (4) goes at once; the wait only bounds a straggler.
+    with BatchingEngine(backend, max_batch=4, max_wait_ms=1000) as eng:
+        outs: dict[int, T2IOutput] = {}
+        threads = [threading.Thread(target=run, args=(eng, i, outs)) for i in range(4)]
+        start = pipe.forward_count
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent = pipe.forward_count - start
+    assert sorted(outs) == [0, 1, 2, 3]
+    for i, out in outs.items():  # the model planned each run, with the run's seed
+        assert out.plan is not None and out.plan.source == "model" and out.plan.seed == 10 + i
+        assert [a.seed for a in out.attempts] == [10 + i] and len(out.critiques) == 1
+    assert concurrent < 4 * single, (concurrent, single)
+    assert {m for m, n in eng.batches if n > 1} >= {"plan_layout", "generate", "critique"}
+
+
+def test_a_row_in_a_mixed_batch_equals_its_own_call(backend):
+    a = GenerateRequest(prompt="a red circle", plan=PLAN, seed=3, num_steps=2)
+    b = GenerateRequest(prompt="a blue square and a red circle", plan=None, seed=5, num_steps=2)
+    both = backend.generate([a, b])
+    assert np.array_equal(both[0], backend.generate([a])[0])
+    assert np.array_equal(both[1], backend.generate([b])[0])
+
+
+def test_on_step_events_carry_previews_when_asked(pipe):
+    def events(preview_every):
+        got = []
+        with BatchingEngine(PipelineBackend(pipe, preview_every=preview_every)) as eng:
+            eng.generate("a red circle", plan=None, seed=1, num_steps=3, on_step=got.append)
+        return got
+
+    every = events(1)
+    assert [(e.step, e.total) for e in every] == [(1, 3), (2, 3), (3, 3)]
+    assert all(e.preview.shape == (64, 64, 3) and e.preview.dtype == np.uint8 for e in every)
+    assert [e.preview is not None for e in events(2)] == [False, True, True]  # k-th and last
+    assert all(e.preview is None for e in events(0))
+
+
+def test_rows_fail_alone_and_outputs_are_converted(backend):
+    good, bad = _image(), np.zeros((32, 32, 3), np.uint8)
+    out = backend.ground([GroundRequest(image=good, expressions=["the red circle"]),
+                          GroundRequest(image=bad, expressions=["the red circle"]),
+                          GroundRequest(image=good, expressions=[])])  # fmt: skip
+    assert out[0] == [[0.0, 0.0, 0.0, 0.0]] and out[2] == []  # None -> a degenerate box
+    assert isinstance(out[1], ValueError) and "letterbox" in str(out[1])
+    (verdict,) = backend.critique([CritiqueRequest(image=good, prompt="a red circle")])
+    assert isinstance(verdict, CritiqueResult) and verdict.ok is False and verdict.text
+
+
+# -- load_engine ------------------------------------------------------------------------
+
+
+def test_load_engine_builds_a_batching_engine_over_the_pipeline(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    engine_mod.load_engine.cache_clear()
+    try:
+        eng = engine_mod.load_engine(str(tmp_path / "pipe"))
+        assert isinstance(eng, BatchingEngine) and isinstance(eng.backend, PipelineBackend)
+        assert engine_mod.load_engine(str(tmp_path / "pipe")) is eng  # cached
+        eng.close()
+    finally:
+        engine_mod.load_engine.cache_clear()
+
+
+def test_load_engine_failures_say_what_to_do(tmp_path, monkeypatch):
+    engine_mod.load_engine.cache_clear()
+    with pytest.raises(engine_mod.EngineUnavailableError,
+                       match=r"could not be loaded from .*empty.*pipeline_index\.json.*Context"):
+        engine_mod.load_engine(str(tmp_path / "empty"))
+    monkeypatch.setitem(sys.modules, "lavida_agent.model.pipeline_lavida", None)
+    with pytest.raises(engine_mod.EngineUnavailableError, match=r"Context\(engine="):
+        engine_mod.load_engine(str(tmp_path / "x"))
+    engine_mod.load_engine.cache_clear()
+
+
+# -- plan_edit on a scripted pipeline ---------------------------------------------------
+
+RED = (4, 4, 16, 16)
+BLUE = (40, 30, 61, 51)
+GREEN = (20, 44, 32, 56)
+CAPTION = "a small red circle, a large blue square and a small green triangle on a white background"
+
+
+class ScriptedPipeline:
+    """Duck-typed pipeline: a fixed caption and fixed boxes per expression."""
+
+    config = SimpleNamespace(image_size=64)
+
+    def __init__(self, caption=CAPTION, boxes=None):
+        self.caption = caption
+        self.boxes = boxes if boxes is not None else {
+            "the red circle": RED, "the circle": RED, "the blue square": BLUE,
+            "the green triangle": GREEN,
+        }  # fmt: skip
+        self.calls: list[tuple[str, object]] = []
+
+    def understand(self, images, questions, **kw):
+        self.calls.append(("understand", list(questions)))
+        return SimpleNamespace(texts=[self.caption] * len(images))
+
+    def ground(self, images, expressions):
+        self.calls.append(("ground", [list(e) for e in expressions]))
+        return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
+
+    def edit(self, images, instructions, *, plans, **kw):
+        self.calls.append(("edit", plans))
+        return SimpleNamespace(images=list(images))
+
+
+def _plan_edit(instructions, pipe=None):
+    pipe = pipe or ScriptedPipeline()
+    image = np.zeros((64, 64, 3), np.uint8)
+    reqs = [PlanEditRequest(image=image, instruction=i) for i in instructions]
+    return PipelineBackend(pipe).plan_edit(reqs), pipe
+
+
+def _labels(items):
+    return {i["label"]: i["box"] for i in items}
+
+
+def test_parse_caption():
+    cap = parse_caption("A small red circle, a large blue square and an small green triangle "
+                        "on a white background.")  # fmt: skip
+    assert [o.text for o in cap.objects] == ["small red circle", "large blue square",
+                                             "small green triangle"]  # fmt: skip
+    assert cap.background == "white"
+    assert parse_caption("nothing on a gray background") == parse_caption("nothing on a gray "
+                                                                          "background")  # fmt: skip
+    assert parse_caption("nothing on a gray background").objects == ()
+    noisy = parse_caption("objects objects and a red circle and a purple blob ??")
+    assert [o.text for o in noisy.objects] == ["red circle"] and noisy.background is None
+
+
+def test_plan_edit_batches_one_caption_and_one_grounding_call():
+    (recolor, move, add), pipe = _plan_edit(["make the red circle blue",
+                                             "move the blue square to the top left",
+                                             "add a yellow diamond left of the blue square"])
+    assert [c[0] for c in pipe.calls] == ["understand", "ground"]
+    assert pipe.calls[0][1] == ["describe the image."] * 3
+    f = [float(v) for v in RED]
+    assert recolor == EditPlanResult(
+        targets=["the red circle"], target_boxes=[f],
+        layout=[{"label": "the blue circle", "box": f}],
+        keep=[{"label": "the blue square", "box": [float(v) for v in BLUE]},
+              {"label": "the green triangle", "box": [float(v) for v in GREEN]}],
+    )  # fmt: skip
+    assert move.targets == ["the blue square"]
+    assert move.target_boxes == [[float(v) for v in BLUE], [0.0, 0.0, 22.0, 22.0]]  # + the cell
+    assert move.layout == [{"label": "the blue square", "box": [2.0, 2.0, 23.0, 23.0]}]
+    assert set(_labels(move.keep)) == {"the red circle", "the green triangle"}
+    # A relative add: a small box just left of the anchor; the anchor itself is kept.
+    assert add.targets == ["the blue square"]
+    ((label, box),) = _labels(add.layout).items()
+    assert label == "the yellow diamond" and box[2] - box[0] == 12
+    assert (box[0] + box[2]) / 2 + 4 < (BLUE[0] + BLUE[2]) / 2 and box[2] <= BLUE[0] - 2
+    assert add.target_boxes[0][0] == 0.0 and add.target_boxes[0][2] >= box[2]
+    assert set(_labels(add.keep)) == {"the red circle", "the blue square", "the green triangle"}
+
+
+def test_plan_edit_other_categories_and_limits():
+    (bg, remove, resize, bad), pipe = _plan_edit(["change the background to black",
+                                                  "remove the circle",
+                                                  "make the red circle larger",
+                                                  "paint everything pink"])  # fmt: skip
+    assert bg.targets == [] and bg.target_boxes == [[0.0, 0.0, 64.0, 64.0]] and bg.layout == []
+    assert len(bg.keep) == 3
+    assert remove.targets == ["the circle"] and remove.layout == []
+    assert set(_labels(remove.keep)) == {"the blue square", "the green triangle"}
+    ((label, box),) = _labels(resize.layout).items()
+    assert label == "the red circle" and box[2] - box[0] == 21 and len(resize.target_boxes) == 2
+    assert bad == EditPlanResult()  # outside the grammar: no plan
+    # Not grounded: the whole canvas is the region, nothing is claimed about the result.
+    (lost,), _ = _plan_edit(["make the red circle blue"], ScriptedPipeline(boxes={}))
+    assert lost.target_boxes == [[0.0, 0.0, 64.0, 64.0]] and lost.layout == [] == lost.keep
+    # A kept object whose expression would also name the edited object afterwards is dropped.
+    two = "a small red circle and a small blue circle on a white background"
+    (amb,), _ = _plan_edit(["make the blue circle red"], ScriptedPipeline(
+        two, {"the red circle": RED, "the blue circle": (40, 40, 52, 52)}))
+    assert _labels(amb.layout) == {"the red circle": [40.0, 40.0, 52.0, 52.0]} and amb.keep == []
+
+
+def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
+    pipe = ScriptedPipeline()
+    backend = PipelineBackend(pipe)
+    image = np.zeros((64, 64, 3), np.uint8)
+    recolor = "make the red circle blue"
+    (plan,) = backend.plan_edit([PlanEditRequest(image=image, instruction=recolor)])
+    reqs = [EditRequest(image=image, instruction=recolor, plan=plan, seed=1,
+                        num_steps=2),
+            EditRequest(image=image, instruction="change the background to gray",
+                        plan=EditPlanResult(target_boxes=[[0, 0, 64, 64]]), seed=2, num_steps=2),
+            EditRequest(image=image, instruction="anything", plan=None, seed=3, num_steps=2)]
+    backend.edit(reqs)
+    assert pipe.calls[-1] == ("edit", [[("small blue circle", RED), ("removed", RED)], None, None])
+    assert PipelineBackend(pipe, use_edit_plans=False).edit(reqs[:1]) and pipe.calls[-1] == (
+        "edit", [None])
