@@ -1,27 +1,750 @@
 """The `lavida-agent` command line.
 
-Every command takes `--json` for machine-readable output where it prints results, and
-reports errors as one line on stderr with a non-zero exit (`--debug` shows tracebacks).
-Heavy imports (torch, the model) happen inside the commands, so `--help` stays fast.
+    lavida-agent generate PROMPT --out FILE [--seed S] [--rounds N] [--plan/--no-plan]
+                          [--steps N] [--preview-scale K] [--json] [--batch FILE.jsonl]
+    lavida-agent edit IMAGE INSTRUCTION --out FILE [...same options, no --plan]
+    lavida-agent ground IMAGE EXPRESSION... [--out FILE] [--json] [--batch FILE.jsonl]
+    lavida-agent ask IMAGE QUESTION [--json] [--batch FILE.jsonl]
+    lavida-agent session start|edit|history|undo|branch|show ...
+    lavida-agent trace RUN_ID --out page.html
+    lavida-agent bench quality|speed [--quick] [--out DIR]
+    lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
+    lavida-agent serve [--host H] [--port P]
+    lavida-agent world ... / model ...
+
+Global options: `--model PATH` (a checkpoint folder; default: the embedded one), `--home DIR`,
+`--device`, `--quiet` (no progress bars), `--debug` (tracebacks). `--quiet`/`--debug` are
+also accepted after the command. Settings not given as options come from `LAVIDA_*`
+environment variables (read by `settings.py` only).
+
+`--batch FILE.jsonl` (`-` for stdin) runs one JSON object per line, keys named like the
+command's own arguments (`generate`: prompt, out, seed?, plan?, rounds?, steps?; `edit`:
+image, instruction, out, seed?, rounds?, steps?; `ground`: image, expressions; `ask`: image,
+question), in one process, and prints one JSON result per line in input order. A bad line
+prints `{"error": ..., "line": n}` and the rest still run; the exit status is 1 when any
+line failed. Blank lines are skipped.
+
+Errors print one `Error: ...` line on stderr and exit with status 1 (usage errors: 2);
+`--debug` shows the traceback instead. Progress bars (tqdm) go to stderr and only when it
+is a terminal. Heavy imports (torch, the model, LangGraph) happen inside the commands, so
+`--help` stays fast. Tests inject an engine through `ENGINE_FACTORY`.
 """
 
 from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from lavida_agent import __version__
 
+if TYPE_CHECKING:
+    from lavida_agent.api import LavidaAgent
+    from lavida_agent.settings import Settings
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+__all__ = ["ENGINE_FACTORY", "cli", "main"]
+
+ENGINE_FACTORY: Callable[[Settings], Any] | None = None
+"""When set, `ENGINE_FACTORY(settings)` provides the engine instead of the real model (tests)."""
+
+BATCH_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    # command: (required keys, optional keys)
+    "generate": ({"prompt", "out"}, {"seed", "plan", "rounds", "steps"}),
+    "edit": ({"image", "instruction", "out"}, {"seed", "rounds", "steps"}),
+    "ground": ({"image", "expressions"}, set()),
+    "ask": ({"image", "question"}, set()),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: errors, flags, the agent, progress
+# ----------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    from lavida_agent.errors import LavidaError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, LavidaError):
+        text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+    run_id = getattr(exc, "run_id", None)
+    if run_id:
+        text += f" [trace: lavida-agent trace {run_id}]"
+    return text
+
+
+class _LavidaGroup(click.Group):
+    """A click group that turns any exception into one `Error: ...` line (unless --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(_one_line(exc)) from exc
+
+
+def _flag(name: str) -> Callable[[click.Context, click.Parameter, bool], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(dict)[name] = True
+
+    return callback
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--quiet` and `--debug`, accepted after the command too."""
+    f = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_flag("quiet"),
+                     help="No progress bars.")(f)  # fmt: skip
+    f = click.option("--debug", is_flag=True, expose_value=False, callback=_flag("debug"),
+                     help="Show tracebacks.")(f)  # fmt: skip
+    return f
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    from lavida_agent.settings import Settings
+
+    obj = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        obj["settings"] = Settings.from_env(model_path=obj.get("model"), home=obj.get("home"),
+                                            device=obj.get("device"))  # fmt: skip
+    settings: Settings = obj["settings"]
+    return settings.replace(**overrides) if overrides else settings
+
+
+def _agent(ctx: click.Context) -> LavidaAgent:
+    from lavida_agent.api import LavidaAgent
+
+    obj = ctx.ensure_object(dict)
+    if "agent" not in obj:
+        settings = _settings(ctx)
+        engine = ENGINE_FACTORY(settings) if ENGINE_FACTORY is not None else None
+        agent = LavidaAgent(engine=engine, settings=settings)
+        ctx.find_root().call_on_close(agent.close)
+        obj["agent"] = agent
+    result: LavidaAgent = obj["agent"]
+    return result
+
+
+def _progress_enabled(ctx: click.Context) -> bool:
+    return not ctx.ensure_object(dict).get("quiet") and sys.stderr.isatty()
+
+
+class _Progress:
+    """An `on_event` callback drawing one tqdm bar per sampler loop (stderr)."""
+
+    def __init__(self, enabled: bool, label: str = "") -> None:
+        self.enabled = enabled
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled or event.get("event") != "sampler_step":
+            return
+        if self.bar is None or event["step"] == 1:
+            self.close()
+            from tqdm import tqdm
+
+            desc = f"{self.label} {event.get('node', '')}".strip()
+            self.bar = tqdm(total=event["total"], desc=desc, file=sys.stderr, leave=False,
+                            unit="step")  # fmt: skip
+        self.bar.update(1)
+        if event["step"] >= event["total"]:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=str))
+
+
+def _write_image(result: Any, out: str | Path, scale: int) -> str:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.save(path, scale=scale)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------
+# One run per command (shared by the single and the batch form)
+# ----------------------------------------------------------------------------------------
+
+
+def _run_generate(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
+                  on_event: Any) -> dict[str, Any]:  # fmt: skip
+    result = agent.generate(args["prompt"], seed=args.get("seed"), rounds=args.get("rounds"),
+                            plan=args.get("plan"), num_steps=args.get("steps"),
+                            on_event=on_event)  # fmt: skip
+    out = _write_image(result, args["out"], scale)
+    data = result.to_dict()
+    return {"prompt": data.pop("prompt"), "out": out, **data}
+
+
+def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
+              on_event: Any) -> dict[str, Any]:  # fmt: skip
+    result = agent.edit(args["image"], args["instruction"], seed=args.get("seed"),
+                        rounds=args.get("rounds"), num_steps=args.get("steps"),
+                        on_event=on_event)  # fmt: skip
+    out = _write_image(result, args["out"], scale)
+    data = result.to_dict()
+    return {"image": str(args["image"]), "instruction": data.pop("instruction"), "out": out,
+            **data}  # fmt: skip
+
+
+def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    exprs = args["expressions"]
+    if isinstance(exprs, str):
+        exprs = [exprs]
+    result = agent.ground(args["image"], exprs)
+    if args.get("out"):
+        from lavida_agent.tools.draw import draw_boxes
+        from lavida_agent.tools.images import load_image, save_image
+
+        found = [b for b in result.boxes if b.box.area > 0]
+        drawn = draw_boxes(load_image(args["image"]), [b.box.as_list() for b in found],
+                           labels=[b.label for b in found])  # fmt: skip
+        Path(args["out"]).parent.mkdir(parents=True, exist_ok=True)
+        save_image(drawn, args["out"])
+    return {"image": str(args["image"]), **result.to_dict()}
+
+
+def _run_ask(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    result = agent.ask(args["image"], args["question"])
+    return {"image": str(args["image"]), **result.to_dict()}
+
+
+_RUNNERS = {"generate": _run_generate, "edit": _run_edit, "ground": _run_ground, "ask": _run_ask}
+
+
+def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
+    from lavida_agent.errors import InvalidInputError
+
+    if not isinstance(args, dict):
+        raise InvalidInputError(f"a {command} line must be a JSON object, got {type(args).__name__}")
+    required, optional = BATCH_KEYS[command]
+    missing = sorted(required - set(args))
+    unknown = sorted(set(args) - required - optional)
+    if missing:
+        raise InvalidInputError(f"missing key(s): {', '.join(missing)}")
+    if unknown:
+        raise InvalidInputError(f"unknown key(s): {', '.join(unknown)}")
+    return args
+
+
+def _batch_lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
+    for n, line in enumerate(fh, start=1):
+        if line.strip():
+            yield n, line
+
+
+def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str, Any],
+               *, scale: int, workers: int) -> None:  # fmt: skip
+    """Run every line of a JSONL file; print one JSON result per line, in order."""
+    agent = _agent(ctx)
+    debug = ctx.ensure_object(dict).get("debug")
+    lines = list(_batch_lines(fh))
+    show = _progress_enabled(ctx)
+
+    def one(item: tuple[int, str]) -> dict[str, Any]:
+        n, line = item
+        try:
+            args = _check_batch_args(command, json.loads(line))
+            merged = {**{k: v for k, v in defaults.items() if v is not None}, **args}
+            progress = _Progress(show and workers == 1, label=f"line {n}")
+            try:
+                return _RUNNERS[command](agent, merged, scale=scale, on_event=progress)
+            finally:
+                progress.close()
+        except Exception as exc:
+            if debug:
+                traceback.print_exc(file=sys.stderr)
+            message = f"invalid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else None
+            return {"error": message or _one_line(exc), "line": n}
+
+    failed = 0
+    from tqdm import tqdm
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(lines), desc=command, file=sys.stderr, disable=not show, unit="line"
+    ) as bar:  # fmt: skip
+        for result in pool.map(one, lines):
+            failed += "error" in result
+            _echo_json(result)
+            bar.update(1)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(lines)} line(s) failed")
+
+
+def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="With --batch: lines run concurrently (batched on the model).")(f)  # fmt: skip
+    f = click.option("--batch", type=click.File("r"), default=None,
+                     help="Run a JSONL file of requests ('-': stdin); one JSON result per line.")(f)  # fmt: skip
+    return f
+
+
+def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for decorator in reversed([
+        click.option("--out", "-o", type=click.Path(dir_okay=False), help="Image file to write."),
+        click.option("--seed", type=click.IntRange(min=0), help="Base seed (default: random, reported)."),
+        click.option("--rounds", type=click.IntRange(min=1), help="Most attempts (default: settings)."),
+        click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per image."),
+        click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Upscale the written image K times (nearest neighbour)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+# ----------------------------------------------------------------------------------------
+# The group
+# ----------------------------------------------------------------------------------------
+
+
+@click.group(cls=_LavidaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lavida-agent")
-def cli() -> None:
+@click.option("--model", "model_path", metavar="PATH", help="Checkpoint folder (default: embedded).")
+@click.option("--home", metavar="DIR", help="Home folder (default: ~/.lavida-agent).")
+@click.option("--device", help="torch device, e.g. cpu or cuda.")
+@_common
+@click.pass_context
+def cli(ctx: click.Context, model_path: str | None, home: str | None, device: str | None) -> None:
     """Run the Lavida-O style unified masked-diffusion model as an agent."""
+    obj = ctx.ensure_object(dict)
+    obj.update(model=model_path, home=home, device=device)
+
+
+# ----------------------------------------------------------------------------------------
+# generate / edit / ground / ask
+# ----------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@_image_options
+@click.option("--plan/--no-plan", default=None, help="Plan a layout first (default: settings).")
+@_batch_options
+@_common
+@click.pass_context
+def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int | None,
+             rounds: int | None, steps: int | None, preview_scale: int, as_json: bool,
+             plan: bool | None, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+    """Draw PROMPT: plan a layout, generate, critique, refine; write the best image to --out."""
+    defaults = {"rounds": rounds, "steps": steps, "plan": plan, "seed": seed}
+    if batch is not None:
+        _run_batch(ctx, "generate", batch, defaults, scale=preview_scale, workers=workers)
+        return
+    if prompt is None or out is None:
+        raise click.UsageError("generate needs PROMPT and --out (or --batch FILE)")
+    progress = _Progress(_progress_enabled(ctx))
+    try:
+        data = _run_generate(_agent(ctx), {"prompt": prompt, "out": out, **defaults},
+                             scale=preview_scale, on_event=progress)  # fmt: skip
+    finally:
+        progress.close()
+    if as_json:
+        _echo_json(data)
+    else:
+        verdict = "accepted" if data["accepted"] else "best of rejected attempts"
+        click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
+                   f"{data['seed']}, run {data['run_id']}")  # fmt: skip
+
+
+@cli.command()
+@click.argument("image", required=False)
+@click.argument("instruction", required=False)
+@_image_options
+@_batch_options
+@_common
+@click.pass_context
+def edit(ctx: click.Context, image: str | None, instruction: str | None, out: str | None,
+         seed: int | None, rounds: int | None, steps: int | None, preview_scale: int,
+         as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+    """Edit IMAGE by INSTRUCTION (ground, edit, verify, re-edit); write the result to --out.
+
+    The result's thread_id is a session: continue it with `session edit THREAD_ID ...`.
+    """
+    defaults = {"rounds": rounds, "steps": steps, "seed": seed}
+    if batch is not None:
+        _run_batch(ctx, "edit", batch, defaults, scale=preview_scale, workers=workers)
+        return
+    if image is None or instruction is None or out is None:
+        raise click.UsageError("edit needs IMAGE, INSTRUCTION and --out (or --batch FILE)")
+    progress = _Progress(_progress_enabled(ctx))
+    try:
+        data = _run_edit(_agent(ctx), {"image": image, "instruction": instruction, "out": out,
+                                       **defaults}, scale=preview_scale, on_event=progress)  # fmt: skip
+    finally:
+        progress.close()
+    if as_json:
+        _echo_json(data)
+    else:
+        verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
+        click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
+                   f"{data['seed']}, session {data['thread_id']}")  # fmt: skip
+
+
+@cli.command()
+@click.argument("image", required=False)
+@click.argument("expressions", nargs=-1)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Draw the boxes to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_batch_options
+@_common
+@click.pass_context
+def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], out: str | None,
+           as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+    """Find each EXPRESSION in IMAGE; boxes are in IMAGE's pixels (x0 y0 x1 y1)."""
+    if batch is not None:
+        _run_batch(ctx, "ground", batch, {}, scale=1, workers=workers)
+        return
+    if image is None or not expressions:
+        raise click.UsageError("ground needs IMAGE and at least one EXPRESSION (or --batch FILE)")
+    data = _run_ground(_agent(ctx), {"image": image, "expressions": list(expressions), "out": out})
+    if as_json:
+        _echo_json(data)
+        return
+    for expr, box in zip(data["expressions"], data["boxes"], strict=True):
+        found = box[2] > box[0] and box[3] > box[1]
+        click.echo(f"{expr}\t" + (" ".join(f"{v:g}" for v in box) if found else "not found"))
+
+
+@cli.command()
+@click.argument("image", required=False)
+@click.argument("question", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_batch_options
+@_common
+@click.pass_context
+def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bool,
+        batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+    """Answer QUESTION about IMAGE."""
+    if batch is not None:
+        _run_batch(ctx, "ask", batch, {}, scale=1, workers=workers)
+        return
+    if image is None or question is None:
+        raise click.UsageError("ask needs IMAGE and QUESTION (or --batch FILE)")
+    data = _run_ask(_agent(ctx), {"image": image, "question": question})
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(data["answer"])
+
+
+# ----------------------------------------------------------------------------------------
+# session
+# ----------------------------------------------------------------------------------------
+
+
+@cli.group(cls=_LavidaGroup)
+def session() -> None:
+    """Multi-step edit sessions: start, edit, history, undo, branch, show (resume by id)."""
+
+
+def _session(ctx: click.Context, session_id: str) -> Any:
+    from lavida_agent.errors import NotFoundError
+
+    s = _agent(ctx).session(session_id)
+    if not s.exists:
+        raise NotFoundError(f"no session {session_id!r} (start one with `session start IMAGE`)")
+    return s
+
+
+def _session_state(s: Any, out: str | None, scale: int) -> dict[str, Any]:
+    """The session's current image (written to `out` if given) and its step, as JSON."""
+    st = s.state()
+    data = {"session": s.thread_id, "current": str(s.agent.store.path(st.current)),
+            "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
+    if out:
+        from lavida_agent.tools.images import resize_nearest, save_image
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_image(resize_nearest(s.current_image(), scale), out)
+        data["out"] = out
+    return data
+
+
+@session.command("start")
+@click.argument("image")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_start(ctx: click.Context, image: str, as_json: bool) -> None:
+    """Start a session from IMAGE; prints the session id."""
+    s = _agent(ctx).session()
+    s.start(image)
+    data = _session_state(s, None, 1)
+    _echo_json(data) if as_json else click.echo(s.thread_id)
+
+
+@session.command("edit")
+@click.argument("session_id")
+@click.argument("instruction")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
+              help="Image file to write.")  # fmt: skip
+@click.option("--seed", type=click.IntRange(min=0))
+@click.option("--rounds", type=click.IntRange(min=1))
+@click.option("--steps", type=click.IntRange(min=1))
+@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str,
+                 seed: int | None, rounds: int | None, steps: int | None, preview_scale: int,
+                 as_json: bool) -> None:  # fmt: skip
+    """Apply INSTRUCTION to the session's current image (one turn)."""
+    s = _session(ctx, session_id)
+    progress = _Progress(_progress_enabled(ctx))
+    try:
+        result = s.edit(instruction, seed=seed, rounds=rounds, num_steps=steps, on_event=progress)
+    finally:
+        progress.close()
+    data = {"session": s.thread_id, "out": _write_image(result, out, preview_scale),
+            **result.to_dict()}  # fmt: skip
+    if as_json:
+        _echo_json(data)
+    else:
+        verdict = "verified" if data["accepted"] else "not verified"
+        click.echo(f"{data['out']}: step {data['step']} ({verdict}), run {data['run_id']}")
+
+
+@session.command("history")
+@click.argument("session_id")
+@click.option("--all", "all_steps", is_flag=True, help="Every attempt, not only kept steps.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_json: bool) -> None:
+    """The session's steps on its current branch, oldest first."""
+    s = _session(ctx, session_id)
+    steps = s.steps() if all_steps else s.history()
+    rows = [{"step": st.index, "turn": st.turn, "round": st.round,
+             "instruction": st.instruction, "seed": st.seed,
+             "verdict": st.critique.verdict if st.critique else None,
+             "image": str(s.agent.store.path(st.result))} for st in steps]  # fmt: skip
+    if as_json:
+        _echo_json({"session": s.thread_id, "steps": rows})
+        return
+    for r in rows:
+        click.echo(f"{r['step']}\tturn {r['turn']}\t{r['verdict']}\tseed {r['seed']}\t"
+                   f"{r['instruction']}")  # fmt: skip
+
+
+@session.command("undo")
+@click.argument("session_id")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
+    """Go back one turn (the undone branch stays in the history)."""
+    s = _session(ctx, session_id)
+    s.undo()
+    data = _session_state(s, out, 1)
+    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+
+
+@session.command("branch")
+@click.argument("session_id")
+@click.argument("step", type=int)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_branch(ctx: click.Context, session_id: str, step: int, out: str | None,
+                   as_json: bool) -> None:  # fmt: skip
+    """Make lineage STEP's image the current one (a new branch)."""
+    s = _session(ctx, session_id)
+    s.branch(step)
+    data = _session_state(s, out, 1)
+    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+
+
+@session.command("show")
+@click.argument("session_id")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
+@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_show(ctx: click.Context, session_id: str, out: str | None, preview_scale: int,
+                 as_json: bool) -> None:  # fmt: skip
+    """The session's current image and its lineage (every branch)."""
+    s = _session(ctx, session_id)
+    data = _session_state(s, out, preview_scale)
+    data["lineage"] = s.lineage(all_branches=True)
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"session {s.thread_id}: step {data['step']} of {data['steps']}, "
+               f"current {data['current']}")  # fmt: skip
+    for e in data["lineage"].get("edges", []):
+        click.echo(f"  {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
+                   f"{e['verdict']}  {e['instruction']}")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# trace
+# ----------------------------------------------------------------------------------------
+
+
+@cli.command("trace")
+@click.argument("run_id")
+@click.option("--out", "-o", default="-", show_default=True,
+              help="HTML file to write ('-': stdout).")  # fmt: skip
+@click.option("--scale", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Image upscale factor.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the trace JSON instead.")
+@_common
+@click.pass_context
+def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bool) -> None:
+    """Render the trace of RUN_ID (or a trace .json file) as a self-contained HTML page."""
+    from lavida_agent.tools.artifacts import ArtifactStore
+    from lavida_agent.traces import load_trace, render_html
+
+    settings = _settings(ctx)
+    trace = load_trace(run_id, settings.runs_dir)
+    if as_json:
+        click.echo(trace.to_json(indent=1))
+        return
+    page = render_html(trace, ArtifactStore(settings.artifacts_dir), scale=scale)  # type: ignore[arg-type]
+    if out == "-":
+        click.echo(page)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(page, encoding="utf-8")
+        click.echo(out, err=True)
+
+
+# ----------------------------------------------------------------------------------------
+# bench / train / serve
+# ----------------------------------------------------------------------------------------
+
+
+def _import(module: str, what: str) -> Any:
+    from lavida_agent.errors import InvalidInputError
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            raise InvalidInputError(f"{what} is not available in this installation "
+                                    f"({module} is missing)") from exc  # fmt: skip
+        raise
+
+
+@cli.group(cls=_LavidaGroup)
+def bench() -> None:
+    """Quality and speed benchmarks (JSON + Markdown reports)."""
+
+
+@bench.command("quality")
+@click.option("--out", "-o", "out_dir", default=None, help="Report folder (default: HOME/bench/quality).")
+@click.option("--quick", is_flag=True, help="A small, fast run.")
+@_common
+@click.pass_context
+def bench_quality(ctx: click.Context, out_dir: str | None, quick: bool) -> None:
+    """ShapesWorld quality suites (t2i, edit, grounding, VQA, reflection and plan lift)."""
+    settings = _settings(ctx)
+    run = _import("lavida_agent.benchmarks.quality", "the quality benchmark").run
+    report = run(model_path=settings.model_path,
+                 out_dir=out_dir or settings.home / "bench" / "quality", quick=quick)  # fmt: skip
+    _echo_json(report)
+
+
+@bench.command("speed")
+@click.option("--out", "-o", "out_dir", default=None, help="Report folder (default: HOME/bench/speed).")
+@click.option("--quick", is_flag=True, help="A small, fast run.")
+@_common
+@click.pass_context
+def bench_speed(ctx: click.Context, out_dir: str | None, quick: bool) -> None:
+    """Speed suites (latency, per-step cost, elastic/caching speedups, batching)."""
+    settings = _settings(ctx)
+    run = _import("lavida_agent.benchmarks.speed_model", "the speed benchmark").run
+    kwargs: dict[str, Any] = {"out_dir": out_dir or settings.home / "bench" / "speed",
+                              "quick": quick}  # fmt: skip
+    if settings.model_path is not None:
+        kwargs["model_path"] = settings.model_path
+    _echo_json(run(**kwargs))
+
+
+@cli.group(cls=_LavidaGroup)
+def train() -> None:
+    """Train the VQ tokenizer or the model (arguments go to the training script)."""
+
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
+                 "help_option_names": []}  # fmt: skip
+
+
+def _exit_with(ret: Any) -> None:
+    if isinstance(ret, int) and not isinstance(ret, bool) and ret != 0:
+        raise click.exceptions.Exit(ret)
+    if isinstance(ret, dict):
+        _echo_json(ret)
+
+
+@train.command("vq", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train_vq(args: tuple[str, ...]) -> None:
+    """Train the VQ image tokenizer (`lavida-agent train vq --help` for its options)."""
+    _exit_with(_import("lavida_agent.model.training_vq", "VQ training").main(list(args)))
+
+
+@train.command("model", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train_model(args: tuple[str, ...]) -> None:
+    """Train the Elastic-MoT model (`lavida-agent train model --help` for its options)."""
+    _exit_with(_import("lavida_agent.model.training", "model training").main(list(args)))
+
+
+@cli.command()
+@click.option("--host", help="Bind address (default: settings, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: settings, 8000).")
+@click.option("--api-key", help="Require this bearer token.")
+@_common
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None, api_key: str | None) -> None:
+    """Serve the HTTP API (native + OpenAI-compatible /v1/images/*)."""
+    settings = _settings(ctx, host=host, port=port, api_key=api_key)
+    server = _import("lavida_agent.server", "the HTTP server")
+    app = server.create_app(settings)
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port)
+
+
+# ----------------------------------------------------------------------------------------
+# Sub-command groups from other modules, and the entry point
+# ----------------------------------------------------------------------------------------
 
 
 def _register_subcommands() -> None:
     from lavida_agent.cli_world import world
 
     cli.add_command(world)
+    try:
+        from lavida_agent.cli_model import model
+    except ImportError:  # the model CLI is optional (not every install ships it)
+        return
+    cli.add_command(model)
 
 
 _register_subcommands()

@@ -1,0 +1,970 @@
+"""`LavidaAgent`: the Python API. Generate, edit, ground, ask, and multi-step edit sessions.
+
+    agent = LavidaAgent.from_pretrained()            # the embedded checkpoint
+    result = agent.generate("a red circle left of a blue square", seed=7)
+    result.save("out.png", scale=8)
+    result.accepted, result.attempts, result.critiques, result.trace_path
+
+    with agent.session() as s:                       # a LangGraph thread
+        s.start("photo.png")
+        s.edit("make the circle green")
+        s.undo(); s.edit("remove the square")
+        s.history(), s.lineage()
+
+Every call runs a LangGraph workflow (`graphs/`) compiled with the SQLite checkpointer of
+`Settings.db_path`, on its own thread (`thread_id`), records a JSON trace under
+`Settings.runs_dir` (`run_id`), and returns a typed result carrying the final image (array
+and `ImageRef`), the layout, every attempt and critique, the ids and the trace.
+
+Input images of any size are letterboxed to the model's canvas (`Settings.canvas`, 64 px):
+`ground` maps the boxes back to the input image's pixels; generated and edited images are
+canvas-sized (crop the padding with `EditResult.content()`).
+
+The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `Session.aedit`) run the same call
+in a worker thread; cancelling the awaiting task stops the run at the next sampler step
+(`GenerationCancelled`). Sync calls take `cancel=threading.Event()` for the same purpose.
+`on_event` receives every workflow event (dicts, see `graphs/events.py`) plus `run_start`
+and `run_end`; for the async twins it is called from the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from lavida_agent.errors import (
+    GenerationCancelled,
+    InvalidInputError,
+    LavidaError,
+    ModelLoadError,
+    NotFoundError,
+    WorkflowError,
+    map_exceptions,
+)
+from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import Engine
+from lavida_agent.graphs.state import (
+    Attempt,
+    Critique,
+    EditPlan,
+    EditState,
+    EditStep,
+    LayoutItem,
+    Plan,
+)
+from lavida_agent.settings import Settings
+from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
+from lavida_agent.tools.boxes import LetterboxParams, from_letterbox
+from lavida_agent.traces import Trace, TraceRecorder, save_trace
+
+logger = logging.getLogger(__name__)
+
+__all__ = (
+    "AskResult",
+    "EditResult",
+    "EventCallback",
+    "GenerateResult",
+    "GroundResult",
+    "LavidaAgent",
+    "RunResult",
+    "Session",
+)
+
+EventCallback = Callable[[dict[str, Any]], None]
+ImageInput = Any
+"""A path, encoded bytes, a PIL image, an `(H, W[, C])` array, or an `ImageRef` in the store."""
+
+R = TypeVar("R")
+
+# ----------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """What every call returns: the final image, layout, attempts, critiques, ids and trace.
+
+    Attributes:
+        image: the final image, `(H, W, 3)` uint8 RGB (the model canvas, 64 px by default).
+        image_ref: the same image in the artifact store.
+        layout: the boxes of the run (planned layout, edit layout or grounded boxes).
+        attempts: every image drawn (t2i `Attempt`s or edit `EditStep`s); empty for
+            ground/ask.
+        critiques: one `Critique` per attempt, same order.
+        run_id: id of this run (its trace is `<runs_dir>/<run_id>.json`).
+        thread_id: the LangGraph thread (a session id for edits).
+        trace: the run's `Trace`.
+        trace_path: where the trace was written.
+    """
+
+    image: np.ndarray = field(repr=False)
+    image_ref: ImageRef
+    layout: list[LayoutItem] = field(default_factory=list)
+    attempts: list[Any] = field(default_factory=list)
+    critiques: list[Critique] = field(default_factory=list)
+    run_id: str
+    thread_id: str
+    trace: Trace = field(repr=False)
+    trace_path: Path | None = None
+    store: ArtifactStore | None = field(default=None, repr=False, compare=False)
+
+    def save(self, path: str | Path, *, scale: int = 1) -> Path:
+        """Write the final image to `path` (format from the suffix), upscaled `scale`x."""
+        from lavida_agent.tools.images import resize_nearest, save_image
+
+        with map_exceptions():
+            image = resize_nearest(self.image, scale) if scale != 1 else self.image
+            return save_image(image, path)
+
+    def image_path(self, ref: ImageRef) -> str:
+        """Absolute path of a stored image (e.g. an attempt's) as a string."""
+        return str(self.store.path(ref)) if self.store is not None else ref.path
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateResult(RunResult):
+    """Result of `generate`: the best attempt's image, the plan, every attempt and critique."""
+
+    prompt: str
+    seed: int = 0
+    plan: Plan | None = None
+    accepted: bool = False
+    max_rounds: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's `--json` shape, without `out`)."""
+        by_round = {c.round: c for c in self.critiques}
+        return {
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "rounds": len(self.attempts),
+            "max_rounds": self.max_rounds,
+            "accepted": self.accepted,
+            "plan": [{"label": i.label, "box": i.box.as_list()} for i in self.layout],
+            "attempts": [_attempt_dict(self, a.seed, by_round.get(a.round), a.image)
+                         for a in self.attempts],  # fmt: skip
+            "result": self.image_path(self.image_ref),
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "trace": str(self.trace_path) if self.trace_path else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditResult(RunResult):
+    """Result of an edit turn: the session's new current image and this turn's attempts."""
+
+    instruction: str
+    seed: int = 0
+    source_ref: ImageRef | None = None
+    plan: EditPlan | None = None
+    accepted: bool = False
+    step: int | None = None
+    letterbox: LetterboxParams | None = None
+    max_rounds: int = 1
+
+    def content(self) -> np.ndarray:
+        """The image without the letterbox padding added to a non-square input."""
+        if self.letterbox is None or self.source_ref is None:
+            return self.image
+        lb = self.letterbox
+        w, h = _input_size(lb, self.letterbox_source)
+        return self.image[lb.pad_y : lb.pad_y + h, lb.pad_x : lb.pad_x + w]
+
+    letterbox_source: tuple[int, int] | None = None
+    """`(width, height)` of the original input image when one was letterboxed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's `--json` shape, without `image`/`out`)."""
+        plan = self.plan
+        return {
+            "instruction": self.instruction,
+            "seed": self.seed,
+            "rounds": len(self.attempts),
+            "max_rounds": self.max_rounds,
+            "accepted": self.accepted,
+            "plan": [{"label": i.label, "box": i.box.as_list()} for i in self.layout],
+            "targets": list(plan.targets) if plan else [],
+            "regions": [b.as_list() for b in plan.regions] if plan else [],
+            "attempts": [_attempt_dict(self, s.seed, s.critique, s.result)
+                         for s in self.attempts],  # fmt: skip
+            "step": self.step,
+            "result": self.image_path(self.image_ref),
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "trace": str(self.trace_path) if self.trace_path else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroundResult(RunResult):
+    """Result of `ground`: one box per expression, in the *input* image's pixels.
+
+    `layout` (same as `boxes`) is in input pixels; `canvas_boxes` in the model canvas, where
+    `image` (the letterboxed input) lives.
+    """
+
+    expressions: list[str]
+    boxes: list[LayoutItem] = field(default_factory=list)
+    canvas_boxes: list[LayoutItem] = field(default_factory=list)
+    source_size: tuple[int, int] = (0, 0)
+    letterbox: LetterboxParams | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
+        return {
+            "expressions": list(self.expressions),
+            "boxes": [b.box.as_list() for b in self.boxes],
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "trace": str(self.trace_path) if self.trace_path else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class AskResult(RunResult):
+    """Result of `ask`: the model's answer about the (letterboxed) image."""
+
+    question: str
+    answer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "trace": str(self.trace_path) if self.trace_path else None,
+        }
+
+
+def _attempt_dict(
+    result: RunResult, seed: int, critique: Critique | None, image: ImageRef
+) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "verdict": critique.verdict if critique else None,
+        "reasons": list(critique.reasons) if critique else [],
+        "image": result.image_path(image),
+    }
+
+
+def _input_size(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int]:
+    if source is None:
+        return lb.size, lb.size
+    return lb.content_size(*source)
+
+
+# ----------------------------------------------------------------------------------------
+# Engine guard: cancellation at engine-call and sampler-step granularity
+# ----------------------------------------------------------------------------------------
+
+
+class _GuardedEngine:
+    """Wraps an `Engine`: raise `GenerationCancelled` once `cancel` is set.
+
+    Checked before every engine call and at every sampler step (through `on_step`).
+    """
+
+    def __init__(self, engine: Engine, cancel: threading.Event | None) -> None:
+        self._engine = engine
+        self._cancel = cancel
+
+    def _check(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise GenerationCancelled("the run was cancelled")
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._engine, name)
+        if not callable(target) or name.startswith("_"):
+            return target
+
+        @functools.wraps(target)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._check()
+            on_step = kwargs.get("on_step")
+            if self._cancel is not None and "on_step" in kwargs:
+
+                def guarded(ev: Any) -> None:
+                    self._check()
+                    if on_step is not None:
+                        on_step(ev)
+
+                kwargs["on_step"] = guarded
+            return target(*args, **kwargs)
+
+        return call
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ----------------------------------------------------------------------------------------
+# The agent
+# ----------------------------------------------------------------------------------------
+
+
+class LavidaAgent:
+    """The model as an agent: LangGraph workflows around one engine, with traces.
+
+    Args:
+        engine: an `Engine` to use (e.g. `tests.fakes.FakeEngine`, or a `BatchingEngine`);
+            default: the real model, loaded lazily on first use from `settings.model_path`.
+        settings: the `Settings`; default `Settings.from_env()`.
+        **overrides: settings fields that override `settings` (or the environment).
+    """
+
+    def __init__(
+        self, *, engine: Engine | None = None, settings: Settings | None = None, **overrides: Any
+    ) -> None:
+        if settings is None:
+            settings = Settings.from_env(**overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        self._engine = engine
+        self._owns_engine = False
+        self._lock = threading.RLock()
+        self._store: ArtifactStore | None = None
+        self._checkpointer: Any = None
+        self._graphs: dict[str, Any] = {}
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, engine: Engine | None = None, **settings: Any
+    ) -> LavidaAgent:
+        """An agent on the checkpoint at `path` (None: the embedded one), loaded now.
+
+        Raises:
+            ModelLoadError: the checkpoint cannot be loaded.
+            InvalidInputError: a bad setting.
+        """
+        agent = cls(engine=engine, model_path=str(path) if path is not None else None, **settings)
+        agent.engine  # noqa: B018 - load eagerly so a bad checkpoint fails here
+        return agent
+
+    @classmethod
+    def load(cls, path: str | Path, **settings: Any) -> LavidaAgent:
+        """An agent on the checkpoint folder `path` (e.g. a Lavida-O-class checkpoint)."""
+        if not Path(path).expanduser().is_dir():
+            raise ModelLoadError(f"no checkpoint folder at {str(path)!r}")
+        return cls.from_pretrained(Path(path).expanduser(), **settings)
+
+    def __repr__(self) -> str:
+        return f"LavidaAgent(model={self.settings.model_path or 'embedded'!r})"
+
+    # -- lazily built parts ---------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (the real model is loaded on first access)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine, self._owns_engine = _load_engine(self.settings), True
+            return self._engine
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The artifact store of `settings.artifacts_dir`."""
+        with self._lock:
+            if self._store is None:
+                self._store = ArtifactStore(self.settings.artifacts_dir)  # type: ignore[arg-type]
+            return self._store
+
+    @property
+    def checkpointer(self) -> Any:
+        """The checkpointer of `settings.db_path` (SQLite file, or memory for `:memory:`)."""
+        from lavida_agent.graphs.persistence import checkpointer_from_path
+
+        with self._lock:
+            if self._checkpointer is None:
+                self._checkpointer = checkpointer_from_path(self.settings.db_path)
+            return self._checkpointer
+
+    def _graph(self, workflow: str) -> Any:
+        with self._lock:
+            if workflow not in self._graphs:
+                from lavida_agent.graphs import edit, ground, t2i, understand
+
+                builders = {"t2i": t2i.build_t2i_graph, "edit": edit.build_edit_graph,
+                            "ground": ground.build_ground_graph,
+                            "understand": understand.build_understand_graph}  # fmt: skip
+                self._graphs[workflow] = builders[workflow]().compile(
+                    checkpointer=self.checkpointer, name=workflow
+                )
+            return self._graphs[workflow]
+
+    def close(self) -> None:
+        """Close the database connection, and the engine if this agent loaded it."""
+        with self._lock:
+            conn = getattr(self._checkpointer, "conn", None)
+            if conn is not None and hasattr(conn, "close"):
+                conn.close()
+            self._checkpointer, self._graphs = None, {}
+            if self._owns_engine and hasattr(self._engine, "close"):
+                self._engine.close()  # type: ignore[union-attr]
+                self._engine, self._owns_engine = None, False
+
+    def __enter__(self) -> LavidaAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _seed(self, seed: int | None) -> int:
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+                raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
+            return int(seed)
+        if self.settings.seed is not None:
+            return self.settings.seed
+        return secrets.randbelow(2**31)
+
+    def _context(
+        self, *, num_steps: int | None, rounds: int | None, cancel: threading.Event | None
+    ) -> Context:
+        with map_exceptions():
+            return Context(engine=_GuardedEngine(self.engine, cancel), artifacts=self.store,
+                           num_steps=num_steps if num_steps is not None else self.settings.num_steps,
+                           max_rounds=rounds if rounds is not None else self.settings.max_rounds,
+                           preview_every=self.settings.preview_every,
+                           iou_threshold=self.settings.iou_threshold)  # fmt: skip
+
+    def _prepare_image(
+        self, image: ImageInput
+    ) -> tuple[np.ndarray, ImageRef, LetterboxParams, tuple[int, int]]:
+        """Load any image, letterbox it to the canvas and store it."""
+        from lavida_agent.tools.images import letterbox, load_image
+
+        with map_exceptions():
+            if isinstance(image, ImageRef):
+                pixels = self.store.open(image)
+            else:
+                pixels = load_image(image, max_pixels=self.settings.max_pixels)
+            h, w = pixels.shape[:2]
+            canvas, params = letterbox(pixels, size=self.settings.canvas)
+            return canvas, self.store.put(canvas), params, (w, h)
+
+    def _settings_record(self, context: Context) -> dict[str, Any]:
+        return {"model_path": self.settings.model_path, "device": self.settings.device,
+                "dtype": self.settings.dtype, "canvas": self.settings.canvas,
+                "num_steps": context.num_steps, "max_rounds": context.max_rounds,
+                "iou_threshold": context.iou_threshold,
+                "engine": type(context.engine._engine).__name__}  # fmt: skip
+
+    def _run(
+        self,
+        workflow: str,
+        graph: Any,
+        payload: Any,
+        *,
+        thread_id: str,
+        context: Context,
+        inputs: dict[str, Any],
+        on_event: EventCallback | None,
+        lineage: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+    ) -> tuple[str, dict[str, Any], Trace, Path]:
+        """Stream one workflow run on `thread_id`, recording its trace.
+
+        Returns:
+            `(run_id, final state values, trace, trace path)`.
+        """
+        run_id = _new_id()
+        rec = TraceRecorder(run_id=run_id, thread_id=thread_id, workflow=workflow, inputs=inputs,
+                            settings=self._settings_record(context),
+                            canvas=self.settings.canvas)  # fmt: skip
+        config = {"configurable": {"thread_id": thread_id},
+                  "recursion_limit": 16 + 6 * context.max_rounds}  # fmt: skip
+        if on_event is not None:
+            on_event({"event": "run_start", "run_id": run_id, "thread_id": thread_id,
+                      "workflow": workflow})  # fmt: skip
+        try:
+            with map_exceptions():
+                for mode, chunk in graph.stream(payload, config, context=context,
+                                                stream_mode=["tasks", "custom"]):  # fmt: skip
+                    rec.feed(mode, chunk)
+                    if mode == "custom" and on_event is not None:
+                        on_event(chunk)
+        except BaseException as exc:
+            node = rec.current_node or rec.failed_node
+            error: BaseException = exc
+            if isinstance(exc, Exception) and not isinstance(exc, LavidaError):
+                where = f" in node {node!r}" if node else ""
+                error = WorkflowError(f"{workflow} failed{where}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            trace = rec.finish(error=str(error) or type(error).__name__)
+            path = save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
+            if isinstance(error, LavidaError):
+                error.run_id = run_id  # type: ignore[attr-defined]
+            if error is exc:
+                raise
+            raise error from exc
+        values = dict(graph.get_state(config).values)
+        result = self._result_record(workflow, values)
+        trace = rec.finish(result=result, lineage=lineage(values) if lineage else None)
+        path = save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
+        if on_event is not None:
+            on_event({"event": "run_end", "run_id": run_id, "thread_id": thread_id,
+                      "trace": str(path)})  # fmt: skip
+        return run_id, values, trace, path
+
+    @staticmethod
+    def _result_record(workflow: str, values: dict[str, Any]) -> dict[str, Any]:
+        if workflow == "t2i":
+            best = values.get("best")
+            return {"accepted": values.get("accepted", False),
+                    "image_ref": best.image if best else None,
+                    "rounds": len(values.get("attempts", []))}  # fmt: skip
+        if workflow == "edit":
+            return {"accepted": values.get("accepted", False),
+                    "image_ref": values.get("current"),
+                    "current_step": values.get("current_step"),
+                    "steps": len(values.get("steps", []))}  # fmt: skip
+        if workflow == "ground":
+            return {"boxes": values.get("boxes", []), "image_ref": values.get("image")}
+        return {"answer": values.get("answer"), "image_ref": values.get("image")}
+
+    # -- generate -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        rounds: int | None = None,
+        plan: bool | Sequence[dict[str, Any]] | None = None,
+        num_steps: int | None = None,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerateResult:
+        """Plan, draw, critique and refine an image for `prompt` (the `t2i` workflow).
+
+        Args:
+            prompt: what to draw.
+            seed: base seed (round `r` uses `seed + r`); default `settings.seed`, else random
+                (the seed used is in the result, so the run replays).
+            rounds: most images to draw (default `settings.max_rounds`).
+            plan: `True` to let the model plan a layout, `False` to draw without one, or a
+                layout (`[{"label": str, "box": [x0, y0, x1, y1]}]` in canvas pixels) to use;
+                default `settings.plan`.
+            num_steps: denoising steps per image (default `settings.num_steps`).
+            on_event: called with every workflow event (dicts).
+            cancel: set this event to stop the run (`GenerationCancelled`).
+
+        Returns:
+            `GenerateResult`: the best attempt's image, the plan, every attempt and critique.
+
+        Raises:
+            InvalidInputError: an empty prompt or a bad argument.
+            GenerationCancelled: `cancel` was set.
+            ModelLoadError, WorkflowError: the model could not load / the workflow failed.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
+        base_seed = self._seed(seed)
+        context = self._context(num_steps=num_steps, rounds=rounds, cancel=cancel)
+        use_plan = self.settings.plan if plan is None else plan
+        payload: dict[str, Any] = {"prompt": prompt, "seed": base_seed}
+        if use_plan is False:
+            # No layout: an empty input plan skips the planner and the grounding checks.
+            payload["plan"] = Plan(items=[], source="input")
+        elif use_plan is not True:
+            with map_exceptions():
+                payload["plan"] = Plan(items=[LayoutItem.model_validate(i) for i in use_plan],
+                                       source="input")  # fmt: skip
+        thread_id = _new_id()
+        inputs = {"prompt": prompt, "seed": base_seed,
+                  "plan": use_plan if isinstance(use_plan, bool) else payload["plan"],
+                  "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
+        run_id, values, trace, path = self._run("t2i", self._graph("t2i"), payload,
+                                                thread_id=thread_id, context=context,
+                                                inputs=inputs, on_event=on_event)  # fmt: skip
+        attempts: list[Attempt] = list(values.get("attempts", []))
+        best: Attempt | None = values.get("best") or (attempts[-1] if attempts else None)
+        if best is None:
+            raise WorkflowError(f"t2i run {run_id} produced no image")
+        final_plan: Plan | None = values.get("plan")
+        with map_exceptions():
+            image = self.store.open(best.image)
+        return GenerateResult(
+            image=image, image_ref=best.image,
+            layout=list(final_plan.items) if final_plan else [], attempts=attempts,
+            critiques=list(values.get("critiques", [])), run_id=run_id, thread_id=thread_id,
+            trace=trace, trace_path=path, store=self.store, prompt=prompt, seed=base_seed,
+            plan=final_plan, accepted=bool(values.get("accepted")),
+            max_rounds=context.max_rounds,
+        )  # fmt: skip
+
+    # -- edit -----------------------------------------------------------------------------
+
+    def edit(
+        self,
+        image: ImageInput,
+        instruction: str,
+        *,
+        seed: int | None = None,
+        rounds: int | None = None,
+        num_steps: int | None = None,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> EditResult:
+        """Edit `image` by `instruction` (plan, edit, verify, re-edit) on a new session.
+
+        The result's `thread_id` is a session: continue it with `agent.session(thread_id)`.
+        Arguments as in `generate`; `image` is anything `load_image` accepts (letterboxed).
+        """
+        return self.session().edit(instruction, image=image, seed=seed, rounds=rounds,
+                                   num_steps=num_steps, on_event=on_event, cancel=cancel)  # fmt: skip
+
+    # -- ground / ask ----------------------------------------------------------------------
+
+    def ground(
+        self,
+        image: ImageInput,
+        expressions: str | Sequence[str],
+        *,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GroundResult:
+        """Find each referring expression in `image`; boxes in the input image's pixels.
+
+        A box that was not found is degenerate (zero area).
+        """
+        exprs = [expressions] if isinstance(expressions, str) else list(expressions)
+        if not exprs or not all(isinstance(e, str) and e.strip() for e in exprs):
+            raise InvalidInputError("ground needs one or more non-empty expressions")
+        canvas, ref, params, (w, h) = self._prepare_image(image)
+        context = self._context(num_steps=None, rounds=None, cancel=cancel)
+        thread_id = _new_id()
+        inputs = {"image": ref, "expressions": exprs, "source_size": [w, h],
+                  "letterbox": vars(params)}  # fmt: skip
+        run_id, values, trace, path = self._run(
+            "ground", self._graph("ground"), {"image": ref, "expressions": exprs},
+            thread_id=thread_id, context=context, inputs=inputs, on_event=on_event)  # fmt: skip
+        canvas_boxes: list[LayoutItem] = list(values.get("boxes", []))
+        boxes = [LayoutItem(label=b.label, box=_to_input_box(b.box.as_list(), params, w, h))
+                 for b in canvas_boxes]  # fmt: skip
+        return GroundResult(image=canvas, image_ref=ref, layout=boxes, run_id=run_id,
+                            thread_id=thread_id, trace=trace, trace_path=path, store=self.store,
+                            expressions=exprs, boxes=boxes, canvas_boxes=canvas_boxes,
+                            source_size=(w, h), letterbox=params)  # fmt: skip
+
+    def ask(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AskResult:
+        """Answer `question` about `image` (the `understand` workflow)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        canvas, ref, params, (w, h) = self._prepare_image(image)
+        context = self._context(num_steps=None, rounds=None, cancel=cancel)
+        thread_id = _new_id()
+        run_id, values, trace, path = self._run(
+            "understand", self._graph("understand"), {"image": ref, "question": question},
+            thread_id=thread_id, context=context,
+            inputs={"image": ref, "question": question, "source_size": [w, h]},
+            on_event=on_event)  # fmt: skip
+        return AskResult(image=canvas, image_ref=ref, run_id=run_id, thread_id=thread_id,
+                         trace=trace, trace_path=path, store=self.store, question=question,
+                         answer=str(values.get("answer") or ""))  # fmt: skip
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def session(self, thread_id: str | None = None) -> Session:
+        """A multi-step edit session: a new one, or the existing thread `thread_id`."""
+        return Session(self, thread_id or _new_id())
+
+    # -- async twins ----------------------------------------------------------------------
+
+    async def agenerate(self, prompt: str, **kwargs: Any) -> GenerateResult:
+        """`generate` in a worker thread; cancelling the task stops the run."""
+        return await _in_thread(self.generate, prompt, **kwargs)
+
+    async def aedit(self, image: ImageInput, instruction: str, **kwargs: Any) -> EditResult:
+        """`edit` in a worker thread; cancelling the task stops the run."""
+        return await _in_thread(self.edit, image, instruction, **kwargs)
+
+    async def aground(
+        self, image: ImageInput, expressions: str | Sequence[str], **kwargs: Any
+    ) -> GroundResult:
+        """`ground` in a worker thread."""
+        return await _in_thread(self.ground, image, expressions, **kwargs)
+
+    async def aask(self, image: ImageInput, question: str, **kwargs: Any) -> AskResult:
+        """`ask` in a worker thread."""
+        return await _in_thread(self.ask, image, question, **kwargs)
+
+
+async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """Run `fn(*args, cancel=event, **kwargs)` in the default executor; on task cancellation
+    set the event (the run stops at its next engine call or sampler step) and re-raise."""
+    cancel = kwargs.pop("cancel", None) or threading.Event()
+    loop = asyncio.get_running_loop()
+    # run_in_executor (not to_thread): no contextvars are copied, so a run started from inside
+    # another LangGraph node is not mistaken for a subgraph of it.
+    fut = loop.run_in_executor(None, functools.partial(fn, *args, cancel=cancel, **kwargs))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
+def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> list[float]:
+    """A canvas box mapped back to input pixels, clipped to the image, rounded to 0.01 px."""
+    b = from_letterbox(box, params).clip(w, h)
+    return [round(v, 2) for v in b.as_tuple()]
+
+
+def _load_engine(settings: Settings) -> Engine:
+    """The real engine for `settings` (torch is imported here only).
+
+    Default device and dtype use `graphs.engine.load_engine` (cached per model path); any
+    other device/dtype builds a `BatchingEngine(PipelineBackend(pipeline))` directly.
+    """
+    path = settings.model_path
+    where = repr(path) if path else "the embedded checkpoint"
+    if path is not None and not Path(path).expanduser().exists():
+        raise ModelLoadError(f"no checkpoint at {path!r}")
+    try:
+        if settings.device is None and settings.dtype == "float32":
+            from lavida_agent.graphs.engine import load_engine
+
+            with map_exceptions():
+                return load_engine(path)
+        import torch
+
+        from lavida_agent.graphs.pipeline_backend import PipelineBackend  # type: ignore
+        from lavida_agent.graphs.runtime import BatchingEngine
+        from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+        pipe = LavidaPipeline.from_pretrained(path, device=settings.device,
+                                              dtype=getattr(torch, settings.dtype))  # fmt: skip
+        engine: Engine = BatchingEngine(PipelineBackend(pipe))
+        return engine
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the model from {where}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------
+# Sessions
+# ----------------------------------------------------------------------------------------
+
+
+class Session:
+    """A multi-step edit session (one LangGraph thread): edit, history, undo, branch, resume.
+
+    Get one with `agent.session()` (new) or `agent.session(thread_id)` (resume: the state is
+    in the SQLite database, so this works across processes).
+    """
+
+    def __init__(self, agent: LavidaAgent, thread_id: str) -> None:
+        from lavida_agent.graphs.session import EditSession
+
+        if not isinstance(thread_id, str) or not thread_id.strip():
+            raise InvalidInputError(f"not a session id: {thread_id!r}")
+        self.agent = agent
+        self.thread_id = thread_id
+        self._session = EditSession(thread_id, checkpointer=agent.checkpointer,
+                                    context=Context(artifacts=agent.store))  # fmt: skip
+        self._letterbox: tuple[LetterboxParams, tuple[int, int]] | None = None
+
+    def __repr__(self) -> str:
+        return f"Session({self.thread_id!r})"
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    # -- reading --------------------------------------------------------------------------
+
+    @property
+    def exists(self) -> bool:
+        """True once the session has a checkpoint (started or edited)."""
+        return bool(self._session.graph.get_state(self._session.config).values)
+
+    def _require(self) -> None:
+        if not self.exists:
+            raise NotFoundError(f"no session {self.thread_id!r}")
+
+    def state(self) -> EditState:
+        """The session's state on its current branch."""
+        self._require()
+        with map_exceptions():
+            return EditState.model_validate(
+                {"instruction": "", **self._session.graph.get_state(self._session.config).values}
+            )
+
+    @property
+    def current(self) -> ImageRef | None:
+        """The session's current image (None before the first image)."""
+        return self.state().current if self.exists else None
+
+    def current_image(self) -> np.ndarray:
+        """The current image as an array."""
+        ref = self.current
+        if ref is None:
+            raise InvalidInputError(f"session {self.thread_id!r} has no image yet")
+        with map_exceptions():
+            return self.agent.store.open(ref)
+
+    def history(self) -> list[EditStep]:
+        """The committed steps of the current branch, oldest first (one per turn)."""
+        st = self.state()
+        return [st.steps[i] for i in st.heads]
+
+    def steps(self) -> list[EditStep]:
+        """Every verified attempt of the current branch's lineage, in order."""
+        return list(self.state().steps)
+
+    def lineage(self, *, all_branches: bool = False) -> dict[str, Any]:
+        """The lineage DAG as node-link JSON (nodes: image sha256; edges: edit steps)."""
+        import networkx as nx
+
+        from lavida_agent.graphs.session import lineage_json
+
+        self._require()
+        if not all_branches:
+            st = self.state()
+            return lineage_json(st.steps, st.heads)
+        data: dict[str, Any] = nx.node_link_data(self._session.lineage(all_branches=True),
+                                                 edges="edges")  # fmt: skip
+        return data
+
+    # -- writing --------------------------------------------------------------------------
+
+    def start(self, image: ImageInput) -> ImageRef:
+        """Start (or restart) the session from `image` (letterboxed); returns its ref."""
+        _, ref, params, size = self.agent._prepare_image(image)
+        self._letterbox = (params, size)
+        with map_exceptions():
+            self._session.graph.update_state(
+                self._session.config,
+                {"instruction": "", "current": ref, "current_step": None, "image": None,
+                 "candidate": None, "accepted": False},
+                as_node="commit_edit",
+            )  # fmt: skip
+        return ref
+
+    def edit(
+        self,
+        instruction: str,
+        *,
+        image: ImageInput | None = None,
+        seed: int | None = None,
+        rounds: int | None = None,
+        num_steps: int | None = None,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> EditResult:
+        """Run one turn: edit the current image (or `image`, which (re)starts the session).
+
+        Raises:
+            InvalidInputError: an empty instruction, or no image yet in the session.
+        """
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidInputError("instruction must be a non-empty string")
+        agent = self.agent
+        base_seed = agent._seed(seed)
+        ref = None
+        if image is not None:
+            _, ref, params, size = agent._prepare_image(image)
+            self._letterbox = (params, size)
+        elif not self.exists:
+            raise InvalidInputError(
+                f"session {self.thread_id!r} has no image: start it with an image first"
+            )
+        context = agent._context(num_steps=num_steps, rounds=rounds, cancel=cancel)
+        before = len(self.state().steps) if self.exists else 0
+        payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed}
+        if ref is not None:
+            payload["image"] = ref
+        inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
+                  "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
+
+        def lineage(values: dict[str, Any]) -> dict[str, Any]:
+            from lavida_agent.graphs.session import lineage_json
+
+            return lineage_json(values.get("steps", []), values.get("heads", []))
+
+        run_id, values, trace, path = agent._run(
+            "edit", self._session.graph, payload, thread_id=self.thread_id, context=context,
+            inputs=inputs, on_event=on_event, lineage=lineage)  # fmt: skip
+        st = EditState.model_validate({"instruction": instruction, **values})
+        attempts = st.steps[before:]
+        if st.current is None:
+            raise WorkflowError(f"edit run {run_id} left the session without an image")
+        with map_exceptions():
+            pixels = agent.store.open(st.current)
+        plan = attempts[-1].plan if attempts else None
+        lb = self._letterbox
+        return EditResult(
+            image=pixels, image_ref=st.current, layout=list(plan.layout) if plan else [],
+            attempts=attempts, critiques=[s.critique for s in attempts if s.critique],
+            run_id=run_id, thread_id=self.thread_id, trace=trace, trace_path=path,
+            store=agent.store, instruction=instruction, seed=base_seed,
+            source_ref=attempts[0].parent if attempts else None, plan=plan,
+            accepted=st.accepted, step=st.current_step,
+            letterbox=lb[0] if lb else None, letterbox_source=lb[1] if lb else None,
+            max_rounds=context.max_rounds,
+        )  # fmt: skip
+
+    async def aedit(self, instruction: str, **kwargs: Any) -> EditResult:
+        """`edit` in a worker thread; cancelling the task stops the run."""
+        return await _in_thread(self.edit, instruction, **kwargs)
+
+    def undo(self) -> ImageRef:
+        """Go back one turn (a new branch; the old one stays in the history). Returns the
+        new current image.
+
+        Raises:
+            InvalidInputError: nothing to undo.
+        """
+        self._require()
+        with map_exceptions():
+            self._session.undo()
+        ref = self.current
+        assert ref is not None
+        return ref
+
+    def branch(self, step: int) -> ImageRef:
+        """Make lineage step `step`'s image current (a new branch). Returns that image.
+
+        Raises:
+            InvalidInputError: no such step on this branch.
+        """
+        self._require()
+        n = len(self.state().steps)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
+            raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
+                                    f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
+        with map_exceptions():
+            self._session.branch(step)
+        ref = self.current
+        assert ref is not None
+        return ref

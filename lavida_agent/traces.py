@@ -1,0 +1,537 @@
+"""Run traces: what every node of a workflow run saw, did and produced, as JSON and as HTML.
+
+A `Trace` is written for every run (`<runs_dir>/<run_id>.json`, see `save_trace`). It lists
+the nodes in the order they ran, each with its input (a compact view of the state it was
+given), its output (the partial state update it returned), its timings, the custom events it
+emitted (plan, image, critique, boxes, answer...) and a `view`: the image the node is about
+plus the boxes worth drawing on it (planned, grounded, re-masked regions). Images are
+`ImageRef`s into the artifact store, never bytes, so a trace stays a few kB
+(PEERS.md §0 item 8).
+
+`render_html(trace, store)` turns a trace into one self-contained HTML page: every node's
+image inlined as a base64 PNG (upscaled nearest-neighbour, boxes drawn with `tools.draw`),
+critique text, a timing table and, for edit runs, the session lineage as an inline SVG
+graph. The page loads nothing from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from lavida_agent.errors import InvalidInputError, NotFoundError
+
+__all__ = (
+    "Trace",
+    "TraceNode",
+    "TraceRecorder",
+    "TraceView",
+    "ViewBox",
+    "jsonable",
+    "load_trace",
+    "render_html",
+    "save_trace",
+    "trace_path",
+)
+
+TRACE_VERSION = 1
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_QUIET_EVENTS = {"node_start", "node_end", "sampler_step"}
+
+
+# ----------------------------------------------------------------------------------------
+# The trace model
+# ----------------------------------------------------------------------------------------
+
+
+class ViewBox(BaseModel):
+    """One box to draw on a node's image."""
+
+    label: str
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the image's pixels.")
+    kind: str = Field(description="planned | found | region | target | keep")
+    ok: bool | None = Field(default=None, description="For found boxes: the check passed.")
+
+
+class TraceView(BaseModel):
+    """What to show for a node: an image (None: a blank canvas) and boxes on it."""
+
+    image: dict[str, Any] | None = None
+    boxes: list[ViewBox] = Field(default_factory=list)
+    caption: str = ""
+
+
+class TraceNode(BaseModel):
+    """One node execution of a run."""
+
+    index: int
+    node: str
+    task_id: str | None = None
+    start_s: float = Field(description="Seconds from the run's start to the node's start.")
+    elapsed_s: float | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+    output: dict[str, Any] = Field(default_factory=dict)
+    events: list[dict[str, Any]] = Field(default_factory=list)
+    sampler_steps: int = 0
+    previews: list[dict[str, Any]] = Field(default_factory=list)
+    error: str | None = None
+    view: TraceView = Field(default_factory=TraceView)
+
+
+class Trace(BaseModel):
+    """The full record of one run."""
+
+    version: int = TRACE_VERSION
+    run_id: str
+    thread_id: str
+    workflow: str
+    started_at: str
+    elapsed_s: float = 0.0
+    canvas: int = 64
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    nodes: list[TraceNode] = Field(default_factory=list)
+    result: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] | None = None
+    error: str | None = None
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The trace as a JSON string."""
+        return self.model_dump_json(**kwargs)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with pydantic models, dataclasses (`ImageRef`), numpy scalars and paths as JSON."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return f"<array {value.shape} {value.dtype}>"
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+def _compact(state: Any) -> dict[str, Any]:
+    """A node's input state, with growing lists reduced to their length and last item."""
+    data = jsonable(state)
+    if not isinstance(data, dict):
+        return {"value": data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            out[key] = {"count": len(value), "last": value[-1]}
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Recording
+# ----------------------------------------------------------------------------------------
+
+
+class TraceRecorder:
+    """Builds a `Trace` from a graph's `stream_mode=["tasks", "custom"]` chunks.
+
+    Feed every `(mode, chunk)` pair to `feed`, then call `finish`.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        thread_id: str,
+        workflow: str,
+        inputs: dict[str, Any],
+        settings: dict[str, Any],
+        canvas: int = 64,
+    ) -> None:
+        self.trace = Trace(run_id=run_id, thread_id=thread_id, workflow=workflow,
+                           started_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                           canvas=canvas, inputs=jsonable(inputs),
+                           settings=jsonable(settings))  # fmt: skip
+        self._t0 = time.perf_counter()
+        self._open: dict[str, TraceNode] = {}
+        self._last_plan: list[ViewBox] = []
+        self.failed_node: str | None = None
+        """The last node that finished with an error, if any."""
+
+    def _now(self) -> float:
+        return round(time.perf_counter() - self._t0, 6)
+
+    @property
+    def current_node(self) -> str | None:
+        """The node running now (the last one started and not finished), if any."""
+        return next(reversed(self._open.values())).node if self._open else None
+
+    def feed(self, mode: str, chunk: Any) -> None:
+        """Record one stream chunk (`tasks`: node start/result; `custom`: node events)."""
+        if mode == "tasks" and isinstance(chunk, dict):
+            self._task(chunk)
+        elif mode == "custom" and isinstance(chunk, dict):
+            self._event(chunk)
+
+    def _task(self, chunk: dict[str, Any]) -> None:
+        task_id = str(chunk.get("id"))
+        if "input" in chunk:  # the node starts
+            node = TraceNode(index=len(self.trace.nodes), node=str(chunk.get("name")),
+                             task_id=task_id, start_s=self._now(),
+                             input=_compact(chunk["input"]))  # fmt: skip
+            self.trace.nodes.append(node)
+            self._open[task_id] = node
+            return
+        node = self._open.pop(task_id, None)
+        if node is None:
+            return
+        node.output = jsonable(chunk.get("result") or {})
+        if chunk.get("error") is not None:
+            node.error = f"{type(chunk['error']).__name__}: {chunk['error']}"
+            self.failed_node = node.node
+        if node.elapsed_s is None:
+            node.elapsed_s = round(self._now() - node.start_s, 6)
+        node.view = self._view(node)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        name = event.get("node") or self.current_node
+        node = next((n for n in reversed(self._open.values()) if n.node == name), None)
+        if node is None:
+            node = next(reversed(self._open.values()), None)
+        if node is None:
+            return
+        kind = event.get("event")
+        if kind == "node_end" and "elapsed_s" in event:
+            node.elapsed_s = round(float(event["elapsed_s"]), 6)
+        elif kind == "sampler_step":
+            node.sampler_steps += 1
+            if event.get("preview"):
+                node.previews.append(event["preview"])
+        elif kind not in _QUIET_EVENTS:
+            node.events.append(jsonable(event))
+
+    def finish(
+        self,
+        *,
+        result: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> Trace:
+        """Close the trace: the run's result, the lineage (edit runs) and any error."""
+        for node in self._open.values():  # nodes interrupted by an error
+            node.error = node.error or error or "did not finish"
+            node.elapsed_s = round(self._now() - node.start_s, 6)
+            node.view = self._view(node)
+        self._open.clear()
+        self.trace.elapsed_s = self._now()
+        self.trace.result = jsonable(result or {})
+        self.trace.lineage = jsonable(lineage) if lineage is not None else None
+        self.trace.error = error
+        return self.trace
+
+    # -- views --------------------------------------------------------------------------------
+
+    def _view(self, node: TraceNode) -> TraceView:
+        """The image a node is about and the boxes to draw on it (by node name)."""
+        out, inp, name = node.output, node.input, node.node
+        if name in ("plan_layout", "review_plan"):
+            plan = out.get("plan") or inp.get("plan") or {}
+            boxes = [_vbox(i, "planned") for i in plan.get("items", [])]
+            self._last_plan = boxes or self._last_plan
+            return TraceView(image=None, boxes=boxes,
+                             caption=f"plan ({plan.get('source', 'model')}): {len(boxes)} object(s)")  # fmt: skip
+        if name in ("generate_image", "refine_image") and out.get("attempts"):
+            a = out["attempts"][0]
+            boxes = [_vbox(i, "planned") for i in (a.get("plan") or {}).get("items", [])]
+            boxes += [ViewBox(label="", box=_blist(b), kind="region") for b in a.get("regions", [])]
+            cap = f"round {a['round']} - {a['mode']} - seed {a['seed']}"
+            if a.get("feedback"):
+                cap += " - feedback: " + "; ".join(a["feedback"])
+            return TraceView(image=a["image"], boxes=boxes, caption=cap)
+        if name in ("critique_image", "verify_edit"):
+            crit = (out.get("critiques") or [{}])[0] if name == "critique_image" else (
+                ((out.get("steps") or [{}])[0]).get("critique") or {})  # fmt: skip
+            if crit:
+                boxes = [ViewBox(label=g["label"], box=_blist(g["found"]), kind="found",
+                                 ok=g["ok"]) for g in crit.get("grounding", [])]  # fmt: skip
+                cap = f"{crit.get('verdict')}: " + ("; ".join(crit.get("reasons", [])) or "ok")
+                return TraceView(image=crit.get("image"), boxes=boxes, caption=cap)
+        if name == "plan_edit" and out.get("edit_plan"):
+            plan = out["edit_plan"]
+            boxes = [_vbox(i, "found") for i in plan.get("grounded", [])]
+            boxes += [ViewBox(label="", box=_blist(b), kind="region") for b in plan["regions"]]
+            boxes += [_vbox(i, "keep") for i in plan.get("keep", [])]
+            cap = "targets: " + (", ".join(plan.get("targets", [])) or "-")
+            return TraceView(image=out.get("source"), boxes=boxes, caption=cap)
+        if name == "edit_image" and out.get("candidate"):
+            step = out["candidate"]
+            boxes = [ViewBox(label="", box=_blist(b), kind="region")
+                     for b in step["plan"].get("regions", [])]  # fmt: skip
+            boxes += [_vbox(i, "target") for i in step["plan"].get("layout", [])]
+            cap = f"turn {step['turn']} round {step['round']} - seed {step['seed']}"
+            return TraceView(image=step["result"], boxes=boxes, caption=cap)
+        if name == "commit_edit" and out.get("current"):
+            return TraceView(image=out["current"], caption=f"kept step {out.get('current_step')}")
+        if name == "ground_objects":
+            boxes = [_vbox(i, "found") for i in out.get("boxes", [])]
+            return TraceView(image=inp.get("image"), boxes=boxes,
+                             caption=f"{len(boxes)} expression(s)")  # fmt: skip
+        if name == "answer_question":
+            return TraceView(image=inp.get("image"), caption=f"answer: {out.get('answer')}")
+        return TraceView(image=None, boxes=list(self._last_plan), caption=node.error or "")
+
+
+def _blist(box: Any) -> list[float]:
+    if isinstance(box, dict):
+        return [float(box[k]) for k in ("x0", "y0", "x1", "y1")]
+    return [float(v) for v in box]
+
+
+def _vbox(item: dict[str, Any], kind: str) -> ViewBox:
+    return ViewBox(label=str(item.get("label", "")), box=_blist(item["box"]), kind=kind)
+
+
+# ----------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------
+
+
+def _check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id) or run_id in (".", ".."):
+        raise InvalidInputError(f"not a run id: {run_id!r}")
+    return run_id
+
+
+def trace_path(run_id: str, runs_dir: str | Path) -> Path:
+    """Where the trace of `run_id` lives: `<runs_dir>/<run_id>.json`."""
+    return Path(runs_dir) / f"{_check_run_id(run_id)}.json"
+
+
+def save_trace(trace: Trace, runs_dir: str | Path) -> Path:
+    """Write `trace` to `<runs_dir>/<run_id>.json` (atomically) and return the path."""
+    target = trace_path(trace.run_id, runs_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(trace.to_json(indent=1))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
+    """Load a trace by run id (from `runs_dir`) or from a `.json` file path.
+
+    Raises:
+        NotFoundError: no such trace.
+        InvalidInputError: the file is not a trace.
+    """
+    text = str(run)
+    if text.endswith(".json") or runs_dir is None:
+        path = Path(text)
+    else:
+        path = trace_path(text, runs_dir)
+    if not path.is_file():
+        raise NotFoundError(f"no trace for run {text!r}" + (f" in {runs_dir}" if runs_dir else ""))
+    try:
+        return Trace.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInputError(f"{str(path)!r} is not a lavida-agent trace: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------
+
+_KIND_COLORS: dict[str, tuple[int, int, int]] = {
+    "planned": (255, 0, 255),
+    "region": (0, 255, 255),
+    "target": (128, 128, 255),
+    "keep": (255, 255, 0),
+    "found": (0, 255, 0),
+    "found_bad": (255, 0, 128),
+}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
+.node{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:.8em 0;display:flex;gap:1em}
+.node img{image-rendering:pixelated;border:1px solid #999}
+.meta{flex:1;min-width:0}.err{color:#b00}.ok{color:#070}.bad{color:#b00}
+pre{background:#f6f6f6;padding:.5em;overflow:auto;max-height:22em;font-size:.8em}
+.legend span{display:inline-block;padding:0 .5em;margin-right:.4em;color:#000}
+"""
+
+
+def _data_uri(image: np.ndarray) -> str:
+    from lavida_agent.tools.images import encode_png
+
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def _node_image(view: TraceView, store: Any, canvas: int, scale: int) -> tuple[np.ndarray, str]:
+    """The node's picture with its boxes drawn, and a note when the image was missing."""
+    from lavida_agent.tools.draw import draw_boxes
+    from lavida_agent.tools.images import resize_nearest
+
+    note = ""
+    base: np.ndarray | None = None
+    if view.image is not None:
+        try:
+            base = store.open(view.image["path"] if "path" in view.image else view.image)
+        except Exception as exc:  # a missing or corrupt artifact must not break the page
+            note = f"image unavailable ({type(exc).__name__})"
+    if base is None:
+        base = np.full((canvas, canvas, 3), 255 if not note else 200, dtype=np.uint8)
+    if not view.boxes:
+        return resize_nearest(base, scale), note
+    colors = [_KIND_COLORS["found_bad" if b.kind == "found" and b.ok is False else b.kind]
+              if b.kind in _KIND_COLORS else (255, 0, 255) for b in view.boxes]  # fmt: skip
+    labels = [b.label or None for b in view.boxes]
+    drawn = draw_boxes(base, [b.box for b in view.boxes], labels=labels, colors=colors,
+                       scale=scale)  # fmt: skip
+    return drawn, note
+
+
+def _lineage_svg(lineage: dict[str, Any], current: str | None) -> str:
+    """The lineage DAG as an inline SVG: images as boxes by depth, edits as labelled arrows."""
+    nodes = [n["id"] for n in lineage.get("nodes", [])]
+    edges = lineage.get("edges", lineage.get("links", []))
+    if not nodes:
+        return "<p>(empty lineage)</p>"
+    incoming: dict[str, list[str]] = {n: [] for n in nodes}
+    for e in edges:
+        incoming.setdefault(e["target"], []).append(e["source"])
+    depth: dict[str, int] = {}
+
+    def depth_of(n: str, seen: frozenset[str] = frozenset()) -> int:
+        if n not in depth:
+            parents = [p for p in incoming.get(n, []) if p not in seen]
+            depth[n] = 1 + max((depth_of(p, seen | {n}) for p in parents), default=-1)
+        return depth[n]
+
+    rows: dict[int, int] = {}
+    pos: dict[str, tuple[int, int]] = {}
+    for n in nodes:
+        d = depth_of(n)
+        pos[n] = (20 + d * 190, 20 + rows.get(d, 0) * 70)
+        rows[d] = rows.get(d, 0) + 1
+    w = 20 + (max(depth.values()) + 1) * 190
+    h = 20 + max(rows.values()) * 70
+    parts = [f'<svg width="{w}" height="{h}" '
+             f'font-family="monospace" font-size="11">',
+             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
+             'markerHeight="6" orient="auto"><path d="M0,0L10,5L0,10z" fill="#555"/></marker>'
+             "</defs>"]  # fmt: skip
+    for e in edges:
+        (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+        color = {"accept": "#2a2", "reject": "#c22"}.get(str(e.get("verdict")), "#555")
+        width = 3 if e.get("head") else 1
+        label = f"#{e.get('index')} {str(e.get('instruction', ''))[:22]}"
+        parts.append(f'<line x1="{x0 + 110}" y1="{y0 + 15}" x2="{x1}" y2="{y1 + 15}" '
+                     f'stroke="{color}" stroke-width="{width}" marker-end="url(#arrow)"/>')  # fmt: skip
+        parts.append(f'<text x="{(x0 + 110 + x1) // 2 - 40}" y="{(y0 + y1) // 2 + 8}" '
+                     f'fill="{color}">{html.escape(label)}</text>')  # fmt: skip
+    for n, (x, y) in pos.items():
+        fill = "#ffd" if n == current else "#eef"
+        parts.append(f'<rect x="{x}" y="{y}" width="110" height="30" rx="4" fill="{fill}" '
+                     f'stroke="#446"/><text x="{x + 8}" y="{y + 19}">{html.escape(n[:12])}</text>')  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _pre(data: Any) -> str:
+    return "<pre>" + html.escape(json.dumps(data, indent=1, default=str)) + "</pre>"
+
+
+def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) -> str:
+    """Render a trace as one self-contained HTML page (no external resources).
+
+    Args:
+        trace: a `Trace` or its JSON dict.
+        store: the `ArtifactStore` holding the trace's images (a missing image is drawn as a
+            grey placeholder, so an old trace still renders).
+        scale: nearest-neighbour upscale of every image (64 px -> 256 px by default).
+
+    Returns:
+        The HTML text: one `<img>` (inline base64 PNG) per node, in run order.
+    """
+    t = trace if isinstance(trace, Trace) else Trace.model_validate(trace)
+    esc = html.escape
+    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+           f"<title>lavida-agent trace {esc(t.run_id)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{esc(t.workflow)} run <code>{esc(t.run_id)}</code></h1>",
+           "<table>",
+           f"<tr><th>thread</th><td><code>{esc(t.thread_id)}</code></td></tr>",
+           f"<tr><th>started</th><td>{esc(t.started_at)}</td></tr>",
+           f"<tr><th>elapsed</th><td>{t.elapsed_s:.3f} s</td></tr>",
+           f"<tr><th>status</th><td>{'<span class=err>' + esc(t.error) + '</span>' if t.error else 'ok'}</td></tr>",
+           "</table>",
+           "<h2>Inputs</h2>", _pre(t.inputs)]  # fmt: skip
+    # Timings.
+    out.append("<h2>Timings</h2><table><tr><th>#</th><th>node</th><th>start (s)</th>"
+               "<th>elapsed (s)</th><th>sampler steps</th></tr>")  # fmt: skip
+    for n in t.nodes:
+        el = f"{n.elapsed_s:.4f}" if n.elapsed_s is not None else "-"
+        out.append(f"<tr><td>{n.index}</td><td>{esc(n.node)}</td><td>{n.start_s:.4f}</td>"
+                   f"<td>{el}</td><td>{n.sampler_steps}</td></tr>")  # fmt: skip
+    out.append("</table>")
+    # Nodes.
+    legend = "".join(f"<span style='background:rgb{c}'>{esc(k)}</span>"
+                     for k, c in _KIND_COLORS.items())  # fmt: skip
+    out.append(f"<h2>Steps</h2><p class=legend>boxes: {legend}</p>")
+    for n in t.nodes:
+        image, note = _node_image(n.view, store, t.canvas, scale)
+        out.append(f"<div class=node id='node-{n.index}'>"
+                   f"<img alt='{esc(n.node)}' width='{image.shape[1]}' height='{image.shape[0]}' "
+                   f"src='{_data_uri(image)}'><div class=meta>"
+                   f"<h3>{n.index}. {esc(n.node)}</h3><p>{esc(n.view.caption)}</p>")  # fmt: skip
+        if note:
+            out.append(f"<p class=err>{esc(note)}</p>")
+        if n.error:
+            out.append(f"<p class=err>error: {esc(n.error)}</p>")
+        for ev in n.events:
+            if ev.get("event") == "critique":
+                c = ev.get("critique", {})
+                cls = "ok" if c.get("verdict") == "accept" else "bad"
+                out.append(f"<p class={cls}><b>critique: {esc(str(c.get('verdict')))}</b> "
+                           f"(score {c.get('score')})</p><ul>"
+                           + "".join(f"<li>{esc(r)}</li>" for r in c.get("reasons", []))
+                           + "</ul>")  # fmt: skip
+                if c.get("model_text"):
+                    out.append(f"<p>model: <i>{esc(c['model_text'])}</i></p>")
+            elif ev.get("event") == "answer":
+                out.append(f"<p><b>answer:</b> {esc(str(ev.get('answer')))}</p>")
+        out.append("<details><summary>input / output / events</summary>"
+                   + _pre({"input": n.input, "output": n.output, "events": n.events,
+                           "previews": n.previews}) + "</details></div></div>")  # fmt: skip
+    if t.lineage:
+        current = (t.result.get("image_ref") or {}).get("sha256")
+        out.append("<h2>Session lineage</h2>" + _lineage_svg(t.lineage, current))
+    out.append("<h2>Result</h2>" + _pre(t.result))
+    out.append("<h2>Settings</h2>" + _pre(t.settings) + "</body></html>")
+    return "\n".join(out)

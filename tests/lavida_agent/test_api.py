@@ -1,0 +1,315 @@
+"""`LavidaAgent` on the scripted `FakeEngine`: every task, sessions, async twins, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
+from lavida_agent.errors import (
+    GenerationCancelled,
+    InvalidInputError,
+    LavidaError,
+    ModelLoadError,
+    NotFoundError,
+    WorkflowError,
+    map_exceptions,
+)
+from lavida_agent.graphs.engine import EditPlanResult, EngineUnavailableError
+from lavida_agent.tools.images import ImageError, save_image
+from lavida_agent.traces import load_trace
+from tests.fakes import FakeEngine, draw, label_color
+
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def agent(engine):
+    with LavidaAgent(engine=engine, num_steps=3) as a:
+        yield a
+
+
+def _wide_scene() -> np.ndarray:
+    """128 x 64 input with the red circle at [20, 20, 60, 40] (even coordinates: a 2x
+    downscale keeps its colour exact, so the fake grounder finds it exactly)."""
+    return draw(np.zeros((64, 128, 3), np.uint8), [{"label": "red circle", "box": [20, 20, 60, 40]}])
+
+
+# -- generate -------------------------------------------------------------------------------
+
+
+def test_generate_returns_the_image_plan_attempts_and_trace(agent, engine):
+    r = agent.generate("red circle and blue square", seed=5)
+    assert isinstance(r, GenerateResult) and r.accepted and r.seed == 5
+    assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
+    assert np.array_equal(r.image, agent.store.open(r.image_ref))
+    assert [i.label for i in r.layout] == ["red circle", "blue square"]
+    assert len(r.attempts) == len(r.critiques) == 1 and r.attempts[0].seed == 5
+    assert r.run_id and r.thread_id and r.run_id != r.thread_id
+    assert r.trace.run_id == r.run_id and r.trace_path.is_file()
+    assert r.trace_path.parent == agent.settings.runs_dir
+    assert engine.calls["generate"] == 1 and engine.log[1][1]["num_steps"] == 3
+
+
+def test_generate_refines_until_accepted_with_recorded_seeds(agent, engine):
+    engine.enqueue_critique(False, ["the square is missing"])
+    engine.enqueue_critique(False, ["still wrong"])
+    r = agent.generate("red circle", seed=10, rounds=3)
+    assert [a.seed for a in r.attempts] == [10, 11, 12]
+    assert [c.verdict for c in r.critiques] == ["reject", "reject", "accept"]
+    assert r.critiques[0].reasons == ["the square is missing"] and r.accepted
+    assert r.image_ref == r.attempts[-1].image
+    data = r.to_dict()
+    assert data["rounds"] == 3 and [a["verdict"] for a in data["attempts"]] == [
+        "reject", "reject", "accept"]  # fmt: skip
+
+
+def test_generate_is_bounded_by_rounds(agent, engine):
+    for _ in range(3):
+        engine.enqueue_critique(False, ["no"])
+    r = agent.generate("red circle", seed=0, rounds=2)
+    assert len(r.attempts) == 2 and not r.accepted
+
+
+def test_same_seed_same_image_and_default_seed_from_settings(engine):
+    with LavidaAgent(engine=engine, num_steps=2, seed=11) as a:
+        r1, r2 = a.generate("red circle"), a.generate("red circle")
+    assert r1.seed == r2.seed == 11 and np.array_equal(r1.image, r2.image)
+    with LavidaAgent(engine=engine, num_steps=2) as a:  # no seed anywhere: random, recorded
+        r3 = a.generate("red circle")
+    assert isinstance(r3.seed, int) and r3.attempts[0].seed == r3.seed
+
+
+def test_plan_off_and_given_plan(agent, engine):
+    r = agent.generate("red circle", seed=1, plan=False)
+    assert r.layout == [] and engine.calls["plan_layout"] == 0
+    assert r.critiques[0].grounding == []  # no layout: nothing to verify by grounding
+    r = agent.generate("red circle and blue square", seed=1, plan=[RED, BLUE])
+    assert engine.calls["plan_layout"] == 0 and r.plan.source == "input"
+    assert [i.box.as_list() for i in r.layout] == [RED["box"], BLUE["box"]]
+    assert np.array_equal(r.image[10, 10], label_color("red circle"))
+
+
+def test_on_event_streams_run_and_sampler_events(agent):
+    events = []
+    r = agent.generate("red circle", seed=1, on_event=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.count("sampler_step") == 3 and "critique" in kinds and "plan" in kinds
+    assert events[0]["run_id"] == r.run_id and events[-1]["trace"] == str(r.trace_path)
+
+
+# -- images in, boxes out ---------------------------------------------------------------------
+
+
+def test_ground_letterboxes_the_input_and_maps_boxes_back(agent, tmp_path):
+    path = tmp_path / "wide.png"
+    save_image(_wide_scene(), path)
+    r = agent.ground(path, ["red circle", "green triangle"])
+    assert r.image.shape == (64, 64, 3) and r.source_size == (128, 64)
+    assert r.letterbox.scale == 0.5 and r.letterbox.pad_y == 16
+    assert r.canvas_boxes[0].box.as_list() == [10.0, 26.0, 30.0, 36.0]
+    assert r.boxes[0].box.as_list() == [20.0, 20.0, 60.0, 40.0]  # input pixels
+    assert r.boxes[1].box.area == 0  # not found: degenerate
+    assert r.layout == r.boxes and r.to_dict()["boxes"][0] == [20.0, 20.0, 60.0, 40.0]
+
+
+def test_ground_maps_scripted_canvas_boxes_and_clips(agent, engine):
+    engine.enqueue_ground([[0.0, 16.0, 32.0, 48.0], [-5.0, 0.0, 70.0, 64.0]])
+    r = agent.ground(np.zeros((64, 128, 3), np.uint8), ["left half", "everything"])
+    assert r.boxes[0].box.as_list() == [0.0, 0.0, 64.0, 64.0]
+    assert r.boxes[1].box.as_list() == [0.0, 0.0, 128.0, 64.0]  # clipped to the input
+
+
+def test_ask_answers_about_the_letterboxed_image(agent, engine):
+    engine.enqueue_answer("two")
+    r = agent.ask(_wide_scene(), "how many shapes?")
+    assert r.answer == "two" and r.image.shape == (64, 64, 3)
+    assert r.trace.nodes[0].node == "answer_question"
+
+
+def test_edit_letterboxes_and_keeps_the_padding_crop(agent, engine):
+    engine.enqueue_edit_plan(EditPlanResult(targets=["red circle"], target_boxes=[RED["box"]],
+                                            layout=[BLUE]))  # fmt: skip
+    r = agent.edit(_wide_scene(), "replace the red circle by a blue square", seed=4)
+    assert isinstance(r, EditResult) and r.accepted and r.seed == 4
+    assert r.image.shape == (64, 64, 3) and r.content().shape == (32, 64, 3)
+    assert len(r.attempts) == 1 and r.attempts[0].seed == 4 and r.step == 0
+    assert [i.label for i in r.layout] == ["blue square"] and r.plan.targets == ["red circle"]
+    assert r.source_ref is not None and r.source_ref.width == 64
+    assert agent.session(r.thread_id).exists  # a one-shot edit is a resumable session
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
+    with LavidaAgent(engine=engine, num_steps=2) as agent:
+        s = agent.session()
+        assert not s.exists and s.current is None
+        src = s.start(np.full((64, 64, 3), 10, np.uint8))
+        assert s.current == src
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+        first = s.edit("add a blue square", seed=1)
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        second = s.edit("add a red circle", seed=2)
+        assert [h.instruction for h in s.history()] == ["add a blue square", "add a red circle"]
+        assert second.step == 1 and s.current == second.image_ref
+        assert s.undo() == first.image_ref
+        assert s.branch(0) == first.image_ref
+        lineage = s.lineage(all_branches=True)
+        assert src.sha256 in {n["id"] for n in lineage["nodes"]}
+        assert second.trace.lineage is not None
+        thread = s.thread_id
+    # Resume by id from a fresh agent on the same home (SQLite): the state is still there.
+    with LavidaAgent(engine=engine, num_steps=2) as again:
+        s2 = again.session(thread)
+        assert s2.exists and s2.current == first.image_ref
+        assert [h.instruction for h in s2.history()] == ["add a blue square"]
+        assert np.array_equal(s2.current_image(), first.image)
+
+
+def test_session_errors(agent):
+    s = agent.session()
+    with pytest.raises(InvalidInputError, match="no image"):
+        s.edit("make it red")
+    with pytest.raises(NotFoundError):
+        s.history()
+    s.start(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match="nothing to undo"):
+        s.undo()
+    with pytest.raises(InvalidInputError, match="no step"):
+        s.branch(3)
+    with pytest.raises(InvalidInputError):
+        s.edit("  ")
+
+
+# -- async ------------------------------------------------------------------------------------
+
+
+def test_async_twins(agent, engine):
+    engine.enqueue_answer("yes")
+
+    async def main():
+        return await asyncio.gather(
+            agent.agenerate("red circle", seed=3), agent.aground(_wide_scene(), "red circle"),
+            agent.aask(_wide_scene(), "red?"), agent.aedit(_wide_scene(), "noop", seed=1),
+        )  # fmt: skip
+
+    gen, gr, ask, ed = asyncio.run(main())
+    assert gen.seed == 3 and gen.accepted
+    assert gr.boxes[0].box.as_list() == [20.0, 20.0, 60.0, 40.0]
+    assert ask.answer == "yes" and ed.step == 0
+    assert len({gen.thread_id, gr.thread_id, ask.thread_id, ed.thread_id}) == 4
+
+    async def session_turn():
+        s = agent.session()
+        s.start(np.zeros((64, 64, 3), np.uint8))
+        return await s.aedit("noop", seed=2)
+
+    assert asyncio.run(session_turn()).seed == 2
+
+
+def test_cancel_event_stops_a_run(agent):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled) as info:
+        agent.generate("red circle", seed=1, cancel=cancel)
+    trace = load_trace(info.value.run_id, agent.settings.runs_dir)
+    assert "cancelled" in trace.error
+
+
+def test_cancelling_the_async_task_stops_the_worker_at_the_next_step(tmp_path):
+    engine = FakeEngine(step_delay_s=0.02)
+    with LavidaAgent(engine=engine, num_steps=200) as agent:
+
+        async def main():
+            task = asyncio.create_task(agent.agenerate("red circle", seed=1))
+            while engine.calls["generate"] == 0:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+        deadline = time.monotonic() + 5
+        while not list(agent.settings.runs_dir.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (path,) = agent.settings.runs_dir.glob("*.json")
+        assert "cancelled" in load_trace(path).error
+        assert engine.calls["critique"] == 0  # stopped inside the first sampler loop
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_input_errors_are_invalid_input(agent, tmp_path):
+    with pytest.raises(InvalidInputError):
+        agent.generate("   ")
+    with pytest.raises(InvalidInputError, match="no such image"):
+        agent.ground(tmp_path / "missing.png", "x")
+    with pytest.raises(InvalidInputError):
+        agent.ground(np.zeros((8, 8, 3), np.uint8), [])
+    with pytest.raises(InvalidInputError, match="rounds"):
+        agent.generate("red circle", rounds=0)
+    with pytest.raises(InvalidInputError, match="seed"):
+        agent.generate("red circle", seed=-1)
+    with pytest.raises(ValueError):  # InvalidInputError is also a ValueError
+        agent.ask(b"not an image", "q")
+
+
+def test_a_failing_node_is_a_workflow_error_with_a_trace(agent, engine, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(engine, "generate", boom)
+    with pytest.raises(WorkflowError, match="generate_image.*sampler exploded") as info:
+        agent.generate("red circle", seed=1)
+    trace = load_trace(info.value.run_id, agent.settings.runs_dir)
+    assert trace.nodes[-1].node == "generate_image" and trace.nodes[-1].error
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_model_load_errors(tmp_path):
+    agent = LavidaAgent(model_path=str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="nope"):
+        agent.engine  # noqa: B018
+    with pytest.raises(ModelLoadError):
+        LavidaAgent.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (ImageError("bad image"), InvalidInputError),
+        (ValueError("bad value"), InvalidInputError),
+        (EngineUnavailableError("no model"), ModelLoadError),
+        (concurrent.futures.CancelledError(), GenerationCancelled),
+        (GenerationCancelled("stop"), GenerationCancelled),
+    ],
+)
+def test_map_exceptions(raised, expected):
+    with pytest.raises(expected) as info:
+        with map_exceptions():
+            raise raised
+    assert isinstance(info.value, LavidaError) and str(info.value)
+
+
+def test_map_exceptions_leaves_bugs_alone():
+    with pytest.raises(RuntimeError):
+        with map_exceptions():
+            raise RuntimeError("a bug")
+    with pytest.raises(NotFoundError):
+        with map_exceptions({KeyError: NotFoundError}):
+            raise KeyError("run 1")

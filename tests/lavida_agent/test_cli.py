@@ -1,0 +1,294 @@
+"""The `lavida-agent` CLI end to end with CliRunner on the FakeEngine (`ENGINE_FACTORY`)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import lavida_agent.cli as cli_mod
+from lavida_agent.cli import cli
+from lavida_agent.errors import InvalidInputError
+from lavida_agent.tools.images import load_image, save_image
+from tests.fakes import FakeEngine, draw
+
+# -- JSON schemas: required key -> type(s); list items checked by a nested schema ---------------
+
+ATTEMPT = {"seed": int, "verdict": (str, type(None)), "reasons": list, "image": str}
+PLAN_ITEM = {"label": str, "box": list}
+RUN = {"run_id": str, "thread_id": str, "trace": str}
+SCHEMAS = {
+    "generate": {"prompt": str, "out": str, "seed": int, "rounds": int,
+                 "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
+    "edit": {"image": str, "instruction": str, "out": str, "seed": int, "rounds": int,
+             "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
+    "ground": {"image": str, "expressions": [str], "boxes": [list]},
+    "ask": {"image": str, "question": str, "answer": str},
+}
+
+
+def validate(data, schema, where="$"):
+    """Assert that `data` has every key of `schema` with the right type (extra keys allowed)."""
+    if isinstance(schema, dict):
+        assert isinstance(data, dict), f"{where}: expected an object, got {data!r}"
+        for key, sub in schema.items():
+            assert key in data, f"{where}: missing key {key!r}"
+            validate(data[key], sub, f"{where}.{key}")
+    elif isinstance(schema, list):
+        assert isinstance(data, list), f"{where}: expected a list"
+        for i, item in enumerate(data):
+            validate(item, schema[0], f"{where}[{i}]")
+    else:
+        assert isinstance(data, schema) and not (schema is int and isinstance(data, bool)), (
+            f"{where}: {data!r} is not {schema}")  # fmt: skip
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    eng = FakeEngine()
+    seen = []
+
+    def factory(settings):
+        seen.append(settings)
+        return eng
+
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", factory)
+    eng.settings_seen = seen
+    return eng
+
+
+@pytest.fixture
+def run(engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(cli, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+@pytest.fixture
+def scene(tmp_path):
+    """A 128 x 64 PNG with the red circle at [20, 20, 60, 40]."""
+    path = tmp_path / "scene.png"
+    save_image(draw(np.zeros((64, 128, 3), np.uint8),
+                    [{"label": "red circle", "box": [20, 20, 60, 40]}]), path)  # fmt: skip
+    return path
+
+
+# -- one command each -------------------------------------------------------------------------
+
+
+def test_generate_json(run, tmp_path):
+    res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 3,
+              "--rounds", 2, "--steps", 2, "--preview-scale", 4, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    validate(data, SCHEMAS["generate"])
+    assert data["seed"] == 3 and data["out"] == "o.png" and data["rounds"] == 1
+    assert [p["label"] for p in data["plan"]] == ["red circle", "blue square"]
+    assert load_image(tmp_path / "o.png").shape == (256, 256, 3)
+    assert (tmp_path / "lavida_home" / "runs" / f"{data['run_id']}.json").is_file()
+
+
+def test_generate_human_output_and_no_plan(run, engine):
+    res = run("generate", "red circle", "--out", "sub/o.png", "--no-plan", "--seed", 1)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("sub/o.png: accepted after 1 round(s), seed 1, run ")
+    assert engine.calls["plan_layout"] == 0
+
+
+def test_edit_json(run, scene, engine):
+    res = run("edit", scene, "make it blue", "--out", "e.png", "--seed", 2, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    validate(data, SCHEMAS["edit"])
+    assert data["image"] == str(scene) and data["seed"] == 2 and data["step"] == 0
+    assert load_image("e.png").shape == (64, 64, 3)
+
+
+def test_ground_json_in_input_pixels(run, scene):
+    res = run("ground", scene, "red circle", "green triangle", "--json", "--out", "boxes.png")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    validate(data, SCHEMAS["ground"])
+    assert data["boxes"][0] == [20.0, 20.0, 60.0, 40.0] and data["boxes"][1] == [0, 0, 0, 0]
+    assert load_image("boxes.png").shape == (64, 128, 3)
+    human = run("ground", scene, "red circle", "green triangle")
+    assert human.stdout.splitlines() == ["red circle\t20 20 60 40", "green triangle\tnot found"]
+
+
+def test_ask_json(run, scene, engine):
+    engine.enqueue_answer("one")
+    res = run("ask", scene, "how many shapes?", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    validate(data, SCHEMAS["ask"])
+    assert data["answer"] == "one"
+    engine.enqueue_answer("one")
+    assert run("ask", scene, "how many?").stdout == "one\n"
+
+
+# -- batch -----------------------------------------------------------------------------------
+
+
+def test_generate_batch_with_a_bad_line(run, tmp_path):
+    lines = [
+        {"prompt": "red circle", "out": "a.png", "seed": 1},
+        "this is not json",
+        {"prompt": "blue square"},  # missing out
+        {"prompt": "x", "out": "x.png", "colour": "red"},  # unknown key
+        {"prompt": "green triangle", "out": "c.png", "plan": False},
+    ]
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n"
+    (tmp_path / "jobs.jsonl").write_text(text)
+    res = run("generate", "--batch", "jobs.jsonl", "--steps", 2)
+    assert res.exit_code == 1
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    assert len(out) == 5
+    validate(out[0], SCHEMAS["generate"])
+    validate(out[4], SCHEMAS["generate"])
+    assert out[0]["seed"] == 1 and out[4]["plan"] == []
+    assert out[1]["line"] == 2 and "invalid JSON" in out[1]["error"]
+    assert out[2] == {"error": "missing key(s): out", "line": 3}
+    assert "unknown key(s): colour" in out[3]["error"]
+    assert (tmp_path / "a.png").is_file() and (tmp_path / "c.png").is_file()
+    assert "Error: 3 of 5 line(s) failed" in res.stderr
+
+
+def test_ground_ask_edit_batches_from_stdin(run, scene, engine):
+    text = json.dumps({"image": str(scene), "expressions": ["red circle"]}) + "\n"
+    res = run("ground", "--batch", "-", input=text + text)
+    assert res.exit_code == 0, res.output
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [o["boxes"] for o in out] == [[[20.0, 20.0, 60.0, 40.0]]] * 2
+    res = run("ask", "--batch", "-", input=json.dumps({"image": "nope.png", "question": "q"}))
+    assert res.exit_code == 1 and "no such image" in json.loads(res.stdout)["error"]
+    job = {"image": str(scene), "instruction": "noop", "out": "e.png", "seed": 1}
+    res = run("edit", "--batch", "-", "--workers", 2, input=json.dumps(job))
+    assert res.exit_code == 0, res.output
+    validate(json.loads(res.stdout), SCHEMAS["edit"])
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_errors_are_one_line_with_non_zero_exit(run):
+    res = run("ask", "missing.png", "q")
+    assert res.exit_code == 1
+    assert res.stderr == "Error: no such image file: 'missing.png'\n" and res.stdout == ""
+    res = run("generate", "red circle")  # no --out
+    assert res.exit_code == 2 and "generate needs PROMPT and --out" in res.stderr
+    res = run("generate", "x", "--out", "o.png", "--rounds", 0)
+    assert res.exit_code == 2
+
+
+def test_debug_shows_the_exception(run):
+    res = run("--debug", "ask", "missing.png", "q")
+    assert res.exit_code == 1 and isinstance(res.exception, InvalidInputError)
+    res = run("ask", "missing.png", "q", "--debug")
+    assert isinstance(res.exception, InvalidInputError)
+
+
+def test_unexpected_errors_are_one_line_too(run, engine, monkeypatch):
+    monkeypatch.setattr(engine, "answer", lambda *a, **k: 1 / 0)
+    save_image(np.zeros((8, 8, 3), np.uint8), "x.png")
+    res = run("ask", "x.png", "q")
+    assert res.exit_code == 1
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("Error: understand failed in node 'answer_question'")
+    assert "lavida-agent trace" in line and "Traceback" not in res.output
+
+
+# -- sessions and traces -----------------------------------------------------------------------
+
+
+def test_session_commands(run, scene, tmp_path):
+    res = run("session", "start", scene)
+    assert res.exit_code == 0, res.output
+    sid = res.stdout.strip()
+    for i, instruction in enumerate(["make it blue", "make it green"]):
+        res = run("session", "edit", sid, instruction, "--out", f"s{i}.png", "--seed", i,
+                  "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        assert data["session"] == sid and data["step"] == i
+    hist = json.loads(run("session", "history", sid, "--json").stdout)
+    assert [s["instruction"] for s in hist["steps"]] == ["make it blue", "make it green"]
+    undo = json.loads(run("session", "undo", sid, "--json", "--out", "u.png").stdout)
+    assert undo["step"] == 0 and (tmp_path / "u.png").is_file()
+    branch = run("session", "branch", sid, 0)  # steps of the current branch only
+    assert branch.exit_code == 0 and branch.stdout.strip() == "current step: 0"
+    show = json.loads(run("session", "show", sid, "--json").stdout)
+    assert show["step"] == 0 and show["steps"] == 1 and show["lineage"]["edges"]
+    res = run("session", "edit", "no-such-session", "x", "--out", "o.png")
+    assert res.exit_code == 1 and "no session 'no-such-session'" in res.stderr
+    res = run("session", "branch", sid, 9)
+    assert res.exit_code == 1 and res.stderr.startswith("Error: no step 9")
+
+
+def test_trace_command_renders_html(run, scene, tmp_path):
+    run_id = json.loads(run("ask", scene, "q", "--json").stdout)["run_id"]
+    res = run("trace", run_id, "--out", "page.html")
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "page.html").read_text()
+    assert page.count("<img") == 1 and "http://" not in page and "https://" not in page
+    assert json.loads(run("trace", run_id, "--json").stdout)["run_id"] == run_id
+    res = run("trace", "deadbeef")
+    assert res.exit_code == 1 and "no trace for run 'deadbeef'" in res.stderr
+
+
+# -- model, bench, train, serve ----------------------------------------------------------------
+
+
+def test_global_model_option_reaches_the_settings(run, engine, tmp_path):
+    res = run("--model", tmp_path / "ckpt", "--home", tmp_path / "h", "generate", "x",
+              "--out", "o.png", "--seed", 0)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (settings,) = engine.settings_seen
+    assert settings.model_path == str(tmp_path / "ckpt") and settings.home == tmp_path / "h"
+
+
+def test_bench_and_train_call_the_modules(run, monkeypatch):
+    calls = []
+
+    def fake_import(module, what):
+        def run_(**kwargs):
+            calls.append((module, kwargs))
+            return {"ok": True}
+
+        def main(argv):
+            calls.append((module, argv))
+            return 0
+
+        return types.SimpleNamespace(run=run_, main=main)
+
+    monkeypatch.setattr(cli_mod, "_import", fake_import)
+    assert json.loads(run("bench", "speed", "--quick", "--out", "b").stdout) == {"ok": True}
+    assert run("bench", "quality", "--quick").exit_code == 0
+    assert run("train", "vq", "--steps", "5", "--help").exit_code == 0
+    assert run("train", "model", "--config", "c.json").exit_code == 0
+    assert calls[0] == ("lavida_agent.benchmarks.speed_model", {"out_dir": "b", "quick": True})
+    assert calls[1][0] == "lavida_agent.benchmarks.quality" and calls[1][1]["quick"] is True
+    assert calls[2] == ("lavida_agent.model.training_vq", ["--steps", "5", "--help"])
+    assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"])
+
+
+def test_serve_without_a_server_is_a_clear_error(run):
+    import importlib.util
+
+    if importlib.util.find_spec("lavida_agent.server") is not None:
+        pytest.skip("the server exists")
+    res = run("serve")
+    assert res.exit_code == 1 and "HTTP server is not available" in res.stderr
+
+
+def test_help_lists_every_command(run):
+    res = run("--help")
+    for name in ("generate", "edit", "ground", "ask", "session", "trace", "bench", "train",
+                 "serve", "world"):  # fmt: skip
+        assert name in res.stdout

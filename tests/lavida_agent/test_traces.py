@@ -1,0 +1,142 @@
+"""Traces: the JSON record of a run is complete, and its HTML page is self-contained."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from lavida_agent.api import LavidaAgent
+from lavida_agent.errors import InvalidInputError, NotFoundError
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.tools.artifacts import ArtifactStore
+from lavida_agent.tools.images import decode_png
+from lavida_agent.traces import Trace, load_trace, render_html
+from tests.fakes import FakeEngine
+
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def agent(engine):
+    with LavidaAgent(engine=engine, num_steps=3) as a:
+        yield a
+
+
+@pytest.fixture
+def refined(agent, engine):
+    """A t2i run with one rejection (the blue square is missing) and a regions redraw."""
+    engine.drop_labels = {"blue square"}
+    engine.enqueue_critique(False, ["the blue square is missing"], text="no square")
+    r = agent.generate("red circle and blue square", seed=7, rounds=2)
+    engine.drop_labels = set()
+    return r
+
+
+def test_json_trace_records_every_node_in_order(agent, refined):
+    trace = load_trace(refined.run_id, agent.settings.runs_dir)
+    assert trace == refined.trace
+    names = [n.node for n in trace.nodes]
+    assert names == ["plan_layout", "review_plan", "generate_image", "critique_image",
+                     "refine_image", "critique_image"]  # fmt: skip
+    assert [n.index for n in trace.nodes] == list(range(len(names)))
+    assert all(n.elapsed_s is not None and n.elapsed_s >= 0 for n in trace.nodes)
+    starts = [n.start_s for n in trace.nodes]
+    assert starts == sorted(starts)
+    assert trace.inputs["prompt"] == "red circle and blue square" and trace.inputs["seed"] == 7
+    assert trace.settings["num_steps"] == 3 and trace.settings["engine"] == "FakeEngine"
+    # Inputs and outputs: the plan, the seeds, the critique and its blamed boxes.
+    plan_node, _, gen, crit, refine, _ = trace.nodes
+    assert [i["label"] for i in plan_node.output["plan"]["items"]] == ["red circle", "blue square"]
+    assert gen.output["attempts"][0]["seed"] == 7 and refine.output["attempts"][0]["seed"] == 8
+    assert gen.sampler_steps == 3 and refine.sampler_steps == 3
+    assert crit.output["critiques"][0]["reasons"][0] == "the blue square is missing"
+    assert crit.output["critiques"][0]["blamed"][0]["label"] == "blue square"
+    assert refine.input["critiques"]["count"] == 1  # growing lists: count + last item
+    assert refine.output["attempts"][0]["mode"] == "regenerate_regions"
+    assert any(e["event"] == "critique" for e in crit.events)
+    # Views: planned boxes on the plan, grounded boxes (one failed) on the critique.
+    assert [b.kind for b in plan_node.view.boxes] == ["planned", "planned"]
+    assert plan_node.view.image is None
+    assert {(b.label, b.ok) for b in crit.view.boxes} == {("red circle", True),
+                                                          ("blue square", False)}  # fmt: skip
+    assert any(b.kind == "region" for b in refine.view.boxes)
+    # Every image the trace names is in the store.
+    for n in trace.nodes:
+        if n.view.image is not None:
+            assert agent.store.exists(n.view.image["path"])
+    assert trace.result["accepted"] is True and trace.error is None
+    assert len(refined.trace_path.read_bytes()) < 100_000  # refs, never pixels
+
+
+def _imgs(page: str) -> list[str]:
+    return re.findall(r"<img [^>]*src='([^']*)'", page)
+
+
+def test_html_is_self_contained_with_one_image_per_step(agent, refined):
+    page = render_html(refined.trace, agent.store, scale=4)
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"https?://", page), "no external URLs"
+    assert "<link" not in page and "<script" not in page and "url(" not in page.replace(
+        "url(#arrow)", "")  # fmt: skip
+    srcs = _imgs(page)
+    assert len(srcs) == page.count("<img") == len(refined.trace.nodes)
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        png = decode_png(base64.b64decode(src.split(",", 1)[1]))
+        assert png.shape == (256, 256, 3)  # 64 px upscaled 4x, nearest neighbour
+    assert "the blue square is missing" in page and "no square" in page  # critique text
+    assert "generate_image" in page and "sampler steps" in page  # timings table
+
+
+def test_html_draws_the_boxes_on_the_images(agent, refined):
+    srcs = _imgs(render_html(refined.trace, agent.store, scale=2))
+    critique_png = decode_png(base64.b64decode(srcs[3].split(",", 1)[1]))
+    raw = np.repeat(np.repeat(agent.store.open(refined.attempts[0].image), 2, 0), 2, 1)
+    assert not np.array_equal(critique_png, raw)  # boxes drawn over the image
+    plan_png = decode_png(base64.b64decode(srcs[0].split(",", 1)[1]))
+    assert (plan_png != 255).any()  # the plan is drawn on a blank canvas
+
+
+def test_edit_trace_has_the_lineage_as_svg(agent, engine):
+    s = agent.session()
+    s.start(np.full((64, 64, 3), 10, np.uint8))
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    s.edit("add a blue square", seed=1)
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 8.0, 8.0]], layout=[]))
+    r = s.edit("recolour the corner", seed=2)
+    assert [n.node for n in r.trace.nodes] == ["plan_edit", "edit_image", "verify_edit",
+                                               "commit_edit"]  # fmt: skip
+    assert len(r.trace.lineage["edges"]) == 2
+    page = render_html(r.trace, agent.store)
+    assert "<svg" in page and "add a blue square" in page
+    assert len(_imgs(page)) == len(r.trace.nodes)
+    assert not re.search(r"https?://", page)
+
+
+def test_missing_images_render_as_placeholders(agent, refined, tmp_path):
+    empty = ArtifactStore(tmp_path / "empty")
+    page = render_html(refined.trace.model_dump(mode="json"), empty)
+    assert len(_imgs(page)) == len(refined.trace.nodes) and "image unavailable" in page
+
+
+def test_load_trace_errors(agent, tmp_path):
+    with pytest.raises(NotFoundError):
+        load_trace("0123abcd", agent.settings.runs_dir)
+    with pytest.raises(InvalidInputError):
+        load_trace("../etc/passwd", agent.settings.runs_dir)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(InvalidInputError):
+        load_trace(bad)
+
+
+def test_trace_round_trips_through_json(refined):
+    assert Trace.model_validate_json(refined.trace.to_json()) == refined.trace
