@@ -63,10 +63,7 @@ class LavidaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if weight is None else weight
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * w.float()).to(dtype)
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), self.eps)
 
 
 class LavidaRotaryEmbedding(nn.Module):
@@ -159,23 +156,23 @@ class LavidaDecoderLayer(nn.Module):
         dg = self.attn_norm_gen.weight.shape[0]
         run_und = not skip_und and und_idx.numel() > 0
 
-        # Step 1: per-branch Q/K/V, scattered back into sequence order. Rows of a skipped
-        # branch stay zero: the attention mask never lets a live query see them.
-        q = h_gen.new_zeros(N, d)
-        k, v = torch.zeros_like(q), torch.zeros_like(q)
+        # Step 1: per-branch Q/K/V (one fused matmul per branch), scattered back into
+        # sequence order. Rows of a skipped branch stay zero: the attention mask never lets
+        # a live query see them.
+        if run_und or und_idx.numel() == 0:
+            qkv = h_gen.new_empty(N, 3 * d)
+        else:
+            qkv = h_gen.new_zeros(N, 3 * d)
         if run_und:
-            x = self.attn_norm(h_und)
-            q = q.index_copy(0, und_idx, self.q_proj(x))
-            k = k.index_copy(0, und_idx, self.k_proj(x))
-            v = v.index_copy(0, und_idx, self.v_proj(x))
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            qkv[und_idx] = F.linear(self.attn_norm(h_und), w)
         if gen_idx.numel():
-            x = self.attn_norm_gen(h_gen)
-            q = q.index_copy(0, gen_idx, self.q_proj_gen(x))
-            k = k.index_copy(0, gen_idx, self.k_proj_gen(x))
-            v = v.index_copy(0, gen_idx, self.v_proj_gen(x))
-        q, k, v = (t.view(B, L, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
+            w = torch.cat([self.q_proj_gen.weight, self.k_proj_gen.weight, self.v_proj_gen.weight])
+            qkv[gen_idx] = F.linear(self.attn_norm_gen(h_gen), w)
+        qkv = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, L, hd)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together
+        q, k, v = qk[0], qk[1], qkv[2]
         present = (k, v)  # post-RoPE keys: a cache stores them as they are
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
@@ -266,10 +263,13 @@ class LavidaImageHead(nn.Module):
         self.proj = nn.Linear(dg, dg, bias=False)
         self.classifier = nn.Linear(dg, config.codebook_size, bias=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `(S, G, G, K)`, or `(n, K)` at the `True` cells of `select` `(S, G, G)`."""
         S, P, dg = h.shape
         x = h.transpose(1, 2).reshape(S, dg, self.side, self.side)
         x = self.up(x).permute(0, 2, 3, 1)  # (S, G, G, dg)
+        if select is not None:
+            x = x[select]  # (n, dg): only the cells a loss is taken on
         return self.classifier(F.silu(self.proj(self.norm(x))))
 
 
@@ -313,8 +313,10 @@ class LavidaOutput:
 
     Attributes:
         loss: text + image masked-diffusion loss when labels are given.
-        text_logits: `(B, L, V)`; zeros at gen positions; None under elastic activation.
-        image_logits: `(M, G, G, K)` for every `img_gen` slot in order of appearance.
+        text_logits: `(B, L, V)`; zeros at gen positions; None under elastic activation
+            and when labels are given (training computes logits only where labels are).
+        image_logits: `(M, G, G, K)` for every `img_gen` slot in order of appearance
+            (None when labels are given).
         cache: the condition cache when `use_cache=True`.
         text_loss, image_loss: the two terms (detached), for logging.
     """
@@ -524,36 +526,38 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if use_cache:
             out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic)
 
-        # Text head: only meaningful when und rows ran every layer.
-        if not elastic:
-            text_logits = self.lm_head(self.norm(h_und))  # (Nu, V)
-            full = text_logits.new_zeros(B * L, cfg.vocab_size)
-            out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
-        # Image head on target slots only; the shared final norm uses its first dg weights.
-        if bool(gen_is_target.any()):
-            h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[: cfg.gen_hidden_size])
-            P = cfg.positions_per_image
-            out.image_logits = self.image_head(h_tgt.view(-1, P, cfg.gen_hidden_size))
+        # Heads. With labels (training) logits are computed only where a label is, and
+        # returned as None: a (B, L, V) text tensor and (M, G, G, K) image tensor would cost
+        # more than the loss itself. The shared final norm gives gen its first dg weights.
+        P, dg = cfg.positions_per_image, cfg.gen_hidden_size
+        has_target = bool(gen_is_target.any())
+        h_tgt = None
+        if has_target:
+            h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[:dg]).view(-1, P, dg)
+        if labels is None and image_labels is None:
+            if not elastic:
+                text_logits = self.lm_head(self.norm(h_und))  # (Nu, V)
+                full = text_logits.new_zeros(B * L, cfg.vocab_size)
+                out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
+            if has_target:
+                out.image_logits = self.image_head(h_tgt)
+            return out
 
-        if labels is not None or image_labels is not None:
-            zero = h_gen.new_zeros(())
-            text_loss = image_loss = zero
-            if labels is not None and out.text_logits is not None and bool((labels != -100).any()):
-                text_loss = F.cross_entropy(
-                    out.text_logits.reshape(-1, cfg.vocab_size).float(), labels.reshape(-1),
-                    ignore_index=-100,
-                )  # fmt: skip
-            if (
-                image_labels is not None
-                and out.image_logits is not None
-                and bool((image_labels != -100).any())
-            ):
-                image_loss = F.cross_entropy(
-                    out.image_logits.reshape(-1, cfg.codebook_size).float(),
-                    image_labels.reshape(-1), ignore_index=-100,
-                )  # fmt: skip
-            out.loss = text_loss + image_loss
-            out.text_loss, out.image_loss = text_loss.detach(), image_loss.detach()
+        zero = h_gen.new_zeros(())
+        text_loss = image_loss = zero
+        if labels is not None and not elastic:
+            lab = labels.reshape(-1)[und_idx]
+            rows = (lab != -100).nonzero().squeeze(1)
+            if rows.numel():
+                logits = self.lm_head(self.norm(h_und[rows]))
+                text_loss = F.cross_entropy(logits.float(), lab[rows])
+        if image_labels is not None and has_target:
+            select = image_labels != -100  # (M, G, G)
+            if bool(select.any()):
+                logits = self.image_head(h_tgt, select=select)
+                image_loss = F.cross_entropy(logits.float(), image_labels[select])
+        out.loss = text_loss + image_loss
+        out.text_loss, out.image_loss = text_loss.detach(), image_loss.detach()
         return out
 
     # ------------------------------------------------------------------ accounting

@@ -432,6 +432,7 @@ class LavidaPipeline:
                 gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
                 gx1, gy1 = min(cfg.image_grid, -(-int(x1) // cell)), min(cfg.image_grid, -(-int(y1) // cell))
                 codes[b, gy0:gy1, gx0:gx1] = cfg.image_mask_code
+        redrawn = (codes == cfg.image_mask_code).numpy()  # (B, G, G)
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         cond = [build_t2i(self.tokenizer, cfg, p, plan=pl) for p, pl in zip(prompts, plans)]
         exs = cond + [drop_conditions(e, cfg, prompt=True, source=False) for e in cond] if g else cond
@@ -443,7 +444,13 @@ class LavidaPipeline:
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="regenerate_regions",
         )  # fmt: skip
-        return ImageOutput(images=self._decode_codes(out), codes=out.cpu(), plans=list(plans), seeds=seeds)
+        # Pixels outside the redrawn cells are the caller's own, not a VQ reconstruction.
+        decoded = self._decode_codes(out)
+        result = []
+        for b, image in enumerate(decoded):
+            keep = ~np.kron(redrawn[b], np.ones((cell, cell), dtype=bool))
+            result.append(np.where(keep[..., None], np.asarray(images[b]), image))
+        return ImageOutput(images=result, codes=out.cpu(), plans=list(plans), seeds=seeds)
 
     def edit(
         self, images: Sequence[np.ndarray], instructions: Sequence[str], *, plans=None, seed=0,

@@ -30,7 +30,7 @@ def test_load_engine_fails_clearly_without_model(monkeypatch):
     from lavida_agent.graphs import engine as engine_mod
 
     engine_mod.load_engine.cache_clear()
-    monkeypatch.setitem(sys.modules, "lavida_agent.model.engine", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "lavida_agent.model.pipeline_lavida", None)  # import -> ImportError
     with pytest.raises(engine_mod.EngineUnavailableError, match="Context\\(engine="):
         engine_mod.load_engine()
     engine_mod.load_engine.cache_clear()

@@ -31,12 +31,19 @@ def t2i_batch(config, n=2, text_len=9, seed=0):
 def test_every_task_builds_and_trains(task, tokenizer, tiny_config, tiny_vq, tiny_model):
     sampler = TaskSampler(tokenizer, tiny_config, tiny_vq)
     batch, image_labels = make_batch(sampler, task, np.random.default_rng(0), 3, tiny_config)
-    out = tiny_model(**batch.model_inputs(), labels=batch.text_targets, image_labels=image_labels)
+    with torch.no_grad():
+        plain = tiny_model(**batch.model_inputs())
     B, L = batch.input_ids.shape
-    assert out.text_logits.shape == (B, L, tiny_config.vocab_size)
+    assert plain.text_logits.shape == (B, L, tiny_config.vocab_size)
     if task in ("t2i", "t2i_plan", "edit"):
-        assert out.image_logits.shape == (3, 16, 16, tiny_config.codebook_size)
+        assert plain.image_logits.shape == (3, 16, 16, tiny_config.codebook_size)
+    out = tiny_model(**batch.model_inputs(), labels=batch.text_targets, image_labels=image_labels)
     assert torch.isfinite(out.loss) and out.loss > 0
+    # the loss on selected rows equals cross-entropy over the full logits
+    text_ce = torch.nn.functional.cross_entropy(
+        plain.text_logits.reshape(-1, tiny_config.vocab_size), batch.text_targets.reshape(-1)
+    ) if (batch.text_targets != -100).any() else torch.tensor(0.0)
+    torch.testing.assert_close(out.text_loss, text_ce, atol=1e-5, rtol=1e-5)
     out.loss.backward()
     grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

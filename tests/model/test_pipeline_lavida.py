@@ -95,3 +95,10 @@ def test_plan_text_roundtrip():
     assert parse_plan(plan_text(items)) == items
     assert parse_boxes(plan_text(items)) == [b for _, b in items]
     assert parse_plan("<box_p> red circle </box_p> <LOC_BEGIN> <LOC_3> <LOC_END> garbage") == []
+
+
+def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
+    out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(8, 8, 20, 20)]], seed=3, num_steps=4)
+    outside = np.ones((64, 64), dtype=bool)
+    outside[8:20, 8:20] = False
+    assert np.array_equal(out.images[0][outside], scene_image[outside])
