@@ -1,0 +1,1616 @@
+"""ShapesWorld quality benchmark: held-out suites scored by the classical detector only.
+
+    python -m lavida_agent.benchmarks.quality --out bench_out/quality [--n 32] [--quick]
+        [--suites t2i,edit,...] [--model-path DIR] [--agent-rounds 1,2,4]
+
+Every number comes from `tools/shapes_world` (detector, `check_prompt`, `check_edit`,
+`grounding_correct`, `answer_correct`); the model is never asked to judge anything except in
+the `critique` suite (whose *subject* is the model's verdict) and inside the agent loop
+(whose critique is part of the system under test). The suites:
+
+- `vq`: VQ round trip (`training_vq.evaluate_vq`): the detector finds the same scene on
+  `decode(encode(render(scene)))` as on `render(scene)` (`8 n` scenes).
+- `t2i`: `n` prompts per GenEval-style category; single shot (`generate`) and with the
+  model's own plan (`plan`, then `generate(plans=...)`), same sampler seeds. Also whether
+  the plan itself, read as a scene, satisfies the prompt.
+- `edit`: `n` instructions per ImgEdit-style category on rendered scenes; `check_edit`
+  correctness and PSNR outside the touched boxes.
+- `ground`: `5 n` scenes with up to 3 unambiguous referring expressions each; Acc@0.5 with
+  one expression per call row (`single`) and all of a scene's expressions in one row
+  (`multi`).
+- `vqa`: `n` questions per kind; exact answers after normalisation.
+- `critique`: the model's verdict (`critique().ok`) vs the detector's (`check_prompt`) on
+  `7 n` `sample_critique` renders (about half correct, half corrupted), and on the model's own
+  single-shot t2i images when the `t2i` suite ran.
+- `agent`: the LangGraph `t2i` workflow (plan, generate, model critique, refine) and `edit`
+  workflow (plan, edit, model verify, re-edit) through a `BatchingEngine`, for each
+  `max_rounds` in `agent_rounds`; the final image is scored by the detector and compared
+  with single shot on the same prompts and base seeds.
+
+Held-out data: training draws `numpy.random.default_rng([seed, step])` with small seeds;
+here item `i` of suite `s` draws from `default_rng([10**9 + 1000 * seed + index(s), *key])`,
+a stream disjoint from training's. Sampler seeds are `100 * seed_index` (room for agent
+rounds, which use `base + round`). Items are prefix-stable: a larger `n` extends a smaller
+one.
+
+Outputs in `out_dir`: `quality.json` (every number, settings, command, seeds, timings),
+`quality.md` (one table per suite), `samples_t2i.png` and `samples_edit.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lavida_agent.tools.draw import make_grid
+from lavida_agent.tools.images import save_image
+from lavida_agent.tools.shapes_world.checkers import (
+    answer_correct,
+    check_edit,
+    check_prompt,
+    grounding_correct,
+)
+from lavida_agent.tools.shapes_world.language import (
+    EDIT_CATEGORIES,
+    PROMPT_CATEGORIES,
+    QUESTION_KINDS,
+    REF_FORMS,
+    GrammarError,
+    parse_prompt,
+    parse_verdict,
+    sample_critique,
+    sample_edit,
+    sample_prompt,
+    sample_question,
+    sample_refexp,
+)
+from lavida_agent.tools.shapes_world.render import render
+from lavida_agent.tools.shapes_world.sampler import sample_scene
+from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES, SIZES, Object, Scene
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HELDOUT_BASE",
+    "SUITES",
+    "PSNR_CAP",
+    "suite_seed",
+    "item_rng",
+    "t2i_items",
+    "edit_items",
+    "ground_items",
+    "vqa_items",
+    "critique_items",
+    "plan_correct",
+    "score_t2i",
+    "score_plans",
+    "score_edit",
+    "score_ground",
+    "score_vqa",
+    "score_critique",
+    "score_agent_t2i",
+    "score_agent_edit",
+    "run",
+    "main",
+]
+
+HELDOUT_BASE = 10**9
+"""First element of every held-out seed sequence (training uses small seeds)."""
+SUITES: tuple[str, ...] = ("vq", "t2i", "edit", "ground", "vqa", "critique", "agent")
+PSNR_CAP = 100.0
+"""PSNR of identical pixels (inf) is reported as this many dB, as `evaluate_vq` does."""
+SEED_STRIDE = 100
+"""Sampler base seeds are `SEED_STRIDE * (k + 1) + 10**6 * seed`: room for `base + round`."""
+MULTI_EXPRESSIONS = 3
+"""Most referring expressions per ground scene."""
+DEFAULT_N = 32
+QUICK_N = 1
+QUICK_STEPS = 4
+"""Sampler steps of a quick run when none are given (a smoke run, not a measurement)."""
+VQ_PER_N = 8
+"""The vq suite round-trips `VQ_PER_N * n` scenes (it is cheap)."""
+
+
+# =========================================================================== seeds and items
+
+
+def suite_seed(seed: int, suite: str) -> int:
+    """The held-out entropy of `suite` for run seed `seed` (>= 10**9, disjoint from training)."""
+    return HELDOUT_BASE + 1000 * int(seed) + SUITES.index(suite)
+
+
+def item_rng(seed: int, suite: str, *key: int) -> np.random.Generator:
+    """The generator of one item: `default_rng([suite_seed(seed, suite), *key])`."""
+    return np.random.default_rng([suite_seed(seed, suite), *(int(k) for k in key)])
+
+
+def sampler_seed(seed: int, k: int) -> int:
+    """Sampler base seed of the `k`-th item of a suite (agent round r uses base + r)."""
+    return 10**6 * int(seed) + SEED_STRIDE * (int(k) + 1)
+
+
+def t2i_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` held-out prompts per category: `{category, index, prompt, seed}`."""
+    items = []
+    for ci, cat in enumerate(PROMPT_CATEGORIES):
+        for i in range(n):
+            text, _ = sample_prompt(item_rng(seed, "t2i", ci, i), cat)
+            items.append(
+                {
+                    "category": cat,
+                    "index": i,
+                    "prompt": text,
+                    "seed": sampler_seed(seed, ci * 10_000 + i),
+                }
+            )
+    return items
+
+
+def edit_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` held-out edits per category: `{category, index, scene, instruction, target, seed}`."""
+    items = []
+    for ci, cat in enumerate(EDIT_CATEGORIES):
+        for i in range(n):
+            rng = item_rng(seed, "edit", ci, i)
+            for _ in range(100):
+                scene = sample_scene(rng)
+                try:
+                    text, _, target = sample_edit(rng, scene, cat)
+                except ValueError:  # this category does not apply to this scene
+                    continue
+                break
+            else:  # pragma: no cover - every category applies to most random scenes
+                raise RuntimeError(f"no {cat} edit found for item {i}")
+            items.append(
+                {
+                    "category": cat,
+                    "index": i,
+                    "scene": scene,
+                    "instruction": text,
+                    "target": target,
+                    "seed": sampler_seed(seed, ci * 10_000 + i),
+                }
+            )
+    return items
+
+
+def ground_items(
+    n: int, seed: int = 0, max_expressions: int = MULTI_EXPRESSIONS
+) -> list[dict[str, Any]]:
+    """`n` held-out scenes with up to `max_expressions` distinct unambiguous expressions.
+
+    Each item: `{index, scene, expressions: [text], forms: [form], boxes: [true box]}`.
+    """
+    items = []
+    for i in range(n):
+        rng = item_rng(seed, "ground", i)
+        scene = sample_scene(rng)
+        texts, forms, boxes = [], [], []
+        for _ in range(4 * max_expressions):
+            if len(texts) == max_expressions:
+                break
+            text, spec, idx = sample_refexp(rng, scene)
+            if text not in texts:
+                texts.append(text)
+                forms.append(spec.form)
+                boxes.append(tuple(scene.objects[idx].box))
+        items.append(
+            {"index": i, "scene": scene, "expressions": texts, "forms": forms, "boxes": boxes}
+        )
+    return items
+
+
+def vqa_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` held-out questions per kind: `{kind, index, scene, question, answer}`."""
+    items = []
+    for ki, kind in enumerate(QUESTION_KINDS):
+        for i in range(n):
+            rng = item_rng(seed, "vqa", ki, i)
+            found = None
+            while found is None:
+                scene = sample_scene(rng)
+                for _ in range(50):  # kinds are drawn uniformly; keep the one asked for
+                    q, spec, ans = sample_question(rng, scene)
+                    if spec.kind == kind:
+                        found = (scene, q, ans)
+                        break
+            scene, q, ans = found
+            items.append({"kind": kind, "index": i, "scene": scene, "question": q, "answer": ans})
+    return items
+
+
+def critique_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` held-out `sample_critique` triples: `{index, prompt, scene, label}` (label = verdict)."""
+    items = []
+    for i in range(n):
+        prompt, scene, label = sample_critique(item_rng(seed, "critique", i))
+        items.append({"index": i, "prompt": prompt, "scene": scene, "label": label})
+    return items
+
+
+# =========================================================================== helpers
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    size = max(1, int(size))
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _acc_by(
+    records: Sequence[dict], group: str, keys: Sequence[str], field: str = "correct"
+) -> dict:
+    """`{key: accuracy}` over `keys` (groups with no records are left out) plus `overall`."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [r[field] for r in records if r[group] == k]
+        if vals:
+            out[k] = _mean(vals)
+    out["overall"] = _mean([r[field] for r in records])
+    return out
+
+
+def _psnr(value: float) -> float:
+    return PSNR_CAP if math.isinf(value) else float(value)
+
+
+def _gen_kwargs(num_steps: int | None) -> dict[str, Any]:
+    return {} if num_steps is None else {"num_steps": int(num_steps)}
+
+
+def _canvas(image: np.ndarray) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8)
+
+
+# =========================================================================== scorers
+
+
+def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
+    """Does a plan, read as a scene, satisfy the prompt (background not judged)?
+
+    Each item must read `{size} {color} {shape}` with a non-empty box; the objects are
+    judged by `check_prompt` exactly as detected objects would be (counts, colours, sizes,
+    relations by box centres). Plans carry no background, so the prompt's background, if
+    any, is not required. An empty or unreadable plan is wrong.
+    """
+    if not plan:
+        return False
+    objects = []
+    for label, box in plan:
+        words = str(label).split()
+        if (
+            len(words) != 3
+            or words[0] not in SIZES
+            or words[1] not in COLORS
+            or words[2] not in SHAPES
+        ):
+            return False
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if x1 <= x0 or y1 <= y0:
+            return False
+        objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
+    spec = dataclasses.replace(parse_prompt(prompt), background=None)
+    return check_prompt(spec, Scene("white", tuple(objects))).correct
+
+
+def score_plans(
+    pipeline: Any, prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """Plan every prompt (`pipeline.plan`, batched); `{prompt, seed, plan, plan_correct}` each."""
+    out: list[dict[str, Any]] = []
+    for sl in _chunks(len(prompts), batch_size):
+        res = pipeline.plan(list(prompts[sl]), seed=[int(s) for s in seeds[sl]])
+        for p, s, plan in zip(prompts[sl], seeds[sl], res.plans, strict=True):
+            out.append(
+                {
+                    "prompt": p,
+                    "seed": int(s),
+                    "plan": list(plan),
+                    "plan_correct": plan_correct(p, plan),
+                }
+            )
+    return out
+
+
+def score_t2i(
+    pipeline: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    plans: Sequence[Any] | None = None,
+    *,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Generate each prompt (batched, one seed each) and judge it with `check_prompt`.
+
+    Args:
+        pipeline: anything with `generate(prompts, plans=..., seed=[...])` returning `.images`.
+        prompts, seeds: one sampler seed per prompt.
+        plans: one plan per prompt (as `pipeline.plan` returns them) or None (single shot).
+
+    Returns:
+        One `{prompt, seed, correct, reasons, image}` per prompt.
+    """
+    if len(seeds) != len(prompts) or (plans is not None and len(plans) != len(prompts)):
+        raise ValueError("prompts, seeds and plans must have the same length")
+    out: list[dict[str, Any]] = []
+    for sl in _chunks(len(prompts), batch_size):
+        kw = _gen_kwargs(num_steps)
+        if plans is not None:
+            kw["plans"] = list(plans[sl])
+        res = pipeline.generate(list(prompts[sl]), seed=[int(s) for s in seeds[sl]], **kw)
+        for p, s, image in zip(prompts[sl], seeds[sl], res.images, strict=True):
+            verdict = check_prompt(p, _canvas(image))
+            out.append(
+                {
+                    "prompt": p,
+                    "seed": int(s),
+                    "correct": verdict.correct,
+                    "reasons": list(verdict.reasons),
+                    "image": _canvas(image),
+                }
+            )
+    return out
+
+
+def score_edit(
+    pipeline: Any,
+    sources: Sequence[Scene],
+    instructions: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Edit the renders of `sources` (batched) and judge with `check_edit`.
+
+    Returns:
+        One `{instruction, seed, correct, reasons, psnr_outside, image}` per edit; PSNR in dB
+        over the pixels outside the touched boxes, identical pixels reported as `PSNR_CAP`.
+    """
+    images = [render(s) for s in sources]
+    out: list[dict[str, Any]] = []
+    for sl in _chunks(len(sources), batch_size):
+        res = pipeline.edit(
+            images[sl],
+            list(instructions[sl]),
+            seed=[int(s) for s in seeds[sl]],
+            **_gen_kwargs(num_steps),
+        )
+        for src, ins, s, image in zip(
+            sources[sl], instructions[sl], seeds[sl], res.images, strict=True
+        ):
+            verdict = check_edit(src, ins, _canvas(image))
+            out.append(
+                {
+                    "instruction": ins,
+                    "seed": int(s),
+                    "correct": verdict.correct,
+                    "reasons": list(verdict.reasons),
+                    "psnr_outside": _psnr(verdict.psnr_outside),
+                    "image": _canvas(image),
+                }
+            )
+    return out
+
+
+def score_ground(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    expressions: Sequence[Sequence[str]],
+    true_boxes: Sequence[Sequence[Sequence[int]]],
+    *,
+    multi: bool = True,
+    batch_size: int = 16,
+) -> list[list[dict[str, Any]]]:
+    """Ground every expression and judge Acc@0.5 (`grounding_correct`).
+
+    Args:
+        multi: all of an image's expressions in one row (one call for a batch of images);
+            False: one row per expression (the image repeated).
+
+    Returns:
+        Per image, one `{expression, box, correct}` per expression.
+    """
+    rows: list[tuple[int, list[str]]] = []
+    for i, exprs in enumerate(expressions):
+        rows += [(i, list(exprs))] if multi else [(i, [e]) for e in exprs]
+    found: dict[int, list] = defaultdict(list)
+    for sl in _chunks(len(rows), batch_size):
+        chunk = rows[sl]
+        res = pipeline.ground([images[i] for i, _ in chunk], [e for _, e in chunk])
+        for (i, exprs), boxes in zip(chunk, res.boxes, strict=True):
+            if len(boxes) != len(exprs):
+                raise RuntimeError(
+                    f"ground returned {len(boxes)} boxes for {len(exprs)} expressions"
+                )
+            found[i] += list(boxes)
+    out = []
+    for i, exprs in enumerate(expressions):
+        out.append(
+            [
+                {
+                    "expression": e,
+                    "box": None if b is None else [int(v) for v in b],
+                    "correct": grounding_correct(b, t),
+                }
+                for e, b, t in zip(exprs, found[i], true_boxes[i], strict=True)
+            ]
+        )
+    return out
+
+
+def score_vqa(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Answer each question (`pipeline.understand`, batched); exact match via `answer_correct`."""
+    out: list[dict[str, Any]] = []
+    for sl in _chunks(len(questions), batch_size):
+        res = pipeline.understand(list(images[sl]), list(questions[sl]))
+        for q, a, pred in zip(questions[sl], answers[sl], res.texts, strict=True):
+            out.append(
+                {"question": q, "answer": a, "prediction": pred, "correct": answer_correct(pred, a)}
+            )
+    return out
+
+
+def _norm_reasons(reasons: Sequence[str]) -> set[str]:
+    try:
+        return set(parse_verdict("no: " + "; ".join(reasons))[1]) if reasons else set()
+    except GrammarError:
+        return {r.strip().lower() for r in reasons}
+
+
+def score_critique(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """The model's verdict vs the detector's on each (image, prompt).
+
+    Returns:
+        One `{prompt, detector_ok, model_ok, agree, parsed, reasons_match, model_text}` each.
+        `parsed`: the model's text was a well-formed verdict. `reasons_match`: both reject
+        and the model names exactly the detector's reasons (None unless both reject).
+    """
+    out: list[dict[str, Any]] = []
+    for sl in _chunks(len(prompts), batch_size):
+        res = pipeline.critique(list(images[sl]), list(prompts[sl]))
+        for p, image, ok, reasons, text in zip(
+            prompts[sl], images[sl], res.ok, res.reasons, res.texts, strict=True
+        ):
+            det = check_prompt(p, _canvas(image))
+            parsed = not any(str(r).startswith("unparsable verdict") for r in reasons)
+            both_reject = not ok and not det.correct
+            match = (
+                (_norm_reasons(reasons) == _norm_reasons(det.reasons))
+                if both_reject and parsed
+                else (False if both_reject else None)
+            )
+            out.append(
+                {
+                    "prompt": p,
+                    "detector_ok": det.correct,
+                    "model_ok": bool(ok),
+                    "agree": bool(ok) == det.correct,
+                    "parsed": parsed,
+                    "reasons_match": match,
+                    "model_text": text,
+                }
+            )
+    return out
+
+
+def _critique_summary(records: Sequence[dict]) -> dict[str, Any]:
+    pos = [r for r in records if r["detector_ok"]]
+    neg = [r for r in records if not r["detector_ok"]]
+    tpr = _mean([r["model_ok"] for r in pos])
+    tnr = _mean([not r["model_ok"] for r in neg])
+    balanced = None if tpr is None or tnr is None else (tpr + tnr) / 2
+    matches = [r["reasons_match"] for r in records if r["reasons_match"] is not None]
+    return {
+        "n": len(records),
+        "agreement": _mean([r["agree"] for r in records]),
+        "accept_rate_on_correct": tpr,
+        "reject_rate_on_incorrect": tnr,
+        "balanced_agreement": balanced,
+        "detector_correct_rate": _mean([r["detector_ok"] for r in records]),
+        "model_accept_rate": _mean([r["model_ok"] for r in records]),
+        "parse_rate": _mean([r["parsed"] for r in records]),
+        "reasons_exact_when_both_reject": _mean(matches),
+    }
+
+
+# =========================================================================== the agent loop
+
+
+class _MinimalPipelineBackend:
+    """A `BatchedBackend` over a pipeline, used until `graphs.pipeline_backend` exists (or for
+    pipeline stand-ins that are not a `LavidaPipeline`).
+
+    One pipeline call per batch, one seed per row. `feedback` is not a pipeline input (a new
+    seed per round is what changes); `plan_edit` plans nothing (the edit graph then grounds
+    no targets and relies on the model's verdict), so no judge knowledge enters the loop.
+    """
+
+    def __init__(self, pipeline: Any, num_steps: int | None = None) -> None:
+        self.pipeline = pipeline
+        self.num_steps = num_steps
+
+    @staticmethod
+    def _plan_in(plan: Any) -> list | None:
+        if not plan:  # an empty plan carries no layout: generate without one
+            return None
+        return [(str(i["label"]), tuple(int(round(float(v))) for v in i["box"])) for i in plan]
+
+    @staticmethod
+    def _plan_out(plan: Any) -> list[dict[str, Any]]:
+        return [{"label": str(label), "box": [float(v) for v in box]} for label, box in plan]
+
+    def plan_layout(self, requests):
+        res = self.pipeline.plan([r.prompt for r in requests], seed=[r.seed for r in requests])
+        return [self._plan_out(p) for p in res.plans]
+
+    def generate(self, requests):
+        res = self.pipeline.generate(
+            [r.prompt for r in requests],
+            plans=[self._plan_in(r.plan) for r in requests],
+            seed=[r.seed for r in requests],
+            num_steps=requests[0].num_steps,
+        )
+        return list(res.images)
+
+    def regenerate_regions(self, requests):
+        res = self.pipeline.regenerate_regions(
+            [r.image for r in requests],
+            [r.prompt for r in requests],
+            [[tuple(int(round(float(v))) for v in b) for b in r.boxes] for r in requests],
+            plans=[self._plan_in(r.plan) for r in requests],
+            seed=[r.seed for r in requests],
+            num_steps=requests[0].num_steps,
+        )
+        return list(res.images)
+
+    def critique(self, requests):
+        from lavida_agent.graphs.engine import CritiqueResult
+
+        res = self.pipeline.critique([r.image for r in requests], [r.prompt for r in requests])
+        return [
+            CritiqueResult(ok=bool(ok), reasons=list(why), text=text)
+            for ok, why, text in zip(res.ok, res.reasons, res.texts, strict=True)
+        ]
+
+    def ground(self, requests):
+        res = self.pipeline.ground(
+            [r.image for r in requests], [list(r.expressions) for r in requests]
+        )
+        return [
+            [[0.0, 0.0, 0.0, 0.0] if b is None else [float(v) for v in b] for b in boxes]
+            for boxes in res.boxes
+        ]
+
+    def answer(self, requests):
+        return list(
+            self.pipeline.understand(
+                [r.image for r in requests], [r.question for r in requests]
+            ).texts
+        )
+
+    def plan_edit(self, requests):
+        from lavida_agent.graphs.engine import EditPlanResult
+
+        return [EditPlanResult() for _ in requests]
+
+    def edit(self, requests):
+        res = self.pipeline.edit(
+            [r.image for r in requests],
+            [r.instruction for r in requests],
+            seed=[r.seed for r in requests],
+            num_steps=requests[0].num_steps,
+        )
+        return list(res.images)
+
+
+def make_backend(pipeline: Any) -> Any:
+    """`graphs.pipeline_backend.PipelineBackend(pipeline, preview_every=0)` for a
+    `LavidaPipeline` when that module exists; otherwise the benchmark's minimal adapter."""
+    try:
+        from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+        if isinstance(pipeline, LavidaPipeline):
+            from lavida_agent.graphs.pipeline_backend import PipelineBackend  # type: ignore[import-not-found]
+
+            try:  # no step previews: the benchmark streams nothing, and a preview costs a decode
+                return PipelineBackend(pipeline, preview_every=0)
+            except TypeError:
+                return PipelineBackend(pipeline)
+    except ImportError:
+        pass
+    return _MinimalPipelineBackend(pipeline)
+
+
+def _default_steps(pipeline: Any, num_steps: int | None) -> int:
+    if num_steps is not None:
+        return int(num_steps)
+    return int(getattr(pipeline, "defaults", {}).get("num_steps", 16))
+
+
+def _run_threads(fn: Callable[[int], Any], n: int, workers: int) -> list[Any]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, n))) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def score_agent_t2i(
+    pipeline: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    max_rounds: int,
+    backend: Any = None,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the `t2i` workflow (plan, generate, model critique, refine) on every prompt.
+
+    Requests run concurrently (`batch_size` threads) through one `BatchingEngine`, so the
+    pipeline sees batches. Base seed = `seeds[i]`; round r uses `seeds[i] + r`.
+
+    Returns:
+        Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
+        workflow's `best` attempt judged by `check_prompt`), and totals `{forwards,
+        forwards_per_request, seconds, backend_calls}` (forwards: the `pipeline.forward_count`
+        delta over the whole run; a batched forward serves every row of its batch, so the
+        per-request figure is amortised over the batching the engine achieved).
+    """
+    from lavida_agent.graphs import t2i
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.graphs.state import T2IOutput
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    steps = _default_steps(pipeline, num_steps)
+    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
+        store = ArtifactStore(tmp)
+        engine = BatchingEngine(
+            backend or make_backend(pipeline), max_batch=batch_size, max_wait_ms=20
+        )
+        try:
+            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds)
+
+            def one(i: int) -> dict[str, Any]:
+                raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i])}, context=ctx)
+                out = T2IOutput.model_validate(raw)
+                assert out.best is not None
+                image = store.open(out.best.image)
+                verdict = check_prompt(prompts[i], image)
+                return {
+                    "prompt": prompts[i],
+                    "seed": int(seeds[i]),
+                    "correct": verdict.correct,
+                    "reasons": list(verdict.reasons),
+                    "rounds": len(out.attempts),
+                    "accepted": bool(out.accepted),
+                    "image": image,
+                }
+
+            records = _run_threads(one, len(prompts), batch_size)
+        finally:
+            engine.close()
+        batches = len(engine.batches)
+    forwards = getattr(pipeline, "forward_count", 0) - f0
+    return records, {
+        "forwards": forwards,
+        "forwards_per_request": forwards / max(1, len(prompts)),
+        "seconds": time.perf_counter() - t0,
+        "backend_calls": batches,
+    }
+
+
+def score_agent_edit(
+    pipeline: Any,
+    sources: Sequence[Scene],
+    instructions: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    max_rounds: int,
+    backend: Any = None,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the `edit` workflow (plan, edit, model verify, re-edit) on every instruction.
+
+    Returns:
+        Per edit `{instruction, seed, correct, reasons, psnr_outside, rounds, accepted,
+        image}` (the committed image judged by `check_edit`), and totals as `score_agent_t2i`.
+    """
+    from lavida_agent.graphs import edit
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.graphs.state import EditOutput
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    steps = _default_steps(pipeline, num_steps)
+    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
+        store = ArtifactStore(tmp)
+        engine = BatchingEngine(
+            backend or make_backend(pipeline), max_batch=batch_size, max_wait_ms=20
+        )
+        try:
+            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds)
+
+            def one(i: int) -> dict[str, Any]:
+                ref = store.put(render(sources[i]))
+                raw = edit.graph.invoke(
+                    {"instruction": instructions[i], "image": ref, "seed": int(seeds[i])},
+                    context=ctx,
+                )
+                out = EditOutput.model_validate(raw)
+                assert out.current is not None
+                image = store.open(out.current)
+                verdict = check_edit(sources[i], instructions[i], image)
+                return {
+                    "instruction": instructions[i],
+                    "seed": int(seeds[i]),
+                    "correct": verdict.correct,
+                    "reasons": list(verdict.reasons),
+                    "psnr_outside": _psnr(verdict.psnr_outside),
+                    "rounds": len(out.steps),
+                    "accepted": bool(out.accepted),
+                    "image": image,
+                }
+
+            records = _run_threads(one, len(sources), batch_size)
+        finally:
+            engine.close()
+        batches = len(engine.batches)
+    forwards = getattr(pipeline, "forward_count", 0) - f0
+    return records, {
+        "forwards": forwards,
+        "forwards_per_request": forwards / max(1, len(sources)),
+        "seconds": time.perf_counter() - t0,
+        "backend_calls": batches,
+    }
+
+
+# =========================================================================== suites
+
+
+def _suite_vq(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
+    from lavida_agent.model.training_vq import evaluate_vq
+
+    vq_seed = suite_seed(seed, "vq")
+    res = evaluate_vq(
+        _OnVQDevice(pipeline.vq), n_scenes=VQ_PER_N * n, seed=vq_seed, batch_size=max(1, batch_size)
+    )
+    return {"seed": vq_seed, **res}
+
+
+class _OnVQDevice:
+    """`evaluate_vq` builds its pixel batches on the CPU; move them to the tokenizer's device
+    (a no-op on CPU) so the suite also runs with a pipeline on a GPU."""
+
+    def __init__(self, vq: Any) -> None:
+        self.vq = vq
+
+    def eval(self) -> _OnVQDevice:
+        self.vq.eval()
+        return self
+
+    def _device(self) -> Any:
+        params = getattr(self.vq, "parameters", None)
+        try:
+            return next(params()).device if params is not None else None
+        except StopIteration:
+            return None
+
+    def encode(self, pixels: Any) -> Any:
+        device = self._device()
+        return self.vq.encode(pixels.to(device) if device is not None else pixels)
+
+    def decode(self, codes: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.vq.decode(codes, *args, **kwargs)
+
+
+def _suite_t2i(
+    pipeline: Any, n: int, seed: int, batch_size: int, num_steps: int | None, state: dict, **_: Any
+) -> dict[str, Any]:
+    items = t2i_items(n, seed)
+    prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
+    single = score_t2i(pipeline, prompts, seeds, batch_size=batch_size, num_steps=num_steps)
+    planned = score_plans(pipeline, prompts, seeds, batch_size=batch_size)
+    # An empty plan carries no layout: that row is generated without one (as the agent's
+    # backend does), so `with_plan` differs from single shot only where a plan exists.
+    with_plan = score_t2i(
+        pipeline,
+        prompts,
+        seeds,
+        [p["plan"] or None for p in planned],
+        batch_size=batch_size,
+        num_steps=num_steps,
+    )
+    for it, a, b, p in zip(items, single, with_plan, planned, strict=True):
+        a["category"] = b["category"] = p["category"] = it["category"]
+    state["t2i"] = {"items": items, "single": single, "with_plan": with_plan}
+    acc_single = _acc_by(single, "category", PROMPT_CATEGORIES)
+    acc_plan = _acc_by(with_plan, "category", PROMPT_CATEGORIES)
+    return {
+        "n_per_category": n,
+        "single_shot": acc_single,
+        "with_plan": acc_plan,
+        "plan_lift": {k: acc_plan[k] - acc_single[k] for k in acc_single},
+        "plan_correct": _acc_by(planned, "category", PROMPT_CATEGORIES, "plan_correct"),
+        "items": [
+            {
+                "category": it["category"],
+                "prompt": it["prompt"],
+                "seed": it["seed"],
+                "single_correct": a["correct"],
+                "single_reasons": a["reasons"],
+                "plan": [[lab, list(box)] for lab, box in p["plan"]],
+                "plan_correct": p["plan_correct"],
+                "with_plan_correct": b["correct"],
+                "with_plan_reasons": b["reasons"],
+            }
+            for it, a, b, p in zip(items, single, with_plan, planned, strict=True)
+        ],
+    }
+
+
+def _suite_edit(
+    pipeline: Any, n: int, seed: int, batch_size: int, num_steps: int | None, state: dict, **_: Any
+) -> dict[str, Any]:
+    items = edit_items(n, seed)
+    recs = score_edit(
+        pipeline,
+        [it["scene"] for it in items],
+        [it["instruction"] for it in items],
+        [it["seed"] for it in items],
+        batch_size=batch_size,
+        num_steps=num_steps,
+    )
+    for it, r in zip(items, recs, strict=True):
+        r["category"] = it["category"]
+    state["edit"] = {"items": items, "single": recs}
+    return {
+        "n_per_category": n,
+        "accuracy": _acc_by(recs, "category", EDIT_CATEGORIES),
+        "psnr_outside_db": _acc_by(recs, "category", EDIT_CATEGORIES, "psnr_outside"),
+        "items": [
+            {
+                "category": it["category"],
+                "instruction": it["instruction"],
+                "seed": it["seed"],
+                "source": it["scene"].to_dict(),
+                "correct": r["correct"],
+                "reasons": r["reasons"],
+                "psnr_outside": r["psnr_outside"],
+            }
+            for it, r in zip(items, recs, strict=True)
+        ],
+    }
+
+
+def _suite_ground(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
+    items = ground_items(len(REF_FORMS) * n, seed)
+    images = [render(it["scene"]) for it in items]
+    exprs = [it["expressions"] for it in items]
+    boxes = [it["boxes"] for it in items]
+    result: dict[str, Any] = {"n_images": len(items), "n_expressions": sum(len(e) for e in exprs)}
+    per_item: dict[str, list] = {}
+    for mode, multi in (("single", False), ("multi", True)):
+        scored = score_ground(pipeline, images, exprs, boxes, multi=multi, batch_size=batch_size)
+        flat = [
+            dict(r, form=f)
+            for rows, it in zip(scored, items, strict=True)
+            for r, f in zip(rows, it["forms"], strict=True)
+        ]
+        result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
+        per_item[mode] = scored
+    result["items"] = [
+        {
+            "scene": it["scene"].to_dict(),
+            "expressions": it["expressions"],
+            "forms": it["forms"],
+            "true_boxes": [list(b) for b in it["boxes"]],
+            "single": [r["box"] for r in s],
+            "multi": [r["box"] for r in m],
+        }
+        for it, s, m in zip(items, per_item["single"], per_item["multi"], strict=True)
+    ]
+    return result
+
+
+def _suite_vqa(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
+    items = vqa_items(n, seed)
+    recs = score_vqa(
+        pipeline,
+        [render(it["scene"]) for it in items],
+        [it["question"] for it in items],
+        [it["answer"] for it in items],
+        batch_size=batch_size,
+    )
+    for it, r in zip(items, recs, strict=True):
+        r["kind"] = it["kind"]
+    return {
+        "n_per_kind": n,
+        "accuracy": _acc_by(recs, "kind", QUESTION_KINDS),
+        "items": [
+            {
+                "kind": r["kind"],
+                "question": r["question"],
+                "answer": r["answer"],
+                "prediction": r["prediction"],
+                "correct": r["correct"],
+            }
+            for r in recs
+        ],
+    }
+
+
+def _suite_critique(
+    pipeline: Any, n: int, seed: int, batch_size: int, state: dict, **_: Any
+) -> dict[str, Any]:
+    items = critique_items(len(PROMPT_CATEGORIES) * n, seed)
+    images = [render(it["scene"]) for it in items]
+    recs = score_critique(pipeline, images, [it["prompt"] for it in items], batch_size=batch_size)
+    labels_agree = _mean(
+        [r["detector_ok"] == (it["label"] == "yes") for r, it in zip(recs, items, strict=True)]
+    )
+    result: dict[str, Any] = {
+        "n": len(items),
+        "rendered": _critique_summary(recs),
+        "detector_vs_sample_label": labels_agree,
+        "items": [
+            {
+                "prompt": r["prompt"],
+                "label": it["label"],
+                "detector_ok": r["detector_ok"],
+                "model_ok": r["model_ok"],
+                "model_text": r["model_text"],
+            }
+            for r, it in zip(recs, items, strict=True)
+        ],
+    }
+    t2i = state.get("t2i")
+    if t2i:  # the model's own single-shot generations, already judged by the detector
+        gen = score_critique(
+            pipeline,
+            [r["image"] for r in t2i["single"]],
+            [r["prompt"] for r in t2i["single"]],
+            batch_size=batch_size,
+        )
+        result["own_generations"] = _critique_summary(gen)
+    return result
+
+
+def _suite_agent(
+    pipeline: Any,
+    n: int,
+    seed: int,
+    batch_size: int,
+    num_steps: int | None,
+    state: dict,
+    agent_rounds: Sequence[int],
+    backend: Any = None,
+    **_: Any,
+) -> dict[str, Any]:
+    # The same prompts, sampler seeds and edits as the t2i / edit suites (their single-shot
+    # results are reused when those suites ran; otherwise measured here).
+    t2i = state.get("t2i") or {}
+    items = t2i.get("items") or t2i_items(n, seed)
+    prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
+    single = t2i.get("single") or score_t2i(
+        pipeline, prompts, seeds, batch_size=batch_size, num_steps=num_steps
+    )
+    with_plan = t2i.get("with_plan")
+    base = _acc_by(
+        [dict(r, category=it["category"]) for r, it in zip(single, items, strict=True)],
+        "category",
+        PROMPT_CATEGORIES,
+    )
+    ed = state.get("edit") or {}
+    eitems = ed.get("items") or edit_items(n, seed)
+    esingle = ed.get("single") or score_edit(
+        pipeline,
+        [it["scene"] for it in eitems],
+        [it["instruction"] for it in eitems],
+        [it["seed"] for it in eitems],
+        batch_size=batch_size,
+        num_steps=num_steps,
+    )
+    ebase = _acc_by(
+        [dict(r, category=it["category"]) for r, it in zip(esingle, eitems, strict=True)],
+        "category",
+        EDIT_CATEGORIES,
+    )
+    out: dict[str, Any] = {
+        "n_per_category": n,
+        "backend": type(backend or make_backend(pipeline)).__name__,
+        "t2i": {"single_shot": base},
+        "edit": {"single_shot": ebase},
+    }
+    if with_plan is not None:
+        out["t2i"]["with_plan"] = _acc_by(
+            [dict(r, category=it["category"]) for r, it in zip(with_plan, items, strict=True)],
+            "category",
+            PROMPT_CATEGORIES,
+        )
+    samples: dict[str, Any] = {}
+    for r in agent_rounds:
+        recs, totals = score_agent_t2i(
+            pipeline,
+            prompts,
+            seeds,
+            max_rounds=int(r),
+            backend=backend,
+            batch_size=batch_size,
+            num_steps=num_steps,
+        )
+        for rec, it in zip(recs, items, strict=True):
+            rec["category"] = it["category"]
+        acc = _acc_by(recs, "category", PROMPT_CATEGORIES)
+        out["t2i"][f"max_rounds={r}"] = {
+            "accuracy": acc,
+            "lift_over_single_shot": {k: acc[k] - base[k] for k in acc},
+            "mean_rounds": _mean([x["rounds"] for x in recs]),
+            "accepted_rate": _mean([x["accepted"] for x in recs]),
+            **totals,
+            "items": [
+                {
+                    "category": x["category"],
+                    "prompt": x["prompt"],
+                    "seed": x["seed"],
+                    "correct": x["correct"],
+                    "rounds": x["rounds"],
+                    "accepted": x["accepted"],
+                }
+                for x in recs
+            ],
+        }
+        erecs, etotals = score_agent_edit(
+            pipeline,
+            [it["scene"] for it in eitems],
+            [it["instruction"] for it in eitems],
+            [it["seed"] for it in eitems],
+            max_rounds=int(r),
+            backend=backend,
+            batch_size=batch_size,
+            num_steps=num_steps,
+        )
+        for rec, it in zip(erecs, eitems, strict=True):
+            rec["category"] = it["category"]
+        eacc = _acc_by(erecs, "category", EDIT_CATEGORIES)
+        out["edit"][f"max_rounds={r}"] = {
+            "accuracy": eacc,
+            "lift_over_single_shot": {k: eacc[k] - ebase[k] for k in eacc},
+            "psnr_outside_db": _mean([x["psnr_outside"] for x in erecs]),
+            "mean_rounds": _mean([x["rounds"] for x in erecs]),
+            "accepted_rate": _mean([x["accepted"] for x in erecs]),
+            **etotals,
+            "items": [
+                {
+                    "category": x["category"],
+                    "instruction": x["instruction"],
+                    "seed": x["seed"],
+                    "correct": x["correct"],
+                    "rounds": x["rounds"],
+                    "accepted": x["accepted"],
+                }
+                for x in erecs
+            ],
+        }
+        samples = {"t2i": recs, "edit": erecs, "max_rounds": int(r)}
+    state["agent"] = samples
+    return out
+
+
+_SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
+    "vq": _suite_vq,
+    "t2i": _suite_t2i,
+    "edit": _suite_edit,
+    "ground": _suite_ground,
+    "vqa": _suite_vqa,
+    "critique": _suite_critique,
+    "agent": _suite_agent,
+}
+
+
+# =========================================================================== reports
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cat_rows(keys: Sequence[str], columns: Sequence[dict]) -> list[list[Any]]:
+    return [[k, *(c.get(k) for c in columns)] for k in [*keys, "overall"]]
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """`quality.md`: one table per suite that ran."""
+    s, suites = result["settings"], result["suites"]
+    out = [
+        "# ShapesWorld quality benchmark",
+        "",
+        f"Model: `{s['model']}`; n = {s['n']} per category/kind; seed {s['seed']} (held-out "
+        f"base {HELDOUT_BASE}); sampler steps {s['num_steps'] or 'pipeline default'}; "
+        f"quick = {s['quick']}. Scored by the classical detector only. Command: "
+        f"`{result['command']}`.",
+    ]
+    if "vq" in suites:
+        v = suites["vq"]
+        out += [
+            "",
+            "## vq: reconstruction",
+            "",
+            _table(["metric", "value"], [[k, v[k]] for k in v if k != "seed"]),
+        ]
+    if "t2i" in suites:
+        t = suites["t2i"]
+        out += [
+            "",
+            "## t2i: accuracy per category",
+            "",
+            _table(
+                ["category", "single shot", "with plan", "plan lift", "plan correct"],
+                _cat_rows(
+                    PROMPT_CATEGORIES,
+                    [t["single_shot"], t["with_plan"], t["plan_lift"], t["plan_correct"]],
+                ),
+            ),
+        ]
+    if "edit" in suites:
+        e = suites["edit"]
+        out += [
+            "",
+            "## edit: accuracy per category",
+            "",
+            _table(
+                ["category", "accuracy", "PSNR outside (dB)"],
+                _cat_rows(EDIT_CATEGORIES, [e["accuracy"], e["psnr_outside_db"]]),
+            ),
+        ]
+    if "ground" in suites:
+        g = suites["ground"]
+        out += [
+            "",
+            f"## ground: Acc@0.5 ({g['n_expressions']} expressions on {g['n_images']} images)",
+            "",
+            _table(
+                ["form", "single-expression", "multi-expression"],
+                _cat_rows(REF_FORMS, [g["acc@0.5_single"], g["acc@0.5_multi"]]),
+            ),
+        ]
+    if "vqa" in suites:
+        q = suites["vqa"]
+        out += [
+            "",
+            "## vqa: accuracy per question kind",
+            "",
+            _table(["kind", "accuracy"], _cat_rows(QUESTION_KINDS, [q["accuracy"]])),
+        ]
+    if "critique" in suites:
+        c = suites["critique"]
+        cols = [k for k in ("rendered", "own_generations") if k in c]
+        metrics = list(c["rendered"])
+        out += [
+            "",
+            "## critique: model verdict vs detector verdict",
+            "",
+            _table(["metric", *cols], [[m, *(c[k][m] for k in cols)] for m in metrics]),
+            "",
+            f"Detector vs sample_critique label: {_fmt(c['detector_vs_sample_label'])}.",
+        ]
+    if "agent" in suites:
+        a = suites["agent"]
+        for task, keys in (("t2i", PROMPT_CATEGORIES), ("edit", EDIT_CATEGORIES)):
+            block = a[task]
+            runs = [k for k in block if k.startswith("max_rounds=")]
+            base_cols = [k for k in ("single_shot", "with_plan") if k in block]
+            header = ["category", *base_cols, *(f"agent {k} (lift)" for k in runs)]
+            rows = []
+            for k in [*keys, "overall"]:
+                row = [k, *(block[b].get(k) for b in base_cols)]
+                for rk in runs:
+                    acc, lift = (
+                        block[rk]["accuracy"].get(k),
+                        block[rk]["lift_over_single_shot"].get(k),
+                    )
+                    row.append("-" if acc is None else f"{acc:.3f} ({lift:+.3f})")
+                rows.append(row)
+            cost = [
+                [
+                    rk,
+                    block[rk]["mean_rounds"],
+                    block[rk]["accepted_rate"],
+                    block[rk]["forwards_per_request"],
+                    block[rk]["seconds"],
+                ]
+                for rk in runs
+            ]
+            out += [
+                "",
+                f"## agent: {task} workflow vs single shot (backend {a['backend']})",
+                "",
+                _table(header, rows),
+                "",
+                _table(
+                    [
+                        "setting",
+                        "mean rounds",
+                        "accepted by model",
+                        "forwards / request",
+                        "seconds",
+                    ],
+                    cost,
+                ),
+            ]
+    out += [
+        "",
+        "## timings (s)",
+        "",
+        _table(["suite", "seconds"], list(result["timings"].items())),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _tile(image: np.ndarray, width: int = 136) -> np.ndarray:
+    """The 64 px image centred on a wider white strip, so the caption under it fits."""
+    image = _canvas(image)
+    h, w = image.shape[:2]
+    out = np.full((h, max(width, w), 3), 255, np.uint8)
+    x = (out.shape[1] - w) // 2
+    out[:, x : x + w] = image
+    return out
+
+
+def _mark(ok: bool) -> str:
+    return "OK" if ok else "FAIL"
+
+
+def _save_samples(out_dir: Path, state: dict, per_category: int = 2) -> list[str]:
+    """`samples_t2i.png` / `samples_edit.png`: a few items per category, each with its verdict."""
+    written = []
+    agent = state.get("agent") or {}
+    t2i = state.get("t2i")
+    if t2i:
+        by_prompt = {(r["prompt"], r["seed"]): r for r in agent.get("t2i", [])}
+        images, labels, ncols = [], [], 0
+        for cat in PROMPT_CATEGORIES:
+            for it, a, b in zip(t2i["items"], t2i["single"], t2i["with_plan"], strict=True):
+                if it["category"] != cat or it["index"] >= per_category:
+                    continue
+                row = [
+                    (a["image"], f"{_mark(a['correct'])} single: {it['prompt']}"),
+                    (b["image"], f"{_mark(b['correct'])} plan: {it['prompt']}"),
+                ]
+                ag = by_prompt.get((it["prompt"], it["seed"]))
+                if ag is not None:
+                    row.append(
+                        (
+                            ag["image"],
+                            f"{_mark(ag['correct'])} agent r<={agent['max_rounds']} "
+                            f"({ag['rounds']} rounds)",
+                        )
+                    )
+                ncols = max(ncols, len(row))
+                images += [_tile(im) for im, _ in row]
+                labels += [lab for _, lab in row]
+        if images:
+            grid = make_grid(images, ncols=ncols, pad=6, labels=labels, scale=4, font_scale=0.42)
+            save_image(grid, out_dir / "samples_t2i.png")
+            written.append("samples_t2i.png")
+    ed = state.get("edit")
+    if ed:
+        by_ins = {(r["instruction"], r["seed"]): r for r in agent.get("edit", [])}
+        images, labels, ncols = [], [], 0
+        for cat in EDIT_CATEGORIES:
+            for it, r in zip(ed["items"], ed["single"], strict=True):
+                if it["category"] != cat or it["index"] >= per_category:
+                    continue
+                row = [
+                    (render(it["scene"]), f"source: {it['instruction']}"),
+                    (render(it["target"]), "an expected result"),
+                    (r["image"], f"{_mark(r['correct'])} edit, PSNR out {r['psnr_outside']:.1f}"),
+                ]
+                ag = by_ins.get((it["instruction"], it["seed"]))
+                if ag is not None:
+                    row.append(
+                        (
+                            ag["image"],
+                            f"{_mark(ag['correct'])} agent r<={agent['max_rounds']} "
+                            f"({ag['rounds']} rounds)",
+                        )
+                    )
+                ncols = max(ncols, len(row))
+                images += [_tile(im) for im, _ in row]
+                labels += [lab for _, lab in row]
+        if images:
+            grid = make_grid(images, ncols=ncols, pad=6, labels=labels, scale=4, font_scale=0.42)
+            save_image(grid, out_dir / "samples_edit.png")
+            written.append("samples_edit.png")
+    return written
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        return None if math.isnan(f) else (PSNR_CAP if math.isinf(f) else f)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# =========================================================================== entry points
+
+
+def run(
+    *,
+    model_path: str | Path | None = None,
+    out_dir: str | Path = "bench_out/quality",
+    n: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    suites: Sequence[str] | str | None = None,
+    agent_rounds: Sequence[int] = (1, 2, 4),
+    batch_size: int = 16,
+    num_steps: int | None = None,
+    pipeline: Any = None,
+    backend: Any = None,
+    device: str | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the held-out quality suites and write `quality.json`, `quality.md` and sample grids.
+
+    Args:
+        model_path: pipeline folder; None: the embedded weights (ignored when `pipeline` given).
+        out_dir: output folder (created).
+        n: items per category (t2i, edit, agent) or question kind (vqa); the vq suite
+            round-trips `VQ_PER_N * n` scenes, ground uses `5 * n` scenes (one per
+            expression form), critique `7 * n` pairs (one per prompt category). Default
+            `DEFAULT_N`, or `QUICK_N` with `quick`.
+        seed: run seed; held-out streams are `10**9 + 1000 * seed + suite index`.
+        quick: tiny n and `QUICK_STEPS` sampler steps unless given (a smoke run: its
+            fractions of a handful of items mean little).
+        suites: names from `SUITES` (list or comma string); None: all.
+        agent_rounds: `max_rounds` values of the agent suite.
+        batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
+        num_steps: sampler steps for generate/edit (None: the pipeline's default).
+        pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
+            methods); else loaded with `LavidaPipeline.from_pretrained(model_path)`.
+        backend: the agent suite's `BatchedBackend` (default: `make_backend(pipeline)`).
+        device: where to load the model (default cuda when available, else cpu).
+        command: recorded as the command line (default: this process's argv).
+
+    Returns:
+        The dict written to `quality.json`.
+    """
+    t_start = time.perf_counter()
+    if isinstance(suites, str):
+        suites = [s.strip() for s in suites.split(",") if s.strip()]
+    chosen = list(SUITES) if not suites else list(suites)
+    unknown = [s for s in chosen if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suites {unknown}; expected some of {SUITES}")
+    chosen = [s for s in SUITES if s in chosen]  # fixed order: t2i/edit before critique/agent
+    n = int(n) if n is not None else (QUICK_N if quick else DEFAULT_N)
+    if quick and num_steps is None:
+        num_steps = QUICK_STEPS
+    if n < 1 or batch_size < 1 or not agent_rounds or min(agent_rounds) < 1:
+        raise ValueError("n, batch_size and every agent round must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    timings: dict[str, float] = {}
+    model_name = "pipeline argument"
+    if pipeline is None:
+        import torch
+        from lavida_agent.model.pipeline_lavida import LavidaPipeline, default_weights_path
+
+        t0 = time.perf_counter()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = LavidaPipeline.from_pretrained(model_path, device=device)
+        timings["load"] = time.perf_counter() - t0
+        model_name = str(model_path or default_weights_path())
+    elif model_path is not None:
+        model_name = str(model_path)
+
+    state: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for name in chosen:
+        t0 = time.perf_counter()
+        logger.info("quality suite %s (n=%d)", name, n)
+        results[name] = _SUITE_FNS[name](
+            pipeline,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            num_steps=num_steps,
+            state=state,
+            agent_rounds=tuple(int(r) for r in agent_rounds),
+            backend=backend,
+        )
+        timings[name] = time.perf_counter() - t0
+
+    written = _save_samples(out, state)
+    timings["total"] = time.perf_counter() - t_start
+    result = {
+        "benchmark": "quality",
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "settings": {
+            "model": model_name,
+            "pipeline": type(pipeline).__name__,
+            "pipeline_defaults": dict(getattr(pipeline, "defaults", {}) or {}),
+            "n": n,
+            "seed": seed,
+            "quick": quick,
+            "suites": chosen,
+            "agent_rounds": [int(r) for r in agent_rounds],
+            "batch_size": batch_size,
+            "num_steps": num_steps,
+            "device": str(getattr(pipeline, "device", device)),
+            "python": platform.python_version(),
+            "git_commit": _git_commit(),
+        },
+        "seeds": {
+            "heldout_base": HELDOUT_BASE,
+            "scheme": "item rng = numpy default_rng([10**9 + 1000*seed + suite_index, *key]); "
+            "key = (category_index, i) for t2i/edit/vqa, (i,) for ground/critique; "
+            "sampler base seed = 10**6*seed + 100*(category_index*10000 + i + 1); "
+            "agent round r uses base + r",
+            "suite_seeds": {s: suite_seed(seed, s) for s in chosen},
+        },
+        "suites": results,
+        "timings": timings,
+        "files": ["quality.json", "quality.md", *written],
+    }
+    result = _jsonable(result)
+    (out / "quality.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    (out / "quality.md").write_text(render_markdown(result))
+    return result
+
+
+def _summary_lines(result: dict[str, Any]) -> list[str]:
+    s = result["suites"]
+    lines = []
+    if "vq" in s:
+        lines.append(f"vq detector_exact {_fmt(s['vq']['detector_exact'])}")
+    if "t2i" in s:
+        lines.append(
+            f"t2i single {_fmt(s['t2i']['single_shot']['overall'])} "
+            f"with plan {_fmt(s['t2i']['with_plan']['overall'])}"
+        )
+    if "edit" in s:
+        lines.append(
+            f"edit {_fmt(s['edit']['accuracy']['overall'])} "
+            f"psnr {_fmt(s['edit']['psnr_outside_db']['overall'])} dB"
+        )
+    if "ground" in s:
+        lines.append(
+            f"ground acc@0.5 single {_fmt(s['ground']['acc@0.5_single']['overall'])} "
+            f"multi {_fmt(s['ground']['acc@0.5_multi']['overall'])}"
+        )
+    if "vqa" in s:
+        lines.append(f"vqa {_fmt(s['vqa']['accuracy']['overall'])}")
+    if "critique" in s:
+        lines.append(f"critique agreement {_fmt(s['critique']['rendered']['agreement'])}")
+    if "agent" in s:
+        for task in ("t2i", "edit"):
+            for k, v in s["agent"][task].items():
+                if k.startswith("max_rounds="):
+                    lines.append(
+                        f"agent {task} {k} {_fmt(v['accuracy']['overall'])} "
+                        f"(lift {_fmt(v['lift_over_single_shot']['overall'])})"
+                    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: `python -m lavida_agent.benchmarks.quality --out DIR [...]`."""
+    p = argparse.ArgumentParser(
+        prog="python -m lavida_agent.benchmarks.quality", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", default="bench_out/quality", help="output folder")
+    p.add_argument("--model-path", default=None, help="pipeline folder (default: embedded weights)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help=f"items per category (default {DEFAULT_N}, quick {QUICK_N})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="run seed (held-out streams derive from it)")
+    p.add_argument("--quick", action="store_true", help="tiny n: a smoke run")
+    p.add_argument("--suites", default=None, help=f"comma list of {','.join(SUITES)} (default all)")
+    p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
+    p.add_argument(
+        "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
+    )
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cmd = "python -m lavida_agent.benchmarks.quality " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    result = run(
+        model_path=args.model_path,
+        out_dir=args.out,
+        n=args.n,
+        seed=args.seed,
+        quick=args.quick,
+        suites=args.suites,
+        agent_rounds=tuple(int(r) for r in args.agent_rounds.split(",") if r.strip()),
+        batch_size=args.batch_size,
+        num_steps=args.num_steps,
+        device=args.device,
+        command=cmd,
+    )
+    for line in _summary_lines(result):
+        print(line)
+    print(f"wrote {', '.join(result['files'])} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
