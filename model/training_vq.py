@@ -4,7 +4,9 @@ Training data is rendered on the fly from a seeded `numpy.random.Generator` (Sha
 `sample_scene` + `render`), so a run is a pure function of its arguments. Checkpoints
 hold the full training state (model incl. EMA codebook buffers, optimizer, scheduler,
 step, the data generator's state and the restart `torch.Generator`'s state): a resumed
-run continues exactly as the uninterrupted one would have.
+run continues exactly as the uninterrupted one would have. Resuming with a different
+`--steps` re-targets the cosine schedule at the new total (logged as a warning), which
+is how a run is shortened or extended on a busy machine.
 
 Run it:
 
@@ -165,6 +167,17 @@ def train_vq(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        saved_steps = scheduler.lr_lambdas[0].total_steps  # restored by load_state_dict
+        if saved_steps != steps:
+            # `load_state_dict` restored the old schedule's settings; re-target the cosine at
+            # the new total (a shortened/extended run, no longer identical to either).
+            logger.warning(
+                "resuming a %d-step run as a %d-step run: the LR schedule is re-targeted",
+                saved_steps, steps,
+            )  # fmt: skip
+            scheduler.lr_lambdas[0] = _WarmupCosine(warmup_steps, steps)
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         data_rng.bit_generator.state = state["data_rng"]
         restart_generator.set_state(state["restart_generator"])
         start_step = int(state["step"])
@@ -178,6 +191,7 @@ def train_vq(
             ckpt_path,
             {
                 "step": step,
+                "steps": steps,
                 "config": config.to_dict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

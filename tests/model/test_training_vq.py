@@ -77,7 +77,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
 def test_checkpoint_holds_the_full_training_state(tmp_path):
     run(tmp_path, steps=4)
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert state["step"] == 4
+    assert state["step"] == 4 and state["steps"] == 4
     assert state["config"] == tiny_config().to_dict()
     assert {"model", "optimizer", "scheduler", "data_rng", "restart_generator"} <= set(state)
     assert "quantizer.cluster_size" in state["model"]  # EMA codebook statistics travel too
@@ -140,3 +140,13 @@ def test_cli_trains_and_exports(tmp_path, monkeypatch):
     assert result["step"] == 2 and "eval" in result
     assert (out / CHECKPOINT_NAME).exists() and (out / "eval.json").exists()
     assert VQConfig.from_pretrained(export).num_vq_embeddings == 16
+
+
+def test_resume_with_more_steps_retargets_the_schedule(tmp_path):
+    run(tmp_path, steps=4)
+    run(tmp_path, steps=6)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    # The cosine now ends at step 6 (5% of the peak LR), not at step 4.
+    assert records[-1]["lr"] == pytest.approx(3e-3 * 0.05)
+    assert records[1]["lr"] == pytest.approx(3e-3 * 0.05)  # the first run had ended there
