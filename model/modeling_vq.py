@@ -340,13 +340,15 @@ class VQImageTokenizer(nn.Module):
         """Tokenise images.
 
         Args:
-            pixels: `(B, 3, 64, 64)` float in [0, 1] (see `images_to_tensor`).
+            pixels: `(B, 3, 64, 64)` float in [0, 1] (see `images_to_tensor`); moved to the
+                tokenizer's device and dtype.
 
         Returns:
             `VQEncoderOutput` with `codes` `(B, 16, 16)` long. Never updates the codebook.
         """
         self._check_pixels(pixels)
-        pixels = pixels.to(self.quantizer.embedding.dtype)
+        embedding = self.quantizer.embedding
+        pixels = pixels.to(device=embedding.device, dtype=embedding.dtype)  # CPU input is fine
         latents = F.normalize(self.encoder(pixels * 2.0 - 1.0), dim=1)  # (B, D, h, w)
         batch, dim, height, width = latents.shape
         flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (N, D)
@@ -377,7 +379,7 @@ class VQImageTokenizer(nn.Module):
             raise ValueError(
                 f"expected codes of shape (B, {side}, {side}), got {tuple(codes.shape)}"
             )
-        codes = codes.long()
+        codes = codes.to(device=self.quantizer.embedding.device, dtype=torch.long)
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_vq_embeddings):
             raise ValueError(
                 f"codes must lie in [0, {self.num_vq_embeddings}), got "
