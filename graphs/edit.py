@@ -134,7 +134,7 @@ def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
 
 
 def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Verify the candidate: model verdict + the change is present + the rest is unmoved.
+    """Verify the candidate by grounding: the change is present and the rest is unmoved.
 
     Returns:
         `steps` (the verified step appended to the lineage), `accepted`, `round + 1`.
@@ -145,8 +145,9 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
     assert step is not None, "edit_image runs first"
     with node_events("verify_edit"):
         pixels = store.open(step.result)
-        # Step 1: the model's own verdict on the edited image.
-        verdict = engine.critique(pixels, step.instruction)
+        # Step 1: no free-form verdict. The model's critique task judges an image against a
+        # text-to-image prompt, and an edit instruction is not one, so asking it would be
+        # out of distribution; edits are verified by the model's grounding alone.
         # Step 2: one grounding call for the produced objects and the ones to keep.
         expected = [*step.plan.layout, *step.plan.keep]
         found = engine.ground(pixels, [i.label for i in expected]) if expected else []
@@ -158,8 +159,10 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
                               role="keep"),
         ]  # fmt: skip
         # Step 3: combine into the step's critique and append the step to the lineage.
-        critique = make_critique(round=step.round, image=step.result, model_ok=verdict.ok,
-                                 model_reasons=verdict.reasons, model_text=verdict.text,
+        # With nothing grounded there is nothing to verify: that is not an acceptance.
+        unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
+        critique = make_critique(round=step.round, image=step.result, model_ok=bool(checks),
+                                 model_reasons=unverified, model_text="(edits are verified by grounding)",
                                  checks=checks)  # fmt: skip
         verified = step.model_copy(update={"critique": critique})
         emit("critique", critique=critique.model_dump(mode="json"))
