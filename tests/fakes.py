@@ -61,6 +61,13 @@ def _clip(box: Sequence[float]) -> tuple[int, int, int, int]:
     return max(0, x0), max(0, y0), min(CANVAS, x1), min(CANVAS, y1)
 
 
+def default_edit_plan(instruction: str) -> EditPlanResult:
+    """One region in the middle of the canvas holding one object named by the instruction,
+    so an unscripted edit draws something its own grounding can verify."""
+    box = [20.0, 20.0, 44.0, 44.0]
+    return EditPlanResult(targets=[], target_boxes=[box], layout=[{"label": instruction, "box": box}])
+
+
 def draw(image: np.ndarray, items: Sequence[PlanItem]) -> np.ndarray:
     """Fill each item's box with its label colour."""
     out = image.copy()
@@ -205,7 +212,9 @@ class FakeEngine:
 
     def plan_edit(self, image: np.ndarray, instruction: str) -> EditPlanResult:
         self._record("plan_edit", instruction=instruction)
-        return self._edit_plans.popleft() if self._edit_plans else EditPlanResult()
+        if self._edit_plans:
+            return self._edit_plans.popleft()
+        return default_edit_plan(instruction)
 
     def edit(
         self,

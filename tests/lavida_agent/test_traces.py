@@ -110,7 +110,7 @@ def test_edit_trace_has_the_lineage_as_svg(agent, engine):
     s.start(np.full((64, 64, 3), 10, np.uint8))
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
     s.edit("add a blue square", seed=1)
-    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 8.0, 8.0]], layout=[]))
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 8.0, 8.0]], layout=[], keep=[BLUE]))
     r = s.edit("recolour the corner", seed=2)
     assert [n.node for n in r.trace.nodes] == ["plan_edit", "edit_image", "verify_edit",
                                                "commit_edit"]  # fmt: skip
