@@ -377,9 +377,36 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     bar.close()
     export = out / "export"
     model.eval()
-    model.save_pretrained(export / "transformer")
-    tokenizer.save_pretrained(export / "tokenizer")
+    export_pipeline(model, vq, tokenizer, export)
     return {"step": step, "export": str(export)}
+
+
+def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a `LavidaPipeline` folder (fp16 safetensors + JSON) from trained parts."""
+    from .pipeline_lavida import LavidaPipeline
+
+    pipe = LavidaPipeline(model.to("cpu").float(), vq.to("cpu").float(), tokenizer)
+    pipe.save_pretrained(dest, dtype=dtype)
+    return Path(dest)
+
+
+def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
+    """Export the latest `state.pt` of a (possibly running) training run as a pipeline folder."""
+    from transformers import AutoTokenizer
+
+    from .modeling_vq import VQImageTokenizer
+
+    train_dir = Path(train_dir)
+    tc = TrainConfig(**json.loads((train_dir / "train_config.json").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(train_dir / "tokenizer")
+    vq = VQImageTokenizer.from_pretrained(tc.vq)
+    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **token_ids(tokenizer),
+                          "codebook_size": vq.num_vq_embeddings})  # fmt: skip
+    model = LavidaForMaskedDiffusion(cfg)
+    state = torch.load(train_dir / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    logger.info("exporting step %d of %s to %s", state["step"], train_dir, dest)
+    return export_pipeline(model.eval(), vq, tokenizer, dest)
 
 
 def token_ids(tokenizer) -> dict[str, int]:

@@ -38,7 +38,7 @@ def test_resume_continues_identically(tmp_path, vq_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith("loss/") for k in losses[0])
-    assert (straight / "export" / "transformer" / "config.json").exists()
+    assert (straight / "export" / "pipeline_index.json").exists()
 
 
 def test_noise_masks_only_targets_and_keeps_tensors_in_step(tokenizer, tiny_config):
