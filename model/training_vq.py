@@ -115,6 +115,7 @@ def train_vq(
     warmup_steps: int | None = None,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
+    edge_loss_weight: float = 0.0,
     sample_batch: BatchSampler | None = None,
 ) -> dict[str, Any]:
     """Train a `VQImageTokenizer` on ShapesWorld renders.
@@ -133,6 +134,8 @@ def train_vq(
         warmup_steps: Linear warmup length; default `min(200, steps // 10)`.
         weight_decay: AdamW weight decay (0: the model is tiny and the data unlimited).
         grad_clip: Max global gradient norm.
+        edge_loss_weight: Extra reconstruction weight on object outlines (see
+            `VQImageTokenizer.forward`).
         sample_batch: `(rng, batch_size) -> uint8 (B, 64, 64, 3)`; default ShapesWorld.
 
     Returns:
@@ -215,7 +218,7 @@ def train_vq(
     with bar:
         for step in range(start_step, steps):
             pixels = images_to_tensor(sample_batch(data_rng, batch_size))  # (B, 3, 64, 64)
-            output = model(pixels, generator=restart_generator)
+            output = model(pixels, generator=restart_generator, edge_loss_weight=edge_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--edge-loss-weight", type=float, default=0.0,
+                        help="extra reconstruction weight on object outlines")  # fmt: skip
     # architecture
     parser.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels)
     parser.add_argument("--num-res-blocks", type=int, default=defaults.num_res_blocks)
@@ -404,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_every=args.save_every,
         resume=not args.no_resume,
         progress=not args.no_progress,
+        edge_loss_weight=args.edge_loss_weight,
     )
     logger.info("final: %s", result)
     tokenizer = VQImageTokenizer.from_pretrained(Path(args.out) / "final")

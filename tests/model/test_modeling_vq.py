@@ -184,3 +184,14 @@ def test_images_tensor_round_trip_is_exact():
     assert images_to_tensor(images[0]).shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="uint8"):
         images_to_tensor(images.astype(np.float32))
+
+
+def test_edge_loss_weight_only_reweights_outlines(pixels):
+    tokenizer = VQImageTokenizer(tiny_config()).eval()
+    plain = tokenizer(pixels).recon_loss
+    weighted = tokenizer(pixels, edge_loss_weight=3.0).recon_loss
+    assert weighted > plain
+    flat = torch.full((1, 3, 64, 64), 0.5)  # no edges: the weight changes nothing
+    torch.testing.assert_close(
+        tokenizer(flat, edge_loss_weight=3.0).recon_loss, tokenizer(flat).recon_loss
+    )
