@@ -308,9 +308,24 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Upscale the written image K times (nearest neighbour)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        click.option("--trace-html", type=click.Path(dir_okay=False),
+                     help="Also write the run's trace as a self-contained HTML page."),
     ]):  # fmt: skip
         f = decorator(f)
     return f
+
+
+def _write_trace_html(ctx: click.Context, run_id: str, path: str | None) -> None:
+    """Render the trace of `run_id` to `path` (no-op without a path)."""
+    if not path:
+        return
+    from lavida_agent.tools.artifacts import ArtifactStore
+    from lavida_agent.traces import load_trace, render_html
+
+    settings = _agent(ctx).settings
+    trace = load_trace(run_id, settings.runs_dir)
+    page = render_html(trace, ArtifactStore(settings.artifacts_dir))
+    Path(path).write_text(page, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,7 +360,8 @@ def cli(ctx: click.Context, model_path: str | None, home: str | None, device: st
 @click.pass_context
 def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int | None,
              rounds: int | None, steps: int | None, preview_scale: int, as_json: bool,
-             plan: bool | None, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+             trace_html: str | None, plan: bool | None, batch: IO[str] | None,
+             workers: int) -> None:  # fmt: skip
     """Draw PROMPT: plan a layout, generate, critique, refine; write the best image to --out."""
     defaults = {"rounds": rounds, "steps": steps, "plan": plan, "seed": seed}
     if batch is not None:
@@ -359,6 +375,7 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
                              scale=preview_scale, on_event=progress)  # fmt: skip
     finally:
         progress.close()
+    _write_trace_html(ctx, data["run_id"], trace_html)
     if as_json:
         _echo_json(data)
     else:
@@ -376,7 +393,8 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
 @click.pass_context
 def edit(ctx: click.Context, image: str | None, instruction: str | None, out: str | None,
          seed: int | None, rounds: int | None, steps: int | None, preview_scale: int,
-         as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+         as_json: bool, trace_html: str | None, batch: IO[str] | None,
+         workers: int) -> None:  # fmt: skip
     """Edit IMAGE by INSTRUCTION (ground, edit, verify, re-edit); write the result to --out.
 
     The result's thread_id is a session: continue it with `session edit THREAD_ID ...`.
@@ -393,6 +411,7 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
                                        **defaults}, scale=preview_scale, on_event=progress)  # fmt: skip
     finally:
         progress.close()
+    _write_trace_html(ctx, data["run_id"], trace_html)
     if as_json:
         _echo_json(data)
     else:

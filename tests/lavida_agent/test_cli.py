@@ -95,6 +95,14 @@ def test_generate_json(run, tmp_path):
     assert (tmp_path / "lavida_home" / "runs" / f"{data['run_id']}.json").is_file()
 
 
+def test_generate_writes_the_trace_page(run, tmp_path):
+    res = run("generate", "red circle", "--out", "o.png", "--seed", 1, "--steps", 2,
+              "--trace-html", "trace.html")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "trace.html").read_text()
+    assert page.count("<img") >= 3 and "red circle" in page
+
+
 def test_generate_human_output_and_no_plan(run, engine):
     res = run("generate", "red circle", "--out", "sub/o.png", "--no-plan", "--seed", 1)
     assert res.exit_code == 0, res.output
