@@ -200,6 +200,24 @@ def _prefix(b: SequenceBuilder, template: str, images: list[np.ndarray] = (), **
     b.tokens([b.tok.convert_tokens_to_ids("<assistant>")], 0)
 
 
+def _plan_segment(b: SequenceBuilder, plan, *, plan_is_target: bool, with_plan: bool) -> int:
+    """Append the plan segment (1) when there is one; returns the image's segment index.
+
+    A given plan is a condition; `plan_is_target` makes it a training target; `with_plan`
+    without a plan leaves a masked slot for the model to fill.
+    """
+    if not with_plan and plan is None:
+        return 1
+    if plan is None:
+        b.padded_answer(None, PLAN_LEN, 1)
+    elif plan_is_target:
+        b.padded_answer(plan_text(plan), PLAN_LEN, 1)
+    else:
+        ids = b.encode(plan_text(plan))[: PLAN_LEN - 1]
+        b.tokens(ids + [b.cfg.eos_token_id] * (PLAN_LEN - len(ids)), 1)
+    return 2
+
+
 def build_t2i(
     tokenizer,
     config,
@@ -224,16 +242,7 @@ def build_t2i(
     b = SequenceBuilder(tokenizer, config, "t2i" if with_image else "plan")
     caption = f"{prompt} {micro_conditions}".strip()
     _prefix(b, "task_t2i", caption=caption)
-    seg = 1
-    if with_plan or plan is not None:
-        if plan is None:
-            b.padded_answer(None, PLAN_LEN, seg)
-        elif plan_is_target:
-            b.padded_answer(plan_text(plan), PLAN_LEN, seg)
-        else:
-            ids = b.encode(plan_text(plan))[: PLAN_LEN - 1]
-            b.tokens(ids + [config.eos_token_id] * (PLAN_LEN - len(ids)), seg)
-        seg += 1
+    seg = _plan_segment(b, plan, plan_is_target=plan_is_target, with_plan=with_plan)
     if with_image:
         b.gen_image(codes, seg, target=True)
     return b.build()
@@ -259,16 +268,7 @@ def build_edit(
     b.gen_image(source_codes, 0, target=False)
     b.text(prompts.render("task_edit", instruction=instruction), 0)
     b.tokens([b.tok.convert_tokens_to_ids("<assistant>")], 0)
-    seg = 1
-    if with_plan or plan is not None:
-        if plan is None:
-            b.padded_answer(None, PLAN_LEN, seg)
-        elif plan_is_target:
-            b.padded_answer(plan_text(plan), PLAN_LEN, seg)
-        else:
-            ids = b.encode(plan_text(plan))[: PLAN_LEN - 1]
-            b.tokens(ids + [config.eos_token_id] * (PLAN_LEN - len(ids)), seg)
-        seg += 1
+    seg = _plan_segment(b, plan, plan_is_target=plan_is_target, with_plan=with_plan)
     if with_image:
         b.gen_image(codes, seg, target=True)
     return b.build()
