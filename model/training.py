@@ -9,7 +9,8 @@ Objective (FACTS §3.1-3.5): per row an independent mask ratio for the text answ
 for the target image (t = cos(pi u / 2), mask where r <= max(p, min r)), cross-entropy on
 masked positions only; condition dropout for CFG (10% of image-generating rows lose their
 whole prompt, 50% of edit rows lose the source codes); 80% of plan+image rows keep the
-plan clean; micro-conditions (`objects : N ;`) dropped 30%.
+plan clean; micro-conditions (`objects : N ;`) dropped 30%. Half of the images that the
+understanding tasks see are VQ reconstructions, the pixels the agent loop feeds them.
 
 Run: `python -m lavida_agent.model.training --out DIR --vq model/weights/vq --steps N`.
 """
@@ -33,6 +34,7 @@ from lavida_agent.tools.shapes_world.sampler import sample_scene
 
 from .configuration_lavida import PRESETS, LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
+from .modeling_vq import tensor_to_images
 from .tasks import (
     Example,
     build_critique,
@@ -61,6 +63,7 @@ PROMPT_DROP = 0.1
 SOURCE_DROP = 0.5
 MICRO_DROP = 0.3
 PLAN_CLEAN = 0.8
+RECONSTRUCT_P = 0.5  # understanding inputs seen through the VQ decoder
 
 
 @dataclass
@@ -126,6 +129,23 @@ class TaskSampler:
     def vq_device(self):
         return next(self.vq.parameters()).device
 
+    @torch.no_grad()
+    def reconstruct(self, images: list[np.ndarray], rng: np.random.Generator, p: float) -> list[np.ndarray]:
+        """Replace each image, with probability `p`, by its VQ reconstruction.
+
+        In the agent loop the understanding tasks (critique, grounding, questions) look at the
+        model's own decoded images, so they also train on decoder-styled pixels.
+        """
+        pick = [i for i in range(len(images)) if rng.random() < p]
+        if not pick:
+            return images
+        pixels = images_to_pixels([images[i] for i in pick]).to(self.vq_device)
+        decoded = tensor_to_images(self.vq.decode(self.vq.encode(pixels).codes))
+        out = list(images)
+        for i, im in zip(pick, decoded):
+            out[i] = im
+        return out
+
     def examples(self, task: str, rng: np.random.Generator, n: int) -> list[Example]:
         make = getattr(self, f"_{task}")
         return make(rng, n)
@@ -172,7 +192,7 @@ class TaskSampler:
         return out
 
     def _ground(self, rng, n):
-        out = []
+        drafts = []
         for _ in range(n):
             scene = sample_scene(rng)
             k = int(rng.integers(1, len(scene.objects) + 1))
@@ -181,26 +201,26 @@ class TaskSampler:
                 text, _, idx = lang.sample_refexp(rng, scene)
                 exprs.append(text)
                 boxes.append(scene.objects[idx].box)
-            out.append(build_ground(self.tok, self.cfg, render(scene), exprs, boxes))
-        return out
+            drafts.append((render(scene), exprs, boxes))
+        images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
+        return [build_ground(self.tok, self.cfg, im, e, b) for im, (_, e, b) in zip(images, drafts)]
 
     def _understand(self, rng, n):
-        out = []
+        drafts = []
         for _ in range(n):
             scene = sample_scene(rng, n_objects=None)
             if rng.random() < 0.25:
                 question, ans = "describe the image.", lang.caption(scene)
             else:
                 question, _, ans = lang.sample_question(rng, scene)
-            out.append(build_understand(self.tok, self.cfg, render(scene), question, ans))
-        return out
+            drafts.append((render(scene), question, ans))
+        images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
+        return [build_understand(self.tok, self.cfg, im, q, a) for im, (_, q, a) in zip(images, drafts)]
 
     def _critique(self, rng, n):
-        out = []
-        for _ in range(n):
-            prompt, scene, verdict = lang.sample_critique(rng)
-            out.append(build_critique(self.tok, self.cfg, render(scene), prompt, verdict))
-        return out
+        drafts = [lang.sample_critique(rng) for _ in range(n)]
+        images = self.reconstruct([render(scene) for _, scene, _ in drafts], rng, RECONSTRUCT_P)
+        return [build_critique(self.tok, self.cfg, im, p, v) for im, (p, _, v) in zip(images, drafts)]
 
 
 def corpus_for_tokenizer(n: int = 3000, seed: int = 12345) -> list[str]:
