@@ -1,0 +1,427 @@
+"""Request and response models of the HTTP server (`server.py`).
+
+Two families, both plain pydantic models that never reuse the graph state classes:
+
+- **Native** (`/v1/generate`, `/v1/edit`, `/v1/ground`, `/v1/ask`, `/v1/sessions/...`,
+  `/v1/runs/stream`): requests name the API's arguments (`prompt`, `instruction`, `seed`,
+  `steps`, `rounds`, ...); responses carry ids, the plan, every attempt and the final image.
+- **OpenAI-compatible** (`/v1/images/generations`, `/v1/images/edits`): the Images API
+  shapes (`{"created", "data": [{"b64_json" | "url"}]}`) plus the extensions `seed`,
+  `steps` and `rounds`.
+
+Every request model forbids unknown fields, so a typo is a 400 naming the field. The
+server's per-deployment limits (prompt length, `n`, steps, rounds) are checked by field
+validators that read a `Limits` from the validation context:
+`Model.model_validate(data, context={"limits": limits})`; without a context only the static
+rules apply.
+
+Images travel in requests as base64 strings in JSON (a `data:image/...;base64,` prefix is
+accepted) or as file parts in multipart forms; `image_sha256` names an image already in the
+artifact store instead. In responses, an image is an `ImageOut`: its sha256, size, an
+artifact URL and, unless the request asked for `response_format="url"`, its PNG as base64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+__all__ = (
+    "AskRequest",
+    "AskResponse",
+    "AttemptOut",
+    "BoxOut",
+    "BranchRequest",
+    "EditRequest",
+    "EditResponse",
+    "ErrorBody",
+    "ErrorResponse",
+    "GenerateRequest",
+    "GenerateResponse",
+    "GroundRequest",
+    "GroundResponse",
+    "HealthResponse",
+    "ImageOut",
+    "Limits",
+    "OpenAIImage",
+    "OpenAIImageEditRequest",
+    "OpenAIImageGenerationRequest",
+    "OpenAIImagesResponse",
+    "RunStreamRequest",
+    "SessionCreateRequest",
+    "SessionEditRequest",
+    "SessionHistoryResponse",
+    "SessionResponse",
+    "SessionStepOut",
+)
+
+ResponseFormat = Literal["b64_json", "url"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (from `Settings`), checked by the request models' validators."""
+
+    max_prompt_chars: int = 2000
+    max_n: int = 4
+    max_steps: int = 64
+    max_rounds: int = 8
+    max_expressions: int = 16
+
+
+def _limits(info: ValidationInfo) -> Limits | None:
+    ctx = info.context
+    return ctx.get("limits") if isinstance(ctx, dict) else None
+
+
+def _text(value: str, info: ValidationInfo) -> str:
+    """A prompt-like field: not blank, at most `max_prompt_chars` characters."""
+    if not value.strip():
+        raise ValueError(f"{info.field_name or 'text'} must not be empty")
+    lim = _limits(info)
+    if lim is not None and len(value) > lim.max_prompt_chars:
+        raise ValueError(f"{info.field_name} is {len(value)} characters long "
+                         f"(limit {lim.max_prompt_chars})")  # fmt: skip
+    return value
+
+
+def _steps_limit(v: int | None, info: ValidationInfo) -> int | None:
+    lim = _limits(info)
+    if v is not None and lim is not None and v > lim.max_steps:
+        raise ValueError(f"steps={v} is above the server limit of {lim.max_steps}")
+    return v
+
+
+def _rounds_limit(v: int | None, info: ValidationInfo) -> int | None:
+    lim = _limits(info)
+    if v is not None and lim is not None and v > lim.max_rounds:
+        raise ValueError(f"rounds={v} is above the server limit of {lim.max_rounds}")
+    return v
+
+
+class _Request(BaseModel):
+    """Base of every request: unknown fields are an error naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _SamplingFields(_Request):
+    """`seed`, `steps` and `rounds`, bounded by the server's limits."""
+
+    seed: int | None = Field(default=None, ge=0, lt=2**63,
+                             description="Base seed (round r uses seed + r); default random, "
+                             "recorded in the response.")  # fmt: skip
+    steps: int | None = Field(default=None, ge=1, description="Denoising steps per image.")
+    rounds: int | None = Field(default=None, ge=1, description="Most images drawn (reflection).")
+
+    _check_steps = field_validator("steps")(_steps_limit)
+    _check_rounds = field_validator("rounds")(_rounds_limit)
+
+
+class _ImageFields(_Request):
+    """An input image: base64 `image` (JSON) / a file part (multipart), or `image_sha256`."""
+
+    image: str | None = Field(default=None, description="The image, base64 (PNG, JPEG, ...).",
+                              json_schema_extra={"format": "base64"})  # fmt: skip
+    image_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                     description="An image in the artifact store.")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# Native requests
+# ----------------------------------------------------------------------------------------
+
+
+class GenerateRequest(_SamplingFields):
+    """`POST /v1/generate`: plan, draw, critique and refine an image for `prompt`."""
+
+    prompt: str
+    plan: bool | None = Field(default=None, description="Plan a layout first (default: the "
+                              "server's setting).")  # fmt: skip
+    response_format: ResponseFormat = "b64_json"
+
+    _check_prompt = field_validator("prompt")(_text)
+
+
+class EditRequest(_SamplingFields, _ImageFields):
+    """`POST /v1/edit`: edit an image by `instruction` (starts a new session)."""
+
+    instruction: str
+    response_format: ResponseFormat = "b64_json"
+
+    _check_instruction = field_validator("instruction")(_text)
+
+
+class GroundRequest(_ImageFields):
+    """`POST /v1/ground`: one box per referring expression, in the input image's pixels."""
+
+    expressions: list[Annotated[str, AfterValidator(_text)]] = Field(min_length=1)
+
+    @field_validator("expressions")
+    @classmethod
+    def _check_expressions(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        lim = _limits(info)
+        if lim is not None and len(v) > lim.max_expressions:
+            raise ValueError(f"{len(v)} expressions (limit {lim.max_expressions})")
+        return v
+
+
+class AskRequest(_ImageFields):
+    """`POST /v1/ask`: answer a question about an image."""
+
+    question: str
+
+    _check_question = field_validator("question")(_text)
+
+
+class SessionCreateRequest(_ImageFields):
+    """`POST /v1/sessions`: start a multi-step edit session from an image."""
+
+    response_format: ResponseFormat = "b64_json"
+
+
+class SessionEditRequest(_SamplingFields, _ImageFields):
+    """`POST /v1/sessions/{id}/edit`: one turn; an `image` restarts the session from it."""
+
+    instruction: str
+    response_format: ResponseFormat = "b64_json"
+
+    _check_instruction = field_validator("instruction")(_text)
+
+
+class BranchRequest(_Request):
+    """`POST /v1/sessions/{id}/branch`: make lineage step `step`'s image current."""
+
+    step: int = Field(ge=0)
+    response_format: ResponseFormat = "b64_json"
+
+
+class _StreamFields(_Request):
+    preview_every: int = Field(default=0, ge=0, description="Send a `preview` event (base64 "
+                               "PNG) every k sampler steps; 0: none.")  # fmt: skip
+
+
+class GenerateRun(GenerateRequest, _StreamFields):
+    workflow: Literal["generate"]
+
+
+class EditRun(EditRequest, _StreamFields):
+    workflow: Literal["edit"]
+    session_id: str | None = Field(default=None, description="Continue this session (no image"
+                                   " needed) instead of starting a new one.")  # fmt: skip
+
+
+class GroundRun(GroundRequest, _StreamFields):
+    workflow: Literal["ground"]
+
+
+class AskRun(AskRequest, _StreamFields):
+    workflow: Literal["ask"]
+
+
+RunStreamRequest = Annotated[GenerateRun | EditRun | GroundRun | AskRun,
+                             Field(discriminator="workflow")]  # fmt: skip
+"""`POST /v1/runs/stream`: any workflow, streamed as server-sent events."""
+
+
+# ----------------------------------------------------------------------------------------
+# OpenAI-compatible requests
+# ----------------------------------------------------------------------------------------
+
+
+class _OpenAIFields(_Request):
+    """Fields shared by generations and edits. Accepted but ignored (one model, one look):
+    `model`, `quality`, `style`, `background` (not "transparent"), `moderation`, `user`,
+    `output_compression`, `input_fidelity`, `safety_identifier`."""
+
+    prompt: str
+    n: int = Field(default=1, ge=1)
+    size: str | None = Field(default=None, description="'64x64' (native) or '256x256', "
+                             "'512x512', '1024x1024' (nearest-neighbour upscale); "
+                             "'auto' = native.")  # fmt: skip
+    response_format: ResponseFormat = "b64_json"
+    output_format: Literal["png"] | None = None
+    stream: bool = False
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    model: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: str | None = None
+    user: str | None = None
+    output_compression: int | None = None
+    safety_identifier: str | None = None
+    # Extensions.
+    seed: int | None = Field(default=None, ge=0, lt=2**62, description="Extension: image i "
+                             "uses seed + 1000 * i.")  # fmt: skip
+    steps: int | None = Field(default=None, ge=1, description="Extension: denoising steps.")
+    rounds: int | None = Field(default=None, ge=1, description="Extension: most rounds.")
+
+    _check_prompt = field_validator("prompt")(_text)
+    _check_steps = field_validator("steps")(_steps_limit)
+    _check_rounds = field_validator("rounds")(_rounds_limit)
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, v: int, info: ValidationInfo) -> int:
+        lim = _limits(info)
+        if lim is not None and v > lim.max_n:
+            raise ValueError(f"n={v} is above the server limit of {lim.max_n}")
+        return v
+
+
+class OpenAIImageGenerationRequest(_OpenAIFields):
+    """`POST /v1/images/generations` (JSON), as the OpenAI Images API."""
+
+
+class OpenAIImageEditRequest(_OpenAIFields):
+    """`POST /v1/images/edits` (multipart: `image` file, optional `mask` file, fields)."""
+
+    image: str | None = Field(default=None, description="JSON alternative to the file part: "
+                              "the image, base64.")  # fmt: skip
+    mask: str | None = Field(default=None, description="JSON alternative to the file part: "
+                             "the mask, base64.")  # fmt: skip
+    input_fidelity: str | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Responses
+# ----------------------------------------------------------------------------------------
+
+
+class ImageOut(BaseModel):
+    """An image in a response: always by reference, inline as base64 PNG when asked."""
+
+    sha256: str
+    width: int
+    height: int
+    url: str = Field(description="GET it for the PNG (`/v1/artifacts/{sha256}`).")
+    b64_json: str | None = Field(default=None, description="The PNG, base64.")
+
+
+class BoxOut(BaseModel):
+    label: str
+    box: list[float] = Field(description="[x0, y0, x1, y1] in pixels.")
+
+
+class AttemptOut(BaseModel):
+    """One image drawn during a run (t2i attempt or edit step), with its critique."""
+
+    round: int
+    seed: int
+    verdict: Literal["accept", "reject"] | None = None
+    reasons: list[str] = Field(default_factory=list)
+    image: ImageOut
+
+
+class _RunOut(BaseModel):
+    run_id: str
+    trace_url: str
+
+
+class GenerateResponse(_RunOut):
+    thread_id: str
+    prompt: str
+    seed: int
+    accepted: bool
+    rounds: int
+    max_rounds: int
+    plan: list[BoxOut]
+    attempts: list[AttemptOut]
+    image: ImageOut
+
+
+class EditResponse(_RunOut):
+    session_id: str
+    instruction: str
+    seed: int
+    accepted: bool
+    step: int | None
+    rounds: int
+    max_rounds: int
+    plan: list[BoxOut]
+    targets: list[str]
+    regions: list[list[float]]
+    attempts: list[AttemptOut]
+    image: ImageOut
+
+
+class GroundResponse(_RunOut):
+    expressions: list[str]
+    boxes: list[BoxOut] = Field(description="In the input image's pixels.")
+    canvas_boxes: list[BoxOut] = Field(description="In the model canvas (letterboxed input).")
+    source_size: list[int] = Field(description="[width, height] of the input image.")
+
+
+class AskResponse(_RunOut):
+    question: str
+    answer: str
+
+
+class SessionStepOut(BaseModel):
+    index: int
+    turn: int
+    instruction: str
+    seed: int
+    verdict: Literal["accept", "reject"] | None = None
+    parent_sha256: str
+    image: ImageOut
+
+
+class SessionResponse(BaseModel):
+    session_id: str
+    image: ImageOut = Field(description="The session's current image.")
+
+
+class SessionHistoryResponse(BaseModel):
+    session_id: str
+    image: ImageOut | None
+    steps: list[SessionStepOut] = Field(description="Committed steps of the current branch.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    """The OpenAI Images API response (`openai.types.ImagesResponse`)."""
+
+    created: int
+    data: list[OpenAIImage]
+    output_format: Literal["png"] = "png"
+    size: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    type: str = Field(description="OpenAI-style error class, e.g. 'invalid_request_error'.")
+    param: str | None = Field(default=None, description="The request field at fault.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error: `{"error": {"code", "message", "type", "param"}}` with a 4xx/5xx."""
+
+    error: ErrorBody
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON schemas of the request models that routes parse by hand (for OpenAPI docs)."""
+    from pydantic.json_schema import models_json_schema
+
+    models = [GenerateRequest, EditRequest, GroundRequest, AskRequest, SessionCreateRequest,
+              SessionEditRequest, BranchRequest, GenerateRun, EditRun, GroundRun, AskRun,
+              OpenAIImageGenerationRequest, OpenAIImageEditRequest]  # fmt: skip
+    _, top = models_json_schema([(m, "validation") for m in models],
+                                ref_template="#/components/schemas/{model}")  # fmt: skip
+    defs: dict[str, Any] = top.get("$defs", {})
+    return defs
