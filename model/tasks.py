@@ -92,6 +92,9 @@ class Example:
         return [i for i, t in enumerate(self.text_targets) if t != -100]
 
 
+_SPECIAL_OR_TEXT = re.compile(r"<[^<>\s]+>|[^<]+|<")
+
+
 class SequenceBuilder:
     """Append text, plans and images segment by segment into an `Example`."""
 
@@ -101,7 +104,9 @@ class SequenceBuilder:
         self.ex = Example(task=task)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text.lower(), add_special_tokens=False)["input_ids"]
+        """Token ids of `text`, lower-cased except for `<...>` special tokens (`<LOC_12>`)."""
+        text = _SPECIAL_OR_TEXT.sub(lambda m: m.group(0) if m.group(0).startswith("<") else m.group(0).lower(), text)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def tokens(self, ids: list[int], segment: int, target: bool = False) -> SequenceBuilder:
         self.ex.input_ids += ids

@@ -45,7 +45,7 @@ red green blue yellow purple orange white black gray grey
 small large larger smaller size
 zero one two three four five six seven eight nine ten
 make change turn into remove add move resize replace it them
-yes no nothing missing extra expected should be wrong not
+yes no nothing missing extra expected should be wrong not removed
 describe generate plan layout locate edit does match find image
 , . : ; ? ! ' -
 """.split()

@@ -166,3 +166,19 @@ def test_lavida_o_preset_matches_the_released_shapes():
     assert abs(counts["und"] / 1e9 - 8.02) < 0.01
     assert abs(counts["gen"] / 1e9 - 2.416) < 0.01
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_training_examples_have_no_unknown_tokens(tiny_vq):
+    """Every word the grammars and templates produce, and every special token inside plan
+    text (`<LOC_12>`, which must not be lower-cased), is in the vocabulary."""
+    from lavida_agent.model.tokenization_lavida import build_tokenizer
+    from lavida_agent.model.training import corpus_for_tokenizer, token_ids
+
+    tok = build_tokenizer(corpus_for_tokenizer(100))
+    cfg = LavidaConfig(**{**PRESETS["tiny"], **token_ids(tok), "codebook_size": 32})
+    sampler = TaskSampler(tok, cfg, tiny_vq)
+    for task in TASK_WEIGHTS:
+        for ex in sampler.examples(task, np.random.default_rng(5), 12):
+            assert tok.unk_token_id not in ex.input_ids, (task, tok.decode(ex.input_ids))
+    plan = sampler.examples("plan", np.random.default_rng(0), 1)[0]
+    assert tok.convert_tokens_to_ids("<LOC_BEGIN>") in plan.input_ids
