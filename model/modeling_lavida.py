@@ -462,6 +462,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         elastic: bool = False,
         labels: torch.Tensor | None = None,
         image_labels: torch.Tensor | None = None,
+        eos_loss_weight: float = 1.0,
     ) -> LavidaOutput:
         """Run the model on a packed batch.
 
@@ -479,6 +480,9 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             elastic: skip und rows in layers `>= joint_layers` (image outputs only).
             labels: `(B, L)` text targets, -100 where no loss is taken.
             image_labels: `(M, G, G)` code targets for the `img_gen` slots, -100 elsewhere.
+            eos_loss_weight: weight of [EOS] text targets in the loss (1 = plain mean). The
+                [EOS] padding of fixed-length answers is easy and plentiful; down-weighting it
+                keeps the answer tokens' signal from being drowned.
         """
         cfg = self.config
         B, L = input_ids.shape
@@ -550,7 +554,10 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             rows = (lab != -100).nonzero().squeeze(1)
             if rows.numel():
                 logits = self.lm_head(self.norm(h_und[rows]))
-                text_loss = F.cross_entropy(logits.float(), lab[rows])
+                targets = lab[rows]
+                ce = F.cross_entropy(logits.float(), targets, reduction="none")
+                w = torch.where(targets == cfg.eos_token_id, eos_loss_weight, 1.0).to(ce.dtype)
+                text_loss = (ce * w).sum() / w.sum()
         if image_labels is not None and has_target:
             select = image_labels != -100  # (M, G, G)
             if bool(select.any()):

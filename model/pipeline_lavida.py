@@ -32,7 +32,6 @@ from .modeling_vq import VQImageTokenizer, images_to_tensor, tensor_to_images
 from .sampling_image import ImageMaskSampler
 from .sampling_text import TextMaskSampler
 from .tasks import (
-    ANSWER_LEN,
     CRITIQUE_LEN,
     PLAN_LEN,
     Example,
@@ -41,6 +40,7 @@ from .tasks import (
     build_edit,
     build_ground,
     build_t2i,
+    answer_length,
     build_understand,
     drop_conditions,
     pack,
@@ -528,13 +528,20 @@ class LavidaPipeline:
         images = _as_list(images)
         questions = _as_list(questions, len(images), "questions")
         gens, _ = _generators(seed, generator, len(images), self.device)
-        exs = [build_understand(self.tokenizer, self.config, self._check_image(im), q)
-               for im, q in zip(images, questions)]  # fmt: skip
-        texts = self._decode_text(
-            exs, ANSWER_LEN, gens=gens, num_steps=num_steps or self.defaults["text_steps"],
-            temperature=temperature, allowed=self._text_allowed(), callback=callback,
-            interrupt=interrupt, task="understand",
-        )  # fmt: skip
+        texts: list[str] = [""] * len(images)
+        # Captions and short answers have different slot lengths: one batched pass each.
+        for length in sorted({answer_length(q) for q in questions}):
+            rows = [i for i, q in enumerate(questions) if answer_length(q) == length]
+            exs = [build_understand(self.tokenizer, self.config, self._check_image(images[i]), questions[i])
+                   for i in rows]  # fmt: skip
+            out = self._decode_text(
+                exs, length, gens=[gens[i] for i in rows],
+                num_steps=num_steps or self.defaults["text_steps"], temperature=temperature,
+                allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
+                task="understand",
+            )  # fmt: skip
+            for i, text in zip(rows, out):
+                texts[i] = text
         return TextOutput(texts=texts)
 
     def critique(

@@ -35,6 +35,8 @@ from .tokenization_lavida import clean_decoded, loc_token
 
 __all__ = [
     "ANSWER_LEN",
+    "CAPTION_LEN",
+    "answer_length",
     "CRITIQUE_LEN",
     "PLAN_LEN",
     "Example",
@@ -53,7 +55,8 @@ __all__ = [
 ]
 
 PLAN_LEN = 48  # 4 objects x 11 tokens (`<box_p> small red circle </box_p> ...`) + [EOS] tail
-ANSWER_LEN = 28  # longest canonical caption is 23 words/punctuation + [EOS] tail
+ANSWER_LEN = 6  # answers to questions: at most `a {color} {shape}` or `nothing`, + [EOS] tail
+CAPTION_LEN = 28  # longest canonical caption is 23 words/punctuation + [EOS] tail
 CRITIQUE_LEN = 16
 CANVAS = 64
 
@@ -309,13 +312,21 @@ def build_ground(
     return ex
 
 
+def answer_length(question: str) -> int:
+    """Answer slot length: captions (`describe the image.`) are long, answers short.
+
+    A short slot keeps the [EOS] padding from drowning the answer's training signal.
+    """
+    return CAPTION_LEN if question.strip().lower().startswith("describe") else ANSWER_LEN
+
+
 def build_understand(
     tokenizer, config, image: np.ndarray, question: str, answer: str | None = None
 ) -> Example:
-    """Visual question answering and captioning: answer padded with [EOS] to ANSWER_LEN."""
+    """Visual question answering and captioning: answer padded with [EOS] to its slot length."""
     b = SequenceBuilder(tokenizer, config, "understand")
     _prefix(b, "task_understand", images=[image], question=question)
-    b.padded_answer(answer, ANSWER_LEN, 1)
+    b.padded_answer(answer, answer_length(question), 1)
     return b.build()
 
 
