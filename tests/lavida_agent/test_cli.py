@@ -286,13 +286,19 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
     assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"])
 
 
-def test_serve_without_a_server_is_a_clear_error(run):
-    import importlib.util
+def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
 
-    if importlib.util.find_spec("lavida_agent.server") is not None:
-        pytest.skip("the server exists")
-    res = run("serve")
-    assert res.exit_code == 1 and "HTTP server is not available" in res.stderr
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
+    res = run("serve", "--port", 9123, "--api-key", "sekret")
+    assert res.exit_code == 0, res.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 9123)
+    client = TestClient(served["app"])
+    assert client.get("/healthz").status_code == 200
+    denied = client.post("/v1/generate", json={"prompt": "a red circle"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"]
 
 
 def test_help_lists_every_command(run):
