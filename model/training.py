@@ -87,6 +87,7 @@ class TrainConfig:
     tokenizer_corpus: int = 3000  # sampled texts whose words build the tokenizer
     log_every: int = 25
     eval_rows: int = 16
+    init_from: str = ""  # a training run folder whose latest weights start this run (fresh optimizer)
     eval_every: int = 500
     save_every: int = 250
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
@@ -333,6 +334,10 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
 
     vq = VQImageTokenizer.from_pretrained(tc.vq).to(device).eval()
     tok_dir = out / "tokenizer"
+    if tc.init_from and not tok_dir.exists():
+        import shutil
+
+        shutil.copytree(Path(tc.init_from) / "tokenizer", tok_dir)  # the weights' own vocabulary
     if tok_dir.exists():
         from transformers import AutoTokenizer
 
@@ -347,6 +352,11 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
     ckpt = out / "state.pt"
+    if tc.init_from and not ckpt.exists():
+        # A later stage of a curriculum: same tokenizer and weights, new mixture and schedule.
+        source = Path(tc.init_from)
+        model.load_state_dict(torch.load(source / "state.pt", map_location=device, weights_only=False)["model"])
+        logger.info("initialised from %s", source)
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -476,11 +486,18 @@ def main(argv: list[str] | None = None) -> None:
         if f.type in ("int", "float", "str"):
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
     parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
+    parser.add_argument("--tasks", type=json.loads, default=None,
+                        help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\'')
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     kw = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     tc = TrainConfig(**kw, model_overrides=args.model)
+    if args.tasks is not None:
+        unknown = set(args.tasks) - set(TASK_WEIGHTS)
+        if unknown:
+            parser.error(f"unknown task(s) {sorted(unknown)}; expected some of {sorted(TASK_WEIGHTS)}")
+        tc.task_weights = dict(args.tasks)
     print(json.dumps(train(tc, progress=not args.quiet)))  # noqa: T201
 
 

@@ -77,3 +77,19 @@ def test_touched_plan_lists_changed_regions():
     recolored = Scene("white", (Object("circle", "green", "small", (4, 4, 16, 16)), b))
     assert touched_plan(src, recolored) == [("small green circle", (4, 4, 16, 16)), ("removed", (4, 4, 16, 16))]
     assert touched_plan(src, Scene("black", (a, b))) == []
+
+
+def test_a_later_stage_starts_from_earlier_weights(tmp_path, vq_dir):
+    first = tmp_path / "stage1"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=2, save_every=2, **TINY), progress=False)
+    second = tmp_path / "stage2"
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=0, save_every=2, init_from=str(first), **TINY)
+    tc.task_weights = {"ground": 1.0}
+    train(tc, progress=False)
+    a, _ = _weights(first)
+    exported = (second / "export" / "pipeline_index.json").exists()
+    assert exported and (second / "tokenizer" / "tokenizer.json").exists()
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+    loaded = LavidaPipeline.from_pretrained(second / "export").model.state_dict()
+    assert all(torch.equal(a[k].half().float(), loaded[k]) for k in a)
