@@ -87,7 +87,7 @@ class TrainConfig:
     tokenizer_corpus: int = 3000  # sampled texts whose words build the tokenizer
     log_every: int = 25
     eval_rows: int = 16
-    init_from: str = ""  # a training run folder whose latest weights start this run (fresh optimizer)
+    init_from: str = ""  # a run folder or pipeline folder whose weights start this run (fresh optimizer)
     eval_every: int = 500
     save_every: int = 250
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
@@ -355,7 +355,11 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     if tc.init_from and not ckpt.exists():
         # A later stage of a curriculum: same tokenizer and weights, new mixture and schedule.
         source = Path(tc.init_from)
-        model.load_state_dict(torch.load(source / "state.pt", map_location=device, weights_only=False)["model"])
+        if (source / "state.pt").exists():  # a training run folder
+            state = torch.load(source / "state.pt", map_location=device, weights_only=False)["model"]
+        else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
+            state = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
+        model.load_state_dict({k: v.float() for k, v in state.items()})
         logger.info("initialised from %s", source)
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)

@@ -93,3 +93,16 @@ def test_a_later_stage_starts_from_earlier_weights(tmp_path, vq_dir):
 
     loaded = LavidaPipeline.from_pretrained(second / "export").model.state_dict()
     assert all(torch.equal(a[k].half().float(), loaded[k]) for k in a)
+
+
+def test_a_run_can_start_from_a_pipeline_folder(tmp_path, vq_dir):
+    first = tmp_path / "stage1"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=2, save_every=2, **TINY), progress=False)
+    second = tmp_path / "from_pipeline"
+    train(TrainConfig(out=str(second), vq=vq_dir, steps=0, init_from=str(first / "export"), **TINY),
+          progress=False)  # fmt: skip
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+    a = LavidaPipeline.from_pretrained(first / "export").model.state_dict()
+    b = LavidaPipeline.from_pretrained(second / "export").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
