@@ -196,8 +196,16 @@ class LavidaPipeline:
                 f"no pipeline_index.json in {root}: not a LavidaPipeline folder"
                 + (" (the embedded weights are missing: train them with `lavida-agent train`)" if path is None else "")
             )
+        from transformers.utils import logging as hf_logging
+
         index = json.loads(index_file.read_text())
-        model = LavidaForMaskedDiffusion.from_pretrained(root / index["transformer"], dtype=dtype)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a few MB load instantly: no "Loading weights" bar
+        try:
+            model = LavidaForMaskedDiffusion.from_pretrained(root / index["transformer"], dtype=dtype)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
         pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"))
