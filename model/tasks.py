@@ -177,9 +177,9 @@ def parse_plan(text: str, canvas: int = CANVAS) -> list[PlanItem]:
     items = []
     for m in _ITEM_RE.finditer(text):
         q = tuple(int(v) for v in m.groups()[1:])
-        x0, y0, x1, y1 = dequantize(q, canvas=canvas).as_tuple()
-        if x1 <= x0 or y1 <= y0:
+        if q[2] <= q[0] or q[3] <= q[1] or max(q) > canvas:  # an empty or inverted box
             continue
+        x0, y0, x1, y1 = dequantize(q, canvas=canvas).as_tuple()
         items.append((clean_decoded(m.group("label")), (int(x0), int(y0), int(x1), int(y1))))
     return items
 
@@ -189,7 +189,7 @@ def parse_boxes(text: str, canvas: int = CANVAS) -> list[tuple[int, int, int, in
     out: list[tuple[int, int, int, int] | None] = []
     for group in re.findall(r"<LOC_BEGIN>(.*?)<LOC_END>", text):
         q = [int(v) for v in re.findall(r"<LOC_(\d+)>", group)]
-        if len(q) != 4:
+        if len(q) != 4 or q[2] <= q[0] or q[3] <= q[1] or max(q) > canvas:
             out.append(None)
             continue
         b = dequantize(tuple(q), canvas=canvas).as_tuple()

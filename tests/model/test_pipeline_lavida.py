@@ -95,6 +95,8 @@ def test_plan_text_roundtrip():
     assert parse_plan(plan_text(items)) == items
     assert parse_boxes(plan_text(items)) == [b for _, b in items]
     assert parse_plan("<box_p> red circle </box_p> <LOC_BEGIN> <LOC_3> <LOC_END> garbage") == []
+    inverted = "<box_p> red circle </box_p> <LOC_BEGIN> <LOC_40> <LOC_2> <LOC_38> <LOC_9> <LOC_END>"
+    assert parse_plan(inverted) == [] and parse_boxes(inverted) == [None]
 
 
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
