@@ -315,6 +315,22 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
+                       request: dict[str, Any], *, scale: int, trace_html: str | None,
+                       as_json: bool) -> dict[str, Any]:  # fmt: skip
+    """Run one generate/edit request with a progress bar; write its trace page and, with
+    `--json`, print the result. Returns the result for the caller's human summary."""
+    progress = _Progress(_progress_enabled(ctx))
+    try:
+        data = run(_agent(ctx), request, scale=scale, on_event=progress)
+    finally:
+        progress.close()
+    _write_trace_html(ctx, data["run_id"], trace_html)
+    if as_json:
+        _echo_json(data)
+    return data
+
+
 def _write_trace_html(ctx: click.Context, run_id: str, path: str | None) -> None:
     """Render the trace of `run_id` to `path` (no-op without a path)."""
     if not path:
@@ -369,16 +385,9 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
         return
     if prompt is None or out is None:
         raise click.UsageError("generate needs PROMPT and --out (or --batch FILE)")
-    progress = _Progress(_progress_enabled(ctx))
-    try:
-        data = _run_generate(_agent(ctx), {"prompt": prompt, "out": out, **defaults},
-                             scale=preview_scale, on_event=progress)  # fmt: skip
-    finally:
-        progress.close()
-    _write_trace_html(ctx, data["run_id"], trace_html)
-    if as_json:
-        _echo_json(data)
-    else:
+    data = _run_image_command(ctx, _run_generate, {"prompt": prompt, "out": out, **defaults},
+                              scale=preview_scale, trace_html=trace_html, as_json=as_json)  # fmt: skip
+    if not as_json:
         verdict = "accepted" if data["accepted"] else "best of rejected attempts"
         click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
                    f"{data['seed']}, run {data['run_id']}")  # fmt: skip
@@ -405,16 +414,10 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
         return
     if image is None or instruction is None or out is None:
         raise click.UsageError("edit needs IMAGE, INSTRUCTION and --out (or --batch FILE)")
-    progress = _Progress(_progress_enabled(ctx))
-    try:
-        data = _run_edit(_agent(ctx), {"image": image, "instruction": instruction, "out": out,
-                                       **defaults}, scale=preview_scale, on_event=progress)  # fmt: skip
-    finally:
-        progress.close()
-    _write_trace_html(ctx, data["run_id"], trace_html)
-    if as_json:
-        _echo_json(data)
-    else:
+    request = {"image": image, "instruction": instruction, "out": out, **defaults}
+    data = _run_image_command(ctx, _run_edit, request, scale=preview_scale,
+                              trace_html=trace_html, as_json=as_json)  # fmt: skip
+    if not as_json:
         verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
         click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
                    f"{data['seed']}, session {data['thread_id']}")  # fmt: skip
