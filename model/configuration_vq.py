@@ -53,6 +53,9 @@ class VQConfig:
             grid is `image_size // downsample_factor` on each side.
         hidden_channels: Width of the convolutional trunk (runs at latent resolution).
         num_res_blocks: Residual blocks in the encoder and, separately, the decoder.
+        decoder_res_blocks: Residual blocks in the decoder when it differs from the
+            encoder (`None`: `num_res_blocks`). A deeper decoder can be fine-tuned on a
+            frozen encoder and codebook, so the codes a transformer learned stay valid.
         norm_num_groups: Groups of the GroupNorm layers.
         latent_channels: Dimension of a codebook vector.
         num_vq_embeddings: Codebook size (number of distinct image codes).
@@ -69,6 +72,7 @@ class VQConfig:
     downsample_factor: int = 4
     hidden_channels: int = 128
     num_res_blocks: int = 1
+    decoder_res_blocks: int | None = None
     norm_num_groups: int = 8
     latent_channels: int = 32
     num_vq_embeddings: int = 1024
@@ -89,6 +93,10 @@ class VQConfig:
     @property
     def num_codes_per_image(self) -> int:
         return self.latent_size * self.latent_size
+
+    @property
+    def num_decoder_blocks(self) -> int:
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def patch_dim(self) -> int:
@@ -113,6 +121,8 @@ class VQConfig:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.num_res_blocks < 0:
             raise ValueError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 0:
+            raise ValueError(f"decoder_res_blocks must be >= 0, got {self.decoder_res_blocks}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -150,7 +150,7 @@ class VQDecoder(nn.Module):
         hidden = config.hidden_channels
         self.conv_in = nn.Conv2d(config.latent_channels, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(
-            VQResBlock(hidden, config.norm_num_groups) for _ in range(config.num_res_blocks)
+            VQResBlock(hidden, config.norm_num_groups) for _ in range(config.num_decoder_blocks)
         )
         self.norm_out = nn.GroupNorm(config.norm_num_groups, hidden)
         # Per-code 2-layer readout of the 4x4x3 pixel patch (a 1x1 MLP before the shuffle).

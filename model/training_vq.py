@@ -117,6 +117,8 @@ def train_vq(
     grad_clip: float = 1.0,
     edge_loss_weight: float = 0.0,
     sample_batch: BatchSampler | None = None,
+    init_from: str | os.PathLike | None = None,
+    decoder_only: bool = False,
 ) -> dict[str, Any]:
     """Train a `VQImageTokenizer` on ShapesWorld renders.
 
@@ -137,6 +139,12 @@ def train_vq(
         edge_loss_weight: Extra reconstruction weight on object outlines (see
             `VQImageTokenizer.forward`).
         sample_batch: `(rng, batch_size) -> uint8 (B, 64, 64, 3)`; default ShapesWorld.
+        init_from: A saved tokenizer (`save_pretrained` folder) whose weights start the
+            run. Decoder blocks that `config` adds beyond the saved ones start as exact
+            identities (their last conv is zero).
+        decoder_only: Train the decoder alone: the encoder and the codebook are frozen
+            (no EMA updates, no restarts), so every image keeps the codes it had and a
+            transformer trained on those codes stays valid. Needs `init_from`.
 
     Returns:
         Final metrics: `step`, `loss`, `recon_loss`, `commitment_loss`, `perplexity`,
@@ -152,11 +160,17 @@ def train_vq(
     # Three independent streams from one seed: init, data, codebook restarts.
     init_generator = torch.Generator().manual_seed(seed)
     model = VQImageTokenizer(config, generator=init_generator)
+    if decoder_only and init_from is None:
+        raise ValueError("decoder_only=True needs init_from: a frozen encoder must come from somewhere")
+    if init_from is not None:
+        _load_initial_weights(model, init_from)
+    if decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
     data_rng = np.random.default_rng([seed, 1])
     restart_generator = torch.Generator().manual_seed(seed + 2)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay
-    )
+    trainable = model.decoder.parameters() if decoder_only else model.parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup_steps, steps))
 
     start_step = 0
@@ -218,6 +232,9 @@ def train_vq(
     with bar:
         for step in range(start_step, steps):
             pixels = images_to_tensor(sample_batch(data_rng, batch_size))  # (B, 3, 64, 64)
+            if decoder_only:  # eval mode: no codebook EMA update, no dead-code restart
+                model.encoder.eval()
+                model.quantizer.eval()
             output = model(pixels, generator=restart_generator, edge_loss_weight=edge_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
@@ -265,6 +282,33 @@ def train_vq(
         out_dir=str(out_path),
     )
     return result
+
+
+def _load_initial_weights(model: VQImageTokenizer, directory: str | os.PathLike) -> None:
+    """Copy a saved tokenizer's weights into `model`; extra decoder blocks become identities."""
+    source = VQImageTokenizer.from_pretrained(directory)
+    mine, theirs = model.config.to_dict(), source.config.to_dict()
+    for cfg in (mine, theirs):
+        cfg["decoder_res_blocks"] = None
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs.get(k)}
+        raise ValueError(f"{directory} has a different architecture (saved, requested): {diff}")
+    if model.config.num_decoder_blocks < source.config.num_decoder_blocks:
+        raise ValueError(
+            f"{directory} has {source.config.num_decoder_blocks} decoder blocks; "
+            f"a run from it needs at least as many, got {model.config.num_decoder_blocks}"
+        )
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    added = {f"decoder.blocks.{i}." for i in range(source.config.num_decoder_blocks, model.config.num_decoder_blocks)}
+    wrong = [k for k in missing if not any(k.startswith(a) for a in added)] + list(unexpected)
+    if wrong:
+        raise ValueError(f"weights from {directory} do not fit: {wrong[:5]}")
+    with torch.no_grad():
+        for i in range(source.config.num_decoder_blocks, model.config.num_decoder_blocks):
+            model.decoder.blocks[i].conv2.weight.zero_()
+            if model.decoder.blocks[i].conv2.bias is not None:
+                model.decoder.blocks[i].conv2.bias.zero_()
+    logger.info("initialised from %s", directory)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -381,6 +425,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # architecture
     parser.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels)
     parser.add_argument("--num-res-blocks", type=int, default=defaults.num_res_blocks)
+    parser.add_argument("--decoder-res-blocks", type=int, default=None,
+                        help="decoder depth when it differs from the encoder's")  # fmt: skip
+    parser.add_argument("--init-from", default=None, help="start from this saved tokenizer")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="freeze encoder and codebook (codes stay valid); needs --init-from")  # fmt: skip
     parser.add_argument("--latent-channels", type=int, default=defaults.latent_channels)
     parser.add_argument("--codebook-size", type=int, default=defaults.num_vq_embeddings)
     # evaluation / export
@@ -392,9 +441,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decoder_only and not args.init_from:
+        parser.error("--decoder-only needs --init-from (the frozen encoder and codebook)")
     config = VQConfig(
         hidden_channels=args.hidden_channels,
         num_res_blocks=args.num_res_blocks,
+        decoder_res_blocks=args.decoder_res_blocks,
         latent_channels=args.latent_channels,
         num_vq_embeddings=args.codebook_size,
     )
@@ -410,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         resume=not args.no_resume,
         progress=not args.no_progress,
         edge_loss_weight=args.edge_loss_weight,
+        init_from=args.init_from,
+        decoder_only=args.decoder_only,
     )
     logger.info("final: %s", result)
     tokenizer = VQImageTokenizer.from_pretrained(Path(args.out) / "final")

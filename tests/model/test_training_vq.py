@@ -150,3 +150,38 @@ def test_resume_with_more_steps_retargets_the_schedule(tmp_path):
     # The cosine now ends at step 6 (5% of the peak LR), not at step 4.
     assert records[-1]["lr"] == pytest.approx(3e-3 * 0.05)
     assert records[1]["lr"] == pytest.approx(3e-3 * 0.05)  # the first run had ended there
+
+
+def test_decoder_only_keeps_the_codes_and_deepens_the_decoder(tmp_path):
+    """A decoder fine-tune on a frozen encoder/codebook: every image keeps its codes, added
+    blocks start as identities (same reconstruction at step 0), and only the decoder moves."""
+    run(tmp_path / "base", steps=6)
+    base = VQImageTokenizer.from_pretrained(tmp_path / "base" / "final")
+    pixels = torch.from_numpy(stand_in_images(np.random.default_rng(3), 4)).permute(0, 3, 1, 2).float() / 255
+
+    deeper = VQImageTokenizer(tiny_config(decoder_res_blocks=tiny_config().num_res_blocks + 2))
+    from lavida_agent.model.training_vq import _load_initial_weights
+
+    _load_initial_weights(deeper, tmp_path / "base" / "final")
+    deeper.eval()
+    codes = base.encode(pixels).codes
+    torch.testing.assert_close(deeper.decode(codes), base.decode(codes))
+
+    train_vq(tiny_config(decoder_res_blocks=tiny_config().num_res_blocks + 2), steps=6,
+             out_dir=tmp_path / "ft", sample_batch=stand_in_images, batch_size=4, lr=1e-2,
+             progress=False, init_from=tmp_path / "base" / "final", decoder_only=True)  # fmt: skip
+    tuned = VQImageTokenizer.from_pretrained(tmp_path / "ft" / "final")
+    assert torch.equal(tuned.encode(pixels).codes, codes)
+    for name in ("encoder", "quantizer"):
+        for (k, a), b in zip(getattr(base, name).state_dict().items(), getattr(tuned, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{k} changed"
+    assert not torch.equal(tuned.decoder.conv_in.weight, base.decoder.conv_in.weight)
+
+
+def test_decoder_only_needs_matching_weights(tmp_path):
+    with pytest.raises(ValueError, match="needs init_from"):
+        run(tmp_path / "a", steps=1, decoder_only=True)
+    run(tmp_path / "base", steps=2)
+    with pytest.raises(ValueError, match="different architecture"):
+        train_vq(tiny_config(num_vq_embeddings=16), steps=1, out_dir=tmp_path / "b",
+                 sample_batch=stand_in_images, progress=False, init_from=tmp_path / "base" / "final")  # fmt: skip
