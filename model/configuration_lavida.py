@@ -43,6 +43,10 @@ class LavidaConfig(PretrainedConfig):
         vision_hidden_size: Width of the vision encoder.
         vision_layers: Depth of the vision encoder.
         vision_heads: Heads of the vision encoder.
+        vision_stem: How a patch becomes a token: `"linear"` (ViT patch embedding + learned
+            position) or `"modulated"` (MLP content code next to the code modulated by a
+            fixed 2-D sin/cos position code; learns where things are much sooner, see
+            `LavidaVisionEncoder`). Configs written before it existed mean `"linear"`.
         image_size: Input image side for the vision encoder and the VQ tokenizer.
         attention_mode: `"one_way"`: a position attends only to positions of its own or
             an earlier segment, so conditions never see what is being generated and
@@ -76,6 +80,7 @@ class LavidaConfig(PretrainedConfig):
         vision_hidden_size: int = 128,
         vision_layers: int = 2,
         vision_heads: int = 4,
+        vision_stem: str = "linear",
         image_size: int = 64,
         attention_mode: str = "one_way",
         mask_token_id: int = 3,
@@ -106,6 +111,7 @@ class LavidaConfig(PretrainedConfig):
         self.vision_hidden_size = vision_hidden_size
         self.vision_layers = vision_layers
         self.vision_heads = vision_heads
+        self.vision_stem = vision_stem
         self.image_size = image_size
         self.attention_mode = attention_mode
         self.mask_token_id = mask_token_id
@@ -165,6 +171,12 @@ class LavidaConfig(PretrainedConfig):
                 f"image_size ({self.image_size}) must be divisible by vision_patch_size "
                 f"({self.vision_patch_size})"
             )
+        if self.vision_stem not in ("linear", "modulated"):
+            raise ValueError(f"vision_stem must be 'linear' or 'modulated', got {self.vision_stem!r}")
+        if self.vision_stem == "modulated" and self.vision_hidden_size % 8:
+            raise ValueError(
+                f"vision_stem='modulated' needs vision_hidden_size divisible by 8, got {self.vision_hidden_size}"
+            )
         if self.vision_hidden_size % self.vision_heads:
             raise ValueError(
                 f"vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
@@ -194,9 +206,9 @@ PRESETS: dict[str, dict] = {
         vocab_size=128, hidden_size=64, num_layers=2, joint_layers=1, num_heads=4,
         intermediate_size=128, gen_hidden_size=32, gen_intermediate_size=64,
         codebook_size=32, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-        loc_token_offset=40, num_loc_tokens=65,
+        loc_token_offset=40, num_loc_tokens=65, vision_stem="modulated",
     ),
-    "shapes": dict(),
+    "shapes": dict(vision_stem="modulated"),
     "lavida-o": dict(
         vocab_size=127378, hidden_size=4096, num_layers=32, joint_layers=17, num_heads=32,
         intermediate_size=12288, gen_hidden_size=2048, gen_intermediate_size=8192,

@@ -345,27 +345,34 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     else:
         tokenizer = build_tokenizer(corpus_for_tokenizer(tc.tokenizer_corpus))
         tokenizer.save_pretrained(tok_dir)
-    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **token_ids(tokenizer),
+    ckpt = out / "state.pt"
+    saved = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
+    initial = None
+    if tc.init_from and saved is None:
+        # A later stage of a curriculum: same tokenizer and weights, new mixture and schedule.
+        source = Path(tc.init_from)
+        if (source / "state.pt").exists():  # a training run folder
+            initial = torch.load(source / "state.pt", map_location=device, weights_only=False)["model"]
+        else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
+            initial = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
+        initial = {k: v.float() for k, v in initial.items()}
+    weights = saved["model"] if saved is not None else initial
+    stem = {}
+    if weights is not None and "vision.patch_embed.weight" in weights:
+        stem = {"vision_stem": "linear"}  # weights from before the modulated stem keep theirs
+    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **stem, **token_ids(tokenizer),
                           "codebook_size": vq.num_vq_embeddings})  # fmt: skip
     torch.manual_seed(tc.seed)
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
-    ckpt = out / "state.pt"
-    if tc.init_from and not ckpt.exists():
-        # A later stage of a curriculum: same tokenizer and weights, new mixture and schedule.
-        source = Path(tc.init_from)
-        if (source / "state.pt").exists():  # a training run folder
-            state = torch.load(source / "state.pt", map_location=device, weights_only=False)["model"]
-        else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
-            state = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-        logger.info("initialised from %s", source)
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    if initial is not None:
+        model.load_state_dict(initial)
+        logger.info("initialised from %s", tc.init_from)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step = saved["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
-from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters
+from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters, sincos_2d
 from lavida_agent.model.tasks import build_edit, build_t2i, pack
 from lavida_agent.model.training import TASK_WEIGHTS, TaskSampler, make_batch
 
@@ -142,6 +144,44 @@ def test_save_and_load_give_identical_outputs(tiny_model, tmp_path):
     assert torch.equal(a.text_logits, b.text_logits)
 
 
+def test_sincos_2d_codes_are_distinct_per_cell():
+    code = sincos_2d(8, 32)
+    assert code.shape == (64, 32)
+    assert torch.cdist(code, code).add(torch.eye(64) * 1e3).min() > 0.1  # no two cells alike
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(8, 30)
+
+
+@pytest.mark.parametrize("stem", ["linear", "modulated"])
+def test_vision_encoder_tells_where_a_patch_is(tiny_config, stem):
+    """The same patch content at two places gives two different tokens, in both stems."""
+    config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": stem})
+    torch.manual_seed(0)
+    encoder = LavidaForMaskedDiffusion(config).vision.eval()
+    p = config.vision_patch_size
+    image = torch.full((1, 3, config.image_size, config.image_size), 0.5)
+    a, b = image.clone(), image.clone()
+    a[..., :p, :p] = 1.0  # a bright patch at cell 0 ...
+    b[..., :p, p : 2 * p] = 1.0  # ... or at cell 1
+    with torch.no_grad():
+        fa, fb = encoder(a)[0], encoder(b)[0]
+    assert not torch.allclose(fa[0], fb[1], atol=1e-4)
+    assert hasattr(encoder, "stem" if stem == "modulated" else "patch_embed")
+
+
+def test_configs_without_vision_stem_mean_linear(tiny_config, tmp_path):
+    """Checkpoints written before `vision_stem` existed load as the linear stem."""
+    config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": "linear"})
+    model = LavidaForMaskedDiffusion(config)
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("vision_stem")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = LavidaForMaskedDiffusion.from_pretrained(tmp_path)
+    assert loaded.config.vision_stem == "linear" and hasattr(loaded.vision, "patch_embed")
+    assert PRESETS["shapes"]["vision_stem"] == "modulated"  # new runs use the faster stem
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -151,6 +191,8 @@ def test_save_and_load_give_identical_outputs(tiny_model, tmp_path):
         (dict(image_grid=15), "image_grid"),
         (dict(attention_mode="causal"), "attention_mode"),
         (dict(mask_token_id=10_000), "mask_token_id"),
+        (dict(vision_stem="conv"), "vision_stem"),
+        (dict(vision_stem="modulated", vision_hidden_size=36, vision_heads=2), "divisible by 8"),
     ],
 )
 def test_config_validation_names_the_values(overrides, message):

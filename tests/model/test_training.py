@@ -106,3 +106,19 @@ def test_a_run_can_start_from_a_pipeline_folder(tmp_path, vq_dir):
     a = LavidaPipeline.from_pretrained(first / "export").model.state_dict()
     b = LavidaPipeline.from_pretrained(second / "export").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_with_the_linear_vision_stem_keep_it(tmp_path, vq_dir):
+    """A run from (or resuming) weights made before the modulated stem keeps their stem."""
+    first = tmp_path / "linear"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, model_overrides={"vision_stem": "linear"}, **TINY),
+          progress=False)  # fmt: skip
+    second = tmp_path / "later"
+    train(TrainConfig(out=str(second), vq=vq_dir, steps=1, init_from=str(first / "export"), **TINY),
+          progress=False)  # fmt: skip
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+    assert LavidaPipeline.from_pretrained(second / "export").model.config.vision_stem == "linear"
+    fresh = tmp_path / "fresh"
+    train(TrainConfig(out=str(fresh), vq=vq_dir, steps=1, **TINY), progress=False)
+    assert LavidaPipeline.from_pretrained(fresh / "export").model.config.vision_stem == "modulated"
