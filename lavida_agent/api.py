@@ -81,6 +81,9 @@ __all__ = (
 )
 
 EventCallback = Callable[[dict[str, Any]], None]
+# Gets the model's layout `[{"label", "box": [x0, y0, x1, y1]}]`; returns True/None to keep
+# it or a replacement layout in the same form.
+PlanReviewer = Callable[[list[dict[str, Any]]], "bool | None | list[dict[str, Any]]"]
 ImageInput = Any
 """A path, encoded bytes, a PIL image, an `(H, W[, C])` array, or an `ImageRef` in the store."""
 
@@ -438,14 +441,16 @@ class LavidaAgent:
         return secrets.randbelow(2**31)
 
     def _context(
-        self, *, num_steps: int | None, rounds: int | None, cancel: threading.Event | None
+        self, *, num_steps: int | None, rounds: int | None, cancel: threading.Event | None,
+        review_plan: bool = False,
     ) -> Context:
         with map_exceptions():
             return Context(engine=_GuardedEngine(self.engine, cancel), artifacts=self.store,
                            num_steps=num_steps if num_steps is not None else self.settings.num_steps,
                            max_rounds=rounds if rounds is not None else self.settings.max_rounds,
                            preview_every=self.settings.preview_every,
-                           iou_threshold=self.settings.iou_threshold)  # fmt: skip
+                           iou_threshold=self.settings.iou_threshold,
+                           review_plan=review_plan)  # fmt: skip
 
     def _prepare_image(
         self, image: ImageInput
@@ -480,8 +485,12 @@ class LavidaAgent:
         inputs: dict[str, Any],
         on_event: EventCallback | None,
         lineage: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        on_interrupt: Callable[[dict[str, Any]], Any] | None = None,
     ) -> tuple[str, dict[str, Any], Trace, Path]:
         """Stream one workflow run on `thread_id`, recording its trace.
+
+        A node that pauses with `interrupt(payload)` is answered by `on_interrupt(payload)`
+        and the run resumes with that answer (nothing before the pause runs again).
 
         Returns:
             `(run_id, final state values, trace, trace path)`.
@@ -497,11 +506,14 @@ class LavidaAgent:
                       "workflow": workflow})  # fmt: skip
         try:
             with map_exceptions():
-                for mode, chunk in graph.stream(payload, config, context=context,
-                                                stream_mode=["tasks", "custom"]):  # fmt: skip
-                    rec.feed(mode, chunk)
-                    if mode == "custom" and on_event is not None:
-                        on_event(chunk)
+                pending: Any = payload
+                while pending is not None:
+                    for mode, chunk in graph.stream(pending, config, context=context,
+                                                    stream_mode=["tasks", "custom"]):  # fmt: skip
+                        rec.feed(mode, chunk)
+                        if mode == "custom" and on_event is not None:
+                            on_event(chunk)
+                    pending = self._answer_interrupt(graph, config, workflow, on_interrupt, on_event)
         except BaseException as exc:
             node = rec.current_node or rec.failed_node
             error: BaseException = exc
@@ -524,6 +536,24 @@ class LavidaAgent:
             on_event({"event": "run_end", "run_id": run_id, "thread_id": thread_id,
                       "trace": str(path)})  # fmt: skip
         return run_id, values, trace, path
+
+    @staticmethod
+    def _answer_interrupt(
+        graph: Any, config: dict[str, Any], workflow: str,
+        on_interrupt: Callable[[dict[str, Any]], Any] | None, on_event: EventCallback | None,
+    ) -> Any:
+        """The `Command` that resumes a paused run, or None when the run has finished."""
+        from langgraph.types import Command
+
+        paused = [i for task in graph.get_state(config).tasks for i in task.interrupts]
+        if not paused:
+            return None
+        request = paused[0].value
+        if on_interrupt is None:
+            raise WorkflowError(f"{workflow} paused for {request.get('kind', 'input')!r} and nothing answers it")
+        if on_event is not None:
+            on_event({"event": "interrupt", **request})
+        return Command(resume=on_interrupt(request))
 
     @staticmethod
     def _result_record(workflow: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -553,6 +583,7 @@ class LavidaAgent:
         num_steps: int | None = None,
         on_event: EventCallback | None = None,
         cancel: threading.Event | None = None,
+        review_plan: PlanReviewer | None = None,
     ) -> GenerateResult:
         """Plan, draw, critique and refine an image for `prompt` (the `t2i` workflow).
 
@@ -567,6 +598,12 @@ class LavidaAgent:
             num_steps: denoising steps per image (default `settings.num_steps`).
             on_event: called with every workflow event (dicts).
             cancel: set this event to stop the run (`GenerationCancelled`).
+            review_plan: a human (or program) in the loop: called once with the model's
+                layout (`[{"label", "box"}]`, canvas pixels) before anything is drawn;
+                return `True`/`None` to keep it or a new layout to draw instead. The run
+                pauses at the `review_plan` node and resumes with the answer; the trace
+                records both layouts. Ignored when there is no model plan (`plan=False` or
+                a given layout).
 
         Returns:
             `GenerateResult`: the best attempt's image, the plan, every attempt and critique.
@@ -579,8 +616,9 @@ class LavidaAgent:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInputError("prompt must be a non-empty string")
         base_seed = self._seed(seed)
-        context = self._context(num_steps=num_steps, rounds=rounds, cancel=cancel)
         use_plan = self.settings.plan if plan is None else plan
+        reviewing = review_plan is not None and use_plan is True
+        context = self._context(num_steps=num_steps, rounds=rounds, cancel=cancel, review_plan=reviewing)
         payload: dict[str, Any] = {"prompt": prompt, "seed": base_seed}
         if use_plan is False:
             # No layout: an empty input plan skips the planner and the grounding checks.
@@ -593,9 +631,15 @@ class LavidaAgent:
         inputs = {"prompt": prompt, "seed": base_seed,
                   "plan": use_plan if isinstance(use_plan, bool) else payload["plan"],
                   "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
+        def answer(request: dict[str, Any]) -> Any:
+            layout = [LayoutItem.model_validate(i).to_engine() for i in request["plan"].get("items", [])]
+            reply = review_plan(layout)  # type: ignore[misc]
+            return True if reply is None else reply
+
         run_id, values, trace, path = self._run("t2i", self._graph("t2i"), payload,
                                                 thread_id=thread_id, context=context,
-                                                inputs=inputs, on_event=on_event)  # fmt: skip
+                                                inputs=inputs, on_event=on_event,
+                                                on_interrupt=answer if reviewing else None)  # fmt: skip
         attempts: list[Attempt] = list(values.get("attempts", []))
         best: Attempt | None = values.get("best") or (attempts[-1] if attempts else None)
         if best is None:

@@ -190,10 +190,29 @@ def _run_generate(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
                   on_event: Any) -> dict[str, Any]:  # fmt: skip
     result = agent.generate(args["prompt"], seed=args.get("seed"), rounds=args.get("rounds"),
                             plan=args.get("plan"), num_steps=args.get("steps"),
-                            on_event=on_event)  # fmt: skip
+                            on_event=on_event, review_plan=args.get("review_plan"))  # fmt: skip
     out = _write_image(result, args["out"], scale)
     data = result.to_dict()
     return {"prompt": data.pop("prompt"), "out": out, **data}
+
+
+def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> bool | list[dict[str, Any]]:
+    """Show the model's layout on stderr; read one line: empty or `y` keeps it, a JSON list
+    of `{"label", "box": [x0, y0, x1, y1]}` replaces it."""
+    click.echo("planned layout (canvas pixels):", err=True)
+    for item in layout:
+        click.echo(f"  {item['label']}: {[round(v) for v in item['box']]}", err=True)
+    reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
+                         show_default=False, err=True).strip()  # fmt: skip
+    if reply.lower() in ("", "y", "yes"):
+        return True
+    try:
+        items = json.loads(reply)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"--review-plan: not a JSON layout: {exc}") from None
+    if not isinstance(items, list):
+        raise click.ClickException('--review-plan: a layout is a JSON list of {"label", "box"}')
+    return items
 
 
 def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
@@ -371,22 +390,31 @@ def cli(ctx: click.Context, model_path: str | None, home: str | None, device: st
 @click.argument("prompt", required=False)
 @_image_options
 @click.option("--plan/--no-plan", default=None, help="Plan a layout first (default: settings).")
+@click.option("--review-plan", is_flag=True,
+              help="Show the planned layout and let me keep or replace it before drawing.")
 @_batch_options
 @_common
 @click.pass_context
 def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int | None,
              rounds: int | None, steps: int | None, preview_scale: int, as_json: bool,
-             trace_html: str | None, plan: bool | None, batch: IO[str] | None,
+             trace_html: str | None, plan: bool | None, review_plan: bool, batch: IO[str] | None,
              workers: int) -> None:  # fmt: skip
     """Draw PROMPT: plan a layout, generate, critique, refine; write the best image to --out."""
     defaults = {"rounds": rounds, "steps": steps, "plan": plan, "seed": seed}
+    if review_plan and batch is not None:
+        raise click.UsageError("--review-plan asks about one layout; it cannot run with --batch")
+    if review_plan and plan is False:
+        raise click.UsageError("--review-plan needs a planned layout; drop --no-plan")
     if batch is not None:
         _run_batch(ctx, "generate", batch, defaults, scale=preview_scale, workers=workers)
         return
     if prompt is None or out is None:
         raise click.UsageError("generate needs PROMPT and --out (or --batch FILE)")
-    data = _run_image_command(ctx, _run_generate, {"prompt": prompt, "out": out, **defaults},
-                              scale=preview_scale, trace_html=trace_html, as_json=as_json)  # fmt: skip
+    request = {"prompt": prompt, "out": out, **defaults}
+    if review_plan:
+        request["plan"], request["review_plan"] = True, _review_plan_on_terminal
+    data = _run_image_command(ctx, _run_generate, request, scale=preview_scale,
+                              trace_html=trace_html, as_json=as_json)  # fmt: skip
     if not as_json:
         verdict = "accepted" if data["accepted"] else "best of rejected attempts"
         click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "

@@ -313,3 +313,31 @@ def test_map_exceptions_leaves_bugs_alone():
     with pytest.raises(NotFoundError):
         with map_exceptions({KeyError: NotFoundError}):
             raise KeyError("run 1")
+
+
+def test_review_plan_replaces_the_layout_before_anything_is_drawn(agent, engine):
+    seen, events = [], []
+
+    def reviewer(layout):
+        seen.append(layout)
+        assert engine.calls["generate"] == 0  # asked before drawing
+        return [{"label": "green triangle", "box": [8, 8, 30, 30]}]
+
+    r = agent.generate("red circle and blue square", seed=2, review_plan=reviewer, on_event=events.append)
+    assert [item["label"] for item in seen[0]] == ["red circle", "blue square"]
+    assert all(len(item["box"]) == 4 for item in seen[0])  # documented [x0, y0, x1, y1] form
+    assert [i.label for i in r.layout] == ["green triangle"] and r.plan.source == "user"
+    assert engine.calls["plan_layout"] == 1 and engine.calls["generate"] == 1  # no model work repeated
+    assert any(e.get("event") == "interrupt" and e.get("kind") == "review_plan" for e in events)
+
+
+def test_review_plan_approval_keeps_the_model_layout(agent, engine):
+    r = agent.generate("red circle and blue square", seed=2, review_plan=lambda layout: True)
+    assert [i.label for i in r.layout] == ["red circle", "blue square"] and r.plan.source == "model"
+    skipped = agent.generate("red circle", seed=2, plan=False, review_plan=lambda layout: 1 / 0)
+    assert skipped.layout == []  # nothing to review without a model plan
+
+
+def test_a_bad_review_answer_is_a_clear_error(agent):
+    with pytest.raises(LavidaError, match="review_plan"):
+        agent.generate("red circle", seed=2, review_plan=lambda layout: "maybe")

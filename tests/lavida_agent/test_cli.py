@@ -110,6 +110,29 @@ def test_generate_human_output_and_no_plan(run, engine):
     assert engine.calls["plan_layout"] == 0
 
 
+def test_generate_review_plan_reads_a_layout_from_stdin(run, engine):
+    layout = '[{"label": "green triangle", "box": [4, 4, 24, 24]}]'
+    res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 1,
+              "--review-plan", "--json", input=layout + "\n")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "red circle: [" in res.stderr  # the model's layout is shown first
+    data = json.loads(res.stdout)
+    assert [p["label"] for p in data["plan"]] == ["green triangle"]
+    kept = run("generate", "red circle", "--out", "k.png", "--seed", 1, "--review-plan", "--json", input="\n")
+    assert kept.exit_code == 0 and [p["label"] for p in json.loads(kept.stdout)["plan"]] == ["red circle"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--no-plan"], "drop --no-plan"), (["--batch", "-"], "--batch")])
+def test_generate_review_plan_refuses_what_it_cannot_ask(run, extra, message):
+    res = run("generate", "red circle", "--out", "o.png", "--review-plan", *extra, input="")
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_generate_review_plan_rejects_a_bad_layout(run):
+    res = run("generate", "red circle", "--out", "o.png", "--review-plan", input="{oops\n")
+    assert res.exit_code == 1 and "not a JSON layout" in res.output
+
+
 def test_edit_json(run, scene, engine):
     res = run("edit", scene, "make it blue", "--out", "e.png", "--seed", 2, "--json")
     assert res.exit_code == 0, res.output
