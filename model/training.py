@@ -356,12 +356,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
             initial = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
         initial = {k: v.float() for k, v in initial.items()}
-    weights = saved["model"] if saved is not None else initial
-    stem = {}
-    if weights is not None and "vision.patch_embed.weight" in weights:
-        stem = {"vision_stem": "linear"}  # weights from before the modulated stem keep theirs
-    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **stem, **token_ids(tokenizer),
-                          "codebook_size": vq.num_vq_embeddings})  # fmt: skip
+    cfg = model_config(tc, tokenizer, vq, saved["model"] if saved is not None else initial)
     torch.manual_seed(tc.seed)
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
@@ -442,13 +437,23 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
     tc = TrainConfig(**json.loads((train_dir / "train_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(train_dir / "tokenizer")
     vq = VQImageTokenizer.from_pretrained(tc.vq)
-    cfg = LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **token_ids(tokenizer),
-                          "codebook_size": vq.num_vq_embeddings})  # fmt: skip
-    model = LavidaForMaskedDiffusion(cfg)
     state = torch.load(train_dir / "state.pt", map_location="cpu", weights_only=False)
+    model = LavidaForMaskedDiffusion(model_config(tc, tokenizer, vq, state["model"]))
     model.load_state_dict(state["model"])
     logger.info("exporting step %d of %s to %s", state["step"], train_dir, dest)
     return export_pipeline(model.eval(), vq, tokenizer, dest)
+
+
+def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None) -> LavidaConfig:
+    """The run's architecture: preset + overrides + the tokenizer's ids + the VQ codebook.
+
+    Weights from before the modulated vision stem (`vision.patch_embed`) keep the linear one.
+    """
+    stem = {}
+    if weights is not None and "vision.patch_embed.weight" in weights:
+        stem = {"vision_stem": "linear"}
+    return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **stem, **token_ids(tokenizer),
+                           "codebook_size": vq.num_vq_embeddings})  # fmt: skip
 
 
 def token_ids(tokenizer) -> dict[str, int]:

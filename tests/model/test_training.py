@@ -119,6 +119,10 @@ def test_weights_with_the_linear_vision_stem_keep_it(tmp_path, vq_dir):
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
 
     assert LavidaPipeline.from_pretrained(second / "export").model.config.vision_stem == "linear"
+    from lavida_agent.model.training import export_checkpoint
+
+    export_checkpoint(first, tmp_path / "exported")  # a running linear run exports as linear
+    assert LavidaPipeline.from_pretrained(tmp_path / "exported").model.config.vision_stem == "linear"
     fresh = tmp_path / "fresh"
     train(TrainConfig(out=str(fresh), vq=vq_dir, steps=1, **TINY), progress=False)
     assert LavidaPipeline.from_pretrained(fresh / "export").model.config.vision_stem == "modulated"
