@@ -327,11 +327,18 @@ class LavidaPipeline:
 
     @torch.no_grad()
     def _decode_text(self, examples, answer_len, *, gens, num_steps, temperature, block_length=None,
-                     allowed=None, callback=None, interrupt=None, task="text") -> list[str]:  # fmt: skip
+                     allowed=None, callback=None, interrupt=None, task="text",
+                     first_choices=None) -> list[str]:  # fmt: skip
+        """Decode fixed-length answers. `first_choices` (token ids) decides the first token
+        before anything else, from the fully masked answer, among those ids only."""
         cfg = self.config
         cond, tgt = self._split(examples, answer_len)
         cache = self._forward(**cond, use_cache=True).cache
         sample = tgt["input_ids"].clone()
+        if first_choices is not None:
+            logits = self._forward(**tgt, condition_cache=cache).text_logits[:, 0]  # (B, V)
+            choices = torch.as_tensor(list(first_choices), device=logits.device)
+            sample[:, 0] = choices[logits[:, choices].argmax(-1)]
         sampler = TextMaskSampler(cfg.mask_token_id, block_length=block_length or answer_len,
                                   temperature=temperature)  # fmt: skip
         sampler.set_timesteps(num_steps, answer_len)
@@ -564,10 +571,13 @@ class LavidaPipeline:
         gens, _ = _generators(seed, generator, len(images), self.device)
         exs = [build_critique(self.tokenizer, self.config, self._check_image(im), p)
                for im, p in zip(images, prompts)]  # fmt: skip
+        # Verdict first: `yes`/`no` is decided from the image and prompt alone, then the
+        # reasons follow it. Left to confidence order, content words are committed first and
+        # force a `no` (the shipped model rejected every image; see issue 4's notes).
         texts = self._decode_text(
             exs, CRITIQUE_LEN, gens=gens, num_steps=num_steps or self.defaults["text_steps"],
             temperature=0.0, allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
-            task="critique",
+            task="critique", first_choices=self.tokenizer.convert_tokens_to_ids(["yes", "no"]),
         )  # fmt: skip
         ok, reasons = [], []
         for t in texts:

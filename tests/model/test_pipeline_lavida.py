@@ -63,6 +63,14 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(c.ok[0], bool)
 
 
+def test_critique_decides_the_verdict_first(pipe, scene_image):
+    """Even an untrained model's critique starts with `yes` or `no`: the verdict is chosen
+    before the reasons, among those two words only."""
+    c = pipe.critique([scene_image] * 3, ["a red circle", "two blue squares", "a green triangle"], num_steps=4)
+    assert all(t.split()[0].rstrip(":") in ("yes", "no") for t in c.texts), c.texts
+    assert [t.startswith("yes") for t in c.texts] == c.ok
+
+
 def test_regenerate_regions_keeps_codes_outside_the_boxes(pipe, scene_image):
     original = torch.from_numpy(pipe._encode_images([scene_image])[0])
     out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(0, 0, 16, 16)]], seed=3, num_steps=4)
