@@ -418,6 +418,8 @@ def pack(examples: list[Example], config, *, pad_left: bool = False) -> Batch:
     """Pad examples into one batch. Inference pads on the left so every row's condition
     ends at the same index (RoPE is relative, so left padding changes nothing)."""
 
+    if not examples:
+        raise ValueError("pack needs at least one example (a caller passed an empty batch)")
     L = max(len(e) for e in examples)
     B = len(examples)
     ids = torch.full((B, L), config.pad_token_id, dtype=torch.long)

@@ -144,6 +144,11 @@ def test_save_and_load_give_identical_outputs(tiny_model, tmp_path):
     assert torch.equal(a.text_logits, b.text_logits)
 
 
+def test_pack_names_an_empty_batch(tiny_config):
+    with pytest.raises(ValueError, match="empty batch"):
+        pack([], tiny_config)
+
+
 def test_sincos_2d_codes_are_distinct_per_cell():
     code = sincos_2d(8, 32)
     assert code.shape == (64, 32)
