@@ -525,7 +525,8 @@ class PipelineBackend:
                                         *drafts[i].keep_exprs]))
                  for i in rows}  # fmt: skip
         to_ground = [i for i in rows if exprs[i]]
-        found = self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
+        found = (self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
+                 if to_ground else [])  # e.g. a background edit on an image the caption finds empty  # fmt: skip
         for i, boxes in zip(to_ground, found, strict=True):
             drafts[i].boxes = {e: (None if b is None else [float(v) for v in b])
                                for e, b in zip(exprs[i], boxes, strict=True)}  # fmt: skip

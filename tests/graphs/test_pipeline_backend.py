@@ -240,6 +240,8 @@ class ScriptedPipeline:
         return SimpleNamespace(texts=[self.caption] * len(images))
 
     def ground(self, images, expressions):
+        if not images:  # as the real pipeline: `pack([])` refuses an empty batch
+            raise ValueError("pack needs at least one example (a caller passed an empty batch)")
         self.calls.append(("ground", [list(e) for e in expressions]))
         return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
 
@@ -318,6 +320,16 @@ def test_plan_edit_other_categories_and_limits():
     (amb,), _ = _plan_edit(["make the blue circle red"], ScriptedPipeline(
         two, {"the red circle": RED, "the blue circle": (40, 40, 52, 52)}))
     assert _labels(amb.layout) == {"the red circle": [40.0, 40.0, 52.0, 52.0]} and amb.keep == []
+
+
+def test_plan_edit_with_nothing_to_ground_makes_no_grounding_call():
+    """A background edit on an image whose caption lists no object has nothing to ground:
+    the plan is the whole canvas, and no empty grounding batch reaches the model (this was
+    a flaky failure when such a row happened to be batched alone)."""
+    (bg,), pipe = _plan_edit(["change the background to black"],
+                             ScriptedPipeline("nothing on a white background"))  # fmt: skip
+    assert [c[0] for c in pipe.calls] == ["understand"]
+    assert bg.target_boxes == [[0.0, 0.0, 64.0, 64.0]] and bg.layout == [] == bg.keep
 
 
 def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
