@@ -34,6 +34,7 @@ shared weight (upstream pads to the und width, a constant sqrt(2) scale).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -193,14 +194,15 @@ class LavidaDecoderLayer(nn.Module):
         return h_und, h_gen, present
 
 
+@functools.lru_cache(maxsize=8)
 def sincos_2d(side: int, dim: int, max_wavelength: float = 4.0) -> torch.Tensor:
     """Fixed 2-D sin/cos codes `(side * side, dim)` of a raster grid, `dim / 4` wavelengths
-    per axis from 2 cells to `max_wavelength * side` cells (geometric)."""
+    per axis from 2 cells to `max_wavelength * side` cells (geometric). Cached: read only."""
     if dim % 4:
         raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
-    cells = torch.arange(side, dtype=torch.float32)
+    cells = torch.arange(side, dtype=torch.float32, device="cpu")  # cached: never on a device context
     ys, xs = torch.meshgrid(cells, cells, indexing="ij")
-    wavelengths = torch.exp(torch.linspace(math.log(2.0), math.log(max_wavelength * side), dim // 4))
+    wavelengths = torch.exp(torch.linspace(math.log(2.0), math.log(max_wavelength * side), dim // 4, device="cpu"))
     ax = 2 * math.pi * xs.reshape(-1, 1) / wavelengths
     ay = 2 * math.pi * ys.reshape(-1, 1) / wavelengths
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)

@@ -162,7 +162,7 @@ def train_vq(
     model = VQImageTokenizer(config, generator=init_generator)
     if decoder_only and init_from is None:
         raise ValueError("decoder_only=True needs init_from: a frozen encoder must come from somewhere")
-    if init_from is not None:
+    if init_from is not None and not (resume and ckpt_path.exists()):  # a resume has its own
         _load_initial_weights(model, init_from)
     if decoder_only:
         model.encoder.requires_grad_(False)
