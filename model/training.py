@@ -90,6 +90,13 @@ class TrainConfig:
     init_from: str = ""  # a run folder or pipeline folder whose weights start this run (fresh optimizer)
     eval_every: int = 500
     save_every: int = 250
+    # Stage 0 (`training_vision`): dense per-patch pretraining of the vision encoder before
+    # the multi-task run; skipped when resuming or starting from other weights.
+    vision_pretrain_steps: int = 1000
+    vision_pretrain_batch: int = 64
+    # With `init_from`: drop its vision encoder and start a fresh one (the preset's stem,
+    # then stage 0), keeping every other weight, e.g. to move old weights off the linear stem.
+    reset_vision: bool = False
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -355,15 +362,18 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             initial = torch.load(source / "state.pt", map_location=device, weights_only=False)["model"]
         else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
             initial = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
-        initial = {k: v.float() for k, v in initial.items()}
+        initial = {k: v.float() for k, v in initial.items() if not (tc.reset_vision and k.startswith("vision."))}
     cfg = model_config(tc, tokenizer, vq, saved["model"] if saved is not None else initial)
     torch.manual_seed(tc.seed)
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
     if initial is not None:
-        model.load_state_dict(initial)
-        logger.info("initialised from %s", tc.init_from)
+        missing, unexpected = model.load_state_dict(initial, strict=False)
+        if unexpected or any(not (tc.reset_vision and k.startswith("vision.")) for k in missing):
+            raise ValueError(f"weights of {tc.init_from} do not fit the run's architecture: "
+                             f"missing {missing}, unexpected {unexpected}")  # fmt: skip
+        logger.info("initialised from %s%s", tc.init_from, " (fresh vision encoder)" if tc.reset_vision else "")
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -376,6 +386,14 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()
     log = (out / "metrics.jsonl").open("a")
+    if saved is None and (initial is None or tc.reset_vision) and tc.vision_pretrain_steps > 0:
+        from .training_vision import pretrain_vision
+
+        final = pretrain_vision(model, vq, steps=tc.vision_pretrain_steps, batch_size=tc.vision_pretrain_batch,
+                                seed=tc.seed, log=log, progress=progress)  # fmt: skip
+        logger.info("vision pretraining done: %s", final)
+        model.train()
+        _save_state(ckpt, model, opt, 0)  # a resume does not redo stage 0
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t0 = time.time()
@@ -501,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     for f in TrainConfig.__dataclass_fields__.values():
         if f.type in ("int", "float", "str"):
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
+        elif f.type == "bool":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
     parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
     parser.add_argument("--tasks", type=json.loads, default=None,
                         help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\'')

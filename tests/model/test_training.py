@@ -12,7 +12,8 @@ from lavida_agent.model.tasks import build_t2i
 from lavida_agent.model.training import TrainConfig, add_noise, lr_at, touched_plan, train
 
 TINY = dict(preset="tiny", tokens_per_batch=300, max_rows=3, warmup=2, tokenizer_corpus=20,
-            log_every=1, eval_every=1000, eval_rows=2, lr=3e-3)  # fmt: skip
+            log_every=1, eval_every=1000, eval_rows=2, lr=3e-3, vision_pretrain_steps=2,
+            vision_pretrain_batch=2)  # fmt: skip
 
 
 @pytest.fixture()
@@ -36,8 +37,12 @@ def test_resume_continues_identically(tmp_path, vq_dir):
     b, step_b = _weights(resumed)
     assert step_a == step_b == 4
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert "vision_step" in records[0]  # stage 0 ran first, once: the resumed run did not redo it
+    losses = [r for r in records if "step" in r]
     assert any(k.startswith("loss/") for k in losses[0])
+    resumed_records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert sum("vision_step" in r for r in resumed_records) == 1
     assert (straight / "export" / "pipeline_index.json").exists()
 
 
@@ -126,3 +131,31 @@ def test_weights_with_the_linear_vision_stem_keep_it(tmp_path, vq_dir):
     fresh = tmp_path / "fresh"
     train(TrainConfig(out=str(fresh), vq=vq_dir, steps=1, **TINY), progress=False)
     assert LavidaPipeline.from_pretrained(fresh / "export").model.config.vision_stem == "modulated"
+
+
+def test_reset_vision_swaps_in_a_fresh_pretrained_encoder_and_keeps_the_rest(tmp_path, vq_dir):
+    first = tmp_path / "linear"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, model_overrides={"vision_stem": "linear"}, **TINY),
+          progress=False)  # fmt: skip
+    second = tmp_path / "reset"
+    train(TrainConfig(out=str(second), vq=vq_dir, steps=0, init_from=str(first / "export"), reset_vision=True,
+                      **TINY), progress=False)  # fmt: skip
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+
+    a = LavidaPipeline.from_pretrained(first / "export").model.state_dict()
+    model = LavidaPipeline.from_pretrained(second / "export").model
+    b = model.state_dict()
+    assert model.config.vision_stem == "modulated"
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("vision."))
+    records = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert any("vision_step" in r for r in records)  # stage 0 trained the new encoder
+
+
+def test_init_from_weights_of_another_shape_is_refused(tmp_path, vq_dir):
+    first = tmp_path / "small"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=0, **TINY), progress=False)
+    second = tmp_path / "wider"
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=0, init_from=str(first / "export"),
+                     model_overrides={"vision_layers": 2}, **TINY)  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        train(tc, progress=False)
