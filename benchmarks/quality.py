@@ -478,6 +478,15 @@ def score_vqa(
     return out
 
 
+def _parses(text: str) -> bool:
+    """Whether a critique text is a well-formed verdict (with its reasons)."""
+    try:
+        parse_verdict(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _norm_reasons(reasons: Sequence[str]) -> set[str]:
     try:
         return set(parse_verdict("no: " + "; ".join(reasons))[1]) if reasons else set()
@@ -506,7 +515,7 @@ def score_critique(
             prompts[sl], images[sl], res.ok, res.reasons, res.texts, strict=True
         ):
             det = check_prompt(p, _canvas(image))
-            parsed = not any(str(r).startswith("unparsable verdict") for r in reasons)
+            parsed = _parses(text)
             both_reject = not ok and not det.correct
             match = (
                 (_norm_reasons(reasons) == _norm_reasons(det.reasons))

@@ -47,6 +47,10 @@ class LavidaConfig(PretrainedConfig):
             position) or `"modulated"` (MLP content code next to the code modulated by a
             fixed 2-D sin/cos position code; learns where things are much sooner, see
             `LavidaVisionEncoder`). Configs written before it existed mean `"linear"`.
+        loc_code_dim: Width of a fixed 1-D sin/cos code of the coordinate each `<LOC_i>`
+            stands for, projected (learned, from zero) into the token's input embedding and
+            into its output row of the LM head, so neighbouring coordinates share structure
+            instead of being 65 unrelated classes. 0 (configs written before it): off.
         image_size: Input image side for the vision encoder and the VQ tokenizer.
         attention_mode: `"one_way"`: a position attends only to positions of its own or
             an earlier segment, so conditions never see what is being generated and
@@ -81,6 +85,7 @@ class LavidaConfig(PretrainedConfig):
         vision_layers: int = 2,
         vision_heads: int = 4,
         vision_stem: str = "linear",
+        loc_code_dim: int = 0,
         image_size: int = 64,
         attention_mode: str = "one_way",
         mask_token_id: int = 3,
@@ -112,6 +117,7 @@ class LavidaConfig(PretrainedConfig):
         self.vision_layers = vision_layers
         self.vision_heads = vision_heads
         self.vision_stem = vision_stem
+        self.loc_code_dim = loc_code_dim
         self.image_size = image_size
         self.attention_mode = attention_mode
         self.mask_token_id = mask_token_id
@@ -177,6 +183,8 @@ class LavidaConfig(PretrainedConfig):
             raise ValueError(
                 f"vision_stem='modulated' needs vision_hidden_size divisible by 8, got {self.vision_hidden_size}"
             )
+        if self.loc_code_dim < 0 or self.loc_code_dim % 2:
+            raise ValueError(f"loc_code_dim must be a non-negative even number, got {self.loc_code_dim}")
         if self.vision_hidden_size % self.vision_heads:
             raise ValueError(
                 f"vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
@@ -206,9 +214,9 @@ PRESETS: dict[str, dict] = {
         vocab_size=128, hidden_size=64, num_layers=2, joint_layers=1, num_heads=4,
         intermediate_size=128, gen_hidden_size=32, gen_intermediate_size=64,
         codebook_size=32, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-        loc_token_offset=40, num_loc_tokens=65, vision_stem="modulated",
+        loc_token_offset=40, num_loc_tokens=65, vision_stem="modulated", loc_code_dim=8,
     ),
-    "shapes": dict(vision_stem="modulated"),
+    "shapes": dict(vision_stem="modulated", loc_code_dim=32),
     "lavida-o": dict(
         vocab_size=127378, hidden_size=4096, num_layers=32, joint_layers=17, num_heads=32,
         intermediate_size=12288, gen_hidden_size=2048, gen_intermediate_size=8192,

@@ -208,6 +208,16 @@ def sincos_2d(side: int, dim: int, max_wavelength: float = 4.0) -> torch.Tensor:
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
 
 
+@functools.lru_cache(maxsize=8)
+def sincos_1d(n: int, dim: int) -> torch.Tensor:
+    """Fixed sin/cos codes `(n, dim)` of the integers `0..n-1`, `dim / 2` wavelengths from 2
+    to `4 n` (geometric), scaled to unit RMS per row. Cached: read only."""
+    steps = torch.arange(n, dtype=torch.float32, device="cpu")[:, None]
+    wavelengths = torch.exp(torch.linspace(math.log(2.0), math.log(4.0 * n), dim // 2, device="cpu"))
+    angles = 2 * math.pi * steps / wavelengths
+    return torch.cat([angles.sin(), angles.cos()], dim=1) * math.sqrt(2.0)
+
+
 class LavidaVisionEncoder(nn.Module):
     """Understanding-side patch encoder + 2-layer MLP projector (SigLIP + mlp2x_gelu analogue).
 
@@ -378,6 +388,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
     config_class = LavidaConfig
     base_model_prefix = "model"
     _no_split_modules = ["LavidaDecoderLayer"]
+    # Parameters that start at zero: weights saved without them load into the same function.
+    fresh_at_zero = ("loc_in.", "loc_out.")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -394,6 +406,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (LavidaImageEmbedding, LavidaVisionEncoder)):
             nn.init.normal_(module.pos_embed, mean=0.0, std=std)
+        if module is getattr(self, "loc_in", None) or module is getattr(self, "loc_out", None):
+            nn.init.zeros_(module.weight)
         if isinstance(module, LavidaDecoderLayer):
             # Attention projections at fan-in scale (1 / sqrt(in)), not `std`: with two
             # 0.02-scale factors in every score (W_q, W_k) and every value path (W_v, o_proj)
@@ -426,6 +440,11 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         self.layers = nn.ModuleList(LavidaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = LavidaRMSNorm(config.hidden_size, config.rms_norm_eps)  # shared final norm
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.loc_code_dim:
+            # Location structure shared by the 65 `<LOC_i>` rows (zero at init, so weights
+            # trained without it load unchanged): input += loc_in(code_i), logit += h . loc_out(code_i)
+            self.loc_in = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
+            self.loc_out = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
         self.image_head = LavidaImageHead(config)
         self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()
@@ -466,7 +485,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         self._check_slots(is_enc, n_views, "pixel_values", "img_enc")
 
         # und rows: token embeddings, with vision features written over img_enc positions
-        h = self.embed_tokens(ids[und_idx])  # (Nu, d)
+        h = F.embedding(ids[und_idx], self._with_loc_code(self.embed_tokens.weight, "loc_in"))  # (Nu, d)
         if n_views:
             feats = self.vision(pixel_values).reshape(-1, cfg.hidden_size)
             enc_rows = is_enc[und_idx].nonzero().squeeze(1)
@@ -476,6 +495,19 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         else:
             h_gen = h.new_zeros(0, cfg.gen_hidden_size)
         return h, h_gen, und_idx, gen_idx, is_tgt[gen_idx]
+
+    def _with_loc_code(self, weight: torch.Tensor, which: str) -> torch.Tensor:
+        """`weight` (V, d) with the projected location code added to the `<LOC_i>` rows."""
+        if not self.config.loc_code_dim:
+            return weight
+        cfg = self.config
+        code = sincos_1d(cfg.num_loc_tokens, cfg.loc_code_dim).to(weight.device, weight.dtype)
+        rows = getattr(self, which)(code)  # (num_loc, d)
+        start = cfg.loc_token_offset
+        return torch.cat([weight[:start], weight[start : start + len(rows)] + rows, weight[start + len(rows) :]])
+
+    def _lm_head_weight(self) -> torch.Tensor:
+        return self._with_loc_code(self.lm_head.weight, "loc_out")
 
     def _attention_masks(
         self,
@@ -590,7 +622,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[:dg]).view(-1, P, dg)
         if labels is None and image_labels is None:
             if not elastic:
-                text_logits = self.lm_head(self.norm(h_und))  # (Nu, V)
+                text_logits = F.linear(self.norm(h_und), self._lm_head_weight())  # (Nu, V)
                 full = text_logits.new_zeros(B * L, cfg.vocab_size)
                 out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
             if has_target:
@@ -603,7 +635,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             lab = labels.reshape(-1)[und_idx]
             rows = (lab != -100).nonzero().squeeze(1)
             if rows.numel():
-                logits = self.lm_head(self.norm(h_und[rows]))
+                logits = F.linear(self.norm(h_und[rows]), self._lm_head_weight())
                 targets = lab[rows]
                 ce = F.cross_entropy(logits.float(), targets, reduction="none")
                 w = torch.where(targets == cfg.eos_token_id, eos_loss_weight, 1.0).to(ce.dtype)

@@ -583,8 +583,9 @@ class LavidaPipeline:
         for t in texts:
             try:
                 verdict, why = parse_verdict(t)
-            except ValueError:
-                verdict, why = False, [f"unparsable verdict: {t!r}"]
+            except ValueError:  # the verdict word was decided first; only the reasons are garbled
+                verdict = t.split()[0].rstrip(":") == "yes" if t.split() else False
+                why = [] if verdict else [f"unparsable critique: {t!r}"]
             ok.append(verdict)
             reasons.append(list(why))
         return CritiqueOutput(ok=ok, reasons=reasons, texts=texts)

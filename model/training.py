@@ -370,7 +370,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     step = 0
     if initial is not None:
         missing, unexpected = model.load_state_dict(initial, strict=False)
-        if unexpected or any(not (tc.reset_vision and k.startswith("vision.")) for k in missing):
+        fresh = model.fresh_at_zero + (("vision.",) if tc.reset_vision else ())
+        if unexpected or any(not k.startswith(fresh) for k in missing):
             raise ValueError(f"weights of {tc.init_from} do not fit the run's architecture: "
                              f"missing {missing}, unexpected {unexpected}")  # fmt: skip
         logger.info("initialised from %s%s", tc.init_from, " (fresh vision encoder)" if tc.reset_vision else "")
