@@ -363,7 +363,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
             initial = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
         initial = {k: v.float() for k, v in initial.items() if not (tc.reset_vision and k.startswith("vision."))}
-    cfg = model_config(tc, tokenizer, vq, saved["model"] if saved is not None else initial)
+    cfg = model_config(tc, tokenizer, vq, saved["model"] if saved is not None else initial, exact=saved is not None)
     torch.manual_seed(tc.seed)
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
@@ -463,15 +463,19 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
     return export_pipeline(model.eval(), vq, tokenizer, dest)
 
 
-def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None) -> LavidaConfig:
+def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *, exact: bool = True) -> LavidaConfig:
     """The run's architecture: preset + overrides + the tokenizer's ids + the VQ codebook.
 
     Weights from before the modulated vision stem (`vision.patch_embed`) keep the linear one.
+    `exact` (resuming, exporting): weights without the location code keep it off; otherwise
+    (a new stage from older weights) the preset's zero-initialised additions are grown.
     """
-    stem = {}
+    arch = {}
     if weights is not None and "vision.patch_embed.weight" in weights:
-        stem = {"vision_stem": "linear"}
-    return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **stem, **token_ids(tokenizer),
+        arch["vision_stem"] = "linear"
+    if weights is not None and exact and "loc_in.weight" not in weights:
+        arch["loc_code_dim"] = 0
+    return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **arch, **token_ids(tokenizer),
                            "codebook_size": vq.num_vq_embeddings})  # fmt: skip
 
 

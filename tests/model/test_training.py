@@ -159,3 +159,22 @@ def test_init_from_weights_of_another_shape_is_refused(tmp_path, vq_dir):
                      model_overrides={"vision_layers": 2}, **TINY)  # fmt: skip
     with pytest.raises(ValueError, match="do not fit"):
         train(tc, progress=False)
+
+
+def test_weights_without_the_location_code_export_as_they_are_and_grow_it_in_a_new_stage(tmp_path, vq_dir):
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+    from lavida_agent.model.training import export_checkpoint
+
+    first = tmp_path / "old"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, model_overrides={"loc_code_dim": 0}, **TINY),
+          progress=False)  # fmt: skip
+    export_checkpoint(first, tmp_path / "exported")
+    old = LavidaPipeline.from_pretrained(tmp_path / "exported").model
+    assert old.config.loc_code_dim == 0
+    second = tmp_path / "grown"
+    train(TrainConfig(out=str(second), vq=vq_dir, steps=0, init_from=str(first), **TINY), progress=False)
+    grown = LavidaPipeline.from_pretrained(second / "export").model
+    assert grown.config.loc_code_dim == 8
+    ids = torch.tensor([[grown.config.loc_token_offset + i for i in range(0, 60, 6)]])
+    # zero-initialised: the grown model computes what the old one did
+    assert torch.allclose(old(ids).text_logits, grown(ids).text_logits, atol=1e-5)
