@@ -50,7 +50,9 @@ class LavidaConfig(PretrainedConfig):
         loc_code_dim: Width of a fixed 1-D sin/cos code of the coordinate each `<LOC_i>`
             stands for, projected (learned, from zero) into the token's input embedding and
             into its output row of the LM head, so neighbouring coordinates share structure
-            instead of being 65 unrelated classes. 0 (configs written before it): off.
+            instead of being 65 unrelated classes; the same code of each gen image
+            position's centre (x, y) is projected into its input, so a plan's boxes and the
+            positions to draw share one geometry. 0 (configs written before it): off.
         image_size: Input image side for the vision encoder and the VQ tokenizer.
         attention_mode: `"one_way"`: a position attends only to positions of its own or
             an earlier segment, so conditions never see what is being generated and

@@ -208,14 +208,29 @@ def sincos_2d(side: int, dim: int, max_wavelength: float = 4.0) -> torch.Tensor:
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
 
 
+def coordinate_code(values: torch.Tensor, dim: int, span: int) -> torch.Tensor:
+    """Fixed sin/cos codes `(..., dim)` of coordinates `values` (pixels): `dim / 2`
+    wavelengths from 4 to `4 * span` (geometric; a 2-pixel one would only alias on the
+    integer grid), unit RMS. The one basis shared by the `<LOC_i>` tokens (coordinate i)
+    and the gen image positions (their centres): both name a place in the same code."""
+    wavelengths = torch.exp(torch.linspace(math.log(4.0), math.log(4.0 * span), dim // 2, device=values.device))
+    angles = 2 * math.pi * values.float()[..., None] / wavelengths
+    return torch.cat([angles.sin(), angles.cos()], dim=-1) * math.sqrt(2.0)
+
+
 @functools.lru_cache(maxsize=8)
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
-    """Fixed sin/cos codes `(n, dim)` of the integers `0..n-1`, `dim / 2` wavelengths from 2
-    to `4 n` (geometric), scaled to unit RMS per row. Cached: read only."""
-    steps = torch.arange(n, dtype=torch.float32, device="cpu")[:, None]
-    wavelengths = torch.exp(torch.linspace(math.log(2.0), math.log(4.0 * n), dim // 2, device="cpu"))
-    angles = 2 * math.pi * steps / wavelengths
-    return torch.cat([angles.sin(), angles.cos()], dim=1) * math.sqrt(2.0)
+    """`coordinate_code` of the integers `0..n-1` (the `<LOC_i>` coordinates). Cached: read only."""
+    return coordinate_code(torch.arange(n, device="cpu"), dim, n)
+
+
+@functools.lru_cache(maxsize=8)
+def grid_code(side: int, image_size: int, dim: int, span: int) -> torch.Tensor:
+    """`(side * side, 2 * dim)`: the `coordinate_code` of each raster cell's centre x, then
+    y, in pixels. Computed on the fly (not a buffer: meta-device loading). Cached: read only."""
+    centres = (torch.arange(side, device="cpu") + 0.5) * (image_size / side)
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.cat([coordinate_code(xs.reshape(-1), dim, span), coordinate_code(ys.reshape(-1), dim, span)], 1)
 
 
 class LavidaVisionEncoder(nn.Module):
@@ -293,6 +308,11 @@ class LavidaImageEmbedding(nn.Module):
         self.down_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
         self.down = nn.Conv2d(dg, dg, kernel_size=c, stride=c, bias=False)
         self.pos_embed = nn.Parameter(torch.zeros(config.positions_per_image, dg))
+        if config.loc_code_dim:
+            # where each position's centre is, in the `<LOC_i>` tokens' code (x then y);
+            # projected from zero, so weights trained without it load unchanged
+            self.code_args = (config.image_grid // c, config.image_size, config.loc_code_dim, config.num_loc_tokens)
+            self.pos_code_proj = nn.Linear(2 * config.loc_code_dim, dg, bias=False)
         self.out_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
         self.out_proj = nn.Linear(dg, dg, bias=False)
 
@@ -300,6 +320,8 @@ class LavidaImageEmbedding(nn.Module):
         x = self.down_norm(self.code_embed(codes))  # (S, G, G, dg)
         x = self.down(x.permute(0, 3, 1, 2))  # (S, dg, G/c, G/c): 2x2 codes -> 1 position
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (S, P, dg), raster order
+        if hasattr(self, "pos_code_proj"):
+            x = x + self.pos_code_proj(grid_code(*self.code_args).to(x.device, x.dtype))
         return self.out_proj(self.out_norm(x))
 
 
@@ -389,7 +411,7 @@ class LavidaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LavidaDecoderLayer"]
     # Parameters that start at zero: weights saved without them load into the same function.
-    fresh_at_zero = ("loc_in.", "loc_out.")
+    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -406,7 +428,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (LavidaImageEmbedding, LavidaVisionEncoder)):
             nn.init.normal_(module.pos_embed, mean=0.0, std=std)
-        if module is getattr(self, "loc_in", None) or module is getattr(self, "loc_out", None):
+        if any(module is getattr(owner, name, None) for owner, name in (
+                (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"))):  # fmt: skip
             nn.init.zeros_(module.weight)
         if isinstance(module, LavidaDecoderLayer):
             # Attention projections at fan-in scale (1 / sqrt(in)), not `std`: with two

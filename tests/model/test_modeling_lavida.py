@@ -229,3 +229,23 @@ def test_training_examples_have_no_unknown_tokens(tiny_vq):
             assert tok.unk_token_id not in ex.input_ids, (task, tok.decode(ex.input_ids))
     plan = sampler.examples("plan", np.random.default_rng(0), 1)[0]
     assert tok.convert_tokens_to_ids("<LOC_BEGIN>") in plan.input_ids
+
+
+def test_location_code_starts_at_zero_and_learns(tiny_config):
+    """The location code's projections start at zero (old weights load into the same
+    function) and get gradient from the first step."""
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config)
+    projections = [model.loc_in, model.loc_out, model.image_embed.pos_code_proj]
+    assert all(float(p.weight.abs().sum()) == 0 for p in projections)
+    cfg = tiny_config
+    loc = cfg.loc_token_offset
+    ids = torch.tensor([[loc + 3, loc + 40, cfg.mask_token_id] + [cfg.img_gen_token_id] * cfg.positions_per_image])
+    codes = torch.full((1, cfg.image_grid, cfg.image_grid), cfg.image_mask_code)
+    labels = torch.full_like(ids, -100)
+    labels[0, 2] = loc + 5
+    image_labels = torch.zeros(1, cfg.image_grid, cfg.image_grid, dtype=torch.long)
+    model(ids, gen_codes=codes, labels=labels, image_labels=image_labels).loss.backward()
+    assert all(float(p.weight.grad.abs().sum()) > 0 for p in projections)
