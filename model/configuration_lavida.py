@@ -185,8 +185,8 @@ class LavidaConfig(PretrainedConfig):
             raise ValueError(
                 f"vision_stem='modulated' needs vision_hidden_size divisible by 8, got {self.vision_hidden_size}"
             )
-        if self.loc_code_dim < 0 or self.loc_code_dim % 2:
-            raise ValueError(f"loc_code_dim must be a non-negative even number, got {self.loc_code_dim}")
+        if self.loc_code_dim and (self.loc_code_dim < 4 or self.loc_code_dim % 2):
+            raise ValueError(f"loc_code_dim must be 0 (off) or an even number >= 4, got {self.loc_code_dim}")
         if self.vision_hidden_size % self.vision_heads:
             raise ValueError(
                 f"vision_hidden_size ({self.vision_hidden_size}) must be divisible by "

@@ -209,13 +209,20 @@ def sincos_2d(side: int, dim: int, max_wavelength: float = 4.0) -> torch.Tensor:
 
 
 def coordinate_code(values: torch.Tensor, dim: int, span: int) -> torch.Tensor:
-    """Fixed sin/cos codes `(..., dim)` of coordinates `values` (pixels): `dim / 2`
-    wavelengths from 4 to `4 * span` (geometric; a 2-pixel one would only alias on the
-    integer grid), unit RMS. The one basis shared by the `<LOC_i>` tokens (coordinate i)
-    and the gen image positions (their centres): both name a place in the same code."""
-    wavelengths = torch.exp(torch.linspace(math.log(4.0), math.log(4.0 * span), dim // 2, device=values.device))
+    """Fixed codes `(..., dim)` of coordinates `values` (pixels, `0..span`): `t` and `t^2`
+    of `t = value / span`, then sin/cos pairs at `(dim - 2) / 2` wavelengths from 4 to
+    `4 * span` pixels (geometric; a 2-pixel one would only alias on the integer grid).
+
+    The one basis shared by the `<LOC_i>` tokens (coordinate i) and the gen image positions
+    (their centres): both name a place in the same code. The polynomial pair makes "a peak
+    at the coordinate a hidden state holds linearly" a rank-2 read-out
+    (`i * x - i^2 / 2 = -(x - i)^2 / 2 + const`); the waves give sharper, local ones.
+    """
+    t = values.float()[..., None] / span
+    wavelengths = torch.exp(torch.linspace(math.log(4.0), math.log(4.0 * span), (dim - 2) // 2, device=values.device))
     angles = 2 * math.pi * values.float()[..., None] / wavelengths
-    return torch.cat([angles.sin(), angles.cos()], dim=-1) * math.sqrt(2.0)
+    return torch.cat([t * math.sqrt(3.0), t * t * math.sqrt(5.0), angles.sin() * math.sqrt(2.0),
+                      angles.cos() * math.sqrt(2.0)], dim=-1)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
