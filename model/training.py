@@ -97,6 +97,7 @@ class TrainConfig:
     # With `init_from`: drop its vision encoder and start a fresh one (the preset's stem,
     # then stage 0), keeping every other weight, e.g. to move old weights off the linear stem.
     reset_vision: bool = False
+    vision_lr_scale: float = 0.2  # the vision encoder's learning rate relative to `lr`
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -366,7 +367,12 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     cfg = model_config(tc, tokenizer, vq, saved["model"] if saved is not None else initial, exact=saved is not None)
     torch.manual_seed(tc.seed)
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    # Two groups: the vision encoder learns at `vision_lr_scale` x the rate (Lavida-O trains
+    # SigLIP at 2e-6 under a 5e-6 LLM, FACTS §3.6), so stage-0 features stay.
+    vision = [p for n, p in model.named_parameters() if n.startswith("vision.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": tc.vision_lr_scale}],
+                            lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)  # fmt: skip
     step = 0
     if initial is not None:
         missing, unexpected = model.load_state_dict(initial, strict=False)
@@ -377,6 +383,9 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         logger.info("initialised from %s%s", tc.init_from, " (fresh vision encoder)" if tc.reset_vision else "")
     if saved is not None:
         model.load_state_dict(saved["model"])
+        if len(saved["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise ValueError(f"{ckpt} was written before the vision encoder had its own learning rate; "
+                             "start a new stage from it with --init-from instead of resuming")  # fmt: skip
         opt.load_state_dict(saved["optimizer"])
         step = saved["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
@@ -404,7 +413,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         batch, image_labels = make_batch(sampler, task, rng, rows_for(task, tc, cfg), cfg)
         batch = batch.to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
+            group["lr"] = lr_at(step, tc) * group["lr_scale"]
         with autocast:
             outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
                          image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
