@@ -98,6 +98,7 @@ class TrainConfig:
     # then stage 0), keeping every other weight, e.g. to move old weights off the linear stem.
     reset_vision: bool = False
     vision_lr_scale: float = 0.2  # the vision encoder's learning rate relative to `lr`
+    tasks_per_step: int = 1  # tasks drawn per optimizer step, splitting `tokens_per_batch`
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -307,14 +308,14 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def rows_for(task: str, tc: TrainConfig, cfg: LavidaConfig) -> int:
-    """Rows per batch so that every task costs about `tokens_per_batch` positions."""
+def rows_for(task: str, tc: TrainConfig, cfg: LavidaConfig, tokens: int | None = None) -> int:
+    """Rows per batch so that every task costs about `tokens` (`tokens_per_batch`) positions."""
     P, T = cfg.positions_per_image, cfg.vision_tokens_per_image
     approx_len = {
         "t2i": 20 + P, "t2i_plan": 20 + 48 + P, "plan": 20 + 48, "edit": T + P + 16 + P,
         "ground": T + 40, "understand": T + 14 + 12, "critique": T + 20 + 16,
     }[task]  # fmt: skip
-    return max(4, min(tc.max_rows, tc.tokens_per_batch // approx_len))
+    return max(4, min(tc.max_rows, (tokens or tc.tokens_per_batch) // approx_len))
 
 
 def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int, cfg):
@@ -409,20 +410,25 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     t0 = time.time()
     while step < tc.steps:
         rng = np.random.default_rng([tc.seed, step])
-        task = tasks[int(rng.choice(len(tasks), p=weights))]
-        batch, image_labels = make_batch(sampler, task, rng, rows_for(task, tc, cfg), cfg)
-        batch = batch.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc) * group["lr_scale"]
-        with autocast:
-            outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
-                         image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
         opt.zero_grad(set_to_none=True)
-        outp.loss.backward()
+        # `tasks_per_step` tasks share the step's token budget and one update (what a
+        # data-parallel run with one task per device does), so no single task's step
+        # pulls the shared weights away from the others.
+        k = tc.tasks_per_step
+        for _ in range(k):
+            task = tasks[int(rng.choice(len(tasks), p=weights))]
+            batch, image_labels = make_batch(sampler, task, rng, rows_for(task, tc, cfg, tc.tokens_per_batch // k), cfg)
+            batch = batch.to(device)
+            with autocast:
+                outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
+                             image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
+            (outp.loss / k).backward()
+            window.setdefault(task, []).append(outp.loss.item())
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        window.setdefault(task, []).append(outp.loss.item())
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),

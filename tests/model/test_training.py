@@ -178,3 +178,19 @@ def test_weights_without_the_location_code_export_as_they_are_and_grow_it_in_a_n
     ids = torch.tensor([[grown.config.loc_token_offset + i for i in range(0, 60, 6)]])
     # zero-initialised: the grown model computes what the old one did
     assert torch.allclose(old(ids).text_logits, grown(ids).text_logits, atol=1e-5)
+
+
+def test_several_tasks_share_a_step(tmp_path, vq_dir):
+    """`tasks_per_step` draws several tasks into one update; a resumed run still continues
+    exactly as an uninterrupted one."""
+    kw = dict(TINY, tasks_per_step=3, save_every=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(TrainConfig(out=str(straight), vq=vq_dir, steps=2, **kw), progress=False)
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=1, **kw), progress=False)
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=2, **kw), progress=False)
+    a, _ = _weights(straight)
+    b, _ = _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r.get("step") == 1)
+    assert len([k for k in first if k.startswith("loss/")]) >= 2  # more than one task in step 1
