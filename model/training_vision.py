@@ -76,13 +76,16 @@ def patch_targets(scene, patch: int = 8) -> dict[str, np.ndarray]:
 class VisionProbeHead(nn.Module):
     """Linear read-outs of the per-patch labels from the projected vision features."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, loc_code_dim: int = 0, span: int = CANVAS + 1):
         super().__init__()
+        self.loc_code_dim, self.span = loc_code_dim, span
         self.color = nn.Linear(hidden_size, len(_COLORS) + 1)  # + "no object"
         self.shape = nn.Linear(hidden_size, len(_SHAPES) + 1)
         self.size = nn.Linear(hidden_size, len(_SIZES) + 1)
         self.center = nn.Linear(hidden_size, 2)
-        self.box = nn.Linear(hidden_size, 4)
+        # the box as 4 coordinates, or (with a location code) as the 4 coordinates' codes:
+        # the code the `<LOC_i>` tokens carry, so grounding can copy it to a peak
+        self.box = nn.Linear(hidden_size, 4 * (loc_code_dim or 1))
         self.background = nn.Linear(hidden_size, len(_BACKGROUNDS))
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,8 +110,15 @@ def probe_loss(head: VisionProbeHead, feats: torch.Tensor, targets: dict[str, to
     parts["center"] = F.cross_entropy(out["center"].flatten(0, 1), targets["center"].flatten())
     parts["background"] = F.cross_entropy(out["background"].mean(1), targets["background"])
     owned = targets["color"] >= 0
-    # L1 on the box in canvas units x 10 (~ the scale of a CE term early on)
-    parts["box"] = 10 * (out["box"][owned] - targets["box"][owned]).abs().mean() if owned.any() else feats.sum() * 0
+    if not owned.any():
+        parts["box"] = feats.sum() * 0
+    elif head.loc_code_dim:  # mean squared error on the unit-RMS codes of x0, y0, x1, y1
+        from .modeling_lavida import coordinate_code
+
+        code = coordinate_code(targets["box"][owned] * CANVAS, head.loc_code_dim, head.span).flatten(1)
+        parts["box"] = 4 * ((out["box"][owned] - code) ** 2).mean()
+    else:  # L1 on the box in canvas units x 10 (~ the scale of a CE term early on)
+        parts["box"] = 10 * (out["box"][owned] - targets["box"][owned]).abs().mean()
     loss = sum(parts.values())
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -144,7 +154,8 @@ def pretrain_vision(
     vision = model.vision
     device = next(vision.parameters()).device
     vq_device = next(vq.parameters()).device
-    head = VisionProbeHead(model.config.hidden_size).to(device)
+    cfg = model.config
+    head = VisionProbeHead(cfg.hidden_size, cfg.loc_code_dim, cfg.num_loc_tokens).to(device)
     params = list(vision.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     patch = model.config.vision_patch_size

@@ -71,3 +71,14 @@ def test_pretrain_vision_lowers_the_probe_loss_and_touches_only_the_vision_encod
         untrained, trained = fresh.vision(pixels), model.vision(pixels)
     assert fitted(trained) < fitted(untrained)
     assert float(loss0) > 0
+
+
+def test_probe_box_target_is_the_location_code_when_the_model_has_one():
+    scene = sample_scene(np.random.default_rng(11))
+    t = {k: torch.from_numpy(np.asarray(v))[None] for k, v in patch_targets(scene).items()}
+    feats = torch.randn(1, 64, 32)
+    plain, coded = VisionProbeHead(32), VisionProbeHead(32, loc_code_dim=8)
+    assert plain(feats)["box"].shape[-1] == 4 and coded(feats)["box"].shape[-1] == 4 * 8
+    for head in (plain, coded):
+        loss, parts = probe_loss(head, feats, t)
+        assert torch.isfinite(loss) and parts["box"] > 0
