@@ -2,8 +2,12 @@
 
 Data is generated on the fly: the batch of step `s` is drawn from
 `np.random.default_rng([seed, s])`, so there is no dataset on disk and a resumed run sees
-exactly the batches an uninterrupted run would. Each step trains one task (the grouped
-sampler of FACTS §3.6), drawn by `TASK_WEIGHTS`.
+exactly the batches an uninterrupted run would. Every batch holds one task (the grouped
+sampler of FACTS §3.6), drawn by `TASK_WEIGHTS`; `tasks_per_step` such batches share one
+optimizer step, as they do across the devices of a data-parallel run (one task per step
+made each update pull the shared weights toward one task: measured worse for all but
+grounding). A run from scratch starts with stage 0, the dense pretraining of the vision
+encoder (`training_vision`), the stand-in for Lavida-O's pretrained SigLIP.
 
 Objective (FACTS §3.1-3.5): per row an independent mask ratio for the text answer and
 for the target image (t = cos(pi u / 2), mask where r <= max(p, min r)), cross-entropy on
@@ -98,7 +102,7 @@ class TrainConfig:
     # then stage 0), keeping every other weight, e.g. to move old weights off the linear stem.
     reset_vision: bool = False
     vision_lr_scale: float = 0.2  # the vision encoder's learning rate relative to `lr`
-    tasks_per_step: int = 1  # tasks drawn per optimizer step, splitting `tokens_per_batch`
+    tasks_per_step: int = 4  # tasks drawn per optimizer step, splitting `tokens_per_batch`
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
