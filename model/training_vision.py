@@ -1,12 +1,13 @@
 """Dense pretraining of the understanding-side vision encoder (the SigLIP analogue).
 
-Lavida-O's understanding branch starts from a pretrained SigLIP encoder (FACTS §1.3); the
+Lavida-O's understanding branch starts from a pretrained SigLIP encoder (FACTS §1.2); the
 embedded model has no such encoder, and learning *what is where* only through the four
 LOC tokens of a grounding answer is slow: a from-scratch run sat at the coordinate
 marginal for thousands of steps (issue 4 notes). ShapesWorld knows every pixel's object,
 so this stage teaches the encoder directly, before the multi-task run: for every patch
 token it predicts the colour, shape and size of the object the patch belongs to (or
-"none"), whether the patch holds that object's centre, the object's box, and the
+"none"), whether the patch holds that object's centre, the object's box (as the
+location code of its four coordinates when the model has one), and the
 background. The probe head is thrown away afterwards; the encoder (stem, layers and
 projector) keeps features from which those facts are linearly readable.
 
@@ -19,6 +20,7 @@ from-scratch runs), or alone from Python:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -144,8 +146,8 @@ def pretrain_vision(
 ) -> dict[str, float]:
     """Train `model.vision` (stem, layers, projector) on dense ShapesWorld labels.
 
-    Scenes are drawn from `np.random.default_rng([seed, "vision", step])`-style seeds, apart
-    from the main run's. Half the images (`reconstruct_p`) go through the VQ tokenizer
+    The scenes of step `s` come from `np.random.default_rng([seed, 0x5EE, s])`, apart from
+    the main run's draws. Half the images (`reconstruct_p`) go through the VQ tokenizer
     first, as in the understanding tasks. Writes a `{"vision_step", "vision/..."}` record to
     `log` (a text file) every 50 steps and returns the last window's mean losses.
     """
@@ -185,8 +187,6 @@ def pretrain_vision(
         if (step + 1) % 50 == 0 or step + 1 == steps:
             means = {k: round(float(np.mean(v)), 4) for k, v in window.items()}
             if log is not None:
-                import json
-
                 log.write(json.dumps({"vision_step": step + 1, "elapsed_s": round(time.time() - t0, 1),
                                       **{f"vision/{k}": v for k, v in means.items()}}) + "\n")  # fmt: skip
                 log.flush()
