@@ -226,7 +226,7 @@ def coordinate_code(values: torch.Tensor, dim: int, span: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def sincos_1d(n: int, dim: int) -> torch.Tensor:
+def loc_code_table(n: int, dim: int) -> torch.Tensor:
     """`coordinate_code` of the integers `0..n-1` (the `<LOC_i>` coordinates). Cached: read only."""
     return coordinate_code(torch.arange(n, device="cpu"), dim, n)
 
@@ -531,7 +531,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if not self.config.loc_code_dim:
             return weight
         cfg = self.config
-        code = sincos_1d(cfg.num_loc_tokens, cfg.loc_code_dim).to(weight.device, weight.dtype)
+        code = loc_code_table(cfg.num_loc_tokens, cfg.loc_code_dim).to(weight.device, weight.dtype)
         rows = getattr(self, which)(code)  # (num_loc, d)
         start = cfg.loc_token_offset
         return torch.cat([weight[:start], weight[start : start + len(rows)] + rows, weight[start + len(rows) :]])
