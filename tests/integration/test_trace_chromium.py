@@ -50,10 +50,11 @@ console.error = (...a) => {
   window.__errors.push('console.error: ' + a.join(' '));
   origError(...a);
 };
-window.addEventListener('load', async () => {
-  const imgs = Array.from(document.images);
-  const sizes = await Promise.all(imgs.map(i => i.decode().then(
-    () => [i.naturalWidth, i.naturalHeight, i.src.slice(0, 22)], e => ['failed', String(e)])));
+// Synchronous on `load` (which waits for every image): an async `decode()` could resolve
+// after --dump-dom has already written the page, and the probe would be missing (flaky).
+window.addEventListener('load', () => {
+  const sizes = Array.from(document.images).map(i => (i.complete && i.naturalWidth)
+    ? [i.naturalWidth, i.naturalHeight, i.src.slice(0, 22)] : ['failed', 'not decoded']);
   const out = document.createElement('pre');
   out.id = '__probe';
   out.textContent = JSON.stringify({images: sizes, errors: window.__errors});
