@@ -38,7 +38,6 @@ from lavida_agent.tools.shapes_world.sampler import sample_scene
 
 from .configuration_lavida import PRESETS, LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
-from .modeling_vq import tensor_to_images
 from .tasks import (
     Example,
     build_critique,
@@ -51,6 +50,7 @@ from .tasks import (
     pack,
 )
 from .tokenization_lavida import build_tokenizer
+from .training_vision import vq_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ class TaskSampler:
         pick = [i for i in range(len(images)) if rng.random() < p]
         if not pick:
             return images
-        pixels = images_to_pixels([images[i] for i in pick]).to(self.vq_device)
-        decoded = tensor_to_images(self.vq.decode(self.vq.encode(pixels).codes))
+        decoded = vq_roundtrip(self.vq, [images[i] for i in pick], self.vq_device)
         out = list(images)
         for i, im in zip(pick, decoded):
             out[i] = im

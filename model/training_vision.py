@@ -126,7 +126,8 @@ def probe_loss(head: VisionProbeHead, feats: torch.Tensor, targets: dict[str, to
 
 
 @torch.no_grad()
-def _reconstruct(vq, images: list[np.ndarray], device) -> list[np.ndarray]:
+def vq_roundtrip(vq, images: list[np.ndarray], device) -> list[np.ndarray]:
+    """`images` as the VQ tokenizer gives them back: `decode(encode(image))`."""
     pixels = images_to_pixels(images).to(device)
     return tensor_to_images(vq.decode(vq.encode(pixels).codes))
 
@@ -170,7 +171,7 @@ def pretrain_vision(
         images = [render(s) for s in scenes]
         pick = [i for i in range(batch_size) if rng.random() < reconstruct_p]
         if pick:
-            for i, im in zip(pick, _reconstruct(vq, [images[i] for i in pick], vq_device)):
+            for i, im in zip(pick, vq_roundtrip(vq, [images[i] for i in pick], vq_device)):
                 images[i] = im
         targets = _stack([patch_targets(s, patch) for s in scenes], device)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
