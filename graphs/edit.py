@@ -73,7 +73,9 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
 
     Returns:
         `source`, `source_step`, `edit_plan`, `round = 0` and `max_rounds` (the loop bound,
-        recorded) for the new turn.
+        recorded) for the new turn, and `turn`: a turn that never committed (cancelled or
+        failed) left verified steps under the current turn number; they stay in the lineage
+        and this turn takes the next number, so `commit_edit` never picks one of them.
 
     Raises:
         ValueError: neither an input image nor a current session image exists.
@@ -102,8 +104,10 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
                         regions=regions or [g.box for g in grounded],
                         layout=_items(planned.layout), keep=_items(planned.keep))  # fmt: skip
         emit("edit_plan", plan=plan.model_dump(mode="json"))
+    abandoned = any(s.turn == state.turn for s in state.steps)
     return {"source": source, "source_step": source_step, "edit_plan": plan, "round": 0,
-            "accepted": False, "candidate": None, "max_rounds": ctx.max_rounds}  # fmt: skip
+            "accepted": False, "candidate": None, "max_rounds": ctx.max_rounds,
+            "turn": state.turn + 1 if abandoned else state.turn}  # fmt: skip
 
 
 def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:

@@ -86,9 +86,9 @@ class EditSession:
         self, instruction: str, *, image: ImageRef | None = None, seed: int | None = None
     ) -> EditOutput:
         """Run one turn: edit the current image (or `image`, which (re)starts the session)."""
-        payload: dict[str, Any] = {"instruction": instruction}
-        if image is not None:
-            payload["image"] = image
+        # `image` always goes in (None included): an earlier turn that restarted from an
+        # image and never committed must not leave that image as this turn's source.
+        payload: dict[str, Any] = {"instruction": instruction, "image": image}
         if seed is not None:
             payload["seed"] = seed
         out = self.graph.invoke(payload, self.config, context=self.context)

@@ -378,7 +378,7 @@ class LavidaAgent:
         """The engine (the real model is loaded on first access)."""
         with self._lock:
             if self._engine is None:
-                self._engine, self._owns_engine = _load_engine(self.settings), True
+                self._engine, self._owns_engine = _load_engine(self.settings)
             return self._engine
 
     @property
@@ -781,11 +781,13 @@ def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> 
     return [round(v, 2) for v in b.as_tuple()]
 
 
-def _load_engine(settings: Settings) -> Engine:
-    """The real engine for `settings` (torch is imported here only).
+def _load_engine(settings: Settings) -> tuple[Engine, bool]:
+    """The real engine for `settings` and whether the caller owns it (torch is imported here only).
 
-    Default device and dtype use `graphs.engine.load_engine` (cached per model path); any
-    other device/dtype builds a `BatchingEngine(PipelineBackend(pipeline))` directly.
+    Default device and dtype use `graphs.engine.load_engine`, cached per model path and
+    shared by every agent of the process, so not owned: closing one agent must not close
+    it under the others. Any other device/dtype builds a `BatchingEngine(PipelineBackend(
+    pipeline))` of the caller's own.
     """
     path = settings.model_path
     where = repr(path) if path else "the embedded checkpoint"
@@ -796,7 +798,7 @@ def _load_engine(settings: Settings) -> Engine:
             from lavida_agent.graphs.engine import load_engine
 
             with map_exceptions():
-                return load_engine(path)
+                return load_engine(path), False
         import torch
 
         from lavida_agent.graphs.pipeline_backend import PipelineBackend  # type: ignore
@@ -806,7 +808,7 @@ def _load_engine(settings: Settings) -> Engine:
         pipe = LavidaPipeline.from_pretrained(path, device=settings.device,
                                               dtype=getattr(torch, settings.dtype))  # fmt: skip
         engine: Engine = BatchingEngine(PipelineBackend(pipe))
-        return engine
+        return engine, True
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -945,9 +947,9 @@ class Session:
             )
         context = agent._context(num_steps=num_steps, rounds=rounds, cancel=cancel)
         before = len(self.state().steps) if self.exists else 0
-        payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed}
-        if ref is not None:
-            payload["image"] = ref
+        # `image` always goes in (None: edit the current image), so a turn that restarted
+        # from an image and never committed cannot leave that image as this turn's source.
+        payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed, "image": ref}
         inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
                   "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
 

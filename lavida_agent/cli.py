@@ -344,9 +344,9 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
         data = run(_agent(ctx), request, scale=scale, on_event=progress)
     finally:
         progress.close()
-    _write_trace_html(ctx, data["run_id"], trace_html)
-    if as_json:
+    if as_json:  # before the trace page: a page that cannot be written loses no result
         _echo_json(data)
+    _write_trace_html(ctx, data["run_id"], trace_html)
     return data
 
 
@@ -360,6 +360,7 @@ def _write_trace_html(ctx: click.Context, run_id: str, path: str | None) -> None
     settings = _agent(ctx).settings
     trace = load_trace(run_id, settings.runs_dir)
     page = render_html(trace, ArtifactStore(settings.artifacts_dir))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(page, encoding="utf-8")
 
 

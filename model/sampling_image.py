@@ -92,6 +92,12 @@ def _per_row(generator: Generators, rows: int) -> list[torch.Generator | None]:
     return [generator] * rows
 
 
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) draws on the generator's own device (CPU without a generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=device)
+
+
 @dataclass
 class ImageSamplerOutput:
     """`prev_sample` (B, N): codes after the step; `pred_original_sample` (B, N): every
@@ -172,7 +178,9 @@ class ImageMaskSampler:
             # Inverse-CDF sampling: one uniform per position from the row's generator, then a
             # binary search in the cumulative distribution (15x faster than multinomial here).
             cdf = torch.softmax(logits / self.temperature, dim=-1).cumsum(-1)  # (B, N, K)
-            u = torch.stack([torch.rand(N, 1, generator=gens[b], device=logits.device) for b in range(B)])
+            # Drawn where each generator lives, then moved: a seed gives the same image on
+            # CPU and CUDA, and the pipeline's CPU generators work with a CUDA model.
+            u = torch.stack([_uniform((N, 1), gens[b]) for b in range(B)]).to(logits.device)
             cand = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=K - 1)
         x0 = torch.where(masked, cand, sample)  # revealed codes never change
 
@@ -193,7 +201,7 @@ class ImageMaskSampler:
                 logp = torch.log_softmax(logits[b], -1).gather(-1, cand[b, :, None]).squeeze(-1)
                 progress = step_index / max(1, len(self.counts) - 1)
                 alpha = self.confidence_temperature * (1 - progress)
-                u = torch.rand(N, generator=gens[b], device=logits.device).clamp_(1e-20, 1.0)
+                u = _uniform((N,), gens[b]).to(logits.device).clamp_(1e-20, 1.0)
                 score = logp + alpha * -torch.log(-torch.log(u))
                 score = score.masked_fill(~m, -math.inf)
                 pos = score.topk(take).indices

@@ -6,6 +6,7 @@ import json
 
 import networkx as nx
 import numpy as np
+import pytest
 
 from lavida_agent.graphs import edit, ground, understand
 from lavida_agent.graphs.context import Context
@@ -104,6 +105,41 @@ def test_session_history_undo_and_branch_keep_the_original_history(tmp_path, sto
     assert sorted(d for _, d in dag.out_degree()) == [0, 0, 1, 2]
     doc = lineage_json(third.steps, third.heads)
     assert json.loads(json.dumps(doc))["edges"][0]["instruction"] == "add blue"
+
+
+def test_a_turn_that_never_committed_leaves_the_next_turn_clean(engine, ctx, store, monkeypatch):
+    session = EditSession("s3", checkpointer=checkpointer_from_path(None), context=ctx)
+    engine.enqueue_edit_plan(_plan(BLUE))
+    first = session.edit("add blue", image=_scene(store))
+    # Turn 2 restarts from another image; its first attempt is rejected (it erases a kept
+    # object) and the re-edit fails: the turn never commits.
+    other = store.put(np.full((64, 64, 3), 30, np.uint8))
+    engine.enqueue_edit_plan(EditPlanResult(targets=[], target_boxes=[[0, 0, 64, 64]],
+                                            layout=[BLUE], keep=[RED]))  # fmt: skip
+    real_edit, calls = engine.edit, []
+
+    def edit_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the model died")
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "edit", edit_then_fail)
+    with pytest.raises(RuntimeError, match="died"):
+        session.edit("erase everything", image=other)
+    assert [s.instruction for s in session.state().steps] == ["add blue", "erase everything"]
+    monkeypatch.setattr(engine, "edit", real_edit)
+    # Turn 3 (no image: edit the current one) is all rejected: it still keeps one of its own.
+    engine.enqueue_edit_plan(EditPlanResult(targets=[], target_boxes=[[0, 0, 30, 30]],
+                                            layout=[BLUE], keep=[RED]))  # fmt: skip
+    third = session.edit("add blue on the left")
+    assert not third.accepted
+    own = [s for s in third.steps if s.instruction == "add blue on the left"]
+    assert own and own[0].parent == first.current  # not the abandoned turn's image
+    assert third.current == third.steps[third.heads[-1]].result
+    assert third.steps[third.heads[-1]] in own
+    assert [s.instruction for s in session.history()] == ["add blue", "add blue on the left"]
+    assert len({s.turn for s in third.steps}) == 3  # the abandoned step keeps its own turn
 
 
 def test_undo_to_the_input_image(engine, ctx, store):

@@ -289,6 +289,29 @@ def test_model_load_errors(tmp_path):
         LavidaAgent.load(tmp_path / "nope")
 
 
+def test_closing_an_agent_leaves_the_shared_cached_engine_open(monkeypatch, tmp_path):
+    """`load_engine` is cached per model path and shared: one agent closing must not close
+    it for the next (re-running a notebook cell, two apps in one process)."""
+    import lavida_agent.graphs.engine as engine_module
+
+    class Closable(FakeEngine):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    shared = Closable()
+    monkeypatch.setattr(engine_module, "load_engine", lambda path=None: shared)
+    kw = dict(artifacts_dir=str(tmp_path / "a"), db_path=":memory:", num_steps=3)
+    with LavidaAgent(**kw) as first:
+        assert first.engine is shared
+    assert not shared.closed
+    with LavidaAgent(**kw) as second:
+        assert second.engine is shared
+        assert second.generate("a red circle", seed=1, rounds=1).image.shape == (64, 64, 3)
+    assert not shared.closed
+
+
 @pytest.mark.parametrize(
     "raised, expected",
     [

@@ -96,10 +96,11 @@ def test_generate_json(run, tmp_path):
 
 
 def test_generate_writes_the_trace_page(run, tmp_path):
-    res = run("generate", "red circle", "--out", "o.png", "--seed", 1, "--steps", 2,
-              "--trace-html", "trace.html")  # fmt: skip
+    res = run("generate", "red circle", "--out", "o.png", "--seed", 1, "--steps", 2, "--json",
+              "--trace-html", "reports/new/trace.html")  # fmt: skip
     assert res.exit_code == 0, res.output
-    page = (tmp_path / "trace.html").read_text()
+    assert json.loads(res.stdout)["out"] == "o.png"
+    page = (tmp_path / "reports" / "new" / "trace.html").read_text()  # folders created
     assert page.count("<img") >= 3 and "red circle" in page
 
 

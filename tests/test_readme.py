@@ -1,0 +1,34 @@
+"""The README's Python tour runs as written (on the scripted fake engine, not the model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lavida_agent
+from tests.fakes import FakeEngine
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_tour() -> str:
+    text = README.read_text()
+    section = text[text.index("### Python API") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README: no ```python block under '### Python API'"
+    return match.group(1)
+
+
+def test_readme_python_tour_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    original = lavida_agent.LavidaAgent.from_pretrained.__func__
+
+    def on_fake_engine(cls, path=None, **settings):
+        settings = {"engine": FakeEngine(), "home": str(tmp_path / "home"), **settings}
+        return original(cls, path, **settings)
+
+    monkeypatch.setattr(lavida_agent.LavidaAgent, "from_pretrained", classmethod(on_fake_engine))
+    exec(compile(_python_tour(), str(README), "exec"), {"__name__": "readme"})
+    assert (tmp_path / "triangles.png").exists()
+    out = capsys.readouterr().out
+    assert re.search(r"^7 (accept|reject) ", out, re.M), out  # the first attempt's seed and verdict
