@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -83,7 +83,8 @@ __all__ = (
 EventCallback = Callable[[dict[str, Any]], None]
 # Gets the model's layout `[{"label", "box": [x0, y0, x1, y1]}]`; returns True/None to keep
 # it or a replacement layout in the same form.
-PlanReviewer = Callable[[list[dict[str, Any]]], "bool | None | list[dict[str, Any]]"]
+# (There is no "reject": return a replacement, or set `cancel` to stop the run.)
+PlanReviewer = Callable[[list[dict[str, Any]]], "Literal[True] | None | list[dict[str, Any]]"]
 ImageInput = Any
 """A path, encoded bytes, a PIL image, an `(H, W[, C])` array, or an `ImageRef` in the store."""
 

@@ -39,7 +39,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -196,23 +196,26 @@ def _run_generate(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
     return {"prompt": data.pop("prompt"), "out": out, **data}
 
 
-def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> bool | list[dict[str, Any]]:
-    """Show the model's layout on stderr; read one line: empty or `y` keeps it, a JSON list
-    of `{"label", "box": [x0, y0, x1, y1]}` replaces it."""
+def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | list[dict[str, Any]]:
+    """Show the model's layout on stderr; read a line: empty or `y` keeps it, a JSON list
+    of `{"label", "box": [x0, y0, x1, y1]}` replaces it. A reply that is not a layout is
+    explained and asked again (the plan is kept meanwhile); end of input stops the run."""
     click.echo("planned layout (canvas pixels):", err=True)
     for item in layout:
         click.echo(f"  {item['label']}: {[round(v) for v in item['box']]}", err=True)
-    reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
-                         show_default=False, err=True).strip()  # fmt: skip
-    if reply.lower() in ("", "y", "yes"):
-        return True
-    try:
-        items = json.loads(reply)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"--review-plan: not a JSON layout: {exc}") from None
-    if not isinstance(items, list):
-        raise click.ClickException('--review-plan: a layout is a JSON list of {"label", "box"}')
-    return items
+    while True:
+        reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
+                             show_default=False, err=True).strip()  # fmt: skip
+        if reply.lower() in ("", "y", "yes"):
+            return True
+        try:
+            items = json.loads(reply)
+        except json.JSONDecodeError as exc:
+            click.echo(f"--review-plan: not a JSON layout ({exc}); try again", err=True)
+            continue
+        if isinstance(items, list):
+            return items
+        click.echo('--review-plan: a layout is a JSON list of {"label", "box"}; try again', err=True)
 
 
 def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
@@ -270,6 +273,17 @@ def _batch_lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
     for n, line in enumerate(fh, start=1):
         if line.strip():
             yield n, line
+
+
+def _reject_with_batch(batch: IO[str] | None, given: dict[str, Any]) -> None:
+    """`--batch` takes every input from its file: refuse single-run inputs given beside it
+    (they would be ignored without a word). `given` maps the names users type to values."""
+    if batch is None:
+        return
+    named = [name for name, value in given.items() if value not in (None, ())]
+    if named:
+        raise click.UsageError(f"--batch reads its inputs from the file; drop {', '.join(named)} "
+                               "(a batch line carries its own fields)")  # fmt: skip
 
 
 def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str, Any],
@@ -402,6 +416,7 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
              workers: int) -> None:  # fmt: skip
     """Draw PROMPT: plan a layout, generate, critique, refine; write the best image to --out."""
     defaults = {"rounds": rounds, "steps": steps, "plan": plan, "seed": seed}
+    _reject_with_batch(batch, {"PROMPT": prompt, "--out": out, "--trace-html": trace_html})
     if review_plan and batch is not None:
         raise click.UsageError("--review-plan asks about one layout; it cannot run with --batch")
     if review_plan and plan is False:
@@ -438,6 +453,8 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
     The result's thread_id is a session: continue it with `session edit THREAD_ID ...`.
     """
     defaults = {"rounds": rounds, "steps": steps, "seed": seed}
+    _reject_with_batch(batch, {"IMAGE": image, "INSTRUCTION": instruction, "--out": out,
+                               "--trace-html": trace_html})  # fmt: skip
     if batch is not None:
         _run_batch(ctx, "edit", batch, defaults, scale=preview_scale, workers=workers)
         return
@@ -463,6 +480,7 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
 def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], out: str | None,
            as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Find each EXPRESSION in IMAGE; boxes are in IMAGE's pixels (x0 y0 x1 y1)."""
+    _reject_with_batch(batch, {"IMAGE": image, "EXPRESSION": expressions, "--out": out})
     if batch is not None:
         _run_batch(ctx, "ground", batch, {}, scale=1, workers=workers)
         return
@@ -487,6 +505,7 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
 def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bool,
         batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Answer QUESTION about IMAGE."""
+    _reject_with_batch(batch, {"IMAGE": image, "QUESTION": question})
     if batch is not None:
         _run_batch(ctx, "ask", batch, {}, scale=1, workers=workers)
         return

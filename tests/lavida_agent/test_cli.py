@@ -129,9 +129,16 @@ def test_generate_review_plan_refuses_what_it_cannot_ask(run, extra, message):
     assert res.exit_code == 2 and message in res.output
 
 
-def test_generate_review_plan_rejects_a_bad_layout(run):
+def test_generate_review_plan_asks_again_after_a_bad_layout(run, engine):
+    layout = '[{"label": "green triangle", "box": [4, 4, 24, 24]}]'
+    res = run("generate", "red circle", "--out", "o.png", "--review-plan", "--json",
+              input="{oops\n" + '{"label": "x"}\n' + layout + "\n")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "not a JSON layout" in res.stderr and "a layout is a JSON list" in res.stderr
+    assert [p["label"] for p in json.loads(res.stdout)["plan"]] == ["green triangle"]
+    assert engine.calls["plan_layout"] == 1  # the plan was not redone
     res = run("generate", "red circle", "--out", "o.png", "--review-plan", input="{oops\n")
-    assert res.exit_code == 1 and "not a JSON layout" in res.output
+    assert res.exit_code != 0 and "not a JSON layout" in res.output  # input ended: stop
 
 
 def test_edit_json(run, scene, engine):
@@ -204,6 +211,19 @@ def test_ground_ask_edit_batches_from_stdin(run, scene, engine):
     res = run("edit", "--batch", "-", "--workers", 2, input=json.dumps(job))
     assert res.exit_code == 0, res.output
     validate(json.loads(res.stdout), SCHEMAS["edit"])
+
+
+@pytest.mark.parametrize("args, named", [
+    (["generate", "red circle", "--out", "o.png"], "drop PROMPT, --out"),
+    (["generate", "--trace-html", "t.html"], "drop --trace-html"),
+    (["edit", "in.png", "make it red"], "drop IMAGE, INSTRUCTION"),
+    (["ground", "in.png", "the circle"], "drop IMAGE, EXPRESSION"),
+    (["ask", "in.png"], "drop IMAGE"),
+])  # fmt: skip
+def test_batch_refuses_single_run_inputs_it_would_ignore(run, engine, args, named):
+    res = run(*args, "--batch", "-", input="")
+    assert res.exit_code == 2 and named in res.output
+    assert sum(engine.calls.values()) == 0
 
 
 # -- errors ----------------------------------------------------------------------------------
