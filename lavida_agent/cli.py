@@ -14,7 +14,7 @@
 
 Global options: `--model PATH` (a checkpoint folder; default: the embedded one), `--home DIR`,
 `--device`, `--quiet` (no progress bars), `--debug` (tracebacks). `--quiet`/`--debug` are
-also accepted after the command. Settings not given as options come from `LAVIDA_*`
+also accepted after the command (except `train vq|model`, which pass every argument on). Settings not given as options come from `LAVIDA_*`
 environment variables (read by `settings.py` only).
 
 `--batch FILE.jsonl` (`-` for stdin) runs one JSON object per line, keys named like the
@@ -806,15 +806,23 @@ def serve(ctx: click.Context, host: str | None, port: int | None, api_key: str |
 # ----------------------------------------------------------------------------------------
 
 
+def _add_group(group: click.Group) -> None:
+    """Register a group from another module; its commands accept --quiet/--debug too."""
+    for command in group.commands.values():
+        if not any(p.name == "debug" for p in command.params):
+            _common(command)  # click's option decorators also take a built Command
+    cli.add_command(group)
+
+
 def _register_subcommands() -> None:
     from lavida_agent.cli_world import world
 
-    cli.add_command(world)
+    _add_group(world)
     try:
         from lavida_agent.cli_model import model
     except ImportError:  # the model CLI is optional (not every install ships it)
         return
-    cli.add_command(model)
+    _add_group(model)
 
 
 _register_subcommands()

@@ -119,3 +119,9 @@ def test_errors_are_one_line(tmp_path, image, args, message):
     err_lines = [line for line in lines if line.startswith("Error: ")]
     assert len(err_lines) == 1 and message in err_lines[0]
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_quiet_and_debug_are_accepted_after_the_command(image):
+    for flag in ("--debug", "--quiet"):
+        result = run("detect", image, flag)
+        assert result.exit_code == 0, result.output  # was "No such option" (exit 2)
