@@ -684,11 +684,14 @@ def score_agent_t2i(
     backend: Any = None,
     batch_size: int = 16,
     num_steps: int | None = None,
+    plan: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the `t2i` workflow (plan, generate, model critique, refine) on every prompt.
 
     Requests run concurrently (`batch_size` threads) through one `BatchingEngine`, so the
-    pipeline sees batches. Base seed = `seeds[i]`; round r uses `seeds[i] + r`.
+    pipeline sees batches. Base seed = `seeds[i]`; round r uses `seeds[i] + r`. With
+    `plan=False` the workflow gets an empty layout: no planner, no grounding checks, the
+    critique is the model's verdict alone (reflection without planning).
 
     Returns:
         Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
@@ -700,10 +703,11 @@ def score_agent_t2i(
     from lavida_agent.graphs import t2i
     from lavida_agent.graphs.context import Context
     from lavida_agent.graphs.runtime import BatchingEngine
-    from lavida_agent.graphs.state import T2IOutput
+    from lavida_agent.graphs.state import Plan, T2IOutput
     from lavida_agent.tools.artifacts import ArtifactStore
 
     steps = _default_steps(pipeline, num_steps)
+    layout = {} if plan else {"plan": Plan(items=[], source="input")}
     f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
         store = ArtifactStore(tmp)
@@ -714,7 +718,7 @@ def score_agent_t2i(
             ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds)
 
             def one(i: int) -> dict[str, Any]:
-                raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i])}, context=ctx)
+                raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
                 out = T2IOutput.model_validate(raw)
                 assert out.best is not None
                 image = store.open(out.best.image)
@@ -1029,6 +1033,7 @@ def _suite_agent(
     state: dict,
     agent_rounds: Sequence[int],
     backend: Any = None,
+    agent_plan: Sequence[bool] = (True, False),
     **_: Any,
 ) -> dict[str, Any]:
     # The same prompts, sampler seeds and edits as the t2i / edit suites (their single-shot
@@ -1072,21 +1077,21 @@ def _suite_agent(
             "category",
             PROMPT_CATEGORIES,
         )
-    samples: dict[str, Any] = {}
-    for r in agent_rounds:
+    def t2i_run(max_rounds: int, planned: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         recs, totals = score_agent_t2i(
             pipeline,
             prompts,
             seeds,
-            max_rounds=int(r),
+            max_rounds=max_rounds,
             backend=backend,
             batch_size=batch_size,
             num_steps=num_steps,
+            plan=planned,
         )
         for rec, it in zip(recs, items, strict=True):
             rec["category"] = it["category"]
         acc = _acc_by(recs, "category", PROMPT_CATEGORIES)
-        out["t2i"][f"max_rounds={r}"] = {
+        return recs, {
             "accuracy": acc,
             "lift_over_single_shot": {k: acc[k] - base[k] for k in acc},
             "mean_rounds": _mean([x["rounds"] for x in recs]),
@@ -1104,6 +1109,14 @@ def _suite_agent(
                 for x in recs
             ],
         }
+
+    samples: dict[str, Any] = {}
+    for r in agent_rounds:
+        # With the model's plan (planning + reflection) and without (reflection alone).
+        runs = {planned: t2i_run(int(r), planned) for planned in agent_plan}
+        for planned, (_, block) in runs.items():
+            out["t2i"][f"max_rounds={r}" + ("" if planned else ", no plan")] = block
+        recs = runs[True][0] if True in runs else runs[False][0]  # the grid prefers planned
         erecs, etotals = score_agent_edit(
             pipeline,
             [it["scene"] for it in eitems],
@@ -1423,6 +1436,7 @@ def run(
     quick: bool = False,
     suites: Sequence[str] | str | None = None,
     agent_rounds: Sequence[int] = (1, 2, 4),
+    agent_plan: Sequence[bool] = (True, False),
     batch_size: int = 16,
     num_steps: int | None = None,
     pipeline: Any = None,
@@ -1444,6 +1458,8 @@ def run(
             fractions of a handful of items mean little).
         suites: names from `SUITES` (list or comma string); None: all.
         agent_rounds: `max_rounds` values of the agent suite.
+        agent_plan: the agent's t2i runs with the model's plan (True) and/or without a plan
+            (False: reflection alone, no grounding checks), to separate the two lifts.
         batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
         num_steps: sampler steps for generate/edit (None: the pipeline's default).
         pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
@@ -1468,6 +1484,9 @@ def run(
         num_steps = QUICK_STEPS
     if n < 1 or batch_size < 1 or not agent_rounds or min(agent_rounds) < 1:
         raise ValueError("n, batch_size and every agent round must be >= 1")
+    agent_plan = tuple(dict.fromkeys(bool(p) for p in agent_plan))
+    if not agent_plan:
+        raise ValueError("agent_plan needs True (with the plan), False (without) or both")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1498,6 +1517,7 @@ def run(
             num_steps=num_steps,
             state=state,
             agent_rounds=tuple(int(r) for r in agent_rounds),
+            agent_plan=agent_plan,
             backend=backend,
         )
         timings[name] = time.perf_counter() - t0
@@ -1516,6 +1536,7 @@ def run(
             "quick": quick,
             "suites": chosen,
             "agent_rounds": [int(r) for r in agent_rounds],
+            "agent_plan": list(agent_plan),
             "batch_size": batch_size,
             "num_steps": num_steps,
             "device": str(getattr(pipeline, "device", device)),
@@ -1575,6 +1596,14 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _on_off(text: str, parser: argparse.ArgumentParser) -> tuple[bool, ...]:
+    """`"on,off"` -> `(True, False)`; anything else is a usage error."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or any(w not in ("on", "off") for w in words):
+        parser.error(f"--agent-plan: expected on, off or on,off; got {text!r}")
+    return tuple(w == "on" for w in words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m lavida_agent.benchmarks.quality --out DIR [...]`."""
     p = argparse.ArgumentParser(
@@ -1592,6 +1621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny n: a smoke run")
     p.add_argument("--suites", default=None, help=f"comma list of {','.join(SUITES)} (default all)")
     p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite")
+    p.add_argument("--agent-plan", default="on,off",
+                   help="agent t2i with the model's plan (on), without (off: reflection alone), or both")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
@@ -1610,6 +1641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         suites=args.suites,
         agent_rounds=tuple(int(r) for r in args.agent_rounds.split(",") if r.strip()),
+        agent_plan=_on_off(args.agent_plan, p),
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         device=args.device,

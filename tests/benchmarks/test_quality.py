@@ -251,12 +251,18 @@ def test_quick_run_writes_every_suite(quick_run):
     assert {"acc@0.5_single", "acc@0.5_multi", "n_expressions"} <= set(s["ground"])
     assert {"rendered", "own_generations"} <= set(s["critique"])
     assert len(s["t2i"]["items"]) == len(PROMPT_CATEGORIES) * on_disk["settings"]["n"]
-    for task in ("t2i", "edit"):
+    runs = [("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")]
+    for task, key in runs:
         for r in (1, 2):
-            block = s["agent"][task][f"max_rounds={r}"]
+            block = s["agent"][task][key.format(r)]
             assert 1 <= block["mean_rounds"] <= r
             assert block["forwards"] > 0 and block["forwards_per_request"] > 0
             assert set(block["lift_over_single_shot"]) == set(block["accuracy"])
+    # Without a plan the workflow never calls the planner nor grounds: fewer forwards.
+    for r in (1, 2):
+        t2i_runs = s["agent"]["t2i"]
+        assert t2i_runs[f"max_rounds={r}, no plan"]["forwards"] < t2i_runs[f"max_rounds={r}"]["forwards"]
+    assert on_disk["settings"]["agent_plan"] == [True, False]
     accs = _accuracies(s)
     assert accs and all(0.0 <= a <= 1.0 for a in accs)
     assert all(-1.0 <= v <= 1.0 for v in s["t2i"]["plan_lift"].values())
@@ -301,9 +307,9 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["critique"]["rendered"]["agreement"] == 1.0
     assert s["critique"]["rendered"]["reasons_exact_when_both_reject"] in (1.0, None)
     assert s["critique"]["detector_vs_sample_label"] == 1.0
-    for task in ("t2i", "edit"):
+    for task, key in (("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")):
         for r in (1, 2):
-            block = s["agent"][task][f"max_rounds={r}"]
+            block = s["agent"][task][key.format(r)]
             assert block["accuracy"]["overall"] == 1.0
             assert block["lift_over_single_shot"]["overall"] == 0.0
 
@@ -386,3 +392,11 @@ def test_main_runs_a_saved_pipeline(tmp_path, capsys):
     assert data["settings"]["suites"] == ["t2i", "vqa"] and data["settings"]["model"] == str(folder)
     assert data["command"].startswith("python -m lavida_agent.benchmarks.quality")
     assert "t2i single" in capsys.readouterr().out
+
+
+def test_agent_plan_option_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--out", str(tmp_path), "--agent-plan", "maybe"])
+    assert exc.value.code == 2 and "--agent-plan" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="agent_plan"):
+        quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_plan=())
