@@ -240,6 +240,37 @@ def grid_code(side: int, image_size: int, dim: int, span: int) -> torch.Tensor:
     return torch.cat([coordinate_code(xs.reshape(-1), dim, span), coordinate_code(ys.reshape(-1), dim, span)], 1)
 
 
+LAYOUT_CODE_DIM = 16  # coordinate_code width of each of the 4 box-edge offsets in a layout
+
+
+def plan_items_in(ids: list[int], config: LavidaConfig) -> list[tuple[list[int], tuple[int, int, int, int]]]:
+    """Every fully visible plan item in a row of token ids: `(label ids, (x0, y0, x1, y1) bins)`.
+
+    An item is `<box_p> label </box_p> <LOC_BEGIN> <LOC_a> <LOC_b> <LOC_c> <LOC_d> <LOC_END>`
+    with no mask token in it and a non-empty box; a masked or malformed item is skipped
+    (a model drawing from a partly decoded plan sees only the items that are decided).
+    """
+    c = config
+    lo, hi = c.loc_token_offset, c.loc_token_offset + c.num_loc_tokens
+    items = []
+    for p, t in enumerate(ids):
+        if t != c.loc_begin_token_id or p + 5 >= len(ids) or ids[p + 5] != c.loc_end_token_id:
+            continue
+        q = ids[p + 1 : p + 5]
+        if not all(lo <= v < hi for v in q) or p < 3 or ids[p - 1] != c.box_end_token_id:
+            continue
+        start = p - 2
+        while start >= 0 and p - start <= 6 and ids[start] != c.box_start_token_id:
+            start -= 1
+        label = ids[start + 1 : p - 1]
+        if start < 0 or ids[start] != c.box_start_token_id or not label or c.mask_token_id in label:
+            continue
+        x0, y0, x1, y1 = (v - lo for v in q)
+        if x1 > x0 and y1 > y0:
+            items.append((label, (x0, y0, x1, y1)))
+    return items
+
+
 class LavidaVisionEncoder(nn.Module):
     """Understanding-side patch encoder + 2-layer MLP projector (SigLIP + mlp2x_gelu analogue).
 
@@ -322,9 +353,51 @@ class LavidaImageEmbedding(nn.Module):
             self.pos_code_proj = nn.Linear(2 * config.loc_code_dim, dg, bias=False)
         self.out_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
         self.out_proj = nn.Linear(dg, dg, bias=False)
+        if config.plan_layout:
+            # plan items drawn onto the code grid (see `layout`); both from zero, so weights
+            # trained without them load into the same function
+            self.layout_label = nn.Linear(config.hidden_size, dg, bias=False)
+            self.layout_geom = nn.Linear(4 * LAYOUT_CODE_DIM, dg, bias=False)
+            self.layout_args = (config.image_grid, config.image_size, config.num_loc_tokens)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def layout(self, slots: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, num_slots: int,
+               word_table: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Plan items drawn onto the VQ grid: `(num_slots, G, G, dg)`.
+
+        Item `i` (in slot `slots[i]`, label word ids `labels[i]` padded with -1, LOC bins
+        `bins[i]` = x0, y0, x1, y1) adds, at every cell its box touches, a projection of
+        its label (the mean of its words' rows of `word_table`) plus one of the signed
+        pixel offsets from the cell's centre to the four box edges (`coordinate_code`).
+        The cells then know what to draw and where inside the object they are: a local
+        rule, instead of a box-containment test composed by attention over four tokens.
+        """
+        G, image_size, num_loc = self.layout_args
+        cell = image_size / G
+        box = bins.float() * (image_size / (num_loc - 1))  # (n, 4) pixels
+        centre = (torch.arange(G, device=box.device, dtype=box.dtype) + 0.5) * cell  # (G,)
+        # touches: the cell's [j*cell, (j+1)*cell) span meets the box grown by 1 px
+        lo, hi = centre - cell / 2, centre + cell / 2
+        in_x = (hi[None] > box[:, 0:1] - 1) & (lo[None] < box[:, 2:3] + 1)  # (n, G) columns
+        in_y = (hi[None] > box[:, 1:2] - 1) & (lo[None] < box[:, 3:4] + 1)  # (n, G) rows
+        cover = (in_y[:, :, None] & in_x[:, None, :]).to(box.dtype)  # (n, G, G)
+        dx = centre[None] - box[:, [0, 2], None]  # (n, 2, G): to x0, to x1
+        dy = centre[None] - box[:, [1, 3], None]
+        code = lambda v: coordinate_code(v, LAYOUT_CODE_DIM, image_size)  # noqa: E731
+        cx = code(dx).permute(0, 2, 1, 3).flatten(2)  # (n, G, 2 * C)
+        cy = code(dy).permute(0, 2, 1, 3).flatten(2)
+        geom = torch.cat([cy[:, :, None].expand(-1, -1, G, -1), cx[:, None].expand(-1, G, -1, -1)], -1)
+        known = (labels >= 0).to(box.dtype)  # (n, W)
+        words = word_table[labels.clamp(min=0)] * known[..., None]  # (n, W, d)
+        label = words.sum(1) / known.sum(1, keepdim=True).clamp(min=1)
+        feats = self.layout_label(label.to(word_table.dtype))[:, None, None] + self.layout_geom(geom.to(word_table.dtype))
+        feats = feats * cover[..., None].to(feats.dtype)
+        out = feats.new_zeros(num_slots, G, G, feats.shape[-1])
+        return out.index_add(0, slots, feats)
+
+    def forward(self, codes: torch.Tensor, layout: torch.Tensor | None = None) -> torch.Tensor:
         x = self.down_norm(self.code_embed(codes))  # (S, G, G, dg)
+        if layout is not None:
+            x = x + layout.to(x.dtype)
         x = self.down(x.permute(0, 3, 1, 2))  # (S, dg, G/c, G/c): 2x2 codes -> 1 position
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (S, P, dg), raster order
         if hasattr(self, "pos_code_proj"):
@@ -367,6 +440,8 @@ class ConditionCache:
         is_gen: `(B, Lc)` bool, gen-branch positions.
         segment_ids: `(B, Lc)` long.
         elastic: whether und rows skipped the split layers (then only gen targets may use it).
+        plan_items: per row, the plan items of the prefix (`plan_items_in`), for a model with
+            `plan_layout`; None otherwise.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
@@ -374,6 +449,7 @@ class ConditionCache:
     is_gen: torch.Tensor
     segment_ids: torch.Tensor
     elastic: bool = False
+    plan_items: list | None = None
 
     @property
     def length(self) -> int:
@@ -385,6 +461,7 @@ class ConditionCache:
         return ConditionCache(
             [(rep(k), rep(v)) for k, v in self.key_values], rep(self.valid), rep(self.is_gen),
             rep(self.segment_ids), self.elastic,
+            None if self.plan_items is None else [row for row in self.plan_items for _ in range(n)],
         )  # fmt: skip
 
 
@@ -418,7 +495,7 @@ class LavidaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LavidaDecoderLayer"]
     # Parameters that start at zero: weights saved without them load into the same function.
-    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.")
+    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -436,7 +513,9 @@ class LavidaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (LavidaImageEmbedding, LavidaVisionEncoder)):
             nn.init.normal_(module.pos_embed, mean=0.0, std=std)
         if any(module is getattr(owner, name, None) for owner, name in (
-                (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"))):  # fmt: skip
+                (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"),
+                (getattr(self, "image_embed", None), "layout_label"),
+                (getattr(self, "image_embed", None), "layout_geom"))):  # fmt: skip
             nn.init.zeros_(module.weight)
         if isinstance(module, LavidaDecoderLayer):
             # Attention projections at fan-in scale (1 / sqrt(in)), not `std`: with two
@@ -495,6 +574,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         input_ids: torch.Tensor,
         gen_codes: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
+        row_items: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed a packed batch into per-branch rows.
 
@@ -521,10 +601,42 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             enc_rows = is_enc[und_idx].nonzero().squeeze(1)
             h = h.index_copy(0, enc_rows, feats.to(h.dtype))
         if n_codes:
-            h_gen = self.image_embed(gen_codes).reshape(-1, cfg.gen_hidden_size)  # (Ng, dg)
+            layout = self._layout(input_ids, gen_idx, is_tgt[gen_idx], n_codes, row_items)
+            h_gen = self.image_embed(gen_codes, layout).reshape(-1, cfg.gen_hidden_size)  # (Ng, dg)
         else:
             h_gen = h.new_zeros(0, cfg.gen_hidden_size)
         return h, h_gen, und_idx, gen_idx, is_tgt[gen_idx]
+
+    def _row_items(self, input_ids: torch.Tensor, cache: ConditionCache | None) -> list | None:
+        """Per row, the visible plan items of the prefix (cache) and of `input_ids`."""
+        if not self.config.plan_layout:
+            return None
+        rows = [plan_items_in(r, self.config) for r in input_ids.tolist()]
+        if cache is not None and cache.plan_items is not None:
+            rows = [before + now for before, now in zip(cache.plan_items, rows)]
+        return rows
+
+    def _layout(self, input_ids: torch.Tensor, gen_idx: torch.Tensor, gen_is_target: torch.Tensor,
+                n_codes: int, row_items: list | None) -> torch.Tensor | None:  # fmt: skip
+        """The plan layout of every gen slot `(S, G, G, dg)`: a target slot gets its row's items."""
+        if not row_items or not any(row_items):
+            return None
+        P, L = self.config.positions_per_image, input_ids.shape[1]
+        starts = gen_idx[::P]  # the first position of each slot, in (B * L) order
+        slot_row = (starts // L).tolist()
+        slots, labels, bins = [], [], []
+        for k, (row, target) in enumerate(zip(slot_row, gen_is_target[::P].tolist())):
+            for label, box in row_items[row] if target else ():
+                slots.append(k)
+                labels.append(label[:4] + [-1] * (4 - len(label[:4])))
+                bins.append(box)
+        if not slots:
+            return None
+        device = input_ids.device
+        return self.image_embed.layout(
+            torch.tensor(slots, device=device), torch.tensor(labels, device=device),
+            torch.tensor(bins, device=device), n_codes, self.embed_tokens.weight,
+        )  # fmt: skip
 
     def _with_loc_code(self, weight: torch.Tensor, which: str) -> torch.Tensor:
         """`weight` (V, d) with the projected location code added to the `<LOC_i>` rows."""
@@ -610,7 +722,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if condition_cache is not None and condition_cache.elastic and not elastic:
             raise ValueError("an elastic condition cache can only serve elastic (image-only) passes")
 
-        h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values)
+        row_items = self._row_items(input_ids, condition_cache)
+        h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values, row_items)
         is_gen = torch.zeros(B * L, dtype=torch.bool, device=device)
         is_gen[gen_idx] = True
         is_gen = is_gen.view(B, L)
@@ -640,7 +753,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
 
         out = LavidaOutput()
         if use_cache:
-            out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic)
+            out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items)
 
         # Heads. With labels (training) logits are computed only where a label is, and
         # returned as None: a (B, L, V) text tensor and (M, G, G, K) image tensor would cost

@@ -485,7 +485,8 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
     """The run's architecture: preset + overrides + the tokenizer's ids + the VQ codebook.
 
     Weights from before the modulated vision stem (`vision.patch_embed`) keep the linear one.
-    `exact` (resuming, exporting): weights without the location code keep it off; otherwise
+    `exact` (resuming, exporting): weights without the location code (or the plan layout)
+    keep it off; otherwise
     (a new stage from older weights) the preset's zero-initialised additions are grown.
     """
     arch = {}
@@ -493,6 +494,8 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
         arch["vision_stem"] = "linear"
     if weights is not None and exact and "loc_in.weight" not in weights:
         arch["loc_code_dim"] = 0
+    if weights is not None and exact and "image_embed.layout_label.weight" not in weights:
+        arch["plan_layout"] = False
     return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **arch, **token_ids(tokenizer),
                            "codebook_size": vq.num_vq_embeddings})  # fmt: skip
 
@@ -505,6 +508,8 @@ def token_ids(tokenizer) -> dict[str, int]:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         img_gen_token_id=ids("<img_gen>"), img_src_token_id=ids("<img_src>"),
         img_enc_token_id=ids("<img_enc>"), loc_token_offset=ids("<LOC_0>"),
+        box_start_token_id=ids("<box_p>"), box_end_token_id=ids("</box_p>"),
+        loc_begin_token_id=ids("<LOC_BEGIN>"), loc_end_token_id=ids("<LOC_END>"),
     )  # fmt: skip
 
 

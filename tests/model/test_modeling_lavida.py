@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
-from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters, sincos_2d
+from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters, plan_items_in, sincos_2d
 from lavida_agent.model.tasks import build_edit, build_t2i, pack
 from lavida_agent.model.training import TASK_WEIGHTS, TaskSampler, make_batch
 
@@ -249,3 +249,89 @@ def test_location_code_starts_at_zero_and_learns(tiny_config):
     image_labels = torch.zeros(1, cfg.image_grid, cfg.image_grid, dtype=torch.long)
     model(ids, gen_codes=codes, labels=labels, image_labels=image_labels).loss.backward()
     assert all(float(p.weight.grad.abs().sum()) > 0 for p in projections)
+
+
+# ----------------------------------------------------------------------------- plan layout
+
+PLAN = [("large red circle", (4, 4, 26, 26)), ("small blue square", (40, 40, 52, 52))]
+
+
+def _with_random_layout(config, seed=0):
+    """A model whose layout projections are not zero (they start at zero when trained)."""
+    torch.manual_seed(seed)
+    model = LavidaForMaskedDiffusion(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layout_" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_plan_items_in_reads_visible_items_only(tokenizer, tiny_config):
+    ids = build_t2i(tokenizer, tiny_config, "a red circle", plan=PLAN).input_ids
+    items = plan_items_in(ids, tiny_config)
+    assert [box for _, box in items] == [(4, 4, 26, 26), (40, 40, 52, 52)]  # 65 bins over 64 px
+    assert tokenizer.decode(items[0][0]) == "large red circle"
+    # a masked word or location hides that item only; an inverted box is no item
+    loc = tiny_config.loc_token_offset
+    first_word = ids.index(tiny_config.box_start_token_id) + 1
+    masked = list(ids)
+    masked[first_word] = tiny_config.mask_token_id
+    assert [box for _, box in plan_items_in(masked, tiny_config)] == [(40, 40, 52, 52)]
+    last = [i for i, t in enumerate(ids) if t == tiny_config.loc_begin_token_id][-1]
+    inverted = list(ids)
+    inverted[last + 1], inverted[last + 3] = loc + 52, loc + 40
+    assert [box for _, box in plan_items_in(inverted, tiny_config)] == [(4, 4, 26, 26)]
+    assert plan_items_in(build_t2i(tokenizer, tiny_config, "a red circle").input_ids, tiny_config) == []
+
+
+def test_plan_layout_changes_only_the_covered_cells_of_targets(tokenizer, tiny_config):
+    model = _with_random_layout(tiny_config)
+    G = tiny_config.image_grid
+    codes = torch.randint(0, 32, (1, G, G), generator=torch.Generator().manual_seed(1))
+    ex = build_t2i(tokenizer, tiny_config, "a red circle", plan=PLAN[:1])
+    bare = build_t2i(tokenizer, tiny_config, "a red circle")
+    with torch.no_grad():
+        slot = model._layout(torch.tensor([ex.input_ids]), torch.arange(len(ex.input_ids) - 64, len(ex.input_ids)),
+                             torch.ones(64, dtype=torch.bool), 1, [plan_items_in(ex.input_ids, tiny_config)])  # fmt: skip
+        a = model(**{**pack([ex], tiny_config).model_inputs(), "gen_codes": codes}).image_logits
+        b = model(**{**pack([bare], tiny_config).model_inputs(), "gen_codes": codes}).image_logits
+    touched = slot[0].abs().sum(-1) > 0  # (G, G): the 4 px cells that the box [4, 26) grown 1 px meets
+    assert touched[:7, :7].all() and touched.sum() == 49
+    assert not torch.allclose(a, b)
+
+
+def test_zero_layout_is_the_model_without_it(tokenizer, tiny_config):
+    """Weights trained before the plan layout load into the same function (it starts at zero)."""
+    torch.manual_seed(0)
+    old = LavidaForMaskedDiffusion(LavidaConfig(**{**tiny_config.to_dict(), "plan_layout": False})).eval()
+    new = LavidaForMaskedDiffusion(tiny_config).eval()
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(new.fresh_at_zero) for k in missing)
+    b = pack([build_t2i(tokenizer, tiny_config, "a red circle", plan=PLAN)], tiny_config)
+    codes = torch.randint(0, 32, (1, 16, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(new(**{**b.model_inputs(), "gen_codes": codes}).image_logits,
+                                   old(**{**b.model_inputs(), "gen_codes": codes}).image_logits)  # fmt: skip
+
+
+def test_cached_generation_keeps_the_plan_layout(tokenizer, tiny_config):
+    model = _with_random_layout(tiny_config)
+    exs = [build_t2i(tokenizer, tiny_config, "a red circle and a blue square", plan=PLAN),
+           build_t2i(tokenizer, tiny_config, "a red circle")]  # fmt: skip
+    b = pack(exs, tiny_config, pad_left=True)
+    c = b.input_ids.shape[1] - tiny_config.positions_per_image
+    codes = torch.randint(0, 32, (2, 16, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(**{**b.model_inputs(), "gen_codes": codes}).image_logits
+        cache = model(b.input_ids[:, :c], segment_ids=b.segment_ids[:, :c], attention_mask=b.attention_mask[:, :c],
+                      use_cache=True, elastic=True).cache  # fmt: skip
+        cached = model(b.input_ids[:, c:], gen_codes=codes, segment_ids=b.segment_ids[:, c:],
+                       attention_mask=b.attention_mask[:, c:], condition_cache=cache, elastic=True).image_logits  # fmt: skip
+        twice = cache.repeat_interleave(2)
+        again = model(b.input_ids[:, c:].repeat_interleave(2, 0), gen_codes=codes.repeat_interleave(2, 0),
+                      segment_ids=b.segment_ids[:, c:].repeat_interleave(2, 0),
+                      attention_mask=b.attention_mask[:, c:].repeat_interleave(2, 0),
+                      condition_cache=twice, elastic=True).image_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(again[::2], full, atol=ATOL, rtol=0)

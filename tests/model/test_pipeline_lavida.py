@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,9 @@ def test_critique_decides_the_verdict_first(pipe, scene_image):
     """Even an untrained model's critique starts with `yes` or `no`: the verdict is chosen
     before the reasons, among those two words only."""
     c = pipe.critique([scene_image] * 3, ["a red circle", "two blue squares", "a green triangle"], num_steps=4)
-    assert all(t.split()[0].rstrip(":") in ("yes", "no") for t in c.texts), c.texts
+    # the first word is the verdict; what an untrained model writes after it may be glued
+    # punctuation (`no,,,`)
+    assert all(re.match(r"(yes|no)\b", t) for t in c.texts), c.texts
     assert [t.startswith("yes") for t in c.texts] == c.ok
 
 
