@@ -2,7 +2,7 @@
 
     python -m lavida_agent.benchmarks.prompt_copy [--model-path DIR]
 
-For each of the 24 one-object prompts `a COLOUR SHAPE`, one forward pass with the whole
+For each of the 24 one-object prompts `a COLOUR SHAPE` (`an orange ...`), one forward pass with the whole
 plan slot masked (exactly what `LavidaPipeline.plan` sees at its first step). Reported: the
 mean probability the model puts on the prompt's colour at the first plan item's colour
 slot, and on its shape at the shape slot. Chance is 1/6 and 1/4: a model at chance plans
@@ -23,6 +23,7 @@ import torch
 
 from lavida_agent.model.tasks import build_t2i, plan_text
 from lavida_agent.model.training import pack
+from lavida_agent.tools.shapes_world.language import article
 from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES
 
 __all__ = ["plan_slots", "prompt_copy"]
@@ -42,7 +43,7 @@ def prompt_copy(pipeline: Any) -> dict[str, float]:
     model, tok = pipeline.model, pipeline.tokenizer
     cfg = model.config
     pairs = [(c, s) for c in COLORS for s in SHAPES]  # COLORS: name -> RGB
-    examples = [build_t2i(tok, cfg, f"a {c} {s}", with_plan=True, with_image=False) for c, s in pairs]
+    examples = [build_t2i(tok, cfg, f"{article(c)} {c} {s}", with_plan=True, with_image=False) for c, s in pairs]
     batch = pack(examples, cfg).to(next(model.parameters()).device)
     inputs = batch.model_inputs()
     logits = model(**inputs).text_logits.float()
