@@ -73,11 +73,13 @@ from lavida_agent.tools.shapes_world.language import (
     GrammarError,
     parse_prompt,
     parse_verdict,
+    plan_items,
     sample_critique,
     sample_edit,
     sample_prompt,
     sample_question,
     sample_refexp,
+    scene_for_prompt,
 )
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
@@ -145,17 +147,21 @@ def sampler_seed(seed: int, k: int) -> int:
 
 
 def t2i_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` held-out prompts per category: `{category, index, prompt, seed}`."""
+    """`n` held-out prompts per category: `{category, index, prompt, seed, true_plan}`."""
     items = []
     for ci, cat in enumerate(PROMPT_CATEGORIES):
         for i in range(n):
-            text, _ = sample_prompt(item_rng(seed, "t2i", ci, i), cat)
+            text, spec = sample_prompt(item_rng(seed, "t2i", ci, i), cat)
+            scene = scene_for_prompt(item_rng(seed, "t2i", ci, i, 1), spec)  # its own stream
             items.append(
                 {
                     "category": cat,
                     "index": i,
                     "prompt": text,
                     "seed": sampler_seed(seed, ci * 10_000 + i),
+                    # a layout that satisfies the prompt: drawing from it measures the drawer
+                    # apart from the planner
+                    "true_plan": [(label, tuple(int(v) for v in box)) for label, box in plan_items(scene)],
                 }
             )
     return items
@@ -869,8 +875,11 @@ def _suite_t2i(
         batch_size=batch_size,
         num_steps=num_steps,
     )
-    for it, a, b, p in zip(items, single, with_plan, planned, strict=True):
-        a["category"] = b["category"] = p["category"] = it["category"]
+    true_plan = score_t2i(
+        pipeline, prompts, seeds, [it["true_plan"] for it in items], batch_size=batch_size, num_steps=num_steps
+    )
+    for it, a, b, p, c in zip(items, single, with_plan, planned, true_plan, strict=True):
+        a["category"] = b["category"] = p["category"] = c["category"] = it["category"]
     state["t2i"] = {"items": items, "single": single, "with_plan": with_plan}
     acc_single = _acc_by(single, "category", PROMPT_CATEGORIES)
     acc_plan = _acc_by(with_plan, "category", PROMPT_CATEGORIES)
@@ -880,6 +889,7 @@ def _suite_t2i(
         "with_plan": acc_plan,
         "plan_lift": {k: acc_plan[k] - acc_single[k] for k in acc_single},
         "plan_correct": _acc_by(planned, "category", PROMPT_CATEGORIES, "plan_correct"),
+        "with_true_plan": _acc_by(true_plan, "category", PROMPT_CATEGORIES),
         "items": [
             {
                 "category": it["category"],
@@ -891,8 +901,9 @@ def _suite_t2i(
                 "plan_correct": p["plan_correct"],
                 "with_plan_correct": b["correct"],
                 "with_plan_reasons": b["reasons"],
+                "with_true_plan_correct": c["correct"],
             }
-            for it, a, b, p in zip(items, single, with_plan, planned, strict=True)
+            for it, a, b, p, c in zip(items, single, with_plan, planned, true_plan, strict=True)
         ],
     }
 
@@ -1214,10 +1225,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             "## t2i: accuracy per category",
             "",
             _table(
-                ["category", "single shot", "with plan", "plan lift", "plan correct"],
+                ["category", "single shot", "with plan", "plan lift", "plan correct", "with true layout"],
                 _cat_rows(
                     PROMPT_CATEGORIES,
-                    [t["single_shot"], t["with_plan"], t["plan_lift"], t["plan_correct"]],
+                    [t["single_shot"], t["with_plan"], t["plan_lift"], t["plan_correct"],
+                     t.get("with_true_plan", {})],
                 ),
             ),
         ]
@@ -1569,7 +1581,9 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     if "t2i" in s:
         lines.append(
             f"t2i single {_fmt(s['t2i']['single_shot']['overall'])} "
-            f"with plan {_fmt(s['t2i']['with_plan']['overall'])}"
+            f"with plan {_fmt(s['t2i']['with_plan']['overall'])} "
+            f"(plan correct {_fmt(s['t2i']['plan_correct']['overall'])}; "
+            f"with the true layout {_fmt(s['t2i']['with_true_plan']['overall'])})"
         )
     if "edit" in s:
         lines.append(

@@ -300,6 +300,7 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["t2i"]["single_shot"]["overall"] == 1.0
     assert s["t2i"]["with_plan"]["overall"] == 1.0
     assert s["t2i"]["plan_correct"]["overall"] == 1.0
+    assert s["t2i"]["with_true_plan"]["overall"] == 1.0
     assert s["edit"]["accuracy"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
@@ -323,6 +324,7 @@ def test_blank_pipeline_scores_zero(tmp_path):
     assert s["t2i"]["single_shot"]["overall"] == 0.0
     assert s["t2i"]["with_plan"]["overall"] == 0.0
     assert s["t2i"]["plan_correct"]["overall"] == 0.0
+    assert s["t2i"]["with_true_plan"]["overall"] == 0.0
     assert s["edit"]["accuracy"]["overall"] == 0.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
@@ -400,3 +402,18 @@ def test_agent_plan_option_is_checked(tmp_path, capsys):
     assert exc.value.code == 2 and "--agent-plan" in capsys.readouterr().err
     with pytest.raises(ValueError, match="agent_plan"):
         quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_plan=())
+
+
+def test_true_layouts_satisfy_their_prompts():
+    """`with_true_plan` draws from these layouts: rendered as planned, each passes the checker."""
+    from lavida_agent.tools.shapes_world.checkers import check_prompt
+    from lavida_agent.tools.shapes_world.scene import Object, Scene
+
+    for it in quality.t2i_items(3, seed=5):
+        objects = []
+        for label, box in it["true_plan"]:
+            size, color, shape = label.split()
+            objects.append(Object(shape=shape, color=color, size=size, box=tuple(box)))
+        # the plan carries no background; take the one the prompt names, if any
+        background = quality.parse_prompt(it["prompt"]).background or "white"
+        assert check_prompt(it["prompt"], Scene(objects=tuple(objects), background=background)).correct, it
