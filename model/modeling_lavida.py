@@ -611,10 +611,15 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             h_gen = h.new_zeros(0, cfg.gen_hidden_size)
         return h, h_gen, und_idx, gen_idx, is_tgt[gen_idx]
 
-    def _row_items(self, input_ids: torch.Tensor, cache: ConditionCache | None) -> list | None:
-        """Per row, the visible plan items of the prefix (cache) and of `input_ids`."""
-        if not self.config.plan_layout:
-            return None
+    def _row_items(self, input_ids: torch.Tensor, cache: ConditionCache | None, use_cache: bool) -> list | None:
+        """Per row, the visible plan items of the prefix (cache) and of `input_ids`.
+
+        Parsed only where they are read: a pass with images to generate, or a prefix whose
+        cache will serve one (text and grounding passes skip the Python scan).
+        """
+        cfg = self.config
+        if not cfg.plan_layout or not (use_cache or bool((input_ids == cfg.img_gen_token_id).any())):
+            return None if cache is None else cache.plan_items
         rows = [plan_items_in(r, self.config) for r in input_ids.tolist()]
         if cache is not None and cache.plan_items is not None:
             rows = [before + now for before, now in zip(cache.plan_items, rows)]
@@ -632,7 +637,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         for k, (row, target) in enumerate(zip(slot_row, gen_is_target[::P].tolist())):
             for label, box in row_items[row] if target else ():
                 slots.append(k)
-                labels.append(label[:4] + [-1] * (4 - len(label[:4])))
+                label = label[:4]  # plan labels have 1 (`removed`) to 3 words
+                labels.append(label + [-1] * (4 - len(label)))
                 bins.append(box)
         if not slots:
             return None
@@ -726,7 +732,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if condition_cache is not None and condition_cache.elastic and not elastic:
             raise ValueError("an elastic condition cache can only serve elastic (image-only) passes")
 
-        row_items = self._row_items(input_ids, condition_cache)
+        row_items = self._row_items(input_ids, condition_cache, use_cache)
         h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values, row_items)
         is_gen = torch.zeros(B * L, dtype=torch.bool, device=device)
         is_gen[gen_idx] = True
