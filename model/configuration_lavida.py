@@ -46,7 +46,9 @@ class LavidaConfig(PretrainedConfig):
         vision_stem: How a patch becomes a token: `"linear"` (ViT patch embedding + learned
             position) or `"modulated"` (MLP content code next to the code modulated by a
             fixed 2-D sin/cos position code; learns where things are much sooner, see
-            `LavidaVisionEncoder`). Configs written before it existed mean `"linear"`.
+            `LavidaVisionEncoder`) or `"conv"` (the same, with the content code from a small
+            CNN whose cells see a whole object, so shape is readable; `conv_stem`). Configs
+            written before it existed mean `"linear"`.
         loc_code_dim: Width of a fixed 1-D sin/cos code of the coordinate each `<LOC_i>`
             stands for, projected (learned, from zero) into the token's input embedding and
             into its output row of the LM head, so neighbouring coordinates share structure
@@ -198,12 +200,14 @@ class LavidaConfig(PretrainedConfig):
                 f"image_size ({self.image_size}) must be divisible by vision_patch_size "
                 f"({self.vision_patch_size})"
             )
-        if self.vision_stem not in ("linear", "modulated"):
-            raise ValueError(f"vision_stem must be 'linear' or 'modulated', got {self.vision_stem!r}")
-        if self.vision_stem == "modulated" and self.vision_hidden_size % 8:
+        if self.vision_stem not in ("linear", "modulated", "conv"):
+            raise ValueError(f"vision_stem must be 'linear', 'modulated' or 'conv', got {self.vision_stem!r}")
+        if self.vision_stem in ("modulated", "conv") and self.vision_hidden_size % 8:
             raise ValueError(
-                f"vision_stem='modulated' needs vision_hidden_size divisible by 8, got {self.vision_hidden_size}"
+                f"vision_stem={self.vision_stem!r} needs vision_hidden_size divisible by 8, got {self.vision_hidden_size}"
             )
+        if self.vision_stem == "conv" and self.vision_patch_size & (self.vision_patch_size - 1):
+            raise ValueError(f"vision_stem='conv' needs a power-of-two vision_patch_size, got {self.vision_patch_size}")
         if self.loc_code_dim and (self.loc_code_dim < 4 or self.loc_code_dim % 2):
             raise ValueError(f"loc_code_dim must be 0 (off) or an even number >= 4, got {self.loc_code_dim}")
         if self.plan_layout:

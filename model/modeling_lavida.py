@@ -297,7 +297,11 @@ class LavidaVisionEncoder(nn.Module):
         p, ve = config.vision_patch_size, config.vision_hidden_size
         self.patch_size = p
         self.modulated = config.vision_stem == "modulated"
-        if self.modulated:
+        self.conv = config.vision_stem == "conv"
+        if self.conv:
+            self.stem = conv_stem(p, ve // 2)
+            self.grid_side = config.image_size // p
+        elif self.modulated:
             self.stem = nn.Sequential(nn.Linear(3 * p * p, 2 * ve), nn.GELU(), nn.Linear(2 * ve, ve // 2))
             # Fixed, so not a parameter or buffer: computed on the fly (64 x ve/2 values),
             # which also keeps meta-device construction in `from_pretrained` simple.
@@ -320,6 +324,11 @@ class LavidaVisionEncoder(nn.Module):
         p = self.patch_size
         x = (pixel_values - 0.5) / 0.5
         V, C, Hh, W = x.shape
+        if self.conv:
+            content = self.stem(x).flatten(2).transpose(1, 2)  # (V, T, ve / 2), raster order
+            code = sincos_2d(self.grid_side, content.shape[-1]).to(content.device, content.dtype)
+            x = torch.cat([content, content * code], dim=-1)
+            return self._encode(x)
         x = x.unfold(2, p, p).unfold(3, p, p)  # (V, C, H/p, W/p, p, p)
         x = x.permute(0, 2, 3, 1, 4, 5).reshape(V, (Hh // p) * (W // p), C * p * p)
         if self.modulated:
@@ -328,10 +337,37 @@ class LavidaVisionEncoder(nn.Module):
             x = torch.cat([content, content * code], dim=-1)
         else:
             x = self.patch_embed(x)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed
         for layer in self.layers:
             x = layer(x)
         return self.projector(self.norm(x))
+
+
+def conv_stem(patch: int, out: int, width: int = 32) -> nn.Sequential:
+    """A small CNN from pixels to one feature per `patch x patch` cell.
+
+    3x3 convolutions, one stride-2 step per halving (`log2(patch)` of them) between a
+    full-resolution first layer and a last layer at cell resolution: for patch 8 the
+    receptive field of a cell is 33 px, so every cell of an object (10-24 px in
+    ShapesWorld) sees its whole silhouette. A patch-local MLP (`"modulated"`) sees only the
+    8 x 8 corner or edge of a shape and leaves shape to the transformer layers, which did
+    not learn it (a linear probe read the shape of the object under a patch 33% of the
+    time, chance 25%; issue 4 notes).
+    """
+    halvings = patch.bit_length() - 1
+    if patch != 1 << halvings:
+        raise ValueError(f"vision_stem='conv' needs a power-of-two vision_patch_size, got {patch}")
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()]
+    c = width
+    for i in range(halvings):
+        nxt = min(4 * width, c * 2)
+        layers += [nn.Conv2d(c, nxt, 3, stride=2, padding=1), nn.GELU()]
+        c = nxt
+    layers += [nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, out, 1)]
+    return nn.Sequential(*layers)
 
 
 def _clone(module: nn.Module) -> nn.Module:
@@ -504,7 +540,11 @@ class LavidaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(module, nn.Conv2d):  # the conv vision stem: He init, or a deep stack starts dead
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

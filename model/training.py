@@ -484,20 +484,32 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
 def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *, exact: bool = True) -> LavidaConfig:
     """The run's architecture: preset + overrides + the tokenizer's ids + the VQ codebook.
 
-    Weights from before the modulated vision stem (`vision.patch_embed`) keep the linear one.
+    Weights keep the vision stem they were trained with (`vision_stem_of`), whatever the
+    preset says.
     `exact` (resuming, exporting): weights without the location code (or the plan layout)
     keep it off; otherwise
     (a new stage from older weights) the preset's zero-initialised additions are grown.
     """
     arch = {}
-    if weights is not None and "vision.patch_embed.weight" in weights:
-        arch["vision_stem"] = "linear"
+    stem = vision_stem_of(weights) if weights is not None else None
+    if stem is not None:
+        arch["vision_stem"] = stem
     if weights is not None and exact and "loc_in.weight" not in weights:
         arch["loc_code_dim"] = 0
     if weights is not None and exact and "image_embed.layout_label.weight" not in weights:
         arch["plan_layout"] = False
     return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **arch, **token_ids(tokenizer),
                            "codebook_size": vq.num_vq_embeddings})  # fmt: skip
+
+
+def vision_stem_of(weights: dict) -> str | None:
+    """The `vision_stem` a state dict was trained with (None: it has no vision encoder)."""
+    if "vision.patch_embed.weight" in weights:
+        return "linear"
+    first = weights.get("vision.stem.0.weight")
+    if first is None:
+        return None
+    return "conv" if first.ndim == 4 else "modulated"
 
 
 def token_ids(tokenizer) -> dict[str, int]:

@@ -157,7 +157,7 @@ def test_sincos_2d_codes_are_distinct_per_cell():
         sincos_2d(8, 30)
 
 
-@pytest.mark.parametrize("stem", ["linear", "modulated"])
+@pytest.mark.parametrize("stem", ["linear", "modulated", "conv"])
 def test_vision_encoder_tells_where_a_patch_is(tiny_config, stem):
     """The same patch content at two places gives two different tokens, in both stems."""
     config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": stem})
@@ -171,7 +171,40 @@ def test_vision_encoder_tells_where_a_patch_is(tiny_config, stem):
     with torch.no_grad():
         fa, fb = encoder(a)[0], encoder(b)[0]
     assert not torch.allclose(fa[0], fb[1], atol=1e-4)
-    assert hasattr(encoder, "stem" if stem == "modulated" else "patch_embed")
+    assert hasattr(encoder, "patch_embed" if stem == "linear" else "stem")
+
+
+@pytest.mark.parametrize("stem, sees_neighbours", [("modulated", False), ("conv", True)])
+def test_conv_stem_cells_see_beyond_their_patch(tiny_config, stem, sees_neighbours):
+    """A conv-stem cell's content code reacts to pixels of the neighbouring patches (a
+    shape's silhouette), a modulated-stem cell's only to its own patch."""
+    config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": stem})
+    torch.manual_seed(0)
+    encoder = LavidaForMaskedDiffusion(config).vision.eval()
+    p, side = config.vision_patch_size, config.image_size // config.vision_patch_size
+    a = torch.full((1, 3, config.image_size, config.image_size), 0.5)
+    b = a.clone()
+    b[..., p : 2 * p, 2 * p : 3 * p] = 1.0  # change cell (1, 2) only
+    with torch.no_grad():
+        codes = []
+        for image in (a, b):
+            x = (image - 0.5) / 0.5
+            if stem == "conv":
+                codes.append(encoder.stem(x).flatten(2).transpose(1, 2)[0])
+            else:
+                x = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(1, side * side, -1)
+                codes.append(encoder.stem(x)[0])
+    changed = (codes[0] - codes[1]).abs().amax(-1) > 1e-6
+    assert changed[1 * side + 2]
+    assert bool(changed[1 * side + 1]) is sees_neighbours  # the cell to its left
+    assert not changed[side * side - 1]  # a far corner stays put in both
+
+
+def test_conv_stem_output_matches_the_token_grid(tiny_config):
+    config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": "conv"})
+    model = LavidaForMaskedDiffusion(config)
+    feats = model.vision(torch.rand(3, 3, config.image_size, config.image_size))
+    assert feats.shape == (3, config.vision_tokens_per_image, config.hidden_size)
 
 
 def test_configs_without_vision_stem_mean_linear(tiny_config, tmp_path):
@@ -196,7 +229,8 @@ def test_configs_without_vision_stem_mean_linear(tiny_config, tmp_path):
         (dict(image_grid=15), "image_grid"),
         (dict(attention_mode="causal"), "attention_mode"),
         (dict(mask_token_id=10_000), "mask_token_id"),
-        (dict(vision_stem="conv"), "vision_stem"),
+        (dict(vision_stem="cnn"), "vision_stem"),
+        (dict(vision_stem="conv", image_size=48, image_grid=12, vision_patch_size=12), "power-of-two"),
         (dict(vision_stem="modulated", vision_hidden_size=36, vision_heads=2), "divisible by 8"),
     ],
 )

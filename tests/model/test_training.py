@@ -133,6 +133,18 @@ def test_weights_with_the_linear_vision_stem_keep_it(tmp_path, vq_dir):
     assert LavidaPipeline.from_pretrained(fresh / "export").model.config.vision_stem == "modulated"
 
 
+@pytest.mark.parametrize("stem", ["linear", "modulated", "conv"])
+def test_vision_stem_of_reads_the_stem_from_weights(tiny_config, stem):
+    from lavida_agent.model.configuration_lavida import LavidaConfig
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.training import vision_stem_of
+
+    model = LavidaForMaskedDiffusion(LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": stem}))
+    weights = model.state_dict()
+    assert vision_stem_of(weights) == stem
+    assert vision_stem_of({k: v for k, v in weights.items() if not k.startswith("vision.")}) is None
+
+
 def test_reset_vision_swaps_in_a_fresh_pretrained_encoder_and_keeps_the_rest(tmp_path, vq_dir):
     first = tmp_path / "linear"
     train(TrainConfig(out=str(first), vq=vq_dir, steps=1, model_overrides={"vision_stem": "linear"}, **TINY),
