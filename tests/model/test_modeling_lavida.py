@@ -369,3 +369,12 @@ def test_cached_generation_keeps_the_plan_layout(tokenizer, tiny_config):
                       condition_cache=twice, elastic=True).image_logits  # fmt: skip
     torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
     torch.testing.assert_close(again[::2], full, atol=ATOL, rtol=0)
+
+
+def test_fresh_text_embeddings_start_at_unit_scale(tiny_config):
+    """Token embeddings at ~1 (copying the prompt's words needs them visible in the
+    residual); every other weight keeps `initializer_range`."""
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config)
+    assert 0.8 < float(model.embed_tokens.weight.std()) < 1.2
+    assert float(model.image_embed.code_embed.weight.std()) < 0.05
