@@ -247,7 +247,7 @@ PRESETS: dict[str, dict] = {
         codebook_size=32, vision_hidden_size=32, vision_layers=1, vision_heads=2,
         loc_token_offset=40, num_loc_tokens=65, vision_stem="modulated", loc_code_dim=8, plan_layout=True,
     ),
-    "shapes": dict(vision_stem="modulated", loc_code_dim=32, plan_layout=True),
+    "shapes": dict(vision_stem="conv", loc_code_dim=32, plan_layout=True),
     "lavida-o": dict(
         vocab_size=127378, hidden_size=4096, num_layers=32, joint_layers=17, num_heads=32,
         intermediate_size=12288, gen_hidden_size=2048, gen_intermediate_size=8192,

@@ -198,7 +198,21 @@ class LavidaDecoderLayer(nn.Module):
         return h_und, h_gen, present
 
 
-@functools.lru_cache(maxsize=8)
+def _constant(fn):
+    """`lru_cache` for fixed tables, built outside inference mode: a table first built under
+    `torch.inference_mode()` would be an inference tensor, which autograd refuses to save
+    for backward in a later training step of the same process."""
+
+    @functools.lru_cache(maxsize=8)
+    @functools.wraps(fn)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+
+    return cached
+
+
+@_constant
 def sincos_2d(side: int, dim: int, max_wavelength: float = 4.0) -> torch.Tensor:
     """Fixed 2-D sin/cos codes `(side * side, dim)` of a raster grid, `dim / 4` wavelengths
     per axis from 2 cells to `max_wavelength * side` cells (geometric). Cached: read only."""
@@ -229,13 +243,13 @@ def coordinate_code(values: torch.Tensor, dim: int, span: int) -> torch.Tensor:
                       angles.cos() * math.sqrt(2.0)], dim=-1)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=8)
+@_constant
 def loc_code_table(n: int, dim: int) -> torch.Tensor:
     """`coordinate_code` of the integers `0..n-1` (the `<LOC_i>` coordinates). Cached: read only."""
     return coordinate_code(torch.arange(n, device="cpu"), dim, n)
 
 
-@functools.lru_cache(maxsize=8)
+@_constant
 def grid_code(side: int, image_size: int, dim: int, span: int) -> torch.Tensor:
     """`(side * side, 2 * dim)`: the `coordinate_code` of each raster cell's centre x, then
     y, in pixels. Computed on the fly (not a buffer: meta-device loading). Cached: read only."""

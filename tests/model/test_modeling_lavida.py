@@ -217,7 +217,7 @@ def test_configs_without_vision_stem_mean_linear(tiny_config, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     loaded = LavidaForMaskedDiffusion.from_pretrained(tmp_path)
     assert loaded.config.vision_stem == "linear" and hasattr(loaded.vision, "patch_embed")
-    assert PRESETS["shapes"]["vision_stem"] == "modulated"  # new runs use the faster stem
+    assert PRESETS["shapes"]["vision_stem"] == "conv"  # new runs use the stem that reads shape
 
 
 @pytest.mark.parametrize(
@@ -378,3 +378,20 @@ def test_fresh_text_embeddings_start_at_unit_scale(tiny_config):
     model = LavidaForMaskedDiffusion(tiny_config)
     assert 0.8 < float(model.embed_tokens.weight.std()) < 1.2
     assert float(model.image_embed.code_embed.weight.std()) < 0.05
+
+
+@pytest.mark.parametrize("stem", ["modulated", "conv"])
+def test_tables_first_built_in_inference_mode_still_train(tiny_config, stem):
+    """The cached position tables may be built first under `torch.inference_mode()` (a
+    server, a benchmark) and then serve a training step in the same process."""
+    from lavida_agent.model.modeling_lavida import grid_code, loc_code_table, sincos_2d
+
+    for table in (sincos_2d, loc_code_table, grid_code):
+        table.cache_clear()
+    config = LavidaConfig(**{**tiny_config.to_dict(), "vision_stem": stem})
+    model = LavidaForMaskedDiffusion(config)
+    image = torch.rand(1, 3, config.image_size, config.image_size)
+    with torch.inference_mode():
+        model.vision(image)
+    model.vision(image).sum().backward()
+    assert model.vision.stem[0].weight.grad is not None
