@@ -177,7 +177,7 @@ def test_on_step_events_carry_previews_when_asked(pipe):
     assert all(e.preview is None for e in events(0))
 
 
-def test_rows_fail_alone_and_outputs_are_converted(backend):
+def test_rows_fail_alone_and_outputs_are_converted(backend, pipe):
     good, bad = _image(), np.zeros((32, 32, 3), np.uint8)
     out = backend.ground([GroundRequest(image=good, expressions=["the red circle"]),
                           GroundRequest(image=bad, expressions=["the red circle"]),
@@ -185,7 +185,9 @@ def test_rows_fail_alone_and_outputs_are_converted(backend):
     assert out[0] == [[0.0, 0.0, 0.0, 0.0]] and out[2] == []  # None -> a degenerate box
     assert isinstance(out[1], ValueError) and "letterbox" in str(out[1])
     (verdict,) = backend.critique([CritiqueRequest(image=good, prompt="a red circle")])
-    assert isinstance(verdict, CritiqueResult) and verdict.ok is False and verdict.text
+    direct = pipe.critique([good], ["a red circle"])  # what the backend converts
+    assert isinstance(verdict, CritiqueResult) and verdict.text == direct.texts[0]
+    assert verdict.ok is direct.ok[0] and list(verdict.reasons) == list(direct.reasons[0])
 
 
 # -- load_engine ------------------------------------------------------------------------
