@@ -304,6 +304,9 @@ class LavidaVisionEncoder(nn.Module):
       linearly readable even from an unselective average (background patches add a
       constant). Single-object grounding on a small model leaves its plateau ~1.5x
       sooner (probe numbers in the closing note of issue 4).
+    * `"conv"` (the `shapes` preset): the same `[c, c * P]` tokens, with `c` from a small
+      CNN (`conv_stem`) whose cells see a whole object, so its shape is readable; a patch
+      on its own holds only an edge or a corner of a shape.
     """
 
     def __init__(self, config: LavidaConfig):
