@@ -379,7 +379,7 @@ def conv_stem(patch: int, out: int, width: int = 32) -> nn.Sequential:
         raise ValueError(f"vision_stem='conv' needs a power-of-two vision_patch_size, got {patch}")
     layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()]
     c = width
-    for i in range(halvings):
+    for _ in range(halvings):
         nxt = min(4 * width, c * 2)
         layers += [nn.Conv2d(c, nxt, 3, stride=2, padding=1), nn.GELU()]
         c = nxt
