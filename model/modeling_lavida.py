@@ -343,18 +343,14 @@ class LavidaVisionEncoder(nn.Module):
         V, C, Hh, W = x.shape
         if self.conv:
             content = self.stem(x).flatten(2).transpose(1, 2)  # (V, T, ve / 2), raster order
-            code = sincos_2d(self.grid_side, content.shape[-1]).to(content.device, content.dtype)
-            x = torch.cat([content, content * code], dim=-1)
-            return self._encode(x)
-        x = x.unfold(2, p, p).unfold(3, p, p)  # (V, C, H/p, W/p, p, p)
-        x = x.permute(0, 2, 3, 1, 4, 5).reshape(V, (Hh // p) * (W // p), C * p * p)
-        if self.modulated:
-            content = self.stem(x)  # (V, T, ve / 2)
-            code = sincos_2d(self.grid_side, content.shape[-1]).to(content.device, content.dtype)
-            x = torch.cat([content, content * code], dim=-1)
         else:
-            x = self.patch_embed(x)
-        return self._encode(x)
+            x = x.unfold(2, p, p).unfold(3, p, p)  # (V, C, H/p, W/p, p, p)
+            x = x.permute(0, 2, 3, 1, 4, 5).reshape(V, (Hh // p) * (W // p), C * p * p)
+            if not self.modulated:
+                return self._encode(self.patch_embed(x))
+            content = self.stem(x)  # (V, T, ve / 2)
+        code = sincos_2d(self.grid_side, content.shape[-1]).to(content.device, content.dtype)
+        return self._encode(torch.cat([content, content * code], dim=-1))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed
