@@ -161,7 +161,7 @@ def t2i_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
                     "seed": sampler_seed(seed, ci * 10_000 + i),
                     # a layout that satisfies the prompt: drawing from it measures the drawer
                     # apart from the planner
-                    "true_plan": [(label, tuple(int(v) for v in box)) for label, box in plan_items(scene)],
+                    "true_plan": [(label, tuple(int(v) for v in box)) for label, box in plan_items(scene, order="scene")],
                 }
             )
     return items

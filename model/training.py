@@ -13,7 +13,7 @@ Objective (FACTS §3.1-3.5): per row an independent mask ratio for the text answ
 for the target image (t = cos(pi u / 2), mask where r <= max(p, min r)), cross-entropy on
 masked positions only; condition dropout for CFG (10% of image-generating rows lose their
 whole prompt, 50% of edit rows lose the source codes); 80% of plan+image rows keep the
-plan clean; micro-conditions (`objects : N ;`) dropped 30%. Half of the images that the
+plan clean (plans list the objects in the order the prompt names them); micro-conditions (`objects : N ;`) dropped 30%. Half of the images that the
 understanding tasks see are VQ reconstructions, the pixels the agent loop feeds them.
 
 Run: `python -m lavida_agent.model.training --out DIR --vq model/weights/vq --steps N`.
@@ -177,7 +177,7 @@ class TaskSampler:
                 ex = build_t2i(self.tok, self.cfg, text, codes=c, micro_conditions=micro)
             else:
                 ex = build_t2i(
-                    self.tok, self.cfg, text, codes=c, plan=lang.plan_items(scene),
+                    self.tok, self.cfg, text, codes=c, plan=lang.plan_items(scene, order="scene"),
                     plan_is_target=True, with_image=plan != "only", micro_conditions=micro,
                 )  # fmt: skip
             out.append(ex)

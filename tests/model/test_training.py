@@ -8,8 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from lavida_agent.model.tasks import build_t2i
-from lavida_agent.model.training import TrainConfig, add_noise, lr_at, touched_plan, train
+from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
+from lavida_agent.model.tasks import build_t2i, parse_plan
+from lavida_agent.model.training import (
+    TaskSampler,
+    TrainConfig,
+    add_noise,
+    build_tokenizer,
+    corpus_for_tokenizer,
+    lr_at,
+    token_ids,
+    touched_plan,
+    train,
+)
+from lavida_agent.tools.shapes_world.language import parse_prompt
 
 TINY = dict(preset="tiny", tokens_per_batch=300, max_rows=3, warmup=2, tokenizer_corpus=20,
             log_every=1, eval_every=1000, eval_rows=2, lr=3e-3, vision_pretrain_steps=2,
@@ -63,6 +75,17 @@ def test_noise_masks_only_targets_and_keeps_tensors_in_step(tokenizer, tiny_conf
             if lab != -100:  # a text label sits only on a masked target position
                 assert noisy.input_ids[pos] == tiny_config.mask_token_id
                 assert ex.text_targets[pos] == lab
+
+
+def test_plans_to_learn_list_the_objects_in_the_prompts_order():
+    tok = build_tokenizer(corpus_for_tokenizer(50))
+    cfg = LavidaConfig(**{**PRESETS["tiny"], **token_ids(tok), "codebook_size": 32})
+    examples = TaskSampler(tok, cfg, vq=None).examples("plan", np.random.default_rng(0), 24)
+    for ex in examples:
+        prompt, answer = tok.decode(ex.input_ids).split("<assistant>")
+        prompt = prompt.split("generate an image of :")[1].split("objects :")[0].strip()
+        named = [req.shape for req in parse_prompt(prompt).objects for _ in range(req.count)]
+        assert [label.split()[-1] for label, _ in parse_plan(answer)] == named, (prompt, answer)
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -1182,14 +1182,24 @@ def sample_question(rng: np.random.Generator, scene: Scene) -> tuple[str, Questi
 # =========================================================================== plans
 
 
-def plan_items(scene: Scene) -> list[tuple[str, Box]]:
-    """The layout plan for `scene`: `(label, box)` per object, left to right.
+def plan_items(scene: Scene, order: str = "left_to_right") -> list[tuple[str, Box]]:
+    """The layout plan for `scene`: `(label, box)` per object.
 
     Labels are `{size} {color} {shape}` (`small red circle`): the caption's words, so a plan
     states everything a checker verifies; boxes are integer pixel xyxy in 0..64.
+
+    Args:
+        order: `"left_to_right"` (the caption's order), or `"scene"`: the scene's own
+            object order, which for a `scene_for_prompt` scene is the order the prompt
+            names the objects. Plans the model writes for a prompt use `"scene"`: item k
+            is then the prompt's k-th object, a copy in order, where left to right would
+            make which object comes first depend on where the boxes happen to fall.
     """
+    if order not in ("left_to_right", "scene"):
+        raise ValueError(f"order must be 'left_to_right' or 'scene', got {order!r}")
+    objects = scene.sorted_left_to_right() if order == "left_to_right" else scene.objects
     return [(f"{o.size} {o.color} {o.shape}", tuple(int(v) for v in o.box))  # type: ignore[misc]
-            for o in scene.sorted_left_to_right()]  # fmt: skip
+            for o in objects]  # fmt: skip
 
 
 # =========================================================================== critique vocabulary

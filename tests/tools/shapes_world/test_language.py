@@ -354,6 +354,16 @@ def test_captions_and_plans():
     ]
 
 
+def test_plan_items_in_scene_order_follow_the_prompt():
+    spec = lang.parse_prompt("a red circle right of a blue square")
+    scene = lang.scene_for_prompt(np.random.default_rng(3), spec)
+    plan = lang.plan_items(scene, order="scene")
+    assert [label.split()[1:] for label, _ in plan] == [["red", "circle"], ["blue", "square"]]
+    assert lang.plan_items(scene) == plan[::-1]  # left to right: the square first
+    with pytest.raises(ValueError, match="order"):
+        lang.plan_items(scene, order="random")
+
+
 @pytest.mark.parametrize(
     "question, spec, expected",
     [
