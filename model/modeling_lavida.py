@@ -495,6 +495,9 @@ class ConditionCache:
         elastic: whether und rows skipped the split layers (then only gen targets may use it).
         plan_items: per row, the plan items of the prefix (`plan_items_in`), for a model with
             `plan_layout`; None otherwise.
+        copy_sources: for a model with a copy head (and a non-elastic pass), the prefix's
+            copy keys `(B, Lc, copy_dim)`, token ids `(B, Lc)` and which of them may be
+            copied `(B, Lc)` bool; None otherwise.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
@@ -503,6 +506,7 @@ class ConditionCache:
     segment_ids: torch.Tensor
     elastic: bool = False
     plan_items: list | None = None
+    copy_sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -515,6 +519,7 @@ class ConditionCache:
             [(rep(k), rep(v)) for k, v in self.key_values], rep(self.valid), rep(self.is_gen),
             rep(self.segment_ids), self.elastic,
             None if self.plan_items is None else [row for row in self.plan_items for _ in range(n)],
+            None if self.copy_sources is None else tuple(rep(t) for t in self.copy_sources),
         )  # fmt: skip
 
 
@@ -548,7 +553,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LavidaDecoderLayer"]
     # Parameters that start at zero: weights saved without them load into the same function.
-    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_")
+    # (The copy head's query and key are not zero, but its gate is, which silences it.)
+    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_", "copy_")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -578,8 +584,10 @@ class LavidaPreTrainedModel(PreTrainedModel):
         if any(module is getattr(owner, name, None) for owner, name in (
                 (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"),
                 (getattr(self, "image_embed", None), "layout_label"),
-                (getattr(self, "image_embed", None), "layout_geom"))):  # fmt: skip
+                (getattr(self, "image_embed", None), "layout_geom"), (self, "copy_gate"))):  # fmt: skip
             nn.init.zeros_(module.weight)
+        if module is getattr(self, "copy_query", None) or module is getattr(self, "copy_key", None):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.in_features))
         if isinstance(module, LavidaDecoderLayer):
             # Attention projections at fan-in scale (1 / sqrt(in)), not `std`: with two
             # 0.02-scale factors in every score (W_q, W_k) and every value path (W_v, o_proj)
@@ -617,6 +625,16 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             # trained without it load unchanged): input += loc_in(code_i), logit += h . loc_out(code_i)
             self.loc_in = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
             self.loc_out = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
+        if config.copy_dim:
+            # copy a condition token (see `_copy_logits`); the gate starts at zero
+            self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_gate = nn.Linear(config.hidden_size, 1)
+            copyable = torch.ones(config.vocab_size, dtype=torch.bool)
+            for t in (config.pad_token_id, config.mask_token_id, config.eos_token_id,
+                      config.img_gen_token_id, config.img_src_token_id, config.img_enc_token_id):  # fmt: skip
+                copyable[t] = False
+            self.register_buffer("copyable", copyable, persistent=False)
         self.image_head = LavidaImageHead(config)
         self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()
@@ -720,6 +738,43 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
     def _lm_head_weight(self) -> torch.Tensor:
         return self._with_loc_code(self.lm_head.weight, "loc_out")
 
+    def _copy_logits(
+        self,
+        hn: torch.Tensor,
+        und_idx: torch.Tensor,
+        input_ids: torch.Tensor,
+        seg: torch.Tensor,
+        valid: torch.Tensor,
+        cache: ConditionCache | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The copy head: logits `(B * L, V)` to add to the LM head's, and this pass's sources.
+
+        A text position attends from its final (normed) hidden state `hn` to those of the
+        text tokens of earlier segments (its conditions: in the cache and in this pass;
+        never padding, [MASK], [EOS] or image placeholders); the attention, summed per token
+        id, times a gate read from the same state, is its copy bonus. A position with no
+        earlier text gets none. This is the pointer of pointer-generator networks (See et
+        al., 2017) in additive form, so a zero gate leaves the model exactly as it was.
+        """
+        B, L = input_ids.shape
+        V = self.config.vocab_size
+        full = hn.new_zeros(B * L, hn.shape[-1]).index_copy(0, und_idx, hn).view(B, L, -1)
+        keys = self.copy_key(full)  # (B, L, dc)
+        src = valid & self.copyable[input_ids]  # gen positions hold image placeholders: never sources
+        k_keys, k_ids, k_src, k_seg = keys, input_ids, src, seg
+        if cache is not None and cache.copy_sources is not None:
+            c_keys, c_ids, c_src = cache.copy_sources
+            k_keys, k_ids = torch.cat([c_keys.to(keys.dtype), keys], 1), torch.cat([c_ids, input_ids], 1)
+            k_src, k_seg = torch.cat([c_src, src], 1), torch.cat([cache.segment_ids, seg], 1)
+        scores = self.copy_query(full) @ k_keys.transpose(1, 2) / math.sqrt(keys.shape[-1])  # (B, L, Lk)
+        allowed = k_src[:, None, :] & (k_seg[:, None, :] < seg[:, :, None])
+        has = allowed.any(-1, keepdim=True)
+        scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has, 0.0)
+        attn = torch.softmax(scores.float(), -1) * has
+        vocab = attn.new_zeros(B, L, V).scatter_add_(2, k_ids[:, None, :].expand(B, L, -1), attn)
+        bonus = self.copy_gate(full).float() * vocab
+        return bonus.view(B * L, V), (keys, input_ids, src)
+
     def _attention_masks(
         self,
         q_valid: torch.Tensor,
@@ -821,8 +876,14 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
                 presents.append(present)
 
         out = LavidaOutput()
+        copy_bonus = copy_sources = None
+        if cfg.copy_dim and not elastic and (labels is None or bool((labels != -100).any())):
+            copy_bonus, copy_sources = self._copy_logits(
+                self.norm(h_und), und_idx, input_ids, seg, valid, condition_cache
+            )
         if use_cache:
-            out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items)
+            out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items,
+                                       copy_sources=copy_sources)  # fmt: skip
 
         # Heads. With labels (training) logits are computed only where a label is, and
         # returned as None: a (B, L, V) text tensor and (M, G, G, K) image tensor would cost
@@ -835,6 +896,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if labels is None and image_labels is None:
             if not elastic:
                 text_logits = F.linear(self.norm(h_und), self._lm_head_weight())  # (Nu, V)
+                if copy_bonus is not None:
+                    text_logits = text_logits + copy_bonus[und_idx].to(text_logits.dtype)
                 full = text_logits.new_zeros(B * L, cfg.vocab_size)
                 out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
             if has_target:
@@ -848,6 +911,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             rows = (lab != -100).nonzero().squeeze(1)
             if rows.numel():
                 logits = F.linear(self.norm(h_und[rows]), self._lm_head_weight())
+                if copy_bonus is not None:
+                    logits = logits.float() + copy_bonus[und_idx[rows]]
                 targets = lab[rows]
                 ce = F.cross_entropy(logits.float(), targets, reduction="none")
                 w = torch.where(targets == cfg.eos_token_id, eos_loss_weight, 1.0).to(ce.dtype)

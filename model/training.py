@@ -486,8 +486,8 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
 
     Weights keep the vision stem they were trained with (`vision_stem_of`), whatever the
     preset says.
-    `exact` (resuming, exporting): weights without the location code (or the plan layout)
-    keep it off; otherwise
+    `exact` (resuming, exporting): weights without the location code (or the plan layout,
+    or the copy head) keep it off; otherwise
     (a new stage from older weights) the preset's zero-initialised additions are grown.
     """
     arch = {}
@@ -498,6 +498,8 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
         arch["loc_code_dim"] = 0
     if weights is not None and exact and "image_embed.layout_label.weight" not in weights:
         arch["plan_layout"] = False
+    if weights is not None and exact and "copy_gate.weight" not in weights:
+        arch["copy_dim"] = 0
     return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **arch, **token_ids(tokenizer),
                            "codebook_size": vq.num_vq_embeddings})  # fmt: skip
 

@@ -10,7 +10,7 @@ import torch
 
 from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
 from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters, plan_items_in, sincos_2d
-from lavida_agent.model.tasks import build_edit, build_t2i, pack
+from lavida_agent.model.tasks import PLAN_LEN, build_edit, build_t2i, pack
 from lavida_agent.model.training import TASK_WEIGHTS, TaskSampler, make_batch
 
 # Elastic and cached paths compute the same sums in a different grouping: equal to
@@ -395,3 +395,98 @@ def test_tables_first_built_in_inference_mode_still_train(tiny_config, stem):
         model.vision(image)
     model.vision(image).sum().backward()
     assert model.vision.stem[0].weight.grad is not None
+
+
+# --------------------------------------------------------------------------- copy head
+
+
+def _without_copy_head(model, config):
+    plain = LavidaForMaskedDiffusion(LavidaConfig(**{**config.to_dict(), "copy_dim": 0})).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("copy_") for k in unexpected)
+    return plain
+
+
+def _with_open_copy_gate(config, bias=3.0):
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(config).eval()
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(bias)
+    return model
+
+
+def _plan_slot(tokenizer, config, prompts, **kw):
+    return pack([build_t2i(tokenizer, config, p, with_plan=True, with_image=False, **kw) for p in prompts],
+                config, pad_left=True)  # fmt: skip
+
+
+def test_zero_copy_gate_is_the_model_without_it(tokenizer, tiny_config):
+    """Weights trained before the copy head load into the same function (its gate starts at zero)."""
+    torch.manual_seed(0)
+    new = LavidaForMaskedDiffusion(tiny_config).eval()
+    assert torch.all(new.copy_gate.weight == 0) and torch.all(new.copy_gate.bias == 0)
+    old = _without_copy_head(new, tiny_config)
+    inputs = _plan_slot(tokenizer, tiny_config, ["a red circle"]).model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(new(**inputs).text_logits, old(**inputs).text_logits, atol=0, rtol=0)
+
+
+def test_copy_head_adds_only_tokens_of_earlier_segments(tokenizer, tiny_config):
+    model = _with_open_copy_gate(tiny_config, bias=3.0)
+    inputs = _plan_slot(tokenizer, tiny_config, ["the red circle"]).model_inputs()
+    with torch.no_grad():
+        bonus = (model(**inputs).text_logits - _without_copy_head(model, tiny_config)(**inputs).text_logits)[0]
+    ids, seg = inputs["input_ids"][0], inputs["segment_ids"][0]
+    assert bonus[seg == 0].abs().max() == 0  # the prompt has nothing earlier to copy
+    answer = bonus[seg == 1]  # (PLAN_LEN, V)
+    torch.testing.assert_close(answer.sum(-1), torch.full((len(answer),), 3.0))  # gate x a distribution
+    sources = {t for t in ids[seg == 0].tolist() if model.copyable[t]}
+    others = [v for v in range(tiny_config.vocab_size) if v not in sources]
+    assert answer[:, others].abs().max() == 0  # never a token that is not in the prompt
+    assert (answer[:, tokenizer.convert_tokens_to_ids("red")] > 0).all()
+    assert not any(model.copyable[t] for t in (tiny_config.mask_token_id, tiny_config.eos_token_id))
+
+
+def test_condition_cache_keeps_the_copy_head(tokenizer, tiny_config):
+    model = _with_open_copy_gate(tiny_config)
+    b = _plan_slot(tokenizer, tiny_config, ["a red circle", "the circle to the left"])
+    c = b.input_ids.shape[1] - PLAN_LEN
+    part = lambda s: {"segment_ids": b.segment_ids[:, s], "attention_mask": b.attention_mask[:, s]}  # noqa: E731
+    with torch.no_grad():
+        full = model(**b.model_inputs()).text_logits[:, c:]
+        cache = model(b.input_ids[:, :c], **part(slice(None, c)), use_cache=True).cache
+        cached = model(b.input_ids[:, c:], **part(slice(c, None)), condition_cache=cache).text_logits
+        again = model(b.input_ids[:, c:].repeat_interleave(2, 0), segment_ids=b.segment_ids[:, c:].repeat_interleave(2, 0),
+                      attention_mask=b.attention_mask[:, c:].repeat_interleave(2, 0),
+                      condition_cache=cache.repeat_interleave(2)).text_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(again[::2], full, atol=ATOL, rtol=0)
+
+
+def test_copy_head_learns_to_copy_a_prompt_word(tokenizer, tiny_config):
+    """Trained alone (LM head frozen), the copy head raises P(prompt's colour) at the plan's colour slot."""
+    model = _with_open_copy_gate(tiny_config, bias=1.0).train()
+    ex = build_t2i(tokenizer, tiny_config, "the red circle", plan=[("small red circle", (4, 4, 16, 16))],
+                   plan_is_target=True, with_image=False)  # fmt: skip
+    b = pack([ex], tiny_config)
+    targets = b.text_targets
+    ids = torch.where(targets != -100, tiny_config.mask_token_id, b.input_ids)
+    red = tokenizer.convert_tokens_to_ids("red")
+    slot = (targets[0] == red).nonzero()[0, 0]
+    labels = torch.full_like(targets, -100)
+    labels[0, slot] = red  # the whole plan is masked; the loss is on its colour only
+
+    def p_red():
+        with torch.no_grad():
+            logits = model(**{**b.model_inputs(), "input_ids": ids}).text_logits
+        return float(torch.softmax(logits[0, slot], -1)[red])
+
+    before = p_red()
+    params = [p for n, p in model.named_parameters() if n.startswith("copy_")]
+    opt = torch.optim.Adam(params, lr=0.05)
+    for _ in range(30):
+        opt.zero_grad()
+        model(**{**b.model_inputs(), "input_ids": ids}, labels=labels).loss.backward()
+        opt.step()
+    after = p_red()
+    assert after > before + 0.3
