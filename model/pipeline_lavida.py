@@ -45,6 +45,7 @@ from .tasks import (
     drop_conditions,
     pack,
     parse_plan,
+    snap_plan,
 )
 from .tokenization_lavida import clean_decoded
 
@@ -370,9 +371,13 @@ class LavidaPipeline:
 
     def plan(
         self, prompts: Sequence[str], *, seed=0, generator=None, num_steps: int | None = None,
-        temperature: float = 0.0, callback=None, interrupt=None,
+        temperature: float = 0.0, callback=None, interrupt=None, snap: bool = True,
     ) -> PlanOutput:  # fmt: skip
-        """Plan layouts: one list of `(label, box)` per prompt (FACTS §6.1)."""
+        """Plan layouts: one list of `(label, box)` per prompt (FACTS §6.1).
+
+        With `snap` (default) every box is made one the world can hold (`snap_plan`:
+        square, its label's size range, same centre); `texts` keeps the raw model output.
+        """
         prompts = _as_list(prompts)
         gens, _ = _generators(seed, generator, len(prompts), self.device)
         exs = [build_t2i(self.tokenizer, self.config, p, with_plan=True, with_image=False) for p in prompts]
@@ -381,7 +386,8 @@ class LavidaPipeline:
             temperature=temperature, allowed=self._text_allowed(), callback=callback,
             interrupt=interrupt, task="plan",
         )  # fmt: skip
-        return PlanOutput(plans=[parse_plan(t) for t in texts], texts=texts)
+        plans = [parse_plan(t) for t in texts]
+        return PlanOutput(plans=[snap_plan(p) for p in plans] if snap else plans, texts=texts)
 
     def generate(
         self, prompts: Sequence[str], *, plans: Sequence[list[PlanItem] | None] | None = None,

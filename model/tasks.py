@@ -52,6 +52,7 @@ __all__ = [
     "parse_boxes",
     "parse_plan",
     "plan_text",
+    "snap_plan",
 ]
 
 PLAN_LEN = 48  # 4 objects x 11 tokens (`<box_p> small red circle </box_p> ...`) + [EOS] tail
@@ -182,6 +183,30 @@ def parse_plan(text: str, canvas: int = CANVAS) -> list[PlanItem]:
         x0, y0, x1, y1 = dequantize(q, canvas=canvas).as_tuple()
         items.append((clean_decoded(m.group("label")), (int(x0), int(y0), int(x1), int(y1))))
     return items
+
+
+def snap_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
+    """Plan items with boxes the world can hold: square, the side in the range of the
+    label's size word (`SIZES`; the box's mean side for a label without one), the same
+    centre, inside the canvas. Labels are kept as they are.
+
+    The model writes the four coordinates of a box in parallel, so it can plan a 2 x 20 px
+    "large" circle, which the drawer turns into an unreadable blob; this is the box grammar
+    of ShapesWorld applied to its output, as a constrained decoder would.
+    """
+    from lavida_agent.tools.shapes_world.scene import SIZES
+
+    out = []
+    for label, (x0, y0, x1, y1) in items:
+        side = (x1 - x0 + y1 - y0) / 2
+        size = next((w for w in str(label).split() if w in SIZES), None)
+        lo, hi = SIZES[size] if size else (1, canvas)
+        side = int(round(min(max(side, lo), hi)))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        nx = int(round(min(max(cx - side / 2, 0), canvas - side)))
+        ny = int(round(min(max(cy - side / 2, 0), canvas - side)))
+        out.append((label, (nx, ny, nx + side, ny + side)))
+    return out
 
 
 def parse_boxes(text: str, canvas: int = CANVAS) -> list[tuple[int, int, int, int] | None]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted
-from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text
+from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text, snap_plan
 
 
 def test_generate_shapes_and_seed_replay(pipe):
@@ -109,6 +109,22 @@ def test_plan_text_roundtrip():
     assert parse_plan("<box_p> red circle </box_p> <LOC_BEGIN> <LOC_3> <LOC_END> garbage") == []
     inverted = "<box_p> red circle </box_p> <LOC_BEGIN> <LOC_40> <LOC_2> <LOC_38> <LOC_9> <LOC_END>"
     assert parse_plan(inverted) == [] and parse_boxes(inverted) == [None]
+
+
+def test_snap_plan_gives_square_boxes_of_the_labels_size_at_the_same_centre():
+    items = [("large blue circle", (27, 17, 29, 37)), ("small red square", (0, 0, 40, 8)),
+             ("large green triangle", (50, 50, 64, 70)), ("circle", (10, 10, 17, 15))]  # fmt: skip
+    snapped = snap_plan(items)
+    assert [label for label, _ in snapped] == [label for label, _ in items]
+    for (label, (x0, y0, x1, y1)), (_, old) in zip(snapped, items):
+        side = x1 - x0
+        assert y1 - y0 == side and 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 64
+        lo, hi = {"large": (18, 24), "small": (10, 14)}.get(label.split()[0], (1, 64))
+        assert lo <= side <= hi
+    assert snapped[0][1] == (19, 18, 37, 36)  # 2 x 20 "large": side 18 around centre (28, 27)
+    assert snapped[1][1] == (13, 0, 27, 14)  # clamped into the canvas
+    assert snapped[3][1] == (10, 10, 16, 16)  # no size word: the mean side (6)
+    assert snap_plan(snapped) == snapped  # valid boxes stay as they are
 
 
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
