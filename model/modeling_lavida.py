@@ -630,11 +630,6 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
             self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
             self.copy_gate = nn.Linear(config.hidden_size, 1)
-            copyable = torch.ones(config.vocab_size, dtype=torch.bool)
-            for t in (config.pad_token_id, config.mask_token_id, config.eos_token_id,
-                      config.img_gen_token_id, config.img_src_token_id, config.img_enc_token_id):  # fmt: skip
-                copyable[t] = False
-            self.register_buffer("copyable", copyable, persistent=False)
         self.image_head = LavidaImageHead(config)
         self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()
@@ -738,6 +733,15 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
     def _lm_head_weight(self) -> torch.Tensor:
         return self._with_loc_code(self.lm_head.weight, "loc_out")
 
+    def copyable(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which token ids the copy head may copy: all but padding, [MASK], [EOS] and image
+        placeholders. (Computed, not a buffer: `from_pretrained` builds the model on the
+        meta device, and a non-persistent buffer then holds uninitialised memory.)"""
+        c = self.config
+        never = torch.tensor([c.pad_token_id, c.mask_token_id, c.eos_token_id, c.img_gen_token_id,
+                              c.img_src_token_id, c.img_enc_token_id], device=ids.device)  # fmt: skip
+        return ~torch.isin(ids, never)
+
     def _copy_logits(
         self,
         hn: torch.Tensor,
@@ -760,7 +764,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         V = self.config.vocab_size
         full = hn.new_zeros(B * L, hn.shape[-1]).index_copy(0, und_idx, hn).view(B, L, -1)
         keys = self.copy_key(full)  # (B, L, dc)
-        src = valid & self.copyable[input_ids]  # gen positions hold image placeholders: never sources
+        src = valid & self.copyable(input_ids)  # gen positions hold image placeholders: never sources
         k_keys, k_ids, k_src, k_seg = keys, input_ids, src, seg
         if cache is not None and cache.copy_sources is not None:
             c_keys, c_ids, c_src = cache.copy_sources

@@ -440,11 +440,11 @@ def test_copy_head_adds_only_tokens_of_earlier_segments(tokenizer, tiny_config):
     assert bonus[seg == 0].abs().max() == 0  # the prompt has nothing earlier to copy
     answer = bonus[seg == 1]  # (PLAN_LEN, V)
     torch.testing.assert_close(answer.sum(-1), torch.full((len(answer),), 3.0))  # gate x a distribution
-    sources = {t for t in ids[seg == 0].tolist() if model.copyable[t]}
+    sources = {t for t in ids[seg == 0].tolist() if model.copyable(torch.tensor(t))}
     others = [v for v in range(tiny_config.vocab_size) if v not in sources]
     assert answer[:, others].abs().max() == 0  # never a token that is not in the prompt
     assert (answer[:, tokenizer.convert_tokens_to_ids("red")] > 0).all()
-    assert not any(model.copyable[t] for t in (tiny_config.mask_token_id, tiny_config.eos_token_id))
+    assert not model.copyable(torch.tensor([tiny_config.mask_token_id, tiny_config.eos_token_id])).any()
 
 
 def test_condition_cache_keeps_the_copy_head(tokenizer, tiny_config):
@@ -490,3 +490,14 @@ def test_copy_head_learns_to_copy_a_prompt_word(tokenizer, tiny_config):
         opt.step()
     after = p_red()
     assert after > before + 0.3
+
+
+def test_a_loaded_copy_head_copies_what_the_saved_one_did(tokenizer, tiny_config, tmp_path):
+    """`from_pretrained` builds on the meta device: nothing the copy head reads may be left
+    uninitialised there (a non-persistent buffer was, and made planning random)."""
+    model = _with_open_copy_gate(tiny_config)
+    model.save_pretrained(tmp_path)
+    loaded = LavidaForMaskedDiffusion.from_pretrained(tmp_path).eval()
+    inputs = _plan_slot(tokenizer, tiny_config, ["the red circle"]).model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).text_logits, model(**inputs).text_logits, atol=0, rtol=0)
