@@ -880,11 +880,10 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
                 presents.append(present)
 
         out = LavidaOutput()
-        copy_bonus = copy_sources = None
+        copy_bonus = copy_sources = hn = None  # hn: the normed und rows, when all are needed
         if cfg.copy_dim and not elastic and (labels is None or bool((labels != -100).any())):
-            copy_bonus, copy_sources = self._copy_logits(
-                self.norm(h_und), und_idx, input_ids, seg, valid, condition_cache
-            )
+            hn = self.norm(h_und)
+            copy_bonus, copy_sources = self._copy_logits(hn, und_idx, input_ids, seg, valid, condition_cache)
         if use_cache:
             out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items,
                                        copy_sources=copy_sources)  # fmt: skip
@@ -899,7 +898,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[:dg]).view(-1, P, dg)
         if labels is None and image_labels is None:
             if not elastic:
-                text_logits = F.linear(self.norm(h_und), self._lm_head_weight())  # (Nu, V)
+                text_logits = F.linear(self.norm(h_und) if hn is None else hn, self._lm_head_weight())  # (Nu, V)
                 if copy_bonus is not None:
                     text_logits = text_logits + copy_bonus[und_idx].to(text_logits.dtype)
                 full = text_logits.new_zeros(B * L, cfg.vocab_size)
@@ -914,7 +913,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             lab = labels.reshape(-1)[und_idx]
             rows = (lab != -100).nonzero().squeeze(1)
             if rows.numel():
-                logits = F.linear(self.norm(h_und[rows]), self._lm_head_weight())
+                logits = F.linear(self.norm(h_und[rows]) if hn is None else hn[rows], self._lm_head_weight())
                 if copy_bonus is not None:
                     logits = logits.float() + copy_bonus[und_idx[rows]]
                 targets = lab[rows]
