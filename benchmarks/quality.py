@@ -83,7 +83,7 @@ from lavida_agent.tools.shapes_world.language import (
 )
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
-from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES, SIZES, Object, Scene
+from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES, SIZES, Object, Scene, valid_scene
 
 logger = logging.getLogger(__name__)
 
@@ -293,10 +293,13 @@ def _canvas(image: np.ndarray) -> np.ndarray:
 def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
     """Does a plan, read as a scene, satisfy the prompt (background not judged)?
 
-    Each item must read `{size} {color} {shape}` with a non-empty box; the objects are
-    judged by `check_prompt` exactly as detected objects would be (counts, colours, sizes,
-    relations by box centres). Plans carry no background, so the prompt's background, if
-    any, is not required. An empty or unreadable plan is wrong.
+    Each item must read `{size} {color} {shape}` with a non-empty box, and the layout must
+    be one the world can hold (`valid_scene`: square boxes of the label's size, inside the
+    canvas, apart from each other): two planned boxes on top of each other cannot be drawn
+    as two objects. The objects are judged by `check_prompt` exactly as detected objects
+    would be (counts, colours, sizes, relations by box centres). Plans carry no background,
+    so the prompt's background, if any, is not required. An empty or unreadable plan is
+    wrong.
     """
     if not plan:
         return False
@@ -314,8 +317,11 @@ def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) 
         if x1 <= x0 or y1 <= y0:
             return False
         objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
+    scene = Scene("white", tuple(objects))
+    if not valid_scene(scene):
+        return False
     spec = dataclasses.replace(parse_prompt(prompt), background=None)
-    return check_prompt(spec, Scene("white", tuple(objects))).correct
+    return check_prompt(spec, scene).correct
 
 
 def score_plans(

@@ -186,27 +186,66 @@ def parse_plan(text: str, canvas: int = CANVAS) -> list[PlanItem]:
 
 
 def snap_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
-    """Plan items with boxes the world can hold: square, the side in the range of the
-    label's size word (`SIZES`; the box's mean side for a label without one), the same
-    centre, inside the canvas. Labels are kept as they are.
+    """Plan items with a layout the world can hold (SHAPES_WORLD.md): every box square, its
+    side in the range of the label's size word (`SIZES`; the box's mean side for a label
+    without one), inside the canvas with `MARGIN`, and `MIN_GAP` apart from every other box.
+    Labels are kept as they are.
 
-    The model writes the four coordinates of a box in parallel, so it can plan a 2 x 20 px
-    "large" circle, which the drawer turns into an unreadable blob; this is the box grammar
-    of ShapesWorld applied to its output, as a constrained decoder would.
+    The model writes the four coordinates of a box in parallel, and each box without sight
+    of the others' final values, so it can plan a 2 x 20 px "large" circle, or two boxes on
+    top of each other; the drawer turns either into a blob. Boxes are first squared about
+    their centres, then every overlapping pair is pushed apart along the axis that needs
+    the shorter move, each away from the other's centre (so the order of the centres along
+    that axis, hence every left/right/above/below relation between the two, is kept), until
+    none overlap; a layout too crowded to separate keeps its last positions. This is the
+    world's layout grammar applied to the output, as a constrained decoder would.
     """
-    from lavida_agent.tools.shapes_world.scene import SIZES
+    from lavida_agent.tools.shapes_world.scene import MARGIN, MIN_GAP, SIZES
 
-    out = []
+    hi_side = canvas - 2 * MARGIN
+    boxes = []  # [x, y, side], whole pixels
     for label, (x0, y0, x1, y1) in items:
-        side = (x1 - x0 + y1 - y0) / 2
         size = next((w for w in str(label).split() if w in SIZES), None)
-        lo, hi = SIZES[size] if size else (1, canvas)
-        side = int(round(min(max(side, lo), hi)))
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        nx = int(round(min(max(cx - side / 2, 0), canvas - side)))
-        ny = int(round(min(max(cy - side / 2, 0), canvas - side)))
-        out.append((label, (nx, ny, nx + side, ny + side)))
-    return out
+        lo, hi = SIZES[size] if size else (1, hi_side)
+        side = int(round(min(max((x1 - x0 + y1 - y0) / 2, lo), hi)))
+        boxes.append([int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2)), side])
+
+    def clamp(b: list[int]) -> None:
+        for k in (0, 1):
+            b[k] = min(max(b[k], MARGIN), canvas - MARGIN - b[2])
+
+    def part(first: list[int], second: list[int], k: int, n: int) -> None:
+        """Move `first` down and `second` up axis `k` by `n` together; a wall passes its
+        share to the other box."""
+        f0, s0 = first[k], second[k]
+        first[k] -= n // 2
+        second[k] += n - n // 2
+        clamp(first)
+        clamp(second)
+        short = n - (f0 - first[k]) - (second[k] - s0)
+        if short > 0:
+            second[k] += short
+            clamp(second)
+            first[k] -= n - (f0 - first[k]) - (second[k] - s0)
+            clamp(first)
+
+    for b in boxes:
+        clamp(b)
+    for _ in range(32):  # sweeps: a feasible layout of <= 4 boxes settles in a few
+        moved = False
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                needs = []  # (pixels to part on axis k, k, the box whose centre comes first)
+                for k in (0, 1):
+                    first, second = (a, b) if 2 * a[k] + a[2] <= 2 * b[k] + b[2] else (b, a)
+                    needs.append((first[k] + first[2] + MIN_GAP - second[k], k, first, second))
+                n, k, first, second = min(needs, key=lambda t: t[0])
+                if n > 0:
+                    part(first, second, k, n)
+                    moved = True
+        if not moved:
+            break
+    return [(label, (x, y, x + side, y + side)) for (label, _), (x, y, side) in zip(items, boxes)]
 
 
 def parse_boxes(text: str, canvas: int = CANVAS) -> list[tuple[int, int, int, int] | None]:

@@ -365,6 +365,13 @@ def test_plan_correct_reads_plans_as_scenes():
         prompt, [("small green circle", b) if "circle" in lab else (lab, b) for lab, b in plan]
     )
     assert not quality.plan_correct(prompt, [("red thing", plan[0][1]), plan[1]])
+    # right labels and order, but boxes the world cannot hold: on top of each other, or
+    # a "large" box of a small side
+    (lab0, box0), (lab1, box1) = plan
+    x0, y0, x1, y1 = box0
+    assert not quality.plan_correct(prompt, [(lab0, box0), (lab1, (x0 + 6, y0, x1 + 6, y1))])
+    assert lab0 == "large red circle" and x1 - x0 > 14
+    assert not quality.plan_correct(prompt, [("small red circle", box0), (lab1, box1)])
 
 
 def test_unknown_suite_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -113,18 +114,38 @@ def test_plan_text_roundtrip():
 
 def test_snap_plan_gives_square_boxes_of_the_labels_size_at_the_same_centre():
     items = [("large blue circle", (27, 17, 29, 37)), ("small red square", (0, 0, 40, 8)),
-             ("large green triangle", (50, 50, 64, 70)), ("circle", (10, 10, 17, 15))]  # fmt: skip
+             ("large green triangle", (50, 50, 64, 70)), ("circle", (30, 50, 37, 55))]  # fmt: skip
     snapped = snap_plan(items)
     assert [label for label, _ in snapped] == [label for label, _ in items]
     for (label, (x0, y0, x1, y1)), (_, old) in zip(snapped, items):
         side = x1 - x0
-        assert y1 - y0 == side and 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 64
-        lo, hi = {"large": (18, 24), "small": (10, 14)}.get(label.split()[0], (1, 64))
+        assert y1 - y0 == side and 2 <= x0 and 2 <= y0 and x1 <= 62 and y1 <= 62
+        lo, hi = {"large": (18, 24), "small": (10, 14)}.get(label.split()[0], (1, 60))
         assert lo <= side <= hi
     assert snapped[0][1] == (19, 18, 37, 36)  # 2 x 20 "large": side 18 around centre (28, 27)
-    assert snapped[1][1] == (13, 0, 27, 14)  # clamped into the canvas
-    assert snapped[3][1] == (10, 10, 16, 16)  # no size word: the mean side (6)
-    assert snap_plan(snapped) == snapped  # valid boxes stay as they are
+    assert snapped[1][1] == (13, 2, 27, 16)  # clamped into the canvas, 2 px margin
+    assert snapped[2][1] == (44, 44, 62, 62)
+    assert snapped[3][1] == (30, 50, 36, 56)  # no size word: the mean side (6)
+    assert snap_plan(snapped) == snapped  # a valid layout stays as it is
+
+
+def test_snap_plan_parts_overlapping_boxes_and_keeps_their_order():
+    from lavida_agent.tools.shapes_world.scene import RELATIONS, Object, holds, valid_box
+
+    items = [("large red square", (29, 29, 51, 51)), ("large red triangle", (10, 10, 34, 34)),
+             ("small blue circle", (30, 12, 42, 24)), ("large green diamond", (8, 40, 29, 61))]  # fmt: skip
+    snapped = snap_plan(items)
+    boxes = [box for _, box in snapped]
+    assert all(valid_box(b, boxes[:i] + boxes[i + 1 :]) for i, b in enumerate(boxes))
+    as_object = lambda label, box: Object("circle", "red", "large", box)  # noqa: E731
+    for i, j in itertools.permutations(range(len(items)), 2):
+        for relation in RELATIONS:  # every relation the plan's centres held still holds
+            if holds(relation, as_object(*items[i]), as_object(*items[j])):
+                assert holds(relation, as_object(*snapped[i]), as_object(*snapped[j])), (i, j, relation)
+    assert snap_plan(snapped) == snapped
+    # a layout that cannot be separated still comes back whole and in the canvas
+    crowded = snap_plan([(f"large {c} circle", (30, 30, 50, 50)) for c in ("red", "blue", "green", "orange")])
+    assert len(crowded) == 4 and all(2 <= v <= 62 for _, box in crowded for v in box)
 
 
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
