@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ DEFAULTS: dict = {
     "order": "stratified",
     "shift": 5.0,
     "text_steps": 8,
+    "ground_steps": 4,  # 1 = every coordinate in one forward; 4 = one per box per forward
 }
 
 
@@ -516,27 +518,69 @@ class LavidaPipeline:
         return ImageOutput(images=self._decode_codes(out), codes=out.cpu(), plans=list(plans), seeds=seeds)
 
     @torch.no_grad()
-    def ground(self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]]) -> GroundingOutput:
-        """Locate every expression in one model forward for the whole batch (FACTS §5).
+    def ground(
+        self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None
+    ) -> GroundingOutput:  # fmt: skip
+        """Locate every expression: all boxes of the batch are filled together (FACTS §5).
+
+        Each forward fills every still-masked coordinate; then, per expression, the most
+        confident of them is kept and the rest are masked again, so the later coordinates
+        of a box are read knowing the earlier ones (and stay on the same object: four
+        independent argmaxes mixed two objects' edges, or crossed, in a quarter of the
+        shipped model's boxes). A kept coordinate bounds its partner (x1 > x0, y1 > y0).
+        `num_steps=1` is the single-forward grand mode: every coordinate at once.
 
         Args:
             images: one image per request.
             expressions: the expressions of each request (each gets one box).
+            num_steps: forwards, 1 to 4 (default `pipeline_index.json`'s `ground_steps`, 4).
         """
         images = _as_list(images)
         expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
+        steps = int(num_steps or self.defaults["ground_steps"])
+        if not 1 <= steps <= 4:
+            raise ValueError(f"num_steps must be 1 to 4 for a 4-coordinate box, got {steps}")
         exs = [build_ground(self.tokenizer, self.config, self._check_image(im), ex)
                for im, ex in zip(images, expressions)]  # fmt: skip
         batch = pack(exs, self.config, pad_left=True).to(self.device)
-        logits = self._forward(**batch.model_inputs()).text_logits  # the one forward
+        inputs = batch.model_inputs()
+        ids = inputs["input_ids"].clone()
         loc = self._loc_ids.to(self.device)
+        n_bins = len(loc)
+        bins_of = torch.arange(n_bins, device=self.device)
+        # per row: (n_expr, 4) positions of the coordinate slots, and the bins chosen so far
+        slots = [(ids[r] == self.config.mask_token_id).nonzero().squeeze(1).view(-1, 4) for r in range(len(exs))]
+        chosen = [torch.full(s.shape, -1, dtype=torch.long, device=self.device) for s in slots]
+        for step in range(steps):
+            logits = self._forward(**{**inputs, "input_ids": ids}).text_logits
+            for r, pos in enumerate(slots):
+                if pos.numel() == 0:
+                    continue
+                logp = torch.log_softmax(logits[r, pos.flatten()][:, loc].float(), -1).view(*pos.shape, n_bins)
+                known = chosen[r]
+                # a kept coordinate bounds its partner: x0 < x1, y0 < y1
+                for lo_i, hi_i in ((0, 2), (1, 3)):
+                    lo_k, hi_k = known[:, lo_i], known[:, hi_i]
+                    below = bins_of[None, :] <= lo_k[:, None]  # hi must exceed a known lo
+                    above = bins_of[None, :] >= hi_k.where(hi_k >= 0, torch.full_like(hi_k, n_bins))[:, None]
+                    logp[:, hi_i] = logp[:, hi_i].masked_fill(below & (lo_k[:, None] >= 0), -math.inf)
+                    logp[:, lo_i] = logp[:, lo_i].masked_fill(above, -math.inf)
+                best, arg = logp.max(-1)  # (n_expr, 4)
+                open_ = known < 0
+                if step == steps - 1:
+                    keep = open_
+                else:
+                    # the most confident open coordinate of each expression
+                    pick = best.masked_fill(~open_, -math.inf).argmax(-1)
+                    keep = torch.zeros_like(open_).scatter_(1, pick[:, None], True) & open_
+                known[keep] = arg[keep]
+                ids[r, pos[keep]] = loc[arg[keep]]
         out = []
-        for r, ex in enumerate(exs):
-            masked = (batch.input_ids[r] == self.config.mask_token_id).nonzero().squeeze(1)
-            bins = logits[r, masked][:, loc].argmax(-1).view(-1, 4).tolist()
+        scale = self.config.image_size / (self.config.num_loc_tokens - 1)
+        for known in chosen:
             boxes = []
-            for q in bins:
-                x0, y0, x1, y1 = (v * self.config.image_size / (self.config.num_loc_tokens - 1) for v in q)
+            for q in known.tolist():
+                x0, y0, x1, y1 = (v * scale for v in q)
                 boxes.append((round(x0), round(y0), round(x1), round(y1)) if x1 > x0 and y1 > y0 else None)
             out.append(boxes)
         return GroundingOutput(boxes=out)

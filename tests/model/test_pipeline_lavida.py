@@ -47,12 +47,25 @@ def test_interrupt_stops_the_loop(pipe):
     assert pipe.forward_count - before == 1 + 2  # condition pass + two steps
 
 
-def test_grounding_uses_one_forward_for_any_number_of_expressions(pipe, scene_image):
-    for exprs in (["the red circle"], ["the circle", "the blue square", "the large triangle"]):
-        before = pipe.forward_count
-        out = pipe.ground([scene_image, scene_image], [exprs, exprs[:1]])
-        assert pipe.forward_count - before == 1
-        assert len(out.boxes[0]) == len(exprs) and len(out.boxes[1]) == 1
+def test_grounding_forwards_do_not_grow_with_the_number_of_expressions(pipe, scene_image):
+    for steps in (1, 2, 4):
+        for exprs in (["the red circle"], ["the circle", "the blue square", "the large triangle"]):
+            before = pipe.forward_count
+            out = pipe.ground([scene_image, scene_image], [exprs, exprs[:1]], num_steps=steps)
+            assert pipe.forward_count - before == steps
+            assert len(out.boxes[0]) == len(exprs) and len(out.boxes[1]) == 1
+    with pytest.raises(ValueError, match="num_steps"):
+        pipe.ground([scene_image], [["the circle"]], num_steps=5)
+
+
+def test_stepwise_grounding_keeps_each_box_uncrossed(pipe, scene_image):
+    """A kept coordinate bounds its partner, so a box is only lost when its first kept
+    coordinate sits on the canvas edge that leaves its partner no room."""
+    exprs = [f"the {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")]
+    for box in pipe.ground([scene_image], [exprs], num_steps=4).boxes[0]:
+        assert box is not None
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
 
 
 def test_edit_plan_understand_critique_run(pipe, scene_image):
