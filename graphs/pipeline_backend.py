@@ -237,6 +237,9 @@ class PipelineBackend:
         text_steps: text-decoding steps of answers, captions and critiques (None: default).
         use_edit_plans: condition `edit` on the edit plan (see `edit`); False edits from the
             instruction alone.
+        local_edits: redraw only the edit plan's `target_boxes` (`pipeline.edit(regions=)`),
+            keeping the source's codes and pixels everywhere else; False redraws the whole
+            image. Rows without a plan or without target boxes are redrawn whole.
         interrupt: passed to every pipeline call; returning True stops the running batch
             (every row of it fails with the pipeline's `PipelineInterrupted`).
     """
@@ -249,6 +252,7 @@ class PipelineBackend:
         plan_steps: int | None = None,
         text_steps: int | None = None,
         use_edit_plans: bool = True,
+        local_edits: bool = True,
         interrupt: Callable[[], bool] | None = None,
     ) -> None:
         if preview_every < 0:
@@ -258,6 +262,7 @@ class PipelineBackend:
         self.plan_steps = plan_steps
         self.text_steps = text_steps
         self.use_edit_plans = use_edit_plans
+        self.local_edits = local_edits
         self.interrupt = interrupt
 
     @property
@@ -421,7 +426,8 @@ class PipelineBackend:
         source box of the object the instruction names (recolor, remove, move, resize,
         replace), which by this module's convention is `plan.target_boxes[0]`. Add and
         background edits remove nothing; an empty plan (or an instruction outside the
-        ShapesWorld grammar with no layout) is sent as no plan.
+        ShapesWorld grammar with no layout) is sent as no plan. With `local_edits` only the
+        plan's `target_boxes` are redrawn.
         """
         results, good = self._valid_rows([r.image for r in requests])
         if not good:
@@ -430,10 +436,16 @@ class PipelineBackend:
         callback, preview_every = self._callback([r.on_step for r in rows])
         plans = [self._model_edit_plan(r.instruction, r.plan) if self.use_edit_plans else None
                  for r in rows]  # fmt: skip
+        kw = {}
+        if self.local_edits:
+            regions = [[_int_box(b, self.canvas) for b in r.plan.target_boxes]
+                       if r.plan is not None and r.plan.target_boxes else None for r in rows]  # fmt: skip
+            if any(r is not None for r in regions):
+                kw["regions"] = regions
         out = self.pipeline.edit(
             [np.asarray(r.image) for r in rows], [r.instruction for r in rows], plans=plans,
             seed=[r.seed for r in rows], num_steps=rows[0].num_steps, callback=callback,
-            preview_every=preview_every, interrupt=self.interrupt,
+            preview_every=preview_every, interrupt=self.interrupt, **kw,
         )  # fmt: skip
         for i, image in zip(good, self._images(out), strict=True):
             results[i] = image

@@ -447,15 +447,7 @@ class LavidaPipeline:
         plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
         gens, seeds = _generators(seed, generator, n, self.device)
         cfg, d = self.config, self.defaults
-        codes = torch.from_numpy(np.stack(self._encode_images(images)))  # (B, G, G)
-        cell = cfg.image_size // cfg.image_grid
-        for b, row in enumerate(boxes):
-            for x0, y0, x1, y1 in row:
-                # every code whose 4x4 cell overlaps the box
-                gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
-                gx1, gy1 = min(cfg.image_grid, -(-int(x1) // cell)), min(cfg.image_grid, -(-int(y1) // cell))
-                codes[b, gy0:gy1, gx0:gx1] = cfg.image_mask_code
-        redrawn = (codes == cfg.image_mask_code).numpy()  # (B, G, G)
+        codes, redrawn = self._mask_boxes(self._encode_images(images), boxes)
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         cond = [build_t2i(self.tokenizer, cfg, p, plan=pl) for p, pl in zip(prompts, plans)]
         exs = cond + [drop_conditions(e, cfg, prompt=True, source=False) for e in cond] if g else cond
@@ -467,16 +459,40 @@ class LavidaPipeline:
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="regenerate_regions",
         )  # fmt: skip
-        # Pixels outside the redrawn cells are the caller's own, not a VQ reconstruction.
-        decoded = self._decode_codes(out)
+        return ImageOutput(images=self._keep_outside(images, out, redrawn), codes=out.cpu(),
+                           plans=list(plans), seeds=seeds)  # fmt: skip
+
+    def _mask_boxes(
+        self, codes: Sequence[np.ndarray], boxes: Sequence[Sequence[Box] | None]
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Mask every code whose cell overlaps one of the row's boxes (pixels); a row whose
+        boxes are None is masked whole. Returns the codes (B, G, G) and the redrawn cells."""
+        cfg = self.config
+        codes = torch.from_numpy(np.stack(codes))  # (B, G, G)
+        cell = cfg.image_size // cfg.image_grid
+        for b, row in enumerate(boxes):
+            if row is None:
+                codes[b] = cfg.image_mask_code
+                continue
+            for x0, y0, x1, y1 in row:
+                gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
+                gx1, gy1 = min(cfg.image_grid, -(-int(x1) // cell)), min(cfg.image_grid, -(-int(y1) // cell))
+                codes[b, gy0:gy1, gx0:gx1] = cfg.image_mask_code
+        return codes, (codes == cfg.image_mask_code).numpy()
+
+    def _keep_outside(self, images: Sequence[np.ndarray], codes: torch.Tensor, redrawn: np.ndarray) -> list[np.ndarray]:
+        """Decode `codes`; pixels outside the redrawn cells are the caller's own, not a VQ
+        reconstruction of them."""
+        cell = self.config.image_size // self.config.image_grid
         result = []
-        for b, image in enumerate(decoded):
+        for b, image in enumerate(self._decode_codes(codes)):
             keep = ~np.kron(redrawn[b], np.ones((cell, cell), dtype=bool))
             result.append(np.where(keep[..., None], np.asarray(images[b]), image))
-        return ImageOutput(images=result, codes=out.cpu(), plans=list(plans), seeds=seeds)
+        return result
 
     def edit(
-        self, images: Sequence[np.ndarray], instructions: Sequence[str], *, plans=None, seed=0,
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], *, plans=None,
+        regions: Sequence[Sequence[Box] | None] | None = None, seed=0,
         generator=None, num_steps: int | None = None, guidance_scale: float | None = None,
         image_guidance_scale: float | None = None, temperature: float | None = None,
         order: str | None = None, callback=None, preview_every: int = 0, interrupt=None,
@@ -485,6 +501,11 @@ class LavidaPipeline:
 
         Rows: full condition; fully unconditional; with `image_guidance_scale > 0` also a
         source-only row. c = (1 + g_img) full - g_img source_only; out = (1 + g) c - g uncond.
+
+        `regions` (one list of pixel boxes per image, or None for that image) makes an edit
+        local: only the codes whose cells overlap the boxes are masked and redrawn, from the
+        source's own codes everywhere else, and the pixels outside those cells are the
+        source's. Without regions the whole image is redrawn (the model keeps what it can).
         """
         images, instructions = _as_list(images), _as_list(instructions)
         n = len(images)
@@ -508,14 +529,18 @@ class LavidaPipeline:
             c = (1 + gi) * lg[0] - gi * lg[2] if gi else lg[0]
             return (1 + g) * c - g * lg[1]
 
+        start = redrawn = None
+        if regions is not None:
+            start, redrawn = self._mask_boxes(src, _as_list(regions, n, "regions"))
         out = self._decode_image(
-            exs, groups=len(exs) // n, combine=combine, start=None, gens=gens,
+            exs, groups=len(exs) // n, combine=combine, start=start, gens=gens,
             num_steps=num_steps or d["num_steps"],
             temperature=d["temperature"] if temperature is None else temperature,
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="edit",
         )  # fmt: skip
-        return ImageOutput(images=self._decode_codes(out), codes=out.cpu(), plans=list(plans), seeds=seeds)
+        images_out = self._decode_codes(out) if redrawn is None else self._keep_outside(images, out, redrawn)
+        return ImageOutput(images=images_out, codes=out.cpu(), plans=list(plans), seeds=seeds)
 
     @torch.no_grad()
     def ground(

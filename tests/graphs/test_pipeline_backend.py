@@ -253,6 +253,7 @@ class ScriptedPipeline:
 
     def edit(self, images, instructions, *, plans, **kw):
         self.calls.append(("edit", plans))
+        self.edit_regions = kw.get("regions")
         return SimpleNamespace(images=list(images))
 
 
@@ -351,5 +352,9 @@ def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
             EditRequest(image=image, instruction="anything", plan=None, seed=3, num_steps=2)]
     backend.edit(reqs)
     assert pipe.calls[-1] == ("edit", [[("small blue circle", RED), ("removed", RED)], None, None])
+    # local edits: each row redraws its plan's target boxes; a row without a plan, all of it
+    assert pipe.edit_regions == [[RED], [(0, 0, 64, 64)], None]
+    PipelineBackend(pipe, local_edits=False).edit(reqs)
+    assert pipe.edit_regions is None
     assert PipelineBackend(pipe, use_edit_plans=False).edit(reqs[:1]) and pipe.calls[-1] == (
         "edit", [None])

@@ -161,6 +161,23 @@ def test_snap_plan_parts_overlapping_boxes_and_keeps_their_order():
     assert len(crowded) == 4 and all(2 <= v <= 62 for _, box in crowded for v in box)
 
 
+def test_local_edit_redraws_only_its_regions(pipe, scene_image):
+    other = np.ascontiguousarray(scene_image[::-1])
+    local = pipe.edit([scene_image, other], ["remove the red circle"] * 2, regions=[[(8, 8, 20, 20)], None],
+                      seed=[3, 4], num_steps=4)  # fmt: skip
+    outside = np.ones((64, 64), dtype=bool)
+    outside[8:20, 8:20] = False
+    assert np.array_equal(local.images[0][outside], scene_image[outside])
+    src = pipe._encode_images([scene_image])[0]
+    cells = np.ones((16, 16), dtype=bool)
+    cells[2:5, 2:5] = False
+    assert np.array_equal(local.codes[0].numpy()[cells], src[cells])  # the source's own codes
+    # a row without regions is redrawn whole, exactly as without the option
+    whole = pipe.edit([other], ["remove the red circle"], seed=[4], num_steps=4)
+    assert np.array_equal(local.codes[1].numpy(), whole.codes[0].numpy())
+    assert np.array_equal(local.images[1], whole.images[0])
+
+
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
     out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(8, 8, 20, 20)]], seed=3, num_steps=4)
     outside = np.ones((64, 64), dtype=bool)
