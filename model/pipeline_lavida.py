@@ -582,14 +582,14 @@ class LavidaPipeline:
                 if pos.numel() == 0:
                     continue
                 logp = torch.log_softmax(logits[r, pos.flatten()][:, loc].float(), -1).view(*pos.shape, n_bins)
-                known = chosen[r]
-                # a kept coordinate bounds its partner: x0 < x1, y0 < y1
+                known = chosen[r]  # -1 where not kept yet
+                # a kept coordinate bounds its partner: x0 < x1, y0 < y1 (an unknown low end
+                # is -1 and an unknown high end counts as n_bins: no bound)
                 for lo_i, hi_i in ((0, 2), (1, 3)):
-                    lo_k, hi_k = known[:, lo_i], known[:, hi_i]
-                    below = bins_of[None, :] <= lo_k[:, None]  # hi must exceed a known lo
-                    above = bins_of[None, :] >= hi_k.where(hi_k >= 0, torch.full_like(hi_k, n_bins))[:, None]
-                    logp[:, hi_i] = logp[:, hi_i].masked_fill(below & (lo_k[:, None] >= 0), -math.inf)
-                    logp[:, lo_i] = logp[:, lo_i].masked_fill(above, -math.inf)
+                    lo = known[:, lo_i, None]
+                    hi = known[:, hi_i, None].where(known[:, hi_i, None] >= 0, n_bins)
+                    logp[:, hi_i] = logp[:, hi_i].masked_fill(bins_of <= lo, -math.inf)
+                    logp[:, lo_i] = logp[:, lo_i].masked_fill(bins_of >= hi, -math.inf)
                 best, arg = logp.max(-1)  # (n_expr, 4)
                 open_ = known < 0
                 if step == steps - 1:
