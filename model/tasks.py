@@ -215,19 +215,12 @@ def snap_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
             b[k] = min(max(b[k], MARGIN), canvas - MARGIN - b[2])
 
     def part(first: list[int], second: list[int], k: int, n: int) -> None:
-        """Move `first` down and `second` up axis `k` by `n` together; a wall passes its
-        share to the other box."""
-        f0, s0 = first[k], second[k]
-        first[k] -= n // 2
-        second[k] += n - n // 2
-        clamp(first)
-        clamp(second)
-        short = n - (f0 - first[k]) - (second[k] - s0)
-        if short > 0:
-            second[k] += short
-            clamp(second)
-            first[k] -= n - (f0 - first[k]) - (second[k] - s0)
-            clamp(first)
+        """Move `first` down and `second` up axis `k` by `n` together, half each; what a
+        wall stops one of them from moving, the other moves (as far as its own wall lets)."""
+        room_first, room_second = first[k] - MARGIN, canvas - MARGIN - second[2] - second[k]
+        down = min(room_first, max(n // 2, n - room_second))
+        first[k] -= down
+        second[k] += min(room_second, n - down)
 
     for b in boxes:
         clamp(b)
