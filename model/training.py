@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
+from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES
 
 from .configuration_lavida import PRESETS, LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
@@ -50,7 +51,7 @@ from .tasks import (
     pack,
 )
 from .tokenization_lavida import build_tokenizer
-from .training_vision import vq_roundtrip
+from .training_vision import patch_targets, vq_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,21 @@ class TrainConfig:
     reset_vision: bool = False
     vision_lr_scale: float = 0.2  # the vision encoder's learning rate relative to `lr`
     tasks_per_step: int = 4  # tasks drawn per optimizer step, splitting `tokens_per_batch`
+    # Per image of an understanding row (ground, questions, critique): how many of its object
+    # patches are labelled, through the LM head at their `img_enc` position, with the word of
+    # their object's colour or shape (`TaskSampler.label_patches`). 0: off (stages 1-12).
+    patch_words: int = 0
+    # The share of plan-only rows whose noise masks exactly one plan item's four coordinates
+    # (all else visible) instead of a random share of the plan (`add_noise`). 0: off.
+    plan_item_mask: float = 0.0
+    # Weight of stage 0's dense per-patch loss (`training_vision.probe_loss`: colour, shape,
+    # size, centre, box, background under every patch) on `vision_aux_batch` fresh scenes at
+    # every step, so the vision encoder keeps those features while the mixture trains it.
+    # (Stages 9-11 had it only before the mixture: by stage 11 a linear probe read the colour
+    # of the object under a patch 20% of the time, chance 17%, from 99%; shape stayed 77%.)
+    # 0: off. Its read-out head lives in `state.pt` (`vision_aux_head`), not in the export.
+    vision_aux: float = 0.0
+    vision_aux_batch: int = 16
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -130,8 +146,40 @@ def touched_plan(source, target) -> list[tuple[str, tuple[int, int, int, int]]]:
 class TaskSampler:
     """Builds training examples of each task from seeded ShapesWorld draws."""
 
-    def __init__(self, tokenizer, config: LavidaConfig, vq):
+    def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0):
         self.tok, self.cfg, self.vq = tokenizer, config, vq
+        self.patch_words, self.plan_item_mask = patch_words, plan_item_mask
+        if patch_words:
+            word = lambda w: tokenizer.convert_tokens_to_ids(w)  # noqa: E731
+            self._colour_ids = np.array([word(c) for c in COLORS])
+            self._shape_ids = np.array([word(s) for s in SHAPES])
+
+    def label_patches(self, ex: Example, scene, rng: np.random.Generator) -> Example:
+        """Label `patch_words` object patches of the row's (first) image with their object's
+        colour or shape word (a fair coin each), as text targets at their `img_enc` positions.
+
+        Why: the LM head's six colour rows had collapsed onto one vector (mean cosine 0.94),
+        and colour questions sat at chance: a colour row gets no gradient that tells it apart
+        while no answer slot holds colour, and no slot learns to while the rows are alike.
+        The vision positions do hold colour (a linear probe reads it), so labelling a few of
+        them through the same head separates the rows. The image stays the input: these
+        positions are never masked (`add_noise`).
+        """
+        if not self.patch_words:
+            return ex
+        targets = patch_targets(scene, self.cfg.vision_patch_size)
+        objects = np.nonzero(targets["color"] >= 0)[0]
+        if not len(objects):
+            return ex
+        enc = [i for i, t in enumerate(ex.input_ids) if t == self.cfg.img_enc_token_id]
+        enc = enc[: self.cfg.vision_tokens_per_image]  # the first image's positions, raster order
+        picked = rng.choice(objects, size=min(self.patch_words, len(objects)), replace=False)
+        text_targets = list(ex.text_targets)
+        for t in picked:
+            colour = rng.random() < 0.5
+            text_targets[enc[t]] = int(self._colour_ids[targets["color"][t]] if colour
+                                       else self._shape_ids[targets["shape"][t]])  # fmt: skip
+        return replace(ex, text_targets=text_targets)
 
     @torch.no_grad()
     def encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -215,9 +263,10 @@ class TaskSampler:
                 text, _, idx = lang.sample_refexp(rng, scene)
                 exprs.append(text)
                 boxes.append(scene.objects[idx].box)
-            drafts.append((render(scene), exprs, boxes))
+            drafts.append((render(scene), exprs, boxes, scene))
         images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
-        return [build_ground(self.tok, self.cfg, im, e, b) for im, (_, e, b) in zip(images, drafts)]
+        return [self.label_patches(build_ground(self.tok, self.cfg, im, e, b), scene, rng)
+                for im, (_, e, b, scene) in zip(images, drafts)]  # fmt: skip
 
     def _understand(self, rng, n):
         drafts = []
@@ -227,14 +276,16 @@ class TaskSampler:
                 question, ans = "describe the image.", lang.caption(scene)
             else:
                 question, _, ans = lang.sample_question(rng, scene)
-            drafts.append((render(scene), question, ans))
+            drafts.append((render(scene), question, ans, scene))
         images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
-        return [build_understand(self.tok, self.cfg, im, q, a) for im, (_, q, a) in zip(images, drafts)]
+        return [self.label_patches(build_understand(self.tok, self.cfg, im, q, a), scene, rng)
+                for im, (_, q, a, scene) in zip(images, drafts)]  # fmt: skip
 
     def _critique(self, rng, n):
         drafts = [lang.sample_critique(rng) for _ in range(n)]
         images = self.reconstruct([render(scene) for _, scene, _ in drafts], rng, RECONSTRUCT_P)
-        return [build_critique(self.tok, self.cfg, im, p, v) for im, (p, _, v) in zip(images, drafts)]
+        return [self.label_patches(build_critique(self.tok, self.cfg, im, p, v), scene, rng)
+                for im, (p, scene, v) in zip(images, drafts)]  # fmt: skip
 
 
 def corpus_for_tokenizer(n: int = 3000, seed: int = 12345) -> list[str]:
@@ -264,8 +315,16 @@ def _mask_draw(rng: np.random.Generator, n: int, eps: float = 1e-3) -> np.ndarra
     return r <= max(p, r.min())
 
 
-def add_noise(ex: Example, rng: np.random.Generator, config: LavidaConfig) -> tuple[Example, list[np.ndarray]]:
-    """Mask an example for training; returns it (targets = labels) and its image labels."""
+def add_noise(
+    ex: Example, rng: np.random.Generator, config: LavidaConfig, item_mask: float = 0.0
+) -> tuple[Example, list[np.ndarray]]:
+    """Mask an example for training; returns it (targets = labels) and its image labels.
+
+    With probability `item_mask` a plan-only row of two or more items masks exactly one
+    item's four coordinates, the rest of the plan visible: the planner then learns where an
+    object goes *given* the others and the prompt's relation. (Under the random share alone
+    the stage-11 planner drew each box from its own marginal: `benchmarks.plan_relations`.)
+    """
     cfg = config
     ids = list(ex.input_ids)
     labels = [-100] * len(ids)
@@ -273,8 +332,19 @@ def add_noise(ex: Example, rng: np.random.Generator, config: LavidaConfig) -> tu
     makes_image = any(is_target)
 
     # Text answer: independent ratio. Plan+image rows keep the plan clean 80% of the time.
-    targets = ex.target_positions()
-    if targets and not (makes_image and rng.random() < PLAN_CLEAN):
+    # Targets at image-feature positions (`TaskSampler.label_patches`) are always labelled
+    # and never masked: the image is the input there.
+    enc = [p for p in ex.target_positions() if ids[p] == cfg.img_enc_token_id]
+    for pos in enc:
+        labels[pos] = ex.text_targets[pos]
+    targets = [p for p in ex.target_positions() if ids[p] != cfg.img_enc_token_id]
+    items = [p for p in targets if ids[p] == cfg.loc_begin_token_id] if item_mask and not makes_image else []
+    if len(items) >= 2 and rng.random() < item_mask:
+        begin = items[int(rng.integers(len(items)))]
+        for pos in range(begin + 1, begin + 5):
+            labels[pos] = ids[pos]
+            ids[pos] = cfg.mask_token_id
+    elif targets and not (makes_image and rng.random() < PLAN_CLEAN):
         for pos, m in zip(targets, _mask_draw(rng, len(targets))):
             if m:
                 labels[pos] = ids[pos]
@@ -325,7 +395,7 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
     examples = sampler.examples(task, rng, n)
     noisy, image_labels = [], []
     for ex in examples:
-        e, il = add_noise(ex, rng, cfg)
+        e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask)
         noisy.append(e)
         image_labels += il
     batch = pack(noisy, cfg)
@@ -375,8 +445,14 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     # SigLIP at 2e-6 under a 5e-6 LLM, FACTS §3.6), so stage-0 features stay.
     vision = [p for n, p in model.named_parameters() if n.startswith("vision.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": tc.vision_lr_scale}],
-                            lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)  # fmt: skip
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": tc.vision_lr_scale}]
+    aux_head = None
+    if tc.vision_aux:
+        from .training_vision import VisionProbeHead
+
+        aux_head = VisionProbeHead(cfg.hidden_size, cfg.loc_code_dim, cfg.num_loc_tokens).to(device).train()
+        groups.append({"params": list(aux_head.parameters()), "lr_scale": 1.0})
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
     if initial is not None:
         missing, unexpected = model.load_state_dict(initial, strict=False)
@@ -388,14 +464,17 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     if saved is not None:
         model.load_state_dict(saved["model"])
         if len(saved["optimizer"]["param_groups"]) != len(opt.param_groups):
-            raise ValueError(f"{ckpt} was written before the vision encoder had its own learning rate; "
-                             "start a new stage from it with --init-from instead of resuming")  # fmt: skip
+            raise ValueError(f"{ckpt} was written with another optimizer layout (before the vision encoder "
+                             "had its own learning rate, or with another --vision-aux on/off); start a new "
+                             "stage from it with --init-from instead of resuming")  # fmt: skip
         opt.load_state_dict(saved["optimizer"])
+        if aux_head is not None:
+            aux_head.load_state_dict(saved["vision_aux_head"])
         step = saved["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
-    sampler = TaskSampler(tokenizer, cfg, vq)
+    sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask)
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()
@@ -407,7 +486,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                                 seed=tc.seed, log=log, progress=progress)  # fmt: skip
         logger.info("vision pretraining done: %s", final)
         model.train()
-        _save_state(ckpt, model, opt, 0)  # a resume does not redo stage 0
+        _save_state(ckpt, model, opt, 0, aux_head)  # a resume does not redo stage 0
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t0 = time.time()
@@ -429,6 +508,12 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                              image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
             (outp.loss / k).backward()
             window.setdefault(task, []).append(outp.loss.item())
+        if aux_head is not None:
+            with autocast:
+                aux = vision_aux_loss(model, aux_head, vq, np.random.default_rng([tc.seed, 0xA11, step]),
+                                      tc.vision_aux_batch)  # fmt: skip
+            (tc.vision_aux * aux).backward()
+            window.setdefault("vision_aux", []).append(aux.item())
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
@@ -447,7 +532,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             log.flush()
             model.train()
         if step % tc.save_every == 0 or step == tc.steps:
-            _save_state(ckpt, model, opt, step)
+            _save_state(ckpt, model, opt, step, aux_head)
     bar.close()
     export = out / "export"
     model.eval()
@@ -527,10 +612,30 @@ def token_ids(tokenizer) -> dict[str, int]:
     )  # fmt: skip
 
 
-def _save_state(path: Path, model, opt, step: int) -> None:
+def _save_state(path: Path, model, opt, step: int, aux_head=None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    if aux_head is not None:
+        state["vision_aux_head"] = aux_head.state_dict()
+    torch.save(state, tmp)
     tmp.replace(path)
+
+
+def vision_aux_loss(model, head, vq, rng: np.random.Generator, n: int) -> torch.Tensor:
+    """Stage 0's dense per-patch loss on `n` fresh scenes (half seen through the VQ
+    tokenizer, as the understanding tasks see them), for `TrainConfig.vision_aux`."""
+    from .training_vision import _stack, probe_loss
+
+    device = next(model.parameters()).device
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = [render(s) for s in scenes]
+    pick = [i for i in range(n) if rng.random() < RECONSTRUCT_P]
+    if pick:
+        for i, im in zip(pick, vq_roundtrip(vq, [images[i] for i in pick], next(vq.parameters()).device)):
+            images[i] = im
+    targets = _stack([patch_targets(s, model.config.vision_patch_size) for s in scenes], device)
+    loss, _ = probe_loss(head, model.vision(images_to_pixels(images).to(device)), targets)
+    return loss
 
 
 @torch.no_grad()

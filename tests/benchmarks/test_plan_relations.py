@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from lavida_agent.benchmarks.plan_relations import PAIRS, RELATIONS, expected_coordinates, plan_relations
+from lavida_agent.benchmarks.plan_relations import (
+    PAIRS,
+    RELATIONS,
+    expected_coordinates,
+    plan_relations,
+    sampled_relations,
+)
 from lavida_agent.model.modeling_lavida import LavidaOutput
 from tests.fakes import tiny_pipeline
 
@@ -38,17 +44,30 @@ class RelationReader(torch.nn.Module):
 
 
 def test_plan_relations_measures_a_planner_that_reads_the_relation():
-    pipe = tiny_pipeline(corpus=[WORDS])
+    pipe = tiny_pipeline(corpus=[WORDS, "purple orange"])
     random_model = plan_relations(pipe)
-    assert random_model["n"] == len(PAIRS) * len(RELATIONS) * 4
-    assert 0.0 <= random_model["relation_holds"] <= 1.0
-    assert plan_relations(pipe) == random_model  # one deterministic forward
+    assert random_model["n"] == len(PAIRS) * len(RELATIONS) * 4 and random_model["n_sampled"] == 48
+    assert 0.0 <= random_model["relation_holds"] <= 1.0 and 0.0 <= random_model["sampled_holds"] <= 1.0
+    assert plan_relations(pipe) == random_model  # deterministic
 
     pipe.model = RelationReader(pipe.model, pipe.tokenizer)
-    out = plan_relations(pipe)
+    out = plan_relations(pipe, sampled=False)
     assert out["relation_shift_px"] == 40.0  # 50 - 10 px on both axes (64 px over 64 bins)
     assert out["partner_shift_px"] == 0.0  # it never looks at the other box
     assert out["centres"]["left of | partner right"] == [10.0, 10.0]
-    # centre 10 lies left of / above every partner; centre 50 right of / below all but the
-    # partner whose own centre is 50 (right, bottom)
-    assert out["relation_holds"] == 0.875
+    assert out["relation_holds"] == 1.0  # every partner's centre lies between 10 and 50
+
+
+class FixedPlanner:
+    """Plans the first object at x = y = 10 px and the second at 50 px, whatever the prompt."""
+
+    def plan(self, prompts, seed=0):
+        plan = [("a", (5, 5, 15, 15)), ("b", (45, 45, 55, 55))]
+        return type("Out", (), {"plans": [plan for _ in prompts]})()
+
+
+def test_sampled_relations_scores_the_plans_centres():
+    out = sampled_relations(FixedPlanner(), per_relation=3)
+    assert out["n_sampled"] == 12
+    assert out["sampled_holds"] == 0.5  # right for left of and above, wrong for the others
+    assert out["sampled_separation_px"] == 0.0  # +40 px twice, -40 px twice

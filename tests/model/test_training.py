@@ -229,3 +229,77 @@ def test_several_tasks_share_a_step(tmp_path, vq_dir):
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if r.get("step") == 1)
     assert len([k for k in first if k.startswith("loss/")]) >= 2  # more than one task in step 1
+
+
+def test_patch_words_label_object_patches_with_their_colour_or_shape(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.tasks import build_understand
+    from lavida_agent.model.training_vision import patch_targets
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+    from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES
+
+    cfg, enc_id = tiny_config, tiny_config.img_enc_token_id
+    sampler = TaskSampler(tokenizer, cfg, tiny_vq, patch_words=4)
+    words = {tokenizer.convert_tokens_to_ids(w): w for w in [*COLORS, *SHAPES]}
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scene = sample_scene(rng)
+        ex = build_understand(tokenizer, cfg, render(scene), "what color is the background?", "gray")
+        labelled = sampler.label_patches(ex, scene, rng)
+        assert labelled.input_ids == ex.input_ids  # the image stays the input
+        enc = [i for i, t in enumerate(ex.input_ids) if t == enc_id]
+        patches = {enc.index(i): t for i, t in enumerate(labelled.text_targets) if i in enc and t != -100}
+        truth = patch_targets(scene, cfg.vision_patch_size)
+        assert len(patches) == min(4, int((truth["color"] >= 0).sum()))
+        for patch, word in patches.items():  # the word of the object under that patch
+            assert words[word] in (list(COLORS)[truth["color"][patch]], SHAPES[truth["shape"][patch]])
+        noisy, _ = add_noise(labelled, rng, cfg)  # always labelled, never masked
+        assert all(noisy.text_targets[enc[p]] == w and noisy.input_ids[enc[p]] == enc_id for p, w in patches.items())
+    for task in ("ground", "understand", "critique"):
+        for plain, with_words in zip(TaskSampler(tokenizer, cfg, tiny_vq).examples(task, np.random.default_rng(1), 4),
+                                     sampler.examples(task, np.random.default_rng(1), 4)):  # fmt: skip
+            on_image = lambda e: [t for i, t in zip(e.input_ids, e.text_targets) if i == enc_id and t != -100]  # noqa: E731
+            assert on_image(plain) == [] and 1 <= len(on_image(with_words)) <= 4
+
+
+def test_item_mask_hides_one_plan_items_coordinates_and_nothing_else(tokenizer, tiny_config):
+    cfg = tiny_config
+    plan = [("small red circle", (4, 4, 16, 16)), ("large blue square", (30, 30, 54, 54))]
+    ex = build_t2i(tokenizer, cfg, "a red circle left of a blue square", plan=plan, plan_is_target=True,
+                   with_image=False)  # fmt: skip
+    begins = [i for i, t in enumerate(ex.input_ids) if t == cfg.loc_begin_token_id]
+    seen = set()
+    for seed in range(20):
+        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, item_mask=1.0)
+        masked = [i for i, t in enumerate(noisy.input_ids) if t == cfg.mask_token_id]
+        assert masked in ([b + k for k in range(1, 5)] for b in begins)
+        assert [noisy.text_targets[i] for i in masked] == [ex.input_ids[i] for i in masked]
+        assert all(t == -100 for i, t in enumerate(noisy.text_targets) if i not in masked)
+        seen.add(masked[0])
+    assert len(seen) == 2  # either item
+    one = build_t2i(tokenizer, cfg, "a red circle", plan=plan[:1], plan_is_target=True, with_image=False)
+    counts = {len([t for t in add_noise(one, np.random.default_rng(s), cfg, item_mask=1.0)[0].input_ids
+                   if t == cfg.mask_token_id]) for s in range(20)}  # fmt: skip
+    assert len(counts) > 1  # a one-item plan keeps the random share
+
+
+def test_vision_aux_loss_trains_beside_the_mixture_and_resumes_identically(tmp_path, vq_dir):
+    kw = dict(TINY, vision_aux=0.5, vision_aux_batch=2, save_every=2)
+    straight = tmp_path / "straight"
+    train(TrainConfig(out=str(straight), vq=vq_dir, steps=4, **kw), progress=False)
+    resumed = tmp_path / "resumed"
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=2, **kw), progress=False)
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=4, **kw), progress=False)
+    a = torch.load(straight / "state.pt", weights_only=False)
+    b = torch.load(resumed / "state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["vision_aux_head"][k], b["vision_aux_head"][k]) for k in a["vision_aux_head"])
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/vision_aux"] > 0 for r in records if "step" in r and "lr" in r)
+    # the aux loss reaches the encoder: the same run without it ends with another encoder
+    plain = tmp_path / "plain"
+    train(TrainConfig(out=str(plain), vq=vq_dir, steps=4, **{**kw, "vision_aux": 0.0}), progress=False)
+    c = torch.load(plain / "state.pt", weights_only=False)
+    assert "vision_aux_head" not in c
+    assert not torch.equal(a["model"]["vision.projector.0.weight"], c["model"]["vision.projector.0.weight"])
