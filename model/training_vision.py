@@ -59,7 +59,8 @@ def patch_targets(scene, patch: int = 8) -> dict[str, np.ndarray]:
         owner[y0:y1, x0:x1][shape_mask(obj.shape, x1 - x0, y1 - y0)] = i
     n = len(scene.objects)
     # (side, side, n) pixel counts of each object in each patch
-    counts = np.stack([(owner == i).reshape(side, patch, side, patch).sum((1, 3)) for i in range(n)], -1)
+    counts = np.stack([(owner == i).reshape(side, patch, side, patch).sum((1, 3)) for i in range(n)]
+                      or [np.zeros((side, side), np.int64)], -1)  # an empty scene: no patch has an object
     best = counts.argmax(-1).reshape(-1)
     has = counts.max(-1).reshape(-1) >= MIN_PIXELS
     T = side * side

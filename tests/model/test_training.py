@@ -284,7 +284,7 @@ def test_item_mask_hides_one_plan_items_coordinates_and_nothing_else(tokenizer, 
 
 
 def test_vision_aux_loss_trains_beside_the_mixture_and_resumes_identically(tmp_path, vq_dir):
-    kw = dict(TINY, vision_aux=0.5, vision_aux_batch=2, save_every=2)
+    kw = dict(TINY, vision_aux=0.5, vision_aux_batch=2, vision_aux_warmup=2, save_every=2)
     straight = tmp_path / "straight"
     train(TrainConfig(out=str(straight), vq=vq_dir, steps=4, **kw), progress=False)
     resumed = tmp_path / "resumed"
@@ -297,9 +297,26 @@ def test_vision_aux_loss_trains_beside_the_mixture_and_resumes_identically(tmp_p
     assert all(torch.equal(a["vision_aux_head"][k], b["vision_aux_head"][k]) for k in a["vision_aux_head"])
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/vision_aux"] > 0 for r in records if "step" in r and "lr" in r)
-    # the aux loss reaches the encoder: the same run without it ends with another encoder
+    # after its warm-up the aux loss reaches the encoder: without it the encoder ends elsewhere
     plain = tmp_path / "plain"
     train(TrainConfig(out=str(plain), vq=vq_dir, steps=4, **{**kw, "vision_aux": 0.0}), progress=False)
     c = torch.load(plain / "state.pt", weights_only=False)
     assert "vision_aux_head" not in c
     assert not torch.equal(a["model"]["vision.projector.0.weight"], c["model"]["vision.projector.0.weight"])
+
+
+def test_vision_aux_warmup_trains_only_its_head(tiny_config, tiny_vq):
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.training import vision_aux_loss
+    from lavida_agent.model.training_vision import VisionProbeHead
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).train()
+    head = VisionProbeHead(tiny_config.hidden_size, tiny_config.loc_code_dim, tiny_config.num_loc_tokens)
+    for head_only in (True, False):
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        vision_aux_loss(model, head, tiny_vq, np.random.default_rng(0), 2, head_only=head_only).backward()
+        assert all(p.grad is not None for p in head.parameters())
+        reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.vision.parameters()]
+        assert (not any(reached)) if head_only else all(reached)

@@ -82,3 +82,10 @@ def test_probe_box_target_is_the_location_code_when_the_model_has_one():
     for head in (plain, coded):
         loss, parts = probe_loss(head, feats, t)
         assert torch.isfinite(loss) and parts["box"] > 0
+
+
+def test_patch_targets_of_an_empty_scene_label_no_patch():
+    from lavida_agent.tools.shapes_world.scene import Scene
+
+    t = patch_targets(Scene(background="white", objects=()), 8)
+    assert (t["color"] == -1).all() and (t["shape"] == -1).all() and not t["center"].any()
