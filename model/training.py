@@ -106,7 +106,7 @@ class TrainConfig:
     tasks_per_step: int = 4  # tasks drawn per optimizer step, splitting `tokens_per_batch`
     # Per image of an understanding row (ground, questions, critique): how many of its object
     # patches are labelled, through the LM head at their `img_enc` position, with the word of
-    # their object's colour or shape (`TaskSampler.label_patches`). 0: off (stages 1-12).
+    # their object's colour or shape (`TaskSampler.label_patches`). 0: off (stages 1-11).
     patch_words: int = 0
     # The share of plan-only rows whose noise masks exactly one plan item's four coordinates
     # (all else visible) instead of a random share of the plan (`add_noise`). 0: off.
@@ -165,9 +165,9 @@ class TaskSampler:
         Why: the LM head's six colour rows had collapsed onto one vector (mean cosine 0.94),
         and colour questions sat at chance: a colour row gets no gradient that tells it apart
         while no answer slot holds colour, and no slot learns to while the rows are alike.
-        The vision positions do hold colour (a linear probe reads it), so labelling a few of
-        them through the same head separates the rows. The image stays the input: these
-        positions are never masked (`add_noise`).
+        Where the vision features hold colour (keep them with `vision_aux`: stage 11's did
+        not), labelling a few patches through the same head gives the rows that gradient.
+        The image stays the input: these positions are never masked (`add_noise`).
         """
         if not self.patch_words:
             return ex
