@@ -123,6 +123,9 @@ class TrainConfig:
     # detached): at step 0 it is ~15 and its gradient disturbed the encoder (grounding loss
     # 2.0 -> 5.4 in 4 steps).
     vision_aux_warmup: int = 100
+    # Relative weight of each question kind in the `understand` rows that ask a question
+    # (`lang.sample_question`); empty: uniform over `QUESTION_KINDS` (stages 1-12).
+    question_weights: dict = field(default_factory=dict)
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -150,9 +153,13 @@ def touched_plan(source, target) -> list[tuple[str, tuple[int, int, int, int]]]:
 class TaskSampler:
     """Builds training examples of each task from seeded ShapesWorld draws."""
 
-    def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0):
+    def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0,
+                 question_weights: dict | None = None):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         self.patch_words, self.plan_item_mask = patch_words, plan_item_mask
+        self.question_weights = dict(question_weights) if question_weights else None
+        if self.question_weights:
+            lang.question_kind_weights(self.question_weights)  # fail now, not mid-run
         if patch_words:
             word = lambda w: tokenizer.convert_tokens_to_ids(w)  # noqa: E731
             self._colour_ids = np.array([word(c) for c in COLORS])
@@ -279,7 +286,7 @@ class TaskSampler:
             if rng.random() < 0.25:
                 question, ans = "describe the image.", lang.caption(scene)
             else:
-                question, _, ans = lang.sample_question(rng, scene)
+                question, _, ans = lang.sample_question(rng, scene, self.question_weights)
             drafts.append((render(scene), question, ans, scene))
         images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
         return [self.label_patches(build_understand(self.tok, self.cfg, im, q, a), scene, rng)
@@ -478,7 +485,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         logger.info("resumed from %s at step %d", ckpt, step)
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
-    sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask)
+    sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask,
+                          question_weights=tc.question_weights)  # fmt: skip
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()
@@ -677,6 +685,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
     parser.add_argument("--tasks", type=json.loads, default=None,
                         help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\'')
+    parser.add_argument("--questions", type=json.loads, default=None,
+                        help='JSON weights of the question kinds, e.g. \'{"color": 3, "count": 1}\' (default: uniform)')
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -687,6 +697,12 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown task(s) {sorted(unknown)}; expected some of {sorted(TASK_WEIGHTS)}")
         tc.task_weights = dict(args.tasks)
+    if args.questions is not None:
+        try:
+            lang.question_kind_weights(args.questions)
+        except (ValueError, TypeError, AttributeError) as e:
+            parser.error(f"--questions: {e}")
+        tc.question_weights = dict(args.questions)
     print(json.dumps(train(tc, progress=not args.quiet)))  # noqa: T201
 
 

@@ -18,6 +18,7 @@ from lavida_agent.model.training import (
     corpus_for_tokenizer,
     lr_at,
     token_ids,
+    main,
     touched_plan,
     train,
 )
@@ -320,3 +321,19 @@ def test_vision_aux_warmup_trains_only_its_head(tiny_config, tiny_vq):
         assert all(p.grad is not None for p in head.parameters())
         reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.vision.parameters()]
         assert (not any(reached)) if head_only else all(reached)
+
+
+def test_question_weights_steer_the_understand_rows(tokenizer, tiny_config, tiny_vq):
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, question_weights={"background": 1})
+    texts = [tokenizer.decode(ex.input_ids, skip_special_tokens=True)
+             for ex in sampler.examples("understand", np.random.default_rng(3), 24)]  # fmt: skip
+    asked = [t for t in texts if "?" in t]  # the rest are captions ("describe the image.")
+    assert asked and all("background" in t for t in asked)
+    with pytest.raises(ValueError, match="unknown question kind"):
+        TaskSampler(tokenizer, tiny_config, tiny_vq, question_weights={"colour": 1})
+
+
+def test_cli_rejects_bad_question_weights(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--questions", '{"colour": 1}', "--steps", "1"])
+    assert e.value.code == 2 and "unknown question kind" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROMPT_CATEGORIES", "EDIT_CATEGORIES", "REF_FORMS", "QUESTION_KINDS", "SIDES",
     "REASON_TEMPLATES", "GrammarError", "Noun", "ObjectReq", "PromptSpec", "EditSpec", "RefSpec",
-    "QuestionSpec", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
+    "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "sample_refexp", "refexp_text",
     "parse_refexp", "resolve_refexp", "sample_question", "question_text", "parse_question",
     "answer", "caption", "plan_items", "reason", "prompt_reasons", "sample_critique",
@@ -1167,16 +1167,43 @@ def _sample_question_spec(rng: np.random.Generator, scene: Scene, kind: str) -> 
     return QuestionSpec(kind)
 
 
-def sample_question(rng: np.random.Generator, scene: Scene) -> tuple[str, QuestionSpec, str]:
+def question_kind_weights(weights: Mapping[str, float]) -> np.ndarray:
+    """`weights` (kind -> relative weight) as an array over `QUESTION_KINDS`, validated."""
+    unknown = set(weights) - set(QUESTION_KINDS)
+    if unknown:
+        raise ValueError(f"unknown question kind(s) {sorted(unknown)}; expected some of {list(QUESTION_KINDS)}")
+    w = np.array([float(weights.get(k, 0.0)) for k in QUESTION_KINDS])
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"question weights must be finite, >= 0 and not all 0, got {dict(weights)}")
+    return w
+
+
+def sample_question(
+    rng: np.random.Generator, scene: Scene, weights: Mapping[str, float] | None = None
+) -> tuple[str, QuestionSpec, str]:
     """Draw a question about `scene` with a single, well-defined answer.
+
+    Args:
+        weights: relative weight of each kind of `QUESTION_KINDS` (missing kinds: 0);
+            `None` draws the kinds uniformly. A kind the scene cannot ask (no unique
+            shape for `color`, ...) is redrawn, so realised shares lean to the others.
 
     Returns:
         `(question, spec, answer)`.
     """
-    while True:
-        spec = _sample_question_spec(rng, scene, _pick(rng, QUESTION_KINDS))
+    if weights is None:
+        while True:
+            spec = _sample_question_spec(rng, scene, _pick(rng, QUESTION_KINDS))
+            if spec is not None:
+                return question_text(spec), spec, answer(scene, spec)
+    w = question_kind_weights(weights)
+    while w.sum() > 0:
+        k = int(rng.choice(len(w), p=w / w.sum()))
+        spec = _sample_question_spec(rng, scene, QUESTION_KINDS[k])
         if spec is not None:
             return question_text(spec), spec, answer(scene, spec)
+        w[k] = 0.0  # this scene could not ask it (or, for `relation`, not with one answer)
+    raise ValueError(f"the scene admits none of the weighted question kinds {dict(weights)}")
 
 
 # =========================================================================== plans

@@ -447,3 +447,33 @@ def test_parse_verdict(text, expected):
 def test_parse_verdict_rejects(text):
     with pytest.raises(GrammarError):
         lang.parse_verdict(text)
+
+
+def test_weighted_question_kinds_follow_their_weights_and_stay_valid():
+    rng = np.random.default_rng(4)
+    counts = dict.fromkeys(lang.QUESTION_KINDS, 0)
+    for _ in range(400):
+        scene = sample_scene(rng)
+        text, spec, ans = lang.sample_question(rng, scene, {"color": 3, "background": 1})
+        assert lang.parse_question(text) == spec and lang.answer(scene, spec) == ans
+        counts[spec.kind] += 1
+    assert set(k for k, c in counts.items() if c) <= {"color", "background"}
+    # colour can only be asked of a unique shape, so some scenes fall back to background
+    assert counts["color"] > 2 * counts["background"] > 0
+    assert lang.sample_question(np.random.default_rng(0), sample_scene(np.random.default_rng(1)), {"count": 1})[1].kind == "count"
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"colour": 1}, "unknown question kind"),
+    ({"color": -1, "count": 2}, ">= 0"),
+    ({"color": 0}, "not all 0"),
+])  # fmt: skip
+def test_bad_question_weights_are_named(weights, match):
+    with pytest.raises(ValueError, match=match):
+        lang.sample_question(np.random.default_rng(0), sample_scene(np.random.default_rng(0)), weights)
+
+
+def test_question_weights_a_scene_cannot_ask_say_so():
+    twins = Scene("white", (obj("circle", "red", "small", 4, 4), obj("circle", "red", "small", 40, 40)))
+    with pytest.raises(ValueError, match="admits none"):  # no unique shape nor unique colour
+        lang.sample_question(np.random.default_rng(0), twins, {"color": 1, "shape": 1})
