@@ -45,14 +45,16 @@ def reason_for(check: GroundingCheck) -> str:
 
 def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
-    model_text: str, checks: Sequence[GroundingCheck],
+    model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
-    Accept only when the model accepts and every check passes; blame each failed object.
+    With `gate`, accept only when the model accepts and every check passes; without it the
+    model's verdict decides and the checks only score the attempt. A rejection blames each
+    failed object either way.
     """
     failed = [c for c in checks if not c.ok]
-    accept = model_ok and not failed
+    accept = model_ok and (not failed or not gate)
     reasons = [str(r) for r in model_reasons] + [reason_for(c) for c in failed]
     if not accept and not reasons:
         reasons = [model_text or "the model rejected the image"]
@@ -62,7 +64,7 @@ def make_critique(
         image=image,
         verdict="accept" if accept else "reject",
         reasons=[] if accept else reasons,
-        blamed=[LayoutItem(label=c.label, box=c.expected) for c in failed],
+        blamed=[] if accept else [LayoutItem(label=c.label, box=c.expected) for c in failed],
         model_ok=model_ok,
         model_text=model_text,
         grounding=list(checks),

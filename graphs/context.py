@@ -79,6 +79,16 @@ class Context:
         default=0.5,
         metadata={"description": "Grounding check: found box vs expected box IoU to pass."},
     )
+    grounding_check: Literal["rank", "gate", "off"] = field(
+        default="rank",
+        metadata={
+            "description": "What t2i's grounding of the planned objects does: 'rank' records "
+            "the checks, ranks attempts by them and blames the failed boxes for a targeted "
+            "redraw, but the verdict is the model's critique; 'gate' also rejects an image "
+            "whose check fails; 'off' skips the grounding call. Edits are always verified by "
+            "grounding."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -87,6 +97,8 @@ class Context:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.refine not in ("auto", "regenerate", "regions"):
             raise ValueError(f"refine must be auto|regenerate|regions, got {self.refine!r}")
+        if self.grounding_check not in ("rank", "gate", "off"):
+            raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {self.preview_every}")
 

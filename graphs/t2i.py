@@ -8,12 +8,16 @@
 - `review_plan` is a light node that pauses with `interrupt()` when `Context.review_plan`
   is set; on resume only this node re-runs, so no model work repeats.
 - `critique_image` uses the model only: its own verdict plus grounding of every planned
-  object (a planned object not found where planned is blamed).
+  object (a planned object not found where planned is blamed). `Context.grounding_check`
+  says whether a failed check also rejects the image ('gate') or only ranks attempts and
+  picks the boxes to redraw ('rank', the default: on generated images the shipped
+  model's grounding failed half of the images the detector calls correct, see
+  `model/weights/README.md`).
 - `refine_image` either regenerates the whole image with the critique as feedback, or
   re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
   seed `base_seed + r`, recorded in its `Attempt`.
 - The loop stops on an accepting critique or after `max_rounds` images; `best` is the
-  highest-scoring attempt.
+  accepted attempt, else the highest-scoring one.
 """
 
 from __future__ import annotations
@@ -152,15 +156,16 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         # Step 1: the model's own verdict on its image.
         verdict = engine.critique(image, state.prompt)
         # Step 2: ground every planned object and compare with where it was planned.
-        planned = attempt.plan.items if attempt.plan else []
+        planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
         found = engine.ground(image, [i.label for i in planned]) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
-        # Step 3: combine; keep the best attempt so far (earliest wins a tie).
+        # Step 3: combine; keep the best attempt so far: an accepted one, else the best
+        # scored (earliest wins a tie).
         critique = make_critique(round=attempt.round, image=attempt.image, model_ok=verdict.ok,
                                  model_reasons=verdict.reasons, model_text=verdict.text,
-                                 checks=checks)  # fmt: skip
+                                 checks=checks, gate=ctx.grounding_check == "gate")  # fmt: skip
         critiques = [*state.critiques, critique]
-        best = max(range(len(critiques)), key=lambda i: (critiques[i].score, -i))
+        best = max(range(len(critiques)), key=lambda i: (critiques[i].accepted, critiques[i].score, -i))
         emit("critique", critique=critique.model_dump(mode="json"))
     return {"critiques": [critique], "accepted": critique.accepted,
             "best": state.attempts[best]}  # fmt: skip

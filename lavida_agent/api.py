@@ -451,6 +451,7 @@ class LavidaAgent:
                            max_rounds=rounds if rounds is not None else self.settings.max_rounds,
                            preview_every=self.settings.preview_every,
                            iou_threshold=self.settings.iou_threshold,
+                           grounding_check=self.settings.grounding_check,
                            review_plan=review_plan)  # fmt: skip
 
     def _prepare_image(
@@ -472,7 +473,7 @@ class LavidaAgent:
         return {"model_path": self.settings.model_path, "device": self.settings.device,
                 "dtype": self.settings.dtype, "canvas": self.settings.canvas,
                 "num_steps": context.num_steps, "max_rounds": context.max_rounds,
-                "iou_threshold": context.iou_threshold,
+                "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
                 "engine": type(context.engine._engine).__name__}  # fmt: skip
 
     def _run(

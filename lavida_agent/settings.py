@@ -65,6 +65,11 @@ class Settings(BaseModel):
     )
     preview_every: int = Field(default=0, ge=0, description="Stream a preview every k steps.")
     iou_threshold: float = Field(default=0.5, gt=0, le=1, description="Grounding check IoU.")
+    grounding_check: Literal["rank", "gate", "off"] = Field(
+        default="rank",
+        description="t2i: grounding of the planned objects ranks attempts and blames boxes "
+        "(rank), also rejects images (gate), or is skipped (off).",
+    )
 
     # -- the HTTP server ----------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")

@@ -23,7 +23,8 @@ PROMPT = "red circle and blue square"
 @pytest.mark.parametrize("where", [":memory:", "file"])
 def test_sync_checkpointers_round_trip_state(where, tmp_path, store, caplog):
     path = ":memory:" if where == ":memory:" else tmp_path / "db" / "state.sqlite"
-    ctx = Context(engine=FakeEngine(drop_labels=["blue square"]), artifacts=store, max_rounds=2)
+    ctx = Context(engine=FakeEngine(drop_labels=["blue square"]), artifacts=store, max_rounds=2,
+                  grounding_check="gate")  # fmt: skip
     saver = checkpointer_from_path(path)
     g = t2i.build_t2i_graph().compile(checkpointer=saver)
     cfg = {"configurable": {"thread_id": "rt"}}

@@ -76,7 +76,7 @@ def _stream(graph, inp, ctx):
 
 def test_t2i_graph_runs_on_the_pipeline_and_replays(engine, store):
     ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, seed=5,
-                  preview_every=1, refine="auto")  # fmt: skip
+                  preview_every=1, refine="auto", grounding_check="gate")  # fmt: skip
     plan = {"items": PLAN, "source": "input"}
     values, events = _stream(t2i.graph, {"prompt": "a red circle", "plan": plan}, ctx)
     out = T2IOutput.model_validate(values)

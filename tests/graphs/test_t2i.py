@@ -12,7 +12,7 @@ from langgraph.types import Command
 from lavida_agent.graphs import t2i
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.state import Box, Critique, LayoutItem, T2IOutput, T2IState
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, default_plan
 
 PROMPT = "red circle and blue square"
 
@@ -75,7 +75,8 @@ def test_stops_on_first_accepting_critique(engine, ctx):
     assert all(c.ok for c in out.critiques[0].grounding)
 
 
-def test_stops_at_max_rounds_and_keeps_best(engine, ctx):
+def test_stops_at_max_rounds_and_keeps_best(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=7, grounding_check="gate")
     engine.enqueue_critique(False, ["too dark"])  # round 0: rejected, nothing found: 0/3
     engine.enqueue_ground([[0, 0, 0, 0], [0, 0, 0, 0]])
     engine.enqueue_critique(True)  # round 1: model accepts, one object missing: 2/3
@@ -102,7 +103,7 @@ def test_model_rejection_regenerates_with_feedback_and_next_seed(engine, ctx):
 
 def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=3)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=3, grounding_check="gate")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     first = out.critiques[0]
     assert first.verdict == "reject" and first.model_ok
@@ -122,10 +123,53 @@ def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
 
 def test_refine_regenerate_mode_ignores_blamed_boxes(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, max_rounds=2, refine="regenerate")
+    ctx = Context(engine=engine, artifacts=store, max_rounds=2, refine="regenerate", grounding_check="gate")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert [a.mode for a in out.attempts] == ["generate", "generate"]
     assert engine.calls["regenerate_regions"] == 0 and not out.accepted
+
+
+def test_rank_mode_lets_the_model_decide_and_records_the_checks(store):
+    engine = FakeEngine(drop_labels=["blue square"])  # grounding misses the square
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3)  # grounding_check="rank"
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert out.accepted and len(out.attempts) == 1 and out.best == out.attempts[0]
+    (critique,) = out.critiques
+    assert critique.verdict == "accept" and critique.reasons == [] and critique.blamed == []
+    assert [(g.label, g.ok) for g in critique.grounding] == [("red circle", True), ("blue square", False)]
+
+
+def test_rank_mode_blames_failed_checks_when_the_model_rejects(store):
+    engine = FakeEngine(drop_labels=["blue square"])
+    engine.enqueue_critique(False, ["too dark"])
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert [c.verdict for c in out.critiques] == ["reject", "accept"]
+    assert [b.label for b in out.critiques[0].blamed] == ["blue square"]
+    assert out.critiques[0].reasons[0] == "too dark" and out.attempts[1].mode == "regenerate_regions"
+
+
+def test_an_accepted_attempt_beats_a_better_scored_rejected_one(engine, store):
+    boxes = [item["box"] for item in default_plan(PROMPT)]
+    engine.enqueue_critique(False, ["too dark"])  # round 0: rejected, both objects found: 2/3
+    engine.enqueue_ground(boxes)
+    engine.enqueue_ground([[0, 0, 0, 0], [0, 0, 0, 0]])  # round 1: accepted, none found: 1/3
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert [c.score for c in out.critiques] == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    assert out.accepted and out.best == out.attempts[1]
+
+
+def test_off_mode_skips_grounding(store):
+    engine = FakeEngine(drop_labels=["blue square"])
+    ctx = Context(engine=engine, artifacts=store, grounding_check="off")
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert out.accepted and out.critiques[0].grounding == [] and engine.calls["ground"] == 0
+
+
+def test_bad_grounding_check_is_named(store):
+    with pytest.raises(ValueError, match="grounding_check must be rank|gate|off"):
+        Context(grounding_check="strict")
 
 
 def test_input_plan_skips_planning(engine, ctx):
