@@ -111,6 +111,8 @@ class TrainConfig:
     # The share of plan-only rows whose noise masks exactly one plan item's four coordinates
     # (all else visible) instead of a random share of the plan (`add_noise`). 0: off.
     plan_item_mask: float = 0.0
+    # The share of grounding rows whose noise masks every coordinate (`add_noise`). 0: off.
+    ground_full_mask: float = 0.0
     # Weight of stage 0's dense per-patch loss (`training_vision.probe_loss`: colour, shape,
     # size, centre, box, background under every patch) on `vision_aux_batch` fresh scenes at
     # every step, so the vision encoder keeps those features while the mixture trains it.
@@ -154,9 +156,9 @@ class TaskSampler:
     """Builds training examples of each task from seeded ShapesWorld draws."""
 
     def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0,
-                 question_weights: dict | None = None):  # fmt: skip
+                 question_weights: dict | None = None, ground_full_mask: float = 0.0):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
-        self.patch_words, self.plan_item_mask = patch_words, plan_item_mask
+        self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
             lang.question_kind_weights(self.question_weights)  # fail now, not mid-run
@@ -327,9 +329,14 @@ def _mask_draw(rng: np.random.Generator, n: int, eps: float = 1e-3) -> np.ndarra
 
 
 def add_noise(
-    ex: Example, rng: np.random.Generator, config: LavidaConfig, item_mask: float = 0.0
+    ex: Example, rng: np.random.Generator, config: LavidaConfig, item_mask: float = 0.0,
+    ground_full_mask: float = 0.0,
 ) -> tuple[Example, list[np.ndarray]]:
     """Mask an example for training; returns it (targets = labels) and its image labels.
+
+    With probability `ground_full_mask` a grounding row masks every coordinate, the state
+    inference starts from (under the random share alone, a box is entirely masked in ~1/5
+    of the rows and the rest train completing a box from some of its coordinates).
 
     With probability `item_mask` a plan-only row of two or more items masks exactly one
     item's four coordinates, the rest of the plan visible: the planner then learns where an
@@ -350,7 +357,11 @@ def add_noise(
         labels[pos] = ex.text_targets[pos]
     targets = [p for p in ex.target_positions() if ids[p] != cfg.img_enc_token_id]
     items = [p for p in targets if ids[p] == cfg.loc_begin_token_id] if item_mask and not makes_image else []
-    if len(items) >= 2 and rng.random() < item_mask:
+    if ground_full_mask and ex.loc_only and targets and rng.random() < ground_full_mask:
+        for pos in targets:
+            labels[pos] = ids[pos]
+            ids[pos] = cfg.mask_token_id
+    elif len(items) >= 2 and rng.random() < item_mask:
         begin = items[int(rng.integers(len(items)))]
         for pos in range(begin + 1, begin + 5):
             labels[pos] = ids[pos]
@@ -406,7 +417,7 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
     examples = sampler.examples(task, rng, n)
     noisy, image_labels = [], []
     for ex in examples:
-        e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask)
+        e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask, ground_full_mask=sampler.ground_full_mask)
         noisy.append(e)
         image_labels += il
     batch = pack(noisy, cfg)
@@ -486,7 +497,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
     sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask,
-                          question_weights=tc.question_weights)  # fmt: skip
+                          question_weights=tc.question_weights, ground_full_mask=tc.ground_full_mask)  # fmt: skip
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()

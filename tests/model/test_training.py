@@ -337,3 +337,27 @@ def test_cli_rejects_bad_question_weights(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--questions", '{"colour": 1}', "--steps", "1"])
     assert e.value.code == 2 and "unknown question kind" in capsys.readouterr().err
+
+
+def test_ground_full_mask_masks_every_coordinate_and_only_grounding_rows(tokenizer, tiny_config):
+    from lavida_agent.model.tasks import build_ground
+
+    cfg = tiny_config
+    image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    ex = build_ground(tokenizer, cfg, image, ["the red circle", "the blue square"], [(4, 4, 16, 16), (30, 30, 54, 54)])
+    coords = ex.target_positions()
+    assert len(coords) == 8
+    for seed in range(10):
+        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, ground_full_mask=1.0)
+        assert [i for i, t in enumerate(noisy.input_ids) if t == cfg.mask_token_id] == coords
+        assert [noisy.text_targets[p] for p in coords] == [ex.input_ids[p] for p in coords]
+    # off, the draw is the plain one (old runs replay); a plan row ignores it
+    for seed in range(5):
+        a, _ = add_noise(ex, np.random.default_rng(seed), cfg)
+        b, _ = add_noise(ex, np.random.default_rng(seed), cfg, ground_full_mask=0.0)
+        assert a.input_ids == b.input_ids
+    plan = build_t2i(tokenizer, cfg, "a red circle", plan=[("small red circle", (4, 4, 16, 16))],
+                     plan_is_target=True, with_image=False)  # fmt: skip
+    a, _ = add_noise(plan, np.random.default_rng(0), cfg)
+    b, _ = add_noise(plan, np.random.default_rng(0), cfg, ground_full_mask=1.0)
+    assert a.input_ids == b.input_ids
