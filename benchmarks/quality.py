@@ -697,13 +697,15 @@ def score_agent_t2i(
     batch_size: int = 16,
     num_steps: int | None = None,
     plan: bool = True,
+    grounding_check: str = "rank",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the `t2i` workflow (plan, generate, model critique, refine) on every prompt.
 
     Requests run concurrently (`batch_size` threads) through one `BatchingEngine`, so the
     pipeline sees batches. Base seed = `seeds[i]`; round r uses `seeds[i] + r`. With
     `plan=False` the workflow gets an empty layout: no planner, no grounding checks, the
-    critique is the model's verdict alone (reflection without planning).
+    critique is the model's verdict alone (reflection without planning). `grounding_check`
+    is the workflow's `Context.grounding_check` (rank / gate / off).
 
     Returns:
         Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
@@ -727,7 +729,8 @@ def score_agent_t2i(
             backend or make_backend(pipeline), max_batch=batch_size, max_wait_ms=20
         )
         try:
-            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds)
+            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds,
+                          grounding_check=grounding_check)  # type: ignore[arg-type]
 
             def one(i: int) -> dict[str, Any]:
                 raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
@@ -1051,6 +1054,7 @@ def _suite_agent(
     agent_rounds: Sequence[int],
     backend: Any = None,
     agent_plan: Sequence[bool] = (True, False),
+    grounding_check: str = "rank",
     **_: Any,
 ) -> dict[str, Any]:
     # The same prompts, sampler seeds and edits as the t2i / edit suites (their single-shot
@@ -1104,6 +1108,7 @@ def _suite_agent(
             batch_size=batch_size,
             num_steps=num_steps,
             plan=planned,
+            grounding_check=grounding_check,
         )
         for rec, it in zip(recs, items, strict=True):
             rec["category"] = it["category"]
@@ -1310,7 +1315,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             ]
             out += [
                 "",
-                f"## agent: {task} workflow vs single shot (backend {a['backend']})",
+                f"## agent: {task} workflow vs single shot (backend {a['backend']}"
+                + (f", grounding check {s.get('grounding_check', 'gate')})" if task == "t2i" else ")"),
                 "",
                 _table(header, rows),
                 "",
@@ -1455,6 +1461,7 @@ def run(
     suites: Sequence[str] | str | None = None,
     agent_rounds: Sequence[int] = (1, 2, 4),
     agent_plan: Sequence[bool] = (True, False),
+    grounding_check: str = "rank",
     batch_size: int = 16,
     num_steps: int | None = None,
     pipeline: Any = None,
@@ -1478,6 +1485,8 @@ def run(
         agent_rounds: `max_rounds` values of the agent suite.
         agent_plan: the agent's t2i runs with the model's plan (True) and/or without a plan
             (False: reflection alone, no grounding checks), to separate the two lifts.
+        grounding_check: the agent's t2i `Context.grounding_check`: `rank` (the default:
+            the model's verdict decides), `gate` (a failed check also rejects) or `off`.
         batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
         num_steps: sampler steps for generate/edit (None: the pipeline's default).
         pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
@@ -1505,6 +1514,8 @@ def run(
     agent_plan = tuple(dict.fromkeys(bool(p) for p in agent_plan))
     if not agent_plan:
         raise ValueError("agent_plan needs True (with the plan), False (without) or both")
+    if grounding_check not in ("rank", "gate", "off"):
+        raise ValueError(f"grounding_check must be rank|gate|off, got {grounding_check!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1536,6 +1547,7 @@ def run(
             state=state,
             agent_rounds=tuple(int(r) for r in agent_rounds),
             agent_plan=agent_plan,
+            grounding_check=grounding_check,
             backend=backend,
         )
         timings[name] = time.perf_counter() - t0
@@ -1555,6 +1567,7 @@ def run(
             "suites": chosen,
             "agent_rounds": [int(r) for r in agent_rounds],
             "agent_plan": list(agent_plan),
+            "grounding_check": grounding_check,
             "batch_size": batch_size,
             "num_steps": num_steps,
             "device": str(getattr(pipeline, "device", device)),
@@ -1643,6 +1656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite")
     p.add_argument("--agent-plan", default="on,off",
                    help="agent t2i with the model's plan (on), without (off: reflection alone), or both")  # fmt: skip
+    p.add_argument("--grounding-check", choices=("rank", "gate", "off"), default="rank",
+                   help="agent t2i: grounding ranks attempts (rank), also rejects (gate), or is skipped")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
@@ -1662,6 +1677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         suites=args.suites,
         agent_rounds=tuple(int(r) for r in args.agent_rounds.split(",") if r.strip()),
         agent_plan=_on_off(args.agent_plan, p),
+        grounding_check=args.grounding_check,
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         device=args.device,

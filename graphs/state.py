@@ -162,8 +162,11 @@ class GroundingCheck(BaseModel):
 class Critique(BaseModel):
     """The verdict on one image, and how it was reached.
 
-    `verdict` is `accept` only when the model accepts its image *and* every grounding check
-    passes (each planned object found where it was planned, IoU >= the threshold).
+    For t2i, `verdict` is the model's own (`Context.grounding_check="rank"`, the default),
+    or with `"gate"` `accept` only when the model accepts *and* every grounding check passes
+    (each planned object found where it was planned, IoU >= the threshold). Edits are
+    verified by their grounding checks alone. Failed checks are kept in `grounding` either
+    way, and a rejection blames their objects.
     """
 
     round: int

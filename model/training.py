@@ -186,6 +186,9 @@ class TaskSampler:
             return ex
         enc = [i for i, t in enumerate(ex.input_ids) if t == self.cfg.img_enc_token_id]
         enc = enc[: self.cfg.vision_tokens_per_image]  # the first image's positions, raster order
+        if len(enc) != len(targets["color"]):
+            raise ValueError(f"{len(enc)} image positions for {len(targets['color'])} patches: the model's "
+                             "image size or patch size does not match the ShapesWorld canvas")  # fmt: skip
         picked = rng.choice(objects, size=min(self.patch_words, len(objects)), replace=False)
         text_targets = list(ex.text_targets)
         for t in picked:
@@ -288,7 +291,10 @@ class TaskSampler:
             if rng.random() < 0.25:
                 question, ans = "describe the image.", lang.caption(scene)
             else:
-                question, _, ans = lang.sample_question(rng, scene, self.question_weights)
+                try:
+                    question, _, ans = lang.sample_question(rng, scene, self.question_weights)
+                except ValueError:  # weights that name only kinds this scene cannot ask
+                    question, ans = "describe the image.", lang.caption(scene)
             drafts.append((render(scene), question, ans, scene))
         images = self.reconstruct([d[0] for d in drafts], rng, RECONSTRUCT_P)
         return [self.label_patches(build_understand(self.tok, self.cfg, im, q, a), scene, rng)
@@ -537,6 +543,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                                       tc.vision_aux_batch, head_only=step < tc.vision_aux_warmup)  # fmt: skip
             (tc.vision_aux * aux).backward()
             window.setdefault("vision_aux", []).append(aux.item())
+        # The model's norm only: the aux read-out head is left out (AdamW is scale-free per
+        # parameter, and stage 12 was trained this way, so its command replays).
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1

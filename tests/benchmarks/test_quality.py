@@ -411,6 +411,19 @@ def test_agent_plan_option_is_checked(tmp_path, capsys):
         quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_plan=())
 
 
+def test_grounding_check_reaches_the_agent_and_is_recorded(tmp_path):
+    def forwards(check):
+        r = quality.run(pipeline=OraclePipeline(), out_dir=tmp_path / check, n=1, suites="agent",
+                        agent_rounds=(1,), agent_plan=(True,), grounding_check=check)  # fmt: skip
+        assert r["settings"]["grounding_check"] == check
+        assert f"grounding check {check}" in (tmp_path / check / "quality.md").read_text()
+        return r["suites"]["agent"]["t2i"]["max_rounds=1"]["forwards"]
+
+    assert forwards("off") < forwards("rank")  # off never grounds
+    with pytest.raises(ValueError, match="grounding_check"):
+        quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", grounding_check="strict")
+
+
 def test_true_layouts_satisfy_their_prompts():
     """`with_true_plan` draws from these layouts: rendered as planned, each passes the checker."""
     from lavida_agent.tools.shapes_world.checkers import check_prompt

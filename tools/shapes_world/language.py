@@ -1197,13 +1197,19 @@ def sample_question(
             if spec is not None:
                 return question_text(spec), spec, answer(scene, spec)
     w = question_kind_weights(weights)
+    misses = np.zeros(len(w), dtype=int)
     while w.sum() > 0:
         k = int(rng.choice(len(w), p=w / w.sum()))
         spec = _sample_question_spec(rng, scene, QUESTION_KINDS[k])
         if spec is not None:
             return question_text(spec), spec, answer(scene, spec)
-        w[k] = 0.0  # this scene could not ask it (or, for `relation`, not with one answer)
+        misses[k] += 1
+        if misses[k] >= _KIND_TRIES:  # this scene cannot ask it (a relation question may
+            w[k] = 0.0  # fail on one draw of anchor and relation, so a kind gets a few tries)
     raise ValueError(f"the scene admits none of the weighted question kinds {dict(weights)}")
+
+
+_KIND_TRIES = 8
 
 
 # =========================================================================== plans
