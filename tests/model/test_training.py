@@ -366,3 +366,48 @@ def test_single_kind_question_weights_fall_back_to_captions_where_a_scene_cannot
              for ex in sampler.examples("understand", np.random.default_rng(5), 64)]  # fmt: skip
     assert all("what color is the" in t or "describe the image" in t for t in texts)
     assert sum("what color is the" in t for t in texts) > 32
+
+
+def test_critique_verdict_speaks_only_the_critique_vocabulary():
+    from lavida_agent.model.training import critique_verdict
+    from lavida_agent.tools.shapes_world.language import parse_verdict
+
+    tok = build_tokenizer(corpus_for_tokenizer(200))
+    assert critique_verdict(tok, []) == "yes"
+    # a blob the detector cannot name is not a word the critique has: the verdict stays "no"
+    assert critique_verdict(tok, ["extra unknown object"]) == "no"
+    many = ["missing red circle", "extra unknown object", "2 triangles, expected 3",
+            "blue square should be left of red circle", "background is white, expected gray"]  # fmt: skip
+    text = critique_verdict(tok, many, max_tokens=15)
+    ok, reasons = parse_verdict(text)
+    assert not ok and reasons == ["missing red circle", "2 triangles, expected 3"]  # whole reasons only
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 15
+
+
+def test_own_critique_rows_show_the_models_own_drawings_and_a_run_resumes_with_the_same_pool(tmp_path, vq_dir):
+    from lavida_agent.tools.shapes_world.checkers import check_prompt
+
+    kw = dict(TINY, own_critique=1.0, own_pool=4, save_every=2, task_weights={"critique": 1.0})
+    straight = tmp_path / "straight"
+    train(TrainConfig(out=str(straight), vq=vq_dir, steps=4, **kw), progress=False)
+    resumed = tmp_path / "resumed"
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=2, **kw), progress=False)
+    train(TrainConfig(out=str(resumed), vq=vq_dir, steps=4, **kw), progress=False)
+    a, b = _weights(straight)[0], _weights(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pool = np.load(straight / "own_pool.npz")
+    assert pool["images"].shape == (4, 64, 64, 3) and pool["images"].dtype == np.uint8
+    for prompt, image, verdict in zip(pool["prompts"], pool["images"], pool["verdicts"]):
+        assert (verdict == "yes") == check_prompt(str(prompt), image).correct  # the detector's verdict
+
+
+def test_own_critique_share_picks_pool_images(tokenizer, tiny_config, tiny_vq):
+    images = np.stack([np.full((64, 64, 3), v, np.uint8) for v in (10, 20)])
+    pool = {"images": images, "prompts": ["a red circle", "a blue square"], "verdicts": ["yes", "no"]}
+    rows = TaskSampler(tokenizer, tiny_config, tiny_vq, own_pool=pool, own_critique=1.0).examples(
+        "critique", np.random.default_rng(0), 6)  # fmt: skip
+    assert all(any(np.array_equal(ex.images[0], im) for im in images) for ex in rows)
+    plain = TaskSampler(tokenizer, tiny_config, tiny_vq).examples("critique", np.random.default_rng(0), 6)
+    assert not any(np.array_equal(ex.images[0], im) for ex in plain for im in images)
+    with pytest.raises(ValueError, match="own_pool"):
+        TaskSampler(tokenizer, tiny_config, tiny_vq, own_critique=0.5)
