@@ -186,6 +186,12 @@ class Critique(BaseModel):
         """`True` when the verdict is `accept`."""
         return self.verdict == "accept"
 
+    @property
+    def grounding_failed(self) -> list[str]:
+        """Labels of the objects whose grounding check failed (an accepted t2i image can have
+        some under `grounding_check="rank"`)."""
+        return [c.label for c in self.grounding if not c.ok]
+
 
 class EditPlan(BaseModel):
     """The plan for one edit: what it refers to, where to redraw, what must result."""

@@ -261,6 +261,7 @@ def _attempt_dict(
         "seed": seed,
         "verdict": critique.verdict if critique else None,
         "reasons": list(critique.reasons) if critique else [],
+        "grounding_failed": critique.grounding_failed if critique else [],
         "image": result.image_path(image),
     }
 

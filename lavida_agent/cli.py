@@ -435,6 +435,9 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
         verdict = "accepted" if data["accepted"] else "best of rejected attempts"
         click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
                    f"{data['seed']}, run {data['run_id']}")  # fmt: skip
+        kept = [a for a in data["attempts"] if a["image"] == data["result"]]
+        if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
+            click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")
 
 
 @cli.command()

@@ -313,6 +313,11 @@ class AttemptOut(BaseModel):
     seed: int
     verdict: Literal["accept", "reject"] | None = None
     reasons: list[str] = Field(default_factory=list)
+    grounding_failed: list[str] = Field(
+        default_factory=list,
+        description="Objects whose grounding check failed; an accepted t2i image can have some "
+        "(grounding_check=rank trusts the model's verdict and only ranks by the checks).",
+    )
     image: ImageOut
 
 

@@ -437,6 +437,7 @@ class _Service:
         attempts = [schemas.AttemptOut(round=a.round, seed=a.seed,
                                        verdict=getattr(by_round.get(a.round), "verdict", None),
                                        reasons=list(getattr(by_round.get(a.round), "reasons", [])),
+                                       grounding_failed=getattr(by_round.get(a.round), "grounding_failed", []),
                                        image=self.image_out(base, a.image, "url"))
                     for a in r.attempts]  # fmt: skip
         return schemas.GenerateResponse(
@@ -450,6 +451,7 @@ class _Service:
         attempts = [schemas.AttemptOut(round=s.round, seed=s.seed,
                                        verdict=s.critique.verdict if s.critique else None,
                                        reasons=list(s.critique.reasons) if s.critique else [],
+                                       grounding_failed=s.critique.grounding_failed if s.critique else [],
                                        image=self.image_out(base, s.result, "url"))
                     for s in r.attempts]  # fmt: skip
         plan = r.plan

@@ -138,6 +138,7 @@ def test_rank_mode_lets_the_model_decide_and_records_the_checks(store):
     (critique,) = out.critiques
     assert critique.verdict == "accept" and critique.reasons == [] and critique.blamed == []
     assert [(g.label, g.ok) for g in critique.grounding] == [("red circle", True), ("blue square", False)]
+    assert critique.grounding_failed == ["blue square"]
 
 
 def test_rank_mode_blames_failed_checks_when_the_model_rejects(store):

@@ -111,6 +111,17 @@ def test_generate_human_output_and_no_plan(run, engine):
     assert engine.calls["plan_layout"] == 0
 
 
+def test_generate_says_which_objects_grounding_did_not_find_in_an_accepted_image(run, engine):
+    engine.drop_labels = {"blue square"}  # drawn without it; the model's verdict still accepts
+    res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 1, "--json")
+    data = json.loads(res.stdout)
+    assert data["accepted"] and [a["grounding_failed"] for a in data["attempts"]] == [["blue square"]]
+    res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 1)
+    assert res.exit_code == 0 and res.stdout.splitlines()[1] == "  grounding did not find: blue square"
+    ok = run("generate", "red circle", "--out", "o.png", "--seed", 1)
+    assert len(ok.stdout.splitlines()) == 1  # nothing to say when every check passed
+
+
 def test_generate_review_plan_reads_a_layout_from_stdin(run, engine):
     layout = '[{"label": "green triangle", "box": [4, 4, 24, 24]}]'
     res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 1,

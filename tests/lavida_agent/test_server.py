@@ -96,6 +96,13 @@ async def test_healthz_and_openapi(client):
     assert "GenerateRequest" in spec["components"]["schemas"]
 
 
+async def test_an_accepted_attempt_lists_the_objects_grounding_did_not_find(client, engine):
+    engine.drop_labels = {"blue square"}
+    r = await client.post("/v1/generate", json={"prompt": "red circle and blue square", "seed": 5})
+    body = r.json()
+    assert body["accepted"] and body["attempts"][0]["grounding_failed"] == ["blue square"]
+
+
 async def test_generate_returns_image_plan_attempts_and_trace(client):
     r = await client.post("/v1/generate", json={"prompt": "red circle and blue square", "seed": 5})
     assert r.status_code == 200, r.text
