@@ -391,6 +391,30 @@ class LavidaPipeline:
         plans = [parse_plan(t) for t in texts]
         return PlanOutput(plans=[snap_plan(p) for p in plans] if snap else plans, texts=texts)
 
+    def plan_edit(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], *, seed=0, generator=None,
+        num_steps: int | None = None, temperature: float = 0.0, callback=None, interrupt=None,
+    ) -> PlanOutput:  # fmt: skip
+        """The edit's plan from the model alone: what the edit changes, as plan items.
+
+        The format of `model/training.py:touched_plan`: each object the edit produces with its
+        `{size} {color} {shape}` label at its target box, then `("removed", box)` for each
+        object it takes away (a recolour lists both at the same box); a background edit
+        plans nothing. Feed the plan back with `edit(plans=..., regions=...)`. Boxes are the
+        model's own, not snapped (a `removed` box has no size word to snap to).
+        """
+        images, instructions = _as_list(images), _as_list(instructions)
+        gens, _ = _generators(seed, generator, len(images), self.device)
+        codes = self._encode_images(images)
+        exs = [build_edit(self.tokenizer, self.config, ins, im, c, with_plan=True, with_image=False)
+               for ins, im, c in zip(instructions, images, codes)]  # fmt: skip
+        texts = self._decode_text(
+            exs, PLAN_LEN, gens=gens, num_steps=num_steps or 2 * self.defaults["text_steps"],
+            temperature=temperature, allowed=self._text_allowed(), callback=callback,
+            interrupt=interrupt, task="plan_edit",
+        )  # fmt: skip
+        return PlanOutput(plans=[parse_plan(t) for t in texts], texts=texts)
+
     def generate(
         self, prompts: Sequence[str], *, plans: Sequence[list[PlanItem] | None] | None = None,
         seed=0, generator=None, num_steps: int | None = None, guidance_scale: float | None = None,

@@ -79,6 +79,26 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(c.ok[0], bool)
 
 
+def test_plan_edit_decodes_the_slot_that_edit_plan_rows_train(pipe, scene_image, tokenizer, tiny_config):
+    from lavida_agent.model.tasks import build_edit
+
+    out = pipe.plan_edit([scene_image] * 2, ["remove the red circle", "move the red circle to the top left"],
+                         seed=[1, 2], num_steps=4)  # fmt: skip
+    assert len(out.plans) == len(out.texts) == 2 and out.plans == [parse_plan(t) for t in out.texts]
+    assert pipe.plan_edit([scene_image], ["remove the red circle"], seed=1, num_steps=4).texts == out.texts[:1]
+    # inference fills exactly the slot a training row holds the edit plan in
+    codes = pipe._encode_images([scene_image])[0]
+    train_row = build_edit(tokenizer, tiny_config, "remove the red circle", scene_image, codes,
+                           plan=[("removed", (4, 4, 20, 20))], plan_is_target=True, with_image=False)  # fmt: skip
+    infer_row = build_edit(tokenizer, tiny_config, "remove the red circle", scene_image, codes,
+                           with_plan=True, with_image=False)  # fmt: skip
+    assert train_row.segment_ids == infer_row.segment_ids
+    slot = [i for i, t in enumerate(train_row.text_targets) if t != -100]
+    assert slot and all(infer_row.input_ids[i] == tiny_config.mask_token_id for i in slot)
+    assert [t for i, t in enumerate(train_row.input_ids) if i not in slot] == [
+        t for i, t in enumerate(infer_row.input_ids) if i not in slot]  # fmt: skip
+
+
 def test_critique_decides_the_verdict_first(pipe, scene_image):
     """Even an untrained model's critique starts with `yes` or `no`: the verdict is chosen
     before the reasons, among those two words only."""
