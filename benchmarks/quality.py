@@ -14,7 +14,8 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   model's own plan (`plan`, then `generate(plans=...)`), same sampler seeds. Also whether
   the plan itself, read as a scene, satisfies the prompt.
 - `edit`: `n` instructions per ImgEdit-style category on rendered scenes; `check_edit`
-  correctness and PSNR outside the touched boxes.
+  correctness and PSNR outside the touched boxes; single shot (`edit`) and with the model's
+  own edit plan (`plan_edit`, then `edit(plans=..., regions=...)`), same sampler seeds.
 - `ground`: `5 n` scenes with up to 3 unambiguous referring expressions each; Acc@0.5 with
   one expression per call row (`single`) and all of a scene's expressions in one row
   (`multi`).
@@ -392,36 +393,46 @@ def score_edit(
     *,
     batch_size: int = 16,
     num_steps: int | None = None,
+    with_plan: bool = False,
 ) -> list[dict[str, Any]]:
     """Edit the renders of `sources` (batched) and judge with `check_edit`.
 
+    With `with_plan` the model first plans each edit (`pipeline.plan_edit`, same seed), then
+    edits with that plan as its condition and the plan's boxes as the regions to redraw
+    (`edit(plans=..., regions=...)`); an empty plan (a background edit) redraws the whole
+    image. Single shot (`with_plan=False`) is one `edit` call with neither.
+
     Returns:
-        One `{instruction, seed, correct, reasons, psnr_outside, image}` per edit; PSNR in dB
-        over the pixels outside the touched boxes, identical pixels reported as `PSNR_CAP`.
+        One `{instruction, seed, correct, reasons, psnr_outside, image}` per edit (and `plan`
+        with `with_plan`); PSNR in dB over the pixels outside the touched boxes, identical
+        pixels reported as `PSNR_CAP`.
     """
     images = [render(s) for s in sources]
     out: list[dict[str, Any]] = []
     for sl in _chunks(len(sources), batch_size):
-        res = pipeline.edit(
-            images[sl],
-            list(instructions[sl]),
-            seed=[int(s) for s in seeds[sl]],
-            **_gen_kwargs(num_steps),
-        )
-        for src, ins, s, image in zip(
-            sources[sl], instructions[sl], seeds[sl], res.images, strict=True
+        seed_list = [int(s) for s in seeds[sl]]
+        kw: dict[str, Any] = {}
+        plans: list[Any] = [None] * len(seed_list)
+        if with_plan:
+            plans = pipeline.plan_edit(images[sl], list(instructions[sl]), seed=seed_list).plans
+            kw = {"plans": [pl or None for pl in plans],
+                  "regions": [[box for _, box in pl] if pl else None for pl in plans]}  # fmt: skip
+        res = pipeline.edit(images[sl], list(instructions[sl]), seed=seed_list, **kw, **_gen_kwargs(num_steps))
+        for src, ins, s, image, plan in zip(
+            sources[sl], instructions[sl], seeds[sl], res.images, plans, strict=True
         ):
             verdict = check_edit(src, ins, _canvas(image))
-            out.append(
-                {
-                    "instruction": ins,
-                    "seed": int(s),
-                    "correct": verdict.correct,
-                    "reasons": list(verdict.reasons),
-                    "psnr_outside": _psnr(verdict.psnr_outside),
-                    "image": _canvas(image),
-                }
-            )
+            rec = {
+                "instruction": ins,
+                "seed": int(s),
+                "correct": verdict.correct,
+                "reasons": list(verdict.reasons),
+                "psnr_outside": _psnr(verdict.psnr_outside),
+                "image": _canvas(image),
+            }
+            if with_plan:
+                rec["plan"] = [[label, list(box)] for label, box in plan]
+            out.append(rec)
     return out
 
 
@@ -921,34 +932,36 @@ def _suite_edit(
     pipeline: Any, n: int, seed: int, batch_size: int, num_steps: int | None, state: dict, **_: Any
 ) -> dict[str, Any]:
     items = edit_items(n, seed)
-    recs = score_edit(
-        pipeline,
-        [it["scene"] for it in items],
-        [it["instruction"] for it in items],
-        [it["seed"] for it in items],
-        batch_size=batch_size,
-        num_steps=num_steps,
-    )
-    for it, r in zip(items, recs, strict=True):
-        r["category"] = it["category"]
-    state["edit"] = {"items": items, "single": recs}
-    return {
+    args = ([it["scene"] for it in items], [it["instruction"] for it in items], [it["seed"] for it in items])
+    recs = score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps)
+    planned = (score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps, with_plan=True)
+               if hasattr(pipeline, "plan_edit") else None)  # fmt: skip
+    for it, r, q in zip(items, recs, planned or recs, strict=True):
+        r["category"] = q["category"] = it["category"]
+    state["edit"] = {"items": items, "single": recs, "with_plan": planned}
+    out = {
         "n_per_category": n,
         "accuracy": _acc_by(recs, "category", EDIT_CATEGORIES),
         "psnr_outside_db": _acc_by(recs, "category", EDIT_CATEGORIES, "psnr_outside"),
-        "items": [
-            {
-                "category": it["category"],
-                "instruction": it["instruction"],
-                "seed": it["seed"],
-                "source": it["scene"].to_dict(),
-                "correct": r["correct"],
-                "reasons": r["reasons"],
-                "psnr_outside": r["psnr_outside"],
-            }
-            for it, r in zip(items, recs, strict=True)
-        ],
     }
+    if planned is not None:
+        out["with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES)
+        out["psnr_outside_db_with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES, "psnr_outside")
+    out["items"] = [
+        {
+            "category": it["category"],
+            "instruction": it["instruction"],
+            "seed": it["seed"],
+            "source": it["scene"].to_dict(),
+            "correct": r["correct"],
+            "reasons": r["reasons"],
+            "psnr_outside": r["psnr_outside"],
+            **({"plan": q["plan"], "with_plan_correct": q["correct"], "with_plan_reasons": q["reasons"]}
+               if planned is not None else {}),
+        }
+        for it, r, q in zip(items, recs, planned or recs, strict=True)
+    ]
+    return out
 
 
 def _suite_ground(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
@@ -1251,8 +1264,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             "## edit: accuracy per category",
             "",
             _table(
-                ["category", "accuracy", "PSNR outside (dB)"],
-                _cat_rows(EDIT_CATEGORIES, [e["accuracy"], e["psnr_outside_db"]]),
+                ["category", "single shot", "PSNR outside (dB)", "with the model's plan", "PSNR outside (dB)"],
+                _cat_rows(EDIT_CATEGORIES, [e["accuracy"], e["psnr_outside_db"], e.get("with_plan", {}),
+                                            e.get("psnr_outside_db_with_plan", {})]),  # fmt: skip
             ),
         ]
     if "ground" in suites:
@@ -1391,8 +1405,9 @@ def _save_samples(out_dir: Path, state: dict, per_category: int = 2) -> list[str
     if ed:
         by_ins = {(r["instruction"], r["seed"]): r for r in agent.get("edit", [])}
         images, labels, ncols = [], [], 0
+        planned = ed.get("with_plan") or [None] * len(ed["items"])
         for cat in EDIT_CATEGORIES:
-            for it, r in zip(ed["items"], ed["single"], strict=True):
+            for it, r, q in zip(ed["items"], ed["single"], planned, strict=True):
                 if it["category"] != cat or it["index"] >= per_category:
                     continue
                 row = [
@@ -1400,6 +1415,8 @@ def _save_samples(out_dir: Path, state: dict, per_category: int = 2) -> list[str
                     (render(it["target"]), "an expected result"),
                     (r["image"], f"{_mark(r['correct'])} edit, PSNR out {r['psnr_outside']:.1f}"),
                 ]
+                if q is not None:
+                    row.append((q["image"], f"{_mark(q['correct'])} with its plan"))
                 ag = by_ins.get((it["instruction"], it["seed"]))
                 if ag is not None:
                     row.append(

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from lavida_agent.benchmarks import quality
+from lavida_agent.model.training import touched_plan
 from lavida_agent.tools.shapes_world.checkers import check_prompt
 from lavida_agent.tools.shapes_world.detect import detect
 from lavida_agent.tools.shapes_world.language import (
@@ -116,18 +117,26 @@ class OraclePipeline:
     def regenerate_regions(self, images, prompts, boxes, *, plans=None, seed=0, **_):
         return self.generate(prompts, seed=seed)
 
+    @staticmethod
+    def _edited(image, ins, s):
+        scene = detect(image).scene
+        for k in range(100):  # placement is random: redraw until the edit fits
+            target = apply_edit(np.random.default_rng([int(s), k]), scene, parse_edit(ins))
+            if target is not None:
+                return scene, target
+        return scene, scene
+
+    def plan_edit(self, images, instructions, *, seed=0, **_):
+        self.forward_count += 1
+        plans = [touched_plan(*self._edited(image, ins, s))
+                 for image, ins, s in zip(images, instructions, _seeds(seed, len(images)), strict=True)]  # fmt: skip
+        return SimpleNamespace(plans=plans, texts=[""] * len(images))
+
     def edit(self, images, instructions, *, seed=0, **_):
         self.forward_count += 1
-        out = []
-        for image, ins, s in zip(images, instructions, _seeds(seed, len(images)), strict=True):
-            scene = detect(image).scene
-            target = None
-            for k in range(100):  # placement is random: redraw until the edit fits
-                target = apply_edit(np.random.default_rng([int(s), k]), scene, parse_edit(ins))
-                if target is not None:
-                    break
-            out.append(render(target if target is not None else scene))
-        return SimpleNamespace(images=out)
+        return SimpleNamespace(images=[render(self._edited(image, ins, s)[1])
+                                       for image, ins, s in zip(images, instructions, _seeds(seed, len(images)),
+                                                                strict=True)])  # fmt: skip
 
     def ground(self, images, expressions):
         self.forward_count += 1
@@ -176,6 +185,9 @@ class BlankPipeline(OraclePipeline):
 
     def generate(self, prompts, **_):
         return SimpleNamespace(images=[np.zeros((64, 64, 3), np.uint8) for _ in prompts])
+
+    def plan_edit(self, images, instructions, **_):
+        return SimpleNamespace(plans=[[] for _ in images], texts=[""] * len(images))
 
     def edit(self, images, instructions, **_):
         return self.generate(instructions)
@@ -246,7 +258,8 @@ def test_quick_run_writes_every_suite(quick_run):
         == set(s["t2i"]["single_shot"])
         == set(s["t2i"]["with_plan"])
     )
-    assert set(EDIT_CATEGORIES) | {"overall"} == set(s["edit"]["accuracy"])
+    assert set(EDIT_CATEGORIES) | {"overall"} == set(s["edit"]["accuracy"]) == set(s["edit"]["with_plan"])
+    assert all("plan" in it and "with_plan_correct" in it for it in s["edit"]["items"])
     assert set(QUESTION_KINDS) | {"overall"} == set(s["vqa"]["accuracy"])
     assert {"acc@0.5_single", "acc@0.5_multi", "n_expressions"} <= set(s["ground"])
     assert {"rendered", "own_generations"} <= set(s["critique"])
