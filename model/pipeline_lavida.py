@@ -684,7 +684,11 @@ class LavidaPipeline:
                 verdict, why = parse_verdict(t)
             except ValueError:  # the verdict word was decided first; only the reasons are garbled
                 verdict = t.split()[0].rstrip(":") == "yes" if t.split() else False
-                why = [] if verdict else [f"unparsable critique: {t!r}"]
+                try:  # keep the reasons that parse (the text stays in `texts`)
+                    why = [] if verdict else parse_verdict(t, lenient=True)[1]
+                except ValueError:
+                    why = []
+                why = why or ([] if verdict else [f"unparsable critique: {t!r}"])
             ok.append(verdict)
             reasons.append(list(why))
         return CritiqueOutput(ok=ok, reasons=reasons, texts=texts)

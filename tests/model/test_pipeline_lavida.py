@@ -109,6 +109,15 @@ def test_critique_decides_the_verdict_first(pipe, scene_image):
     assert [t.startswith("yes") for t in c.texts] == c.ok
 
 
+def test_critique_keeps_the_reasons_that_parse_from_a_garbled_verdict(pipe, scene_image, monkeypatch):
+    texts = ["no: missing red circle; extra blue square missing", "no: it looks off", "yes"]
+    monkeypatch.setattr(pipe, "_decode_text", lambda *a, **k: list(texts))
+    c = pipe.critique([scene_image] * 3, ["a red circle"] * 3, num_steps=2)
+    assert c.ok == [False, False, True] and c.texts == texts
+    assert c.reasons[0] == ["missing red circle"]  # the tail fragment is dropped
+    assert c.reasons[1] == ["unparsable critique: 'no: it looks off'"] and c.reasons[2] == []
+
+
 def test_regenerate_regions_keeps_codes_outside_the_boxes(pipe, scene_image):
     original = torch.from_numpy(pipe._encode_images([scene_image])[0])
     out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(0, 0, 16, 16)]], seed=3, num_steps=4)

@@ -1393,15 +1393,18 @@ def verdict_text(reasons: Sequence[str]) -> str:
     return "yes" if not reasons else "no: " + "; ".join(reasons)
 
 
-def parse_verdict(text: str) -> tuple[bool, list[str]]:
+def parse_verdict(text: str, *, lenient: bool = False) -> tuple[bool, list[str]]:
     """Parse a critique verdict (`yes` / `no: missing blue square; extra red circle`).
+
+    With `lenient`, a reason outside the vocabulary is dropped instead of raising (a
+    fixed-length decoder can leave a trailing fragment: `...; extra blue square missing`).
 
     Returns:
         `(ok, reasons)`; reasons are normalised (lower case, single spaces, `an` -> `a`).
 
     Raises:
-        GrammarError: For a verdict that is neither yes nor no, or a reason outside the
-            vocabulary (`REASON_TEMPLATES`).
+        GrammarError: For a verdict that is neither yes nor no, or (unless `lenient`) a
+            reason outside the vocabulary (`REASON_TEMPLATES`).
     """
     norm = " ".join(text.strip().lower().rstrip(" .!").split())
     if norm == "yes":
@@ -1414,6 +1417,8 @@ def parse_verdict(text: str) -> tuple[bool, list[str]]:
         if not part:
             continue
         if not any(rx.match(part) for rx in _REASON_RES):
+            if lenient:
+                continue
             raise GrammarError(
                 f"unknown reason {part!r} in verdict {text!r}; expected one of the forms: "
                 + "; ".join(REASON_TEMPLATES.values())

@@ -484,3 +484,13 @@ def test_a_relation_question_gets_several_tries_before_its_kind_is_dropped():
     kinds = [lang.sample_question(rng, sample_scene(rng, n_objects=3), {"relation": 1, "caption": 1e-9})[1].kind
              for _ in range(100)]  # fmt: skip
     assert kinds.count("relation") >= 90  # one failed draw of anchor and relation does not drop it
+
+
+def test_lenient_parse_drops_only_the_reasons_outside_the_vocabulary():
+    text = "no: missing purple circle; extra blue square missing"  # a fixed-length decode's tail
+    with pytest.raises(GrammarError):
+        lang.parse_verdict(text)
+    assert lang.parse_verdict(text, lenient=True) == (False, ["missing purple circle"])
+    assert lang.parse_verdict("no: it looks off", lenient=True) == (False, [])
+    with pytest.raises(GrammarError):  # the verdict word itself is never guessed
+        lang.parse_verdict("maybe: missing red circle", lenient=True)
