@@ -683,12 +683,13 @@ class LavidaPipeline:
             try:
                 verdict, why = parse_verdict(t)
             except ValueError:  # the verdict word was decided first; only the reasons are garbled
-                verdict = t.split()[0].rstrip(":") == "yes" if t.split() else False
-                try:  # keep the reasons that parse (the text stays in `texts`)
-                    why = [] if verdict else parse_verdict(t, lenient=True)[1]
-                except ValueError:
-                    why = []
-                why = why or ([] if verdict else [f"unparsable critique: {t!r}"])
+                verdict, why = (t.split()[0].rstrip(":") == "yes" if t.split() else False), []
+                if not verdict:  # keep the reasons that parse (the text stays in `texts`)
+                    try:
+                        why = parse_verdict(t, lenient=True)[1]
+                    except ValueError:
+                        pass
+                    why = why or [f"unparsable critique: {t!r}"]
             ok.append(verdict)
             reasons.append(list(why))
         return CritiqueOutput(ok=ok, reasons=reasons, texts=texts)

@@ -265,12 +265,15 @@ class TaskSampler:
     def _plan(self, rng, n):
         return self._t2i(rng, n, plan="only")
 
+    @staticmethod
+    def _edit_draft(rng) -> tuple:
+        """One `(source scene, instruction, target scene)`."""
+        source = sample_scene(rng)
+        instruction, _, target = lang.sample_edit(rng, source)
+        return source, instruction, target
+
     def _edit(self, rng, n):
-        drafts = []
-        for _ in range(n):
-            source = sample_scene(rng)
-            instruction, _, target = lang.sample_edit(rng, source)
-            drafts.append((source, instruction, target, rng.random() < 0.25))
+        drafts = [(*self._edit_draft(rng), rng.random() < 0.25) for _ in range(n)]
         images = [render(s) for s, _, _, _ in drafts] + [render(t) for _, _, t, _ in drafts]
         codes = self.encode(images)
         out = []
@@ -286,11 +289,7 @@ class TaskSampler:
         edit as `plan` is of t2i. (In `edit` rows the plan is a clean condition 80% of the
         time and in only a quarter of the rows: stage 13 wrote the right labels for 6 edits
         in 10 but no box within IoU 0.5 of the truth.)"""
-        drafts = []
-        for _ in range(n):
-            source = sample_scene(rng)
-            instruction, _, target = lang.sample_edit(rng, source)
-            drafts.append((source, instruction, target))
+        drafts = [self._edit_draft(rng) for _ in range(n)]
         images = [render(s) for s, _, _ in drafts]
         codes = self.encode(images)
         return [build_edit(self.tok, self.cfg, instruction, im, c, plan=touched_plan(source, target),
