@@ -13,6 +13,7 @@ from lavida_agent import prompts
 from lavida_agent.graphs.engine import BoxList
 from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, box_iou
 from lavida_agent.tools.artifacts import ImageRef
+from lavida_agent.tools.shapes_world import language as lang
 
 Role = Literal["planned", "target", "keep"]
 
@@ -46,15 +47,25 @@ def reason_for(check: GroundingCheck) -> str:
 def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
+    dropped_reasons: Sequence[str] = (),
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
     With `gate`, accept only when the model accepts and every check passes; without it the
     model's verdict decides and the checks only score the attempt. A rejection blames each
     failed object either way.
+
+    `dropped_reasons` are reasons of the model's that cannot be about the prompt (see
+    `split_reasons`); they are recorded, not reported. A rejection left with no reason at
+    all misread the prompt: its verdict then counts for nothing and the grounding checks
+    decide alone (accept when there is at least one and all pass).
     """
     failed = [c for c in checks if not c.ok]
-    accept = model_ok and (not failed or not gate)
+    misread = not model_ok and not model_reasons and bool(dropped_reasons)
+    if misread:
+        accept = bool(checks) and not failed
+    else:
+        accept = model_ok and (not failed or not gate)
     reasons = [str(r) for r in model_reasons] + [reason_for(c) for c in failed]
     if not accept and not reasons:
         reasons = [model_text or "the model rejected the image"]
@@ -67,9 +78,25 @@ def make_critique(
         blamed=[] if accept else [LayoutItem(label=c.label, box=c.expected) for c in failed],
         model_ok=model_ok,
         model_text=model_text,
+        dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
         score=round_score(score),
     )
+
+
+def split_reasons(prompt: str, reasons: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`(kept, dropped)`: the critique's reasons that can, and cannot, be about `prompt`.
+
+    A reason cannot be about the prompt when the checkers could never give it for that
+    prompt, whatever the image (`language.reason_fits_prompt`: `missing blue circle` for a
+    prompt with no blue circle). A prompt outside the ShapesWorld grammar keeps every reason.
+    """
+    try:
+        spec = lang.parse_prompt(prompt)
+    except lang.GrammarError:
+        return [str(r) for r in reasons], []
+    kept = [str(r) for r in reasons if lang.reason_fits_prompt(spec, r)]
+    return kept, [str(r) for r in reasons if not lang.reason_fits_prompt(spec, r)]
 
 
 def round_score(x: float) -> float:

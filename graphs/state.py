@@ -178,6 +178,12 @@ class Critique(BaseModel):
     )
     model_ok: bool = Field(description="The model's own verdict (Engine.critique).")
     model_text: str = ""
+    dropped_reasons: list[str] = Field(
+        default_factory=list,
+        description="The model's reasons that cannot be about the prompt (`missing blue circle` "
+                    "for a prompt without one), left out of `reasons`; a rejection with only "
+                    "such reasons leaves the verdict to the grounding checks.",
+    )  # fmt: skip
     grounding: list[GroundingCheck] = Field(default_factory=list)
     score: float = Field(description="(model_ok + checks passed) / (1 + checks); ranks attempts.")
 

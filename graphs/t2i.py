@@ -12,7 +12,9 @@
   says whether a failed check also rejects the image ('gate') or only ranks attempts and
   picks the boxes to redraw ('rank', the default: on generated images the shipped
   model's grounding failed half of the images the detector calls correct, see
-  `model/weights/README.md`).
+  `model/weights/README.md`). Reasons the prompt rules out (`missing blue circle` for a
+  prompt without one) are dropped into `Critique.dropped_reasons`; a rejection made only of
+  those misread the prompt, and the grounding checks decide instead.
 - `refine_image` either regenerates the whole image with the critique as feedback, or
   re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
   seed `base_seed + r`, recorded in its `Attempt`.
@@ -29,7 +31,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from lavida_agent.graphs._verify import grounding_checks, make_critique
+from lavida_agent.graphs._verify import grounding_checks, make_critique, split_reasons
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
@@ -159,11 +161,14 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
         found = engine.ground(image, [i.label for i in planned]) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
-        # Step 3: combine; keep the best attempt so far: an accepted one, else the best
-        # scored (earliest wins a tie).
+        # Step 3: drop the reasons the prompt rules out (`missing blue circle` when it asks
+        # for none); a rejection made only of those leaves the verdict to the checks.
+        kept, dropped = split_reasons(state.prompt, verdict.reasons)
         critique = make_critique(round=attempt.round, image=attempt.image, model_ok=verdict.ok,
-                                 model_reasons=verdict.reasons, model_text=verdict.text,
+                                 model_reasons=kept, dropped_reasons=dropped, model_text=verdict.text,
                                  checks=checks, gate=ctx.grounding_check == "gate")  # fmt: skip
+        # Step 4: keep the best attempt so far: an accepted one, else the best scored
+        # (earliest wins a tie).
         critiques = [*state.critiques, critique]
         best = max(range(len(critiques)), key=lambda i: (critiques[i].accepted, critiques[i].score, -i))
         emit("critique", critique=critique.model_dump(mode="json"))

@@ -262,6 +262,7 @@ def _attempt_dict(
         "verdict": critique.verdict if critique else None,
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
+        "dropped_reasons": list(critique.dropped_reasons) if critique else [],
         "image": result.image_path(image),
     }
 

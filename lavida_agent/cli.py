@@ -438,6 +438,8 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
         kept = [a for a in data["attempts"] if a["image"] == data["result"]]
         if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
             click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")
+        if kept and kept[0]["dropped_reasons"]:
+            click.echo(f"  critique reasons dropped (not about the prompt): {'; '.join(kept[0]['dropped_reasons'])}")
 
 
 @cli.command()

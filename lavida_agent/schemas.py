@@ -318,6 +318,11 @@ class AttemptOut(BaseModel):
         description="Objects whose grounding check failed; an accepted t2i image can have some "
         "(grounding_check=rank trusts the model's verdict and only ranks by the checks).",
     )
+    dropped_reasons: list[str] = Field(
+        default_factory=list,
+        description="The model's critique reasons that cannot be about the prompt (e.g. "
+        "`missing blue circle` when the prompt has no blue circle); not in `reasons`.",
+    )
     image: ImageOut
 
 

@@ -438,6 +438,7 @@ class _Service:
                                        verdict=getattr(by_round.get(a.round), "verdict", None),
                                        reasons=list(getattr(by_round.get(a.round), "reasons", [])),
                                        grounding_failed=getattr(by_round.get(a.round), "grounding_failed", []),
+                                       dropped_reasons=list(getattr(by_round.get(a.round), "dropped_reasons", [])),
                                        image=self.image_out(base, a.image, "url"))
                     for a in r.attempts]  # fmt: skip
         return schemas.GenerateResponse(

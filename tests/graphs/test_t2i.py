@@ -130,6 +130,38 @@ def test_refine_regenerate_mode_ignores_blamed_boxes(store):
     assert engine.calls["regenerate_regions"] == 0 and not out.accepted
 
 
+GRAMMAR_PROMPT = "a red circle and a blue square"  # inside the ShapesWorld grammar
+
+
+def test_rejection_for_reasons_the_prompt_rules_out_defers_to_grounding(engine, ctx):
+    engine.enqueue_critique(False, ["missing purple circle"])  # no purple circle was asked for
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
+    assert out.accepted and len(out.attempts) == 1  # every planned object was found
+    (critique,) = out.critiques
+    assert not critique.model_ok and critique.reasons == []
+    assert critique.dropped_reasons == ["missing purple circle"]
+    assert all(g.ok for g in critique.grounding)
+
+
+def test_misread_rejection_still_rejects_when_grounding_fails(store):
+    engine = FakeEngine(drop_labels=["a blue square"])
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1)
+    engine.enqueue_critique(False, ["missing purple circle"])
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
+    (critique,) = out.critiques
+    assert not out.accepted and critique.dropped_reasons == ["missing purple circle"]
+    assert len(critique.reasons) == 1 and "a blue square" in critique.reasons[0]
+
+
+def test_reasons_the_prompt_rules_out_are_not_fed_back(engine, ctx):
+    engine.enqueue_critique(False, ["missing purple circle", "missing red circle"])
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
+    first = out.critiques[0]
+    assert first.verdict == "reject" and first.reasons == ["missing red circle"]
+    assert first.dropped_reasons == ["missing purple circle"]
+    assert out.attempts[1].feedback == ["missing red circle"] and out.accepted
+
+
 def test_rank_mode_lets_the_model_decide_and_records_the_checks(store):
     engine = FakeEngine(drop_labels=["blue square"])  # grounding misses the square
     ctx = Context(engine=engine, artifacts=store, max_rounds=3)  # grounding_check="rank"

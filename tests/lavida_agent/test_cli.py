@@ -122,6 +122,18 @@ def test_generate_says_which_objects_grounding_did_not_find_in_an_accepted_image
     assert len(ok.stdout.splitlines()) == 1  # nothing to say when every check passed
 
 
+def test_generate_shows_critique_reasons_dropped_as_not_about_the_prompt(run, engine):
+    engine.enqueue_critique(False, ["missing purple circle"])  # the prompt has no purple circle
+    res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("o.png: accepted after 1 round(s)")  # grounding found both objects
+    assert lines[1] == "  critique reasons dropped (not about the prompt): missing purple circle"
+    engine.enqueue_critique(False, ["missing purple circle"])
+    res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1, "--json")
+    assert [a["dropped_reasons"] for a in json.loads(res.stdout)["attempts"]] == [["missing purple circle"]]
+
+
 def test_generate_review_plan_reads_a_layout_from_stdin(run, engine):
     layout = '[{"label": "green triangle", "box": [4, 4, 24, 24]}]'
     res = run("generate", "red circle and blue square", "--out", "o.png", "--seed", 1,

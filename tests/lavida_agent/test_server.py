@@ -103,6 +103,14 @@ async def test_an_accepted_attempt_lists_the_objects_grounding_did_not_find(clie
     assert body["accepted"] and body["attempts"][0]["grounding_failed"] == ["blue square"]
 
 
+async def test_an_attempt_lists_the_critique_reasons_dropped_as_not_about_the_prompt(client, engine):
+    engine.enqueue_critique(False, ["missing purple circle"])
+    r = await client.post("/v1/generate", json={"prompt": "a red circle and a blue square", "seed": 5})
+    attempt = r.json()["attempts"][0]
+    assert attempt["dropped_reasons"] == ["missing purple circle"] and attempt["reasons"] == []
+    assert attempt["verdict"] == "accept"
+
+
 async def test_generate_returns_image_plan_attempts_and_trace(client):
     r = await client.post("/v1/generate", json={"prompt": "red circle and blue square", "seed": 5})
     assert r.status_code == 200, r.text

@@ -74,7 +74,7 @@ __all__ = [
     "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "sample_refexp", "refexp_text",
     "parse_refexp", "resolve_refexp", "sample_question", "question_text", "parse_question",
-    "answer", "caption", "plan_items", "reason", "prompt_reasons", "sample_critique",
+    "answer", "caption", "plan_items", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
     "verdict_text", "parse_verdict", "article",
 ]  # fmt: skip
 
@@ -1277,10 +1277,13 @@ _FIELD_RE = {
     "found": "(?:[0-9]+|[a-z]+)", "expected": "(?:[0-9]+|[a-z]+)", "relation": _alt(RELATIONS),
     "region": _alt(REGIONS), "direction": _alt(DIRECTIONS), "new": f"a {_alt(SHAPES)}",
 }  # fmt: skip
-_REASON_RES = [
-    re.compile("^" + re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELD_RE[m.group(1)], re.escape(t)) + "$")
-    for t in REASON_TEMPLATES.values()
-]
+# one pattern per template, its fields as named groups
+_REASON_PARSE = {
+    kind: re.compile("^" + re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{_FIELD_RE[m.group(1)]})",
+                                 re.escape(t)) + "$")
+    for kind, t in REASON_TEMPLATES.items()
+}  # fmt: skip
+_REASON_RES = list(_REASON_PARSE.values())
 
 
 class _SceneLike(Protocol):
@@ -1386,6 +1389,43 @@ def prompt_reasons(spec: PromptSpec, scene: _SceneLike) -> list[str]:
         found = scene.background or "unknown"
         reasons.append(reason("background", found=found, expected=spec.background))
     return reasons
+
+
+def reason_fits_prompt(spec: PromptSpec, text: str) -> bool:
+    """Whether `prompt_reasons` could ever say `text` about an image for `spec`.
+
+    `extra ...` fits any prompt; the others must name what the prompt asked for:
+    `missing blue circle` fits only a prompt with a blue circle, `circle is green, expected
+    red` only one with a red circle, `2 triangles, expected 3` only one counting three
+    triangles, a relation only the prompt's own, `background is X, expected Y` only a prompt
+    naming background Y. Edit-only reasons never fit. A critique that rejects an image for
+    reasons that cannot fit its prompt has misread the prompt, not the image.
+    """
+    text = re.sub(r"\ban\b", "a", " ".join(text.strip().lower().split()))
+    kind, m = next(((k, m) for k, rx in _REASON_PARSE.items() if (m := rx.match(text))), (None, None))
+    if m is None:
+        return False
+    f = m.groupdict()
+    reqs = spec.objects
+    if kind == "extra":
+        return True
+    if kind == "missing":
+        return any(f["noun"] == r.noun.text for r in reqs)
+    if kind == "count":
+        return (spec.category == "counting" and f["found"].isdigit()
+                and any(f["noun"] == _noun_words(r, int(f["found"])) and f["expected"] == str(r.count)
+                        for r in reqs))  # fmt: skip
+    if kind in ("color", "size"):  # the two templates read alike: the expected word decides
+        return any(f["shape"] == r.shape and f["expected"] in (r.color, r.size) and f["found"] != f["expected"]
+                   for r in reqs)  # fmt: skip
+    if kind == "relation":
+        if spec.relation is None:
+            return False
+        a, rel, b = spec.relation
+        return (f["noun"], f["relation"], f["anchor"]) == (reqs[a].noun.text, rel, reqs[b].noun.text)
+    if kind == "background":
+        return spec.background is not None and f["expected"] == spec.background != f["found"]
+    return False  # edit-only reasons
 
 
 def verdict_text(reasons: Sequence[str]) -> str:

@@ -494,3 +494,43 @@ def test_lenient_parse_drops_only_the_reasons_outside_the_vocabulary():
     assert lang.parse_verdict("no: it looks off", lenient=True) == (False, [])
     with pytest.raises(GrammarError):  # the verdict word itself is never guessed
         lang.parse_verdict("maybe: missing red circle", lenient=True)
+
+
+def test_every_reason_the_checkers_give_fits_its_prompt():
+    rng = np.random.default_rng(5)
+    seen = 0
+    for i in range(400):
+        if i % 2:
+            text, scene, _ = lang.sample_critique(rng)
+            spec = lang.parse_prompt(text)
+        else:  # an unrelated scene: many reasons of every kind
+            _, spec = lang.sample_prompt(rng)
+            scene = sample_scene(rng)
+        for r in lang.prompt_reasons(spec, scene):
+            seen += 1
+            assert lang.reason_fits_prompt(spec, r), (lang.prompt_text(spec), r)
+    assert seen > 300
+
+
+@pytest.mark.parametrize(
+    "prompt, reason, fits",
+    [
+        ("a red circle left of a blue square", "missing blue circle", False),
+        ("a red circle left of a blue square", "missing purple circle", False),
+        ("a red circle left of a blue square", "Missing red circle", True),
+        ("a red circle left of a blue square", "extra green triangle", True),
+        ("a red circle left of a blue square", "red circle should be left of blue square", True),
+        ("a red circle left of a blue square", "blue square should be left of red circle", False),
+        ("a red circle left of a blue square", "circle is green, expected red", True),
+        ("a red circle left of a blue square", "circle is green, expected blue", False),
+        ("a red circle left of a blue square", "background is gray, expected white", False),
+        ("three red triangles", "2 red triangles, expected 3", True),
+        ("three red triangles", "2 red triangles, expected 4", False),
+        ("three red triangles", "1 red triangle, expected 3", True),
+        ("a circle on a white background", "background is gray, expected white", True),
+        ("a circle on a white background", "red circle moved", False),  # edit-only
+        ("a circle on a white background", "it looks off", False),
+    ],
+)
+def test_reason_fits_prompt(prompt, reason, fits):
+    assert lang.reason_fits_prompt(lang.parse_prompt(prompt), reason) is fits
