@@ -37,6 +37,7 @@ from .tasks import (
     PLAN_LEN,
     Example,
     PlanItem,
+    box_cells,
     build_critique,
     build_edit,
     build_ground,
@@ -493,15 +494,9 @@ class LavidaPipeline:
         boxes are None is masked whole. Returns the codes (B, G, G) and the redrawn cells."""
         cfg = self.config
         codes = torch.from_numpy(np.stack(codes))  # (B, G, G)
-        cell = cfg.image_size // cfg.image_grid
         for b, row in enumerate(boxes):
-            if row is None:
-                codes[b] = cfg.image_mask_code
-                continue
-            for x0, y0, x1, y1 in row:
-                gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
-                gx1, gy1 = min(cfg.image_grid, -(-int(x1) // cell)), min(cfg.image_grid, -(-int(y1) // cell))
-                codes[b, gy0:gy1, gx0:gx1] = cfg.image_mask_code
+            cells = np.ones(codes.shape[1:], dtype=bool) if row is None else box_cells(row, cfg)
+            codes[b][torch.from_numpy(cells)] = cfg.image_mask_code
         return codes, (codes == cfg.image_mask_code).numpy()
 
     def _keep_outside(self, images: Sequence[np.ndarray], codes: torch.Tensor, redrawn: np.ndarray) -> list[np.ndarray]:

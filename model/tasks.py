@@ -42,6 +42,7 @@ __all__ = [
     "Example",
     "PlanItem",
     "SequenceBuilder",
+    "box_cells",
     "build_critique",
     "build_edit",
     "build_ground",
@@ -88,6 +89,9 @@ class Example:
     images: list[np.ndarray] = field(default_factory=list)
     task: str = ""
     loc_only: bool = False
+    # Edit rows: the VQ cells the edit touches (`box_cells` of the edit plan's boxes), or
+    # None; read by `training.add_noise` to train the pipeline's local (region) redraw.
+    edit_region: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -239,6 +243,21 @@ def snap_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
         if not moved:
             break
     return [(label, (x, y, x + side, y + side)) for (label, _), (x, y, side) in zip(items, boxes)]
+
+
+def box_cells(boxes, config) -> np.ndarray:
+    """`(G, G)` bool: the VQ cells that overlap any of the pixel boxes `(x0, y0, x1, y1)`.
+
+    The pipeline's region edit masks (and redraws) exactly these cells; training masks them
+    for the same state (`training.add_noise`).
+    """
+    G, cell = config.image_grid, config.image_size // config.image_grid
+    cells = np.zeros((G, G), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
+        gx1, gy1 = min(G, -(-int(x1) // cell)), min(G, -(-int(y1) // cell))
+        cells[gy0:gy1, gx0:gx1] = True
+    return cells
 
 
 def parse_boxes(text: str, canvas: int = CANVAS) -> list[tuple[int, int, int, int] | None]:

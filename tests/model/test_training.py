@@ -411,3 +411,48 @@ def test_own_critique_share_picks_pool_images(tokenizer, tiny_config, tiny_vq):
     assert not any(np.array_equal(ex.images[0], im) for ex in plain for im in images)
     with pytest.raises(ValueError, match="own_pool"):
         TaskSampler(tokenizer, tiny_config, tiny_vq, own_critique=0.5)
+
+
+def test_edit_region_mask_redraws_only_the_touched_cells_over_the_source(tokenizer, tiny_config, tiny_vq):
+    from dataclasses import replace
+
+    from lavida_agent.model.tasks import box_cells
+
+    cfg = tiny_config
+    sampler = TaskSampler(tokenizer, cfg, tiny_vq)
+    edits = sampler.examples("edit", np.random.default_rng(3), 12)
+    with_region = [ex for ex in edits if ex.edit_region is not None]
+    assert with_region and all(ex.edit_region.shape == (cfg.image_grid,) * 2 for ex in with_region)
+    ex = with_region[0]
+    # a region that differs from the whole grid, and a source that differs from the target
+    region = box_cells([(8, 8, 24, 20)], cfg)
+    assert 0 < region.sum() < region.size
+    tgt = ex.gen_codes[1]
+    ex = replace(ex, edit_region=region, gen_codes=[(tgt + 1) % cfg.codebook_size, tgt])
+    src = ex.gen_codes[0]
+    for seed in range(10):
+        noisy, (labels,) = add_noise(ex, np.random.default_rng(seed), cfg, edit_region_mask=1.0)
+        shown = noisy.gen_codes[-1]
+        masked = shown == cfg.image_mask_code
+        assert masked.any() and not (masked & ~region).any()  # only the region is redrawn
+        assert (labels != -100).tolist() == masked.tolist()  # the loss is on the redrawn cells
+        assert (labels[masked] == tgt[masked]).all()
+        assert (shown[~region] == src[~region]).all()  # the source's codes outside it
+        unmasked = region & ~masked
+        assert (shown[unmasked] == tgt[unmasked]).all()
+    # off: the full-image noise, and no extra draw
+    ra, rb = np.random.default_rng(0), np.random.default_rng(0)
+    a, _ = add_noise(ex, ra, cfg)
+    b, _ = add_noise(replace(ex, edit_region=None), rb, cfg, edit_region_mask=1.0)
+    assert all((x == y).all() for x, y in zip(a.gen_codes, b.gen_codes)) and ra.random() == rb.random()
+
+
+def test_box_cells_covers_every_cell_a_box_touches(tiny_config):
+    from lavida_agent.model.tasks import box_cells
+
+    cfg = tiny_config
+    cell = cfg.image_size // cfg.image_grid
+    cells = box_cells([(cell, 0, 2 * cell + 1, cell)], cfg)  # one cell row, columns 1..2
+    assert np.argwhere(cells).tolist() == [[0, 1], [0, 2]]
+    assert not box_cells([], cfg).any()
+    assert box_cells([(0, 0, cfg.image_size, cfg.image_size)], cfg).all()
