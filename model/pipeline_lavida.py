@@ -308,7 +308,8 @@ class LavidaPipeline:
             torch.full((B, G * G), cfg.image_mask_code, dtype=torch.long, device=self.device)
             if start is None else start.reshape(B, G * G).to(self.device).clone()
         )  # fmt: skip
-        n_masked = int((sample == cfg.image_mask_code).sum(1).max())
+        # each row on its own schedule: a region edit's result must not depend on its batch
+        n_masked = (sample == cfg.image_mask_code).sum(1).tolist()
         sampler = ImageMaskSampler(cfg.image_mask_code, shift=self.defaults["shift"], order=order,
                                    temperature=temperature)  # fmt: skip
         sampler.set_timesteps(num_steps, n_masked, G)

@@ -17,6 +17,7 @@ one per row so that each request in a batch replays on its own seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,11 +141,20 @@ class ImageMaskSampler:
         self.confidence_temperature = confidence_temperature
         self.order_seed = order_seed
         self.counts: list[int] = []
+        self.row_counts: list[list[int]] = []
         self.fixed_order: torch.Tensor | None = None
 
-    def set_timesteps(self, num_steps: int, num_masked: int, grid: int) -> None:
-        """Plan the reveal counts for `num_masked` masked tokens on a `grid` x `grid` image."""
-        self.counts = shift_schedule(num_masked, num_steps, self.shift)
+    def set_timesteps(self, num_steps: int, num_masked: int | Sequence[int], grid: int) -> None:
+        """Plan the reveal counts for `num_masked` masked tokens on a `grid` x `grid` image.
+
+        `num_masked` may list one count per row (a region edit masks only its cells): each
+        row then follows its own schedule, the one it would follow alone, so a request's
+        image does not depend on what else shares its batch. `counts` is the longest
+        schedule: the loop's steps; a row whose schedule is shorter is done before.
+        """
+        rows = [num_masked] if isinstance(num_masked, int) else [int(n) for n in num_masked]
+        self.row_counts = [shift_schedule(n, num_steps, self.shift) for n in rows]
+        self.counts = max(self.row_counts, key=len)
         self.fixed_order = torch.from_numpy(stratified_order(grid, self.order_seed))
 
     @property
@@ -184,14 +194,17 @@ class ImageMaskSampler:
             cand = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=K - 1)
         x0 = torch.where(masked, cand, sample)  # revealed codes never change
 
-        # Step 2: choose which masked positions to reveal now.
-        k = self.counts[step_index] if step_index < len(self.counts) - 1 else N  # last: all
+        # Step 2: choose which masked positions to reveal now, on each row's own schedule.
+        if len(self.row_counts) not in (1, B):
+            raise ValueError(f"set_timesteps planned {len(self.row_counts)} rows, step got {B}")
         prev = sample.clone()
         for b in range(B):
             m = masked[b]
             n_masked = int(m.sum())
             if n_masked == 0:
                 continue
+            counts = self.row_counts[b if len(self.row_counts) == B else 0]
+            k = counts[step_index] if step_index < len(counts) - 1 else N  # its last step: all
             take = min(k, n_masked)
             if self.order == "stratified":
                 # the first `take` positions of the fixed order that are still masked
@@ -199,7 +212,7 @@ class ImageMaskSampler:
                 pos = order[m[order]][:take]
             else:
                 logp = torch.log_softmax(logits[b], -1).gather(-1, cand[b, :, None]).squeeze(-1)
-                progress = step_index / max(1, len(self.counts) - 1)
+                progress = min(1.0, step_index / max(1, len(counts) - 1))
                 alpha = self.confidence_temperature * (1 - progress)
                 u = _uniform((N,), gens[b]).to(logits.device).clamp_(1e-20, 1.0)
                 score = logp + alpha * -torch.log(-torch.log(u))

@@ -205,6 +205,9 @@ def test_local_edit_redraws_only_its_regions(pipe, scene_image):
     whole = pipe.edit([other], ["remove the red circle"], seed=[4], num_steps=4)
     assert np.array_equal(local.codes[1].numpy(), whole.codes[0].numpy())
     assert np.array_equal(local.images[1], whole.images[0])
+    # and the region row is what it would be alone: its own schedule, not its batch's
+    alone = pipe.edit([scene_image], ["remove the red circle"], regions=[[(8, 8, 20, 20)]], seed=[3], num_steps=4)
+    assert np.array_equal(local.codes[0].numpy(), alone.codes[0].numpy())
 
 
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):

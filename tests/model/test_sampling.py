@@ -58,6 +58,30 @@ def test_image_sampler_invariants(order):
     assert counts == sampler.counts  # the schedule is followed exactly
 
 
+@pytest.mark.parametrize("order", ["stratified", "confidence"])
+def test_a_partly_masked_row_decodes_the_same_alone_and_beside_a_fully_masked_one(order):
+    """A region edit masks only some cells; its row keeps its own schedule in any batch."""
+    N, K = 64, 32
+    logits = torch.randn(2, N, K, generator=torch.Generator().manual_seed(0))
+    start = torch.arange(N) % K
+    start[torch.arange(N) % 3 == 0] = MASK  # a region: 22 masked cells
+    full = torch.full((N,), MASK)
+
+    def run(rows, seeds):
+        sample = torch.stack(rows)
+        sampler = ImageMaskSampler(MASK, order=order, temperature=1.0)
+        sampler.set_timesteps(8, (sample == MASK).sum(1).tolist(), int(N**0.5))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        for i in sampler.timesteps:
+            sample = sampler.step(logits[: len(rows)], i, sample, generator=gens).prev_sample
+        return sample
+
+    alone = run([start], [5])[0]
+    together = run([start, full], [5, 6])
+    assert torch.equal(together[0], alone) and not (together == MASK).any()
+    assert torch.equal(alone[start != MASK], start[start != MASK])
+
+
 def test_same_seed_same_output_even_after_disturbing_global_rng():
     logits = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
     sampler = ImageMaskSampler(MASK, order="confidence")
