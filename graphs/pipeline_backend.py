@@ -58,6 +58,8 @@ from lavida_agent.graphs.runtime import (
     RegenerateRegionsRequest,
 )
 from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.render import core_box
+from lavida_agent.tools.shapes_world.scene import SHAPES
 from lavida_agent.tools.shapes_world.scene import (
     BACKGROUNDS,
     CANVAS,
@@ -157,6 +159,16 @@ def _caption_noun(part: str) -> lang.Noun | None:
 
 def _to_plan_items(plan: Sequence[tuple[str, Sequence[int]]]) -> list[PlanItem]:
     return [{"label": str(label), "box": [float(v) for v in box]} for label, box in plan]
+
+
+def _keep_cores(plan: EditPlanResult) -> list[tuple[float, float, float, float]]:
+    """The `core_box` of every kept object whose label names its shape (`the red circle`)."""
+    cores = []
+    for item in plan.keep:
+        shape = next((w for w in reversed(str(item["label"]).split()) if w in SHAPES), None)
+        if shape is not None:
+            cores.append(core_box(shape, item["box"]))
+    return cores
 
 
 def _int_box(box: Sequence[float], canvas: int) -> IntBox:
@@ -427,7 +439,9 @@ class PipelineBackend:
         replace), which by this module's convention is `plan.target_boxes[0]`. Add and
         background edits remove nothing; an empty plan (or an instruction outside the
         ShapesWorld grammar with no layout) is sent as no plan. With `local_edits` only the
-        plan's `target_boxes` are redrawn.
+        plan's `target_boxes` are redrawn, less the cells wholly inside the `core_box` of an
+        object of `plan.keep` (so a background edit, whose region is the canvas, redraws the
+        background around the objects instead of the objects too).
         """
         results, good = self._valid_rows([r.image for r in requests])
         if not good:
@@ -442,6 +456,8 @@ class PipelineBackend:
                        if r.plan is not None and r.plan.target_boxes else None for r in rows]  # fmt: skip
             if any(r is not None for r in regions):
                 kw["regions"] = regions
+                # the objects to keep keep their cores: a background edit redraws around them
+                kw["keep"] = [_keep_cores(r.plan) if reg is not None else None for r, reg in zip(rows, regions)]
         out = self.pipeline.edit(
             [np.asarray(r.image) for r in rows], [r.instruction for r in rows], plans=plans,
             seed=[r.seed for r in rows], num_steps=rows[0].num_steps, callback=callback,

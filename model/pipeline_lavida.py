@@ -38,6 +38,7 @@ from .tasks import (
     Example,
     PlanItem,
     box_cells,
+    inner_cells,
     build_critique,
     build_edit,
     build_ground,
@@ -489,14 +490,18 @@ class LavidaPipeline:
                            plans=list(plans), seeds=seeds)  # fmt: skip
 
     def _mask_boxes(
-        self, codes: Sequence[np.ndarray], boxes: Sequence[Sequence[Box] | None]
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Mask every code whose cell overlaps one of the row's boxes (pixels); a row whose
-        boxes are None is masked whole. Returns the codes (B, G, G) and the redrawn cells."""
+        self, codes: Sequence[np.ndarray], boxes: Sequence[Sequence[Box] | None],
+        keep: Sequence[Sequence[Box] | None] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+        """Mask every code whose cell overlaps one of the row's boxes (pixels), except the
+        cells wholly inside one of its `keep` boxes; a row whose boxes are None is masked
+        whole. Returns the codes (B, G, G) and the redrawn cells."""
         cfg = self.config
         codes = torch.from_numpy(np.stack(codes))  # (B, G, G)
         for b, row in enumerate(boxes):
             cells = np.ones(codes.shape[1:], dtype=bool) if row is None else box_cells(row, cfg)
+            if row is not None and keep is not None and keep[b]:
+                cells &= ~inner_cells(keep[b], cfg)
             codes[b][torch.from_numpy(cells)] = cfg.image_mask_code
         return codes, (codes == cfg.image_mask_code).numpy()
 
@@ -512,7 +517,8 @@ class LavidaPipeline:
 
     def edit(
         self, images: Sequence[np.ndarray], instructions: Sequence[str], *, plans=None,
-        regions: Sequence[Sequence[Box] | None] | None = None, seed=0,
+        regions: Sequence[Sequence[Box] | None] | None = None,
+        keep: Sequence[Sequence[Box] | None] | None = None, seed=0,
         generator=None, num_steps: int | None = None, guidance_scale: float | None = None,
         image_guidance_scale: float | None = None, temperature: float | None = None,
         order: str | None = None, callback=None, preview_every: int = 0, interrupt=None,
@@ -526,6 +532,9 @@ class LavidaPipeline:
         local: only the codes whose cells overlap the boxes are masked and redrawn, from the
         source's own codes everywhere else, and the pixels outside those cells are the
         source's. Without regions the whole image is redrawn (the model keeps what it can).
+        `keep` (per image, pixel boxes, with `regions`) spares the cells wholly inside its
+        boxes: for a background edit, the region is the canvas and `keep` holds each
+        object's `core_box`, so the objects stay where they are while the background changes.
         """
         images, instructions = _as_list(images), _as_list(instructions)
         n = len(images)
@@ -551,7 +560,8 @@ class LavidaPipeline:
 
         start = redrawn = None
         if regions is not None:
-            start, redrawn = self._mask_boxes(src, _as_list(regions, n, "regions"))
+            keep_rows = _as_list(keep, n, "keep") if keep is not None else None
+            start, redrawn = self._mask_boxes(src, _as_list(regions, n, "regions"), keep_rows)
         out = self._decode_image(
             exs, groups=len(exs) // n, combine=combine, start=start, gens=gens,
             num_steps=num_steps or d["num_steps"],

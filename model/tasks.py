@@ -43,6 +43,7 @@ __all__ = [
     "PlanItem",
     "SequenceBuilder",
     "box_cells",
+    "inner_cells",
     "build_critique",
     "build_edit",
     "build_ground",
@@ -256,6 +257,21 @@ def box_cells(boxes, config) -> np.ndarray:
     for x0, y0, x1, y1 in boxes:
         gx0, gy0 = max(0, int(x0) // cell), max(0, int(y0) // cell)
         gx1, gy1 = min(G, -(-int(x1) // cell)), min(G, -(-int(y1) // cell))
+        cells[gy0:gy1, gx0:gx1] = True
+    return cells
+
+
+def inner_cells(boxes, config) -> np.ndarray:
+    """`(G, G)` bool: the VQ cells that lie wholly inside one of the pixel boxes.
+
+    With `shapes_world.render.core_box` boxes: the cells that show an object alone, which
+    an edit that keeps the object (a background edit) need not redraw.
+    """
+    G, cell = config.image_grid, config.image_size // config.image_grid
+    cells = np.zeros((G, G), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        gx0, gy0 = max(0, -(-int(np.ceil(x0)) // cell)), max(0, -(-int(np.ceil(y0)) // cell))
+        gx1, gy1 = min(G, int(np.floor(x1)) // cell), min(G, int(np.floor(y1)) // cell)
         cells[gy0:gy1, gx0:gx1] = True
     return cells
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lavida_agent.tools.shapes_world import language as lang
-from lavida_agent.tools.shapes_world.render import render
+from lavida_agent.tools.shapes_world.render import core_box, render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
 from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES
 
@@ -43,6 +43,7 @@ from .tasks import (
     CRITIQUE_LEN,
     Example,
     box_cells,
+    inner_cells,
     build_critique,
     build_edit,
     build_ground,
@@ -292,8 +293,13 @@ class TaskSampler:
                 self.tok, self.cfg, instruction, images[i], codes[i], codes=codes[n + i],
                 plan=touched if with_plan else None, plan_is_target=True,
             )  # fmt: skip
-            # a background edit touches every cell: it has no region (the full-image state)
-            out.append(replace(ex, edit_region=box_cells([b for _, b in touched], self.cfg)) if touched else ex)
+            if touched:
+                region = box_cells([b for _, b in touched], self.cfg)
+            elif target.background != source.background:  # everything but the objects' cores
+                region = ~inner_cells([core_box(o.shape, o.box) for o in source.objects], self.cfg)
+            else:
+                region = None
+            out.append(replace(ex, edit_region=region))
         return out
 
     def _edit_plan(self, rng, n):

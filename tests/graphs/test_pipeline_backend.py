@@ -253,7 +253,7 @@ class ScriptedPipeline:
 
     def edit(self, images, instructions, *, plans, **kw):
         self.calls.append(("edit", plans))
-        self.edit_regions = kw.get("regions")
+        self.edit_regions, self.edit_keep = kw.get("regions"), kw.get("keep")
         return SimpleNamespace(images=list(images))
 
 
@@ -354,6 +354,17 @@ def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
     assert pipe.calls[-1] == ("edit", [[("small blue circle", RED), ("removed", RED)], None, None])
     # local edits: each row redraws its plan's target boxes; a row without a plan, all of it
     assert pipe.edit_regions == [[RED], [(0, 0, 64, 64)], None]
+    # the background edit keeps the core of each object its plan keeps
+    from dataclasses import replace
+
+    from lavida_agent.tools.shapes_world.render import core_box
+
+    keep = [{"label": "the blue square", "box": [40.0, 40.0, 52.0, 52.0]},
+            {"label": "the red circle", "box": [4.0, 4.0, 28.0, 28.0]}, {"label": "the blob", "box": [0, 0, 8, 8]}]
+    reqs[1] = replace(reqs[1], plan=EditPlanResult(target_boxes=[[0, 0, 64, 64]], keep=keep))
+    backend.edit(reqs)
+    assert pipe.edit_keep[1] == [core_box("square", keep[0]["box"]), core_box("circle", keep[1]["box"])]
+    assert pipe.edit_keep[2] is None  # no region, nothing to spare
     PipelineBackend(pipe, local_edits=False).edit(reqs)
     assert pipe.edit_regions is None
     assert PipelineBackend(pipe, use_edit_plans=False).edit(reqs[:1]) and pipe.calls[-1] == (

@@ -210,6 +210,19 @@ def test_local_edit_redraws_only_its_regions(pipe, scene_image):
     assert np.array_equal(local.codes[0].numpy(), alone.codes[0].numpy())
 
 
+def test_edit_keep_spares_the_cells_wholly_inside_its_boxes(pipe, scene_image):
+    out = pipe.edit([scene_image], ["change the background to white"], regions=[[(0, 0, 64, 64)]],
+                    keep=[[(7.5, 8, 24, 20)]], seed=[1], num_steps=4)  # fmt: skip
+    src = pipe._encode_images([scene_image])[0]
+    kept = np.zeros((16, 16), dtype=bool)
+    kept[2:5, 2:6] = True  # cells wholly inside x 7.5..24, y 8..20 (4-px cells)
+    codes = out.codes[0].numpy()
+    assert np.array_equal(codes[kept], src[kept])
+    assert np.array_equal(out.images[0][8:20, 8:24], scene_image[8:20, 8:24])  # the caller's pixels
+    with pytest.raises(ValueError, match="keep"):
+        pipe.edit([scene_image] * 2, ["x"] * 2, regions=[None, None], keep=[[]], num_steps=2)
+
+
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
     out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(8, 8, 20, 20)]], seed=3, num_steps=4)
     outside = np.ones((64, 64), dtype=bool)

@@ -456,3 +456,30 @@ def test_box_cells_covers_every_cell_a_box_touches(tiny_config):
     assert np.argwhere(cells).tolist() == [[0, 1], [0, 2]]
     assert not box_cells([], cfg).any()
     assert box_cells([(0, 0, cfg.image_size, cfg.image_size)], cfg).all()
+
+
+def test_inner_cells_are_the_cells_wholly_inside(tiny_config):
+    from lavida_agent.model.tasks import box_cells, inner_cells
+
+    cfg = tiny_config
+    cell = cfg.image_size // cfg.image_grid
+    box = (cell - 1, cell, 3 * cell + 2, 3 * cell)  # columns 1..3 touched, 1..2 wholly inside
+    assert np.argwhere(inner_cells([box], cfg)).tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert not (inner_cells([box], cfg) & ~box_cells([box], cfg)).any()
+    assert not inner_cells([(0, 0, cell - 1, cell - 1)], cfg).any()
+
+
+def test_a_background_edit_row_redraws_all_but_its_objects_cores(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    from dataclasses import replace
+
+    from lavida_agent.model.tasks import inner_cells
+    from lavida_agent.tools.shapes_world.render import core_box
+    from lavida_agent.tools.shapes_world.scene import Object, Scene
+
+    cfg = tiny_config
+    source = Scene("gray", (Object("circle", "red", "large", (4, 4, 28, 28)), Object("square", "blue", "small", (40, 40, 52, 52))))
+    target = replace(source, background="white")
+    monkeypatch.setattr(TaskSampler, "_edit_draft", staticmethod(lambda rng: (source, "change the background to white", target)))
+    (row,) = TaskSampler(tokenizer, cfg, tiny_vq).examples("edit", np.random.default_rng(0), 1)
+    kept = inner_cells([core_box(o.shape, o.box) for o in source.objects], cfg)
+    assert kept.sum() >= 2 and np.array_equal(row.edit_region, ~kept)  # the cores stay

@@ -31,7 +31,26 @@ from lavida_agent.tools.shapes_world.scene import BACKGROUNDS, CANVAS, COLORS, S
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["render", "shape_mask"]
+__all__ = ["core_box", "render", "shape_mask"]
+
+# The axis-aligned part of each shape, in fractions of its box (x0, y0, x1, y1), with room
+# for rasterisation: every pixel whose square lies in it is the shape's (tested, sides 4-32).
+_CORE = {"square": (0.0, 0.0, 1.0, 1.0), "circle": (0.17, 0.17, 0.83, 0.83),
+         "diamond": (0.27, 0.27, 0.73, 0.73), "triangle": (0.28, 0.52, 0.72, 1.0)}  # fmt: skip
+
+
+def core_box(shape: str, box) -> tuple[float, float, float, float]:
+    """The box inside a `shape` drawn in `box` (pixels) that holds only the shape's pixels.
+
+    What an edit can keep of an object while the background around it changes: the cells
+    inside it (`model.tasks.inner_cells`) show the object alone.
+    """
+    if shape not in _CORE:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    fx0, fy0, fx1, fy1 = _CORE[shape]
+    w, h = x1 - x0, y1 - y0
+    return x0 + fx0 * w, y0 + fy0 * h, x0 + fx1 * w, y0 + fy1 * h
 
 
 def _symmetric_polygon_mask(w: int, h: int, points: list[tuple[int, int]]) -> np.ndarray:

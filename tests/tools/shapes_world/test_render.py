@@ -84,3 +84,22 @@ def test_shape_mask_rejects_bad_input():
         shape_mask("star", 10)
     with pytest.raises(ValueError):
         shape_mask("circle", 0)
+
+
+@pytest.mark.parametrize("shape", ["square", "circle", "diamond", "triangle"])
+def test_core_box_holds_only_the_shapes_pixels(shape):
+    import math
+
+    from lavida_agent.tools.shapes_world.render import core_box
+
+    for side in range(4, 33):
+        mask = shape_mask(shape, side)
+        for off in (0.0, 3.0):  # the rule is relative to the box, wherever it is
+            x0, y0, x1, y1 = core_box(shape, (off, off, off + side, off + side))
+            cols = range(math.ceil(x0 - off), math.floor(x1 - off))
+            rows = range(math.ceil(y0 - off), math.floor(y1 - off))
+            assert all(mask[r, c] for r in rows for c in cols), (shape, side)
+            if side >= 12:  # not an empty box: a large object keeps a fair part of itself
+                assert len(cols) * len(rows) >= 0.1 * side * side, (shape, side)
+    with pytest.raises(ValueError, match="unknown shape"):
+        core_box("hexagon", (0, 0, 8, 8))
