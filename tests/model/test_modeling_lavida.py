@@ -87,18 +87,21 @@ def test_cached_edit_with_source_codes_equals_full(tokenizer, tiny_config, tiny_
 
 
 def test_text_reaches_images_only_through_joint_layers(tiny_config):
-    """With no joint layer, text cannot influence image logits at all; with one it does."""
+    """With no joint layer, text cannot influence image logits at all (the condition pool
+    starts at zero); with one joint layer, or an open pool, it does."""
     ids, seg, codes = t2i_batch(tiny_config)
     other = ids.clone()
     other[:, 0] = (other[:, 0] + 1) % tiny_config.vocab_size
-    for joint, expect_change in ((0, False), (1, True)):
+    for joint, pool, expect_change in ((0, False, False), (1, False, True), (0, True, True)):
         torch.manual_seed(0)
         cfg = LavidaConfig(**{**tiny_config.to_dict(), "joint_layers": joint})
         model = LavidaForMaskedDiffusion(cfg).eval()
+        if pool:
+            _open_pool(model)
         with torch.no_grad():
             a = model(ids, gen_codes=codes, segment_ids=seg).image_logits
             b = model(other, gen_codes=codes, segment_ids=seg).image_logits
-        assert (not torch.equal(a, b)) == expect_change, f"joint_layers={joint}"
+        assert (not torch.equal(a, b)) == expect_change, f"joint_layers={joint}, open pool: {pool}"
 
 
 def test_one_way_attention_keeps_condition_blind_to_targets(tiny_model):
@@ -501,3 +504,73 @@ def test_a_loaded_copy_head_copies_what_the_saved_one_did(tokenizer, tiny_config
     inputs = _plan_slot(tokenizer, tiny_config, ["the red circle"]).model_inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).text_logits, model(**inputs).text_logits, atol=0, rtol=0)
+
+
+def _open_pool(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in (model.pool_und, model.pool_gen):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.5)
+    return model
+
+
+def test_zero_condition_pool_is_the_model_without_it(tokenizer, tiny_config):
+    """Weights trained before the condition pool load into the same function (it starts at zero)."""
+    torch.manual_seed(0)
+    new = LavidaForMaskedDiffusion(tiny_config).eval()
+    assert torch.all(new.pool_und.weight == 0) and torch.all(new.pool_gen.weight == 0)
+    old = LavidaForMaskedDiffusion(LavidaConfig(**{**tiny_config.to_dict(), "condition_pool": False})).eval()
+    missing, unexpected = old.load_state_dict(new.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("pool_") for k in unexpected)
+    ids, seg, codes = t2i_batch(tiny_config)
+    inputs = _plan_slot(tokenizer, tiny_config, ["a red circle left of a blue square"]).model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(new(**inputs).text_logits, old(**inputs).text_logits, atol=0, rtol=0)
+        img = lambda m: m(ids, gen_codes=codes, segment_ids=seg).image_logits  # noqa: E731
+        torch.testing.assert_close(img(new), img(old), atol=0, rtol=0)
+
+
+def test_condition_pool_is_the_mean_of_earlier_segments_words(tokenizer, tiny_config):
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).eval()
+    b = _plan_slot(tokenizer, tiny_config, ["a red circle left of a blue square", "a circle"])
+    ids, seg, valid = b.input_ids, b.segment_ids, b.attention_mask.bool()
+    with torch.no_grad():
+        pool, _ = model._condition_pool(ids, seg, valid, None)
+    pool = pool.view(*ids.shape, -1)
+    table = model.embed_tokens.weight
+    for r in range(len(ids)):
+        prompt = [t for t, s, v in zip(ids[r].tolist(), seg[r].tolist(), valid[r].tolist()) if s == 0 and v]
+        assert prompt and tiny_config.mask_token_id not in prompt
+        expected = table[prompt].mean(0)
+        expected = expected / expected.pow(2).mean().sqrt()  # scaled to unit RMS
+        plan = (seg[r] == 1) & valid[r]
+        torch.testing.assert_close(pool[r][plan], expected.expand(int(plan.sum()), -1), atol=1e-6, rtol=0)
+        assert pool[r][seg[r] == 0].abs().max() == 0  # the prompt has no earlier segment
+    assert not torch.allclose(pool[0][seg[0] == 1][0], pool[1][seg[1] == 1][0])  # it reads the prompt
+
+
+def test_condition_cache_keeps_the_condition_pool(tokenizer, tiny_config):
+    """Plan text and drawn image through a condition cache equal the full pass, with an open pool."""
+    torch.manual_seed(0)
+    model = _open_pool(LavidaForMaskedDiffusion(tiny_config).eval())
+    b = _plan_slot(tokenizer, tiny_config, ["a red circle", "a blue square left of a red circle"])
+    c = b.input_ids.shape[1] - PLAN_LEN
+    part = lambda s: {"segment_ids": b.segment_ids[:, s], "attention_mask": b.attention_mask[:, s]}  # noqa: E731
+    ids, seg, codes = t2i_batch(tiny_config)
+    T = ids.shape[1] - tiny_config.positions_per_image
+    with torch.no_grad():
+        full = model(**b.model_inputs()).text_logits[:, c:]
+        cache = model(b.input_ids[:, :c], **part(slice(None, c)), use_cache=True).cache
+        cached = model(b.input_ids[:, c:], **part(slice(c, None)), condition_cache=cache.repeat_interleave(1)).text_logits
+        image_full = model(ids, gen_codes=codes, segment_ids=seg).image_logits
+        icache = model(ids[:, :T], segment_ids=seg[:, :T], use_cache=True, elastic=True).cache
+        image_cached = model(ids[:, T:], gen_codes=codes, segment_ids=seg[:, T:], condition_cache=icache,
+                             elastic=True).image_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(image_cached, image_full, atol=ATOL, rtol=0)
+    # and the pool is what made them differ from a closed one
+    closed = LavidaForMaskedDiffusion(tiny_config).eval()
+    closed.load_state_dict({k: (v * 0 if k.startswith("pool_") else v) for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        assert not torch.allclose(closed(ids, gen_codes=codes, segment_ids=seg).image_logits, image_full)
