@@ -275,6 +275,8 @@ class TraceRecorder:
                 boxes = [ViewBox(label=g["label"], box=_blist(g["found"]), kind="found",
                                  ok=g["ok"]) for g in crit.get("grounding", [])]  # fmt: skip
                 cap = f"{crit.get('verdict')}: " + ("; ".join(crit.get("reasons", [])) or "ok")
+                if crit.get("dropped_reasons"):
+                    cap += " (dropped, not about the prompt: " + "; ".join(crit["dropped_reasons"]) + ")"
                 return TraceView(image=crit.get("image"), boxes=boxes, caption=cap)
         if name == "plan_edit" and out.get("edit_plan"):
             plan = out["edit_plan"]
@@ -524,6 +526,9 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
                            + "</ul>")  # fmt: skip
                 if c.get("model_text"):
                     out.append(f"<p>model: <i>{esc(c['model_text'])}</i></p>")
+                if c.get("dropped_reasons"):
+                    out.append("<p>dropped (not about the prompt): "
+                               f"{esc('; '.join(c['dropped_reasons']))}</p>")
             elif ev.get("event") == "answer":
                 out.append(f"<p><b>answer:</b> {esc(str(ev.get('answer')))}</p>")
         out.append("<details><summary>input / output / events</summary>"

@@ -498,6 +498,8 @@ class ConditionCache:
         copy_sources: for a model with a copy head (and a non-elastic pass), the prefix's
             copy keys `(B, Lc, copy_dim)`, token ids `(B, Lc)` and which of them may be
             copied `(B, Lc)` bool; None otherwise.
+        pool_sources: for a model with `condition_pool`, the prefix's token ids `(B, Lc)` and
+            which of them the pool reads `(B, Lc)` bool; None otherwise.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
@@ -507,6 +509,7 @@ class ConditionCache:
     elastic: bool = False
     plan_items: list | None = None
     copy_sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    pool_sources: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -520,6 +523,7 @@ class ConditionCache:
             rep(self.segment_ids), self.elastic,
             None if self.plan_items is None else [row for row in self.plan_items for _ in range(n)],
             None if self.copy_sources is None else tuple(rep(t) for t in self.copy_sources),
+            None if self.pool_sources is None else tuple(rep(t) for t in self.pool_sources),
         )  # fmt: skip
 
 
@@ -554,7 +558,7 @@ class LavidaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LavidaDecoderLayer"]
     # Parameters that start at zero: weights saved without them load into the same function.
     # (The copy head's query and key are not zero, but its gate is, which silences it.)
-    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_", "copy_")
+    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_", "copy_", "pool_")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -584,7 +588,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
         if any(module is getattr(owner, name, None) for owner, name in (
                 (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"),
                 (getattr(self, "image_embed", None), "layout_label"),
-                (getattr(self, "image_embed", None), "layout_geom"), (self, "copy_gate"))):  # fmt: skip
+                (getattr(self, "image_embed", None), "layout_geom"), (self, "copy_gate"),
+                (self, "pool_und"), (self, "pool_gen"))):  # fmt: skip
             nn.init.zeros_(module.weight)
         if module is getattr(self, "copy_query", None) or module is getattr(self, "copy_key", None):
             nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.in_features))
@@ -630,6 +635,10 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
             self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
             self.copy_gate = nn.Linear(config.hidden_size, 1)
+        if config.condition_pool:
+            # the mean embedding of the condition's words, into each branch (see `_condition_pool`)
+            self.pool_und = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.pool_gen = nn.Linear(config.hidden_size, config.gen_hidden_size, bias=False)
         self.image_head = LavidaImageHead(config)
         self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()
@@ -779,6 +788,30 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         bonus = self.copy_gate(full).float() * vocab
         return bonus.view(B * L, V), (keys, input_ids, src)
 
+    def _condition_pool(
+        self, input_ids: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor, cache: ConditionCache | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The condition pool `(B * L, d)`: per position, the mean input embedding of the
+        text tokens of earlier segments, scaled to unit RMS (in the cache and in this pass; the copy head's
+        sources: never padding, [MASK], [EOS] or image placeholders), zero where there are
+        none; and this pass's sources, for a cache.
+
+        A bag of words: every slot gets the prompt's relation, colours and shapes one linear
+        map away, with no attention to learn first (`LavidaConfig.condition_pool`).
+        """
+        src = valid & self.copyable(input_ids)
+        k_ids, k_src, k_seg = input_ids, src, seg
+        if cache is not None and cache.pool_sources is not None:
+            c_ids, c_src = cache.pool_sources
+            k_ids, k_src = torch.cat([c_ids, input_ids], 1), torch.cat([c_src, src], 1)
+            k_seg = torch.cat([cache.segment_ids, seg], 1)
+        table = self.embed_tokens.weight
+        allowed = (k_src[:, None, :] & (k_seg[:, None, :] < seg[:, :, None])).to(table.dtype)  # (B, L, Lk)
+        pool = allowed @ F.embedding(k_ids, table)  # (B, L, d): sums; zero where nothing is earlier
+        # unit RMS (a mean of n words has norm ~1/sqrt(n) of a word's, too small to learn from soon)
+        pool = pool * torch.rsqrt(pool.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return pool.reshape(-1, table.shape[1]), (input_ids, src)
+
     def _attention_masks(
         self,
         q_valid: torch.Tensor,
@@ -852,6 +885,13 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
 
         row_items = self._row_items(input_ids, condition_cache, use_cache)
         h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values, row_items)
+        pool_sources = None
+        if cfg.condition_pool:
+            pool, pool_sources = self._condition_pool(input_ids, seg, valid, condition_cache)
+            if und_idx.numel():
+                h_und = h_und + self.pool_und(pool[und_idx].to(h_und.dtype))
+            if gen_idx.numel():
+                h_gen = h_gen + self.pool_gen(pool[gen_idx].to(h_gen.dtype))
         is_gen = torch.zeros(B * L, dtype=torch.bool, device=device)
         is_gen[gen_idx] = True
         is_gen = is_gen.view(B, L)
@@ -886,7 +926,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             copy_bonus, copy_sources = self._copy_logits(hn, und_idx, input_ids, seg, valid, condition_cache)
         if use_cache:
             out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items,
-                                       copy_sources=copy_sources)  # fmt: skip
+                                       copy_sources=copy_sources, pool_sources=pool_sources)  # fmt: skip
 
         # Heads. With labels (training) logits are computed only where a label is, and
         # returned as None: a (B, L, V) text tensor and (M, G, G, K) image tensor would cost

@@ -140,3 +140,12 @@ def test_load_trace_errors(agent, tmp_path):
 
 def test_trace_round_trips_through_json(refined):
     assert Trace.model_validate_json(refined.trace.to_json()) == refined.trace
+
+
+def test_trace_shows_the_critique_reasons_dropped_as_not_about_the_prompt(agent, engine):
+    engine.enqueue_critique(False, ["missing purple circle"], text="no: missing purple circle")
+    r = agent.generate("a red circle and a blue square", seed=1, rounds=1)
+    crit = next(n for n in r.trace.nodes if n.node == "critique_image")
+    assert crit.output["critiques"][0]["dropped_reasons"] == ["missing purple circle"]
+    assert crit.view.caption == "accept: ok (dropped, not about the prompt: missing purple circle)"
+    assert "dropped (not about the prompt): missing purple circle" in render_html(r.trace, agent.store)
