@@ -144,6 +144,10 @@ class TrainConfig:
     # alone. (Under full-image noise ~90% of an edit's loss is copying the source: stage 13
     # edited 0.52 even from the true plan and regions.) 0: off (stages 1-15).
     edit_region_mask: float = 0.0
+    # Background edit rows get a region too: every cell but the objects' cores (`core_box`),
+    # the state of the agent's background edit (`edit(..., keep=)`). Off: those rows keep the
+    # full-image state (stage 16 was trained so).
+    edit_region_background: bool = False
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -174,12 +178,12 @@ class TaskSampler:
     def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0,
                  question_weights: dict | None = None, ground_full_mask: float = 0.0,
                  own_pool: dict | None = None, own_critique: float = 0.0,
-                 edit_region_mask: float = 0.0):  # fmt: skip
+                 edit_region_mask: float = 0.0, edit_region_background: bool = False):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
         self.own_pool, self.own_critique = own_pool, own_critique
-        self.edit_region_mask = edit_region_mask
+        self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
@@ -295,7 +299,8 @@ class TaskSampler:
             )  # fmt: skip
             if touched:
                 region = box_cells([b for _, b in touched], self.cfg)
-            elif target.background != source.background:  # everything but the objects' cores
+            elif self.edit_region_background and target.background != source.background:
+                # everything but the objects' cores
                 region = ~inner_cells([core_box(o.shape, o.box) for o in source.objects], self.cfg)
             else:
                 region = None
@@ -644,7 +649,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask,
                           question_weights=tc.question_weights, ground_full_mask=tc.ground_full_mask,
                           own_pool=pool, own_critique=tc.own_critique,
-                          edit_region_mask=tc.edit_region_mask)  # fmt: skip
+                          edit_region_mask=tc.edit_region_mask,
+                          edit_region_background=tc.edit_region_background)  # fmt: skip
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()

@@ -480,6 +480,9 @@ def test_a_background_edit_row_redraws_all_but_its_objects_cores(tokenizer, tiny
     source = Scene("gray", (Object("circle", "red", "large", (4, 4, 28, 28)), Object("square", "blue", "small", (40, 40, 52, 52))))
     target = replace(source, background="white")
     monkeypatch.setattr(TaskSampler, "_edit_draft", staticmethod(lambda rng: (source, "change the background to white", target)))
-    (row,) = TaskSampler(tokenizer, cfg, tiny_vq).examples("edit", np.random.default_rng(0), 1)
+    sampler = TaskSampler(tokenizer, cfg, tiny_vq, edit_region_background=True)
+    (row,) = sampler.examples("edit", np.random.default_rng(0), 1)
     kept = inner_cells([core_box(o.shape, o.box) for o in source.objects], cfg)
     assert kept.sum() >= 2 and np.array_equal(row.edit_region, ~kept)  # the cores stay
+    (off,) = TaskSampler(tokenizer, cfg, tiny_vq).examples("edit", np.random.default_rng(0), 1)
+    assert off.edit_region is None  # the full-image state, as stage 16 trained
