@@ -15,7 +15,8 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   the plan itself, read as a scene, satisfies the prompt.
 - `edit`: `n` instructions per ImgEdit-style category on rendered scenes; `check_edit`
   correctness and PSNR outside the touched boxes; single shot (`edit`) and with the model's
-  own edit plan (`plan_edit`, then `edit(plans=..., regions=...)`), same sampler seeds.
+  own edit plan (`plan_edit`, then `edit(plans=..., regions=...)`), and with the true plan
+  and regions (the drawer alone: the edit analogue of t2i from the true layout), same seeds.
 - `ground`: `5 n` scenes with up to 3 unambiguous referring expressions each; Acc@0.5 with
   one expression per call row (`single`) and all of a scene's expressions in one row
   (`multi`).
@@ -394,13 +395,17 @@ def score_edit(
     batch_size: int = 16,
     num_steps: int | None = None,
     with_plan: bool = False,
+    true_plans: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Edit the renders of `sources` (batched) and judge with `check_edit`.
 
     With `with_plan` the model first plans each edit (`pipeline.plan_edit`, same seed), then
     edits with that plan as its condition and the plan's boxes as the regions to redraw
     (`edit(plans=..., regions=...)`); an empty plan (a background edit) redraws the whole
-    image. Single shot (`with_plan=False`) is one `edit` call with neither.
+    image. Single shot (`with_plan=False`) is one `edit` call with neither. `true_plans`
+    (one `touched_plan` per edit) does the same with the true plan instead of the model's:
+    the drawer alone, told what changes where (the edit analogue of "t2i from the true
+    layout").
 
     Returns:
         One `{instruction, seed, correct, reasons, psnr_outside, image}` per edit (and `plan`
@@ -413,8 +418,9 @@ def score_edit(
         seed_list = [int(s) for s in seeds[sl]]
         kw: dict[str, Any] = {}
         plans: list[Any] = [None] * len(seed_list)
-        if with_plan:
-            plans = pipeline.plan_edit(images[sl], list(instructions[sl]), seed=seed_list).plans
+        if with_plan or true_plans is not None:
+            plans = (list(true_plans[sl]) if true_plans is not None
+                     else pipeline.plan_edit(images[sl], list(instructions[sl]), seed=seed_list).plans)  # fmt: skip
             kw = {"plans": [pl or None for pl in plans],
                   "regions": [[box for _, box in pl] if pl else None for pl in plans]}  # fmt: skip
         res = pipeline.edit(images[sl], list(instructions[sl]), seed=seed_list, **kw, **_gen_kwargs(num_steps))
@@ -430,7 +436,7 @@ def score_edit(
                 "psnr_outside": _psnr(verdict.psnr_outside),
                 "image": _canvas(image),
             }
-            if with_plan:
+            if with_plan or true_plans is not None:
                 rec["plan"] = [[label, list(box)] for label, box in plan]
             out.append(rec)
     return out
@@ -936,6 +942,12 @@ def _suite_edit(
     recs = score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps)
     planned = (score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps, with_plan=True)
                if hasattr(pipeline, "plan_edit") else None)  # fmt: skip
+    from lavida_agent.model.training import touched_plan
+
+    true = score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps,
+                      true_plans=[touched_plan(it["scene"], it["target"]) for it in items])  # fmt: skip
+    for it, t in zip(items, true, strict=True):
+        t["category"] = it["category"]
     for it, r, q in zip(items, recs, planned or recs, strict=True):
         r["category"] = q["category"] = it["category"]
     state["edit"] = {"items": items, "single": recs, "with_plan": planned}
@@ -947,6 +959,7 @@ def _suite_edit(
     if planned is not None:
         out["with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES)
         out["psnr_outside_db_with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES, "psnr_outside")
+    out["with_true_plan"] = _acc_by(true, "category", EDIT_CATEGORIES)
     out["items"] = [
         {
             "category": it["category"],
@@ -958,8 +971,9 @@ def _suite_edit(
             "psnr_outside": r["psnr_outside"],
             **({"plan": q["plan"], "with_plan_correct": q["correct"], "with_plan_reasons": q["reasons"]}
                if planned is not None else {}),
+            "with_true_plan_correct": t["correct"],
         }
-        for it, r, q in zip(items, recs, planned or recs, strict=True)
+        for it, r, q, t in zip(items, recs, planned or recs, true, strict=True)
     ]
     return out
 
@@ -1264,9 +1278,10 @@ def render_markdown(result: dict[str, Any]) -> str:
             "## edit: accuracy per category",
             "",
             _table(
-                ["category", "single shot", "PSNR outside (dB)", "with the model's plan", "PSNR outside (dB)"],
+                ["category", "single shot", "PSNR outside (dB)", "with the model's plan", "PSNR outside (dB)",
+                 "with the true plan"],
                 _cat_rows(EDIT_CATEGORIES, [e["accuracy"], e["psnr_outside_db"], e.get("with_plan", {}),
-                                            e.get("psnr_outside_db_with_plan", {})]),  # fmt: skip
+                                            e.get("psnr_outside_db_with_plan", {}), e.get("with_true_plan", {})]),  # fmt: skip
             ),
         ]
     if "ground" in suites:

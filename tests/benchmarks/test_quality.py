@@ -260,6 +260,8 @@ def test_quick_run_writes_every_suite(quick_run):
     )
     assert set(EDIT_CATEGORIES) | {"overall"} == set(s["edit"]["accuracy"]) == set(s["edit"]["with_plan"])
     assert all("plan" in it and "with_plan_correct" in it for it in s["edit"]["items"])
+    assert set(s["edit"]["with_true_plan"]) == set(s["edit"]["accuracy"])
+    assert all("with_true_plan_correct" in it for it in s["edit"]["items"])
     assert set(QUESTION_KINDS) | {"overall"} == set(s["vqa"]["accuracy"])
     assert {"acc@0.5_single", "acc@0.5_multi", "n_expressions"} <= set(s["ground"])
     assert {"rendered", "own_generations"} <= set(s["critique"])
@@ -315,6 +317,7 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["t2i"]["plan_correct"]["overall"] == 1.0
     assert s["t2i"]["with_true_plan"]["overall"] == 1.0
     assert s["edit"]["accuracy"]["overall"] == 1.0
+    assert s["edit"]["with_true_plan"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
     assert s["vqa"]["accuracy"]["overall"] == 1.0
@@ -339,6 +342,7 @@ def test_blank_pipeline_scores_zero(tmp_path):
     assert s["t2i"]["plan_correct"]["overall"] == 0.0
     assert s["t2i"]["with_true_plan"]["overall"] == 0.0
     assert s["edit"]["accuracy"]["overall"] == 0.0
+    assert s["edit"]["with_true_plan"]["overall"] == 0.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
 
