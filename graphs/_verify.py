@@ -95,8 +95,11 @@ def split_reasons(prompt: str, reasons: Sequence[str]) -> tuple[list[str], list[
         spec = lang.parse_prompt(prompt)
     except lang.GrammarError:
         return [str(r) for r in reasons], []
-    kept = [str(r) for r in reasons if lang.reason_fits_prompt(spec, r)]
-    return kept, [str(r) for r in reasons if not lang.reason_fits_prompt(spec, r)]
+    kept: list[str] = []
+    dropped: list[str] = []
+    for r in reasons:
+        (kept if lang.reason_fits_prompt(spec, r) else dropped).append(str(r))
+    return kept, dropped
 
 
 def round_score(x: float) -> float:

@@ -21,6 +21,7 @@ with [EOS] (FACTS §3.2).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -270,8 +271,8 @@ def inner_cells(boxes, config) -> np.ndarray:
     G, cell = config.image_grid, config.image_size // config.image_grid
     cells = np.zeros((G, G), dtype=bool)
     for x0, y0, x1, y1 in boxes:
-        gx0, gy0 = max(0, -(-int(np.ceil(x0)) // cell)), max(0, -(-int(np.ceil(y0)) // cell))
-        gx1, gy1 = min(G, int(np.floor(x1)) // cell), min(G, int(np.floor(y1)) // cell)
+        gx0, gy0 = max(0, math.ceil(x0 / cell)), max(0, math.ceil(y0 / cell))
+        gx1, gy1 = min(G, math.floor(x1 / cell)), min(G, math.floor(y1 / cell))
         cells[gy0:gy1, gx0:gx1] = True
     return cells
 
