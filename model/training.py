@@ -148,6 +148,12 @@ class TrainConfig:
     # the state of the agent's background edit (`edit(..., keep=)`). Off: those rows keep the
     # full-image state (stage 16 was trained so).
     edit_region_background: bool = False
+    # The share of grounding and question rows drawn as a look-alike scene
+    # (`look_alike_scene`): two objects of one shape in different colours, or of one colour
+    # in different shapes. Stage 16 found the named object's shape but took its same-shape
+    # neighbour on 14 of 72 colour-form expressions (`the orange diamond` -> the green one).
+    # 0: off (stages 1-16).
+    hard_scenes: float = 0.0
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -172,18 +178,37 @@ def touched_plan(source, target) -> list[tuple[str, tuple[int, int, int, int]]]:
     return items[:4]
 
 
+def look_alike_scene(rng: np.random.Generator):
+    """A scene of 2-4 objects in which two share a shape (in different colours) or, a fair
+    coin later, a colour (in different shapes): the scenes where naming an object needs
+    both of its words."""
+    n = int(rng.integers(2, 5))
+    palette, forms = list(COLORS), list(SHAPES)
+    shapes: list = [None] * n
+    colors: list = [None] * n
+    if rng.random() < 0.5:
+        shapes[0] = shapes[1] = str(rng.choice(forms))
+        colors[0], colors[1] = (str(c) for c in rng.choice(palette, size=2, replace=False))
+    else:
+        colors[0] = colors[1] = str(rng.choice(palette))
+        shapes[0], shapes[1] = (str(c) for c in rng.choice(forms, size=2, replace=False))
+    return sample_scene(rng, n_objects=n, shapes=shapes, colors=colors)
+
+
 class TaskSampler:
     """Builds training examples of each task from seeded ShapesWorld draws."""
 
     def __init__(self, tokenizer, config: LavidaConfig, vq, patch_words: int = 0, plan_item_mask: float = 0.0,
                  question_weights: dict | None = None, ground_full_mask: float = 0.0,
                  own_pool: dict | None = None, own_critique: float = 0.0,
-                 edit_region_mask: float = 0.0, edit_region_background: bool = False):  # fmt: skip
+                 edit_region_mask: float = 0.0, edit_region_background: bool = False,
+                 hard_scenes: float = 0.0):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
         self.own_pool, self.own_critique = own_pool, own_critique
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
+        self.hard_scenes = hard_scenes
         self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
@@ -319,10 +344,16 @@ class TaskSampler:
                            plan_is_target=True, with_plan=True, with_image=False)
                 for (source, instruction, target), im, c in zip(drafts, images, codes)]  # fmt: skip
 
+    def _scene(self, rng, n_objects=None):
+        # No draw at all when off, so runs without `hard_scenes` replay as before.
+        if self.hard_scenes and rng.random() < self.hard_scenes:
+            return look_alike_scene(rng)
+        return sample_scene(rng, n_objects=n_objects)
+
     def _ground(self, rng, n):
         drafts = []
         for _ in range(n):
-            scene = sample_scene(rng)
+            scene = self._scene(rng)
             k = int(rng.integers(1, len(scene.objects) + 1))
             exprs, boxes = [], []
             for _ in range(k):
@@ -337,7 +368,7 @@ class TaskSampler:
     def _understand(self, rng, n):
         drafts = []
         for _ in range(n):
-            scene = sample_scene(rng, n_objects=None)
+            scene = self._scene(rng, n_objects=None)
             if rng.random() < 0.25:
                 question, ans = "describe the image.", lang.caption(scene)
             else:
@@ -650,7 +681,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                           question_weights=tc.question_weights, ground_full_mask=tc.ground_full_mask,
                           own_pool=pool, own_critique=tc.own_critique,
                           edit_region_mask=tc.edit_region_mask,
-                          edit_region_background=tc.edit_region_background)  # fmt: skip
+                          edit_region_background=tc.edit_region_background,
+                          hard_scenes=tc.hard_scenes)  # fmt: skip
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()

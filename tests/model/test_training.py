@@ -16,12 +16,14 @@ from lavida_agent.model.training import (
     add_noise,
     build_tokenizer,
     corpus_for_tokenizer,
+    look_alike_scene,
     lr_at,
     token_ids,
     main,
     touched_plan,
     train,
 )
+from lavida_agent.tools.shapes_world import valid_scene
 from lavida_agent.tools.shapes_world.language import parse_prompt
 
 TINY = dict(preset="tiny", tokens_per_batch=300, max_rows=3, warmup=2, tokenizer_corpus=20,
@@ -486,3 +488,34 @@ def test_a_background_edit_row_redraws_all_but_its_objects_cores(tokenizer, tiny
     assert kept.sum() >= 2 and np.array_equal(row.edit_region, ~kept)  # the cores stay
     (off,) = TaskSampler(tokenizer, cfg, tiny_vq).examples("edit", np.random.default_rng(0), 1)
     assert off.edit_region is None  # the full-image state, as stage 16 trained
+
+
+def test_look_alike_scenes_need_both_words_to_name_an_object():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(60):
+        scene = look_alike_scene(rng)
+        objs = scene.objects
+        assert 2 <= len(objs) <= 4 and valid_scene(scene)
+        pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1:]]
+        same_shape = any(a.shape == b.shape and a.color != b.color for a, b in pairs)
+        same_color = any(a.color == b.color and a.shape != b.shape for a, b in pairs)
+        assert same_shape or same_color
+        kinds |= {k for k, hit in (("shape", same_shape), ("color", same_color)) if hit}
+    assert kinds == {"shape", "color"}
+
+
+def test_hard_scenes_feed_grounding_and_question_rows_only(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    import lavida_agent.model.training as training
+
+    drawn = []
+    monkeypatch.setattr(training, "look_alike_scene", lambda rng: drawn.append(1) or look_alike_scene(rng))
+    hard = TaskSampler(tokenizer, tiny_config, tiny_vq, hard_scenes=1.0)
+    for task in ("ground", "understand"):
+        drawn.clear()
+        hard.examples(task, np.random.default_rng(1), 5)
+        assert len(drawn) == 5, task
+    drawn.clear()
+    hard.examples("critique", np.random.default_rng(1), 3)
+    TaskSampler(tokenizer, tiny_config, tiny_vq).examples("ground", np.random.default_rng(1), 5)
+    assert drawn == []
