@@ -519,3 +519,27 @@ def test_hard_scenes_feed_grounding_and_question_rows_only(tokenizer, tiny_confi
     hard.examples("critique", np.random.default_rng(1), 3)
     TaskSampler(tokenizer, tiny_config, tiny_vq).examples("ground", np.random.default_rng(1), 5)
     assert drawn == []
+
+
+def test_edit_plan_loc_mask_hides_every_box_coordinate_and_only_them(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.tasks import build_edit
+
+    cfg = tiny_config
+    image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    codes = np.zeros((cfg.image_grid,) * 2, np.int64)
+    plan = [("small blue circle", (4, 4, 16, 16)), ("removed", (4, 4, 16, 16))]
+    ex = build_edit(tokenizer, cfg, "make the red circle blue", image, codes, plan=plan,
+                    plan_is_target=True, with_plan=True, with_image=False)  # fmt: skip
+    begins = [p for p in ex.target_positions() if ex.input_ids[p] == cfg.loc_begin_token_id]
+    coords = [b + k for b in begins for k in range(1, 5)]
+    assert len(coords) == 8
+    for seed in range(5):
+        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, edit_plan_loc_mask=1.0)
+        assert [i for i, t in enumerate(noisy.input_ids) if t == cfg.mask_token_id] == coords
+        assert [noisy.text_targets[p] for p in coords] == [ex.input_ids[p] for p in coords]
+    # a t2i plan row ignores it and draws nothing more from the rng
+    t2i = build_t2i(tokenizer, cfg, "a red circle", plan=plan[:1], plan_is_target=True, with_image=False)
+    ra, rb = np.random.default_rng(0), np.random.default_rng(0)
+    a, _ = add_noise(t2i, ra, cfg)
+    b, _ = add_noise(t2i, rb, cfg, edit_plan_loc_mask=1.0)
+    assert a.input_ids == b.input_ids and ra.random() == rb.random()
