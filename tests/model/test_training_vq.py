@@ -17,8 +17,10 @@ from lavida_agent.model.modeling_vq import VQImageTokenizer
 from lavida_agent.model.training_vq import (
     CHECKPOINT_NAME,
     METRICS_NAME,
+    crowded_scene,
     evaluate_vq,
     main,
+    sample_shapes_world_batch,
     train_vq,
     warmup_cosine,
 )
@@ -185,3 +187,30 @@ def test_decoder_only_needs_matching_weights(tmp_path):
     with pytest.raises(ValueError, match="different architecture"):
         train_vq(tiny_config(num_vq_embeddings=16), steps=1, out_dir=tmp_path / "b",
                  sample_batch=stand_in_images, progress=False, init_from=tmp_path / "base" / "final")  # fmt: skip
+
+
+def test_crowded_scenes_put_objects_closer_and_only_draw_when_asked():
+    def closest_gap(scene):
+        gaps = [max(b.box[0] - a.box[2], a.box[0] - b.box[2], b.box[1] - a.box[3], a.box[1] - b.box[3])
+                for i, a in enumerate(scene.objects) for b in scene.objects[i + 1:]]  # fmt: skip
+        return min(gaps)
+
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    rng = np.random.default_rng(0)
+    crowded = [crowded_scene(rng) for _ in range(100)]
+    plain = [sample_scene(rng) for _ in range(100)]
+    assert all(len(s.objects) >= 3 and [o.size for o in s.objects[:2]] == ["large"] * 2 for s in crowded)
+    near = lambda scenes: np.mean([len(s.objects) > 1 and closest_gap(s) <= 3 for s in scenes])  # noqa: E731
+    assert near(crowded) > near(plain) + 0.2
+    # off, the batch is what it always was (same draws from the same generator)
+    a = sample_shapes_world_batch(np.random.default_rng(5), 3)
+    b = sample_shapes_world_batch(np.random.default_rng(5), 3, crowded=0.0)
+    c = sample_shapes_world_batch(np.random.default_rng(5), 3, crowded=1.0)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_cli_rejects_a_crowded_share_outside_0_1(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--steps", "1", "--crowded", "1.5"])
+    assert "--crowded must be a share" in capsys.readouterr().err
