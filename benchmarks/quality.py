@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lavida_agent.tools.boxes import iou
 from lavida_agent.tools.draw import make_grid
 from lavida_agent.tools.images import save_image
 from lavida_agent.tools.shapes_world.checkers import (
@@ -73,6 +74,7 @@ from lavida_agent.tools.shapes_world.language import (
     QUESTION_KINDS,
     REF_FORMS,
     GrammarError,
+    parse_edit,
     parse_prompt,
     parse_verdict,
     plan_items,
@@ -101,6 +103,7 @@ __all__ = [
     "vqa_items",
     "critique_items",
     "plan_correct",
+    "edit_plan_correct",
     "score_t2i",
     "score_plans",
     "score_edit",
@@ -292,6 +295,26 @@ def _canvas(image: np.ndarray) -> np.ndarray:
 # =========================================================================== scorers
 
 
+def _plan_objects(plan: Sequence[tuple[str, Sequence[int]]]) -> list[Object] | None:
+    """Plan items read as objects; None when any label is not `{size} {color} {shape}` or
+    any box is empty."""
+    objects = []
+    for label, box in plan:
+        words = str(label).split()
+        if (
+            len(words) != 3
+            or words[0] not in SIZES
+            or words[1] not in COLORS
+            or words[2] not in SHAPES
+        ):
+            return None
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
+    return objects
+
+
 def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
     """Does a plan, read as a scene, satisfy the prompt (background not judged)?
 
@@ -303,27 +326,40 @@ def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) 
     so the prompt's background, if any, is not required. An empty or unreadable plan is
     wrong.
     """
-    if not plan:
+    objects = _plan_objects(plan) if plan else None
+    if not objects:
         return False
-    objects = []
-    for label, box in plan:
-        words = str(label).split()
-        if (
-            len(words) != 3
-            or words[0] not in SIZES
-            or words[1] not in COLORS
-            or words[2] not in SHAPES
-        ):
-            return False
-        x0, y0, x1, y1 = (int(v) for v in box)
-        if x1 <= x0 or y1 <= y0:
-            return False
-        objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
     scene = Scene("white", tuple(objects))
     if not valid_scene(scene):
         return False
     spec = dataclasses.replace(parse_prompt(prompt), background=None)
     return check_prompt(spec, scene).correct
+
+
+def edit_plan_correct(source: Scene, instruction: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
+    """Does an edit plan, applied to the source scene, make the edit `check_edit` asks for?
+
+    The edit analogue of `plan_correct`. Each `removed` item takes away the source object
+    its box overlaps most (IoU >= 0.5, else the plan is wrong); every other item must read
+    `{size} {color} {shape}` and is put in at its box; the result must be a scene the world
+    can hold and pass `check_edit` against the source. Any valid answer counts (an added
+    object may sit anywhere the instruction allows), not only the benchmark's own target. A
+    background edit touches no box: its plan is right when empty.
+    """
+    plan = list(plan or [])
+    if parse_edit(instruction).category == "background":
+        return not plan
+    kept = list(source.objects)
+    new = _plan_objects([item for item in plan if item[0] != "removed"])
+    if not plan or new is None:
+        return False
+    for _, box in (item for item in plan if item[0] == "removed"):
+        overlap = [iou(box, o.box) for o in kept]
+        if not overlap or max(overlap) < 0.5:
+            return False
+        kept.pop(int(np.argmax(overlap)))
+    result = Scene(source.background, tuple(kept + new))
+    return valid_scene(result) and check_edit(source, instruction, result).correct
 
 
 def score_plans(
@@ -944,8 +980,8 @@ def _suite_edit(
                if hasattr(pipeline, "plan_edit") else None)  # fmt: skip
     from lavida_agent.model.training import touched_plan
 
-    true = score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps,
-                      true_plans=[touched_plan(it["scene"], it["target"]) for it in items])  # fmt: skip
+    true_plans = [touched_plan(it["scene"], it["target"]) for it in items]
+    true = score_edit(pipeline, *args, batch_size=batch_size, num_steps=num_steps, true_plans=true_plans)
     for it, t in zip(items, true, strict=True):
         t["category"] = it["category"]
     for it, r, q in zip(items, recs, planned or recs, strict=True):
@@ -959,6 +995,9 @@ def _suite_edit(
     if planned is not None:
         out["with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES)
         out["psnr_outside_db_with_plan"] = _acc_by(planned, "category", EDIT_CATEGORIES, "psnr_outside")
+        for it, q in zip(items, planned, strict=True):
+            q["plan_correct"] = edit_plan_correct(it["scene"], it["instruction"], q["plan"])
+        out["plan_correct"] = _acc_by(planned, "category", EDIT_CATEGORIES, "plan_correct")
     out["with_true_plan"] = _acc_by(true, "category", EDIT_CATEGORIES)
     out["items"] = [
         {
@@ -969,8 +1008,8 @@ def _suite_edit(
             "correct": r["correct"],
             "reasons": r["reasons"],
             "psnr_outside": r["psnr_outside"],
-            **({"plan": q["plan"], "with_plan_correct": q["correct"], "with_plan_reasons": q["reasons"]}
-               if planned is not None else {}),
+            **({"plan": q["plan"], "plan_correct": q["plan_correct"], "with_plan_correct": q["correct"],
+                "with_plan_reasons": q["reasons"]} if planned is not None else {}),
             "with_true_plan_correct": t["correct"],
         }
         for it, r, q, t in zip(items, recs, planned or recs, true, strict=True)
@@ -1279,9 +1318,10 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             _table(
                 ["category", "single shot", "PSNR outside (dB)", "with the model's plan", "PSNR outside (dB)",
-                 "with the true plan"],
+                 "with the true plan", "edit plan correct"],
                 _cat_rows(EDIT_CATEGORIES, [e["accuracy"], e["psnr_outside_db"], e.get("with_plan", {}),
-                                            e.get("psnr_outside_db_with_plan", {}), e.get("with_true_plan", {})]),  # fmt: skip
+                                            e.get("psnr_outside_db_with_plan", {}), e.get("with_true_plan", {}),
+                                            e.get("plan_correct", {})]),  # fmt: skip
             ),
         ]
     if "ground" in suites:
@@ -1637,10 +1677,11 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
             f"with the true layout {_fmt(s['t2i']['with_true_plan']['overall'])})"
         )
     if "edit" in s:
-        lines.append(
-            f"edit {_fmt(s['edit']['accuracy']['overall'])} "
-            f"psnr {_fmt(s['edit']['psnr_outside_db']['overall'])} dB"
-        )
+        e = s["edit"]
+        line = f"edit {_fmt(e['accuracy']['overall'])} psnr {_fmt(e['psnr_outside_db']['overall'])} dB"
+        if "plan_correct" in e:
+            line += f" (edit plan correct {_fmt(e['plan_correct']['overall'])})"
+        lines.append(line)
     if "ground" in s:
         lines.append(
             f"ground acc@0.5 single {_fmt(s['ground']['acc@0.5_single']['overall'])} "

@@ -35,6 +35,7 @@ from lavida_agent.tools.shapes_world.language import (
     verdict_text,
 )
 from lavida_agent.tools.shapes_world.render import render
+from lavida_agent.tools.shapes_world.scene import COLORS
 
 
 def _tiny_pipeline():
@@ -318,6 +319,7 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["t2i"]["with_true_plan"]["overall"] == 1.0
     assert s["edit"]["accuracy"]["overall"] == 1.0
     assert s["edit"]["with_true_plan"]["overall"] == 1.0
+    assert s["edit"]["plan_correct"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
     assert s["vqa"]["accuracy"]["overall"] == 1.0
@@ -343,6 +345,10 @@ def test_blank_pipeline_scores_zero(tmp_path):
     assert s["t2i"]["with_true_plan"]["overall"] == 0.0
     assert s["edit"]["accuracy"]["overall"] == 0.0
     assert s["edit"]["with_true_plan"]["overall"] == 0.0
+    # An empty edit plan is right only for a background edit, which touches no box.
+    assert {k: v for k, v in s["edit"]["plan_correct"].items() if k != "overall"} == {
+        c: float(c == "background") for c in EDIT_CATEGORIES
+    }
     assert s["ground"]["acc@0.5_single"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
 
@@ -389,6 +395,30 @@ def test_plan_correct_reads_plans_as_scenes():
     assert not quality.plan_correct(prompt, [(lab0, box0), (lab1, (x0 + 6, y0, x1 + 6, y1))])
     assert lab0 == "large red circle" and x1 - x0 > 14
     assert not quality.plan_correct(prompt, [("small red circle", box0), (lab1, box1)])
+
+
+def test_edit_plan_correct_applies_the_plan_to_the_source():
+    """True edit plans pass; a wrong colour, a wrong object removed or a plan for the wrong
+    kind of edit fails."""
+    for it in quality.edit_items(2, seed=0):
+        scene, ins = it["scene"], it["instruction"]
+        true = touched_plan(scene, it["target"])
+        assert quality.edit_plan_correct(scene, ins, true), ins
+        if it["category"] == "background":
+            assert not quality.edit_plan_correct(scene, ins, [("removed", scene.objects[0].box)])
+            continue
+        assert not quality.edit_plan_correct(scene, ins, [])
+        removed = [box for label, box in true if label == "removed"]
+        others = [o for o in scene.objects if all(o.box != box for box in removed)]
+        if it["category"] == "remove" and others:  # takes away an object it was not asked to
+            assert not quality.edit_plan_correct(scene, ins, [("removed", others[0].box)]), ins
+        new = [(i, label) for i, (label, _) in enumerate(true) if label != "removed"]
+        if new:  # the changed object drawn in another colour
+            i, label = new[0]
+            size, color, shape = label.split()
+            other = next(c for c in COLORS if c != color)
+            wrong = [*true[:i], (f"{size} {other} {shape}", true[i][1]), *true[i + 1:]]
+            assert not quality.edit_plan_correct(scene, ins, wrong), ins
 
 
 def test_unknown_suite_is_refused(tmp_path):
