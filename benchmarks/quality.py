@@ -17,6 +17,8 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   correctness and PSNR outside the touched boxes; single shot (`edit`) and with the model's
   own edit plan (`plan_edit`, then `edit(plans=..., regions=...)`), and with the true plan
   and regions (the drawer alone: the edit analogue of t2i from the true layout), same seeds.
+  Also whether the model's edit plan, applied to the source scene, makes the edit
+  (`edit_plan_correct`).
 - `ground`: `5 n` scenes with up to 3 unambiguous referring expressions each; Acc@0.5 with
   one expression per call row (`single`) and all of a scene's expressions in one row
   (`multi`).
