@@ -80,6 +80,7 @@ from lavida_agent.tools.shapes_world.language import (
     parse_prompt,
     parse_verdict,
     plan_items,
+    referable,
     sample_critique,
     sample_edit,
     sample_prompt,
@@ -213,6 +214,8 @@ def ground_items(
     for i in range(n):
         rng = item_rng(seed, "ground", i)
         scene = sample_scene(rng)
+        while not referable(scene):  # never at the published seeds; kept for any other
+            scene = sample_scene(rng)
         texts, forms, boxes = [], [], []
         for _ in range(4 * max_expressions):
             if len(texts) == max_expressions:

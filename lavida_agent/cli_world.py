@@ -69,6 +69,8 @@ def _sample_record(task: str, rng: np.random.Generator, i: int, out: Path) -> di
         return rec
     else:
         scene = sample_scene(rng)
+        while task == "ground" and not lang.referable(scene):  # rare; see `referable`
+            scene = sample_scene(rng)
         if task == "ground":
             text, spec, k = lang.sample_refexp(rng, scene)
             rec.update(expression=text, spec=_json_spec(spec), index=k,

@@ -360,6 +360,8 @@ class TaskSampler:
         drafts = []
         for _ in range(n):
             scene = self._scene(rng)
+            while not lang.referable(scene):  # rare (stage 17 met one at step 2519): draw again
+                scene = self._scene(rng)
             k = int(rng.integers(1, len(scene.objects) + 1))
             exprs, boxes = [], []
             for _ in range(k):

@@ -521,6 +521,21 @@ def test_hard_scenes_feed_grounding_and_question_rows_only(tokenizer, tiny_confi
     assert drawn == []
 
 
+def test_ground_rows_redraw_a_scene_nothing_can_name(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    # Stage 17 died at step 2519 on such a scene (sample_refexp raised mid-run).
+    from lavida_agent.tools.shapes_world import Object, Scene
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    crowd = Scene("white", tuple(Object("circle", "red", "small", (x, y, x + 12, y + 12))
+                                 for y in (8, 40) for x in (8, 40)))  # fmt: skip
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq)
+    scenes = iter([crowd, crowd])
+    draw = lambda rng, n_objects=None: next(scenes, None) or sample_scene(rng)  # noqa: E731
+    monkeypatch.setattr(sampler, "_scene", draw)
+    rows = sampler.examples("ground", np.random.default_rng(0), 2)
+    assert len(rows) == 2 and next(scenes, None) is None  # both crowds drawn, and passed over
+
+
 def test_edit_plan_loc_mask_hides_every_box_coordinate_and_only_them(tokenizer, tiny_config, tiny_vq):
     from lavida_agent.model.tasks import build_edit
 

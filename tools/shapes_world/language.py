@@ -72,9 +72,9 @@ __all__ = [
     "PROMPT_CATEGORIES", "EDIT_CATEGORIES", "REF_FORMS", "QUESTION_KINDS", "SIDES",
     "REASON_TEMPLATES", "GrammarError", "Noun", "ObjectReq", "PromptSpec", "EditSpec", "RefSpec",
     "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
-    "sample_edit", "edit_text", "parse_edit", "apply_edit", "sample_refexp", "refexp_text",
-    "parse_refexp", "resolve_refexp", "sample_question", "question_text", "parse_question",
-    "answer", "caption", "plan_items", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
+    "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
+    "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
+    "parse_question", "answer", "caption", "plan_items", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
     "verdict_text", "parse_verdict", "article",
 ]  # fmt: skip
 
@@ -979,6 +979,15 @@ def _ref_candidates(scene: Scene, i: int) -> list[RefSpec]:
     return [s for s in out if resolve_refexp(scene, s) == i]
 
 
+def referable(scene: Scene) -> bool:
+    """Whether some object of `scene` has an unambiguous referring expression.
+
+    Almost every scene has one; the exceptions are look-alike crowds (several objects of one
+    colour, shape and size with no clear extreme and no unique anchor), e.g. none at all.
+    """
+    return any(_ref_candidates(scene, i) for i in range(len(scene.objects)))
+
+
 def sample_refexp(rng: np.random.Generator, scene: Scene) -> tuple[str, RefSpec, int]:
     """Draw an unambiguous referring expression for a random object of `scene`.
 
@@ -988,7 +997,8 @@ def sample_refexp(rng: np.random.Generator, scene: Scene) -> tuple[str, RefSpec,
         `(text, spec, object_index)` with `resolve_refexp(scene, spec) == object_index`.
 
     Raises:
-        ValueError: If no object of `scene` can be referred to unambiguously (e.g. empty).
+        ValueError: If no object of `scene` can be referred to unambiguously (e.g. empty);
+            `referable(scene)` tells beforehand.
     """
     order = [int(i) for i in rng.permutation(len(scene.objects))]
     for i in order:

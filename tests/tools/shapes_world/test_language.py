@@ -325,6 +325,26 @@ def test_refexp_forms_resolve():
             "the circle on the top", "the red circle below the blue square")] == list(lang.REF_FORMS)  # fmt: skip
 
 
+# Four red circles of one size on a 2x2 grid: no word, size, side or anchor singles one out.
+CROWD = Scene("white", tuple(obj("circle", "red", "small", x, y) for y in (8, 40) for x in (8, 40)))
+
+
+def test_referable_tells_when_sample_refexp_would_fail():
+    assert not lang.referable(CROWD)
+    assert not lang.referable(Scene("white"))
+    with pytest.raises(ValueError, match="unambiguously"):
+        lang.sample_refexp(np.random.default_rng(0), CROWD)
+    # One object of another colour makes the crowd referable again (by it, or relative to it).
+    odd = Scene("white", (*CROWD.objects[:3], obj("circle", "blue", "small", 40, 40)))
+    assert lang.referable(odd) and lang.referable(SCENE)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        if lang.referable(scene):
+            text, spec, k = lang.sample_refexp(rng, scene)
+            assert lang.resolve_refexp(scene, spec) == k
+
+
 def test_refexp_text_and_errors():
     spec = RefSpec("circle", "orange", relation="left of", anchor=Noun("square", "blue"))
     assert lang.refexp_text(spec) == "the orange circle left of the blue square"
