@@ -983,7 +983,7 @@ def referable(scene: Scene) -> bool:
     """Whether some object of `scene` has an unambiguous referring expression.
 
     Almost every scene has one; the exceptions are look-alike crowds (several objects of one
-    colour, shape and size with no clear extreme and no unique anchor), e.g. none at all.
+    colour, shape and size with no clear extreme and no unique anchor) and empty scenes.
     """
     return any(_ref_candidates(scene, i) for i in range(len(scene.objects)))
 
