@@ -164,16 +164,23 @@ class LavidaDecoderLayer(nn.Module):
         # Step 1: per-branch Q/K/V (one fused matmul per branch), scattered back into
         # sequence order. Rows of a skipped branch stay zero: the attention mask never lets
         # a live query see them.
-        if run_und or und_idx.numel() == 0:
-            qkv = h_gen.new_empty(N, 3 * d)
-        else:
-            qkv = h_gen.new_zeros(N, 3 * d)
+        qkv_und = qkv_gen = None
         if run_und:
             w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            qkv[und_idx] = F.linear(self.attn_norm(h_und), w)
+            qkv_und = F.linear(self.attn_norm(h_und), w)
         if gen_idx.numel():
             w = torch.cat([self.q_proj_gen.weight, self.k_proj_gen.weight, self.v_proj_gen.weight])
-            qkv[gen_idx] = F.linear(self.attn_norm_gen(h_gen), w)
+            qkv_gen = F.linear(self.attn_norm_gen(h_gen), w)
+        # The projections' dtype, not the stream's: under autocast they are bf16.
+        like = next((t for t in (qkv_und, qkv_gen) if t is not None), h_gen)
+        if run_und or und_idx.numel() == 0:
+            qkv = like.new_empty(N, 3 * d)
+        else:
+            qkv = like.new_zeros(N, 3 * d)
+        if qkv_und is not None:
+            qkv[und_idx] = qkv_und
+        if qkv_gen is not None:
+            qkv[gen_idx] = qkv_gen
         qkv = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, L, hd)
         cos, sin = rope
         qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from .configuration_lavida import PRESETS, LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
 from .tasks import (
     CRITIQUE_LEN,
+    Batch,
     Example,
     box_cells,
     inner_cells,
@@ -161,6 +162,15 @@ class TrainConfig:
     # met the true ones at a mean IoU of 0.10. 0: off (stages 1-16).
     edit_plan_loc_mask: float = 0.0
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    # Processes that build the coming steps' batches (`step_data`) while the model trains:
+    # on an accelerator the single-process data draw, not the model, bounds the step rate.
+    # 0: built in the training process. The batches are the same either way (each step's
+    # draw is a pure function of the seed and step); on CUDA the workers' VQ encoding runs on
+    # the CPU, so a code can differ where two codebook entries tie to float rounding.
+    data_workers: int = 0
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": autocast on any device (on this
+    # CPU ~100x slower, for checks); "fp32": fp32 everywhere.
+    precision: str = "auto"
 
 
 # ----------------------------------------------------------------------------- data
@@ -618,16 +628,109 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
     return batch, image_labels
 
 
+def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict | None) -> TaskSampler:
+    """The run's `TaskSampler`, with every data knob of `tc`."""
+    return TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask,
+                       question_weights=tc.question_weights, ground_full_mask=tc.ground_full_mask,
+                       own_pool=pool, own_critique=tc.own_critique,
+                       edit_region_mask=tc.edit_region_mask,
+                       edit_region_background=tc.edit_region_background,
+                       hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask)  # fmt: skip
+
+
+def step_data(sampler: TaskSampler, tc: TrainConfig, cfg, tasks: list[str], weights: np.ndarray, step: int, vq):
+    """Everything optimizer step `step` trains on, a pure function of the seed and the step.
+
+    Returns `([(task, batch, image_labels)] * tasks_per_step, aux)`, where `aux` is the
+    `vision_aux` input `(pixels, targets)` or None.
+    """
+    rng = np.random.default_rng([tc.seed, step])
+    k = tc.tasks_per_step
+    items = []
+    for _ in range(k):
+        task = tasks[int(rng.choice(len(tasks), p=weights))]
+        items.append((task, *make_batch(sampler, task, rng, rows_for(task, tc, cfg, tc.tokens_per_batch // k), cfg)))
+    aux = None
+    if tc.vision_aux:
+        aux = vision_aux_data(vq, np.random.default_rng([tc.seed, 0xA11, step]), tc.vision_aux_batch,
+                              cfg.vision_patch_size)  # fmt: skip
+    return items, aux
+
+
+# Data workers (`TrainConfig.data_workers`): spawned processes that build the coming steps'
+# batches with `step_data` on the CPU while the accelerator trains. Tensors cross the process
+# boundary as numpy arrays (pickled by value), not through torch's shared-memory handles.
+_WORKER: dict = {}
+
+
+def _worker_init(tc: TrainConfig, cfg, tok_dir: str, pool_path, tasks: list[str], weights) -> None:
+    from transformers import AutoTokenizer
+
+    from .modeling_vq import VQImageTokenizer
+
+    torch.set_num_threads(1)
+    vq = VQImageTokenizer.from_pretrained(tc.vq).eval()
+    pool = _own_pool(pool_path, None) if pool_path else None
+    sampler = task_sampler(tc, AutoTokenizer.from_pretrained(tok_dir), cfg, vq, pool)
+    _WORKER.update(tc=tc, cfg=cfg, sampler=sampler, tasks=tasks, weights=weights, vq=vq)
+
+
+def _worker_step(step: int):
+    w = _WORKER
+    return _portable(step_data(w["sampler"], w["tc"], w["cfg"], w["tasks"], w["weights"], step, w["vq"]), np.asarray)
+
+
+def _portable(obj, convert):
+    """`obj` with every tensor (or, with `convert=torch.from_numpy`, every array) converted,
+    through tuples, lists, dicts and `Batch` fields."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return convert(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_portable(o, convert) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _portable(v, convert) for k, v in obj.items()}
+    if isinstance(obj, Batch):
+        return Batch(*(_portable(getattr(obj, f.name), convert) for f in fields(Batch)))
+    return obj
+
+
+class _Prefetcher:
+    """`step_data` of steps `first..last-1` built `ahead` steps in advance by `workers` processes."""
+
+    def __init__(self, workers: int, init_args: tuple, first: int, last: int, ahead: int | None = None):
+        import multiprocessing
+
+        self.pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, init_args)
+        self.pending: dict = {}
+        self.next, self.last, self.ahead = first, last, ahead or 4 * workers
+
+    def get(self, step: int):
+        while self.next < min(self.last, step + self.ahead):
+            self.pending[self.next] = self.pool.apply_async(_worker_step, (self.next,))
+            self.next += 1
+        items, aux = self.pending.pop(step).get()
+        return _portable(items, torch.from_numpy), None if aux is None else (torch.from_numpy(aux[0]), aux[1])
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
 def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) -> dict:
     """Train (or resume) a model; writes checkpoints, `metrics.jsonl` and a final export."""
     from tqdm import tqdm
 
     from .modeling_vq import VQImageTokenizer
 
+    if tc.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
+                         f"got {tc.precision!r}")  # fmt: skip
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
+    device_type = torch.device(device).type
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device_type == "cuda")
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else _null()
 
     vq = VQImageTokenizer.from_pretrained(tc.vq).to(device).eval()
     tok_dir = out / "tokenizer"
@@ -695,12 +798,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             model, vq, tokenizer, tc.own_pool, tc.seed, progress=progress))  # fmt: skip
         logger.info("own-generation pool: %d images, %.2f judged correct", len(pool["prompts"]),
                     np.mean([v == "yes" for v in pool["verdicts"]]))  # fmt: skip
-    sampler = TaskSampler(tokenizer, cfg, vq, patch_words=tc.patch_words, plan_item_mask=tc.plan_item_mask,
-                          question_weights=tc.question_weights, ground_full_mask=tc.ground_full_mask,
-                          own_pool=pool, own_critique=tc.own_critique,
-                          edit_region_mask=tc.edit_region_mask,
-                          edit_region_background=tc.edit_region_background,
-                          hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask)  # fmt: skip
+    sampler = task_sampler(tc, tokenizer, cfg, vq, pool)
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()
@@ -716,51 +814,57 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t0 = time.time()
-    while step < tc.steps:
-        rng = np.random.default_rng([tc.seed, step])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc) * group["lr_scale"]
-        opt.zero_grad(set_to_none=True)
-        # `tasks_per_step` tasks share the step's token budget and one update (what a
-        # data-parallel run with one task per device does), so no single task's step
-        # pulls the shared weights away from the others.
-        k = tc.tasks_per_step
-        for _ in range(k):
-            task = tasks[int(rng.choice(len(tasks), p=weights))]
-            batch, image_labels = make_batch(sampler, task, rng, rows_for(task, tc, cfg, tc.tokens_per_batch // k), cfg)
-            batch = batch.to(device)
-            with autocast:
-                outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
-                             image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
-            (outp.loss / k).backward()
-            window.setdefault(task, []).append(outp.loss.item())
-        if aux_head is not None:
-            with autocast:
-                aux = vision_aux_loss(model, aux_head, vq, np.random.default_rng([tc.seed, 0xA11, step]),
-                                      tc.vision_aux_batch, head_only=step < tc.vision_aux_warmup)  # fmt: skip
-            (tc.vision_aux * aux).backward()
-            window.setdefault("vision_aux", []).append(aux.item())
-        # The model's norm only: the aux read-out head is left out (AdamW is scale-free per
-        # parameter, and stage 12 was trained this way, so its command replays).
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),
-                   "elapsed_s": round(time.time() - t0, 1),
-                   **{f"loss/{k}": float(np.mean(v)) for k, v in window.items()}}  # fmt: skip
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix({k: f"{np.mean(v):.3f}" for k, v in window.items()})
-            window = {}
-        if step % tc.eval_every == 0 or (step == tc.steps and tc.steps >= tc.eval_every):
-            ev = evaluate_loss(model, sampler, tasks, cfg, device, rows=tc.eval_rows)
-            log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
-            log.flush()
-            model.train()
-        if step % tc.save_every == 0 or step == tc.steps:
-            _save_state(ckpt, model, opt, step, aux_head)
+    if tc.data_workers:
+        pool_path = out / "own_pool.npz" if pool is not None else None
+        data = _Prefetcher(tc.data_workers, (tc, cfg, str(tok_dir), pool_path, tasks, weights), step, tc.steps)
+    else:
+        data = None
+    try:
+        while step < tc.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc) * group["lr_scale"]
+            opt.zero_grad(set_to_none=True)
+            # `tasks_per_step` tasks share the step's token budget and one update (what a
+            # data-parallel run with one task per device does), so no single task's step
+            # pulls the shared weights away from the others.
+            items, aux_data = data.get(step) if data else step_data(sampler, tc, cfg, tasks, weights, step, vq)
+            k = len(items)
+            for task, batch, image_labels in items:
+                batch = batch.to(device)
+                with autocast:
+                    outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
+                                 image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
+                (outp.loss / k).backward()
+                window.setdefault(task, []).append(outp.loss.item())
+            if aux_head is not None:
+                with autocast:
+                    aux = _aux_loss(model, aux_head, *aux_data, head_only=step < tc.vision_aux_warmup)
+                (tc.vision_aux * aux).backward()
+                window.setdefault("vision_aux", []).append(aux.item())
+            # The model's norm only: the aux read-out head is left out (AdamW is scale-free per
+            # parameter, and stage 12 was trained this way, so its command replays).
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),
+                       "elapsed_s": round(time.time() - t0, 1),
+                       **{f"loss/{k}": float(np.mean(v)) for k, v in window.items()}}  # fmt: skip
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix({k: f"{np.mean(v):.3f}" for k, v in window.items()})
+                window = {}
+            if step % tc.eval_every == 0 or (step == tc.steps and tc.steps >= tc.eval_every):
+                ev = evaluate_loss(model, sampler, tasks, cfg, device, rows=tc.eval_rows)
+                log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
+                log.flush()
+                model.train()
+            if step % tc.save_every == 0 or step == tc.steps:
+                _save_state(ckpt, model, opt, step, aux_head)
+    finally:
+        if data:
+            data.close()
     bar.close()
     export = out / "export"
     model.eval()
@@ -849,22 +953,31 @@ def _save_state(path: Path, model, opt, step: int, aux_head=None) -> None:
     tmp.replace(path)
 
 
-def vision_aux_loss(model, head, vq, rng: np.random.Generator, n: int, head_only: bool = False) -> torch.Tensor:
-    """Stage 0's dense per-patch loss on `n` fresh scenes (half seen through the VQ
-    tokenizer, as the understanding tasks see them), for `TrainConfig.vision_aux`.
-    `head_only`: the features are detached, so only `head` learns."""
-    from .training_vision import _stack, probe_loss
-
-    device = next(model.parameters()).device
+def vision_aux_data(vq, rng: np.random.Generator, n: int, patch: int) -> tuple[torch.Tensor, list[dict]]:
+    """The input of `vision_aux_loss`: `n` fresh scenes' pixels (half seen through the VQ
+    tokenizer, as the understanding tasks see them) and their per-patch targets."""
     scenes = [sample_scene(rng) for _ in range(n)]
     images = [render(s) for s in scenes]
     pick = [i for i in range(n) if rng.random() < RECONSTRUCT_P]
     if pick:
-        for i, im in zip(pick, vq_roundtrip(vq, [images[i] for i in pick], next(vq.parameters()).device)):
-            images[i] = im
-    targets = _stack([patch_targets(s, model.config.vision_patch_size) for s in scenes], device)
-    feats = model.vision(images_to_pixels(images).to(device))
-    loss, _ = probe_loss(head, feats.detach() if head_only else feats, targets)
+        with torch.no_grad():
+            for i, im in zip(pick, vq_roundtrip(vq, [images[i] for i in pick], next(vq.parameters()).device)):
+                images[i] = im
+    return images_to_pixels(images), [patch_targets(s, patch) for s in scenes]
+
+
+def vision_aux_loss(model, head, vq, rng: np.random.Generator, n: int, head_only: bool = False) -> torch.Tensor:
+    """Stage 0's dense per-patch loss on `n` fresh scenes (`vision_aux_data`), for
+    `TrainConfig.vision_aux`. `head_only`: the features are detached, so only `head` learns."""
+    return _aux_loss(model, head, *vision_aux_data(vq, rng, n, model.config.vision_patch_size), head_only=head_only)
+
+
+def _aux_loss(model, head, pixels: torch.Tensor, targets: list[dict], head_only: bool = False) -> torch.Tensor:
+    from .training_vision import _stack, probe_loss
+
+    device = next(model.parameters()).device
+    feats = model.vision(pixels.to(device))
+    loss, _ = probe_loss(head, feats.detach() if head_only else feats, _stack(targets, device))
     return loss
 
 
