@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -716,6 +717,72 @@ class _Prefetcher:
         self.pool.join()
 
 
+class _Ranks:
+    """This process's place in a `torchrun` data-parallel run; rank 0 of 1 outside one.
+
+    Each rank draws every step's batches (`step_data`) and trains on every `world`-th;
+    `sum_grads` adds the ranks' gradients, so every rank takes the same optimizer step as
+    one process training on all of them would. Rank 0 alone writes (checkpoints, metrics,
+    the tokenizer, the own-drawing pool, the export). Backend: NCCL on CUDA, Gloo on CPU.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.on = dist.is_available() and dist.is_torchelastic_launched()
+        self.owns_group = self.on and not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.on else (0, 1)
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.on:
+            self.dist.barrier()
+
+    def broadcast(self, *modules) -> None:
+        if self.on:
+            for module in filter(None, modules):
+                for t in module.state_dict().values():
+                    self.dist.broadcast(t, 0)
+
+    def sum_grads(self, params: list) -> None:
+        """Sum each parameter's gradient over the ranks; one that no rank has stays None
+        (AdamW then skips it, as in a single process)."""
+        if not self.on or not params:
+            return
+        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        self.dist.all_reduce(has)
+        self.dist.all_reduce(flat)
+        offset = 0
+        for p, h in zip(params, has.tolist()):
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone() if h else None
+            offset += n
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            self.dist.destroy_process_group()
+
+
+def _merge(windows: list[dict]) -> dict:
+    """Per-task loss lists of several ranks, joined."""
+    merged: dict[str, list[float]] = {}
+    for w in windows:
+        for k, v in w.items():
+            merged.setdefault(k, []).extend(v)
+    return merged
+
+
 def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) -> dict:
     """Train (or resume) a model; writes checkpoints, `metrics.jsonl` and a final export."""
     from tqdm import tqdm
@@ -725,26 +792,29 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     if tc.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
                          f"got {tc.precision!r}")  # fmt: skip
+    ranks = _Ranks()
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{ranks.rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    device = device or "cpu"
     device_type = torch.device(device).type
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device_type == "cuda")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else _null()
 
     vq = VQImageTokenizer.from_pretrained(tc.vq).to(device).eval()
     tok_dir = out / "tokenizer"
-    if tc.init_from and not tok_dir.exists():
+    if ranks.main and tc.init_from and not tok_dir.exists():
         import shutil
 
         shutil.copytree(Path(tc.init_from) / "tokenizer", tok_dir)  # the weights' own vocabulary
-    if tok_dir.exists():
-        from transformers import AutoTokenizer
+    if ranks.main and not tok_dir.exists():
+        build_tokenizer(corpus_for_tokenizer(tc.tokenizer_corpus)).save_pretrained(tok_dir)
+    ranks.barrier()
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        tokenizer = build_tokenizer(corpus_for_tokenizer(tc.tokenizer_corpus))
-        tokenizer.save_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     ckpt = out / "state.pt"
     saved = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
     initial = None
@@ -790,28 +860,34 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             aux_head.load_state_dict(saved["vision_aux_head"])
         step = saved["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
-    (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
+    if ranks.main:
+        (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
     pool = None
     if tc.own_critique:
-        pool = _own_pool(out / "own_pool.npz", lambda: own_generation_pool(
-            model, vq, tokenizer, tc.own_pool, tc.seed, progress=progress))  # fmt: skip
+        if ranks.main:
+            _own_pool(out / "own_pool.npz", lambda: own_generation_pool(
+                model, vq, tokenizer, tc.own_pool, tc.seed, progress=progress))  # fmt: skip
+        ranks.barrier()
+        pool = _own_pool(out / "own_pool.npz", None)
         logger.info("own-generation pool: %d images, %.2f judged correct", len(pool["prompts"]),
                     np.mean([v == "yes" for v in pool["verdicts"]]))  # fmt: skip
     sampler = task_sampler(tc, tokenizer, cfg, vq, pool)
     tasks = list(tc.task_weights)
     weights = np.array([tc.task_weights[t] for t in tasks], dtype=np.float64)
     weights /= weights.sum()
-    log = (out / "metrics.jsonl").open("a")
+    log = (out / "metrics.jsonl").open("a") if ranks.main else open(os.devnull, "w")  # noqa: SIM115
     if saved is None and (initial is None or tc.reset_vision) and tc.vision_pretrain_steps > 0:
         from .training_vision import pretrain_vision
 
         final = pretrain_vision(model, vq, steps=tc.vision_pretrain_steps, batch_size=tc.vision_pretrain_batch,
-                                seed=tc.seed, log=log, progress=progress)  # fmt: skip
+                                seed=tc.seed, log=log, progress=progress and ranks.main)  # fmt: skip
         logger.info("vision pretraining done: %s", final)
         model.train()
-        _save_state(ckpt, model, opt, 0, aux_head)  # a resume does not redo stage 0
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+        if ranks.main:
+            _save_state(ckpt, model, opt, 0, aux_head)  # a resume does not redo stage 0
+    ranks.broadcast(model, aux_head)  # every rank starts from rank 0's weights
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and ranks.main), desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t0 = time.time()
     if tc.data_workers:
@@ -828,26 +904,30 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             # data-parallel run with one task per device does), so no single task's step
             # pulls the shared weights away from the others.
             items, aux_data = data.get(step) if data else step_data(sampler, tc, cfg, tasks, weights, step, vq)
+            # In a data-parallel run each rank takes every `world`-th batch; summing the
+            # ranks' gradients gives the step's gradient of a single process.
             k = len(items)
-            for task, batch, image_labels in items:
+            for task, batch, image_labels in items[ranks.rank :: ranks.world]:
                 batch = batch.to(device)
                 with autocast:
                     outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
                                  image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
                 (outp.loss / k).backward()
                 window.setdefault(task, []).append(outp.loss.item())
-            if aux_head is not None:
+            if aux_head is not None and ranks.main:
                 with autocast:
                     aux = _aux_loss(model, aux_head, *aux_data, head_only=step < tc.vision_aux_warmup)
                 (tc.vision_aux * aux).backward()
                 window.setdefault("vision_aux", []).append(aux.item())
             # The model's norm only: the aux read-out head is left out (AdamW is scale-free per
             # parameter, and stage 12 was trained this way, so its command replays).
+            ranks.sum_grads([p for g in opt.param_groups for p in g["params"]])
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             step += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
+                window = _merge(ranks.gather(window))
                 rec = {"step": step, "lr": lr_at(step - 1, tc), "grad_norm": float(gnorm),
                        "elapsed_s": round(time.time() - t0, 1),
                        **{f"loss/{k}": float(np.mean(v)) for k, v in window.items()}}  # fmt: skip
@@ -855,20 +935,23 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                 log.flush()
                 bar.set_postfix({k: f"{np.mean(v):.3f}" for k, v in window.items()})
                 window = {}
-            if step % tc.eval_every == 0 or (step == tc.steps and tc.steps >= tc.eval_every):
+            if ranks.main and (step % tc.eval_every == 0 or (step == tc.steps and tc.steps >= tc.eval_every)):
                 ev = evaluate_loss(model, sampler, tasks, cfg, device, rows=tc.eval_rows)
                 log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
                 log.flush()
                 model.train()
-            if step % tc.save_every == 0 or step == tc.steps:
+            if ranks.main and (step % tc.save_every == 0 or step == tc.steps):
                 _save_state(ckpt, model, opt, step, aux_head)
     finally:
         if data:
             data.close()
     bar.close()
+    log.close()
     export = out / "export"
-    model.eval()
-    export_pipeline(model, vq, tokenizer, export)
+    if ranks.main:
+        model.eval()
+        export_pipeline(model, vq, tokenizer, export)
+    ranks.close()
     return {"step": step, "export": str(export)}
 
 

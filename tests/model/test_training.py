@@ -606,3 +606,32 @@ def test_every_task_trains_under_bf16_autocast(tmp_path, vq_dir):
     records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     losses = {k: v for r in records if "lr" in r for k, v in r.items() if k.startswith("loss/")}
     assert len(losses) >= 5 and all(np.isfinite(v) and v > 0 for v in losses.values())
+
+
+def test_torchrun_data_parallel_takes_the_steps_of_one_process(tmp_path, vq_dir):
+    # two Gloo ranks on the CPU, each training on every other batch of a step, end where
+    # one process training on all of them ends (up to the order gradients are summed in)
+    import subprocess
+    import sys
+
+    kw = dict(TINY, vision_aux=0.5, vision_aux_batch=2, vision_aux_warmup=1, save_every=2)
+    single = tmp_path / "single"
+    train(TrainConfig(out=str(single), vq=vq_dir, steps=3, **kw), progress=False)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "lavida_agent.model.training", f"--out={ddp}", f"--vq={vq_dir}", "--steps=3", "--quiet", *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(d / "state.pt", weights_only=False) for d in (single, ddp))
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    logged = lambda d: [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "lr" in r]  # noqa: E731
+    (one, two) = logged(single), logged(ddp)
+    assert [sorted(r) for r in one] == [sorted(r) for r in two]  # rank 0 logs every rank's tasks
+    for r, s in zip(one, two):
+        for k in r:  # the losses, and the gradient's norm: the ranks' sum is the whole step's
+            if k.startswith("loss/") or k == "grad_norm":
+                assert abs(r[k] - s[k]) < 1e-3 * max(1.0, abs(r[k])), k
+    assert (ddp / "export" / "pipeline_index.json").exists()
