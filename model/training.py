@@ -792,6 +792,8 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     if tc.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
                          f"got {tc.precision!r}")  # fmt: skip
+    if tc.data_workers < 0:
+        raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
     ranks = _Ranks()
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
