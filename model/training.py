@@ -892,9 +892,11 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and ranks.main), desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t0 = time.time()
+    # The vision-aux loss is rank 0's alone: other ranks do not draw its scenes.
+    data_tc = tc if ranks.main else replace(tc, vision_aux=0.0)
     if tc.data_workers:
         pool_path = out / "own_pool.npz" if pool is not None else None
-        data = _Prefetcher(tc.data_workers, (tc, cfg, str(tok_dir), pool_path, tasks, weights), step, tc.steps)
+        data = _Prefetcher(tc.data_workers, (data_tc, cfg, str(tok_dir), pool_path, tasks, weights), step, tc.steps)
     else:
         data = None
     try:
@@ -905,7 +907,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
             # `tasks_per_step` tasks share the step's token budget and one update (what a
             # data-parallel run with one task per device does), so no single task's step
             # pulls the shared weights away from the others.
-            items, aux_data = data.get(step) if data else step_data(sampler, tc, cfg, tasks, weights, step, vq)
+            items, aux_data = data.get(step) if data else step_data(sampler, data_tc, cfg, tasks, weights, step, vq)
             # In a data-parallel run each rank takes every `world`-th batch; summing the
             # ranks' gradients gives the step's gradient of a single process.
             k = len(items)
