@@ -592,7 +592,11 @@ def test_data_workers_train_on_the_same_batches_as_the_training_process(tmp_path
     assert tasks(inline) == tasks(workers)
 
 
-@pytest.mark.parametrize(("bad", "match"), [({"precision": "fp8"}, "precision"), ({"data_workers": -1}, "data_workers")])
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"precision": "fp8"}, "precision"), ({"data_workers": -1}, "data_workers"),
+    ({"data_workers": 1, "data_device": "gpu0"}, "data_device"),
+    ({"data_workers": 1, "data_device": "meta"}, "no meta device"),
+])  # fmt: skip
 def test_bad_run_knobs_are_refused_before_anything_is_written(tmp_path, vq_dir, bad, match):
     with pytest.raises(ValueError, match=match):
         train(TrainConfig(out=str(tmp_path / "x"), vq=vq_dir, steps=1, **TINY, **bad), progress=False)
