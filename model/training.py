@@ -686,6 +686,17 @@ def _worker_step(step: int):
     return _portable(step_data(w["sampler"], w["tc"], w["cfg"], w["tasks"], w["weights"], step, w["vq"]), np.asarray)
 
 
+def check_run_knobs(tc: TrainConfig) -> None:
+    """Refuse a precision, worker count or worker device that cannot run (`ValueError`),
+    before a run writes anything."""
+    if tc.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
+                         f"got {tc.precision!r}")  # fmt: skip
+    if tc.data_workers < 0:
+        raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
+    _check_data_device(tc.data_device)
+
+
 def _check_data_device(name: str) -> None:
     """Refuse a data-worker device that is not one, or not here (a worker that fails to
     start is restarted by the pool forever: the run would hang instead of failing)."""
@@ -806,12 +817,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
 
     from .modeling_vq import VQImageTokenizer
 
-    if tc.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
-                         f"got {tc.precision!r}")  # fmt: skip
-    if tc.data_workers < 0:
-        raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
-    _check_data_device(tc.data_device)
+    check_run_knobs(tc)
     ranks = _Ranks()
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1137,6 +1143,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, TypeError, AttributeError) as e:
             parser.error(f"--questions: {e}")
         tc.question_weights = dict(args.questions)
+    try:
+        check_run_knobs(tc)
+    except ValueError as e:
+        parser.error(str(e))
     print(json.dumps(train(tc, progress=not args.quiet)))  # noqa: T201
 
 

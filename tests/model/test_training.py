@@ -603,6 +603,18 @@ def test_bad_run_knobs_are_refused_before_anything_is_written(tmp_path, vq_dir, 
     assert not (tmp_path / "x").exists()
 
 
+def test_the_command_line_refuses_a_bad_run_knob_with_a_message(tmp_path, vq_dir, capsys):
+    from lavida_agent.model.training import main
+
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), "--vq", vq_dir, "--steps", "1", "--data-workers", "1", "--data-device", "gpu0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "data_device must be a torch device" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_every_task_trains_under_bf16_autocast(tmp_path, vq_dir):
     # the CUDA path's precision, run on the CPU: mixed-dtype writes inside the model fail here as there
     kw = dict(TINY, precision="bf16", vision_aux=0.5, vision_aux_batch=2, vision_aux_warmup=0, tasks_per_step=8,
