@@ -166,8 +166,9 @@ class TrainConfig:
     # Processes that build the coming steps' batches (`step_data`) while the model trains:
     # on an accelerator the single-process data draw, not the model, bounds the step rate.
     # 0: built in the training process. The batches are the same either way (each step's
-    # draw is a pure function of the seed and step); on CUDA the workers' VQ encoding runs on
-    # the CPU, so a code can differ where two codebook entries tie to float rounding.
+    # draw is a pure function of the seed and step); on CUDA with `data_device="cpu"` the
+    # workers' VQ encoding runs on the CPU, so a code can differ where two codebook entries
+    # tie to float rounding.
     data_workers: int = 0
     # Where the data workers run the VQ tokenizer (encoding targets, the round trip of
     # understanding inputs): ~70% of a worker's time on the CPU. "cuda" puts each worker's
