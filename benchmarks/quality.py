@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import logging
 import math
@@ -80,6 +79,8 @@ from lavida_agent.tools.shapes_world.language import (
     parse_prompt,
     parse_verdict,
     plan_items,
+    plan_objects,
+    plan_reasons,
     referable,
     sample_critique,
     sample_edit,
@@ -90,7 +91,7 @@ from lavida_agent.tools.shapes_world.language import (
 )
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
-from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES, SIZES, Object, Scene, valid_scene
+from lavida_agent.tools.shapes_world.scene import Scene, valid_scene
 
 logger = logging.getLogger(__name__)
 
@@ -300,45 +301,10 @@ def _canvas(image: np.ndarray) -> np.ndarray:
 # =========================================================================== scorers
 
 
-def _plan_objects(plan: Sequence[tuple[str, Sequence[int]]]) -> list[Object] | None:
-    """Plan items read as objects; None when any label is not `{size} {color} {shape}` or
-    any box is empty."""
-    objects = []
-    for label, box in plan:
-        words = str(label).split()
-        if (
-            len(words) != 3
-            or words[0] not in SIZES
-            or words[1] not in COLORS
-            or words[2] not in SHAPES
-        ):
-            return None
-        x0, y0, x1, y1 = (int(v) for v in box)
-        if x1 <= x0 or y1 <= y0:
-            return None
-        objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
-    return objects
-
-
 def plan_correct(prompt: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
-    """Does a plan, read as a scene, satisfy the prompt (background not judged)?
-
-    Each item must read `{size} {color} {shape}` with a non-empty box, and the layout must
-    be one the world can hold (`valid_scene`: square boxes of the label's size, inside the
-    canvas, apart from each other): two planned boxes on top of each other cannot be drawn
-    as two objects. The objects are judged by `check_prompt` exactly as detected objects
-    would be (counts, colours, sizes, relations by box centres). Plans carry no background,
-    so the prompt's background, if any, is not required. An empty or unreadable plan is
-    wrong.
-    """
-    objects = _plan_objects(plan) if plan else None
-    if not objects:
-        return False
-    scene = Scene("white", tuple(objects))
-    if not valid_scene(scene):
-        return False
-    spec = dataclasses.replace(parse_prompt(prompt), background=None)
-    return check_prompt(spec, scene).correct
+    """Does a plan, read as a scene, satisfy the prompt? (`language.plan_reasons`: the check
+    the t2i workflow runs on its own plans; background not judged.)"""
+    return not plan_reasons(prompt, plan)
 
 
 def edit_plan_correct(source: Scene, instruction: str, plan: Sequence[tuple[str, Sequence[int]]] | None) -> bool:
@@ -355,7 +321,7 @@ def edit_plan_correct(source: Scene, instruction: str, plan: Sequence[tuple[str,
     if parse_edit(instruction).category == "background":
         return not plan
     kept = list(source.objects)
-    new = _plan_objects([item for item in plan if item[0] != "removed"])
+    new = plan_objects([item for item in plan if item[0] != "removed"])
     if not plan or new is None:
         return False
     for _, box in (item for item in plan if item[0] == "removed"):
@@ -653,7 +619,8 @@ class _MinimalPipelineBackend:
         return [{"label": str(label), "box": [float(v) for v in box]} for label, box in plan]
 
     def plan_layout(self, requests):
-        res = self.pipeline.plan([r.prompt for r in requests], seed=[r.seed for r in requests])
+        res = self.pipeline.plan([r.prompt for r in requests], seed=[r.seed for r in requests],
+                                 temperature=requests[0].temperature)
         return [self._plan_out(p) for p in res.plans]
 
     def generate(self, requests):

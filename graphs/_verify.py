@@ -1,7 +1,11 @@
-"""Verification by grounding, shared by the t2i critique and the edit check.
+"""Verification, shared by the t2i and edit workflows.
 
-The model grounds each expected object in the image (one `Engine.ground` call for all of
-them); an object passes when the box found overlaps the expected box with IoU >= threshold.
+- By grounding: the model grounds each expected object in the image (one `Engine.ground`
+  call for all of them); an object passes when the box found overlaps the expected box with
+  IoU >= threshold.
+- Of plans, before anything is drawn: `plan_problems` reads a layout against the prompt's
+  ShapesWorld grammar (the objects, counts and relations it names), with no model and no
+  image; a prompt outside the grammar is not checked.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Literal
 
 from lavida_agent import prompts
 from lavida_agent.graphs.engine import BoxList
-from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, box_iou
+from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, Plan, box_iou
 from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.shapes_world import language as lang
 
@@ -82,6 +86,15 @@ def make_critique(
         grounding=list(checks),
         score=round_score(score),
     )
+
+
+def plan_problems(prompt: str, plan: Plan) -> list[str] | None:
+    """What is wrong with `plan` for `prompt` (`language.plan_reasons`); empty when it is
+    right, None when the prompt is outside the ShapesWorld grammar (nothing to check)."""
+    try:
+        return lang.plan_reasons(prompt, [(i.label, i.box.as_list()) for i in plan.items])
+    except lang.GrammarError:
+        return None
 
 
 def split_reasons(prompt: str, reasons: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -79,6 +79,19 @@ class Context:
         default=0.5,
         metadata={"description": "Grounding check: found box vs expected box IoU to pass."},
     )
+    plan_retries: int = field(
+        default=2,
+        metadata={
+            "description": "t2i: how many more plans to sample (temperature `plan_temperature`, "
+            "seeds base + 1, 2, ...) when the model's plan fails the plan check (its objects, "
+            "counts and relations read against the prompt's grammar; prompts outside the "
+            "ShapesWorld grammar are not checked). 0: draw the first plan unchecked."
+        },
+    )
+    plan_temperature: float = field(
+        default=0.5,
+        metadata={"description": "t2i: planner temperature of the re-plans (the first is greedy)."},
+    )
     grounding_check: Literal["rank", "gate", "off"] = field(
         default="rank",
         metadata={
@@ -99,6 +112,10 @@ class Context:
             raise ValueError(f"refine must be auto|regenerate|regions, got {self.refine!r}")
         if self.grounding_check not in ("rank", "gate", "off"):
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
+        if self.plan_retries < 0:
+            raise ValueError(f"plan_retries must be >= 0, got {self.plan_retries}")
+        if self.plan_temperature <= 0:
+            raise ValueError(f"plan_temperature must be > 0, got {self.plan_temperature}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {self.preview_every}")
 

@@ -112,8 +112,12 @@ class Engine(Protocol):
     (seed, steps, plan) replays to the same image.
     """
 
-    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
-        """Plan the objects of `prompt` as a layout (label + box per object)."""
+    def plan_layout(self, prompt: str, *, seed: int, temperature: float = 0.0) -> list[PlanItem]:
+        """Plan the objects of `prompt` as a layout (label + box per object).
+
+        `temperature` 0 decodes greedily (then `seed` changes nothing); above 0 the planner
+        samples, which is how the t2i workflow draws another plan after a failed check.
+        """
         ...
 
     def generate(

@@ -332,11 +332,12 @@ class PipelineBackend:
     # -- BatchedBackend -------------------------------------------------------------------
 
     def plan_layout(self, requests: Sequence[PlanLayoutRequest]) -> list[Any]:
-        """One `pipeline.plan` call; each plan as `PlanItem` dicts."""
+        """One `pipeline.plan` call (the batch shares one temperature); `PlanItem` dicts."""
         if not requests:
             return []
         out = self.pipeline.plan([r.prompt for r in requests], seed=[r.seed for r in requests],
-                                 num_steps=self.plan_steps, interrupt=self.interrupt)  # fmt: skip
+                                 temperature=requests[0].temperature, num_steps=self.plan_steps,
+                                 interrupt=self.interrupt)  # fmt: skip
         return [_to_plan_items(p) for p in out.plans]
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Any]:

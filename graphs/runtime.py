@@ -89,6 +89,10 @@ class PlanLayoutRequest(Request):
     method = "plan_layout"
     prompt: str
     seed: int
+    temperature: float = 0.0
+
+    def batch_key(self) -> Hashable:
+        return self.temperature  # one planner call decodes at one temperature
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,9 +326,10 @@ class BatchingEngine:
 
     # -- the Engine protocol --------------------------------------------------------------
 
-    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
+    def plan_layout(self, prompt: str, *, seed: int, temperature: float = 0.0) -> list[PlanItem]:
         """See `Engine.plan_layout`."""
-        result: list[PlanItem] = self.call(PlanLayoutRequest(prompt=prompt, seed=seed))
+        request = PlanLayoutRequest(prompt=prompt, seed=seed, temperature=temperature)
+        result: list[PlanItem] = self.call(request)
         return result
 
     def generate(

@@ -116,13 +116,22 @@ class Plan(BaseModel):
         default="model", description="Who made it: the planner, a reviewer, or the caller."
     )
     seed: int | None = Field(default=None, description="Planner seed (None if not planned).")
+    temperature: float = Field(
+        default=0.0, description="Planner temperature (0: greedy; re-plans sample)."
+    )
+    problems: list[str] = Field(
+        default_factory=list,
+        description="What the plan check found wrong with it (empty: passed or not checked).",
+    )
 
     @classmethod
     def from_engine(
-        cls, items: list[PlanItem], *, source: Literal["model", "user", "input"], seed: int | None
-    ) -> Plan:
+        cls, items: list[PlanItem], *, source: Literal["model", "user", "input"], seed: int | None,
+        temperature: float = 0.0,
+    ) -> Plan:  # fmt: skip
         """Build a plan from the engine's list of `{"label", "box"}` dicts."""
-        return cls(items=[LayoutItem.model_validate(i) for i in items], source=source, seed=seed)
+        return cls(items=[LayoutItem.model_validate(i) for i in items], source=source, seed=seed,
+                   temperature=temperature)  # fmt: skip
 
     def to_engine(self) -> list[PlanItem]:
         """The engine's list-of-dicts form."""
@@ -248,6 +257,9 @@ class T2IState(T2IInput):
 
     base_seed: int | None = Field(default=None, description="Resolved base seed of the run.")
     max_rounds: int | None = Field(default=None, description="Loop bound, recorded at start.")
+    rejected_plans: list[Plan] = Field(
+        default_factory=list, description="Plans the plan check turned down, in order."
+    )
     plan_reviewed: bool = False
     attempts: Annotated[list[Attempt], operator.add] = Field(default_factory=list)
     """Every image drawn, in order (append-only)."""
@@ -262,6 +274,7 @@ class T2IOutput(BaseModel):
 
     prompt: str
     plan: Plan | None = None
+    rejected_plans: list[Plan] = Field(default_factory=list)
     attempts: list[Attempt] = Field(default_factory=list)
     critiques: list[Critique] = Field(default_factory=list)
     best: Attempt | None = None

@@ -4,7 +4,13 @@
                                                       ^             |
                                                       +- refine_image <-+
 
-- `plan_layout` asks the model for a layout (skipped when the input carries a plan).
+- `plan_layout` asks the model for a layout (skipped when the input carries a plan) and
+  checks it against the prompt (`_verify.plan_problems`: objects, counts, relations and
+  room on the canvas, read from the ShapesWorld grammar without the model). A plan that
+  fails is recorded in `rejected_plans` with its problems and, up to `Context.plan_retries`
+  times, another is sampled (temperature `Context.plan_temperature`, seed base + k). If
+  every plan fails, the one with the fewest problems is drawn (the earliest on a tie), its
+  problems kept on it. Prompts outside the grammar are not checked.
 - `review_plan` is a light node that pauses with `interrupt()` when `Context.review_plan`
   is set; on resume only this node re-runs, so no model work repeats.
 - `critique_image` uses the model only: its own verdict plus grounding of every planned
@@ -31,7 +37,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from lavida_agent.graphs._verify import grounding_checks, make_critique, split_reasons
+from lavida_agent.graphs._verify import grounding_checks, make_critique, plan_problems, split_reasons
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
@@ -75,20 +81,41 @@ def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
         runtime: the run's `Context` (engine, seed, max_rounds).
 
     Returns:
-        `plan`, `base_seed` and `max_rounds` (recorded so the run replays exactly).
+        `plan`, `rejected_plans`, `base_seed` and `max_rounds` (recorded so the run replays
+        exactly).
     """
     ctx = _context(runtime)
     with node_events("plan_layout"):
         # Step 1: the base seed comes from the input, else the context; record it.
         base_seed = state.seed if state.seed is not None else ctx.seed
-        # Step 2: a plan given as input is used as is; otherwise the model plans.
+        # Step 2: a plan given as input is used as is; otherwise the model plans, and plans
+        # again while the plan check finds problems and retries remain.
+        rejected: list[Plan] = []
         if state.plan is not None:
             plan = state.plan.model_copy(update={"source": "input"})
         else:
-            items = ctx.get_engine().plan_layout(state.prompt, seed=base_seed)
-            plan = Plan.from_engine(as_plan_items(items) or [], source="model", seed=base_seed)
+            plan, rejected = _checked_plan(ctx, state.prompt, base_seed)
         emit("plan", plan=plan.model_dump(mode="json"))
-    return {"plan": plan, "base_seed": base_seed, "max_rounds": ctx.max_rounds}
+    return {"plan": plan, "rejected_plans": rejected, "base_seed": base_seed,
+            "max_rounds": ctx.max_rounds}  # fmt: skip
+
+
+def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list[Plan]]:
+    """The plan to draw and the plans turned down (see the module docstring)."""
+    engine, tried = ctx.get_engine(), []
+    for k in range(1 + ctx.plan_retries):
+        temperature = 0.0 if k == 0 else ctx.plan_temperature
+        items = engine.plan_layout(prompt, seed=base_seed + k, temperature=temperature)
+        plan = Plan.from_engine(as_plan_items(items) or [], source="model", seed=base_seed + k,
+                                temperature=temperature)  # fmt: skip
+        problems = plan_problems(prompt, plan)
+        if not problems:  # right, or a prompt the check cannot read
+            return plan, tried
+        plan = plan.model_copy(update={"problems": problems})
+        emit("plan_rejected", plan=plan.model_dump(mode="json"))
+        tried.append(plan)
+    best = min(range(len(tried)), key=lambda i: len(tried[i].problems))
+    return tried[best], tried[:best] + tried[best + 1 :]
 
 
 def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:

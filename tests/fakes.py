@@ -155,8 +155,8 @@ class FakeEngine:
 
     # -- the Engine protocol --------------------------------------------------------------
 
-    def plan_layout(self, prompt: str, *, seed: int) -> list[PlanItem]:
-        self._record("plan_layout", prompt=prompt, seed=seed)
+    def plan_layout(self, prompt: str, *, seed: int, temperature: float = 0.0) -> list[PlanItem]:
+        self._record("plan_layout", prompt=prompt, seed=seed, temperature=temperature)
         return self._plans.popleft() if self._plans else default_plan(prompt)
 
     def generate(
@@ -276,7 +276,7 @@ class FakeBatchedBackend:
 
     def plan_layout(self, requests: Sequence[PlanLayoutRequest]) -> list[object]:
         self._call("plan_layout", len(requests))
-        return [self.engine.plan_layout(r.prompt, seed=r.seed) for r in requests]
+        return [self.engine.plan_layout(r.prompt, seed=r.seed, temperature=r.temperature) for r in requests]
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[object]:
         self._call("generate", len(requests))

@@ -330,3 +330,78 @@ async def test_astream_custom_events(engine, store):
         if mode == "custom":
             events.append(chunk)
     _check_events(events)
+
+
+# -- the plan check ---------------------------------------------------------------------
+
+POSITION_PROMPT = "a red circle left of a blue square"
+RIGHT_PLAN = [{"label": "small red circle", "box": [10.0, 20.0, 22.0, 32.0]},
+              {"label": "large blue square", "box": [40.0, 20.0, 60.0, 40.0]}]  # fmt: skip
+SWAPPED_PLAN = [{"label": "small red circle", "box": [40.0, 20.0, 52.0, 32.0]},
+                {"label": "large blue square", "box": [10.0, 20.0, 30.0, 40.0]}]  # fmt: skip
+ONE_OBJECT_PLAN = [{"label": "small red circle", "box": [10.0, 20.0, 22.0, 32.0]}]
+
+
+def _plan_calls(engine):
+    return [info for method, info in engine.log if method == "plan_layout"]
+
+
+def test_a_plan_that_fails_the_check_is_recorded_and_replanned(engine, ctx):
+    engine.enqueue_plan(SWAPPED_PLAN)
+    engine.enqueue_plan(RIGHT_PLAN)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": POSITION_PROMPT}, context=ctx))
+    # the first plan is greedy at the base seed, the re-plan samples at base + 1
+    assert [(c["seed"], c["temperature"]) for c in _plan_calls(engine)] == [(7, 0.0), (8, 0.5)]
+    assert [r.problems for r in out.rejected_plans] == [["red circle should be left of blue square"]]
+    assert out.rejected_plans[0].to_engine() == SWAPPED_PLAN
+    assert out.plan.to_engine() == RIGHT_PLAN and out.plan.problems == []
+    assert (out.plan.seed, out.plan.temperature) == (8, 0.5)
+    assert out.attempts[0].plan == out.plan  # the image is drawn from the plan that passed
+    assert out.attempts[0].seed == 7  # image seeds do not move with re-plans
+
+
+def test_when_every_plan_fails_the_one_with_fewest_problems_is_drawn(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, seed=3, plan_retries=2)
+    wrong_twice = [{"label": "small green circle", "box": [40.0, 20.0, 52.0, 32.0]},
+                   {"label": "large green square", "box": [10.0, 40.0, 30.0, 60.0]}]  # fmt: skip
+    for plan in (wrong_twice, SWAPPED_PLAN, ONE_OBJECT_PLAN):
+        engine.enqueue_plan(plan)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": POSITION_PROMPT}, context=ctx))
+    assert len(_plan_calls(engine)) == 3
+    # SWAPPED_PLAN and ONE_OBJECT_PLAN have one problem each, wrong_twice two: the earliest
+    # of the fewest is drawn
+    assert out.plan.to_engine() == SWAPPED_PLAN and len(out.plan.problems) == 1
+    assert [p.to_engine() for p in out.rejected_plans] == [wrong_twice, ONE_OBJECT_PLAN]
+    assert all(len(p.problems) >= len(out.plan.problems) for p in out.rejected_plans)
+
+
+def test_plan_retries_zero_draws_the_first_plan_with_its_problems(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, plan_retries=0)
+    engine.enqueue_plan(SWAPPED_PLAN)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": POSITION_PROMPT}, context=ctx))
+    assert len(_plan_calls(engine)) == 1 and out.rejected_plans == []
+    assert out.plan.problems == ["red circle should be left of blue square"]
+
+
+def test_prompts_outside_the_grammar_and_input_plans_are_not_checked(engine, ctx):
+    engine.enqueue_plan(ONE_OBJECT_PLAN)  # would fail for a grammar prompt with two objects
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert len(_plan_calls(engine)) == 1 and out.rejected_plans == [] and out.plan.problems == []
+    plan = {"items": SWAPPED_PLAN, "source": "input"}
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": POSITION_PROMPT, "plan": plan}, context=ctx))
+    assert len(_plan_calls(engine)) == 1 and out.plan.source == "input" and out.plan.problems == []
+
+
+def test_rejected_plans_are_streamed(engine, ctx):
+    engine.enqueue_plan(SWAPPED_PLAN)
+    engine.enqueue_plan(RIGHT_PLAN)
+    events = [e for _, e in t2i.graph.stream({"prompt": POSITION_PROMPT}, context=ctx,
+                                             stream_mode=["custom"])]  # fmt: skip
+    kinds = [e["event"] for e in events if e["event"] in ("plan", "plan_rejected")]
+    assert kinds == ["plan_rejected", "plan"]
+
+
+@pytest.mark.parametrize("kw", [{"plan_retries": -1}, {"plan_temperature": 0.0}])
+def test_context_rejects_bad_plan_knobs(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        Context(**kw)

@@ -61,9 +61,12 @@ from lavida_agent.tools.shapes_world.scene import (
     Box,
     Object,
     Scene,
+    boxes_apart,
     holds,
     region_of,
+    size_class,
     valid_box,
+    valid_scene,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ __all__ = [
     "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
-    "parse_question", "answer", "caption", "plan_items", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
+    "parse_question", "answer", "caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
     "verdict_text", "parse_verdict", "article",
 ]  # fmt: skip
 
@@ -1399,6 +1402,66 @@ def prompt_reasons(spec: PromptSpec, scene: _SceneLike) -> list[str]:
         found = scene.background or "unknown"
         reasons.append(reason("background", found=found, expected=spec.background))
     return reasons
+
+
+def plan_objects(plan: Sequence[tuple[str, Sequence[float]]]) -> list[Object] | None:
+    """Plan items read as objects (boxes rounded to pixels); None when any label is not
+    `{size} {color} {shape}` or any box is empty."""
+    objects = []
+    for label, box in plan:
+        words = str(label).split()
+        if len(words) != 3 or words[0] not in SIZES or words[1] not in COLORS or words[2] not in SHAPES:
+            return None
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))
+    return objects
+
+
+def _layout_reasons(objects: Sequence[Object]) -> list[str]:
+    """Why objects are not a scene the world can hold (`valid_scene` said no)."""
+    name = [f"{o.size} {o.color} {o.shape}" for o in objects]
+    reasons = [f"{len(objects)} objects planned, at most {MAX_OBJECTS} fit"] if len(objects) > MAX_OBJECTS else []
+    for i, o in enumerate(objects):
+        x0, y0, x1, y1 = o.box
+        if x1 - x0 != y1 - y0 or size_class(x1 - x0) != o.size:
+            reasons.append(f"{name[i]} box is not a {o.size} square")
+        if not valid_box(o.box):
+            reasons.append(f"{name[i]} box leaves the canvas")
+        reasons += [f"{name[j]} and {name[i]} boxes are too close" for j in range(i)
+                    if not boxes_apart(objects[j].box, o.box)]  # fmt: skip
+    return reasons or ["the layout is not one the world can hold"]
+
+
+def plan_reasons(prompt: str | PromptSpec, plan: Sequence[tuple[str, Sequence[float]]] | None) -> list[str]:
+    """What is wrong with a layout plan for a prompt, read as if it were a drawn scene.
+
+    Each item must read `{size} {color} {shape}` with a non-empty box, and the layout must
+    be one the world can hold (`valid_scene`: square boxes of the label's size, inside the
+    canvas, apart from each other; two boxes on top of each other cannot be drawn as two
+    objects). The objects are then judged by `prompt_reasons` exactly as detected objects
+    are (counts, colours, sizes, relations by box centres). Plans carry no background, so
+    the prompt's background, if any, is not required. The t2i workflow checks its own plans
+    with this before drawing; the quality benchmark scores plans with it.
+
+    Returns:
+        The reasons, empty when the plan is right; an empty, unreadable or impossible plan
+        gets reasons saying which.
+
+    Raises:
+        GrammarError: For prompt text outside the grammar.
+    """
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if not plan:
+        return ["the plan is empty"]
+    objects = plan_objects(plan)
+    if objects is None:
+        return ["a plan item is not `{size} {color} {shape}` with a box"]
+    scene = Scene("white", tuple(objects))
+    if not valid_scene(scene):
+        return _layout_reasons(objects)
+    return prompt_reasons(replace(spec, background=None), scene)
 
 
 def reason_fits_prompt(spec: PromptSpec, text: str) -> bool:

@@ -554,3 +554,33 @@ def test_every_reason_the_checkers_give_fits_its_prompt():
 )
 def test_reason_fits_prompt(prompt, reason, fits):
     assert lang.reason_fits_prompt(lang.parse_prompt(prompt), reason) is fits
+
+
+def test_plan_reasons_read_a_plan_as_a_scene():
+    prompt = "a red circle left of a blue square on a white background"
+    right = [("small red circle", (10, 20, 22, 32)), ("large blue square", (40, 20, 60, 40))]
+    assert lang.plan_reasons(prompt, right) == []  # plans carry no background: not required
+    assert lang.plan_reasons(prompt, [right[1], right[0]]) == []  # order does not matter
+    swapped = [("small red circle", (40, 20, 52, 32)), ("large blue square", (10, 20, 30, 40))]
+    assert lang.plan_reasons(prompt, swapped) == ["red circle should be left of blue square"]
+    assert lang.plan_reasons(prompt, right[:1]) == ["missing blue square"]
+    assert lang.plan_reasons(prompt, []) == ["the plan is empty"]
+    assert lang.plan_reasons(prompt, [("red thing", right[0][1]), right[1]]) == [
+        "a plan item is not `{size} {color} {shape}` with a box"
+    ]
+
+
+def test_plan_reasons_name_the_layout_the_world_cannot_hold():
+    prompt = "two circles"
+    close = [("small red circle", (10, 10, 22, 22)), ("small red circle", (23, 10, 35, 22))]
+    assert lang.plan_reasons(prompt, close) == ["small red circle and small red circle boxes are too close"]
+    wrong_size = [("large red circle", (10, 10, 22, 22)), ("small red circle", (40, 10, 52, 22))]
+    assert lang.plan_reasons(prompt, wrong_size) == ["large red circle box is not a large square"]
+    outside = [("small red circle", (0, 10, 12, 22)), ("small red circle", (40, 10, 52, 22))]
+    assert lang.plan_reasons(prompt, outside) == ["small red circle box leaves the canvas"]
+    assert lang.plan_reasons(prompt, [close[0], ("small red circle", (40, 40, 52, 52))]) == []
+
+
+def test_plan_reasons_refuses_prompts_outside_the_grammar():
+    with pytest.raises(lang.GrammarError):
+        lang.plan_reasons("paint me a sunset", [("small red circle", (10, 10, 22, 22))])
