@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +652,13 @@ class _MinimalPipelineBackend:
             for ok, why, text in zip(res.ok, res.reasons, res.texts, strict=True)
         ]
 
+    def plan_fit(self, requests):
+        if not hasattr(self.pipeline, "region_fit"):  # a stand-in without it: no signal
+            return [[0.0] * len(r.plan) for r in requests]
+        plans = [self._plan_in(r.plan) for r in requests]
+        return self.pipeline.region_fit([r.image for r in requests], [r.prompt for r in requests],
+                                        [[b for _, b in p or []] for p in plans], plans=plans)  # fmt: skip
+
     def ground(self, requests):
         res = self.pipeline.ground(
             [r.image for r in requests], [list(r.expressions) for r in requests]
@@ -723,6 +730,7 @@ def score_agent_t2i(
     num_steps: int | None = None,
     plan: bool = True,
     grounding_check: str = "rank",
+    context: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the `t2i` workflow (plan, generate, model critique, refine) on every prompt.
 
@@ -730,7 +738,8 @@ def score_agent_t2i(
     pipeline sees batches. Base seed = `seeds[i]`; round r uses `seeds[i] + r`. With
     `plan=False` the workflow gets an empty layout: no planner, no grounding checks, the
     critique is the model's verdict alone (reflection without planning). `grounding_check`
-    is the workflow's `Context.grounding_check` (rank / gate / off).
+    is the workflow's `Context.grounding_check` (rank / gate / off); `context` holds any other
+    `Context` fields to set (`plan_retries`, `selection`, `rank_by`, ...).
 
     Returns:
         Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
@@ -755,7 +764,7 @@ def score_agent_t2i(
         )
         try:
             ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds,
-                          grounding_check=grounding_check)  # type: ignore[arg-type]
+                          grounding_check=grounding_check, **dict(context or {}))  # type: ignore[arg-type]
 
             def one(i: int) -> dict[str, Any]:
                 raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
@@ -1093,6 +1102,7 @@ def _suite_agent(
     backend: Any = None,
     agent_plan: Sequence[bool] = (True, False),
     grounding_check: str = "rank",
+    agent_context: Mapping[str, Any] | None = None,
     **_: Any,
 ) -> dict[str, Any]:
     # The same prompts, sampler seeds and edits as the t2i / edit suites (their single-shot
@@ -1147,6 +1157,7 @@ def _suite_agent(
             num_steps=num_steps,
             plan=planned,
             grounding_check=grounding_check,
+            context=agent_context,
         )
         for rec, it in zip(recs, items, strict=True):
             rec["category"] = it["category"]
@@ -1357,7 +1368,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             out += [
                 "",
                 f"## agent: {task} workflow vs single shot (backend {a['backend']}"
-                + (f", grounding check {s.get('grounding_check', 'gate')})" if task == "t2i" else ")"),
+                + (f", grounding check {s.get('grounding_check', 'gate')}{_knobs_text(s)})" if task == "t2i" else ")"),
                 "",
                 _table(header, rows),
                 "",
@@ -1506,6 +1517,7 @@ def run(
     agent_rounds: Sequence[int] = (1, 2, 4),
     agent_plan: Sequence[bool] = (True, False),
     grounding_check: str = "rank",
+    agent_context: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     num_steps: int | None = None,
     pipeline: Any = None,
@@ -1531,6 +1543,8 @@ def run(
             (False: reflection alone, no grounding checks), to separate the two lifts.
         grounding_check: the agent's t2i `Context.grounding_check`: `rank` (the default:
             the model's verdict decides), `gate` (a failed check also rejects) or `off`.
+        agent_context: other fields of the agent's t2i `Context` (`plan_retries`,
+            `plan_temperature`, `selection`, `rank_by`); unset ones keep their defaults.
         batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
         num_steps: sampler steps for generate/edit (None: the pipeline's default).
         pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
@@ -1560,6 +1574,8 @@ def run(
         raise ValueError("agent_plan needs True (with the plan), False (without) or both")
     if grounding_check not in ("rank", "gate", "off"):
         raise ValueError(f"grounding_check must be rank|gate|off, got {grounding_check!r}")
+    agent_context = dict(agent_context or {})
+    _check_agent_context(agent_context)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1592,6 +1608,7 @@ def run(
             agent_rounds=tuple(int(r) for r in agent_rounds),
             agent_plan=agent_plan,
             grounding_check=grounding_check,
+            agent_context=agent_context,
             backend=backend,
         )
         timings[name] = time.perf_counter() - t0
@@ -1612,6 +1629,7 @@ def run(
             "agent_rounds": [int(r) for r in agent_rounds],
             "agent_plan": list(agent_plan),
             "grounding_check": grounding_check,
+            "agent_context": _agent_context_record(agent_context),
             "batch_size": batch_size,
             "num_steps": num_steps,
             "device": str(getattr(pipeline, "device", device)),
@@ -1634,6 +1652,32 @@ def run(
     (out / "quality.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     (out / "quality.md").write_text(render_markdown(result))
     return result
+
+
+_AGENT_KNOBS = ("plan_retries", "plan_temperature", "selection", "rank_by")
+
+
+def _check_agent_context(fields: Mapping[str, Any]) -> None:
+    """Refuse unknown or invalid agent `Context` fields before any model work."""
+    from lavida_agent.graphs.context import Context
+
+    unknown = sorted(set(fields) - set(_AGENT_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown agent context fields {unknown}; expected some of {_AGENT_KNOBS}")
+    Context(**fields)  # its own checks: a bad value is a ValueError naming the field
+
+
+def _agent_context_record(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Every agent knob as the run used it (the given value, else `Context`'s default)."""
+    from lavida_agent.graphs.context import Context
+
+    ctx = Context(**fields)
+    return {k: getattr(ctx, k) for k in _AGENT_KNOBS}
+
+
+def _knobs_text(settings: Mapping[str, Any]) -> str:
+    knobs = settings.get("agent_context") or {}
+    return "".join(f", {k.replace('_', ' ')} {v}" for k, v in knobs.items())
 
 
 def _summary_lines(result: dict[str, Any]) -> list[str]:
@@ -1703,6 +1747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agent t2i with the model's plan (on), without (off: reflection alone), or both")  # fmt: skip
     p.add_argument("--grounding-check", choices=("rank", "gate", "off"), default="rank",
                    help="agent t2i: grounding ranks attempts (rank), also rejects (gate), or is skipped")  # fmt: skip
+    p.add_argument("--plan-retries", type=int, default=None,
+                   help="agent t2i: re-plans after a plan fails its check (default: Context's)")  # fmt: skip
+    p.add_argument("--selection", choices=("accept", "best"), default=None,
+                   help="agent t2i: stop at the first accepted image, or draw every round and keep the best")  # fmt: skip
+    p.add_argument("--rank-by", choices=("fit", "score"), default=None,
+                   help="agent t2i: rank attempts by plan fit, or by the critique score alone")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
@@ -1713,6 +1763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "python -m lavida_agent.benchmarks.quality " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
+    knobs = {"plan_retries": args.plan_retries, "selection": args.selection, "rank_by": args.rank_by}
+    try:
+        _check_agent_context({k: v for k, v in knobs.items() if v is not None})
+    except ValueError as e:
+        p.error(str(e))
     result = run(
         model_path=args.model_path,
         out_dir=args.out,
@@ -1723,6 +1778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent_rounds=tuple(int(r) for r in args.agent_rounds.split(",") if r.strip()),
         agent_plan=_on_off(args.agent_plan, p),
         grounding_check=args.grounding_check,
+        agent_context={k: v for k, v in knobs.items() if v is not None},
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         device=args.device,

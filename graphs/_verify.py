@@ -51,7 +51,7 @@ def reason_for(check: GroundingCheck) -> str:
 def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
-    dropped_reasons: Sequence[str] = (),
+    dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (),
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
@@ -84,6 +84,7 @@ def make_critique(
         model_text=model_text,
         dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
+        fit=[round_score(f) for f in fit],
         score=round_score(score),
     )
 

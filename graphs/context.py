@@ -92,6 +92,24 @@ class Context:
         default=0.5,
         metadata={"description": "t2i: planner temperature of the re-plans (the first is greedy)."},
     )
+    selection: Literal["accept", "best"] = field(
+        default="accept",
+        metadata={
+            "description": "t2i: 'accept' stops at the first image the critique accepts; "
+            "'best' always draws max_rounds images and keeps the best ranked. Either way the "
+            "kept image is the accepted one, else the one whose worst planned object fits "
+            "best (`rank_by`)."
+        },
+    )
+    rank_by: Literal["fit", "score"] = field(
+        default="fit",
+        metadata={
+            "description": "t2i: how attempts are ranked: 'fit' by `Engine.plan_fit` (how well "
+            "the prompt and plan explain each planned box; the worst object counts), then "
+            "the critique score; 'score' by the critique score alone (model verdict + "
+            "grounding checks passed) and skips the plan_fit call."
+        },
+    )
     grounding_check: Literal["rank", "gate", "off"] = field(
         default="rank",
         metadata={
@@ -110,6 +128,10 @@ class Context:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.refine not in ("auto", "regenerate", "regions"):
             raise ValueError(f"refine must be auto|regenerate|regions, got {self.refine!r}")
+        if self.selection not in ("accept", "best"):
+            raise ValueError(f"selection must be accept|best, got {self.selection!r}")
+        if self.rank_by not in ("fit", "score"):
+            raise ValueError(f"rank_by must be fit|score, got {self.rank_by!r}")
         if self.grounding_check not in ("rank", "gate", "off"):
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
         if self.plan_retries < 0:

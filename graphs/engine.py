@@ -151,6 +151,16 @@ class Engine(Protocol):
         """The model's own verdict on whether `image` matches `prompt`."""
         ...
 
+    def plan_fit(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[float]:
+        """How well the prompt and plan explain what each planned box of `image` shows.
+
+        One score per plan item (higher: a better fit; the real engine's is a
+        log-likelihood ratio in nats, see `LavidaPipeline.region_fit`). Scores rank the
+        attempts at one prompt and plan; they are not calibrated across prompts.
+        Deterministic.
+        """
+        ...
+
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
         """One box per referring expression (a degenerate box when nothing is found)."""
         ...

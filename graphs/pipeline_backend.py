@@ -54,6 +54,7 @@ from lavida_agent.graphs.runtime import (
     GenerateRequest,
     GroundRequest,
     PlanEditRequest,
+    PlanFitRequest,
     PlanLayoutRequest,
     RegenerateRegionsRequest,
 )
@@ -394,6 +395,22 @@ class PipelineBackend:
         for k, i in enumerate(good):
             reasons = [str(s) for s in out.reasons[k]]
             results[i] = CritiqueResult(ok=bool(out.ok[k]), reasons=reasons, text=str(out.texts[k]))
+        return results
+
+    def plan_fit(self, requests: Sequence[PlanFitRequest]) -> list[Any]:
+        """One `pipeline.region_fit` call: a score per planned box of every row."""
+        results, good = self._valid_rows([r.image for r in requests])
+        for i in list(good):
+            if not requests[i].plan:
+                results[i] = []
+                good.remove(i)
+        if good:
+            rows = [requests[i] for i in good]
+            plans = [_to_model_plan(r.plan, self.canvas) for r in rows]
+            out = self.pipeline.region_fit([np.asarray(r.image) for r in rows], [r.prompt for r in rows],
+                                           [[box for _, box in p or []] for p in plans], plans=plans)  # fmt: skip
+            for i, scores in zip(good, out, strict=True):
+                results[i] = [float(s) for s in scores]
         return results
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[Any]:

@@ -59,6 +59,7 @@ __all__ = (
     "GroundRequest",
     "PendingRequest",
     "PlanEditRequest",
+    "PlanFitRequest",
     "PlanLayoutRequest",
     "RegenerateRegionsRequest",
     "Request",
@@ -138,6 +139,16 @@ class CritiqueRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PlanFitRequest(Request):
+    """`Engine.plan_fit` as a request."""
+
+    method = "plan_fit"
+    image: np.ndarray = field(compare=False)
+    prompt: str
+    plan: list[PlanItem]
+
+
+@dataclass(frozen=True, kw_only=True)
 class GroundRequest(Request):
     """`Engine.ground` as a request."""
 
@@ -194,6 +205,7 @@ class BatchedBackend(Protocol):
         self, requests: Sequence[RegenerateRegionsRequest]
     ) -> Sequence[Any]: ...
     def critique(self, requests: Sequence[CritiqueRequest]) -> Sequence[Any]: ...
+    def plan_fit(self, requests: Sequence[PlanFitRequest]) -> Sequence[Any]: ...
     def ground(self, requests: Sequence[GroundRequest]) -> Sequence[Any]: ...
     def answer(self, requests: Sequence[AnswerRequest]) -> Sequence[Any]: ...
     def plan_edit(self, requests: Sequence[PlanEditRequest]) -> Sequence[Any]: ...
@@ -369,6 +381,11 @@ class BatchingEngine:
         """See `Engine.critique`."""
         result: CritiqueResult = self.call(CritiqueRequest(image=image, prompt=prompt))
         return result
+
+    def plan_fit(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[float]:
+        """See `Engine.plan_fit`."""
+        scores: list[float] = self.call(PlanFitRequest(image=image, prompt=prompt, plan=plan))
+        return scores
 
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
         """See `Engine.ground`."""

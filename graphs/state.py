@@ -194,7 +194,18 @@ class Critique(BaseModel):
                     "such reasons leaves the verdict to the grounding checks.",
     )  # fmt: skip
     grounding: list[GroundingCheck] = Field(default_factory=list)
+    fit: list[float] = Field(
+        default_factory=list,
+        description="t2i: how well the prompt and plan explain each planned box (`Engine."
+        "plan_fit`, plan order); empty when not measured.",
+    )
     score: float = Field(description="(model_ok + checks passed) / (1 + checks); ranks attempts.")
+
+    @property
+    def fit_score(self) -> float | None:
+        """The worst planned object's fit (None when not measured): the attempt is as good
+        as its least explained object."""
+        return min(self.fit) if self.fit else None
 
     @property
     def accepted(self) -> bool:
@@ -257,6 +268,9 @@ class T2IState(T2IInput):
 
     base_seed: int | None = Field(default=None, description="Resolved base seed of the run.")
     max_rounds: int | None = Field(default=None, description="Loop bound, recorded at start.")
+    selection: Literal["accept", "best"] = Field(
+        default="accept", description="`Context.selection`, recorded at start."
+    )
     rejected_plans: list[Plan] = Field(
         default_factory=list, description="Plans the plan check turned down, in order."
     )

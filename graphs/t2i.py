@@ -21,15 +21,22 @@
   `model/weights/README.md`). Reasons the prompt rules out (`missing blue circle` for a
   prompt without one) are dropped into `Critique.dropped_reasons`; a rejection made only of
   those misread the prompt, and the grounding checks decide instead.
+- `critique_image` also asks `Engine.plan_fit` how well the prompt and plan explain each
+  planned box (`Context.rank_by="fit"`, the default): attempts that are not accepted are
+  ranked by their worst object's fit, then by the critique score. On the shipped model the
+  model's verdict and the grounding checks hardly tell a right image from a wrong one of
+  the same prompt, the fit does better (`model/weights/README.md`, "Stop 17").
 - `refine_image` either regenerates the whole image with the critique as feedback, or
   re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
   seed `base_seed + r`, recorded in its `Attempt`.
-- The loop stops on an accepting critique or after `max_rounds` images; `best` is the
-  accepted attempt, else the highest-scoring one.
+- The loop stops on an accepting critique (`Context.selection="accept"`, the default) or
+  after `max_rounds` images (always, with `"best"`); `best` is the accepted attempt, else
+  the best ranked one (the earliest on a tie), and `accepted` is its verdict.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -57,6 +64,7 @@ __all__ = (
     "generate_image",
     "graph",
     "plan_layout",
+    "rank",
     "refine_image",
     "refine_mode",
     "review_plan",
@@ -97,7 +105,7 @@ def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
             plan, rejected = _checked_plan(ctx, state.prompt, base_seed)
         emit("plan", plan=plan.model_dump(mode="json"))
     return {"plan": plan, "rejected_plans": rejected, "base_seed": base_seed,
-            "max_rounds": ctx.max_rounds}  # fmt: skip
+            "max_rounds": ctx.max_rounds, "selection": ctx.selection}  # fmt: skip
 
 
 def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list[Plan]]:
@@ -188,19 +196,28 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
         found = engine.ground(image, [i.label for i in planned]) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
-        # Step 3: drop the reasons the prompt rules out (`missing blue circle` when it asks
+        # Step 3: how well the prompt and plan explain each planned box (ranks attempts).
+        layout = attempt.plan.to_engine() if attempt.plan and ctx.rank_by == "fit" else []
+        fit = engine.plan_fit(image, state.prompt, plan=layout) if layout else []
+        # Step 4: drop the reasons the prompt rules out (`missing blue circle` when it asks
         # for none); a rejection made only of those leaves the verdict to the checks.
         kept, dropped = split_reasons(state.prompt, verdict.reasons)
         critique = make_critique(round=attempt.round, image=attempt.image, model_ok=verdict.ok,
                                  model_reasons=kept, dropped_reasons=dropped, model_text=verdict.text,
-                                 checks=checks, gate=ctx.grounding_check == "gate")  # fmt: skip
-        # Step 4: keep the best attempt so far: an accepted one, else the best scored
-        # (earliest wins a tie).
+                                 checks=checks, gate=ctx.grounding_check == "gate", fit=fit)  # fmt: skip
+        # Step 5: keep the best attempt so far (`rank`).
         critiques = [*state.critiques, critique]
-        best = max(range(len(critiques)), key=lambda i: (critiques[i].accepted, critiques[i].score, -i))
+        best = max(range(len(critiques)), key=lambda i: rank(critiques[i], i))
         emit("critique", critique=critique.model_dump(mode="json"))
-    return {"critiques": [critique], "accepted": critique.accepted,
+    return {"critiques": [critique], "accepted": critiques[best].accepted,
             "best": state.attempts[best]}  # fmt: skip
+
+
+def rank(critique: Critique, index: int) -> tuple[bool, float, float, int]:
+    """Sort key of attempt `index` (higher is better): accepted first, then the worst
+    object's fit (when measured), then the critique score, then the earliest."""
+    fit = critique.fit_score
+    return (critique.accepted, -math.inf if fit is None else fit, critique.score, -index)
 
 
 def refine_mode(
@@ -262,8 +279,9 @@ def _seed_for(state: T2IState, round_: int) -> int:
 
 
 def route_after_critique(state: T2IState) -> Literal["refine_image", "__end__"]:
-    """Stop on an accepting critique or once `max_rounds` images exist; else refine."""
-    if state.accepted:
+    """Stop on an accepting critique (selection `accept`) or once `max_rounds` images exist;
+    else refine."""
+    if state.accepted and state.selection == "accept":
         return END
     if len(state.attempts) >= (state.max_rounds or 1):
         return END

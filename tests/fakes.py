@@ -36,9 +36,11 @@ from lavida_agent.graphs.runtime import (
     GenerateRequest,
     GroundRequest,
     PlanEditRequest,
+    PlanFitRequest,
     PlanLayoutRequest,
     RegenerateRegionsRequest,
 )
+from lavida_agent.tools.boxes import iou as box_iou
 
 CANVAS = 64
 NOT_FOUND: BoxList = [0.0, 0.0, 0.0, 0.0]
@@ -111,6 +113,7 @@ class FakeEngine:
         self.log: list[tuple[str, dict[str, object]]] = []
         self._plans: collections.deque[list[PlanItem]] = collections.deque()
         self._critiques: collections.deque[CritiqueResult] = collections.deque()
+        self._fits: collections.deque[list[float]] = collections.deque()
         self._grounds: collections.deque[list[BoxList]] = collections.deque()
         self._edit_plans: collections.deque[EditPlanResult] = collections.deque()
         self._answers: collections.deque[str] = collections.deque()
@@ -121,6 +124,10 @@ class FakeEngine:
     def enqueue_plan(self, items: list[PlanItem]) -> None:
         """The next `plan_layout` returns `items`."""
         self._plans.append(items)
+
+    def enqueue_fit(self, scores: list[float]) -> None:
+        """The next `plan_fit` returns `scores` (one per plan item)."""
+        self._fits.append(list(scores))
 
     def enqueue_critique(self, ok: bool, reasons: Sequence[str] = (), text: str = "") -> None:
         """The next `critique` returns this verdict (default: accept)."""
@@ -199,6 +206,13 @@ class FakeEngine:
     def critique(self, image: np.ndarray, prompt: str) -> CritiqueResult:
         self._record("critique", prompt=prompt)
         return self._critiques.popleft() if self._critiques else CritiqueResult(ok=True)
+
+    def plan_fit(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[float]:
+        """10 x the IoU of what `find` sees for each label with its planned box."""
+        self._record("plan_fit", labels=[i["label"] for i in plan])
+        if self._fits:
+            return self._fits.popleft()
+        return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in plan]
 
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
         self._record("ground", expressions=list(expressions))
@@ -299,6 +313,10 @@ class FakeBatchedBackend:
     def critique(self, requests: Sequence[CritiqueRequest]) -> list[object]:
         self._call("critique", len(requests))
         return [self.engine.critique(r.image, r.prompt) for r in requests]
+
+    def plan_fit(self, requests: Sequence[PlanFitRequest]) -> list[object]:
+        self._call("plan_fit", len(requests))
+        return [self.engine.plan_fit(r.image, r.prompt, plan=r.plan) for r in requests]
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
         self._call("ground", len(requests))

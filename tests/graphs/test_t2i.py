@@ -71,7 +71,7 @@ def test_refine_mode():
 def test_stops_on_first_accepting_critique(engine, ctx):
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
 
@@ -98,7 +98,7 @@ def test_model_rejection_regenerates_with_feedback_and_next_seed(engine, ctx):
     assert out.accepted and [a.mode for a in out.attempts] == ["generate", "generate"]
     assert [a.seed for a in out.attempts] == [100, 101]
     assert out.attempts[1].feedback == ["the square should be blue"]
-    assert engine.log[-3] == ("generate", {"prompt": PROMPT, "seed": 101, "num_steps": 4,
+    assert engine.log[-4] == ("generate", {"prompt": PROMPT, "seed": 101, "num_steps": 4,
                                            "feedback": ["the square should be blue"]})  # fmt: skip
 
 
@@ -286,7 +286,7 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
     # The reviewer moves the circle; nothing planned twice, the new plan is drawn.
     new_plan = [{"label": "red circle", "box": [4, 4, 20, 20]}]
     out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
     assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
 
 
@@ -403,5 +403,55 @@ def test_rejected_plans_are_streamed(engine, ctx):
 
 @pytest.mark.parametrize("kw", [{"plan_retries": -1}, {"plan_temperature": 0.0}])
 def test_context_rejects_bad_plan_knobs(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        Context(**kw)
+
+
+# -- ranking attempts and selection -----------------------------------------------------
+
+
+def test_rank_orders_accepted_then_worst_fit_then_score_then_earliest():
+    def crit(verdict, fit, score):
+        return _critique(verdict).model_copy(update={"fit": fit, "score": score})
+
+    cs = [crit("reject", [9.0, 1.0], 1.0), crit("reject", [2.0, 3.0], 0.0), crit("reject", [], 1.0)]
+    assert max(range(3), key=lambda i: t2i.rank(cs[i], i)) == 1  # worst object 2 beats 1
+    cs.append(crit("accept", [0.0], 0.0))
+    assert max(range(4), key=lambda i: t2i.rank(cs[i], i)) == 3  # accepted first
+    ties = [crit("reject", [2.0], 0.5), crit("reject", [2.0], 0.5)]
+    assert max(range(2), key=lambda i: t2i.rank(ties[i], i)) == 0  # the earliest on a tie
+
+
+def test_unaccepted_attempts_are_ranked_by_their_worst_fit(engine, ctx):
+    for _ in range(3):
+        engine.enqueue_critique(False, ["missing blue square"])
+    for fit in ([1.0, 1.0], [5.0, 4.0], [2.0, 9.0]):
+        engine.enqueue_fit(fit)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert len(out.attempts) == 3 and not out.accepted
+    assert [c.fit for c in out.critiques] == [[1.0, 1.0], [5.0, 4.0], [2.0, 9.0]]
+    assert out.best == out.attempts[1]
+
+
+def test_selection_best_draws_every_round_and_keeps_the_best_fit(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, selection="best")
+    for fit in ([1.0, 1.0], [3.0, 3.0], [2.0, 2.0]):
+        engine.enqueue_fit(fit)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    # every critique accepts, yet all three images are drawn (fresh: nothing was blamed)
+    assert [c.accepted for c in out.critiques] == [True, True, True]
+    assert [a.mode for a in out.attempts] == ["generate"] * 3
+    assert out.best == out.attempts[1] and out.accepted
+
+
+def test_rank_by_score_skips_the_fit(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=2, rank_by="score")
+    engine.enqueue_critique(False, ["missing blue square"])
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert engine.calls["plan_fit"] == 0 and all(c.fit == [] for c in out.critiques)
+
+
+@pytest.mark.parametrize("kw", [{"selection": "all"}, {"rank_by": "iou"}])
+def test_context_rejects_bad_ranking_knobs(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         Context(**kw)

@@ -43,3 +43,17 @@ def test_grounds_and_plans(pipe):
     assert len(boxes) == 2
     plan = pipe.plan(["a blue square"]).plans[0]
     assert all(len(box) == 4 for _, box in plan)
+
+
+def test_region_fit_prefers_the_plan_that_was_drawn(pipe):
+    """A rendered scene fits the plan it was drawn from better than the same boxes with the
+    colours swapped: the fit reads what the box shows, not only where it is."""
+    scene = Scene("white", (Object("circle", "red", "small", (8, 20, 20, 32)),
+                            Object("square", "blue", "large", (38, 20, 58, 40))))  # fmt: skip
+    prompt = "a red circle left of a blue square"
+    right = [("small red circle", (8, 20, 20, 32)), ("large blue square", (38, 20, 58, 40))]
+    swapped = [("small blue circle", (8, 20, 20, 32)), ("large red square", (38, 20, 58, 40))]
+    boxes = [box for _, box in right]
+    fits = pipe.region_fit([render(scene)] * 2, [prompt, "a blue circle left of a red square"],
+                           [boxes, boxes], plans=[right, swapped])  # fmt: skip
+    assert all(r > s for r, s in zip(fits[0], fits[1], strict=True)), fits

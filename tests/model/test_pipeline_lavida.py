@@ -228,3 +228,20 @@ def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, s
     outside = np.ones((64, 64), dtype=bool)
     outside[8:20, 8:20] = False
     assert np.array_equal(out.images[0][outside], scene_image[outside])
+
+
+def test_region_fit_scores_each_box_independently_of_its_batch(pipe, scene_image):
+    plan = [("small red circle", (4, 4, 16, 16)), ("large blue square", (30, 30, 52, 52))]
+    boxes = [box for _, box in plan]
+    other = np.ascontiguousarray(scene_image[::-1])
+    both = pipe.region_fit([scene_image, other], ["a red circle and a blue square", "a green circle"],
+                           [boxes, boxes[:1]], plans=[plan, None])  # fmt: skip
+    assert [len(s) for s in both] == [2, 1] and all(np.isfinite(v) for s in both for v in s)
+    # a box's score does not depend on the other boxes, rows or the chunking of the batch
+    alone = pipe.region_fit([scene_image], ["a red circle and a blue square"], [boxes[1:]], plans=[plan])
+    chunked = pipe.region_fit([scene_image, other], ["a red circle and a blue square", "a green circle"],
+                              [boxes, boxes[:1]], plans=[plan, None], batch_size=1)  # fmt: skip
+    np.testing.assert_allclose(alone[0], both[0][1:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(chunked), np.concatenate(both), rtol=1e-4, atol=1e-4)
+    assert pipe.region_fit([scene_image], ["x"], [[]]) == [[]]
+
