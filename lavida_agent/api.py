@@ -143,6 +143,7 @@ class GenerateResult(RunResult):
     prompt: str
     seed: int = 0
     plan: Plan | None = None
+    rejected_plans: list[Plan] = field(default_factory=list)
     accepted: bool = False
     max_rounds: int = 1
 
@@ -156,6 +157,9 @@ class GenerateResult(RunResult):
             "max_rounds": self.max_rounds,
             "accepted": self.accepted,
             "plan": [{"label": i.label, "box": i.box.as_list()} for i in self.layout],
+            "plan_problems": list(self.plan.problems) if self.plan else [],
+            "rejected_plans": [{"items": [{"label": i.label, "box": i.box.as_list()} for i in p.items],
+                                "problems": list(p.problems)} for p in self.rejected_plans],  # fmt: skip
             "attempts": [_attempt_dict(self, a.seed, by_round.get(a.round), a.image)
                          for a in self.attempts],  # fmt: skip
             "result": self.image_path(self.image_ref),
@@ -262,6 +266,7 @@ def _attempt_dict(
         "verdict": critique.verdict if critique else None,
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
+        "fit": list(critique.fit) if critique else [],
         "dropped_reasons": list(critique.dropped_reasons) if critique else [],
         "image": result.image_path(image),
     }
@@ -454,6 +459,8 @@ class LavidaAgent:
                            preview_every=self.settings.preview_every,
                            iou_threshold=self.settings.iou_threshold,
                            grounding_check=self.settings.grounding_check,
+                           plan_retries=self.settings.plan_retries,
+                           selection=self.settings.selection, rank_by=self.settings.rank_by,
                            review_plan=review_plan)  # fmt: skip
 
     def _prepare_image(
@@ -476,6 +483,8 @@ class LavidaAgent:
                 "dtype": self.settings.dtype, "canvas": self.settings.canvas,
                 "num_steps": context.num_steps, "max_rounds": context.max_rounds,
                 "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
+                "plan_retries": context.plan_retries, "selection": context.selection,
+                "rank_by": context.rank_by,
                 "engine": type(context.engine._engine).__name__}  # fmt: skip
 
     def _run(
@@ -656,8 +665,8 @@ class LavidaAgent:
             layout=list(final_plan.items) if final_plan else [], attempts=attempts,
             critiques=list(values.get("critiques", [])), run_id=run_id, thread_id=thread_id,
             trace=trace, trace_path=path, store=self.store, prompt=prompt, seed=base_seed,
-            plan=final_plan, accepted=bool(values.get("accepted")),
-            max_rounds=context.max_rounds,
+            plan=final_plan, rejected_plans=list(values.get("rejected_plans", [])),
+            accepted=bool(values.get("accepted")), max_rounds=context.max_rounds,
         )  # fmt: skip
 
     # -- edit -----------------------------------------------------------------------------

@@ -435,6 +435,10 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
         verdict = "accepted" if data["accepted"] else "best of rejected attempts"
         click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
                    f"{data['seed']}, run {data['run_id']}")  # fmt: skip
+        for rejected in data["rejected_plans"]:
+            click.echo(f"  plan rejected and redrawn: {'; '.join(rejected['problems'])}")
+        if data["plan_problems"]:  # every re-plan failed too: the least wrong plan was drawn
+            click.echo(f"  plan drawn with problems: {'; '.join(data['plan_problems'])}")
         kept = [a for a in data["attempts"] if a["image"] == data["result"]]
         if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
             click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")

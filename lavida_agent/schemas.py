@@ -323,6 +323,11 @@ class AttemptOut(BaseModel):
         description="The model's critique reasons that cannot be about the prompt (e.g. "
         "`missing blue circle` when the prompt has no blue circle); not in `reasons`.",
     )
+    fit: list[float] = Field(
+        default_factory=list,
+        description="t2i: how well the prompt and plan explain each planned box (plan order; "
+        "higher is better; ranks the attempts of one run).",
+    )
     image: ImageOut
 
 

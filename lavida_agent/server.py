@@ -439,6 +439,7 @@ class _Service:
                                        reasons=list(getattr(by_round.get(a.round), "reasons", [])),
                                        grounding_failed=getattr(by_round.get(a.round), "grounding_failed", []),
                                        dropped_reasons=list(getattr(by_round.get(a.round), "dropped_reasons", [])),
+                                       fit=list(getattr(by_round.get(a.round), "fit", [])),
                                        image=self.image_out(base, a.image, "url"))
                     for a in r.attempts]  # fmt: skip
         return schemas.GenerateResponse(

@@ -65,6 +65,17 @@ class Settings(BaseModel):
     )
     preview_every: int = Field(default=0, ge=0, description="Stream a preview every k steps.")
     iou_threshold: float = Field(default=0.5, gt=0, le=1, description="Grounding check IoU.")
+    plan_retries: int = Field(
+        default=2, ge=0, description="t2i: re-plans after a plan fails its check (0: none)."
+    )
+    selection: Literal["accept", "best"] = Field(
+        default="accept",
+        description="t2i: stop at the first accepted image (accept) or draw every round and "
+        "keep the best (best).",
+    )
+    rank_by: Literal["fit", "score"] = Field(
+        default="fit", description="t2i: rank attempts by plan fit, or by the critique score."
+    )
     grounding_check: Literal["rank", "gate", "off"] = Field(
         default="rank",
         description="t2i: grounding of the planned objects ranks attempts and blames boxes "

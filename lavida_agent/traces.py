@@ -520,8 +520,9 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
             if ev.get("event") == "critique":
                 c = ev.get("critique", {})
                 cls = "ok" if c.get("verdict") == "accept" else "bad"
+                fit = ", ".join(f"{v:.1f}" for v in c.get("fit") or [])
                 out.append(f"<p class={cls}><b>critique: {esc(str(c.get('verdict')))}</b> "
-                           f"(score {c.get('score')})</p><ul>"
+                           f"(score {c.get('score')}" + (f"; fit {esc(fit)}" if fit else "") + ")</p><ul>"
                            + "".join(f"<li>{esc(r)}</li>" for r in c.get("reasons", []))
                            + "</ul>")  # fmt: skip
                 if c.get("model_text"):
@@ -529,6 +530,11 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
                 if c.get("dropped_reasons"):
                     out.append("<p>dropped (not about the prompt): "
                                f"{esc('; '.join(c['dropped_reasons']))}</p>")
+            elif ev.get("event") == "plan_rejected":
+                p = ev.get("plan", {})
+                labels = ", ".join(str(i.get("label")) for i in p.get("items", []))
+                out.append(f"<p class=bad><b>plan rejected</b> ({esc(labels)}): "
+                           f"{esc('; '.join(p.get('problems', [])))}</p>")  # fmt: skip
             elif ev.get("event") == "answer":
                 out.append(f"<p><b>answer:</b> {esc(str(ev.get('answer')))}</p>")
         out.append("<details><summary>input / output / events</summary>"

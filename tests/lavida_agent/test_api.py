@@ -364,3 +364,22 @@ def test_review_plan_approval_keeps_the_model_layout(agent, engine):
 def test_a_bad_review_answer_is_a_clear_error(agent):
     with pytest.raises(LavidaError, match="review_plan"):
         agent.generate("red circle", seed=2, review_plan=lambda layout: "maybe")
+
+
+def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(agent, engine):
+    from lavida_agent.traces import render_html
+
+    swapped = [{"label": "small red circle", "box": [40.0, 20.0, 52.0, 32.0]},
+               {"label": "large blue square", "box": [10.0, 20.0, 30.0, 40.0]}]  # fmt: skip
+    right = [{"label": "small red circle", "box": [10.0, 20.0, 22.0, 32.0]},
+             {"label": "large blue square", "box": [40.0, 20.0, 60.0, 40.0]}]  # fmt: skip
+    engine.enqueue_plan(swapped)
+    engine.enqueue_plan(right)
+    engine.enqueue_fit([1.5, 2.5])
+    d = agent.generate("a red circle left of a blue square", seed=2).to_dict()
+    assert d["plan"] == right and d["plan_problems"] == []
+    assert d["rejected_plans"] == [{"items": swapped, "problems": ["red circle should be left of blue square"]}]
+    assert d["attempts"][0]["fit"] == [1.5, 2.5]
+    r = agent.generate("a red circle left of a blue square", seed=2)  # unscripted: fake plans fail
+    page = render_html(r.trace, agent.store)
+    assert "plan rejected" in page and "fit " in page

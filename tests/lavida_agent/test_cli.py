@@ -128,7 +128,11 @@ def test_generate_shows_critique_reasons_dropped_as_not_about_the_prompt(run, en
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].startswith("o.png: accepted after 1 round(s)")  # grounding found both objects
-    assert lines[1] == "  critique reasons dropped (not about the prompt): missing purple circle"
+    assert lines[-1] == "  critique reasons dropped (not about the prompt): missing purple circle"
+    # the fake planner's labels (`a red circle`) are not plan labels: all three plans fail
+    # the check, two are turned down and the first is drawn anyway; the CLI says so
+    problem = "a plan item is not `{size} {color} {shape}` with a box"
+    assert lines[1:-1] == [f"  plan rejected and redrawn: {problem}"] * 2 + [f"  plan drawn with problems: {problem}"]
     engine.enqueue_critique(False, ["missing purple circle"])
     res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1, "--json")
     assert [a["dropped_reasons"] for a in json.loads(res.stdout)["attempts"]] == [["missing purple circle"]]
