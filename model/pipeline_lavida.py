@@ -122,6 +122,8 @@ class TextOutput:
 @dataclass
 class GroundingOutput:
     boxes: list[list[Box | None]]  # per image, one box (or None if unparsable) per expression
+    # per image, per expression, the `candidates` boxes (branch 0 first: the one in `boxes`)
+    candidates: list[list[list[Box | None]]] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +149,23 @@ def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator |
         g.manual_seed(int(s) if s is not None else int(torch.seed() % 2**63))
         gens.append(g)
     return gens, seeds
+
+
+CANDIDATE_SPREAD = 4
+"""Grounding candidates: the first coordinates of two branches are at least this many
+location bins apart (4 bins = 4 px on the 64 px canvas: less than the smallest object)."""
+
+
+def _kth_peak(logp: torch.Tensor, k: int, spread: int) -> int:
+    """The bin of the k-th highest peak of `logp` (1-D), peaks at least `spread` bins apart;
+    the highest bin when there are not k + 1 finite peaks."""
+    lp = logp.clone()
+    for _ in range(k + 1):
+        v = int(lp.argmax())
+        if not math.isfinite(float(lp[v])):
+            return int(logp.argmax())
+        lp[max(0, v - spread) : v + spread + 1] = -math.inf
+    return v
 
 
 def _as_list(x, n: int | None = None, name: str = "value") -> list:
@@ -624,7 +643,8 @@ class LavidaPipeline:
 
     @torch.no_grad()
     def ground(
-        self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None
+        self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None,
+        candidates: int = 1,
     ) -> GroundingOutput:  # fmt: skip
         """Locate every expression: all boxes of the batch are filled together (FACTS §5).
 
@@ -635,18 +655,33 @@ class LavidaPipeline:
         shipped model's boxes). A kept coordinate bounds its partner (x1 > x0, y1 > y0).
         `num_steps=1` is the single-forward grand mode: every coordinate at once.
 
+        With `candidates=K > 1` every row is decoded K times in the same forwards: branch
+        k starts from the k-th highest peak of the first (most confident) coordinate, peaks
+        at least `CANDIDATE_SPREAD` bins apart, and completes greedily, so the branches
+        usually land on different objects. Branch 0 is the greedy box (`boxes`); all of them
+        are in `candidates`, for a caller that can tell objects apart some other way (the
+        edit planner ranks them with `region_fit`). A branch without a peak of its own
+        repeats branch 0.
+
         Args:
             images: one image per request.
             expressions: the expressions of each request (each gets one box).
-            num_steps: forwards, 1 to 4 (default `pipeline_index.json`'s `ground_steps`, 4).
+            num_steps: forwards, 1 to 4 (default `pipeline_index.json`'s `ground_steps`, 4);
+                with candidates, 2 to 4 (the first forward only chooses the branches; a
+                default of 1 becomes 2).
+            candidates: boxes per expression (K >= 1).
         """
         images = _as_list(images)
         expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
-        steps = int(num_steps or self.defaults["ground_steps"])
-        if not 1 <= steps <= 4:
-            raise ValueError(f"num_steps must be 1 to 4 for a 4-coordinate box, got {steps}")
+        K = int(candidates)
+        steps = int(num_steps or max(self.defaults["ground_steps"], 1 if K == 1 else 2))
+        if K < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if not (1 if K == 1 else 2) <= steps <= 4:
+            raise ValueError(f"num_steps must be {1 if K == 1 else 2} to 4 for a 4-coordinate box "
+                             f"with {K} candidate(s), got {steps}")  # fmt: skip
         exs = [build_ground(self.tokenizer, self.config, self._check_image(im), ex)
-               for im, ex in zip(images, expressions)]  # fmt: skip
+               for im, ex in zip(images, expressions) for _ in range(K)]  # fmt: skip
         batch = pack(exs, self.config, pad_left=True).to(self.device)
         inputs = batch.model_inputs()
         ids = inputs["input_ids"].clone()
@@ -678,17 +713,23 @@ class LavidaPipeline:
                     # the most confident open coordinate of each expression
                     pick = best.masked_fill(~open_, -math.inf).argmax(-1)
                     keep = torch.zeros_like(open_).scatter_(1, pick[:, None], True) & open_
+                    if step == 0 and r % K:  # branch k > 0: that coordinate's k-th peak
+                        arg = arg.clone()
+                        for e, c in enumerate(pick.tolist()):
+                            arg[e, c] = _kth_peak(logp[e, c], r % K, CANDIDATE_SPREAD)
                 known[keep] = arg[keep]
                 ids[r, pos[keep]] = loc[arg[keep]]
-        out = []
         scale = self.config.image_size / (self.config.num_loc_tokens - 1)
+        rows = []
         for known in chosen:
             boxes = []
             for q in known.tolist():
                 x0, y0, x1, y1 = (v * scale for v in q)
                 boxes.append((round(x0), round(y0), round(x1), round(y1)) if x1 > x0 and y1 > y0 else None)
-            out.append(boxes)
-        return GroundingOutput(boxes=out)
+            rows.append(boxes)
+        greedy = rows[::K]
+        cands = [[[rows[i * K + k][e] for k in range(K)] for e in range(len(greedy[i]))] for i in range(len(greedy))]
+        return GroundingOutput(boxes=greedy, candidates=cands)
 
     def understand(
         self, images: Sequence[np.ndarray], questions: Sequence[str], *, num_steps: int | None = None,

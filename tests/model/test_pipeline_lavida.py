@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import numpy as np
@@ -245,3 +246,24 @@ def test_region_fit_scores_each_box_independently_of_its_batch(pipe, scene_image
     np.testing.assert_allclose(np.concatenate(chunked), np.concatenate(both), rtol=1e-4, atol=1e-4)
     assert pipe.region_fit([scene_image], ["x"], [[]]) == [[]]
 
+
+
+def test_grounding_candidates_start_with_the_greedy_box(pipe, scene_image):
+    exprs = [["the red circle", "the blue square"], ["the triangle"]]
+    greedy = pipe.ground([scene_image, scene_image], exprs, num_steps=4)
+    out = pipe.ground([scene_image, scene_image], exprs, num_steps=4, candidates=3)
+    assert out.boxes == greedy.boxes  # branch 0 is the greedy decode, whatever the batch
+    assert [[len(c) for c in row] for row in out.candidates] == [[3, 3], [3]]
+    assert all(c[0] == b for row, brow in zip(out.candidates, out.boxes) for c, b in zip(row, brow))
+    with pytest.raises(ValueError, match="num_steps must be 2 to 4"):
+        pipe.ground([scene_image], [["the red circle"]], num_steps=1, candidates=2)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        pipe.ground([scene_image], [["the red circle"]], candidates=0)
+
+
+def test_kth_peak_skips_the_neighbours_of_higher_peaks():
+    from lavida_agent.model.pipeline_lavida import _kth_peak
+
+    logp = torch.tensor([0.0, 5.0, 4.9, 1.0, 0.0, 0.0, 3.0, 0.0, 2.0, -math.inf])
+    assert [_kth_peak(logp, k, spread=1) for k in range(3)] == [1, 6, 8]  # 2 is 1's neighbour
+    assert _kth_peak(logp, 2, spread=2) == 1  # 8 is 6's neighbour: no third peak, the highest
