@@ -313,6 +313,16 @@ class PipelineBackend:
                 results[i] = err
         return results, good
 
+    def _rows_with(self, requests: Sequence[Any], items: Callable[[Any], Sequence[Any]]) -> tuple[list[Any], list[int]]:
+        """`_valid_rows`, and a row whose `items(request)` is empty answered `[]` without a
+        model call."""
+        results, good = self._valid_rows([r.image for r in requests])
+        for i in list(good):
+            if not items(requests[i]):
+                results[i] = []
+                good.remove(i)
+        return results, good
+
     def _callback(
         self, sinks: Sequence[StepCallback | None]
     ) -> tuple[Callable[[Any], None] | None, int]:
@@ -406,11 +416,7 @@ class PipelineBackend:
 
     def plan_fit(self, requests: Sequence[PlanFitRequest]) -> list[Any]:
         """One `pipeline.region_fit` call: a score per planned box of every row."""
-        results, good = self._valid_rows([r.image for r in requests])
-        for i in list(good):
-            if not requests[i].plan:
-                results[i] = []
-                good.remove(i)
+        results, good = self._rows_with(requests, lambda r: r.plan)
         if good:
             rows = [requests[i] for i in good]
             plans = [_to_model_plan(r.plan, self.canvas) for r in rows]
@@ -422,11 +428,7 @@ class PipelineBackend:
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[Any]:
         """One `pipeline.ground` call (one model forward) for every row with expressions."""
-        results, good = self._valid_rows([r.image for r in requests])
-        for i in list(good):
-            if not requests[i].expressions:
-                results[i] = []
-                good.remove(i)
+        results, good = self._rows_with(requests, lambda r: r.expressions)
         if good:
             found = self._ground([requests[i].image for i in good],
                                  [list(requests[i].expressions) for i in good])  # fmt: skip
