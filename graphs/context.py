@@ -93,12 +93,13 @@ class Context:
         metadata={"description": "t2i: planner temperature of the re-plans (the first is greedy)."},
     )
     selection: Literal["accept", "best"] = field(
-        default="accept",
+        default="best",
         metadata={
-            "description": "t2i: 'accept' stops at the first image the critique accepts; "
-            "'best' always draws max_rounds images and keeps the best ranked. Either way the "
-            "kept image is the accepted one, else the one whose worst planned object fits "
-            "best (`rank_by`)."
+            "description": "t2i: 'best' (default) always draws max_rounds images and keeps "
+            "the best ranked; 'accept' stops at the first image the critique accepts (fewer "
+            "images, more wrong ones kept with the shipped model). Either way the kept image "
+            "is an accepted one, else the one whose worst planned object fits best "
+            "(`rank_by`)."
         },
     )
     rank_by: Literal["fit", "score"] = field(

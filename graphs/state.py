@@ -269,7 +269,7 @@ class T2IState(T2IInput):
     base_seed: int | None = Field(default=None, description="Resolved base seed of the run.")
     max_rounds: int | None = Field(default=None, description="Loop bound, recorded at start.")
     selection: Literal["accept", "best"] = Field(
-        default="accept", description="`Context.selection`, recorded at start."
+        default="best", description="`Context.selection`, recorded at start."
     )
     rejected_plans: list[Plan] = Field(
         default_factory=list, description="Plans the plan check turned down, in order."

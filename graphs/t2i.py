@@ -29,9 +29,13 @@
 - `refine_image` either regenerates the whole image with the critique as feedback, or
   re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
   seed `base_seed + r`, recorded in its `Attempt`.
-- The loop stops on an accepting critique (`Context.selection="accept"`, the default) or
-  after `max_rounds` images (always, with `"best"`); `best` is the accepted attempt, else
-  the best ranked one (the earliest on a tie), and `accepted` is its verdict.
+- With `Context.selection="best"` (the default) the loop always draws `max_rounds` images
+  and keeps the best ranked: accepted first, then the worst planned object's fit. With
+  `"accept"` it stops at the first accepting critique, else keeps the best ranked. The
+  kept attempt is `best` (the earliest on a tie) and `accepted` is its verdict. On the
+  shipped model the critique accepts too many wrong images for stopping on it to pay:
+  `best` costs ~2.2x the images of `accept` at 3 rounds and gets more prompts right
+  (`model/weights/README.md`, "Stop 17").
 """
 
 from __future__ import annotations

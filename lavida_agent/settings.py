@@ -69,7 +69,7 @@ class Settings(BaseModel):
         default=2, ge=0, description="t2i: re-plans after a plan fails its check (0: none)."
     )
     selection: Literal["accept", "best"] = Field(
-        default="accept",
+        default="best",
         description="t2i: stop at the first accepted image (accept) or draw every round and "
         "keep the best (best).",
     )

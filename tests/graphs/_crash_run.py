@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     saver = checkpointer_from_path(db)
     g = t2i.build_t2i_graph().compile(checkpointer=saver)
     cfg = {"configurable": {"thread_id": thread}}
-    ctx = Context(engine=engine, artifacts=artifacts, num_steps=2, max_rounds=3, seed=5, grounding_check="gate")
+    ctx = Context(engine=engine, artifacts=artifacts, selection="accept", num_steps=2, max_rounds=3, seed=5, grounding_check="gate")
     # Resume when the thread has a pending checkpoint, otherwise start it.
     started = g.get_state(cfg).next
     payload = None if started else {"prompt": "red circle and blue square"}

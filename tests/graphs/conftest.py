@@ -21,4 +21,4 @@ def engine():
 
 @pytest.fixture
 def ctx(engine, store):
-    return Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=7)
+    return Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=7, selection="accept")

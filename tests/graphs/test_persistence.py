@@ -24,7 +24,7 @@ PROMPT = "red circle and blue square"
 def test_sync_checkpointers_round_trip_state(where, tmp_path, store, caplog):
     path = ":memory:" if where == ":memory:" else tmp_path / "db" / "state.sqlite"
     ctx = Context(engine=FakeEngine(drop_labels=["blue square"]), artifacts=store, max_rounds=2,
-                  grounding_check="gate")  # fmt: skip
+                  grounding_check="gate", selection="accept")  # fmt: skip
     saver = checkpointer_from_path(path)
     g = t2i.build_t2i_graph().compile(checkpointer=saver)
     cfg = {"configurable": {"thread_id": "rt"}}
@@ -39,7 +39,7 @@ def test_sync_checkpointers_round_trip_state(where, tmp_path, store, caplog):
 
 
 async def test_async_sqlite_saver(tmp_path, store):
-    ctx = Context(engine=FakeEngine(), artifacts=store)
+    ctx = Context(engine=FakeEngine(), artifacts=store, selection="accept")
     async with async_checkpointer_from_path(tmp_path / "a.sqlite") as saver:
         g = t2i.build_t2i_graph().compile(checkpointer=saver)
         cfg = {"configurable": {"thread_id": "async"}}

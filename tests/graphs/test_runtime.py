@@ -33,7 +33,7 @@ def test_satisfies_engine_protocol():
 
 
 def _direct(store, prompt, seed):
-    ctx = Context(engine=FakeEngine(), artifacts=store, num_steps=4, seed=seed)
+    ctx = Context(engine=FakeEngine(), artifacts=store, selection="accept", num_steps=4, seed=seed)
     return T2IOutput.model_validate(t2i.graph.invoke({"prompt": prompt}, context=ctx))
 
 
@@ -43,7 +43,7 @@ def test_eight_concurrent_runs_are_batched_and_correct(store):
 
     with BatchingEngine(backend, max_batch=16, max_wait_ms=30) as engine:
         def run(i):
-            ctx = Context(engine=engine, artifacts=store, num_steps=4, seed=1000 + i)
+            ctx = Context(engine=engine, artifacts=store, selection="accept", num_steps=4, seed=1000 + i)
             barrier.wait()
             return T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPTS[i]}, context=ctx))
 
@@ -65,7 +65,7 @@ async def test_eight_concurrent_async_runs(store):
     backend = FakeBatchedBackend(call_delay_s=0.01)
     with BatchingEngine(backend, max_wait_ms=30) as engine:
         async def run(i):
-            ctx = Context(engine=engine, artifacts=store, num_steps=2, seed=i)
+            ctx = Context(engine=engine, artifacts=store, selection="accept", num_steps=2, seed=i)
             return T2IOutput.model_validate(
                 await t2i.graph.ainvoke({"prompt": PROMPTS[i]}, context=ctx))
 

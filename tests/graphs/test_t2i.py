@@ -42,7 +42,14 @@ def _state(**kw):
 
 
 def test_route_after_critique_ends_on_accept():
-    assert t2i.route_after_critique(_state(accepted=True, max_rounds=3)) == "__end__"
+    assert t2i.route_after_critique(_state(accepted=True, max_rounds=3, selection="accept")) == "__end__"
+
+
+def test_route_after_critique_draws_every_round_under_selection_best():
+    assert t2i.route_after_critique(_state(accepted=True, max_rounds=3, selection="best")) == "refine_image"
+    assert t2i.route_after_critique(_state(accepted=True, max_rounds=3, selection="best", n_attempts=3)) == (
+        "__end__"
+    )
 
 
 def test_route_after_critique_refines_while_rounds_left():
@@ -77,7 +84,7 @@ def test_stops_on_first_accepting_critique(engine, ctx):
 
 
 def test_stops_at_max_rounds_and_keeps_best(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=7, grounding_check="gate")
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=7, grounding_check="gate", selection="accept")
     engine.enqueue_critique(False, ["too dark"])  # round 0: rejected, nothing found: 0/3
     engine.enqueue_ground([[0, 0, 0, 0], [0, 0, 0, 0]])
     engine.enqueue_critique(True)  # round 1: model accepts, one object missing: 2/3
@@ -104,7 +111,7 @@ def test_model_rejection_regenerates_with_feedback_and_next_seed(engine, ctx):
 
 def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=3, grounding_check="gate")
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, seed=3, grounding_check="gate", selection="accept")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     first = out.critiques[0]
     assert first.verdict == "reject" and first.model_ok
@@ -124,7 +131,7 @@ def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
 
 def test_refine_regenerate_mode_ignores_blamed_boxes(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, max_rounds=2, refine="regenerate", grounding_check="gate")
+    ctx = Context(engine=engine, artifacts=store, max_rounds=2, refine="regenerate", grounding_check="gate", selection="accept")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert [a.mode for a in out.attempts] == ["generate", "generate"]
     assert engine.calls["regenerate_regions"] == 0 and not out.accepted
@@ -145,7 +152,7 @@ def test_rejection_for_reasons_the_prompt_rules_out_defers_to_grounding(engine, 
 
 def test_misread_rejection_still_rejects_when_grounding_fails(store):
     engine = FakeEngine(drop_labels=["a blue square"])
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, selection="accept")
     engine.enqueue_critique(False, ["missing purple circle"])
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
     (critique,) = out.critiques
@@ -164,7 +171,7 @@ def test_reasons_the_prompt_rules_out_are_not_fed_back(engine, ctx):
 
 def test_rank_mode_lets_the_model_decide_and_records_the_checks(store):
     engine = FakeEngine(drop_labels=["blue square"])  # grounding misses the square
-    ctx = Context(engine=engine, artifacts=store, max_rounds=3)  # grounding_check="rank"
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3, selection="accept")  # grounding_check="rank"
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert out.accepted and len(out.attempts) == 1 and out.best == out.attempts[0]
     (critique,) = out.critiques
@@ -176,7 +183,7 @@ def test_rank_mode_lets_the_model_decide_and_records_the_checks(store):
 def test_rank_mode_blames_failed_checks_when_the_model_rejects(store):
     engine = FakeEngine(drop_labels=["blue square"])
     engine.enqueue_critique(False, ["too dark"])
-    ctx = Context(engine=engine, artifacts=store, max_rounds=3)
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3, selection="accept")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert [c.verdict for c in out.critiques] == ["reject", "accept"]
     assert [b.label for b in out.critiques[0].blamed] == ["blue square"]
@@ -188,7 +195,7 @@ def test_an_accepted_attempt_beats_a_better_scored_rejected_one(engine, store):
     engine.enqueue_critique(False, ["too dark"])  # round 0: rejected, both objects found: 2/3
     engine.enqueue_ground(boxes)
     engine.enqueue_ground([[0, 0, 0, 0], [0, 0, 0, 0]])  # round 1: accepted, none found: 1/3
-    ctx = Context(engine=engine, artifacts=store, max_rounds=3)
+    ctx = Context(engine=engine, artifacts=store, max_rounds=3, selection="accept")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert [c.score for c in out.critiques] == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
     assert out.accepted and out.best == out.attempts[1]
@@ -196,7 +203,7 @@ def test_an_accepted_attempt_beats_a_better_scored_rejected_one(engine, store):
 
 def test_off_mode_skips_grounding(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, grounding_check="off")
+    ctx = Context(engine=engine, artifacts=store, grounding_check="off", selection="accept")
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert out.accepted and out.critiques[0].grounding == [] and engine.calls["ground"] == 0
 
@@ -220,7 +227,7 @@ def test_recorded_seeds_replay_identically(store):
     def run():
         engine = FakeEngine(drop_labels=["blue square"])
         engine.enqueue_critique(False, ["no"])
-        ctx = Context(engine=engine, artifacts=store, max_rounds=3, seed=11, refine="auto")
+        ctx = Context(engine=engine, artifacts=store, max_rounds=3, seed=11, refine="auto", selection="accept")
         return T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
 
     first = run()
@@ -243,7 +250,7 @@ def test_recorded_seeds_replay_identically(store):
 
 def test_state_is_json_serialisable_without_image_bytes(store):
     engine = FakeEngine(drop_labels=["blue square"])
-    ctx = Context(engine=engine, artifacts=store, max_rounds=2)
+    ctx = Context(engine=engine, artifacts=store, max_rounds=2, selection="accept")
     saver = InMemorySaver()
     g = t2i.build_t2i_graph().compile(checkpointer=saver)
     cfg = {"configurable": {"thread_id": "j"}}
@@ -275,7 +282,7 @@ def _assert_no_bytes(obj):
 
 
 def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
-    ctx = Context(engine=engine, artifacts=store, review_plan=True)
+    ctx = Context(engine=engine, artifacts=store, review_plan=True, selection="accept")
     g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
     cfg = {"configurable": {"thread_id": "review"}}
     out = g.invoke({"prompt": PROMPT}, cfg, context=ctx)
@@ -291,7 +298,7 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
 
 
 def test_review_plan_approve(engine, store):
-    ctx = Context(engine=engine, artifacts=store, review_plan=True)
+    ctx = Context(engine=engine, artifacts=store, review_plan=True, selection="accept")
     g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
     cfg = {"configurable": {"thread_id": "approve"}}
     g.invoke({"prompt": PROMPT}, cfg, context=ctx)
@@ -317,13 +324,13 @@ def _check_events(events):
 
 
 def test_stream_custom_events(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2, selection="accept")
     events = list(t2i.graph.stream({"prompt": PROMPT}, context=ctx, stream_mode="custom"))
     _check_events(events)
 
 
 async def test_astream_custom_events(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, preview_every=2, selection="accept")
     events = []
     async for mode, chunk in t2i.graph.astream({"prompt": PROMPT}, context=ctx,
                                                stream_mode=["custom", "updates"]):  # fmt: skip
@@ -361,7 +368,7 @@ def test_a_plan_that_fails_the_check_is_recorded_and_replanned(engine, ctx):
 
 
 def test_when_every_plan_fails_the_one_with_fewest_problems_is_drawn(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, seed=3, plan_retries=2)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, seed=3, plan_retries=2, selection="accept")
     wrong_twice = [{"label": "small green circle", "box": [40.0, 20.0, 52.0, 32.0]},
                    {"label": "large green square", "box": [10.0, 40.0, 30.0, 60.0]}]  # fmt: skip
     for plan in (wrong_twice, SWAPPED_PLAN, ONE_OBJECT_PLAN):
@@ -376,7 +383,7 @@ def test_when_every_plan_fails_the_one_with_fewest_problems_is_drawn(engine, sto
 
 
 def test_plan_retries_zero_draws_the_first_plan_with_its_problems(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, plan_retries=0)
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, plan_retries=0, selection="accept")
     engine.enqueue_plan(SWAPPED_PLAN)
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": POSITION_PROMPT}, context=ctx))
     assert len(_plan_calls(engine)) == 1 and out.rejected_plans == []
@@ -445,7 +452,7 @@ def test_selection_best_draws_every_round_and_keeps_the_best_fit(engine, store):
 
 
 def test_rank_by_score_skips_the_fit(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=2, rank_by="score")
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=2, rank_by="score", selection="accept")
     engine.enqueue_critique(False, ["missing blue square"])
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert engine.calls["plan_fit"] == 0 and all(c.fit == [] for c in out.critiques)

@@ -36,7 +36,7 @@ def engine():
 
 @pytest.fixture
 def agent(engine):
-    with LavidaAgent(engine=engine, num_steps=3) as a:
+    with LavidaAgent(engine=engine, num_steps=3, selection="accept") as a:
         yield a
 
 
@@ -86,7 +86,7 @@ def test_same_seed_same_image_and_default_seed_from_settings(engine):
     with LavidaAgent(engine=engine, num_steps=2, seed=11) as a:
         r1, r2 = a.generate("red circle"), a.generate("red circle")
     assert r1.seed == r2.seed == 11 and np.array_equal(r1.image, r2.image)
-    with LavidaAgent(engine=engine, num_steps=2) as a:  # no seed anywhere: random, recorded
+    with LavidaAgent(engine=engine, num_steps=2, selection="accept") as a:  # no seed anywhere: random, recorded
         r3 = a.generate("red circle")
     assert isinstance(r3.seed, int) and r3.attempts[0].seed == r3.seed
 
@@ -155,7 +155,7 @@ def test_edit_letterboxes_and_keeps_the_padding_crop(agent, engine):
 
 
 def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
-    with LavidaAgent(engine=engine, num_steps=2) as agent:
+    with LavidaAgent(engine=engine, num_steps=2, selection="accept") as agent:
         s = agent.session()
         assert not s.exists and s.current is None
         src = s.start(np.full((64, 64, 3), 10, np.uint8))
@@ -173,7 +173,7 @@ def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
         assert second.trace.lineage is not None
         thread = s.thread_id
     # Resume by id from a fresh agent on the same home (SQLite): the state is still there.
-    with LavidaAgent(engine=engine, num_steps=2) as again:
+    with LavidaAgent(engine=engine, num_steps=2, selection="accept") as again:
         s2 = again.session(thread)
         assert s2.exists and s2.current == first.image_ref
         assert [h.instruction for h in s2.history()] == ["add a blue square"]
@@ -232,7 +232,7 @@ def test_cancel_event_stops_a_run(agent):
 
 def test_cancelling_the_async_task_stops_the_worker_at_the_next_step(tmp_path):
     engine = FakeEngine(step_delay_s=0.02)
-    with LavidaAgent(engine=engine, num_steps=200) as agent:
+    with LavidaAgent(engine=engine, num_steps=200, selection="accept") as agent:
 
         async def main():
             task = asyncio.create_task(agent.agenerate("red circle", seed=1))
@@ -383,3 +383,13 @@ def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(agent, engi
     r = agent.generate("a red circle left of a blue square", seed=2)  # unscripted: fake plans fail
     page = render_html(r.trace, agent.store)
     assert "plan rejected" in page and "fit " in page
+
+
+def test_by_default_every_round_is_drawn_and_the_best_fit_kept(engine):
+    engine.enqueue_fit([1.0, 1.0])
+    engine.enqueue_fit([4.0, 3.0])
+    with LavidaAgent(engine=engine, num_steps=2) as agent:  # default settings: selection best
+        r = agent.generate("red circle and blue square", seed=1, rounds=2)
+    assert len(r.attempts) == 2 and all(c.accepted for c in r.critiques)  # no early stop
+    assert r.image_ref == r.attempts[1].image and r.accepted
+    assert r.to_dict()["attempts"][1]["fit"] == [4.0, 3.0]

@@ -63,6 +63,7 @@ def engine(monkeypatch):
 @pytest.fixture
 def run(engine, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAVIDA_SELECTION", "accept")  # these tests follow the stop-on-accept loop
     runner = CliRunner()
 
     def invoke(*args, input=None):

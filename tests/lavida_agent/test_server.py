@@ -73,7 +73,7 @@ def engine():
 
 @pytest.fixture
 def agent(engine):
-    with LavidaAgent(engine=engine, num_steps=4) as a:
+    with LavidaAgent(engine=engine, num_steps=4, selection="accept") as a:
         yield a
 
 

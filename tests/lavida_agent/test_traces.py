@@ -26,7 +26,7 @@ def engine():
 
 @pytest.fixture
 def agent(engine):
-    with LavidaAgent(engine=engine, num_steps=3) as a:
+    with LavidaAgent(engine=engine, num_steps=3, selection="accept") as a:
         yield a
 
 
