@@ -255,9 +255,6 @@ class PipelineBackend:
             image. Rows without a plan or without target boxes are redrawn whole.
         interrupt: passed to every pipeline call; returning True stops the running batch
             (every row of it fails with the pipeline's `PipelineInterrupted`).
-        target_candidates: `plan_edit` grounds the object an instruction names with this
-            many candidate boxes and keeps the one its noun fits best (`_pick_by_fit`); 1
-            keeps the greedy box.
     """
 
     def __init__(
@@ -270,13 +267,9 @@ class PipelineBackend:
         use_edit_plans: bool = True,
         local_edits: bool = True,
         interrupt: Callable[[], bool] | None = None,
-        target_candidates: int = 4,
     ) -> None:
         if preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {preview_every}")
-        if target_candidates < 1:
-            raise ValueError(f"target_candidates must be >= 1, got {target_candidates}")
-        self.target_candidates = target_candidates
         self.pipeline = pipeline
         self.preview_every = preview_every
         self.plan_steps = plan_steps
@@ -579,72 +572,16 @@ class PipelineBackend:
         exprs = {i: list(dict.fromkeys([*([drafts[i].referred] if drafts[i].referred else []),
                                         *drafts[i].keep_exprs]))
                  for i in rows}  # fmt: skip
-        # With target candidates, the named object's box is the candidate its noun fits best.
         to_ground = [i for i in rows if exprs[i]]
-        found, cands = (self._ground_candidates([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
-                        if to_ground else ([], []))  # e.g. a background edit on an image the caption finds empty  # fmt: skip
-        picks = self._pick_by_fit({i: (requests[i].image, drafts[i], c[0]) for i, c in zip(to_ground, cands, strict=True)
-                                   if drafts[i].referred and len({tuple(b) for b in c[0] if b is not None}) > 1})  # fmt: skip
+        found = (self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
+                 if to_ground else [])  # e.g. a background edit on an image the caption finds empty  # fmt: skip
         for i, boxes in zip(to_ground, found, strict=True):
-            if drafts[i].referred and i in picks:
-                boxes = [picks[i], *boxes[1:]]
             drafts[i].boxes = {e: (None if b is None else [float(v) for v in b])
                                for e, b in zip(exprs[i], boxes, strict=True)}  # fmt: skip
         # Step 4: regions, layout and keep list per row.
         for i in rows:
             results[i] = self._edit_plan(drafts[i])
         return results
-
-    def _ground_candidates(self, images: Sequence[Any], expressions: Sequence[list[str]]) -> tuple[list[list[Any]], list[list[list[Any]]]]:
-        """Greedy boxes per row and, per expression, `target_candidates` candidate boxes."""
-        if self.target_candidates == 1:
-            boxes = self._ground(images, expressions)
-            return boxes, [[[b] for b in row] for row in boxes]
-        out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions),
-                                   candidates=self.target_candidates)  # fmt: skip
-        return [list(row) for row in out.boxes], [[list(c) for c in row] for row in out.candidates]
-
-    def _pick_by_fit(self, rows: dict[int, tuple[Any, _EditDraft, Sequence[Any]]]) -> dict[int, Any]:
-        """The candidate box of each row's named object that its noun fits best.
-
-        Each distinct candidate becomes a one-object plan, `{size} {color} {shape}` with the
-        noun's words (size from the box, colour from the caption when the instruction has
-        none, else every colour), on a square box of that size at the candidate's centre;
-        `pipeline.region_fit` scores how well `a {color} {shape}` explains the box, and the
-        best candidate wins (the earliest, i.e. the greedy one, on a tie). One `region_fit`
-        call for every row.
-
-        Args:
-            rows: `{key: (image, draft, candidate boxes)}`, drafts that name an object.
-
-        Returns:
-            `{key: box}` for every row with at least one non-degenerate candidate.
-        """
-        fit_rows: list[tuple[int, int, Any, str, tuple[str, IntBox]]] = []
-        boxes_of: dict[int, list[Any]] = {}
-        for r, (image, draft, cands) in rows.items():
-            named = draft.spec.anchor if draft.spec.category == "add" else draft.spec.target
-            assert named is not None, "only rows that name an object have candidates"
-            noun = _resolve_noun(draft.caption, named)
-            boxes_of[r] = [b for b in dict.fromkeys(tuple(b) for b in cands if b is not None)]
-            for k, box in enumerate(boxes_of[r]):
-                side = _side(box) * CANVAS / self.canvas
-                size = noun.size or size_class(int(round(side))) or ("small" if side < 16 else "large")
-                lo, hi = SIZES[size]
-                s = min(hi, max(lo, round(side))) * self.canvas / CANVAS
-                square = _int_box(_box_at(*_centre(box), s, s, self.canvas), self.canvas)
-                for color in [noun.color] if noun.color else list(COLORS):
-                    fit_rows.append((r, k, image, f"a {color} {noun.shape}",
-                                     (f"{size} {color} {noun.shape}", square)))  # fmt: skip
-        if not fit_rows:
-            return {}
-        scores = self.pipeline.region_fit([np.asarray(f[2]) for f in fit_rows], [f[3] for f in fit_rows],
-                                          [[f[4][1]] for f in fit_rows], plans=[[f[4]] for f in fit_rows])  # fmt: skip
-        best: dict[int, tuple[float, int]] = {}
-        for (r, k, *_), (score,) in zip(fit_rows, scores, strict=True):
-            if r not in best or score > best[r][0]:  # the earliest candidate on a tie
-                best[r] = (float(score), k)
-        return {r: list(boxes_of[r][k]) for r, (_, k) in best.items()}
 
     def _keep_expressions(self, caption: Caption, spec: lang.EditSpec) -> tuple[str, ...]:
         """Unique expressions for the captioned objects the edit does not name."""

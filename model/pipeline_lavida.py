@@ -77,6 +77,7 @@ DEFAULTS: dict = {
     "shift": 5.0,
     "text_steps": 8,
     "ground_steps": 4,  # 1 = every coordinate in one forward; 4 = one per box per forward
+    "ground_candidates": 4,  # boxes decoded per expression; > 1: the head noun's fit picks
 }
 
 
@@ -150,6 +151,12 @@ def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator |
         gens.append(g)
     return gens, seeds
 
+
+RERANK_MARGIN = 20.0
+"""Grounding keeps a candidate other than the greedy box only when its noun fits it more
+than this many nats better (on seeds 0-1 of the grounding benchmark, margins 0 / 5 / 20
+scored 0.819 / 0.824 / 0.833 against the greedy 0.778: the greedy box is right more often
+than a small difference in fit)."""
 
 CANDIDATE_SPREAD = 4
 """Grounding candidates: the first coordinates of two branches are at least this many
@@ -644,7 +651,7 @@ class LavidaPipeline:
     @torch.no_grad()
     def ground(
         self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None,
-        candidates: int = 1,
+        candidates: int | None = None,
     ) -> GroundingOutput:  # fmt: skip
         """Locate every expression: all boxes of the batch are filled together (FACTS §5).
 
@@ -655,13 +662,18 @@ class LavidaPipeline:
         shipped model's boxes). A kept coordinate bounds its partner (x1 > x0, y1 > y0).
         `num_steps=1` is the single-forward grand mode: every coordinate at once.
 
-        With `candidates=K > 1` every row is decoded K times in the same forwards: branch
-        k starts from the k-th highest peak of the first (most confident) coordinate, peaks
-        at least `CANDIDATE_SPREAD` bins apart, and completes greedily, so the branches
-        usually land on different objects. Branch 0 is the greedy box (`boxes`); all of them
-        are in `candidates`, for a caller that can tell objects apart some other way (the
-        edit planner ranks them with `region_fit`). A branch without a peak of its own
-        repeats branch 0.
+        With `candidates=K > 1` (the default, `pipeline_index.json`'s `ground_candidates`)
+        every row is decoded K times in the same forwards: branch k starts from the k-th
+        highest peak of the first (most confident) coordinate, peaks at least
+        `CANDIDATE_SPREAD` bins apart, and completes greedily, so the branches usually land
+        on different objects (a branch without a peak of its own repeats branch 0, the
+        greedy box). Then, for an expression in the ShapesWorld grammar, each candidate is
+        scored by how well the expression's head noun explains it (`noun_fit`: `region_fit`
+        of `a {color} {shape}` planned at the box) and the box kept is the best candidate
+        when it fits more than `RERANK_MARGIN` nats better than the greedy one, else the
+        greedy one. Grounding's own likelihood does not tell a purple square from the
+        purple circle next to it; the drawing side of the model does (`model/weights/
+        README.md`, "Stop 17"). `candidates=1` is the greedy decode alone.
 
         Args:
             images: one image per request.
@@ -669,11 +681,18 @@ class LavidaPipeline:
             num_steps: forwards, 1 to 4 (default `pipeline_index.json`'s `ground_steps`, 4);
                 with candidates, 2 to 4 (the first forward only chooses the branches; a
                 default of 1 becomes 2).
-            candidates: boxes per expression (K >= 1).
+            candidates: boxes decoded per expression (K >= 1; None: the default, or 1 with
+                `num_steps=1`).
+
+        Returns:
+            `boxes` (the kept box of each expression) and `candidates` (every decoded box,
+            the greedy one first).
         """
         images = _as_list(images)
         expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
-        K = int(candidates)
+        K = int(self.defaults["ground_candidates"] if candidates is None else candidates)
+        if candidates is None and num_steps == 1:
+            K = 1  # the one-forward mode cannot branch: asked for by name, it decodes greedily
         steps = int(num_steps or max(self.defaults["ground_steps"], 1 if K == 1 else 2))
         if K < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -729,7 +748,76 @@ class LavidaPipeline:
             rows.append(boxes)
         greedy = rows[::K]
         cands = [[[rows[i * K + k][e] for k in range(K)] for e in range(len(greedy[i]))] for i in range(len(greedy))]
-        return GroundingOutput(boxes=greedy, candidates=cands)
+        kept = [list(row) for row in greedy]
+        if K > 1:
+            self._rerank(images, expressions, cands, kept)
+        return GroundingOutput(boxes=kept, candidates=cands)
+
+    def _rerank(self, images, expressions, cands, kept) -> None:
+        """Replace a greedy box in `kept` by the candidate its expression's head noun fits
+        more than `RERANK_MARGIN` nats better (one `noun_fit` call for the whole batch)."""
+        from lavida_agent.tools.shapes_world.language import GrammarError, parse_refexp
+
+        asks = []  # (row, expression index, distinct boxes, noun)
+        for i, row in enumerate(expressions):
+            for e, text in enumerate(row):
+                boxes = list(dict.fromkeys(b for b in cands[i][e] if b is not None))
+                if len(boxes) < 2 or kept[i][e] is None:
+                    continue
+                try:
+                    noun = parse_refexp(text).noun
+                except GrammarError:
+                    continue
+                asks.append((i, e, boxes, noun))
+        if not asks:
+            return
+        fits = self.noun_fit([images[i] for i, *_ in asks], [(n.shape, n.color, n.size) for *_, n in asks],
+                             [boxes for _, _, boxes, _ in asks])  # fmt: skip
+        for (i, e, boxes, _), scores in zip(asks, fits):
+            g = boxes.index(kept[i][e])
+            best = max(range(len(boxes)), key=lambda k: (scores[k], -k))
+            if scores[best] > scores[g] + RERANK_MARGIN:
+                kept[i][e] = boxes[best]
+
+    @torch.no_grad()
+    def noun_fit(
+        self, images: Sequence[np.ndarray], nouns: Sequence[tuple[str, str | None, str | None]],
+        boxes: Sequence[Sequence[Box]],
+    ) -> list[list[float]]:  # fmt: skip
+        """How well a noun explains each box: `region_fit` of `a {color} {shape}` planned as
+        `{size} {color} {shape}` on a square of its size class centred on the box.
+
+        A noun is `(shape, color or None, size or None)`. A missing size comes from the
+        box's side; a missing colour is every colour, and the best of them counts. One
+        `region_fit` call for all rows.
+
+        Returns:
+            One list per image, one score per box.
+        """
+        from lavida_agent.tools.shapes_world.scene import COLORS, SIZES, size_class
+
+        canvas = self.config.image_size
+        unit = canvas / 64  # ShapesWorld sizes are in 64 px canvas units
+        rows = []  # (image index, box index, prompt, plan item)
+        for i, ((shape, color, size), row) in enumerate(zip(nouns, boxes)):
+            for k, (x0, y0, x1, y1) in enumerate(row):
+                side = max(x1 - x0, y1 - y0) / unit
+                sz = size or size_class(int(round(side))) or ("small" if side < 16 else "large")
+                lo, hi = SIZES[sz]
+                s = round(min(hi, max(lo, round(side))) * unit)
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                bx, by = min(max(round(cx - s / 2), 0), canvas - s), min(max(round(cy - s / 2), 0), canvas - s)
+                square = (bx, by, bx + s, by + s)
+                for c in [color] if color else list(COLORS):
+                    rows.append((i, k, f"a {c} {shape}", (f"{sz} {c} {shape}", square)))
+        out = [[-math.inf] * len(row) for row in boxes]
+        if not rows:
+            return out
+        scores = self.region_fit([images[i] for i, *_ in rows], [p for *_, p, _ in rows],
+                                 [[item[1]] for *_, item in rows], plans=[[item] for *_, item in rows])  # fmt: skip
+        for (i, k, *_), (score,) in zip(rows, scores):
+            out[i][k] = max(out[i][k], score)
+        return out
 
     def understand(
         self, images: Sequence[np.ndarray], questions: Sequence[str], *, num_steps: int | None = None,

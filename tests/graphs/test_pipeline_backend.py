@@ -28,7 +28,6 @@ from lavida_agent.graphs.runtime import (
     PlanEditRequest,
 )
 from lavida_agent.graphs.state import EditOutput, T2IOutput
-from lavida_agent.tools.shapes_world.scene import COLORS
 from tests.fakes import tiny_pipeline
 
 PLAN = [{"label": "small red circle", "box": [4.0, 4.0, 16.0, 16.0]}]
@@ -234,10 +233,8 @@ class ScriptedPipeline:
 
     config = SimpleNamespace(image_size=64)
 
-    def __init__(self, caption=CAPTION, boxes=None, alternatives=None, fits=None):
+    def __init__(self, caption=CAPTION, boxes=None):
         self.caption = caption
-        self.alternatives = alternatives or {}  # expression -> more candidate boxes
-        self.fits = fits or {}  # (prompt, plan label, box) -> region_fit score (default 0)
         self.boxes = boxes if boxes is not None else {
             "the red circle": RED, "the circle": RED, "the blue square": BLUE,
             "the green triangle": GREEN,
@@ -248,18 +245,11 @@ class ScriptedPipeline:
         self.calls.append(("understand", list(questions)))
         return SimpleNamespace(texts=[self.caption] * len(images))
 
-    def ground(self, images, expressions, candidates=1):
+    def ground(self, images, expressions):
         if not images:  # as the real pipeline: `pack([])` refuses an empty batch
             raise ValueError("pack needs at least one example (a caller passed an empty batch)")
         self.calls.append(("ground", [list(e) for e in expressions]))
-        boxes = [[self.boxes.get(e) for e in row] for row in expressions]
-        cands = [[([self.boxes.get(e), *self.alternatives.get(e, [])] + [self.boxes.get(e)] * candidates)[:candidates]
-                  for e in row] for row in expressions]  # fmt: skip
-        return SimpleNamespace(boxes=boxes, candidates=cands)
-
-    def region_fit(self, images, prompts, boxes, *, plans):
-        self.calls.append(("region_fit", [(p, pl[0][0], tuple(pl[0][1])) for p, pl in zip(prompts, plans)]))
-        return [[self.fits.get((p, pl[0][0], tuple(b[0])), 0.0)] for p, pl, b in zip(prompts, plans, boxes)]
+        return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
 
     def edit(self, images, instructions, *, plans, **kw):
         self.calls.append(("edit", plans))
@@ -380,40 +370,3 @@ def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
     assert PipelineBackend(pipe, use_edit_plans=False).edit(reqs[:1]) and pipe.calls[-1] == (
         "edit", [None])
 
-
-def test_plan_edit_keeps_the_candidate_box_its_noun_fits_best():
-    # grounding's greedy box for the red circle is RED, its second candidate GREEN; the fit
-    # of `small red circle` is higher at GREEN, so GREEN is the box edited
-    pipe = ScriptedPipeline(alternatives={"the red circle": [GREEN]},
-                            fits={("a red circle", "small red circle", GREEN): 5.0})  # fmt: skip
-    (plan,), pipe = _plan_edit(["make the red circle blue"], pipe)
-    assert [c[0] for c in pipe.calls] == ["understand", "ground", "region_fit"]
-    assert pipe.calls[2][1] == [("a red circle", "small red circle", RED),
-                                ("a red circle", "small red circle", GREEN)]  # fmt: skip
-    assert plan.target_boxes[0] == [float(v) for v in GREEN]
-    # a tie keeps the greedy box; a single distinct candidate asks for no fit at all
-    (plan,), pipe = _plan_edit(["make the red circle blue"], ScriptedPipeline(alternatives={"the red circle": [GREEN]}))
-    assert plan.target_boxes[0] == [float(v) for v in RED]
-    (plan,), pipe = _plan_edit(["make the red circle blue"])
-    assert [c[0] for c in pipe.calls] == ["understand", "ground"]
-
-
-def test_plan_edit_fits_the_caption_colour_or_every_colour():
-    pipe = ScriptedPipeline(alternatives={"the small circle": [GREEN]}, boxes={"the small circle": RED})
-    _plan_edit(["remove the small circle"], pipe)  # the caption has one circle: a red one
-    assert {label for _, label, _ in pipe.calls[2][1]} == {"small red circle"}
-    pipe = ScriptedPipeline(caption="nothing on a white background", boxes={"the small circle": RED},
-                            alternatives={"the small circle": [GREEN]})  # fmt: skip
-    _plan_edit(["remove the small circle"], pipe)
-    assert len(pipe.calls[2][1]) == 2 * len(COLORS)  # two candidates, every colour
-
-
-def test_target_candidates_one_keeps_the_greedy_box():
-    pipe = ScriptedPipeline(alternatives={"the red circle": [GREEN]},
-                            fits={("a red circle", "small red circle", GREEN): 5.0})  # fmt: skip
-    image = np.zeros((64, 64, 3), np.uint8)
-    (plan,) = PipelineBackend(pipe, target_candidates=1).plan_edit(
-        [PlanEditRequest(image=image, instruction="make the red circle blue")])
-    assert plan.target_boxes[0] == [float(v) for v in RED] and [c[0] for c in pipe.calls] == ["understand", "ground"]
-    with pytest.raises(ValueError, match="target_candidates"):
-        PipelineBackend(pipe, target_candidates=0)

@@ -52,7 +52,7 @@ def test_grounding_forwards_do_not_grow_with_the_number_of_expressions(pipe, sce
     for steps in (1, 2, 4):
         for exprs in (["the red circle"], ["the circle", "the blue square", "the large triangle"]):
             before = pipe.forward_count
-            out = pipe.ground([scene_image, scene_image], [exprs, exprs[:1]], num_steps=steps)
+            out = pipe.ground([scene_image, scene_image], [exprs, exprs[:1]], num_steps=steps, candidates=1)
             assert pipe.forward_count - before == steps
             assert len(out.boxes[0]) == len(exprs) and len(out.boxes[1]) == 1
     with pytest.raises(ValueError, match="num_steps"):
@@ -250,15 +250,40 @@ def test_region_fit_scores_each_box_independently_of_its_batch(pipe, scene_image
 
 def test_grounding_candidates_start_with_the_greedy_box(pipe, scene_image):
     exprs = [["the red circle", "the blue square"], ["the triangle"]]
-    greedy = pipe.ground([scene_image, scene_image], exprs, num_steps=4)
+    greedy = pipe.ground([scene_image, scene_image], exprs, num_steps=4, candidates=1)
     out = pipe.ground([scene_image, scene_image], exprs, num_steps=4, candidates=3)
-    assert out.boxes == greedy.boxes  # branch 0 is the greedy decode, whatever the batch
     assert [[len(c) for c in row] for row in out.candidates] == [[3, 3], [3]]
-    assert all(c[0] == b for row, brow in zip(out.candidates, out.boxes) for c, b in zip(row, brow))
+    # branch 0 is the greedy decode, whatever else is in the batch
+    assert [[c[0] for c in row] for row in out.candidates] == greedy.boxes
+    assert all(b in c for row, brow in zip(out.candidates, out.boxes) for c, b in zip(row, brow))
     with pytest.raises(ValueError, match="num_steps must be 2 to 4"):
         pipe.ground([scene_image], [["the red circle"]], num_steps=1, candidates=2)
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         pipe.ground([scene_image], [["the red circle"]], candidates=0)
+
+
+def test_grounding_keeps_a_candidate_only_when_its_noun_fits_clearly_better(pipe, scene_image, monkeypatch):
+    from lavida_agent.model import pipeline_lavida as pl
+
+    greedy = pipe.ground([scene_image], [["the red circle", "the circle on the left", "a red thing"]],
+                         num_steps=4, candidates=1).boxes[0]  # fmt: skip
+    seen = []
+
+    def fake_fit(images, nouns, boxes):  # the last distinct candidate fits best, by 25 or 10
+        seen.extend(nouns)
+        return [[0.0] * (len(b) - 1) + [25.0 if n[0] == "circle" and n[1] == "red" else 10.0]
+                for n, b in zip(nouns, boxes)]  # fmt: skip
+
+    monkeypatch.setattr(pipe, "noun_fit", fake_fit)
+    out = pipe.ground([scene_image], [["the red circle", "the circle on the left", "a red thing"]],
+                      num_steps=4, candidates=4)  # fmt: skip
+    (red, left, thing), (c_red, c_left, _) = out.boxes[0], out.candidates[0]
+    distinct = list(dict.fromkeys(b for b in c_red if b is not None))
+    assert red == (distinct[-1] if len(distinct) > 1 else greedy[0])  # 25 > 0 + margin
+    assert left == greedy[1]  # 10 is within the margin: the greedy box stays
+    assert thing == greedy[2]  # outside the grammar: never reranked
+    assert ("circle", "red", None) in seen and all(n[0] != "thing" for n in seen)
+    assert pl.RERANK_MARGIN == 20.0
 
 
 def test_kth_peak_skips_the_neighbours_of_higher_peaks():
