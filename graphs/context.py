@@ -95,20 +95,22 @@ class Context:
     selection: Literal["accept", "best"] = field(
         default="best",
         metadata={
-            "description": "t2i: 'best' (default) always draws max_rounds images and keeps "
-            "the best ranked; 'accept' stops at the first image the critique accepts (fewer "
-            "images, more wrong ones kept with the shipped model). Either way the kept image "
-            "is an accepted one, else the one whose worst planned object fits best "
+            "description": "t2i and edit: 'best' (default) always draws max_rounds images and "
+            "keeps the best ranked; 'accept' stops at the first image the critique (t2i) or "
+            "the grounding checks (edit) accept: fewer images, more wrong ones kept with the "
+            "shipped model. t2i keeps an accepted image, else the one whose worst planned "
+            "object fits best; edit keeps the one whose worst produced object fits best "
             "(`rank_by`)."
         },
     )
     rank_by: Literal["fit", "score"] = field(
         default="fit",
         metadata={
-            "description": "t2i: how attempts are ranked: 'fit' by `Engine.plan_fit` (how well "
-            "the prompt and plan explain each planned box; the worst object counts), then "
-            "the critique score; 'score' by the critique score alone (model verdict + "
-            "grounding checks passed) and skips the plan_fit call."
+            "description": "How attempts are ranked: 'fit' by `Engine.plan_fit` (t2i: how well "
+            "the prompt and plan explain each planned box) or `Engine.noun_fit` (edit: how "
+            "well each produced object's noun explains its box), the worst object counting, "
+            "then the critique score; 'score' by the critique score alone and skips the fit "
+            "calls."
         },
     )
     grounding_check: Literal["rank", "gate", "off"] = field(

@@ -161,6 +161,13 @@ class Engine(Protocol):
         """
         ...
 
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
+        """How well each item's label, a noun or referring expression (`the blue circle`),
+        explains what its box of `image` shows; higher is better, 0.0 for a label the
+        engine cannot read. Ranks the attempts of one edit; not calibrated. Deterministic.
+        """
+        ...
+
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
         """One box per referring expression (a degenerate box when nothing is found)."""
         ...

@@ -53,6 +53,7 @@ from lavida_agent.graphs.runtime import (
     EditRequest,
     GenerateRequest,
     GroundRequest,
+    NounFitRequest,
     PlanEditRequest,
     PlanFitRequest,
     PlanLayoutRequest,
@@ -417,6 +418,26 @@ class PipelineBackend:
                                            [[box for _, box in p or []] for p in plans], plans=plans)  # fmt: skip
             for i, scores in zip(good, out, strict=True):
                 results[i] = [float(s) for s in scores]
+        return results
+
+    def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[Any]:
+        """One `pipeline.noun_fit` call for every item whose label is a ShapesWorld
+        referring expression (its head noun is scored); other items score 0.0."""
+        results, good = self._rows_with(requests, lambda r: r.items)
+        asks: list[tuple[int, int, tuple[str, str | None, str | None], IntBox]] = []
+        for i in good:
+            results[i] = [0.0] * len(requests[i].items)
+            for k, item in enumerate(requests[i].items):
+                try:
+                    n = lang.parse_refexp(str(item["label"])).noun
+                except lang.GrammarError:
+                    continue
+                asks.append((i, k, (n.shape, n.color, n.size), _int_box(item["box"], self.canvas)))
+        if asks:
+            out = self.pipeline.noun_fit([np.asarray(requests[i].image) for i, *_ in asks],
+                                         [noun for _, _, noun, _ in asks], [[box] for *_, box in asks])  # fmt: skip
+            for (i, k, _, _), (score,) in zip(asks, out, strict=True):
+                results[i][k] = float(score)
         return results
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[Any]:

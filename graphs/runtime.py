@@ -59,6 +59,7 @@ __all__ = (
     "GroundRequest",
     "PendingRequest",
     "PlanEditRequest",
+    "NounFitRequest",
     "PlanFitRequest",
     "PlanLayoutRequest",
     "RegenerateRegionsRequest",
@@ -149,6 +150,15 @@ class PlanFitRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NounFitRequest(Request):
+    """`Engine.noun_fit` as a request."""
+
+    method = "noun_fit"
+    image: np.ndarray = field(compare=False)
+    items: list[PlanItem]
+
+
+@dataclass(frozen=True, kw_only=True)
 class GroundRequest(Request):
     """`Engine.ground` as a request."""
 
@@ -206,6 +216,7 @@ class BatchedBackend(Protocol):
     ) -> Sequence[Any]: ...
     def critique(self, requests: Sequence[CritiqueRequest]) -> Sequence[Any]: ...
     def plan_fit(self, requests: Sequence[PlanFitRequest]) -> Sequence[Any]: ...
+    def noun_fit(self, requests: Sequence[NounFitRequest]) -> Sequence[Any]: ...
     def ground(self, requests: Sequence[GroundRequest]) -> Sequence[Any]: ...
     def answer(self, requests: Sequence[AnswerRequest]) -> Sequence[Any]: ...
     def plan_edit(self, requests: Sequence[PlanEditRequest]) -> Sequence[Any]: ...
@@ -385,6 +396,11 @@ class BatchingEngine:
     def plan_fit(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[float]:
         """See `Engine.plan_fit`."""
         scores: list[float] = self.call(PlanFitRequest(image=image, prompt=prompt, plan=plan))
+        return scores
+
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
+        """See `Engine.noun_fit`."""
+        scores: list[float] = self.call(NounFitRequest(image=image, items=items))
         return scores
 
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:

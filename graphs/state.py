@@ -313,6 +313,9 @@ class EditState(EditInput):
     turn: int = Field(default=0, description="Index of the turn being run (or next to run).")
     round: int = Field(default=0, description="Attempts made in this turn so far.")
     max_rounds: int | None = Field(default=None, description="Loop bound, recorded per turn.")
+    selection: Literal["accept", "best"] = Field(
+        default="best", description="`Context.selection`, recorded per turn."
+    )
     source: ImageRef | None = Field(default=None, description="Image this turn edits.")
     source_step: int | None = None
     edit_plan: EditPlan | None = None

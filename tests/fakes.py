@@ -35,6 +35,7 @@ from lavida_agent.graphs.runtime import (
     EditRequest,
     GenerateRequest,
     GroundRequest,
+    NounFitRequest,
     PlanEditRequest,
     PlanFitRequest,
     PlanLayoutRequest,
@@ -214,6 +215,13 @@ class FakeEngine:
             return self._fits.popleft()
         return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in plan]
 
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
+        """10 x the IoU of what `find` sees for each label with its box."""
+        self._record("noun_fit", labels=[i["label"] for i in items])
+        if self._fits:
+            return self._fits.popleft()
+        return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in items]
+
     def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
         self._record("ground", expressions=list(expressions))
         if self._grounds:
@@ -317,6 +325,10 @@ class FakeBatchedBackend:
     def plan_fit(self, requests: Sequence[PlanFitRequest]) -> list[object]:
         self._call("plan_fit", len(requests))
         return [self.engine.plan_fit(r.image, r.prompt, plan=r.plan) for r in requests]
+
+    def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[object]:
+        self._call("noun_fit", len(requests))
+        return [self.engine.noun_fit(r.image, r.items) for r in requests]
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
         self._call("ground", len(requests))

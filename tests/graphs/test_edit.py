@@ -30,10 +30,13 @@ def _scene(store):
 
 
 def test_route_after_verify():
-    base = {"instruction": "x", "max_rounds": 2}
+    base = {"instruction": "x", "max_rounds": 2, "selection": "accept"}
     assert edit.route_after_verify(EditState(**base, accepted=True, round=1)) == "commit_edit"
     assert edit.route_after_verify(EditState(**base, accepted=False, round=1)) == "edit_image"
     assert edit.route_after_verify(EditState(**base, accepted=False, round=2)) == "commit_edit"
+    best = {**base, "selection": "best"}  # every round is drawn
+    assert edit.route_after_verify(EditState(**best, accepted=True, round=1)) == "edit_image"
+    assert edit.route_after_verify(EditState(**best, accepted=True, round=2)) == "commit_edit"
 
 
 def test_edit_verifies_change_and_untouched_objects(engine, ctx, store):
@@ -46,7 +49,9 @@ def test_edit_verifies_change_and_untouched_objects(engine, ctx, store):
     assert step.parent == src and step.parent_step is None and step.seed == ctx.seed
     roles = {c.role: c.ok for c in step.critique.grounding}
     assert roles == {"target": True, "keep": True}
-    assert engine.calls == {"plan_edit": 1, "ground": 2, "edit": 1}  # edits: no critique call
+    # edits: no critique call; the produced object's fit is measured
+    assert engine.calls == {"plan_edit": 1, "ground": 2, "edit": 1, "noun_fit": 1}
+    assert step.critique.fit == [10.0]  # the fake draws it exactly where planned
 
 
 def test_edit_that_moves_a_kept_object_is_re_edited_then_bounded(engine, ctx, store):
@@ -66,7 +71,7 @@ def test_edit_that_moves_a_kept_object_is_re_edited_then_bounded(engine, ctx, st
 
 def test_session_history_undo_and_branch_keep_the_original_history(tmp_path, store):
     engine = FakeEngine()
-    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2)
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, selection="accept")
     session = EditSession("s1", checkpointer=checkpointer_from_path(tmp_path / "s.db"),
                           context=ctx)  # fmt: skip
     src = _scene(store)
@@ -165,3 +170,24 @@ def test_ground_and_understand_graphs(engine, ctx, store):
         understand.graph.invoke({"image": img, "question": "what is there?"}, context=ctx))
     assert ans.answer == "one red circle"
     assert engine.calls == {"ground": 1, "answer": 1}
+
+
+def test_every_round_is_drawn_and_the_best_fitting_edit_committed(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=3, seed=4)  # selection best
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    for fit in ([2.0], [7.0], [7.0]):
+        engine.enqueue_fit(fit)
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add a blue square", "image": _scene(store)}, context=ctx))
+    assert [s.seed for s in out.steps] == [4, 5, 6] and all(s.critique.accepted for s in out.steps)
+    assert out.current == out.steps[1].result and out.heads == [1]  # 7 beats 2; a tie: the earliest
+    assert out.accepted
+
+
+def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, rank_by="score")
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add a blue square", "image": _scene(store)}, context=ctx))
+    assert engine.calls["noun_fit"] == 0 and all(s.critique.fit == [] for s in out.steps)
+    assert out.heads == [0]  # equal scores: the earliest

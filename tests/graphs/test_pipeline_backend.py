@@ -25,6 +25,7 @@ from lavida_agent.graphs.runtime import (
     EditRequest,
     GenerateRequest,
     GroundRequest,
+    NounFitRequest,
     PlanEditRequest,
 )
 from lavida_agent.graphs.state import EditOutput, T2IOutput
@@ -370,3 +371,19 @@ def test_edit_conditions_the_model_on_the_plan_in_its_training_format():
     assert PipelineBackend(pipe, use_edit_plans=False).edit(reqs[:1]) and pipe.calls[-1] == (
         "edit", [None])
 
+
+
+def test_noun_fit_scores_grammar_labels_and_zeroes_the_rest():
+    pipe = tiny_pipeline()
+    image = np.zeros((64, 64, 3), np.uint8)
+    items = [{"label": "the red circle", "box": [4.0, 4.0, 16.0, 16.0]},
+             {"label": "a red thing", "box": [30.0, 30.0, 50.0, 50.0]}]  # fmt: skip
+    bad = np.zeros((8, 8, 3), np.uint8)
+    out = PipelineBackend(pipe).noun_fit([NounFitRequest(image=image, items=items),
+                                          NounFitRequest(image=image, items=[]),
+                                          NounFitRequest(image=bad, items=items)])  # fmt: skip
+    (red, thing), empty, err = out
+    assert np.isfinite(red) and red != 0.0 and thing == 0.0 and empty == []
+    assert isinstance(err, ValueError)
+    direct = pipe.noun_fit([image], [("circle", "red", None)], [[(4, 4, 16, 16)]])[0][0]
+    assert red == pytest.approx(direct, abs=1e-4)
