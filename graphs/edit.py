@@ -173,12 +173,12 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
             *grounding_checks(step.plan.keep, found[n:], threshold=ctx.iou_threshold,
                               role="keep"),
         ]  # fmt: skip
-        # Step 4: combine into the step's critique and append the step to the lineage.
-        # With nothing grounded there is nothing to verify: that is not an acceptance.
-        unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
         # Step 3: how well each object the edit should produce fits its planned box.
         produced = [i.to_engine() for i in step.plan.layout] if ctx.rank_by == "fit" else []
         fit = engine.noun_fit(pixels, produced) if produced else []
+        # Step 4: combine into the step's critique and append the step to the lineage.
+        # With nothing grounded there is nothing to verify: that is not an acceptance.
+        unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
         critique = make_critique(round=step.round, image=step.result, model_ok=bool(checks),
                                  model_reasons=unverified, model_text="(edits are verified by grounding)",
                                  checks=checks, fit=fit)  # fmt: skip

@@ -113,8 +113,10 @@ def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
 
 
 def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list[Plan]]:
-    """The plan to draw and the plans turned down (see the module docstring)."""
+    """The plan to draw and the plans turned down (see the module docstring); a
+    `plan_rejected` event is streamed for each plan turned down."""
     engine, tried = ctx.get_engine(), []
+    chosen: Plan | None = None
     for k in range(1 + ctx.plan_retries):
         temperature = 0.0 if k == 0 else ctx.plan_temperature
         items = engine.plan_layout(prompt, seed=base_seed + k, temperature=temperature)
@@ -122,12 +124,14 @@ def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list
                                 temperature=temperature)  # fmt: skip
         problems = plan_problems(prompt, plan)
         if not problems:  # right, or a prompt the check cannot read
-            return plan, tried
-        plan = plan.model_copy(update={"problems": problems})
+            chosen = plan
+            break
+        tried.append(plan.model_copy(update={"problems": problems}))
+    if chosen is None:  # every plan failed: the one with the fewest problems is drawn
+        chosen = tried.pop(min(range(len(tried)), key=lambda i: len(tried[i].problems)))
+    for plan in tried:
         emit("plan_rejected", plan=plan.model_dump(mode="json"))
-        tried.append(plan)
-    best = min(range(len(tried)), key=lambda i: len(tried[i].problems))
-    return tried[best], tried[:best] + tried[best + 1 :]
+    return chosen, tried
 
 
 def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:

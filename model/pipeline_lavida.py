@@ -541,7 +541,11 @@ class LavidaPipeline:
         boxes = _as_list(boxes, n, "boxes")
         plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
         cfg = self.config
-        codes = self._encode_images(images)
+        # callers pass one image many times (a candidate per colour): encode each once
+        first = {id(im): k for k, im in reversed(list(enumerate(images)))}
+        unique = sorted(set(first.values()))
+        encoded = dict(zip(unique, self._encode_images([images[k] for k in unique]))) if unique else {}
+        codes = [encoded[first[id(im)]] for im in images]
         rows = [(i, box) for i in range(n) for box in boxes[i]]
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
