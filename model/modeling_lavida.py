@@ -746,6 +746,28 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         start = cfg.loc_token_offset
         return torch.cat([weight[:start], weight[start : start + len(rows)] + rows, weight[start + len(rows) :]])
 
+    def text_only_parameter_names(self) -> list[str]:
+        """The parameters that only text outputs read; no image the model draws depends on them.
+
+        They are the und sets of the split layers (`>= joint_layers`: after the joint layers
+        no image position attends to a text one, so image codes only ever read the joint
+        layers' keys/values of their conditions), the LM head with its location read-out, and
+        the copy head. The split layers' shared output projections and the shared final norm
+        are left out (gen reads their first `gen_hidden_size` rows). Training only these
+        (`TrainConfig.trainable="understanding"`) changes the answers, boxes, verdicts and plans
+        and leaves every image drawn from a given prompt, plan or source bit-identical.
+        """
+        own = ("attn_norm.", "q_proj.", "k_proj.", "v_proj.", "mlp_norm.", "mlp.")
+        split = {f"layers.{i}." for i in range(self.config.joint_layers, self.config.num_layers)}
+        names = []
+        for name, _ in self.named_parameters():
+            prefix = ".".join(name.split(".")[:2]) + "."
+            if prefix in split and name[len(prefix):].startswith(own):
+                names.append(name)
+            elif name.startswith(("lm_head.", "loc_out.", "copy_")):
+                names.append(name)
+        return names
+
     def _lm_head_weight(self) -> torch.Tensor:
         return self._with_loc_code(self.lm_head.weight, "loc_out")
 

@@ -70,6 +70,8 @@ TASK_WEIGHTS: dict[str, float] = {
     "understand": 0.15,  # questions 75%, captions 25%
     "critique": 0.15,
 }
+TRAINABLE = ("all", "understanding")
+IMAGE_ONLY_TASKS = ("t2i", "edit")  # rows whose only loss is on image codes
 EOS_LOSS_WEIGHT = 0.2  # [EOS] padding targets count a fifth of an answer token
 PROMPT_DROP = 0.1
 SOURCE_DROP = 0.5
@@ -163,6 +165,12 @@ class TrainConfig:
     # met the true ones at a mean IoU of 0.10. 0: off (stages 1-16).
     edit_plan_loc_mask: float = 0.0
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    # Which weights learn. "all"; or "understanding": only the parameters no image depends on
+    # (`LavidaForMaskedDiffusion.text_only_parameter_names`: the und sets of the split layers,
+    # the LM head, the copy head), the rest frozen, so answers, boxes, verdicts and plans learn
+    # while every image drawn from given conditions stays bit-identical. It needs a mixture
+    # without the image-only tasks (`t2i`, `edit`) and `vision_aux` 0 (the encoder is frozen).
+    trainable: str = "all"
     # Processes that build the coming steps' batches (`step_data`) while the model trains:
     # on an accelerator the single-process data draw, not the model, bounds the step rate.
     # 0: built in the training process. The batches are the same either way (each step's
@@ -696,6 +704,15 @@ def check_run_knobs(tc: TrainConfig) -> None:
     if tc.data_workers < 0:
         raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
     _check_data_device(tc.data_device)
+    if tc.trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {tc.trainable!r}")
+    if tc.trainable == "understanding":
+        image_only = [t for t in IMAGE_ONLY_TASKS if tc.task_weights.get(t, 0) > 0]
+        if image_only:
+            raise ValueError(f"trainable='understanding' freezes everything image codes are read from, so "
+                             f"{', '.join(image_only)} rows would carry no gradient: give them weight 0 in --tasks")
+        if tc.vision_aux:
+            raise ValueError("trainable='understanding' freezes the vision encoder: vision_aux must be 0")
 
 
 def _check_data_device(name: str) -> None:
@@ -858,8 +875,12 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     # Two groups: the vision encoder learns at `vision_lr_scale` x the rate (Lavida-O trains
     # SigLIP at 2e-6 under a 5e-6 LLM, FACTS §3.6), so stage-0 features stay.
-    vision = [p for n, p in model.named_parameters() if n.startswith("vision.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    if tc.trainable == "understanding":
+        learn = set(model.text_only_parameter_names())
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in learn)
+    vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.") and p.requires_grad]
     groups = [{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": tc.vision_lr_scale}]
     aux_head = None
     if tc.vision_aux:

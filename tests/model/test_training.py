@@ -652,3 +652,60 @@ def test_torchrun_data_parallel_takes_the_steps_of_one_process(tmp_path, vq_dir)
             if k.startswith("loss/") or k == "grad_norm":
                 assert abs(r[k] - s[k]) < 1e-3 * max(1.0, abs(r[k])), k
     assert (ddp / "export" / "pipeline_index.json").exists()
+
+
+def test_text_only_parameters_move_no_image_logit(tokenizer, tiny_config):
+    """The architectural claim `trainable="understanding"` rests on: perturbing every
+    text-only parameter changes the text logits and leaves every image logit of a t2i row
+    with a plan and of an edit row (whose source enters both branches) bit-identical."""
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.tasks import build_edit, pack
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).eval()
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 32, (16, 16))
+    image = rng.integers(0, 256, (tiny_config.image_size, tiny_config.image_size, 3), dtype=np.uint8)
+    rows = [build_t2i(tokenizer, tiny_config, "a red circle", plan=[("small red circle", (4, 4, 16, 16))]),
+            build_edit(tokenizer, tiny_config, "make the red circle blue", image, codes)]  # fmt: skip
+    batch = pack(rows, tiny_config)
+    with torch.no_grad():
+        before = model(**batch.model_inputs())
+        names = set(model.text_only_parameter_names())
+        assert names and not any(n.startswith(("vision.", "image_", "embed_tokens")) or "_gen" in n for n in names)
+        for name, p in model.named_parameters():
+            if name in names:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        after = model(**batch.model_inputs())
+    assert before.image_logits is not None and torch.equal(before.image_logits, after.image_logits)
+    assert not torch.equal(before.text_logits, after.text_logits)
+
+
+def test_trainable_understanding_moves_only_text_only_parameters(tmp_path, vq_dir):
+    first = tmp_path / "stage1"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
+    second = tmp_path / "stage2"
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable="understanding", **TINY)
+    tc.task_weights = {"ground": 1.0, "understand": 1.0, "critique": 1.0, "plan": 1.0, "edit_plan": 1.0}
+    train(tc, progress=False)
+    a, _ = _weights(first)
+    b, step = _weights(second)
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+
+    learn = set(LavidaForMaskedDiffusion(LavidaConfig(**json.loads((second / "export" / "transformer" /
+                                                                    "config.json").read_text()))).text_only_parameter_names())  # fmt: skip
+    assert step == 3
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and moved <= learn
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trainable": "gen"}, "trainable must be one of"),
+    ({"trainable": "understanding"}, "t2i, edit rows would carry no gradient"),
+    ({"trainable": "understanding", "task_weights": {"ground": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
+])  # fmt: skip
+def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
+    from lavida_agent.model.training import check_run_knobs
+
+    with pytest.raises(ValueError, match=message):
+        check_run_knobs(TrainConfig(out=str(tmp_path), **change))
