@@ -797,17 +797,17 @@ def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> 
 def _load_engine(settings: Settings) -> tuple[Engine, bool]:
     """The real engine for `settings` and whether the caller owns it (torch is imported here only).
 
-    Default device and dtype use `graphs.engine.load_engine`, cached per model path and
-    shared by every agent of the process, so not owned: closing one agent must not close
-    it under the others. Any other device/dtype builds a `BatchingEngine(PipelineBackend(
-    pipeline))` of the caller's own.
+    Default device, dtype and grounding use `graphs.engine.load_engine`, cached per model
+    path and shared by every agent of the process, so not owned: closing one agent must not
+    close it under the others. Any other device/dtype/`ground_candidates` builds a
+    `BatchingEngine(PipelineBackend(pipeline))` of the caller's own.
     """
     path = settings.model_path
     where = repr(path) if path else "the embedded checkpoint"
     if path is not None and not Path(path).expanduser().exists():
         raise ModelLoadError(f"no checkpoint at {path!r}")
     try:
-        if settings.device is None and settings.dtype == "float32":
+        if settings.device is None and settings.dtype == "float32" and settings.ground_candidates is None:
             from lavida_agent.graphs.engine import load_engine
 
             with map_exceptions():
@@ -820,6 +820,8 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
 
         pipe = LavidaPipeline.from_pretrained(path, device=settings.device,
                                               dtype=getattr(torch, settings.dtype))  # fmt: skip
+        if settings.ground_candidates is not None:
+            pipe.defaults = {**pipe.defaults, "ground_candidates": settings.ground_candidates}
         engine: Engine = BatchingEngine(PipelineBackend(pipe))
         return engine, True
     except ModelLoadError:

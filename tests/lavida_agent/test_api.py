@@ -393,3 +393,19 @@ def test_by_default_every_round_is_drawn_and_the_best_fit_kept(engine):
     assert len(r.attempts) == 2 and all(c.accepted for c in r.critiques)  # no early stop
     assert r.image_ref == r.attempts[1].image and r.accepted
     assert r.to_dict()["attempts"][1]["fit"] == [4.0, 3.0]
+
+
+def test_ground_candidates_setting_gets_an_engine_of_its_own(tmp_path, monkeypatch):
+    """A grounding setting other than the checkpoint's builds an owned engine whose pipeline
+    decodes that many candidates; the shared cached engine is left alone."""
+    import lavida_agent.graphs.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "load_engine", lambda *a: pytest.fail("the shared engine was used"))
+    agent = LavidaAgent(home=tmp_path, ground_candidates=1)
+    try:
+        engine = agent.engine
+        assert agent._owns_engine and engine.backend.pipeline.defaults["ground_candidates"] == 1
+    finally:
+        agent.close()
+    with pytest.raises(InvalidInputError, match="ground_candidates"):
+        LavidaAgent(home=tmp_path, ground_candidates=0)
