@@ -9,6 +9,7 @@
     lavida-agent trace RUN_ID --out page.html
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
+    lavida-agent train blend BASE OTHER --out DIR  (blend an understanding-only fine-tune in)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -792,6 +793,24 @@ def train_vq(args: tuple[str, ...]) -> None:
 def train_model(args: tuple[str, ...]) -> None:
     """Train the Elastic-MoT model (`lavida-agent train model --help` for its options)."""
     _exit_with(_import("lavida_agent.model.training", "model training").main(list(args)))
+
+
+@train.command("blend")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("other", type=click.Path(exists=True, file_okay=False))
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="How far the text-only parameters move from BASE's to OTHER's.")
+@click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
+def train_blend(base: str, other: str, weight: float, dest: str) -> None:
+    """Blend an understanding-only fine-tune (OTHER) into its start (BASE): images stay BASE's."""
+    from lavida_agent.errors import InvalidInputError
+
+    training = _import("lavida_agent.model.training", "model training")
+    try:
+        out = training.blend_text_only(base, other, weight, dest)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    _echo_json({"out": str(out), "weight": weight})
 
 
 @cli.command()

@@ -1031,6 +1031,37 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
     return export_pipeline(model.eval(), vq, tokenizer, dest)
 
 
+def blend_text_only(base: str | Path, other: str | Path, weight: float, dest: str | Path) -> Path:
+    """Write `base` with its text-only parameters moved `weight` of the way to `other`'s.
+
+    Both are pipeline folders of one architecture whose other parameters are equal (`other`
+    trained from `base` with `trainable="understanding"`), so the blend draws every image as
+    `base` does; `weight` 0 is `base`, 1 is `other` (text-only parameters in fp32, then
+    saved fp16 as every export). A weight average of a fine-tune and its start ("model soup")
+    often keeps what the fine-tune gained and most of what it lost.
+
+    Raises:
+        ValueError: a weight outside [0, 1], other architectures, or other image weights.
+    """
+    from .pipeline_lavida import LavidaPipeline
+
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    pipe = LavidaPipeline.from_pretrained(base)
+    theirs = LavidaPipeline.from_pretrained(other).model.state_dict()
+    mine = pipe.model.state_dict()
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ValueError(f"{other} is not of {base}'s architecture")
+    text_only = set(pipe.model.text_only_parameter_names())
+    differ = sorted(k for k in mine if k not in text_only and not torch.equal(mine[k], theirs[k]))
+    if differ:
+        raise ValueError(f"{other} differs from {base} outside the text-only parameters ({', '.join(differ[:3])}"
+                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its images")  # fmt: skip
+    pipe.model.load_state_dict({k: torch.lerp(v, theirs[k], weight) if k in text_only else v for k, v in mine.items()})
+    pipe.save_pretrained(dest)
+    return Path(dest)
+
+
 def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *, exact: bool = True) -> LavidaConfig:
     """The run's architecture: preset + overrides + the tokenizer's ids + the VQ codebook.
 

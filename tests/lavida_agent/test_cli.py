@@ -378,3 +378,23 @@ def test_help_lists_every_command(run):
     for name in ("generate", "edit", "ground", "ask", "session", "trace", "bench", "train",
                  "serve", "world"):  # fmt: skip
         assert name in res.stdout
+
+
+def test_train_blend_reports_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):
+    import types
+
+    import lavida_agent.cli as cli_mod
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run("train", "blend", "a", "b", "--weight", "2", "--out", "c").exit_code == 2  # usage: out of range
+
+    def refuse(base, other, weight, dest):
+        raise ValueError("b differs from a outside the text-only parameters")
+
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(blend_text_only=refuse))
+    result = run("train", "blend", "a", "b", "--out", "c")
+    assert result.exit_code != 0 and "outside the text-only parameters" in result.output
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
+        blend_text_only=lambda base, other, weight, dest: tmp_path / dest))  # fmt: skip
+    assert json.loads(run("train", "blend", "a", "b", "--weight", "0.25", "--out", "c").stdout)["weight"] == 0.25
