@@ -758,15 +758,9 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         and leaves every image drawn from a given prompt, plan or source bit-identical.
         """
         own = ("attn_norm.", "q_proj.", "k_proj.", "v_proj.", "mlp_norm.", "mlp.")
-        split = {f"layers.{i}." for i in range(self.config.joint_layers, self.config.num_layers)}
-        names = []
-        for name, _ in self.named_parameters():
-            prefix = ".".join(name.split(".")[:2]) + "."
-            if prefix in split and name[len(prefix):].startswith(own):
-                names.append(name)
-            elif name.startswith(("lm_head.", "loc_out.", "copy_")):
-                names.append(name)
-        return names
+        names = [f"layers.{i}.{name}" for i in range(self.config.joint_layers, self.config.num_layers)
+                 for name, _ in self.layers[i].named_parameters() if name.startswith(own)]  # fmt: skip
+        return names + [name for name, _ in self.named_parameters() if name.startswith(("lm_head.", "loc_out.", "copy_"))]
 
     def _lm_head_weight(self) -> torch.Tensor:
         return self._with_loc_code(self.lm_head.weight, "loc_out")
