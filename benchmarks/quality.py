@@ -30,6 +30,10 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   workflow (plan, edit, model verify, re-edit) through a `BatchingEngine`, for each
   `max_rounds` in `agent_rounds`; the final image is scored by the detector and compared
   with single shot on the same prompts and base seeds.
+- `ask`: the LangGraph `understand` workflow (what `lavida-agent ask` runs) on the `vqa`
+  suite's questions: object questions read off the scene the model perceives (its caption,
+  each object grounded), the others answered directly; per kind, with the share answered
+  from the scene and the `vqa` suite's direct accuracy beside it when that suite ran.
 
 Held-out data: training draws `numpy.random.default_rng([seed, step])` with small seeds;
 here item `i` of suite `s` draws from `default_rng([10**9 + 1000 * seed + index(s), *key])`,
@@ -122,7 +126,8 @@ __all__ = [
 
 HELDOUT_BASE = 10**9
 """First element of every held-out seed sequence (training uses small seeds)."""
-SUITES: tuple[str, ...] = ("vq", "t2i", "edit", "ground", "vqa", "critique", "agent")
+SUITES: tuple[str, ...] = ("vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask")
+# (`ask` comes last: an index into this tuple seeds each suite's held-out items)
 PSNR_CAP = 100.0
 """PSNR of identical pixels (inf) is reported as this many dB, as `evaluate_vq` does."""
 SEED_STRIDE = 100
@@ -865,6 +870,66 @@ def score_agent_edit(
     }
 
 
+def score_agent_ask(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    backend: Any = None,
+    batch_size: int = 16,
+    answer_by: str = "scene",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Ask each question through the `understand` workflow (`Context.answer_by`).
+
+    Requests run concurrently through one `BatchingEngine`, as `score_agent_t2i`.
+
+    Returns:
+        Per question `{question, answer, prediction, correct, answered_by, caption}`, and
+        totals `{forwards, forwards_per_request, seconds, backend_calls}`.
+    """
+    from lavida_agent.graphs import understand
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.graphs.state import UnderstandOutput
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-ask-") as tmp:
+        store = ArtifactStore(tmp)
+        engine = BatchingEngine(backend or make_backend(pipeline), max_batch=batch_size,
+                                max_wait_ms=20)  # fmt: skip
+        try:
+            ctx = Context(engine=engine, artifacts=store, answer_by=answer_by)  # type: ignore[arg-type]
+
+            def one(i: int) -> dict[str, Any]:
+                raw = understand.graph.invoke(
+                    {"image": store.put(images[i]), "question": questions[i]}, context=ctx
+                )
+                out = UnderstandOutput.model_validate(raw)
+                pred = out.answer or ""
+                return {
+                    "question": questions[i],
+                    "answer": answers[i],
+                    "prediction": pred,
+                    "correct": answer_correct(pred, answers[i]),
+                    "answered_by": out.answered_by,
+                    "caption": out.perception.caption if out.perception else None,
+                }
+
+            records = _run_threads(one, len(questions), batch_size)
+        finally:
+            engine.close()
+        batches = len(engine.batches)
+    forwards = getattr(pipeline, "forward_count", 0) - f0
+    return records, {
+        "forwards": forwards,
+        "forwards_per_request": forwards / max(1, len(questions)),
+        "seconds": time.perf_counter() - t0,
+        "backend_calls": batches,
+    }
+
+
 # =========================================================================== suites
 
 
@@ -1031,7 +1096,9 @@ def _suite_ground(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -
     return result
 
 
-def _suite_vqa(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
+def _suite_vqa(
+    pipeline: Any, n: int, seed: int, batch_size: int, state: dict, **_: Any
+) -> dict[str, Any]:
     items = vqa_items(n, seed)
     recs = score_vqa(
         pipeline,
@@ -1042,9 +1109,10 @@ def _suite_vqa(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> d
     )
     for it, r in zip(items, recs, strict=True):
         r["kind"] = it["kind"]
+    state["vqa"] = {"accuracy": _acc_by(recs, "kind", QUESTION_KINDS)}
     return {
         "n_per_kind": n,
-        "accuracy": _acc_by(recs, "kind", QUESTION_KINDS),
+        "accuracy": state["vqa"]["accuracy"],
         "items": [
             {
                 "kind": r["kind"],
@@ -1228,6 +1296,37 @@ def _suite_agent(
     return out
 
 
+def _suite_ask(
+    pipeline: Any, n: int, seed: int, batch_size: int, state: dict, backend: Any = None, **_: Any
+) -> dict[str, Any]:
+    items = vqa_items(n, seed)
+    recs, totals = score_agent_ask(
+        pipeline,
+        [render(it["scene"]) for it in items],
+        [it["question"] for it in items],
+        [it["answer"] for it in items],
+        backend=backend,
+        batch_size=batch_size,
+    )
+    for it, r in zip(items, recs, strict=True):
+        r["kind"] = it["kind"]
+        r["scene"] = r["answered_by"] == "scene"
+    out: dict[str, Any] = {
+        "n_per_kind": n,
+        "accuracy": _acc_by(recs, "kind", QUESTION_KINDS),
+        "answered_from_scene": _acc_by(recs, "kind", QUESTION_KINDS, field="scene"),
+        **totals,
+        "items": [
+            {k: r[k] for k in ("kind", "question", "answer", "prediction", "correct",
+                               "answered_by", "caption")}  # fmt: skip
+            for r in recs
+        ],
+    }
+    if "vqa" in state:  # the model asked directly, same questions
+        out["direct_accuracy"] = state["vqa"]["accuracy"]
+    return out
+
+
 _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "vq": _suite_vq,
     "t2i": _suite_t2i,
@@ -1236,6 +1335,7 @@ _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "vqa": _suite_vqa,
     "critique": _suite_critique,
     "agent": _suite_agent,
+    "ask": _suite_ask,
 }
 
 
@@ -1328,6 +1428,21 @@ def render_markdown(result: dict[str, Any]) -> str:
             "## vqa: accuracy per question kind",
             "",
             _table(["kind", "accuracy"], _cat_rows(QUESTION_KINDS, [q["accuracy"]])),
+        ]
+    if "ask" in suites:
+        a = suites["ask"]
+        cols = [a["accuracy"], a["answered_from_scene"]] + (
+            [a["direct_accuracy"]] if "direct_accuracy" in a else []
+        )
+        out += [
+            "",
+            "## ask: the `understand` workflow (perceive, then answer) per question kind",
+            "",
+            _table(
+                ["kind", "accuracy", "answered from the scene"]
+                + (["model asked directly (vqa)"] if "direct_accuracy" in a else []),
+                _cat_rows(QUESTION_KINDS, cols),
+            ),
         ]
     if "critique" in suites:
         c = suites["critique"]
@@ -1708,6 +1823,8 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
         )
     if "vqa" in s:
         lines.append(f"vqa {_fmt(s['vqa']['accuracy']['overall'])}")
+    if "ask" in s:
+        lines.append(f"ask (understand workflow) {_fmt(s['ask']['accuracy']['overall'])}")
     if "critique" in s:
         lines.append(f"critique agreement {_fmt(s['critique']['rendered']['agreement'])}")
     if "agent" in s:

@@ -123,6 +123,17 @@ class Context:
             "grounding."
         },
     )
+    answer_by: Literal["scene", "direct"] = field(
+        default="scene",
+        metadata={
+            "description": "understand: 'scene' (default) answers a ShapesWorld question about "
+            "objects (count, color, shape, exist, relation) from the scene the model perceives "
+            "(its caption of the image, each captioned object grounded to a box) by the "
+            "world's question rules, and asks the question directly when the caption does not "
+            "parse whole; 'direct' only asks the model the question (one call instead of two, "
+            "less accurate with the shipped model: see the README)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -137,6 +148,8 @@ class Context:
             raise ValueError(f"rank_by must be fit|score, got {self.rank_by!r}")
         if self.grounding_check not in ("rank", "gate", "off"):
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
+        if self.answer_by not in ("scene", "direct"):
+            raise ValueError(f"answer_by must be scene|direct, got {self.answer_by!r}")
         if self.plan_retries < 0:
             raise ValueError(f"plan_retries must be >= 0, got {self.plan_retries}")
         if self.plan_temperature <= 0:

@@ -60,6 +60,7 @@ from lavida_agent.graphs.runtime import (
     RegenerateRegionsRequest,
 )
 from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.language import DESCRIBE, Caption, parse_caption
 from lavida_agent.tools.shapes_world.render import core_box
 from lavida_agent.tools.shapes_world.scene import SHAPES
 from lavida_agent.tools.shapes_world.scene import (
@@ -78,9 +79,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ("Caption", "PipelineBackend", "parse_caption")
 
-DESCRIBE = "describe the image."
-"""The caption question of SHAPES_WORLD.md; its answer lists every object of the image."""
-
 NOT_FOUND: BoxList = [0.0, 0.0, 0.0, 0.0]
 
 IntBox = tuple[int, int, int, int]
@@ -90,68 +88,6 @@ ModelPlan = list[tuple[str, IntBox]]
 # Sides (in 64-px canvas units) of boxes this module plans for objects it has not seen: the
 # middle of each size class of SHAPES_WORLD.md (small 10-14, large 18-24).
 _PLANNED_SIDE = {"small": 12, "large": 21}
-
-
-# ----------------------------------------------------------------------------------------
-# Captions (the `describe the image.` answer)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Caption:
-    """A parsed canonical caption.
-
-    Attributes:
-        objects: the captioned objects, in caption order (left to right); items that do not
-            fit the grammar are left out.
-        background: the background word, or None when the caption does not name a known one.
-    """
-
-    objects: tuple[lang.Noun, ...]
-    background: str | None
-
-
-_CAPTION_RE = re.compile(r"^(?P<body>.*?)\s*\bon an? (?P<bg>\w+) background$")
-
-
-def parse_caption(text: str) -> Caption:
-    """Parse `a small red circle, a large blue square and ... on a white background`.
-
-    Tolerant by design (the text comes from a model): case, spacing, a final `.` and the
-    order of size and colour words are forgiven; an object phrase that is not
-    `a|an {size?} {color?} {shape}` is skipped, not an error. `nothing on a ... background`
-    (an empty scene) gives no objects.
-    """
-    t = " ".join(text.lower().replace(",", " , ").split())
-    t = re.sub(r"[\s.!?]+$", "", t)
-    m = _CAPTION_RE.match(t)
-    body, bg = (m["body"], m["bg"]) if m else (t, None)
-    objects: list[lang.Noun] = []
-    if body and body != "nothing":
-        for part in re.split(r"\s*,\s*|\s+and\s+", body):
-            noun = _caption_noun(part)
-            if noun is None:
-                logger.debug("caption: skipping %r (not `a {size} {color} {shape}`)", part)
-            else:
-                objects.append(noun)
-    return Caption(tuple(objects), bg if bg in BACKGROUNDS else None)
-
-
-def _caption_noun(part: str) -> lang.Noun | None:
-    words = part.split()
-    if words and words[0] in ("a", "an"):
-        words = words[1:]
-    if not words or words[-1] not in SHAPES:
-        return None
-    size = color = None
-    for w in words[:-1]:
-        if w in SIZES and size is None:
-            size = w
-        elif w in COLORS and color is None:
-            color = w
-        else:
-            return None
-    return lang.Noun(words[-1], color, size)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Two sections, as in ODR's `state.py`:
 
 - **Values**: `Box`, `LayoutItem`, `Plan`, `Attempt`, `GroundingCheck`, `Critique`,
-  `EditPlan`, `EditStep`: small, JSON-serialisable records of what the model planned, drew,
+  `EditPlan`, `EditStep`, `Perception`: small, JSON-serialisable records of what the model planned, drew,
   judged and edited.
 - **Graph states**: `*Input` (what a caller passes), `*State` (what nodes see) and `*Output`
   (what `invoke` returns) for the `t2i`, `edit`, `ground` and `understand` workflows. List
@@ -39,6 +39,7 @@ __all__ = (
     "GroundState",
     "GroundingCheck",
     "LayoutItem",
+    "Perception",
     "Plan",
     "T2IInput",
     "T2IOutput",
@@ -359,6 +360,20 @@ class GroundOutput(BaseModel):
     boxes: list[LayoutItem] = Field(default_factory=list)
 
 
+class Perception(BaseModel):
+    """What the model sees in an image: its caption, and every captioned object grounded.
+
+    `objects` are labelled `{size} {color} {shape}` in caption order, each with the box the
+    model grounded `the {label}` to; `complete` says whether the caption parsed whole (every
+    object with its size and colour, a known background), so the objects are the scene.
+    """
+
+    caption: str
+    objects: list[LayoutItem] = Field(default_factory=list)
+    background: str | None = None
+    complete: bool = False
+
+
 class UnderstandInput(BaseModel):
     """Ask a question about an image."""
 
@@ -369,16 +384,25 @@ class UnderstandInput(BaseModel):
 class UnderstandState(UnderstandInput):
     """State of the `understand` workflow."""
 
+    perception: Perception | None = None
     answer: str | None = None
+    answered_by: Literal["scene", "direct"] | None = None
 
 
 class UnderstandOutput(BaseModel):
-    """The model's answer."""
+    """The answer, how it was reached, and the perceived scene it was read from (if any)."""
 
     answer: str | None = None
+    answered_by: Literal["scene", "direct"] | None = Field(
+        default=None,
+        description="'scene': read from `perception` by the world's question rules; "
+        "'direct': the model's own answer to the question.",
+    )
+    perception: Perception | None = None
 
 
 STATE_VALUE_TYPES: tuple[type, ...] = (
-    Attempt, Box, Critique, EditPlan, EditStep, GroundingCheck, LayoutItem, Plan, ImageRef,
+    Attempt, Box, Critique, EditPlan, EditStep, GroundingCheck, LayoutItem, Perception, Plan,
+    ImageRef,
 )  # fmt: skip
 """Types a checkpoint may hold as values (the msgpack allow-list, see `persistence.py`)."""

@@ -1,7 +1,22 @@
-"""The `understand` workflow: one node that answers a question about an image.
+"""The `understand` workflow: answer a question about an image, by reading the scene.
 
-A single-node graph, so every question is traced, streamed and checkpointed like the other
-workflows.
+```
+START -> [perceive] -> answer_question -> END
+```
+
+A question about objects (`how many`, `what color is the ...`, `what shape is the ...`,
+`is there a ...`, `what is {relation} the ...`) is answered in two steps, like a person
+would: `perceive` asks the model to describe the image and grounds every object of its
+caption (one `answer` call, one batched `ground` call), then `answer_question` reads the
+answer off that perceived scene with the world's own question rules
+(`tools/shapes_world/language.answer`). The perception is kept in the state, so a trace
+shows what the model saw and why it answered what it did. Any other question (the
+background, a caption, text outside the ShapesWorld question grammar), a caption that does
+not parse whole, or `Context.answer_by="direct"` goes straight to the model.
+
+Why: the shipped model captions and grounds better than it binds attributes inside an
+answer (benchmark seeds 0-3: `is there ...?` 0.56 and `what is left of ...?` 0.53 asked
+directly; see the README for the measured rows).
 """
 
 from __future__ import annotations
@@ -13,23 +28,96 @@ from langgraph.runtime import Runtime
 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.state import UnderstandInput, UnderstandOutput, UnderstandState
+from lavida_agent.graphs.state import (
+    Box,
+    LayoutItem,
+    Perception,
+    UnderstandInput,
+    UnderstandOutput,
+    UnderstandState,
+)
+from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.scene import Object, Scene
 
-__all__ = ("answer_question", "build_understand_graph", "graph")
+__all__ = ("SCENE_KINDS", "answer_question", "build_understand_graph", "graph",
+           "perceive", "perceived_scene")  # fmt: skip
+
+SCENE_KINDS = frozenset({"count", "color", "shape", "exist", "relation"})
+"""Question kinds answered from the perceived scene (the others need no objects' boxes:
+the background and caption questions are the model's own answers either way)."""
+
+
+def _scene_question(question: str) -> lang.QuestionSpec | None:
+    """The parsed question when its answer can be read off a perceived scene, else None."""
+    try:
+        spec = lang.parse_question(question)
+    except ValueError:
+        return None
+    return spec if spec.kind in SCENE_KINDS else None
+
+
+def route(state: UnderstandState, runtime: Runtime[Context]) -> str:
+    """`perceive` first for an object question (when `answer_by` is 'scene')."""
+    ctx = runtime.context if runtime.context is not None else Context()
+    if ctx.answer_by == "scene" and _scene_question(state.question) is not None:
+        return "perceive"
+    return "answer_question"
+
+
+def perceive(state: UnderstandState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Caption the image, then ground `the {size} {color} {shape}` of each captioned object.
+
+    Returns:
+        `perception`: the caption, each object with its grounded box, the background, and
+        whether the caption parsed whole.
+    """
+    ctx = runtime.context if runtime.context is not None else Context()
+    with node_events("perceive"):
+        engine = ctx.get_engine()
+        pixels = ctx.get_store().open(state.image)
+        text = str(engine.answer(pixels, lang.DESCRIBE))
+        cap = lang.parse_caption(text)
+        labels = [n.text for n in cap.objects]
+        boxes = engine.ground(pixels, [f"the {label}" for label in labels]) if labels else []
+        objects = [LayoutItem(label=label, box=Box.model_validate(box))
+                   for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
+        complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found
+        perception = Perception(caption=text, objects=objects, background=cap.background,
+                                complete=complete)  # fmt: skip
+        emit("perception", perception=perception.model_dump(mode="json"))
+    return {"perception": perception}
+
+
+def perceived_scene(perception: Perception) -> Scene | None:
+    """The perceived scene as a `Scene` (boxes rounded to pixels), or None when incomplete."""
+    if not perception.complete or perception.background is None:
+        return None
+    objects = []
+    for item in perception.objects:
+        size, color, shape = item.label.split()
+        b = item.box
+        box = (round(b.x0), round(b.y0), round(b.x1), round(b.y1))
+        objects.append(Object(shape, color, size, box))
+    return Scene(perception.background, tuple(objects))
 
 
 def answer_question(state: UnderstandState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Ask the model `question` about `image`.
+    """Read the answer off the perceived scene, or ask the model the question.
 
     Returns:
-        `answer`: the model's text.
+        `answer`, and `answered_by`: 'scene' or 'direct'.
     """
     ctx = runtime.context if runtime.context is not None else Context()
     with node_events("answer_question"):
-        pixels = ctx.get_store().open(state.image)
-        answer = str(ctx.get_engine().answer(pixels, state.question))
-        emit("answer", answer=answer)
-    return {"answer": answer}
+        spec = _scene_question(state.question)
+        scene = perceived_scene(state.perception) if state.perception is not None else None
+        if spec is not None and scene is not None:
+            answer, by = lang.answer(scene, spec), "scene"
+        else:
+            pixels = ctx.get_store().open(state.image)
+            answer, by = str(ctx.get_engine().answer(pixels, state.question)), "direct"
+        emit("answer", answer=answer, answered_by=by)
+    return {"answer": answer, "answered_by": by}
 
 
 def build_understand_graph() -> StateGraph[
@@ -38,8 +126,10 @@ def build_understand_graph() -> StateGraph[
     """The uncompiled `understand` builder."""
     builder = StateGraph(UnderstandState, context_schema=Context, input_schema=UnderstandInput,
                          output_schema=UnderstandOutput)  # fmt: skip
+    builder.add_node(perceive)
     builder.add_node(answer_question)
-    builder.add_edge(START, "answer_question")
+    builder.add_conditional_edges(START, route, ["perceive", "answer_question"])
+    builder.add_edge("perceive", "answer_question")
     builder.add_edge("answer_question", END)
     return builder
 

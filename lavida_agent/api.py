@@ -60,6 +60,7 @@ from lavida_agent.graphs.state import (
     EditState,
     EditStep,
     LayoutItem,
+    Perception,
     Plan,
 )
 from lavida_agent.settings import Settings
@@ -242,16 +243,28 @@ class GroundResult(RunResult):
 
 @dataclass(frozen=True, kw_only=True)
 class AskResult(RunResult):
-    """Result of `ask`: the model's answer about the (letterboxed) image."""
+    """Result of `ask`: the answer about the (letterboxed) image, and how it was reached.
+
+    `answered_by` is 'scene' when the answer was read off what the model perceived
+    (`caption`, and each captioned object grounded: `objects`, boxes in the input image's
+    pixels), 'direct' when the model answered the question itself (see
+    `graphs/understand.py`).
+    """
 
     question: str
     answer: str
+    answered_by: str | None = None
+    caption: str | None = None
+    objects: list[LayoutItem] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
         return {
             "question": self.question,
             "answer": self.answer,
+            "answered_by": self.answered_by,
+            "caption": self.caption,
+            "objects": [{"label": o.label, "box": o.box.as_list()} for o in self.objects],
             "run_id": self.run_id,
             "thread_id": self.thread_id,
             "trace": str(self.trace_path) if self.trace_path else None,
@@ -459,7 +472,7 @@ class LavidaAgent:
                            preview_every=self.settings.preview_every,
                            iou_threshold=self.settings.iou_threshold,
                            grounding_check=self.settings.grounding_check,
-                           plan_retries=self.settings.plan_retries,
+                           answer_by=self.settings.answer_by, plan_retries=self.settings.plan_retries,
                            selection=self.settings.selection, rank_by=self.settings.rank_by,
                            review_plan=review_plan)  # fmt: skip
 
@@ -484,7 +497,7 @@ class LavidaAgent:
                 "num_steps": context.num_steps, "max_rounds": context.max_rounds,
                 "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
                 "plan_retries": context.plan_retries, "selection": context.selection,
-                "rank_by": context.rank_by,
+                "rank_by": context.rank_by, "answer_by": context.answer_by,
                 "engine": type(context.engine._engine).__name__}  # fmt: skip
 
     def _run(
@@ -742,9 +755,15 @@ class LavidaAgent:
             thread_id=thread_id, context=context,
             inputs={"image": ref, "question": question, "source_size": [w, h]},
             on_event=on_event)  # fmt: skip
+        seen: Perception | None = values.get("perception")
+        objects = [LayoutItem(label=o.label, box=_to_input_box(o.box.as_list(), params, w, h))
+                   for o in (seen.objects if seen is not None else [])]  # fmt: skip
         return AskResult(image=canvas, image_ref=ref, run_id=run_id, thread_id=thread_id,
                          trace=trace, trace_path=path, store=self.store, question=question,
-                         answer=str(values.get("answer") or ""))  # fmt: skip
+                         answer=str(values.get("answer") or ""),
+                         answered_by=values.get("answered_by"),
+                         caption=seen.caption if seen is not None else None,
+                         objects=objects)  # fmt: skip
 
     # -- sessions -------------------------------------------------------------------------
 

@@ -373,6 +373,15 @@ class GroundResponse(_RunOut):
 class AskResponse(_RunOut):
     question: str
     answer: str
+    answered_by: Literal["scene", "direct"] | None = Field(
+        default=None,
+        description="'scene': read off the perceived scene (`caption`, `objects`); "
+        "'direct': the model's own answer to the question.",
+    )
+    caption: str | None = Field(default=None, description="The model's caption, if it perceived.")
+    objects: list[BoxOut] = Field(
+        default_factory=list, description="Each captioned object grounded, in input pixels."
+    )
 
 
 class SessionStepOut(BaseModel):

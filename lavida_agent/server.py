@@ -475,7 +475,9 @@ class _Service:
 
     def ask_out(self, base: str, r: AskResult) -> schemas.AskResponse:
         return schemas.AskResponse(run_id=r.run_id, trace_url=f"{base}/v1/traces/{r.run_id}",
-                                   question=r.question, answer=r.answer)  # fmt: skip
+                                   question=r.question, answer=r.answer,
+                                   answered_by=r.answered_by, caption=r.caption,
+                                   objects=self._boxes(r.objects))  # fmt: skip
 
     # -- sessions -----------------------------------------------------------------------------
 

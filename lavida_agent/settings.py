@@ -86,6 +86,12 @@ class Settings(BaseModel):
         description="t2i: grounding of the planned objects ranks attempts and blames boxes "
         "(rank), also rejects images (gate), or is skipped (off).",
     )
+    answer_by: Literal["scene", "direct"] = Field(
+        default="scene",
+        description="ask: read object questions off the scene the model perceives (its caption, "
+        "each object grounded) by the world's rules (scene), or ask the model the question "
+        "alone (direct: one call, less accurate).",
+    )
 
     # -- the HTTP server ----------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")

@@ -298,8 +298,14 @@ class TraceRecorder:
             boxes = [_vbox(i, "found") for i in out.get("boxes", [])]
             return TraceView(image=inp.get("image"), boxes=boxes,
                              caption=f"{len(boxes)} expression(s)")  # fmt: skip
+        if name == "perceive" and out.get("perception"):
+            seen = out["perception"]
+            boxes = [_vbox(i, "found") for i in seen.get("objects", [])]
+            cap = f"caption: {seen.get('caption')}" + ("" if seen.get("complete") else " (incomplete)")
+            return TraceView(image=inp.get("image"), boxes=boxes, caption=cap)
         if name == "answer_question":
-            return TraceView(image=inp.get("image"), caption=f"answer: {out.get('answer')}")
+            by = f" (from {out['answered_by']})" if out.get("answered_by") else ""
+            return TraceView(image=inp.get("image"), caption=f"answer: {out.get('answer')}{by}")
         return TraceView(image=None, boxes=list(self._last_plan), caption=node.error or "")
 
 

@@ -264,6 +264,12 @@ def test_quick_run_writes_every_suite(quick_run):
     assert set(s["edit"]["with_true_plan"]) == set(s["edit"]["accuracy"])
     assert all("with_true_plan_correct" in it for it in s["edit"]["items"])
     assert set(QUESTION_KINDS) | {"overall"} == set(s["vqa"]["accuracy"])
+    ask = s["ask"]
+    assert set(QUESTION_KINDS) | {"overall"} == set(ask["accuracy"]) == set(ask["direct_accuracy"])
+    assert ask["direct_accuracy"] == s["vqa"]["accuracy"]  # the same questions, asked directly
+    assert {it["answered_by"] for it in ask["items"]} <= {"scene", "direct"}
+    assert ask["answered_from_scene"]["background"] == ask["answered_from_scene"]["caption"] == 0.0
+    assert ask["forwards"] > 0
     assert {"acc@0.5_single", "acc@0.5_multi", "n_expressions"} <= set(s["ground"])
     assert {"rendered", "own_generations"} <= set(s["critique"])
     assert len(s["t2i"]["items"]) == len(PROMPT_CATEGORIES) * on_disk["settings"]["n"]
@@ -295,6 +301,7 @@ def test_quick_run_writes_every_suite(quick_run):
         "## critique",
         "## agent: t2i",
         "## agent: edit",
+        "## ask",
     ):
         assert header in md
 
@@ -323,6 +330,11 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
     assert s["vqa"]["accuracy"]["overall"] == 1.0
+    assert s["ask"]["accuracy"]["overall"] == 1.0
+    # the oracle's captions parse whole and its boxes are found: every object question is
+    # read off the perceived scene
+    assert all(s["ask"]["answered_from_scene"][k] == 1.0
+               for k in ("count", "color", "shape", "exist", "relation"))  # fmt: skip
     assert s["critique"]["rendered"]["agreement"] == 1.0
     assert s["critique"]["rendered"]["reasons_exact_when_both_reject"] in (1.0, None)
     assert s["critique"]["detector_vs_sample_label"] == 1.0
@@ -336,7 +348,7 @@ def test_oracle_scores_perfectly(tmp_path):
 def test_blank_pipeline_scores_zero(tmp_path):
     """The judge fails what is wrong: black images, no boxes, empty answers score 0.0."""
     result = quality.run(
-        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa", batch_size=8
+        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa,ask", batch_size=8
     )
     s = result["suites"]
     assert s["t2i"]["single_shot"]["overall"] == 0.0
@@ -351,6 +363,8 @@ def test_blank_pipeline_scores_zero(tmp_path):
     }
     assert s["ground"]["acc@0.5_single"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
+    assert s["ask"]["accuracy"]["overall"] == 0.0  # an empty caption: every answer direct
+    assert s["ask"]["answered_from_scene"]["overall"] == 0.0
 
 
 def test_score_t2i_passes_the_right_image_and_fails_a_blank_one():

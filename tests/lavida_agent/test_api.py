@@ -137,6 +137,30 @@ def test_ask_answers_about_the_letterboxed_image(agent, engine):
     r = agent.ask(_wide_scene(), "how many shapes?")
     assert r.answer == "two" and r.image.shape == (64, 64, 3)
     assert r.trace.nodes[0].node == "answer_question"
+    assert (r.answered_by, r.caption, r.objects) == ("direct", None, [])
+
+
+def test_ask_reads_object_questions_off_the_perceived_scene(agent, engine):
+    """Caption, then grounding: the answer comes from the scene, the boxes in input pixels."""
+    engine.enqueue_answer("a small red circle and a large blue square on a white background")
+    engine.enqueue_ground([[10.0, 26.0, 22.0, 38.0], [30.0, 20.0, 52.0, 42.0]])
+    r = agent.ask(_wide_scene(), "what is right of the red circle?")
+    assert (r.answer, r.answered_by) == ("a blue square", "scene")
+    assert [n.node for n in r.trace.nodes] == ["perceive", "answer_question"]
+    assert r.objects[0].label == "small red circle"
+    assert r.objects[0].box.as_list() == [20.0, 20.0, 44.0, 44.0]  # canvas x2, minus the pad
+    d = r.to_dict()
+    assert d["answered_by"] == "scene" and d["caption"].startswith("a small red circle")
+    assert r.trace.settings["answer_by"] == "scene"
+    assert d["objects"][1] == {"label": "large blue square", "box": [60.0, 8.0, 104.0, 52.0]}
+
+
+def test_answer_by_direct_setting_asks_the_model_alone(engine):
+    engine.enqueue_answer("no")
+    with LavidaAgent(engine=engine, answer_by="direct") as agent:
+        r = agent.ask(_wide_scene(), "is there a red circle?")
+    assert (r.answer, r.answered_by) == ("no", "direct")
+    assert engine.log == [("answer", {"question": "is there a red circle?"})]
 
 
 def test_edit_letterboxes_and_keeps_the_padding_crop(agent, engine):

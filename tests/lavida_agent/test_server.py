@@ -169,6 +169,13 @@ async def test_ground_and_ask(client, engine):
     r = await client.post("/v1/ask", files={"image": ("s.png", encode_png(_scene()))},
                           data={"question": "what is there?"})  # fmt: skip
     assert r.status_code == 200 and r.json()["answer"] == "two shapes"
+    assert r.json()["answered_by"] == "direct" and r.json()["objects"] == []
+    engine.enqueue_answer("a small red circle on a white background")
+    engine.enqueue_ground([[10.0, 26.0, 30.0, 36.0]])
+    r = await client.post("/v1/ask", json={"image": _b64(wide), "question": "is there a red circle?"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["answer"], r.json()["answered_by"]) == ("yes", "scene")
+    assert r.json()["objects"] == [{"label": "small red circle", "box": [20.0, 20.0, 60.0, 40.0]}]
 
 
 async def test_image_by_sha256(client):

@@ -77,7 +77,7 @@ __all__ = [
     "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
-    "parse_question", "answer", "caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
+    "parse_question", "answer", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
     "verdict_text", "parse_verdict", "article",
 ]  # fmt: skip
 
@@ -1110,6 +1110,10 @@ def parse_question(text: str) -> QuestionSpec:
     return spec
 
 
+DESCRIBE = "describe the image."
+"""The caption question: its answer (`caption`) names every object of the image."""
+
+
 def caption(scene: Scene) -> str:
     """The canonical caption: objects left to right, then the background.
 
@@ -1119,6 +1123,77 @@ def caption(scene: Scene) -> str:
     objs = scene.sorted_left_to_right()
     words = _join([_with_article(f"{o.size} {o.color} {o.shape}") for o in objs]) or "nothing"
     return f"{words} on a {scene.background} background"
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A parsed canonical caption.
+
+    Attributes:
+        objects: the captioned objects, in caption order (left to right); items that do not
+            fit the grammar are left out.
+        background: the background word, or None when the caption does not name a known one.
+        skipped: the object phrases left out, as written.
+    """
+
+    objects: tuple[Noun, ...]
+    background: str | None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Every phrase parsed, with its size and colour, and the background is known: the
+        caption then states a whole scene but for where each object is."""
+        return (
+            self.background is not None
+            and not self.skipped
+            and all(n.color is not None and n.size is not None for n in self.objects)
+        )
+
+
+_CAPTION_RE = re.compile(r"^(?P<body>.*?)\s*\bon an? (?P<bg>\w+) background$")
+
+
+def parse_caption(text: str) -> Caption:
+    """Parse `a small red circle, a large blue square and ... on a white background`.
+
+    Tolerant by design (the text comes from a model): case, spacing, a final `.` and the
+    order of size and colour words are forgiven; an object phrase that is not
+    `a|an {size?} {color?} {shape}` is skipped, not an error. `nothing on a ... background`
+    (an empty scene) gives no objects.
+    """
+    t = " ".join(text.lower().replace(",", " , ").split())
+    t = re.sub(r"[\s.!?]+$", "", t)
+    m = _CAPTION_RE.match(t)
+    body, bg = (m["body"], m["bg"]) if m else (t, None)
+    objects: list[Noun] = []
+    skipped: list[str] = []
+    if body and body != "nothing":
+        for part in re.split(r"\s*,\s*|\s+and\s+", body):
+            noun = _caption_noun(part)
+            if noun is None:
+                logger.debug("caption: skipping %r (not `a {size} {color} {shape}`)", part)
+                skipped.append(part)
+            else:
+                objects.append(noun)
+    return Caption(tuple(objects), bg if bg in BACKGROUNDS else None, tuple(skipped))
+
+
+def _caption_noun(part: str) -> Noun | None:
+    words = part.split()
+    if words and words[0] in ("a", "an"):
+        words = words[1:]
+    if not words or words[-1] not in SHAPES:
+        return None
+    size = color = None
+    for w in words[:-1]:
+        if w in SIZES and size is None:
+            size = w
+        elif w in COLORS and color is None:
+            color = w
+        else:
+            return None
+    return Noun(words[-1], color, size)
 
 
 def answer(scene: Scene, spec: QuestionSpec) -> str:
