@@ -12,7 +12,9 @@ answer off that perceived scene with the world's own question rules
 (`tools/shapes_world/language.answer`). The perception is kept in the state, so a trace
 shows what the model saw and why it answered what it did. Any other question (the
 background, a caption, text outside the ShapesWorld question grammar), a caption that does
-not parse whole, or `Context.answer_by="direct"` goes straight to the model.
+not parse whole, a perceived scene without the object the question takes for granted
+(`what color is the circle?` with no circle seen) or `Context.answer_by="direct"` goes
+straight to the model.
 
 Why: the shipped model captions and grounds better than it binds attributes inside an
 answer (benchmark seeds 0-3: `is there ...?` 0.56 and `what is left of ...?` 0.53 asked
@@ -102,7 +104,8 @@ def perceived_scene(perception: Perception) -> Scene | None:
 
 
 def answer_question(state: UnderstandState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Read the answer off the perceived scene, or ask the model the question.
+    """Read the answer off the perceived scene, or ask the model the question (no complete
+    perception, or the perceived scene lacks the object the question presupposes).
 
     Returns:
         `answer`, and `answered_by`: 'scene' or 'direct'.
@@ -111,7 +114,9 @@ def answer_question(state: UnderstandState, runtime: Runtime[Context]) -> dict[s
     with node_events("answer_question"):
         spec = _scene_question(state.question)
         scene = perceived_scene(state.perception) if state.perception is not None else None
-        if spec is not None and scene is not None:
+        # A perceived scene without the object the question takes for granted (`what color
+        # is the circle?` and no circle seen) more likely missed it than the asker erred.
+        if spec is not None and scene is not None and lang.presupposition_holds(scene, spec):
             answer, by = lang.answer(scene, spec), "scene"
         else:
             pixels = ctx.get_store().open(state.image)

@@ -83,6 +83,20 @@ def test_an_incomplete_perception_falls_back_to_the_direct_answer(ctx, store, en
 
 @pytest.mark.parametrize(
     "question",
+    ["what color is the triangle?", "what shape is the green object?",
+     "what is left of the green square?", "what is left of the circle?"],
+)
+def test_a_missing_presupposed_object_falls_back_to_the_direct_answer(ctx, store, engine, question):
+    """No triangle seen (or no single anchor): the perception more likely missed it."""
+    caption = "a small red circle, a large blue square and a small red circle on a white background"
+    boxes = [*RED_LEFT, [40.0, 44.0, 52.0, 56.0]]
+    out = _ask(ctx, store, engine, question, caption=caption, boxes=boxes, direct="direct says")
+    assert (out.answer, out.answered_by) == ("direct says", "direct")
+    assert out.perception is not None and out.perception.complete
+
+
+@pytest.mark.parametrize(
+    "question",
     ["what color is the background?", "describe the image.", "how many shapes?", "what is this"],
 )
 def test_other_questions_go_straight_to_the_model(ctx, store, engine, question):

@@ -77,7 +77,7 @@ __all__ = [
     "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
-    "parse_question", "answer", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
+    "parse_question", "answer", "presupposition_holds", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
     "verdict_text", "parse_verdict", "article",
 ]  # fmt: skip
 
@@ -1225,6 +1225,23 @@ def answer(scene: Scene, spec: QuestionSpec) -> str:
     hits = related(scene, anchor, spec.relation or "")
     named = [_with_article(Noun.of(objs[i]).text) for i in _left_to_right(objs, hits)]
     return _join(named) or "nothing"
+
+
+def presupposition_holds(scene: Scene, spec: QuestionSpec) -> bool:
+    """Whether `scene` holds the object `spec` takes for granted.
+
+    `what color is the {shape}?` needs a {shape}, `what shape is the {color} object?` a
+    {color} object, `what is {relation} the {noun}?` exactly one {noun} (the anchor); the
+    other kinds presuppose nothing. Where it fails, `answer` says `nothing`.
+    """
+    objs = scene.objects
+    if spec.kind == "color":
+        return bool(_matching(objs, Noun(spec.shape or "")))
+    if spec.kind == "shape":
+        return any(o.color == spec.color for o in objs)
+    if spec.kind == "relation":
+        return _unique(objs, Noun(spec.shape or "", spec.color)) is not None
+    return True
 
 
 def _sample_question_spec(rng: np.random.Generator, scene: Scene, kind: str) -> QuestionSpec | None:

@@ -415,6 +415,26 @@ def test_questions(question, spec, expected):
     assert lang.answer(SCENE, spec) == expected
 
 
+@pytest.mark.parametrize(
+    "question, holds",
+    [
+        ("what color is the square?", True),
+        ("what color is the diamond?", False),
+        ("what shape is the green object?", True),
+        ("what shape is the purple object?", False),
+        ("what is left of the blue square?", True),  # the anchor is there; nothing may be left
+        ("what is left of the yellow circle?", False),
+        ("is there an orange square?", True),  # asks whether: presupposes nothing
+        ("how many diamonds are there?", True),
+    ],
+)
+def test_presupposition_holds_when_the_questions_object_is_there(question, holds):
+    spec = lang.parse_question(question)
+    assert lang.presupposition_holds(SCENE, spec) is holds
+    if not holds:
+        assert lang.answer(SCENE, spec) == "nothing"
+
+
 def test_question_text_english():
     assert lang.question_text(QuestionSpec("exist", "circle", "orange")) == "is there an orange circle?"
     assert lang.question_text(QuestionSpec("count", shape="triangle")) == "how many triangles are there?"
