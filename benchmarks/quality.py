@@ -80,7 +80,6 @@ from lavida_agent.tools.shapes_world.language import (
     REF_FORMS,
     GrammarError,
     parse_edit,
-    parse_prompt,
     parse_verdict,
     plan_items,
     plan_objects,

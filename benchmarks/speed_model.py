@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -274,7 +273,7 @@ def _step_fns(model, inp: dict, tag: str = "") -> dict[str, Callable[[], Any]]:
 
 
 def _step_flops(config, inp: dict) -> dict[str, float]:
-    P, rows, L, c = config.positions_per_image, inp["rows"], inp["seq_len"], inp["prefix_len"]
+    P, rows, L = config.positions_per_image, inp["rows"], inp["seq_len"]
     common = dict(rows=rows, gen_per_row=P)
     return {
         "uncached_all_layers": generation_step_flops(
@@ -364,8 +363,6 @@ def run(
 
     Returns the JSON document (see the module docstring for the headline keys).
     """
-    from lavida_agent.model.modeling_lavida import count_parameters
-
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

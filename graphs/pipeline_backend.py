@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,12 +63,9 @@ from lavida_agent.tools.shapes_world.language import DESCRIBE, Caption, parse_ca
 from lavida_agent.tools.shapes_world.render import core_box
 from lavida_agent.tools.shapes_world.scene import SHAPES
 from lavida_agent.tools.shapes_world.scene import (
-    BACKGROUNDS,
     CANVAS,
-    COLORS,
     MARGIN,
     MIN_GAP,
-    SHAPES,
     SIZES,
     region_box,
     size_class,

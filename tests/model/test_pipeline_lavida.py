@@ -277,7 +277,7 @@ def test_grounding_keeps_a_candidate_only_when_its_noun_fits_clearly_better(pipe
     monkeypatch.setattr(pipe, "noun_fit", fake_fit)
     out = pipe.ground([scene_image], [["the red circle", "the circle on the left", "a red thing"]],
                       num_steps=4, candidates=4)  # fmt: skip
-    (red, left, thing), (c_red, c_left, _) = out.boxes[0], out.candidates[0]
+    (red, left, thing), (c_red, _c_left, _) = out.boxes[0], out.candidates[0]
     distinct = list(dict.fromkeys(b for b in c_red if b is not None))
     assert red == (distinct[-1] if len(distinct) > 1 else greedy[0])  # 25 > 0 + margin
     assert left == greedy[1]  # 10 is within the margin: the greedy box stays

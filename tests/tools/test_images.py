@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
