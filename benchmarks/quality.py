@@ -726,6 +726,49 @@ def _run_threads(fn: Callable[[int], Any], n: int, workers: int) -> list[Any]:
         return list(pool.map(fn, range(n)))
 
 
+def _through_workflow(
+    pipeline: Any,
+    n: int,
+    run_one: Callable[[int, Any, Any], dict[str, Any]],
+    *,
+    backend: Any,
+    batch_size: int,
+    **context: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run `run_one(i, ctx, store)` for `i < n` on `batch_size` threads through one
+    `BatchingEngine` (so the pipeline sees batches), with a `Context` of `context` fields
+    and a temporary artifact store.
+
+    Returns:
+        The records, and totals `{forwards, forwards_per_request, seconds, backend_calls}`
+        (forwards: the `pipeline.forward_count` delta over the whole run; a batched forward
+        serves every row of its batch, so the per-request figure is amortised over the
+        batching the engine achieved).
+    """
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
+        store = ArtifactStore(tmp)
+        engine = BatchingEngine(backend or make_backend(pipeline), max_batch=batch_size,
+                                max_wait_ms=20)  # fmt: skip
+        try:
+            ctx = Context(engine=engine, artifacts=store, **context)
+            records = _run_threads(lambda i: run_one(i, ctx, store), n, batch_size)
+        finally:
+            engine.close()
+        batches = len(engine.batches)
+    forwards = getattr(pipeline, "forward_count", 0) - f0
+    return records, {
+        "forwards": forwards,
+        "forwards_per_request": forwards / max(1, n),
+        "seconds": time.perf_counter() - t0,
+        "backend_calls": batches,
+    }
+
+
 def score_agent_t2i(
     pipeline: Any,
     prompts: Sequence[str],
@@ -751,55 +794,32 @@ def score_agent_t2i(
     Returns:
         Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
         workflow's `best` attempt judged by `check_prompt`), and totals `{forwards,
-        forwards_per_request, seconds, backend_calls}` (forwards: the `pipeline.forward_count`
-        delta over the whole run; a batched forward serves every row of its batch, so the
-        per-request figure is amortised over the batching the engine achieved).
+        forwards_per_request, seconds, backend_calls}` (see `_through_workflow`).
     """
     from lavida_agent.graphs import t2i
-    from lavida_agent.graphs.context import Context
-    from lavida_agent.graphs.runtime import BatchingEngine
     from lavida_agent.graphs.state import Plan, T2IOutput
-    from lavida_agent.tools.artifacts import ArtifactStore
 
-    steps = _default_steps(pipeline, num_steps)
     layout = {} if plan else {"plan": Plan(items=[], source="input")}
-    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
-        store = ArtifactStore(tmp)
-        engine = BatchingEngine(
-            backend or make_backend(pipeline), max_batch=batch_size, max_wait_ms=20
-        )
-        try:
-            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds,
-                          grounding_check=grounding_check, **dict(context or {}))  # type: ignore[arg-type]
 
-            def one(i: int) -> dict[str, Any]:
-                raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
-                out = T2IOutput.model_validate(raw)
-                assert out.best is not None
-                image = store.open(out.best.image)
-                verdict = check_prompt(prompts[i], image)
-                return {
-                    "prompt": prompts[i],
-                    "seed": int(seeds[i]),
-                    "correct": verdict.correct,
-                    "reasons": list(verdict.reasons),
-                    "rounds": len(out.attempts),
-                    "accepted": bool(out.accepted),
-                    "image": image,
-                }
+    def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
+        raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
+        out = T2IOutput.model_validate(raw)
+        assert out.best is not None
+        image = store.open(out.best.image)
+        verdict = check_prompt(prompts[i], image)
+        return {
+            "prompt": prompts[i],
+            "seed": int(seeds[i]),
+            "correct": verdict.correct,
+            "reasons": list(verdict.reasons),
+            "rounds": len(out.attempts),
+            "accepted": bool(out.accepted),
+            "image": image,
+        }
 
-            records = _run_threads(one, len(prompts), batch_size)
-        finally:
-            engine.close()
-        batches = len(engine.batches)
-    forwards = getattr(pipeline, "forward_count", 0) - f0
-    return records, {
-        "forwards": forwards,
-        "forwards_per_request": forwards / max(1, len(prompts)),
-        "seconds": time.perf_counter() - t0,
-        "backend_calls": batches,
-    }
+    return _through_workflow(pipeline, len(prompts), one, backend=backend, batch_size=batch_size,
+                             num_steps=_default_steps(pipeline, num_steps), max_rounds=max_rounds,
+                             grounding_check=grounding_check, **dict(context or {}))  # fmt: skip
 
 
 def score_agent_edit(
@@ -820,53 +840,30 @@ def score_agent_edit(
         image}` (the committed image judged by `check_edit`), and totals as `score_agent_t2i`.
     """
     from lavida_agent.graphs import edit
-    from lavida_agent.graphs.context import Context
-    from lavida_agent.graphs.runtime import BatchingEngine
     from lavida_agent.graphs.state import EditOutput
-    from lavida_agent.tools.artifacts import ArtifactStore
 
-    steps = _default_steps(pipeline, num_steps)
-    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="quality-agent-") as tmp:
-        store = ArtifactStore(tmp)
-        engine = BatchingEngine(
-            backend or make_backend(pipeline), max_batch=batch_size, max_wait_ms=20
+    def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
+        ref = store.put(render(sources[i]))
+        raw = edit.graph.invoke(
+            {"instruction": instructions[i], "image": ref, "seed": int(seeds[i])}, context=ctx
         )
-        try:
-            ctx = Context(engine=engine, artifacts=store, num_steps=steps, max_rounds=max_rounds)
+        out = EditOutput.model_validate(raw)
+        assert out.current is not None
+        image = store.open(out.current)
+        verdict = check_edit(sources[i], instructions[i], image)
+        return {
+            "instruction": instructions[i],
+            "seed": int(seeds[i]),
+            "correct": verdict.correct,
+            "reasons": list(verdict.reasons),
+            "psnr_outside": _psnr(verdict.psnr_outside),
+            "rounds": len(out.steps),
+            "accepted": bool(out.accepted),
+            "image": image,
+        }
 
-            def one(i: int) -> dict[str, Any]:
-                ref = store.put(render(sources[i]))
-                raw = edit.graph.invoke(
-                    {"instruction": instructions[i], "image": ref, "seed": int(seeds[i])},
-                    context=ctx,
-                )
-                out = EditOutput.model_validate(raw)
-                assert out.current is not None
-                image = store.open(out.current)
-                verdict = check_edit(sources[i], instructions[i], image)
-                return {
-                    "instruction": instructions[i],
-                    "seed": int(seeds[i]),
-                    "correct": verdict.correct,
-                    "reasons": list(verdict.reasons),
-                    "psnr_outside": _psnr(verdict.psnr_outside),
-                    "rounds": len(out.steps),
-                    "accepted": bool(out.accepted),
-                    "image": image,
-                }
-
-            records = _run_threads(one, len(sources), batch_size)
-        finally:
-            engine.close()
-        batches = len(engine.batches)
-    forwards = getattr(pipeline, "forward_count", 0) - f0
-    return records, {
-        "forwards": forwards,
-        "forwards_per_request": forwards / max(1, len(sources)),
-        "seconds": time.perf_counter() - t0,
-        "backend_calls": batches,
-    }
+    return _through_workflow(pipeline, len(sources), one, backend=backend, batch_size=batch_size,
+                             num_steps=_default_steps(pipeline, num_steps), max_rounds=max_rounds)  # fmt: skip
 
 
 def score_agent_ask(
@@ -881,52 +878,30 @@ def score_agent_ask(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Ask each question through the `understand` workflow (`Context.answer_by`).
 
-    Requests run concurrently through one `BatchingEngine`, as `score_agent_t2i`.
-
     Returns:
         Per question `{question, answer, prediction, correct, answered_by, caption}`, and
-        totals `{forwards, forwards_per_request, seconds, backend_calls}`.
+        totals as `score_agent_t2i`.
     """
     from lavida_agent.graphs import understand
-    from lavida_agent.graphs.context import Context
-    from lavida_agent.graphs.runtime import BatchingEngine
     from lavida_agent.graphs.state import UnderstandOutput
-    from lavida_agent.tools.artifacts import ArtifactStore
 
-    f0, t0 = getattr(pipeline, "forward_count", 0), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="quality-ask-") as tmp:
-        store = ArtifactStore(tmp)
-        engine = BatchingEngine(backend or make_backend(pipeline), max_batch=batch_size,
-                                max_wait_ms=20)  # fmt: skip
-        try:
-            ctx = Context(engine=engine, artifacts=store, answer_by=answer_by)  # type: ignore[arg-type]
+    def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
+        raw = understand.graph.invoke(
+            {"image": store.put(images[i]), "question": questions[i]}, context=ctx
+        )
+        out = UnderstandOutput.model_validate(raw)
+        pred = out.answer or ""
+        return {
+            "question": questions[i],
+            "answer": answers[i],
+            "prediction": pred,
+            "correct": answer_correct(pred, answers[i]),
+            "answered_by": out.answered_by,
+            "caption": out.perception.caption if out.perception else None,
+        }
 
-            def one(i: int) -> dict[str, Any]:
-                raw = understand.graph.invoke(
-                    {"image": store.put(images[i]), "question": questions[i]}, context=ctx
-                )
-                out = UnderstandOutput.model_validate(raw)
-                pred = out.answer or ""
-                return {
-                    "question": questions[i],
-                    "answer": answers[i],
-                    "prediction": pred,
-                    "correct": answer_correct(pred, answers[i]),
-                    "answered_by": out.answered_by,
-                    "caption": out.perception.caption if out.perception else None,
-                }
-
-            records = _run_threads(one, len(questions), batch_size)
-        finally:
-            engine.close()
-        batches = len(engine.batches)
-    forwards = getattr(pipeline, "forward_count", 0) - f0
-    return records, {
-        "forwards": forwards,
-        "forwards_per_request": forwards / max(1, len(questions)),
-        "seconds": time.perf_counter() - t0,
-        "backend_calls": batches,
-    }
+    return _through_workflow(pipeline, len(questions), one, backend=backend,
+                             batch_size=batch_size, answer_by=answer_by)  # fmt: skip
 
 
 # =========================================================================== suites

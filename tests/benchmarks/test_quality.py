@@ -498,5 +498,5 @@ def test_true_layouts_satisfy_their_prompts():
             size, color, shape = label.split()
             objects.append(Object(shape=shape, color=color, size=size, box=tuple(box)))
         # the plan carries no background; take the one the prompt names, if any
-        background = quality.parse_prompt(it["prompt"]).background or "white"
+        background = parse_prompt(it["prompt"]).background or "white"
         assert check_prompt(it["prompt"], Scene(objects=tuple(objects), background=background)).correct, it
