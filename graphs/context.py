@@ -130,8 +130,9 @@ class Context:
             "objects (count, color, shape, exist, relation) from the scene the model perceives "
             "(its caption of the image, each captioned object grounded to a box) by the "
             "world's question rules, and asks the question directly when the caption does not "
-            "parse whole; 'direct' only asks the model the question (one call instead of two, "
-            "less accurate with the shipped model: see the README)."
+            "parse whole or the perceived scene lacks the object the question presupposes; "
+            "'direct' only asks the model the question (one call instead of two, less "
+            "accurate with the shipped model: see the README)."
         },
     )
 

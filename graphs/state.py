@@ -3,8 +3,8 @@
 Two sections, as in ODR's `state.py`:
 
 - **Values**: `Box`, `LayoutItem`, `Plan`, `Attempt`, `GroundingCheck`, `Critique`,
-  `EditPlan`, `EditStep`, `Perception`: small, JSON-serialisable records of what the model planned, drew,
-  judged and edited.
+  `EditPlan`, `EditStep`, `Perception`: small, JSON-serialisable records of what the model
+  planned, drew, judged, edited and saw.
 - **Graph states**: `*Input` (what a caller passes), `*State` (what nodes see) and `*Output`
   (what `invoke` returns) for the `t2i`, `edit`, `ground` and `understand` workflows. List
   fields that grow over a run use an `operator.add` reducer (append); every other field is
