@@ -119,14 +119,18 @@ __all__ = [
     "score_critique",
     "score_agent_t2i",
     "score_agent_edit",
+    "score_agent_ask",
+    "score_agent_ground",
     "run",
     "main",
 ]
 
 HELDOUT_BASE = 10**9
 """First element of every held-out seed sequence (training uses small seeds)."""
-SUITES: tuple[str, ...] = ("vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask")
-# (`ask` comes last: an index into this tuple seeds each suite's held-out items)
+SUITES: tuple[str, ...] = (
+    "vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask", "agent_ground"
+)  # fmt: skip
+# (new suites go last: an index into this tuple seeds each suite's held-out items)
 PSNR_CAP = 100.0
 """PSNR of identical pixels (inf) is reported as this many dB, as `evaluate_vq` does."""
 SEED_STRIDE = 100
@@ -904,6 +908,53 @@ def score_agent_ask(
                              batch_size=batch_size, answer_by=answer_by)  # fmt: skip
 
 
+def score_agent_ground(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    expressions: Sequence[Sequence[str]],
+    true_boxes: Sequence[Sequence[Sequence[int]]],
+    *,
+    multi: bool = True,
+    backend: Any = None,
+    batch_size: int = 16,
+    ground_by: str = "scene",
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
+    """Ground every expression through the `ground` workflow (`Context.ground_by`) and
+    judge Acc@0.5, as `score_ground` does.
+
+    Args:
+        multi: one run per image with all its expressions; False: one run per expression.
+
+    Returns:
+        Per image, one `{expression, box, correct, found_by}` per expression, and totals as
+        `score_agent_t2i`.
+    """
+    from lavida_agent.graphs import ground
+    from lavida_agent.graphs.state import GroundOutput
+
+    rows: list[tuple[int, list[int]]] = []  # (image, indices of its expressions)
+    for i, exprs in enumerate(expressions):
+        idx = list(range(len(exprs)))
+        rows += [(i, idx)] if multi else [(i, [k]) for k in idx]
+
+    def one(r: int, ctx: Any, store: Any) -> dict[str, Any]:
+        i, idx = rows[r]
+        exprs = [expressions[i][k] for k in idx]
+        raw = ground.graph.invoke({"image": store.put(images[i]), "expressions": exprs}, context=ctx)
+        out = GroundOutput.model_validate(raw)
+        return {"boxes": [b.box for b in out.boxes], "found_by": list(out.found_by)}
+
+    records, totals = _through_workflow(pipeline, len(rows), one, backend=backend,
+                                        batch_size=batch_size, ground_by=ground_by)  # fmt: skip
+    found: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for (i, idx), rec in zip(rows, records, strict=True):
+        for k, box, by in zip(idx, rec["boxes"], rec["found_by"], strict=True):
+            b = None if box.area <= 0 else [int(round(v)) for v in box.as_list()]
+            found[i].append({"expression": expressions[i][k], "box": b, "found_by": by,
+                             "correct": grounding_correct(b, true_boxes[i][k])})  # fmt: skip
+    return [found[i] for i in range(len(expressions))], totals
+
+
 # =========================================================================== suites
 
 
@@ -1040,7 +1091,9 @@ def _suite_edit(
     return out
 
 
-def _suite_ground(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
+def _suite_ground(
+    pipeline: Any, n: int, seed: int, batch_size: int, state: dict, **_: Any
+) -> dict[str, Any]:
     items = ground_items(len(REF_FORMS) * n, seed)
     images = [render(it["scene"]) for it in items]
     exprs = [it["expressions"] for it in items]
@@ -1056,6 +1109,7 @@ def _suite_ground(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -
         ]
         result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
         per_item[mode] = scored
+    state["ground"] = {k: result[k] for k in ("acc@0.5_single", "acc@0.5_multi")}
     result["items"] = [
         {
             "scene": it["scene"].to_dict(),
@@ -1301,6 +1355,36 @@ def _suite_ask(
     return out
 
 
+def _suite_agent_ground(
+    pipeline: Any, n: int, seed: int, batch_size: int, state: dict, backend: Any = None, **_: Any
+) -> dict[str, Any]:
+    items = ground_items(len(REF_FORMS) * n, seed)  # the ground suite's items
+    images = [render(it["scene"]) for it in items]
+    exprs = [it["expressions"] for it in items]
+    result: dict[str, Any] = {"n_images": len(items), "n_expressions": sum(len(e) for e in exprs)}
+    per_item: dict[str, list] = {}
+    for mode, multi in (("single", False), ("multi", True)):
+        scored, totals = score_agent_ground(pipeline, images, exprs, [it["boxes"] for it in items],
+                                            multi=multi, backend=backend, batch_size=batch_size)  # fmt: skip
+        flat = [dict(r, form=f, perceived=r["found_by"] != "direct")
+                for rows, it in zip(scored, items, strict=True)
+                for r, f in zip(rows, it["forms"], strict=True)]  # fmt: skip
+        result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
+        result[f"not_direct_{mode}"] = _acc_by(flat, "form", REF_FORMS, field="perceived")
+        result[f"totals_{mode}"] = totals
+        per_item[mode] = scored
+    if "ground" in state:  # the model's own boxes, same expressions
+        g = state["ground"]
+        result["direct"] = {"single": g["acc@0.5_single"], "multi": g["acc@0.5_multi"]}
+    result["items"] = [
+        {"expressions": it["expressions"], "forms": it["forms"],
+         "true_boxes": [list(b) for b in it["boxes"]],
+         **{m: [{k: r[k] for k in ("box", "found_by")} for r in per_item[m][j]] for m in per_item}}
+        for j, it in enumerate(items)
+    ]  # fmt: skip
+    return result
+
+
 _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "vq": _suite_vq,
     "t2i": _suite_t2i,
@@ -1310,6 +1394,7 @@ _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "critique": _suite_critique,
     "agent": _suite_agent,
     "ask": _suite_ask,
+    "agent_ground": _suite_agent_ground,
 }
 
 
@@ -1417,6 +1502,20 @@ def render_markdown(result: dict[str, Any]) -> str:
                 + (["model asked directly (vqa)"] if "direct_accuracy" in a else []),
                 _cat_rows(QUESTION_KINDS, cols),
             ),
+        ]
+    if "agent_ground" in suites:
+        a = suites["agent_ground"]
+        cols = [a["acc@0.5_single"], a["acc@0.5_multi"], a["not_direct_single"], a["not_direct_multi"]]
+        head = ["form", "single-expression", "multi-expression", "not the model's own box (single)",
+                "(multi)"]  # fmt: skip
+        if "direct" in a:
+            cols += [a["direct"]["single"], a["direct"]["multi"]]
+            head += ["model's own boxes (ground), single", "multi"]
+        out += [
+            "",
+            "## agent_ground: the `ground` workflow (perceive, then check each box), Acc@0.5",
+            "",
+            _table(head, _cat_rows(REF_FORMS, cols)),
         ]
     if "critique" in suites:
         c = suites["critique"]
@@ -1794,6 +1893,12 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"ground acc@0.5 single {_fmt(s['ground']['acc@0.5_single']['overall'])} "
             f"multi {_fmt(s['ground']['acc@0.5_multi']['overall'])}"
+        )
+    if "agent_ground" in s:
+        lines.append(
+            f"agent_ground (ground workflow) acc@0.5 single "
+            f"{_fmt(s['agent_ground']['acc@0.5_single']['overall'])} "
+            f"multi {_fmt(s['agent_ground']['acc@0.5_multi']['overall'])}"
         )
     if "vqa" in s:
         lines.append(f"vqa {_fmt(s['vqa']['accuracy']['overall'])}")

@@ -135,6 +135,17 @@ class Context:
             "accurate with the shipped model: see the README)."
         },
     )
+    ground_by: Literal["scene", "direct"] = field(
+        default="scene",
+        metadata={
+            "description": "ground: 'scene' (default) perceives the image first (the model's "
+            "caption, each captioned object grounded) and checks each ShapesWorld expression's "
+            "box against it: a side or relation expression takes the object the perceived "
+            "scene picks out, any other the perceived box its head noun fits clearly better "
+            "(`graphs/ground.py`); 'direct' returns the model's own boxes (one call instead "
+            "of three or four, less accurate with the shipped model: see the README)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -151,6 +162,8 @@ class Context:
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
         if self.answer_by not in ("scene", "direct"):
             raise ValueError(f"answer_by must be scene|direct, got {self.answer_by!r}")
+        if self.ground_by not in ("scene", "direct"):
+            raise ValueError(f"ground_by must be scene|direct, got {self.ground_by!r}")
         if self.plan_retries < 0:
             raise ValueError(f"plan_retries must be >= 0, got {self.plan_retries}")
         if self.plan_temperature <= 0:

@@ -34,6 +34,7 @@ __all__ = (
     "EditPlan",
     "EditState",
     "EditStep",
+    "FoundBy",
     "GroundInput",
     "GroundOutput",
     "GroundState",
@@ -341,25 +342,6 @@ class EditOutput(BaseModel):
     heads: list[int] = Field(default_factory=list)
 
 
-class GroundInput(BaseModel):
-    """Find each referring expression in an image."""
-
-    image: ImageRef
-    expressions: list[str]
-
-
-class GroundState(GroundInput):
-    """State of the `ground` workflow."""
-
-    boxes: list[LayoutItem] = Field(default_factory=list)
-
-
-class GroundOutput(BaseModel):
-    """One box per expression, labelled with it."""
-
-    boxes: list[LayoutItem] = Field(default_factory=list)
-
-
 class Perception(BaseModel):
     """What the model sees in an image: its caption, and every captioned object grounded.
 
@@ -372,6 +354,41 @@ class Perception(BaseModel):
     objects: list[LayoutItem] = Field(default_factory=list)
     background: str | None = None
     complete: bool = False
+
+
+class GroundInput(BaseModel):
+    """Find each referring expression in an image."""
+
+    image: ImageRef
+    expressions: list[str]
+
+
+FoundBy = Literal["direct", "scene", "fit"]
+"""How a `ground` box was chosen: 'direct', the model's own box for the expression;
+'scene', the object the expression picks out of the perceived scene; 'fit', a perceived
+object's box that the expression's head noun explains better than the direct box."""
+
+
+class GroundState(GroundInput):
+    """State of the `ground` workflow."""
+
+    perception: Perception | None = None
+    boxes: list[LayoutItem] = Field(default_factory=list)
+    found_by: list[FoundBy] = Field(default_factory=list)
+
+
+class GroundOutput(BaseModel):
+    """One box per expression, labelled with it, how each was chosen, and the perceived
+    scene they were chosen from (if any)."""
+
+    boxes: list[LayoutItem] = Field(default_factory=list)
+    found_by: list[FoundBy] = Field(
+        default_factory=list,
+        description="Per expression: 'direct' (the model's own box), 'scene' (the object the "
+        "expression picks out of `perception`) or 'fit' (a perceived object's box that the "
+        "expression's head noun explains better).",
+    )
+    perception: Perception | None = None
 
 
 class UnderstandInput(BaseModel):

@@ -6,9 +6,9 @@ START -> [perceive] -> answer_question -> END
 
 A question about objects (`how many`, `what color is the ...`, `what shape is the ...`,
 `is there a ...`, `what is {relation} the ...`) is answered in two steps, like a person
-would: `perceive` asks the model to describe the image and grounds every object of its
-caption (one `answer` call, one batched `ground` call), then `answer_question` reads the
-answer off that perceived scene with the world's own question rules
+would: `perceive` (`graphs/perceive.py`, shared with `ground`) asks the model to describe
+the image and grounds every object of its caption (one `answer` call, one batched `ground`
+call), then `answer_question` reads the answer off that perceived scene with the world's own question rules
 (`tools/shapes_world/language.answer`). The perception is kept in the state, so a trace
 shows what the model saw and why it answered what it did. Any other question (the
 background, a caption, text outside the ShapesWorld question grammar), a caption that does
@@ -30,16 +30,9 @@ from langgraph.runtime import Runtime
 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.state import (
-    Box,
-    LayoutItem,
-    Perception,
-    UnderstandInput,
-    UnderstandOutput,
-    UnderstandState,
-)
+from lavida_agent.graphs.perceive import perceive, perceived_scene
+from lavida_agent.graphs.state import UnderstandInput, UnderstandOutput, UnderstandState
 from lavida_agent.tools.shapes_world import language as lang
-from lavida_agent.tools.shapes_world.scene import Object, Scene
 
 __all__ = ("SCENE_KINDS", "answer_question", "build_understand_graph", "graph",
            "perceive", "perceived_scene")  # fmt: skip
@@ -64,43 +57,6 @@ def route(state: UnderstandState, runtime: Runtime[Context]) -> str:
     if ctx.answer_by == "scene" and _scene_question(state.question) is not None:
         return "perceive"
     return "answer_question"
-
-
-def perceive(state: UnderstandState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Caption the image, then ground `the {size} {color} {shape}` of each captioned object.
-
-    Returns:
-        `perception`: the caption, each object with its grounded box, the background, and
-        whether the caption parsed whole.
-    """
-    ctx = runtime.context if runtime.context is not None else Context()
-    with node_events("perceive"):
-        engine = ctx.get_engine()
-        pixels = ctx.get_store().open(state.image)
-        text = str(engine.answer(pixels, lang.DESCRIBE))
-        cap = lang.parse_caption(text)
-        labels = [n.text for n in cap.objects]
-        boxes = engine.ground(pixels, [f"the {label}" for label in labels]) if labels else []
-        objects = [LayoutItem(label=label, box=Box.model_validate(box))
-                   for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
-        complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found
-        perception = Perception(caption=text, objects=objects, background=cap.background,
-                                complete=complete)  # fmt: skip
-        emit("perception", perception=perception.model_dump(mode="json"))
-    return {"perception": perception}
-
-
-def perceived_scene(perception: Perception) -> Scene | None:
-    """The perceived scene as a `Scene` (boxes rounded to pixels), or None when incomplete."""
-    if not perception.complete or perception.background is None:
-        return None
-    objects = []
-    for item in perception.objects:
-        size, color, shape = item.label.split()
-        b = item.box
-        box = (round(b.x0), round(b.y0), round(b.x1), round(b.y1))
-        objects.append(Object(shape, color, size, box))
-    return Scene(perception.background, tuple(objects))
 
 
 def answer_question(state: UnderstandState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -131,7 +87,7 @@ def build_understand_graph() -> StateGraph[
     """The uncompiled `understand` builder."""
     builder = StateGraph(UnderstandState, context_schema=Context, input_schema=UnderstandInput,
                          output_schema=UnderstandOutput)  # fmt: skip
-    builder.add_node(perceive)
+    builder.add_node(perceive, input_schema=UnderstandState)
     builder.add_node(answer_question)
     builder.add_conditional_edges(START, route, ["perceive", "answer_question"])
     builder.add_edge("perceive", "answer_question")

@@ -221,7 +221,10 @@ class GroundResult(RunResult):
     """Result of `ground`: one box per expression, in the *input* image's pixels.
 
     `layout` (same as `boxes`) is in input pixels; `canvas_boxes` in the model canvas, where
-    `image` (the letterboxed input) lives.
+    `image` (the letterboxed input) lives. `found_by` says per box how it was chosen
+    ('direct': the model's own box; 'scene': the object the expression picks out of what
+    the model perceived; 'fit': a perceived object's box its head noun fits better), from
+    the model's `caption` and its grounded `objects` (input pixels; see `graphs/ground.py`).
     """
 
     expressions: list[str]
@@ -229,12 +232,18 @@ class GroundResult(RunResult):
     canvas_boxes: list[LayoutItem] = field(default_factory=list)
     source_size: tuple[int, int] = (0, 0)
     letterbox: LetterboxParams | None = None
+    found_by: list[str] = field(default_factory=list)
+    caption: str | None = None
+    objects: list[LayoutItem] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
         return {
             "expressions": list(self.expressions),
             "boxes": [b.box.as_list() for b in self.boxes],
+            "found_by": list(self.found_by),
+            "caption": self.caption,
+            "objects": [{"label": o.label, "box": o.box.as_list()} for o in self.objects],
             "run_id": self.run_id,
             "thread_id": self.thread_id,
             "trace": str(self.trace_path) if self.trace_path else None,
@@ -472,7 +481,8 @@ class LavidaAgent:
                            preview_every=self.settings.preview_every,
                            iou_threshold=self.settings.iou_threshold,
                            grounding_check=self.settings.grounding_check,
-                           answer_by=self.settings.answer_by, plan_retries=self.settings.plan_retries,
+                           answer_by=self.settings.answer_by, ground_by=self.settings.ground_by,
+                           plan_retries=self.settings.plan_retries,
                            selection=self.settings.selection, rank_by=self.settings.rank_by,
                            review_plan=review_plan)  # fmt: skip
 
@@ -498,6 +508,7 @@ class LavidaAgent:
                 "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
                 "plan_retries": context.plan_retries, "selection": context.selection,
                 "rank_by": context.rank_by, "answer_by": context.answer_by,
+                "ground_by": context.ground_by,
                 "engine": type(context.engine._engine).__name__}  # fmt: skip
 
     def _run(
@@ -729,12 +740,15 @@ class LavidaAgent:
             "ground", self._graph("ground"), {"image": ref, "expressions": exprs},
             thread_id=thread_id, context=context, inputs=inputs, on_event=on_event)  # fmt: skip
         canvas_boxes: list[LayoutItem] = list(values.get("boxes", []))
-        boxes = [LayoutItem(label=b.label, box=_to_input_box(b.box.as_list(), params, w, h))
-                 for b in canvas_boxes]  # fmt: skip
+        boxes = self._input_items(canvas_boxes, params, w, h)
+        seen: Perception | None = values.get("perception")
         return GroundResult(image=canvas, image_ref=ref, layout=boxes, run_id=run_id,
                             thread_id=thread_id, trace=trace, trace_path=path, store=self.store,
                             expressions=exprs, boxes=boxes, canvas_boxes=canvas_boxes,
-                            source_size=(w, h), letterbox=params)  # fmt: skip
+                            source_size=(w, h), letterbox=params,
+                            found_by=list(values.get("found_by", [])),
+                            caption=seen.caption if seen is not None else None,
+                            objects=self._input_items(seen.objects if seen else [], params, w, h))  # fmt: skip
 
     def ask(
         self,
@@ -756,14 +770,20 @@ class LavidaAgent:
             inputs={"image": ref, "question": question, "source_size": [w, h]},
             on_event=on_event)  # fmt: skip
         seen: Perception | None = values.get("perception")
-        objects = [LayoutItem(label=o.label, box=_to_input_box(o.box.as_list(), params, w, h))
-                   for o in (seen.objects if seen is not None else [])]  # fmt: skip
+        objects = self._input_items(seen.objects if seen is not None else [], params, w, h)
         return AskResult(image=canvas, image_ref=ref, run_id=run_id, thread_id=thread_id,
                          trace=trace, trace_path=path, store=self.store, question=question,
                          answer=str(values.get("answer") or ""),
                          answered_by=values.get("answered_by"),
                          caption=seen.caption if seen is not None else None,
                          objects=objects)  # fmt: skip
+
+    @staticmethod
+    def _input_items(items: Sequence[LayoutItem], params: LetterboxParams, w: int, h: int,
+                     ) -> list[LayoutItem]:  # fmt: skip
+        """Canvas boxes mapped back to the input image's pixels (labels kept)."""
+        return [LayoutItem(label=i.label, box=_to_input_box(i.box.as_list(), params, w, h))
+                for i in items]  # fmt: skip
 
     # -- sessions -------------------------------------------------------------------------
 

@@ -742,7 +742,7 @@ def bench() -> None:
 @click.pass_context
 def bench_quality(ctx: click.Context, out_dir: str | None, quick: bool) -> None:
     """ShapesWorld quality suites (t2i, edit, grounding, VQA, reflection, plan lift and the
-    `ask` workflow)."""
+    `ask` and `ground` workflows)."""
     settings = _settings(ctx)
     run = _import("lavida_agent.benchmarks.quality", "the quality benchmark").run
     report = run(model_path=settings.model_path,

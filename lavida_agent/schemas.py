@@ -368,6 +368,16 @@ class GroundResponse(_RunOut):
     boxes: list[BoxOut] = Field(description="In the input image's pixels.")
     canvas_boxes: list[BoxOut] = Field(description="In the model canvas (letterboxed input).")
     source_size: list[int] = Field(description="[width, height] of the input image.")
+    found_by: list[Literal["direct", "scene", "fit"]] = Field(
+        default_factory=list,
+        description="Per box: 'direct' (the model's own box), 'scene' (the object the "
+        "expression picks out of the perceived scene: `caption`, `objects`) or 'fit' (a "
+        "perceived object's box the expression's head noun fits better).",
+    )
+    caption: str | None = Field(default=None, description="The model's caption, if it perceived.")
+    objects: list[BoxOut] = Field(
+        default_factory=list, description="Each captioned object grounded, in input pixels."
+    )
 
 
 class AskResponse(_RunOut):

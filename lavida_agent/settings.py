@@ -92,6 +92,11 @@ class Settings(BaseModel):
         "each object grounded) by the world's rules (scene), or ask the model the question "
         "alone (direct: one call, less accurate).",
     )
+    ground_by: Literal["scene", "direct"] = Field(
+        default="scene",
+        description="ground: check each box against the scene the model perceives (scene), or "
+        "return the model's own boxes (direct: one call, less accurate).",
+    )
 
     # -- the HTTP server ----------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")

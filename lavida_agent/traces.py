@@ -296,8 +296,11 @@ class TraceRecorder:
             return TraceView(image=out["current"], caption=f"kept step {out.get('current_step')}")
         if name == "ground_objects":
             boxes = [_vbox(i, "found") for i in out.get("boxes", [])]
-            return TraceView(image=inp.get("image"), boxes=boxes,
-                             caption=f"{len(boxes)} expression(s)")  # fmt: skip
+            by = out.get("found_by") or []
+            cap = f"{len(boxes)} expression(s)"
+            if any(b != "direct" for b in by):
+                cap += "; " + ", ".join(f"{b.label}: {how}" for b, how in zip(boxes, by) if how != "direct")
+            return TraceView(image=inp.get("image"), boxes=boxes, caption=cap)
         if name == "perceive" and out.get("perception"):
             seen = out["perception"]
             boxes = [_vbox(i, "found") for i in seen.get("objects", [])]

@@ -271,6 +271,13 @@ def test_quick_run_writes_every_suite(quick_run):
     assert ask["answered_from_scene"]["background"] == ask["answered_from_scene"]["caption"] == 0.0
     assert ask["forwards"] > 0
     assert {"acc@0.5_single", "acc@0.5_multi", "n_expressions"} <= set(s["ground"])
+    ag = s["agent_ground"]
+    assert ag["direct"] == {"single": s["ground"]["acc@0.5_single"], "multi": s["ground"]["acc@0.5_multi"]}
+    assert ag["n_expressions"] == s["ground"]["n_expressions"]  # the same expressions
+    assert set(ag["acc@0.5_multi"]) == set(ag["not_direct_multi"]) == set(s["ground"]["acc@0.5_multi"])
+    assert {r["found_by"] for it in ag["items"] for m in ("single", "multi") for r in it[m]} <= {
+        "direct", "scene", "fit"}
+    assert ag["totals_single"]["forwards"] > 0
     assert {"rendered", "own_generations"} <= set(s["critique"])
     assert len(s["t2i"]["items"]) == len(PROMPT_CATEGORIES) * on_disk["settings"]["n"]
     runs = [("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")]
@@ -302,6 +309,7 @@ def test_quick_run_writes_every_suite(quick_run):
         "## agent: t2i",
         "## agent: edit",
         "## ask",
+        "## agent_ground",
     ):
         assert header in md
 
@@ -329,6 +337,8 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["edit"]["plan_correct"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
+    assert s["agent_ground"]["acc@0.5_single"]["overall"] == 1.0
+    assert s["agent_ground"]["acc@0.5_multi"]["overall"] == 1.0
     assert s["vqa"]["accuracy"]["overall"] == 1.0
     assert s["ask"]["accuracy"]["overall"] == 1.0
     # the oracle's captions parse whole and its boxes are found: every object question is
@@ -348,7 +358,8 @@ def test_oracle_scores_perfectly(tmp_path):
 def test_blank_pipeline_scores_zero(tmp_path):
     """The judge fails what is wrong: black images, no boxes, empty answers score 0.0."""
     result = quality.run(
-        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa,ask", batch_size=8
+        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa,ask,agent_ground",
+        batch_size=8,
     )
     s = result["suites"]
     assert s["t2i"]["single_shot"]["overall"] == 0.0
@@ -362,6 +373,9 @@ def test_blank_pipeline_scores_zero(tmp_path):
         c: float(c == "background") for c in EDIT_CATEGORIES
     }
     assert s["ground"]["acc@0.5_single"]["overall"] == 0.0
+    # an empty caption perceives nothing: every box is the model's own, and none is found
+    assert s["agent_ground"]["acc@0.5_multi"]["overall"] == 0.0
+    assert s["agent_ground"]["not_direct_single"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
     assert s["ask"]["accuracy"]["overall"] == 0.0  # an empty caption: every answer direct
     assert s["ask"]["answered_from_scene"]["overall"] == 0.0

@@ -132,6 +132,30 @@ def test_ground_maps_scripted_canvas_boxes_and_clips(agent, engine):
     assert r.boxes[1].box.as_list() == [0.0, 0.0, 128.0, 64.0]  # clipped to the input
 
 
+def test_ground_checks_its_boxes_against_the_perceived_scene(agent, engine):
+    """Caption and perceived boxes first; the side expression takes the perceived leftmost
+    circle over the model's box, and every box comes back in input pixels."""
+    engine.enqueue_answer("a small red circle and a small blue circle on a white background")
+    engine.enqueue_ground([[10.0, 26.0, 22.0, 38.0], [40.0, 26.0, 52.0, 38.0]])
+    engine.enqueue_ground([[40.0, 26.0, 52.0, 38.0]])  # the model's own box: the wrong circle
+    r = agent.ground(_wide_scene(), ["the circle on the left"])
+    assert [n.node for n in r.trace.nodes] == ["perceive", "ground_objects"]
+    assert r.found_by == ["scene"] and r.trace.settings["ground_by"] == "scene"
+    assert r.boxes[0].box.as_list() == [20.0, 20.0, 44.0, 44.0]  # canvas x2, minus the pad
+    assert r.canvas_boxes[0].box.as_list() == [10.0, 26.0, 22.0, 38.0]
+    d = r.to_dict()
+    assert d["found_by"] == ["scene"] and d["caption"].startswith("a small red circle")
+    assert d["objects"][1] == {"label": "small blue circle", "box": [80.0, 20.0, 104.0, 44.0]}
+
+
+def test_ground_by_direct_setting_returns_the_models_boxes(engine):
+    engine.enqueue_ground([[40.0, 26.0, 52.0, 38.0]])
+    with LavidaAgent(engine=engine, ground_by="direct") as agent:
+        r = agent.ground(_wide_scene(), ["the circle on the left"])
+    assert (r.found_by, r.caption, r.objects) == (["direct"], None, [])
+    assert [m for m, _ in engine.log] == ["ground"]
+
+
 def test_ask_answers_about_the_letterboxed_image(agent, engine):
     engine.enqueue_answer("two")
     r = agent.ask(_wide_scene(), "how many shapes?")
