@@ -670,7 +670,7 @@ class _MinimalPipelineBackend:
     def noun_fit(self, requests):  # the benchmark's stand-ins read no labels: no signal
         return [[0.0] * len(r.items) for r in requests]
 
-    def ground(self, requests):
+    def ground(self, requests):  # a stand-in reads its one box: `candidates` is not passed
         res = self.pipeline.ground(
             [r.image for r in requests], [list(r.expressions) for r in requests]
         )

@@ -168,8 +168,15 @@ class Engine(Protocol):
         """
         ...
 
-    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
-        """One box per referring expression (a degenerate box when nothing is found)."""
+    def ground(
+        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None
+    ) -> list[BoxList]:
+        """One box per referring expression (a degenerate box when nothing is found).
+
+        `candidates`: how many boxes the engine may read per expression before it keeps one
+        (the real engine reranks them by fit); None is the engine's default, 1 the greedy
+        read (fastest). An engine that reads one box anyway ignores it.
+        """
         ...
 
     def answer(self, image: np.ndarray, question: str) -> str:

@@ -4,7 +4,9 @@ sees in an image, as a scene the world's own rules can read.
 `perceive` asks the model to describe the image (`describe the image.`), parses the caption
 (`tools/shapes_world/language.parse_caption`) and grounds `the {size} {color} {shape}` of
 every captioned object in one batched call. The result, a `Perception`, goes into the run's
-state (and so its trace); `perceived_scene` turns a complete one into a `Scene`.
+state (and so its trace); `perceived_scene` turns a complete one into a `Scene`. A workflow
+adds the node with its own state and candidate count:
+`builder.add_node("perceive", partial(perceive, candidates=1), input_schema=MyState)`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ class _HasImage(Protocol):
     image: ImageRef
 
 
-def perceive(state: _HasImage, runtime: Runtime[Context]) -> dict[str, Any]:
+def perceive(
+    state: _HasImage, runtime: Runtime[Context], *, candidates: int | None = None
+) -> dict[str, Any]:
     """Caption the image, then ground `the {size} {color} {shape}` of each captioned object.
+
+    `candidates` is the grounding's `Engine.ground(candidates=...)`: a workflow binds it
+    (`functools.partial`) to what its answers need (see `understand` and `ground`).
 
     Returns:
         `perception`: the caption, each object with its grounded box, the background, and
@@ -41,7 +48,8 @@ def perceive(state: _HasImage, runtime: Runtime[Context]) -> dict[str, Any]:
         text = str(engine.answer(pixels, lang.DESCRIBE))
         cap = lang.parse_caption(text)
         labels = [n.text for n in cap.objects]
-        boxes = engine.ground(pixels, [f"the {label}" for label in labels]) if labels else []
+        boxes = (engine.ground(pixels, [f"the {label}" for label in labels],
+                               candidates=candidates) if labels else [])  # fmt: skip
         objects = [LayoutItem(label=label, box=Box.model_validate(box))
                    for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
         complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found

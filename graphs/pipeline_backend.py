@@ -377,13 +377,17 @@ class PipelineBackend:
         results, good = self._rows_with(requests, lambda r: r.expressions)
         if good:
             found = self._ground([requests[i].image for i in good],
-                                 [list(requests[i].expressions) for i in good])  # fmt: skip
+                                 [list(requests[i].expressions) for i in good],
+                                 candidates=requests[0].candidates)  # one batch key: one count
             for i, boxes in zip(good, found, strict=True):
                 results[i] = [_box_list(b) for b in boxes]
         return results
 
-    def _ground(self, images: Sequence[Any], expressions: Sequence[list[str]]) -> list[list[Any]]:
-        out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions))
+    def _ground(
+        self, images: Sequence[Any], expressions: Sequence[list[str]], candidates: int | None = None
+    ) -> list[list[Any]]:
+        out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions),
+                                   candidates=candidates)  # fmt: skip
         return [list(row) for row in out.boxes]
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Any]:

@@ -165,6 +165,10 @@ class GroundRequest(Request):
     method = "ground"
     image: np.ndarray = field(compare=False)
     expressions: list[str]
+    candidates: int | None = None
+
+    def batch_key(self) -> Hashable:
+        return self.candidates  # one pipeline call reads one number of candidates
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,9 +407,12 @@ class BatchingEngine:
         scores: list[float] = self.call(NounFitRequest(image=image, items=items))
         return scores
 
-    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
+    def ground(
+        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None
+    ) -> list[BoxList]:
         """See `Engine.ground`."""
-        boxes: list[BoxList] = self.call(GroundRequest(image=image, expressions=expressions))
+        request = GroundRequest(image=image, expressions=expressions, candidates=candidates)
+        boxes: list[BoxList] = self.call(request)
         return boxes
 
     def answer(self, image: np.ndarray, question: str) -> str:

@@ -23,6 +23,7 @@ directly; see the README for the measured rows).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -34,8 +35,14 @@ from lavida_agent.graphs.perceive import perceive, perceived_scene
 from lavida_agent.graphs.state import UnderstandInput, UnderstandOutput, UnderstandState
 from lavida_agent.tools.shapes_world import language as lang
 
-__all__ = ("SCENE_KINDS", "answer_question", "build_understand_graph", "graph",
+__all__ = ("PERCEIVE_CANDIDATES", "SCENE_KINDS", "answer_question", "build_understand_graph", "graph",
            "perceive", "perceived_scene")  # fmt: skip
+
+PERCEIVE_CANDIDATES = 1
+"""The perception grounds each captioned object greedily (one candidate box): the answers
+come out the same as with the engine's default four candidates and their fit, at a quarter
+of the time (benchmark seed 0, n = 32: 0.853 against 0.857 in 24 s against 93 s; README,
+"Stop 20")."""
 
 SCENE_KINDS = frozenset({"count", "color", "shape", "exist", "relation"})
 """Question kinds answered from the perceived scene (the others need no objects' boxes:
@@ -87,7 +94,8 @@ def build_understand_graph() -> StateGraph[
     """The uncompiled `understand` builder."""
     builder = StateGraph(UnderstandState, context_schema=Context, input_schema=UnderstandInput,
                          output_schema=UnderstandOutput)  # fmt: skip
-    builder.add_node(perceive, input_schema=UnderstandState)
+    builder.add_node("perceive", functools.partial(perceive, candidates=PERCEIVE_CANDIDATES),
+                     input_schema=UnderstandState)  # fmt: skip
     builder.add_node(answer_question)
     builder.add_conditional_edges(START, route, ["perceive", "answer_question"])
     builder.add_edge("perceive", "answer_question")

@@ -222,8 +222,11 @@ class FakeEngine:
             return self._fits.popleft()
         return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in items]
 
-    def ground(self, image: np.ndarray, expressions: list[str]) -> list[BoxList]:
-        self._record("ground", expressions=list(expressions))
+    def ground(
+        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None
+    ) -> list[BoxList]:
+        self._record("ground", expressions=list(expressions),
+                     **({} if candidates is None else {"candidates": candidates}))  # fmt: skip
         if self._grounds:
             return self._grounds.popleft()
         return [find(image, e) for e in expressions]
@@ -332,7 +335,7 @@ class FakeBatchedBackend:
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
         self._call("ground", len(requests))
-        return [self.engine.ground(r.image, r.expressions) for r in requests]
+        return [self.engine.ground(r.image, r.expressions, candidates=r.candidates) for r in requests]
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[object]:
         self._call("answer", len(requests))

@@ -195,6 +195,20 @@ def test_rows_fail_alone_and_outputs_are_converted(backend, pipe):
     assert verdict.ok is direct.ok[0] and list(verdict.reasons) == list(direct.reasons[0])
 
 
+def test_ground_reads_the_requested_number_of_candidates(backend, pipe, monkeypatch):
+    seen = []
+    real = pipe.ground
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("candidates", "not passed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "ground", spy)
+    backend.ground([GroundRequest(image=_image(), expressions=["the red circle"], candidates=1)])
+    backend.ground([GroundRequest(image=_image(), expressions=["the red circle"])])
+    assert seen == [1, None]  # None: the pipeline's default (`ground_candidates`)
+
+
 # -- load_engine ------------------------------------------------------------------------
 
 
@@ -246,10 +260,11 @@ class ScriptedPipeline:
         self.calls.append(("understand", list(questions)))
         return SimpleNamespace(texts=[self.caption] * len(images))
 
-    def ground(self, images, expressions):
+    def ground(self, images, expressions, candidates=None):
         if not images:  # as the real pipeline: `pack([])` refuses an empty batch
             raise ValueError("pack needs at least one example (a caller passed an empty batch)")
         self.calls.append(("ground", [list(e) for e in expressions]))
+        self.candidates = candidates
         return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
 
     def edit(self, images, instructions, *, plans, **kw):

@@ -18,6 +18,7 @@ from lavida_agent.graphs.runtime import (
     BatchingEngine,
     EngineClosedError,
     GenerateRequest,
+    GroundRequest,
     PlanLayoutRequest,
 )
 from lavida_agent.graphs.state import T2IOutput
@@ -81,9 +82,13 @@ def test_incompatible_requests_are_not_batched():
         futs = [engine.submit(GenerateRequest(prompt="a", plan=None, seed=s, num_steps=n))
                 for s, n in [(1, 2), (2, 3), (3, 2), (4, 3)]]  # fmt: skip
         futs.append(engine.submit(PlanLayoutRequest(prompt="a", seed=0)))
+        image = np.zeros((64, 64, 3), np.uint8)
+        futs += [engine.submit(GroundRequest(image=image, expressions=["the red circle"], candidates=k))
+                 for k in (1, None, 1)]  # fmt: skip
         for f in futs:
             f.result(timeout=5)
-    assert sorted(backend.batch_sizes) == [("generate", 2), ("generate", 2), ("plan_layout", 1)]
+    assert sorted(backend.batch_sizes) == [("generate", 2), ("generate", 2), ("ground", 1), ("ground", 2),
+                                           ("plan_layout", 1)]  # fmt: skip
 
 
 def test_on_step_runs_in_the_callers_thread():

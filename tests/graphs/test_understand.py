@@ -46,7 +46,9 @@ def test_object_questions_are_read_off_the_perceived_scene(ctx, store, engine, q
     # one caption call, one grounding call with each captioned object's full noun
     assert [m for m, _ in engine.log] == ["answer", "ground"]
     assert engine.log[0][1] == {"question": lang.DESCRIBE}
-    assert engine.log[1][1] == {"expressions": ["the small red circle", "the large blue square"]}
+    # the perception reads each fully named object greedily (understand.PERCEIVE_CANDIDATES)
+    assert engine.log[1][1] == {"expressions": ["the small red circle", "the large blue square"],
+                                "candidates": 1}
     seen = out.perception
     assert seen is not None and seen.complete and seen.caption == CAPTION
     assert [(o.label, o.box.as_list()) for o in seen.objects] == [

@@ -149,3 +149,16 @@ def test_trace_shows_the_critique_reasons_dropped_as_not_about_the_prompt(agent,
     assert crit.output["critiques"][0]["dropped_reasons"] == ["missing purple circle"]
     assert crit.view.caption == "accept: ok (dropped, not about the prompt: missing purple circle)"
     assert "dropped (not about the prompt): missing purple circle" in render_html(r.trace, agent.store)
+
+
+def test_ground_trace_shows_the_perception_and_how_each_box_was_chosen(agent, engine):
+    engine.enqueue_answer("a small red circle and a small blue circle on a white background")
+    engine.enqueue_ground([[4.0, 4.0, 16.0, 16.0], [40.0, 4.0, 52.0, 16.0]])
+    engine.enqueue_ground([[40.0, 4.0, 52.0, 16.0]])  # the model's own box: the wrong circle
+    r = agent.ground(np.zeros((64, 64, 3), np.uint8), ["the circle on the left"])
+    seen, found = r.trace.nodes
+    assert seen.view.caption.startswith("caption: a small red circle")
+    assert [b.label for b in seen.view.boxes] == ["small red circle", "small blue circle"]
+    assert found.view.caption == "1 expression(s); the circle on the left: scene"
+    assert found.view.boxes[0].box == [4.0, 4.0, 16.0, 16.0]
+    assert "the circle on the left: scene" in render_html(r.trace, agent.store)
