@@ -500,9 +500,12 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
     if as_json:
         _echo_json(data)
         return
-    for expr, box in zip(data["expressions"], data["boxes"], strict=True):
+    notes = {"scene": "\t(the object it picks out of the perceived scene)",
+             "fit": "\t(a perceived object its noun fits better than the model's box)"}  # fmt: skip
+    for expr, box, by in zip(data["expressions"], data["boxes"], data["found_by"], strict=True):
         found = box[2] > box[0] and box[3] > box[1]
-        click.echo(f"{expr}\t" + (" ".join(f"{v:g}" for v in box) if found else "not found"))
+        where = " ".join(f"{v:g}" for v in box) if found else "not found"
+        click.echo(f"{expr}\t{where}{notes.get(by, '')}")
 
 
 @cli.command()

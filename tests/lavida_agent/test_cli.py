@@ -25,7 +25,7 @@ SCHEMAS = {
                  "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "edit": {"image": str, "instruction": str, "out": str, "seed": int, "rounds": int,
              "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
-    "ground": {"image": str, "expressions": [str], "boxes": [list]},
+    "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str]},
     "ask": {"image": str, "question": str, "answer": str},
 }
 
@@ -187,6 +187,17 @@ def test_ground_json_in_input_pixels(run, scene):
     assert load_image("boxes.png").shape == (64, 128, 3)
     human = run("ground", scene, "red circle", "green triangle")
     assert human.stdout.splitlines() == ["red circle\t20 20 60 40", "green triangle\tnot found"]
+
+
+def test_ground_says_which_boxes_came_from_the_perceived_scene(run, scene, engine):
+    engine.enqueue_answer("a small red circle and a small blue circle on a white background")
+    engine.enqueue_ground([[10.0, 26.0, 30.0, 36.0], [40.0, 26.0, 52.0, 38.0]])
+    engine.enqueue_ground([[40.0, 26.0, 52.0, 38.0]])  # the model's own box: the wrong circle
+    res = run("ground", scene, "the circle on the left")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        "the circle on the left\t20 20 60 40\t(the object it picks out of the perceived scene)"
+    ]
 
 
 def test_ask_json(run, scene, engine):
