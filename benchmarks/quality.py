@@ -58,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -475,31 +474,42 @@ def score_ground(
     Returns:
         Per image, one `{expression, box, correct}` per expression.
     """
-    rows: list[tuple[int, list[str]]] = []
+    calls = _ground_calls(expressions, multi)
+    found: list[list[dict[str, Any]]] = []
+    for sl in _chunks(len(calls), batch_size):
+        chunk = calls[sl]
+        res = pipeline.ground([images[i] for i, _ in chunk],
+                              [[expressions[i][k] for k in idx] for i, idx in chunk])  # fmt: skip
+        for (_, idx), boxes in zip(chunk, res.boxes, strict=True):
+            if len(boxes) != len(idx):
+                raise RuntimeError(f"ground returned {len(boxes)} boxes for {len(idx)} expressions")
+            found.append([{"box": None if b is None else [int(v) for v in b]} for b in boxes])
+    return _judge_ground(expressions, true_boxes, calls, found)
+
+
+def _ground_calls(expressions: Sequence[Sequence[str]], multi: bool) -> list[tuple[int, list[int]]]:
+    """`(image, indices of the expressions it grounds)` per call: all of an image's
+    expressions in one call (`multi`), or one call each."""
+    calls: list[tuple[int, list[int]]] = []
     for i, exprs in enumerate(expressions):
-        rows += [(i, list(exprs))] if multi else [(i, [e]) for e in exprs]
-    found: dict[int, list] = defaultdict(list)
-    for sl in _chunks(len(rows), batch_size):
-        chunk = rows[sl]
-        res = pipeline.ground([images[i] for i, _ in chunk], [e for _, e in chunk])
-        for (i, exprs), boxes in zip(chunk, res.boxes, strict=True):
-            if len(boxes) != len(exprs):
-                raise RuntimeError(
-                    f"ground returned {len(boxes)} boxes for {len(exprs)} expressions"
-                )
-            found[i] += list(boxes)
-    out = []
-    for i, exprs in enumerate(expressions):
-        out.append(
-            [
-                {
-                    "expression": e,
-                    "box": None if b is None else [int(v) for v in b],
-                    "correct": grounding_correct(b, t),
-                }
-                for e, b, t in zip(exprs, found[i], true_boxes[i], strict=True)
-            ]
-        )
+        idx = list(range(len(exprs)))
+        calls += [(i, idx)] if multi else [(i, [k]) for k in idx]
+    return calls
+
+
+def _judge_ground(
+    expressions: Sequence[Sequence[str]],
+    true_boxes: Sequence[Sequence[Sequence[int]]],
+    calls: Sequence[tuple[int, list[int]]],
+    found: Sequence[Sequence[dict[str, Any]]],
+) -> list[list[dict[str, Any]]]:
+    """Per image, `{expression, box, ..., correct}` per expression, from each call's
+    records (`{box: [int x 4] or None, ...}`, one per expression of the call)."""
+    out: list[list[dict[str, Any]]] = [[{} for _ in exprs] for exprs in expressions]
+    for (i, idx), records in zip(calls, found, strict=True):
+        for k, rec in zip(idx, records, strict=True):
+            out[i][k] = {"expression": expressions[i][k], **rec,
+                         "correct": grounding_correct(rec["box"], true_boxes[i][k])}  # fmt: skip
     return out
 
 
@@ -932,27 +942,19 @@ def score_agent_ground(
     from lavida_agent.graphs import ground
     from lavida_agent.graphs.state import GroundOutput
 
-    rows: list[tuple[int, list[int]]] = []  # (image, indices of its expressions)
-    for i, exprs in enumerate(expressions):
-        idx = list(range(len(exprs)))
-        rows += [(i, idx)] if multi else [(i, [k]) for k in idx]
+    calls = _ground_calls(expressions, multi)
 
-    def one(r: int, ctx: Any, store: Any) -> dict[str, Any]:
-        i, idx = rows[r]
+    def one(c: int, ctx: Any, store: Any) -> list[dict[str, Any]]:
+        i, idx = calls[c]
         exprs = [expressions[i][k] for k in idx]
         raw = ground.graph.invoke({"image": store.put(images[i]), "expressions": exprs}, context=ctx)
         out = GroundOutput.model_validate(raw)
-        return {"boxes": [b.box for b in out.boxes], "found_by": list(out.found_by)}
+        return [{"box": None if b.box.area <= 0 else [int(round(v)) for v in b.box.as_list()],
+                 "found_by": by} for b, by in zip(out.boxes, out.found_by, strict=True)]  # fmt: skip
 
-    records, totals = _through_workflow(pipeline, len(rows), one, backend=backend,
-                                        batch_size=batch_size, ground_by=ground_by)  # fmt: skip
-    found: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for (i, idx), rec in zip(rows, records, strict=True):
-        for k, box, by in zip(idx, rec["boxes"], rec["found_by"], strict=True):
-            b = None if box.area <= 0 else [int(round(v)) for v in box.as_list()]
-            found[i].append({"expression": expressions[i][k], "box": b, "found_by": by,
-                             "correct": grounding_correct(b, true_boxes[i][k])})  # fmt: skip
-    return [found[i] for i in range(len(expressions))], totals
+    found, totals = _through_workflow(pipeline, len(calls), one, backend=backend,
+                                      batch_size=batch_size, ground_by=ground_by)  # fmt: skip
+    return _judge_ground(expressions, true_boxes, calls, found), totals
 
 
 # =========================================================================== suites
@@ -1091,6 +1093,12 @@ def _suite_edit(
     return out
 
 
+def _with_forms(scored: Sequence[Sequence[dict]], items: Sequence[dict]) -> list[dict[str, Any]]:
+    """Every expression's record, flat, with its form (for `_acc_by`)."""
+    return [dict(r, form=f) for rows, it in zip(scored, items, strict=True)
+            for r, f in zip(rows, it["forms"], strict=True)]  # fmt: skip
+
+
 def _suite_ground(
     pipeline: Any, n: int, seed: int, batch_size: int, state: dict, **_: Any
 ) -> dict[str, Any]:
@@ -1102,11 +1110,7 @@ def _suite_ground(
     per_item: dict[str, list] = {}
     for mode, multi in (("single", False), ("multi", True)):
         scored = score_ground(pipeline, images, exprs, boxes, multi=multi, batch_size=batch_size)
-        flat = [
-            dict(r, form=f)
-            for rows, it in zip(scored, items, strict=True)
-            for r, f in zip(rows, it["forms"], strict=True)
-        ]
+        flat = _with_forms(scored, items)
         result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
         per_item[mode] = scored
     state["ground"] = {k: result[k] for k in ("acc@0.5_single", "acc@0.5_multi")}
@@ -1366,9 +1370,7 @@ def _suite_agent_ground(
     for mode, multi in (("single", False), ("multi", True)):
         scored, totals = score_agent_ground(pipeline, images, exprs, [it["boxes"] for it in items],
                                             multi=multi, backend=backend, batch_size=batch_size)  # fmt: skip
-        flat = [dict(r, form=f, perceived=r["found_by"] != "direct")
-                for rows, it in zip(scored, items, strict=True)
-                for r, f in zip(rows, it["forms"], strict=True)]  # fmt: skip
+        flat = [dict(r, perceived=r["found_by"] != "direct") for r in _with_forms(scored, items)]
         result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
         result[f"not_direct_{mode}"] = _acc_by(flat, "form", REF_FORMS, field="perceived")
         result[f"totals_{mode}"] = totals
