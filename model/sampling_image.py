@@ -113,7 +113,8 @@ class ImageMaskSampler:
 
     Args:
         mask_code: code id of a masked position.
-        shift: schedule shift s (5 in the released configs).
+        shift: schedule shift s (5 in the released configs), or one shift per row (a
+            batch may mix rows drawn with and without a plan, which want different shifts).
         order: `"stratified"` (fixed spatial order) or `"confidence"` (log p + Gumbel).
         temperature: sampling temperature of candidate codes; 0 = argmax.
         confidence_temperature: Gumbel scale of the confidence order, annealed to 0.
@@ -124,7 +125,7 @@ class ImageMaskSampler:
         self,
         mask_code: int,
         *,
-        shift: float = 5.0,
+        shift: float | Sequence[float] = 5.0,
         order: str = "stratified",
         temperature: float = 1.0,
         confidence_temperature: float = 1.0,
@@ -147,13 +148,18 @@ class ImageMaskSampler:
     def set_timesteps(self, num_steps: int, num_masked: int | Sequence[int], grid: int) -> None:
         """Plan the reveal counts for `num_masked` masked tokens on a `grid` x `grid` image.
 
-        `num_masked` may list one count per row (a region edit masks only its cells): each
-        row then follows its own schedule, the one it would follow alone, so a request's
-        image does not depend on what else shares its batch. `counts` is the longest
-        schedule: the loop's steps; a row whose schedule is shorter is done before.
+        `num_masked` may list one count per row (a region edit masks only its cells), as may
+        `shift`: each row then follows its own schedule, the one it would follow alone, so a
+        request's image does not depend on what else shares its batch. `counts` is the
+        longest schedule: the loop's steps; a row whose schedule is shorter is done before.
         """
         rows = [num_masked] if isinstance(num_masked, int) else [int(n) for n in num_masked]
-        self.row_counts = [shift_schedule(n, num_steps, self.shift) for n in rows]
+        shifts = [float(self.shift)] if isinstance(self.shift, (int, float)) else [float(s) for s in self.shift]
+        n = max(len(rows), len(shifts))  # one count, or one shift, serves every row
+        rows, shifts = (rows * n if len(rows) == 1 else rows), (shifts * n if len(shifts) == 1 else shifts)
+        if len(shifts) != len(rows):
+            raise ValueError(f"got {len(shifts)} shifts for {len(rows)} rows")
+        self.row_counts = [shift_schedule(m, num_steps, s) for m, s in zip(rows, shifts)]
         self.counts = max(self.row_counts, key=len)
         self.fixed_order = torch.from_numpy(stratified_order(grid, self.order_seed))
 

@@ -25,6 +25,16 @@ def test_generate_shapes_and_seed_replay(pipe):
     assert a.seeds == [1, 2]
 
 
+def test_rows_without_a_plan_draw_on_the_unplanned_shift(pipe):
+    plan = [("small red circle", (8, 8, 20, 20))]
+    mixed = pipe.generate(["a red circle"] * 2, plans=[plan, None], seed=[1, 2], num_steps=4)
+    planned = pipe.generate(["a red circle"], plans=[plan], seed=[1], num_steps=4, shift=pipe.defaults["shift"])
+    unplanned = pipe.generate(["a red circle"], seed=[2], num_steps=4, shift=pipe.defaults["unplanned_shift"])
+    assert torch.equal(mixed.codes[0], planned.codes[0]) and torch.equal(mixed.codes[1], unplanned.codes[0])
+    other = pipe.generate(["a red circle"], seed=[2], num_steps=4, shift=pipe.defaults["shift"])
+    assert not torch.equal(other.codes[0], unplanned.codes[0])  # the setting reaches the sampler
+
+
 def test_callback_fires_once_per_step_with_previews(pipe):
     events = []
     pipe.generate(["a red circle"], seed=0, num_steps=6, preview_every=3, callback=events.append)

@@ -82,6 +82,32 @@ def test_a_partly_masked_row_decodes_the_same_alone_and_beside_a_fully_masked_on
     assert torch.equal(alone[start != MASK], start[start != MASK])
 
 
+def test_each_row_follows_its_own_shift_whatever_its_batch():
+    """t2i rows with and without a plan share a batch but not a shift."""
+    N, K = 64, 32
+    logits = torch.randn(1, N, K, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1)
+
+    def run(shift, seeds):
+        sample = torch.full((len(seeds), N), MASK)
+        sampler = ImageMaskSampler(MASK, shift=shift)
+        sampler.set_timesteps(8, N, int(N**0.5))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        revealed = []
+        for i in sampler.timesteps:
+            nxt = sampler.step(logits[: len(seeds)], i, sample, generator=gens).prev_sample
+            revealed.append(((sample == MASK) & (nxt != MASK)).sum(1).tolist())
+            sample = nxt
+        return sample, [list(r) for r in zip(*revealed)]
+
+    pair, counts = run([5.0, 10.0], [3, 4])
+    assert counts == [shift_schedule(N, 8, 5.0), shift_schedule(N, 8, 10.0)]
+    assert counts[0] != counts[1]  # the larger shift reveals fewer codes early
+    assert torch.equal(pair[0], run(5.0, [3])[0][0])
+    assert torch.equal(pair[1], run([10.0], [4])[0][0])
+    with pytest.raises(ValueError, match="3 shifts for 2 rows"):
+        ImageMaskSampler(MASK, shift=[5.0, 5.0, 5.0]).set_timesteps(8, [N, N], 8)
+
+
 def test_same_seed_same_output_even_after_disturbing_global_rng():
     logits = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
     sampler = ImageMaskSampler(MASK, order="confidence")
