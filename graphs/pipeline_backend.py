@@ -58,6 +58,7 @@ from lavida_agent.graphs.runtime import (
     PlanLayoutRequest,
     RegenerateRegionsRequest,
 )
+from lavida_agent.tools.boxes import iou
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.language import DESCRIBE, Caption, parse_caption
 from lavida_agent.tools.shapes_world.render import core_box
@@ -67,7 +68,9 @@ from lavida_agent.tools.shapes_world.scene import (
     MARGIN,
     MIN_GAP,
     SIZES,
+    RELATION_SLACK,
     region_box,
+    region_of,
     size_class,
 )
 
@@ -84,6 +87,8 @@ ModelPlan = list[tuple[str, IntBox]]
 # Sides (in 64-px canvas units) of boxes this module plans for objects it has not seen: the
 # middle of each size class of SHAPES_WORLD.md (small 10-14, large 18-24).
 _PLANNED_SIDE = {"small": 12, "large": 21}
+# Two grounded boxes this close name one object (the benchmark's Acc@0.5 criterion).
+SAME_OBJECT_IOU = 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,24 +490,26 @@ class PipelineBackend:
         - `targets`: the named object's expression (the anchor's for a relative add);
         - `target_boxes` (regions to redraw; the first is the named object's source box):
           its grounded box (recolor, remove, replace), plus the resized box (resize), plus
-          the destination cell `scene.region_box` (move); the cell (add at a region), the
-          strip between the anchor and the canvas edge on the named side (relative add);
-          the whole canvas (background);
+          the new box (move); the new box (add); the whole canvas (background);
         - `layout`: the object expected after the edit, labelled with a referring expression
           so the graph can verify it by grounding: same box (recolor, replace), same centre
-          with a size-class side (resize), same size centred in the cell (move), a
-          size-class box centred in the cell or just beside the anchor (add); empty for
-          remove and background;
+          with a size-class side (resize), same size in the named cell (move), a size-class
+          box in the named cell or on the named side of the anchor (add); empty for remove
+          and background. A new box (move, add) is the allowed one nearest the cell's
+          centre (or just beside the anchor) that keeps twice the world's gap from every
+          object the plan knows of (the kept ones and the anchor), else the clearest
+          (`_place`): drawn on top of another object, it merges with it;
         - `keep`: the other captioned objects with their grounded boxes, minus any whose
           expression would name an object of `layout` after the edit (ambiguous then).
 
         Honest limits: everything rests on the model's caption and grounding; objects the
-        caption misses are not kept, a degenerate grounded box drops a keep item, and when
-        the named object is not grounded the whole canvas becomes the region and `layout` is
-        left empty. Planned boxes are centred guesses (the spec allows anywhere in a cell),
-        so the graph's IoU check on them is approximate. An instruction outside the
-        ShapesWorld grammar gets an empty plan (the model edits from the instruction alone
-        and only its own verdict checks the result).
+        caption misses are not kept (nor avoided), a degenerate grounded box drops a keep
+        item, so does one grounded on the edited object's box (IoU >= `SAME_OBJECT_IOU`: a
+        second name for it), and when the named object is not grounded the whole canvas
+        becomes the region and `layout` is left empty. Planned boxes are guesses (the spec
+        allows anywhere in a cell), so the graph's IoU check on them is approximate. An
+        instruction outside the ShapesWorld grammar gets an empty plan (the model edits
+        from the instruction alone and only its own verdict checks the result).
         """
         results, good = self._valid_rows([r.image for r in requests])
         # Step 1: the instruction's grammar; rows outside it get an empty plan.
@@ -570,19 +577,27 @@ class PipelineBackend:
         def item(noun: lang.Noun, box: BoxList) -> PlanItem:
             return {"label": _refexp(noun), "box": box}
 
+        # A kept box on the box of the object the edit changes grounds that object again
+        # under another name (objects never overlap): keeping it would spare the very cells
+        # the edit must redraw.
+        edited = referred_box if spec.category != "add" and _proper(referred_box) else None
+        kept = {e: b for e in d.keep_exprs
+                if _proper(b := boxes.get(e)) and (edited is None or iou(b, edited) < SAME_OBJECT_IOU)}  # fmt: skip
+        # Where a new or moved object goes: clear of every object the plan knows of.
+        others = list(kept.values())
         if spec.category == "background":
             regions = [whole]
         elif spec.category == "add":
             assert spec.new is not None  # EditSpec checks it
             side = _PLANNED_SIDE[spec.new.size or "small"] * scale
             if spec.region is not None:
-                cell = [float(v) for v in region_box(spec.region, canvas)]
-                cx, cy = _centre(cell)
-                new_box = _box_at(cx, cy, side, side, canvas)
-                regions, layout = [cell], [item(spec.new, new_box)]
+                new_box = _place(side, side, _in_cell(spec.region, canvas), others, canvas)
+                regions, layout = [new_box], [item(spec.new, new_box)]
             elif referred_box is not None and spec.relation is not None:
-                new_box, area = _beside(referred_box, spec.relation, side, canvas)
-                regions, layout = [area], [item(spec.new, new_box)]
+                anchor = referred_box
+                new_box = _place(side, side, _beside(anchor, spec.relation, side, canvas),
+                                 [*others, anchor], canvas)  # fmt: skip
+                regions, layout = [new_box], [item(spec.new, new_box)]
             else:
                 logger.warning("plan_edit: anchor %r not grounded; region = whole canvas",
                                d.referred)  # fmt: skip
@@ -607,21 +622,19 @@ class PipelineBackend:
                 layout = [item(lang.Noun(seen.shape, seen.color), new_box)]
             elif spec.category == "move":
                 assert spec.region is not None
-                cell = [float(v) for v in region_box(spec.region, canvas)]
-                new_box = _box_at(*_centre(cell), w, h, canvas)
-                regions.append(cell)
+                new_box = _place(w, h, _in_cell(spec.region, canvas), others, canvas)
+                regions.append(new_box)
                 layout = [item(seen, new_box)]
             # remove: nothing should be there afterwards
         after = {i["label"] for i in layout}
         keep: list[PlanItem] = []
         for e in d.keep_exprs:
-            box = boxes.get(e)
             if e in after:
                 continue  # after the edit this expression would name the edited object too
-            if box is None or box[2] <= box[0] or box[3] <= box[1]:
-                logger.debug("plan_edit: keep candidate %r not grounded; not kept", e)
+            if e not in kept:
+                logger.debug("plan_edit: keep candidate %r not grounded apart from the edited object; not kept", e)
                 continue
-            keep.append({"label": e, "box": box})
+            keep.append({"label": e, "box": kept[e]})
         return EditPlanResult(targets=targets, target_boxes=regions, layout=layout, keep=keep)
 
 
@@ -647,26 +660,54 @@ def _resized_side(side: float, direction: str) -> float:
     return float(max(SIZES["small"][0], min(side - 2, _PLANNED_SIDE["small"])))
 
 
-def _beside(anchor: BoxList, relation: str, side: float, canvas: int) -> tuple[BoxList, BoxList]:
-    """A `side` box just on the `relation` side of `anchor`, and the strip it lies in.
+Placement = tuple[tuple[float, float], Callable[[float, float], bool]]
+"""Where a planned object may go: its preferred centre, and which centres are allowed."""
 
-    The strip runs from the anchor (minus the gap) to the canvas edge, across the rows (or
-    columns) of the new box; the new box is clamped into the canvas (best effort when the
-    anchor sits at the edge).
+
+def _proper(box: Sequence[float] | None) -> bool:
+    """A box with area (grounding marks an object it did not find with a degenerate box)."""
+    return box is not None and box[2] > box[0] and box[3] > box[1]
+
+
+def _in_cell(region: str, canvas: int) -> Placement:
+    """Centres in a named 3 x 3 cell (as the world reads a position), its centre preferred."""
+    return _centre(region_box(region, canvas)), lambda cx, cy: region_of(cx, cy, canvas) == region
+
+
+def _beside(anchor: BoxList, relation: str, side: float, canvas: int) -> Placement:
+    """Centres for which `relation` holds against `anchor` (SHAPES_WORLD.md's centre rule,
+    with twice its slack), the centre of a `side` box just beside the anchor preferred."""
+    gap, slack = 2 * MIN_GAP * canvas / CANVAS, 2 * RELATION_SLACK * canvas / CANVAS
+    (acx, acy), (ax0, ay0, ax1, ay1) = _centre(anchor), anchor
+    preferred, ok = {
+        "left of": ((ax0 - gap - side / 2, acy), lambda cx, cy: cx + slack < acx),
+        "right of": ((ax1 + gap + side / 2, acy), lambda cx, cy: cx > acx + slack),
+        "above": ((acx, ay0 - gap - side / 2), lambda cx, cy: cy + slack < acy),
+        "below": ((acx, ay1 + gap + side / 2), lambda cx, cy: cy > acy + slack),
+    }[relation]
+    return preferred, ok
+
+
+def _clearance(box: Sequence[float], others: Sequence[Sequence[float]]) -> float:
+    """Pixels between `box` and the nearest of `others` (negative: they overlap)."""
+    return min((max(o[0] - box[2], box[0] - o[2], o[1] - box[3], box[1] - o[3]) for o in others),
+               default=math.inf)  # fmt: skip
+
+
+def _place(w: float, h: float, where: Placement, others: Sequence[Sequence[float]], canvas: int) -> BoxList:
+    """A `w x h` box for a new (or moved) object: the one nearest the preferred centre that
+    keeps twice the world's gap from every box in `others`, else the clearest allowed one.
+
+    Candidates sit on whole pixels inside the canvas margin, with their centre allowed by
+    `where`; with none allowed (an anchor at the canvas edge), the box at the preferred
+    centre, shifted inside the margin.
     """
-    gap = 2 * MIN_GAP * canvas / CANVAS
-    ax0, ay0, ax1, ay1 = anchor
-    acx, acy = _centre(anchor)
-    if relation == "left of":
-        box = _box_at(ax0 - gap - side / 2, acy, side, side, canvas)
-        area = [0.0, box[1], max(ax0 - MIN_GAP, box[2]), box[3]]
-    elif relation == "right of":
-        box = _box_at(ax1 + gap + side / 2, acy, side, side, canvas)
-        area = [min(ax1 + MIN_GAP, box[0]), box[1], float(canvas), box[3]]
-    elif relation == "above":
-        box = _box_at(acx, ay0 - gap - side / 2, side, side, canvas)
-        area = [box[0], 0.0, box[2], max(ay0 - MIN_GAP, box[3])]
-    else:  # below
-        box = _box_at(acx, ay1 + gap + side / 2, side, side, canvas)
-        area = [box[0], min(ay1 + MIN_GAP, box[1]), box[2], float(canvas)]
-    return box, area
+    (px, py), ok = where
+    m, gap = MARGIN * canvas / CANVAS, 2 * MIN_GAP * canvas / CANVAS
+    xs, ys = range(math.ceil(m), math.floor(canvas - m - w) + 1), range(math.ceil(m), math.floor(canvas - m - h) + 1)
+    boxes = [[float(x), float(y), x + w, y + h] for x in xs for y in ys if ok(x + w / 2, y + h / 2)]
+    if not boxes:
+        return _box_at(px, py, w, h, canvas)
+    boxes.sort(key=lambda b: math.dist(_centre(b), (px, py)))  # stable: ties keep grid order
+    clear = next((b for b in boxes if _clearance(b, others) >= gap), None)
+    return clear or max(boxes, key=lambda b: _clearance(b, others))

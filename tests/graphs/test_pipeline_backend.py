@@ -29,6 +29,7 @@ from lavida_agent.graphs.runtime import (
     PlanEditRequest,
 )
 from lavida_agent.graphs.state import EditOutput, T2IOutput
+from lavida_agent.tools.shapes_world.scene import boxes_apart, region_of
 from tests.fakes import tiny_pipeline
 
 PLAN = [{"label": "small red circle", "box": [4.0, 4.0, 16.0, 16.0]}]
@@ -284,6 +285,10 @@ def _labels(items):
     return {i["label"]: i["box"] for i in items}
 
 
+def _centre(box):
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
 def test_parse_caption():
     cap = parse_caption("A small red circle, a large blue square and an small green triangle "
                         "on a white background.")  # fmt: skip
@@ -310,17 +315,39 @@ def test_plan_edit_batches_one_caption_and_one_grounding_call():
         keep=[{"label": "the blue square", "box": [float(v) for v in BLUE]},
               {"label": "the green triangle", "box": [float(v) for v in GREEN]}],
     )  # fmt: skip
+    # A move redraws the source box and the destination box: the object's own size, its
+    # centre in the named cell (the red circle there is in the way of any such box).
     assert move.targets == ["the blue square"]
-    assert move.target_boxes == [[float(v) for v in BLUE], [0.0, 0.0, 22.0, 22.0]]  # + the cell
-    assert move.layout == [{"label": "the blue square", "box": [2.0, 2.0, 23.0, 23.0]}]
+    ((label, box),) = _labels(move.layout).items()
+    assert label == "the blue square" and move.target_boxes == [[float(v) for v in BLUE], box]
+    assert box[2] - box[0] == box[3] - box[1] == 21 and region_of(*_centre(box)) == "top left"
     assert set(_labels(move.keep)) == {"the red circle", "the green triangle"}
-    # A relative add: a small box just left of the anchor; the anchor itself is kept.
+    # A relative add: a small box left of the anchor, clear of every known object (right
+    # beside the anchor's centre row the green triangle is in the way).
     assert add.targets == ["the blue square"]
     ((label, box),) = _labels(add.layout).items()
-    assert label == "the yellow diamond" and box[2] - box[0] == 12
-    assert (box[0] + box[2]) / 2 + 4 < (BLUE[0] + BLUE[2]) / 2 and box[2] <= BLUE[0] - 2
-    assert add.target_boxes[0][0] == 0.0 and add.target_boxes[0][2] >= box[2]
+    assert label == "the yellow diamond" and box[2] - box[0] == box[3] - box[1] == 12
+    assert _centre(box)[0] + 4 < _centre(BLUE)[0] and add.target_boxes == [box]
+    assert all(boxes_apart(box, other, 4) for other in (RED, BLUE, GREEN))
     assert set(_labels(add.keep)) == {"the red circle", "the blue square", "the green triangle"}
+
+
+def test_plan_edit_places_new_objects_clear_of_the_objects_it_keeps():
+    circle = (17, 46, 29, 58)  # in the bottom cell, left of its centre
+    pipe = ScriptedPipeline("a small red circle on a white background", {"the red circle": circle})
+    (bottom,), _ = _plan_edit(["add a yellow diamond at the bottom"], pipe)
+    ((_, box),) = _labels(bottom.layout).items()
+    assert region_of(*_centre(box)) == "bottom" and bottom.target_boxes == [box]
+    assert boxes_apart(box, circle, 4) and box[0] == circle[2] + 4  # the nearest clear spot
+    # No box centred in the top-left cell clears the red circle there: the clearest one.
+    (top_left,), _ = _plan_edit(["add a yellow diamond at the top left"])
+    ((_, box),) = _labels(top_left.layout).items()
+    assert region_of(*_centre(box)) == "top left" and box[2] - box[0] == 12
+
+    def overlap(a, b):
+        return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    assert overlap(box, RED) < overlap((5, 5, 17, 17), RED) / 4  # the cell-centred box: 121 px
 
 
 def test_plan_edit_other_categories_and_limits():
@@ -343,6 +370,18 @@ def test_plan_edit_other_categories_and_limits():
     (amb,), _ = _plan_edit(["make the blue circle red"], ScriptedPipeline(
         two, {"the red circle": RED, "the blue circle": (40, 40, 52, 52)}))
     assert _labels(amb.layout) == {"the red circle": [40.0, 40.0, 52.0, 52.0]} and amb.keep == []
+
+
+def test_plan_edit_does_not_keep_a_second_name_for_the_edited_object():
+    """The caption named the red circle twice (`a red circle`, `a blue square`) and both were
+    grounded on it: keeping the `blue square` would spare the cells the removal redraws."""
+    caption = "a small red circle, a large blue square and a small green triangle on a white background"
+    boxes = {"the red circle": RED, "the blue square": (4, 4, 16, 17), "the green triangle": GREEN}
+    (remove, add), _ = _plan_edit(["remove the red circle", "add a yellow diamond below the red circle"],
+                                  ScriptedPipeline(caption, boxes))  # fmt: skip
+    assert _labels(remove.keep) == {"the green triangle": [float(v) for v in GREEN]}
+    # an add changes no object: its anchor's look-alike is kept (and avoided)
+    assert set(_labels(add.keep)) == {"the red circle", "the blue square", "the green triangle"}
 
 
 def test_plan_edit_with_nothing_to_ground_makes_no_grounding_call():
