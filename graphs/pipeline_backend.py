@@ -607,7 +607,9 @@ class PipelineBackend:
             regions = [whole]
         else:
             assert seen is not None and spec.target is not None
-            src = referred_box
+            # every object of the world has a square box: a grounded box that is not one
+            # missed part of the object, and a region it gives would leave that part behind
+            src = _box_at(*_centre(referred_box), _side(referred_box), _side(referred_box), canvas)
             (cx, cy), w, h = _centre(src), src[2] - src[0], src[3] - src[1]
             regions = [src]
             if spec.category == "recolor":

@@ -384,6 +384,12 @@ def test_plan_edit_does_not_keep_a_second_name_for_the_edited_object():
     assert set(_labels(add.keep)) == {"the red circle", "the blue square", "the green triangle"}
 
 
+def test_plan_edit_redraws_a_square_around_a_box_grounded_short():
+    """World objects have square boxes: a grounded 12 x 8 box missed part of the circle."""
+    (plan,), _ = _plan_edit(["make the red circle blue"], ScriptedPipeline(boxes={"the red circle": (4, 4, 16, 12)}))
+    assert plan.target_boxes == [[4.0, 2.0, 16.0, 14.0]] == [plan.layout[0]["box"]]
+
+
 def test_plan_edit_with_nothing_to_ground_makes_no_grounding_call():
     """A background edit on an image whose caption lists no object has nothing to ground:
     the plan is the whole canvas, and no empty grounding batch reaches the model (this was
