@@ -581,8 +581,8 @@ class PipelineBackend:
         # under another name (objects never overlap): keeping it would spare the very cells
         # the edit must redraw.
         edited = referred_box if spec.category != "add" and _proper(referred_box) else None
-        kept = {e: b for e in d.keep_exprs
-                if _proper(b := boxes.get(e)) and (edited is None or iou(b, edited) < SAME_OBJECT_IOU)}  # fmt: skip
+        kept = {e: b for e in d.keep_exprs if _proper(b := boxes.get(e))
+                and (edited is None or iou(b, edited) < SAME_OBJECT_IOU)}  # fmt: skip
         # Where a new or moved object goes: clear of every object the plan knows of.
         others = list(kept.values())
         if spec.category == "background":
@@ -634,7 +634,8 @@ class PipelineBackend:
             if e in after:
                 continue  # after the edit this expression would name the edited object too
             if e not in kept:
-                logger.debug("plan_edit: keep candidate %r not grounded apart from the edited object; not kept", e)
+                logger.debug("plan_edit: keep candidate %r not grounded apart from the edited "
+                             "object; not kept", e)  # fmt: skip
                 continue
             keep.append({"label": e, "box": kept[e]})
         return EditPlanResult(targets=targets, target_boxes=regions, layout=layout, keep=keep)
@@ -696,7 +697,9 @@ def _clearance(box: Sequence[float], others: Sequence[Sequence[float]]) -> float
                default=math.inf)  # fmt: skip
 
 
-def _place(w: float, h: float, where: Placement, others: Sequence[Sequence[float]], canvas: int) -> BoxList:
+def _place(
+    w: float, h: float, where: Placement, others: Sequence[Sequence[float]], canvas: int
+) -> BoxList:
     """A `w x h` box for a new (or moved) object: the one nearest the preferred centre that
     keeps twice the world's gap from every box in `others`, else the clearest allowed one.
 
@@ -706,7 +709,8 @@ def _place(w: float, h: float, where: Placement, others: Sequence[Sequence[float
     """
     (px, py), ok = where
     m, gap = MARGIN * canvas / CANVAS, 2 * MIN_GAP * canvas / CANVAS
-    xs, ys = range(math.ceil(m), math.floor(canvas - m - w) + 1), range(math.ceil(m), math.floor(canvas - m - h) + 1)
+    xs = range(math.ceil(m), math.floor(canvas - m - w) + 1)
+    ys = range(math.ceil(m), math.floor(canvas - m - h) + 1)
     boxes = [[float(x), float(y), x + w, y + h] for x in xs for y in ys if ok(x + w / 2, y + h / 2)]
     if not boxes:
         return _box_at(px, py, w, h, canvas)

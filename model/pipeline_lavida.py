@@ -343,7 +343,8 @@ class LavidaPipeline:
         # each row on its own schedule: a region edit's result must not depend on its batch
         n_masked = (sample == cfg.image_mask_code).sum(1).tolist()
         shift = self.defaults["shift"] if shift is None else shift
-        sampler = ImageMaskSampler(cfg.image_mask_code, shift=shift, order=order, temperature=temperature)
+        sampler = ImageMaskSampler(cfg.image_mask_code, shift=shift, order=order,
+                                   temperature=temperature)  # fmt: skip
         sampler.set_timesteps(num_steps, n_masked, G)
         total = len(sampler.timesteps)
         for i in sampler.timesteps:
@@ -488,7 +489,8 @@ class LavidaPipeline:
             temperature=d["temperature"] if temperature is None else temperature,
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="generate",
-            shift=shift if shift is not None else [d["unplanned_shift" if pl is None else "shift"] for pl in plans],
+            shift=shift if shift is not None
+            else [d["unplanned_shift" if pl is None else "shift"] for pl in plans],
         )  # fmt: skip
         return ImageOutput(images=self._decode_codes(codes), codes=codes.cpu(), plans=list(plans), seeds=seeds)
 

@@ -154,9 +154,11 @@ class ImageMaskSampler:
         longest schedule: the loop's steps; a row whose schedule is shorter is done before.
         """
         rows = [num_masked] if isinstance(num_masked, int) else [int(n) for n in num_masked]
-        shifts = [float(self.shift)] if isinstance(self.shift, (int, float)) else [float(s) for s in self.shift]
+        given = self.shift
+        shifts = [float(given)] if isinstance(given, (int, float)) else [float(v) for v in given]
         n = max(len(rows), len(shifts))  # one count, or one shift, serves every row
-        rows, shifts = (rows * n if len(rows) == 1 else rows), (shifts * n if len(shifts) == 1 else shifts)
+        rows = rows * n if len(rows) == 1 else rows
+        shifts = shifts * n if len(shifts) == 1 else shifts
         if len(shifts) != len(rows):
             raise ValueError(f"got {len(shifts)} shifts for {len(rows)} rows")
         self.row_counts = [shift_schedule(m, num_steps, s) for m, s in zip(rows, shifts)]
