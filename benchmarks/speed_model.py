@@ -17,8 +17,9 @@ other processes hits all of them alike and the *ratios* stay meaningful):
   expressions, counted with `forward_count` (`grounding_forwards`, 1 by design), against
   decoding the same 12 location tokens per row one forward per token (each reveals one,
   left to right) -> `grounding_speedup`. A stronger sequential baseline that caches the
-  image + prompt prefix, and the pipeline's default (4 forwards: one coordinate of every
-  box each), are reported in `details` too.
+  image + prompt prefix, the stepwise read (4 forwards: one coordinate of every box each),
+  four branches kept by the noun's fit (`reranked`) and the pipeline's default, twelve
+  views kept by the noun's fit (`views`), are reported in `details` too.
 - **Achieved GFLOP/s** of the cached generation step, FLOPs counted analytically from the
   config (2 x parameters touched x tokens for every matmul, 4 x Lq x Lk x d per row and layer
   for attention), against a 1024 x 1024 fp32 matmul timed in the same run -> `gflops_ratio`.
@@ -412,15 +413,19 @@ def _run(out_dir, quick, preset, model_path, repeats) -> dict[str, Any]:
         pipe.ground(images, exprs, candidates=1)  # one coordinate per box per forward
         stepwise_forwards = pipe.forward_count - before
         before = pipe.forward_count
-        pipe.ground(images, exprs)  # the default: 4 candidates a box, kept by the noun's fit
+        pipe.ground(images, exprs, candidates=4)  # 4 branches a box, kept by the noun's fit
         reranked_forwards = pipe.forward_count - before
+        before = pipe.forward_count
+        pipe.ground(images, exprs, views=12)  # the default: 12 views, kept by the noun's fit
+        views_forwards = pipe.forward_count - before
         _, seq_forwards = _ground_sequential(pipe, images, exprs, cache_prefix=False)
         _, seq_cached_forwards = _ground_sequential(pipe, images, exprs, cache_prefix=True)
         g_times = _interleaved(
             {
                 "one_forward": lambda: pipe.ground(images, exprs, num_steps=1),
                 "stepwise": lambda: pipe.ground(images, exprs, candidates=1),
-                "reranked": lambda: pipe.ground(images, exprs),
+                "reranked": lambda: pipe.ground(images, exprs, candidates=4),
+                "views": lambda: pipe.ground(images, exprs, views=12),
                 "sequential": lambda: _ground_sequential(pipe, images, exprs, cache_prefix=False),
                 "sequential_cached_prefix": lambda: _ground_sequential(pipe, images, exprs, cache_prefix=True),
             },
@@ -494,7 +499,7 @@ def _run(out_dir, quick, preset, model_path, repeats) -> dict[str, Any]:
                 "images": len(images), "expressions_per_image": len(EXPRESSIONS),
                 "loc_tokens_per_image": 4 * len(EXPRESSIONS),
                 "forwards": {"one_forward": grounding_forwards, "stepwise": stepwise_forwards,
-                             "reranked": reranked_forwards,
+                             "reranked": reranked_forwards, "views": views_forwards,
                              "sequential": seq_forwards, "sequential_cached_prefix": seq_cached_forwards},
                 "timings": {k: _timing(v) for k, v in g_times.items()},
                 "speedup_vs_sequential_cached_prefix": g_med["sequential_cached_prefix"] / g_med["one_forward"],

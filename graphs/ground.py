@@ -27,8 +27,9 @@ the perception stays in the state and the trace. `Context.ground_by="direct"` sk
 perception: one `ground` call, the model's boxes as they are.
 
 Why: the shipped model binds a colour or shape to the wrong object more often than it
-captions and grounds each captioned object (benchmark seeds 0-3, `--suites ground,
-agent_ground`: see the README for the measured rows).
+captions and grounds each captioned object. Since the engine reads every image in twelve
+views (weights README, "Stop 22") the checks add less than they did, but still add: over
+benchmark seeds 0-3 (`--suites ground,agent_ground`) see the README for the measured rows.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ pipeline's own candidate rerank uses). On benchmark seeds 0-1 margins of 10, 20 
 0.884, 0.875 and 0.875; the pipeline's margin was kept rather than tuned on them."""
 
 PERCEIVE_CANDIDATES: int | None = None
-"""The perception grounds each captioned object with the engine's default read (four
-candidates reranked by fit for the real engine): its boxes are the candidates each
-expression is checked against, and the greedy read cost 0.03 (benchmark seeds 0-3: 0.862 /
-0.842 against 0.891 / 0.869 single / multi; README, "Stop 20")."""
+"""The perception grounds each captioned object with the engine's default read (for the
+real engine, the image in twelve views and the box the noun fits best of all they found):
+its boxes are the candidates each expression is checked against. Measured when the default
+was four candidates, the greedy read cost 0.03 (benchmark seeds 0-3: 0.862 / 0.842 against
+0.891 / 0.869 single / multi; weights README, "Stop 20")."""
 
 
 def route(state: GroundState, runtime: Runtime[Context]) -> str:

@@ -838,7 +838,7 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
 
     Default device, dtype and grounding use `graphs.engine.load_engine`, cached per model
     path and shared by every agent of the process, so not owned: closing one agent must not
-    close it under the others. Any other device/dtype/`ground_candidates` builds a
+    close it under the others. Any other device/dtype/`ground_views`/`ground_candidates` builds a
     `BatchingEngine(PipelineBackend(pipeline))` of the caller's own.
     """
     path = settings.model_path
@@ -846,7 +846,8 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
     if path is not None and not Path(path).expanduser().exists():
         raise ModelLoadError(f"no checkpoint at {path!r}")
     try:
-        if settings.device is None and settings.dtype == "float32" and settings.ground_candidates is None:
+        own_read = settings.ground_candidates is not None or settings.ground_views is not None
+        if settings.device is None and settings.dtype == "float32" and not own_read:
             from lavida_agent.graphs.engine import load_engine
 
             with map_exceptions():
@@ -859,8 +860,10 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
 
         pipe = LavidaPipeline.from_pretrained(path, device=settings.device,
                                               dtype=getattr(torch, settings.dtype))  # fmt: skip
-        if settings.ground_candidates is not None:
-            pipe.defaults = {**pipe.defaults, "ground_candidates": settings.ground_candidates}
+        if settings.ground_candidates is not None:  # branches on the image alone, unless views too
+            pipe.defaults = {**pipe.defaults, "ground_candidates": settings.ground_candidates, "ground_views": 1}
+        if settings.ground_views is not None:
+            pipe.defaults = {**pipe.defaults, "ground_views": settings.ground_views}
         engine: Engine = BatchingEngine(PipelineBackend(pipe))
         return engine, True
     except ModelLoadError:

@@ -55,10 +55,17 @@ class Settings(BaseModel):
         default="float32", description="Weights dtype (float32 unless asked otherwise)."
     )
     canvas: int = Field(default=64, ge=8, description="Model image side; inputs letterboxed.")
+    ground_views: int | None = Field(
+        default=None, ge=1, le=24,
+        description="Views (mirrored, moved) grounding reads an image in; the box kept is the "
+        "one the noun fits best of all they found (1: the image alone); None: the checkpoint's "
+        "default.",
+    )
     ground_candidates: int | None = Field(
         default=None, ge=1,
-        description="Boxes decoded per grounding expression, the best kept by the noun's fit "
-        "(1: the greedy read, ~6x faster, less accurate); None: the checkpoint's default.",
+        description="Boxes decoded per grounding expression on the image alone, the best kept "
+        "by the noun's fit (1: the greedy read); setting it turns the views off unless "
+        "ground_views is set too. None: the checkpoint's default.",
     )
 
     # -- workflow defaults ----------------------------------------------------------------

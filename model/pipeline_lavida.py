@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lavida_agent.tools.boxes import iou
 
 from .configuration_lavida import LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
@@ -81,6 +84,9 @@ DEFAULTS: dict = {
     "text_steps": 8,
     "ground_steps": 4,  # 1 = every coordinate in one forward; 4 = one per box per forward
     "ground_candidates": 4,  # boxes decoded per expression; > 1: the head noun's fit picks
+    # the default read: the image in this many views, the head noun's fit picks among all
+    # the boxes they find (1: the image alone, in `ground_candidates` branches)
+    "ground_views": 12,
 }
 
 
@@ -126,8 +132,11 @@ class TextOutput:
 @dataclass
 class GroundingOutput:
     boxes: list[list[Box | None]]  # per image, one box (or None if unparsable) per expression
-    # per image, per expression, the `candidates` boxes (branch 0 first: the one in `boxes`)
+    # per image, per expression, the candidate boxes: the greedy branch first, or with views
+    # the box most views found first
     candidates: list[list[list[Box | None]]] = field(default_factory=list)
+    # with views: per image, per expression, how many views found each candidate
+    votes: list[list[list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -176,6 +185,60 @@ def _kth_peak(logp: torch.Tensor, k: int, spread: int) -> int:
             return int(logp.argmax())
         lp[max(0, v - spread) : v + spread + 1] = -math.inf
     return v
+
+
+GROUND_VIEWS: tuple[tuple[bool, int, int], ...] = (
+    (False, 0, 0), (True, 0, 0), (False, 2, 0), (False, 0, 2), (False, -2, -2), (False, 3, -1),
+    (True, 1, 1), (True, -2, 2), (False, -1, 3), (True, 2, -2), (False, 1, -3), (True, -3, 0),
+    (True, 0, 2), (False, -3, 2), (True, 3, 1), (False, 2, 2), (True, -1, -3), (False, -2, 1),
+    (True, 1, -1), (False, 3, 3), (True, -2, -1), (False, -3, -3), (True, 2, 3), (False, 1, 1),
+)  # fmt: skip
+"""The views `ground(views=V)` reads an image in, the first V of them: `(mirror, dx, dy)` is
+the image mirrored left to right when `mirror` (and `left` and `right` swapped in every
+expression), then moved `dx`, `dy` pixels with its edge rows and columns repeated. Each view
+puts the objects on other image codes, and the model's mistakes differ from view to view
+(the identity comes first)."""
+
+_SIDES = re.compile(r"\b(left|right)\b")
+
+
+def _view_image(image: np.ndarray, view: tuple[bool, int, int]) -> np.ndarray:
+    mirror, dx, dy = view
+    h, w = image.shape[:2]
+    xs = np.clip(np.arange(w) - dx, 0, w - 1)
+    ys = np.clip(np.arange(h) - dy, 0, h - 1)
+    return image[ys][:, w - 1 - xs if mirror else xs]
+
+
+def _view_text(text: str, view: tuple[bool, int, int]) -> str:
+    return _SIDES.sub(lambda m: "right" if m[1] == "left" else "left", text) if view[0] else text
+
+
+def _unview_box(box: Box | None, view: tuple[bool, int, int], size: int) -> Box | None:
+    """A box found in a view, in the pixels of the image itself (clipped to it)."""
+    if box is None:
+        return None
+    mirror, dx, dy = view
+    x0, y0, x1, y1 = box[0] - dx, box[1] - dy, box[2] - dx, box[3] - dy
+    if mirror:
+        x0, x1 = size - x1, size - x0
+    x0, y0, x1, y1 = (min(max(v, 0), size) for v in (x0, y0, x1, y1))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _agreed(boxes: Sequence[Box | None]) -> tuple[list[Box], list[int]]:
+    """The distinct boxes the views found, most votes first: the box most others overlap
+    (IoU >= 0.5; the earliest view on a tie) with its votes, then the same among the boxes
+    it did not take, and so on."""
+    left = [b for b in boxes if b is not None]
+    found, votes = [], []
+    while left:
+        near = [sum(iou(b, c) >= 0.5 for c in left) for b in left]
+        best = max(range(len(left)), key=lambda k: (near[k], -k))
+        found.append(left[best])
+        votes.append(near[best])
+        left = [c for c in left if iou(found[-1], c) < 0.5]
+    return found, votes
 
 
 def _as_list(x, n: int | None = None, name: str = "value") -> list:
@@ -665,7 +728,7 @@ class LavidaPipeline:
     @torch.no_grad()
     def ground(
         self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None,
-        candidates: int | None = None,
+        candidates: int | None = None, views: int | None = None,
     ) -> GroundingOutput:  # fmt: skip
         """Locate every expression: all boxes of the batch are filled together (FACTS §5).
 
@@ -676,18 +739,28 @@ class LavidaPipeline:
         shipped model's boxes). A kept coordinate bounds its partner (x1 > x0, y1 > y0).
         `num_steps=1` is the single-forward grand mode: every coordinate at once.
 
-        With `candidates=K > 1` (the default, `pipeline_index.json`'s `ground_candidates`)
-        every row is decoded K times in the same forwards: branch k starts from the k-th
-        highest peak of the first (most confident) coordinate, peaks at least
-        `CANDIDATE_SPREAD` bins apart, and completes greedily, so the branches usually land
-        on different objects (a branch without a peak of its own repeats branch 0, the
-        greedy box). Then, for an expression in the ShapesWorld grammar, each candidate is
-        scored by how well the expression's head noun explains it (`noun_fit`: `region_fit`
-        of `a {color} {shape}` planned at the box) and the box kept is the best candidate
-        when it fits more than `RERANK_MARGIN` nats better than the greedy one, else the
-        greedy one. Grounding's own likelihood does not tell a purple square from the
-        purple circle next to it; the drawing side of the model does (`model/weights/
-        README.md`, "Stop 17"). `candidates=1` is the greedy decode alone.
+        Two reads propose more than one box per expression; for an expression in the
+        ShapesWorld grammar the box kept is then the candidate its head noun explains best
+        (`noun_fit`: `region_fit` of `a {color} {shape}` planned at the box) when it fits
+        more than `RERANK_MARGIN` nats better than the first candidate, else the first.
+        Grounding's own likelihood does not tell a purple square from the purple circle next
+        to it; the drawing side of the model does (`model/weights/README.md`, "Stop 17").
+
+        - `views=V > 1` (the default, `pipeline_index.json`'s `ground_views`): the image is
+          read greedily in the first V of `GROUND_VIEWS` (mirrored, moved a few pixels; one
+          batch), each box is mapped back, and the candidates are the distinct boxes found,
+          the one most views agree on first. The model's mistakes differ from view to view:
+          some view nearly always finds the right object, and its noun tells which (README,
+          "Stop 22").
+        - `candidates=K > 1`: the image as given, every row decoded K times in the same
+          forwards: branch k starts from the k-th highest peak of the first (most
+          confident) coordinate, peaks at least `CANDIDATE_SPREAD` bins apart, and completes
+          greedily (a branch without a peak of its own repeats branch 0, the greedy box).
+
+        With neither given (nor `num_steps=1`, which reads the image alone, greedily) the
+        default read applies; `candidates` alone reads the image as given (`candidates=1`:
+        the greedy decode alone), `views` alone reads it greedily in each view. Both above 1
+        is an error.
 
         Args:
             images: one image per request.
@@ -695,24 +768,54 @@ class LavidaPipeline:
             num_steps: forwards, 1 to 4 (default `pipeline_index.json`'s `ground_steps`, 4);
                 with candidates, 2 to 4 (the first forward only chooses the branches; a
                 default of 1 becomes 2).
-            candidates: boxes decoded per expression (K >= 1; None: the default, or 1 with
+            candidates: boxes decoded per expression (K >= 1; None: see above, or 1 with
                 `num_steps=1`).
+            views: views the image is read in (1 to `len(GROUND_VIEWS)`; None: see above).
 
         Returns:
-            `boxes` (the kept box of each expression) and `candidates` (every decoded box,
-            the greedy one first).
+            `boxes` (the kept box of each expression), `candidates` (every candidate, the
+            first one first) and, with views, `votes` (how many views found each candidate).
         """
         images = _as_list(images)
         expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
-        K = int(self.defaults["ground_candidates"] if candidates is None else candidates)
-        if candidates is None and num_steps == 1:
-            K = 1  # the one-forward mode cannot branch: asked for by name, it decodes greedily
-        steps = int(num_steps or max(self.defaults["ground_steps"], 1 if K == 1 else 2))
+        d = self.defaults
+        if views is None:
+            views = d["ground_views"] if candidates is None and num_steps != 1 else 1
+        V = int(views)
+        if not 1 <= V <= len(GROUND_VIEWS):
+            raise ValueError(f"views must be 1 to {len(GROUND_VIEWS)}, got {views}")
+        if candidates is None:
+            candidates = 1 if V > 1 or num_steps == 1 else d["ground_candidates"]
+        K = int(candidates)
         if K < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if K > 1 and V > 1:
+            raise ValueError(f"read with candidates or with views, not both (got candidates={K}, views={V})")
+        steps = int(num_steps or max(d["ground_steps"], 1 if K == 1 else 2))
         if not (1 if K == 1 else 2) <= steps <= 4:
             raise ValueError(f"num_steps must be {1 if K == 1 else 2} to 4 for a 4-coordinate box "
                              f"with {K} candidate(s), got {steps}")  # fmt: skip
+        if V == 1:
+            kept, cands = self._read_boxes(images, expressions, K, steps)
+            votes: list[list[list[int]]] = []
+        else:
+            shown = GROUND_VIEWS[:V]
+            read, _ = self._read_boxes([_view_image(self._check_image(im), v) for im in images for v in shown],
+                                       [[_view_text(e, v) for e in ex] for ex in expressions for v in shown],
+                                       1, steps)  # fmt: skip
+            size = self.config.image_size
+            agreed = [[_agreed([_unview_box(read[i * V + j][e], v, size) for j, v in enumerate(shown)])
+                       for e in range(len(ex))] for i, ex in enumerate(expressions)]  # fmt: skip
+            cands = [[list(boxes) for boxes, _ in row] for row in agreed]
+            votes = [[list(n) for _, n in row] for row in agreed]
+            kept = [[c[0] if c else None for c in row] for row in cands]
+        if K > 1 or V > 1:
+            self._rerank(images, expressions, cands, kept)
+        return GroundingOutput(boxes=kept, candidates=cands, votes=votes)
+
+    def _read_boxes(self, images, expressions, K: int, steps: int) -> tuple[list[list[Box | None]], list]:
+        """Decode every expression's box (K branches each); returns the greedy boxes and,
+        per image and expression, all K."""
         exs = [build_ground(self.tokenizer, self.config, self._check_image(im), ex)
                for im, ex in zip(images, expressions) for _ in range(K)]  # fmt: skip
         batch = pack(exs, self.config, pad_left=True).to(self.device)
@@ -762,10 +865,7 @@ class LavidaPipeline:
             rows.append(boxes)
         greedy = rows[::K]
         cands = [[[rows[i * K + k][e] for k in range(K)] for e in range(len(greedy[i]))] for i in range(len(greedy))]
-        kept = [list(row) for row in greedy]
-        if K > 1:
-            self._rerank(images, expressions, cands, kept)
-        return GroundingOutput(boxes=kept, candidates=cands)
+        return [list(row) for row in greedy], cands
 
     def _rerank(self, images, expressions, cands, kept) -> None:
         """Replace a greedy box in `kept` by the candidate its expression's head noun fits

@@ -55,6 +55,8 @@ def test_details_and_machine_info(quick):
     forwards = d["grounding"]["forwards"]
     # reranking adds two forwards (condition + image) per chunk of candidate boxes, if any
     assert forwards.pop("reranked") in (4, 6, 8)
+    views = forwards.pop("views")  # 12 views in one batch: 4 forwards, then the rerank's
+    assert views >= 4 and views % 2 == 0
     assert forwards == {"one_forward": 1, "stepwise": 4, "sequential": 12, "sequential_cached_prefix": 13}
     assert d["generate"]["batch1"]["forwards"] == d["generate"]["batch8"]["forwards"] == 17  # prefill + 16
     assert set(d["step"]["timings"]) >= {

@@ -443,17 +443,23 @@ def test_by_default_every_round_is_drawn_and_the_best_fit_kept(engine):
     assert r.to_dict()["attempts"][1]["fit"] == [4.0, 3.0]
 
 
-def test_ground_candidates_setting_gets_an_engine_of_its_own(tmp_path, monkeypatch):
+def test_grounding_settings_get_an_engine_of_their_own(tmp_path, monkeypatch):
     """A grounding setting other than the checkpoint's builds an owned engine whose pipeline
     decodes that many candidates; the shared cached engine is left alone."""
     import lavida_agent.graphs.engine as engine_module
 
     monkeypatch.setattr(engine_module, "load_engine", lambda *a: pytest.fail("the shared engine was used"))
-    agent = LavidaAgent(home=tmp_path, ground_candidates=1)
-    try:
-        engine = agent.engine
-        assert agent._owns_engine and engine.backend.pipeline.defaults["ground_candidates"] == 1
-    finally:
-        agent.close()
+    for settings, read in [({"ground_candidates": 1}, (1, 1)),  # candidates alone: the image alone
+                           ({"ground_views": 6}, (6, 4)),
+                           ({"ground_views": 3, "ground_candidates": 2}, (3, 2))]:
+        agent = LavidaAgent(home=tmp_path, **settings)
+        try:
+            engine = agent.engine
+            defaults = engine.backend.pipeline.defaults
+            assert agent._owns_engine and (defaults["ground_views"], defaults["ground_candidates"]) == read
+        finally:
+            agent.close()
     with pytest.raises(InvalidInputError, match="ground_candidates"):
         LavidaAgent(home=tmp_path, ground_candidates=0)
+    with pytest.raises(InvalidInputError, match="ground_views"):
+        LavidaAgent(home=tmp_path, ground_views=25)

@@ -302,3 +302,68 @@ def test_kth_peak_skips_the_neighbours_of_higher_peaks():
     logp = torch.tensor([0.0, 5.0, 4.9, 1.0, 0.0, 0.0, 3.0, 0.0, 2.0, -math.inf])
     assert [_kth_peak(logp, k, spread=1) for k in range(3)] == [1, 6, 8]  # 2 is 1's neighbour
     assert _kth_peak(logp, 2, spread=2) == 1  # 8 is 6's neighbour: no third peak, the highest
+
+
+def test_every_view_maps_an_objects_box_back_to_itself():
+    from lavida_agent.model.pipeline_lavida import GROUND_VIEWS, _unview_box, _view_image, _view_text
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.scene import Object, Scene
+
+    box = (10, 20, 22, 32)  # away from the edges, so no view moves it off the canvas
+    image = render(Scene("white", (Object("triangle", "red", "small", box),)))
+    for view in GROUND_VIEWS:
+        shown = _view_image(image, view)
+        ys, xs = np.nonzero((shown != shown[0, 0]).any(-1))
+        found = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        assert _unview_box(found, view, 64) == box, view
+        said = _view_text("the circle on the left, left of the right square", view)
+        assert said == ("the circle on the right, right of the left square" if view[0] else
+                        "the circle on the left, left of the right square")  # fmt: skip
+    assert GROUND_VIEWS[0] == (False, 0, 0)  # the identity first: it wins ties
+    assert _unview_box((60, 0, 64, 8), (False, -2, 0), 64) == (62, 0, 64, 8)  # clipped to the canvas
+    assert _unview_box((0, 0, 2, 8), (False, 3, 0), 64) is None  # nothing left of it
+
+
+def test_agreed_boxes_are_ordered_by_votes():
+    from lavida_agent.model.pipeline_lavida import _agreed
+
+    a, a2, b, c = (10, 10, 20, 20), (11, 10, 21, 20), (40, 40, 50, 50), (0, 30, 8, 38)
+    assert _agreed([c, a, None, a2, b, b, b]) == ([b, a, c], [3, 2, 1])  # a2 counts for a
+    assert _agreed([a2, a]) == ([a2], [2])  # a tie: the earliest view's box
+    assert _agreed([None, None]) == ([], [])
+
+
+def test_grounding_in_views_keeps_an_agreed_box(pipe, scene_image):
+    exprs = [["the red circle", "the triangle on the left"], ["the blue square"]]
+    out = pipe.ground([scene_image, scene_image], exprs, num_steps=4, views=5)
+    assert any(b is not None for row in out.boxes for b in row)
+    for row, crow, vrow in zip(out.boxes, out.candidates, out.votes):
+        for box, cands, votes in zip(row, crow, vrow):
+            assert (box in cands) if cands else box is None  # no view found it: no box
+            assert len(cands) == len(votes) and sum(votes) <= 5
+            assert votes == sorted(votes, reverse=True) and all(v >= 1 for v in votes)
+    # a request's boxes do not depend on its batch
+    alone = pipe.ground([scene_image], exprs[1:], num_steps=4, views=5)
+    assert alone.boxes == out.boxes[1:] and alone.candidates == out.candidates[1:]
+    # views=1 is the image as given, read greedily; no votes
+    greedy = pipe.ground([scene_image], exprs[1:], num_steps=2, views=1)
+    assert greedy.boxes == pipe.ground([scene_image], exprs[1:], num_steps=2, candidates=1).boxes
+    assert greedy.votes == []
+    with pytest.raises(ValueError, match="not both"):
+        pipe.ground([scene_image], exprs[1:], candidates=2, views=3)
+    with pytest.raises(ValueError, match="views must be 1 to"):
+        pipe.ground([scene_image], exprs[1:], views=0)
+
+
+def test_default_grounding_read_follows_the_pipeline_defaults(pipe, scene_image, monkeypatch):
+    reads = []
+    real = pipe._read_boxes
+    monkeypatch.setattr(pipe, "_read_boxes",
+                        lambda ims, ex, K, steps: reads.append((len(ims), K)) or real(ims, ex, K, steps))
+    pipe.defaults = {**pipe.defaults, "ground_views": 3, "ground_candidates": 2}
+    pipe.ground([scene_image], [["the red circle"]])  # the views read: 3 greedy rows
+    pipe.ground([scene_image], [["the red circle"]], candidates=2)  # candidates alone: the image as given
+    pipe.ground([scene_image], [["the red circle"]], num_steps=1)  # one forward: greedy, the image alone
+    pipe.defaults = {**pipe.defaults, "ground_views": 1}
+    pipe.ground([scene_image], [["the red circle"]])  # views off: the branches
+    assert reads == [(3, 1), (1, 2), (1, 1), (1, 2)]
