@@ -34,7 +34,7 @@ from langgraph.runtime import Runtime
 
 from lavida_agent.graphs._verify import grounding_checks, make_critique
 from lavida_agent.graphs.context import Context
-from lavida_agent.graphs.engine import EditPlanResult, as_plan_items
+from lavida_agent.graphs.engine import AGENT_VIEWS, EditPlanResult, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
 from lavida_agent.graphs.state import (
     Box,
@@ -105,7 +105,7 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         planned = engine.plan_edit(pixels, state.instruction)
         # Step 3: ground the referred objects in the source image.
         targets = [str(t) for t in planned.targets]
-        found = engine.ground(pixels, targets) if targets else []
+        found = engine.ground(pixels, targets, views=AGENT_VIEWS) if targets else []
         grounded = [LayoutItem(label=t, box=Box.model_validate([float(v) for v in b]))
                     for t, b in zip(targets, found, strict=True)]  # fmt: skip
         # The region defaults to where the targets are when the planner gave none.
@@ -165,7 +165,7 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         # out of distribution; edits are verified by the model's grounding alone.
         # Step 2: one grounding call for the produced objects and the ones to keep.
         expected = [*step.plan.layout, *step.plan.keep]
-        found = engine.ground(pixels, [i.label for i in expected]) if expected else []
+        found = engine.ground(pixels, [i.label for i in expected], views=AGENT_VIEWS) if expected else []
         n = len(step.plan.layout)
         checks = [
             *grounding_checks(step.plan.layout, found[:n], threshold=ctx.iou_threshold,

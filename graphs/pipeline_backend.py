@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from lavida_agent.graphs.engine import (
+    AGENT_VIEWS,
     BoxList,
     CritiqueResult,
     EditPlanResult,
@@ -383,16 +384,18 @@ class PipelineBackend:
         if good:
             found = self._ground([requests[i].image for i in good],
                                  [list(requests[i].expressions) for i in good],
-                                 candidates=requests[0].candidates)  # one batch key: one count
+                                 candidates=requests[0].candidates,
+                                 views=requests[0].views)  # one batch key: one read
             for i, boxes in zip(good, found, strict=True):
                 results[i] = [_box_list(b) for b in boxes]
         return results
 
     def _ground(
-        self, images: Sequence[Any], expressions: Sequence[list[str]], candidates: int | None = None
+        self, images: Sequence[Any], expressions: Sequence[list[str]], candidates: int | None = None,
+        views: int | None = None,
     ) -> list[list[Any]]:
         out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions),
-                                   candidates=candidates)  # fmt: skip
+                                   candidates=candidates, views=views)  # fmt: skip
         return [list(row) for row in out.boxes]
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Any]:
@@ -537,7 +540,8 @@ class PipelineBackend:
                                         *drafts[i].keep_exprs]))
                  for i in rows}  # fmt: skip
         to_ground = [i for i in rows if exprs[i]]
-        found = (self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground])
+        found = (self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground],
+                              views=AGENT_VIEWS)
                  if to_ground else [])  # e.g. a background edit on an image the caption finds empty  # fmt: skip
         for i, boxes in zip(to_ground, found, strict=True):
             drafts[i].boxes = {e: (None if b is None else [float(v) for v in b])

@@ -166,9 +166,10 @@ class GroundRequest(Request):
     image: np.ndarray = field(compare=False)
     expressions: list[str]
     candidates: int | None = None
+    views: int | None = None
 
     def batch_key(self) -> Hashable:
-        return self.candidates  # one pipeline call reads one number of candidates
+        return (self.candidates, self.views)  # one pipeline call reads one way
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -408,10 +409,11 @@ class BatchingEngine:
         return scores
 
     def ground(
-        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None
+        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None,
+        views: int | None = None,
     ) -> list[BoxList]:
         """See `Engine.ground`."""
-        request = GroundRequest(image=image, expressions=expressions, candidates=candidates)
+        request = GroundRequest(image=image, expressions=expressions, candidates=candidates, views=views)
         boxes: list[BoxList] = self.call(request)
         return boxes
 

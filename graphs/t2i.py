@@ -50,7 +50,7 @@ from langgraph.types import interrupt
 
 from lavida_agent.graphs._verify import grounding_checks, make_critique, plan_problems, split_reasons
 from lavida_agent.graphs.context import Context
-from lavida_agent.graphs.engine import as_plan_items
+from lavida_agent.graphs.engine import AGENT_VIEWS, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
 from lavida_agent.graphs.state import (
     Attempt,
@@ -202,7 +202,7 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         verdict = engine.critique(image, state.prompt)
         # Step 2: ground every planned object and compare with where it was planned.
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
-        found = engine.ground(image, [i.label for i in planned]) if planned else []
+        found = engine.ground(image, [i.label for i in planned], views=AGENT_VIEWS) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
         # Step 3: how well the prompt and plan explain each planned box (ranks attempts).
         layout = attempt.plan.to_engine() if attempt.plan and ctx.rank_by == "fit" else []

@@ -223,10 +223,12 @@ class FakeEngine:
         return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in items]
 
     def ground(
-        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None
+        self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None,
+        views: int | None = None,
     ) -> list[BoxList]:
         self._record("ground", expressions=list(expressions),
-                     **({} if candidates is None else {"candidates": candidates}))  # fmt: skip
+                     **({} if candidates is None else {"candidates": candidates}),
+                     **({} if views is None else {"views": views}))  # fmt: skip
         if self._grounds:
             return self._grounds.popleft()
         return [find(image, e) for e in expressions]
@@ -335,7 +337,8 @@ class FakeBatchedBackend:
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
         self._call("ground", len(requests))
-        return [self.engine.ground(r.image, r.expressions, candidates=r.candidates) for r in requests]
+        return [self.engine.ground(r.image, r.expressions, candidates=r.candidates, views=r.views)
+                for r in requests]
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[object]:
         self._call("answer", len(requests))

@@ -52,6 +52,8 @@ def test_edit_verifies_change_and_untouched_objects(engine, ctx, store):
     # edits: no critique call; the produced object's fit is measured
     assert engine.calls == {"plan_edit": 1, "ground": 2, "edit": 1, "noun_fit": 1}
     assert step.critique.fit == [10.0]  # the fake draws it exactly where planned
+    # both groundings (targets, verification) read the image alone
+    assert [info.get("views") for m, info in engine.log if m == "ground"] == [1, 1]
 
 
 def test_edit_that_moves_a_kept_object_is_re_edited_then_bounded(engine, ctx, store):

@@ -201,13 +201,14 @@ def test_ground_reads_the_requested_number_of_candidates(backend, pipe, monkeypa
     real = pipe.ground
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("candidates", "not passed"))
+        seen.append((kwargs.get("candidates", "not passed"), kwargs.get("views", "not passed")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipe, "ground", spy)
     backend.ground([GroundRequest(image=_image(), expressions=["the red circle"], candidates=1)])
+    backend.ground([GroundRequest(image=_image(), expressions=["the red circle"], views=1)])
     backend.ground([GroundRequest(image=_image(), expressions=["the red circle"])])
-    assert seen == [1, None]  # None: the pipeline's default (`ground_candidates`)
+    assert seen == [(1, None), (None, 1), (None, None)]  # None: the pipeline's default
 
 
 # -- load_engine ------------------------------------------------------------------------
@@ -261,11 +262,11 @@ class ScriptedPipeline:
         self.calls.append(("understand", list(questions)))
         return SimpleNamespace(texts=[self.caption] * len(images))
 
-    def ground(self, images, expressions, candidates=None):
+    def ground(self, images, expressions, candidates=None, views=None):
         if not images:  # as the real pipeline: `pack([])` refuses an empty batch
             raise ValueError("pack needs at least one example (a caller passed an empty batch)")
         self.calls.append(("ground", [list(e) for e in expressions]))
-        self.candidates = candidates
+        self.candidates, self.views = candidates, views
         return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
 
     def edit(self, images, instructions, *, plans, **kw):
@@ -308,6 +309,7 @@ def test_plan_edit_batches_one_caption_and_one_grounding_call():
                                              "add a yellow diamond left of the blue square"])
     assert [c[0] for c in pipe.calls] == ["understand", "ground"]
     assert pipe.calls[0][1] == ["describe the image."] * 3
+    assert pipe.views == 1  # the agents ground in the image alone (`AGENT_VIEWS`)
     f = [float(v) for v in RED]
     assert recolor == EditPlanResult(
         targets=["the red circle"], target_boxes=[f],

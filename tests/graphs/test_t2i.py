@@ -80,6 +80,7 @@ def test_stops_on_first_accepting_critique(engine, ctx):
     assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
+    assert [info.get("views") for m, info in engine.log if m == "ground"] == [1]  # the image alone
 
 
 def test_stops_at_max_rounds_and_keeps_best(engine, store):
