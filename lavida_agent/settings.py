@@ -56,7 +56,7 @@ class Settings(BaseModel):
     )
     canvas: int = Field(default=64, ge=8, description="Model image side; inputs letterboxed.")
     ground_views: int | None = Field(
-        default=None, ge=1, le=24,
+        default=None, ge=1, le=24,  # le: len(model.pipeline_lavida.GROUND_VIEWS) (no torch here)
         description="Views (mirrored, moved) grounding reads an image in; the box kept is the "
         "one the noun fits best of all they found (1: the image alone); None: the checkpoint's "
         "default.",

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lavida_agent.tools.boxes import iou
+from lavida_agent.tools.boxes import iou_matrix
 
 from .configuration_lavida import LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
@@ -230,14 +230,16 @@ def _agreed(boxes: Sequence[Box | None]) -> tuple[list[Box], list[int]]:
     """The distinct boxes the views found, most votes first: the box most others overlap
     (IoU >= 0.5; the earliest view on a tie) with its votes, then the same among the boxes
     it did not take, and so on."""
-    left = [b for b in boxes if b is not None]
+    seen = [b for b in boxes if b is not None]
+    near = iou_matrix(seen, seen) >= 0.5  # every box is near itself
+    open_ = np.ones(len(seen), dtype=bool)
     found, votes = [], []
-    while left:
-        near = [sum(iou(b, c) >= 0.5 for c in left) for b in left]
-        best = max(range(len(left)), key=lambda k: (near[k], -k))
-        found.append(left[best])
-        votes.append(near[best])
-        left = [c for c in left if iou(found[-1], c) < 0.5]
+    while open_.any():
+        count = np.where(open_, (near & open_).sum(1), -1)
+        best = int(count.argmax())  # the first of the most-voted: the earliest view
+        found.append(seen[best])
+        votes.append(int(count[best]))
+        open_ &= ~near[best]
     return found, votes
 
 
