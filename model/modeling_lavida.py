@@ -762,6 +762,20 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
                  for name, _ in self.layers[i].named_parameters() if name.startswith(own)]  # fmt: skip
         return names + [name for name, _ in self.named_parameters() if name.startswith(("lm_head.", "loc_out.", "copy_"))]
 
+    def image_only_parameter_names(self) -> list[str]:
+        """The parameters only image positions read: the gen sets of every layer, the image
+        embedding (codes, positions, plan layout) and the image head.
+
+        A text position reads an image position only when an `img_src` source comes before
+        it (an edit's plan), through the joint layers' gen keys and values; every other text
+        output (answers, boxes, verdicts, t2i plans) has no image position before it, so
+        training only these (`TrainConfig.trainable="generation"`) changes the images drawn
+        and the edit plans and leaves the rest bit-identical. The shared output projections,
+        the final norm and the token embedding (gen reads plan labels from it) are left out.
+        """
+        return [name for name, _ in self.named_parameters()
+                if "_gen." in name or name.startswith(("image_embed.", "image_head.", "pool_gen."))]  # fmt: skip
+
     def _lm_head_weight(self) -> torch.Tensor:
         return self._with_loc_code(self.lm_head.weight, "loc_out")
 

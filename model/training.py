@@ -70,8 +70,9 @@ TASK_WEIGHTS: dict[str, float] = {
     "understand": 0.15,  # questions 75%, captions 25%
     "critique": 0.15,
 }
-TRAINABLE = ("all", "understanding")
+TRAINABLE = ("all", "understanding", "generation")
 IMAGE_ONLY_TASKS = ("t2i", "edit")  # rows whose only loss is on image codes
+TEXT_ONLY_TASKS = ("plan", "ground", "understand", "critique")  # rows no image position enters
 EOS_LOSS_WEIGHT = 0.2  # [EOS] padding targets count a fifth of an answer token
 PROMPT_DROP = 0.1
 SOURCE_DROP = 0.5
@@ -170,6 +171,11 @@ class TrainConfig:
     # the LM head, the copy head), the rest frozen, so answers, boxes, verdicts and plans learn
     # while every image drawn from given conditions stays bit-identical. It needs a mixture
     # without the image-only tasks (`t2i`, `edit`) and `vision_aux` 0 (the encoder is frozen).
+    # "generation": the converse (`image_only_parameter_names`: the gen sets, the image
+    # embedding and head), so the drawing learns and every answer, box, verdict and t2i plan
+    # stays bit-identical (edit plans read the source's codes and may change); it needs a
+    # mixture without the text-only tasks (plan, ground, understand, critique) and
+    # `vision_aux` 0.
     trainable: str = "all"
     # Processes that build the coming steps' batches (`step_data`) while the model trains:
     # on an accelerator the single-process data draw, not the model, bounds the step rate.
@@ -706,13 +712,15 @@ def check_run_knobs(tc: TrainConfig) -> None:
     _check_data_device(tc.data_device)
     if tc.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {tc.trainable!r}")
-    if tc.trainable == "understanding":
-        image_only = [t for t in IMAGE_ONLY_TASKS if tc.task_weights.get(t, 0) > 0]
-        if image_only:
-            raise ValueError(f"trainable='understanding' freezes everything image codes are read from, so "
-                             f"{', '.join(image_only)} rows would carry no gradient: give them weight 0 in --tasks")
+    if tc.trainable != "all":
+        idle, read = ((IMAGE_ONLY_TASKS, "image codes") if tc.trainable == "understanding"
+                      else (TEXT_ONLY_TASKS, "text outputs"))  # fmt: skip
+        idle = [t for t in idle if tc.task_weights.get(t, 0) > 0]
+        if idle:
+            raise ValueError(f"trainable={tc.trainable!r} freezes everything {read} are read from, so "
+                             f"{', '.join(idle)} rows would carry no gradient: give them weight 0 in --tasks")
         if tc.vision_aux:
-            raise ValueError("trainable='understanding' freezes the vision encoder: vision_aux must be 0")
+            raise ValueError(f"trainable={tc.trainable!r} freezes the vision encoder: vision_aux must be 0")
 
 
 def _check_data_device(name: str) -> None:
@@ -875,8 +883,9 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     # Two groups: the vision encoder learns at `vision_lr_scale` x the rate (Lavida-O trains
     # SigLIP at 2e-6 under a 5e-6 LLM, FACTS §3.6), so stage-0 features stay.
-    if tc.trainable == "understanding":
-        learn = set(model.text_only_parameter_names())
+    if tc.trainable != "all":
+        learn = set(model.text_only_parameter_names() if tc.trainable == "understanding"
+                    else model.image_only_parameter_names())  # fmt: skip
         for n, p in model.named_parameters():
             p.requires_grad_(n in learn)
     vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]

@@ -681,6 +681,53 @@ def test_text_only_parameters_move_no_image_logit(tokenizer, tiny_config):
     assert not torch.equal(before.text_logits, after.text_logits)
 
 
+def test_image_only_parameters_move_no_text_logit_without_a_source(tokenizer, tiny_config):
+    """The claim `trainable="generation"` rests on: perturbing every image-only parameter
+    changes the image logits and leaves the text logits of rows with no image position
+    before their answer (a t2i plan, grounding, a question, a critique) bit-identical."""
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.tasks import build_critique, build_ground, build_understand, pack
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (tiny_config.image_size, tiny_config.image_size, 3), dtype=np.uint8)
+    text_rows = [build_t2i(tokenizer, tiny_config, "a red circle", with_plan=True, with_image=False),
+                 build_ground(tokenizer, tiny_config, image, ["the red circle"]),
+                 build_understand(tokenizer, tiny_config, image, "what color is the background?"),
+                 build_critique(tokenizer, tiny_config, image, "a red circle")]  # fmt: skip
+    text, drawn = pack(text_rows, tiny_config), pack([build_t2i(tokenizer, tiny_config, "a red circle")], tiny_config)
+    names = set(model.image_only_parameter_names())
+    assert names and not names & set(model.text_only_parameter_names())
+    assert not any(n.startswith(("vision.", "embed_tokens", "lm_head")) for n in names)
+    with torch.no_grad():
+        before, image_before = model(**text.model_inputs()), model(**drawn.model_inputs())
+        for name, p in model.named_parameters():
+            if name in names:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        after, image_after = model(**text.model_inputs()), model(**drawn.model_inputs())
+    assert torch.equal(before.text_logits, after.text_logits)
+    assert not torch.equal(image_before.image_logits, image_after.image_logits)
+
+
+def test_trainable_generation_moves_only_image_only_parameters(tmp_path, vq_dir):
+    first = tmp_path / "stage1"
+    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
+    second = tmp_path / "stage2"
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable="generation", **TINY)
+    tc.task_weights, tc.vision_aux = {"t2i": 1.0, "t2i_plan": 1.0, "edit": 1.0, "edit_plan": 1.0}, 0.0
+    train(tc, progress=False)
+    a, _ = _weights(first)
+    b, step = _weights(second)
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+
+    learn = set(LavidaForMaskedDiffusion(LavidaConfig(**json.loads((second / "export" / "transformer" /
+                                                                    "config.json").read_text()))).image_only_parameter_names())  # fmt: skip
+    assert step == 3
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and moved <= learn
+
+
 def test_trainable_understanding_moves_only_text_only_parameters(tmp_path, vq_dir):
     first = tmp_path / "stage1"
     train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
@@ -703,6 +750,8 @@ def test_trainable_understanding_moves_only_text_only_parameters(tmp_path, vq_di
     ({"trainable": "gen"}, "trainable must be one of"),
     ({"trainable": "understanding"}, "t2i, edit rows would carry no gradient"),
     ({"trainable": "understanding", "task_weights": {"ground": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
+    ({"trainable": "generation", "task_weights": {"t2i": 1.0, "critique": 0.1}}, "critique rows would carry no gradient"),
+    ({"trainable": "generation", "task_weights": {"t2i": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
 ])  # fmt: skip
 def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
     from lavida_agent.model.training import check_run_knobs
