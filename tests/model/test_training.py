@@ -710,40 +710,26 @@ def test_image_only_parameters_move_no_text_logit_without_a_source(tokenizer, ti
     assert not torch.equal(image_before.image_logits, image_after.image_logits)
 
 
-def test_trainable_generation_moves_only_image_only_parameters(tmp_path, vq_dir):
+@pytest.mark.parametrize(("trainable", "tasks", "names"), [
+    ("understanding", ("ground", "understand", "critique", "plan", "edit_plan"), "text_only_parameter_names"),
+    ("generation", ("t2i", "t2i_plan", "edit", "edit_plan"), "image_only_parameter_names"),
+])  # fmt: skip
+def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks, names):
     first = tmp_path / "stage1"
     train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
     second = tmp_path / "stage2"
-    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable="generation", **TINY)
-    tc.task_weights, tc.vision_aux = {"t2i": 1.0, "t2i_plan": 1.0, "edit": 1.0, "edit_plan": 1.0}, 0.0
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable=trainable, **TINY)
+    tc.task_weights = dict.fromkeys(tasks, 1.0)
     train(tc, progress=False)
     a, _ = _weights(first)
     b, step = _weights(second)
     from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
 
-    learn = set(LavidaForMaskedDiffusion(LavidaConfig(**json.loads((second / "export" / "transformer" /
-                                                                    "config.json").read_text()))).image_only_parameter_names())  # fmt: skip
+    model = LavidaForMaskedDiffusion(LavidaConfig(**json.loads((second / "export" / "transformer" /
+                                                                "config.json").read_text())))  # fmt: skip
     assert step == 3
     moved = {k for k in a if not torch.equal(a[k], b[k])}
-    assert moved and moved <= learn
-
-
-def test_trainable_understanding_moves_only_text_only_parameters(tmp_path, vq_dir):
-    first = tmp_path / "stage1"
-    train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
-    second = tmp_path / "stage2"
-    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable="understanding", **TINY)
-    tc.task_weights = {"ground": 1.0, "understand": 1.0, "critique": 1.0, "plan": 1.0, "edit_plan": 1.0}
-    train(tc, progress=False)
-    a, _ = _weights(first)
-    b, step = _weights(second)
-    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
-
-    learn = set(LavidaForMaskedDiffusion(LavidaConfig(**json.loads((second / "export" / "transformer" /
-                                                                    "config.json").read_text()))).text_only_parameter_names())  # fmt: skip
-    assert step == 3
-    moved = {k for k in a if not torch.equal(a[k], b[k])}
-    assert moved and moved <= learn
+    assert moved and moved <= set(getattr(model, names)())
 
 
 @pytest.mark.parametrize(("change", "message"), [
