@@ -806,7 +806,8 @@ def score_agent_t2i(
     `Context` fields to set (`plan_retries`, `selection`, `rank_by`, ...).
 
     Returns:
-        Per prompt `{prompt, seed, correct, reasons, rounds, accepted, image}` (the
+        Per prompt `{prompt, seed, correct, reasons, rounds, accepted, attempts_correct,
+        image}` (`attempts_correct`: each attempt judged, in order; the rest: the
         workflow's `best` attempt judged by `check_prompt`), and totals `{forwards,
         forwards_per_request, seconds, backend_calls}` (see `_through_workflow`).
     """
@@ -828,6 +829,8 @@ def score_agent_t2i(
             "reasons": list(verdict.reasons),
             "rounds": len(out.attempts),
             "accepted": bool(out.accepted),
+            "attempts_correct": [check_prompt(prompts[i], store.open(a.image)).correct
+                                 for a in out.attempts],  # fmt: skip
             "image": image,
         }
 
@@ -851,7 +854,9 @@ def score_agent_edit(
 
     Returns:
         Per edit `{instruction, seed, correct, reasons, psnr_outside, rounds, accepted,
-        image}` (the committed image judged by `check_edit`), and totals as `score_agent_t2i`.
+        attempts_correct, image}` (the committed image judged by `check_edit`;
+        `attempts_correct`: each attempt of the turn judged, in order), and totals as
+        `score_agent_t2i`.
     """
     from lavida_agent.graphs import edit
     from lavida_agent.graphs.state import EditOutput
@@ -873,6 +878,8 @@ def score_agent_edit(
             "psnr_outside": _psnr(verdict.psnr_outside),
             "rounds": len(out.steps),
             "accepted": bool(out.accepted),
+            "attempts_correct": [check_edit(sources[i], instructions[i], store.open(s.result)).correct
+                                 for s in out.steps],  # fmt: skip
             "image": image,
         }
 
@@ -1270,6 +1277,7 @@ def _suite_agent(
             "lift_over_single_shot": {k: acc[k] - base[k] for k in acc},
             "mean_rounds": _mean([x["rounds"] for x in recs]),
             "accepted_rate": _mean([x["accepted"] for x in recs]),
+            **_attempt_rates(recs),
             **totals,
             "items": [
                 {
@@ -1279,6 +1287,7 @@ def _suite_agent(
                     "correct": x["correct"],
                     "rounds": x["rounds"],
                     "accepted": x["accepted"],
+                    "attempts_correct": x["attempts_correct"],
                 }
                 for x in recs
             ],
@@ -1310,6 +1319,7 @@ def _suite_agent(
             "psnr_outside_db": _mean([x["psnr_outside"] for x in erecs]),
             "mean_rounds": _mean([x["rounds"] for x in erecs]),
             "accepted_rate": _mean([x["accepted"] for x in erecs]),
+            **_attempt_rates(erecs),
             **etotals,
             "items": [
                 {
@@ -1319,6 +1329,7 @@ def _suite_agent(
                     "correct": x["correct"],
                     "rounds": x["rounds"],
                     "accepted": x["accepted"],
+                    "attempts_correct": x["attempts_correct"],
                 }
                 for x in erecs
             ],
@@ -1326,6 +1337,15 @@ def _suite_agent(
         samples = {"t2i": recs, "edit": erecs, "max_rounds": int(r)}
     state["agent"] = samples
     return out
+
+
+def _attempt_rates(recs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How often the workflow's first attempt was right, and any of its attempts: what the
+    kept one scores against is between the two (1 round: all three are equal)."""
+    return {
+        "first_attempt_rate": _mean([x["attempts_correct"][0] for x in recs]),
+        "any_attempt_rate": _mean([any(x["attempts_correct"]) for x in recs]),
+    }
 
 
 def _suite_ask(
@@ -1553,6 +1573,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                     rk,
                     block[rk]["mean_rounds"],
                     block[rk]["accepted_rate"],
+                    block[rk].get("first_attempt_rate", "-"),  # absent in older result files
+                    block[rk].get("any_attempt_rate", "-"),
                     block[rk]["forwards_per_request"],
                     block[rk]["seconds"],
                 ]
@@ -1570,6 +1592,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                         "setting",
                         "mean rounds",
                         "accepted by model",
+                        "first attempt right",
+                        "any attempt right",
                         "forwards / request",
                         "seconds",
                     ],

@@ -37,14 +37,15 @@ def grounding_checks(
     return checks
 
 
-def _fmt(box: Box) -> str:
+def fmt_box(box: Box) -> str:
+    """`[x0, y0, x1, y1]` as the critique templates write boxes."""
     return "[" + ", ".join(f"{v:g}" for v in box.as_list()) + "]"
 
 
 def reason_for(check: GroundingCheck) -> str:
     """A user-readable reason for a failed check (templates `critique_grounding_<role>`)."""
     return prompts.render(f"critique_grounding_{check.role}", label=check.label,
-                          expected=_fmt(check.expected), found=_fmt(check.found),
+                          expected=fmt_box(check.expected), found=fmt_box(check.found),
                           iou=f"{check.iou:.2f}")  # fmt: skip
 
 

@@ -107,10 +107,11 @@ class Context:
         default="fit",
         metadata={
             "description": "How attempts are ranked: 'fit' by `Engine.plan_fit` (t2i: how well "
-            "the prompt and plan explain each planned box) or `Engine.noun_fit` (edit: how "
-            "well each produced object's noun explains its box), the worst object counting, "
-            "then the critique score; 'score' by the critique score alone and skips the fit "
-            "calls."
+            "the prompt and plan explain each planned box) or `Engine.noun_fit` with contrast "
+            "(edit: how much better each produced object's noun explains its box than a "
+            "look-alike one word away; an edit where a look-alike wins is also rejected), the "
+            "worst object counting, then the critique score; 'score' by the critique score "
+            "alone and skips the fit calls."
         },
     )
     grounding_check: Literal["rank", "gate", "off"] = field(

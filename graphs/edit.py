@@ -12,9 +12,12 @@ current image and records it in `heads`. Round `r` of a turn uses seed `base + r
 - `plan_edit`: the model plans the edit (`Engine.plan_edit`) and grounds the referred
   objects in the source image.
 - `verify_edit`: grounding: each object the edit should produce is found where planned,
-  and each object to keep has not moved; and (`Context.rank_by="fit"`) how well each
-  object the edit should produce is explained by its noun at its planned box
-  (`Engine.noun_fit`), recorded as the critique's `fit`.
+  and each object to keep has not moved; and (`Context.rank_by="fit"`) how much better
+  each object the edit should produce is explained by its noun at its planned box than by
+  the best look-alike one word away (`Engine.noun_fit(contrast=True)`: another shape or
+  another colour), recorded as the critique's `fit`; an attempt where a look-alike wins
+  (fit <= 0) is rejected with a reason naming the object. Grounding alone cannot see
+  that: `the red square` is "found" on a red circle drawn in its place.
 - `commit_edit` keeps the attempt whose worst produced object fits best (the earliest on a
   tie; by the grounding score when no fit was measured). With `Context.selection="best"`
   (the default) every round is drawn; with `"accept"` the turn ends at the first attempt
@@ -32,7 +35,8 @@ from typing import Any, Literal
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from lavida_agent.graphs._verify import grounding_checks, make_critique
+from lavida_agent import prompts
+from lavida_agent.graphs._verify import fmt_box, grounding_checks, make_critique
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import AGENT_VIEWS, EditPlanResult, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
@@ -173,14 +177,21 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
             *grounding_checks(step.plan.keep, found[n:], threshold=ctx.iou_threshold,
                               role="keep"),
         ]  # fmt: skip
-        # Step 3: how well each object the edit should produce fits its planned box.
-        produced = [i.to_engine() for i in step.plan.layout] if ctx.rank_by == "fit" else []
-        fit = engine.noun_fit(pixels, produced) if produced else []
+        # Step 3: does the model read each object the edit should produce in its planned
+        # box, rather than a look-alike one word away (another shape or colour)?
+        produced = step.plan.layout if ctx.rank_by == "fit" else []
+        fit = (engine.noun_fit(pixels, [i.to_engine() for i in produced], contrast=True)
+               if produced else [])  # fmt: skip
+        misread = [prompts.render("critique_noun_target", label=i.label, expected=fmt_box(i.box),
+                                  margin=f"{-f:.1f}")
+                   for i, f in zip(produced, fit, strict=True) if f <= 0]  # fmt: skip
         # Step 4: combine into the step's critique and append the step to the lineage.
         # With nothing grounded there is nothing to verify: that is not an acceptance.
         unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
-        critique = make_critique(round=step.round, image=step.result, model_ok=bool(checks),
-                                 model_reasons=unverified, model_text="(edits are verified by grounding)",
+        critique = make_critique(round=step.round, image=step.result,
+                                 model_ok=bool(checks) and not misread,
+                                 model_reasons=unverified + misread,
+                                 model_text="(edits are verified by grounding and noun contrast)",
                                  checks=checks, fit=fit)  # fmt: skip
         verified = step.model_copy(update={"critique": critique})
         emit("critique", critique=critique.model_dump(mode="json"))

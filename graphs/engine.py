@@ -169,10 +169,15 @@ class Engine(Protocol):
         """
         ...
 
-    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
         """How well each item's label, a noun or referring expression (`the blue circle`),
         explains what its box of `image` shows; higher is better, 0.0 for a label the
-        engine cannot read. Ranks the attempts of one edit; not calibrated. Deterministic.
+        engine cannot read. Ranks the boxes for one noun; not calibrated. Deterministic.
+
+        `contrast=True`: how much better the label's noun explains the box than the best
+        noun one word away (another shape, or another colour); positive when the box shows
+        the named object and not a look-alike, so it is comparable across images (the edit
+        workflow ranks and verifies its attempts by it).
         """
         ...
 

@@ -373,7 +373,8 @@ class PipelineBackend:
                 asks.append((i, k, (n.shape, n.color, n.size), _int_box(item["box"], self.canvas)))
         if asks:
             out = self.pipeline.noun_fit([np.asarray(requests[i].image) for i, *_ in asks],
-                                         [noun for _, _, noun, _ in asks], [[box] for *_, box in asks])  # fmt: skip
+                                         [noun for _, _, noun, _ in asks], [[box] for *_, box in asks],
+                                         contrast=requests[0].contrast)  # one batch key: one mode  # fmt: skip
             for (i, k, _, _), (score,) in zip(asks, out, strict=True):
                 results[i][k] = float(score)
         return results

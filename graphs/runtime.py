@@ -156,6 +156,10 @@ class NounFitRequest(Request):
     method = "noun_fit"
     image: np.ndarray = field(compare=False)
     items: list[PlanItem]
+    contrast: bool = False
+
+    def batch_key(self) -> Hashable:
+        return self.contrast
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,9 +407,9 @@ class BatchingEngine:
         scores: list[float] = self.call(PlanFitRequest(image=image, prompt=prompt, plan=plan))
         return scores
 
-    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
         """See `Engine.noun_fit`."""
-        scores: list[float] = self.call(NounFitRequest(image=image, items=items))
+        scores: list[float] = self.call(NounFitRequest(image=image, items=items, contrast=contrast))
         return scores
 
     def ground(

@@ -215,12 +215,13 @@ class FakeEngine:
             return self._fits.popleft()
         return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in plan]
 
-    def noun_fit(self, image: np.ndarray, items: list[PlanItem]) -> list[float]:
-        """10 x the IoU of what `find` sees for each label with its box."""
-        self._record("noun_fit", labels=[i["label"] for i in items])
+    def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
+        """10 x the IoU of what `find` sees for each label with its box; with `contrast`,
+        5 less (positive when the named object covers most of the box)."""
+        self._record("noun_fit", labels=[i["label"] for i in items], contrast=contrast)
         if self._fits:
             return self._fits.popleft()
-        return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in items]
+        return [10.0 * box_iou(find(image, i["label"]), i["box"]) - 5.0 * contrast for i in items]
 
     def ground(
         self, image: np.ndarray, expressions: list[str], *, candidates: int | None = None,
@@ -333,7 +334,7 @@ class FakeBatchedBackend:
 
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[object]:
         self._call("noun_fit", len(requests))
-        return [self.engine.noun_fit(r.image, r.items) for r in requests]
+        return [self.engine.noun_fit(r.image, r.items, contrast=r.contrast) for r in requests]
 
     def ground(self, requests: Sequence[GroundRequest]) -> list[object]:
         self._call("ground", len(requests))

@@ -287,6 +287,13 @@ def test_quick_run_writes_every_suite(quick_run):
             assert 1 <= block["mean_rounds"] <= r
             assert block["forwards"] > 0 and block["forwards_per_request"] > 0
             assert set(block["lift_over_single_shot"]) == set(block["accuracy"])
+            # every attempt is judged: the kept one is right only if some attempt was
+            for item in block["items"]:
+                assert len(item["attempts_correct"]) == item["rounds"]
+                assert not item["correct"] or any(item["attempts_correct"])
+            assert block["first_attempt_rate"] <= block["any_attempt_rate"]
+            if r == 1:
+                assert block["first_attempt_rate"] == block["any_attempt_rate"] == _mean_correct(block)
     # Without a plan the workflow never calls the planner nor grounds: fewer forwards.
     for r in (1, 2):
         t2i_runs = s["agent"]["t2i"]
@@ -353,6 +360,11 @@ def test_oracle_scores_perfectly(tmp_path):
             block = s["agent"][task][key.format(r)]
             assert block["accuracy"]["overall"] == 1.0
             assert block["lift_over_single_shot"]["overall"] == 0.0
+            assert block["first_attempt_rate"] == block["any_attempt_rate"] == 1.0
+
+
+def _mean_correct(block):
+    return sum(i["correct"] for i in block["items"]) / len(block["items"])
 
 
 def test_blank_pipeline_scores_zero(tmp_path):

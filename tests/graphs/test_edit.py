@@ -8,12 +8,14 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from lavida_agent import prompts
 from lavida_agent.graphs import edit, ground, understand
+from lavida_agent.graphs._verify import fmt_box
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.graphs.persistence import checkpointer_from_path
 from lavida_agent.graphs.session import EditSession, lineage_json
-from lavida_agent.graphs.state import EditOutput, EditState, GroundOutput, UnderstandOutput
+from lavida_agent.graphs.state import Box, EditOutput, EditState, GroundOutput, UnderstandOutput
 from tests.fakes import FakeEngine, draw
 
 RED = {"label": "red circle", "box": [4.0, 4.0, 20.0, 20.0]}
@@ -49,9 +51,10 @@ def test_edit_verifies_change_and_untouched_objects(engine, ctx, store):
     assert step.parent == src and step.parent_step is None and step.seed == ctx.seed
     roles = {c.role: c.ok for c in step.critique.grounding}
     assert roles == {"target": True, "keep": True}
-    # edits: no critique call; the produced object's fit is measured
+    # edits: no critique call; the produced object's fit is measured against look-alikes
     assert engine.calls == {"plan_edit": 1, "ground": 2, "edit": 1, "noun_fit": 1}
-    assert step.critique.fit == [10.0]  # the fake draws it exactly where planned
+    assert [info["contrast"] for m, info in engine.log if m == "noun_fit"] == [True]
+    assert step.critique.fit == [5.0]  # the fake draws it exactly where planned
     # both groundings (targets, verification) read the image alone
     assert [info.get("views") for m, info in engine.log if m == "ground"] == [1, 1]
 
@@ -184,6 +187,25 @@ def test_every_round_is_drawn_and_the_best_fitting_edit_committed(engine, store)
     assert [s.seed for s in out.steps] == [4, 5, 6] and all(s.critique.accepted for s in out.steps)
     assert out.current == out.steps[1].result and out.heads == [1]  # 7 beats 2; a tie: the earliest
     assert out.accepted
+
+
+def test_an_edit_whose_object_reads_as_a_look_alike_is_rejected_and_ranked_below(engine, store):
+    """Grounding finds the produced object where planned in every attempt; the first one's
+    noun contrast is negative (a look-alike explains the box better): it is rejected with a
+    reason naming the object, and the second, positive attempt is committed."""
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2)  # selection best
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    for fit in ([-1.5], [0.5]):
+        engine.enqueue_fit(fit)
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add a blue square", "image": _scene(store)}, context=ctx))
+    first, second = (s.critique for s in out.steps)
+    assert all(c.ok for c in first.grounding) and not first.accepted and not first.model_ok
+    assert first.reasons == [prompts.render("critique_noun_target", label=BLUE["label"],
+                                            expected=fmt_box(Box.model_validate(BLUE["box"])),
+                                            margin="1.5")]  # fmt: skip
+    assert first.blamed == []  # the grounding checks passed: no object is blamed by them
+    assert second.accepted and out.heads == [1] and out.accepted
 
 
 def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):

@@ -64,7 +64,7 @@ def test_a_box_the_head_noun_fits_clearly_better_replaces_the_models(ctx, store,
     assert (_boxes(out), out.found_by) == ([SEEN[0]], ["fit"])
     method, info = engine.log[-1]
     assert method == "noun_fit"
-    assert info == {"labels": ["the red circle"] * 3}
+    assert info == {"labels": ["the red circle"] * 3, "contrast": False}  # absolute fits compare boxes
 
 
 def test_a_small_difference_in_fit_keeps_the_models_box(ctx, store, engine):
@@ -82,7 +82,7 @@ def test_one_fit_call_serves_every_expression(ctx, store, engine):
     assert _boxes(out) == [SEEN[1], SEEN[0], SEEN[1]]
     assert out.found_by == ["fit", "scene", "fit"]
     assert [m for m, _ in engine.log].count("noun_fit") == 1
-    assert engine.log[-1][1] == {"labels": ["the red circle"] * 3 + ["the square"] * 3}
+    assert engine.log[-1][1] == {"labels": ["the red circle"] * 3 + ["the square"] * 3, "contrast": False}
 
 
 def test_a_box_not_found_is_replaced_only_by_a_resolved_object(ctx, store, engine):

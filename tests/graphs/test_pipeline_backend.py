@@ -29,7 +29,7 @@ from lavida_agent.graphs.runtime import (
     PlanEditRequest,
 )
 from lavida_agent.graphs.state import EditOutput, T2IOutput
-from lavida_agent.tools.shapes_world.scene import boxes_apart, region_of
+from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES, boxes_apart, region_of
 from tests.fakes import tiny_pipeline
 
 PLAN = [{"label": "small red circle", "box": [4.0, 4.0, 16.0, 16.0]}]
@@ -449,3 +449,23 @@ def test_noun_fit_scores_grammar_labels_and_zeroes_the_rest():
     assert isinstance(err, ValueError)
     direct = pipe.noun_fit([image], [("circle", "red", None)], [[(4, 4, 16, 16)]])[0][0]
     assert red == pytest.approx(direct, abs=1e-4)
+
+
+def test_noun_contrast_is_the_fit_less_the_best_noun_one_word_away():
+    pipe = tiny_pipeline()
+    image = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
+    box = (10.0, 12.0, 30.0, 32.0)
+    (contrast,), (open_contrast,) = pipe.noun_fit([image] * 2, [("circle", "red", None), ("circle", None, None)],
+                                                  [[box], [box]], contrast=True)  # fmt: skip
+
+    def fit(shape, color):
+        return pipe.noun_fit([image], [(shape, color, None)], [[box]])[0][0]
+
+    rivals = [fit(s, "red") for s in SHAPES if s != "circle"] + [fit("circle", c) for c in COLORS if c != "red"]
+    assert contrast == pytest.approx(fit("circle", "red") - max(rivals), abs=1e-4)
+    # without a colour: the best colour of the shape against every other shape in any colour
+    other = max(fit(s, None) for s in SHAPES if s != "circle")
+    assert open_contrast == pytest.approx(fit("circle", None) - other, abs=1e-4)
+    backend = PipelineBackend(pipe).noun_fit([NounFitRequest(image=image, contrast=True, items=[
+        {"label": "the red circle", "box": list(box)}])])  # fmt: skip
+    assert backend == [[pytest.approx(contrast, abs=1e-4)]]

@@ -57,3 +57,17 @@ def test_region_fit_prefers_the_plan_that_was_drawn(pipe):
     fits = pipe.region_fit([render(scene)] * 2, [prompt, "a blue circle left of a red square"],
                            [boxes, boxes], plans=[right, swapped])  # fmt: skip
     assert all(r > s for r, s in zip(fits[0], fits[1], strict=True)), fits
+
+
+def test_noun_contrast_reads_what_the_box_shows(pipe):
+    """`noun_fit(contrast=True)` is positive for the object drawn in a box and negative for
+    its look-alikes one word away (another shape, another colour)."""
+    scene = Scene("white", (Object("circle", "red", "small", (8, 20, 20, 32)),
+                            Object("square", "blue", "large", (38, 20, 58, 40))))  # fmt: skip
+    image = render(scene)
+    nouns = [("circle", "red", None), ("square", "red", None), ("circle", "green", None),
+             ("square", "blue", None), ("diamond", "blue", None), ("square", "purple", None)]
+    boxes = [(8, 20, 20, 32)] * 3 + [(38, 20, 58, 40)] * 3
+    out = [row[0] for row in pipe.noun_fit([image] * 6, nouns, [[b] for b in boxes], contrast=True)]
+    assert out[0] > 0 and out[3] > 0, out
+    assert all(v < 0 for v in out[1:3] + out[4:]), out
