@@ -130,6 +130,8 @@ SUITES: tuple[str, ...] = (
     "vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask", "agent_ground"
 )  # fmt: skip
 # (new suites go last: an index into this tuple seeds each suite's held-out items)
+AGENT_TASKS: tuple[str, ...] = ("t2i", "edit")
+"""The agent suite's workflows; `agent_tasks` runs a subset (an edit change needs no t2i run)."""
 PSNR_CAP = 100.0
 """PSNR of identical pixels (inf) is reported as this many dB, as `evaluate_vq` does."""
 SEED_STRIDE = 100
@@ -1213,44 +1215,47 @@ def _suite_agent(
     agent_plan: Sequence[bool] = (True, False),
     grounding_check: str = "rank",
     agent_context: Mapping[str, Any] | None = None,
+    agent_tasks: Sequence[str] = AGENT_TASKS,
     **_: Any,
 ) -> dict[str, Any]:
     # The same prompts, sampler seeds and edits as the t2i / edit suites (their single-shot
     # results are reused when those suites ran; otherwise measured here).
-    t2i = state.get("t2i") or {}
-    items = t2i.get("items") or t2i_items(n, seed)
-    prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
-    single = t2i.get("single") or score_t2i(
-        pipeline, prompts, seeds, batch_size=batch_size, num_steps=num_steps
-    )
-    with_plan = t2i.get("with_plan")
-    base = _acc_by(
-        [dict(r, category=it["category"]) for r, it in zip(single, items, strict=True)],
-        "category",
-        PROMPT_CATEGORIES,
-    )
-    ed = state.get("edit") or {}
-    eitems = ed.get("items") or edit_items(n, seed)
-    esingle = ed.get("single") or score_edit(
-        pipeline,
-        [it["scene"] for it in eitems],
-        [it["instruction"] for it in eitems],
-        [it["seed"] for it in eitems],
-        batch_size=batch_size,
-        num_steps=num_steps,
-    )
-    ebase = _acc_by(
-        [dict(r, category=it["category"]) for r, it in zip(esingle, eitems, strict=True)],
-        "category",
-        EDIT_CATEGORIES,
-    )
     out: dict[str, Any] = {
         "n_per_category": n,
         "backend": type(backend or make_backend(pipeline)).__name__,
-        "t2i": {"single_shot": base},
-        "edit": {"single_shot": ebase},
     }
-    if with_plan is not None:
+    t2i = state.get("t2i") or {}
+    items = t2i.get("items") or t2i_items(n, seed)
+    prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
+    with_plan = t2i.get("with_plan")
+    if "t2i" in agent_tasks:
+        single = t2i.get("single") or score_t2i(
+            pipeline, prompts, seeds, batch_size=batch_size, num_steps=num_steps
+        )
+        base = _acc_by(
+            [dict(r, category=it["category"]) for r, it in zip(single, items, strict=True)],
+            "category",
+            PROMPT_CATEGORIES,
+        )
+        out["t2i"] = {"single_shot": base}
+    ed = state.get("edit") or {}
+    eitems = ed.get("items") or edit_items(n, seed)
+    if "edit" in agent_tasks:
+        esingle = ed.get("single") or score_edit(
+            pipeline,
+            [it["scene"] for it in eitems],
+            [it["instruction"] for it in eitems],
+            [it["seed"] for it in eitems],
+            batch_size=batch_size,
+            num_steps=num_steps,
+        )
+        ebase = _acc_by(
+            [dict(r, category=it["category"]) for r, it in zip(esingle, eitems, strict=True)],
+            "category",
+            EDIT_CATEGORIES,
+        )
+        out["edit"] = {"single_shot": ebase}
+    if with_plan is not None and "t2i" in agent_tasks:
         out["t2i"]["with_plan"] = _acc_by(
             [dict(r, category=it["category"]) for r, it in zip(with_plan, items, strict=True)],
             "category",
@@ -1293,19 +1298,13 @@ def _suite_agent(
             ],
         }
 
-    samples: dict[str, Any] = {}
-    for r in agent_rounds:
-        # With the model's plan (planning + reflection) and without (reflection alone).
-        runs = {planned: t2i_run(int(r), planned) for planned in agent_plan}
-        for planned, (_, block) in runs.items():
-            out["t2i"][f"max_rounds={r}" + ("" if planned else ", no plan")] = block
-        recs = runs[True][0] if True in runs else runs[False][0]  # the grid prefers planned
+    def edit_run(max_rounds: int) -> list[dict[str, Any]]:
         erecs, etotals = score_agent_edit(
             pipeline,
             [it["scene"] for it in eitems],
             [it["instruction"] for it in eitems],
             [it["seed"] for it in eitems],
-            max_rounds=int(r),
+            max_rounds=max_rounds,
             backend=backend,
             batch_size=batch_size,
             num_steps=num_steps,
@@ -1313,7 +1312,7 @@ def _suite_agent(
         for rec, it in zip(erecs, eitems, strict=True):
             rec["category"] = it["category"]
         eacc = _acc_by(erecs, "category", EDIT_CATEGORIES)
-        out["edit"][f"max_rounds={r}"] = {
+        out["edit"][f"max_rounds={max_rounds}"] = {
             "accuracy": eacc,
             "lift_over_single_shot": {k: eacc[k] - ebase[k] for k in eacc},
             "psnr_outside_db": _mean([x["psnr_outside"] for x in erecs]),
@@ -1334,9 +1333,32 @@ def _suite_agent(
                 for x in erecs
             ],
         }
+        return erecs
+
+    samples: dict[str, Any] = {}
+    for r in agent_rounds:
+        recs: list[dict[str, Any]] = []
+        erecs: list[dict[str, Any]] = []
+        if "t2i" in agent_tasks:
+            # With the model's plan (planning + reflection) and without (reflection alone).
+            runs = {planned: t2i_run(int(r), planned) for planned in agent_plan}
+            for planned, (_, block) in runs.items():
+                out["t2i"][f"max_rounds={r}" + ("" if planned else ", no plan")] = block
+            recs = runs[True][0] if True in runs else runs[False][0]  # the grid prefers planned
+        if "edit" in agent_tasks:
+            erecs = edit_run(int(r))
         samples = {"t2i": recs, "edit": erecs, "max_rounds": int(r)}
     state["agent"] = samples
     return out
+
+
+def _agent_tasks(value: Sequence[str] | str) -> tuple[str, ...]:
+    """`agent_tasks` as a tuple (a comma string is split); ValueError names a bad one."""
+    tasks = [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else list(value)
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks or not set(tasks) <= set(AGENT_TASKS):
+        raise ValueError(f"agent tasks must be one or more of {', '.join(AGENT_TASKS)}; got {tasks}")
+    return tuple(tasks)
 
 
 def _attempt_rates(recs: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -1554,6 +1576,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if "agent" in suites:
         a = suites["agent"]
         for task, keys in (("t2i", PROMPT_CATEGORIES), ("edit", EDIT_CATEGORIES)):
+            if task not in a:
+                continue  # not in `agent_tasks`
             block = a[task]
             runs = [k for k in block if k.startswith("max_rounds=")]
             base_cols = [k for k in ("single_shot", "with_plan") if k in block]
@@ -1735,6 +1759,7 @@ def run(
     agent_plan: Sequence[bool] = (True, False),
     grounding_check: str = "rank",
     agent_context: Mapping[str, Any] | None = None,
+    agent_tasks: Sequence[str] | str = AGENT_TASKS,
     batch_size: int = 16,
     num_steps: int | None = None,
     pipeline: Any = None,
@@ -1762,6 +1787,8 @@ def run(
             the model's verdict decides), `gate` (a failed check also rejects) or `off`.
         agent_context: other fields of the agent's t2i `Context` (`plan_retries`,
             `plan_temperature`, `selection`, `rank_by`); unset ones keep their defaults.
+        agent_tasks: the agent suite's workflows, from `AGENT_TASKS` (list or comma
+            string); default both.
         batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
         num_steps: sampler steps for generate/edit (None: the pipeline's default).
         pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
@@ -1793,6 +1820,7 @@ def run(
         raise ValueError(f"grounding_check must be rank|gate|off, got {grounding_check!r}")
     agent_context = dict(agent_context or {})
     _check_agent_context(agent_context)
+    agent_tasks = _agent_tasks(agent_tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1826,6 +1854,7 @@ def run(
             agent_plan=agent_plan,
             grounding_check=grounding_check,
             agent_context=agent_context,
+            agent_tasks=agent_tasks,
             backend=backend,
         )
         timings[name] = time.perf_counter() - t0
@@ -1847,6 +1876,7 @@ def run(
             "agent_plan": list(agent_plan),
             "grounding_check": grounding_check,
             "agent_context": _agent_context_record(agent_context),
+            "agent_tasks": list(agent_tasks),
             "batch_size": batch_size,
             "num_steps": num_steps,
             "device": str(getattr(pipeline, "device", device)),
@@ -1934,7 +1964,7 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"critique agreement {_fmt(s['critique']['rendered']['agreement'])}")
     if "agent" in s:
         for task in ("t2i", "edit"):
-            for k, v in s["agent"][task].items():
+            for k, v in s["agent"].get(task, {}).items():  # absent: not in `agent_tasks`
                 if k.startswith("max_rounds="):
                     lines.append(
                         f"agent {task} {k} {_fmt(v['accuracy']['overall'])} "
@@ -1968,6 +1998,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny n: a smoke run")
     p.add_argument("--suites", default=None, help=f"comma list of {','.join(SUITES)} (default all)")
     p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite")
+    p.add_argument("--agent-tasks", default=",".join(AGENT_TASKS),
+                   help="the agent suite's workflows: t2i, edit or both")  # fmt: skip
     p.add_argument("--agent-plan", default="on,off",
                    help="agent t2i with the model's plan (on), without (off: reflection alone), or both")  # fmt: skip
     p.add_argument("--grounding-check", choices=("rank", "gate", "off"), default="rank",
@@ -1991,6 +2023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = {"plan_retries": args.plan_retries, "selection": args.selection, "rank_by": args.rank_by}
     try:
         _check_agent_context({k: v for k, v in knobs.items() if v is not None})
+        _agent_tasks(args.agent_tasks)
     except ValueError as e:
         p.error(str(e))
     result = run(
@@ -2004,6 +2037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent_plan=_on_off(args.agent_plan, p),
         grounding_check=args.grounding_check,
         agent_context={k: v for k, v in knobs.items() if v is not None},
+        agent_tasks=args.agent_tasks,
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         device=args.device,

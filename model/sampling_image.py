@@ -116,7 +116,9 @@ class ImageMaskSampler:
         shift: schedule shift s (5 in the released configs), or one shift per row (a
             batch may mix rows drawn with and without a plan, which want different shifts).
         order: `"stratified"` (fixed spatial order) or `"confidence"` (log p + Gumbel).
-        temperature: sampling temperature of candidate codes; 0 = argmax.
+        temperature: sampling temperature of candidate codes; 0 = argmax. One per row is
+            allowed too (a batch may mix edits that want different temperatures); a row's
+            draws are the ones it makes alone.
         confidence_temperature: Gumbel scale of the confidence order, annealed to 0.
         order_seed: seed of the fixed stratified order (42 upstream).
     """
@@ -127,14 +129,15 @@ class ImageMaskSampler:
         *,
         shift: float | Sequence[float] = 5.0,
         order: str = "stratified",
-        temperature: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
         confidence_temperature: float = 1.0,
         order_seed: int = 42,
     ):
         if order not in ("stratified", "confidence"):
             raise ValueError(f"order must be 'stratified' or 'confidence', got {order!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+        if not temps or any(t < 0 for t in temps):
+            raise ValueError(f"temperature must be >= 0 (one, or one per row), got {temperature}")
         self.mask_code = mask_code
         self.shift = shift
         self.order = order
@@ -165,6 +168,14 @@ class ImageMaskSampler:
         self.counts = max(self.row_counts, key=len)
         self.fixed_order = torch.from_numpy(stratified_order(grid, self.order_seed))
 
+    def _row_temperatures(self, rows: int) -> list[float]:
+        given = self.temperature
+        temps = [float(given)] if isinstance(given, (int, float)) else [float(t) for t in given]
+        temps = temps * rows if len(temps) == 1 else temps  # one temperature serves every row
+        if len(temps) != rows:
+            raise ValueError(f"got {len(temps)} temperatures for a batch of {rows} rows")
+        return temps
+
     @property
     def timesteps(self) -> list[int]:
         return list(range(len(self.counts)))
@@ -190,16 +201,18 @@ class ImageMaskSampler:
         masked = sample == self.mask_code
         logits = logits.float()
         # Step 1: candidate codes for every position, one draw per row on its own generator.
-        if self.temperature == 0:
-            cand = logits.argmax(-1)
-        else:
+        temps = self._row_temperatures(B)
+        cand = logits.argmax(-1)  # temperature 0
+        drawn = [b for b in range(B) if temps[b] > 0]
+        if drawn:
             # Inverse-CDF sampling: one uniform per position from the row's generator, then a
             # binary search in the cumulative distribution (15x faster than multinomial here).
-            cdf = torch.softmax(logits / self.temperature, dim=-1).cumsum(-1)  # (B, N, K)
+            t = torch.tensor([temps[b] for b in drawn], device=logits.device)[:, None, None]
+            cdf = torch.softmax(logits[drawn] / t, dim=-1).cumsum(-1)  # (b, N, K)
             # Drawn where each generator lives, then moved: a seed gives the same image on
             # CPU and CUDA, and the pipeline's CPU generators work with a CUDA model.
-            u = torch.stack([_uniform((N, 1), gens[b]) for b in range(B)]).to(logits.device)
-            cand = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=K - 1)
+            u = torch.stack([_uniform((N, 1), gens[b]) for b in drawn]).to(logits.device)
+            cand[drawn] = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=K - 1)
         x0 = torch.where(masked, cand, sample)  # revealed codes never change
 
         # Step 2: choose which masked positions to reveal now, on each row's own schedule.

@@ -498,6 +498,24 @@ def test_agent_plan_option_is_checked(tmp_path, capsys):
         quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_plan=())
 
 
+def test_agent_tasks_runs_only_the_chosen_workflows(tmp_path, capsys):
+    r = quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_rounds=(1,),
+                    agent_tasks="edit", batch_size=1)  # fmt: skip
+    agent = r["suites"]["agent"]
+    assert "t2i" not in agent and agent["edit"]["max_rounds=1"]["accuracy"]["overall"] == 1.0
+    assert r["settings"]["agent_tasks"] == ["edit"]
+    md = (tmp_path / "quality.md").read_text()
+    assert "## agent: edit" in md and "## agent: t2i" not in md
+    lines = quality._summary_lines(r)  # what `main` prints
+    assert any(x.startswith("agent edit max_rounds=1") for x in lines)
+    assert not any(x.startswith("agent t2i") for x in lines)
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--out", str(tmp_path), "--agent-tasks", "edit,paint"])
+    assert exc.value.code == 2 and "agent tasks must be one or more of t2i, edit" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="agent tasks"):
+        quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="agent", agent_tasks=())
+
+
 def test_grounding_check_reaches_the_agent_and_is_recorded(tmp_path):
     def forwards(check):
         # one request at a time: with concurrent requests the number of batched forwards

@@ -234,6 +234,21 @@ def test_edit_keep_spares_the_cells_wholly_inside_its_boxes(pipe, scene_image):
         pipe.edit([scene_image] * 2, ["x"] * 2, regions=[None, None], keep=[[]], num_steps=2)
 
 
+def test_a_background_edit_draws_at_its_own_temperature_in_any_batch(pipe, scene_image):
+    bg, other = "change the background to gray", "make the red circle blue"
+    assert pipe._edit_temperatures([bg, other, "paint it all"]) == [
+        pipe.defaults["background_edit_temperature"], pipe.defaults["temperature"], pipe.defaults["temperature"]]
+    mixed = pipe.edit([scene_image] * 2, [bg, other], seed=[3, 4], num_steps=4)
+    low = pipe.edit([scene_image], [bg], seed=[3], num_steps=4,
+                    temperature=pipe.defaults["background_edit_temperature"])  # fmt: skip
+    plain = pipe.edit([scene_image], [other], seed=[4], num_steps=4, temperature=pipe.defaults["temperature"])
+    assert np.array_equal(mixed.codes[0].numpy(), low.codes[0].numpy())
+    assert np.array_equal(mixed.codes[1].numpy(), plain.codes[0].numpy())
+    # an explicit temperature overrides the default of every row
+    hot = pipe.edit([scene_image], [bg], seed=[3], num_steps=4, temperature=1.0)
+    assert not np.array_equal(hot.codes[0].numpy(), low.codes[0].numpy())
+
+
 def test_regenerate_regions_returns_the_callers_pixels_outside_the_boxes(pipe, scene_image):
     out = pipe.regenerate_regions([scene_image], ["a red circle"], [[(8, 8, 20, 20)]], seed=3, num_steps=4)
     outside = np.ones((64, 64), dtype=bool)

@@ -82,6 +82,31 @@ def test_a_partly_masked_row_decodes_the_same_alone_and_beside_a_fully_masked_on
     assert torch.equal(alone[start != MASK], start[start != MASK])
 
 
+def test_each_row_draws_at_its_own_temperature_whatever_its_batch():
+    """A background edit (a low temperature) and other edits (temperature 1, or greedy)
+    share a batch: each row gets the codes it gets alone, on its own generator."""
+    N, K = 64, 32
+    logits = torch.randn(3, N, K, generator=torch.Generator().manual_seed(0))
+
+    def run(rows, temperature, seeds):
+        sample = torch.full((len(rows), N), MASK)
+        sampler = ImageMaskSampler(MASK, temperature=temperature)
+        sampler.set_timesteps(8, N, int(N**0.5))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        for i in sampler.timesteps:
+            sample = sampler.step(logits[rows], i, sample, generator=gens).prev_sample
+        return sample
+
+    together = run([0, 1, 2], [1.0, 0.0, 0.5], [3, 4, 5])
+    for row, (t, seed) in enumerate([(1.0, 3), (0.0, 4), (0.5, 5)]):
+        assert torch.equal(together[row], run([row], t, [seed])[0])
+    assert torch.equal(together[1], logits[1].argmax(-1))  # temperature 0 = greedy
+    # a lower temperature draws the most likely code more often
+    assert (together[2] == logits[2].argmax(-1)).sum() > (together[0] == logits[0].argmax(-1)).sum()
+    with pytest.raises(ValueError, match="3 rows"):
+        run([0, 1, 2], [1.0, 0.5], [3, 4, 5])
+
+
 def test_each_row_follows_its_own_shift_whatever_its_batch():
     """t2i rows with and without a plan share a batch but not a shift."""
     N, K = 64, 32
