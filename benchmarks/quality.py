@@ -822,8 +822,10 @@ def score_agent_t2i(
         raw = t2i.graph.invoke({"prompt": prompts[i], "seed": int(seeds[i]), **layout}, context=ctx)
         out = T2IOutput.model_validate(raw)
         assert out.best is not None
+        # every attempt judged once; the kept one is among them
+        verdicts = {a.image: check_prompt(prompts[i], store.open(a.image)) for a in out.attempts}
         image = store.open(out.best.image)
-        verdict = check_prompt(prompts[i], image)
+        verdict = verdicts.get(out.best.image) or check_prompt(prompts[i], image)
         return {
             "prompt": prompts[i],
             "seed": int(seeds[i]),
@@ -831,8 +833,7 @@ def score_agent_t2i(
             "reasons": list(verdict.reasons),
             "rounds": len(out.attempts),
             "accepted": bool(out.accepted),
-            "attempts_correct": [check_prompt(prompts[i], store.open(a.image)).correct
-                                 for a in out.attempts],  # fmt: skip
+            "attempts_correct": [verdicts[a.image].correct for a in out.attempts],
             "image": image,
         }
 
@@ -870,8 +871,10 @@ def score_agent_edit(
         )
         out = EditOutput.model_validate(raw)
         assert out.current is not None
+        # every attempt judged once; the committed one is among them
+        verdicts = {s.result: check_edit(sources[i], instructions[i], store.open(s.result)) for s in out.steps}
         image = store.open(out.current)
-        verdict = check_edit(sources[i], instructions[i], image)
+        verdict = verdicts.get(out.current) or check_edit(sources[i], instructions[i], image)
         return {
             "instruction": instructions[i],
             "seed": int(seeds[i]),
@@ -880,8 +883,7 @@ def score_agent_edit(
             "psnr_outside": _psnr(verdict.psnr_outside),
             "rounds": len(out.steps),
             "accepted": bool(out.accepted),
-            "attempts_correct": [check_edit(sources[i], instructions[i], store.open(s.result)).correct
-                                 for s in out.steps],  # fmt: skip
+            "attempts_correct": [verdicts[s.result].correct for s in out.steps],
             "image": image,
         }
 
