@@ -25,7 +25,8 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
 - `vqa`: `n` questions per kind; exact answers after normalisation.
 - `critique`: the model's verdict (`critique().ok`) vs the detector's (`check_prompt`) on
   `7 n` `sample_critique` renders (about half correct, half corrupted), and on the model's own
-  single-shot t2i images when the `t2i` suite ran.
+  single-shot t2i images when the `t2i` suite ran; each also through the `critique` workflow
+  (`workflow_*`: the prompt checked against the scene the model perceives).
 - `agent`: the LangGraph `t2i` workflow (plan, generate, model critique, refine) and `edit`
   workflow (plan, edit, model verify, re-edit) through a `BatchingEngine`, for each
   `max_rounds` in `agent_rounds`; the final image is scored by the detector and compared
@@ -570,26 +571,59 @@ def score_critique(
         for p, image, ok, reasons, text in zip(
             prompts[sl], images[sl], res.ok, res.reasons, res.texts, strict=True
         ):
-            det = check_prompt(p, _canvas(image))
-            parsed = _parses(text)
-            both_reject = not ok and not det.correct
-            match = (
-                (_norm_reasons(reasons) == _norm_reasons(det.reasons))
-                if both_reject and parsed
-                else (False if both_reject else None)
-            )
-            out.append(
-                {
-                    "prompt": p,
-                    "detector_ok": det.correct,
-                    "model_ok": bool(ok),
-                    "agree": bool(ok) == det.correct,
-                    "parsed": parsed,
-                    "reasons_match": match,
-                    "model_text": text,
-                }
-            )
+            out.append(_critique_record(p, image, bool(ok), reasons, text, parsed=_parses(text)))
     return out
+
+
+def _critique_record(
+    prompt: str, image: np.ndarray, ok: bool, reasons: Sequence[str], text: str, *, parsed: bool
+) -> dict[str, Any]:
+    """One verdict judged against the detector's (`score_critique`'s record)."""
+    det = check_prompt(prompt, _canvas(image))
+    both_reject = not ok and not det.correct
+    match = (
+        (_norm_reasons(reasons) == _norm_reasons(det.reasons))
+        if both_reject and parsed
+        else (False if both_reject else None)
+    )
+    return {
+        "prompt": prompt,
+        "detector_ok": det.correct,
+        "model_ok": ok,
+        "agree": ok == det.correct,
+        "parsed": parsed,
+        "reasons_match": match,
+        "model_text": text,
+    }
+
+
+def score_critique_workflow(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    *,
+    backend: Any = None,
+    batch_size: int = 16,
+    critique_by: str = "scene",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Judge each (image, prompt) through the `critique` workflow (`Context.critique_by`).
+
+    Returns:
+        `score_critique`'s records plus `judged_by` (a workflow verdict always parses), and
+        totals as `score_agent_t2i`.
+    """
+    from lavida_agent.graphs import critique
+    from lavida_agent.graphs.state import CritiqueOutput
+
+    def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
+        raw = critique.graph.invoke({"image": store.put(images[i]), "prompt": prompts[i]}, context=ctx)
+        out = CritiqueOutput.model_validate(raw)
+        rec = _critique_record(prompts[i], images[i], out.verdict == "accept", out.reasons,
+                               out.model_text, parsed=True)  # fmt: skip
+        return {**rec, "judged_by": out.judged_by}
+
+    return _through_workflow(pipeline, len(prompts), one, backend=backend,
+                             batch_size=batch_size, critique_by=critique_by)  # fmt: skip
 
 
 def _critique_summary(records: Sequence[dict]) -> dict[str, Any]:
@@ -609,6 +643,8 @@ def _critique_summary(records: Sequence[dict]) -> dict[str, Any]:
         "model_accept_rate": _mean([r["model_ok"] for r in records]),
         "parse_rate": _mean([r["parsed"] for r in records]),
         "reasons_exact_when_both_reject": _mean(matches),
+        **({"judged_by_scene": _mean([r["judged_by"] == "scene" for r in records])}
+           if records and "judged_by" in records[0] else {}),
     }
 
 
@@ -809,7 +845,8 @@ def score_agent_t2i(
 
     Returns:
         Per prompt `{prompt, seed, correct, reasons, rounds, accepted, attempts_correct,
-        image}` (`attempts_correct`: each attempt judged, in order; the rest: the
+        attempts_accepted, image}` (`attempts_correct`: each attempt judged, in order;
+        `attempts_accepted`: the workflow's own verdict on each; the rest: the
         workflow's `best` attempt judged by `check_prompt`), and totals `{forwards,
         forwards_per_request, seconds, backend_calls}` (see `_through_workflow`).
     """
@@ -834,6 +871,7 @@ def score_agent_t2i(
             "rounds": len(out.attempts),
             "accepted": bool(out.accepted),
             "attempts_correct": [verdicts[a.image].correct for a in out.attempts],
+            "attempts_accepted": [c.accepted for c in out.critiques],
             "image": image,
         }
 
@@ -1193,15 +1231,19 @@ def _suite_critique(
             for r, it in zip(recs, items, strict=True)
         ],
     }
+    # The `critique` workflow (the prompt checked against the perceived scene) on the same.
+    flow, totals = score_critique_workflow(pipeline, images, [it["prompt"] for it in items],
+                                           batch_size=batch_size)  # fmt: skip
+    result["workflow_rendered"] = _critique_summary(flow)
+    result["workflow_totals"] = totals
+    for r, rec in zip(result["items"], flow, strict=True):
+        r.update(workflow_ok=rec["model_ok"], judged_by=rec["judged_by"])
     t2i = state.get("t2i")
     if t2i:  # the model's own single-shot generations, already judged by the detector
-        gen = score_critique(
-            pipeline,
-            [r["image"] for r in t2i["single"]],
-            [r["prompt"] for r in t2i["single"]],
-            batch_size=batch_size,
-        )
-        result["own_generations"] = _critique_summary(gen)
+        own = ([r["image"] for r in t2i["single"]], [r["prompt"] for r in t2i["single"]])
+        result["own_generations"] = _critique_summary(score_critique(pipeline, *own, batch_size=batch_size))
+        flow, _ = score_critique_workflow(pipeline, *own, batch_size=batch_size)
+        result["workflow_own_generations"] = _critique_summary(flow)
     return result
 
 
@@ -1295,6 +1337,7 @@ def _suite_agent(
                     "rounds": x["rounds"],
                     "accepted": x["accepted"],
                     "attempts_correct": x["attempts_correct"],
+                    "attempts_accepted": x["attempts_accepted"],
                 }
                 for x in recs
             ],
@@ -1565,13 +1608,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
     if "critique" in suites:
         c = suites["critique"]
-        cols = [k for k in ("rendered", "own_generations") if k in c]
-        metrics = list(c["rendered"])
+        cols = [k for k in ("rendered", "own_generations", "workflow_rendered", "workflow_own_generations")
+                if k in c]  # fmt: skip
+        metrics = list(dict.fromkeys(m for k in cols for m in c[k]))
+        names = {"workflow_rendered": "rendered, workflow", "workflow_own_generations": "own_generations, workflow"}
         out += [
             "",
             "## critique: model verdict vs detector verdict",
             "",
-            _table(["metric", *cols], [[m, *(c[k][m] for k in cols)] for m in metrics]),
+            "Asked directly (`pipeline.critique`), and through the `critique` workflow (the prompt "
+            "checked against the scene the model perceives; the model's critique when its caption "
+            "does not parse whole).",
+            "",
+            _table(["metric", *(names.get(k, k) for k in cols)],
+                   [[m, *(c[k].get(m, "-") for k in cols)] for m in metrics]),  # fmt: skip
             "",
             f"Detector vs sample_critique label: {_fmt(c['detector_vs_sample_label'])}.",
         ]
@@ -1963,7 +2013,10 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     if "ask" in s:
         lines.append(f"ask (understand workflow) {_fmt(s['ask']['accuracy']['overall'])}")
     if "critique" in s:
-        lines.append(f"critique agreement {_fmt(s['critique']['rendered']['agreement'])}")
+        c = s["critique"]
+        flow = c.get("workflow_rendered")  # absent in older result files
+        lines.append(f"critique agreement {_fmt(c['rendered']['agreement'])}"
+                     + (f" (critique workflow {_fmt(flow['agreement'])})" if flow else ""))  # fmt: skip
     if "agent" in s:
         for task in ("t2i", "edit"):
             for k, v in s["agent"].get(task, {}).items():  # absent: not in `agent_tasks`

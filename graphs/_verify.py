@@ -3,6 +3,8 @@
 - By grounding: the model grounds each expected object in the image (one `Engine.ground`
   call for all of them); an object passes when the box found overlaps the expected box with
   IoU >= threshold.
+- Of a text-to-image prompt, by the model (`judge`): the prompt checked against the scene
+  the model perceives, else the model's own critique answer.
 - Of plans, before anything is drawn: `plan_problems` reads a layout against the prompt's
   ShapesWorld grammar (the objects, counts and relations it names), with no model and no
   image; a prompt outside the grammar is not checked.
@@ -11,11 +13,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from lavida_agent import prompts
-from lavida_agent.graphs.engine import BoxList
-from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, Plan, box_iou
+from lavida_agent.graphs.engine import BoxList, Engine
+from lavida_agent.graphs.perceive import scene_problems
+from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, Perception, Plan, box_iou
 from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.shapes_world import language as lang
 
@@ -37,6 +43,33 @@ def grounding_checks(
     return checks
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The model's verdict on an image for a prompt, and how it was reached."""
+
+    ok: bool
+    reasons: list[str]
+    text: str  # the caption read (judged by 'scene') or the critique answer ('model')
+    judged_by: Literal["scene", "model"]
+    dropped_reasons: list[str] = field(default_factory=list)
+
+
+def judge(engine: Engine, image: np.ndarray, prompt: str, perception: Perception | None) -> Verdict:
+    """Judge `image` against a text-to-image `prompt`.
+
+    With a complete `perception` of the image and a prompt in the ShapesWorld grammar, the
+    verdict is the world's prompt rules applied to the perceived scene (`scene_problems`),
+    whose reasons are exact (`missing blue square`). Otherwise the model's critique answers;
+    its reasons the prompt rules out are set apart (`split_reasons`).
+    """
+    problems = scene_problems(prompt, perception) if perception is not None else None
+    if problems is not None:
+        return Verdict(not problems, problems, perception.caption, "scene")  # type: ignore[union-attr]
+    answer = engine.critique(image, prompt)
+    kept, dropped = split_reasons(prompt, answer.reasons)
+    return Verdict(answer.ok, kept, answer.text, "model", dropped)
+
+
 def fmt_box(box: Box) -> str:
     """`[x0, y0, x1, y1]` as the critique templates write boxes."""
     return "[" + ", ".join(f"{v:g}" for v in box.as_list()) + "]"
@@ -53,6 +86,7 @@ def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
     dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (),
+    judged_by: Literal["scene", "model"] = "model", perception: Perception | None = None,
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
@@ -83,6 +117,8 @@ def make_critique(
         blamed=[] if accept else [LayoutItem(label=c.label, box=c.expected) for c in failed],
         model_ok=model_ok,
         model_text=model_text,
+        judged_by=judged_by,
+        perception=perception,
         dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
         fit=[round_score(f) for f in fit],

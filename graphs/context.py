@@ -124,6 +124,18 @@ class Context:
             "grounding."
         },
     )
+    critique_by: Literal["scene", "model"] = field(
+        default="scene",
+        metadata={
+            "description": "How the model judges an image against a text-to-image prompt (the "
+            "t2i critique and the `critique` workflow): 'scene' (default) perceives the image "
+            "(its caption, each captioned object grounded) and checks the ShapesWorld prompt "
+            "against that scene by the world's prompt rules, and asks the model's critique "
+            "when the caption does not parse whole or the prompt is outside the grammar; "
+            "'model' only asks the model's critique (less accurate with the shipped model: "
+            "see the README)."
+        },
+    )
     answer_by: Literal["scene", "direct"] = field(
         default="scene",
         metadata={
@@ -161,6 +173,8 @@ class Context:
             raise ValueError(f"rank_by must be fit|score, got {self.rank_by!r}")
         if self.grounding_check not in ("rank", "gate", "off"):
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
+        if self.critique_by not in ("scene", "model"):
+            raise ValueError(f"critique_by must be scene|model, got {self.critique_by!r}")
         if self.answer_by not in ("scene", "direct"):
             raise ValueError(f"answer_by must be scene|direct, got {self.answer_by!r}")
         if self.ground_by not in ("scene", "direct"):

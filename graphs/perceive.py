@@ -7,22 +7,36 @@ every captioned object in one batched call. The result, a `Perception`, goes int
 state (and so its trace); `perceived_scene` turns a complete one into a `Scene`. A workflow
 adds the node with its own state and candidate count:
 `builder.add_node("perceive", partial(perceive, candidates=1), input_schema=MyState)`.
+
+`read_scene` is the same reading for a node that perceives an image of its own (the t2i
+critique reads each attempt), and `scene_problems` judges a text-to-image prompt against a
+perception with the world's own prompt rules (`language.prompt_reasons`), as the `critique`
+workflow and the t2i critique do.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
 from langgraph.runtime import Runtime
 
 from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.engine import Engine
 from lavida_agent.graphs.events import emit, node_events
 from lavida_agent.graphs.state import Box, LayoutItem, Perception
 from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
-__all__ = ("perceive", "perceived_scene")
+__all__ = ("PERCEIVE_CANDIDATES", "perceive", "perceived_scene", "read_scene", "scene_problems")
+
+PERCEIVE_CANDIDATES = 1
+"""The grounding of a perception that answers questions or judges prompts reads each
+captioned object greedily (one candidate box, the image as given): the answers came out the
+same as with four candidates and their fit, at a quarter of the time (benchmark seed 0,
+n = 32: 0.853 against 0.857 in 24 s against 93 s; README, "Stop 20"). The `ground`
+workflow, whose boxes are its answer, reads more."""
 
 
 class _HasImage(Protocol):
@@ -43,20 +57,39 @@ def perceive(
     """
     ctx = runtime.context if runtime.context is not None else Context()
     with node_events("perceive"):
-        engine = ctx.get_engine()
         pixels = ctx.get_store().open(state.image)
-        text = str(engine.answer(pixels, lang.DESCRIBE))
-        cap = lang.parse_caption(text)
-        labels = [n.text for n in cap.objects]
-        boxes = (engine.ground(pixels, [f"the {label}" for label in labels],
-                               candidates=candidates) if labels else [])  # fmt: skip
-        objects = [LayoutItem(label=label, box=Box.model_validate(box))
-                   for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
-        complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found
-        perception = Perception(caption=text, objects=objects, background=cap.background,
-                                complete=complete)  # fmt: skip
+        perception = read_scene(ctx.get_engine(), pixels, candidates=candidates)
         emit("perception", perception=perception.model_dump(mode="json"))
     return {"perception": perception}
+
+
+def read_scene(engine: Engine, pixels: np.ndarray, *, candidates: int | None = None) -> Perception:
+    """The model's caption of `pixels`, and `the {label}` of each captioned object grounded
+    (one `answer` call, one batched `ground` call; `candidates` as in `perceive`)."""
+    text = str(engine.answer(pixels, lang.DESCRIBE))
+    cap = lang.parse_caption(text)
+    labels = [n.text for n in cap.objects]
+    boxes = (engine.ground(pixels, [f"the {label}" for label in labels],
+                           candidates=candidates) if labels else [])  # fmt: skip
+    objects = [LayoutItem(label=label, box=Box.model_validate(box))
+               for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
+    complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found
+    return Perception(caption=text, objects=objects, background=cap.background, complete=complete)
+
+
+def scene_problems(prompt: str, perception: Perception) -> list[str] | None:
+    """What is wrong with the perceived scene for a text-to-image `prompt`, in the critique
+    vocabulary (`missing blue square`, `circle is green, expected red`); empty when the
+    scene satisfies the prompt. None when it cannot be judged this way: the prompt is
+    outside the ShapesWorld grammar, or the perception is incomplete."""
+    scene = perceived_scene(perception)
+    if scene is None:
+        return None
+    try:
+        spec = lang.parse_prompt(prompt)
+    except lang.GrammarError:
+        return None
+    return lang.prompt_reasons(spec, scene)
 
 
 def perceived_scene(perception: Perception) -> Scene | None:

@@ -6,9 +6,9 @@ Two sections, as in ODR's `state.py`:
   `EditPlan`, `EditStep`, `Perception`: small, JSON-serialisable records of what the model
   planned, drew, judged, edited and saw.
 - **Graph states**: `*Input` (what a caller passes), `*State` (what nodes see) and `*Output`
-  (what `invoke` returns) for the `t2i`, `edit`, `ground` and `understand` workflows. List
-  fields that grow over a run use an `operator.add` reducer (append); every other field is
-  overwritten by the node that writes it.
+  (what `invoke` returns) for the `t2i`, `edit`, `ground`, `understand` and `critique`
+  workflows. List fields that grow over a run use an `operator.add` reducer (append); every
+  other field is overwritten by the node that writes it.
 
 Images are only `ImageRef`s (content hash, size and path in the artifact store), never bytes
 or arrays, so checkpoints and traces stay small (PEERS.md §0 item 8). Numbers are plain
@@ -29,6 +29,9 @@ __all__ = (
     "Attempt",
     "Box",
     "Critique",
+    "CritiqueInput",
+    "CritiqueOutput",
+    "CritiqueState",
     "EditInput",
     "EditOutput",
     "EditPlan",
@@ -170,12 +173,28 @@ class GroundingCheck(BaseModel):
     )
 
 
+class Perception(BaseModel):
+    """What the model sees in an image: its caption, and every captioned object grounded.
+
+    `objects` are labelled `{size} {color} {shape}` in caption order, each with the box the
+    model grounded `the {label}` to; `complete` says whether the caption parsed whole (every
+    object with its size and colour, a known background), so the objects are the scene.
+    """
+
+    caption: str
+    objects: list[LayoutItem] = Field(default_factory=list)
+    background: str | None = None
+    complete: bool = False
+
+
 class Critique(BaseModel):
     """The verdict on one image, and how it was reached.
 
-    For t2i, `verdict` is the model's own (`Context.grounding_check="rank"`, the default),
-    or with `"gate"` `accept` only when the model accepts *and* every grounding check passes
-    (each planned object found where it was planned, IoU >= the threshold). Edits are
+    For t2i, `verdict` is the model's (`Context.grounding_check="rank"`, the default), or
+    with `"gate"` `accept` only when the model accepts *and* every grounding check passes
+    (each planned object found where it was planned, IoU >= the threshold). The model's
+    verdict is read off the scene it perceives (`judged_by="scene"`, `perception` kept) or
+    is its own critique answer (`"model"`; `Context.critique_by`). Edits are
     verified by their grounding checks alone. Failed checks are kept in `grounding` either
     way, and a rejection blames their objects.
     """
@@ -187,8 +206,15 @@ class Critique(BaseModel):
     blamed: list[LayoutItem] = Field(
         default_factory=list, description="Objects (with their expected boxes) judged wrong."
     )
-    model_ok: bool = Field(description="The model's own verdict (Engine.critique).")
-    model_text: str = ""
+    model_ok: bool = Field(
+        description="The model's verdict: its perceived scene checked against the prompt "
+        "(`judged_by='scene'`), or its own critique answer (`Engine.critique`, 'model')."
+    )
+    model_text: str = Field(default="", description="The critique answer, or the caption read.")
+    judged_by: Literal["scene", "model"] = "model"
+    perception: Perception | None = Field(
+        default=None, description="What the model saw in the image (`judged_by='scene'`)."
+    )
     dropped_reasons: list[str] = Field(
         default_factory=list,
         description="The model's reasons that cannot be about the prompt (`missing blue circle` "
@@ -342,20 +368,6 @@ class EditOutput(BaseModel):
     heads: list[int] = Field(default_factory=list)
 
 
-class Perception(BaseModel):
-    """What the model sees in an image: its caption, and every captioned object grounded.
-
-    `objects` are labelled `{size} {color} {shape}` in caption order, each with the box the
-    model grounded `the {label}` to; `complete` says whether the caption parsed whole (every
-    object with its size and colour, a known background), so the objects are the scene.
-    """
-
-    caption: str
-    objects: list[LayoutItem] = Field(default_factory=list)
-    background: str | None = None
-    complete: bool = False
-
-
 class GroundInput(BaseModel):
     """Find each referring expression in an image."""
 
@@ -416,6 +428,44 @@ class UnderstandOutput(BaseModel):
         "'direct': the model's own answer to the question.",
     )
     perception: Perception | None = None
+
+
+class CritiqueInput(BaseModel):
+    """Judge an image against a text-to-image prompt."""
+
+    image: ImageRef
+    prompt: str
+
+
+class CritiqueState(CritiqueInput):
+    """State of the `critique` workflow."""
+
+    perception: Perception | None = None
+    verdict: Literal["accept", "reject"] | None = None
+    reasons: list[str] = Field(default_factory=list)
+    judged_by: Literal["scene", "model"] | None = None
+    model_text: str = ""
+    dropped_reasons: list[str] = Field(default_factory=list)
+
+
+class CritiqueOutput(BaseModel):
+    """The verdict, its reasons, how it was reached, and the perceived scene (if any)."""
+
+    verdict: Literal["accept", "reject"] | None = None
+    reasons: list[str] = Field(
+        default_factory=list, description="Why not, in the critique vocabulary (`missing blue square`)."
+    )
+    judged_by: Literal["scene", "model"] | None = Field(
+        default=None,
+        description="'scene': the prompt checked against `perception` by the world's prompt "
+        "rules; 'model': the model's own critique answer (`model_text`).",
+    )
+    perception: Perception | None = None
+    model_text: str = Field(default="", description="The caption read, or the critique answer.")
+    dropped_reasons: list[str] = Field(
+        default_factory=list,
+        description="The model's reasons that cannot be about the prompt, left out of `reasons`.",
+    )
 
 
 STATE_VALUE_TYPES: tuple[type, ...] = (

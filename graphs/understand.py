@@ -31,18 +31,12 @@ from langgraph.runtime import Runtime
 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import perceive, perceived_scene
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, perceived_scene
 from lavida_agent.graphs.state import UnderstandInput, UnderstandOutput, UnderstandState
 from lavida_agent.tools.shapes_world import language as lang
 
 __all__ = ("PERCEIVE_CANDIDATES", "SCENE_KINDS", "answer_question", "build_understand_graph", "graph",
            "perceive", "perceived_scene")  # fmt: skip
-
-PERCEIVE_CANDIDATES = 1
-"""The perception grounds each captioned object greedily (one candidate box, the image as
-given): the answers came out the same as with four candidates and their fit (the engine's
-default read then), at a quarter of the time (benchmark seed 0, n = 32: 0.853 against
-0.857 in 24 s against 93 s; README, "Stop 20")."""
 
 SCENE_KINDS = frozenset({"count", "color", "shape", "exist", "relation"})
 """Question kinds answered from the perceived scene (the others need no objects' boxes:

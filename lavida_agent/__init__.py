@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from lavida_agent.api import (
     AskResult,
+    CritiqueResult,
     EditResult,
     GenerateResult,
     GroundResult,
@@ -31,6 +32,7 @@ from lavida_agent.settings import Settings
 
 __all__ = [
     "AskResult",
+    "CritiqueResult",
     "EditResult",
     "GenerateResult",
     "GenerationCancelled",

@@ -20,7 +20,7 @@ Input images of any size are letterboxed to the model's canvas (`Settings.canvas
 `ground` maps the boxes back to the input image's pixels; generated and edited images are
 canvas-sized (crop the padding with `EditResult.content()`).
 
-The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `Session.aedit`) run the same call
+The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `acritique`, `Session.aedit`) run the same call
 in a worker thread; cancelling the awaiting task stops the run at the next sampler step
 (`GenerationCancelled`). Sync calls take `cancel=threading.Event()` for the same purpose.
 `on_event` receives every workflow event (dicts, see `graphs/events.py`) plus `run_start`
@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = (
     "AskResult",
+    "CritiqueResult",
     "EditResult",
     "EventCallback",
     "GenerateResult",
@@ -280,12 +281,54 @@ class AskResult(RunResult):
         }
 
 
+@dataclass(frozen=True, kw_only=True)
+class CritiqueResult(RunResult):
+    """Result of `critique`: does the (letterboxed) image show what `prompt` asks for.
+
+    `judged_by` is 'scene' when the prompt was checked against what the model perceived
+    (`caption`, and each captioned object grounded: `objects`, boxes in the input image's
+    pixels) by the world's prompt rules, 'model' when the model's critique answered
+    (`model_text`; see `graphs/critique.py`). `reasons` say why not.
+    """
+
+    prompt: str
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    judged_by: str | None = None
+    model_text: str = ""
+    dropped_reasons: list[str] = field(default_factory=list)
+    caption: str | None = None
+    objects: list[LayoutItem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """`True` when the verdict is `accept`."""
+        return self.verdict == "accept"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
+        return {
+            "prompt": self.prompt,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "judged_by": self.judged_by,
+            "model_text": self.model_text,
+            "dropped_reasons": list(self.dropped_reasons),
+            "caption": self.caption,
+            "objects": [{"label": o.label, "box": o.box.as_list()} for o in self.objects],
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "trace": str(self.trace_path) if self.trace_path else None,
+        }
+
+
 def _attempt_dict(
     result: RunResult, seed: int, critique: Critique | None, image: ImageRef
 ) -> dict[str, Any]:
     return {
         "seed": seed,
         "verdict": critique.verdict if critique else None,
+        "judged_by": critique.judged_by if critique else None,
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
         "fit": list(critique.fit) if critique else [],
@@ -432,11 +475,12 @@ class LavidaAgent:
     def _graph(self, workflow: str) -> Any:
         with self._lock:
             if workflow not in self._graphs:
-                from lavida_agent.graphs import edit, ground, t2i, understand
+                from lavida_agent.graphs import critique, edit, ground, t2i, understand
 
                 builders = {"t2i": t2i.build_t2i_graph, "edit": edit.build_edit_graph,
                             "ground": ground.build_ground_graph,
-                            "understand": understand.build_understand_graph}  # fmt: skip
+                            "understand": understand.build_understand_graph,
+                            "critique": critique.build_critique_graph}  # fmt: skip
                 self._graphs[workflow] = builders[workflow]().compile(
                     checkpointer=self.checkpointer, name=workflow
                 )
@@ -481,7 +525,8 @@ class LavidaAgent:
                            preview_every=self.settings.preview_every,
                            iou_threshold=self.settings.iou_threshold,
                            grounding_check=self.settings.grounding_check,
-                           answer_by=self.settings.answer_by, ground_by=self.settings.ground_by,
+                           critique_by=self.settings.critique_by, answer_by=self.settings.answer_by,
+                           ground_by=self.settings.ground_by,
                            plan_retries=self.settings.plan_retries,
                            selection=self.settings.selection, rank_by=self.settings.rank_by,
                            review_plan=review_plan)  # fmt: skip
@@ -507,7 +552,8 @@ class LavidaAgent:
                 "num_steps": context.num_steps, "max_rounds": context.max_rounds,
                 "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
                 "plan_retries": context.plan_retries, "selection": context.selection,
-                "rank_by": context.rank_by, "answer_by": context.answer_by,
+                "rank_by": context.rank_by, "critique_by": context.critique_by,
+                "answer_by": context.answer_by,
                 "ground_by": context.ground_by,
                 "engine": type(context.engine._engine).__name__}  # fmt: skip
 
@@ -778,6 +824,37 @@ class LavidaAgent:
                          caption=seen.caption if seen is not None else None,
                          objects=objects)  # fmt: skip
 
+    def critique(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> CritiqueResult:
+        """Judge whether `image` shows what the text-to-image `prompt` asks for, and why not
+        (the `critique` workflow)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
+        canvas, ref, params, (w, h) = self._prepare_image(image)
+        context = self._context(num_steps=None, rounds=None, cancel=cancel)
+        thread_id = _new_id()
+        run_id, values, trace, path = self._run(
+            "critique", self._graph("critique"), {"image": ref, "prompt": prompt},
+            thread_id=thread_id, context=context,
+            inputs={"image": ref, "prompt": prompt, "source_size": [w, h]},
+            on_event=on_event)  # fmt: skip
+        seen: Perception | None = values.get("perception")
+        return CritiqueResult(image=canvas, image_ref=ref, run_id=run_id, thread_id=thread_id,
+                              trace=trace, trace_path=path, store=self.store, prompt=prompt,
+                              verdict=str(values.get("verdict") or "reject"),
+                              reasons=list(values.get("reasons", [])),
+                              judged_by=values.get("judged_by"),
+                              model_text=str(values.get("model_text") or ""),
+                              dropped_reasons=list(values.get("dropped_reasons", [])),
+                              caption=seen.caption if seen is not None else None,
+                              objects=self._input_items(seen.objects if seen else [], params, w, h))  # fmt: skip
+
     @staticmethod
     def _input_items(items: Sequence[LayoutItem], params: LetterboxParams, w: int, h: int,
                      ) -> list[LayoutItem]:  # fmt: skip
@@ -810,6 +887,10 @@ class LavidaAgent:
     async def aask(self, image: ImageInput, question: str, **kwargs: Any) -> AskResult:
         """`ask` in a worker thread."""
         return await _in_thread(self.ask, image, question, **kwargs)
+
+    async def acritique(self, image: ImageInput, prompt: str, **kwargs: Any) -> CritiqueResult:
+        """`critique` in a worker thread."""
+        return await _in_thread(self.critique, image, prompt, **kwargs)
 
 
 async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:

@@ -5,6 +5,7 @@
     lavida-agent edit IMAGE INSTRUCTION --out FILE [...same options, no --plan]
     lavida-agent ground IMAGE EXPRESSION... [--out FILE] [--json] [--batch FILE.jsonl]
     lavida-agent ask IMAGE QUESTION [--json] [--batch FILE.jsonl]
+    lavida-agent critique IMAGE PROMPT [--json] [--batch FILE.jsonl]
     lavida-agent session start|edit|history|undo|branch|show ...
     lavida-agent trace RUN_ID --out page.html
     lavida-agent bench quality|speed [--quick] [--out DIR]
@@ -21,9 +22,9 @@ environment variables (read by `settings.py` only).
 `--batch FILE.jsonl` (`-` for stdin) runs one JSON object per line, keys named like the
 command's own arguments (`generate`: prompt, out, seed?, plan?, rounds?, steps?; `edit`:
 image, instruction, out, seed?, rounds?, steps?; `ground`: image, expressions; `ask`: image,
-question), in one process, and prints one JSON result per line in input order. A bad line
-prints `{"error": ..., "line": n}` and the rest still run; the exit status is 1 when any
-line failed. Blank lines are skipped.
+question; `critique`: image, prompt), in one process, and prints one JSON result per line
+in input order. A bad line prints `{"error": ..., "line": n}` and the rest still run; the
+exit status is 1 when any line failed. Blank lines are skipped.
 
 Errors print one `Error: ...` line on stderr and exit with status 1 (usage errors: 2);
 `--debug` shows the traceback instead. Progress bars (tqdm) go to stderr and only when it
@@ -61,6 +62,7 @@ BATCH_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "edit": ({"image", "instruction", "out"}, {"seed", "rounds", "steps"}),
     "ground": ({"image", "expressions"}, set()),
     "ask": ({"image", "question"}, set()),
+    "critique": ({"image", "prompt"}, set()),
 }
 
 
@@ -252,7 +254,13 @@ def _run_ask(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, An
     return {"image": str(args["image"]), **result.to_dict()}
 
 
-_RUNNERS = {"generate": _run_generate, "edit": _run_edit, "ground": _run_ground, "ask": _run_ask}
+def _run_critique(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    result = agent.critique(args["image"], args["prompt"])
+    return {"image": str(args["image"]), **result.to_dict()}
+
+
+_RUNNERS = {"generate": _run_generate, "edit": _run_edit, "ground": _run_ground, "ask": _run_ask,
+            "critique": _run_critique}  # fmt: skip
 
 
 def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
@@ -529,6 +537,32 @@ def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bo
         _echo_json(data)
     else:
         click.echo(data["answer"])
+
+
+@cli.command()
+@click.argument("image", required=False)
+@click.argument("prompt", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_batch_options
+@_common
+@click.pass_context
+def critique(ctx: click.Context, image: str | None, prompt: str | None, as_json: bool,
+             batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+    """Judge whether IMAGE shows what PROMPT asks for; prints accept or reject and why."""
+    _reject_with_batch(batch, {"IMAGE": image, "PROMPT": prompt})
+    if batch is not None:
+        _run_batch(ctx, "critique", batch, {}, scale=1, workers=workers)
+        return
+    if image is None or prompt is None:
+        raise click.UsageError("critique needs IMAGE and PROMPT (or --batch FILE)")
+    data = _run_critique(_agent(ctx), {"image": image, "prompt": prompt})
+    if as_json:
+        _echo_json(data)
+        return
+    how = {"scene": "read off the scene the model perceived", "model": "the model's critique"}
+    click.echo(f"{data['verdict']}\t({how.get(data['judged_by'], data['judged_by'])})")
+    for reason in data["reasons"]:
+        click.echo(f"  - {reason}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ __all__ = (
     "AskRequest",
     "AskResponse",
     "AttemptOut",
+    "CritiqueRequest",
+    "CritiqueResponse",
     "BoxOut",
     "BranchRequest",
     "EditRequest",
@@ -176,6 +178,14 @@ class AskRequest(_ImageFields):
     _check_question = field_validator("question")(_text)
 
 
+class CritiqueRequest(_ImageFields):
+    """`POST /v1/critique`: does the image show what a text-to-image prompt asks for."""
+
+    prompt: str
+
+    _check_prompt = field_validator("prompt")(_text)
+
+
 class SessionCreateRequest(_ImageFields):
     """`POST /v1/sessions`: start a multi-step edit session from an image."""
 
@@ -221,7 +231,11 @@ class AskRun(AskRequest, _StreamFields):
     workflow: Literal["ask"]
 
 
-RunStreamRequest = Annotated[GenerateRun | EditRun | GroundRun | AskRun,
+class CritiqueRun(CritiqueRequest, _StreamFields):
+    workflow: Literal["critique"]
+
+
+RunStreamRequest = Annotated[GenerateRun | EditRun | GroundRun | AskRun | CritiqueRun,
                              Field(discriminator="workflow")]  # fmt: skip
 """`POST /v1/runs/stream`: any workflow, streamed as server-sent events."""
 
@@ -394,6 +408,22 @@ class AskResponse(_RunOut):
     )
 
 
+class CritiqueResponse(_RunOut):
+    prompt: str
+    verdict: Literal["accept", "reject"]
+    reasons: list[str] = Field(default_factory=list, description="Why not (`missing blue square`).")
+    judged_by: Literal["scene", "model"] | None = Field(
+        default=None,
+        description="'scene': the prompt checked against the perceived scene (`caption`, "
+        "`objects`) by the world's prompt rules; 'model': the model's critique (`model_text`).",
+    )
+    model_text: str = ""
+    caption: str | None = Field(default=None, description="The model's caption, if it perceived.")
+    objects: list[BoxOut] = Field(
+        default_factory=list, description="Each captioned object grounded, in input pixels."
+    )
+
+
 class SessionStepOut(BaseModel):
     index: int
     turn: int
@@ -452,8 +482,9 @@ def json_schemas() -> dict[str, Any]:
     """JSON schemas of the request models that routes parse by hand (for OpenAPI docs)."""
     from pydantic.json_schema import models_json_schema
 
-    models = [GenerateRequest, EditRequest, GroundRequest, AskRequest, SessionCreateRequest,
-              SessionEditRequest, BranchRequest, GenerateRun, EditRun, GroundRun, AskRun,
+    models = [GenerateRequest, EditRequest, GroundRequest, AskRequest, CritiqueRequest,
+              SessionCreateRequest, SessionEditRequest, BranchRequest, GenerateRun, EditRun,
+              GroundRun, AskRun, CritiqueRun,
               OpenAIImageGenerationRequest, OpenAIImageEditRequest]  # fmt: skip
     _, top = models_json_schema([(m, "validation") for m in models],
                                 ref_template="#/components/schemas/{model}")  # fmt: skip

@@ -15,6 +15,7 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     POST /v1/edit                     EditRequest        -> EditResponse (a new session)
     POST /v1/ground                   GroundRequest      -> GroundResponse
     POST /v1/ask                      AskRequest         -> AskResponse
+    POST /v1/critique                 CritiqueRequest    -> CritiqueResponse
     POST /v1/sessions                 SessionCreateRequest -> SessionResponse
     POST /v1/sessions/{id}/edit       SessionEditRequest -> EditResponse
     GET  /v1/sessions/{id}/history                       -> SessionHistoryResponse
@@ -91,6 +92,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lavida_agent import __version__, schemas
 from lavida_agent.api import (
     AskResult,
+    CritiqueResult,
     EditResult,
     EventCallback,
     GenerateResult,
@@ -480,6 +482,12 @@ class _Service:
                                    answered_by=r.answered_by, caption=r.caption,
                                    objects=self._boxes(r.objects))  # fmt: skip
 
+    def critique_out(self, base: str, r: CritiqueResult) -> schemas.CritiqueResponse:
+        return schemas.CritiqueResponse(run_id=r.run_id, trace_url=f"{base}/v1/traces/{r.run_id}",
+                                        prompt=r.prompt, verdict=r.verdict, reasons=list(r.reasons),
+                                        judged_by=r.judged_by, model_text=r.model_text,
+                                        caption=r.caption, objects=self._boxes(r.objects))  # fmt: skip
+
     # -- sessions -----------------------------------------------------------------------------
 
     def session_lock(self, session_id: str) -> asyncio.Lock:
@@ -740,6 +748,14 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         r = await svc.agent.aask(await svc.image(req, uploads), req.question)
         return svc.ask_out(svc.base(request), r)
 
+    @app.post("/v1/critique", response_model=schemas.CritiqueResponse, responses=_ERRORS,
+              openapi_extra=_body("CritiqueRequest", multipart=True), tags=["native"])  # fmt: skip
+    async def critique(request: Request) -> schemas.CritiqueResponse:
+        """Judge whether an image shows what a text-to-image prompt asks for, and why not."""
+        req, uploads = await svc.parse(request, schemas.CritiqueRequest, multipart=True)
+        r = await svc.agent.acritique(await svc.image(req, uploads), req.prompt)
+        return svc.critique_out(svc.base(request), r)
+
     @app.get("/v1/traces/{run_id}.html", response_class=HTMLResponse, responses=_ERRORS,
              tags=["native"])  # fmt: skip
     async def trace_html(run_id: str) -> HTMLResponse:
@@ -869,7 +885,8 @@ def _stream_routes(app: FastAPI, svc: _Service) -> None:
     @app.post("/v1/runs/stream", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in
-                                       ("GenerateRun", "EditRun", "GroundRun", "AskRun")]}}}}},
+                                       ("GenerateRun", "EditRun", "GroundRun", "AskRun",
+                                        "CritiqueRun")]}}}}},
               tags=["native"])  # fmt: skip
     async def run_stream(request: Request) -> StreamingResponse:
         """Run a workflow and stream its events (server-sent events), then the result."""
@@ -900,6 +917,8 @@ def _stream_routes(app: FastAPI, svc: _Service) -> None:
             if req.workflow == "ground":
                 return svc.ground_out(base, await agent.aground(image, req.expressions,
                                                                 on_event=on_event))  # fmt: skip
+            if req.workflow == "critique":
+                return svc.critique_out(base, await agent.acritique(image, req.prompt, on_event=on_event))
             return svc.ask_out(base, await agent.aask(image, req.question, on_event=on_event))
 
         async def body() -> AsyncIterator[bytes]:

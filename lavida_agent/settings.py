@@ -93,6 +93,12 @@ class Settings(BaseModel):
         description="t2i: grounding of the planned objects ranks attempts and blames boxes "
         "(rank), also rejects images (gate), or is skipped (off).",
     )
+    critique_by: Literal["scene", "model"] = Field(
+        default="scene",
+        description="critique and the t2i critique: check a ShapesWorld prompt against the "
+        "scene the model perceives (its caption, each object grounded) by the world's rules "
+        "(scene), or take the model's critique answer alone (model: one call, less accurate).",
+    )
     answer_by: Literal["scene", "direct"] = Field(
         default="scene",
         description="ask: read object questions off the scene the model perceives (its caption, "

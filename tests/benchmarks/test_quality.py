@@ -278,7 +278,9 @@ def test_quick_run_writes_every_suite(quick_run):
     assert {r["found_by"] for it in ag["items"] for m in ("single", "multi") for r in it[m]} <= {
         "direct", "scene", "fit"}
     assert ag["totals_single"]["forwards"] > 0
-    assert {"rendered", "own_generations"} <= set(s["critique"])
+    assert {"rendered", "own_generations", "workflow_rendered", "workflow_own_generations"} <= set(s["critique"])
+    assert s["critique"]["workflow_rendered"]["n"] == s["critique"]["rendered"]["n"]
+    assert {it["judged_by"] for it in s["critique"]["items"]} <= {"scene", "model"}
     assert len(s["t2i"]["items"]) == len(PROMPT_CATEGORIES) * on_disk["settings"]["n"]
     runs = [("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")]
     for task, key in runs:
@@ -291,6 +293,9 @@ def test_quick_run_writes_every_suite(quick_run):
             for item in block["items"]:
                 assert len(item["attempts_correct"]) == item["rounds"]
                 assert not item["correct"] or any(item["attempts_correct"])
+                if task == "t2i":  # the workflow's verdict on each attempt; the kept one's is `accepted`
+                    assert len(item["attempts_accepted"]) == item["rounds"]
+                    assert item["accepted"] == any(item["attempts_accepted"])
             assert block["first_attempt_rate"] <= block["any_attempt_rate"]
             if r == 1:
                 assert block["first_attempt_rate"] == block["any_attempt_rate"] == _mean_correct(block)
@@ -354,6 +359,12 @@ def test_oracle_scores_perfectly(tmp_path):
                for k in ("count", "color", "shape", "exist", "relation"))  # fmt: skip
     assert s["critique"]["rendered"]["agreement"] == 1.0
     assert s["critique"]["rendered"]["reasons_exact_when_both_reject"] in (1.0, None)
+    # the oracle's captions parse whole: a verdict is read off the perceived scene by the
+    # detector's own rules (the oracle's grounding resolves no twin object, so a scene with
+    # twins falls back to its critique, exact too): the workflow agrees everywhere
+    for k in ("workflow_rendered", "workflow_own_generations"):
+        assert s["critique"][k]["agreement"] == 1.0 and s["critique"][k]["judged_by_scene"] > 0.8
+        assert s["critique"][k]["reasons_exact_when_both_reject"] in (1.0, None)
     assert s["critique"]["detector_vs_sample_label"] == 1.0
     for task, key in (("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")):
         for r in (1, 2):

@@ -16,6 +16,7 @@ from lavida_agent.graphs.context import Context
         ("selection", "selection must be accept|best"),
         ("rank_by", "rank_by must be fit|score"),
         ("grounding_check", "grounding_check must be rank|gate|off"),
+        ("critique_by", "critique_by must be scene|model"),
         ("answer_by", "answer_by must be scene|direct"),
         ("ground_by", "ground_by must be scene|direct"),
     ],

@@ -14,7 +14,7 @@ MODULES = sorted(p.stem for p in GRAPHS.glob("*.py") if p.stem != "__init__")
 
 def test_module_list_is_complete():
     assert {"engine", "state", "context", "runtime", "t2i", "edit", "ground", "understand",
-            "session", "persistence", "events"} <= set(MODULES)  # fmt: skip
+            "critique", "session", "persistence", "events"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -42,7 +42,7 @@ def test_langgraph_json_names_every_workflow():
 
     spec = json.loads((GRAPHS.parent / "langgraph.json").read_text())
     assert spec["dependencies"] == ["."]
-    assert set(spec["graphs"]) == {"t2i", "edit", "ground", "understand"}
+    assert set(spec["graphs"]) == {"t2i", "edit", "ground", "understand", "critique"}
     for name, target in spec["graphs"].items():
         module, attr = target.split(":")
         graph = getattr(importlib.import_module(module), attr)

@@ -77,7 +77,10 @@ def test_refine_mode():
 def test_stops_on_first_accepting_critique(engine, ctx):
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
+    # the fake's caption does not parse, so the model's critique answers (after one `answer`)
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "answer": 1, "critique": 1, "ground": 1,
+                            "plan_fit": 1}  # fmt: skip
+    assert out.critiques[0].judged_by == "model"
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
     assert [info.get("views") for m, info in engine.log if m == "ground"] == [1]  # the image alone
@@ -105,8 +108,58 @@ def test_model_rejection_regenerates_with_feedback_and_next_seed(engine, ctx):
     assert out.accepted and [a.mode for a in out.attempts] == ["generate", "generate"]
     assert [a.seed for a in out.attempts] == [100, 101]
     assert out.attempts[1].feedback == ["the square should be blue"]
-    assert engine.log[-4] == ("generate", {"prompt": PROMPT, "seed": 101, "num_steps": 4,
-                                           "feedback": ["the square should be blue"]})  # fmt: skip
+    generates = [info for m, info in engine.log if m == "generate"]
+    assert generates[-1] == {"prompt": PROMPT, "seed": 101, "num_steps": 4,
+                             "feedback": ["the square should be blue"]}  # fmt: skip
+
+
+# -- the verdict read off the perceived scene ---------------------------------------------
+
+GRAMMAR_PROMPT = "a red circle and a blue square"
+
+
+def _see(engine, caption, boxes):
+    """Script one perception: the caption, then the grounding of its objects."""
+    engine.enqueue_answer(caption)
+    engine.enqueue_ground(boxes)
+
+
+def test_a_perceived_scene_that_satisfies_the_prompt_is_accepted_without_the_critique(engine, ctx):
+    _see(engine, "a large red circle and a small blue square on a white background",
+         [[4, 4, 26, 26], [40, 40, 52, 52]])  # fmt: skip
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
+    c = out.critiques[0]
+    assert out.accepted and c.judged_by == "scene" and c.model_ok and c.reasons == []
+    assert c.perception is not None and [o.label for o in c.perception.objects] == [
+        "large red circle", "small blue square"]  # fmt: skip
+    assert "critique" not in engine.calls  # the model's critique answer was not needed
+    # the perception reads greedily; the planned objects' check reads its own views
+    grounds = [info for m, info in engine.log if m == "ground"]
+    assert grounds[0]["candidates"] == 1 and grounds[0]["expressions"] == [
+        "the large red circle", "the small blue square"]  # fmt: skip
+
+
+def test_a_perceived_scene_that_misses_an_object_is_rejected_with_the_rule_reason(engine, ctx):
+    _see(engine, "a large red circle on a white background", [[4, 4, 26, 26]])
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT, "seed": 5}, context=ctx))
+    first = out.critiques[0]
+    assert first.verdict == "reject" and first.judged_by == "scene" and not first.model_ok
+    assert first.reasons == ["missing blue square"] and first.model_text.startswith("a large red circle")
+    # the next round is drawn with the rule's reason as feedback, then judged again
+    assert out.attempts[1].mode == "generate" and out.attempts[1].feedback == ["missing blue square"]
+
+
+def test_an_unparsed_caption_or_critique_by_model_asks_the_models_critique(engine, store):
+    engine.enqueue_answer("a red blob")  # no object phrase: nothing to ground
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=ctx))
+    assert out.critiques[0].judged_by == "model" and engine.calls["critique"] == 1
+    assert out.critiques[0].perception is not None and not out.critiques[0].perception.complete
+    engine.calls.clear()
+    model_ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=1, critique_by="model")
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": GRAMMAR_PROMPT}, context=model_ctx))
+    assert out.critiques[0].judged_by == "model" and out.critiques[0].perception is None
+    assert "answer" not in engine.calls and engine.calls["critique"] == 1
 
 
 def test_grounding_blames_missing_object_and_redraws_only_its_box(store):
@@ -288,7 +341,8 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
     # The reviewer moves the circle; nothing planned twice, the new plan is drawn.
     new_plan = [{"label": "red circle", "box": [4, 4, 20, 20]}]
     out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "answer": 1, "critique": 1, "ground": 1,
+                            "plan_fit": 1}  # fmt: skip
     assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
 
 

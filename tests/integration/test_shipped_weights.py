@@ -71,3 +71,30 @@ def test_noun_contrast_reads_what_the_box_shows(pipe):
     out = [row[0] for row in pipe.noun_fit([image] * 6, nouns, [[b] for b in boxes], contrast=True)]
     assert out[0] > 0 and out[3] > 0, out
     assert all(v < 0 for v in out[1:3] + out[4:]), out
+
+
+def test_critique_workflow_reads_the_prompt_off_the_perceived_scene(pipe, tmp_path):
+    """The shipped model perceives a plain scene whole, so the verdict is the world's rules
+    applied to what it saw: right for the prompt the scene was drawn from, and exactly why not
+    for one whose relation is reversed."""
+    from lavida_agent.graphs import critique
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.pipeline_backend import PipelineBackend
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.graphs.state import CritiqueOutput
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    scene = Scene("white", (Object("circle", "red", "large", (4, 20, 26, 42)),
+                            Object("square", "blue", "large", (38, 20, 60, 42))))  # fmt: skip
+    store = ArtifactStore(tmp_path)
+    engine = BatchingEngine(PipelineBackend(pipe), max_batch=4, max_wait_ms=1)
+    try:
+        ctx = Context(engine=engine, artifacts=store)
+        ref = store.put(render(scene))
+        right, wrong = (CritiqueOutput.model_validate(critique.graph.invoke({"image": ref, "prompt": p}, context=ctx))
+                        for p in ("a red circle left of a blue square", "a blue square left of a red circle"))  # fmt: skip
+    finally:
+        engine.close()
+    assert (right.verdict, right.judged_by) == ("accept", "scene"), right
+    assert (wrong.verdict, wrong.judged_by) == ("reject", "scene"), wrong
+    assert wrong.reasons == ["blue square should be left of red circle"]

@@ -187,6 +187,28 @@ def test_answer_by_direct_setting_asks_the_model_alone(engine):
     assert engine.log == [("answer", {"question": "is there a red circle?"})]
 
 
+def test_critique_checks_the_prompt_against_the_perceived_scene(agent, engine):
+    engine.enqueue_answer("a small red circle and a large blue square on a white background")
+    engine.enqueue_ground([[10.0, 26.0, 22.0, 38.0], [30.0, 20.0, 52.0, 42.0]])
+    r = agent.critique(_wide_scene(), "a blue square left of a red circle")
+    assert (r.verdict, r.ok, r.judged_by) == ("reject", False, "scene")
+    assert r.reasons == ["blue square should be left of red circle"]
+    assert [n.node for n in r.trace.nodes] == ["perceive", "judge_image"]
+    assert r.trace.settings["critique_by"] == "scene"
+    d = r.to_dict()
+    assert d["objects"][1] == {"label": "large blue square", "box": [60.0, 8.0, 104.0, 52.0]}  # input pixels
+    with pytest.raises(InvalidInputError, match="prompt must be a non-empty string"):
+        agent.critique(_wide_scene(), "  ")
+
+
+def test_critique_by_model_setting_asks_the_models_critique_alone(engine):
+    engine.enqueue_critique(False, ["missing blue square"], text="no; missing blue square")
+    with LavidaAgent(engine=engine, critique_by="model") as agent:
+        r = agent.critique(_wide_scene(), "a red circle and a blue square")
+    assert (r.verdict, r.judged_by, r.reasons, r.caption) == ("reject", "model", ["missing blue square"], None)
+    assert [m for m, _ in engine.log] == ["critique"]
+
+
 def test_edit_letterboxes_and_keeps_the_padding_crop(agent, engine):
     engine.enqueue_edit_plan(EditPlanResult(targets=["red circle"], target_boxes=[RED["box"]],
                                             layout=[BLUE]))  # fmt: skip

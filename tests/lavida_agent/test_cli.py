@@ -27,6 +27,8 @@ SCHEMAS = {
              "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str]},
     "ask": {"image": str, "question": str, "answer": str},
+    "critique": {"image": str, "prompt": str, "verdict": str, "reasons": [str], "judged_by": str,
+                 "objects": [PLAN_ITEM], **RUN},  # fmt: skip
 }
 
 
@@ -211,6 +213,33 @@ def test_ask_json(run, scene, engine):
     assert run("ask", scene, "how many?").stdout == "one\n"
 
 
+def test_critique_reads_the_prompt_off_the_perceived_scene(run, scene, engine):
+    engine.enqueue_answer("a large red circle on a white background")
+    engine.enqueue_ground([[20.0, 20.0, 40.0, 40.0]])
+    res = run("critique", scene, "a red circle and a blue square", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    validate(data, SCHEMAS["critique"])
+    assert (data["verdict"], data["reasons"], data["judged_by"]) == ("reject", ["missing blue square"], "scene")
+    assert data["caption"] == "a large red circle on a white background"
+    engine.enqueue_answer("a large red circle on a white background")
+    engine.enqueue_ground([[20.0, 20.0, 40.0, 40.0]])
+    res = run("critique", scene, "a red circle and a blue square")
+    assert res.stdout == "reject\t(read off the scene the model perceived)\n  - missing blue square\n"
+    engine.enqueue_critique(True)  # outside the grammar: the model's critique answers
+    assert run("critique", scene, "a cat").stdout == "accept\t(the model's critique)\n"
+
+
+def test_critique_batch_with_a_bad_line(run, scene, engine):
+    lines = [{"image": str(scene), "prompt": "a cat"}, {"image": "nope.png", "prompt": "a cat"},
+             {"image": str(scene)}]  # fmt: skip
+    res = run("critique", "--batch", "-", input="\n".join(json.dumps(x) for x in lines))
+    assert res.exit_code == 1
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    validate(out[0], SCHEMAS["critique"])
+    assert "no such image" in out[1]["error"] and out[2] == {"error": "missing key(s): prompt", "line": 3}
+
+
 # -- batch -----------------------------------------------------------------------------------
 
 
@@ -258,6 +287,7 @@ def test_ground_ask_edit_batches_from_stdin(run, scene, engine):
     (["edit", "in.png", "make it red"], "drop IMAGE, INSTRUCTION"),
     (["ground", "in.png", "the circle"], "drop IMAGE, EXPRESSION"),
     (["ask", "in.png"], "drop IMAGE"),
+    (["critique", "in.png", "a red circle"], "drop IMAGE, PROMPT"),
 ])  # fmt: skip
 def test_batch_refuses_single_run_inputs_it_would_ignore(run, engine, args, named):
     res = run(*args, "--batch", "-", input="")
@@ -386,8 +416,8 @@ def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
 
 def test_help_lists_every_command(run):
     res = run("--help")
-    for name in ("generate", "edit", "ground", "ask", "session", "trace", "bench", "train",
-                 "serve", "world"):  # fmt: skip
+    for name in ("generate", "edit", "ground", "ask", "critique", "session", "trace", "bench",
+                 "train", "serve", "world"):  # fmt: skip
         assert name in res.stdout
 
 

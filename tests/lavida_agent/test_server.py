@@ -269,6 +269,30 @@ async def test_run_stream_other_workflows_and_session(client, engine):
     r = await client.post("/v1/runs/stream", json={"workflow": "ask", "image": _b64(_scene()),
                                                    "question": "any?"})  # fmt: skip
     assert _events(r.text)[-1][1]["answer"] == "yes"
+    engine.enqueue_answer("a large red circle on a white background")
+    engine.enqueue_ground([[20.0, 20.0, 40.0, 40.0]])
+    r = await client.post("/v1/runs/stream", json={"workflow": "critique", "image": _b64(_scene()),
+                                                   "prompt": "a red circle"})  # fmt: skip
+    events = _events(r.text)
+    assert "perception" in [n for n, _ in events] and "verdict" in [n for n, _ in events]
+    assert events[-1][1]["verdict"] == "accept" and events[-1][1]["judged_by"] == "scene"
+
+
+async def test_critique_json_multipart_and_bad_input(client, engine):
+    engine.enqueue_answer("a large red circle on a white background")
+    engine.enqueue_ground([[20.0, 20.0, 40.0, 40.0]])
+    r = await client.post("/v1/critique", json={"image": _b64(_scene()), "prompt": "a red circle and a blue square"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["verdict"], body["reasons"], body["judged_by"]) == ("reject", ["missing blue square"], "scene")
+    assert body["objects"] == [{"label": "large red circle", "box": [20.0, 20.0, 40.0, 40.0]}]
+    assert (await client.get(body["trace_url"])).json()["workflow"] == "critique"
+    engine.enqueue_critique(True)
+    r = await client.post("/v1/critique", files={"image": ("s.png", encode_png(_scene()))},
+                          data={"prompt": "a cat"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["judged_by"] == "model"
+    r = await client.post("/v1/critique", json={"image": _b64(_scene()), "prompt": " "})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 class _Broken(FakeEngine):

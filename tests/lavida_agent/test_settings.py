@@ -53,6 +53,7 @@ def test_an_explicit_path_beats_the_home_derived_one(monkeypatch, tmp_path):
         ("LAVIDA_PLAN", "1", "plan", True),
         ("LAVIDA_SEED", "", "seed", None),
         ("LAVIDA_ANSWER_BY", "direct", "answer_by", "direct"),
+        ("LAVIDA_CRITIQUE_BY", "model", "critique_by", "model"),
         ("LAVIDA_GROUND_BY", "direct", "ground_by", "direct"),
         ("LAVIDA_SEED", "42", "seed", 42),
         ("LAVIDA_MODEL_PATH", "none", "model_path", None),
