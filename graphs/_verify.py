@@ -62,9 +62,8 @@ def judge(engine: Engine, image: np.ndarray, prompt: str, perception: Perception
     whose reasons are exact (`missing blue square`). Otherwise the model's critique answers;
     its reasons the prompt rules out are set apart (`split_reasons`).
     """
-    problems = scene_problems(prompt, perception) if perception is not None else None
-    if problems is not None:
-        return Verdict(not problems, problems, perception.caption, "scene")  # type: ignore[union-attr]
+    if perception is not None and (problems := scene_problems(prompt, perception)) is not None:
+        return Verdict(not problems, problems, perception.caption, "scene")
     answer = engine.critique(image, prompt)
     kept, dropped = split_reasons(prompt, answer.reasons)
     return Verdict(answer.ok, kept, answer.text, "model", dropped)
