@@ -274,7 +274,7 @@ class TraceRecorder:
             if crit:
                 boxes = [ViewBox(label=g["label"], box=_blist(g["found"]), kind="found",
                                  ok=g["ok"]) for g in crit.get("grounding", [])]  # fmt: skip
-                cap = f"{crit.get('verdict')}: " + ("; ".join(crit.get("reasons", [])) or "ok")
+                cap = _verdict_caption(crit)
                 if crit.get("dropped_reasons"):
                     cap += " (dropped, not about the prompt: " + "; ".join(crit["dropped_reasons"]) + ")"
                 return TraceView(image=crit.get("image"), boxes=boxes, caption=cap)
@@ -306,10 +306,20 @@ class TraceRecorder:
             boxes = [_vbox(i, "found") for i in seen.get("objects", [])]
             cap = f"caption: {seen.get('caption')}" + ("" if seen.get("complete") else " (incomplete)")
             return TraceView(image=inp.get("image"), boxes=boxes, caption=cap)
+        if name == "judge_image" and out.get("verdict"):
+            return TraceView(image=inp.get("image"), caption=_verdict_caption(out))
         if name == "answer_question":
             by = f" (from {out['answered_by']})" if out.get("answered_by") else ""
             return TraceView(image=inp.get("image"), caption=f"answer: {out.get('answer')}{by}")
         return TraceView(image=None, boxes=list(self._last_plan), caption=node.error or "")
+
+
+def _verdict_caption(verdict: dict[str, Any]) -> str:
+    """`reject: missing blue square (judged by the perceived scene)` for a critique record."""
+    cap = f"{verdict.get('verdict')}: " + ("; ".join(verdict.get("reasons", [])) or "ok")
+    if verdict.get("judged_by") == "scene":
+        cap += " (judged by the perceived scene)"
+    return cap
 
 
 def _blist(box: Any) -> list[float]:
@@ -535,7 +545,8 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
                            + "".join(f"<li>{esc(r)}</li>" for r in c.get("reasons", []))
                            + "</ul>")  # fmt: skip
                 if c.get("model_text"):
-                    out.append(f"<p>model: <i>{esc(c['model_text'])}</i></p>")
+                    said = "seen" if c.get("judged_by") == "scene" else "model"
+                    out.append(f"<p>{said}: <i>{esc(c['model_text'])}</i></p>")
                 if c.get("dropped_reasons"):
                     out.append("<p>dropped (not about the prompt): "
                                f"{esc('; '.join(c['dropped_reasons']))}</p>")

@@ -162,3 +162,21 @@ def test_ground_trace_shows_the_perception_and_how_each_box_was_chosen(agent, en
     assert found.view.caption == "1 expression(s); the circle on the left: scene"
     assert found.view.boxes[0].box == [4.0, 4.0, 16.0, 16.0]
     assert "the circle on the left: scene" in render_html(r.trace, agent.store)
+
+
+def test_critique_traces_say_the_verdict_was_read_off_the_perceived_scene(agent, engine):
+    caption = "a large red circle on a white background"
+    engine.enqueue_answer(caption)
+    engine.enqueue_ground([[4.0, 4.0, 26.0, 26.0]])
+    r = agent.critique(np.zeros((64, 64, 3), np.uint8), "a red circle and a blue square")
+    seen, judged = r.trace.nodes
+    assert seen.view.caption == f"caption: {caption}"
+    assert judged.view.caption == "reject: missing blue square (judged by the perceived scene)"
+    assert "missing blue square (judged by the perceived scene)" in render_html(r.trace, agent.store)
+    # the t2i critique: the caption the verdict was read from is shown as what was seen
+    engine.enqueue_answer("a large red circle and a large blue square on a white background")
+    engine.enqueue_ground([[4.0, 4.0, 26.0, 26.0], [36.0, 36.0, 58.0, 58.0]])
+    g = agent.generate("a red circle and a blue square", seed=1, rounds=1)
+    crit = next(n for n in g.trace.nodes if n.node == "critique_image")
+    assert crit.view.caption == "accept: ok (judged by the perceived scene)"
+    assert "seen: <i>a large red circle and a large blue square" in render_html(g.trace, agent.store)
