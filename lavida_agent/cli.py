@@ -449,6 +449,8 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
         if data["plan_problems"]:  # every re-plan failed too: the least wrong plan was drawn
             click.echo(f"  plan drawn with problems: {'; '.join(data['plan_problems'])}")
         kept = [a for a in data["attempts"] if a["image"] == data["result"]]
+        if kept and not data["accepted"] and kept[0]["reasons"]:  # why even the best was rejected
+            click.echo(f"  critique: {'; '.join(kept[0]['reasons'])}")
         if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
             click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")
         if kept and kept[0]["dropped_reasons"]:

@@ -125,6 +125,16 @@ def test_generate_says_which_objects_grounding_did_not_find_in_an_accepted_image
     assert len(ok.stdout.splitlines()) == 1  # nothing to say when every check passed
 
 
+def test_generate_says_why_the_kept_attempt_was_rejected(run, engine):
+    engine.enqueue_answer("a large red circle on a white background")  # the perceived scene
+    engine.enqueue_ground([[4.0, 4.0, 26.0, 26.0]])
+    res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1, "--rounds", 1)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("o.png: best of rejected attempts after 1 round(s)")
+    assert "  critique: missing blue square" in lines[1:]
+
+
 def test_generate_shows_critique_reasons_dropped_as_not_about_the_prompt(run, engine):
     engine.enqueue_critique(False, ["missing purple circle"])  # the prompt has no purple circle
     res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1)
