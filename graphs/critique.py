@@ -30,25 +30,16 @@ from langgraph.runtime import Runtime
 from lavida_agent.graphs._verify import judge
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, prompt_in_grammar
 from lavida_agent.graphs.state import CritiqueInput, CritiqueOutput, CritiqueState
-from lavida_agent.tools.shapes_world import language as lang
 
 __all__ = ("build_critique_graph", "graph", "judge_image")
-
-
-def _in_grammar(prompt: str) -> bool:
-    try:
-        lang.parse_prompt(prompt)
-    except lang.GrammarError:
-        return False
-    return True
 
 
 def route(state: CritiqueState, runtime: Runtime[Context]) -> str:
     """`perceive` first for a ShapesWorld prompt (when `critique_by` is 'scene')."""
     ctx = runtime.context if runtime.context is not None else Context()
-    if ctx.critique_by == "scene" and _in_grammar(state.prompt):
+    if ctx.critique_by == "scene" and prompt_in_grammar(state.prompt):
         return "perceive"
     return "judge_image"
 

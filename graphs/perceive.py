@@ -29,7 +29,7 @@ from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
-__all__ = ("PERCEIVE_CANDIDATES", "perceive", "perceived_scene", "read_scene", "scene_problems")
+__all__ = ("PERCEIVE_CANDIDATES", "perceive", "perceived_scene", "prompt_in_grammar", "read_scene", "scene_problems")
 
 PERCEIVE_CANDIDATES = 1
 """The grounding of a perception that answers questions or judges prompts reads each
@@ -75,6 +75,16 @@ def read_scene(engine: Engine, pixels: np.ndarray, *, candidates: int | None = N
                for label, box in zip(labels, boxes, strict=True)]  # fmt: skip
     complete = cap.complete and all(o.box.area > 0 for o in objects)  # all found
     return Perception(caption=text, objects=objects, background=cap.background, complete=complete)
+
+
+def prompt_in_grammar(prompt: str) -> bool:
+    """Whether a text-to-image prompt can be judged against a perceived scene at all (it
+    parses in the ShapesWorld grammar); perceiving for any other prompt is wasted work."""
+    try:
+        lang.parse_prompt(prompt)
+    except lang.GrammarError:
+        return False
+    return True
 
 
 def scene_problems(prompt: str, perception: Perception) -> list[str] | None:

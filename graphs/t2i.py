@@ -57,7 +57,7 @@ from lavida_agent.graphs._verify import grounding_checks, judge, make_critique, 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import AGENT_VIEWS, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, read_scene
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, prompt_in_grammar, read_scene
 from lavida_agent.graphs.state import (
     Attempt,
     Critique,
@@ -206,7 +206,8 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         image = store.open(attempt.image)
         # Step 1: the model's verdict: the prompt checked against the scene it perceives,
         # else (no whole caption, a prompt outside the grammar) its own critique answer.
-        seen = read_scene(engine, image, candidates=PERCEIVE_CANDIDATES) if ctx.critique_by == "scene" else None
+        by_scene = ctx.critique_by == "scene" and prompt_in_grammar(state.prompt)
+        seen = read_scene(engine, image, candidates=PERCEIVE_CANDIDATES) if by_scene else None
         verdict = judge(engine, image, state.prompt, seen)
         # Step 2: ground every planned object and compare with where it was planned.
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
