@@ -165,6 +165,14 @@ class TrainConfig:
     # never found: stage 16 named the right objects in 68-73% of its edit plans, but its boxes
     # met the true ones at a mean IoU of 0.10. 0: off (stages 1-16).
     edit_plan_loc_mask: float = 0.0
+    # The share of text-to-image rows without a plan whose scene has a canonical layout
+    # (`language.canonical_scene_for_prompt`: the objects in the order the prompt names
+    # them, side by side or on a grid) instead of a uniform one. Without a plan the first
+    # codes an image reveals must agree on one of very many layouts, each drawn on its own
+    # (the shipped stage 20 drew two objects with each other's colour or shape); a
+    # canonical layout leaves only the attributes to draw. Rows with a plan keep uniform
+    # layouts: the plan carries the layout. 0: off (stages 1-24).
+    canonical_t2i: float = 0.0
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
     # Which weights learn. "all"; or "understanding": only the parameters no image depends on
     # (`LavidaForMaskedDiffusion.text_only_parameter_names`: the und sets of the split layers,
@@ -239,13 +247,15 @@ class TaskSampler:
                  question_weights: dict | None = None, ground_full_mask: float = 0.0,
                  own_pool: dict | None = None, own_critique: float = 0.0,
                  edit_region_mask: float = 0.0, edit_region_background: bool = False,
-                 hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0):  # fmt: skip
+                 hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0,
+                 canonical_t2i: float = 0.0):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
         self.own_pool, self.own_critique = own_pool, own_critique
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.hard_scenes, self.edit_plan_loc_mask = hard_scenes, edit_plan_loc_mask
+        self.canonical_t2i = canonical_t2i
         self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
@@ -320,7 +330,10 @@ class TaskSampler:
         drafts = []
         for _ in range(n):
             text, spec = lang.sample_prompt(rng)
-            scene = lang.scene_for_prompt(rng, spec)
+            # No draw at all when off, so runs without `canonical_t2i` replay as before.
+            canonical = plan == "none" and self.canonical_t2i and rng.random() < self.canonical_t2i
+            layout = lang.canonical_scene_for_prompt if canonical else lang.scene_for_prompt
+            scene = layout(rng, spec)
             drafts.append((text, scene, micro_conditions(scene, rng)))
         codes = self.encode([render(s) for _, s, _ in drafts]) if plan != "only" else [None] * n
         out = []
@@ -656,7 +669,8 @@ def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict |
                        own_pool=pool, own_critique=tc.own_critique,
                        edit_region_mask=tc.edit_region_mask,
                        edit_region_background=tc.edit_region_background,
-                       hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask)  # fmt: skip
+                       hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask,
+                       canonical_t2i=tc.canonical_t2i)  # fmt: skip
 
 
 def step_data(sampler: TaskSampler, tc: TrainConfig, cfg, tasks: list[str], weights: np.ndarray, step: int, vq):

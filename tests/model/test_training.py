@@ -522,6 +522,26 @@ def test_hard_scenes_feed_grounding_and_question_rows_only(tokenizer, tiny_confi
     assert drawn == []
 
 
+def test_canonical_t2i_lays_out_unplanned_rows_only(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    import lavida_agent.model.training as training
+
+    drawn = []
+    canonical = training.lang.canonical_scene_for_prompt
+    monkeypatch.setattr(training.lang, "canonical_scene_for_prompt",
+                        lambda rng, spec: drawn.append(1) or canonical(rng, spec))  # fmt: skip
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, canonical_t2i=1.0)
+    sampler.examples("t2i", np.random.default_rng(1), 4)
+    assert len(drawn) == 4
+    drawn.clear()
+    for task in ("t2i_plan", "plan"):  # a plan carries the layout: uniform layouts there
+        sampler.examples(task, np.random.default_rng(1), 4)
+    assert drawn == []
+    # off: not even a draw, so earlier runs replay as before
+    off = TaskSampler(tokenizer, tiny_config, tiny_vq).examples("t2i", np.random.default_rng(1), 3)
+    on0 = TaskSampler(tokenizer, tiny_config, tiny_vq, canonical_t2i=0.0).examples("t2i", np.random.default_rng(1), 3)
+    assert drawn == [] and [e.input_ids for e in off] == [e.input_ids for e in on0]
+
+
 def test_ground_rows_redraw_a_scene_nothing_can_name(tokenizer, tiny_config, tiny_vq, monkeypatch):
     # Stage 17 died at step 2519 on such a scene (sample_refexp raised mid-run).
     from lavida_agent.tools.shapes_world import Object, Scene

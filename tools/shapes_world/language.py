@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROMPT_CATEGORIES", "EDIT_CATEGORIES", "REF_FORMS", "QUESTION_KINDS", "SIDES",
     "REASON_TEMPLATES", "GrammarError", "Noun", "ObjectReq", "PromptSpec", "EditSpec", "RefSpec",
-    "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt",
+    "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt", "canonical_scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
     "parse_question", "answer", "presupposition_holds", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
@@ -548,6 +548,57 @@ def scene_for_prompt(rng: np.random.Generator, spec: PromptSpec, max_tries: int 
         if not prompt_reasons(spec, scene):
             return scene
     raise RuntimeError(f"no scene found for prompt {prompt_text(spec)!r} in {max_tries} tries")
+
+
+_SLOTS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((32, 32),),
+    2: ((17, 32), (47, 32)),
+    3: ((17, 17), (47, 17), (32, 47)),
+    4: ((17, 17), (47, 17), (17, 47), (47, 47)),
+}
+"""Canonical object centres by object count: one in the middle, two side by side, three
+and four on a grid; objects fill them in the order the prompt names them."""
+
+_RELATION_SLOTS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "left of": ((17, 32), (47, 32)), "right of": ((47, 32), (17, 32)),
+    "above": ((32, 17), (32, 47)), "below": ((32, 47), (32, 17)),
+}  # fmt: skip
+
+
+def canonical_scene_for_prompt(
+    rng: np.random.Generator, spec: PromptSpec, jitter: int = 3, max_tries: int = 100
+) -> Scene:
+    """A scene correct for `spec` with its objects at canonical places (training data for
+    text-to-image without a plan).
+
+    `scene_for_prompt` places objects uniformly, so the first codes an unplanned image
+    reveals must pick one layout of very many, each code on its own; a canonical layout
+    (`_SLOTS`: the objects in the order the prompt names them; a relation's two objects
+    side by side or one above the other) leaves only the attributes to draw. Each centre
+    moves by up to `jitter` pixels; sides, unnamed colours and sizes and the background
+    are drawn as in `scene_for_prompt`, which is the fallback when no canonical layout fits.
+    """
+    if spec.relation is not None:
+        a, rel, b = spec.relation
+        slots = {a: _RELATION_SLOTS[rel][0], b: _RELATION_SLOTS[rel][1]}
+        centres = [slots[i] for i in range(len(spec.objects))]
+    else:
+        centres = list(_SLOTS[spec.total])
+    reqs = [r for r in spec.objects for _ in range(r.count)]
+    for _ in range(max_tries):
+        background = spec.background or _pick(rng, list(BACKGROUNDS))
+        objects: list[Object] = []
+        for req, (cx, cy) in zip(reqs, centres, strict=True):
+            size = req.size or _pick(rng, list(SIZES))
+            side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+            dx, dy = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
+            x0, y0 = cx + dx - side // 2, cy + dy - side // 2
+            color = req.color or _pick(rng, list(COLORS))
+            objects.append(Object(req.shape, color, size, (x0, y0, x0 + side, y0 + side)))
+        scene = Scene(background, tuple(objects))
+        if valid_scene(scene) and not prompt_reasons(spec, scene):
+            return scene
+    return scene_for_prompt(rng, spec)
 
 
 # =========================================================================== edit instructions

@@ -184,6 +184,32 @@ def test_scene_for_prompt_is_correct(category):
         assert len(scene.objects) == spec.total
 
 
+@pytest.mark.parametrize("category", lang.PROMPT_CATEGORIES)
+def test_canonical_scene_for_prompt_is_correct_and_canonical(category):
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        _, spec = lang.sample_prompt(rng, category)
+        scene = lang.canonical_scene_for_prompt(rng, spec, jitter=3)
+        assert valid_scene(scene)
+        assert lang.prompt_reasons(spec, scene) == []
+        # every object within the jitter of its slot, in the order the prompt names them
+        slots = (lang._RELATION_SLOTS[spec.relation[1]] if spec.relation else lang._SLOTS[spec.total])
+        for o, (cx, cy) in zip(scene.objects, slots, strict=True):
+            x, y = o.center
+            assert abs(x - cx) <= 3.5 and abs(y - cy) <= 3.5, (spec, o)
+
+
+def test_canonical_layout_puts_named_objects_in_prompt_order():
+    spec = lang.parse_prompt("a red circle right of a blue square")
+    scene = lang.canonical_scene_for_prompt(np.random.default_rng(0), spec, jitter=0)
+    (red,) = [o for o in scene.objects if o.name == "red circle"]
+    (blue,) = [o for o in scene.objects if o.name == "blue square"]
+    assert red.center[0] > blue.center[0] and abs(red.center[1] - 32) <= 0.5 and abs(blue.center[1] - 32) <= 0.5
+    spec = lang.parse_prompt("a green triangle and a yellow diamond")
+    a, b = lang.canonical_scene_for_prompt(np.random.default_rng(0), spec, jitter=0).objects
+    assert (a.name, b.name) == ("green triangle", "yellow diamond") and a.center[0] < b.center[0]
+
+
 # --------------------------------------------------------------------------- edits
 
 
