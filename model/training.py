@@ -171,7 +171,7 @@ class TrainConfig:
     # codes an image reveals must agree on one of very many layouts, each drawn on its own
     # (the shipped stage 20 drew two objects with each other's colour or shape); a
     # canonical layout leaves only the attributes to draw. Rows with a plan keep uniform
-    # layouts: the plan carries the layout. 0: off (stages 1-24).
+    # layouts: the plan carries the layout. 0: off (stages 1-24; stage 25, not shipped, used 1.0).
     canonical_t2i: float = 0.0
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
     # Which weights learn. "all"; or "understanding": only the parameters no image depends on
