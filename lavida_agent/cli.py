@@ -10,7 +10,7 @@
     lavida-agent trace RUN_ID --out page.html
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
-    lavida-agent train blend BASE OTHER --out DIR  (blend an understanding-only fine-tune in)
+    lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -839,18 +839,21 @@ def train_model(args: tuple[str, ...]) -> None:
 @click.argument("base", type=click.Path(exists=True, file_okay=False))
 @click.argument("other", type=click.Path(exists=True, file_okay=False))
 @click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="How far the text-only parameters move from BASE's to OTHER's.")
+              help="How far PART's parameters move from BASE's to OTHER's.")
+@click.option("--part", type=click.Choice(["understanding", "generation"]), default="understanding",
+              show_default=True, help="The side OTHER was fine-tuned on (its `--trainable`).")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
-def train_blend(base: str, other: str, weight: float, dest: str) -> None:
-    """Blend an understanding-only fine-tune (OTHER) into its start (BASE): images stay BASE's."""
+def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> None:
+    """Blend a one-sided fine-tune (OTHER) into its start (BASE): with the default part,
+    images stay BASE's; with `--part generation`, answers, boxes and plans do."""
     from lavida_agent.errors import InvalidInputError
 
     training = _import("lavida_agent.model.training", "model training")
     try:
-        out = training.blend_text_only(base, other, weight, dest)
+        out = training.blend_part(base, other, weight, dest, part=part)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
-    _echo_json({"out": str(out), "weight": weight})
+    _echo_json({"out": str(out), "weight": weight, "part": part})
 
 
 @cli.command()

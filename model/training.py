@@ -1054,20 +1054,29 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
     return export_pipeline(model.eval(), vq, tokenizer, dest)
 
 
-def blend_text_only(base: str | Path, other: str | Path, weight: float, dest: str | Path) -> Path:
-    """Write `base` with its text-only parameters moved `weight` of the way to `other`'s.
+BLEND_PARTS = ("understanding", "generation")
 
-    Both are pipeline folders of one architecture whose other parameters are equal (`other`
-    trained from `base` with `trainable="understanding"`), so the blend draws every image as
-    `base` does; `weight` 0 is `base`, 1 is `other` (text-only parameters in fp32, then
-    saved fp16 as every export). A weight average of a fine-tune and its start ("model soup")
-    often keeps what the fine-tune gained and most of what it lost.
+
+def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | Path,
+               part: str = "understanding") -> Path:  # fmt: skip
+    """Write `base` with one side's parameters moved `weight` of the way to `other`'s.
+
+    `part` "understanding": the text-only parameters (`other` trained from `base` with
+    `trainable="understanding"`), so the blend draws every image as `base` does;
+    "generation": the image-only ones (`trainable="generation"`), so every answer, box,
+    verdict and t2i plan stays `base`'s. Both are pipeline folders of one architecture whose
+    other parameters are equal; `weight` 0 is `base`, 1 is `other` (in fp32, then saved fp16
+    as every export). A weight average of a fine-tune and its start ("model soup") often
+    keeps what the fine-tune gained and most of what it lost.
 
     Raises:
-        ValueError: a weight outside [0, 1], other architectures, or other image weights.
+        ValueError: an unknown part, a weight outside [0, 1], other architectures, or
+            `other` differing outside `part`.
     """
     from .pipeline_lavida import LavidaPipeline
 
+    if part not in BLEND_PARTS:
+        raise ValueError(f"part must be one of {BLEND_PARTS}, got {part!r}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     pipe = LavidaPipeline.from_pretrained(base)
@@ -1075,12 +1084,14 @@ def blend_text_only(base: str | Path, other: str | Path, weight: float, dest: st
     mine = pipe.model.state_dict()
     if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise ValueError(f"{other} is not of {base}'s architecture")
-    text_only = set(pipe.model.text_only_parameter_names())
-    differ = sorted(k for k in mine if k not in text_only and not torch.equal(mine[k], theirs[k]))
+    model = pipe.model
+    side = set(model.text_only_parameter_names() if part == "understanding" else model.image_only_parameter_names())
+    differ = sorted(k for k in mine if k not in side and not torch.equal(mine[k], theirs[k]))
     if differ:
-        raise ValueError(f"{other} differs from {base} outside the text-only parameters ({', '.join(differ[:3])}"
-                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its images")  # fmt: skip
-    pipe.model.load_state_dict({k: torch.lerp(v, theirs[k], weight) if k in text_only else v for k, v in mine.items()})
+        kept = "images" if part == "understanding" else "answers"
+        raise ValueError(f"{other} differs from {base} outside the {part} parameters ({', '.join(differ[:3])}"
+                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its {kept}")  # fmt: skip
+    model.load_state_dict({k: torch.lerp(v, theirs[k], weight) if k in side else v for k, v in mine.items()})
     pipe.save_pretrained(dest)
     return Path(dest)
 

@@ -440,12 +440,15 @@ def test_train_blend_reports_bad_input_as_a_one_line_error(run, tmp_path, monkey
     (tmp_path / "b").mkdir()
     assert run("train", "blend", "a", "b", "--weight", "2", "--out", "c").exit_code == 2  # usage: out of range
 
-    def refuse(base, other, weight, dest):
-        raise ValueError("b differs from a outside the text-only parameters")
+    assert run("train", "blend", "a", "b", "--part", "vision", "--out", "c").exit_code == 2  # usage: no such part
 
-    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(blend_text_only=refuse))
+    def refuse(base, other, weight, dest, part):
+        raise ValueError("b differs from a outside the understanding parameters")
+
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(blend_part=refuse))
     result = run("train", "blend", "a", "b", "--out", "c")
-    assert result.exit_code != 0 and "outside the text-only parameters" in result.output
+    assert result.exit_code != 0 and "outside the understanding parameters" in result.output
     monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
-        blend_text_only=lambda base, other, weight, dest: tmp_path / dest))  # fmt: skip
-    assert json.loads(run("train", "blend", "a", "b", "--weight", "0.25", "--out", "c").stdout)["weight"] == 0.25
+        blend_part=lambda base, other, weight, dest, part: tmp_path / dest))  # fmt: skip
+    out = json.loads(run("train", "blend", "a", "b", "--weight", "0.25", "--part", "generation", "--out", "c").stdout)
+    assert (out["weight"], out["part"]) == (0.25, "generation")

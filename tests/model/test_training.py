@@ -766,19 +766,21 @@ def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
         check_run_knobs(TrainConfig(out=str(tmp_path), **change))
 
 
-def test_blend_text_only_moves_only_text_only_parameters_and_refuses_other_images(tmp_path, tiny_config, tiny_vq,
-                                                                                  tokenizer):  # fmt: skip
+@pytest.mark.parametrize("part", ["understanding", "generation"])
+def test_blend_part_moves_only_that_sides_parameters_and_refuses_others(tmp_path, tiny_config, tiny_vq, tokenizer,
+                                                                        part):  # fmt: skip
     import copy
 
     from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
-    from lavida_agent.model.training import blend_text_only
+    from lavida_agent.model.training import blend_part
 
     torch.manual_seed(0)
     base = LavidaPipeline(LavidaForMaskedDiffusion(tiny_config).eval(), tiny_vq, tokenizer)
     base.save_pretrained(tmp_path / "base")
     tuned = copy.deepcopy(base)
-    names = set(tuned.model.text_only_parameter_names())
+    model = tuned.model
+    names = set(model.text_only_parameter_names() if part == "understanding" else model.image_only_parameter_names())
     with torch.no_grad():
         for name, p in tuned.model.named_parameters():
             if name in names:
@@ -787,16 +789,20 @@ def test_blend_text_only_moves_only_text_only_parameters_and_refuses_other_image
     a = LavidaPipeline.from_pretrained(tmp_path / "base").model.state_dict()
     b = LavidaPipeline.from_pretrained(tmp_path / "tuned").model.state_dict()
     for weight in (0.0, 0.5):
-        mid = LavidaPipeline.from_pretrained(blend_text_only(tmp_path / "base", tmp_path / "tuned", weight,
-                                                             tmp_path / f"blend{weight}")).model.state_dict()  # fmt: skip
+        mid = LavidaPipeline.from_pretrained(blend_part(tmp_path / "base", tmp_path / "tuned", weight,
+                                                        tmp_path / f"blend{weight}", part=part)).model.state_dict()  # fmt: skip
         for k in a:
             want = (a[k] + weight * (b[k] - a[k])).half().float() if k in names else a[k]
             assert torch.allclose(mid[k], want, atol=1e-3), k
     with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):
-        blend_text_only(tmp_path / "base", tmp_path / "tuned", 1.5, tmp_path / "x")
+        blend_part(tmp_path / "base", tmp_path / "tuned", 1.5, tmp_path / "x", part=part)
+    with pytest.raises(ValueError, match="part must be one of"):
+        blend_part(tmp_path / "base", tmp_path / "tuned", 0.5, tmp_path / "x", part="vision")
+    other_side = "lm_head" if part == "generation" else "image_head"
     with torch.no_grad():
-        next(tuned.model.image_head.parameters()).add_(1.0)  # an image weight
+        next(p for n, p in tuned.model.named_parameters() if n.startswith(other_side) and n not in names).add_(1.0)
     tuned.save_pretrained(tmp_path / "redrawn")
-    with pytest.raises(ValueError, match="outside the text-only parameters.*change its images"):
-        blend_text_only(tmp_path / "base", tmp_path / "redrawn", 0.5, tmp_path / "y")
+    kept = "images" if part == "understanding" else "answers"
+    with pytest.raises(ValueError, match=f"outside the {part} parameters.*change its {kept}"):
+        blend_part(tmp_path / "base", tmp_path / "redrawn", 0.5, tmp_path / "y", part=part)
     assert not (tmp_path / "y").exists()
