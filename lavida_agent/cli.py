@@ -11,6 +11,7 @@
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
+    lavida-agent train unplanned-drawer BASE DRAWER --out DIR  (a second drawer for no-plan prompts)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -854,6 +855,23 @@ def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> N
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     _echo_json({"out": str(out), "weight": weight, "part": part})
+
+
+@train.command("unplanned-drawer")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("drawer", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
+def train_unplanned_drawer(base: str, drawer: str, dest: str) -> None:
+    """Give BASE a second drawer for prompts drawn without a plan: the drawing weights of
+    DRAWER (BASE fine-tuned with `--trainable generation`). Everything else stays BASE's."""
+    from lavida_agent.errors import InvalidInputError
+
+    training = _import("lavida_agent.model.training", "model training")
+    try:
+        out = training.attach_unplanned_drawer(base, drawer, dest)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    _echo_json({"out": str(out), "unplanned_drawer": str(drawer)})
 
 
 @cli.command()

@@ -13,6 +13,9 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
     transformer/          config.json + model.safetensors (LavidaForMaskedDiffusion)
     vq/                   config.json + model.safetensors (VQImageTokenizer)
     tokenizer/            tokenizer.json + tokenizer_config.json
+    drawer_unplanned/     optional: model.safetensors, the drawing weights (the model's
+                          `image_only_parameter_names`) that draw an image without a plan;
+                          listed in the index as "unplanned_drawer"
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from .tasks import (
 from .tokenization_lavida import clean_decoded
 
 logger = logging.getLogger(__name__)
+
+UNPLANNED_DRAWER = "drawer_unplanned"
 
 __all__ = [
     "CritiqueOutput",
@@ -255,6 +260,37 @@ def _as_list(x, n: int | None = None, name: str = "value") -> list:
     return [x] * (n or 1)
 
 
+def with_drawing_weights(model: LavidaForMaskedDiffusion, drawing: dict[str, torch.Tensor]) -> LavidaForMaskedDiffusion:
+    """A second model that reads `model`'s own parameters everywhere except in its drawing
+    weights (`image_only_parameter_names`), which are `drawing`'s.
+
+    The two share every other parameter object (a fine-tune of one shows in both); only the
+    drawing weights take extra memory. `drawing` must hold exactly those names, shaped as
+    the model's (`ValueError` otherwise).
+    """
+    import copy
+
+    names = set(model.image_only_parameter_names())
+    own = dict(model.named_parameters())
+    if set(drawing) != names:
+        extra, missing = sorted(set(drawing) - names), sorted(names - set(drawing))
+        raise ValueError("drawing weights must be exactly the model's image-only parameters"
+                         + (f"; not drawing weights: {', '.join(extra[:3])}" if extra else "")
+                         + (f"; missing: {', '.join(missing[:3])}" if missing else ""))  # fmt: skip
+    bad = [k for k, v in drawing.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"drawing weights of another architecture ({', '.join(bad[:3])})")
+    other = copy.deepcopy(model)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        if name in names:
+            with torch.no_grad():
+                getattr(other.get_submodule(owner), attr).copy_(drawing[name])
+        else:
+            setattr(other.get_submodule(owner), attr, p)
+    return other.eval()
+
+
 class LavidaPipeline:
     """The unified model plus its image tokenizer and text tokenizer.
 
@@ -265,8 +301,12 @@ class LavidaPipeline:
         (64, 64, 3)
     """
 
-    def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None):
+    def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None,
+                 unplanned_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
         self.model = model.eval()
+        # draws `generate`'s rows without a plan when set (`with_drawing_weights(model, ...)`:
+        # the same model with a drawer trained for them); None: `model` draws every row
+        self.unplanned_model = unplanned_model.eval() if unplanned_model is not None else None
         self.vq = vq.eval()
         self.tokenizer = tokenizer
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -311,7 +351,13 @@ class LavidaPipeline:
                 hf_logging.enable_progress_bar()
         vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
-        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"))
+        unplanned = None
+        if index.get("unplanned_drawer"):
+            from safetensors.torch import load_file
+
+            drawing = load_file(root / index["unplanned_drawer"] / "model.safetensors")
+            unplanned = with_drawing_weights(model, {k: v.to(dtype) for k, v in drawing.items()})
+        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), unplanned_model=unplanned)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -328,19 +374,31 @@ class LavidaPipeline:
         model.save_pretrained(root / "transformer")
         self.vq.save_pretrained(root / "vq", dtype=dtype)
         self.tokenizer.save_pretrained(root / "tokenizer")
-        index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer", "defaults": self.defaults}
+        index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer"}
+        if self.unplanned_model is not None:
+            from safetensors.torch import save_file
+
+            names = set(self.model.image_only_parameter_names())
+            drawing = {k: v.detach().to("cpu", dtype).contiguous()
+                       for k, v in self.unplanned_model.named_parameters() if k in names}  # fmt: skip
+            (root / UNPLANNED_DRAWER).mkdir(exist_ok=True)
+            save_file(drawing, root / UNPLANNED_DRAWER / "model.safetensors")
+            index["unplanned_drawer"] = UNPLANNED_DRAWER
+        index["defaults"] = self.defaults
         (root / "pipeline_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device) -> LavidaPipeline:
         self.model.to(device)
+        if self.unplanned_model is not None:
+            self.unplanned_model.to(device)
         self.vq.to(device)
         return self
 
     # ------------------------------------------------------------------ helpers
 
-    def _forward(self, **kw):
+    def _forward(self, model=None, **kw):
         self.forward_count += 1
-        return self.model(**kw)
+        return (model or self.model)(**kw)
 
     def _encode_images(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
@@ -396,15 +454,17 @@ class LavidaPipeline:
         interrupt,
         task: str,
         shift: float | Sequence[float] | None = None,
+        model: LavidaForMaskedDiffusion | None = None,
     ) -> torch.Tensor:
         """The image loop: `examples` holds `groups` blocks of B rows (e.g. [cond, uncond]);
         `combine` turns the per-group logits into guided logits; `shift` is one schedule
-        shift or one per row (default: `defaults["shift"]`). Returns codes (B, G, G)."""
+        shift or one per row (default: `defaults["shift"]`); `model` draws (default: the
+        pipeline's). Returns codes (B, G, G)."""
         cfg = self.config
         G, P = cfg.image_grid, cfg.positions_per_image
         B = len(examples) // groups
         cond, tgt = self._split(examples, P)
-        cache = self._forward(**cond, use_cache=True, elastic=True).cache
+        cache = self._forward(model, **cond, use_cache=True, elastic=True).cache
         sample = (
             torch.full((B, G * G), cfg.image_mask_code, dtype=torch.long, device=self.device)
             if start is None else start.reshape(B, G * G).to(self.device).clone()
@@ -420,7 +480,7 @@ class LavidaPipeline:
             if interrupt is not None and interrupt():
                 raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
             codes = sample.view(B, G, G).repeat(groups, 1, 1)
-            logits = self._forward(**tgt, gen_codes=codes, condition_cache=cache, elastic=True).image_logits
+            logits = self._forward(model, **tgt, gen_codes=codes, condition_cache=cache, elastic=True).image_logits
             logits = logits.view(groups, B, G * G, -1)
             guided = combine([logits[g] for g in range(groups)])
             out = sampler.step(guided, i, sample, generator=gens)
@@ -527,6 +587,10 @@ class LavidaPipeline:
     ) -> ImageOutput:  # fmt: skip
         """Text-to-image, optionally conditioned on plans (one per prompt, or None).
 
+        Rows without a plan are drawn by `unplanned_model` when the pipeline has one (the
+        embedded weights do); a batch that mixes rows with and without a plan then runs in
+        two passes, the planned rows first, each calling `callback` for its own rows.
+
         Args:
             prompts: captions.
             plans: a plan per prompt (`plan()` output) or None for direct generation.
@@ -547,21 +611,29 @@ class LavidaPipeline:
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         cond = [build_t2i(self.tokenizer, self.config, p, plan=pl, micro_conditions=micro_conditions)
                 for p, pl in zip(prompts, plans)]  # fmt: skip
-        # Plans change the segment count, so CFG rows align by padding on the left only.
-        exs, groups = cond, 1
-        if g:
-            exs = cond + [drop_conditions(e, self.config, prompt=True, source=False) for e in cond]
-            groups = 2
-        codes = self._decode_image(
-            exs, groups=groups, combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
-            start=None, gens=gens, num_steps=num_steps or d["num_steps"],
-            temperature=d["temperature"] if temperature is None else temperature,
-            order=order or d["order"], callback=callback, preview_every=preview_every,
-            interrupt=interrupt, task="generate",
-            shift=shift if shift is not None
-            else [d["unplanned_shift" if pl is None else "shift"] for pl in plans],
-        )  # fmt: skip
-        return ImageOutput(images=self._decode_codes(codes), codes=codes.cpu(), plans=list(plans), seeds=seeds)
+        rows = list(range(len(prompts)))
+        passes = [(rows, None)]
+        if self.unplanned_model is not None:
+            planned = [i for i in rows if plans[i] is not None]
+            unplanned = [i for i in rows if plans[i] is None]
+            passes = [(ix, m) for ix, m in ((planned, None), (unplanned, self.unplanned_model)) if ix]
+        codes = torch.empty(len(prompts), self.config.image_grid, self.config.image_grid, dtype=torch.long)
+        for ix, model in passes:
+            # Plans change the segment count, so CFG rows align by padding on the left only.
+            exs, groups = [cond[i] for i in ix], 1
+            if g:
+                exs = exs + [drop_conditions(e, self.config, prompt=True, source=False) for e in exs]
+                groups = 2
+            codes[ix] = self._decode_image(
+                exs, groups=groups, combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
+                start=None, gens=[gens[i] for i in ix], num_steps=num_steps or d["num_steps"],
+                temperature=d["temperature"] if temperature is None else temperature,
+                order=order or d["order"], callback=callback, preview_every=preview_every,
+                interrupt=interrupt, task="generate", model=model,
+                shift=shift if shift is not None
+                else [d["unplanned_shift" if plans[i] is None else "shift"] for i in ix],
+            ).cpu()  # fmt: skip
+        return ImageOutput(images=self._decode_codes(codes), codes=codes, plans=list(plans), seeds=seeds)
 
     def regenerate_regions(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Sequence[Box]], *,

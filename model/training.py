@@ -173,6 +173,10 @@ class TrainConfig:
     # canonical layout leaves only the attributes to draw. Rows with a plan keep uniform
     # layouts: the plan carries the layout. 0: off (stages 1-24; stage 25, not shipped, used 1.0).
     canonical_t2i: float = 0.0
+    # Relative weight of each prompt category (`language.PROMPT_CATEGORIES`) in the t2i,
+    # t2i-plan and plan rows, e.g. more of the two-object ones a drawer binds worst; empty:
+    # uniform, as every stage before it (with no extra draw, so those runs replay).
+    t2i_categories: dict = field(default_factory=dict)
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
     # Which weights learn. "all"; or "understanding": only the parameters no image depends on
     # (`LavidaForMaskedDiffusion.text_only_parameter_names`: the und sets of the split layers,
@@ -248,7 +252,7 @@ class TaskSampler:
                  own_pool: dict | None = None, own_critique: float = 0.0,
                  edit_region_mask: float = 0.0, edit_region_background: bool = False,
                  hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0,
-                 canonical_t2i: float = 0.0):  # fmt: skip
+                 canonical_t2i: float = 0.0, t2i_categories: dict | None = None):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
@@ -256,6 +260,9 @@ class TaskSampler:
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.hard_scenes, self.edit_plan_loc_mask = hard_scenes, edit_plan_loc_mask
         self.canonical_t2i = canonical_t2i
+        self.t2i_categories = dict(t2i_categories) if t2i_categories else None
+        if self.t2i_categories:
+            lang.prompt_category_weights(self.t2i_categories)  # fail now, not mid-run
         self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
@@ -329,7 +336,7 @@ class TaskSampler:
     def _t2i(self, rng, n, plan: str = "none"):
         drafts = []
         for _ in range(n):
-            text, spec = lang.sample_prompt(rng)
+            text, spec = lang.sample_prompt(rng, weights=self.t2i_categories)
             # No draw at all when off, so runs without `canonical_t2i` replay as before.
             canonical = plan == "none" and self.canonical_t2i and rng.random() < self.canonical_t2i
             layout = lang.canonical_scene_for_prompt if canonical else lang.scene_for_prompt
@@ -670,7 +677,7 @@ def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict |
                        edit_region_mask=tc.edit_region_mask,
                        edit_region_background=tc.edit_region_background,
                        hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask,
-                       canonical_t2i=tc.canonical_t2i)  # fmt: skip
+                       canonical_t2i=tc.canonical_t2i, t2i_categories=tc.t2i_categories)  # fmt: skip
 
 
 def step_data(sampler: TaskSampler, tc: TrainConfig, cfg, tasks: list[str], weights: np.ndarray, step: int, vq):
@@ -1057,6 +1064,28 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
 BLEND_PARTS = ("understanding", "generation")
 
 
+def _one_sided(base: str | Path, other: str | Path, part: str):
+    """Load `base` (a pipeline) and `other`'s state dict, checking that `other` is `base`
+    fine-tuned on `part` alone; returns `(pipe, theirs, names of part's parameters)`."""
+    from .pipeline_lavida import LavidaPipeline
+
+    if part not in BLEND_PARTS:
+        raise ValueError(f"part must be one of {BLEND_PARTS}, got {part!r}")
+    pipe = LavidaPipeline.from_pretrained(base)
+    theirs = LavidaPipeline.from_pretrained(other).model.state_dict()
+    mine = pipe.model.state_dict()
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ValueError(f"{other} is not of {base}'s architecture")
+    model = pipe.model
+    side = set(model.text_only_parameter_names() if part == "understanding" else model.image_only_parameter_names())
+    differ = sorted(k for k in mine if k not in side and not torch.equal(mine[k], theirs[k]))
+    if differ:
+        kept = "images" if part == "understanding" else "answers"
+        raise ValueError(f"{other} differs from {base} outside the {part} parameters ({', '.join(differ[:3])}"
+                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its {kept}")  # fmt: skip
+    return pipe, theirs, side
+
+
 def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | Path,
                part: str = "understanding") -> Path:  # fmt: skip
     """Write `base` with one side's parameters moved `weight` of the way to `other`'s.
@@ -1073,25 +1102,31 @@ def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | P
         ValueError: an unknown part, a weight outside [0, 1], other architectures, or
             `other` differing outside `part`.
     """
-    from .pipeline_lavida import LavidaPipeline
-
-    if part not in BLEND_PARTS:
-        raise ValueError(f"part must be one of {BLEND_PARTS}, got {part!r}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
-    pipe = LavidaPipeline.from_pretrained(base)
-    theirs = LavidaPipeline.from_pretrained(other).model.state_dict()
+    pipe, theirs, side = _one_sided(base, other, part)
     mine = pipe.model.state_dict()
-    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
-        raise ValueError(f"{other} is not of {base}'s architecture")
-    model = pipe.model
-    side = set(model.text_only_parameter_names() if part == "understanding" else model.image_only_parameter_names())
-    differ = sorted(k for k in mine if k not in side and not torch.equal(mine[k], theirs[k]))
-    if differ:
-        kept = "images" if part == "understanding" else "answers"
-        raise ValueError(f"{other} differs from {base} outside the {part} parameters ({', '.join(differ[:3])}"
-                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its {kept}")  # fmt: skip
-    model.load_state_dict({k: torch.lerp(v, theirs[k], weight) if k in side else v for k, v in mine.items()})
+    pipe.model.load_state_dict({k: torch.lerp(v, theirs[k], weight) if k in side else v for k, v in mine.items()})
+    pipe.save_pretrained(dest)
+    return Path(dest)
+
+
+def attach_unplanned_drawer(base: str | Path, drawer: str | Path, dest: str | Path) -> Path:
+    """Write `base` with `drawer`'s drawing weights as its unplanned drawer.
+
+    `drawer` is `base` fine-tuned with `trainable="generation"` (on drawings without a
+    plan, e.g. `canonical_t2i`); the written pipeline draws `generate`'s rows without a plan
+    with it and everything else (plans, planned drawings, edits, answers, boxes, verdicts)
+    exactly as `base` (`LavidaPipeline.unplanned_model`). Adds the drawing weights alone
+    (~2M parameters, 4 MB in fp16 for the embedded architecture).
+
+    Raises:
+        ValueError: other architectures, or `drawer` differing outside the drawing weights.
+    """
+    from .pipeline_lavida import with_drawing_weights
+
+    pipe, theirs, side = _one_sided(base, drawer, "generation")
+    pipe.unplanned_model = with_drawing_weights(pipe.model, {k: theirs[k] for k in side})
     pipe.save_pretrained(dest)
     return Path(dest)
 
@@ -1214,6 +1249,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\'')
     parser.add_argument("--questions", type=json.loads, default=None,
                         help='JSON weights of the question kinds, e.g. \'{"color": 3, "count": 1}\' (default: uniform)')
+    parser.add_argument("--t2i-categories", type=json.loads, default=None,
+                        help='JSON weights of the t2i prompt categories, e.g. \'{"color_attr": 2, "colors": 1}\' '
+                             "(default: uniform)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -1230,6 +1268,12 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, TypeError, AttributeError) as e:
             parser.error(f"--questions: {e}")
         tc.question_weights = dict(args.questions)
+    if args.t2i_categories is not None:
+        try:
+            lang.prompt_category_weights(args.t2i_categories)
+        except (ValueError, TypeError, AttributeError) as e:
+            parser.error(f"--t2i-categories: {e}")
+        tc.t2i_categories = dict(args.t2i_categories)
     try:
         check_run_knobs(tc)
     except ValueError as e:

@@ -9,8 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted
+from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted, with_drawing_weights
 from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text, snap_plan
 
 
@@ -149,6 +150,60 @@ def test_save_and_load_roundtrip_is_bit_identical(pipe, tmp_path, scene_image):
     b = loaded.generate(["a red circle"], seed=4, num_steps=3)
     assert torch.equal(a.codes, b.codes)
     assert pipe.ground([scene_image], [["the circle"]]).boxes == loaded.ground([scene_image], [["the circle"]]).boxes
+
+
+def _redrawn(model, delta: float = 0.5) -> dict[str, torch.Tensor]:
+    """`model`'s drawing weights, each moved by `delta` (a stand-in for a drawing fine-tune)."""
+    names = set(model.image_only_parameter_names())
+    return {k: v.detach() + delta for k, v in model.named_parameters() if k in names}
+
+
+def test_an_unplanned_drawer_draws_the_rows_without_a_plan_and_nothing_else(tiny_model, tiny_vq, tokenizer,
+                                                                            scene_image):  # fmt: skip
+    base = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
+    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    alone = LavidaPipeline(drawer, tiny_vq, tokenizer)  # the drawer as a whole model
+    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, unplanned_model=drawer)
+    plan = [("small red circle", (8, 8, 20, 20))]
+    kw = dict(seed=[1, 2], num_steps=4)
+    mixed = both.generate(["a red circle"] * 2, plans=[plan, None], **kw)
+    assert torch.equal(mixed.codes[0], base.generate(["a red circle"], plans=[plan], seed=1, num_steps=4).codes[0])
+    assert torch.equal(mixed.codes[1], alone.generate(["a red circle"], seed=2, num_steps=4).codes[0])
+    assert not torch.equal(mixed.codes[1], base.generate(["a red circle"], seed=2, num_steps=4).codes[0])
+    # answers, boxes and region redraws stay the base model's
+    assert both.ground([scene_image], [["the circle"]]).boxes == base.ground([scene_image], [["the circle"]]).boxes
+    box = [[(0, 0, 32, 32)]]
+    assert torch.equal(both.regenerate_regions([scene_image], ["a red circle"], box, seed=3, num_steps=2).codes,
+                       base.regenerate_regions([scene_image], ["a red circle"], box, seed=3, num_steps=2).codes)
+
+
+def test_a_drawer_shares_every_other_parameter_with_its_model(tiny_model):
+    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    names = set(tiny_model.image_only_parameter_names())
+    mine, its = dict(tiny_model.named_parameters()), dict(drawer.named_parameters())
+    assert all((its[k] is mine[k]) == (k not in names) for k in mine)
+    assert all(torch.equal(its[k], mine[k] + 0.5) for k in names)
+    with pytest.raises(ValueError, match="missing: "):
+        with_drawing_weights(tiny_model, {k: v for k, v in _redrawn(tiny_model).items() if k != min(names)})
+    with pytest.raises(ValueError, match="not drawing weights: lm_head"):
+        with_drawing_weights(tiny_model, {**_redrawn(tiny_model), "lm_head.weight": mine["lm_head.weight"]})
+    with pytest.raises(ValueError, match="another architecture"):
+        with_drawing_weights(tiny_model, {**_redrawn(tiny_model), min(names): torch.zeros(3)})
+
+
+def test_save_and_load_keep_the_unplanned_drawer(tiny_model, tiny_vq, tokenizer, tmp_path):
+    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, unplanned_model=with_drawing_weights(tiny_model,
+                                                                                               _redrawn(tiny_model)))  # fmt: skip
+    both.save_pretrained(tmp_path, dtype=torch.float32)
+    saved = set(load_file(tmp_path / "drawer_unplanned" / "model.safetensors"))
+    assert saved == set(tiny_model.image_only_parameter_names())  # the drawing weights alone
+    loaded = LavidaPipeline.from_pretrained(tmp_path)
+    assert loaded.unplanned_model is not None
+    a = both.generate(["a red circle"], seed=4, num_steps=3)
+    assert torch.equal(a.codes, loaded.generate(["a red circle"], seed=4, num_steps=3).codes)
+    LavidaPipeline(tiny_model, tiny_vq, tokenizer).save_pretrained(tmp_path / "plain")
+    assert LavidaPipeline.from_pretrained(tmp_path / "plain").unplanned_model is None
+    assert not (tmp_path / "plain" / "drawer_unplanned").exists()
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

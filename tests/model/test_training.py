@@ -342,6 +342,29 @@ def test_cli_rejects_bad_question_weights(capsys):
     assert e.value.code == 2 and "unknown question kind" in capsys.readouterr().err
 
 
+def test_t2i_categories_pick_the_prompts_of_every_t2i_row(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    import lavida_agent.model.training as training
+
+    drawn = []
+    sample = training.lang.sample_prompt
+
+    def spy(rng, **kw):
+        out = sample(rng, **kw)
+        drawn.append(out[1].category)
+        return out
+
+    monkeypatch.setattr(training.lang, "sample_prompt", spy)
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, t2i_categories={"position": 1})
+    for task in ("t2i", "t2i_plan", "plan"):
+        sampler.examples(task, np.random.default_rng(2), 3)
+    assert drawn == ["position"] * 9
+    with pytest.raises(ValueError, match="unknown prompt category"):
+        TaskSampler(tokenizer, tiny_config, tiny_vq, t2i_categories={"pose": 1})
+    with pytest.raises(SystemExit) as e:
+        main(["--t2i-categories", '{"pose": 1}', "--steps", "1"])
+    assert e.value.code == 2
+
+
 def test_ground_full_mask_masks_every_coordinate_and_only_grounding_rows(tokenizer, tiny_config):
     from lavida_agent.model.tasks import build_ground
 
@@ -805,4 +828,36 @@ def test_blend_part_moves_only_that_sides_parameters_and_refuses_others(tmp_path
     kept = "images" if part == "understanding" else "answers"
     with pytest.raises(ValueError, match=f"outside the {part} parameters.*change its {kept}"):
         blend_part(tmp_path / "base", tmp_path / "redrawn", 0.5, tmp_path / "y", part=part)
+    assert not (tmp_path / "y").exists()
+
+
+def test_attach_unplanned_drawer_adds_the_drawing_weights_and_refuses_other_changes(tmp_path, tiny_config, tiny_vq,
+                                                                                    tokenizer):  # fmt: skip
+    import copy
+
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+    from lavida_agent.model.training import attach_unplanned_drawer
+
+    torch.manual_seed(0)
+    base = LavidaPipeline(LavidaForMaskedDiffusion(tiny_config).eval(), tiny_vq, tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tuned = copy.deepcopy(base)
+    names = set(tuned.model.image_only_parameter_names())
+    with torch.no_grad():
+        for name, p in tuned.model.named_parameters():
+            if name in names:
+                p.add_(1.0)
+    tuned.save_pretrained(tmp_path / "tuned")
+    both = LavidaPipeline.from_pretrained(attach_unplanned_drawer(tmp_path / "base", tmp_path / "tuned",
+                                                                  tmp_path / "both"))  # fmt: skip
+    a = LavidaPipeline.from_pretrained(tmp_path / "base").model.state_dict()
+    b = LavidaPipeline.from_pretrained(tmp_path / "tuned").model.state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in both.model.state_dict().items())  # the base, unchanged
+    assert all(torch.equal(v, b[k]) for k, v in both.unplanned_model.state_dict().items())  # the tuned drawer
+    with torch.no_grad():
+        tuned.model.lm_head.weight.add_(1.0)
+    tuned.save_pretrained(tmp_path / "answers")
+    with pytest.raises(ValueError, match="outside the generation parameters"):
+        attach_unplanned_drawer(tmp_path / "base", tmp_path / "answers", tmp_path / "y")
     assert not (tmp_path / "y").exists()

@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROMPT_CATEGORIES", "EDIT_CATEGORIES", "REF_FORMS", "QUESTION_KINDS", "SIDES",
     "REASON_TEMPLATES", "GrammarError", "Noun", "ObjectReq", "PromptSpec", "EditSpec", "RefSpec",
-    "QuestionSpec", "question_kind_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt", "canonical_scene_for_prompt",
+    "QuestionSpec", "question_kind_weights", "prompt_category_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt", "canonical_scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
     "parse_question", "answer", "presupposition_holds", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
@@ -507,16 +507,23 @@ def _sample_prompt_spec(rng: np.random.Generator, category: str) -> PromptSpec:
     return PromptSpec(category, tuple(reqs), relation, background)
 
 
-def sample_prompt(rng: np.random.Generator, category: str | None = None) -> tuple[str, PromptSpec]:
+def sample_prompt(
+    rng: np.random.Generator, category: str | None = None, weights: Mapping[str, float] | None = None
+) -> tuple[str, PromptSpec]:
     """Draw a prompt of `category` (uniform over the 7 categories when None).
 
     Args:
         rng: The random generator; the only source of randomness.
         category: One of `PROMPT_CATEGORIES`, or None.
+        weights: with no `category`, the relative weight of each of `PROMPT_CATEGORIES`
+            (missing ones: 0) instead of uniform.
 
     Returns:
         `(text, spec)` with `parse_prompt(text) == spec`.
     """
+    if category is None and weights is not None:
+        w = prompt_category_weights(weights)
+        category = PROMPT_CATEGORIES[int(rng.choice(len(w), p=w / w.sum()))]
     category = category or _pick(rng, PROMPT_CATEGORIES)
     spec = _sample_prompt_spec(rng, category)
     return prompt_text(spec), spec
@@ -1323,15 +1330,25 @@ def _sample_question_spec(rng: np.random.Generator, scene: Scene, kind: str) -> 
     return QuestionSpec(kind)
 
 
+def _kind_weights(weights: Mapping[str, float], kinds: Sequence[str], what: str) -> np.ndarray:
+    """`weights` (kind -> relative weight) as an array over `kinds`, validated."""
+    unknown = set(weights) - set(kinds)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected some of {list(kinds)}")
+    w = np.array([float(weights.get(k, 0.0)) for k in kinds])
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"{what} weights must be finite, >= 0 and not all 0, got {dict(weights)}")
+    return w
+
+
 def question_kind_weights(weights: Mapping[str, float]) -> np.ndarray:
     """`weights` (kind -> relative weight) as an array over `QUESTION_KINDS`, validated."""
-    unknown = set(weights) - set(QUESTION_KINDS)
-    if unknown:
-        raise ValueError(f"unknown question kind(s) {sorted(unknown)}; expected some of {list(QUESTION_KINDS)}")
-    w = np.array([float(weights.get(k, 0.0)) for k in QUESTION_KINDS])
-    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"question weights must be finite, >= 0 and not all 0, got {dict(weights)}")
-    return w
+    return _kind_weights(weights, QUESTION_KINDS, "question kind")
+
+
+def prompt_category_weights(weights: Mapping[str, float]) -> np.ndarray:
+    """`weights` (category -> relative weight) as an array over `PROMPT_CATEGORIES`, validated."""
+    return _kind_weights(weights, PROMPT_CATEGORIES, "prompt category")
 
 
 def sample_question(

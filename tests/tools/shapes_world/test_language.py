@@ -539,6 +539,19 @@ def test_bad_question_weights_are_named(weights, match):
         lang.sample_question(np.random.default_rng(0), sample_scene(np.random.default_rng(0)), weights)
 
 
+def test_weighted_prompt_categories_follow_their_weights():
+    rng = np.random.default_rng(5)
+    cats = [lang.sample_prompt(rng, weights={"color_attr": 3, "colors": 1})[1].category for _ in range(400)]
+    assert set(cats) == {"color_attr", "colors"} and cats.count("color_attr") > 2 * cats.count("colors")
+    # no weights: the uniform draw, unchanged
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    assert [lang.sample_prompt(a) for _ in range(20)] == [lang.sample_prompt(b, weights=None) for _ in range(20)]
+    with pytest.raises(ValueError, match="unknown prompt category"):
+        lang.sample_prompt(rng, weights={"colour": 1})
+    with pytest.raises(ValueError, match="prompt category weights must be finite, >= 0 and not all 0"):
+        lang.sample_prompt(rng, weights={"colors": 0})
+
+
 def test_question_weights_a_scene_cannot_ask_say_so():
     twins = Scene("white", (obj("circle", "red", "small", 4, 4), obj("circle", "red", "small", 40, 40)))
     with pytest.raises(ValueError, match="admits none"):  # no unique shape nor unique colour
