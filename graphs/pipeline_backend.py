@@ -264,10 +264,12 @@ class PipelineBackend:
 
         def callback(info: Any) -> None:
             previews = info.previews
-            for i, sink in enumerate(sinks):
+            rows = range(len(sinks)) if getattr(info, "rows", None) is None else info.rows
+            for j, i in enumerate(rows):  # the rows this step advances, in the order of previews
+                sink = sinks[i]
                 if sink is None:
                     continue
-                preview = None if previews is None else np.asarray(previews[i], dtype=np.uint8)
+                preview = None if previews is None else np.asarray(previews[j], dtype=np.uint8)
                 try:
                     sink(StepEvent(step=int(info.step), total=int(info.total), preview=preview))
                 except Exception:  # one listener must not fail the batch

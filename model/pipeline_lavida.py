@@ -25,7 +25,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +111,16 @@ class PipelineInterrupted(RuntimeError):
 @dataclass
 class StepInfo:
     """What a step callback receives: `step` of `total` (1-based), and a preview image per
-    row (uint8 (H, W, 3), the current x0 prediction decoded) on preview steps, else None."""
+    row (uint8 (H, W, 3), the current x0 prediction decoded) on preview steps, else None.
+    `rows`: the call's request rows this step advances, in the order of `previews` (None:
+    every row; a `generate` batch that mixes rows with and without a plan and has an
+    unplanned drawer steps each kind in its own pass)."""
 
     task: str
     step: int
     total: int
     previews: list[np.ndarray] | None = None
+    rows: list[int] | None = None
 
 
 @dataclass
@@ -589,7 +593,7 @@ class LavidaPipeline:
 
         Rows without a plan are drawn by `unplanned_model` when the pipeline has one (the
         embedded weights do); a batch that mixes rows with and without a plan then runs in
-        two passes, the planned rows first, each calling `callback` for its own rows.
+        two passes, the planned rows first, each calling `callback` with its own `StepInfo.rows`.
 
         Args:
             prompts: captions.
@@ -619,6 +623,9 @@ class LavidaPipeline:
             passes = [(ix, m) for ix, m in ((planned, None), (unplanned, self.unplanned_model)) if ix]
         codes = torch.empty(len(prompts), self.config.image_grid, self.config.image_grid, dtype=torch.long)
         for ix, model in passes:
+            step = callback
+            if callback is not None and len(passes) > 1:
+                step = lambda info, ix=ix: callback(replace(info, rows=list(ix)))  # noqa: E731
             # Plans change the segment count, so CFG rows align by padding on the left only.
             exs, groups = [cond[i] for i in ix], 1
             if g:
@@ -628,7 +635,7 @@ class LavidaPipeline:
                 exs, groups=groups, combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
                 start=None, gens=[gens[i] for i in ix], num_steps=num_steps or d["num_steps"],
                 temperature=d["temperature"] if temperature is None else temperature,
-                order=order or d["order"], callback=callback, preview_every=preview_every,
+                order=order or d["order"], callback=step, preview_every=preview_every,
                 interrupt=interrupt, task="generate", model=model,
                 shift=shift if shift is not None
                 else [d["unplanned_shift" if plans[i] is None else "shift"] for i in ix],

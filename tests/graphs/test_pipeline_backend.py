@@ -183,6 +183,24 @@ def test_on_step_events_carry_previews_when_asked(pipe):
     assert all(e.preview is None for e in events(0))
 
 
+def test_a_mixed_batch_on_an_unplanned_drawer_sends_each_row_its_own_steps(pipe):
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline, with_drawing_weights
+
+    names = set(pipe.model.image_only_parameter_names())
+    drawing = {k: v.detach() + 0.5 for k, v in pipe.model.named_parameters() if k in names}
+    both = LavidaPipeline(pipe.model, pipe.vq, pipe.tokenizer,
+                          unplanned_model=with_drawing_weights(pipe.model, drawing))  # fmt: skip
+    backend = PipelineBackend(both, preview_every=1)
+    got = {0: [], 1: [], 2: []}
+    reqs = [GenerateRequest(prompt="a red circle", plan=None if i == 1 else PLAN, seed=3 + i, num_steps=2,
+                            on_step=got[i].append) for i in range(3)]  # fmt: skip
+    images = backend.generate(reqs)
+    for i, image in enumerate(images):  # two passes (rows 0 and 2, then row 1), each row its own events
+        assert [(e.step, e.total) for e in got[i]] == [(1, 2), (2, 2)]
+        assert np.array_equal(got[i][-1].preview, image)  # the last preview is the row's image
+    assert np.array_equal(images[1], PipelineBackend(both).generate([reqs[1]])[0])
+
+
 def test_rows_fail_alone_and_outputs_are_converted(backend, pipe):
     good, bad = _image(), np.zeros((32, 32, 3), np.uint8)
     out = backend.ground([GroundRequest(image=good, expressions=["the red circle"]),
