@@ -402,7 +402,7 @@ class LavidaPipeline:
 
     def _forward(self, model=None, **kw):
         self.forward_count += 1
-        return (model or self.model)(**kw)
+        return (self.model if model is None else model)(**kw)
 
     def _encode_images(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
