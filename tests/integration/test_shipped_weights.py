@@ -17,8 +17,17 @@ def pipe():
 
 def test_weights_are_small_fp16_files():
     files = list(default_weights_path().rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"transformer", "vq"}
+    assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned"}
     assert sum(f.stat().st_size for f in files) < 30_000_000
+
+
+def test_the_unplanned_drawer_holds_the_drawing_weights_alone(pipe):
+    """Rows without a plan draw with their own drawing weights; every other parameter is the
+    base model's own object, so answers, boxes, plans and planned drawings cannot differ."""
+    names = set(pipe.model.image_only_parameter_names())
+    mine, its = dict(pipe.model.named_parameters()), dict(pipe.unplanned_model.named_parameters())
+    assert all((its[k] is mine[k]) == (k not in names) for k in mine)
+    assert any(not its[k].equal(mine[k]) for k in names)
 
 
 def test_generate_is_deterministic_per_seed(pipe):
