@@ -1262,18 +1262,16 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown task(s) {sorted(unknown)}; expected some of {sorted(TASK_WEIGHTS)}")
         tc.task_weights = dict(args.tasks)
-    if args.questions is not None:
+    for flag, field_, check in (("questions", "question_weights", lang.question_kind_weights),
+                                ("t2i_categories", "t2i_categories", lang.prompt_category_weights)):  # fmt: skip
+        weights = getattr(args, flag)
+        if weights is None:
+            continue
         try:
-            lang.question_kind_weights(args.questions)
+            check(weights)
         except (ValueError, TypeError, AttributeError) as e:
-            parser.error(f"--questions: {e}")
-        tc.question_weights = dict(args.questions)
-    if args.t2i_categories is not None:
-        try:
-            lang.prompt_category_weights(args.t2i_categories)
-        except (ValueError, TypeError, AttributeError) as e:
-            parser.error(f"--t2i-categories: {e}")
-        tc.t2i_categories = dict(args.t2i_categories)
+            parser.error(f"--{flag.replace('_', '-')}: {e}")
+        setattr(tc, field_, dict(weights))
     try:
         check_run_knobs(tc)
     except ValueError as e:

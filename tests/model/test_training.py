@@ -363,6 +363,10 @@ def test_t2i_categories_pick_the_prompts_of_every_t2i_row(tokenizer, tiny_config
     with pytest.raises(SystemExit) as e:
         main(["--t2i-categories", '{"pose": 1}', "--steps", "1"])
     assert e.value.code == 2
+    seen = []
+    monkeypatch.setattr(training, "train", lambda tc, progress: seen.append(tc) or {})
+    main(["--t2i-categories", '{"size": 2}', "--questions", '{"count": 1}', "--quiet"])
+    assert seen[0].t2i_categories == {"size": 2} and seen[0].question_weights == {"count": 1}
 
 
 def test_ground_full_mask_masks_every_coordinate_and_only_grounding_rows(tokenizer, tiny_config):
