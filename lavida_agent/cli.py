@@ -414,7 +414,9 @@ def cli(ctx: click.Context, model_path: str | None, home: str | None, device: st
 @cli.command()
 @click.argument("prompt", required=False)
 @_image_options
-@click.option("--plan/--no-plan", default=None, help="Plan a layout first (default: settings); without one, the model's unplanned drawer draws (when it has one).")
+@click.option("--plan/--no-plan", default=None,
+              help="Plan a layout first (default: settings); without one, the model's unplanned "
+                   "drawer draws (when it has one).")
 @click.option("--review-plan", is_flag=True,
               help="Show the planned layout and let me keep or replace it before drawing.")
 @_batch_options
