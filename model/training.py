@@ -1082,7 +1082,7 @@ def _one_sided(base: str | Path, other: str | Path, part: str):
     if differ:
         kept = "images" if part == "understanding" else "answers"
         raise ValueError(f"{other} differs from {base} outside the {part} parameters ({', '.join(differ[:3])}"
-                         f"{', ...' if len(differ) > 3 else ''}): a blend would change its {kept}")  # fmt: skip
+                         f"{', ...' if len(differ) > 3 else ''}): the result would change its {kept}")  # fmt: skip
     return pipe, theirs, side
 
 
