@@ -284,14 +284,12 @@ def with_drawing_weights(model: LavidaForMaskedDiffusion, drawing: dict[str, tor
     bad = [k for k, v in drawing.items() if v.shape != own[k].shape]
     if bad:
         raise ValueError(f"drawing weights of another architecture ({', '.join(bad[:3])})")
-    other = copy.deepcopy(model)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owner, _, attr = name.rpartition(".")
-        if name in names:
-            with torch.no_grad():
-                getattr(other.get_submodule(owner), attr).copy_(drawing[name])
-        else:
-            setattr(other.get_submodule(owner), attr, p)
+    # deepcopy's memo hands back the shared parameters themselves: only the drawing is copied
+    other = copy.deepcopy(model, memo={id(p): p for k, p in own.items() if k not in names})
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name in names:
+                p.copy_(drawing[name])
     return other.eval()
 
 
