@@ -11,7 +11,7 @@
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
-    lavida-agent train unplanned-drawer BASE DRAWER --out DIR  (a second drawer for no-plan prompts)
+    lavida-agent train drawer BASE DRAWER --for unplanned|edit --out DIR  (a drawer for one kind of row)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -859,21 +859,23 @@ def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> N
     _echo_json({"out": str(out), "weight": weight, "part": part})
 
 
-@train.command("unplanned-drawer")
+@train.command("drawer")
 @click.argument("base", type=click.Path(exists=True, file_okay=False))
 @click.argument("drawer", type=click.Path(exists=True, file_okay=False))
+@click.option("--for", "kind", type=click.Choice(["unplanned", "edit"]), required=True,
+              help="The rows it draws: `generate` without a plan, or `edit` with neither a plan nor regions.")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
-def train_unplanned_drawer(base: str, drawer: str, dest: str) -> None:
-    """Give BASE a second drawer for prompts drawn without a plan: the drawing weights of
-    DRAWER (BASE fine-tuned with `--trainable generation`). Everything else stays BASE's."""
+def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
+    """Give BASE a second drawer for one kind of row: the drawing weights of DRAWER (BASE
+    fine-tuned with `--trainable generation` on those rows). Everything else stays BASE's."""
     from lavida_agent.errors import InvalidInputError
 
     training = _import("lavida_agent.model.training", "model training")
     try:
-        out = training.attach_unplanned_drawer(base, drawer, dest)
+        out = training.attach_drawer(base, drawer, dest, kind=kind)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
-    _echo_json({"out": str(out), "unplanned_drawer": str(drawer)})
+    _echo_json({"out": str(out), f"{kind}_drawer": str(drawer)})
 
 
 @cli.command()

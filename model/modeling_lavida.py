@@ -885,6 +885,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         labels: torch.Tensor | None = None,
         image_labels: torch.Tensor | None = None,
         eos_loss_weight: float = 1.0,
+        image_weights: torch.Tensor | None = None,
     ) -> LavidaOutput:
         """Run the model on a packed batch.
 
@@ -905,6 +906,9 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             eos_loss_weight: weight of [EOS] text targets in the loss (1 = plain mean). The
                 [EOS] padding of fixed-length answers is easy and plentiful; down-weighting it
                 keeps the answer tokens' signal from being drowned.
+            image_weights: `(M, G, G)` weight of each code target in the image loss, which is
+                then `sum(w * ce) / n` over the n labelled codes (so weights that average 1
+                over a row's labelled codes keep its share of the loss); None: plain mean.
         """
         cfg = self.config
         B, L = input_ids.shape
@@ -1001,7 +1005,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             select = image_labels != -100  # (M, G, G)
             if bool(select.any()):
                 logits = self.image_head(h_tgt, select=select)
-                image_loss = F.cross_entropy(logits.float(), image_labels[select])
+                ce = F.cross_entropy(logits.float(), image_labels[select], reduction="none")
+                image_loss = ce.mean() if image_weights is None else (ce * image_weights[select]).sum() / ce.numel()
         out.loss = text_loss + image_loss
         out.text_loss, out.image_loss = text_loss.detach(), image_loss.detach()
         return out

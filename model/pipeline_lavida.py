@@ -13,9 +13,11 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
     transformer/          config.json + model.safetensors (LavidaForMaskedDiffusion)
     vq/                   config.json + model.safetensors (VQImageTokenizer)
     tokenizer/            tokenizer.json + tokenizer_config.json
-    drawer_unplanned/     optional: model.safetensors, the drawing weights (the model's
-                          `image_only_parameter_names`) that draw an image without a plan;
-                          listed in the index as "unplanned_drawer"
+    drawer_unplanned/     optional: model.safetensors, drawing weights (some of the model's
+                          `image_only_parameter_names`, the rest shared) that draw an image
+                          without a plan; listed in the index as "unplanned_drawer"
+    drawer_edit/          optional, the same for edits without a plan or regions (single
+                          shot); listed as "edit_drawer"
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ from .tokenization_lavida import clean_decoded
 
 logger = logging.getLogger(__name__)
 
-UNPLANNED_DRAWER = "drawer_unplanned"
+# pipeline_index.json key -> (folder, `LavidaPipeline` attribute) of each optional drawer
+DRAWERS = {
+    "unplanned_drawer": ("drawer_unplanned", "unplanned_model"),
+    "edit_drawer": ("drawer_edit", "edit_model"),
+}
 
 __all__ = [
     "CritiqueOutput",
@@ -264,23 +270,37 @@ def _as_list(x, n: int | None = None, name: str = "value") -> list:
     return [x] * (n or 1)
 
 
+def _passes(drawer_rows: Sequence[bool], drawer, callback) -> list[tuple[list[int], object, object]]:
+    """`(rows, model, callback)` per pass of a call whose `drawer_rows` go to `drawer`: the
+    base model's rows (model None) first, then the drawer's; one pass when only one of them
+    has rows (or there is no drawer). With two passes each callback tags its `StepInfo`
+    with the rows it advances."""
+    rows = list(range(len(drawer_rows)))
+    own = [i for i in rows if drawer_rows[i]] if drawer is not None else []
+    if not own or len(own) == len(rows):
+        return [(rows, drawer if own else None, callback)]
+    tag = (lambda ix: None) if callback is None else (lambda ix: lambda info: callback(replace(info, rows=list(ix))))
+    base = [i for i in rows if not drawer_rows[i]]
+    return [(base, None, tag(base)), (own, drawer, tag(own))]
+
+
 def with_drawing_weights(model: LavidaForMaskedDiffusion, drawing: dict[str, torch.Tensor]) -> LavidaForMaskedDiffusion:
-    """A second model that reads `model`'s own parameters everywhere except in its drawing
-    weights (`image_only_parameter_names`), which are `drawing`'s.
+    """A second model that reads `model`'s own parameters everywhere except in `drawing`,
+    some or all of its drawing weights (`image_only_parameter_names`).
 
     The two share every other parameter object (a fine-tune of one shows in both); only the
-    drawing weights take extra memory. `drawing` must hold exactly those names, shaped as
-    the model's (`ValueError` otherwise).
+    tensors of `drawing` take extra memory. `drawing` must hold drawing weights only, at
+    least one, shaped as the model's (`ValueError` otherwise).
     """
     import copy
 
-    names = set(model.image_only_parameter_names())
+    image_only = set(model.image_only_parameter_names())
     own = dict(model.named_parameters())
-    if set(drawing) != names:
-        extra, missing = sorted(set(drawing) - names), sorted(names - set(drawing))
-        raise ValueError("drawing weights must be exactly the model's image-only parameters"
-                         + (f"; not drawing weights: {', '.join(extra[:3])}" if extra else "")
-                         + (f"; missing: {', '.join(missing[:3])}" if missing else ""))  # fmt: skip
+    extra = sorted(set(drawing) - image_only)
+    if extra or not drawing:
+        raise ValueError("drawing weights must be some of the model's image-only parameters"
+                         + (f"; not drawing weights: {', '.join(extra[:3])}" if extra else "; got none"))
+    names = set(drawing)
     bad = [k for k, v in drawing.items() if v.shape != own[k].shape]
     if bad:
         raise ValueError(f"drawing weights of another architecture ({', '.join(bad[:3])})")
@@ -304,11 +324,15 @@ class LavidaPipeline:
     """
 
     def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None,
-                 unplanned_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
+                 unplanned_model: LavidaForMaskedDiffusion | None = None,
+                 edit_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
         self.model = model.eval()
-        # draws `generate`'s rows without a plan when set (`with_drawing_weights(model, ...)`:
-        # the same model with a drawer trained for them); None: `model` draws every row
+        # Drawers (`with_drawing_weights(model, ...)`: the same model with drawing weights
+        # trained for one kind of row); None: `model` draws those rows too.
+        # `unplanned_model` draws `generate`'s rows without a plan; `edit_model` draws `edit`'s
+        # rows with neither a plan nor regions (the single shot).
         self.unplanned_model = unplanned_model.eval() if unplanned_model is not None else None
+        self.edit_model = edit_model.eval() if edit_model is not None else None
         self.vq = vq.eval()
         self.tokenizer = tokenizer
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -353,13 +377,14 @@ class LavidaPipeline:
                 hf_logging.enable_progress_bar()
         vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
-        unplanned = None
-        if index.get("unplanned_drawer"):
-            from safetensors.torch import load_file
+        drawers = {}
+        for key, (_, attr) in DRAWERS.items():
+            if index.get(key):
+                from safetensors.torch import load_file
 
-            drawing = load_file(root / index["unplanned_drawer"] / "model.safetensors")
-            unplanned = with_drawing_weights(model, {k: v.to(dtype) for k, v in drawing.items()})
-        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), unplanned_model=unplanned)
+                drawing = load_file(root / index[key] / "model.safetensors")
+                drawers[attr] = with_drawing_weights(model, {k: v.to(dtype) for k, v in drawing.items()})
+        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), **drawers)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -377,22 +402,30 @@ class LavidaPipeline:
         self.vq.save_pretrained(root / "vq", dtype=dtype)
         self.tokenizer.save_pretrained(root / "tokenizer")
         index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer"}
-        if self.unplanned_model is not None:
+        names = set(self.model.image_only_parameter_names())
+        own = dict(self.model.named_parameters())
+        for key, (folder, attr) in DRAWERS.items():
+            drawer = getattr(self, attr)
+            if drawer is None:
+                continue
             from safetensors.torch import save_file
 
-            names = set(self.model.image_only_parameter_names())
-            drawing = {k: v.detach().to("cpu", dtype).contiguous()
-                       for k, v in self.unplanned_model.named_parameters() if k in names}  # fmt: skip
-            (root / UNPLANNED_DRAWER).mkdir(exist_ok=True)
-            save_file(drawing, root / UNPLANNED_DRAWER / "model.safetensors")
-            index["unplanned_drawer"] = UNPLANNED_DRAWER
+            # only the drawing weights that are the drawer's own: the rest load shared
+            drawing = {k: v.detach().to("cpu", dtype).contiguous() for k, v in drawer.named_parameters()
+                       if k in names and v is not own[k] and not torch.equal(v, own[k])}  # fmt: skip
+            if not drawing:
+                continue  # the base's drawing: nothing of its own to save
+            (root / folder).mkdir(exist_ok=True)
+            save_file(drawing, root / folder / "model.safetensors")
+            index[key] = folder
         index["defaults"] = self.defaults
         (root / "pipeline_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device) -> LavidaPipeline:
         self.model.to(device)
-        if self.unplanned_model is not None:
-            self.unplanned_model.to(device)
+        for _, attr in DRAWERS.values():
+            if getattr(self, attr) is not None:
+                getattr(self, attr).to(device)
         self.vq.to(device)
         return self
 
@@ -613,17 +646,8 @@ class LavidaPipeline:
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         cond = [build_t2i(self.tokenizer, self.config, p, plan=pl, micro_conditions=micro_conditions)
                 for p, pl in zip(prompts, plans)]  # fmt: skip
-        rows = list(range(len(prompts)))
-        passes = [(rows, None)]
-        if self.unplanned_model is not None:
-            planned = [i for i in rows if plans[i] is not None]
-            unplanned = [i for i in rows if plans[i] is None]
-            passes = [(ix, m) for ix, m in ((planned, None), (unplanned, self.unplanned_model)) if ix]
         codes = torch.empty(len(prompts), self.config.image_grid, self.config.image_grid, dtype=torch.long)
-        for ix, model in passes:
-            step = callback
-            if callback is not None and len(passes) > 1:
-                step = lambda info, ix=ix: callback(replace(info, rows=list(ix)))  # noqa: E731
+        for ix, model, step in _passes([pl is None for pl in plans], self.unplanned_model, callback):
             # Plans change the segment count, so CFG rows align by padding on the left only.
             exs, groups = [cond[i] for i in ix], 1
             if g:
@@ -775,6 +799,10 @@ class LavidaPipeline:
         `keep` (per image, pixel boxes, with `regions`) spares the cells wholly inside its
         boxes: for a background edit, the region is the canvas and `keep` holds each
         object's `core_box`, so the objects stay where they are while the background changes.
+
+        Rows with neither a plan nor regions (the single shot) are drawn by `edit_model` when
+        the pipeline has one; a batch that mixes them with planned or regional rows then runs
+        in two passes, each calling `callback` with its own `StepInfo.rows`.
         """
         images, instructions = _as_list(images), _as_list(instructions)
         n = len(images)
@@ -786,11 +814,6 @@ class LavidaPipeline:
         src = self._encode_images(images)
         cond = [build_edit(self.tokenizer, cfg, ins, im, c, plan=pl)
                 for ins, im, c, pl in zip(instructions, images, src, plans)]  # fmt: skip
-        exs = list(cond)
-        if g:
-            exs += [drop_conditions(e, cfg, prompt=True, source=True) for e in cond]
-        if g and gi:
-            exs += [drop_conditions(e, cfg, prompt=True, source=False) for e in cond]
 
         def combine(lg):
             if not g:
@@ -799,16 +822,27 @@ class LavidaPipeline:
             return (1 + g) * c - g * lg[1]
 
         start = redrawn = None
+        region_rows = [None] * n
         if regions is not None:
+            region_rows = _as_list(regions, n, "regions")
             keep_rows = _as_list(keep, n, "keep") if keep is not None else None
-            start, redrawn = self._mask_boxes(src, _as_list(regions, n, "regions"), keep_rows)
-        out = self._decode_image(
-            exs, groups=len(exs) // n, combine=combine, start=start, gens=gens,
-            num_steps=num_steps or d["num_steps"],
-            temperature=self._edit_temperatures(instructions) if temperature is None else temperature,
-            order=order or d["order"], callback=callback, preview_every=preview_every,
-            interrupt=interrupt, task="edit",
-        )  # fmt: skip
+            start, redrawn = self._mask_boxes(src, region_rows, keep_rows)
+        temperature = self._edit_temperatures(instructions) if temperature is None else temperature
+        single_shot = [pl is None and r is None for pl, r in zip(plans, region_rows)]
+        out = torch.empty(n, cfg.image_grid, cfg.image_grid, dtype=torch.long)
+        for ix, model, step in _passes(single_shot, self.edit_model, callback):
+            exs = [cond[i] for i in ix]
+            if g:
+                exs += [drop_conditions(cond[i], cfg, prompt=True, source=True) for i in ix]
+            if g and gi:
+                exs += [drop_conditions(cond[i], cfg, prompt=True, source=False) for i in ix]
+            out[ix] = self._decode_image(
+                exs, groups=len(exs) // len(ix), combine=combine, start=None if start is None else start[ix],
+                gens=[gens[i] for i in ix], num_steps=num_steps or d["num_steps"],
+                temperature=[temperature[i] for i in ix] if isinstance(temperature, Sequence) else temperature,
+                order=order or d["order"], callback=step, preview_every=preview_every,
+                interrupt=interrupt, task="edit", model=model,
+            ).cpu()  # fmt: skip
         images_out = self._decode_codes(out) if redrawn is None else self._keep_outside(images, out, redrawn)
         return ImageOutput(images=images_out, codes=out.cpu(), plans=list(plans), seeds=seeds)
 

@@ -448,13 +448,15 @@ class Batch:
     gen_is_target: list[bool]
     pixel_values: torch.Tensor | None  # (V, 3, H, W) in [0, 1]
     offsets: list[int]  # left padding of each row
+    # (M, G, G) loss weight of each target image's codes (training only; None: plain mean)
+    image_weights: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(
             move(self.input_ids), move(self.segment_ids), move(self.attention_mask),
             move(self.text_targets), move(self.gen_codes), self.gen_is_target,
-            move(self.pixel_values), self.offsets,
+            move(self.pixel_values), self.offsets, move(self.image_weights),
         )  # fmt: skip
 
     def model_inputs(self) -> dict:

@@ -153,6 +153,14 @@ class TrainConfig:
     # the state of the agent's background edit (`edit(..., keep=)`). Off: those rows keep the
     # full-image state (stage 16 was trained so).
     edit_region_background: bool = False
+    # The loss weight of an edit row's touched cells (its `edit_region`) against 1 for every
+    # other code, normalised per row so the row keeps its share of the loss: Lavida-O's
+    # edit-area re-weighting (FACTS §3.2, `mm_edit_area_weight`, 5 there; its region is the
+    # pixels that change, ours the touched boxes' cells). Under full-image noise ~90% of an
+    # edit row's loss is copying the source. 1: off (stages 1-26).
+    edit_area_weight: float = 1.0
+    # The share of edit rows conditioned on their edit plan (the rest: instruction alone).
+    edit_with_plan: float = 0.25
     # The share of grounding and question rows drawn as a look-alike scene
     # (`look_alike_scene`): two objects of one shape in different colours, or of one colour
     # in different shapes. Stage 16 found the named object's shape but took its same-shape
@@ -252,13 +260,15 @@ class TaskSampler:
                  own_pool: dict | None = None, own_critique: float = 0.0,
                  edit_region_mask: float = 0.0, edit_region_background: bool = False,
                  hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0,
-                 canonical_t2i: float = 0.0, t2i_categories: dict | None = None):  # fmt: skip
+                 canonical_t2i: float = 0.0, t2i_categories: dict | None = None,
+                 edit_area_weight: float = 1.0, edit_with_plan: float = 0.25):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
         self.own_pool, self.own_critique = own_pool, own_critique
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.hard_scenes, self.edit_plan_loc_mask = hard_scenes, edit_plan_loc_mask
+        self.edit_area_weight, self.edit_with_plan = edit_area_weight, edit_with_plan
         self.canonical_t2i = canonical_t2i
         self.t2i_categories = dict(t2i_categories) if t2i_categories else None
         if self.t2i_categories:
@@ -369,7 +379,7 @@ class TaskSampler:
         return source, instruction, target
 
     def _edit(self, rng, n):
-        drafts = [(*self._edit_draft(rng), rng.random() < 0.25) for _ in range(n)]
+        drafts = [(*self._edit_draft(rng), rng.random() < self.edit_with_plan) for _ in range(n)]
         images = [render(s) for s, _, _, _ in drafts] + [render(t) for _, _, t, _ in drafts]
         codes = self.encode(images)
         out = []
@@ -657,16 +667,30 @@ def rows_for(task: str, tc: TrainConfig, cfg: LavidaConfig, tokens: int | None =
 
 def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int, cfg):
     examples = sampler.examples(task, rng, n)
-    noisy, image_labels = [], []
+    noisy, image_labels, weights = [], [], []
     for ex in examples:
         e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask, ground_full_mask=sampler.ground_full_mask,
                           edit_region_mask=sampler.edit_region_mask,
                           edit_plan_loc_mask=sampler.edit_plan_loc_mask)  # fmt: skip
         noisy.append(e)
         image_labels += il
+        weights += [edit_area_weights(ex.edit_region, labels, sampler.edit_area_weight) for labels in il]
     batch = pack(noisy, cfg)
+    if sampler.edit_area_weight != 1 and image_labels:
+        batch.image_weights = torch.from_numpy(np.stack(weights)).float()
     image_labels = torch.from_numpy(np.stack(image_labels)).long() if image_labels else None
     return batch, image_labels
+
+
+def edit_area_weights(region: np.ndarray | None, labels: np.ndarray, weight: float) -> np.ndarray:
+    """Loss weights of one target image's codes: `weight` on the cells of `region` (an
+    edit's touched cells), 1 elsewhere, scaled so they average 1 over the labelled codes
+    (`labels != -100`): the row keeps its share of the loss, and its change more of it."""
+    w = np.ones(labels.shape, dtype=np.float32)
+    if region is None or weight == 1:
+        return w
+    w[region] = weight
+    return w * ((labels != -100).sum() / max(w[labels != -100].sum(), 1e-6))
 
 
 def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict | None) -> TaskSampler:
@@ -677,7 +701,8 @@ def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict |
                        edit_region_mask=tc.edit_region_mask,
                        edit_region_background=tc.edit_region_background,
                        hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask,
-                       canonical_t2i=tc.canonical_t2i, t2i_categories=tc.t2i_categories)  # fmt: skip
+                       canonical_t2i=tc.canonical_t2i, t2i_categories=tc.t2i_categories,
+                       edit_area_weight=tc.edit_area_weight, edit_with_plan=tc.edit_with_plan)  # fmt: skip
 
 
 def step_data(sampler: TaskSampler, tc: TrainConfig, cfg, tasks: list[str], weights: np.ndarray, step: int, vq):
@@ -731,6 +756,10 @@ def check_run_knobs(tc: TrainConfig) -> None:
     if tc.data_workers < 0:
         raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
     _check_data_device(tc.data_device)
+    if tc.edit_area_weight <= 0:
+        raise ValueError(f"edit_area_weight must be > 0 (1: every code weighs the same), got {tc.edit_area_weight}")
+    if not 0 <= tc.edit_with_plan <= 1:
+        raise ValueError(f"edit_with_plan is a share of the edit rows, in [0, 1]; got {tc.edit_with_plan}")
     if tc.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {tc.trainable!r}")
     if tc.trainable != "all":
@@ -991,6 +1020,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                 batch = batch.to(device)
                 with autocast:
                     outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
+                                 image_weights=batch.image_weights,
                                  image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
                 (outp.loss / k).backward()
                 window.setdefault(task, []).append(outp.loss.item())
@@ -1111,22 +1141,30 @@ def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | P
     return Path(dest)
 
 
-def attach_unplanned_drawer(base: str | Path, drawer: str | Path, dest: str | Path) -> Path:
-    """Write `base` with `drawer`'s drawing weights as its unplanned drawer.
+DRAWER_KINDS = {"unplanned": "unplanned_model", "edit": "edit_model"}
 
-    `drawer` is `base` fine-tuned with `trainable="generation"` (on drawings without a
-    plan, e.g. `canonical_t2i`); the written pipeline draws `generate`'s rows without a plan
-    with it and everything else (plans, planned drawings, edits, answers, boxes, verdicts)
-    exactly as `base` (`LavidaPipeline.unplanned_model`). Adds the drawing weights alone
-    (~2M parameters, 4 MB in fp16 for the embedded architecture).
+
+def attach_drawer(base: str | Path, drawer: str | Path, dest: str | Path, *, kind: str = "unplanned") -> Path:
+    """Write `base` with `drawer`'s drawing weights as its drawer of one kind of row.
+
+    `drawer` is `base` fine-tuned with `trainable="generation"` on those rows alone. `kind`:
+    "unplanned", `generate`'s rows without a plan (e.g. trained with `canonical_t2i`), as
+    `LavidaPipeline.unplanned_model`; "edit", `edit`'s rows with neither a plan nor regions
+    (the single shot), as `edit_model`. Everything else (plans, the other drawings, answers,
+    boxes, verdicts, a drawer of the other kind `base` has) stays exactly `base`'s. Adds the
+    drawing weights that differ from `base`'s alone (all of them: ~2M parameters, 4 MB in
+    fp16 for the embedded architecture).
 
     Raises:
-        ValueError: other architectures, or `drawer` differing outside the drawing weights.
+        ValueError: an unknown kind, other architectures, or `drawer` differing outside the
+            drawing weights.
     """
     from .pipeline_lavida import with_drawing_weights
 
+    if kind not in DRAWER_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(DRAWER_KINDS)}, got {kind!r}")
     pipe, theirs, side = _one_sided(base, drawer, "generation")
-    pipe.unplanned_model = with_drawing_weights(pipe.model, {k: theirs[k] for k in side})
+    setattr(pipe, DRAWER_KINDS[kind], with_drawing_weights(pipe.model, {k: theirs[k] for k in side}))
     pipe.save_pretrained(dest)
     return Path(dest)
 
@@ -1224,6 +1262,7 @@ def evaluate_loss(model, sampler: TaskSampler, tasks: list[str], cfg, device, ro
         batch, image_labels = make_batch(sampler, task, rng, rows, cfg)
         batch = batch.to(device)
         outp = model(**batch.model_inputs(), labels=batch.text_targets, eos_loss_weight=EOS_LOSS_WEIGHT,
+                     image_weights=batch.image_weights,
                      image_labels=None if image_labels is None else image_labels.to(device))  # fmt: skip
         result[task] = round(float(outp.loss), 4)
     return result

@@ -454,22 +454,24 @@ def test_train_blend_reports_bad_input_as_a_one_line_error(run, tmp_path, monkey
     assert (out["weight"], out["part"]) == (0.25, "generation")
 
 
-def test_train_unplanned_drawer_reports_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):
+def test_train_drawer_reports_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):
     import types
 
     import lavida_agent.cli as cli_mod
 
     (tmp_path / "a").mkdir()
-    assert run("train", "unplanned-drawer", "a", "missing", "--out", "c").exit_code == 2  # usage: no such folder
+    assert run("train", "drawer", "a", "missing", "--for", "edit", "--out", "c").exit_code == 2  # no such folder
     (tmp_path / "b").mkdir()
+    assert run("train", "drawer", "a", "b", "--for", "ground", "--out", "c").exit_code == 2  # no such kind
 
-    def refuse(base, drawer, dest):
+    def refuse(base, drawer, dest, kind):
         raise ValueError("b differs from a outside the generation parameters")
 
-    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(attach_unplanned_drawer=refuse))
-    result = run("train", "unplanned-drawer", "a", "b", "--out", "c")
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(attach_drawer=refuse))
+    result = run("train", "drawer", "a", "b", "--for", "unplanned", "--out", "c")
     assert result.exit_code == 1 and "outside the generation parameters" in result.output
+    calls = []
     monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
-        attach_unplanned_drawer=lambda base, drawer, dest: tmp_path / dest))  # fmt: skip
-    out = json.loads(run("train", "unplanned-drawer", "a", "b", "--out", "c").stdout)
-    assert out["unplanned_drawer"] == "b" and out["out"].endswith("c")
+        attach_drawer=lambda base, drawer, dest, kind: calls.append(kind) or tmp_path / dest))  # fmt: skip
+    out = json.loads(run("train", "drawer", "a", "b", "--for", "edit", "--out", "c").stdout)
+    assert out["edit_drawer"] == "b" and out["out"].endswith("c") and calls == ["edit"]

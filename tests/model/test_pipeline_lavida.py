@@ -183,8 +183,12 @@ def test_a_drawer_shares_every_other_parameter_with_its_model(tiny_model):
     mine, its = dict(tiny_model.named_parameters()), dict(drawer.named_parameters())
     assert all((its[k] is mine[k]) == (k not in names) for k in mine)
     assert all(torch.equal(its[k], mine[k] + 0.5) for k in names)
-    with pytest.raises(ValueError, match="missing: "):
-        with_drawing_weights(tiny_model, {k: v for k, v in _redrawn(tiny_model).items() if k != min(names)})
+    # some of the drawing weights: only those are the drawer's own
+    part = with_drawing_weights(tiny_model, {min(names): _redrawn(tiny_model)[min(names)]})
+    its = dict(part.named_parameters())
+    assert all((its[k] is mine[k]) == (k != min(names)) for k in mine)
+    with pytest.raises(ValueError, match="got none"):
+        with_drawing_weights(tiny_model, {})
     with pytest.raises(ValueError, match="not drawing weights: lm_head"):
         with_drawing_weights(tiny_model, {**_redrawn(tiny_model), "lm_head.weight": mine["lm_head.weight"]})
     with pytest.raises(ValueError, match="another architecture"):
@@ -202,8 +206,48 @@ def test_save_and_load_keep_the_unplanned_drawer(tiny_model, tiny_vq, tokenizer,
     a = both.generate(["a red circle"], seed=4, num_steps=3)
     assert torch.equal(a.codes, loaded.generate(["a red circle"], seed=4, num_steps=3).codes)
     LavidaPipeline(tiny_model, tiny_vq, tokenizer).save_pretrained(tmp_path / "plain")
-    assert LavidaPipeline.from_pretrained(tmp_path / "plain").unplanned_model is None
+    plain = LavidaPipeline.from_pretrained(tmp_path / "plain")
+    assert plain.unplanned_model is None and plain.edit_model is None
     assert not (tmp_path / "plain" / "drawer_unplanned").exists()
+
+
+def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, tmp_path, scene_image):
+    names = sorted(tiny_model.image_only_parameter_names())
+    moved = {k: v for k, v in _redrawn(tiny_model).items() if k in names[:2]}
+    # a whole-drawing copy in which only two tensors moved: those two are saved
+    whole = {k: v.detach().clone() for k, v in tiny_model.named_parameters() if k in names} | moved
+    pipe = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_drawing_weights(tiny_model, whole))
+    pipe.save_pretrained(tmp_path, dtype=torch.float32)
+    assert set(load_file(tmp_path / "drawer_edit" / "model.safetensors")) == set(names[:2])
+    loaded = LavidaPipeline.from_pretrained(tmp_path)
+    assert loaded.unplanned_model is None
+    kw = dict(seed=5, num_steps=3)
+    assert torch.equal(loaded.edit([scene_image], ["remove the red circle"], **kw).codes,
+                       pipe.edit([scene_image], ["remove the red circle"], **kw).codes)
+    # a drawer with nothing of its own is not written
+    LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_drawing_weights(
+        tiny_model, {k: v.detach().clone() for k, v in tiny_model.named_parameters() if k in names})
+    ).save_pretrained(tmp_path / "same")  # fmt: skip
+    assert not (tmp_path / "same" / "drawer_edit").exists()
+
+
+def test_an_edit_drawer_draws_the_single_shot_rows_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image):
+    base = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
+    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    alone = LavidaPipeline(drawer, tiny_vq, tokenizer)
+    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=drawer)
+    ins = "make the red circle blue"
+    region = [(0, 0, 32, 32)]
+    plan = [("small blue circle", (8, 8, 20, 20))]
+    events = []
+    mixed = both.edit([scene_image] * 3, [ins] * 3, plans=[None, plan, None], regions=[None, None, region],
+                      seed=[1, 2, 3], num_steps=3, callback=events.append)  # fmt: skip
+    assert torch.equal(mixed.codes[0], alone.edit([scene_image], [ins], seed=1, num_steps=3).codes[0])
+    assert not torch.equal(mixed.codes[0], base.edit([scene_image], [ins], seed=1, num_steps=3).codes[0])
+    assert torch.equal(mixed.codes[1], base.edit([scene_image], [ins], plans=[plan], seed=2, num_steps=3).codes[0])
+    assert torch.equal(mixed.codes[2], base.edit([scene_image], [ins], regions=[region], seed=3, num_steps=3).codes[0])
+    # two passes, the base's rows first, each step tagged with its rows
+    assert [e.rows for e in events] == [[1, 2]] * 3 + [[0]] * 3
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

@@ -477,6 +477,44 @@ def test_edit_region_mask_redraws_only_the_touched_cells_over_the_source(tokeniz
     assert all((x == y).all() for x, y in zip(a.gen_codes, b.gen_codes)) and ra.random() == rb.random()
 
 
+def test_edit_area_weight_puts_more_of_an_edit_rows_loss_on_its_change(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.training import edit_area_weights, make_batch
+
+    region = np.zeros((4, 4), dtype=bool)
+    region[:2, :2] = True
+    labels = np.where(np.arange(16).reshape(4, 4) % 3 == 0, 7, -100)  # 6 labelled codes, 2 in the region
+    w = edit_area_weights(region, labels, 5.0)
+    shown = labels != -100
+    assert np.isclose(w[shown].mean(), 1.0)  # the row keeps its share of the loss
+    assert np.isclose(w[region & shown][0] / w[~region & shown][0], 5.0)
+    assert (edit_area_weights(None, labels, 5.0) == 1).all() and (edit_area_weights(region, labels, 1.0) == 1).all()
+    # the batch carries the weights only when they are on, and the same draw either way
+    on = TaskSampler(tokenizer, tiny_config, tiny_vq, edit_area_weight=5.0)
+    off = TaskSampler(tokenizer, tiny_config, tiny_vq)
+    (b_on, l_on), (b_off, l_off) = (make_batch(s, "edit", np.random.default_rng(2), 6, tiny_config) for s in (on, off))
+    assert b_off.image_weights is None and torch.equal(l_on, l_off)
+    assert b_on.image_weights.shape == l_on.shape and (b_on.image_weights > 1).any()
+
+
+def test_image_weights_weigh_the_image_loss(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.training import make_batch
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).eval()
+    batch, labels = make_batch(TaskSampler(tokenizer, tiny_config, tiny_vq), "edit", np.random.default_rng(4), 3,
+                               tiny_config)  # fmt: skip
+    loss = lambda w: float(model(**batch.model_inputs(), image_labels=labels, image_weights=w).image_loss)  # noqa: E731
+    ones = torch.ones(labels.shape)
+    assert loss(ones) == pytest.approx(loss(None), rel=1e-5)
+    assert loss(2 * ones) == pytest.approx(2 * loss(None), rel=1e-5)
+    first = torch.zeros(labels.shape)
+    first[0] = 1.0  # the first row's codes alone, over every labelled code of the batch
+    n0, n = int((labels[0] != -100).sum()), int((labels != -100).sum())
+    alone = float(model(**batch.model_inputs(), image_labels=torch.where(first.bool(), labels, -100)).image_loss)
+    assert loss(first) == pytest.approx(alone * n0 / n, rel=1e-5)
+
+
 def test_box_cells_covers_every_cell_a_box_touches(tiny_config):
     from lavida_agent.model.tasks import box_cells
 
@@ -785,6 +823,8 @@ def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks,
     ({"trainable": "understanding", "task_weights": {"ground": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
     ({"trainable": "generation", "task_weights": {"t2i": 1.0, "critique": 0.1}}, "critique rows would carry no gradient"),
     ({"trainable": "generation", "task_weights": {"t2i": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
+    ({"edit_area_weight": 0.0}, "edit_area_weight must be > 0"),
+    ({"edit_with_plan": 1.5}, "edit_with_plan is a share"),
 ])  # fmt: skip
 def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
     from lavida_agent.model.training import check_run_knobs
@@ -835,13 +875,13 @@ def test_blend_part_moves_only_that_sides_parameters_and_refuses_others(tmp_path
     assert not (tmp_path / "y").exists()
 
 
-def test_attach_unplanned_drawer_adds_the_drawing_weights_and_refuses_other_changes(tmp_path, tiny_config, tiny_vq,
-                                                                                    tokenizer):  # fmt: skip
+def test_attach_drawer_adds_the_drawing_weights_and_refuses_other_changes(tmp_path, tiny_config, tiny_vq,
+                                                                          tokenizer):  # fmt: skip
     import copy
 
     from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
-    from lavida_agent.model.training import attach_unplanned_drawer
+    from lavida_agent.model.training import attach_drawer
 
     torch.manual_seed(0)
     base = LavidaPipeline(LavidaForMaskedDiffusion(tiny_config).eval(), tiny_vq, tokenizer)
@@ -853,15 +893,21 @@ def test_attach_unplanned_drawer_adds_the_drawing_weights_and_refuses_other_chan
             if name in names:
                 p.add_(1.0)
     tuned.save_pretrained(tmp_path / "tuned")
-    both = LavidaPipeline.from_pretrained(attach_unplanned_drawer(tmp_path / "base", tmp_path / "tuned",
-                                                                  tmp_path / "both"))  # fmt: skip
+    both = LavidaPipeline.from_pretrained(attach_drawer(tmp_path / "base", tmp_path / "tuned", tmp_path / "both"))
     a = LavidaPipeline.from_pretrained(tmp_path / "base").model.state_dict()
     b = LavidaPipeline.from_pretrained(tmp_path / "tuned").model.state_dict()
     assert all(torch.equal(v, a[k]) for k, v in both.model.state_dict().items())  # the base, unchanged
     assert all(torch.equal(v, b[k]) for k, v in both.unplanned_model.state_dict().items())  # the tuned drawer
+    # a drawer of the other kind joins it; the first stays
+    three = LavidaPipeline.from_pretrained(attach_drawer(tmp_path / "both", tmp_path / "tuned", tmp_path / "three",
+                                                         kind="edit"))  # fmt: skip
+    assert three.unplanned_model is not None
+    assert all(torch.equal(v, b[k]) for k, v in three.edit_model.state_dict().items())
+    with pytest.raises(ValueError, match="kind must be one of unplanned, edit"):
+        attach_drawer(tmp_path / "base", tmp_path / "tuned", tmp_path / "z", kind="ground")
     with torch.no_grad():
         tuned.model.lm_head.weight.add_(1.0)
     tuned.save_pretrained(tmp_path / "answers")
     with pytest.raises(ValueError, match="outside the generation parameters"):
-        attach_unplanned_drawer(tmp_path / "base", tmp_path / "answers", tmp_path / "y")
+        attach_drawer(tmp_path / "base", tmp_path / "answers", tmp_path / "y", kind="edit")
     assert not (tmp_path / "y").exists()
