@@ -91,6 +91,49 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(c.ok[0], bool)
 
 
+def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer, tiny_config, monkeypatch):
+    from lavida_agent.model.pipeline_lavida import GroundingOutput
+    from lavida_agent.model.tasks import build_edit
+
+    codes = pipe._encode_images([scene_image])[0]
+
+    def answer(plan):  # the answer ids of a training row holding `plan`
+        row = build_edit(tokenizer, tiny_config, "x", scene_image, codes, plan=plan, plan_is_target=True,
+                         with_image=False)  # fmt: skip
+        return [t for t in row.text_targets if t != -100]
+
+    first = [[("large blue circle", (4, 4, 20, 20)), ("removed", (30, 30, 50, 50))],
+             [("small red square", (8, 8, 18, 18))]]  # fmt: skip
+    real = pipe._decode_text_ids
+    starts = []
+
+    def decode(exs, n, **kw):  # the model's first plans are scripted; the second step is real
+        if kw.get("start") is None:
+            return torch.tensor([answer(p) for p in first])
+        starts.append(kw["start"].clone())
+        return real(exs, n, **kw)
+
+    asked = []
+
+    def ground(images, expressions, **kw):
+        asked.extend(expressions)
+        return GroundingOutput(boxes=[[(10, 12, 30, 34)]])
+
+    monkeypatch.setattr(pipe, "_decode_text_ids", decode)
+    monkeypatch.setattr(pipe, "ground", ground)
+    ins = ["make the red circle blue", "add a red square at the top left"]
+    out = pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2])
+    assert asked == [["the red circle"]]  # only the row that takes an object away, its object
+    assert ("removed", (10, 12, 30, 34)) in out.plans[0]  # the grounded box
+    assert out.plans[1] == first[1]  # nothing taken away: the first plan
+    # the second step starts from the first plan with every box masked but the grounded one
+    (start,) = starts
+    mask = tiny_config.mask_token_id
+    assert int((start == mask).sum()) == 4 and start[0, :4].tolist() == answer(first[0])[:4]
+    assert "large blue circle" in out.texts[0] and mask not in tokenizer(out.texts[0])["input_ids"]
+    assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False).plans == first
+
+
 def test_plan_edit_decodes_the_slot_that_edit_plan_rows_train(pipe, scene_image, tokenizer, tiny_config):
     from lavida_agent.model.tasks import build_edit
 
