@@ -636,7 +636,9 @@ class LavidaPipeline:
         more often than it finds them; its grounding finds them (`model/weights/README.md`,
         "Stop 28": the model's edits with its own plan 0.21 -> 0.33). The object is the instruction's
         `the {color} {shape}` for an instruction in the ShapesWorld grammar, else the whole
-        instruction. `ground=False`: the model's first plan alone.
+        instruction. `ground=False`: the model's first plan alone. The grounding (in
+        `ground`'s default views) makes a plan ~6x slower on the CPU (0.87 s an edit against
+        0.14 s, batches of 16).
         """
         images, instructions = _as_list(images), _as_list(instructions)
         gens, _ = _generators(seed, generator, len(images), self.device)
