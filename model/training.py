@@ -173,6 +173,11 @@ class TrainConfig:
     # never found: stage 16 named the right objects in 68-73% of its edit plans, but its boxes
     # met the true ones at a mean IoU of 0.10. 0: off (stages 1-16).
     edit_plan_loc_mask: float = 0.0
+    # The share of edit-plan rows that take an object away whose every box coordinate is
+    # masked but the first `removed` item's: the state of `plan_edit`'s second step, which
+    # shows the model its grounding of that object and asks for the other boxes (a recolour's
+    # box equal to it, a move's elsewhere). 0: off (stages 1-26).
+    edit_plan_given_removed: float = 0.0
     # The share of text-to-image rows without a plan whose scene has a canonical layout
     # (`language.canonical_scene_for_prompt`: the objects in the order the prompt names
     # them, side by side or on a grid) instead of a uniform one. Without a plan the first
@@ -259,7 +264,7 @@ class TaskSampler:
                  question_weights: dict | None = None, ground_full_mask: float = 0.0,
                  own_pool: dict | None = None, own_critique: float = 0.0,
                  edit_region_mask: float = 0.0, edit_region_background: bool = False,
-                 hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0,
+                 hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0, edit_plan_given_removed: float = 0.0,
                  canonical_t2i: float = 0.0, t2i_categories: dict | None = None,
                  edit_area_weight: float = 1.0, edit_with_plan: float = 0.25):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
@@ -268,6 +273,7 @@ class TaskSampler:
         self.own_pool, self.own_critique = own_pool, own_critique
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.hard_scenes, self.edit_plan_loc_mask = hard_scenes, edit_plan_loc_mask
+        self.edit_plan_given_removed = edit_plan_given_removed
         self.edit_area_weight, self.edit_with_plan = edit_area_weight, edit_with_plan
         self.canonical_t2i = canonical_t2i
         self.t2i_categories = dict(t2i_categories) if t2i_categories else None
@@ -558,6 +564,7 @@ def _mask_draw(rng: np.random.Generator, n: int, eps: float = 1e-3) -> np.ndarra
 def add_noise(
     ex: Example, rng: np.random.Generator, config: LavidaConfig, item_mask: float = 0.0,
     ground_full_mask: float = 0.0, edit_region_mask: float = 0.0, edit_plan_loc_mask: float = 0.0,
+    edit_plan_given_removed: float = 0.0,
 ) -> tuple[Example, list[np.ndarray]]:
     """Mask an example for training; returns it (targets = labels) and its image labels.
 
@@ -577,6 +584,10 @@ def add_noise(
     With probability `edit_plan_loc_mask` an edit-plan row masks the four coordinates of
     every item and nothing else: the boxes are found from the image, not copied between
     items.
+
+    With probability `edit_plan_given_removed` an edit-plan row with a `removed` item (the
+    one item whose label is a single word) masks every box coordinate but the first
+    `removed` item's, and nothing else.
     """
     cfg = config
     ids = list(ex.input_ids)
@@ -601,6 +612,12 @@ def add_noise(
             ids[pos] = cfg.mask_token_id
     elif edit_plan_loc_mask and begins and rng.random() < edit_plan_loc_mask:
         for pos in (b + k for b in begins for k in range(1, 5)):
+            labels[pos] = ids[pos]
+            ids[pos] = cfg.mask_token_id
+    elif (edit_plan_given_removed and any(ids[b - 3] == cfg.box_start_token_id for b in begins)
+          and rng.random() < edit_plan_given_removed):  # fmt: skip
+        shown = next(b for b in begins if ids[b - 3] == cfg.box_start_token_id)
+        for pos in (b + k for b in begins if b != shown for k in range(1, 5)):
             labels[pos] = ids[pos]
             ids[pos] = cfg.mask_token_id
     elif len(items) >= 2 and rng.random() < item_mask:
@@ -671,7 +688,8 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
     for ex in examples:
         e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask, ground_full_mask=sampler.ground_full_mask,
                           edit_region_mask=sampler.edit_region_mask,
-                          edit_plan_loc_mask=sampler.edit_plan_loc_mask)  # fmt: skip
+                          edit_plan_loc_mask=sampler.edit_plan_loc_mask,
+                          edit_plan_given_removed=sampler.edit_plan_given_removed)  # fmt: skip
         noisy.append(e)
         image_labels += il
         weights += [edit_area_weights(ex.edit_region, labels, sampler.edit_area_weight) for labels in il]
@@ -701,6 +719,7 @@ def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict |
                        edit_region_mask=tc.edit_region_mask,
                        edit_region_background=tc.edit_region_background,
                        hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask,
+                       edit_plan_given_removed=tc.edit_plan_given_removed,
                        canonical_t2i=tc.canonical_t2i, t2i_categories=tc.t2i_categories,
                        edit_area_weight=tc.edit_area_weight, edit_with_plan=tc.edit_with_plan)  # fmt: skip
 

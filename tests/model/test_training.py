@@ -646,6 +646,31 @@ def test_edit_plan_loc_mask_hides_every_box_coordinate_and_only_them(tokenizer, 
     assert a.input_ids == b.input_ids and ra.random() == rb.random()
 
 
+def test_edit_plan_given_removed_shows_the_removed_box_and_hides_the_others(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.tasks import build_edit
+
+    cfg = tiny_config
+    image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    codes = np.zeros((cfg.image_grid,) * 2, np.int64)
+
+    def row(plan):
+        return build_edit(tokenizer, cfg, "make the red circle blue", image, codes, plan=plan,
+                          plan_is_target=True, with_plan=True, with_image=False)  # fmt: skip
+
+    ex = row([("small blue circle", (4, 4, 16, 16)), ("removed", (4, 4, 16, 16))])
+    first, removed = [p for p in ex.target_positions() if ex.input_ids[p] == cfg.loc_begin_token_id]
+    for seed in range(5):
+        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, edit_plan_given_removed=1.0)
+        assert [i for i, t in enumerate(noisy.input_ids) if t == cfg.mask_token_id] == [first + k for k in range(1, 5)]
+        assert noisy.input_ids[removed + 1 : removed + 5] == ex.input_ids[removed + 1 : removed + 5]
+    # a plan that takes nothing away ignores it and draws nothing more from the rng
+    add = row([("small blue circle", (4, 4, 16, 16))])
+    ra, rb = np.random.default_rng(0), np.random.default_rng(0)
+    a, _ = add_noise(add, ra, cfg)
+    b, _ = add_noise(add, rb, cfg, edit_plan_given_removed=1.0)
+    assert a.input_ids == b.input_ids and ra.random() == rb.random()
+
+
 def test_data_workers_train_on_the_same_batches_as_the_training_process(tmp_path, vq_dir, monkeypatch):
     from lavida_agent.model import training
 
