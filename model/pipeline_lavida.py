@@ -389,11 +389,11 @@ class LavidaPipeline:
                 hf_logging.enable_progress_bar()
         vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
+        from safetensors.torch import load_file
+
         drawers = {}
         for key, (_, attr) in DRAWERS.items():
             if index.get(key):
-                from safetensors.torch import load_file
-
                 drawing = load_file(root / index[key] / "model.safetensors")
                 drawers[attr] = with_drawing_weights(model, {k: v.to(dtype) for k, v in drawing.items()})
         pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), **drawers)
@@ -414,14 +414,14 @@ class LavidaPipeline:
         self.vq.save_pretrained(root / "vq", dtype=dtype)
         self.tokenizer.save_pretrained(root / "tokenizer")
         index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer"}
+        from safetensors.torch import save_file
+
         names = set(self.model.image_only_parameter_names())
         own = dict(self.model.named_parameters())
         for key, (folder, attr) in DRAWERS.items():
             drawer = getattr(self, attr)
             if drawer is None:
                 continue
-            from safetensors.torch import save_file
-
             # only the drawing weights that are the drawer's own: the rest load shared
             drawing = {k: v.detach().to("cpu", dtype).contiguous() for k, v in drawer.named_parameters()
                        if k in names and v is not own[k] and not torch.equal(v, own[k])}  # fmt: skip

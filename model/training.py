@@ -692,7 +692,8 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
                           edit_plan_given_removed=sampler.edit_plan_given_removed)  # fmt: skip
         noisy.append(e)
         image_labels += il
-        weights += [edit_area_weights(ex.edit_region, labels, sampler.edit_area_weight) for labels in il]
+        if sampler.edit_area_weight != 1:
+            weights += [edit_area_weights(ex.edit_region, labels, sampler.edit_area_weight) for labels in il]
     batch = pack(noisy, cfg)
     if sampler.edit_area_weight != 1 and image_labels:
         batch.image_weights = torch.from_numpy(np.stack(weights)).float()
