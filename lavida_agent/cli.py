@@ -12,6 +12,7 @@
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
     lavida-agent train drawer BASE DRAWER --for unplanned|edit --out DIR  (a drawer for one kind of row)
+    lavida-agent train planner BASE PLANNER --for edit --out DIR  (a planner for edit plans)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -859,6 +860,18 @@ def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> N
     _echo_json({"out": str(out), "weight": weight, "part": part})
 
 
+def _attach(base: str, tuned: str, dest: str, kind: str, key: str) -> None:
+    """`train drawer` / `train planner`: write BASE with TUNED's own weights for `kind`."""
+    from lavida_agent.errors import InvalidInputError
+
+    training = _import("lavida_agent.model.training", "model training")
+    try:
+        out = training.attach_weights(base, tuned, dest, kind=kind)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    _echo_json({"out": str(out), key: str(tuned)})
+
+
 @train.command("drawer")
 @click.argument("base", type=click.Path(exists=True, file_okay=False))
 @click.argument("drawer", type=click.Path(exists=True, file_okay=False))
@@ -868,14 +881,19 @@ def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> N
 def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
     """Give BASE a second drawer for one kind of row: the drawing weights of DRAWER (BASE
     fine-tuned with `--trainable generation` on those rows). Everything else stays BASE's."""
-    from lavida_agent.errors import InvalidInputError
+    _attach(base, drawer, dest, kind, f"{kind}_drawer")
 
-    training = _import("lavida_agent.model.training", "model training")
-    try:
-        out = training.attach_drawer(base, drawer, dest, kind=kind)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from exc
-    _echo_json({"out": str(out), f"{kind}_drawer": str(drawer)})
+
+@train.command("planner")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("planner", type=click.Path(exists=True, file_okay=False))
+@click.option("--for", "kind", type=click.Choice(["edit"]), required=True,
+              help="The plans it writes: `plan_edit`'s boxes around the object an edit takes away.")
+@click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
+def train_planner(base: str, planner: str, kind: str, dest: str) -> None:
+    """Give BASE a planner for one kind of plan: the answer-side weights of PLANNER (BASE
+    fine-tuned with `--trainable understanding` on those plans). Everything else stays BASE's."""
+    _attach(base, planner, dest, f"{kind}_plan", f"{kind}_planner")
 
 
 @cli.command()

@@ -18,6 +18,9 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
                           without a plan; listed in the index as "unplanned_drawer"
     drawer_edit/          optional, the same for edits without a plan or regions (single
                           shot); listed as "edit_drawer"
+    planner_edit/         optional: model.safetensors, answer-side weights (some of the
+                          model's `text_only_parameter_names`) that write an edit plan's
+                          boxes around the object it takes away; listed as "edit_planner"
 """
 
 from __future__ import annotations
@@ -56,16 +59,21 @@ from .tasks import (
     drop_conditions,
     pack,
     parse_plan,
+    snap_edit_plan,
     snap_plan,
 )
 from .tokenization_lavida import clean_decoded
 
 logger = logging.getLogger(__name__)
 
-# pipeline_index.json key -> (folder, `LavidaPipeline` attribute) of each optional drawer
-DRAWERS = {
-    "unplanned_drawer": ("drawer_unplanned", "unplanned_model"),
-    "edit_drawer": ("drawer_edit", "edit_model"),
+# the model's sides, by the method that names their parameters
+PARTS = {"generation": "image_only_parameter_names", "understanding": "text_only_parameter_names"}
+# pipeline_index.json key -> (folder, `LavidaPipeline` attribute, part) of each optional
+# model with some weights of its own (`with_own_weights`): drawers, then planners
+OWN_MODELS = {
+    "unplanned_drawer": ("drawer_unplanned", "unplanned_model", "generation"),
+    "edit_drawer": ("drawer_edit", "edit_model", "generation"),
+    "edit_planner": ("planner_edit", "edit_planner", "understanding"),
 }
 
 __all__ = [
@@ -270,16 +278,17 @@ def _as_list(x, n: int | None = None, name: str = "value") -> list:
     return [x] * (n or 1)
 
 
-def _edit_object(instruction: str) -> str:
+def _edit_object(instruction: str) -> str | None:
     """The expression `plan_edit` grounds: the object an instruction in the ShapesWorld
-    grammar names (`the green diamond`), else the whole instruction."""
+    grammar takes away (`the green diamond`); None for one in the grammar that takes no
+    object away (add, background); the whole instruction outside the grammar."""
     from lavida_agent.tools.shapes_world.language import GrammarError, parse_edit
 
     try:
-        target = parse_edit(instruction).target
+        spec = parse_edit(instruction)
     except GrammarError:
-        target = None
-    return instruction if target is None else f"the {target.text}"
+        return instruction
+    return None if spec.target is None or spec.category in ("add", "background") else f"the {spec.target.text}"
 
 
 def _passes(drawer_rows: Sequence[bool], drawer, callback) -> list[tuple[list[int], object, object]]:
@@ -296,32 +305,37 @@ def _passes(drawer_rows: Sequence[bool], drawer, callback) -> list[tuple[list[in
     return [(base, None, tag(base)), (own, drawer, tag(own))]
 
 
-def with_drawing_weights(model: LavidaForMaskedDiffusion, drawing: dict[str, torch.Tensor]) -> LavidaForMaskedDiffusion:
-    """A second model that reads `model`'s own parameters everywhere except in `drawing`,
-    some or all of its drawing weights (`image_only_parameter_names`).
+def with_own_weights(model: LavidaForMaskedDiffusion, weights: dict[str, torch.Tensor], *,
+                     part: str = "generation") -> LavidaForMaskedDiffusion:  # fmt: skip
+    """A second model that reads `model`'s own parameters everywhere except in `weights`,
+    some or all of one side's parameters: "generation", the drawing weights
+    (`image_only_parameter_names`, a drawer); "understanding", the answer-side ones
+    (`text_only_parameter_names`, a planner).
 
     The two share every other parameter object (a fine-tune of one shows in both); only the
-    tensors of `drawing` take extra memory. `drawing` must hold drawing weights only, at
-    least one, shaped as the model's (`ValueError` otherwise).
+    tensors of `weights` take extra memory. `weights` must hold that side's parameters only,
+    at least one, shaped as the model's (`ValueError` otherwise).
     """
     import copy
 
-    image_only = set(model.image_only_parameter_names())
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    side = set(getattr(model, PARTS[part])())
     own = dict(model.named_parameters())
-    extra = sorted(set(drawing) - image_only)
-    if extra or not drawing:
-        raise ValueError("drawing weights must be some of the model's image-only parameters"
-                         + (f"; not drawing weights: {', '.join(extra[:3])}" if extra else "; got none"))
-    names = set(drawing)
-    bad = [k for k, v in drawing.items() if v.shape != own[k].shape]
+    extra = sorted(set(weights) - side)
+    if extra or not weights:
+        raise ValueError(f"own weights must be some of the model's {part} parameters"
+                         + (f"; not {part} weights: {', '.join(extra[:3])}" if extra else "; got none"))
+    names = set(weights)
+    bad = [k for k, v in weights.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"drawing weights of another architecture ({', '.join(bad[:3])})")
-    # deepcopy's memo hands back the shared parameters themselves: only the drawing is copied
+        raise ValueError(f"{part} weights of another architecture ({', '.join(bad[:3])})")
+    # deepcopy's memo hands back the shared parameters themselves: only `weights` are copied
     other = copy.deepcopy(model, memo={id(p): p for k, p in own.items() if k not in names})
     with torch.no_grad():
         for name, p in other.named_parameters():
             if name in names:
-                p.copy_(drawing[name])
+                p.copy_(weights[name])
     return other.eval()
 
 
@@ -337,14 +351,17 @@ class LavidaPipeline:
 
     def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None,
                  unplanned_model: LavidaForMaskedDiffusion | None = None,
-                 edit_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
+                 edit_model: LavidaForMaskedDiffusion | None = None,
+                 edit_planner: LavidaForMaskedDiffusion | None = None):  # fmt: skip
         self.model = model.eval()
-        # Drawers (`with_drawing_weights(model, ...)`: the same model with drawing weights
-        # trained for one kind of row); None: `model` draws those rows too.
+        # Drawers and planners (`with_own_weights(model, ...)`: the same model with one side's
+        # weights trained for one kind of row); None: `model` does that work too.
         # `unplanned_model` draws `generate`'s rows without a plan; `edit_model` draws `edit`'s
-        # rows with neither a plan nor regions (the single shot).
+        # rows with neither a plan nor regions (the single shot); `edit_planner` writes
+        # `plan_edit`'s boxes again around the object an edit takes away.
         self.unplanned_model = unplanned_model.eval() if unplanned_model is not None else None
         self.edit_model = edit_model.eval() if edit_model is not None else None
+        self.edit_planner = edit_planner.eval() if edit_planner is not None else None
         self.vq = vq.eval()
         self.tokenizer = tokenizer
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -391,12 +408,12 @@ class LavidaPipeline:
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
         from safetensors.torch import load_file
 
-        drawers = {}
-        for key, (_, attr) in DRAWERS.items():
+        others = {}
+        for key, (_, attr, part) in OWN_MODELS.items():
             if index.get(key):
-                drawing = load_file(root / index[key] / "model.safetensors")
-                drawers[attr] = with_drawing_weights(model, {k: v.to(dtype) for k, v in drawing.items()})
-        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), **drawers)
+                weights = load_file(root / index[key] / "model.safetensors")
+                others[attr] = with_own_weights(model, {k: v.to(dtype) for k, v in weights.items()}, part=part)
+        pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), **others)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -416,26 +433,26 @@ class LavidaPipeline:
         index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer"}
         from safetensors.torch import save_file
 
-        names = set(self.model.image_only_parameter_names())
         own = dict(self.model.named_parameters())
-        for key, (folder, attr) in DRAWERS.items():
-            drawer = getattr(self, attr)
-            if drawer is None:
+        for key, (folder, attr, part) in OWN_MODELS.items():
+            other = getattr(self, attr)
+            if other is None:
                 continue
-            # only the drawing weights that are the drawer's own: the rest load shared
-            drawing = {k: v.detach().to("cpu", dtype).contiguous() for k, v in drawer.named_parameters()
+            # only the weights of its side that are its own: the rest load shared
+            names = set(getattr(self.model, PARTS[part])())
+            weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in other.named_parameters()
                        if k in names and v is not own[k] and not torch.equal(v, own[k])}  # fmt: skip
-            if not drawing:
-                continue  # the base's drawing: nothing of its own to save
+            if not weights:
+                continue  # the base's own weights: nothing to save
             (root / folder).mkdir(exist_ok=True)
-            save_file(drawing, root / folder / "model.safetensors")
+            save_file(weights, root / folder / "model.safetensors")
             index[key] = folder
         index["defaults"] = self.defaults
         (root / "pipeline_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device) -> LavidaPipeline:
         self.model.to(device)
-        for _, attr in DRAWERS.values():
+        for _, attr, _ in OWN_MODELS.values():
             if getattr(self, attr) is not None:
                 getattr(self, attr).to(device)
         self.vq.to(device)
@@ -547,19 +564,20 @@ class LavidaPipeline:
     @torch.no_grad()
     def _decode_text_ids(self, examples, answer_len, *, gens, num_steps, temperature, block_length=None,
                          allowed=None, callback=None, interrupt=None, task="text",
-                         first_choices=None, start: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                         first_choices=None, start: torch.Tensor | None = None, model=None) -> torch.Tensor:  # fmt: skip
         """Decode fixed-length answers; returns their token ids `(B, answer_len)`.
 
         `first_choices` (token ids) decides the first token before anything else, from the
         fully masked answer, among those ids only. `start` (`(B, answer_len)` ids, the mask
         id where unknown) completes partly known answers instead: one token a step, each
-        row's most confident masked one first, until none is masked (`num_steps` unused)."""
+        row's most confident masked one first, until none is masked (`num_steps` unused).
+        `model`: another model to decode with (a planner; None: `self.model`)."""
         cfg = self.config
         cond, tgt = self._split(examples, answer_len)
-        cache = self._forward(**cond, use_cache=True).cache
+        cache = self._forward(model, **cond, use_cache=True).cache
         sample = tgt["input_ids"].clone() if start is None else start.to(self.device).clone()
         if first_choices is not None:
-            logits = self._forward(**tgt, condition_cache=cache).text_logits[:, 0]  # (B, V)
+            logits = self._forward(model, **tgt, condition_cache=cache).text_logits[:, 0]  # (B, V)
             choices = torch.as_tensor(list(first_choices), device=logits.device)
             sample[:, 0] = choices[logits[:, choices].argmax(-1)]
         sampler = TextMaskSampler(cfg.mask_token_id, block_length=block_length or answer_len,
@@ -574,7 +592,7 @@ class LavidaPipeline:
         for i in timesteps:
             if interrupt is not None and interrupt():
                 raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
-            logits = self._forward(**{**tgt, "input_ids": sample}, condition_cache=cache).text_logits
+            logits = self._forward(model, **{**tgt, "input_ids": sample}, condition_cache=cache).text_logits
             sample = sampler.step(logits, i, sample, generator=gens, allowed=allowed).prev_sample
             if callback is not None:
                 callback(StepInfo(task, i + 1, total))
@@ -618,27 +636,35 @@ class LavidaPipeline:
     def plan_edit(
         self, images: Sequence[np.ndarray], instructions: Sequence[str], *, seed=0, generator=None,
         num_steps: int | None = None, temperature: float = 0.0, callback=None, interrupt=None,
-        ground: bool = True,
+        ground: bool = True, snap: bool = True,
     ) -> PlanOutput:  # fmt: skip
         """The edit's plan from the model alone: what the edit changes, as plan items.
 
         The format of `model/training.py:touched_plan`: each object the edit produces with its
         `{size} {color} {shape}` label at its target box, then `("removed", box)` for each
         object it takes away (a recolour lists both at the same box); a background edit
-        plans nothing. Feed the plan back with `edit(plans=..., regions=...)`. Boxes are the
-        model's own, not snapped (a `removed` box has no size word to snap to).
+        plans nothing. Feed the plan back with `edit(plans=..., regions=...)`. With `snap`
+        (default) each object the plan produces gets a box the world can hold
+        (`snap_edit_plan`: a square of its size word's side about the model's box's centre,
+        as `plan` snaps its plans); `removed` boxes are the model's as written.
 
         With `ground` (the default) the plan is made in two steps: the model writes it, then
         each row that takes an object away gets, as its first `removed` box, the model's own
         grounding (`ground`) of the object the instruction names, and every other box of the
         row is masked and written again knowing it (`_decode_text_ids(start=...)`, the most
-        confident coordinate first). The model names the right objects in its edit plans far
-        more often than it finds them; its grounding finds them (`model/weights/README.md`,
-        "Stop 28": the model's edits with its own plan 0.21 -> 0.33). The object is the instruction's
-        `the {color} {shape}` for an instruction in the ShapesWorld grammar, else the whole
-        instruction. `ground=False`: the model's first plan alone. The grounding (in
-        `ground`'s default views) makes a plan ~6x slower on the CPU (0.87 s an edit against
-        0.14 s, batches of 16).
+        confident coordinate first), by `edit_planner` when the pipeline has one (trained on
+        exactly that state; the embedded weights do), else by the model. The model names the
+        right objects in its edit plans far more often than it finds them; its grounding
+        finds them (`model/weights/README.md`, "Stop 28" and "Stop 29"). The object is the
+        instruction's `the {color} {shape}` for an instruction in the ShapesWorld grammar,
+        else the whole instruction. `ground=False`: the model's first plan alone. The
+        grounding (in `ground`'s default views) makes a plan ~6x slower on the CPU (0.87 s an
+        edit against 0.14 s, batches of 16).
+
+        An instruction in the grammar that takes no object away (add, background) gets no
+        `removed` item: the model writes one into most add plans, and it would take an object
+        of the scene away. `texts` are the model's plans as written, before snapping and
+        this.
         """
         images, instructions = _as_list(images), _as_list(instructions)
         gens, _ = _generators(seed, generator, len(images), self.device)
@@ -650,15 +676,19 @@ class LavidaPipeline:
             temperature=temperature, allowed=self._text_allowed(), callback=callback,
             interrupt=interrupt, task="plan_edit",
         )  # fmt: skip
+        objects = [_edit_object(ins) for ins in instructions]
         if ground:
-            ids = self._ground_removed(images, instructions, exs, ids, gens=gens, temperature=temperature,
+            ids = self._ground_removed(images, objects, exs, ids, gens=gens, temperature=temperature,
                                        callback=callback, interrupt=interrupt)  # fmt: skip
         texts = [self._clean(t) for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=False)]
-        return PlanOutput(plans=[parse_plan(t) for t in texts], texts=texts)
+        # an instruction that takes no object away plans none (the model writes some)
+        plans = [[it for it in parse_plan(t) if o is not None or it[0] != "removed"] for t, o in zip(texts, objects)]
+        return PlanOutput(plans=[snap_edit_plan(p) for p in plans] if snap else plans, texts=texts)
 
-    def _ground_removed(self, images, instructions, exs, ids: torch.Tensor, *, gens, temperature, callback,
+    def _ground_removed(self, images, objects, exs, ids: torch.Tensor, *, gens, temperature, callback,
                         interrupt) -> torch.Tensor:  # fmt: skip
-        """`plan_edit`'s second step on its first plans' token ids `(B, PLAN_LEN)`."""
+        """`plan_edit`'s second step on its first plans' token ids `(B, PLAN_LEN)`; `objects`:
+        each row's `_edit_object`."""
         cfg = self.config
         removed = self.tokenizer.convert_tokens_to_ids("removed")
         ids = ids.cpu().clone()
@@ -667,10 +697,10 @@ class LavidaPipeline:
             begins = [p for p, t in enumerate(row) if t == cfg.loc_begin_token_id and p + 4 < len(row) and p >= 3]
             items.append([(p + 1, row[p - 3: p] == [cfg.box_start_token_id, removed, cfg.box_end_token_id])
                           for p in begins])  # fmt: skip
-        rows = [b for b, its in enumerate(items) if any(r for _, r in its)]
+        rows = [b for b, its in enumerate(items) if any(r for _, r in its) and objects[b] is not None]
         if not rows:
             return ids
-        found = self.ground([images[b] for b in rows], [[_edit_object(instructions[b])] for b in rows]).boxes
+        found = self.ground([images[b] for b in rows], [[objects[b]] for b in rows]).boxes
         start = ids[rows].clone()
         for k, (b, (box,)) in enumerate(zip(rows, found, strict=True)):
             first = next(p for p, r in items[b] if r)
@@ -684,7 +714,7 @@ class LavidaPipeline:
         ids[rows] = self._decode_text_ids(
             [exs[b] for b in rows], PLAN_LEN, gens=[gens[b] for b in rows], num_steps=None,
             temperature=temperature, allowed=allowed, callback=callback, interrupt=interrupt,
-            task="plan_edit_boxes", start=start,
+            task="plan_edit_boxes", start=start, model=self.edit_planner,
         ).cpu()  # fmt: skip
         return ids
 

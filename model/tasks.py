@@ -247,6 +247,14 @@ def snap_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
     return [(label, (x, y, x + side, y + side)) for (label, _), (x, y, side) in zip(items, boxes)]
 
 
+def snap_edit_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem]:
+    """An edit plan (`training.touched_plan`'s format) with each object it produces snapped
+    alone (`snap_plan`: a square of its size word's side about the box's centre, inside the
+    canvas). `removed` items stay as they are (no size word to snap to), and produced
+    objects are not parted from them: a recolour's two items share one box."""
+    return [item if item[0] == "removed" else snap_plan([item], canvas)[0] for item in items]
+
+
 def box_cells(boxes, config) -> np.ndarray:
     """`(G, G)` bool: the VQ cells that overlap any of the pixel boxes `(x0, y0, x1, y1)`.
 

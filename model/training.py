@@ -202,6 +202,10 @@ class TrainConfig:
     # mixture without the text-only tasks (plan, ground, understand, critique) and
     # `vision_aux` 0.
     trainable: str = "all"
+    # Comma-separated parameter-name prefixes (`"layers.5.,lm_head"`): only the parameters
+    # of `trainable`'s side whose names start with one of them learn ("": all of that side).
+    # A fine-tune that changes a few tensors ships small (`attach_weights`).
+    train_only: str = ""
     # Processes that build the coming steps' batches (`step_data`) while the model trains:
     # on an accelerator the single-process data draw, not the model, bounds the step rate.
     # 0: built in the training process. The batches are the same either way (each step's
@@ -791,6 +795,13 @@ def check_run_knobs(tc: TrainConfig) -> None:
                              f"{', '.join(idle)} rows would carry no gradient: give them weight 0 in --tasks")
         if tc.vision_aux:
             raise ValueError(f"trainable={tc.trainable!r} freezes the vision encoder: vision_aux must be 0")
+    if tc.train_only and not train_only_prefixes(tc.train_only):
+        raise ValueError(f"train_only names parameter-name prefixes separated by commas, got {tc.train_only!r}")
+
+
+def train_only_prefixes(spec: str) -> tuple[str, ...]:
+    """`"layers.5., lm_head"` -> `("layers.5.", "lm_head")` (`TrainConfig.train_only`)."""
+    return tuple(p.strip() for p in spec.split(",") if p.strip())
 
 
 def _check_data_device(name: str) -> None:
@@ -956,8 +967,14 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     if tc.trainable != "all":
         learn = set(model.text_only_parameter_names() if tc.trainable == "understanding"
                     else model.image_only_parameter_names())  # fmt: skip
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in learn)
+    else:
+        learn = {n for n, _ in model.named_parameters()}
+    if tc.train_only:
+        learn = {n for n in learn if n.startswith(train_only_prefixes(tc.train_only))}
+        if not learn:
+            raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in learn)
     vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.") and p.requires_grad]
     groups = [{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": tc.vision_lr_scale}]
@@ -1161,30 +1178,34 @@ def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | P
     return Path(dest)
 
 
-DRAWER_KINDS = {"unplanned": "unplanned_model", "edit": "edit_model"}
+# kind -> its `pipeline_lavida.OWN_MODELS` key (folder, pipeline attribute, part)
+ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_plan": "edit_planner"}
 
 
-def attach_drawer(base: str | Path, drawer: str | Path, dest: str | Path, *, kind: str = "unplanned") -> Path:
-    """Write `base` with `drawer`'s drawing weights as its drawer of one kind of row.
+def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned") -> Path:
+    """Write `base` with `tuned`'s own weights for one kind of work: a drawer or a planner.
 
-    `drawer` is `base` fine-tuned with `trainable="generation"` on those rows alone. `kind`:
-    "unplanned", `generate`'s rows without a plan (e.g. trained with `canonical_t2i`), as
-    `LavidaPipeline.unplanned_model`; "edit", `edit`'s rows with neither a plan nor regions
-    (the single shot), as `edit_model`. Everything else (plans, the other drawings, answers,
-    boxes, verdicts, a drawer of the other kind `base` has) stays exactly `base`'s. Adds the
-    drawing weights that differ from `base`'s alone (all of them: ~2M parameters, 4 MB in
-    fp16 for the embedded architecture).
+    `tuned` is `base` fine-tuned on that work alone, with one side trainable. `kind`:
+    "unplanned", `generate`'s rows without a plan (`trainable="generation"`, e.g. with
+    `canonical_t2i`), as `LavidaPipeline.unplanned_model`; "edit", `edit`'s rows with
+    neither a plan nor regions (the single shot; `trainable="generation"`), as `edit_model`;
+    "edit_plan", `plan_edit`'s boxes written again around the object an edit takes away
+    (`trainable="understanding"` on edit-plan rows with `edit_plan_given_removed`), as
+    `edit_planner`. Everything else (the other drawings and plans, answers, boxes, verdicts,
+    another kind `base` has) stays exactly `base`'s. Adds the weights of that side that
+    differ from `base`'s alone (train a few with `train_only` to keep them small).
 
     Raises:
-        ValueError: an unknown kind, other architectures, or `drawer` differing outside the
-            drawing weights.
+        ValueError: an unknown kind, other architectures, or `tuned` differing outside its
+            side.
     """
-    from .pipeline_lavida import with_drawing_weights
+    from .pipeline_lavida import OWN_MODELS, with_own_weights
 
-    if kind not in DRAWER_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(DRAWER_KINDS)}, got {kind!r}")
-    pipe, theirs, side = _one_sided(base, drawer, "generation")
-    setattr(pipe, DRAWER_KINDS[kind], with_drawing_weights(pipe.model, {k: theirs[k] for k in side}))
+    if kind not in ATTACH_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(ATTACH_KINDS)}, got {kind!r}")
+    _, attr, part = OWN_MODELS[ATTACH_KINDS[kind]]
+    pipe, theirs, side = _one_sided(base, tuned, part)
+    setattr(pipe, attr, with_own_weights(pipe.model, {k: theirs[k] for k in side}, part=part))
     pipe.save_pretrained(dest)
     return Path(dest)
 

@@ -184,12 +184,12 @@ def test_on_step_events_carry_previews_when_asked(pipe):
 
 
 def test_a_mixed_batch_on_an_unplanned_drawer_sends_each_row_its_own_steps(pipe):
-    from lavida_agent.model.pipeline_lavida import LavidaPipeline, with_drawing_weights
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline, with_own_weights
 
     names = set(pipe.model.image_only_parameter_names())
     drawing = {k: v.detach() + 0.5 for k, v in pipe.model.named_parameters() if k in names}
     both = LavidaPipeline(pipe.model, pipe.vq, pipe.tokenizer,
-                          unplanned_model=with_drawing_weights(pipe.model, drawing))  # fmt: skip
+                          unplanned_model=with_own_weights(pipe.model, drawing))  # fmt: skip
     backend = PipelineBackend(both, preview_every=1)
     got = {0: [], 1: [], 2: []}
     reqs = [GenerateRequest(prompt="a red circle", plan=None if i == 1 else PLAN, seed=3 + i, num_steps=2,

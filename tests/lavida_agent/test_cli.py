@@ -454,7 +454,7 @@ def test_train_blend_reports_bad_input_as_a_one_line_error(run, tmp_path, monkey
     assert (out["weight"], out["part"]) == (0.25, "generation")
 
 
-def test_train_drawer_reports_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):
+def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):
     import types
 
     import lavida_agent.cli as cli_mod
@@ -467,11 +467,14 @@ def test_train_drawer_reports_bad_input_as_a_one_line_error(run, tmp_path, monke
     def refuse(base, drawer, dest, kind):
         raise ValueError("b differs from a outside the generation parameters")
 
-    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(attach_drawer=refuse))
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(attach_weights=refuse))
     result = run("train", "drawer", "a", "b", "--for", "unplanned", "--out", "c")
     assert result.exit_code == 1 and "outside the generation parameters" in result.output
     calls = []
     monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
-        attach_drawer=lambda base, drawer, dest, kind: calls.append(kind) or tmp_path / dest))  # fmt: skip
+        attach_weights=lambda base, drawer, dest, kind: calls.append(kind) or tmp_path / dest))  # fmt: skip
     out = json.loads(run("train", "drawer", "a", "b", "--for", "edit", "--out", "c").stdout)
     assert out["edit_drawer"] == "b" and out["out"].endswith("c") and calls == ["edit"]
+    out = json.loads(run("train", "planner", "a", "b", "--for", "edit", "--out", "d").stdout)
+    assert out["edit_planner"] == "b" and out["out"].endswith("d") and calls == ["edit", "edit_plan"]
+    assert run("train", "planner", "a", "b", "--for", "unplanned", "--out", "d").exit_code == 2  # no such kind

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted, with_drawing_weights
+from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted, with_own_weights
 from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text, snap_plan
 
 
@@ -91,10 +91,16 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(c.ok[0], bool)
 
 
-def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer, tiny_config, monkeypatch):
+@pytest.mark.parametrize("planner", [False, True])
+def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer, tiny_config, monkeypatch, planner):
     from lavida_agent.model.pipeline_lavida import GroundingOutput
     from lavida_agent.model.tasks import build_edit
 
+    if planner:  # an edit planner writes the second step's boxes; the first plan stays the model's
+        side = set(pipe.model.text_only_parameter_names())
+        moved = {k: v.detach() + 0.5 for k, v in pipe.model.named_parameters() if k in side}
+        pipe = LavidaPipeline(pipe.model, pipe.vq, pipe.tokenizer,
+                              edit_planner=with_own_weights(pipe.model, moved, part="understanding"))
     codes = pipe._encode_images([scene_image])[0]
 
     def answer(plan):  # the answer ids of a training row holding `plan`
@@ -103,11 +109,12 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
         return [t for t in row.text_targets if t != -100]
 
     first = [[("large blue circle", (4, 4, 20, 20)), ("removed", (30, 30, 50, 50))],
-             [("small red square", (8, 8, 18, 18))]]  # fmt: skip
+             [("small red square", (8, 8, 18, 18)), ("removed", (40, 40, 52, 52))]]  # fmt: skip
     real = pipe._decode_text_ids
-    starts = []
+    starts, models = [], []
 
     def decode(exs, n, **kw):  # the model's first plans are scripted; the second step is real
+        models.append(kw.get("model"))
         if kw.get("start") is None:
             return torch.tensor([answer(p) for p in first])
         starts.append(kw["start"].clone())
@@ -125,13 +132,19 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
     out = pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2])
     assert asked == [["the red circle"]]  # only the row that takes an object away, its object
     assert ("removed", (10, 12, 30, 34)) in out.plans[0]  # the grounded box
-    assert out.plans[1] == first[1]  # nothing taken away: the first plan
+    # an add takes nothing away: the first plan (a valid "small" square) without its `removed` item
+    assert out.plans[1] == first[1][:1] and "removed" in out.texts[1]
     # the second step starts from the first plan with every box masked but the grounded one
     (start,) = starts
     mask = tiny_config.mask_token_id
     assert int((start == mask).sum()) == 4 and start[0, :4].tolist() == answer(first[0])[:4]
     assert "large blue circle" in out.texts[0] and mask not in tokenizer(out.texts[0])["input_ids"]
-    assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False).plans == first
+    assert models == [None, pipe.edit_planner] and (pipe.edit_planner is not None) == planner
+    assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False, snap=False).plans == [
+        first[0], first[1][:1]]
+    # snapped (the default): the produced object's 16 px "large" box becomes an 18 px square
+    assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False).plans == [
+        [("large blue circle", (3, 3, 21, 21)), ("removed", (30, 30, 50, 50))], first[1][:1]]
 
 
 def test_plan_edit_decodes_the_slot_that_edit_plan_rows_train(pipe, scene_image, tokenizer, tiny_config):
@@ -204,7 +217,7 @@ def _redrawn(model, delta: float = 0.5) -> dict[str, torch.Tensor]:
 def test_an_unplanned_drawer_draws_the_rows_without_a_plan_and_nothing_else(tiny_model, tiny_vq, tokenizer,
                                                                             scene_image):  # fmt: skip
     base = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
-    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    drawer = with_own_weights(tiny_model, _redrawn(tiny_model))
     alone = LavidaPipeline(drawer, tiny_vq, tokenizer)  # the drawer as a whole model
     both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, unplanned_model=drawer)
     plan = [("small red circle", (8, 8, 20, 20))]
@@ -221,25 +234,25 @@ def test_an_unplanned_drawer_draws_the_rows_without_a_plan_and_nothing_else(tiny
 
 
 def test_a_drawer_shares_every_other_parameter_with_its_model(tiny_model):
-    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    drawer = with_own_weights(tiny_model, _redrawn(tiny_model))
     names = set(tiny_model.image_only_parameter_names())
     mine, its = dict(tiny_model.named_parameters()), dict(drawer.named_parameters())
     assert all((its[k] is mine[k]) == (k not in names) for k in mine)
     assert all(torch.equal(its[k], mine[k] + 0.5) for k in names)
     # some of the drawing weights: only those are the drawer's own
-    part = with_drawing_weights(tiny_model, {min(names): _redrawn(tiny_model)[min(names)]})
+    part = with_own_weights(tiny_model, {min(names): _redrawn(tiny_model)[min(names)]})
     its = dict(part.named_parameters())
     assert all((its[k] is mine[k]) == (k != min(names)) for k in mine)
     with pytest.raises(ValueError, match="got none"):
-        with_drawing_weights(tiny_model, {})
-    with pytest.raises(ValueError, match="not drawing weights: lm_head"):
-        with_drawing_weights(tiny_model, {**_redrawn(tiny_model), "lm_head.weight": mine["lm_head.weight"]})
+        with_own_weights(tiny_model, {})
+    with pytest.raises(ValueError, match="not generation weights: lm_head"):
+        with_own_weights(tiny_model, {**_redrawn(tiny_model), "lm_head.weight": mine["lm_head.weight"]})
     with pytest.raises(ValueError, match="another architecture"):
-        with_drawing_weights(tiny_model, {**_redrawn(tiny_model), min(names): torch.zeros(3)})
+        with_own_weights(tiny_model, {**_redrawn(tiny_model), min(names): torch.zeros(3)})
 
 
 def test_save_and_load_keep_the_unplanned_drawer(tiny_model, tiny_vq, tokenizer, tmp_path):
-    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, unplanned_model=with_drawing_weights(tiny_model,
+    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, unplanned_model=with_own_weights(tiny_model,
                                                                                                _redrawn(tiny_model)))  # fmt: skip
     both.save_pretrained(tmp_path, dtype=torch.float32)
     saved = set(load_file(tmp_path / "drawer_unplanned" / "model.safetensors"))
@@ -259,7 +272,7 @@ def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, 
     moved = {k: v for k, v in _redrawn(tiny_model).items() if k in names[:2]}
     # a whole-drawing copy in which only two tensors moved: those two are saved
     whole = {k: v.detach().clone() for k, v in tiny_model.named_parameters() if k in names} | moved
-    pipe = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_drawing_weights(tiny_model, whole))
+    pipe = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_own_weights(tiny_model, whole))
     pipe.save_pretrained(tmp_path, dtype=torch.float32)
     assert set(load_file(tmp_path / "drawer_edit" / "model.safetensors")) == set(names[:2])
     loaded = LavidaPipeline.from_pretrained(tmp_path)
@@ -268,7 +281,7 @@ def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, 
     assert torch.equal(loaded.edit([scene_image], ["remove the red circle"], **kw).codes,
                        pipe.edit([scene_image], ["remove the red circle"], **kw).codes)
     # a drawer with nothing of its own is not written
-    LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_drawing_weights(
+    LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=with_own_weights(
         tiny_model, {k: v.detach().clone() for k, v in tiny_model.named_parameters() if k in names})
     ).save_pretrained(tmp_path / "same")  # fmt: skip
     assert not (tmp_path / "same" / "drawer_edit").exists()
@@ -276,7 +289,7 @@ def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, 
 
 def test_an_edit_drawer_draws_the_single_shot_rows_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image):
     base = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
-    drawer = with_drawing_weights(tiny_model, _redrawn(tiny_model))
+    drawer = with_own_weights(tiny_model, _redrawn(tiny_model))
     alone = LavidaPipeline(drawer, tiny_vq, tokenizer)
     both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=drawer)
     ins = "make the red circle blue"
@@ -322,6 +335,16 @@ def test_snap_plan_gives_square_boxes_of_the_labels_size_at_the_same_centre():
     assert snapped[2][1] == (44, 44, 62, 62)
     assert snapped[3][1] == (30, 50, 36, 56)  # no size word: the mean side (6)
     assert snap_plan(snapped) == snapped  # a valid layout stays as it is
+
+
+def test_snap_edit_plan_squares_what_an_edit_produces_and_keeps_removed_boxes():
+    from lavida_agent.model.tasks import snap_edit_plan
+
+    recolour = [("large red triangle", (28, 2, 48, 24)), ("removed", (28, 5, 48, 25))]
+    snapped = snap_edit_plan(recolour)
+    assert snapped[1] == recolour[1]  # the removed box as written (no size word), not parted
+    assert snapped[0] == snap_plan(recolour[:1])[0] == ("large red triangle", (28, 2, 49, 23))
+    assert snap_edit_plan([]) == [] and snap_edit_plan(snapped) == snapped
 
 
 def test_snap_plan_parts_overlapping_boxes_and_keeps_their_order():

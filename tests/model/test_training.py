@@ -820,15 +820,17 @@ def test_image_only_parameters_move_no_text_logit_without_a_source(tokenizer, ti
     assert not torch.equal(image_before.image_logits, image_after.image_logits)
 
 
-@pytest.mark.parametrize(("trainable", "tasks", "names"), [
-    ("understanding", ("ground", "understand", "critique", "plan", "edit_plan"), "text_only_parameter_names"),
-    ("generation", ("t2i", "t2i_plan", "edit", "edit_plan"), "image_only_parameter_names"),
+@pytest.mark.parametrize(("trainable", "tasks", "names", "train_only"), [
+    ("understanding", ("ground", "understand", "critique", "plan", "edit_plan"), "text_only_parameter_names", ""),
+    ("generation", ("t2i", "t2i_plan", "edit", "edit_plan"), "image_only_parameter_names", ""),
+    ("understanding", ("edit_plan",), "text_only_parameter_names", "lm_head, layers.1.q_proj"),
 ])  # fmt: skip
-def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks, names):
+def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks, names, train_only):
     first = tmp_path / "stage1"
     train(TrainConfig(out=str(first), vq=vq_dir, steps=1, **TINY), progress=False)
     second = tmp_path / "stage2"
-    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable=trainable, **TINY)
+    tc = TrainConfig(out=str(second), vq=vq_dir, steps=3, init_from=str(first), trainable=trainable,
+                     train_only=train_only, **TINY)  # fmt: skip
     tc.task_weights = dict.fromkeys(tasks, 1.0)
     train(tc, progress=False)
     a, _ = _weights(first)
@@ -840,6 +842,8 @@ def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks,
     assert step == 3
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and moved <= set(getattr(model, names)())
+    if train_only:  # only the named ones of that side, both of them
+        assert {k.split(".weight")[0] for k in moved} == {"lm_head", "layers.1.q_proj"}
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -850,6 +854,7 @@ def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks,
     ({"trainable": "generation", "task_weights": {"t2i": 1.0}, "vision_aux": 0.5}, "vision_aux must be 0"),
     ({"edit_area_weight": 0.0}, "edit_area_weight must be > 0"),
     ({"edit_with_plan": 1.5}, "edit_with_plan is a share"),
+    ({"train_only": " , "}, "train_only names parameter-name prefixes"),
 ])  # fmt: skip
 def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
     from lavida_agent.model.training import check_run_knobs
@@ -900,13 +905,13 @@ def test_blend_part_moves_only_that_sides_parameters_and_refuses_others(tmp_path
     assert not (tmp_path / "y").exists()
 
 
-def test_attach_drawer_adds_the_drawing_weights_and_refuses_other_changes(tmp_path, tiny_config, tiny_vq,
+def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_path, tiny_config, tiny_vq,
                                                                           tokenizer):  # fmt: skip
     import copy
 
     from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
-    from lavida_agent.model.training import attach_drawer
+    from lavida_agent.model.training import attach_weights
 
     torch.manual_seed(0)
     base = LavidaPipeline(LavidaForMaskedDiffusion(tiny_config).eval(), tiny_vq, tokenizer)
@@ -918,21 +923,34 @@ def test_attach_drawer_adds_the_drawing_weights_and_refuses_other_changes(tmp_pa
             if name in names:
                 p.add_(1.0)
     tuned.save_pretrained(tmp_path / "tuned")
-    both = LavidaPipeline.from_pretrained(attach_drawer(tmp_path / "base", tmp_path / "tuned", tmp_path / "both"))
+    both = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "both"))
     a = LavidaPipeline.from_pretrained(tmp_path / "base").model.state_dict()
     b = LavidaPipeline.from_pretrained(tmp_path / "tuned").model.state_dict()
     assert all(torch.equal(v, a[k]) for k, v in both.model.state_dict().items())  # the base, unchanged
     assert all(torch.equal(v, b[k]) for k, v in both.unplanned_model.state_dict().items())  # the tuned drawer
     # a drawer of the other kind joins it; the first stays
-    three = LavidaPipeline.from_pretrained(attach_drawer(tmp_path / "both", tmp_path / "tuned", tmp_path / "three",
+    three = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "both", tmp_path / "tuned", tmp_path / "three",
                                                          kind="edit"))  # fmt: skip
     assert three.unplanned_model is not None
     assert all(torch.equal(v, b[k]) for k, v in three.edit_model.state_dict().items())
-    with pytest.raises(ValueError, match="kind must be one of unplanned, edit"):
-        attach_drawer(tmp_path / "base", tmp_path / "tuned", tmp_path / "z", kind="ground")
+    with pytest.raises(ValueError, match="kind must be one of unplanned, edit, edit_plan"):
+        attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "z", kind="ground")
     with torch.no_grad():
         tuned.model.lm_head.weight.add_(1.0)
     tuned.save_pretrained(tmp_path / "answers")
     with pytest.raises(ValueError, match="outside the generation parameters"):
-        attach_drawer(tmp_path / "base", tmp_path / "answers", tmp_path / "y", kind="edit")
+        attach_weights(tmp_path / "base", tmp_path / "answers", tmp_path / "y", kind="edit")
     assert not (tmp_path / "y").exists()
+    # a planner: answer-side weights alone (here one tensor moved), refused with drawing changes
+    planned = copy.deepcopy(base)
+    with torch.no_grad():
+        planned.model.lm_head.weight.add_(1.0)
+    planned.save_pretrained(tmp_path / "planned")
+    four = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "base", tmp_path / "planned", tmp_path / "four",
+                                                         kind="edit_plan"))  # fmt: skip
+    p = LavidaPipeline.from_pretrained(tmp_path / "planned").model.state_dict()
+    assert all(torch.equal(v, p[k]) for k, v in four.edit_planner.state_dict().items())
+    assert all(torch.equal(v, a[k]) for k, v in four.model.state_dict().items())
+    assert four.edit_model is None and four.unplanned_model is None
+    with pytest.raises(ValueError, match="outside the understanding parameters"):
+        attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", kind="edit_plan")
