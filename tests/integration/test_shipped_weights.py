@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lavida_agent.model.pipeline_lavida import LavidaPipeline, default_weights_path
+from lavida_agent.tools.boxes import iou
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
@@ -17,7 +18,7 @@ def pipe():
 
 def test_weights_are_small_fp16_files():
     files = list(default_weights_path().rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned"}
+    assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned", "planner_edit"}
     assert sum(f.stat().st_size for f in files) < 30_000_000
 
 
@@ -28,6 +29,22 @@ def test_the_unplanned_drawer_holds_the_drawing_weights_alone(pipe):
     mine, its = dict(pipe.model.named_parameters()), dict(pipe.unplanned_model.named_parameters())
     assert all((its[k] is mine[k]) == (k not in names) for k in mine)
     assert any(not its[k].equal(mine[k]) for k in names)
+
+
+def test_the_edit_planner_holds_a_few_answer_side_weights_alone(pipe):
+    """The edit planner differs from the base model in some of its text-only tensors, shares
+    every other parameter object; a recolour's plan takes the grounded square away and puts a
+    red one in (its size and place are the benchmark's to score)."""
+    names = set(pipe.model.text_only_parameter_names())
+    mine, its = dict(pipe.model.named_parameters()), dict(pipe.edit_planner.named_parameters())
+    own = {k for k in mine if its[k] is not mine[k]}
+    assert own and own <= names and all(not its[k].equal(mine[k]) for k in own)
+    scene = Scene("white", (Object("square", "blue", "large", (8, 8, 28, 28)),
+                            Object("triangle", "yellow", "small", (40, 40, 52, 52))))  # fmt: skip
+    (plan,) = pipe.plan_edit([render(scene)], ["make the blue square red"]).plans
+    (made, made_box), (removed, removed_box) = plan
+    assert made.split()[1:] == ["red", "square"] and removed == "removed", plan
+    assert iou(removed_box, (8, 8, 28, 28)) >= 0.5, plan
 
 
 def test_generate_is_deterministic_per_seed(pipe):
