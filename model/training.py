@@ -1134,7 +1134,7 @@ BLEND_PARTS = ("understanding", "generation")
 def _one_sided(base: str | Path, other: str | Path, part: str):
     """Load `base` (a pipeline) and `other`'s state dict, checking that `other` is `base`
     fine-tuned on `part` alone; returns `(pipe, theirs, names of part's parameters)`."""
-    from .pipeline_lavida import LavidaPipeline
+    from .pipeline_lavida import PARTS, LavidaPipeline
 
     if part not in BLEND_PARTS:
         raise ValueError(f"part must be one of {BLEND_PARTS}, got {part!r}")
@@ -1144,7 +1144,7 @@ def _one_sided(base: str | Path, other: str | Path, part: str):
     if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise ValueError(f"{other} is not of {base}'s architecture")
     model = pipe.model
-    side = set(model.text_only_parameter_names() if part == "understanding" else model.image_only_parameter_names())
+    side = set(getattr(model, PARTS[part])())
     differ = sorted(k for k in mine if k not in side and not torch.equal(mine[k], theirs[k]))
     if differ:
         kept = "images" if part == "understanding" else "answers"
