@@ -13,6 +13,7 @@
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
     lavida-agent train drawer BASE DRAWER --for unplanned|edit --out DIR  (a drawer for one kind of row)
     lavida-agent train planner BASE PLANNER --for edit --out DIR  (a planner for edit plans)
+    lavida-agent train export RUN --out DIR        (a run's latest checkpoint as a pipeline folder)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
 
@@ -858,6 +859,22 @@ def train_blend(base: str, other: str, weight: float, part: str, dest: str) -> N
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     _echo_json({"out": str(out), "weight": weight, "part": part})
+
+
+@train.command("export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
+def train_export(run: str, dest: str) -> None:
+    """Export RUN's latest checkpoint (`state.pt`, written every `--save-every` steps, also
+    while it trains) as a pipeline folder, e.g. to benchmark a long run part-way."""
+    from lavida_agent.errors import InvalidInputError
+
+    training = _import("lavida_agent.model.training", "model training")
+    try:
+        out = training.export_checkpoint(run, dest)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    _echo_json({"run": run, **out})
 
 
 def _attach(base: str, tuned: str, dest: str, kind: str, key: str) -> None:

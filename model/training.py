@@ -1111,13 +1111,19 @@ def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtyp
     return Path(dest)
 
 
-def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
-    """Export the latest `state.pt` of a (possibly running) training run as a pipeline folder."""
+def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
+    """Export the latest `state.pt` of a (possibly running) training run as a pipeline
+    folder, e.g. to benchmark a long run part-way. Returns `{"step", "export"}` as `train`
+    does (`step`: the checkpoint's)."""
     from transformers import AutoTokenizer
 
     from .modeling_vq import VQImageTokenizer
 
     train_dir = Path(train_dir)
+    missing = [f for f in ("train_config.json", "state.pt", "tokenizer") if not (train_dir / f).exists()]
+    if missing:
+        raise ValueError(f"{train_dir} is not a training run folder with a checkpoint (no {', '.join(missing)}); "
+                         "a run writes state.pt every --save-every steps")  # fmt: skip
     tc = TrainConfig(**json.loads((train_dir / "train_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(train_dir / "tokenizer")
     vq = VQImageTokenizer.from_pretrained(tc.vq)
@@ -1125,7 +1131,7 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> Path:
     model = LavidaForMaskedDiffusion(model_config(tc, tokenizer, vq, state["model"]))
     model.load_state_dict(state["model"])
     logger.info("exporting step %d of %s to %s", state["step"], train_dir, dest)
-    return export_pipeline(model.eval(), vq, tokenizer, dest)
+    return {"step": int(state["step"]), "export": str(export_pipeline(model.eval(), vq, tokenizer, dest))}
 
 
 BLEND_PARTS = ("understanding", "generation")

@@ -478,3 +478,23 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
     out = json.loads(run("train", "planner", "a", "b", "--for", "edit", "--out", "d").stdout)
     assert out["edit_planner"] == "b" and out["out"].endswith("d") and calls == ["edit", "edit_plan"]
     assert run("train", "planner", "a", "b", "--for", "unplanned", "--out", "d").exit_code == 2  # no such kind
+
+
+def test_train_export_writes_a_runs_checkpoint_or_says_why_not(run, tmp_path, monkeypatch):
+    import types
+
+    import lavida_agent.cli as cli_mod
+
+    assert run("train", "export", "missing", "--out", "c").exit_code == 2  # no such folder
+    (tmp_path / "r").mkdir()
+
+    def refuse(run_dir, dest):
+        raise ValueError("r is not a training run folder with a checkpoint (no state.pt)")
+
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(export_checkpoint=refuse))
+    result = run("train", "export", "r", "--out", "c")
+    assert result.exit_code == 1 and "no state.pt" in result.output
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
+        export_checkpoint=lambda run_dir, dest: {"step": 250, "export": str(tmp_path / dest)}))  # fmt: skip
+    out = json.loads(run("train", "export", "r", "--out", "c").stdout)
+    assert out["run"] == "r" and out["step"] == 250 and out["export"].endswith("c")

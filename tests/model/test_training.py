@@ -153,7 +153,7 @@ def test_weights_with_the_linear_vision_stem_keep_it(tmp_path, vq_dir):
     assert LavidaPipeline.from_pretrained(second / "export").model.config.vision_stem == "linear"
     from lavida_agent.model.training import export_checkpoint
 
-    export_checkpoint(first, tmp_path / "exported")  # a running linear run exports as linear
+    assert export_checkpoint(first, tmp_path / "exported")["step"] == 1  # a running linear run exports as linear
     assert LavidaPipeline.from_pretrained(tmp_path / "exported").model.config.vision_stem == "linear"
     fresh = tmp_path / "fresh"
     train(TrainConfig(out=str(fresh), vq=vq_dir, steps=1, **TINY), progress=False)
@@ -954,3 +954,20 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
     assert four.edit_model is None and four.unplanned_model is None
     with pytest.raises(ValueError, match="outside the understanding parameters"):
         attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", kind="edit_plan")
+
+
+def test_export_checkpoint_writes_the_runs_weights_or_names_what_is_missing(tmp_path, vq_dir):
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline
+    from lavida_agent.model.training import export_checkpoint
+
+    run = tmp_path / "run"
+    out = train(TrainConfig(out=str(run), vq=vq_dir, steps=2, **TINY), progress=False)
+    got = export_checkpoint(run, tmp_path / "exported")
+    assert got == {"step": 2, "export": str(tmp_path / "exported")}
+    a = LavidaPipeline.from_pretrained(out["export"]).model.state_dict()
+    b = LavidaPipeline.from_pretrained(got["export"]).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (run / "state.pt").unlink()
+    with pytest.raises(ValueError, match="no state.pt"):
+        export_checkpoint(run, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
