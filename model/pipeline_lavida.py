@@ -59,6 +59,7 @@ from .tasks import (
     drop_conditions,
     pack,
     parse_plan,
+    plan_item_boxes,
     snap_edit_plan,
     snap_plan,
 )
@@ -657,7 +658,8 @@ class LavidaPipeline:
         right objects in its edit plans far more often than it finds them; its grounding
         finds them (`model/weights/README.md`, "Stop 28" and "Stop 29"). The object is the
         instruction's `the {color} {shape}` for an instruction in the ShapesWorld grammar,
-        else the whole instruction. `ground=False`: the model's first plan alone. The
+        else the whole instruction; a row whose object grounding does not find keeps its
+        first plan. `ground=False`: the model's first plan alone. The
         grounding (in `ground`'s default views) makes a plan ~6x slower on the CPU (0.87 s an
         edit against 0.14 s, batches of 16).
 
@@ -692,23 +694,23 @@ class LavidaPipeline:
         cfg = self.config
         removed = self.tokenizer.convert_tokens_to_ids("removed")
         ids = ids.cpu().clone()
-        items = []  # per row: (coordinate start, is it a `removed` item) of each item
-        for row in ids.tolist():
-            begins = [p for p, t in enumerate(row) if t == cfg.loc_begin_token_id and p + 4 < len(row) and p >= 3]
-            items.append([(p + 1, row[p - 3: p] == [cfg.box_start_token_id, removed, cfg.box_end_token_id])
-                          for p in begins])  # fmt: skip
+        items = [plan_item_boxes(row, cfg, removed) for row in ids.tolist()]
         rows = [b for b, its in enumerate(items) if any(r for _, r in its) and objects[b] is not None]
         if not rows:
             return ids
         found = self.ground([images[b] for b in rows], [[objects[b]] for b in rows]).boxes
+        # a row whose object was not found keeps its first plan: the planner was trained
+        # with the removed box shown
+        rows, found = [b for b, (box,) in zip(rows, found) if box is not None], [f for (f,) in found if f is not None]
+        if not rows:
+            return ids
         start = ids[rows].clone()
-        for k, (b, (box,)) in enumerate(zip(rows, found, strict=True)):
+        for k, (b, box) in enumerate(zip(rows, found, strict=True)):
             first = next(p for p, r in items[b] if r)
             for p, _ in items[b]:
                 start[k, p: p + 4] = cfg.mask_token_id
-            if box is not None:
-                bins = quantize(box, canvas=cfg.image_size, bins=cfg.num_loc_tokens)
-                start[k, first: first + 4] = torch.tensor(bins) + cfg.loc_token_offset
+            bins = quantize(box, canvas=cfg.image_size, bins=cfg.num_loc_tokens)
+            start[k, first: first + 4] = torch.tensor(bins) + cfg.loc_token_offset
         allowed = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         allowed[self._loc_ids] = True
         ids[rows] = self._decode_text_ids(

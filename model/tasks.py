@@ -53,6 +53,7 @@ __all__ = [
     "drop_conditions",
     "pack",
     "parse_boxes",
+    "plan_item_boxes",
     "parse_plan",
     "plan_text",
     "snap_plan",
@@ -253,6 +254,17 @@ def snap_edit_plan(items: list[PlanItem], canvas: int = CANVAS) -> list[PlanItem
     canvas). `removed` items stay as they are (no size word to snap to), and produced
     objects are not parted from them: a recolour's two items share one box."""
     return [item if item[0] == "removed" else snap_plan([item], canvas)[0] for item in items]
+
+
+def plan_item_boxes(ids, config, removed_id: int) -> list[tuple[int, bool]]:
+    """`(position of its first coordinate, is it a removed item)` of each item of a plan in
+    token ids: `<box_p> label </box_p> <LOC_BEGIN> x0 y0 x1 y1 <LOC_END>`, an edit plan's
+    taken-away object labelled with the one token `removed_id` (`training.touched_plan`).
+    Training's masks and `plan_edit`'s second step find the items the same way."""
+    ids = list(ids)
+    removed = [config.box_start_token_id, removed_id, config.box_end_token_id]
+    return [(p + 1, ids[p - 3 : p] == removed) for p, t in enumerate(ids)
+            if t == config.loc_begin_token_id and 3 <= p and p + 4 < len(ids)]  # fmt: skip
 
 
 def box_cells(boxes, config) -> np.ndarray:

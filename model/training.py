@@ -53,6 +53,7 @@ from .tasks import (
     build_understand,
     drop_conditions,
     images_to_pixels,
+    plan_item_boxes,
     pack,
 )
 from .tokenization_lavida import build_tokenizer
@@ -278,6 +279,7 @@ class TaskSampler:
         self.edit_region_mask, self.edit_region_background = edit_region_mask, edit_region_background
         self.hard_scenes, self.edit_plan_loc_mask = hard_scenes, edit_plan_loc_mask
         self.edit_plan_given_removed = edit_plan_given_removed
+        self.removed_id = tokenizer.convert_tokens_to_ids("removed")  # an edit plan's taken-away label
         self.edit_area_weight, self.edit_with_plan = edit_area_weight, edit_with_plan
         self.canonical_t2i = canonical_t2i
         self.t2i_categories = dict(t2i_categories) if t2i_categories else None
@@ -568,7 +570,7 @@ def _mask_draw(rng: np.random.Generator, n: int, eps: float = 1e-3) -> np.ndarra
 def add_noise(
     ex: Example, rng: np.random.Generator, config: LavidaConfig, item_mask: float = 0.0,
     ground_full_mask: float = 0.0, edit_region_mask: float = 0.0, edit_plan_loc_mask: float = 0.0,
-    edit_plan_given_removed: float = 0.0,
+    edit_plan_given_removed: float = 0.0, removed_id: int | None = None,
 ) -> tuple[Example, list[np.ndarray]]:
     """Mask an example for training; returns it (targets = labels) and its image labels.
 
@@ -589,9 +591,9 @@ def add_noise(
     every item and nothing else: the boxes are found from the image, not copied between
     items.
 
-    With probability `edit_plan_given_removed` an edit-plan row with a `removed` item (the
-    one item whose label is a single word) masks every box coordinate but the first
-    `removed` item's, and nothing else.
+    With probability `edit_plan_given_removed` an edit-plan row with a `removed` item
+    (labelled with the token `removed_id`) and at least one other item masks every box
+    coordinate but the first `removed` item's, and nothing else.
     """
     cfg = config
     ids = list(ex.input_ids)
@@ -609,6 +611,10 @@ def add_noise(
     # (Edit plans keep the random share: an edit plan's items repeat each other's boxes.)
     items = ([p for p in targets if ids[p] == cfg.loc_begin_token_id]
              if item_mask and not makes_image and ex.task != "edit_plan" else [])  # fmt: skip
+    if edit_plan_given_removed and removed_id is None:
+        raise ValueError("edit_plan_given_removed needs removed_id (the token id of the word `removed`)")
+    spans = ([(p, r) for p, r in plan_item_boxes(ids, cfg, removed_id) if p - 1 in set(targets)]
+             if edit_plan_given_removed and ex.task == "edit_plan" else [])  # fmt: skip
     begins = [p for p in targets if ids[p] == cfg.loc_begin_token_id] if ex.task == "edit_plan" else []
     if ground_full_mask and ex.loc_only and targets and rng.random() < ground_full_mask:
         for pos in targets:
@@ -618,10 +624,11 @@ def add_noise(
         for pos in (b + k for b in begins for k in range(1, 5)):
             labels[pos] = ids[pos]
             ids[pos] = cfg.mask_token_id
-    elif (edit_plan_given_removed and any(ids[b - 3] == cfg.box_start_token_id for b in begins)
+    elif (edit_plan_given_removed and len(spans) >= 2 and any(r for _, r in spans)
           and rng.random() < edit_plan_given_removed):  # fmt: skip
-        shown = next(b for b in begins if ids[b - 3] == cfg.box_start_token_id)
-        for pos in (b + k for b in begins if b != shown for k in range(1, 5)):
+        # (a remove's plan is its one removed box: nothing to hide, so it takes the random share)
+        shown = next(p for p, r in spans if r)
+        for pos in (p + k for p, _ in spans if p != shown for k in range(4)):
             labels[pos] = ids[pos]
             ids[pos] = cfg.mask_token_id
     elif len(items) >= 2 and rng.random() < item_mask:
@@ -693,7 +700,8 @@ def make_batch(sampler: TaskSampler, task: str, rng: np.random.Generator, n: int
         e, il = add_noise(ex, rng, cfg, item_mask=sampler.plan_item_mask, ground_full_mask=sampler.ground_full_mask,
                           edit_region_mask=sampler.edit_region_mask,
                           edit_plan_loc_mask=sampler.edit_plan_loc_mask,
-                          edit_plan_given_removed=sampler.edit_plan_given_removed)  # fmt: skip
+                          edit_plan_given_removed=sampler.edit_plan_given_removed,
+                          removed_id=sampler.removed_id)  # fmt: skip
         noisy.append(e)
         image_labels += il
         if sampler.edit_area_weight != 1:
@@ -797,6 +805,14 @@ def check_run_knobs(tc: TrainConfig) -> None:
             raise ValueError(f"trainable={tc.trainable!r} freezes the vision encoder: vision_aux must be 0")
     if tc.train_only and not train_only_prefixes(tc.train_only):
         raise ValueError(f"train_only names parameter-name prefixes separated by commas, got {tc.train_only!r}")
+    if tc.train_only:  # the preset's parameter names (a model on the meta device: no memory)
+        with torch.device("meta"):
+            model = LavidaForMaskedDiffusion(LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides}))
+        side = (model.text_only_parameter_names() if tc.trainable == "understanding" else model.image_only_parameter_names()
+                if tc.trainable == "generation" else [n for n, _ in model.named_parameters()])  # fmt: skip
+        if not any(n.startswith(train_only_prefixes(tc.train_only)) for n in side):
+            raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters "
+                             f"(e.g. {', '.join(sorted(side)[:3])})")  # fmt: skip
 
 
 def train_only_prefixes(spec: str) -> tuple[str, ...]:
@@ -1134,16 +1150,13 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
     return {"step": int(state["step"]), "export": str(export_pipeline(model.eval(), vq, tokenizer, dest))}
 
 
-BLEND_PARTS = ("understanding", "generation")
-
-
 def _one_sided(base: str | Path, other: str | Path, part: str):
     """Load `base` (a pipeline) and `other`'s state dict, checking that `other` is `base`
     fine-tuned on `part` alone; returns `(pipe, theirs, names of part's parameters)`."""
     from .pipeline_lavida import PARTS, LavidaPipeline
 
-    if part not in BLEND_PARTS:
-        raise ValueError(f"part must be one of {BLEND_PARTS}, got {part!r}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {tuple(PARTS)}, got {part!r}")
     pipe = LavidaPipeline.from_pretrained(base)
     theirs = LavidaPipeline.from_pretrained(other).model.state_dict()
     mine = pipe.model.state_dict()

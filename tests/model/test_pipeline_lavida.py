@@ -96,6 +96,7 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
     from lavida_agent.model.pipeline_lavida import GroundingOutput
     from lavida_agent.model.tasks import build_edit
 
+    base = pipe
     if planner:  # an edit planner writes the second step's boxes; the first plan stays the model's
         side = set(pipe.model.text_only_parameter_names())
         moved = {k: v.detach() + 0.5 for k, v in pipe.model.named_parameters() if k in side}
@@ -145,14 +146,24 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
     # snapped (the default): the produced object's 16 px "large" box becomes an 18 px square
     assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False).plans == [
         [("large blue circle", (3, 3, 21, 21)), ("removed", (30, 30, 50, 50))], first[1][:1]]
+    if planner:  # the planner's own weights wrote the second step, not the model's
+        monkeypatch.setattr(base, "_decode_text_ids", decode)
+        monkeypatch.setattr(base, "ground", ground)
+        assert base.plan_edit([scene_image] * 2, ins, seed=[1, 2]).texts[0] != out.texts[0]
+    # an object grounding does not find keeps the model's first plan: no second step
+    monkeypatch.setattr(pipe, "ground", lambda images, expressions, **kw: GroundingOutput(boxes=[[None]]))
+    models.clear()
+    assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], snap=False).plans == [first[0], first[1][:1]]
+    assert models == [None]
 
 
 def test_plan_edit_decodes_the_slot_that_edit_plan_rows_train(pipe, scene_image, tokenizer, tiny_config):
-    from lavida_agent.model.tasks import build_edit
+    from lavida_agent.model.tasks import build_edit, snap_edit_plan
 
     out = pipe.plan_edit([scene_image] * 2, ["remove the red circle", "move the red circle to the top left"],
                          seed=[1, 2], num_steps=4)  # fmt: skip
-    assert len(out.plans) == len(out.texts) == 2 and out.plans == [parse_plan(t) for t in out.texts]
+    assert len(out.plans) == len(out.texts) == 2
+    assert out.plans == [snap_edit_plan(parse_plan(t)) for t in out.texts]  # both take an object away
     assert pipe.plan_edit([scene_image], ["remove the red circle"], seed=1, num_steps=4).texts == out.texts[:1]
     # inference fills exactly the slot a training row holds the edit plan in
     codes = pipe._encode_images([scene_image])[0]

@@ -657,18 +657,22 @@ def test_edit_plan_given_removed_shows_the_removed_box_and_hides_the_others(toke
         return build_edit(tokenizer, cfg, "make the red circle blue", image, codes, plan=plan,
                           plan_is_target=True, with_plan=True, with_image=False)  # fmt: skip
 
+    rid = tokenizer.convert_tokens_to_ids("removed")
     ex = row([("small blue circle", (4, 4, 16, 16)), ("removed", (4, 4, 16, 16))])
     first, removed = [p for p in ex.target_positions() if ex.input_ids[p] == cfg.loc_begin_token_id]
     for seed in range(5):
-        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, edit_plan_given_removed=1.0)
+        noisy, _ = add_noise(ex, np.random.default_rng(seed), cfg, edit_plan_given_removed=1.0, removed_id=rid)
         assert [i for i, t in enumerate(noisy.input_ids) if t == cfg.mask_token_id] == [first + k for k in range(1, 5)]
         assert noisy.input_ids[removed + 1 : removed + 5] == ex.input_ids[removed + 1 : removed + 5]
-    # a plan that takes nothing away ignores it and draws nothing more from the rng
-    add = row([("small blue circle", (4, 4, 16, 16))])
-    ra, rb = np.random.default_rng(0), np.random.default_rng(0)
-    a, _ = add_noise(add, ra, cfg)
-    b, _ = add_noise(add, rb, cfg, edit_plan_given_removed=1.0)
-    assert a.input_ids == b.input_ids and ra.random() == rb.random()
+    # a plan that takes nothing away, or only takes one object away (nothing left to hide),
+    # takes the random share as without it and draws nothing more from the rng
+    for plan in ([("small blue circle", (4, 4, 16, 16))], [("removed", (4, 4, 16, 16))]):
+        ra, rb = np.random.default_rng(0), np.random.default_rng(0)
+        a, _ = add_noise(row(plan), ra, cfg)
+        b, _ = add_noise(row(plan), rb, cfg, edit_plan_given_removed=1.0, removed_id=rid)
+        assert a.input_ids == b.input_ids and ra.random() == rb.random()
+    with pytest.raises(ValueError, match="removed_id"):
+        add_noise(ex, np.random.default_rng(0), cfg, edit_plan_given_removed=1.0)
 
 
 def test_data_workers_train_on_the_same_batches_as_the_training_process(tmp_path, vq_dir, monkeypatch):
@@ -855,12 +859,19 @@ def test_trainable_moves_only_its_parameters(tmp_path, vq_dir, trainable, tasks,
     ({"edit_area_weight": 0.0}, "edit_area_weight must be > 0"),
     ({"edit_with_plan": 1.5}, "edit_with_plan is a share"),
     ({"train_only": " , "}, "train_only names parameter-name prefixes"),
+    ({"train_only": "no_such.,neither"}, "matches none of the 'all' parameters"),
+    ({"trainable": "understanding", "task_weights": {"ground": 1.0}, "train_only": "image_head"},
+     "matches none of the 'understanding' parameters"),
 ])  # fmt: skip
-def test_trainable_refuses_what_cannot_train(tmp_path, change, message):
+def test_trainable_refuses_what_cannot_train(tmp_path, vq_dir, change, message):
     from lavida_agent.model.training import check_run_knobs
 
     with pytest.raises(ValueError, match=message):
         check_run_knobs(TrainConfig(out=str(tmp_path), **change))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):  # and `train` refuses before writing anything
+        train(TrainConfig(**{**TINY, "out": str(run), "vq": vq_dir, "steps": 1, **change}), progress=False)
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("part", ["understanding", "generation"])
