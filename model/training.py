@@ -174,10 +174,12 @@ class TrainConfig:
     # never found: stage 16 named the right objects in 68-73% of its edit plans, but its boxes
     # met the true ones at a mean IoU of 0.10. 0: off (stages 1-16).
     edit_plan_loc_mask: float = 0.0
-    # The share of edit-plan rows that take an object away whose every box coordinate is
-    # masked but the first `removed` item's: the state of `plan_edit`'s second step, which
-    # shows the model its grounding of that object and asks for the other boxes (a recolour's
-    # box equal to it, a move's elsewhere). 0: off (stages 1-26).
+    # The share of edit-plan rows that take an object away (and produce one) whose every box
+    # coordinate is masked but the first `removed` item's: the state of `plan_edit`'s second
+    # step, which shows the model its grounding of that object and asks for the other boxes
+    # (a recolour's box equal to it, a move's elsewhere). A share of the rows that
+    # `edit_plan_loc_mask`, drawn first, leaves: with both, (1 - loc_mask) x this of them.
+    # 0: off (stages 1-26).
     edit_plan_given_removed: float = 0.0
     # The share of text-to-image rows without a plan whose scene has a canonical layout
     # (`language.canonical_scene_for_prompt`: the objects in the order the prompt names
