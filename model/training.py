@@ -615,7 +615,8 @@ def add_noise(
              if item_mask and not makes_image and ex.task != "edit_plan" else [])  # fmt: skip
     if edit_plan_given_removed and removed_id is None:
         raise ValueError("edit_plan_given_removed needs removed_id (the token id of the word `removed`)")
-    spans = ([(p, r) for p, r in plan_item_boxes(ids, cfg, removed_id) if p - 1 in set(targets)]
+    answer = set(targets)
+    spans = ([(p, r) for p, r in plan_item_boxes(ids, cfg, removed_id) if p - 1 in answer]
              if edit_plan_given_removed and ex.task == "edit_plan" else [])  # fmt: skip
     begins = [p for p in targets if ids[p] == cfg.loc_begin_token_id] if ex.task == "edit_plan" else []
     if ground_full_mask and ex.loc_only and targets and rng.random() < ground_full_mask:
@@ -809,12 +810,24 @@ def check_run_knobs(tc: TrainConfig) -> None:
         raise ValueError(f"train_only names parameter-name prefixes separated by commas, got {tc.train_only!r}")
     if tc.train_only:  # the preset's parameter names (a model on the meta device: no memory)
         with torch.device("meta"):
-            model = LavidaForMaskedDiffusion(LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides}))
-        side = (model.text_only_parameter_names() if tc.trainable == "understanding" else model.image_only_parameter_names()
-                if tc.trainable == "generation" else [n for n, _ in model.named_parameters()])  # fmt: skip
-        if not any(n.startswith(train_only_prefixes(tc.train_only)) for n in side):
-            raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters "
-                             f"(e.g. {', '.join(sorted(side)[:3])})")  # fmt: skip
+            trainable_names(LavidaForMaskedDiffusion(LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides})), tc)
+
+
+def trainable_names(model, tc: TrainConfig) -> set[str]:
+    """The names of `model`'s parameters that learn in a run of `tc` (`trainable`, then
+    `train_only`); a `ValueError` when `train_only` leaves none."""
+    if tc.trainable == "all":
+        side = {n for n, _ in model.named_parameters()}
+    else:
+        side = set(model.text_only_parameter_names() if tc.trainable == "understanding"
+                   else model.image_only_parameter_names())  # fmt: skip
+    if not tc.train_only:
+        return side
+    learn = {n for n in side if n.startswith(train_only_prefixes(tc.train_only))}
+    if not learn:
+        raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters "
+                         f"(e.g. {', '.join(sorted(side)[:3])})")  # fmt: skip
+    return learn
 
 
 def train_only_prefixes(spec: str) -> tuple[str, ...]:
@@ -982,15 +995,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     model = LavidaForMaskedDiffusion(cfg).to(device).train()
     # Two groups: the vision encoder learns at `vision_lr_scale` x the rate (Lavida-O trains
     # SigLIP at 2e-6 under a 5e-6 LLM, FACTS §3.6), so stage-0 features stay.
-    if tc.trainable != "all":
-        learn = set(model.text_only_parameter_names() if tc.trainable == "understanding"
-                    else model.image_only_parameter_names())  # fmt: skip
-    else:
-        learn = {n for n, _ in model.named_parameters()}
-    if tc.train_only:
-        learn = {n for n in learn if n.startswith(train_only_prefixes(tc.train_only))}
-        if not learn:
-            raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters")
+    learn = trainable_names(model, tc)
     for n, p in model.named_parameters():
         p.requires_grad_(n in learn)
     vision = [p for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad]
