@@ -11,7 +11,7 @@
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
-    lavida-agent train drawer BASE DRAWER --for unplanned|edit --out DIR  (a drawer for one kind of row)
+    lavida-agent train drawer BASE DRAWER --for unplanned|edit|edit-regions --out DIR  (a drawer for one kind of row)
     lavida-agent train planner BASE PLANNER --for edit --out DIR  (a planner for edit plans)
     lavida-agent train export RUN --out DIR        (a run's latest checkpoint as a pipeline folder)
     lavida-agent serve [--host H] [--port P]
@@ -892,12 +892,14 @@ def _attach(base: str, tuned: str, dest: str, kind: str, key: str) -> None:
 @train.command("drawer")
 @click.argument("base", type=click.Path(exists=True, file_okay=False))
 @click.argument("drawer", type=click.Path(exists=True, file_okay=False))
-@click.option("--for", "kind", type=click.Choice(["unplanned", "edit"]), required=True,
-              help="The rows it draws: `generate` without a plan, or `edit` with neither a plan nor regions.")
+@click.option("--for", "kind", type=click.Choice(["unplanned", "edit", "edit-regions"]), required=True,
+              help="The rows it draws: `generate` without a plan; `edit` with neither a plan nor regions; "
+                   "`edit` with regions (the local redraws of planned and agent edits).")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
 def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
     """Give BASE a second drawer for one kind of row: the drawing weights of DRAWER (BASE
     fine-tuned with `--trainable generation` on those rows). Everything else stays BASE's."""
+    kind = kind.replace("-", "_")
     _attach(base, drawer, dest, kind, f"{kind}_drawer")
 
 

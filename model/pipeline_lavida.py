@@ -18,6 +18,8 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
                           without a plan; listed in the index as "unplanned_drawer"
     drawer_edit/          optional, the same for edits without a plan or regions (single
                           shot); listed as "edit_drawer"
+    drawer_edit_regions/  optional, the same for edits with regions (the local redraws of
+                          planned and agent edits); listed as "edit_regions_drawer"
     planner_edit/         optional: model.safetensors, answer-side weights (some of the
                           model's `text_only_parameter_names`) that write an edit plan's
                           boxes around the object it takes away; listed as "edit_planner"
@@ -74,6 +76,7 @@ PARTS = {"generation": "image_only_parameter_names", "understanding": "text_only
 OWN_MODELS = {
     "unplanned_drawer": ("drawer_unplanned", "unplanned_model", "generation"),
     "edit_drawer": ("drawer_edit", "edit_model", "generation"),
+    "edit_regions_drawer": ("drawer_edit_regions", "edit_region_model", "generation"),
     "edit_planner": ("planner_edit", "edit_planner", "understanding"),
 }
 
@@ -292,18 +295,19 @@ def _edit_object(instruction: str) -> str | None:
     return None if spec.target is None or spec.category in ("add", "background") else f"the {spec.target.text}"
 
 
-def _passes(drawer_rows: Sequence[bool], drawer, callback) -> list[tuple[list[int], object, object]]:
-    """`(rows, model, callback)` per pass of a call whose `drawer_rows` go to `drawer`: the
-    base model's rows (model None) first, then the drawer's; one pass when only one of them
-    has rows (or there is no drawer). With two passes each callback tags its `StepInfo`
-    with the rows it advances."""
-    rows = list(range(len(drawer_rows)))
-    own = [i for i in rows if drawer_rows[i]] if drawer is not None else []
-    if not own or len(own) == len(rows):
-        return [(rows, drawer if own else None, callback)]
+def _passes(drawers: Sequence[object], callback) -> list[tuple[list[int], object, object]]:
+    """`(rows, model, callback)` per pass of a call whose row i is drawn by `drawers[i]`
+    (None: the base model): the base model's rows first, then each drawer's in the order
+    it first appears; one pass when every row has the same drawer. With several passes each
+    callback tags its `StepInfo` with the rows it advances."""
+    groups: dict[int, tuple[object, list[int]]] = {id(None): (None, [])}
+    for i, drawer in enumerate(drawers):
+        groups.setdefault(id(drawer), (drawer, []))[1].append(i)
+    passes = [(rows, drawer) for drawer, rows in groups.values() if rows]
+    if len(passes) == 1:
+        return [(passes[0][0], passes[0][1], callback)]
     tag = (lambda ix: None) if callback is None else (lambda ix: lambda info: callback(replace(info, rows=list(ix))))
-    base = [i for i in rows if not drawer_rows[i]]
-    return [(base, None, tag(base)), (own, drawer, tag(own))]
+    return [(rows, drawer, tag(rows)) for rows, drawer in passes]
 
 
 def with_own_weights(model: LavidaForMaskedDiffusion, weights: dict[str, torch.Tensor], *,
@@ -353,16 +357,19 @@ class LavidaPipeline:
     def __init__(self, model: LavidaForMaskedDiffusion, vq: VQImageTokenizer, tokenizer, defaults: dict | None = None,
                  unplanned_model: LavidaForMaskedDiffusion | None = None,
                  edit_model: LavidaForMaskedDiffusion | None = None,
-                 edit_planner: LavidaForMaskedDiffusion | None = None):  # fmt: skip
+                 edit_planner: LavidaForMaskedDiffusion | None = None,
+                 edit_region_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
         self.model = model.eval()
         # Drawers and planners (`with_own_weights(model, ...)`: the same model with one side's
         # weights trained for one kind of row); None: `model` does that work too.
         # `unplanned_model` draws `generate`'s rows without a plan; `edit_model` draws `edit`'s
-        # rows with neither a plan nor regions (the single shot); `edit_planner` writes
+        # rows with neither a plan nor regions (the single shot), `edit_region_model` those
+        # with regions (local redraws: planned and agent edits); `edit_planner` writes
         # `plan_edit`'s boxes again around the object an edit takes away.
         self.unplanned_model = unplanned_model.eval() if unplanned_model is not None else None
         self.edit_model = edit_model.eval() if edit_model is not None else None
         self.edit_planner = edit_planner.eval() if edit_planner is not None else None
+        self.edit_region_model = edit_region_model.eval() if edit_region_model is not None else None
         self.vq = vq.eval()
         self.tokenizer = tokenizer
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -753,7 +760,7 @@ class LavidaPipeline:
         cond = [build_t2i(self.tokenizer, self.config, p, plan=pl, micro_conditions=micro_conditions)
                 for p, pl in zip(prompts, plans)]  # fmt: skip
         codes = torch.empty(len(prompts), self.config.image_grid, self.config.image_grid, dtype=torch.long)
-        for ix, model, step in _passes([pl is None for pl in plans], self.unplanned_model, callback):
+        for ix, model, step in _passes([self.unplanned_model if pl is None else None for pl in plans], callback):
             # Plans change the segment count, so CFG rows align by padding on the left only.
             exs, groups = [cond[i] for i in ix], 1
             if g:
@@ -906,9 +913,10 @@ class LavidaPipeline:
         boxes: for a background edit, the region is the canvas and `keep` holds each
         object's `core_box`, so the objects stay where they are while the background changes.
 
-        Rows with neither a plan nor regions (the single shot) are drawn by `edit_model` when
-        the pipeline has one; a batch that mixes them with planned or regional rows then runs
-        in two passes, each calling `callback` with its own `StepInfo.rows`.
+        Rows with neither a plan nor regions (the single shot) are drawn by `edit_model`, rows
+        with regions by `edit_region_model`, when the pipeline has them; a batch whose rows
+        have different drawers runs in one pass per drawer, each calling `callback` with its
+        own `StepInfo.rows`.
         """
         images, instructions = _as_list(images), _as_list(instructions)
         n = len(images)
@@ -934,9 +942,10 @@ class LavidaPipeline:
             keep_rows = _as_list(keep, n, "keep") if keep is not None else None
             start, redrawn = self._mask_boxes(src, region_rows, keep_rows)
         temperature = self._edit_temperatures(instructions) if temperature is None else temperature
-        single_shot = [pl is None and r is None for pl, r in zip(plans, region_rows)]
+        drawers = [self.edit_region_model if r is not None else self.edit_model if pl is None else None
+                   for pl, r in zip(plans, region_rows)]  # fmt: skip
         out = torch.empty(n, cfg.image_grid, cfg.image_grid, dtype=torch.long)
-        for ix, model, step in _passes(single_shot, self.edit_model, callback):
+        for ix, model, step in _passes(drawers, callback):
             exs = [cond[i] for i in ix]
             if g:
                 exs += [drop_conditions(cond[i], cfg, prompt=True, source=True) for i in ix]

@@ -162,6 +162,11 @@ class TrainConfig:
     edit_area_weight: float = 1.0
     # The share of edit rows conditioned on their edit plan (the rest: instruction alone).
     edit_with_plan: float = 0.25
+    # Edit rows that touch no box (background edits) take no plan segment even when drawn
+    # with the plan, as the pipeline and the agent send them (an empty plan is sent as
+    # none). Off: such rows drawn with the plan hold an empty plan segment, a state nothing
+    # at inference makes (stages 1-30, which replay so).
+    background_edit_without_plan: bool = False
     # The share of grounding and question rows drawn as a look-alike scene
     # (`look_alike_scene`): two objects of one shape in different colours, or of one colour
     # in different shapes. Stage 16 found the named object's shape but took its same-shape
@@ -193,6 +198,11 @@ class TrainConfig:
     # t2i-plan and plan rows, e.g. more of the two-object ones a drawer binds worst; empty:
     # uniform, as every stage before it (with no extra draw, so those runs replay).
     t2i_categories: dict = field(default_factory=dict)
+    # Relative weight of each edit category (`language.EDIT_CATEGORIES`) in the edit and
+    # edit-plan rows, e.g. more of the moves and resizes whose new object a drawer draws
+    # worst; empty: uniform over the categories a scene allows, as every stage before it
+    # (with no extra draw, so those runs replay).
+    edit_categories: dict = field(default_factory=dict)
     task_weights: dict = field(default_factory=lambda: dict(TASK_WEIGHTS))
     # Which weights learn. "all"; or "understanding": only the parameters no image depends on
     # (`LavidaForMaskedDiffusion.text_only_parameter_names`: the und sets of the split layers,
@@ -273,7 +283,8 @@ class TaskSampler:
                  edit_region_mask: float = 0.0, edit_region_background: bool = False,
                  hard_scenes: float = 0.0, edit_plan_loc_mask: float = 0.0, edit_plan_given_removed: float = 0.0,
                  canonical_t2i: float = 0.0, t2i_categories: dict | None = None,
-                 edit_area_weight: float = 1.0, edit_with_plan: float = 0.25):  # fmt: skip
+                 edit_area_weight: float = 1.0, edit_with_plan: float = 0.25,
+                 edit_categories: dict | None = None, background_edit_without_plan: bool = False):  # fmt: skip
         self.tok, self.cfg, self.vq = tokenizer, config, vq
         if own_critique and not own_pool:
             raise ValueError("own_critique needs an own_pool (see own_generation_pool)")
@@ -283,10 +294,12 @@ class TaskSampler:
         self.edit_plan_given_removed = edit_plan_given_removed
         self.removed_id = tokenizer.convert_tokens_to_ids("removed")  # an edit plan's taken-away label
         self.edit_area_weight, self.edit_with_plan = edit_area_weight, edit_with_plan
+        self.background_edit_without_plan = background_edit_without_plan
         self.canonical_t2i = canonical_t2i
         self.t2i_categories = dict(t2i_categories) if t2i_categories else None
         if self.t2i_categories:
             lang.prompt_category_weights(self.t2i_categories)  # fail now, not mid-run
+        self.edit_categories = lang.edit_category_weights(edit_categories) if edit_categories else None
         self.patch_words, self.plan_item_mask, self.ground_full_mask = patch_words, plan_item_mask, ground_full_mask
         self.question_weights = dict(question_weights) if question_weights else None
         if self.question_weights:
@@ -385,12 +398,24 @@ class TaskSampler:
     def _plan(self, rng, n):
         return self._t2i(rng, n, plan="only")
 
-    @staticmethod
-    def _edit_draft(rng) -> tuple:
-        """One `(source scene, instruction, target scene)`."""
-        source = sample_scene(rng)
-        instruction, _, target = lang.sample_edit(rng, source)
-        return source, instruction, target
+    def _edit_draft(self, rng) -> tuple:
+        """One `(source scene, instruction, target scene)`: the category by `edit_categories`,
+        on a new scene until one allows it; without weights, uniform over those the first
+        scene allows."""
+        if self.edit_categories is None:
+            source = sample_scene(rng)
+            instruction, _, target = lang.sample_edit(rng, source)
+            return source, instruction, target
+        w = self.edit_categories
+        category = lang.EDIT_CATEGORIES[int(rng.choice(len(w), p=w / w.sum()))]
+        for _ in range(100):
+            source = sample_scene(rng)
+            try:
+                instruction, _, target = lang.sample_edit(rng, source, category)
+            except ValueError:  # this category does not apply to this scene
+                continue
+            return source, instruction, target
+        raise RuntimeError(f"no {category} edit applies to 100 random scenes")  # pragma: no cover
 
     def _edit(self, rng, n):
         drafts = [(*self._edit_draft(rng), rng.random() < self.edit_with_plan) for _ in range(n)]
@@ -399,6 +424,8 @@ class TaskSampler:
         out = []
         for i, (source, instruction, target, with_plan) in enumerate(drafts):
             touched = touched_plan(source, target)
+            if not touched and self.background_edit_without_plan:
+                with_plan = False
             ex = build_edit(
                 self.tok, self.cfg, instruction, images[i], codes[i], codes=codes[n + i],
                 plan=touched if with_plan else None, plan_is_target=True,
@@ -737,6 +764,8 @@ def task_sampler(tc: TrainConfig, tokenizer, cfg: LavidaConfig, vq, pool: dict |
                        hard_scenes=tc.hard_scenes, edit_plan_loc_mask=tc.edit_plan_loc_mask,
                        edit_plan_given_removed=tc.edit_plan_given_removed,
                        canonical_t2i=tc.canonical_t2i, t2i_categories=tc.t2i_categories,
+                       edit_categories=tc.edit_categories,
+                       background_edit_without_plan=tc.background_edit_without_plan,
                        edit_area_weight=tc.edit_area_weight, edit_with_plan=tc.edit_with_plan)  # fmt: skip
 
 
@@ -1205,7 +1234,8 @@ def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | P
 
 
 # kind -> its `pipeline_lavida.OWN_MODELS` key (folder, pipeline attribute, part)
-ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_plan": "edit_planner"}
+ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_regions": "edit_regions_drawer",
+                "edit_plan": "edit_planner"}
 
 
 def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned") -> Path:
@@ -1215,6 +1245,8 @@ def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kin
     "unplanned", `generate`'s rows without a plan (`trainable="generation"`, e.g. with
     `canonical_t2i`), as `LavidaPipeline.unplanned_model`; "edit", `edit`'s rows with
     neither a plan nor regions (the single shot; `trainable="generation"`), as `edit_model`;
+    "edit_regions", `edit`'s rows with regions (the local redraws of planned and agent edits;
+    `trainable="generation"` with `edit_region_mask=1`), as `edit_region_model`;
     "edit_plan", `plan_edit`'s boxes written again around the object an edit takes away
     (`trainable="understanding"` on edit-plan rows with `edit_plan_given_removed`), as
     `edit_planner`. Everything else (the other drawings and plans, answers, boxes, verdicts,
@@ -1358,6 +1390,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t2i-categories", type=json.loads, default=None,
                         help='JSON weights of the t2i prompt categories, e.g. \'{"color_attr": 2, "colors": 1}\' '
                              "(default: uniform)")
+    parser.add_argument("--edit-categories", type=json.loads, default=None,
+                        help='JSON weights of the edit categories, e.g. \'{"move": 2, "resize": 2, "add": 1}\' '
+                             "(default: uniform)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -1369,7 +1404,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown task(s) {sorted(unknown)}; expected some of {sorted(TASK_WEIGHTS)}")
         tc.task_weights = dict(args.tasks)
     for flag, field_, check in (("questions", "question_weights", lang.question_kind_weights),
-                                ("t2i_categories", "t2i_categories", lang.prompt_category_weights)):  # fmt: skip
+                                ("t2i_categories", "t2i_categories", lang.prompt_category_weights),
+                                ("edit_categories", "edit_categories", lang.edit_category_weights)):  # fmt: skip
         weights = getattr(args, flag)
         if weights is None:
             continue

@@ -18,7 +18,8 @@ def pipe():
 
 def test_weights_are_small_fp16_files():
     files = list(default_weights_path().rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned", "planner_edit"}
+    assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned", "planner_edit",
+                                              "drawer_edit_regions"}  # fmt: skip
     assert sum(f.stat().st_size for f in files) < 30_000_000
 
 
@@ -29,6 +30,22 @@ def test_the_unplanned_drawer_holds_the_drawing_weights_alone(pipe):
     mine, its = dict(pipe.model.named_parameters()), dict(pipe.unplanned_model.named_parameters())
     assert all((its[k] is mine[k]) == (k not in names) for k in mine)
     assert any(not its[k].equal(mine[k]) for k in names)
+
+
+def test_the_region_drawer_holds_a_few_drawing_weights_alone(pipe):
+    """Edit rows with regions draw with some drawing tensors of their own; every other
+    parameter is the base model's own object. A recolour redrawn in its region comes out
+    changed inside it and as the source outside it."""
+    names = set(pipe.model.image_only_parameter_names())
+    mine, its = dict(pipe.model.named_parameters()), dict(pipe.edit_region_model.named_parameters())
+    own = {k for k in mine if its[k] is not mine[k]}
+    assert own and own <= names and all(not its[k].equal(mine[k]) for k in own)
+    scene = Scene("white", (Object("square", "blue", "large", (8, 8, 28, 28)),
+                            Object("triangle", "yellow", "small", (40, 40, 52, 52))))  # fmt: skip
+    source = render(scene)
+    out = pipe.edit([source], ["make the blue square red"], plans=[[("large red square", (8, 8, 28, 28)),
+                    ("removed", (8, 8, 28, 28))]], regions=[[(8, 8, 28, 28)]], seed=0).images[0]  # fmt: skip
+    assert np.array_equal(out[32:], source[32:]) and not np.array_equal(out[8:28, 8:28], source[8:28, 8:28])
 
 
 def test_the_edit_planner_holds_a_few_answer_side_weights_alone(pipe):

@@ -477,6 +477,8 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
     assert out["edit_drawer"] == "b" and out["out"].endswith("c") and calls == ["edit"]
     out = json.loads(run("train", "planner", "a", "b", "--for", "edit", "--out", "d").stdout)
     assert out["edit_planner"] == "b" and out["out"].endswith("d") and calls == ["edit", "edit_plan"]
+    out = json.loads(run("train", "drawer", "a", "b", "--for", "edit-regions", "--out", "e").stdout)
+    assert out["edit_regions_drawer"] == "b" and calls[-1] == "edit_regions"
     assert run("train", "planner", "a", "b", "--for", "unplanned", "--out", "d").exit_code == 2  # no such kind
 
 

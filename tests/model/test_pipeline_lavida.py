@@ -298,23 +298,33 @@ def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, 
     assert not (tmp_path / "same" / "drawer_edit").exists()
 
 
-def test_an_edit_drawer_draws_the_single_shot_rows_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image):
+def test_edit_drawers_draw_their_own_rows_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image):
     base = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
-    drawer = with_own_weights(tiny_model, _redrawn(tiny_model))
-    alone = LavidaPipeline(drawer, tiny_vq, tokenizer)
-    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=drawer)
+    single = with_own_weights(tiny_model, _redrawn(tiny_model))
+    local = with_own_weights(tiny_model, _redrawn(tiny_model, delta=1.0))
+    alone = {id(m): LavidaPipeline(m, tiny_vq, tokenizer) for m in (single, local)}
+    both = LavidaPipeline(tiny_model, tiny_vq, tokenizer, edit_model=single, edit_region_model=local)
     ins = "make the red circle blue"
     region = [(0, 0, 32, 32)]
     plan = [("small blue circle", (8, 8, 20, 20))]
     events = []
-    mixed = both.edit([scene_image] * 3, [ins] * 3, plans=[None, plan, None], regions=[None, None, region],
-                      seed=[1, 2, 3], num_steps=3, callback=events.append)  # fmt: skip
-    assert torch.equal(mixed.codes[0], alone.edit([scene_image], [ins], seed=1, num_steps=3).codes[0])
+    mixed = both.edit([scene_image] * 4, [ins] * 4, plans=[None, plan, None, plan],
+                      regions=[None, None, region, region], seed=[1, 2, 3, 4], num_steps=3,
+                      callback=events.append)  # fmt: skip
+    # the single shot: the single-shot drawer's, not the base's
+    assert torch.equal(mixed.codes[0], alone[id(single)].edit([scene_image], [ins], seed=1, num_steps=3).codes[0])
     assert not torch.equal(mixed.codes[0], base.edit([scene_image], [ins], seed=1, num_steps=3).codes[0])
+    # a plan without regions: the base's
     assert torch.equal(mixed.codes[1], base.edit([scene_image], [ins], plans=[plan], seed=2, num_steps=3).codes[0])
-    assert torch.equal(mixed.codes[2], base.edit([scene_image], [ins], regions=[region], seed=3, num_steps=3).codes[0])
-    # two passes, the base's rows first, each step tagged with its rows
-    assert [e.rows for e in events] == [[1, 2]] * 3 + [[0]] * 3
+    # rows with regions (with or without a plan): the region drawer's
+    by_region = alone[id(local)].edit([scene_image] * 2, [ins] * 2, plans=[None, plan], regions=[region] * 2,
+                                      seed=[3, 4], num_steps=3)  # fmt: skip
+    assert torch.equal(mixed.codes[2:], by_region.codes)
+    assert not torch.equal(mixed.codes[2:], base.edit([scene_image] * 2, [ins] * 2, plans=[None, plan],
+                                                      regions=[region] * 2, seed=[3, 4], num_steps=3).codes)  # fmt: skip
+    # one pass per drawer, the base's rows first, each step tagged with its rows
+    steps = len(events) // 3
+    assert [e.rows for e in events] == [[1]] * steps + [[0]] * steps + [[2, 3]] * steps
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

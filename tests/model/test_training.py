@@ -369,6 +369,49 @@ def test_t2i_categories_pick_the_prompts_of_every_t2i_row(tokenizer, tiny_config
     assert seen[0].t2i_categories == {"size": 2} and seen[0].question_weights == {"count": 1}
 
 
+def test_edit_categories_pick_the_edits_of_every_edit_row(tokenizer, tiny_config, tiny_vq, monkeypatch):
+    import lavida_agent.model.training as training
+
+    drawn = []
+    sample = training.lang.sample_edit
+
+    def spy(rng, scene, category=None, **kw):
+        out = sample(rng, scene, category, **kw)
+        drawn.append((category, out[1].category))
+        return out
+
+    monkeypatch.setattr(training.lang, "sample_edit", spy)
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, edit_categories={"move": 1, "add": 0})
+    for task in ("edit", "edit_plan"):
+        sampler.examples(task, np.random.default_rng(3), 3)
+    assert drawn == [("move", "move")] * 6  # asked for by name, and made
+    drawn.clear()
+    TaskSampler(tokenizer, tiny_config, tiny_vq).examples("edit", np.random.default_rng(3), 2)
+    assert [asked for asked, _ in drawn] == [None, None]  # no weights: the world's own draw
+    with pytest.raises(ValueError, match="unknown edit category"):
+        TaskSampler(tokenizer, tiny_config, tiny_vq, edit_categories={"rotate": 1})
+    with pytest.raises(SystemExit) as e:
+        main(["--edit-categories", '{"move": 0}', "--steps", "1"])
+    assert e.value.code == 2
+    seen = []
+    monkeypatch.setattr(training, "train", lambda tc, progress: seen.append(tc) or {})
+    main(["--edit-categories", '{"resize": 2}', "--quiet"])
+    assert seen[0].edit_categories == {"resize": 2}
+
+
+def test_background_edits_drawn_with_the_plan_can_go_without_a_plan_segment(tokenizer, tiny_config, tiny_vq):
+    from lavida_agent.model.tasks import PLAN_LEN
+
+    def lengths(**kw):
+        sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, edit_with_plan=1.0, **kw)
+        return [len(ex.input_ids) for ex in sampler.examples("edit", np.random.default_rng(4), 3)]
+
+    background, moves = {"edit_categories": {"background": 1}}, {"edit_categories": {"move": 1}}
+    # the same rows either way, one plan segment shorter: the state the pipeline sends
+    assert [n - PLAN_LEN for n in lengths(**background)] == lengths(**background, background_edit_without_plan=True)
+    assert lengths(**moves) == lengths(**moves, background_edit_without_plan=True)  # a plan that touches boxes stays
+
+
 def test_ground_full_mask_masks_every_coordinate_and_only_grounding_rows(tokenizer, tiny_config):
     from lavida_agent.model.tasks import build_ground
 
@@ -944,7 +987,13 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
                                                          kind="edit"))  # fmt: skip
     assert three.unplanned_model is not None
     assert all(torch.equal(v, b[k]) for k, v in three.edit_model.state_dict().items())
-    with pytest.raises(ValueError, match="kind must be one of unplanned, edit, edit_plan"):
+    # and a region drawer beside both, loaded back as `edit_region_model`
+    five = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "three", tmp_path / "tuned", tmp_path / "five",
+                                                        kind="edit_regions"))  # fmt: skip
+    assert five.unplanned_model is not None and five.edit_model is not None
+    assert all(torch.equal(v, b[k]) for k, v in five.edit_region_model.state_dict().items())
+    assert json.loads((tmp_path / "five" / "pipeline_index.json").read_text())["edit_regions_drawer"] == "drawer_edit_regions"
+    with pytest.raises(ValueError, match="kind must be one of unplanned, edit, edit_regions, edit_plan"):
         attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "z", kind="ground")
     with torch.no_grad():
         tuned.model.lm_head.weight.add_(1.0)
