@@ -32,17 +32,25 @@ def test_the_unplanned_drawer_holds_the_drawing_weights_alone(pipe):
     assert any(not its[k].equal(mine[k]) for k in names)
 
 
+TWO_OBJECTS = Scene("white", (Object("square", "blue", "large", (8, 8, 28, 28)),
+                              Object("triangle", "yellow", "small", (40, 40, 52, 52))))  # fmt: skip
+
+
+def _holds_some_of_its_own(pipe, other, side: str) -> None:
+    """`other` differs from `pipe.model` in some tensors of `side` (a name-list method), each
+    really changed, and shares every other parameter object."""
+    names = set(getattr(pipe.model, side)())
+    mine, its = dict(pipe.model.named_parameters()), dict(other.named_parameters())
+    own = {k for k in mine if its[k] is not mine[k]}
+    assert own and own <= names and all(not its[k].equal(mine[k]) for k in own)
+
+
 def test_the_region_drawer_holds_a_few_drawing_weights_alone(pipe):
     """Edit rows with regions draw with some drawing tensors of their own; every other
     parameter is the base model's own object. A recolour redrawn in its region comes out
     changed inside it and as the source outside it."""
-    names = set(pipe.model.image_only_parameter_names())
-    mine, its = dict(pipe.model.named_parameters()), dict(pipe.edit_region_model.named_parameters())
-    own = {k for k in mine if its[k] is not mine[k]}
-    assert own and own <= names and all(not its[k].equal(mine[k]) for k in own)
-    scene = Scene("white", (Object("square", "blue", "large", (8, 8, 28, 28)),
-                            Object("triangle", "yellow", "small", (40, 40, 52, 52))))  # fmt: skip
-    source = render(scene)
+    _holds_some_of_its_own(pipe, pipe.edit_region_model, "image_only_parameter_names")
+    source = render(TWO_OBJECTS)
     out = pipe.edit([source], ["make the blue square red"], plans=[[("large red square", (8, 8, 28, 28)),
                     ("removed", (8, 8, 28, 28))]], regions=[[(8, 8, 28, 28)]], seed=0).images[0]  # fmt: skip
     assert np.array_equal(out[32:], source[32:]) and not np.array_equal(out[8:28, 8:28], source[8:28, 8:28])
@@ -52,13 +60,8 @@ def test_the_edit_planner_holds_a_few_answer_side_weights_alone(pipe):
     """The edit planner differs from the base model in some of its text-only tensors, shares
     every other parameter object; a recolour's plan takes the grounded square away and puts a
     red one in (its size and place are the benchmark's to score)."""
-    names = set(pipe.model.text_only_parameter_names())
-    mine, its = dict(pipe.model.named_parameters()), dict(pipe.edit_planner.named_parameters())
-    own = {k for k in mine if its[k] is not mine[k]}
-    assert own and own <= names and all(not its[k].equal(mine[k]) for k in own)
-    scene = Scene("white", (Object("square", "blue", "large", (8, 8, 28, 28)),
-                            Object("triangle", "yellow", "small", (40, 40, 52, 52))))  # fmt: skip
-    (plan,) = pipe.plan_edit([render(scene)], ["make the blue square red"]).plans
+    _holds_some_of_its_own(pipe, pipe.edit_planner, "text_only_parameter_names")
+    (plan,) = pipe.plan_edit([render(TWO_OBJECTS)], ["make the blue square red"]).plans
     (made, made_box), (removed, removed_box) = plan
     assert made.split()[1:] == ["red", "square"] and removed == "removed", plan
     assert iou(removed_box, (8, 8, 28, 28)) >= 0.5, plan

@@ -342,61 +342,48 @@ def test_cli_rejects_bad_question_weights(capsys):
     assert e.value.code == 2 and "unknown question kind" in capsys.readouterr().err
 
 
-def test_t2i_categories_pick_the_prompts_of_every_t2i_row(tokenizer, tiny_config, tiny_vq, monkeypatch):
-    import lavida_agent.model.training as training
+def _spy(monkeypatch, owner, name: str) -> list:
+    """Wrap `owner.name`; returns the list each call appends `(args, kwargs, result)` to."""
+    calls, real = [], getattr(owner, name)
 
-    drawn = []
-    sample = training.lang.sample_prompt
-
-    def spy(rng, **kw):
-        out = sample(rng, **kw)
-        drawn.append(out[1].category)
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append((args, kw, out))
         return out
 
-    monkeypatch.setattr(training.lang, "sample_prompt", spy)
-    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, t2i_categories={"position": 1})
-    for task in ("t2i", "t2i_plan", "plan"):
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "knob, draw, tasks, pick, bad",
+    [("t2i_categories", "sample_prompt", ("t2i", "t2i_plan", "plan"), "position", "pose"),
+     ("edit_categories", "sample_edit", ("edit", "edit_plan"), "move", "rotate")],
+)  # fmt: skip
+def test_category_weights_pick_what_every_row_of_their_tasks_draws(knob, draw, tasks, pick, bad, tokenizer,
+                                                                   tiny_config, tiny_vq, monkeypatch):  # fmt: skip
+    import lavida_agent.model.training as training
+
+    calls = _spy(monkeypatch, training.lang, draw)
+    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, **{knob: {pick: 1}})
+    for task in tasks:
         sampler.examples(task, np.random.default_rng(2), 3)
-    assert drawn == ["position"] * 9
-    with pytest.raises(ValueError, match="unknown prompt category"):
-        TaskSampler(tokenizer, tiny_config, tiny_vq, t2i_categories={"pose": 1})
-    with pytest.raises(SystemExit) as e:
-        main(["--t2i-categories", '{"pose": 1}', "--steps", "1"])
-    assert e.value.code == 2
+    assert [out[1].category for _, _, out in calls] == [pick] * (3 * len(tasks))
+    calls.clear()
+    TaskSampler(tokenizer, tiny_config, tiny_vq).examples(tasks[0], np.random.default_rng(2), 2)
+    # without weights the world draws as before: no category asked for (earlier runs replay)
+    assert calls and all(kw.get("weights") is None and len(args) <= 2 for args, kw, _ in calls)
+    with pytest.raises(ValueError, match="unknown (prompt|edit) category"):
+        TaskSampler(tokenizer, tiny_config, tiny_vq, **{knob: {bad: 1}})
+    flag = "--" + knob.replace("_", "-")
+    for weights in ({bad: 1}, {pick: 0}):
+        with pytest.raises(SystemExit) as e:
+            main([flag, json.dumps(weights), "--steps", "1"])
+        assert e.value.code == 2
     seen = []
     monkeypatch.setattr(training, "train", lambda tc, progress: seen.append(tc) or {})
-    main(["--t2i-categories", '{"size": 2}', "--questions", '{"count": 1}', "--quiet"])
-    assert seen[0].t2i_categories == {"size": 2} and seen[0].question_weights == {"count": 1}
-
-
-def test_edit_categories_pick_the_edits_of_every_edit_row(tokenizer, tiny_config, tiny_vq, monkeypatch):
-    import lavida_agent.model.training as training
-
-    drawn = []
-    sample = training.lang.sample_edit
-
-    def spy(rng, scene, category=None, **kw):
-        out = sample(rng, scene, category, **kw)
-        drawn.append((category, out[1].category))
-        return out
-
-    monkeypatch.setattr(training.lang, "sample_edit", spy)
-    sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, edit_categories={"move": 1, "add": 0})
-    for task in ("edit", "edit_plan"):
-        sampler.examples(task, np.random.default_rng(3), 3)
-    assert drawn == [("move", "move")] * 6  # asked for by name, and made
-    drawn.clear()
-    TaskSampler(tokenizer, tiny_config, tiny_vq).examples("edit", np.random.default_rng(3), 2)
-    assert [asked for asked, _ in drawn] == [None, None]  # no weights: the world's own draw
-    with pytest.raises(ValueError, match="unknown edit category"):
-        TaskSampler(tokenizer, tiny_config, tiny_vq, edit_categories={"rotate": 1})
-    with pytest.raises(SystemExit) as e:
-        main(["--edit-categories", '{"move": 0}', "--steps", "1"])
-    assert e.value.code == 2
-    seen = []
-    monkeypatch.setattr(training, "train", lambda tc, progress: seen.append(tc) or {})
-    main(["--edit-categories", '{"resize": 2}', "--quiet"])
-    assert seen[0].edit_categories == {"resize": 2}
+    main([flag, json.dumps({pick: 2}), "--questions", '{"count": 1}', "--quiet"])
+    assert getattr(seen[0], knob) == {pick: 2} and seen[0].question_weights == {"count": 1}
 
 
 def test_background_edits_drawn_with_the_plan_can_go_without_a_plan_segment(tokenizer, tiny_config, tiny_vq):
