@@ -86,7 +86,7 @@ from lavida_agent.tools.shapes_world.language import (
     plan_reasons,
     referable,
     sample_critique,
-    sample_edit,
+    sample_edit_on_new_scene,
     sample_prompt,
     sample_question,
     sample_refexp,
@@ -191,16 +191,7 @@ def edit_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
     items = []
     for ci, cat in enumerate(EDIT_CATEGORIES):
         for i in range(n):
-            rng = item_rng(seed, "edit", ci, i)
-            for _ in range(100):
-                scene = sample_scene(rng)
-                try:
-                    text, _, target = sample_edit(rng, scene, cat)
-                except ValueError:  # this category does not apply to this scene
-                    continue
-                break
-            else:  # pragma: no cover - every category applies to most random scenes
-                raise RuntimeError(f"no {cat} edit found for item {i}")
+            scene, text, _, target = sample_edit_on_new_scene(item_rng(seed, "edit", ci, i), cat)
             items.append(
                 {
                     "category": cat,

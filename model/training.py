@@ -408,14 +408,8 @@ class TaskSampler:
             return source, instruction, target
         w = self.edit_categories
         category = lang.EDIT_CATEGORIES[int(rng.choice(len(w), p=w / w.sum()))]
-        for _ in range(100):
-            source = sample_scene(rng)
-            try:
-                instruction, _, target = lang.sample_edit(rng, source, category)
-            except ValueError:  # this category does not apply to this scene
-                continue
-            return source, instruction, target
-        raise RuntimeError(f"no {category} edit applies to 100 random scenes")  # pragma: no cover
+        source, instruction, _, target = lang.sample_edit_on_new_scene(rng, category)
+        return source, instruction, target
 
     def _edit(self, rng, n):
         drafts = [(*self._edit_draft(rng), rng.random() < self.edit_with_plan) for _ in range(n)]

@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROMPT_CATEGORIES", "EDIT_CATEGORIES", "REF_FORMS", "QUESTION_KINDS", "SIDES",
     "REASON_TEMPLATES", "GrammarError", "Noun", "ObjectReq", "PromptSpec", "EditSpec", "RefSpec",
-    "QuestionSpec", "question_kind_weights", "prompt_category_weights", "edit_category_weights", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt", "canonical_scene_for_prompt",
+    "QuestionSpec", "question_kind_weights", "prompt_category_weights", "edit_category_weights", "sample_edit_on_new_scene", "sample_prompt", "prompt_text", "parse_prompt", "scene_for_prompt", "canonical_scene_for_prompt",
     "sample_edit", "edit_text", "parse_edit", "apply_edit", "referable", "sample_refexp",
     "refexp_text", "parse_refexp", "resolve_refexp", "sample_question", "question_text",
     "parse_question", "answer", "presupposition_holds", "caption", "DESCRIBE", "Caption", "parse_caption", "plan_items", "plan_objects", "plan_reasons", "reason", "prompt_reasons", "reason_fits_prompt", "sample_critique",
@@ -1349,6 +1349,25 @@ def question_kind_weights(weights: Mapping[str, float]) -> np.ndarray:
 def prompt_category_weights(weights: Mapping[str, float]) -> np.ndarray:
     """`weights` (category -> relative weight) as an array over `PROMPT_CATEGORIES`, validated."""
     return _kind_weights(weights, PROMPT_CATEGORIES, "prompt category")
+
+
+def sample_edit_on_new_scene(rng: np.random.Generator, category: str, tries: int = 100) -> tuple:
+    """A random scene and a `category` edit of it, drawing a new scene until one allows
+    that edit: `(source scene, instruction, spec, target scene)`.
+
+    Raises:
+        RuntimeError: no scene of `tries` allowed it.
+    """
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    for _ in range(tries):
+        scene = sample_scene(rng)
+        try:
+            text, spec, target = sample_edit(rng, scene, category)
+        except ValueError:  # this category does not apply to this scene
+            continue
+        return scene, text, spec, target
+    raise RuntimeError(f"no {category} edit applies to {tries} random scenes")  # pragma: no cover
 
 
 def edit_category_weights(weights: Mapping[str, float]) -> np.ndarray:
