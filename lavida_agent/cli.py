@@ -877,13 +877,14 @@ def train_export(run: str, dest: str) -> None:
     _echo_json({"run": run, **out})
 
 
-def _attach(base: str, tuned: str, dest: str, kind: str, key: str) -> None:
-    """`train drawer` / `train planner`: write BASE with TUNED's own weights for `kind`."""
+def _attach(base: str, tuned: str, dest: str, kind: str, key: str, defaults: dict | None = None) -> None:
+    """`train drawer` / `train planner`: write BASE with TUNED's own weights for `kind`
+    (and `defaults` in its pipeline_index.json)."""
     from lavida_agent.errors import InvalidInputError
 
     training = _import("lavida_agent.model.training", "model training")
     try:
-        out = training.attach_weights(base, tuned, dest, kind=kind)
+        out = training.attach_weights(base, tuned, dest, kind=kind, **({"defaults": defaults} if defaults else {}))
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     _echo_json({"out": str(out), key: str(tuned)})
@@ -908,11 +909,15 @@ def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
 @click.argument("planner", type=click.Path(exists=True, file_okay=False))
 @click.option("--for", "kind", type=click.Choice(["edit"]), required=True,
               help="The plans it writes: `plan_edit`'s boxes around the object an edit takes away.")
+@click.option("--first-step", is_flag=True,
+              help="It writes `plan_edit`'s first plan too, not only the boxes around the grounded object "
+                   "(trained on whole edit plans: --edit-plan-given-removed below 1).")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
-def train_planner(base: str, planner: str, kind: str, dest: str) -> None:
+def train_planner(base: str, planner: str, kind: str, first_step: bool, dest: str) -> None:
     """Give BASE a planner for one kind of plan: the answer-side weights of PLANNER (BASE
     fine-tuned with `--trainable understanding` on those plans). Everything else stays BASE's."""
-    _attach(base, planner, dest, f"{kind}_plan", f"{kind}_planner")
+    _attach(base, planner, dest, f"{kind}_plan", f"{kind}_planner",
+            defaults={"edit_planner_first_step": True} if first_step else None)
 
 
 @cli.command()

@@ -114,6 +114,10 @@ DEFAULTS: dict = {
     # the default read: the image in this many views, the head noun's fit picks among all
     # the boxes they find (1: the image alone, in `ground_candidates` branches)
     "ground_views": 12,
+    # `plan_edit`'s first step (the whole plan) by the edit planner too, not only the boxes
+    # written knowing the grounded `removed` one (a planner trained on both states; weights
+    # README, stop 32)
+    "edit_planner_first_step": False,
 }
 
 
@@ -661,7 +665,8 @@ class LavidaPipeline:
         grounding (`ground`) of the object the instruction names, and every other box of the
         row is masked and written again knowing it (`_decode_text_ids(start=...)`, the most
         confident coordinate first), by `edit_planner` when the pipeline has one (trained on
-        exactly that state; the embedded weights do), else by the model. The model names the
+        exactly that state; the embedded weights do), else by the model. With the default
+        `edit_planner_first_step` the planner writes the first plan as well. The model names the
         right objects in its edit plans far more often than it finds them; its grounding
         finds them (`model/weights/README.md`, "Stop 28" and "Stop 29"). The object is the
         instruction's `the {color} {shape}` for an instruction in the ShapesWorld grammar,
@@ -684,6 +689,7 @@ class LavidaPipeline:
             exs, PLAN_LEN, gens=gens, num_steps=num_steps or 2 * self.defaults["text_steps"],
             temperature=temperature, allowed=self._text_allowed(), callback=callback,
             interrupt=interrupt, task="plan_edit",
+            model=self.edit_planner if self.defaults["edit_planner_first_step"] else None,
         )  # fmt: skip
         objects = [_edit_object(ins) for ins in instructions]
         if ground:

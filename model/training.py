@@ -1232,7 +1232,8 @@ ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_re
                 "edit_plan": "edit_planner"}
 
 
-def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned") -> Path:
+def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned",
+                   defaults: dict | None = None) -> Path:  # fmt: skip
     """Write `base` with `tuned`'s own weights for one kind of work: a drawer or a planner.
 
     `tuned` is `base` fine-tuned on that work alone, with one side trainable. `kind`:
@@ -1246,18 +1247,24 @@ def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kin
     `edit_planner`. Everything else (the other drawings and plans, answers, boxes, verdicts,
     another kind `base` has) stays exactly `base`'s. Adds the weights of that side that
     differ from `base`'s alone (train a few with `train_only` to keep them small).
+    `defaults`: sampler defaults to set in `dest`'s `pipeline_index.json` beside it (e.g.
+    `{"edit_planner_first_step": True}` for a planner trained on whole edit plans too).
 
     Raises:
-        ValueError: an unknown kind, other architectures, or `tuned` differing outside its
-            side.
+        ValueError: an unknown kind, an unknown default, other architectures, or `tuned`
+            differing outside its side.
     """
-    from .pipeline_lavida import OWN_MODELS, with_own_weights
+    from .pipeline_lavida import DEFAULTS, OWN_MODELS, with_own_weights
 
     if kind not in ATTACH_KINDS:
         raise ValueError(f"kind must be one of {', '.join(ATTACH_KINDS)}, got {kind!r}")
+    unknown = sorted(set(defaults or {}) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown pipeline default(s) {unknown}; expected some of {sorted(DEFAULTS)}")
     _, attr, part = OWN_MODELS[ATTACH_KINDS[kind]]
     pipe, theirs, side = _one_sided(base, tuned, part)
     setattr(pipe, attr, with_own_weights(pipe.model, {k: theirs[k] for k in side}, part=part))
+    pipe.defaults.update(defaults or {})
     pipe.save_pretrained(dest)
     return Path(dest)
 

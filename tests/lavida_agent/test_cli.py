@@ -472,7 +472,7 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
     assert result.exit_code == 1 and "outside the generation parameters" in result.output
     calls = []
     monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
-        attach_weights=lambda base, drawer, dest, kind: calls.append(kind) or tmp_path / dest))  # fmt: skip
+        attach_weights=lambda base, drawer, dest, kind, **kw: calls.append(kind) or tmp_path / dest))  # fmt: skip
     out = json.loads(run("train", "drawer", "a", "b", "--for", "edit", "--out", "c").stdout)
     assert out["edit_drawer"] == "b" and out["out"].endswith("c") and calls == ["edit"]
     out = json.loads(run("train", "planner", "a", "b", "--for", "edit", "--out", "d").stdout)
@@ -480,6 +480,12 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
     out = json.loads(run("train", "drawer", "a", "b", "--for", "edit-regions", "--out", "e").stdout)
     assert out["edit_regions_drawer"] == "b" and calls[-1] == "edit_regions"
     assert run("train", "planner", "a", "b", "--for", "unplanned", "--out", "d").exit_code == 2  # no such kind
+    given = []
+    monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(
+        attach_weights=lambda base, drawer, dest, kind, **kw: given.append(kw) or tmp_path / dest))  # fmt: skip
+    assert run("train", "planner", "a", "b", "--for", "edit", "--first-step", "--out", "d").exit_code == 0
+    assert run("train", "planner", "a", "b", "--for", "edit", "--out", "d").exit_code == 0
+    assert given == [{"defaults": {"edit_planner_first_step": True}}, {}]
 
 
 def test_train_export_writes_a_runs_checkpoint_or_says_why_not(run, tmp_path, monkeypatch):

@@ -91,16 +91,17 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(c.ok[0], bool)
 
 
-@pytest.mark.parametrize("planner", [False, True])
-def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer, tiny_config, monkeypatch, planner):
+@pytest.mark.parametrize("planner,first_step", [(False, False), (True, False), (True, True)])
+def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer, tiny_config, monkeypatch, planner,
+                                                    first_step):  # fmt: skip
     from lavida_agent.model.pipeline_lavida import GroundingOutput
     from lavida_agent.model.tasks import build_edit
 
     base = pipe
-    if planner:  # an edit planner writes the second step's boxes; the first plan stays the model's
+    if planner:  # an edit planner writes the second step's boxes, and the first plan if asked
         side = set(pipe.model.text_only_parameter_names())
         moved = {k: v.detach() + 0.5 for k, v in pipe.model.named_parameters() if k in side}
-        pipe = LavidaPipeline(pipe.model, pipe.vq, pipe.tokenizer,
+        pipe = LavidaPipeline(pipe.model, pipe.vq, pipe.tokenizer, defaults={"edit_planner_first_step": first_step},
                               edit_planner=with_own_weights(pipe.model, moved, part="understanding"))
     codes = pipe._encode_images([scene_image])[0]
 
@@ -140,7 +141,8 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
     mask = tiny_config.mask_token_id
     assert int((start == mask).sum()) == 4 and start[0, :4].tolist() == answer(first[0])[:4]
     assert "large blue circle" in out.texts[0] and mask not in tokenizer(out.texts[0])["input_ids"]
-    assert models == [None, pipe.edit_planner] and (pipe.edit_planner is not None) == planner
+    assert models == [pipe.edit_planner if first_step else None, pipe.edit_planner]
+    assert (pipe.edit_planner is not None) == planner
     assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], ground=False, snap=False).plans == [
         first[0], first[1][:1]]
     # snapped (the default): the produced object's 16 px "large" box becomes an 18 px square
@@ -154,7 +156,7 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
     monkeypatch.setattr(pipe, "ground", lambda images, expressions, **kw: GroundingOutput(boxes=[[None]]))
     models.clear()
     assert pipe.plan_edit([scene_image] * 2, ins, seed=[1, 2], snap=False).plans == [first[0], first[1][:1]]
-    assert models == [None]
+    assert models == [pipe.edit_planner if first_step else None]
 
 
 def test_plan_edit_decodes_the_slot_that_edit_plan_rows_train(pipe, scene_image, tokenizer, tiny_config):

@@ -1001,6 +1001,15 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
     assert four.edit_model is None and four.unplanned_model is None
     with pytest.raises(ValueError, match="outside the understanding parameters"):
         attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", kind="edit_plan")
+    # a planner for whole edit plans says so in the folder's defaults; others keep theirs
+    first = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "base", tmp_path / "planned", tmp_path / "six",
+                                                          kind="edit_plan",
+                                                          defaults={"edit_planner_first_step": True}))  # fmt: skip
+    assert first.defaults["edit_planner_first_step"] and not four.defaults["edit_planner_first_step"]
+    with pytest.raises(ValueError, match="unknown pipeline default"):
+        attach_weights(tmp_path / "base", tmp_path / "planned", tmp_path / "w", kind="edit_plan",
+                       defaults={"planner_first": True})  # fmt: skip
+    assert not (tmp_path / "w").exists()
 
 
 def test_export_checkpoint_writes_the_runs_weights_or_names_what_is_missing(tmp_path, vq_dir):
