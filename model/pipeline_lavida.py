@@ -22,7 +22,8 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
                           planned and agent edits); listed as "edit_regions_drawer"
     planner_edit/         optional: model.safetensors, answer-side weights (some of the
                           model's `text_only_parameter_names`) that write an edit plan's
-                          boxes around the object it takes away; listed as "edit_planner"
+                          boxes around the object it takes away, and the whole first plan
+                          with `edit_planner_first_step`; listed as "edit_planner"
 """
 
 from __future__ import annotations
