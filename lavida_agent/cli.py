@@ -884,7 +884,7 @@ def _attach(base: str, tuned: str, dest: str, kind: str, key: str, defaults: dic
 
     training = _import("lavida_agent.model.training", "model training")
     try:
-        out = training.attach_weights(base, tuned, dest, kind=kind, **({"defaults": defaults} if defaults else {}))
+        out = training.attach_weights(base, tuned, dest, kind=kind, defaults=defaults)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     _echo_json({"out": str(out), key: str(tuned)})

@@ -666,8 +666,9 @@ class LavidaPipeline:
         grounding (`ground`) of the object the instruction names, and every other box of the
         row is masked and written again knowing it (`_decode_text_ids(start=...)`, the most
         confident coordinate first), by `edit_planner` when the pipeline has one (trained on
-        exactly that state; the embedded weights do), else by the model. With the default
-        `edit_planner_first_step` the planner writes the first plan as well. The model names the
+        exactly that state; the embedded weights do), else by the model. With
+        `defaults["edit_planner_first_step"]` (the embedded weights set it) the planner writes
+        the first plan as well. The model names the
         right objects in its edit plans far more often than it finds them; its grounding
         finds them (`model/weights/README.md`, "Stop 28" and "Stop 29"). The object is the
         instruction's `the {color} {shape}` for an instruction in the ShapesWorld grammar,
