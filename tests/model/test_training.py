@@ -1027,3 +1027,28 @@ def test_export_checkpoint_writes_the_runs_weights_or_names_what_is_missing(tmp_
     with pytest.raises(ValueError, match="no state.pt"):
         export_checkpoint(run, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_edit_local_targets_keep_the_sources_codes_outside_the_touched_cells(tokenizer, tiny_config, tiny_vq):
+    def rows(categories, **kw):
+        sampler = TaskSampler(tokenizer, tiny_config, tiny_vq, edit_categories=categories, edit_with_plan=0.0, **kw)
+        return sampler.examples("edit", np.random.default_rng(5), 4)
+
+    def split(ex):
+        source = next(c for c, t in zip(ex.gen_codes, ex.gen_is_target) if not t)
+        return source, next(c for c, t in zip(ex.gen_codes, ex.gen_is_target) if t)
+
+    moves = {"move": 1, "recolor": 1, "add": 1}
+    changed_outside = 0
+    for whole, local in zip(rows(moves), rows(moves, edit_local_targets=True), strict=True):
+        (src, goal), (src2, mixed) = split(whole), split(local)
+        region = local.edit_region
+        assert region is not None and region.any() and not region.all()
+        assert (src == src2).all() and whole.input_ids == local.input_ids  # the same draw
+        assert (mixed[region] == goal[region]).all()  # the change, as the target encodes it
+        assert (mixed[~region] == src[~region]).all()  # the rest, as the source encodes it
+        changed_outside += int((goal[~region] != src[~region]).sum())
+    assert changed_outside  # (the whole target differs there: the encoder sees the whole image)
+    # a background edit touches no box: its target stays whole
+    for whole, local in zip(rows({"background": 1}), rows({"background": 1}, edit_local_targets=True), strict=True):
+        assert (split(whole)[1] == split(local)[1]).all()
