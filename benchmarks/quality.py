@@ -9,7 +9,9 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
 (whose critique is part of the system under test). The suites:
 
 - `vq`: VQ round trip (`training_vq.evaluate_vq`): the detector finds the same scene on
-  `decode(encode(render(scene)))` as on `render(scene)` (`8 n` scenes).
+  `decode(encode(render(scene)))` as on `render(scene)` (`8 n` scenes); and how local the
+  codes are (`training_vq.edit_locality`, `8 n` object edits): the share of codes outside
+  an edit's touched cells that change, where no pixel does (0 for a local tokenizer).
 - `t2i`: `n` prompts per GenEval-style category; single shot (`generate`) and with the
   model's own plan (`plan`, then `generate(plans=...)`), same sampler seeds. Also whether
   the plan itself, read as a scene, satisfies the prompt.
@@ -1001,12 +1003,12 @@ def score_agent_ground(
 
 
 def _suite_vq(pipeline: Any, n: int, seed: int, batch_size: int, **_: Any) -> dict[str, Any]:
-    from lavida_agent.model.training_vq import evaluate_vq
+    from lavida_agent.model.training_vq import edit_locality, evaluate_vq
 
     vq_seed = suite_seed(seed, "vq")
-    res = evaluate_vq(
-        _OnVQDevice(pipeline.vq), n_scenes=VQ_PER_N * n, seed=vq_seed, batch_size=max(1, batch_size)
-    )
+    vq, size = _OnVQDevice(pipeline.vq), max(1, batch_size)
+    res = evaluate_vq(vq, n_scenes=VQ_PER_N * n, seed=vq_seed, batch_size=size)
+    res.update(edit_locality(vq, n_edits=VQ_PER_N * n, seed=vq_seed, batch_size=size))
     return {"seed": vq_seed, **res}
 
 

@@ -410,6 +410,52 @@ def evaluate_vq(
     }
 
 
+
+def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 20240,
+                  batch_size: int = 100) -> dict[str, float]:  # fmt: skip
+    """How local the codes are: over `n_edits` fresh object edits (ShapesWorld's edit
+    grammar; background edits, which change every pixel, left out), the share of the codes
+    *outside* the cells the edit touches (its changed objects' boxes, `tasks.box_cells`)
+    that differ between the source's encoding and the target's.
+
+    The pixels there are identical, so a tokenizer whose codes see only their own
+    neighbourhood scores 0. One whose encoder normalises over the whole image (GroupNorm)
+    does not: the single-shot edit must then redraw codes far from the change, and region
+    edits, which keep the source's codes there, decode them beside codes of another image.
+
+    Returns:
+        `codes_changed_outside_edit` (mean over edits) and `edits`.
+    """
+    from types import SimpleNamespace
+
+    from lavida_agent.tools.shapes_world import language as lang
+    from lavida_agent.tools.shapes_world.render import render
+    from lavida_agent.tools.shapes_world.sampler import sample_scene
+
+    from .tasks import box_cells
+
+    tokenizer.eval()
+    rng = np.random.default_rng(seed)
+    pairs, boxes = [], []
+    while len(pairs) < n_edits:
+        source = sample_scene(rng)
+        _, _, target = lang.sample_edit(rng, source)
+        touched = set(source.objects) ^ set(target.objects)
+        if touched:
+            pairs.append((render(source), render(target)))
+            boxes.append([o.box for o in touched])
+    shares = []
+    for start in range(0, n_edits, batch_size):
+        chunk = pairs[start : start + batch_size]
+        a = tokenizer.encode(images_to_tensor(np.stack([p for p, _ in chunk]))).codes
+        b = tokenizer.encode(images_to_tensor(np.stack([q for _, q in chunk]))).codes
+        changed = (a != b).reshape(len(chunk), -1, *a.shape[-2:]).any(1).cpu().numpy()  # (b, G, G)
+        grid = SimpleNamespace(image_grid=changed.shape[-1], image_size=chunk[0][0].shape[0])
+        for k, row in enumerate(changed):
+            outside = ~box_cells(boxes[start + k], grid)
+            shares.append(float(row[outside].mean()) if outside.any() else 0.0)
+    return {"codes_changed_outside_edit": float(np.mean(shares)), "edits": n_edits}
+
 class _SceneAsDetection:
     """Adapts a ground-truth `Scene` to the fields `_same_scene` reads."""
 

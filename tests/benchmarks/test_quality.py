@@ -340,6 +340,7 @@ def test_oracle_scores_perfectly(tmp_path):
     result = quality.run(pipeline=oracle, out_dir=tmp_path, n=2, agent_rounds=(1, 2), batch_size=4)
     s = result["suites"]
     assert s["vq"]["detector_exact"] == 1.0
+    assert s["vq"]["codes_changed_outside_edit"] == 0.0  # pixels as codes: perfectly local
     assert s["t2i"]["single_shot"]["overall"] == 1.0
     assert s["t2i"]["with_plan"]["overall"] == 1.0
     assert s["t2i"]["plan_correct"]["overall"] == 1.0

@@ -18,6 +18,7 @@ from lavida_agent.model.training_vq import (
     CHECKPOINT_NAME,
     METRICS_NAME,
     crowded_scene,
+    edit_locality,
     evaluate_vq,
     main,
     sample_shapes_world_batch,
@@ -129,6 +130,32 @@ def test_evaluate_vq_reports_fractions():
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["detector_on_originals"] == 1.0  # the detector is exact on renders
     assert metrics["psnr"] > 0 and metrics["codes_used"] >= 1
+
+
+class _CellTokenizer:
+    """Each 4x4 cell's code is its mean colour, optionally offset by the image's mean
+    brightness (a stand-in for an encoder that normalises over the whole image)."""
+
+    def __init__(self, global_stats: bool):
+        self.global_stats = global_stats
+
+    def eval(self):
+        return self
+
+    def encode(self, pixels):
+        from types import SimpleNamespace
+
+        cells = torch.nn.functional.avg_pool2d(pixels, 4)  # (B, 3, 16, 16)
+        if self.global_stats:
+            cells = cells + pixels.mean(dim=(1, 2, 3), keepdim=True)
+        return SimpleNamespace(codes=(cells * 64).round().long())
+
+
+def test_edit_locality_tells_local_codes_from_global_ones():
+    local = edit_locality(_CellTokenizer(global_stats=False), n_edits=12, seed=3, batch_size=5)
+    assert local == {"codes_changed_outside_edit": 0.0, "edits": 12}  # no pixel changes there
+    spread = edit_locality(_CellTokenizer(global_stats=True), n_edits=12, seed=3, batch_size=5)
+    assert spread["codes_changed_outside_edit"] > 0.5  # the mean moves every code
 
 
 def test_cli_trains_and_exports(tmp_path, monkeypatch):
