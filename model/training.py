@@ -169,9 +169,9 @@ class TrainConfig:
     background_edit_without_plan: bool = False
     # An edit row's target image holds the *source's* codes outside the touched boxes' cells
     # (the target's inside them). The VQ encoder's GroupNorm makes every code depend on the
-    # whole image: a recolour that changes 5% of the pixels changes ~half the codes, all over
-    # the grid, so the whole-image target asked the single shot for changes it could not
-    # see. The mixed codes decode to a correct edit as often as the target's own (0.98 vs
+    # whole image: an object edit changes ~30% of the codes outside the cells it touches,
+    # where no pixel changes (`training_vq.edit_locality`), so the whole-image target asked
+    # the single shot for changes it could not see. The mixed codes decode to a correct edit as often as the target's own (0.98 vs
     # 0.99, 112 tuning edits). Rows that touch no box (background edits) keep the target's
     # codes. Off: stages 1-32, which replay so.
     edit_local_targets: bool = False

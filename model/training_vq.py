@@ -410,7 +410,6 @@ def evaluate_vq(
     }
 
 
-
 def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 20240,
                   batch_size: int = 100) -> dict[str, float]:  # fmt: skip
     """How local the codes are: over `n_edits` fresh object edits (ShapesWorld's edit
