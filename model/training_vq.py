@@ -414,7 +414,7 @@ def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 2
                   batch_size: int = 100) -> dict[str, float]:  # fmt: skip
     """How local the codes are: over `n_edits` fresh object edits (ShapesWorld's edit
     grammar; background edits, which change every pixel, left out), the share of the codes
-    *outside* the cells the edit touches (its changed objects' boxes, `tasks.box_cells`)
+    *outside* the cells the edit touches (`training.touched_plan`'s boxes, `tasks.box_cells`)
     that differ between the source's encoding and the target's.
 
     The pixels there are identical, so a tokenizer whose codes see only their own
@@ -432,6 +432,7 @@ def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 2
     from lavida_agent.tools.shapes_world.sampler import sample_scene
 
     from .tasks import box_cells
+    from .training import touched_plan
 
     tokenizer.eval()
     rng = np.random.default_rng(seed)
@@ -439,10 +440,10 @@ def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 2
     while len(pairs) < n_edits:
         source = sample_scene(rng)
         _, _, target = lang.sample_edit(rng, source)
-        touched = set(source.objects) ^ set(target.objects)
+        touched = touched_plan(source, target)
         if touched:
             pairs.append((render(source), render(target)))
-            boxes.append([o.box for o in touched])
+            boxes.append([box for _, box in touched])
     shares = []
     for start in range(0, n_edits, batch_size):
         chunk = pairs[start : start + batch_size]
