@@ -466,7 +466,12 @@ class LavidaImageEmbedding(nn.Module):
 
 
 class LavidaImageHead(nn.Module):
-    """Gen final states (S, P, dg) -> code logits (S, G, G, K): expand 2x2, then classify."""
+    """Gen final states (S, P, dg) -> code logits (S, G, G, K): expand 2x2, then classify.
+
+    With `config.image_copy`, a cell whose image has a source (an edit's) may copy the
+    source's code at the same cell: `copy_gate`, read from the cell's features, is added to
+    that code's logit. It starts at zero, so a head trained without it loads unchanged.
+    """
 
     def __init__(self, config: LavidaConfig):
         super().__init__()
@@ -476,15 +481,29 @@ class LavidaImageHead(nn.Module):
         self.norm = LavidaRMSNorm(dg, config.rms_norm_eps)
         self.proj = nn.Linear(dg, dg, bias=False)
         self.classifier = nn.Linear(dg, config.codebook_size, bias=False)
+        if config.image_copy:
+            self.copy_gate = nn.Linear(dg, 1)
 
-    def forward(self, h: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `(S, G, G, K)`, or `(n, K)` at the `True` cells of `select` `(S, G, G)`."""
+    def forward(
+        self, h: torch.Tensor, select: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits `(S, G, G, K)`, or `(n, K)` at the `True` cells of `select` `(S, G, G)`.
+
+        `source` `(S, G, G)`: per cell, the code the copy gate may copy (-1: none); read
+        only with `image_copy`.
+        """
         S, P, dg = h.shape
         x = h.transpose(1, 2).reshape(S, dg, self.side, self.side)
         x = self.up(x).permute(0, 2, 3, 1)  # (S, G, G, dg)
         if select is not None:
             x = x[select]  # (n, dg): only the cells a loss is taken on
-        return self.classifier(F.silu(self.proj(self.norm(x))))
+        x = F.silu(self.proj(self.norm(x)))
+        logits = self.classifier(x)
+        if source is not None and hasattr(self, "copy_gate"):
+            src = source if select is None else source[select]
+            gate = self.copy_gate(x).squeeze(-1) * (src >= 0).to(x.dtype)
+            logits = logits.scatter_add(-1, src.clamp(min=0).unsqueeze(-1), gate.unsqueeze(-1).to(logits.dtype))
+        return logits
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -507,6 +526,8 @@ class ConditionCache:
             copied `(B, Lc)` bool; None otherwise.
         pool_sources: for a model with `condition_pool`, the prefix's token ids `(B, Lc)` and
             which of them the pool reads `(B, Lc)` bool; None otherwise.
+        source_codes: for a model with `image_copy`, each row's edit source codes `(B, G, G)`
+            (-1 where a row has none, or its source is masked); None otherwise.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
@@ -517,6 +538,7 @@ class ConditionCache:
     plan_items: list | None = None
     copy_sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     pool_sources: tuple[torch.Tensor, torch.Tensor] | None = None
+    source_codes: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -531,6 +553,7 @@ class ConditionCache:
             None if self.plan_items is None else [row for row in self.plan_items for _ in range(n)],
             None if self.copy_sources is None else tuple(rep(t) for t in self.copy_sources),
             None if self.pool_sources is None else tuple(rep(t) for t in self.pool_sources),
+            None if self.source_codes is None else rep(self.source_codes),
         )  # fmt: skip
 
 
@@ -565,7 +588,8 @@ class LavidaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LavidaDecoderLayer"]
     # Parameters that start at zero: weights saved without them load into the same function.
     # (The copy head's query and key are not zero, but its gate is, which silences it.)
-    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_", "copy_", "pool_")
+    fresh_at_zero = ("loc_in.", "loc_out.", "image_embed.pos_code_proj.", "image_embed.layout_", "copy_", "pool_",
+                     "image_head.copy_gate.")
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -596,6 +620,7 @@ class LavidaPreTrainedModel(PreTrainedModel):
                 (self, "loc_in"), (self, "loc_out"), (getattr(self, "image_embed", None), "pos_code_proj"),
                 (getattr(self, "image_embed", None), "layout_label"),
                 (getattr(self, "image_embed", None), "layout_geom"), (self, "copy_gate"),
+                (getattr(self, "image_head", None), "copy_gate"),
                 (self, "pool_und"), (self, "pool_gen"))):  # fmt: skip
             nn.init.zeros_(module.weight)
         if module is getattr(self, "copy_query", None) or module is getattr(self, "copy_key", None):
@@ -825,6 +850,23 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         bonus = self.copy_gate(full).float() * vocab
         return bonus.view(B * L, V), (keys, input_ids, src)
 
+    def _source_codes(self, B: int, L: int, gen_codes: torch.Tensor | None, gen_idx: torch.Tensor,
+                      gen_is_target: torch.Tensor, cache: ConditionCache | None) -> torch.Tensor:  # fmt: skip
+        """Each row's edit source codes `(B, G, G)` for the image copy path: the row's
+        `img_src` slot in this pass, else the cache's; -1 where a row has none or its source
+        is masked (a guidance row without the source)."""
+        cfg = self.config
+        G = cfg.image_grid
+        if cache is not None and cache.source_codes is not None:
+            out = cache.source_codes.clone()
+        else:
+            out = torch.full((B, G, G), -1, dtype=torch.long, device=gen_idx.device)
+        if gen_codes is not None and gen_idx.numel():
+            P = cfg.positions_per_image
+            sources = (~gen_is_target[::P]).nonzero().squeeze(1)
+            out[gen_idx[::P][sources] // L] = gen_codes[sources].to(out.device)
+        return out.masked_fill((out < 0) | (out >= cfg.codebook_size), -1)
+
     def _condition_pool(
         self, input_ids: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor, cache: ConditionCache | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -965,18 +1007,24 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if cfg.copy_dim and not elastic and (labels is None or bool((labels != -100).any())):
             hn = self.norm(h_und)
             copy_bonus, copy_sources = self._copy_logits(hn, und_idx, input_ids, seg, valid, condition_cache)
+        source_codes = None
+        if cfg.image_copy:
+            source_codes = self._source_codes(B, L, gen_codes, gen_idx, gen_is_target, condition_cache)
         if use_cache:
             out.cache = ConditionCache(presents, valid, is_gen, seg, elastic=elastic, plan_items=row_items,
-                                       copy_sources=copy_sources, pool_sources=pool_sources)  # fmt: skip
+                                       copy_sources=copy_sources, pool_sources=pool_sources,
+                                       source_codes=source_codes)  # fmt: skip
 
         # Heads. With labels (training) logits are computed only where a label is, and
         # returned as None: a (B, L, V) text tensor and (M, G, G, K) image tensor would cost
         # more than the loss itself. The shared final norm gives gen its first dg weights.
         P, dg = cfg.positions_per_image, cfg.gen_hidden_size
         has_target = bool(gen_is_target.any())
-        h_tgt = None
+        h_tgt = tgt_source = None
         if has_target:
             h_tgt = self.norm(h_gen[gen_is_target], weight=self.norm.weight[:dg]).view(-1, P, dg)
+            if source_codes is not None:  # each target slot copies from its row's source
+                tgt_source = source_codes[gen_idx[gen_is_target][::P] // L]
         if labels is None and image_labels is None:
             if not elastic:
                 text_logits = F.linear(self.norm(h_und) if hn is None else hn, self._lm_head_weight())  # (Nu, V)
@@ -985,7 +1033,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
                 full = text_logits.new_zeros(B * L, cfg.vocab_size)
                 out.text_logits = full.index_copy(0, und_idx, text_logits).view(B, L, -1)
             if has_target:
-                out.image_logits = self.image_head(h_tgt)
+                out.image_logits = self.image_head(h_tgt, source=tgt_source)
             return out
 
         zero = h_gen.new_zeros(())
@@ -1004,7 +1052,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if image_labels is not None and has_target:
             select = image_labels != -100  # (M, G, G)
             if bool(select.any()):
-                logits = self.image_head(h_tgt, select=select)
+                logits = self.image_head(h_tgt, select=select, source=tgt_source)
                 ce = F.cross_entropy(logits.float(), image_labels[select], reduction="none")
                 image_loss = ce.mean() if image_weights is None else (ce * image_weights[select]).sum() / ce.numel()
         out.loss = text_loss + image_loss

@@ -1194,6 +1194,26 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
     return {"step": int(state["step"]), "export": str(export_pipeline(model.eval(), vq, tokenizer, dest))}
 
 
+def _grown(pipe, config: LavidaConfig):
+    """`pipe` with its model rebuilt at `config`, an architecture that only adds parts that
+    start at zero (`fresh_at_zero`, e.g. `image_copy`): every output stays what it was. Its
+    drawers and planners are rebuilt on the new model with their own weights."""
+    from .pipeline_lavida import OWN_MODELS, LavidaPipeline, with_own_weights
+
+    old = pipe.model
+    model = LavidaForMaskedDiffusion(config).to(next(old.parameters()).dtype).eval()
+    missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(model.fresh_at_zero) for k in missing):
+        raise ValueError(f"cannot grow {type(old).__name__} into this config: missing {missing}, unexpected {unexpected}")
+    shared = dict(old.named_parameters())
+    others = {}
+    for _, attr, part in OWN_MODELS.values():
+        if getattr(pipe, attr) is not None:
+            own = {k: v.detach() for k, v in getattr(pipe, attr).named_parameters() if v is not shared[k]}
+            others[attr] = with_own_weights(model, own, part=part)
+    return LavidaPipeline(model, pipe.vq, pipe.tokenizer, defaults=pipe.defaults, **others)
+
+
 def _one_sided(base: str | Path, other: str | Path, part: str):
     """Load `base` (a pipeline) and `other`'s state dict, checking that `other` is `base`
     fine-tuned on `part` alone; returns `(pipe, theirs, names of part's parameters)`."""
@@ -1202,8 +1222,14 @@ def _one_sided(base: str | Path, other: str | Path, part: str):
     if part not in PARTS:
         raise ValueError(f"part must be one of {tuple(PARTS)}, got {part!r}")
     pipe = LavidaPipeline.from_pretrained(base)
-    theirs = LavidaPipeline.from_pretrained(other).model.state_dict()
+    tuned = LavidaPipeline.from_pretrained(other).model
+    theirs = tuned.state_dict()
     mine = pipe.model.state_dict()
+    grown = set(theirs) - set(mine)
+    if grown and set(mine) <= set(theirs) and all(k.startswith(tuned.fresh_at_zero) for k in grown):
+        # `other` grew a part that starts at zero (e.g. `image_copy`): `base` grows it too, closed
+        pipe = _grown(pipe, tuned.config)
+        mine = pipe.model.state_dict()
     if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise ValueError(f"{other} is not of {base}'s architecture")
     model = pipe.model
@@ -1289,7 +1315,7 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
     Weights keep the vision stem they were trained with (`vision_stem_of`), whatever the
     preset says.
     `exact` (resuming, exporting): weights without the location code (or the plan layout,
-    or the copy head) keep it off; otherwise
+    the copy head or the image copy path) keep it off; otherwise
     (a new stage from older weights) the preset's zero-initialised additions are grown.
     """
     arch = {}
@@ -1302,6 +1328,8 @@ def model_config(tc: TrainConfig, tokenizer, vq, weights: dict | None = None, *,
         arch["plan_layout"] = False
     if weights is not None and exact and "copy_gate.weight" not in weights:
         arch["copy_dim"] = 0
+    if weights is not None and exact and "image_head.copy_gate.weight" not in weights:
+        arch["image_copy"] = False
     return LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides, **arch, **token_ids(tokenizer),
                            "codebook_size": vq.num_vq_embeddings})  # fmt: skip
 

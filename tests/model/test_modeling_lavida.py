@@ -574,3 +574,106 @@ def test_condition_cache_keeps_the_condition_pool(tokenizer, tiny_config):
     closed.load_state_dict({k: (v * 0 if k.startswith("pool_") else v) for k, v in model.state_dict().items()})
     with torch.no_grad():
         assert not torch.allclose(closed(ids, gen_codes=codes, segment_ids=seg).image_logits, image_full)
+
+
+# --------------------------------------------------------------------------- image copy path
+
+
+@pytest.fixture(scope="module")
+def copy_config(tiny_config):
+    return LavidaConfig(**{**tiny_config.to_dict(), "image_copy": True})
+
+
+def _edit_batch(tokenizer, config, image, seed=0, masked_source=False):
+    """Two edits and one t2i row: the copy path may copy only the edits' own sources."""
+    rng = np.random.default_rng(seed)
+    sources = [rng.integers(0, config.codebook_size, (16, 16)) for _ in range(2)]
+    if masked_source:
+        sources[1] = np.full((16, 16), config.image_mask_code)
+    exs = [build_edit(tokenizer, config, "remove the red circle", image, s, codes=np.full((16, 16), config.image_mask_code))
+           for s in sources]  # fmt: skip
+    exs.append(build_t2i(tokenizer, config, "a red circle", codes=np.full((16, 16), config.image_mask_code)))
+    return pack(exs, config, pad_left=True), sources
+
+
+def _with_open_image_gate(config, bias=4.0):
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(config).eval()
+    with torch.no_grad():
+        model.image_head.copy_gate.bias.fill_(bias)
+    return model
+
+
+def test_zero_image_copy_gate_is_the_model_without_it(tokenizer, tiny_config, copy_config, scene_image):
+    """Weights trained before the image copy path load into the same function (its gate starts at zero)."""
+    torch.manual_seed(0)
+    new = LavidaForMaskedDiffusion(copy_config).eval()
+    gate = new.image_head.copy_gate
+    assert torch.all(gate.weight == 0) and torch.all(gate.bias == 0)
+    old = LavidaForMaskedDiffusion(tiny_config).eval()
+    missing, unexpected = old.load_state_dict(new.state_dict(), strict=False)
+    assert not missing and unexpected == ["image_head.copy_gate.weight", "image_head.copy_gate.bias"]
+    assert "image_head.copy_gate." in new.fresh_at_zero and "image_head.copy_gate.weight" in new.image_only_parameter_names()
+    b, _ = _edit_batch(tokenizer, copy_config, scene_image)
+    with torch.no_grad():
+        torch.testing.assert_close(new(**b.model_inputs()).image_logits, old(**b.model_inputs()).image_logits,
+                                   atol=0, rtol=0)  # fmt: skip
+
+
+def test_image_copy_adds_only_the_source_code_of_each_cell(tokenizer, tiny_config, copy_config, scene_image):
+    model = _with_open_image_gate(copy_config, bias=4.0)
+    plain = LavidaForMaskedDiffusion(tiny_config).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    b, sources = _edit_batch(tokenizer, copy_config, scene_image, masked_source=True)
+    with torch.no_grad():
+        bonus = model(**b.model_inputs()).image_logits - plain(**b.model_inputs()).image_logits  # (3, G, G, K)
+    expected = torch.zeros_like(bonus)
+    expected[0].scatter_(-1, torch.as_tensor(sources[0]).unsqueeze(-1), 4.0)
+    # the first edit copies its source, cell by cell; a masked source (a guidance row
+    # without it) and a t2i row have nothing to copy
+    torch.testing.assert_close(bonus, expected, atol=1e-5, rtol=0)
+
+
+def test_condition_cache_keeps_the_image_copy_source(tokenizer, copy_config, scene_image):
+    model = _with_open_image_gate(copy_config)
+    b, _ = _edit_batch(tokenizer, copy_config, scene_image)
+    P = copy_config.positions_per_image
+    c = b.input_ids.shape[1] - P
+    src = [i for i, t in enumerate(b.gen_is_target) if not t]
+    tgt = [i for i, t in enumerate(b.gen_is_target) if t]
+    part = lambda s: dict(segment_ids=b.segment_ids[:, s], attention_mask=b.attention_mask[:, s])  # noqa: E731
+    with torch.no_grad():
+        full = model(**b.model_inputs()).image_logits
+        cache = model(b.input_ids[:, :c], gen_codes=b.gen_codes[src], pixel_values=b.pixel_values,
+                      **part(slice(None, c)), use_cache=True, elastic=True).cache  # fmt: skip
+        cached = model(b.input_ids[:, c:], gen_codes=b.gen_codes[tgt], **part(slice(c, None)),
+                       condition_cache=cache, elastic=True).image_logits  # fmt: skip
+        twice = model(b.input_ids[:, c:].repeat_interleave(2, 0), gen_codes=b.gen_codes[tgt].repeat_interleave(2, 0),
+                      segment_ids=b.segment_ids[:, c:].repeat_interleave(2, 0),
+                      attention_mask=b.attention_mask[:, c:].repeat_interleave(2, 0),
+                      condition_cache=cache.repeat_interleave(2), elastic=True).image_logits  # fmt: skip
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(twice[::2], full, atol=ATOL, rtol=0)
+
+
+def test_image_copy_gate_learns_to_keep_the_source(tokenizer, copy_config, scene_image):
+    """Trained alone on targets equal to their sources, the gate opens and the loss falls."""
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(copy_config).train()
+    b, sources = _edit_batch(tokenizer, copy_config, scene_image)
+    labels = torch.full((3, 16, 16), -100)
+    labels[:2] = torch.as_tensor(np.stack(sources))
+    gate = model.image_head.copy_gate
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gate.requires_grad_(True)
+    opt = torch.optim.Adam(gate.parameters(), lr=0.1)
+    losses = []
+    for _ in range(20):
+        out = model(**b.model_inputs(), image_labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert float(gate.bias) > 1.0

@@ -1012,6 +1012,36 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
     assert not (tmp_path / "w").exists()
 
 
+def test_attach_weights_grows_the_base_for_a_drawer_with_the_image_copy_path(tmp_path, tiny_config, tiny_vq,
+                                                                             tokenizer):  # fmt: skip
+    """A single-shot drawer trained with `image_copy` attaches to a base without it: the base
+    grows the path closed (its outputs unchanged) and keeps the drawers it had."""
+    from lavida_agent.model.configuration_lavida import LavidaConfig
+    from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
+    from lavida_agent.model.pipeline_lavida import LavidaPipeline, with_own_weights
+    from lavida_agent.model.training import attach_weights
+
+    torch.manual_seed(0)
+    model = LavidaForMaskedDiffusion(tiny_config).eval()
+    drawer = with_own_weights(model, {"image_head.proj.weight": model.image_head.proj.weight.detach() + 1})
+    LavidaPipeline(model, tiny_vq, tokenizer, unplanned_model=drawer).save_pretrained(tmp_path / "base")
+    grown = LavidaForMaskedDiffusion(LavidaConfig(**{**tiny_config.to_dict(), "image_copy": True})).eval()
+    grown.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        grown.image_head.copy_gate.bias.fill_(2.0)
+        grown.image_head.classifier.weight.add_(1.0)
+    LavidaPipeline(grown, tiny_vq, tokenizer).save_pretrained(tmp_path / "tuned")
+    both = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "base", tmp_path / "tuned", tmp_path / "both",
+                                                         kind="edit"))  # fmt: skip
+    assert both.model.config.image_copy and float(both.model.image_head.copy_gate.bias) == 0
+    before = LavidaPipeline.from_pretrained(tmp_path / "base")
+    for k, v in before.model.state_dict().items():
+        assert torch.equal(both.model.state_dict()[k], v), k
+        assert torch.equal(both.unplanned_model.state_dict()[k], before.unplanned_model.state_dict()[k]), k
+    tuned = LavidaPipeline.from_pretrained(tmp_path / "tuned").model.state_dict()
+    assert all(torch.equal(v, tuned[k]) for k, v in both.edit_model.state_dict().items())
+
+
 def test_export_checkpoint_writes_the_runs_weights_or_names_what_is_missing(tmp_path, vq_dir):
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
     from lavida_agent.model.training import export_checkpoint
