@@ -676,4 +676,4 @@ def test_image_copy_gate_learns_to_keep_the_source(tokenizer, copy_config, scene
         opt.step()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
-    assert float(gate.bias) > 1.0
+    assert float(gate.bias.detach()) > 1.0
