@@ -87,7 +87,9 @@ class LavidaConfig(PretrainedConfig):
             small-scale addition for the single-shot edit, whose target keeps most of its
             source: the 2x2-compressed generation branch learnt that copy slowly through
             attention (0.58 -> 0.73 of the untouched cells after 1500 steps; weights README,
-            stop 33). See `LavidaImageHead`.
+            stop 33). With it a drawer copies 0.98 of them within 250 steps but still does
+            not learn where to edit, so no shipped weights use it (stop 34). See
+            `LavidaImageHead`.
         image_size: Input image side for the vision encoder and the VQ tokenizer.
         attention_mode: `"one_way"`: a position attends only to positions of its own or
             an earlier segment, so conditions never see what is being generated and
