@@ -171,8 +171,8 @@ class TrainConfig:
     # (the target's inside them). The VQ encoder's GroupNorm makes every code depend on the
     # whole image: an object edit changes ~30% of the codes outside the cells it touches,
     # where no pixel changes (`training_vq.edit_locality`), so the whole-image target asked
-    # the single shot for changes it could not see. The mixed codes decode to a correct edit as often as the target's own (0.98 vs
-    # 0.99, 112 tuning edits). Rows that touch no box (background edits) keep the target's
+    # the single shot for changes it could not see. The mixed codes decode to a correct edit
+    # as often as the target's own (0.98 vs 0.99, 112 tuning edits). Rows that touch no box (background edits) keep the target's
     # codes. Off: stages 1-32, which replay so.
     edit_local_targets: bool = False
     # The share of grounding and question rows drawn as a look-alike scene
@@ -1047,11 +1047,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
     if initial is not None:
-        missing, unexpected = model.load_state_dict(initial, strict=False)
-        fresh = model.fresh_at_zero + (("vision.",) if tc.reset_vision else ())
-        if unexpected or any(not k.startswith(fresh) for k in missing):
-            raise ValueError(f"weights of {tc.init_from} do not fit the run's architecture: "
-                             f"missing {missing}, unexpected {unexpected}")  # fmt: skip
+        _load_growing(model, initial, f"weights of {tc.init_from}", also_fresh=("vision.",) if tc.reset_vision else ())
         logger.info("initialised from %s%s", tc.init_from, " (fresh vision encoder)" if tc.reset_vision else "")
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -1194,6 +1190,15 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
     return {"step": int(state["step"]), "export": str(export_pipeline(model.eval(), vq, tokenizer, dest))}
 
 
+def _load_growing(model: LavidaForMaskedDiffusion, weights: dict, what: str, also_fresh: tuple = ()) -> None:
+    """Load `weights` into `model`, which may have parts they lack if those start at zero
+    (`fresh_at_zero`, plus `also_fresh`); anything else missing or unexpected is an error."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    fresh = model.fresh_at_zero + tuple(also_fresh)
+    if unexpected or any(not k.startswith(fresh) for k in missing):
+        raise ValueError(f"{what} do not fit the run's architecture: missing {missing}, unexpected {unexpected}")
+
+
 def _grown(pipe, config: LavidaConfig):
     """`pipe` with its model rebuilt at `config`, an architecture that only adds parts that
     start at zero (`fresh_at_zero`, e.g. `image_copy`): every output stays what it was. Its
@@ -1202,9 +1207,7 @@ def _grown(pipe, config: LavidaConfig):
 
     old = pipe.model
     model = LavidaForMaskedDiffusion(config).to(next(old.parameters()).dtype).eval()
-    missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(model.fresh_at_zero) for k in missing):
-        raise ValueError(f"cannot grow {type(old).__name__} into this config: missing {missing}, unexpected {unexpected}")
+    _load_growing(model, old.state_dict(), "the base model's weights")
     shared = dict(old.named_parameters())
     others = {}
     for _, attr, part in OWN_MODELS.values():

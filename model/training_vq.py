@@ -456,6 +456,7 @@ def edit_locality(tokenizer: VQImageTokenizer, n_edits: int = 200, seed: int = 2
             shares.append(float(row[outside].mean()) if outside.any() else 0.0)
     return {"codes_changed_outside_edit": float(np.mean(shares)), "edits": n_edits}
 
+
 class _SceneAsDetection:
     """Adapts a ground-truth `Scene` to the fields `_same_scene` reads."""
 
