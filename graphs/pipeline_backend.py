@@ -395,10 +395,10 @@ class PipelineBackend:
 
     def _ground(
         self, images: Sequence[Any], expressions: Sequence[list[str]], candidates: int | None = None,
-        views: int | None = None,
+        views: int | None = None, sizes: bool = False,
     ) -> list[list[Any]]:
         out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions),
-                                   candidates=candidates, views=views)  # fmt: skip
+                                   candidates=candidates, views=views, sizes=sizes)  # fmt: skip
         return [list(row) for row in out.boxes]
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Any]:
@@ -490,7 +490,9 @@ class PipelineBackend:
         parse its caption: the objects the model sees.
         Step 3: ground, in one batched call, the named object and every *other* captioned
         object that a `the {color} {shape}` (else `the {size} {shape}`) expression names
-        uniquely. Objects matching the named noun are never kept (the edit may touch them).
+        uniquely, each unsized expression in its sized forms too (`pipeline.ground(sizes=True)`:
+        the model's read of `the red square` leans to a large look-alike beside a small red
+        square). Objects matching the named noun are never kept (the edit may touch them).
         Step 4: derive, in canvas pixels:
 
         - `targets`: the named object's expression (the anchor's for a relative add);
@@ -544,7 +546,7 @@ class PipelineBackend:
                  for i in rows}  # fmt: skip
         to_ground = [i for i in rows if exprs[i]]
         found = (self._ground([requests[i].image for i in to_ground], [exprs[i] for i in to_ground],
-                              views=AGENT_VIEWS)
+                              views=AGENT_VIEWS, sizes=True)
                  if to_ground else [])  # e.g. a background edit on an image the caption finds empty  # fmt: skip
         for i, boxes in zip(to_ground, found, strict=True):
             drafts[i].boxes = {e: (None if b is None else [float(v) for v in b])

@@ -280,11 +280,11 @@ class ScriptedPipeline:
         self.calls.append(("understand", list(questions)))
         return SimpleNamespace(texts=[self.caption] * len(images))
 
-    def ground(self, images, expressions, candidates=None, views=None):
+    def ground(self, images, expressions, candidates=None, views=None, sizes=False):
         if not images:  # as the real pipeline: `pack([])` refuses an empty batch
             raise ValueError("pack needs at least one example (a caller passed an empty batch)")
         self.calls.append(("ground", [list(e) for e in expressions]))
-        self.candidates, self.views = candidates, views
+        self.candidates, self.views, self.sizes = candidates, views, sizes
         return SimpleNamespace(boxes=[[self.boxes.get(e) for e in row] for row in expressions])
 
     def edit(self, images, instructions, *, plans, **kw):
@@ -328,6 +328,7 @@ def test_plan_edit_batches_one_caption_and_one_grounding_call():
     assert [c[0] for c in pipe.calls] == ["understand", "ground"]
     assert pipe.calls[0][1] == ["describe the image."] * 3
     assert pipe.views == 1  # the agents ground in the image alone (`AGENT_VIEWS`)
+    assert pipe.sizes  # each unsized expression in its sized forms too
     f = [float(v) for v in RED]
     assert recolor == EditPlanResult(
         targets=["the red circle"], target_boxes=[f],

@@ -126,6 +126,7 @@ def test_plan_edit_grounds_the_object_it_takes_away(pipe, scene_image, tokenizer
 
     def ground(images, expressions, **kw):
         asked.extend(expressions)
+        assert kw.get("sizes") is True  # the object is read in its sized forms too
         return GroundingOutput(boxes=[[(10, 12, 30, 34)]])
 
     monkeypatch.setattr(pipe, "_decode_text_ids", decode)
@@ -556,6 +557,39 @@ def test_grounding_in_views_keeps_an_agreed_box(pipe, scene_image):
         pipe.ground([scene_image], exprs[1:], candidates=2, views=3)
     with pytest.raises(ValueError, match="views must be 1 to"):
         pipe.ground([scene_image], exprs[1:], views=0)
+
+
+def test_sized_forms_are_read_only_for_a_plain_unsized_noun():
+    from lavida_agent.model.pipeline_lavida import _sized_forms
+
+    assert _sized_forms("the red square") == ["the red square", "the small red square", "the large red square"]
+    assert _sized_forms("the circle") == ["the circle", "the small circle", "the large circle"]
+    for alone in ("the small red square", "the square on the left", "the red circle left of the blue square",
+                  "a red thing"):  # fmt: skip
+        assert _sized_forms(alone) == [alone]
+
+
+def test_grounding_with_sizes_pools_the_sized_forms_candidates(pipe, scene_image, monkeypatch):
+    exprs = [["the red circle", "the triangle on the left"]]
+    forms = [["the red circle", "the small red circle", "the large red circle", "the triangle on the left"]]
+    # with branches: each expression's candidates are its forms' candidates, in order
+    pooled = pipe.ground([scene_image], exprs, num_steps=4, candidates=2, sizes=True)
+    apart = pipe.ground([scene_image], forms, num_steps=4, candidates=2)
+    assert pooled.candidates == [[sum(apart.candidates[0][:3], []), apart.candidates[0][3]]]
+    assert pooled.boxes[0][1] == apart.boxes[0][3]  # a side is read as it is
+    assert pooled.boxes[0][0] in pooled.candidates[0][0]
+    # with views: the sized forms' reads count as more views of the expression
+    reads = []
+    real = pipe._read_boxes
+    monkeypatch.setattr(pipe, "_read_boxes",
+                        lambda ims, ex, K, steps: reads.append(ex) or real(ims, ex, K, steps))  # fmt: skip
+    out = pipe.ground([scene_image, scene_image], [exprs[0], ["the blue square"]], num_steps=4, views=3, sizes=True)
+    assert [len(ex) for ex in reads[0]] == [4] * 3 + [3] * 3  # per image and view, every form
+    assert out.boxes[1] == pipe.ground([scene_image], [["the blue square"]], num_steps=4, views=3, sizes=True).boxes[0]
+    for box, cands, votes in zip(out.boxes[0], out.candidates[0], out.votes[0]):
+        assert (box in cands) if cands else box is None
+        assert len(cands) == len(votes)
+    assert sum(out.votes[0][0]) <= 9 and sum(out.votes[0][1]) <= 3
 
 
 def test_default_grounding_read_follows_the_pipeline_defaults(pipe, scene_image, monkeypatch):
