@@ -395,7 +395,7 @@ class PipelineBackend:
 
     def _ground(
         self, images: Sequence[Any], expressions: Sequence[list[str]], candidates: int | None = None,
-        views: int | None = None, sizes: bool = False,
+        views: int | None = None, sizes: bool | None = None,
     ) -> list[list[Any]]:
         out = self.pipeline.ground([np.asarray(im) for im in images], list(expressions),
                                    candidates=candidates, views=views, sizes=sizes)  # fmt: skip

@@ -116,6 +116,9 @@ DEFAULTS: dict = {
     # the default read: the image in this many views, the head noun's fit picks among all
     # the boxes they find (1: the image alone, in `ground_candidates` branches)
     "ground_views": 12,
+    # an unsized noun (`the red square`) is read in its sized forms too (`ground(sizes=...)`;
+    # grounding benchmark seeds 0-3 and edits, weights README, stop 35)
+    "ground_sizes": False,
     # `plan_edit`'s first step (the whole plan) by the edit planner too, not only the boxes
     # written knowing the grounded `removed` one (a planner trained on both states; weights
     # README, stop 32)
@@ -934,7 +937,7 @@ class LavidaPipeline:
         source's own codes everywhere else, and the pixels outside those cells are the
         source's. Without regions the whole image is redrawn (the model keeps what it can:
         with the shipped weights such a single shot is right 0.20 of the time on the quality
-        benchmark, against 0.73 when `plan_edit`'s plan and boxes are passed as `plans` and
+        benchmark, against 0.75 when `plan_edit`'s plan and boxes are passed as `plans` and
         `regions`; the `edit` workflow plans, redraws in regions and verifies).
         `keep` (per image, pixel boxes, with `regions`) spares the cells wholly inside its
         boxes: for a background edit, the region is the canvas and `keep` holds each
@@ -1006,7 +1009,7 @@ class LavidaPipeline:
     @torch.no_grad()
     def ground(
         self, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]], *, num_steps: int | None = None,
-        candidates: int | None = None, views: int | None = None, sizes: bool = False,
+        candidates: int | None = None, views: int | None = None, sizes: bool | None = None,
     ) -> GroundingOutput:  # fmt: skip
         """Locate every expression: all boxes of the batch are filled together (FACTS §5).
 
@@ -1035,7 +1038,8 @@ class LavidaPipeline:
           confident) coordinate, peaks at least `CANDIDATE_SPREAD` bins apart, and completes
           greedily (a branch without a peak of its own repeats branch 0, the greedy box).
 
-        - `sizes=True`: an expression in the grammar that names neither a size, a side nor a
+        - `sizes=True` (None: `pipeline_index.json`'s `ground_sizes`; the embedded weights
+          set it): an expression in the grammar that names neither a size, a side nor a
           relation (`the red square`) is also read as each of its sized forms (`the small red
           square`, `the large red square`), in the same batch and the same way, and their
           candidates follow its own (with their votes). The model's read of an unsized noun
@@ -1085,6 +1089,7 @@ class LavidaPipeline:
             raise ValueError(f"num_steps must be {1 if K == 1 else 2} to 4 for a 4-coordinate box "
                              f"with {K} candidate(s), got {steps}")  # fmt: skip
         # each expression's readings: itself, then (with sizes) its sized forms
+        sizes = d["ground_sizes"] if sizes is None else sizes
         forms = [[_sized_forms(e) if sizes else [e] for e in ex] for ex in expressions]
         flat = [[t for f in row for t in f] for row in forms]
         at = [[range(end - len(f), end) for f, end in zip(row, itertools.accumulate(map(len, row)))] for row in forms]

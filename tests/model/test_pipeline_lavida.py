@@ -604,3 +604,9 @@ def test_default_grounding_read_follows_the_pipeline_defaults(pipe, scene_image,
     pipe.defaults = {**pipe.defaults, "ground_views": 1}
     pipe.ground([scene_image], [["the red circle"]])  # views off: the branches
     assert reads == [(3, 1), (1, 2), (1, 1), (1, 2)]
+    # `ground_sizes`: an unsized noun is read in its sized forms too, unless told otherwise
+    monkeypatch.setattr(pipe, "_read_boxes", lambda ims, ex, K, steps: reads.append(ex) or real(ims, ex, K, steps))
+    pipe.defaults = {**pipe.defaults, "ground_sizes": True}
+    pipe.ground([scene_image], [["the red circle"]])
+    pipe.ground([scene_image], [["the red circle"]], sizes=False)
+    assert reads[-2:] == [[["the red circle", "the small red circle", "the large red circle"]], [["the red circle"]]]
