@@ -578,7 +578,7 @@ def test_grounding_with_sizes_pools_the_sized_forms_candidates(pipe, scene_image
     assert pooled.candidates == [[sum(apart.candidates[0][:3], []), apart.candidates[0][3]]]
     assert pooled.boxes[0][1] == apart.boxes[0][3]  # a side is read as it is
     assert pooled.boxes[0][0] in pooled.candidates[0][0]
-    # with views: the sized forms' reads count as more views of the expression
+    # with views: every form is read in every view; its candidates follow the expression's own
     reads = []
     real = pipe._read_boxes
     monkeypatch.setattr(pipe, "_read_boxes",
