@@ -888,9 +888,10 @@ def score_agent_edit(
 
     Returns:
         Per edit `{instruction, seed, correct, reasons, psnr_outside, rounds, accepted,
-        attempts_correct, image}` (the committed image judged by `check_edit`;
-        `attempts_correct`: each attempt of the turn judged, in order), and totals as
-        `score_agent_t2i`.
+        attempts_correct, attempts_accepted, attempts_fit, attempts_score, image}` (the
+        committed image judged by `check_edit`; `attempts_correct`: each attempt of the turn
+        judged, in order; the workflow's own verdict, worst fit and grounding score of each
+        beside it), and totals as `score_agent_t2i`.
     """
     from lavida_agent.graphs import edit
     from lavida_agent.graphs.state import EditOutput
@@ -915,6 +916,9 @@ def score_agent_edit(
             "rounds": len(out.steps),
             "accepted": bool(out.accepted),
             "attempts_correct": [verdicts[s.result].correct for s in out.steps],
+            "attempts_accepted": [bool(s.critique and s.critique.accepted) for s in out.steps],
+            "attempts_fit": [s.critique.fit_score if s.critique else None for s in out.steps],
+            "attempts_score": [s.critique.score if s.critique else None for s in out.steps],
             "image": image,
         }
 
@@ -1366,7 +1370,9 @@ def _suite_agent(
                     "correct": x["correct"],
                     "rounds": x["rounds"],
                     "accepted": x["accepted"],
-                    "attempts_correct": x["attempts_correct"],
+                    **{k: x[k] for k in ("attempts_correct", "attempts_accepted", "attempts_fit",
+                                         "attempts_score")},
+                    "reasons": x["reasons"],
                 }
                 for x in erecs
             ],

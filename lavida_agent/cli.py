@@ -13,6 +13,7 @@
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
     lavida-agent train drawer BASE DRAWER --for unplanned|edit|edit-regions --out DIR  (a drawer for one kind of row)
     lavida-agent train planner BASE PLANNER --for edit --out DIR  (a planner for edit plans)
+    lavida-agent train reader BASE READER --out DIR [--rank R]  (answer-side weights for captions and answers)
     lavida-agent train export RUN --out DIR        (a run's latest checkpoint as a pipeline folder)
     lavida-agent serve [--host H] [--port P]
     lavida-agent world ... / model ...
@@ -877,14 +878,15 @@ def train_export(run: str, dest: str) -> None:
     _echo_json({"run": run, **out})
 
 
-def _attach(base: str, tuned: str, dest: str, kind: str, key: str, defaults: dict | None = None) -> None:
-    """`train drawer` / `train planner`: write BASE with TUNED's own weights for `kind`
-    (and `defaults` in its pipeline_index.json)."""
+def _attach(base: str, tuned: str, dest: str, kind: str, key: str, defaults: dict | None = None,
+            rank: int | None = None) -> None:  # fmt: skip
+    """`train drawer` / `planner` / `reader`: write BASE with TUNED's own weights for `kind`
+    (and `defaults` in its pipeline_index.json; matrices as rank-`rank` changes if given)."""
     from lavida_agent.errors import InvalidInputError
 
     training = _import("lavida_agent.model.training", "model training")
     try:
-        out = training.attach_weights(base, tuned, dest, kind=kind, defaults=defaults)
+        out = training.attach_weights(base, tuned, dest, kind=kind, defaults=defaults, rank=rank)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     _echo_json({"out": str(out), key: str(tuned)})
@@ -897,11 +899,14 @@ def _attach(base: str, tuned: str, dest: str, kind: str, key: str, defaults: dic
               help="The rows it draws: `generate` without a plan; `edit` with neither a plan nor regions; "
                    "`edit` with regions (the local redraws of planned and agent edits).")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
-def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Store each weight matrix as its best rank-R change to BASE's (smaller; the written "
+                   "pipeline uses that approximation). Default: whole weights.")
+def train_drawer(base: str, drawer: str, kind: str, dest: str, rank: int | None) -> None:
     """Give BASE a second drawer for one kind of row: the drawing weights of DRAWER (BASE
     fine-tuned with `--trainable generation` on those rows). Everything else stays BASE's."""
     kind = kind.replace("-", "_")
-    _attach(base, drawer, dest, kind, f"{kind}_drawer")
+    _attach(base, drawer, dest, kind, f"{kind}_drawer", rank=rank)
 
 
 @train.command("planner")
@@ -913,11 +918,29 @@ def train_drawer(base: str, drawer: str, kind: str, dest: str) -> None:
               help="It writes `plan_edit`'s first plan too, not only the boxes around the grounded object "
                    "(trained on whole edit plans: --edit-plan-given-removed below 1).")
 @click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
-def train_planner(base: str, planner: str, kind: str, first_step: bool, dest: str) -> None:
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Store each weight matrix as its best rank-R change to BASE's (smaller; the written "
+                   "pipeline uses that approximation). Default: whole weights.")
+def train_planner(base: str, planner: str, kind: str, first_step: bool, dest: str, rank: int | None) -> None:
     """Give BASE a planner for one kind of plan: the answer-side weights of PLANNER (BASE
     fine-tuned with `--trainable understanding` on those plans). Everything else stays BASE's."""
     _attach(base, planner, dest, f"{kind}_plan", f"{kind}_planner",
-            defaults={"edit_planner_first_step": True} if first_step else None)
+            defaults={"edit_planner_first_step": True} if first_step else None, rank=rank)
+
+
+@train.command("reader")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("reader", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "dest", type=click.Path(file_okay=False), required=True, help="Pipeline folder to write.")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Store each weight matrix as its best rank-R change to BASE's (smaller; the written "
+                   "pipeline uses that approximation). Default: whole weights.")
+def train_reader(base: str, reader: str, dest: str, rank: int | None) -> None:
+    """Give BASE a reader: the answer-side weights of READER (BASE fine-tuned with
+    `--trainable understanding` on caption and question rows) write `understand`'s captions
+    and answers (`ask`, and the perceptions of the agents' checks). Plans, boxes and verdicts
+    stay BASE's."""
+    _attach(base, reader, dest, "reader", "reader", rank=rank)
 
 
 @cli.command()

@@ -24,6 +24,12 @@ Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
                           model's `text_only_parameter_names`) that write an edit plan's
                           boxes around the object it takes away, and the whole first plan
                           with `edit_planner_first_step`; listed as "edit_planner"
+    reader/               optional, answer-side weights that write `understand`'s captions
+                          and answers; listed as "reader"
+
+An optional model's file holds a weight either whole or as a low-rank change to the base's:
+`NAME.delta_up` (out x r) and `NAME.delta_down` (r x in), the weight being the base's plus
+their product (`low_rank_delta`; `lavida-agent train ... --rank R` writes them).
 """
 
 from __future__ import annotations
@@ -80,7 +86,10 @@ OWN_MODELS = {
     "edit_drawer": ("drawer_edit", "edit_model", "generation"),
     "edit_regions_drawer": ("drawer_edit_regions", "edit_region_model", "generation"),
     "edit_planner": ("planner_edit", "edit_planner", "understanding"),
+    "reader": ("reader", "reader", "understanding"),
 }
+# a weight stored as a low-rank change to the base's: NAME + these two suffixes
+DELTA_UP, DELTA_DOWN = ".delta_up", ".delta_down"
 
 __all__ = [
     "CritiqueOutput",
@@ -334,6 +343,63 @@ def _passes(drawers: Sequence[object], callback) -> list[tuple[list[int], object
     return [(rows, drawer, tag(rows)) for rows, drawer in passes]
 
 
+def low_rank_delta(base: torch.Tensor, tuned: torch.Tensor, rank: int, *,
+                   dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`(up, down)`, stored as `dtype`: `base + up @ down` is the best rank-`rank`
+    approximation of the 2-D `tuned` (the truncated SVD of `tuned - base`, its singular
+    values split evenly between the two factors).
+
+    Raises:
+        ValueError: a rank below 1, or tensors that are not one 2-D shape.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if base.ndim != 2 or base.shape != tuned.shape:
+        raise ValueError(f"a low-rank change needs two matrices of one shape, got {tuple(base.shape)} "
+                         f"and {tuple(tuned.shape)}")  # fmt: skip
+    u, sv, vh = torch.linalg.svd(tuned.detach().float().cpu() - base.detach().float().cpu(), full_matrices=False)
+    root = sv[:rank].sqrt()
+    return (u[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank]).to(dtype)
+
+
+def apply_low_rank(base: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The weight a low-rank change stands for: `base + up @ down`, computed in fp32 and
+    returned in `base`'s dtype and device (so a saved change loads bit for bit)."""
+    change = up.float().to(base.device) @ down.float().to(base.device)
+    return (base.detach().float() + change).to(base.dtype)
+
+
+def expand_own_weights(model: LavidaForMaskedDiffusion, stored: dict[str, torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+    """An optional model's file as whole weights: `(weights, factors)`, every
+    `NAME.delta_up` / `NAME.delta_down` pair replaced by `NAME`, `model`'s own plus their
+    product, and `factors` holding each such pair by `NAME` (to write it back the same way).
+
+    Raises:
+        ValueError: a factor without its partner, or of a weight `model` does not have.
+    """
+    own = dict(model.named_parameters())
+    weights: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, value in stored.items():
+        if key.endswith(DELTA_DOWN):
+            if key[: -len(DELTA_DOWN)] + DELTA_UP not in stored:
+                raise ValueError(f"{key} has no {DELTA_UP} beside it")
+            continue
+        if not key.endswith(DELTA_UP):
+            weights[key] = value
+            continue
+        name = key[: -len(DELTA_UP)]
+        down = stored.get(name + DELTA_DOWN)
+        if down is None:
+            raise ValueError(f"{key} has no {DELTA_DOWN} beside it")
+        if name not in own:
+            raise ValueError(f"a low-rank change of {name}, which the model does not have")
+        factors[name] = (value, down)
+        weights[name] = apply_low_rank(own[name], value, down)
+    return weights, factors
+
+
 def with_own_weights(model: LavidaForMaskedDiffusion, weights: dict[str, torch.Tensor], *,
                      part: str = "generation") -> LavidaForMaskedDiffusion:  # fmt: skip
     """A second model that reads `model`'s own parameters everywhere except in `weights`,
@@ -382,18 +448,24 @@ class LavidaPipeline:
                  unplanned_model: LavidaForMaskedDiffusion | None = None,
                  edit_model: LavidaForMaskedDiffusion | None = None,
                  edit_planner: LavidaForMaskedDiffusion | None = None,
-                 edit_region_model: LavidaForMaskedDiffusion | None = None):  # fmt: skip
+                 edit_region_model: LavidaForMaskedDiffusion | None = None,
+                 reader: LavidaForMaskedDiffusion | None = None):  # fmt: skip
         self.model = model.eval()
         # Drawers and planners (`with_own_weights(model, ...)`: the same model with one side's
         # weights trained for one kind of row); None: `model` does that work too.
         # `unplanned_model` draws `generate`'s rows without a plan; `edit_model` draws `edit`'s
         # rows with neither a plan nor regions (the single shot), `edit_region_model` those
         # with regions (local redraws: planned and agent edits); `edit_planner` writes
-        # `plan_edit`'s boxes again around the object an edit takes away.
+        # `plan_edit`'s boxes again around the object an edit takes away; `reader` writes
+        # `understand`'s captions and answers.
         self.unplanned_model = unplanned_model.eval() if unplanned_model is not None else None
         self.edit_model = edit_model.eval() if edit_model is not None else None
         self.edit_planner = edit_planner.eval() if edit_planner is not None else None
         self.edit_region_model = edit_region_model.eval() if edit_region_model is not None else None
+        self.reader = reader.eval() if reader is not None else None
+        # per optional model (by attribute), the weights it holds as low-rank changes to
+        # `model`'s: {name: (up, down)}, written back that way by `save_pretrained`
+        self.low_rank: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.vq = vq.eval()
         self.tokenizer = tokenizer
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -440,12 +512,14 @@ class LavidaPipeline:
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
         from safetensors.torch import load_file
 
-        others = {}
+        others, low_rank = {}, {}
         for key, (_, attr, part) in OWN_MODELS.items():
             if index.get(key):
-                weights = load_file(root / index[key] / "model.safetensors")
-                others[attr] = with_own_weights(model, {k: v.to(dtype) for k, v in weights.items()}, part=part)
+                stored = load_file(root / index[key] / "model.safetensors")
+                weights, low_rank[attr] = expand_own_weights(model, {k: v.to(dtype) for k, v in stored.items()})
+                others[attr] = with_own_weights(model, weights, part=part)
         pipe = cls(model, vq, tokenizer, defaults=index.get("defaults"), **others)
+        pipe.low_rank = {k: v for k, v in low_rank.items() if v}
         if device is not None:
             pipe.to(device)
         return pipe
@@ -474,6 +548,13 @@ class LavidaPipeline:
             names = set(getattr(self.model, PARTS[part])())
             weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in other.named_parameters()
                        if k in names and v is not own[k] and not torch.equal(v, own[k])}  # fmt: skip
+            # a weight still equal to its low-rank change is written as that change
+            mine = dict(other.named_parameters())
+            for name, (up, down) in self.low_rank.get(attr, {}).items():
+                if name in weights and torch.equal(apply_low_rank(own[name], up, down), mine[name]):
+                    del weights[name]
+                    weights[name + DELTA_UP] = up.detach().to("cpu", dtype).contiguous()
+                    weights[name + DELTA_DOWN] = down.detach().to("cpu", dtype).contiguous()
             if not weights:
                 continue  # the base's own weights: nothing to save
             (root / folder).mkdir(exist_ok=True)
@@ -1254,7 +1335,8 @@ class LavidaPipeline:
         self, images: Sequence[np.ndarray], questions: Sequence[str], *, num_steps: int | None = None,
         seed=0, generator=None, temperature: float = 0.0, callback=None, interrupt=None,
     ) -> TextOutput:  # fmt: skip
-        """Answer questions about images (and captions for `describe the image.`)."""
+        """Answer questions about images (and captions for `describe the image.`), with
+        `reader`'s answer-side weights when the pipeline has them."""
         images = _as_list(images)
         questions = _as_list(questions, len(images), "questions")
         gens, _ = _generators(seed, generator, len(images), self.device)
@@ -1268,7 +1350,7 @@ class LavidaPipeline:
                 exs, length, gens=[gens[i] for i in rows],
                 num_steps=num_steps or self.defaults["text_steps"], temperature=temperature,
                 allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
-                task="understand",
+                task="understand", model=self.reader,
             )  # fmt: skip
             for i, text in zip(rows, out):
                 texts[i] = text

@@ -1272,11 +1272,11 @@ def blend_part(base: str | Path, other: str | Path, weight: float, dest: str | P
 
 # kind -> its `pipeline_lavida.OWN_MODELS` key (folder, pipeline attribute, part)
 ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_regions": "edit_regions_drawer",
-                "edit_plan": "edit_planner"}
+                "edit_plan": "edit_planner", "reader": "reader"}
 
 
 def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned",
-                   defaults: dict | None = None) -> Path:  # fmt: skip
+                   defaults: dict | None = None, rank: int | None = None) -> Path:  # fmt: skip
     """Write `base` with `tuned`'s own weights for one kind of work: a drawer or a planner.
 
     `tuned` is `base` fine-tuned on that work alone, with one side trainable. `kind`:
@@ -1287,26 +1287,41 @@ def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kin
     `trainable="generation"` with `edit_region_mask=1`), as `edit_region_model`;
     "edit_plan", `plan_edit`'s boxes written again around the object an edit takes away
     (`trainable="understanding"` on edit-plan rows with `edit_plan_given_removed`), as
-    `edit_planner`. Everything else (the other drawings and plans, answers, boxes, verdicts,
-    another kind `base` has) stays exactly `base`'s. Adds the weights of that side that
-    differ from `base`'s alone (train a few with `train_only` to keep them small).
+    `edit_planner`; "reader", `understand`'s captions and answers (`trainable="understanding"`
+    on question and caption rows), as `reader`. Everything else (the other drawings and
+    plans, answers, boxes, verdicts, another kind `base` has) stays exactly `base`'s. Adds the
+    weights of that side that differ from `base`'s alone (train a few with `train_only` to
+    keep them small).
     `defaults`: sampler defaults to set in `dest`'s `pipeline_index.json` beside it (e.g.
     `{"edit_planner_first_step": True}` for a planner trained on whole edit plans too).
+    `rank`: keep each matrix whose change is cheaper that way as its best rank-`rank` change
+    (`pipeline_lavida.low_rank_delta`, stored fp16 as `NAME.delta_up` / `NAME.delta_down`);
+    the written pipeline then uses that approximation, so measure it, not `tuned`.
 
     Raises:
-        ValueError: an unknown kind, an unknown default, other architectures, or `tuned`
-            differing outside its side.
+        ValueError: an unknown kind, an unknown default, a rank below 1, other
+            architectures, or `tuned` differing outside its side.
     """
-    from .pipeline_lavida import DEFAULTS, OWN_MODELS, with_own_weights
+    from .pipeline_lavida import DEFAULTS, OWN_MODELS, apply_low_rank, low_rank_delta, with_own_weights
 
     if kind not in ATTACH_KINDS:
         raise ValueError(f"kind must be one of {', '.join(ATTACH_KINDS)}, got {kind!r}")
     unknown = sorted(set(defaults or {}) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown pipeline default(s) {unknown}; expected some of {sorted(DEFAULTS)}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
     _, attr, part = OWN_MODELS[ATTACH_KINDS[kind]]
     pipe, theirs, side = _one_sided(base, tuned, part)
-    setattr(pipe, attr, with_own_weights(pipe.model, {k: theirs[k] for k in side}, part=part))
+    weights = {k: theirs[k] for k in side}
+    pipe.low_rank.pop(attr, None)  # `base`'s own model of this kind, replaced
+    if rank is not None:
+        mine = pipe.model.state_dict()
+        factors = {k: low_rank_delta(mine[k], w, rank) for k, w in weights.items()
+                   if w.ndim == 2 and rank * sum(w.shape) < w.numel() and not torch.equal(w, mine[k])}  # fmt: skip
+        weights.update({k: apply_low_rank(mine[k], up, down) for k, (up, down) in factors.items()})
+        pipe.low_rank[attr] = factors
+    setattr(pipe, attr, with_own_weights(pipe.model, weights, part=part))
     pipe.defaults.update(defaults or {})
     pipe.save_pretrained(dest)
     return Path(dest)

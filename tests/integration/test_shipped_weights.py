@@ -19,7 +19,7 @@ def pipe():
 def test_weights_are_small_fp16_files():
     files = list(default_weights_path().rglob("*.safetensors"))
     assert {f.parent.name for f in files} == {"transformer", "vq", "drawer_unplanned", "planner_edit",
-                                              "drawer_edit_regions"}  # fmt: skip
+                                              "drawer_edit_regions", "reader"}  # fmt: skip
     assert sum(f.stat().st_size for f in files) < 30_000_000
 
 
@@ -65,6 +65,23 @@ def test_the_edit_planner_holds_a_few_answer_side_weights_alone(pipe):
     (made, made_box), (removed, removed_box) = plan
     assert made.split()[1:] == ["red", "square"] and removed == "removed", plan
     assert iou(removed_box, (8, 8, 28, 28)) >= 0.5, plan
+
+
+def test_the_reader_holds_answer_side_weights_as_low_rank_changes(pipe):
+    """`understand` reads with answer-side weights of its own, each matrix the base's plus a
+    stored rank-16 change; a caption of a two-object scene names two objects."""
+    import torch
+
+    from lavida_agent.model.pipeline_lavida import apply_low_rank
+    from lavida_agent.tools.shapes_world.language import DESCRIBE, parse_caption
+
+    _holds_some_of_its_own(pipe, pipe.reader, "text_only_parameter_names")
+    base, its = dict(pipe.model.named_parameters()), dict(pipe.reader.named_parameters())
+    factors = pipe.low_rank["reader"]
+    assert factors and all(up.shape[1] == 16 and torch.equal(its[k], apply_low_rank(base[k], up, down))
+                           for k, (up, down) in factors.items())  # fmt: skip
+    (text,) = pipe.understand([render(TWO_OBJECTS)], [DESCRIBE]).texts
+    assert len(parse_caption(text).objects) == 2, text
 
 
 def test_generate_is_deterministic_per_seed(pipe):

@@ -464,7 +464,7 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
     (tmp_path / "b").mkdir()
     assert run("train", "drawer", "a", "b", "--for", "ground", "--out", "c").exit_code == 2  # no such kind
 
-    def refuse(base, drawer, dest, kind, defaults=None):
+    def refuse(base, drawer, dest, kind, defaults=None, rank=None):
         raise ValueError("b differs from a outside the generation parameters")
 
     monkeypatch.setattr(cli_mod, "_import", lambda module, what: types.SimpleNamespace(attach_weights=refuse))
@@ -485,7 +485,13 @@ def test_train_drawer_and_planner_report_bad_input_as_a_one_line_error(run, tmp_
         attach_weights=lambda base, drawer, dest, kind, **kw: given.append(kw) or tmp_path / dest))  # fmt: skip
     assert run("train", "planner", "a", "b", "--for", "edit", "--first-step", "--out", "d").exit_code == 0
     assert run("train", "planner", "a", "b", "--for", "edit", "--out", "d").exit_code == 0
-    assert given == [{"defaults": {"edit_planner_first_step": True}}, {"defaults": None}]
+    assert given == [{"defaults": {"edit_planner_first_step": True}, "rank": None}, {"defaults": None, "rank": None}]
+    given.clear()
+    out = json.loads(run("train", "reader", "a", "b", "--out", "f", "--rank", "16").stdout)
+    assert out["reader"] == "b" and out["out"].endswith("f") and given == [{"defaults": None, "rank": 16}]
+    assert run("train", "reader", "a", "b", "--out", "f", "--rank", "0").exit_code == 2  # a rank is >= 1
+    assert run("train", "drawer", "a", "b", "--for", "edit", "--out", "c", "--rank", "8").exit_code == 0
+    assert given[-1] == {"defaults": None, "rank": 8}
 
 
 def test_train_export_writes_a_runs_checkpoint_or_says_why_not(run, tmp_path, monkeypatch):

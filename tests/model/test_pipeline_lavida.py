@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavida_agent.model.pipeline_lavida import LavidaPipeline, PipelineInterrupted, with_own_weights
+from lavida_agent.model.pipeline_lavida import (
+    LavidaPipeline,
+    PipelineInterrupted,
+    apply_low_rank,
+    expand_own_weights,
+    low_rank_delta,
+    with_own_weights,
+)
 from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text, snap_plan
 
 
@@ -299,6 +306,85 @@ def test_save_keeps_a_drawers_own_weights_alone(tiny_model, tiny_vq, tokenizer, 
         tiny_model, {k: v.detach().clone() for k, v in tiny_model.named_parameters() if k in names})
     ).save_pretrained(tmp_path / "same")  # fmt: skip
     assert not (tmp_path / "same" / "drawer_edit").exists()
+
+
+def _reread(model) -> dict[str, torch.Tensor]:
+    """Answer-side weights moved far enough that answers change."""
+    side = set(model.text_only_parameter_names())
+    return {k: v.detach() + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+            for i, (k, v) in enumerate(sorted(model.named_parameters())) if k in side}  # fmt: skip
+
+
+def test_a_reader_writes_understands_answers_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image,
+                                                              monkeypatch):  # fmt: skip
+    plain = LavidaPipeline(tiny_model, tiny_vq, tokenizer)
+    pipe = LavidaPipeline(tiny_model, tiny_vq, tokenizer,
+                          reader=with_own_weights(tiny_model, _reread(tiny_model), part="understanding"))
+    used = []
+    real = pipe._forward
+    monkeypatch.setattr(pipe, "_forward", lambda model=None, **kw: used.append(model) or real(model, **kw))
+    questions = ["describe the image.", "what color is the circle?"]
+    out = pipe.understand([scene_image] * 2, questions, seed=1)
+    assert used and all(m is pipe.reader for m in used)  # every forward of `understand`
+    assert out.texts != plain.understand([scene_image] * 2, questions, seed=1).texts
+    used.clear()
+    kw = dict(seed=2, num_steps=3)
+    # plans, boxes and verdicts are the base model's
+    assert pipe.plan(["a red circle"], **kw).plans == plain.plan(["a red circle"], **kw).plans
+    assert pipe.ground([scene_image], [["the red circle"]]).boxes == plain.ground(
+        [scene_image], [["the red circle"]]).boxes
+    assert pipe.critique([scene_image], ["a red circle"], **kw).texts == plain.critique(
+        [scene_image], ["a red circle"], **kw).texts
+    assert used and all(m is None for m in used)
+
+
+def test_low_rank_delta_is_the_best_change_of_its_rank():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 8, generator=g)
+    two = torch.randn(12, 2, generator=g) @ torch.randn(2, 8, generator=g)
+    up, down = low_rank_delta(base, base + two, 2, dtype=torch.float32)
+    assert up.shape == (12, 2) and down.shape == (2, 8)
+    assert torch.allclose(apply_low_rank(base, up, down), base + two, atol=1e-5)  # a rank-2 change, exactly
+    change = torch.randn(12, 8, generator=g)
+    up, down = low_rank_delta(base, base + change, 3, dtype=torch.float32)
+    left = torch.linalg.svdvals(change)[3:]  # Eckart-Young: the error is what the rank leaves out
+    assert math.isclose(float((base + change - apply_low_rank(base, up, down)).norm()),
+                        float(left.norm()), rel_tol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        low_rank_delta(base, base, 0)
+    with pytest.raises(ValueError, match="two matrices of one shape"):
+        low_rank_delta(base[0], base[0], 1)
+
+
+def test_low_rank_weights_save_and_load_as_their_factors(tiny_model, tiny_vq, tokenizer, tmp_path, scene_image):
+    moved = _reread(tiny_model)
+    own = dict(tiny_model.named_parameters())
+    name = next(k for k, v in sorted(moved.items()) if v.ndim == 2 and min(v.shape) > 2)
+    up, down = low_rank_delta(own[name], moved[name], 2)
+    weights = dict(moved, **{name: apply_low_rank(own[name], up, down)})
+    pipe = LavidaPipeline(tiny_model, tiny_vq, tokenizer,
+                          reader=with_own_weights(tiny_model, weights, part="understanding"))
+    pipe.low_rank = {"reader": {name: (up, down)}}
+    pipe.save_pretrained(tmp_path, dtype=torch.float32)
+    stored = load_file(tmp_path / "reader" / "model.safetensors")
+    assert name not in stored and torch.equal(stored[name + ".delta_up"], up.float())
+    assert set(stored) == (set(moved) - {name}) | {name + ".delta_up", name + ".delta_down"}
+    loaded = LavidaPipeline.from_pretrained(tmp_path)
+    assert set(loaded.low_rank["reader"]) == {name}
+    assert all(torch.equal(v, pipe.reader.state_dict()[k]) for k, v in loaded.reader.state_dict().items())
+    assert loaded.understand([scene_image], ["describe the image."], seed=3).texts == pipe.understand(
+        [scene_image], ["describe the image."], seed=3).texts
+    loaded.save_pretrained(tmp_path / "again", dtype=torch.float32)  # written back the same way
+    assert set(load_file(tmp_path / "again" / "reader" / "model.safetensors")) == set(stored)
+    # a weight changed since it was loaded is written whole
+    with torch.no_grad():
+        dict(loaded.reader.named_parameters())[name].add_(1.0)
+    loaded.save_pretrained(tmp_path / "changed", dtype=torch.float32)
+    assert name in load_file(tmp_path / "changed" / "reader" / "model.safetensors")
+    with pytest.raises(ValueError, match="has no .delta_down beside it"):
+        expand_own_weights(tiny_model, {name + ".delta_up": up})
+    with pytest.raises(ValueError, match="which the model does not have"):
+        expand_own_weights(tiny_model, {"nope.delta_up": up, "nope.delta_down": down})
 
 
 def test_edit_drawers_draw_their_own_rows_and_nothing_else(tiny_model, tiny_vq, tokenizer, scene_image):

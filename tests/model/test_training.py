@@ -950,6 +950,8 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
                                                                           tokenizer):  # fmt: skip
     import copy
 
+    from safetensors.torch import load_file
+
     from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
     from lavida_agent.model.training import attach_weights
@@ -1010,6 +1012,33 @@ def test_attach_weights_adds_a_drawer_or_planner_and_refuses_other_changes(tmp_p
         attach_weights(tmp_path / "base", tmp_path / "planned", tmp_path / "w", kind="edit_plan",
                        defaults={"planner_first": True})  # fmt: skip
     assert not (tmp_path / "w").exists()
+    # a reader, its matrices kept as rank-2 changes: the written pipeline is that approximation
+    read = copy.deepcopy(base)
+    side = set(read.model.text_only_parameter_names())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in read.model.named_parameters():
+            if name in side:
+                p.add_(torch.randn(p.shape, generator=g))
+    read.save_pretrained(tmp_path / "read")
+    seven = LavidaPipeline.from_pretrained(attach_weights(tmp_path / "base", tmp_path / "read", tmp_path / "seven",
+                                                          kind="reader", rank=2))  # fmt: skip
+    r = LavidaPipeline.from_pretrained(tmp_path / "read").model.state_dict()
+    mine, theirs = seven.reader.state_dict(), seven.model.state_dict()
+    factored = set(seven.low_rank["reader"])
+    assert factored and all(mine[k].ndim == 2 and 2 * sum(mine[k].shape) < mine[k].numel() for k in factored)
+    for k in side:
+        if k in factored:  # a rank-2 change to the base, not the tuned weight
+            assert int(torch.linalg.matrix_rank((mine[k] - a[k]).double(), rtol=1e-3)) == 2
+            assert (mine[k] - r[k]).norm() < (a[k] - r[k]).norm()
+        else:  # small or thin tensors stay whole
+            assert torch.equal(mine[k], r[k])
+    assert all(torch.equal(v, a[k]) for k, v in theirs.items())  # the base, unchanged
+    stored = load_file(tmp_path / "seven" / "reader" / "model.safetensors")
+    assert {k for k in stored if k.endswith(".delta_up")} == {k + ".delta_up" for k in factored}
+    assert sum(v.numel() for v in stored.values()) < sum(r[k].numel() for k in side)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        attach_weights(tmp_path / "base", tmp_path / "read", tmp_path / "v", kind="reader", rank=0)
 
 
 def test_attach_weights_grows_the_base_for_a_drawer_with_the_image_copy_path(tmp_path, tiny_config, tiny_vq,
