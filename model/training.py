@@ -1277,7 +1277,8 @@ ATTACH_KINDS = {"unplanned": "unplanned_drawer", "edit": "edit_drawer", "edit_re
 
 def attach_weights(base: str | Path, tuned: str | Path, dest: str | Path, *, kind: str = "unplanned",
                    defaults: dict | None = None, rank: int | None = None) -> Path:  # fmt: skip
-    """Write `base` with `tuned`'s own weights for one kind of work: a drawer or a planner.
+    """Write `base` with `tuned`'s own weights for one kind of work: a drawer, a planner or
+    a reader.
 
     `tuned` is `base` fine-tuned on that work alone, with one side trainable. `kind`:
     "unplanned", `generate`'s rows without a plan (`trainable="generation"`, e.g. with
