@@ -546,12 +546,12 @@ class LavidaPipeline:
                 continue
             # only the weights of its side that are its own: the rest load shared
             names = set(getattr(self.model, PARTS[part])())
-            weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in other.named_parameters()
+            its = dict(other.named_parameters())
+            weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in its.items()
                        if k in names and v is not own[k] and not torch.equal(v, own[k])}  # fmt: skip
             # a weight still equal to its low-rank change is written as that change
-            mine = dict(other.named_parameters())
             for name, (up, down) in self.low_rank.get(attr, {}).items():
-                if name in weights and torch.equal(apply_low_rank(own[name], up, down), mine[name]):
+                if name in weights and torch.equal(apply_low_rank(own[name], up, down), its[name]):
                     del weights[name]
                     weights[name + DELTA_UP] = up.detach().to("cpu", dtype).contiguous()
                     weights[name + DELTA_DOWN] = down.detach().to("cpu", dtype).contiguous()
