@@ -61,6 +61,7 @@ from lavida_agent.graphs.runtime import (
 )
 from lavida_agent.tools.boxes import iou
 from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.checkers import TOUCHED_TOLERANCE
 from lavida_agent.tools.shapes_world.language import DESCRIBE, Caption, parse_caption
 from lavida_agent.tools.shapes_world.render import core_box
 from lavida_agent.tools.shapes_world.scene import SHAPES
@@ -153,11 +154,23 @@ def _centre(box: Sequence[float]) -> tuple[float, float]:
 
 
 def _box_at(cx: float, cy: float, w: float, h: float, canvas: int) -> BoxList:
-    """A `w x h` box centred at `(cx, cy)`, shifted to lie inside the canvas margin."""
+    """A `w x h` box centred at `(cx, cy)`, shifted to lie inside the canvas margin, on whole
+    pixels with its sides rounded first (rounding each edge alone can make a square box one
+    pixel wider than tall, a box no object of the world has)."""
+    w, h = float(round(w)), float(round(h))
     m = MARGIN * canvas / CANVAS
-    x0 = min(max(cx - w / 2, m), canvas - m - w)
-    y0 = min(max(cy - h / 2, m), canvas - m - h)
-    return [float(round(x0)), float(round(y0)), float(round(x0 + w)), float(round(y0 + h))]
+    x0 = float(round(min(max(cx - w / 2, m), canvas - m - w)))
+    y0 = float(round(min(max(cy - h / 2, m), canvas - m - h)))
+    return [x0, y0, x0 + w, y0 + h]
+
+
+def _world_side(side: float, scale: float) -> float:
+    """`side` (canvas pixels) moved into the nearer size class's range of sides: a grounded
+    box a pixel or two off can fall between the classes, where no object of the world is
+    (and its plan label would have no size word)."""
+    s = side / scale
+    lo, hi = min(SIZES.values(), key=lambda r: max(r[0] - s, s - r[1], 0.0))
+    return min(max(s, lo), hi) * scale
 
 
 # ----------------------------------------------------------------------------------------
@@ -618,17 +631,19 @@ class PipelineBackend:
             assert seen is not None and spec.target is not None
             # every object of the world has a square box: a grounded box that is not one
             # missed part of the object, and a region it gives would leave that part behind
-            src = _box_at(*_centre(referred_box), _side(referred_box), _side(referred_box), canvas)
-            (cx, cy), w, h = _centre(src), src[2] - src[0], src[3] - src[1]
-            regions = [src]
+            grounded = _box_at(*_centre(referred_box), _side(referred_box), _side(referred_box), canvas)
+            # ... and its side is one the world's objects have; the region covers both boxes
+            side = _world_side(_side(referred_box), scale)
+            src = _box_at(*_centre(referred_box), side, side, canvas)
+            w, h = src[2] - src[0], src[3] - src[1]
+            regions = [_union(grounded, src)]
             if spec.category == "recolor":
                 layout = [item(lang.Noun(seen.shape, spec.color, seen.size), src)]
             elif spec.category == "replace":
                 assert spec.shape is not None
                 layout = [item(lang.Noun(spec.shape, seen.color, seen.size), src)]
             elif spec.category == "resize":
-                side = _resized_side(_side(src) / scale, spec.direction or "larger") * scale
-                new_box = _box_at(cx, cy, side, side, canvas)
+                new_box = _resized_box(src, spec.direction or "larger", others, canvas)
                 regions.append(new_box)
                 layout = [item(lang.Noun(seen.shape, seen.color), new_box)]
             elif spec.category == "move":
@@ -672,8 +687,38 @@ def _resized_side(side: float, direction: str) -> float:
     return float(max(SIZES["small"][0], min(side - 2, _PLANNED_SIDE["small"])))
 
 
+def _resized_box(src: BoxList, direction: str, others: Sequence[Sequence[float]], canvas: int) -> BoxList:
+    """The box of a resized object: the first side, nearest `_resized_side`'s first, of the
+    class the world's `larger` / `smaller` asks for (a bigger side, from small the large
+    class), whose box can keep its centre within half the world's 4-px tolerance, inside the
+    canvas margin, and twice the world's gap from every object in `others`. With none, the
+    box that moves the centre least, within the tolerance and clear first. (A large object
+    near the edge grown in place moved its centre by more than the tolerance; one grown
+    beside another object touched it.)"""
+    scale = canvas / CANVAS
+    side, (cx, cy) = _side(src) / scale, _centre(src)
+    lo, hi = SIZES["large" if direction == "larger" else "small"]
+    first = _resized_side(side, direction)
+    sides = [s for s in range(lo, hi + 1) if (s > side if direction == "larger" else s < side)]
+    tol, gap = TOUCHED_TOLERANCE / 2 * scale, 2 * MIN_GAP * scale
+    near: Placement = ((cx, cy), lambda x, y: math.dist((x, y), (cx, cy)) <= tol)
+    fallback = []
+    for rank, s in enumerate(sorted(sides, key=lambda s: (abs(s - first), -s))):
+        box = _place(s * scale, s * scale, near, others, canvas)  # at the old centre if none is near
+        shift, clear = math.dist(_centre(box), (cx, cy)), _clearance(box, others) >= gap
+        if shift <= tol and clear:
+            return box
+        fallback.append((shift > 2 * tol, not clear, shift, rank, box))
+    return min(fallback)[-1] if fallback else _box_at(cx, cy, first * scale, first * scale, canvas)
+
+
 Placement = tuple[tuple[float, float], Callable[[float, float], bool]]
 """Where a planned object may go: its preferred centre, and which centres are allowed."""
+
+
+def _union(a: BoxList, b: BoxList) -> BoxList:
+    """The smallest box holding both."""
+    return [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
 
 
 def _proper(box: Sequence[float] | None) -> bool:

@@ -7,6 +7,7 @@ share forwards. `plan_edit`'s logic is checked on a scripted, duck-typed pipelin
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from types import SimpleNamespace
@@ -381,7 +382,9 @@ def test_plan_edit_other_categories_and_limits():
     assert remove.targets == ["the circle"] and remove.layout == []
     assert set(_labels(remove.keep)) == {"the blue square", "the green triangle"}
     ((label, box),) = _labels(resize.layout).items()
-    assert label == "the red circle" and box[2] - box[0] == 21 and len(resize.target_boxes) == 2
+    # grown from the canvas corner: 21 px at the old centre would leave the margin, and
+    # shifted inside it, move the centre 3.5 px; 18 px (still large) moves it 1.4 px
+    assert label == "the red circle" and box == [2.0, 2.0, 20.0, 20.0] and len(resize.target_boxes) == 2
     assert bad == EditPlanResult()  # outside the grammar: no plan
     # Not grounded: the whole canvas is the region, nothing is claimed about the result.
     (lost,), _ = _plan_edit(["make the red circle blue"], ScriptedPipeline(boxes={}))
@@ -409,6 +412,42 @@ def test_plan_edit_redraws_a_square_around_a_box_grounded_short():
     """World objects have square boxes: a grounded 12 x 8 box missed part of the circle."""
     (plan,), _ = _plan_edit(["make the red circle blue"], ScriptedPipeline(boxes={"the red circle": (4, 4, 16, 12)}))
     assert plan.target_boxes == [[4.0, 2.0, 16.0, 14.0]] == [plan.layout[0]["box"]]
+
+
+
+def test_plan_edit_draws_whole_pixel_squares_of_a_side_the_world_has():
+    """A grounded box off by fractions of a pixel (rounding each edge alone made 20 x 21
+    boxes) or with a side between the size classes (17 px: no object is 15-17 px wide, and
+    its plan label would have no size word) is drawn as a whole-pixel square of the nearer
+    class; the region redrawn still covers the grounded box."""
+    (frac, between), _ = _plan_edit(["make the red circle blue", "make the blue square red"], ScriptedPipeline(
+        boxes={"the red circle": (4.3, 4.6, 24.9, 25.4), "the blue square": (30, 30, 47, 47)}))  # fmt: skip
+    box = frac.layout[0]["box"]
+    assert box[2] - box[0] == box[3] - box[1] == 21 and all(v == int(v) for v in box)
+    box = between.layout[0]["box"]
+    assert box[2] - box[0] == box[3] - box[1] == 18
+    (region,) = between.target_boxes
+    assert region[0] <= 30 and region[1] <= 30 and region[2] >= 47 and region[3] >= 47
+
+def test_plan_edit_grows_an_object_clear_of_its_neighbours_and_near_its_centre():
+    """`larger` from small takes the large class; the side (21 preferred) and the centre
+    (within 2 px, half the world's tolerance) are chosen to keep twice the world's gap from
+    the objects kept. Here 21 px at the old centre would touch the green triangle."""
+    circle, triangle = (20, 20, 32, 32), (20, 38, 32, 50)
+    caption = "a small red circle and a small green triangle on a white background"
+    (plan,), _ = _plan_edit(["make the red circle larger"], ScriptedPipeline(
+        caption, {"the red circle": circle, "the green triangle": triangle}))  # fmt: skip
+    box = plan.layout[0]["box"]
+    side = box[2] - box[0]
+    assert box[3] - box[1] == side == 20  # 21 and 22 come within 3 px of the triangle
+    assert math.dist(_centre(box), _centre(circle)) <= 2 and boxes_apart(box, triangle, 4)
+    # at the top edge no large box keeps the centre within 2 px: the one that moves it least
+    (edge,), _ = _plan_edit(["make the red circle larger"], ScriptedPipeline(boxes={"the red circle": (8, 2, 21, 15)}))
+    box = edge.layout[0]["box"]
+    assert box[2] - box[0] == box[3] - box[1] == 18 and math.dist(_centre(box), (14.5, 8.5)) < 3
+    (smaller,), _ = _plan_edit(["make the blue square smaller"])
+    box = smaller.layout[0]["box"]
+    assert box[2] - box[0] == box[3] - box[1] == 12 and math.dist(_centre(box), _centre(BLUE)) <= 2
 
 
 def test_plan_edit_with_nothing_to_ground_makes_no_grounding_call():
