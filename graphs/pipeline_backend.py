@@ -513,13 +513,16 @@ class PipelineBackend:
           its grounded box (recolor, remove, replace), plus the resized box (resize), plus
           the new box (move); the new box (add); the whole canvas (background);
         - `layout`: the object expected after the edit, labelled with a referring expression
-          so the graph can verify it by grounding: same box (recolor, replace), same centre
-          with a size-class side (resize), same size in the named cell (move), a size-class
-          box in the named cell or on the named side of the anchor (add); empty for remove
-          and background. A new box (move, add) is the allowed one nearest the cell's
-          centre (or just beside the anchor) that keeps twice the world's gap from every
-          object the plan knows of (the kept ones and the anchor), else the clearest
-          (`_place`): drawn on top of another object, it merges with it;
+          so the graph can verify it by grounding: same box (recolor, replace), a side of
+          the class asked for with the centre kept within 2 px (resize, `_resized_box`),
+          same size in the named cell (move), a size-class box in the named cell or on the
+          named side of the anchor (add); empty for remove and background. A new box (move,
+          add) is the allowed one nearest the cell's centre (or just beside the anchor)
+          that keeps twice the world's gap from every object the plan knows of (the kept
+          ones and the anchor), else the clearest (`_place`): drawn on top of another
+          object, it merges with it. Every box of `layout` is a whole-pixel square, and the
+          edited object's side is one the world has (a grounded side between the size
+          classes goes to the nearer one): the boxes the model's plans were trained on;
         - `keep`: the other captioned objects with their grounded boxes, minus any whose
           expression would name an object of `layout` after the edit (ambiguous then).
 
