@@ -888,10 +888,10 @@ def score_agent_edit(
 
     Returns:
         Per edit `{instruction, seed, correct, reasons, psnr_outside, rounds, accepted,
-        attempts_correct, attempts_accepted, attempts_fit, attempts_score, image}` (the
-        committed image judged by `check_edit`; `attempts_correct`: each attempt of the turn
-        judged, in order; the workflow's own verdict, worst fit and grounding score of each
-        beside it), and totals as `score_agent_t2i`.
+        attempts_correct, attempts_accepted, attempts_fit, attempts_score, attempts_keep_fit,
+        image}` (the committed image judged by `check_edit`; `attempts_correct`: each attempt
+        of the turn judged, in order; the workflow's own verdict, worst fit, grounding score
+        and worst kept object's contrast of each beside it), and totals as `score_agent_t2i`.
     """
     from lavida_agent.graphs import edit
     from lavida_agent.graphs.state import EditOutput
@@ -919,6 +919,7 @@ def score_agent_edit(
             "attempts_accepted": [bool(s.critique and s.critique.accepted) for s in out.steps],
             "attempts_fit": [s.critique.fit_score if s.critique else None for s in out.steps],
             "attempts_score": [s.critique.score if s.critique else None for s in out.steps],
+            "attempts_keep_fit": [s.critique.keep_fit_score if s.critique else None for s in out.steps],
             "image": image,
         }
 
@@ -1371,7 +1372,7 @@ def _suite_agent(
                     "rounds": x["rounds"],
                     "accepted": x["accepted"],
                     **{k: x[k] for k in ("attempts_correct", "attempts_accepted", "attempts_fit",
-                                         "attempts_score")},
+                                         "attempts_score", "attempts_keep_fit")},
                     "reasons": x["reasons"],
                 }
                 for x in erecs

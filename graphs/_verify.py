@@ -84,7 +84,7 @@ def reason_for(check: GroundingCheck) -> str:
 def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
-    dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (),
+    dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (), keep_fit: Sequence[float] = (),
     judged_by: Literal["scene", "model"] = "model", perception: Perception | None = None,
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
@@ -121,6 +121,7 @@ def make_critique(
         dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
         fit=[round_score(f) for f in fit],
+        keep_fit=[round_score(f) for f in keep_fit],
         score=round_score(score),
     )
 

@@ -18,8 +18,10 @@ current image and records it in `heads`. Round `r` of a turn uses seed `base + r
   another colour), recorded as the critique's `fit`; an attempt where a look-alike wins
   (fit <= 0) is rejected with a reason naming the object. Grounding alone cannot see
   that: `the red square` is "found" on a red circle drawn in its place.
-- `commit_edit` keeps the attempt whose worst produced object fits best (the earliest on a
-  tie; by the grounding score when no fit was measured). With `Context.selection="best"`
+- `commit_edit` keeps the attempt whose worst produced object fits best (by the grounding
+  score when no fit was measured: a remove or background edit produces nothing, and ties
+  there go to the attempt whose worst kept object reads best as itself, `keep_fit`; then
+  the earliest). With `Context.selection="best"`
   (the default) every round is drawn; with `"accept"` the turn ends at the first attempt
   whose checks all pass. On the shipped model's three-round attempts at the benchmark's
   edits, ranking by noun contrast kept a right one for 0.688, by the absolute fit 0.679,
@@ -185,6 +187,13 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         misread = [prompts.render("critique_noun_target", label=i.label, expected=fmt_box(i.box),
                                   margin=f"{-f:.1f}")
                    for i, f in zip(produced, fit, strict=True) if f <= 0]  # fmt: skip
+        # With nothing produced (remove, background), attempts that ground alike are told
+        # apart by how well each kept object still reads as itself: a background edit fails
+        # mostly by redrawing an object's edge into another shape, where grounding still
+        # finds the object.
+        kept = step.plan.keep if ctx.rank_by == "fit" and not step.plan.layout else []
+        keep_fit = (engine.noun_fit(pixels, [i.to_engine() for i in kept], contrast=True)
+                    if kept else [])  # fmt: skip
         # Step 4: combine into the step's critique and append the step to the lineage.
         # With nothing grounded there is nothing to verify: that is not an acceptance.
         unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
@@ -192,7 +201,7 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
                                  model_ok=bool(checks) and not misread,
                                  model_reasons=unverified + misread,
                                  model_text="(edits are verified by grounding and noun contrast)",
-                                 checks=checks, fit=fit)  # fmt: skip
+                                 checks=checks, fit=fit, keep_fit=keep_fit)  # fmt: skip
         verified = step.model_copy(update={"critique": critique})
         emit("critique", critique=critique.model_dump(mode="json"))
     return {"steps": [verified], "candidate": None, "accepted": critique.accepted,
@@ -215,14 +224,15 @@ def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
             "turn": state.turn + 1, "image": None, "accepted": accepted}  # fmt: skip
 
 
-def edit_rank(step: EditStep) -> tuple[float, int]:
+def edit_rank(step: EditStep) -> tuple[float, float, int]:
     """Sort key of an attempt (higher is better): its worst produced object's fit when
-    measured, else its grounding score; then the earliest."""
+    measured, else its grounding score; then its worst kept object's noun contrast when
+    measured (edits that produce nothing); then the earliest."""
     c = step.critique
     if c is None:
-        return (-math.inf, -step.index)
-    fit = c.fit_score
-    return (c.score if fit is None else fit, -step.index)
+        return (-math.inf, -math.inf, -step.index)
+    fit, keep = c.fit_score, c.keep_fit_score
+    return (c.score if fit is None else fit, -math.inf if keep is None else keep, -step.index)
 
 
 # ----------------------------------------------------------------------------------------

@@ -227,6 +227,12 @@ class Critique(BaseModel):
         description="t2i: how well the prompt and plan explain each planned box (`Engine."
         "plan_fit`, plan order); empty when not measured.",
     )
+    keep_fit: list[float] = Field(
+        default_factory=list,
+        description="edit producing no object (remove, background): how much better each kept "
+        "object reads at its box as itself than as its best look-alike one word away "
+        "(`Engine.noun_fit(contrast=True)`, keep order); empty when not measured.",
+    )
     score: float = Field(description="(model_ok + checks passed) / (1 + checks); ranks attempts.")
 
     @property
@@ -234,6 +240,11 @@ class Critique(BaseModel):
         """The worst planned object's fit (None when not measured): the attempt is as good
         as its least explained object."""
         return min(self.fit) if self.fit else None
+
+    @property
+    def keep_fit_score(self) -> float | None:
+        """The worst kept object's noun contrast (None when not measured)."""
+        return min(self.keep_fit) if self.keep_fit else None
 
     @property
     def accepted(self) -> bool:

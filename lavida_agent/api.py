@@ -332,6 +332,7 @@ def _attempt_dict(
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
         "fit": list(critique.fit) if critique else [],
+        "keep_fit": list(critique.keep_fit) if critique else [],
         "dropped_reasons": list(critique.dropped_reasons) if critique else [],
         "image": result.image_path(image),
     }

@@ -296,6 +296,10 @@ def test_quick_run_writes_every_suite(quick_run):
                 if task == "t2i":  # the workflow's verdict on each attempt; the kept one's is `accepted`
                     assert len(item["attempts_accepted"]) == item["rounds"]
                     assert item["accepted"] == any(item["attempts_accepted"])
+                else:  # the kept objects' contrast is read only where the edit produces nothing
+                    assert len(item["attempts_keep_fit"]) == item["rounds"]
+                    fits, keeps = item["attempts_fit"], item["attempts_keep_fit"]
+                    assert all(f is None or k is None for f, k in zip(fits, keeps, strict=True))
             assert block["first_attempt_rate"] <= block["any_attempt_rate"]
             if r == 1:
                 assert block["first_attempt_rate"] == block["any_attempt_rate"] == _mean_correct(block)

@@ -208,6 +208,23 @@ def test_an_edit_whose_object_reads_as_a_look_alike_is_rejected_and_ranked_below
     assert second.accepted and out.heads == [1] and out.accepted
 
 
+def test_an_edit_that_produces_nothing_breaks_ties_by_how_the_kept_objects_read(engine, store):
+    """A background edit produces no object: its attempts ground alike, so the one whose
+    worst kept object reads best as itself is committed, not the earliest."""
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=3)  # selection best
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 64.0, 64.0]], keep=[RED]))
+    for keep_fit in ([-2.0], [3.0], [1.0]):
+        engine.enqueue_fit(keep_fit)
+    out = EditOutput.model_validate(edit.graph.invoke(
+        {"instruction": "change the background to black", "image": _scene(store)}, context=ctx))  # fmt: skip
+    assert [info["labels"] for m, info in engine.log if m == "noun_fit"] == [[RED["label"]]] * 3
+    assert [s.critique.keep_fit for s in out.steps] == [[-2.0], [3.0], [1.0]]
+    assert len({s.critique.score for s in out.steps}) == 1 and all(s.critique.fit == [] for s in out.steps)
+    assert out.heads == [1]
+    # the sort key itself: grounding score, then the worst kept object's contrast
+    assert edit.edit_rank(out.steps[1]) > edit.edit_rank(out.steps[2]) > edit.edit_rank(out.steps[0])
+
+
 def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):
     ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, rank_by="score")
     engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
