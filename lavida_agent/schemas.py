@@ -340,7 +340,13 @@ class AttemptOut(BaseModel):
     fit: list[float] = Field(
         default_factory=list,
         description="t2i: how well the prompt and plan explain each planned box (plan order; "
-        "higher is better; ranks the attempts of one run).",
+        "higher is better; ranks the attempts of one run); edit: how much better each object "
+        "the edit produces reads as its own noun than as a look-alike.",
+    )
+    keep_fit: list[float] = Field(
+        default_factory=list,
+        description="edit producing no object (remove, background): the same for each kept "
+        "object; breaks ties between attempts.",
     )
     image: ImageOut
 

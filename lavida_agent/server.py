@@ -456,6 +456,8 @@ class _Service:
                                        verdict=s.critique.verdict if s.critique else None,
                                        reasons=list(s.critique.reasons) if s.critique else [],
                                        grounding_failed=s.critique.grounding_failed if s.critique else [],
+                                       fit=list(s.critique.fit) if s.critique else [],
+                                       keep_fit=list(s.critique.keep_fit) if s.critique else [],
                                        image=self.image_out(base, s.result, "url"))
                     for s in r.attempts]  # fmt: skip
         plan = r.plan

@@ -149,6 +149,8 @@ async def test_edit_json_and_multipart_and_session_continues(client, engine):
     body = r.json()
     assert body["step"] == 0 and body["session_id"]
     assert _png(body["image"]["b64_json"]).shape == (64, 64, 3)
+    # the produced object's noun contrast (the fake draws it where planned); nothing kept
+    assert body["attempts"][0]["fit"] == [5.0] and body["attempts"][0]["keep_fit"] == []
     r = await client.post("/v1/edit", files={"image": ("s.png", encode_png(_scene()), "image/png")},
                           data={"instruction": "make it green", "seed": "3",
                                 "steps": "2"})  # fmt: skip
