@@ -379,6 +379,11 @@ class EditResponse(_RunOut):
     plan: list[BoxOut]
     targets: list[str]
     regions: list[list[float]]
+    keep: list[BoxOut] = Field(
+        default_factory=list,
+        description="The objects the edit plan keeps (label and box, model canvas): every "
+        "attempt is checked for them, and a background edit redraws around their cores.",
+    )
     attempts: list[AttemptOut]
     image: ImageOut
 

@@ -467,6 +467,7 @@ class _Service:
             rounds=len(r.attempts), max_rounds=r.max_rounds, plan=self._boxes(r.layout),
             targets=list(plan.targets) if plan else [],
             regions=[b.as_list() for b in plan.regions] if plan else [],
+            keep=self._boxes(plan.keep) if plan else [],
             attempts=attempts, image=self.image_out(base, r.image_ref, fmt),
         )  # fmt: skip
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import lavida_agent.cli as cli_mod
 from lavida_agent.cli import cli
 from lavida_agent.errors import InvalidInputError
+from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.tools.images import load_image, save_image
 from tests.fakes import FakeEngine, draw
 
@@ -24,7 +25,7 @@ SCHEMAS = {
     "generate": {"prompt": str, "out": str, "seed": int, "rounds": int,
                  "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "edit": {"image": str, "instruction": str, "out": str, "seed": int, "rounds": int,
-             "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
+             "plan": [PLAN_ITEM], "keep": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str]},
     "ask": {"image": str, "question": str, "answer": str},
     "critique": {"image": str, "prompt": str, "verdict": str, "reasons": [str], "judged_by": str,
@@ -182,11 +183,15 @@ def test_generate_review_plan_asks_again_after_a_bad_layout(run, engine):
 
 
 def test_edit_json(run, scene, engine):
+    triangle = {"label": "green triangle", "box": [40.0, 40.0, 52.0, 52.0]}
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[8, 8, 24, 24]], keep=[triangle],
+                                            layout=[{"label": "blue circle", "box": [8, 8, 24, 24]}]))  # fmt: skip
     res = run("edit", scene, "make it blue", "--out", "e.png", "--seed", 2, "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     validate(data, SCHEMAS["edit"])
     assert data["image"] == str(scene) and data["seed"] == 2 and data["step"] == 0
+    assert data["keep"] == [triangle]  # what every attempt was checked to leave alone
     assert load_image("e.png").shape == (64, 64, 3)
 
 

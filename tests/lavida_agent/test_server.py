@@ -142,14 +142,15 @@ async def test_generate_url_format_and_no_plan(client):
 
 
 async def test_edit_json_and_multipart_and_session_continues(client, engine):
-    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED], keep=[BLUE]))
     r = await client.post("/v1/edit", json={"image": _b64(_scene()), "instruction": "redo red",
                                             "seed": 2})  # fmt: skip
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["step"] == 0 and body["session_id"]
+    assert body["step"] == 0 and body["session_id"] and body["keep"] == [BLUE]
     assert _png(body["image"]["b64_json"]).shape == (64, 64, 3)
-    # the produced object's noun contrast (the fake draws it where planned); nothing kept
+    # the produced object's noun contrast (the fake draws it where planned); the kept
+    # objects' contrast is read only for edits that produce nothing
     assert body["attempts"][0]["fit"] == [5.0] and body["attempts"][0]["keep_fit"] == []
     r = await client.post("/v1/edit", files={"image": ("s.png", encode_png(_scene()), "image/png")},
                           data={"instruction": "make it green", "seed": "3",
