@@ -30,6 +30,7 @@ and `run_end`; for the async twins it is called from the worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -897,7 +898,13 @@ class LavidaAgent:
 
 async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """Run `fn(*args, cancel=event, **kwargs)` in the default executor; on task cancellation
-    set the event (the run stops at its next engine call or sampler step) and re-raise."""
+    set the event (the run stops at its next engine call or sampler step), wait until the
+    run has stopped, and re-raise.
+
+    Waiting matters: a caller that holds a lock around this call (a session's turn) must not
+    release it while the run is still writing checkpoints, or the next turn on that session
+    would interleave with it and the last writer's checkpoint would hide the other's edit.
+    """
     cancel = kwargs.pop("cancel", None) or threading.Event()
     loop = asyncio.get_running_loop()
     # run_in_executor (not to_thread): no contextvars are copied, so a run started from inside
@@ -907,6 +914,11 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
         cancel.set()
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
+                await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # the run's own error (its interruption) is retrieved, not logged
         raise
 
 

@@ -313,12 +313,42 @@ def test_cancelling_the_async_task_stops_the_worker_at_the_next_step(tmp_path):
                 await task
 
         asyncio.run(main())
-        deadline = time.monotonic() + 5
-        while not list(agent.settings.runs_dir.glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # the task ends only once the worker has stopped: its trace is already written
         (path,) = agent.settings.runs_dir.glob("*.json")
         assert "cancelled" in load_trace(path).error
         assert engine.calls["critique"] == 0  # stopped inside the first sampler loop
+
+
+def test_a_cancelled_session_turn_ends_before_the_next_turn_starts():
+    # A server holds a session's lock around `aedit`: the cancelled turn must have stopped
+    # writing checkpoints by the time the lock is free, or the next turn's edit is lost.
+    class SlowPlanner(FakeEngine):
+        planning = False
+
+        def plan_edit(self, image, instruction):
+            self.planning = True
+            time.sleep(0.3)  # an engine call does not look at the cancel event
+            self.planning = False
+            return super().plan_edit(image, instruction)
+
+    engine = SlowPlanner()
+    with LavidaAgent(engine=engine, max_rounds=1) as agent:
+        session = agent.session()
+        session.start(np.zeros((64, 64, 3), np.uint8))
+
+        async def main():
+            task = asyncio.create_task(session.aedit("make the circle red", seed=1))
+            while not engine.planning:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not engine.planning and engine.calls["edit"] == 0  # stopped, not running on
+            return await session.aedit("make the square blue", seed=2)
+
+        second = asyncio.run(main())
+        assert [s.instruction for s in session.history()] == ["make the square blue"]
+        assert session.state().current_step == second.step
 
 
 # -- errors -----------------------------------------------------------------------------------
