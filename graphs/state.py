@@ -20,10 +20,11 @@ from __future__ import annotations
 import operator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lavida_agent.graphs.engine import BoxList, PlanItem
 from lavida_agent.tools.artifacts import ImageRef
+from lavida_agent.tools.boxes import as_box
 
 __all__ = (
     "Attempt",
@@ -52,6 +53,7 @@ __all__ = (
     "UnderstandOutput",
     "UnderstandState",
     "box_iou",
+    "given_layout",
 )
 
 # ----------------------------------------------------------------------------------------
@@ -111,6 +113,34 @@ class LayoutItem(BaseModel):
     def to_engine(self) -> PlanItem:
         """The engine's `{"label", "box"}` form."""
         return {"label": self.label, "box": self.box.as_list()}
+
+
+def given_layout(items: Any) -> list[LayoutItem]:
+    """A layout given from outside (a caller's plan, a reviewer's reply), checked item by
+    item before anything is drawn from it.
+
+    Raises:
+        ValueError: naming the first bad item: not a `{"label", "box"}` object, an empty
+            label, or a box that is not four finite numbers with x0 < x1 and y0 < y1.
+    """
+    if not isinstance(items, list | tuple):
+        raise ValueError(f'a layout is a list of {{"label", "box"}} items, got {items!r}')
+    out = []
+    for k, item in enumerate(items):
+        try:
+            parsed = LayoutItem.model_validate(item)
+            box = as_box(parsed.box.as_list())  # finite, ordered
+            if not parsed.label.strip():
+                raise ValueError("the label is empty")
+            if box.x1 <= box.x0 or box.y1 <= box.y0:
+                raise ValueError(f"the box {parsed.box.as_list()} has no area")
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"layout item {k} ({item!r}): {why}") from None
+        except ValueError as exc:
+            raise ValueError(f"layout item {k} ({item!r}): {exc}") from None
+        out.append(parsed)
+    return out
 
 
 class Plan(BaseModel):

@@ -66,6 +66,7 @@ from lavida_agent.graphs.state import (
     T2IInput,
     T2IOutput,
     T2IState,
+    given_layout,
 )
 
 __all__ = (
@@ -77,6 +78,7 @@ __all__ = (
     "rank",
     "refine_image",
     "refine_mode",
+    "review_answer",
     "review_plan",
     "route_after_critique",
 )
@@ -140,28 +142,48 @@ def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list
     return chosen, tried
 
 
+def review_answer(answer: Any) -> list[LayoutItem] | None:
+    """A plan reviewer's answer read: None to keep the plan (`None`, `True`, `"approve"`),
+    else the replacement layout (a list of `{"label", "box"}`, or a dict with `"items"`).
+
+    Raises:
+        ValueError: naming what is wrong (an answer of another kind, or a bad item).
+    """
+    if answer is None or answer is True or answer == "approve":
+        return None
+    if isinstance(answer, dict) and "items" in answer:
+        answer = answer["items"]
+    if not isinstance(answer, list | tuple):
+        raise ValueError(f"review_plan: cannot use the answer {answer!r}: give True (or None, "
+                         '"approve") to keep the plan, or a list of {"label", "box"} to replace it')  # fmt: skip
+    return given_layout(answer)
+
+
 def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Pause for a human to approve or replace the plan (only when `Context.review_plan`).
 
     The interrupt payload is `{"kind": "review_plan", "prompt", "plan"}`. Resume with
-    `Command(resume=...)`: `None`/`True`/`"approve"` keeps the plan; a list of
-    `{"label", "box"}` items or a dict with `"items"` replaces it (source `user`).
+    `Command(resume=...)` and an answer `review_answer` reads: `None`/`True`/`"approve"`
+    keeps the plan; a list of `{"label", "box"}` items or a dict with `"items"` replaces it
+    (source `user`). An answer it cannot use is asked for again, the payload then carrying
+    `"problem"`: LangGraph gives each `interrupt` of a node its own resume value, so a bad
+    answer never blocks the thread.
     """
     ctx = _context(runtime)
     if not ctx.review_plan or state.plan_reviewed:
         return {}
     plan = state.plan or Plan()
-    answer = interrupt(
-        {"kind": "review_plan", "prompt": state.prompt, "plan": plan.model_dump(mode="json")}
-    )
-    if isinstance(answer, dict) and "items" in answer:
-        answer = answer["items"]
-    if isinstance(answer, list):
-        plan = Plan(items=[LayoutItem.model_validate(i) for i in answer], source="user",
-                    seed=plan.seed)  # fmt: skip
+    payload = {"kind": "review_plan", "prompt": state.prompt, "plan": plan.model_dump(mode="json")}
+    answer = interrupt(payload)
+    while True:
+        try:
+            items = review_answer(answer)
+            break
+        except ValueError as exc:
+            answer = interrupt({**payload, "problem": str(exc)})
+    if items is not None:
+        plan = Plan(items=items, source="user", seed=plan.seed)
         emit("plan", plan=plan.model_dump(mode="json"))
-    elif answer not in (None, True, "approve"):
-        raise ValueError(f"review_plan: cannot use resume value {answer!r}")
     return {"plan": plan, "plan_reviewed": True}
 
 

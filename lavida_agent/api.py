@@ -63,6 +63,7 @@ from lavida_agent.graphs.state import (
     LayoutItem,
     Perception,
     Plan,
+    given_layout,
 )
 from lavida_agent.settings import Settings
 from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
@@ -711,16 +712,19 @@ class LavidaAgent:
             payload["plan"] = Plan(items=[], source="input")
         elif use_plan is not True:
             with map_exceptions():
-                payload["plan"] = Plan(items=[LayoutItem.model_validate(i) for i in use_plan],
-                                       source="input")  # fmt: skip
+                payload["plan"] = Plan(items=given_layout(use_plan), source="input")
         thread_id = _new_id()
         inputs = {"prompt": prompt, "seed": base_seed,
                   "plan": use_plan if isinstance(use_plan, bool) else payload["plan"],
                   "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
         def answer(request: dict[str, Any]) -> Any:
+            from lavida_agent.graphs.t2i import review_answer
+
             layout = [LayoutItem.model_validate(i).to_engine() for i in request["plan"].get("items", [])]
             reply = review_plan(layout)  # type: ignore[misc]
-            return True if reply is None else reply
+            with map_exceptions():  # the reviewer's mistake, refused before the run resumes on it
+                items = review_answer(reply)
+            return True if items is None else [i.to_engine() for i in items]
 
         run_id, values, trace, path = self._run("t2i", self._graph("t2i"), payload,
                                                 thread_id=thread_id, context=context,

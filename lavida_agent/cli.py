@@ -207,6 +207,8 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
     """Show the model's layout on stderr; read a line: empty or `y` keeps it, a JSON list
     of `{"label", "box": [x0, y0, x1, y1]}` replaces it. A reply that is not a layout is
     explained and asked again (the plan is kept meanwhile); end of input stops the run."""
+    from lavida_agent.graphs.state import given_layout
+
     click.echo("planned layout (canvas pixels):", err=True)
     for item in layout:
         click.echo(f"  {item['label']}: {[round(v) for v in item['box']]}", err=True)
@@ -220,9 +222,10 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
         except json.JSONDecodeError as exc:
             click.echo(f"--review-plan: not a JSON layout ({exc}); try again", err=True)
             continue
-        if isinstance(items, list):
-            return items
-        click.echo('--review-plan: a layout is a JSON list of {"label", "box"}; try again', err=True)
+        try:
+            return [i.to_engine() for i in given_layout(items)]
+        except ValueError as exc:
+            click.echo(f"--review-plan: {exc}; try again", err=True)
 
 
 def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,

@@ -4,6 +4,7 @@ streaming."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
@@ -343,6 +344,21 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
     out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
     assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
     assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
+
+
+def test_review_plan_asks_again_after_an_answer_it_cannot_use(engine, store):
+    ctx = Context(engine=engine, artifacts=store, review_plan=True, selection="accept")
+    g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "bad-review"}}
+    g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+    for bad, why in (([{"label": "red circle", "box": [20, 20, 4, 4]}], r"layout item 0 .*must be >= x0"),
+                     ("maybe", "cannot use the answer 'maybe'")):  # fmt: skip
+        out = g.invoke(Command(resume=bad), cfg, context=ctx)
+        (intr,) = out["__interrupt__"]  # asked again, saying why
+        assert re.search(why, intr.value["problem"]) and intr.value["plan"]["items"]
+        assert g.get_state(cfg).next == ("review_plan",) and engine.calls == {"plan_layout": 1}
+    out = T2IOutput.model_validate(g.invoke(Command(resume=True), cfg, context=ctx))
+    assert out.plan.source == "model" and engine.calls["plan_layout"] == 1 and out.attempts
 
 
 def test_review_plan_approve(engine, store):

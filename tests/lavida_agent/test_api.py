@@ -461,9 +461,21 @@ def test_review_plan_approval_keeps_the_model_layout(agent, engine):
     assert skipped.layout == []  # nothing to review without a model plan
 
 
-def test_a_bad_review_answer_is_a_clear_error(agent):
+def test_a_bad_review_answer_is_a_clear_error(agent, engine):
     with pytest.raises(LavidaError, match="review_plan"):
         agent.generate("red circle", seed=2, review_plan=lambda layout: "maybe")
+    bad = {"label": "red circle", "box": [30, 30, 10, 10]}
+    with pytest.raises(InvalidInputError, match=r"layout item 1 .*x1 \(10.0\) must be >= x0"):
+        agent.generate("red circle", seed=2, review_plan=lambda layout: [RED, bad])
+    assert engine.calls["generate"] == 0  # refused before anything was drawn
+
+
+@pytest.mark.parametrize("box, why", [([30, 30, 10, 10], "must be >= x0"), ([float("nan"), 0, 9, 9], "finite"),
+                                      ([5, 5, 5, 9], "no area"), ([1, 2, 3], "4 numbers")])  # fmt: skip
+def test_a_given_plan_is_checked_before_the_run(agent, engine, box, why):
+    with pytest.raises(InvalidInputError, match=why):
+        agent.generate("red circle", seed=1, plan=[{"label": "red circle", "box": box}])
+    assert sum(engine.calls.values()) == 0
 
 
 def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(agent, engine):

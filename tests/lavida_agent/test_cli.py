@@ -172,10 +172,14 @@ def test_generate_review_plan_refuses_what_it_cannot_ask(run, extra, message):
 
 def test_generate_review_plan_asks_again_after_a_bad_layout(run, engine):
     layout = '[{"label": "green triangle", "box": [4, 4, 24, 24]}]'
+    bad = ['{"label": "x"}', "[1, 2]", '[{"label": "red circle", "box": [30, 30, 10, 10]}]',
+           '[{"label": "red circle", "box": [4, 4, 24]}]', '[{"label": " ", "box": [4, 4, 24, 24]}]']
     res = run("generate", "red circle", "--out", "o.png", "--review-plan", "--json",
-              input="{oops\n" + '{"label": "x"}\n' + layout + "\n")  # fmt: skip
+              input="\n".join(["{oops", *bad, layout]) + "\n")  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "not a JSON layout" in res.stderr and "a layout is a JSON list" in res.stderr
+    assert "not a JSON layout" in res.stderr and "a layout is a list" in res.stderr
+    assert res.stderr.count("try again") == 1 + len(bad)
+    assert "x1 (10.0) must be >= x0 (30.0)" in res.stderr and "the label is empty" in res.stderr
     assert [p["label"] for p in json.loads(res.stdout)["plan"]] == ["green triangle"]
     assert engine.calls["plan_layout"] == 1  # the plan was not redone
     res = run("generate", "red circle", "--out", "o.png", "--review-plan", input="{oops\n")
