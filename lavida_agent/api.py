@@ -65,7 +65,7 @@ from lavida_agent.graphs.state import (
     Plan,
     given_layout,
 )
-from lavida_agent.settings import Settings
+from lavida_agent.settings import SEED_LIMIT, Settings
 from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
 from lavida_agent.tools.boxes import LetterboxParams, from_letterbox
 from lavida_agent.traces import Trace, TraceRecorder, save_trace
@@ -511,8 +511,8 @@ class LavidaAgent:
 
     def _seed(self, seed: int | None) -> int:
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-                raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
+            if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
+                raise InvalidInputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
             return int(seed)
         if self.settings.seed is not None:
             return self.settings.seed

@@ -50,6 +50,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import click
 
 from lavida_agent import __version__
+from lavida_agent.settings import SEED_LIMIT
 
 if TYPE_CHECKING:
     from lavida_agent.api import LavidaAgent
@@ -60,6 +61,8 @@ __all__ = ["ENGINE_FACTORY", "cli", "main"]
 ENGINE_FACTORY: Callable[[Settings], Any] | None = None
 """When set, `ENGINE_FACTORY(settings)` provides the engine instead of the real model (tests)."""
 
+SEED_TYPE = click.IntRange(min=0, max=SEED_LIMIT - 1)
+
 BATCH_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # command: (required keys, optional keys)
     "generate": ({"prompt", "out"}, {"seed", "plan", "rounds", "steps"}),
@@ -68,6 +71,9 @@ BATCH_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "ask": ({"image", "question"}, set()),
     "critique": ({"image", "prompt"}, set()),
 }
+
+BATCH_INTS = {"seed": 0, "rounds": 1, "steps": 1}  # batch keys holding integers: their minimum
+BATCH_STRINGS = {"prompt", "out", "image", "instruction", "question"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,6 +288,17 @@ def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
         raise InvalidInputError(f"missing key(s): {', '.join(missing)}")
     if unknown:
         raise InvalidInputError(f"unknown key(s): {', '.join(unknown)}")
+    for key, value in args.items():
+        if key in BATCH_INTS and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < BATCH_INTS[key]):  # fmt: skip
+            raise InvalidInputError(f"{key} must be an integer >= {BATCH_INTS[key]}, got {value!r}")
+        if key in BATCH_STRINGS and not isinstance(value, str):
+            raise InvalidInputError(f"{key} must be a string, got {value!r}")
+        if key == "plan" and not isinstance(value, bool | list):
+            raise InvalidInputError(f'plan must be true, false or a list of {{"label", "box"}}, got {value!r}')
+        if key == "expressions" and not (isinstance(value, str) or isinstance(value, list) and value
+                                         and all(isinstance(e, str) for e in value)):  # fmt: skip
+            raise InvalidInputError(f"expressions must be a string or a list of strings, got {value!r}")
     return args
 
 
@@ -351,7 +368,7 @@ def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for decorator in reversed([
         click.option("--out", "-o", type=click.Path(dir_okay=False), help="Image file to write."),
-        click.option("--seed", type=click.IntRange(min=0), help="Base seed (default: random, reported)."),
+        click.option("--seed", type=SEED_TYPE, help="Base seed (default: random, reported)."),
         click.option("--rounds", type=click.IntRange(min=1), help="Most attempts (default: settings)."),
         click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per image."),
         click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
@@ -627,7 +644,7 @@ def session_start(ctx: click.Context, image: str, as_json: bool) -> None:
 @click.argument("instruction")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
               help="Image file to write.")  # fmt: skip
-@click.option("--seed", type=click.IntRange(min=0))
+@click.option("--seed", type=SEED_TYPE, help="Base seed (default: random, reported).")
 @click.option("--rounds", type=click.IntRange(min=1))
 @click.option("--steps", type=click.IntRange(min=1))
 @click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True)

@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lavida_agent.settings import SEED_LIMIT
+
 __all__ = (
     "AskRequest",
     "AskResponse",
@@ -112,7 +114,7 @@ class _Request(BaseModel):
 class _SamplingFields(_Request):
     """`seed`, `steps` and `rounds`, bounded by the server's limits."""
 
-    seed: int | None = Field(default=None, ge=0, lt=2**63,
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT,
                              description="Base seed (round r uses seed + r); default random, "
                              "recorded in the response.")  # fmt: skip
     steps: int | None = Field(default=None, ge=1, description="Denoising steps per image.")

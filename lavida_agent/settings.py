@@ -23,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lavida_agent.errors import InvalidInputError
 
-__all__ = ("ENV_PREFIX", "Settings")
+__all__ = ("ENV_PREFIX", "SEED_LIMIT", "Settings")
 
 ENV_PREFIX = "LAVIDA_"
+SEED_LIMIT = 2**63
+"""Seeds are integers `0 <= seed < SEED_LIMIT`: with the small offsets rounds and images add
+(`seed + r`), every draw's seed stays inside torch's 64-bit generator seeds."""
 MEMORY = ":memory:"
 
 
@@ -73,7 +76,8 @@ class Settings(BaseModel):
     max_rounds: int = Field(default=3, ge=1, description="Most images per t2i run/edit turn.")
     plan: bool = Field(default=True, description="Plan a layout before drawing (t2i).")
     seed: int | None = Field(
-        default=None, description="Base seed when a call gives none; None: random (recorded)."
+        default=None, ge=0, lt=SEED_LIMIT,
+        description="Base seed when a call gives none; None: random (recorded).",
     )
     preview_every: int = Field(default=0, ge=0, description="Stream a preview every k steps.")
     iou_threshold: float = Field(default=0.5, gt=0, le=1, description="Grounding check IoU.")

@@ -363,8 +363,9 @@ def test_input_errors_are_invalid_input(agent, tmp_path):
         agent.ground(np.zeros((8, 8, 3), np.uint8), [])
     with pytest.raises(InvalidInputError, match="rounds"):
         agent.generate("red circle", rounds=0)
-    with pytest.raises(InvalidInputError, match="seed"):
-        agent.generate("red circle", seed=-1)
+    for seed in (-1, 2**63, True, 1.5):
+        with pytest.raises(InvalidInputError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            agent.generate("red circle", seed=seed)
     with pytest.raises(ValueError):  # InvalidInputError is also a ValueError
         agent.ask(b"not an image", "q")
 

@@ -286,6 +286,28 @@ def test_generate_batch_with_a_bad_line(run, tmp_path):
     assert "Error: 3 of 5 line(s) failed" in res.stderr
 
 
+@pytest.mark.parametrize("line, message", [
+    ({"rounds": "2"}, "rounds must be an integer >= 1, got '2'"),
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+    ({"seed": True}, "seed must be an integer >= 0, got True"),
+    ({"seed": 2**64 - 1}, "seed must be an integer in [0, 2**63)"),
+    ({"plan": "yes"}, "plan must be true, false or a list"),
+    ({"plan": [{"label": "red circle", "box": [9, 9, 1, 1]}]}, "layout item 0"),
+    ({"prompt": 7}, "prompt must be a string, got 7"),
+])  # fmt: skip
+def test_a_batch_line_with_a_bad_value_names_it(run, tmp_path, engine, line, message):
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "red circle", "out": "a.png", **line}) + "\n")
+    res = run("generate", "--batch", "jobs.jsonl")
+    (out,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert res.exit_code == 1 and message in out["error"] and out["line"] == 1
+    assert sum(engine.calls.values()) == 0 and not (tmp_path / "a.png").exists()
+
+
+def test_a_seed_beyond_64_bits_is_a_usage_error(run, engine):
+    res = run("generate", "red circle", "--out", "a.png", "--seed", 2**64 - 1)
+    assert res.exit_code == 2 and "--seed" in res.output and sum(engine.calls.values()) == 0
+
+
 def test_ground_ask_edit_batches_from_stdin(run, scene, engine):
     text = json.dumps({"image": str(scene), "expressions": ["red circle"]}) + "\n"
     res = run("ground", "--batch", "-", input=text + text)

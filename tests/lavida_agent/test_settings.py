@@ -83,6 +83,9 @@ def test_bad_values_name_their_source(monkeypatch):
         Settings.from_env(bogus=1)
     with pytest.raises(InvalidInputError, match="dtype"):
         Settings.from_env(dtype="int4")
+    monkeypatch.setenv("LAVIDA_SEED", "-3")  # refused like an explicit seed=-3
+    with pytest.raises(InvalidInputError, match="LAVIDA_SEED"):
+        Settings.from_env()
 
 
 def test_settings_are_frozen_and_replace_revalidates(tmp_path):
