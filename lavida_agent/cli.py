@@ -187,6 +187,15 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, default=str))
 
 
+def _check_out(out: str | Path) -> None:
+    """Refuse an `--out` Pillow cannot write before the run, not after it."""
+    from lavida_agent.errors import map_exceptions
+    from lavida_agent.tools.images import check_image_path
+
+    with map_exceptions():
+        check_image_path(out)
+
+
 def _write_image(result: Any, out: str | Path, scale: int) -> str:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +210,7 @@ def _write_image(result: Any, out: str | Path, scale: int) -> str:
 
 def _run_generate(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
                   on_event: Any) -> dict[str, Any]:  # fmt: skip
+    _check_out(args["out"])
     result = agent.generate(args["prompt"], seed=args.get("seed"), rounds=args.get("rounds"),
                             plan=args.get("plan"), num_steps=args.get("steps"),
                             on_event=on_event, review_plan=args.get("review_plan"))  # fmt: skip
@@ -236,6 +246,7 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
 
 def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
               on_event: Any) -> dict[str, Any]:  # fmt: skip
+    _check_out(args["out"])
     result = agent.edit(args["image"], args["instruction"], seed=args.get("seed"),
                         rounds=args.get("rounds"), num_steps=args.get("steps"),
                         on_event=on_event)  # fmt: skip
@@ -249,13 +260,16 @@ def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str,
     exprs = args["expressions"]
     if isinstance(exprs, str):
         exprs = [exprs]
+    if args.get("out"):
+        _check_out(args["out"])
     result = agent.ground(args["image"], exprs)
     if args.get("out"):
         from lavida_agent.tools.draw import draw_boxes
         from lavida_agent.tools.images import load_image, save_image
 
         found = [b for b in result.boxes if b.box.area > 0]
-        drawn = draw_boxes(load_image(args["image"]), [b.box.as_list() for b in found],
+        image = load_image(args["image"], max_pixels=agent.settings.max_pixels)
+        drawn = draw_boxes(image, [b.box.as_list() for b in found],
                            labels=[b.label for b in found])  # fmt: skip
         Path(args["out"]).parent.mkdir(parents=True, exist_ok=True)
         save_image(drawn, args["out"])
@@ -655,6 +669,7 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
                  seed: int | None, rounds: int | None, steps: int | None, preview_scale: int,
                  as_json: bool) -> None:  # fmt: skip
     """Apply INSTRUCTION to the session's current image (one turn)."""
+    _check_out(out)
     s = _session(ctx, session_id)
     progress = _Progress(_progress_enabled(ctx))
     try:
@@ -700,6 +715,8 @@ def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_jso
 @click.pass_context
 def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
     """Go back one turn (the undone branch stays in the history)."""
+    if out:
+        _check_out(out)
     s = _session(ctx, session_id)
     s.undo()
     data = _session_state(s, out, 1)
@@ -716,6 +733,8 @@ def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: 
 def session_branch(ctx: click.Context, session_id: str, step: int, out: str | None,
                    as_json: bool) -> None:  # fmt: skip
     """Make lineage STEP's image the current one (a new branch)."""
+    if out:
+        _check_out(out)
     s = _session(ctx, session_id)
     s.branch(step)
     data = _session_state(s, out, 1)
@@ -732,6 +751,8 @@ def session_branch(ctx: click.Context, session_id: str, step: int, out: str | No
 def session_show(ctx: click.Context, session_id: str, out: str | None, preview_scale: int,
                  as_json: bool) -> None:  # fmt: skip
     """The session's current image and its lineage (every branch)."""
+    if out:
+        _check_out(out)
     s = _session(ctx, session_id)
     data = _session_state(s, out, preview_scale)
     data["lineage"] = s.lineage(all_branches=True)

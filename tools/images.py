@@ -49,6 +49,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageError",
+    "check_image_path",
     "content_hash",
     "decode_png",
     "encode_png",
@@ -429,6 +430,18 @@ def content_hash(image: np.ndarray) -> str:
     digest = hashlib.sha256(f"rgb8:{h}x{w}\n".encode("ascii"))
     digest.update(np.ascontiguousarray(rgb).data)
     return digest.hexdigest()
+
+
+def check_image_path(path: str | Path) -> Path:
+    """`path` as a `Path` if its suffix names a format Pillow can write (`.png`, `.jpg`,
+    ...), else raise `ImageError`: a caller checks where an image will go before the work
+    that makes it."""
+    out = Path(path)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ImageError(f"cannot save an image to {str(out)!r}: unknown file extension "
+                         f"{out.suffix or '(none)'!r}; use .png, .jpg, .webp, .bmp, ...")  # fmt: skip
+    return out
 
 
 def save_image(image: np.ndarray, path: str | Path) -> Path:

@@ -391,6 +391,17 @@ def test_session_commands(run, scene, tmp_path):
     assert res.exit_code == 1 and "no session 'no-such-session'" in res.stderr
     res = run("session", "branch", sid, 9)
     assert res.exit_code == 1 and res.stderr.startswith("Error: no step 9")
+    for command in (["edit", sid, "make it red"], ["undo", sid], ["branch", sid, 0]):
+        res = run("session", *command, "--out", "bad.xyz")  # refused before the state changes
+        assert res.exit_code == 1 and "unknown file extension '.xyz'" in res.stderr
+    assert json.loads(run("session", "show", sid, "--json").stdout)["steps"] == 1
+
+
+def test_an_output_pillow_cannot_write_is_refused_before_the_run(run, scene, engine, tmp_path):
+    for args in (["generate", "red circle"], ["edit", scene, "make it blue"], ["ground", scene, "red circle"]):
+        res = run(*args, "--out", "result.xyz", "--json")
+        assert res.exit_code == 1 and "cannot save an image to 'result.xyz'" in res.stderr, res.output
+    assert sum(engine.calls.values()) == 0 and not list(tmp_path.glob("result*"))
 
 
 def test_trace_command_renders_html(run, scene, tmp_path):

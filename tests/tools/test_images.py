@@ -308,6 +308,19 @@ def test_save_image(tmp_path, rgb):
         images.save_image(rgb, tmp_path / "out.unknownext")
 
 
+@pytest.mark.parametrize("name", ["a.png", "a.JPG", "a.webp", "a.bmp"])
+def test_check_image_path_accepts_what_save_image_writes(tmp_path, rgb, name):
+    images.save_image(rgb, images.check_image_path(tmp_path / name))
+
+
+@pytest.mark.parametrize("name", ["a.unknownext", "a", "a."])
+def test_check_image_path_refuses_what_save_image_cannot_write(tmp_path, rgb, name):
+    with pytest.raises(ImageError, match="unknown file extension"):
+        images.check_image_path(tmp_path / name)
+    with pytest.raises(ImageError):
+        images.save_image(rgb, tmp_path / name)
+
+
 # -- PNG and hashing ----------------------------------------------------------------------
 
 
