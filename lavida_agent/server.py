@@ -516,8 +516,11 @@ class _Service:
 
         The view is a shallow copy sharing the engine, store, checkpointer and compiled graphs,
         with only `settings.preview_every` changed. (Replace by a per-call `preview_every`
-        argument once `LavidaAgent.generate/edit` take one.)
+        argument once `LavidaAgent.generate/edit` take one.) No run has more than `max_steps`
+        steps, so every period beyond that previews nothing alike and shares one view: at
+        most `max_steps + 1` views, however clients pick their periods.
         """
+        preview_every = min(preview_every, self.agent.settings.max_steps + 1)
         if preview_every <= 0 or preview_every == self.agent.settings.preview_every:
             return self.agent
 

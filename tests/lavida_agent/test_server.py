@@ -258,6 +258,15 @@ async def test_run_stream_sends_progress_previews_then_result(client):
     assert result["seed"] == 4 and _png(result["image"]["b64_json"]).shape == (64, 64, 3)
 
 
+async def test_preview_periods_beyond_any_run_share_one_view(agent):
+    app = create_app(agent=agent)
+    svc = app.state.service
+    cap = agent.settings.max_steps
+    views = {id(await svc.agent_for(k)) for k in (cap + 1, cap + 2, 10**9)}
+    assert len(views) == 1 and len(svc._preview_agents) == 1  # bounded, whatever clients send
+    assert (await svc.agent_for(2)).settings.preview_every == 2 and await svc.agent_for(0) is agent
+
+
 async def test_run_stream_other_workflows_and_session(client, engine):
     start = (await client.post("/v1/sessions", json={"image": _b64(_scene())})).json()
     r = await client.post("/v1/runs/stream", json={"workflow": "edit", "instruction": "x",
