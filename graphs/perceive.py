@@ -26,6 +26,7 @@ from lavida_agent.graphs.engine import Engine
 from lavida_agent.graphs.events import emit, node_events
 from lavida_agent.graphs.state import Box, LayoutItem, Perception
 from lavida_agent.tools.artifacts import ImageRef
+from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
@@ -109,7 +110,6 @@ def perceived_scene(perception: Perception) -> Scene | None:
     objects = []
     for item in perception.objects:
         size, color, shape = item.label.split()
-        b = item.box
-        box = (round(b.x0), round(b.y0), round(b.x1), round(b.y1))
+        box = tuple(round_half_up(v) for v in item.box.as_list())
         objects.append(Object(shape, color, size, box))
     return Scene(perception.background, tuple(objects))

@@ -59,7 +59,7 @@ from lavida_agent.graphs.runtime import (
     PlanLayoutRequest,
     RegenerateRegionsRequest,
 )
-from lavida_agent.tools.boxes import iou
+from lavida_agent.tools.boxes import iou, round_half_up
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.checkers import TOUCHED_TOLERANCE
 from lavida_agent.tools.shapes_world.language import DESCRIBE, Caption, parse_caption
@@ -113,8 +113,8 @@ def _keep_cores(plan: EditPlanResult) -> list[tuple[float, float, float, float]]
 
 
 def _int_box(box: Sequence[float], canvas: int) -> IntBox:
-    """Round to integer pixels, clipped to the canvas."""
-    x0, y0, x1, y1 = (min(canvas, max(0, int(round(float(v))))) for v in box)
+    """Round to integer pixels (halves up, as `tools.boxes.round_half_up`), clipped to the canvas."""
+    x0, y0, x1, y1 = (min(canvas, max(0, round_half_up(float(v)))) for v in box)
     return (x0, y0, x1, y1)
 
 

@@ -527,3 +527,12 @@ def test_noun_contrast_is_the_fit_less_the_best_noun_one_word_away():
     backend = PipelineBackend(pipe).noun_fit([NounFitRequest(image=image, contrast=True, items=[
         {"label": "the red circle", "box": list(box)}])])  # fmt: skip
     assert backend == [[pytest.approx(contrast, abs=1e-4)]]
+
+
+def test_plan_boxes_round_halves_up_as_every_other_box_does():
+    from lavida_agent.graphs.pipeline_backend import _int_box
+    from lavida_agent.tools.boxes import Box
+
+    for box in ([10.5, 2.5, 21.5, 13.5], [11.5, 0.5, 20.5, 9.5]):
+        assert _int_box(box, 64) == Box(*box).as_int()  # widths keep their parity: 11 and 9
+    assert _int_box([-3, 0.4, 70, 64.6], 64) == (0, 0, 64, 64)
