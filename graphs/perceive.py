@@ -30,7 +30,8 @@ from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
-__all__ = ("PERCEIVE_CANDIDATES", "perceive", "perceived_scene", "prompt_in_grammar", "read_scene", "scene_problems")
+__all__ = ("PERCEIVE_CANDIDATES", "grammar_problem", "perceive", "perceived_scene", "prompt_in_grammar", "read_scene",
+           "scene_problems")
 
 PERCEIVE_CANDIDATES = 1
 """The grounding of a perception that answers questions or judges prompts reads each
@@ -81,11 +82,17 @@ def read_scene(engine: Engine, pixels: np.ndarray, *, candidates: int | None = N
 def prompt_in_grammar(prompt: str) -> bool:
     """Whether a text-to-image prompt can be judged against a perceived scene at all (it
     parses in the ShapesWorld grammar); perceiving for any other prompt is wasted work."""
+    return grammar_problem(prompt) is None
+
+
+def grammar_problem(prompt: str) -> str | None:
+    """Why a text-to-image prompt is outside the ShapesWorld grammar (the parser's words:
+    `unknown word 'cat' ...`), or None when it parses."""
     try:
         lang.parse_prompt(prompt)
-    except lang.GrammarError:
-        return False
-    return True
+    except lang.GrammarError as exc:
+        return str(exc)
+    return None
 
 
 def scene_problems(prompt: str, perception: Perception) -> list[str] | None:

@@ -45,6 +45,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Literal
@@ -57,7 +58,7 @@ from lavida_agent.graphs._verify import grounding_checks, judge, make_critique, 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import AGENT_VIEWS, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, prompt_in_grammar, read_scene
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, grammar_problem, prompt_in_grammar, read_scene
 from lavida_agent.graphs.state import (
     Attempt,
     Critique,
@@ -84,6 +85,9 @@ __all__ = (
 )
 
 
+logger = logging.getLogger(__name__)
+
+
 def _context(runtime: Runtime[Context]) -> Context:
     return runtime.context if runtime.context is not None else Context()
 
@@ -108,6 +112,10 @@ def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
     with node_events("plan_layout"):
         # Step 1: the base seed comes from the input, else the context; record it.
         base_seed = state.seed if state.seed is not None else ctx.seed
+        if (why := grammar_problem(state.prompt)) is not None:
+            logger.warning("t2i: the prompt is outside the ShapesWorld grammar (%s); neither its plan "
+                           "nor its images are checked against it, the verdict is the model's own "
+                           "critique", why)  # fmt: skip
         # Step 2: a plan given as input is used as is; otherwise the model plans, and plans
         # again while the plan check finds problems and retries remain.
         rejected: list[Plan] = []

@@ -59,6 +59,7 @@ __all__ = (
     "SessionHistoryResponse",
     "SessionResponse",
     "SessionStepOut",
+    "RUN_WORKFLOWS",
 )
 
 ResponseFormat = Literal["b64_json", "url"]
@@ -240,6 +241,12 @@ class CritiqueRun(CritiqueRequest, _StreamFields):
 RunStreamRequest = Annotated[GenerateRun | EditRun | GroundRun | AskRun | CritiqueRun,
                              Field(discriminator="workflow")]  # fmt: skip
 """`POST /v1/runs/stream`: any workflow, streamed as server-sent events."""
+
+RUN_WORKFLOWS: tuple[str, ...] = tuple(
+    m.model_fields["workflow"].annotation.__args__[0]  # type: ignore[union-attr]
+    for m in (GenerateRun, EditRun, GroundRun, AskRun, CritiqueRun)
+)
+"""The `workflow` values `POST /v1/runs/stream` takes (the API's names, not the graphs')."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -170,6 +170,8 @@ def _validation_error(exc: ValidationError, *, strip_tag: bool = False) -> ApiEr
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
+    if err.get("type") == "union_tag_not_found":
+        msg = f"required: the workflow to run, one of {', '.join(map(repr, schemas.RUN_WORKFLOWS))}"
     message = f"{param}: {msg}" if param else msg
     return ApiError(400, "invalid_" + ("field" if param else "request"), message, param=param)
 
@@ -409,6 +411,9 @@ class _Service:
                     editable = np.asarray(img.convert("L")) >= 128
         except ApiError:
             raise
+        except Image.UnidentifiedImageError:  # its message holds the BytesIO's repr
+            raise ApiError(400, "invalid_image", "mask: not an image file Pillow can read",
+                           param="mask") from None  # fmt: skip
         except Exception as exc:
             raise ApiError(400, "invalid_image", f"mask: not a readable image ({exc})",
                            param="mask") from None  # fmt: skip
@@ -769,8 +774,11 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         from lavida_agent.traces import load_trace, render_html
 
         def render() -> str:
-            return render_html(load_trace(_run_id(run_id), svc.agent.settings.runs_dir),
-                               svc.agent.store)  # fmt: skip
+            try:
+                trace = load_trace(_run_id(run_id), svc.agent.settings.runs_dir)
+            except NotFoundError:  # its message names the server's folder: not for clients
+                raise NotFoundError(f"no trace for run {run_id!r}") from None
+            return render_html(trace, svc.agent.store)
 
         return HTMLResponse(await run_in_threadpool(render))
 

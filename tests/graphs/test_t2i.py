@@ -75,8 +75,11 @@ def test_refine_mode():
 # -- the loop ---------------------------------------------------------------------------
 
 
-def test_stops_on_first_accepting_critique(engine, ctx):
-    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+def test_stops_on_first_accepting_critique(engine, ctx, caplog):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs.t2i"):
+        out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    (warning,) = caplog.messages  # said once, with the parser's reason
+    assert "outside the ShapesWorld grammar (unexpected word 'red'" in warning
     assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
     # a prompt outside the grammar cannot be checked against a scene: no perception, the
     # model's critique answers
@@ -85,6 +88,12 @@ def test_stops_on_first_accepting_critique(engine, ctx):
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
     assert [info.get("views") for m, info in engine.log if m == "ground"] == [1]  # the image alone
+
+
+def test_a_prompt_in_the_grammar_draws_no_warning(engine, ctx, caplog):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs.t2i"):
+        t2i.graph.invoke({"prompt": "a red circle and a blue square"}, context=ctx)
+    assert caplog.messages == []
 
 
 def test_stops_at_max_rounds_and_keeps_best(engine, store):

@@ -82,6 +82,7 @@ async def client(agent):
     app = create_app(agent=agent)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://test") as c:  # fmt: skip
+        c.runs_dir = agent.settings.runs_dir
         yield c
 
 
@@ -232,6 +233,7 @@ async def test_missing_traces_and_artifacts_are_404(client):
                  "/v1/artifacts/not-a-sha", "/v1/nowhere"]:  # fmt: skip
         r = await client.get(path)
         assert r.status_code == 404 and "error" in r.json(), path
+        assert str(client.runs_dir) not in r.text  # the server's folders stay its own
     r = await client.get("/v1/generate")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
@@ -383,6 +385,10 @@ async def test_openai_edit_multipart_with_mask(client, engine):
                           files={"image": ("i.png", encode_png(scene)),
                                  "mask": ("m.png", small)})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+    r = await client.post("/v1/images/edits", data={"prompt": "x"},
+                          files={"image": ("i.png", encode_png(scene)), "mask": ("m.png", b"not a png")})  # fmt: skip
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "mask" and "object at 0x" not in err["message"]
 
 
 # -- bad inputs, limits, auth ---------------------------------------------------------------
@@ -431,6 +437,7 @@ BAD_INPUTS = [
     ("/v1/ground", {"json": {"image": SCENE, "expressions": []}}, 400, "expressions"),
     ("/v1/ground", {"json": {"image": SCENE, "expressions": ["ok", ""]}}, 400, "expressions.1"),
     ("/v1/runs/stream", {"json": {"workflow": "dance"}}, 400, "workflow"),
+    ("/v1/runs/stream", {"json": {"prompt": "x"}}, 400, "workflow"),
     ("/v1/runs/stream", {"json": {"workflow": "generate", "prompt": "x", "bad": 1}}, 400, "bad"),
     ("/v1/generate", {"content": b"prompt=x", "headers": {"content-type": "text/plain"}},
      415, None),  # fmt: skip
@@ -454,6 +461,12 @@ async def test_bad_input_is_a_json_4xx_naming_the_field(strict, path, kwargs, st
         assert param.split(".")[0] in err["message"]
     ok = await strict.post(GEN, json={"prompt": "red circle"})  # the server still works
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+async def test_a_stream_without_its_workflow_names_the_ones_there_are(strict):
+    r = await strict.post("/v1/runs/stream", json={"prompt": "a red circle"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and all(repr(w) in message for w in ("generate", "edit", "ground", "ask", "critique"))
 
 
 async def test_chunked_body_over_the_limit_is_413(strict):
