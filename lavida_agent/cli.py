@@ -99,8 +99,8 @@ class _LavidaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click says these itself (a closed pipe, `... | head`, quietly)
         except KeyboardInterrupt:
             raise click.Abort() from None
         except Exception as exc:
@@ -229,8 +229,13 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
     for item in layout:
         click.echo(f"  {item['label']}: {[round(v) for v in item['box']]}", err=True)
     while True:
-        reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
-                             show_default=False, err=True).strip()  # fmt: skip
+        try:
+            reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
+                                 show_default=False, err=True).strip()  # fmt: skip
+        except click.Abort:  # end of input, or Ctrl-C
+            from lavida_agent.errors import InvalidInputError
+
+            raise InvalidInputError("--review-plan: no answer (the input ended or was interrupted); nothing was drawn") from None
         if reply.lower() in ("", "y", "yes"):
             return True
         try:
@@ -371,12 +376,20 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
         raise click.ClickException(f"{failed} of {len(lines)} line(s) failed")
 
 
-def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="With --batch: lines run concurrently (batched on the model).")(f)  # fmt: skip
-    f = click.option("--batch", type=click.File("r"), default=None,
-                     help="Run a JSONL file of requests ('-': stdin); one JSON result per line.")(f)  # fmt: skip
-    return f
+def _batch_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--batch` (its help names the keys of a `command` line) and `--workers`."""
+    required, optional = BATCH_KEYS[command]
+    keys = ", ".join(sorted(required)) + (f" (optional: {', '.join(sorted(optional))})" if optional else "")
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                         help="With --batch: lines run concurrently (batched on the model).")(f)  # fmt: skip
+        f = click.option("--batch", type=click.File("r"), default=None,
+                         help=f"Run a JSONL file of requests ('-': stdin), one JSON object a line with "
+                              f"the keys {keys}; one JSON result per line, in order.")(f)  # fmt: skip
+        return f
+
+    return decorate
 
 
 def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,7 +469,7 @@ def cli(ctx: click.Context, model_path: str | None, home: str | None, device: st
                    "drawer draws (when it has one).")
 @click.option("--review-plan", is_flag=True,
               help="Show the planned layout and let me keep or replace it before drawing.")
-@_batch_options
+@_batch_options("generate")
 @_common
 @click.pass_context
 def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int | None,
@@ -501,7 +514,7 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
 @click.argument("image", required=False)
 @click.argument("instruction", required=False)
 @_image_options
-@_batch_options
+@_batch_options("edit")
 @_common
 @click.pass_context
 def edit(ctx: click.Context, image: str | None, instruction: str | None, out: str | None,
@@ -534,7 +547,7 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
 @click.argument("expressions", nargs=-1)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Draw the boxes to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_batch_options
+@_batch_options("ground")
 @_common
 @click.pass_context
 def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], out: str | None,
@@ -562,7 +575,7 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
 @click.argument("image", required=False)
 @click.argument("question", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_batch_options
+@_batch_options("ask")
 @_common
 @click.pass_context
 def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bool,
@@ -585,7 +598,7 @@ def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bo
 @click.argument("image", required=False)
 @click.argument("prompt", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_batch_options
+@_batch_options("critique")
 @_common
 @click.pass_context
 def critique(ctx: click.Context, image: str | None, prompt: str | None, as_json: bool,
@@ -659,9 +672,10 @@ def session_start(ctx: click.Context, image: str, as_json: bool) -> None:
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
               help="Image file to write.")  # fmt: skip
 @click.option("--seed", type=SEED_TYPE, help="Base seed (default: random, reported).")
-@click.option("--rounds", type=click.IntRange(min=1))
-@click.option("--steps", type=click.IntRange(min=1))
-@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), help="Most attempts (default: settings).")
+@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per image.")
+@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Upscale the written image K times (nearest neighbour).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
 @click.pass_context
@@ -744,7 +758,8 @@ def session_branch(ctx: click.Context, session_id: str, step: int, out: str | No
 @session.command("show")
 @click.argument("session_id")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
-@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Upscale the written image K times (nearest neighbour).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
 @click.pass_context

@@ -32,3 +32,25 @@ def test_readme_python_tour_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "triangles.png").exists()
     out = capsys.readouterr().out
     assert re.search(r"^7 (accept|reject) ", out, re.M), out  # the first attempt's seed and verdict
+
+
+def _langgraph_tour() -> str:
+    text = README.read_text()
+    section = text[text.index("### LangGraph Studio") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README: no ```python block under '### LangGraph Studio'"
+    return match.group(1)
+
+
+def test_readme_langgraph_tour_streams_pauses_resumes_and_forks(tmp_path, monkeypatch, capsys):
+    import lavida_agent.graphs.context as context_mod
+
+    monkeypatch.chdir(tmp_path)
+    real = context_mod.Context
+    monkeypatch.setattr(context_mod, "Context", lambda **kw: real(engine=FakeEngine(), **kw))
+    scope: dict = {"__name__": "readme"}
+    exec(compile(_langgraph_tour(), str(README), "exec"), scope)
+    assert "['__interrupt__']" in capsys.readouterr().out  # paused at review_plan
+    first, fork = scope["out"], scope["other"]
+    assert [a.seed for a in first["attempts"]][:1] == [7] and [a.seed for a in fork["attempts"]][:1] == [8]
+    assert fork["plan"] == first["plan"]  # the branch kept the reviewed plan

@@ -554,3 +554,26 @@ def test_train_export_writes_a_runs_checkpoint_or_says_why_not(run, tmp_path, mo
         export_checkpoint=lambda run_dir, dest: {"step": 250, "export": str(tmp_path / dest)}))  # fmt: skip
     out = json.loads(run("train", "export", "r", "--out", "c").stdout)
     assert out["run"] == "r" and out["step"] == 250 and out["export"].endswith("c")
+
+
+def test_a_closed_pipe_ends_quietly():
+    group = cli_mod._LavidaGroup("g")
+
+    @group.command("show")
+    def show():
+        raise BrokenPipeError(32, "Broken pipe")  # the reader went away: `... | head -1`
+
+    @group.command("fail")
+    def fail():
+        raise RuntimeError("boom")
+
+    res = CliRunner().invoke(group, ["show"])
+    assert res.exit_code == 1 and "Error" not in res.output
+    res = CliRunner().invoke(group, ["fail"])  # any other error is still one line
+    assert res.exit_code == 1 and "Error: RuntimeError: boom" in res.output
+
+
+def test_review_plan_at_the_end_of_input_says_so(run, engine):
+    res = run("generate", "red circle", "--out", "o.png", "--review-plan", input="")
+    assert res.exit_code == 1 and "--review-plan: no answer (the input ended" in res.stderr
+    assert engine.calls["generate"] == 0
