@@ -81,14 +81,14 @@ BATCH_STRINGS = {"prompt", "out", "image", "instruction", "question"}
 # ----------------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, *, trace: bool = True) -> str:
     from lavida_agent.errors import LavidaError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, LavidaError):
         text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
     run_id = getattr(exc, "run_id", None)
-    if run_id:
+    if run_id and trace:
         text += f" [trace: lavida-agent trace {run_id}]"
     return text
 
@@ -106,7 +106,26 @@ class _LavidaGroup(click.Group):
         except Exception as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
+            if (ctx.obj or {}).get("json"):  # a script reading stdout gets the error there too
+                run_id = getattr(exc, "run_id", None)
+                _echo_json({"error": _one_line(exc, trace=False), **({"run_id": run_id} if run_id else {})})
             raise click.ClickException(_one_line(exc)) from exc
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """`--json`'s callback: an error of the run is then also printed as `{"error"}` JSON."""
+    if value:
+        ctx.ensure_object(dict)["json"] = True
+    return value
+
+
+def _json_errors(command: click.Command) -> None:
+    """Give every `--json` option of `command` (and its subcommands) `_remember_json`."""
+    for param in command.params:
+        if param.name == "as_json" and param.callback is None:
+            param.callback = _remember_json
+    for sub in getattr(command, "commands", {}).values():
+        _json_errors(sub)
 
 
 def _flag(name: str) -> Callable[[click.Context, click.Parameter, bool], None]:
@@ -1040,6 +1059,7 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+_json_errors(cli)
 
 
 def main() -> None:

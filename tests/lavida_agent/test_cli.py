@@ -364,6 +364,18 @@ def test_unexpected_errors_are_one_line_too(run, engine, monkeypatch):
     (line,) = res.stderr.splitlines()
     assert line.startswith("Error: understand failed in node 'answer_question'")
     assert "lavida-agent trace" in line and "Traceback" not in res.output
+    res = run("ask", "x.png", "q", "--json")  # and as JSON on stdout, with the run to look at
+    err = json.loads(res.stdout)
+    assert res.exit_code == 1 and err["error"].startswith("understand failed in node 'answer_question'")
+    assert f"lavida-agent trace {err['run_id']}" in res.stderr and "lavida-agent trace" not in err["error"]
+
+
+def test_json_errors_reach_stdout_on_every_command_with_json(run):
+    for args in (["ask", "missing.png", "q"], ["ground", "missing.png", "the circle"],
+                 ["critique", "missing.png", "a red circle"], ["session", "show", "no-such-session"]):
+        res = run(*args, "--json")
+        assert res.exit_code == 1 and "error" in json.loads(res.stdout), args
+        assert res.stderr.startswith("Error: ")  # people still read the one line
 
 
 # -- sessions and traces -----------------------------------------------------------------------
