@@ -30,8 +30,15 @@ from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import Object, Scene
 
-__all__ = ("PERCEIVE_CANDIDATES", "grammar_problem", "perceive", "perceived_scene", "prompt_in_grammar", "read_scene",
-           "scene_problems")
+__all__ = (
+    "PERCEIVE_CANDIDATES",
+    "grammar_problem",
+    "perceive",
+    "perceived_scene",
+    "prompt_in_grammar",
+    "read_scene",
+    "scene_problems",
+)
 
 PERCEIVE_CANDIDATES = 1
 """The grounding of a perception that answers questions or judges prompts reads each

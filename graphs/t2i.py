@@ -163,7 +163,8 @@ def review_answer(answer: Any) -> list[LayoutItem] | None:
         answer = answer["items"]
     if not isinstance(answer, list | tuple):
         raise ValueError(f"review_plan: cannot use the answer {answer!r}: give True (or None, "
-                         '"approve") to keep the plan, or a list of {"label", "box"} to replace it')  # fmt: skip
+                         '"approve") to keep the plan, or a list of {"label", "box"} to '
+                         "replace it")  # fmt: skip
     return given_layout(answer)
 
 

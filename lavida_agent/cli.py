@@ -254,7 +254,8 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
         except click.Abort:  # end of input, or Ctrl-C
             from lavida_agent.errors import InvalidInputError
 
-            raise InvalidInputError("--review-plan: no answer (the input ended or was interrupted); nothing was drawn") from None
+            raise InvalidInputError("--review-plan: no answer (the input ended or was "
+                                    "interrupted); nothing was drawn") from None
         if reply.lower() in ("", "y", "yes"):
             return True
         try:
