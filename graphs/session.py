@@ -145,7 +145,8 @@ class EditSession:
         target = st.steps[step]
         update = {"current": target.result, "current_step": step, "heads": [step],
                   "turn": target.turn + 1, "image": None, "candidate": None,
-                  "accepted": bool(target.critique and target.critique.accepted)}  # fmt: skip
+                  "accepted": bool(target.critique and target.critique.accepted),
+                  "undone": self._undone_after_move()}  # fmt: skip
         return self.graph.update_state(snap.config, update, as_node="commit_edit")
 
     def undo(self) -> RunnableConfig:
@@ -167,8 +168,32 @@ class EditSession:
         first = min(s.index for s in st.steps if s.turn == head.turn)
         snap = self._latest_with(first, turn=head.turn)
         update = {"current": head.parent, "current_step": None, "image": None,
-                  "candidate": None, "turn": head.turn, "accepted": False}  # fmt: skip
+                  "candidate": None, "turn": head.turn, "accepted": False,
+                  "undone": self._undone_after_move()}  # fmt: skip
         return self.graph.update_state(snap.config, update, as_node="commit_edit")
+
+    def redo(self) -> RunnableConfig:
+        """Return to where the last `undo` (or `branch`) left from: its state, forked anew.
+
+        Undo, undo, redo, redo walks back and forth; a committed edit ends the redo list.
+
+        Returns:
+            The config of the fork's checkpoint.
+
+        Raises:
+            ValueError: nothing to redo (no undo or branch since the last committed edit).
+        """
+        undone = self.state().undone
+        if not undone:
+            raise ValueError("nothing to redo: no undo or branch since the last edit")
+        left = {"configurable": {**self.config["configurable"], "checkpoint_ns": "",
+                                 "checkpoint_id": undone[-1]}}  # fmt: skip
+        return self.graph.update_state(left, {"undone": undone[:-1]}, as_node="commit_edit")
+
+    def _undone_after_move(self) -> list[str]:
+        """`undone` for a move away from the latest checkpoint: that checkpoint pushed."""
+        snap = self.graph.get_state(self.config)
+        return [*snap.values.get("undone", []), snap.config["configurable"]["checkpoint_id"]]
 
     def ancestry(self, at: RunnableConfig | None = None) -> list[StateSnapshot]:
         """The checkpoints of one branch (default: the current one), newest first."""

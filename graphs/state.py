@@ -396,6 +396,11 @@ class EditState(EditInput):
     current: ImageRef | None = Field(default=None, description="Head image of the session.")
     current_step: int | None = None
     accepted: bool = False
+    undone: list[str] = Field(
+        default_factory=list,
+        description="Checkpoint ids `undo`/`branch` moved away from, newest last: what `redo` "
+        "returns to. A committed turn clears it.",
+    )
 
 
 class EditOutput(BaseModel):

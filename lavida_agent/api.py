@@ -977,7 +977,7 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
 
 
 class Session:
-    """A multi-step edit session (one LangGraph thread): edit, history, undo, branch, resume.
+    """A multi-step edit session (one LangGraph thread): edit, history, undo, redo, branch, resume.
 
     Get one with `agent.session()` (new) or `agent.session(thread_id)` (resume: the state is
     in the SQLite database, so this works across processes).
@@ -1150,6 +1150,20 @@ class Session:
         self._require()
         with map_exceptions():
             self._session.undo()
+        ref = self.current
+        assert ref is not None
+        return ref
+
+    def redo(self) -> ImageRef:
+        """Return to where the last `undo` or `branch` left from (a new branch again).
+        Returns the new current image.
+
+        Raises:
+            InvalidInputError: nothing to redo (no undo or branch since the last edit).
+        """
+        self._require()
+        with map_exceptions():
+            self._session.redo()
         ref = self.current
         assert ref is not None
         return ref

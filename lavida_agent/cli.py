@@ -6,7 +6,7 @@
     lavida-agent ground IMAGE EXPRESSION... [--out FILE] [--json] [--batch FILE.jsonl]
     lavida-agent ask IMAGE QUESTION [--json] [--batch FILE.jsonl]
     lavida-agent critique IMAGE PROMPT [--json] [--batch FILE.jsonl]
-    lavida-agent session start|edit|history|undo|branch|show ...
+    lavida-agent session start|edit|history|undo|redo|branch|show ...
     lavida-agent trace RUN_ID --out page.html
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
@@ -647,7 +647,7 @@ def critique(ctx: click.Context, image: str | None, prompt: str | None, as_json:
 
 @cli.group(cls=_LavidaGroup)
 def session() -> None:
-    """Multi-step edit sessions: start, edit, history, undo, branch, show (resume by id)."""
+    """Multi-step edit sessions: start, edit, history, undo, redo, branch, show (resume by id)."""
 
 
 def _session(ctx: click.Context, session_id: str) -> Any:
@@ -748,11 +748,27 @@ def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_jso
 @_common
 @click.pass_context
 def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
-    """Go back one turn (the undone branch stays in the history)."""
+    """Go back one turn (the undone branch stays in the history; `session redo` returns)."""
     if out:
         _check_out(out)
     s = _session(ctx, session_id)
     s.undo()
+    data = _session_state(s, out, 1)
+    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+
+
+@session.command("redo")
+@click.argument("session_id")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_redo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
+    """Return to where the last undo or branch left from."""
+    if out:
+        _check_out(out)
+    s = _session(ctx, session_id)
+    s.redo()
     data = _session_state(s, out, 1)
     _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
 

@@ -20,6 +20,7 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     POST /v1/sessions/{id}/edit       SessionEditRequest -> EditResponse
     GET  /v1/sessions/{id}/history                       -> SessionHistoryResponse
     POST /v1/sessions/{id}/undo                          -> SessionResponse
+    POST /v1/sessions/{id}/redo                          -> SessionResponse
     POST /v1/sessions/{id}/branch     BranchRequest      -> SessionResponse
     POST /v1/runs/stream              RunStreamRequest   -> text/event-stream
     GET  /v1/traces/{run_id}          the JSON trace;  /v1/traces/{run_id}.html the viewer
@@ -880,6 +881,12 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
     async def session_undo(session_id: str, request: Request) -> schemas.SessionResponse:
         """Go back one turn (a new branch; the old one stays in the history)."""
         return await _move(session_id, request, lambda s: s.undo(), "b64_json")
+
+    @app.post("/v1/sessions/{session_id}/redo", response_model=schemas.SessionResponse,
+              responses=_ERRORS, tags=["sessions"])  # fmt: skip
+    async def session_redo(session_id: str, request: Request) -> schemas.SessionResponse:
+        """Return to where the last undo or branch left from."""
+        return await _move(session_id, request, lambda s: s.redo(), "b64_json")
 
     @app.post("/v1/sessions/{session_id}/branch", response_model=schemas.SessionResponse,
               responses=_ERRORS, openapi_extra=_body("BranchRequest"),

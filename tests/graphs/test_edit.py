@@ -165,6 +165,38 @@ def test_undo_to_the_input_image(engine, ctx, store):
     assert out.steps[-1].parent == src and out.heads == [0] and len(out.steps) == 1
 
 
+def test_redo_walks_back_what_undo_and_branch_left(engine, ctx, store):
+    session = EditSession("s4", checkpointer=checkpointer_from_path(None), context=ctx)
+    src = _scene(store)
+    turns = []
+    for label, box in (("blue", [30, 30, 46, 46]), ("green", [40, 4, 56, 20])):
+        engine.enqueue_edit_plan(_plan({"label": label, "box": box}))
+        turns.append(session.edit(f"add {label}", image=src if not turns else None))
+    with pytest.raises(ValueError, match="nothing to redo"):
+        session.redo()
+    heads = session.state().heads
+    session.undo()
+    session.undo()  # back to the input image
+    assert session.state().current == src
+    session.redo()
+    assert session.state().current == turns[0].current
+    session.redo()
+    st = session.state()
+    assert (st.current, st.heads, st.undone) == (turns[1].current, heads, [])
+    assert [s.instruction for s in session.history()] == ["add blue", "add green"]
+    # A branch is undone by redo too; a committed edit ends the redo list.
+    session.branch(0)
+    assert session.state().current == turns[0].current
+    session.redo()
+    assert session.state().current == turns[1].current
+    session.undo()
+    engine.enqueue_edit_plan(_plan({"label": "yellow", "box": [4, 40, 20, 56]}))
+    session.edit("add yellow")
+    with pytest.raises(ValueError, match="nothing to redo"):
+        session.redo()
+    assert [s.instruction for s in session.history()] == ["add blue", "add yellow"]
+
+
 def test_ground_and_understand_graphs(engine, ctx, store):
     img = _scene(store)
     out = GroundOutput.model_validate(

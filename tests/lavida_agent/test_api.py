@@ -237,6 +237,8 @@ def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
         assert [h.instruction for h in s.history()] == ["add a blue square", "add a red circle"]
         assert second.step == 1 and s.current == second.image_ref
         assert s.undo() == first.image_ref
+        assert s.redo() == second.image_ref  # undo undone
+        assert s.undo() == first.image_ref
         assert s.branch(0) == first.image_ref
         lineage = s.lineage(all_branches=True)
         assert src.sha256 in {n["id"] for n in lineage["nodes"]}
@@ -259,6 +261,8 @@ def test_session_errors(agent):
     s.start(np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(InvalidInputError, match="nothing to undo"):
         s.undo()
+    with pytest.raises(InvalidInputError, match="nothing to redo"):
+        s.redo()
     with pytest.raises(InvalidInputError, match="no step"):
         s.branch(3)
     with pytest.raises(InvalidInputError):

@@ -395,6 +395,9 @@ def test_session_commands(run, scene, tmp_path):
     assert [s["instruction"] for s in hist["steps"]] == ["make it blue", "make it green"]
     undo = json.loads(run("session", "undo", sid, "--json", "--out", "u.png").stdout)
     assert undo["step"] == 0 and (tmp_path / "u.png").is_file()
+    redo = run("session", "redo", sid)
+    assert redo.exit_code == 0 and redo.stdout.strip() == "current step: 1"
+    assert run("session", "undo", sid).stdout.strip() == "current step: 0"
     branch = run("session", "branch", sid, 0)  # steps of the current branch only
     assert branch.exit_code == 0 and branch.stdout.strip() == "current step: 0"
     show = json.loads(run("session", "show", sid, "--json").stdout)
@@ -403,7 +406,7 @@ def test_session_commands(run, scene, tmp_path):
     assert res.exit_code == 1 and "no session 'no-such-session'" in res.stderr
     res = run("session", "branch", sid, 9)
     assert res.exit_code == 1 and res.stderr.startswith("Error: no step 9")
-    for command in (["edit", sid, "make it red"], ["undo", sid], ["branch", sid, 0]):
+    for command in (["edit", sid, "make it red"], ["undo", sid], ["redo", sid], ["branch", sid, 0]):
         res = run("session", *command, "--out", "bad.xyz")  # refused before the state changes
         assert res.exit_code == 1 and "unknown file extension '.xyz'" in res.stderr
     assert json.loads(run("session", "show", sid, "--json").stdout)["steps"] == 1

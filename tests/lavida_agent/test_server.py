@@ -218,6 +218,12 @@ async def test_session_lifecycle(client, engine):
     assert branch.status_code == 200 and branch.json()["image"]["sha256"] == e1["image"]["sha256"]
     undo = (await client.post(f"/v1/sessions/{sid}/undo")).json()
     assert undo["image"]["sha256"] == start
+    redo = (await client.post(f"/v1/sessions/{sid}/redo")).json()  # back before the undo
+    assert redo["image"]["sha256"] == e1["image"]["sha256"]
+    again = (await client.post(f"/v1/sessions/{sid}/redo")).json()  # and before the branch
+    assert again["image"]["sha256"] == e2["image"]["sha256"]
+    nothing = await client.post(f"/v1/sessions/{sid}/redo")
+    assert nothing.status_code == 400 and "nothing to redo" in nothing.json()["error"]["message"]
     bad = await client.post(f"/v1/sessions/{sid}/branch", json={"step": 9})
     assert bad.status_code == 400
     for method, path in [("GET", "/v1/sessions/nope/history"), ("POST", "/v1/sessions/nope/undo"),
