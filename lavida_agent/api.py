@@ -1147,12 +1147,7 @@ class Session:
         Raises:
             InvalidInputError: nothing to undo.
         """
-        self._require()
-        with map_exceptions():
-            self._session.undo()
-        ref = self.current
-        assert ref is not None
-        return ref
+        return self._move(lambda session: session.undo())
 
     def redo(self) -> ImageRef:
         """Return to where the last `undo` or `branch` left from (a new branch again).
@@ -1161,9 +1156,13 @@ class Session:
         Raises:
             InvalidInputError: nothing to redo (no undo or branch since the last edit).
         """
+        return self._move(lambda session: session.redo())
+
+    def _move(self, how: Callable[[Any], Any]) -> ImageRef:
+        """`how(graph session)` (undo, redo, branch); the new current image."""
         self._require()
         with map_exceptions():
-            self._session.redo()
+            how(self._session)
         ref = self.current
         assert ref is not None
         return ref
@@ -1179,8 +1178,4 @@ class Session:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
             raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
                                     f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
-        with map_exceptions():
-            self._session.branch(step)
-        ref = self.current
-        assert ref is not None
-        return ref
+        return self._move(lambda session: session.branch(step))

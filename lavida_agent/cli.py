@@ -741,54 +741,53 @@ def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_jso
                    f"{r['instruction']}")  # fmt: skip
 
 
-@session.command("undo")
-@click.argument("session_id")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_common
-@click.pass_context
-def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
-    """Go back one turn (the undone branch stays in the history; `session redo` returns)."""
+def _move_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--out`, `--json` and the common flags of `session undo/redo/branch`."""
+    for decorator in reversed([
+        click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        _common,
+        click.pass_context,
+    ]):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+def _session_move(ctx: click.Context, session_id: str, out: str | None, as_json: bool,
+                  move: Callable[[Any], Any]) -> None:  # fmt: skip
+    """Undo, redo or branch: `move(session)`, then say (and with `out` write) where it is."""
     if out:
         _check_out(out)
     s = _session(ctx, session_id)
-    s.undo()
+    move(s)
     data = _session_state(s, out, 1)
     _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+
+
+@session.command("undo")
+@click.argument("session_id")
+@_move_options
+def session_undo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
+    """Go back one turn (the undone branch stays in the history; `session redo` returns)."""
+    _session_move(ctx, session_id, out, as_json, lambda s: s.undo())
 
 
 @session.command("redo")
 @click.argument("session_id")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_common
-@click.pass_context
+@_move_options
 def session_redo(ctx: click.Context, session_id: str, out: str | None, as_json: bool) -> None:
     """Return to where the last undo or branch left from."""
-    if out:
-        _check_out(out)
-    s = _session(ctx, session_id)
-    s.redo()
-    data = _session_state(s, out, 1)
-    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+    _session_move(ctx, session_id, out, as_json, lambda s: s.redo())
 
 
 @session.command("branch")
 @click.argument("session_id")
 @click.argument("step", type=int)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_common
-@click.pass_context
+@_move_options
 def session_branch(ctx: click.Context, session_id: str, step: int, out: str | None,
                    as_json: bool) -> None:  # fmt: skip
     """Make lineage STEP's image the current one (a new branch)."""
-    if out:
-        _check_out(out)
-    s = _session(ctx, session_id)
-    s.branch(step)
-    data = _session_state(s, out, 1)
-    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+    _session_move(ctx, session_id, out, as_json, lambda s: s.branch(step))
 
 
 @session.command("show")
