@@ -17,6 +17,7 @@ or arrays, so checkpoints and traces stay small (PEERS.md §0 item 8). Numbers a
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Annotated, Any, Literal
 
@@ -128,6 +129,10 @@ def given_layout(items: Any) -> list[LayoutItem]:
     out = []
     for k, item in enumerate(items):
         try:
+            raw = item.get("box") if isinstance(item, dict) else None
+            if isinstance(raw, list | tuple) and any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                                     for v in raw):  # fmt: skip
+                raise ValueError(f"the box {raw!r} must hold numbers (no bool or string read as one)")
             parsed = LayoutItem.model_validate(item)
             box = as_box(parsed.box.as_list())  # finite, ordered
             if not parsed.label.strip():

@@ -1068,7 +1068,7 @@ class Session:
             self._session.graph.update_state(
                 self._session.config,
                 {"instruction": "", "current": ref, "current_step": None, "image": None,
-                 "candidate": None, "accepted": False},
+                 "candidate": None, "accepted": False, "undone": []},  # a restart ends redo
                 as_node="commit_edit",
             )  # fmt: skip
         return ref

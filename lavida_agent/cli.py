@@ -99,17 +99,28 @@ class _LavidaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+        except click.UsageError:
+            raise
+        except click.ClickException as exc:
+            _json_error(ctx, exc.format_message())
+            raise
+        except (click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click says these itself (a closed pipe, `... | head`, quietly)
         except KeyboardInterrupt:
             raise click.Abort() from None
         except Exception as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            if (ctx.obj or {}).get("json"):  # a script reading stdout gets the error there too
-                run_id = getattr(exc, "run_id", None)
-                _echo_json({"error": _one_line(exc, trace=False), **({"run_id": run_id} if run_id else {})})
+            _json_error(ctx, _one_line(exc, trace=False), getattr(exc, "run_id", None))
             raise click.ClickException(_one_line(exc)) from exc
+
+
+def _json_error(ctx: click.Context, message: str, run_id: str | None = None) -> None:
+    """With `--json`, the error as `{"error", "run_id"?}` on stdout too (for a script reading
+    it), unless the command already printed its JSON there (one document, or JSONL lines)."""
+    obj = ctx.obj or {}
+    if obj.get("json") and not obj.get("printed_json"):
+        _echo_json({"error": message, **({"run_id": run_id} if run_id else {})})
 
 
 def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -204,6 +215,9 @@ class _Progress:
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, default=str))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and isinstance(ctx.obj, dict):
+        ctx.obj["printed_json"] = True
 
 
 def _check_out(out: str | Path) -> None:

@@ -241,6 +241,11 @@ def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
         assert s.undo() == first.image_ref
         assert s.branch(0) == first.image_ref
         lineage = s.lineage(all_branches=True)
+        restart = s.start(np.full((64, 64, 3), 20, np.uint8))  # a restart ends redo, as an edit does
+        with pytest.raises(InvalidInputError, match="nothing to redo"):
+            s.redo()
+        assert s.current == restart
+        s.branch(0)
         assert src.sha256 in {n["id"] for n in lineage["nodes"]}
         assert second.trace.lineage is not None
         thread = s.thread_id
@@ -476,7 +481,8 @@ def test_a_bad_review_answer_is_a_clear_error(agent, engine):
 
 
 @pytest.mark.parametrize("box, why", [([30, 30, 10, 10], "must be >= x0"), ([float("nan"), 0, 9, 9], "finite"),
-                                      ([5, 5, 5, 9], "no area"), ([1, 2, 3], "4 numbers")])  # fmt: skip
+                                      ([5, 5, 5, 9], "no area"), ([1, 2, 3], "4 numbers"),
+                                      ([True, 0, 9, 9], "must hold numbers"), (["1", "2", "30", "40"], "must hold numbers")])  # fmt: skip
 def test_a_given_plan_is_checked_before_the_run(agent, engine, box, why):
     with pytest.raises(InvalidInputError, match=why):
         agent.generate("red circle", seed=1, plan=[{"label": "red circle", "box": box}])

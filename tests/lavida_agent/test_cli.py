@@ -372,10 +372,18 @@ def test_unexpected_errors_are_one_line_too(run, engine, monkeypatch):
 
 def test_json_errors_reach_stdout_on_every_command_with_json(run):
     for args in (["ask", "missing.png", "q"], ["ground", "missing.png", "the circle"],
-                 ["critique", "missing.png", "a red circle"], ["session", "show", "no-such-session"]):
+                 ["critique", "missing.png", "a red circle"], ["session", "show", "no-such-session"],
+                 ["world", "detect", "missing.png"], ["model", "info", "no-such-folder"]):
         res = run(*args, "--json")
         assert res.exit_code == 1 and "error" in json.loads(res.stdout), args
         assert res.stderr.startswith("Error: ")  # people still read the one line
+
+
+def test_a_json_result_already_printed_is_not_followed_by_an_error_document(run, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    res = run("generate", "red circle", "--out", "o.png", "--json", "--trace-html", "afile/t.html")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: ")
+    assert "error" not in json.loads(res.stdout)  # stdout stays one JSON document: the result
 
 
 # -- sessions and traces -----------------------------------------------------------------------

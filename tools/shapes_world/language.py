@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world.graph import SIDES as _GRAPH_SIDES
 from lavida_agent.tools.shapes_world.graph import extreme, related
 from lavida_agent.tools.shapes_world.sampler import place_object
@@ -1596,7 +1597,7 @@ def plan_objects(plan: Sequence[tuple[str, Sequence[float]]]) -> list[Object] | 
         words = str(label).split()
         if len(words) != 3 or words[0] not in SIZES or words[1] not in COLORS or words[2] not in SHAPES:
             return None
-        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        x0, y0, x1, y1 = (round_half_up(float(v)) for v in box)  # as the drawer reads it
         if x1 <= x0 or y1 <= y0:
             return None
         objects.append(Object(shape=words[2], color=words[1], size=words[0], box=(x0, y0, x1, y1)))

@@ -640,6 +640,13 @@ def test_plan_reasons_name_the_layout_the_world_cannot_hold():
     assert lang.plan_reasons(prompt, [close[0], ("small red circle", (40, 40, 52, 52))]) == []
 
 
+def test_plan_boxes_are_read_as_the_drawer_reads_them_halves_up():
+    # [2.5, 2.5, 19.5, 19.5] is drawn at (3, 3, 20, 20): a side of 17, no large square
+    plan = [("large red square", (2.5, 2.5, 19.5, 19.5))]
+    assert lang.plan_objects(plan)[0].box == (3, 3, 20, 20)
+    assert lang.plan_reasons("a large red square", plan) == ["large red square box is not a large square"]
+
+
 def test_plan_reasons_refuses_prompts_outside_the_grammar():
     with pytest.raises(lang.GrammarError):
         lang.plan_reasons("paint me a sunset", [("small red circle", (10, 10, 22, 22))])
