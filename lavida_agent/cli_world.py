@@ -151,6 +151,9 @@ def score_prompt(prompt: str, image: str, as_json: bool) -> None:
     try:
         spec = parse_prompt(prompt)
     except ValueError as err:
+        if Path(prompt).is_file() and not Path(image).is_file():  # `critique` takes IMAGE first
+            raise click.UsageError(f"score-prompt takes PROMPT then IMAGE: try "
+                                   f"`world score-prompt {image!r} {prompt}`") from err  # fmt: skip
         raise click.ClickException(str(err)) from err
     result = check_prompt(spec, _observe(image))
     if as_json:

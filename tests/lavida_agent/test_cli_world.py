@@ -79,6 +79,8 @@ def test_score_prompt(image):
     assert json.loads(bad.output) == {"correct": False, "reasons": ["square is blue, expected green"]}
     human = run("score-prompt", "a red circle", image)
     assert human.output.strip() == "incorrect: extra blue square"
+    swapped = run("score-prompt", image, "a red circle")  # `critique` takes IMAGE first
+    assert swapped.exit_code == 2 and "score-prompt takes PROMPT then IMAGE" in swapped.output
 
 
 def test_score_edit(tmp_path, image):
