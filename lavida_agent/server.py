@@ -775,11 +775,7 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         from lavida_agent.traces import load_trace, render_html
 
         def render() -> str:
-            try:
-                trace = load_trace(_run_id(run_id), svc.agent.settings.runs_dir)
-            except NotFoundError:  # its message names the server's folder: not for clients
-                raise NotFoundError(f"no trace for run {run_id!r}") from None
-            return render_html(trace, svc.agent.store)
+            return render_html(load_trace(_trace_file(run_id)), svc.agent.store)
 
         return HTMLResponse(await run_in_threadpool(render))
 
@@ -787,17 +783,17 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
                                                 **_ERRORS}, tags=["native"])  # fmt: skip
     async def trace_json(run_id: str) -> Response:
         """The run's JSON trace (nodes, inputs, outputs, timings, seeds, boxes, image refs)."""
+        return Response(await run_in_threadpool(lambda: _trace_file(run_id).read_bytes()),
+                        media_type="application/json")  # fmt: skip
+
+    def _trace_file(run_id: str) -> Path:
+        """The run's trace file; a 404 that does not name the server's folder when none."""
         from lavida_agent.traces import trace_path
 
-        def read() -> bytes:
-            runs_dir: Any = svc.agent.settings.runs_dir
-            path = trace_path(_run_id(run_id), runs_dir)
-            try:
-                return Path(path).read_bytes()
-            except FileNotFoundError:
-                raise NotFoundError(f"no trace for run {run_id!r}") from None
-
-        return Response(await run_in_threadpool(read), media_type="application/json")
+        path = trace_path(_run_id(run_id), svc.agent.settings.runs_dir)
+        if not path.is_file():
+            raise NotFoundError(f"no trace for run {run_id!r}")
+        return path
 
     @app.get("/v1/artifacts/{sha256}", responses={200: {"content": {"image/png": {}}}, **_ERRORS},
              tags=["native"])  # fmt: skip
