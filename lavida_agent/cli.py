@@ -15,7 +15,8 @@
     lavida-agent train planner BASE PLANNER --for edit --out DIR  (a planner for edit plans)
     lavida-agent train reader BASE READER --out DIR [--rank R]  (answer-side weights for captions and answers)
     lavida-agent train export RUN --out DIR        (a run's latest checkpoint as a pipeline folder)
-    lavida-agent serve [--host H] [--port P]
+    lavida-agent serve [--host H] [--port P]        (the HTTP API, and the MCP tools at /mcp)
+    lavida-agent mcp                               (the MCP tools over stdio, for an MCP host)
     lavida-agent world ... / model ...
 
 Global options: `--model PATH` (a checkpoint folder; default: the embedded one), `--home DIR`,
@@ -1055,13 +1056,29 @@ def train_reader(base: str, reader: str, dest: str, rank: int | None) -> None:
 @_common
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None, api_key: str | None) -> None:
-    """Serve the HTTP API (native + OpenAI-compatible /v1/images/*)."""
+    """Serve the HTTP API (native + OpenAI-compatible /v1/images/*), and the MCP tools at
+    /mcp (streamable HTTP) when the MCP SDK is installed."""
     settings = _settings(ctx, host=host, port=port, api_key=api_key)
     server = _import("lavida_agent.server", "the HTTP server")
     app = server.create_app(settings)
     import uvicorn
 
     uvicorn.run(app, host=settings.host, port=settings.port)
+
+
+@cli.command()
+@_common
+@click.pass_context
+def mcp(ctx: click.Context) -> None:
+    """Serve the agent's tools to an MCP host over stdio (generate, edit, ground, ask,
+    critique, undo, redo, branch, history; images as lavida://images/ resources).
+
+    A host launches it; for Claude Desktop, in claude_desktop_config.json:
+    {"mcpServers": {"lavida-agent": {"command": "/path/to/.venv/bin/lavida-agent",
+    "args": ["mcp"]}}}. `lavida-agent serve` offers the same tools over HTTP at /mcp."""
+    server = _import("lavida_agent.server", "the MCP server")
+    create_mcp = server.mcp_factory(required=True)
+    create_mcp(_agent(ctx)).run("stdio")
 
 
 # ----------------------------------------------------------------------------------------

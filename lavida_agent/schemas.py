@@ -23,12 +23,27 @@ artifact URL and, unless the request asked for `response_format="url"`, its PNG 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from lavida_agent.errors import InvalidInputError
 from lavida_agent.settings import SEED_LIMIT
+
+if TYPE_CHECKING:
+    from lavida_agent.settings import Settings
 
 __all__ = (
     "AskRequest",
@@ -60,7 +75,14 @@ __all__ = (
     "SessionResponse",
     "SessionStepOut",
     "RUN_WORKFLOWS",
+    "SESSION_ID_RE",
+    "PayloadTooLarge",
+    "decode_base64",
+    "validation_message",
 )
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""What a session id looks like (the ids the API makes are 32 hex digits)."""
 
 ResponseFormat = Literal["b64_json", "url"]
 
@@ -74,6 +96,58 @@ class Limits:
     max_steps: int = 64
     max_rounds: int = 8
     max_expressions: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
+                   max_steps=settings.max_steps, max_rounds=settings.max_rounds_limit)  # fmt: skip
+
+
+class PayloadTooLarge(InvalidInputError):
+    """An uploaded image over the deployment's `max_upload_bytes`."""
+
+    code = "image_too_large"
+    http_status = 413
+
+
+def decode_base64(text: str, param: str, limit: int) -> bytes:
+    """An image sent as base64 (a `data:image/...;base64,` prefix is accepted) as bytes.
+
+    Raises:
+        PayloadTooLarge: more than `limit` bytes (checked before decoding too).
+        InvalidInputError: not valid base64. Both messages start with `param`.
+    """
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if len(text) * 3 // 4 > limit + 3:
+        raise PayloadTooLarge(f"{param}: over {limit} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"{param}: not valid base64") from None
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"{param}: {len(raw)} bytes is over the limit of {limit}")
+    return raw
+
+
+def validation_message(exc: ValidationError, *, strip_tag: bool = False) -> tuple[str | None, str]:
+    """The first pydantic error as `(field, "field: message")`, the way every surface says it.
+
+    `strip_tag` drops a discriminated union's tag (`generate`, ...) from the field's path.
+    """
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    if strip_tag and loc:
+        loc = loc[1:]
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        loc = ["workflow"]
+    param = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    if err.get("type") == "union_tag_not_found":
+        msg = f"required: the workflow to run, one of {', '.join(map(repr, RUN_WORKFLOWS))}"
+    return param, f"{param}: {msg}" if param else msg
 
 
 def _limits(info: ValidationInfo) -> Limits | None:

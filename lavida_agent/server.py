@@ -26,6 +26,8 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     GET  /v1/traces/{run_id}          the JSON trace;  /v1/traces/{run_id}.html the viewer
     GET  /v1/artifacts/{sha256}       a stored image (PNG; content-addressed, cached forever)
     GET  /healthz
+    POST /mcp                         the MCP tools (`mcp_server.py`), streamable HTTP, when
+                                      the MCP SDK is installed
 
 OpenAI-compatible (the official `openai` client works unchanged):
 
@@ -65,7 +67,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import copy
 import hmac
@@ -101,7 +102,7 @@ from lavida_agent.api import (
     LavidaAgent,
     Session,
 )
-from lavida_agent.errors import LavidaError, NotFoundError
+from lavida_agent.errors import InvalidInputError, LavidaError, NotFoundError
 from lavida_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ SEED_STRIDE = 1000
 
 UPSCALED_SIZES = (256, 512, 1024)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _OPEN_PATHS = ("/healthz", "/v1/artifacts/")
+MCP_MISSING = "the MCP server needs the MCP SDK: pip install 'lavida-agent[mcp]'"
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error",
                 415: "invalid_request_error", 499: "cancelled", 503: "server_error"}  # fmt: skip
@@ -161,19 +162,7 @@ def _lavida_error(exc: LavidaError) -> ApiError:
 
 def _validation_error(exc: ValidationError, *, strip_tag: bool = False) -> ApiError:
     """The first pydantic error as a 400 naming the field (`param`)."""
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err.get("loc", ())]
-    if strip_tag and loc:
-        loc = loc[1:]  # the discriminated union's tag ("generate", ...)
-    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-        loc = ["workflow"]
-    param = ".".join(loc) or None
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    if err.get("type") == "union_tag_not_found":
-        msg = f"required: the workflow to run, one of {', '.join(map(repr, schemas.RUN_WORKFLOWS))}"
-    message = f"{param}: {msg}" if param else msg
+    param, message = schemas.validation_message(exc, strip_tag=strip_tag)
     return ApiError(400, "invalid_" + ("field" if param else "request"), message, param=param)
 
 
@@ -266,9 +255,7 @@ class _Service:
     def __init__(self, settings: Settings, agent: LavidaAgent) -> None:
         self.settings = settings
         self.agent = agent
-        self.limits = schemas.Limits(max_prompt_chars=settings.max_prompt_chars,
-                                     max_n=settings.max_n, max_steps=settings.max_steps,
-                                     max_rounds=settings.max_rounds_limit)  # fmt: skip
+        self.limits = schemas.Limits.from_settings(settings)
         self._preview_agents: dict[int, LavidaAgent] = {}
         self._preview_lock = threading.Lock()
         self._session_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -343,23 +330,15 @@ class _Service:
 
     # -- images -----------------------------------------------------------------------------
 
-    def _decode_b64(self, text: str, param: str) -> bytes:
-        if text.startswith("data:"):
-            text = text.partition(",")[2]
-        if len(text) * 3 // 4 > self.settings.max_upload_bytes + 3:
-            raise ApiError(413, "image_too_large", f"{param}: over {self.settings.max_upload_bytes}"
-                           " bytes", param=param)  # fmt: skip
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            msg = f"{param}: not valid base64"
-            raise ApiError(400, "invalid_image", msg, param=param) from None
-
     def _raw_image(self, req: Any, uploads: dict[str, bytes], param: str = "image") -> bytes | None:
         raw = uploads.get(param)
         text = getattr(req, param, None)
         if raw is None and text is not None:
-            raw = self._decode_b64(text, param)
+            try:
+                raw = schemas.decode_base64(text, param, self.settings.max_upload_bytes)
+            except InvalidInputError as exc:
+                code = "invalid_image" if exc.http_status == 400 else exc.code
+                raise ApiError(exc.http_status, code, str(exc), param=param) from None
         if raw is not None and len(raw) > self.settings.max_upload_bytes:
             raise ApiError(413, "image_too_large", f"{param}: {len(raw)} bytes is over the limit "
                            f"of {self.settings.max_upload_bytes}", param=param)  # fmt: skip
@@ -508,7 +487,7 @@ class _Service:
         return lock
 
     async def session(self, session_id: str, *, must_exist: bool = True) -> Session:
-        if not _SESSION_ID_RE.fullmatch(session_id):
+        if not schemas.SESSION_ID_RE.fullmatch(session_id):
             raise ApiError(404, "not_found", f"no session {session_id!r}")
         session = await run_in_threadpool(self.agent.session, session_id)
         if must_exist and not await run_in_threadpool(lambda: session.exists):
@@ -623,7 +602,9 @@ async def _gather(aws: Sequence[Awaitable[T]]) -> list[T]:
 # ----------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, *, agent: LavidaAgent | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, agent: LavidaAgent | None = None, mcp: bool | None = None
+) -> FastAPI:
     """The FastAPI app over one `LavidaAgent` shared by every request.
 
     Args:
@@ -632,15 +613,21 @@ def create_app(settings: Settings | None = None, *, agent: LavidaAgent | None = 
         agent: the agent to serve (e.g. on a `FakeEngine` or a `BatchingEngine`); default: a
             new `LavidaAgent(settings=settings)`, whose model loads on first use and which is
             closed when the app shuts down.
+        mcp: serve the MCP tools (`mcp_server.py`) at `/mcp` (streamable HTTP) on the same
+            agent, behind the same API key and limits: `None` (default) when the MCP SDK is
+            installed, `True` to require it, `False` not to. Its sessions run in the app's
+            lifespan, so an ASGI test client must enter that (`app.router.lifespan_context`).
     """
     if settings is None:
         settings = agent.settings if agent is not None else Settings.from_env()
     owns_agent = agent is None
     svc = _Service(settings, agent if agent is not None else LavidaAgent(settings=settings))
+    server = _mcp_server(svc, required=mcp is True) if mcp is not False else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with server.session_manager.run() if server else contextlib.nullcontext():
+            yield
         if owns_agent:
             await run_in_threadpool(svc.agent.close)
 
@@ -655,8 +642,42 @@ def create_app(settings: Settings | None = None, *, agent: LavidaAgent | None = 
     _session_routes(app, svc)
     _stream_routes(app, svc)
     _openai_routes(app, svc)
+    if server is not None:
+        # The SDK's app has one route (`/mcp`); adding it here keeps the app's own 404s,
+        # error handlers and the guard (API key, body limit) in front of it.
+        sub = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
+        app.router.routes.extend(sub.routes)
     _install_openapi(app)
     return app
+
+
+def _mcp_server(svc: _Service, *, required: bool) -> Any:
+    """The MCP server over the service's agent, or None without the SDK (unless `required`).
+
+    Over HTTP it takes no file paths as images (a client must not make the server read its
+    files), and shares the HTTP session locks, so a session's turns from both surfaces queue.
+    """
+    create_mcp = mcp_factory(required=required)
+    if create_mcp is None:
+        return None
+    return create_mcp(svc.agent, read_files=False, session_lock=svc.session_lock)
+
+
+def mcp_factory(*, required: bool) -> Callable[..., Any] | None:
+    """`mcp_server.create_mcp`, or None when the MCP SDK (an optional extra) is missing.
+
+    Raises:
+        InvalidInputError: the SDK is missing and `required`, saying how to install it.
+    """
+    try:
+        from lavida_agent.mcp_server import create_mcp
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in ("mcp", "mcp_types"):
+            raise
+        if required:
+            raise InvalidInputError(MCP_MISSING) from None
+        return None
+    return create_mcp
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+from lavida_agent.tools.images import decode_png, encode_png
 
 from lavida_agent.api import LavidaAgent
 from lavida_agent.server import create_app
 from lavida_agent.settings import Settings
-from lavida_agent.tools.images import decode_png, encode_png
 from tests.fakes import FakeEngine, draw
 
 openai = pytest.importorskip("openai")
@@ -138,3 +138,40 @@ def test_a_client_that_disconnects_cancels_its_run():
         ok = httpx.post(f"{url}/images/generations", json={"prompt": "red circle", "steps": 2},
                         headers=headers, timeout=30)  # fmt: skip
         assert ok.status_code == 200
+
+
+def test_mcp_tools_over_http_behind_the_api_key(server_url):
+    """`serve` answers MCP at /mcp (streamable HTTP) on the same agent, behind the same key."""
+    pytest.importorskip("mcp")
+    import asyncio
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    url = server_url.removesuffix("/v1") + "/mcp"
+    assert httpx.post(url, json={}).status_code == 401  # no key, no MCP
+
+    async def session() -> tuple[set[str], dict, int, str]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http, \
+                Client(streamable_http_client(url, http_client=http)) as client:  # fmt: skip
+            names = {t.name for t in (await client.list_tools()).tools}
+            steps = []
+
+            async def progress(value: float, total: float | None, message: str | None) -> None:
+                steps.append(message)
+
+            result = await client.call_tool("generate", {"prompt": "a red circle", "seed": 3},
+                                            progress_callback=progress)  # fmt: skip
+            refused = await client.call_tool("ask", {"image": "/etc/hostname", "question": "what?"})
+            return names, result.structured_content, len(steps), refused.content[0].text
+
+    names, data, n_progress, refused = asyncio.run(session())
+    assert {"generate", "edit", "ground", "ask", "undo", "history"} <= names
+    assert data["seed"] == 3 and data["image"].startswith("lavida://images/")
+    assert n_progress > 4  # progress notifications reach an HTTP client too
+    assert "does not read files" in refused  # over HTTP, paths are refused
+    # the image is the same one the HTTP API serves
+    sha = data["image"].removeprefix("lavida://images/")
+    assert httpx.get(f"{server_url}/artifacts/{sha}").status_code == 200

@@ -492,8 +492,38 @@ def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
 def test_help_lists_every_command(run):
     res = run("--help")
     for name in ("generate", "edit", "ground", "ask", "critique", "session", "trace", "bench",
-                 "train", "serve", "world"):  # fmt: skip
+                 "train", "serve", "mcp", "world"):  # fmt: skip
         assert name in res.stdout
+
+
+def test_mcp_serves_stdio_on_the_cli_agent(run, engine, monkeypatch):
+    pytest.importorskip("mcp")
+    from mcp.server import MCPServer
+
+    served = {}
+    monkeypatch.setattr(MCPServer, "run", lambda self, transport: served.update(server=self,
+                                                                                transport=transport))
+    res = run("mcp")
+    assert res.exit_code == 0, res.output
+    assert served["transport"] == "stdio" and served["server"].name == "lavida-agent"
+
+
+def test_serve_and_mcp_without_the_mcp_sdk(run, monkeypatch):
+    """Without the optional SDK, `mcp` says how to install it and `serve` runs without /mcp."""
+    import sys
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    for name in ("mcp", "mcp_types"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails
+    monkeypatch.delitem(sys.modules, "lavida_agent.mcp_server", raising=False)
+    res = run("mcp")
+    assert res.exit_code == 1 and "pip install 'lavida-agent[mcp]'" in res.output
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app))
+    assert run("serve").exit_code == 0
+    assert TestClient(served["app"]).post("/mcp", json={}).status_code == 404
 
 
 def test_train_blend_reports_bad_input_as_a_one_line_error(run, tmp_path, monkeypatch):

@@ -1,0 +1,443 @@
+"""The agent as an MCP server, for MCP hosts (Claude Desktop, Claude Code, IDE agents, ...).
+
+    lavida-agent mcp                  # stdio: the command a desktop host launches
+    lavida-agent serve                # HTTP: the same tools at http://127.0.0.1:8000/mcp
+
+    mcp = create_mcp(LavidaAgent.from_pretrained())   # in Python; mcp.run() is stdio
+
+Tools (each runs the same workflow as the CLI and the HTTP API and records its trace):
+
+    generate(prompt, seed?, rounds?, steps?, plan?)         plan, draw, critique, keep the best
+    edit(instruction, image? | session?, seed?, rounds?, steps?)   one verified edit turn
+    ground(image, expressions)     one box per referring expression, in the input's pixels
+    ask(image, question)           an answer about the image
+    critique(image, prompt)        does the image show what the prompt asks for
+    undo(session) / redo(session) / branch(session, step) / history(session)
+
+`edit` without `session` starts one from `image`; its result's `session` continues it, so a
+host keeps a multi-turn edit by passing that id back (and may `undo` a turn it regrets).
+
+Images in: every `image` argument is a `lavida://images/<sha256>` URI from an earlier result,
+a `data:image/png;base64,...` URL or bare base64, or (stdio only: the server runs on the
+host's machine) a file path. Over HTTP a path is refused, so a remote client cannot make the
+server read its files.
+
+Results: an image-making tool answers with the image (PNG, upscaled `display_scale` times,
+nearest neighbour, so a host can show a 64 px canvas), the JSON result as text, and the
+same JSON as structured content: the CLI's `--json` fields plus `image`, the result's
+`lavida://images/` URI, and `trace_uri`. Resources: `lavida://images/{sha256}` (the
+canvas-sized PNG) and `lavida://traces/{run_id}` (the JSON trace).
+
+Progress: every workflow event (node start and end, each sampler step, plan, critique) is a
+progress notification whose `progress` counts events (no `total`: the number of rounds is not
+known in advance) and whose `message` names the step, so hosts that give up on silent calls
+keep waiting. A cancelled call stops its run at the next sampler step.
+
+Errors: bad arguments (a limit, an unknown image, an instruction the world cannot parse is
+still run, as everywhere) come back as tool errors whose text names the argument, never as a
+crash. The deployment limits of the HTTP server (`Settings.max_prompt_chars`, `max_steps`,
+`max_rounds_limit`, `max_upload_bytes`, `max_pixels`) apply here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp_types import CallToolResult, ImageContent, TextContent
+from pydantic import BaseModel, Field, ValidationError
+
+from lavida_agent import __version__, schemas
+from lavida_agent.api import EventCallback, LavidaAgent, RunResult, Session
+from lavida_agent.errors import LavidaError
+from lavida_agent.settings import SEED_LIMIT
+from lavida_agent.tools.artifacts import ImageRef
+
+logger = logging.getLogger(__name__)
+
+__all__ = ("IMAGE_URI", "TRACE_URI", "create_mcp")
+
+IMAGE_URI = "lavida://images/"
+TRACE_URI = "lavida://traces/"
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+T = TypeVar("T")
+
+INSTRUCTIONS = """\
+lavida-agent draws, edits, grounds and answers questions about 64x64 ShapesWorld images:
+one to four flat shapes (circle, square, triangle, diamond; red, green, blue, yellow,
+purple, orange; small or large) on a white, black or gray background. Prompts: "a red
+circle left of a blue square", "two green triangles on a black background". Edits:
+"make the circle green", "remove the square", "move the triangle to the top left",
+"add a small yellow diamond right of the circle". Pass an image back as the
+lavida://images/... URI a result gave; continue an edit with its `session`."""
+
+# Argument types: what the host's model reads in the tool's input schema.
+Seed = Annotated[int | None, Field(ge=0, lt=SEED_LIMIT, description="Base seed (round r "
+                                   "uses seed + r); default random, in the result.")]  # fmt: skip
+Rounds = Annotated[int | None, Field(ge=1, description="Most images to draw (the agent keeps the "
+                                     "best); default the server's (3).")]  # fmt: skip
+Steps = Annotated[int | None, Field(ge=1, description="Denoising steps per image.")]
+ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from an earlier "
+                                "result, a data:image/...;base64 URL or base64, or (stdio) a "
+                                "file path.")]  # fmt: skip
+SessionArg = Annotated[str, Field(description="The `session` an earlier edit returned.")]
+SessionOpt = Annotated[str | None, Field(description="Continue this session (its current "
+                                         "image); with `image` too, restart it from that "
+                                         "image.")]  # fmt: skip
+
+
+def create_mcp(
+    agent: LavidaAgent,
+    *,
+    read_files: bool = True,
+    display_scale: int = 4,
+    session_lock: Callable[[str], asyncio.Lock] | None = None,
+) -> MCPServer:
+    """An MCP server whose tools run `agent`'s workflows.
+
+    Args:
+        agent: the agent to serve (its settings give the limits and folders).
+        read_files: accept file paths as `image` arguments (stdio: the client is local).
+        display_scale: nearest-neighbour upscale of the images the tools return.
+        session_lock: one `asyncio.Lock` per session id, shared with another surface on the
+            same agent (the HTTP server passes its own); default: locks of this server.
+    """
+    tools = _Tools(agent, read_files=read_files, display_scale=display_scale,
+                   session_lock=session_lock)  # fmt: skip
+    mcp: MCPServer = MCPServer("lavida-agent", version=__version__, instructions=INSTRUCTIONS,
+                               log_level="WARNING")  # fmt: skip
+
+    @mcp.tool(title="Generate an image")
+    async def generate(ctx: Context, prompt: str, seed: Seed = None, rounds: Rounds = None,
+                       steps: Steps = None, plan: bool | None = None,
+                       ) -> CallToolResult:  # fmt: skip
+        """Draw an image for `prompt`: the model plans a layout (unless `plan` is false), draws
+        up to `rounds` attempts, critiques each and keeps the best. The result says whether the
+        model's own check accepted it, and holds the plan, every attempt and the trace."""
+        req = tools.check(schemas.GenerateRequest, prompt=prompt, seed=seed, rounds=rounds,
+                          steps=steps, plan=plan)  # fmt: skip
+
+        def call(on_event: EventCallback) -> Awaitable[Any]:
+            return agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds, plan=req.plan,
+                                   num_steps=req.steps, on_event=on_event)  # fmt: skip
+
+        result = await tools.run(ctx, call)
+        return tools.answer(result, result.to_dict())
+
+    @mcp.tool(title="Edit an image")
+    async def edit(ctx: Context, instruction: str, image: ImageArg | None = None,
+                   session: SessionOpt = None, seed: Seed = None, rounds: Rounds = None,
+                   steps: Steps = None) -> CallToolResult:  # fmt: skip
+        """Edit an image by `instruction`: the model plans the edit (what changes where), edits,
+        verifies and re-edits up to `rounds` times, and commits the best attempt. Give `image`
+        to start a new session, or `session` to edit its current image; the result's `session`
+        continues it (`undo`, `redo`, `history`)."""
+        req = tools.check(schemas.SessionEditRequest, instruction=instruction, seed=seed,
+                          rounds=rounds, steps=steps)  # fmt: skip
+        if image is None and session is None:
+            raise ToolError("image: give the image to edit, or the session to continue")
+        source = await tools.image(image) if image is not None else None
+        async with tools.lock(session) if session else contextlib.nullcontext():
+            s = await tools.session(session, must_exist=source is None)
+
+            def call(on_event: EventCallback) -> Awaitable[Any]:
+                return s.aedit(req.instruction, image=source, seed=req.seed, rounds=req.rounds,
+                               num_steps=req.steps, on_event=on_event)  # fmt: skip
+
+            result = await tools.run(ctx, call)
+        data = {"session": result.thread_id, **result.to_dict()}
+        return tools.answer(result, data)
+
+    @mcp.tool(title="Find objects")
+    async def ground(ctx: Context, image: ImageArg, expressions: list[str]) -> CallToolResult:
+        """One box `[x0, y0, x1, y1]` per referring expression ("the red circle", "the large
+        square"), in the input image's pixels, with what the model perceived in the image."""
+        req = tools.check(schemas.GroundRequest, expressions=expressions)
+        pixels = await tools.image(image)
+        result = await tools.run(ctx, lambda on_event: agent.aground(pixels, req.expressions,
+                                                                    on_event=on_event))  # fmt: skip
+        return tools.answer(result, result.to_dict(), show=False)
+
+    @mcp.tool(title="Ask about an image")
+    async def ask(ctx: Context, image: ImageArg, question: str) -> CallToolResult:
+        """Answer a question about the image ("what color is the circle?", "how many
+        triangles are there?", "is there a square?", "what is left of the diamond?")."""
+        req = tools.check(schemas.AskRequest, question=question)
+        pixels = await tools.image(image)
+        result = await tools.run(ctx, lambda on_event: agent.aask(pixels, req.question,
+                                                                 on_event=on_event))  # fmt: skip
+        return tools.answer(result, result.to_dict(), show=False)
+
+    @mcp.tool(title="Critique an image")
+    async def critique(ctx: Context, image: ImageArg, prompt: str) -> CallToolResult:
+        """Does the image show what the text-to-image `prompt` asks for? A verdict ("accept"
+        or "reject") and the reasons."""
+        req = tools.check(schemas.CritiqueRequest, prompt=prompt)
+        pixels = await tools.image(image)
+        result = await tools.run(ctx, lambda on_event: agent.acritique(
+            pixels, req.prompt, on_event=on_event))  # fmt: skip
+        return tools.answer(result, result.to_dict(), show=False)
+
+    @mcp.tool(title="Undo an edit")
+    async def undo(session: SessionArg) -> CallToolResult:
+        """Go back one turn of the session (a new branch; the old one stays in its history)."""
+        return await tools.move(session, lambda s: s.undo())
+
+    @mcp.tool(title="Redo an edit")
+    async def redo(session: SessionArg) -> CallToolResult:
+        """Return to where the session's last undo or branch left from."""
+        return await tools.move(session, lambda s: s.redo())
+
+    @mcp.tool(title="Go back to a step")
+    async def branch(
+        session: SessionArg,
+        step: Annotated[int, Field(ge=0, description="A step `index` from `history`.")],
+    ) -> CallToolResult:
+        """Make the image of the session's step `step` current (a new branch)."""
+        return await tools.move(session, lambda s: s.branch(step))
+
+    @mcp.tool(title="Edit history")
+    async def history(session: SessionArg) -> CallToolResult:
+        """The session's committed turns, oldest first: instruction, seed, verdict and image
+        of each, and the current image."""
+        s = await tools.session(session)
+
+        def build() -> dict[str, Any]:
+            steps = [{"index": st.index, "turn": st.turn, "instruction": st.instruction,
+                      "seed": st.seed, "verdict": st.critique.verdict if st.critique else None,
+                      "image": IMAGE_URI + st.result.sha256}
+                     for st in s.history()]  # fmt: skip
+            current = s.current
+            image = IMAGE_URI + current.sha256 if current is not None else None
+            return {"session": session, "steps": steps, "image": image}
+
+        return tools.json_answer(await tools.guard(asyncio.to_thread(build)))
+
+    @mcp.resource(IMAGE_URI + "{sha256}", mime_type="image/png", title="A stored image")
+    async def image_resource(sha256: str) -> bytes:
+        """An image in the artifact store, by the sha256 of its pixels (PNG)."""
+        if not _SHA_RE.fullmatch(sha256):
+            raise ResourceError(f"no image {sha256!r}")
+        try:
+            return await asyncio.to_thread(agent.store.read_bytes, sha256)
+        except KeyError:
+            raise ResourceError(f"no image {sha256} in the store") from None
+
+    @mcp.resource(TRACE_URI + "{run_id}", mime_type="application/json", title="A run's trace")
+    async def trace_resource(run_id: str) -> str:
+        """A run's JSON trace: nodes, inputs, outputs, timings, seeds, boxes, image refs."""
+        from lavida_agent.traces import trace_path
+
+        try:
+            path = trace_path(run_id, agent.settings.runs_dir)
+        except LavidaError:
+            raise ResourceError(f"no trace for run {run_id!r}") from None
+        if not path.is_file():
+            raise ResourceError(f"no trace for run {run_id!r}")
+        return await asyncio.to_thread(path.read_text, encoding="utf-8")
+
+    return mcp
+
+
+class _Tools:
+    """What the tools share: argument checks, image loading, running with progress, results."""
+
+    def __init__(self, agent: LavidaAgent, *, read_files: bool, display_scale: int,
+                 session_lock: Callable[[str], asyncio.Lock] | None) -> None:  # fmt: skip
+        if (
+            isinstance(display_scale, bool)
+            or not isinstance(display_scale, int)
+            or not 1 <= display_scale <= 16
+        ):
+            raise ValueError(f"display_scale must be an integer in 1..16, got {display_scale!r}")
+        self.agent = agent
+        self.read_files = read_files
+        self.display_scale = display_scale
+        self.limits = schemas.Limits.from_settings(agent.settings)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._session_lock = session_lock
+
+    # -- arguments ----------------------------------------------------------------------------
+
+    def check(self, model: type[BaseModel], **fields: Any) -> Any:
+        """The arguments validated by the HTTP request `model`, under the deployment's limits."""
+        try:
+            return model.model_validate({k: v for k, v in fields.items() if v is not None},
+                                        context={"limits": self.limits})  # fmt: skip
+        except ValidationError as exc:
+            raise ToolError(schemas.validation_message(exc)[1]) from None
+
+    async def image(self, text: str) -> Any:
+        """An `image` argument as pixels (decoded off the loop) or an `ImageRef` in the store."""
+        from lavida_agent.tools.images import ImageError, load_image
+
+        settings = self.agent.settings
+        text = text.strip()
+        if text.startswith(IMAGE_URI):
+            sha = text.removeprefix(IMAGE_URI)
+            try:
+                if not _SHA_RE.fullmatch(sha):
+                    raise KeyError(sha)
+                return await asyncio.to_thread(self.agent.store.ref, sha)
+            except KeyError:
+                raise ToolError(f"image: no image {sha!r} in the store") from None
+        source: Any
+        path = Path(text).expanduser() if self.read_files else None
+        if path is not None and not text.startswith("data:") and _is_file(path):
+            source = path
+        elif text.startswith("data:") or _looks_like_base64(text):
+            try:
+                source = schemas.decode_base64(text, "image", settings.max_upload_bytes)
+            except LavidaError as exc:
+                raise ToolError(str(exc)) from None
+        elif path is None:
+            raise ToolError("image: not an image this server can take; send a "
+                            f"data:image/png;base64 URL, base64, or a {IMAGE_URI}<sha256> URI "
+                            "(it does not read files)")  # fmt: skip
+        else:
+            source = path  # load_image says the file is missing
+        try:
+            return await asyncio.to_thread(load_image, source, max_pixels=settings.max_pixels)
+        except ImageError as exc:
+            raise ToolError(f"image: {exc}") from None
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        """One lock per session: turns, undo, redo and branch of a session run one at a time."""
+        if self._session_lock is not None:
+            return self._session_lock(session_id)
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
+
+    async def session(self, session_id: str | None, *, must_exist: bool = True) -> Session:
+        """The session `session_id` (a new one for None)."""
+        if session_id is not None and not schemas.SESSION_ID_RE.fullmatch(session_id):
+            raise ToolError(f"session: no session {session_id!r}")
+        s = await asyncio.to_thread(self.agent.session, session_id)
+        if session_id is not None and must_exist and not await asyncio.to_thread(lambda: s.exists):
+            raise ToolError(
+                f"session: no session {session_id!r} (an edit with an image starts one)"
+            )
+        return s
+
+    async def move(self, session_id: str, how: Callable[[Session], ImageRef]) -> CallToolResult:
+        """Undo, redo or branch `session_id`; answers with its new current image."""
+        async with self.lock(session_id):
+            s = await self.session(session_id)
+            ref = await self.guard(asyncio.to_thread(how, s))
+        data = {"session": session_id, "image": IMAGE_URI + ref.sha256}
+        return await asyncio.to_thread(self._answer, ref, data)
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, ctx: Context, call: Callable[[EventCallback], Awaitable[T]]) -> T:
+        """`call(on_event)` (an async agent call), reporting each workflow event as progress."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def on_event(ev: dict[str, Any]) -> None:  # called from the worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        task = asyncio.ensure_future(self.guard(call(on_event)))
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every event it sent
+        count = 0
+        try:
+            while (ev := await queue.get()) is not None:
+                count += 1
+                await ctx.report_progress(count, None, progress_message(ev))
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()  # the async twin stops the run at its next sampler step
+
+    @staticmethod
+    async def guard(aw: Awaitable[T]) -> T:
+        """Await an agent call; its errors become tool errors with their message (the host's
+        model reads them). Anything else is a crash, which the SDK logs and reports without
+        details."""
+        try:
+            return await aw
+        except LavidaError as exc:
+            if exc.http_status >= 500:
+                logger.error("%s", exc)
+            raise ToolError(str(exc)) from None
+
+    # -- results ------------------------------------------------------------------------------
+
+    def answer(
+        self, result: RunResult, data: dict[str, Any], *, show: bool = True
+    ) -> CallToolResult:
+        """A run's result: the image (if `show`) and `data` plus its image and trace URIs."""
+        data = {**data, "image": IMAGE_URI + result.image_ref.sha256,
+                "trace_uri": TRACE_URI + result.run_id}  # fmt: skip
+        if not show:
+            return self.json_answer(data)
+        return self._answer(result.image_ref, data)
+
+    def _answer(self, ref: ImageRef, data: dict[str, Any]) -> CallToolResult:
+        from lavida_agent.tools.images import encode_png, resize_nearest
+
+        pixels = self.agent.store.open(ref)
+        png = encode_png(resize_nearest(pixels, self.display_scale))
+        picture = ImageContent(type="image", data=base64.b64encode(png).decode("ascii"),
+                               mime_type="image/png")  # fmt: skip
+        return CallToolResult(content=[picture, _json_text(data)], structured_content=data)
+
+    @staticmethod
+    def json_answer(data: dict[str, Any]) -> CallToolResult:
+        return CallToolResult(content=[_json_text(data)], structured_content=data)
+
+
+def _json_text(data: dict[str, Any]) -> TextContent:
+    return TextContent(type="text", text=json.dumps(data, default=str))
+
+
+_B64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for a file: base64, most likely
+        return False
+
+
+def _looks_like_base64(text: str) -> bool:
+    """Bare base64 of an image file: long and only base64 characters (existing files were
+    tried first)."""
+    return len(text) >= 64 and _B64_RE.fullmatch(text) is not None
+
+
+def progress_message(ev: dict[str, Any]) -> str:
+    """One line for a workflow event (`graphs/events.py`), as a progress message."""
+    kind = ev.get("event", "")
+    node = ev.get("node")
+    if kind == "sampler_step":
+        return f"{node}: step {ev.get('step')}/{ev.get('total')}"
+    if kind == "node_start":
+        return f"{node} started"
+    if kind == "node_end":
+        return f"{node} done in {float(ev.get('elapsed_s', 0.0)):.2f}s"
+    if kind == "critique":
+        crit = ev.get("critique") or {}
+        reasons = "; ".join(crit.get("reasons") or [])
+        return f"critique: {crit.get('verdict')}" + (f" ({reasons})" if reasons else "")
+    if kind == "plan":
+        items = (ev.get("plan") or {}).get("items") or []
+        return "plan: " + (", ".join(str(i.get("label")) for i in items) or "no objects")
+    return kind.replace("_", " ") + (f" ({node})" if node else "")

@@ -1,0 +1,277 @@
+"""The MCP server in process (the SDK's in-memory client) over a `FakeEngine`: the tools and
+their schemas, images in every accepted form, multi-turn sessions, progress, resources, and
+bad arguments as tool errors that leave the state intact."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.tools.images import decode_png, encode_png
+
+from lavida_agent.api import LavidaAgent
+from tests.fakes import FakeEngine, draw
+
+mcp = pytest.importorskip("mcp")
+
+from mcp import Client  # noqa: E402
+from mcp.shared.exceptions import MCPError  # noqa: E402
+
+from lavida_agent.mcp_server import IMAGE_URI, TRACE_URI, create_mcp, progress_message  # noqa: E402
+
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+TOOLS = {"generate", "edit", "ground", "ask", "critique", "undo", "redo", "branch", "history"}
+
+
+def _scene() -> np.ndarray:
+    return draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE])
+
+
+def _b64(image: np.ndarray) -> str:
+    return base64.b64encode(encode_png(image)).decode()
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def agent(engine):
+    with LavidaAgent(engine=engine, num_steps=4, selection="accept") as a:
+        yield a
+
+
+def _error(result) -> str:
+    assert result.is_error, result
+    return result.content[0].text
+
+
+def _ok(result) -> dict:
+    assert not result.is_error, result.content
+    data = result.structured_content
+    assert json.loads(result.content[-1].text) == data  # the JSON as text too, for old hosts
+    return data
+
+
+async def test_tools_and_their_input_schemas(agent):
+    async with Client(create_mcp(agent)) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert set(tools) == TOOLS
+        gen = tools["generate"].input_schema
+        assert gen["required"] == ["prompt"] and "ctx" not in gen["properties"]
+        seed = next(s for s in gen["properties"]["seed"]["anyOf"] if s["type"] == "integer")
+        assert seed["minimum"] == 0 and "description" in gen["properties"]["seed"]
+        assert set(tools["edit"].input_schema["required"]) == {"instruction"}
+        assert tools["ground"].input_schema["properties"]["expressions"]["type"] == "array"
+        assert all(t.description for t in tools.values())
+
+
+async def test_generate_returns_the_image_the_result_and_progress(agent):
+    async with Client(create_mcp(agent)) as client:
+        events: list[tuple[float, str | None]] = []
+
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            events.append((value, message))
+
+        result = await client.call_tool("generate", {"prompt": "a red circle", "seed": 5, "rounds": 2},
+                                        progress_callback=progress)  # fmt: skip
+        data = _ok(result)
+        assert data["seed"] == 5 and data["max_rounds"] == 2 and data["accepted"]
+        assert (
+            data["image"].startswith(IMAGE_URI) and data["trace_uri"] == TRACE_URI + data["run_id"]
+        )
+        picture = result.content[0]
+        assert picture.type == "image" and picture.mime_type == "image/png"
+        shown = decode_png(base64.b64decode(picture.data))
+        stored = agent.store.open(agent.store.ref(data["image"].removeprefix(IMAGE_URI)))
+        assert shown.shape == (256, 256, 3)  # 4x, nearest neighbour
+        assert np.array_equal(shown[::4, ::4], stored)
+        values = [v for v, _ in events]
+        assert values == list(range(1, len(values) + 1))  # one notification per workflow event
+        messages = [m for _, m in events]
+        assert messages[0] == "run start" and messages[-1] == "run end"
+        assert "generate_image: step 1/4" in messages and "generate_image: step 4/4" in messages
+        assert any(m.startswith("critique: ") for m in messages)
+        # the same call again replays: same seed, same image
+        again = _ok(await client.call_tool("generate", {"prompt": "a red circle", "seed": 5,
+                                                        "rounds": 2}))  # fmt: skip
+        assert again["image"] == data["image"] and again["run_id"] != data["run_id"]
+
+
+async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine):
+    async with Client(create_mcp(agent)) as client:
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+        first = _ok(await client.call_tool("edit", {"image": "data:image/png;base64," + _b64(_scene()),
+                                                    "instruction": "redo blue", "seed": 1}))  # fmt: skip
+        session = first["session"]
+        assert first["step"] == 0 and first["session"] == first["thread_id"]
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        second = _ok(await client.call_tool("edit", {"session": session, "instruction": "redo red",
+                                                     "seed": 2}))  # fmt: skip
+        assert second["session"] == session and second["step"] == 1
+        hist = _ok(await client.call_tool("history", {"session": session}))
+        assert [(s["index"], s["instruction"]) for s in hist["steps"]] == [(0, "redo blue"),
+                                                                           (1, "redo red")]  # fmt: skip
+        assert hist["image"] == second["image"] == hist["steps"][1]["image"]
+        undo = _ok(await client.call_tool("undo", {"session": session}))
+        assert undo["image"] == first["image"] and undo["session"] == session
+        assert _ok(await client.call_tool("redo", {"session": session}))["image"] == second["image"]
+        back = _ok(await client.call_tool("branch", {"session": session, "step": 0}))
+        assert back["image"] == first["image"]
+        # an image restarts the session from it
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        blank = np.full((64, 64, 3), 255, np.uint8)
+        restart = _ok(await client.call_tool("edit", {"session": session, "image": _b64(blank),
+                                                      "instruction": "redo red"}))  # fmt: skip
+        assert restart["session"] == session
+        assert restart["attempts"][0]["image"] and restart["image"] != second["image"]
+
+
+async def test_images_by_uri_data_url_base64_and_path(agent, tmp_path):
+    async with Client(create_mcp(agent)) as client:
+        scene = _scene()
+        path = tmp_path / "scene.png"
+        path.write_bytes(encode_png(scene))
+        sha = agent.store.put(scene).sha256
+        forms = [IMAGE_URI + sha, "data:image/png;base64," + _b64(scene), _b64(scene), str(path)]
+        boxes = []
+        for form in forms:
+            data = _ok(
+                await client.call_tool("ground", {"image": form, "expressions": ["red circle"]})
+            )
+            boxes.append(data["boxes"])
+            assert data["image"] == IMAGE_URI + sha  # the same canvas, stored once
+        assert boxes == [[RED["box"]]] * 4
+
+
+async def test_a_server_that_reads_no_files_refuses_paths(agent, tmp_path):
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode_png(_scene()))
+    async with Client(create_mcp(agent, read_files=False)) as c:
+        text = _error(await c.call_tool("ask", {"image": str(path), "question": "what is it?"}))
+        assert "does not read files" in text and "data:image/png;base64" in text
+        ok = await c.call_tool("ask", {"image": _b64(_scene()), "question": "what is it?"})
+        assert not ok.is_error
+
+
+async def test_bad_arguments_are_tool_errors_naming_them(agent, engine):
+    async with Client(create_mcp(agent)) as client:
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+        session = _ok(await client.call_tool("edit", {"image": _b64(_scene()),
+                                                      "instruction": "redo blue"}))["session"]  # fmt: skip
+        before = dict(engine.calls)
+        cases = [
+            ("generate", {"prompt": "  "}, "prompt must not be empty"),
+            ("generate", {"prompt": "a red circle", "steps": 65}, "above the server limit of 64"),
+            ("generate", {"prompt": "a red circle", "rounds": 99}, "rounds=99"),
+            ("generate", {"prompt": "x" * 2001}, "2001 characters"),
+            ("generate", {"prompt": "a red circle", "seed": -1}, "seed"),
+            ("edit", {"instruction": "redo blue"}, "image: give the image to edit"),
+            ("edit", {"session": "no-such-session", "instruction": "redo"}, "no session 'no-such-session'"),
+            ("edit", {"session": "../etc", "instruction": "redo"}, "session: no session"),
+            ("edit", {"image": "data:image/png;base64,@@@", "instruction": "x"}, "image: not valid base64"),
+            ("ask", {"image": IMAGE_URI + "0" * 64, "question": "what?"}, "no image '" + "0" * 64),
+            ("ask", {"image": "/no/such/file.png", "question": "what?"}, "no such image file"),
+            ("ask", {"image": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
+                     "question": "what?"}, "image: "),
+            ("ground", {"image": _b64(_scene()), "expressions": []}, "expressions"),
+            ("undo", {"session": "nope"}, "no session 'nope'"),
+            ("branch", {"session": session, "step": 7}, "no step 7"),
+            ("redo", {"session": session}, "nothing to redo"),
+        ]  # fmt: skip
+        for tool, args, expected in cases:
+            assert expected in _error(await client.call_tool(tool, args)), (tool, args)
+        assert dict(engine.calls) == before  # each was refused before the model ran
+        hist = _ok(await client.call_tool("history", {"session": session}))
+        assert [s["instruction"] for s in hist["steps"]] == ["redo blue"]
+
+
+async def test_images_over_the_upload_limit_are_refused(engine, tmp_path):
+    with LavidaAgent(engine=engine, num_steps=4, max_upload_bytes=1024) as small:
+        async with Client(create_mcp(small)) as c:
+            noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            text = _error(await c.call_tool("ask", {"image": _b64(noisy), "question": "what?"}))
+            assert "over" in text and "1024" in text
+
+
+async def test_image_and_trace_resources(agent):
+    async with Client(create_mcp(agent)) as client:
+        data = _ok(await client.call_tool("generate", {"prompt": "a red circle", "seed": 1,
+                                                       "rounds": 1}))  # fmt: skip
+        image = (await client.read_resource(data["image"])).contents[0]
+        assert image.mime_type == "image/png"
+        sha = data["image"].removeprefix(IMAGE_URI)
+        assert base64.b64decode(image.blob) == agent.store.read_bytes(sha)
+        trace = json.loads((await client.read_resource(data["trace_uri"])).contents[0].text)
+        assert trace["run_id"] == data["run_id"] and trace["workflow"] == "t2i"
+        templates = {
+            t.uri_template for t in (await client.list_resource_templates()).resource_templates
+        }
+        assert templates == {IMAGE_URI + "{sha256}", TRACE_URI + "{run_id}"}
+        for uri in (TRACE_URI + "nope", TRACE_URI + "..", IMAGE_URI + "abc", IMAGE_URI + "0" * 64):
+            with pytest.raises(MCPError):
+                await client.read_resource(uri)
+
+
+async def test_a_cancelled_call_stops_its_run(agent, engine):
+    """Cancelling the caller cancels the tool's task; the run stops at its next sampler step."""
+    started, release = threading.Event(), threading.Event()
+    original = engine.generate
+
+    def slow_generate(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    engine.generate = slow_generate
+    async with Client(create_mcp(agent)) as c:
+        call = asyncio.ensure_future(c.call_tool("generate", {"prompt": "a red circle", "seed": 1}))
+        assert await asyncio.to_thread(started.wait, 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        engine.generate = original
+        assert await asyncio.to_thread(_cancelled_trace, agent, 10) is not None
+        # the server keeps serving
+        assert not (await c.call_tool("generate", {"prompt": "a red circle", "rounds": 1})).is_error
+
+
+def _cancelled_trace(agent, timeout_s: float) -> dict | None:
+    """The first trace in the runs folder that ended cancelled, waiting up to `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in agent.settings.runs_dir.glob("*.json"):
+            trace = json.loads(path.read_text())
+            if "cancel" in (trace.get("error") or ""):
+                return trace
+        time.sleep(0.05)
+    return None
+
+
+def test_progress_messages_name_the_step():
+    assert progress_message({"event": "sampler_step", "node": "edit_image", "step": 3,
+                             "total": 16}) == "edit_image: step 3/16"  # fmt: skip
+    assert progress_message({"event": "node_end", "node": "plan_layout",
+                             "elapsed_s": 0.5}) == "plan_layout done in 0.50s"  # fmt: skip
+    assert progress_message({"event": "critique", "critique": {
+        "verdict": "reject", "reasons": ["missing blue square"]}}) == \
+        "critique: reject (missing blue square)"  # fmt: skip
+    assert progress_message({"event": "plan", "plan": {"items": [{"label": "red circle"}]}}) == \
+        "plan: red circle"  # fmt: skip
+    assert progress_message({"event": "run_start"}) == "run start"
+
+
+def test_display_scale_is_checked(agent):
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(ValueError, match="display_scale"):
+            create_mcp(agent, display_scale=bad)
