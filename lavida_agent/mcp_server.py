@@ -89,6 +89,8 @@ Seed = Annotated[int | None, Field(ge=0, lt=SEED_LIMIT, description="Base seed (
 Rounds = Annotated[int | None, Field(ge=1, description="Most images to draw (the agent keeps the "
                                      "best); default the server's (3).")]  # fmt: skip
 Steps = Annotated[int | None, Field(ge=1, description="Denoising steps per image.")]
+PlanArg = Annotated[bool | list[schemas.LayoutIn] | None,
+                    Field(description=schemas.GenerateRequest.model_fields["plan"].description)]
 ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from an earlier "
                                 "result, a data:image/...;base64 URL or base64, or (stdio) a "
                                 "file path.")]  # fmt: skip
@@ -121,17 +123,18 @@ def create_mcp(
 
     @mcp.tool(title="Generate an image")
     async def generate(ctx: Context, prompt: str, seed: Seed = None, rounds: Rounds = None,
-                       steps: Steps = None, plan: bool | None = None,
-                       ) -> CallToolResult:  # fmt: skip
-        """Draw an image for `prompt`: the model plans a layout (unless `plan` is false), draws
-        up to `rounds` attempts, critiques each and keeps the best. The result says whether the
-        model's own check accepted it, and holds the plan, every attempt and the trace."""
+                       steps: Steps = None, plan: PlanArg = None) -> CallToolResult:  # fmt: skip
+        """Draw an image for `prompt`: the model plans a layout (unless `plan` is false or a
+        layout to draw), draws up to `rounds` attempts, critiques each and keeps the best. The
+        result says whether the model's own check accepted it, and holds the plan, every
+        attempt and the trace. To change where things go, pass a result's `plan` back, edited."""
         req = tools.check(schemas.GenerateRequest, prompt=prompt, seed=seed, rounds=rounds,
                           steps=steps, plan=plan)  # fmt: skip
 
         def call(on_event: EventCallback) -> Awaitable[Any]:
-            return agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds, plan=req.plan,
-                                   num_steps=req.steps, on_event=on_event)  # fmt: skip
+            return agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds,
+                                   plan=req.plan_arg(), num_steps=req.steps,
+                                   on_event=on_event)  # fmt: skip
 
         result = await tools.run(ctx, call)
         return tools.answer(result, result.to_dict())

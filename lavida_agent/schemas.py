@@ -34,6 +34,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -63,6 +64,7 @@ __all__ = (
     "GroundResponse",
     "HealthResponse",
     "ImageOut",
+    "LayoutIn",
     "Limits",
     "OpenAIImage",
     "OpenAIImageEditRequest",
@@ -213,15 +215,51 @@ class _ImageFields(_Request):
 # ----------------------------------------------------------------------------------------
 
 
+class LayoutIn(_Request):
+    """One object of a layout to draw: a label and its box, in canvas pixels (64 px)."""
+
+    label: str = Field(description='What to draw there, e.g. "large red circle".')
+    box: list[StrictFloat] = Field(min_length=4, max_length=4,
+                                   description="[x0, y0, x1, y1], canvas pixels.")  # fmt: skip
+
+
 class GenerateRequest(_SamplingFields):
     """`POST /v1/generate`: plan, draw, critique and refine an image for `prompt`."""
 
     prompt: str
-    plan: bool | None = Field(default=None, description="Plan a layout first (default: the "
-                              "server's setting).")  # fmt: skip
+    plan: bool | list[LayoutIn] | None = Field(
+        default=None, description="true: the model plans a layout first; false: draw without "
+        "one; a layout ([{label, box}], e.g. a result's plan, edited) to draw instead; default: "
+        "the server's setting.")  # fmt: skip
     response_format: ResponseFormat = "b64_json"
 
     _check_prompt = field_validator("prompt")(_text)
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _check_plan(cls, v: Any, info: ValidationInfo) -> Any:
+        """A layout is checked whole here, so its error names the item and says what is
+        wrong with it (not one line per member of the `bool | list` union)."""
+        if not isinstance(v, list):
+            return v
+        from lavida_agent.graphs.state import given_layout
+
+        v = [i.model_dump() if isinstance(i, LayoutIn) else i for i in v]  # (built in Python)
+        lim = _limits(info)
+        if lim is not None and len(v) > lim.max_expressions:
+            raise ValueError(f"a layout of {len(v)} objects (limit {lim.max_expressions})")
+        for k, item in enumerate(v):
+            extra = sorted(set(item) - {"label", "box"}) if isinstance(item, dict) else []
+            if extra:
+                raise ValueError(f"layout item {k}: unknown field {extra[0]!r}")
+        given_layout(v)
+        return v
+
+    def plan_arg(self) -> bool | list[dict[str, Any]] | None:
+        """`plan` as `LavidaAgent.generate` takes it (a layout as plain dicts)."""
+        if isinstance(self.plan, list):
+            return [item.model_dump() for item in self.plan]
+        return self.plan
 
 
 class EditRequest(_SamplingFields, _ImageFields):
@@ -241,6 +279,7 @@ class GroundRequest(_ImageFields):
     @field_validator("expressions")
     @classmethod
     def _check_expressions(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        v = [i.model_dump() if isinstance(i, LayoutIn) else i for i in v]  # (built in Python)
         lim = _limits(info)
         if lim is not None and len(v) > lim.max_expressions:
             raise ValueError(f"{len(v)} expressions (limit {lim.max_expressions})")

@@ -752,7 +752,7 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         """Plan, draw, critique and refine an image for a prompt."""
         req, _ = await svc.parse(request, schemas.GenerateRequest)
         r = await svc.agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds,
-                                      plan=req.plan, num_steps=req.steps)  # fmt: skip
+                                      plan=req.plan_arg(), num_steps=req.steps)  # fmt: skip
         return await run_in_threadpool(svc.generate_out, svc.base(request), r, req.response_format)
 
     @app.post("/v1/edit", response_model=schemas.EditResponse, responses=_ERRORS,
@@ -940,7 +940,7 @@ def _stream_routes(app: FastAPI, svc: _Service) -> None:
         async def start(agent: LavidaAgent, on_event: EventCallback) -> Any:
             if req.workflow == "generate":
                 r = await agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds,
-                                          plan=req.plan, num_steps=req.steps,
+                                          plan=req.plan_arg(), num_steps=req.steps,
                                           on_event=on_event)  # fmt: skip
                 return await run_in_threadpool(svc.generate_out, base, r, req.response_format)
             if req.workflow == "edit":

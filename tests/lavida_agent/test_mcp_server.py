@@ -105,6 +105,20 @@ async def test_generate_returns_the_image_the_result_and_progress(agent):
         assert again["image"] == data["image"] and again["run_id"] != data["run_id"]
 
 
+async def test_generate_draws_a_layout_given_back(agent, engine):
+    async with Client(create_mcp(agent)) as client:
+        first = _ok(await client.call_tool("generate", {"prompt": "a red circle", "seed": 1}))
+        moved = [{"label": item["label"], "box": [40.0, 40.0, 60.0, 60.0]} for item in first["plan"]]
+        planned = engine.calls["plan_layout"]
+        again = _ok(await client.call_tool("generate", {"prompt": "a red circle", "seed": 1,
+                                                        "plan": moved}))  # fmt: skip
+        assert again["plan"] == moved and engine.calls["plan_layout"] == planned
+        flipped = [{"label": "red circle", "box": [60, 40, 40, 60]}]
+        text = _error(await client.call_tool("generate", {"prompt": "a red circle",
+                                                          "plan": flipped}))  # fmt: skip
+        assert "plan: layout item 0" in text and "x1 (40.0) must be >= x0 (60.0)" in text
+
+
 async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine):
     async with Client(create_mcp(agent)) as client:
         engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))

@@ -142,6 +142,30 @@ async def test_generate_url_format_and_no_plan(client):
     assert (await client.get(body["image"]["url"])).status_code == 200
 
 
+async def test_generate_draws_a_given_layout(client, engine):
+    layout = [{"label": "red circle", "box": [4, 4, 20, 20]}, BLUE]
+    r = await client.post("/v1/generate", json={"prompt": "a red circle and a blue square",
+                                                "seed": 1, "rounds": 1, "plan": layout})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["plan"] == [{"label": "red circle", "box": [4.0, 4.0, 20.0, 20.0]}, BLUE]
+    assert engine.calls["plan_layout"] == 0  # the model did not plan
+    bad = [([{"label": "red circle", "box": [20, 4, 4, 20]}], "x1 (4.0) must be >= x0 (20.0)"),
+           ([{"label": "red circle", "box": [True, 4, 20, 20]}], "must hold numbers"),
+           ([{"label": "red circle", "box": ["4", 4, 20, 20]}], "must hold numbers"),
+           ([{"label": "red circle", "box": [4, 4, 20]}], "layout item 0"),
+           ([{"label": " ", "box": [4, 4, 20, 20]}], "the label is empty"),
+           ([{"label": "red circle", "box": [4, 4, 20, 20], "size": 3}], "unknown field 'size'"),
+           (["red circle"], "layout item 0"),
+           ([RED] * 17, "a layout of 17 objects (limit 16)")]  # fmt: skip
+    for plan, why in bad:
+        r = await client.post("/v1/generate", json={"prompt": "a red circle", "plan": plan})
+        assert r.status_code == 400, (plan, r.text)
+        error = r.json()["error"]
+        assert error["param"] == "plan" and error["message"].startswith("plan: "), error
+        assert why in error["message"], error
+    assert engine.calls["generate"] == 1  # nothing drawn from a refused layout
+
+
 async def test_edit_json_and_multipart_and_session_continues(client, engine):
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED], keep=[BLUE]))
     r = await client.post("/v1/edit", json={"image": _b64(_scene()), "instruction": "redo red",
