@@ -168,30 +168,24 @@ def create_mcp(
         """One box `[x0, y0, x1, y1]` per referring expression ("the red circle", "the large
         square"), in the input image's pixels, with what the model perceived in the image."""
         req = tools.check(schemas.GroundRequest, expressions=expressions)
-        pixels = await tools.image(image)
-        result = await tools.run(ctx, lambda on_event: agent.aground(pixels, req.expressions,
-                                                                    on_event=on_event))  # fmt: skip
-        return tools.answer(result, result.to_dict(), show=False)
+        return await tools.look(ctx, image, lambda pixels, on_event: agent.aground(
+            pixels, req.expressions, on_event=on_event))  # fmt: skip
 
     @mcp.tool(title="Ask about an image")
     async def ask(ctx: Context, image: ImageArg, question: str) -> CallToolResult:
         """Answer a question about the image ("what color is the circle?", "how many
         triangles are there?", "is there a square?", "what is left of the diamond?")."""
         req = tools.check(schemas.AskRequest, question=question)
-        pixels = await tools.image(image)
-        result = await tools.run(ctx, lambda on_event: agent.aask(pixels, req.question,
-                                                                 on_event=on_event))  # fmt: skip
-        return tools.answer(result, result.to_dict(), show=False)
+        return await tools.look(ctx, image, lambda pixels, on_event: agent.aask(
+            pixels, req.question, on_event=on_event))  # fmt: skip
 
     @mcp.tool(title="Critique an image")
     async def critique(ctx: Context, image: ImageArg, prompt: str) -> CallToolResult:
         """Does the image show what the text-to-image `prompt` asks for? A verdict ("accept"
         or "reject") and the reasons."""
         req = tools.check(schemas.CritiqueRequest, prompt=prompt)
-        pixels = await tools.image(image)
-        result = await tools.run(ctx, lambda on_event: agent.acritique(
+        return await tools.look(ctx, image, lambda pixels, on_event: agent.acritique(
             pixels, req.prompt, on_event=on_event))  # fmt: skip
-        return tools.answer(result, result.to_dict(), show=False)
 
     @mcp.tool(title="Undo an edit")
     async def undo(session: SessionArg) -> CallToolResult:
@@ -367,6 +361,15 @@ class _Tools:
         finally:
             if not task.done():
                 task.cancel()  # the async twin stops the run at its next sampler step
+
+    async def look(
+        self, ctx: Context, image: str, call: Callable[[Any, EventCallback], Awaitable[Any]]
+    ) -> CallToolResult:
+        """A reading tool (ground, ask, critique): `call(pixels, on_event)` on the `image`
+        argument, answered with its JSON (the image is the caller's own: not sent back)."""
+        pixels = await self.image(image)
+        result = await self.run(ctx, lambda on_event: call(pixels, on_event))
+        return self.answer(result, result.to_dict(), show=False)
 
     @staticmethod
     async def guard(aw: Awaitable[T]) -> T:

@@ -8,12 +8,12 @@ import types
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.tools.images import load_image, save_image
 
 import lavida_agent.cli as cli_mod
 from lavida_agent.cli import cli
 from lavida_agent.errors import InvalidInputError
-from lavida_agent.graphs.engine import EditPlanResult
-from lavida_agent.tools.images import load_image, save_image
 from tests.fakes import FakeEngine, draw
 
 # -- JSON schemas: required key -> type(s); list items checked by a nested schema ---------------

@@ -15,7 +15,7 @@ from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.tools.images import decode_png, encode_png
 
 from lavida_agent.api import LavidaAgent
-from tests.fakes import FakeEngine, draw
+from tests.fakes import draw
 
 mcp = pytest.importorskip("mcp")
 
@@ -35,17 +35,6 @@ def _scene() -> np.ndarray:
 
 def _b64(image: np.ndarray) -> str:
     return base64.b64encode(encode_png(image)).decode()
-
-
-@pytest.fixture
-def engine():
-    return FakeEngine()
-
-
-@pytest.fixture
-def agent(engine):
-    with LavidaAgent(engine=engine, num_steps=4, selection="accept") as a:
-        yield a
 
 
 def _error(result) -> str:

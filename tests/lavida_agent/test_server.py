@@ -13,14 +13,14 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.graphs.runtime import BatchingEngine
+from lavida_agent.tools.images import decode_png, encode_png
 from PIL import Image
 
 from lavida_agent.api import LavidaAgent
-from lavida_agent.graphs.engine import EditPlanResult
-from lavida_agent.graphs.runtime import BatchingEngine
 from lavida_agent.server import create_app
 from lavida_agent.settings import Settings
-from lavida_agent.tools.images import decode_png, encode_png
 from tests.fakes import FakeBatchedBackend, FakeEngine, default_plan, draw, noise
 
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
@@ -64,17 +64,6 @@ def _events(text: str) -> list[tuple[str, dict]]:
         data = "\n".join(ln[6:] for ln in lines if ln.startswith("data: "))
         out.append((name, json.loads(data)))
     return out
-
-
-@pytest.fixture
-def engine():
-    return FakeEngine()
-
-
-@pytest.fixture
-def agent(engine):
-    with LavidaAgent(engine=engine, num_steps=4, selection="accept") as a:
-        yield a
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
-
-from lavida_agent.api import LavidaAgent
-from lavida_agent.errors import InvalidInputError, NotFoundError
 from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.tools.artifacts import ArtifactStore
 from lavida_agent.tools.images import decode_png
+
+from lavida_agent.api import LavidaAgent
+from lavida_agent.errors import InvalidInputError, NotFoundError
 from lavida_agent.traces import Trace, load_trace, render_html
 from tests.fakes import FakeEngine
 
