@@ -55,7 +55,7 @@ from typing import Annotated, Any, TypeVar
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp_types import CallToolResult, ImageContent, TextContent
+from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from lavida_agent import __version__, schemas
@@ -94,6 +94,10 @@ PlanArg = Annotated[bool | list[schemas.LayoutIn] | None,
 ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from an earlier "
                                 "result, a data:image/...;base64 URL or base64, or (stdio) a "
                                 "file path.")]  # fmt: skip
+# Hints for hosts (some approve read-only tools without asking): nothing here reaches outside
+# the process; drawing tools add images and sessions, which nothing deletes.
+READS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+DRAWS = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 SessionArg = Annotated[str, Field(description="The `session` an earlier edit returned.")]
 SessionOpt = Annotated[str | None, Field(description="Continue this session (its current "
                                          "image); with `image` too, restart it from that "
@@ -121,7 +125,7 @@ def create_mcp(
     mcp: MCPServer = MCPServer("lavida-agent", version=__version__, instructions=INSTRUCTIONS,
                                log_level="WARNING")  # fmt: skip
 
-    @mcp.tool(title="Generate an image")
+    @mcp.tool(title="Generate an image", annotations=DRAWS)
     async def generate(ctx: Context, prompt: str, seed: Seed = None, rounds: Rounds = None,
                        steps: Steps = None, plan: PlanArg = None) -> CallToolResult:  # fmt: skip
         """Draw an image for `prompt`: the model plans a layout (unless `plan` is false or a
@@ -139,7 +143,7 @@ def create_mcp(
         result = await tools.run(ctx, call)
         return tools.answer(result, result.to_dict())
 
-    @mcp.tool(title="Edit an image")
+    @mcp.tool(title="Edit an image", annotations=DRAWS)
     async def edit(ctx: Context, instruction: str, image: ImageArg | None = None,
                    session: SessionOpt = None, seed: Seed = None, rounds: Rounds = None,
                    steps: Steps = None) -> CallToolResult:  # fmt: skip
@@ -163,7 +167,7 @@ def create_mcp(
         data = {"session": result.thread_id, **result.to_dict()}
         return tools.answer(result, data)
 
-    @mcp.tool(title="Find objects")
+    @mcp.tool(title="Find objects", annotations=READS)
     async def ground(ctx: Context, image: ImageArg, expressions: list[str]) -> CallToolResult:
         """One box `[x0, y0, x1, y1]` per referring expression ("the red circle", "the large
         square"), in the input image's pixels, with what the model perceived in the image."""
@@ -171,7 +175,7 @@ def create_mcp(
         return await tools.look(ctx, image, lambda pixels, on_event: agent.aground(
             pixels, req.expressions, on_event=on_event))  # fmt: skip
 
-    @mcp.tool(title="Ask about an image")
+    @mcp.tool(title="Ask about an image", annotations=READS)
     async def ask(ctx: Context, image: ImageArg, question: str) -> CallToolResult:
         """Answer a question about the image ("what color is the circle?", "how many
         triangles are there?", "is there a square?", "what is left of the diamond?")."""
@@ -179,7 +183,7 @@ def create_mcp(
         return await tools.look(ctx, image, lambda pixels, on_event: agent.aask(
             pixels, req.question, on_event=on_event))  # fmt: skip
 
-    @mcp.tool(title="Critique an image")
+    @mcp.tool(title="Critique an image", annotations=READS)
     async def critique(ctx: Context, image: ImageArg, prompt: str) -> CallToolResult:
         """Does the image show what the text-to-image `prompt` asks for? A verdict ("accept"
         or "reject") and the reasons."""
@@ -187,17 +191,17 @@ def create_mcp(
         return await tools.look(ctx, image, lambda pixels, on_event: agent.acritique(
             pixels, req.prompt, on_event=on_event))  # fmt: skip
 
-    @mcp.tool(title="Undo an edit")
+    @mcp.tool(title="Undo an edit", annotations=DRAWS)
     async def undo(session: SessionArg) -> CallToolResult:
         """Go back one turn of the session (a new branch; the old one stays in its history)."""
         return await tools.move(session, lambda s: s.undo())
 
-    @mcp.tool(title="Redo an edit")
+    @mcp.tool(title="Redo an edit", annotations=DRAWS)
     async def redo(session: SessionArg) -> CallToolResult:
         """Return to where the session's last undo or branch left from."""
         return await tools.move(session, lambda s: s.redo())
 
-    @mcp.tool(title="Go back to a step")
+    @mcp.tool(title="Go back to a step", annotations=DRAWS)
     async def branch(
         session: SessionArg,
         step: Annotated[int, Field(ge=0, description="A step `index` from `history`.")],
@@ -205,7 +209,7 @@ def create_mcp(
         """Make the image of the session's step `step` current (a new branch)."""
         return await tools.move(session, lambda s: s.branch(step))
 
-    @mcp.tool(title="Edit history")
+    @mcp.tool(title="Edit history", annotations=READS)
     async def history(session: SessionArg) -> CallToolResult:
         """The session's committed turns, oldest first: instruction, seed, verdict and image
         of each, and the current image."""

@@ -60,6 +60,10 @@ async def test_tools_and_their_input_schemas(agent):
         assert set(tools["edit"].input_schema["required"]) == {"instruction"}
         assert tools["ground"].input_schema["properties"]["expressions"]["type"] == "array"
         assert all(t.description for t in tools.values())
+    read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
+    assert read_only == {"ground", "ask", "critique", "history"}
+    assert not any(t.annotations.destructive_hint or t.annotations.open_world_hint
+                   for t in tools.values())  # fmt: skip
 
 
 async def test_generate_returns_the_image_the_result_and_progress(agent):
