@@ -1078,6 +1078,9 @@ def mcp(ctx: click.Context) -> None:
     "args": ["mcp"]}}}. `lavida-agent serve` offers the same tools over HTTP at /mcp."""
     server = _import("lavida_agent.server", "the MCP server")
     create_mcp = server.mcp_factory(required=True)
+    if sys.stdin.isatty():  # a person, not a host: say what this is waiting for
+        click.echo("lavida-agent mcp: serving MCP on stdin/stdout; an MCP host launches this "
+                   "command (see the README). Ctrl-C stops it.", err=True)  # fmt: skip
     create_mcp(_agent(ctx)).run("stdio")
 
 

@@ -25,13 +25,15 @@ server read its files.
 Results: an image-making tool answers with the image (PNG, upscaled `display_scale` times,
 nearest neighbour, so a host can show a 64 px canvas), the JSON result as text, and the
 same JSON as structured content: the CLI's `--json` fields plus `image`, the result's
-`lavida://images/` URI, and `trace_uri`. Resources: `lavida://images/{sha256}` (the
+`lavida://images/` URI, and `trace_uri`; attempts name their images by URI too. The local
+paths of the store and the trace (`result`, `trace`) are left out over HTTP. Resources: `lavida://images/{sha256}` (the
 canvas-sized PNG) and `lavida://traces/{run_id}` (the JSON trace).
 
 Progress: every workflow event (node start and end, each sampler step, plan, critique) is a
 progress notification whose `progress` counts events (no `total`: the number of rounds is not
 known in advance) and whose `message` names the step, so hosts that give up on silent calls
-keep waiting. A cancelled call stops its run at the next sampler step.
+keep waiting. A cancelled call stops its run at the next sampler step, and holds its
+session until the run has stopped (so the next turn cannot interleave with it).
 
 Errors: bad arguments (a limit, an unknown image, an instruction the world cannot parse is
 still run, as everywhere) come back as tool errors whose text names the argument, never as a
@@ -59,7 +61,7 @@ from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from lavida_agent import __version__, schemas
-from lavida_agent.api import EventCallback, LavidaAgent, RunResult, Session
+from lavida_agent.api import EventCallback, LavidaAgent, RunResult, Session, _in_thread
 from lavida_agent.errors import LavidaError
 from lavida_agent.settings import SEED_LIMIT
 from lavida_agent.tools.artifacts import ImageRef
@@ -313,6 +315,8 @@ class _Tools:
             return await asyncio.to_thread(load_image, source, max_pixels=settings.max_pixels)
         except ImageError as exc:
             raise ToolError(f"image: {exc}") from None
+        except OSError as exc:  # a name the file system refuses (too long, ...)
+            raise ToolError(f"image: not a readable file ({exc.strerror or exc})") from None
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -337,10 +341,11 @@ class _Tools:
         return s
 
     async def move(self, session_id: str, how: Callable[[Session], ImageRef]) -> CallToolResult:
-        """Undo, redo or branch `session_id`; answers with its new current image."""
+        """Undo, redo or branch `session_id`; answers with its new current image. A cancelled
+        call still waits for the move to finish before the session's lock is released."""
         async with self.lock(session_id):
             s = await self.session(session_id)
-            ref = await self.guard(asyncio.to_thread(how, s))
+            ref = await self.guard(_in_thread(lambda cancel: how(s)))
         data = {"session": session_id, "image": IMAGE_URI + ref.sha256}
         return await asyncio.to_thread(self._answer, ref, data)
 
@@ -364,7 +369,14 @@ class _Tools:
             return await task
         finally:
             if not task.done():
-                task.cancel()  # the async twin stops the run at its next sampler step
+                # The async twin stops the run at its next sampler step; wait for that, so a
+                # session's lock (held by the caller) is not released while it still writes.
+                task.cancel()
+                while not task.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # retrieved: the run's own interruption is not logged
 
     async def look(
         self, ctx: Context, image: str, call: Callable[[Any, EventCallback], Awaitable[Any]]
@@ -392,9 +404,18 @@ class _Tools:
     def answer(
         self, result: RunResult, data: dict[str, Any], *, show: bool = True
     ) -> CallToolResult:
-        """A run's result: the image (if `show`) and `data` plus its image and trace URIs."""
+        """A run's result: the image (if `show`) and `data` plus its image and trace URIs.
+
+        Attempts name their images by URI. The store and trace paths (`result`, `trace`) are
+        kept for a local client only: a remote one cannot open them, and they would show it
+        the server's folders."""
         data = {**data, "image": IMAGE_URI + result.image_ref.sha256,
                 "trace_uri": TRACE_URI + result.run_id}  # fmt: skip
+        if "attempts" in data:
+            data["attempts"] = [{**a, "image": IMAGE_URI + Path(a["image"]).stem}
+                                for a in data["attempts"]]  # fmt: skip
+        if not self.read_files:
+            data = {k: v for k, v in data.items() if k not in ("result", "trace")}
         if not show:
             return self.json_answer(data)
         return self._answer(result.image_ref, data)

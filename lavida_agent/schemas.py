@@ -121,6 +121,7 @@ def decode_base64(text: str, param: str, limit: int) -> bytes:
     """
     if text.startswith("data:"):
         text = text.partition(",")[2]
+    text = "".join(text.split())  # line-wrapped base64 (76-column MIME lines) is still base64
     if len(text) * 3 // 4 > limit + 3:
         raise PayloadTooLarge(f"{param}: over {limit} bytes")
     try:

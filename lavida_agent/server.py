@@ -622,11 +622,11 @@ def create_app(
         settings = agent.settings if agent is not None else Settings.from_env()
     owns_agent = agent is None
     svc = _Service(settings, agent if agent is not None else LavidaAgent(settings=settings))
-    server = _mcp_server(svc, required=mcp is True) if mcp is not False else None
+    mount = _McpMount.create(svc, required=mcp is True) if mcp is not False else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with server.session_manager.run() if server else contextlib.nullcontext():
+        async with mount.running() if mount else contextlib.nullcontext():
             yield
         if owns_agent:
             await run_in_threadpool(svc.agent.close)
@@ -642,25 +642,72 @@ def create_app(
     _session_routes(app, svc)
     _stream_routes(app, svc)
     _openai_routes(app, svc)
-    if server is not None:
-        # The SDK's app has one route (`/mcp`); adding it here keeps the app's own 404s,
-        # error handlers and the guard (API key, body limit) in front of it.
-        sub = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
-        app.router.routes.extend(sub.routes)
+    if mount is not None:
+        # A route of this app (not a mounted sub-app): its 404s, error handlers and the guard
+        # (API key, body limit) stay in front of it.
+        app.router.add_route("/mcp", mount, methods=["GET", "POST", "DELETE"],
+                             include_in_schema=False)  # fmt: skip
     _install_openapi(app)
     return app
 
 
-def _mcp_server(svc: _Service, *, required: bool) -> Any:
-    """The MCP server over the service's agent, or None without the SDK (unless `required`).
+class _McpMount:
+    """The MCP tools (`mcp_server.py`) as the app's `/mcp` route (streamable HTTP).
 
-    Over HTTP it takes no file paths as images (a client must not make the server read its
-    files), and shares the HTTP session locks, so a session's turns from both surfaces queue.
+    Over HTTP the tools take no file paths as images (a client must not make the server read
+    its files) and say no server paths in results, and they share the HTTP session locks, so
+    a session's turns from both surfaces queue. The SDK's session manager runs only once, so
+    each lifespan of the app (a restarted server, a second test client) builds its own.
+
+    Host checks (DNS rebinding): with an API key, the key guards `/mcp` like every route and
+    no Host is refused. Without one, a loopback bind accepts only loopback Hosts (with or
+    without a port) and Origins, which a page in a browser cannot forge; any other bind is
+    open to its network by choice, like the rest of the API.
     """
-    create_mcp = mcp_factory(required=required)
-    if create_mcp is None:
-        return None
-    return create_mcp(svc.agent, read_files=False, session_lock=svc.session_lock)
+
+    def __init__(self, server: Any, settings: Settings) -> None:
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        self.server = server
+        loopback = ("127.0.0.1", "localhost", "[::1]")
+        guarded = settings.api_key is None and settings.host in ("127.0.0.1", "localhost", "::1")
+        self.security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=guarded,
+            allowed_hosts=[h + p for h in loopback for p in ("", ":*")],
+            allowed_origins=[f"{s}://{h}{p}" for s in ("http", "https") for h in loopback
+                             for p in ("", ":*")],
+        )  # fmt: skip
+        self.max_body = 2 * settings.max_upload_bytes + 64 * 1024  # as the guard's
+        self.handler: Any = None
+
+    @classmethod
+    def create(cls, svc: _Service, *, required: bool) -> _McpMount | None:
+        """The mount over the service's agent, or None without the SDK (unless `required`)."""
+        create_mcp = mcp_factory(required=required)
+        if create_mcp is None:
+            return None
+        server = create_mcp(svc.agent, read_files=False, session_lock=svc.session_lock)
+        return cls(server, svc.settings)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """A fresh session manager for one lifespan of the app."""
+        sub = self.server.streamable_http_app(
+            streamable_http_path="/mcp", transport_security=self.security,
+            max_request_body_size=self.max_body)  # fmt: skip
+        self.handler = next(r.app for r in sub.routes if getattr(r, "path", None) == "/mcp")
+        try:
+            async with self.server.session_manager.run():
+                yield
+        finally:
+            self.handler = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.handler is None:  # the app's lifespan is not running (a bare ASGI transport)
+            await _error_response(503, "unavailable", "the MCP endpoint runs in the app's "
+                                  "lifespan, which has not started")(scope, receive, send)  # fmt: skip
+            return
+        await self.handler(scope, receive, send)
 
 
 def mcp_factory(*, required: bool) -> Callable[..., Any] | None:

@@ -147,7 +147,9 @@ async def test_images_by_uri_data_url_base64_and_path(agent, tmp_path):
         path = tmp_path / "scene.png"
         path.write_bytes(encode_png(scene))
         sha = agent.store.put(scene).sha256
-        forms = [IMAGE_URI + sha, "data:image/png;base64," + _b64(scene), _b64(scene), str(path)]
+        wrapped = "\n".join(_b64(scene)[i : i + 76] for i in range(0, len(_b64(scene)), 76))
+        forms = [IMAGE_URI + sha, "data:image/png;base64," + _b64(scene), _b64(scene), wrapped,
+                 str(path)]  # fmt: skip
         boxes = []
         for form in forms:
             data = _ok(
@@ -155,7 +157,7 @@ async def test_images_by_uri_data_url_base64_and_path(agent, tmp_path):
             )
             boxes.append(data["boxes"])
             assert data["image"] == IMAGE_URI + sha  # the same canvas, stored once
-        assert boxes == [[RED["box"]]] * 4
+        assert boxes == [[RED["box"]]] * 5
 
 
 async def test_a_server_that_reads_no_files_refuses_paths(agent, tmp_path):
@@ -186,6 +188,7 @@ async def test_bad_arguments_are_tool_errors_naming_them(agent, engine):
             ("edit", {"image": "data:image/png;base64,@@@", "instruction": "x"}, "image: not valid base64"),
             ("ask", {"image": IMAGE_URI + "0" * 64, "question": "what?"}, "no image '" + "0" * 64),
             ("ask", {"image": "/no/such/file.png", "question": "what?"}, "no such image file"),
+        ("ask", {"image": "img_" + "a" * 300, "question": "what?"}, "image: not a readable file"),
             ("ask", {"image": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
                      "question": "what?"}, "image: "),
             ("ground", {"image": _b64(_scene()), "expressions": []}, "expressions"),
@@ -251,6 +254,44 @@ async def test_a_cancelled_call_stops_its_run(agent, engine):
         assert not (await c.call_tool("generate", {"prompt": "a red circle", "rounds": 1})).is_error
 
 
+async def test_a_cancelled_edit_holds_its_session_until_its_run_stops(agent, engine):
+    """Edit A is cancelled in its last engine call (its edit still commits); edit B on the
+    same session must wait for A's run to stop, or A's late checkpoint would hide B."""
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    entered, release = threading.Event(), threading.Event()
+    original, calls = engine.noun_fit, []
+
+    def noun_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # edit A's (the first is turn0's)
+            entered.set()
+            release.wait(10)
+        return original(*args, **kwargs)
+
+    engine.noun_fit = noun_fit
+    async with Client(create_mcp(agent)) as client:
+        first = _ok(await client.call_tool("edit", {"image": _b64(_scene()),
+                                                    "instruction": "turn0", "seed": 1}))  # fmt: skip
+        session = first["session"]
+        for _ in range(2):
+            engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        a = asyncio.ensure_future(client.call_tool("edit", {"session": session,
+                                                            "instruction": "A", "seed": 2}))  # fmt: skip
+        assert await asyncio.to_thread(entered.wait, 10)
+        a.cancel()
+        b = asyncio.ensure_future(client.call_tool("edit", {"session": session,
+                                                            "instruction": "B", "seed": 3}))  # fmt: skip
+        done, _ = await asyncio.wait([b], timeout=1.0)
+        assert not done, [t.result() for t in done]  # B waits while A is still in the engine
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        assert _ok(await b)["step"] == 2
+        hist = _ok(await client.call_tool("history", {"session": session}))
+        assert [s["instruction"] for s in hist["steps"]] == ["turn0", "A", "B"]
+        assert hist["image"] == hist["steps"][-1]["image"]
+
+
 def _cancelled_trace(agent, timeout_s: float) -> dict | None:
     """The first trace in the runs folder that ended cancelled, waiting up to `timeout_s`."""
     import time
@@ -282,3 +323,70 @@ def test_display_scale_is_checked(agent):
     for bad in (0, 17, True, 2.0):
         with pytest.raises(ValueError, match="display_scale"):
             create_mcp(agent, display_scale=bad)
+
+
+# -- over HTTP (the `/mcp` route of the server) ----------------------------------------------
+
+_INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+         "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                    "clientInfo": {"name": "test", "version": "0"}}}  # fmt: skip
+_MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
+
+
+def _post_mcp(client, body=None, **headers) -> int:
+    return client.post("/mcp", json=body or _INIT, headers={**_MCP_HEADERS, **headers}).status_code
+
+
+def test_http_mcp_runs_in_each_lifespan_of_the_app(agent):
+    from fastapi.testclient import TestClient
+
+    from lavida_agent.server import create_app
+
+    app = create_app(agent=agent)
+    for _ in range(2):  # a restarted app (or a second test client) gets a fresh session manager
+        with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+            assert _post_mcp(client) == 200
+    bare = TestClient(app, base_url="http://127.0.0.1:8000")  # no lifespan: says so
+    response = bare.post("/mcp", json=_INIT, headers=_MCP_HEADERS)
+    assert response.status_code == 503 and "lifespan" in response.json()["error"]["message"]
+
+
+def test_http_mcp_host_checks_follow_the_bind_and_the_key(agent):
+    from fastapi.testclient import TestClient
+
+    from lavida_agent.server import create_app
+
+    with TestClient(create_app(agent=agent), base_url="http://127.0.0.1:8000") as client:
+        assert _post_mcp(client, Host="localhost") == 200  # loopback, with or without a port
+        assert _post_mcp(client, Host="127.0.0.1:9999") == 200
+        assert _post_mcp(client, Host="attacker.example") == 421  # DNS rebinding
+        assert _post_mcp(client, Origin="http://attacker.example") in (403, 421)
+    keyed = agent.settings.replace(api_key="k")
+    with TestClient(create_app(keyed, agent=agent), base_url="http://myserver.lan") as client:
+        assert _post_mcp(client) == 401  # the key guards /mcp like every route
+        assert _post_mcp(client, Authorization="Bearer k") == 200  # and then any Host is fine
+
+
+def test_http_mcp_takes_bodies_up_to_the_servers_own_limit(agent):
+    from fastapi.testclient import TestClient
+
+    from lavida_agent.server import create_app
+
+    with TestClient(create_app(agent=agent), base_url="http://127.0.0.1:8000") as client:
+        limit = 2 * agent.settings.max_upload_bytes + 64 * 1024
+        big = {**_INIT, "params": {**_INIT["params"], "pad": "x" * (5 * 2**20)}}  # over 4 MiB
+        assert _post_mcp(client, big) != 413  # the SDK's own default would refuse this
+        huge = {**_INIT, "params": {**_INIT["params"], "pad": "x" * limit}}
+        response = client.post("/mcp", json=huge, headers=_MCP_HEADERS)
+        assert response.status_code == 413 and response.json()["error"]["code"]  # the guard's
+
+
+async def test_remote_results_hold_no_server_paths(agent):
+    async with Client(create_mcp(agent, read_files=False)) as client:
+        data = _ok(await client.call_tool("generate", {"prompt": "a red circle", "rounds": 2}))
+        assert "result" not in data and "trace" not in data
+        assert all(a["image"].startswith(IMAGE_URI) for a in data["attempts"])
+        assert str(agent.settings.home) not in json.dumps(data)
+    async with Client(create_mcp(agent)) as client:  # a local client keeps the paths
+        data = _ok(await client.call_tool("generate", {"prompt": "a red circle", "rounds": 1}))
+        assert data["result"].endswith(".png") and data["trace"].endswith(".json")
