@@ -11,6 +11,8 @@
         s.undo(); s.edit("remove the square")
         s.history(), s.lineage()
 
+    agent.resume(run_id)        # finish a generate/edit run that was cancelled or killed
+
 Every call runs a LangGraph workflow (`graphs/`) compiled with the SQLite checkpointer of
 `Settings.db_path`, on its own thread (`thread_id`), records a JSON trace under
 `Settings.runs_dir` (`run_id`), and returns a typed result carrying the final image (array
@@ -20,7 +22,8 @@ Input images of any size are letterboxed to the model's canvas (`Settings.canvas
 `ground` maps the boxes back to the input image's pixels; generated and edited images are
 canvas-sized (crop the padding with `EditResult.content()`).
 
-The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `acritique`, `Session.aedit`) run the same call
+The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `acritique`, `aresume`,
+`Session.aedit`) run the same call
 in a worker thread; cancelling the awaiting task stops the run at the next sampler step
 (`GenerationCancelled`). Sync calls take `cancel=threading.Event()` for the same purpose.
 `on_event` receives every workflow event (dicts, see `graphs/events.py`) plus `run_start`
@@ -573,11 +576,16 @@ class LavidaAgent:
         on_event: EventCallback | None,
         lineage: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
         on_interrupt: Callable[[dict[str, Any]], Any] | None = None,
+        resume: bool = False,
     ) -> tuple[str, dict[str, Any], Trace, Path]:
         """Stream one workflow run on `thread_id`, recording its trace.
 
         A node that pauses with `interrupt(payload)` is answered by `on_interrupt(payload)`
-        and the run resumes with that answer (nothing before the pause runs again).
+        and the run resumes with that answer (nothing before the pause runs again). With
+        `resume`, `payload` is ignored and the thread runs on from its last checkpoint.
+
+        The trace is written when the run starts (no result, no error: unfinished, which
+        `resume` reads after a crash) and again when it ends.
 
         Returns:
             `(run_id, final state values, trace, trace path)`.
@@ -588,19 +596,22 @@ class LavidaAgent:
                             canvas=self.settings.canvas)  # fmt: skip
         config = {"configurable": {"thread_id": thread_id},
                   "recursion_limit": 16 + 6 * context.max_rounds}  # fmt: skip
+        save_trace(rec.trace, self.settings.runs_dir)  # type: ignore[arg-type]
         if on_event is not None:
             on_event({"event": "run_start", "run_id": run_id, "thread_id": thread_id,
                       "workflow": workflow})  # fmt: skip
         try:
             with map_exceptions():
-                pending: Any = payload
-                while pending is not None:
+                pending: Any = None if resume else payload
+                while True:
                     for mode, chunk in graph.stream(pending, config, context=context,
                                                     stream_mode=["tasks", "custom"]):  # fmt: skip
                         rec.feed(mode, chunk)
                         if mode == "custom" and on_event is not None:
                             on_event(chunk)
                     pending = self._answer_interrupt(graph, config, workflow, on_interrupt, on_event)
+                    if pending is None:
+                        break
         except BaseException as exc:
             node = rec.current_node or rec.failed_node
             error: BaseException = exc
@@ -610,8 +621,9 @@ class LavidaAgent:
                 error.__cause__ = exc
             trace = rec.finish(error=str(error) or type(error).__name__)
             path = save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
-            if isinstance(error, LavidaError):
+            with contextlib.suppress(AttributeError):  # every error names its run (Ctrl-C too)
                 error.run_id = run_id  # type: ignore[attr-defined]
+                error.resumable = workflow in ("t2i", "edit")  # type: ignore[attr-defined]
             if error is exc:
                 raise
             raise error from exc
@@ -726,10 +738,14 @@ class LavidaAgent:
                 items = review_answer(reply)
             return True if items is None else [i.to_engine() for i in items]
 
-        run_id, values, trace, path = self._run("t2i", self._graph("t2i"), payload,
-                                                thread_id=thread_id, context=context,
-                                                inputs=inputs, on_event=on_event,
-                                                on_interrupt=answer if reviewing else None)  # fmt: skip
+        ran = self._run("t2i", self._graph("t2i"), payload, thread_id=thread_id, context=context,
+                        inputs=inputs, on_event=on_event,
+                        on_interrupt=answer if reviewing else None)  # fmt: skip
+        return self._generate_result(*ran, thread_id=thread_id)
+
+    def _generate_result(self, run_id: str, values: dict[str, Any], trace: Trace, path: Path, *,
+                         thread_id: str) -> GenerateResult:  # fmt: skip
+        """A finished t2i run's result, from its final state."""
         attempts: list[Attempt] = list(values.get("attempts", []))
         best: Attempt | None = values.get("best") or (attempts[-1] if attempts else None)
         if best is None:
@@ -741,10 +757,63 @@ class LavidaAgent:
             image=image, image_ref=best.image,
             layout=list(final_plan.items) if final_plan else [], attempts=attempts,
             critiques=list(values.get("critiques", [])), run_id=run_id, thread_id=thread_id,
-            trace=trace, trace_path=path, store=self.store, prompt=prompt, seed=base_seed,
-            plan=final_plan, rejected_plans=list(values.get("rejected_plans", [])),
-            accepted=bool(values.get("accepted")), max_rounds=context.max_rounds,
+            trace=trace, trace_path=path, store=self.store, prompt=values["prompt"],
+            seed=values.get("base_seed") or 0, plan=final_plan,
+            rejected_plans=list(values.get("rejected_plans", [])),
+            accepted=bool(values.get("accepted")), max_rounds=values.get("max_rounds") or 1,
         )  # fmt: skip
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def resume(
+        self, run_id: str, *, on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerateResult | EditResult:  # fmt: skip
+        """Finish a `generate` or `edit` run that stopped part-way (cancelled, failed, or its
+        process killed), from its last checkpoint: the steps it finished are not run again.
+
+        The run's trace (written when it started) names its thread, workflow and settings;
+        the thread's checkpoints (`Settings.db_path`) hold what it did. The resumed run is a
+        new run on the same thread, with its own trace (`inputs.resumed_from`). Each round
+        draws from its own seed, so the result is what the uninterrupted run would have
+        given. A run paused at `review_plan` resumes with the model's plan.
+
+        Raises:
+            NotFoundError: no trace for `run_id`.
+            InvalidInputError: the run finished, its thread has moved on since (a later turn,
+                an undo), it ran on another model, or it is not a generate or edit run.
+        """
+        from lavida_agent.traces import load_trace
+
+        with map_exceptions():
+            old = load_trace(run_id, self.settings.runs_dir)
+        if old.workflow not in ("t2i", "edit"):
+            raise InvalidInputError(f"run {run_id} is a {old.workflow!r} run: only generate and "
+                                    "edit runs can be resumed (run the others again)")  # fmt: skip
+        if old.result:
+            raise InvalidInputError(f"run {run_id} finished: nothing to resume")
+        model = old.settings.get("model_path")
+        if model != self.settings.model_path:
+            raise InvalidInputError(f"run {run_id} ran on model {model!r}; this agent runs "
+                                    f"{self.settings.model_path!r}")  # fmt: skip
+        session = self.session(old.thread_id) if old.workflow == "edit" else None
+        graph = session._session.graph if session is not None else self._graph("t2i")
+        config = {"configurable": {"thread_id": old.thread_id}}
+        with map_exceptions():
+            state = graph.get_state(config)
+        # `tasks`, not `next`: a node that finished just before the stop has its writes saved
+        # but no checkpoint after it, so it is not `next`, yet the thread has work left.
+        if not state.tasks or _moved_on(old, state.values):
+            raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
+                                    f"{old.thread_id!r} finished or moved on since")  # fmt: skip
+        context = self._context(num_steps=old.settings.get("num_steps"),
+                                rounds=state.values.get("max_rounds"), cancel=cancel)  # fmt: skip
+        inputs = {**old.inputs, "resumed_from": run_id}
+        if session is not None:
+            return session._edit(context, None, inputs, on_event, resume=True)
+        ran = self._run("t2i", graph, None, thread_id=old.thread_id, context=context,
+                        inputs=inputs, on_event=on_event, resume=True)  # fmt: skip
+        return self._generate_result(*ran, thread_id=old.thread_id)
 
     # -- edit -----------------------------------------------------------------------------
 
@@ -895,6 +964,10 @@ class LavidaAgent:
         """`ask` in a worker thread."""
         return await _in_thread(self.ask, image, question, **kwargs)
 
+    async def aresume(self, run_id: str, **kwargs: Any) -> GenerateResult | EditResult:
+        """`resume` in a worker thread; cancelling the task stops the run."""
+        return await _in_thread(self.resume, run_id, **kwargs)
+
     async def acritique(self, image: ImageInput, prompt: str, **kwargs: Any) -> CritiqueResult:
         """`critique` in a worker thread."""
         return await _in_thread(self.critique, image, prompt, **kwargs)
@@ -924,6 +997,17 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         if not fut.cancelled():
             fut.exception()  # the run's own error (its interruption) is retrieved, not logged
         raise
+
+
+def _moved_on(old: Trace, values: dict[str, Any]) -> bool:
+    """Whether a thread now runs something other than the unfinished run `old` (a later turn
+    of its session), so resuming it would finish that instead."""
+    if old.workflow == "t2i":
+        return values.get("prompt") != old.inputs.get("prompt")
+    turn = old.inputs.get("turn")
+    return values.get("instruction") != old.inputs.get("instruction") or (
+        turn is not None and values.get("turn") != turn
+    )
 
 
 def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> list[float]:
@@ -1102,22 +1186,36 @@ class Session:
                 f"session {self.thread_id!r} has no image: start it with an image first"
             )
         context = agent._context(num_steps=num_steps, rounds=rounds, cancel=cancel)
-        before = len(self.state().steps) if self.exists else 0
+        st = self.state() if self.exists else None
         # `image` always goes in (None: edit the current image), so a turn that restarted
         # from an image and never committed cannot leave that image as this turn's source.
         payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed, "image": ref}
         inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
-                  "rounds": context.max_rounds, "num_steps": context.num_steps}  # fmt: skip
+                  "rounds": context.max_rounds, "num_steps": context.num_steps,
+                  "turn": st.turn if st is not None else 0}  # fmt: skip
+        return self._edit(context, payload, inputs, on_event, before=len(st.steps) if st else 0)
+
+    def _edit(self, context: Context, payload: Any, inputs: dict[str, Any],
+              on_event: EventCallback | None, *, before: int | None = None,
+              resume: bool = False) -> EditResult:  # fmt: skip
+        """Run (or, with `resume`, finish) one turn; its attempts are the steps after the
+        first `before` (default: those of the turn the state is on)."""
+        agent = self.agent
+        instruction = inputs["instruction"]
 
         def lineage(values: dict[str, Any]) -> dict[str, Any]:
             from lavida_agent.graphs.session import lineage_json
 
             return lineage_json(values.get("steps", []), values.get("heads", []))
 
+        if before is None:
+            turn = self.state().turn
+            before = sum(1 for step in self.state().steps if step.turn < turn)
         run_id, values, trace, path = agent._run(
             "edit", self._session.graph, payload, thread_id=self.thread_id, context=context,
-            inputs=inputs, on_event=on_event, lineage=lineage)  # fmt: skip
+            inputs=inputs, on_event=on_event, lineage=lineage, resume=resume)  # fmt: skip
         st = EditState.model_validate({"instruction": instruction, **values})
+        base_seed = inputs.get("seed") or 0
         attempts = st.steps[before:]
         if st.current is None:
             raise WorkflowError(f"edit run {run_id} left the session without an image")

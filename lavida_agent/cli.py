@@ -7,6 +7,7 @@
     lavida-agent ask IMAGE QUESTION [--json] [--batch FILE.jsonl]
     lavida-agent critique IMAGE PROMPT [--json] [--batch FILE.jsonl]
     lavida-agent session start|edit|history|undo|redo|branch|show ...
+    lavida-agent resume RUN_ID --out FILE          (finish a generate/edit run that stopped)
     lavida-agent trace RUN_ID --out page.html
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
@@ -107,7 +108,11 @@ class _LavidaGroup(click.Group):
             raise
         except (click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise  # click says these itself (a closed pipe, `... | head`, quietly)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            run_id = getattr(exc, "run_id", None)  # set by the run it stopped
+            if run_id and getattr(exc, "resumable", False):
+                click.echo(f"Interrupted; to finish the run: lavida-agent resume {run_id} "
+                           "--out FILE", err=True)  # fmt: skip
             raise click.Abort() from None
         except Exception as exc:
             if (ctx.obj or {}).get("debug"):
@@ -529,20 +534,25 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
     data = _run_image_command(ctx, _run_generate, request, scale=preview_scale,
                               trace_html=trace_html, as_json=as_json)  # fmt: skip
     if not as_json:
-        verdict = "accepted" if data["accepted"] else "best of rejected attempts"
-        click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
-                   f"{data['seed']}, run {data['run_id']}")  # fmt: skip
-        for rejected in data["rejected_plans"]:
-            click.echo(f"  plan rejected and redrawn: {'; '.join(rejected['problems'])}")
-        if data["plan_problems"]:  # every re-plan failed too: the least wrong plan was drawn
-            click.echo(f"  plan drawn with problems: {'; '.join(data['plan_problems'])}")
-        kept = [a for a in data["attempts"] if a["image"] == data["result"]]
-        if kept and not data["accepted"] and kept[0]["reasons"]:  # why even the best was rejected
-            click.echo(f"  critique: {'; '.join(kept[0]['reasons'])}")
-        if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
-            click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")
-        if kept and kept[0]["dropped_reasons"]:
-            click.echo(f"  critique reasons dropped (not about the prompt): {'; '.join(kept[0]['dropped_reasons'])}")
+        _echo_generate_summary(data)
+
+
+def _echo_generate_summary(data: dict[str, Any]) -> None:
+    """The human summary of a generate run: verdict, rounds, seed, run, and why not."""
+    verdict = "accepted" if data["accepted"] else "best of rejected attempts"
+    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
+               f"{data['seed']}, run {data['run_id']}")  # fmt: skip
+    for rejected in data["rejected_plans"]:
+        click.echo(f"  plan rejected and redrawn: {'; '.join(rejected['problems'])}")
+    if data["plan_problems"]:  # every re-plan failed too: the least wrong plan was drawn
+        click.echo(f"  plan drawn with problems: {'; '.join(data['plan_problems'])}")
+    kept = [a for a in data["attempts"] if a["image"] == data["result"]]
+    if kept and not data["accepted"] and kept[0]["reasons"]:  # why even the best was rejected
+        click.echo(f"  critique: {'; '.join(kept[0]['reasons'])}")
+    if kept and kept[0]["grounding_failed"]:  # possible under grounding_check=rank
+        click.echo(f"  grounding did not find: {', '.join(kept[0]['grounding_failed'])}")
+    if kept and kept[0]["dropped_reasons"]:
+        click.echo(f"  critique reasons dropped (not about the prompt): {'; '.join(kept[0]['dropped_reasons'])}")
 
 
 @cli.command()
@@ -572,9 +582,43 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
     data = _run_image_command(ctx, _run_edit, request, scale=preview_scale,
                               trace_html=trace_html, as_json=as_json)  # fmt: skip
     if not as_json:
-        verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
-        click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
-                   f"{data['seed']}, session {data['thread_id']}")  # fmt: skip
+        _echo_edit_summary(data)
+
+
+def _echo_edit_summary(data: dict[str, Any]) -> None:
+    verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
+    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
+               f"{data['seed']}, session {data['thread_id']}")  # fmt: skip
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
+              help="Image file to write.")
+@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Upscale the written image K times (nearest neighbour).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--trace-html", type=click.Path(dir_okay=False),
+              help="Also write the resumed run's trace as a self-contained HTML page.")
+@_common
+@click.pass_context
+def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_json: bool,
+           trace_html: str | None) -> None:  # fmt: skip
+    """Finish the generate or edit run RUN_ID that stopped part-way (Ctrl-C, an error, a
+    killed process) from its last checkpoint, and write its image to --out. The rounds it
+    finished are not drawn again; the result is what the whole run would have given."""
+
+    def run(agent: LavidaAgent, request: dict[str, Any], *, scale: int,
+            on_event: Any) -> dict[str, Any]:  # fmt: skip
+        _check_out(request["out"])
+        result = agent.resume(request["run_id"], on_event=on_event)
+        written = _write_image(result, request["out"], scale)
+        return {"resumed_from": request["run_id"], "out": written, **result.to_dict()}
+
+    data = _run_image_command(ctx, run, {"run_id": run_id, "out": out}, scale=preview_scale,
+                              trace_html=trace_html, as_json=as_json)  # fmt: skip
+    if not as_json:
+        (_echo_generate_summary if "prompt" in data else _echo_edit_summary)(data)
 
 
 @cli.command()

@@ -13,6 +13,7 @@ Tools (each runs the same workflow as the CLI and the HTTP API and records its t
     ask(image, question)           an answer about the image
     critique(image, prompt)        does the image show what the prompt asks for
     undo(session) / redo(session) / branch(session, step) / history(session)
+    resume(run_id)                 finish a generate or edit run that stopped part-way
 
 `edit` without `session` starts one from `image`; its result's `session` continues it, so a
 host keeps a multi-turn edit by passing that id back (and may `undo` a turn it regrets).
@@ -26,8 +27,9 @@ Results: an image-making tool answers with the image (PNG, upscaled `display_sca
 nearest neighbour, so a host can show a 64 px canvas), the JSON result as text, and the
 same JSON as structured content: the CLI's `--json` fields plus `image`, the result's
 `lavida://images/` URI, and `trace_uri`; attempts name their images by URI too. The local
-paths of the store and the trace (`result`, `trace`) are left out over HTTP. Resources: `lavida://images/{sha256}` (the
-canvas-sized PNG) and `lavida://traces/{run_id}` (the JSON trace).
+paths of the store and the trace (`result`, `trace`) are left out over HTTP. Resources:
+`lavida://images/{sha256}` (the canvas-sized PNG) and `lavida://traces/{run_id}` (the JSON
+trace).
 
 Progress: every workflow event (node start and end, each sampler step, plan, critique) is a
 progress notification whose `progress` counts events (no `total`: the number of rounds is not
@@ -167,6 +169,24 @@ def create_mcp(
 
             result = await tools.run(ctx, call)
         data = {"session": result.thread_id, **result.to_dict()}
+        return tools.answer(result, data)
+
+    @mcp.tool(title="Resume a run", annotations=DRAWS)
+    async def resume(
+        ctx: Context,
+        run_id: Annotated[str, Field(description="The `run_id` of a generate or edit run.")],
+    ) -> CallToolResult:
+        """Finish a generate or edit run that stopped part-way (a cancelled call, a restarted
+        server) from its last checkpoint: what it finished is not drawn again, and the result
+        is what the whole run would have given."""
+        from lavida_agent.traces import load_trace
+
+        trace = await tools.guard(asyncio.to_thread(load_trace, run_id, agent.settings.runs_dir))
+        edit = trace.workflow == "edit"
+        async with tools.lock(trace.thread_id) if edit else contextlib.nullcontext():
+            result = await tools.run(ctx, lambda on_event: agent.aresume(run_id, on_event=on_event))
+        data = {"resumed_from": run_id, **({"session": result.thread_id} if edit else {}),
+                **result.to_dict()}  # fmt: skip
         return tools.answer(result, data)
 
     @mcp.tool(title="Find objects", annotations=READS)

@@ -23,6 +23,7 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     POST /v1/sessions/{id}/redo                          -> SessionResponse
     POST /v1/sessions/{id}/branch     BranchRequest      -> SessionResponse
     POST /v1/runs/stream              RunStreamRequest   -> text/event-stream
+    POST /v1/runs/{run_id}/resume                        -> GenerateResponse | EditResponse
     GET  /v1/traces/{run_id}          the JSON trace;  /v1/traces/{run_id}.html the viewer
     GET  /v1/artifacts/{sha256}       a stored image (PNG; content-addressed, cached forever)
     GET  /healthz
@@ -494,6 +495,15 @@ class _Service:
             raise ApiError(404, "not_found", f"no session {session_id!r}")
         return session
 
+    async def resume(self, run_id: str) -> GenerateResult | EditResult:
+        """`agent.aresume(run_id)`, holding the session's lock when the run is an edit turn."""
+        from lavida_agent.traces import load_trace
+
+        trace = await run_in_threadpool(load_trace, run_id, self.agent.settings.runs_dir)
+        lock = self.session_lock(trace.thread_id) if trace.workflow == "edit" else None
+        async with lock if lock is not None else contextlib.nullcontext():
+            return await self.agent.aresume(run_id)
+
     # -- previews -----------------------------------------------------------------------------
 
     async def agent_for(self, preview_every: int) -> LavidaAgent:
@@ -642,6 +652,7 @@ def create_app(
     _session_routes(app, svc)
     _stream_routes(app, svc)
     _openai_routes(app, svc)
+    _resume_route(app, svc)
     if mount is not None:
         # A route of this app (not a mounted sub-app): its 404s, error handlers and the guard
         # (API key, body limit) stay in front of it.
@@ -964,6 +975,19 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
 # -- streaming runs ---------------------------------------------------------------------------
 
 _RUN_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.RunStreamRequest)
+
+
+def _resume_route(app: FastAPI, svc: _Service) -> None:
+    @app.post("/v1/runs/{run_id}/resume",
+              response_model=schemas.GenerateResponse | schemas.EditResponse, responses=_ERRORS,
+              tags=["native"])  # fmt: skip
+    async def resume_run(run_id: str, request: Request) -> Any:
+        """Finish a generate or edit run that stopped part-way (a cancelled request, a server
+        restart) from its last checkpoint; the answer is the run's usual response."""
+        r = await svc.resume(_run_id(run_id))
+        if isinstance(r, EditResult):
+            return await run_in_threadpool(svc.edit_out, svc.base(request), r, "b64_json")
+        return await run_in_threadpool(svc.generate_out, svc.base(request), r, "b64_json")
 
 
 def _stream_routes(app: FastAPI, svc: _Service) -> None:

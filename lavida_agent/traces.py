@@ -1,6 +1,7 @@
 """Run traces: what every node of a workflow run saw, did and produced, as JSON and as HTML.
 
-A `Trace` is written for every run (`<runs_dir>/<run_id>.json`, see `save_trace`). It lists
+A `Trace` is written for every run (`<runs_dir>/<run_id>.json`, see `save_trace`), when it
+starts (no result, no error: unfinished) and again when it ends. It lists
 the nodes in the order they ran, each with its input (a compact view of the state it was
 given), its output (the partial state update it returned), its timings, the custom events it
 emitted (plan, image, critique, boxes, answer...) and a `view`: the image the node is about
@@ -489,6 +490,18 @@ def _pre(data: Any) -> str:
     return "<pre>" + html.escape(json.dumps(data, indent=1, default=str)) + "</pre>"
 
 
+def _status_html(t: Trace) -> str:
+    """ok, the error, or unfinished: a trace is written when its run starts, so one with
+    neither a result nor an error is still running or its process stopped."""
+    if t.error:
+        return f"<span class=err>{html.escape(t.error)}</span>"
+    if t.result:
+        return "ok"
+    hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"
+            if t.workflow in ("t2i", "edit") else "")  # fmt: skip
+    return f"<span class=err>unfinished: still running, or its process stopped</span>{hint}"
+
+
 def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) -> str:
     """Render a trace as one self-contained HTML page (no external resources).
 
@@ -510,7 +523,7 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
            f"<tr><th>thread</th><td><code>{esc(t.thread_id)}</code></td></tr>",
            f"<tr><th>started</th><td>{esc(t.started_at)}</td></tr>",
            f"<tr><th>elapsed</th><td>{t.elapsed_s:.3f} s</td></tr>",
-           f"<tr><th>status</th><td>{'<span class=err>' + esc(t.error) + '</span>' if t.error else 'ok'}</td></tr>",
+           f"<tr><th>status</th><td>{_status_html(t)}</td></tr>",
            "</table>",
            "<h2>Inputs</h2>", _pre(t.inputs)]  # fmt: skip
     # Timings.

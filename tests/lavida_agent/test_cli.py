@@ -492,7 +492,7 @@ def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
 def test_help_lists_every_command(run):
     res = run("--help")
     for name in ("generate", "edit", "ground", "ask", "critique", "session", "trace", "bench",
-                 "train", "serve", "mcp", "world"):  # fmt: skip
+                 "train", "serve", "mcp", "resume", "world"):  # fmt: skip
         assert name in res.stdout
 
 

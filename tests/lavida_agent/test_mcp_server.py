@@ -26,7 +26,8 @@ from lavida_agent.mcp_server import IMAGE_URI, TRACE_URI, create_mcp, progress_m
 
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
 BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
-TOOLS = {"generate", "edit", "ground", "ask", "critique", "undo", "redo", "branch", "history"}
+TOOLS = {"generate", "edit", "ground", "ask", "critique", "undo", "redo", "branch", "history",
+         "resume"}  # fmt: skip
 
 
 def _scene() -> np.ndarray:
@@ -390,3 +391,33 @@ async def test_remote_results_hold_no_server_paths(agent):
     async with Client(create_mcp(agent)) as client:  # a local client keeps the paths
         data = _ok(await client.call_tool("generate", {"prompt": "a red circle", "rounds": 1}))
         assert data["result"].endswith(".png") and data["trace"].endswith(".json")
+
+
+async def test_resume_finishes_a_cancelled_call(agent, engine):
+    """A call cancelled mid-run (a host's timeout) is finished by `resume(run_id)`."""
+    entered, release = threading.Event(), threading.Event()
+    original = engine.generate
+
+    def generate(*args, **kwargs):
+        if engine.calls["generate"] == 0:  # the first drawing
+            entered.set()
+            release.wait(10)
+        return original(*args, **kwargs)
+
+    engine.generate = generate
+    async with Client(create_mcp(agent)) as client:
+        call = asyncio.ensure_future(client.call_tool("generate", {"prompt": "a red circle",
+                                                                   "seed": 4, "rounds": 3}))  # fmt: skip
+        assert await asyncio.to_thread(entered.wait, 10)
+        call.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        engine.generate = original
+        trace = await asyncio.to_thread(_cancelled_trace, agent, 10)
+        data = _ok(await client.call_tool("resume", {"run_id": trace["run_id"]}))
+        assert data["resumed_from"] == trace["run_id"] and data["seed"] == 4
+        assert engine.calls["plan_layout"] == 3  # planned once (three plans drawn up): not again
+        text = _error(await client.call_tool("resume", {"run_id": trace["run_id"]}))
+        assert "cannot be resumed" in text
+        assert "no trace" in _error(await client.call_tool("resume", {"run_id": "nope"}))

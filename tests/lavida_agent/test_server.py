@@ -155,6 +155,28 @@ async def test_generate_draws_a_given_layout(client, engine):
     assert engine.calls["generate"] == 1  # nothing drawn from a refused layout
 
 
+async def test_a_stopped_run_resumes_over_http(client, agent, engine):
+    import threading
+
+    from lavida_agent.errors import GenerationCancelled
+
+    cancel = threading.Event()
+
+    def on_event(ev):
+        if ev.get("event") == "image":  # drawn; stopped before its critique
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled) as stopped:
+        await agent.agenerate("red circle", seed=2, rounds=2, on_event=on_event, cancel=cancel)
+    r = await client.post(f"/v1/runs/{stopped.value.run_id}/resume")
+    assert r.status_code == 200, r.text
+    assert r.json()["seed"] == 2 and r.json()["image"]["b64_json"]
+    again = await client.post(f"/v1/runs/{stopped.value.run_id}/resume")
+    assert again.status_code == 400 and "cannot be resumed" in again.json()["error"]["message"]
+    missing = await client.post("/v1/runs/nope/resume")
+    assert missing.status_code == 404
+
+
 async def test_edit_json_and_multipart_and_session_continues(client, engine):
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED], keep=[BLUE]))
     r = await client.post("/v1/edit", json={"image": _b64(_scene()), "instruction": "redo red",

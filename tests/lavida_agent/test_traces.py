@@ -96,6 +96,15 @@ def test_html_is_self_contained_with_one_image_per_step(agent, refined):
     assert "generate_image" in page and "sampler steps" in page  # timings table
 
 
+def test_html_status_tells_ok_failed_and_unfinished(agent, refined):
+    assert "<th>status</th><td>ok</td>" in render_html(refined.trace, agent.store)
+    failed = refined.trace.model_copy(update={"error": "the run was cancelled"})
+    assert "<span class=err>the run was cancelled</span>" in render_html(failed, agent.store)
+    started = refined.trace.model_copy(update={"result": {}, "nodes": []})  # as written at start
+    page = render_html(started, agent.store)
+    assert "unfinished" in page and f"lavida-agent resume {refined.run_id}" in page
+
+
 def test_html_draws_the_boxes_on_the_images(agent, refined):
     srcs = _imgs(render_html(refined.trace, agent.store, scale=2))
     critique_png = decode_png(base64.b64decode(srcs[3].split(",", 1)[1]))

@@ -1,0 +1,163 @@
+"""`LavidaAgent.resume` and `lavida-agent resume`: a generate or edit run that stopped
+part-way (cancelled, Ctrl-C, a killed process) finishes from its last checkpoint, drawing
+only what it had not drawn, and gives what the uninterrupted run would have given."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from lavida_agent.graphs.engine import EditPlanResult
+
+import lavida_agent.cli as cli_mod
+from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
+from lavida_agent.errors import GenerationCancelled, InvalidInputError, NotFoundError
+from lavida_agent.traces import load_trace, trace_path
+from tests.fakes import draw
+
+PROMPT = "a red circle and a blue square"
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+
+
+@pytest.fixture
+def agent(engine):
+    with LavidaAgent(engine=engine, num_steps=4, selection="best") as a:  # every round drawn
+        yield a
+
+
+def _stop_after_critiques(n: int) -> tuple[threading.Event, callable]:
+    """A cancel event set at the `n`-th critique event, and the `on_event` that sets it."""
+    cancel, seen = threading.Event(), []
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "critique":
+            seen.append(ev)
+            if len(seen) == n:
+                cancel.set()
+
+    return cancel, on_event
+
+
+def test_a_cancelled_generate_resumes_to_the_uninterrupted_result(agent, engine):
+    whole = agent.generate(PROMPT, seed=11, rounds=3)
+    engine.calls.clear()
+    cancel, on_event = _stop_after_critiques(1)
+    with pytest.raises(GenerationCancelled) as stopped:
+        agent.generate(PROMPT, seed=11, rounds=3, on_event=on_event, cancel=cancel)
+    run_id = stopped.value.run_id
+    assert engine.calls["generate"] == 1  # one round drawn before the stop
+    engine.calls.clear()
+    events: list[dict] = []
+    resumed = agent.resume(run_id, on_event=events.append)
+    assert isinstance(resumed, GenerateResult)
+    assert engine.calls["generate"] == 2 and engine.calls["plan_layout"] == 0  # only what was left
+    assert resumed.image_ref == whole.image_ref and resumed.accepted == whole.accepted
+    assert [a.seed for a in resumed.attempts] == [a.seed for a in whole.attempts] == [11, 12, 13]
+    assert (resumed.prompt, resumed.seed, resumed.max_rounds) == (PROMPT, 11, 3)
+    assert resumed.run_id != run_id
+    assert resumed.thread_id == load_trace(run_id, agent.settings.runs_dir).thread_id
+    assert resumed.trace.inputs["resumed_from"] == run_id and resumed.trace_path.is_file()
+    assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
+    with pytest.raises(InvalidInputError, match="cannot be resumed: its thread .* finished"):
+        agent.resume(run_id)  # once is enough
+    with pytest.raises(InvalidInputError, match="finished: nothing to resume"):
+        agent.resume(resumed.run_id)
+
+
+def test_a_killed_run_resumes_from_the_trace_it_wrote_at_its_start(agent, engine):
+    """A process killed mid-run never writes its final trace: the one written at the start
+    (no result, no error) is enough to finish it."""
+    whole = agent.generate(PROMPT, seed=3, rounds=3)
+    snapshot: dict = {}
+    cancel, stop_at_second = _stop_after_critiques(2)
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "run_start":
+            path = trace_path(ev["run_id"], agent.settings.runs_dir)
+            snapshot.update(run_id=ev["run_id"], text=path.read_text())  # on disk already
+        stop_at_second(ev)
+
+    with pytest.raises(GenerationCancelled):
+        agent.generate(PROMPT, seed=3, rounds=3, on_event=on_event, cancel=cancel)
+    started = json.loads(snapshot["text"])
+    assert started["result"] == {} and started["error"] is None and started["nodes"] == []
+    trace_path(snapshot["run_id"], agent.settings.runs_dir).write_text(snapshot["text"])
+    engine.calls.clear()
+    resumed = agent.resume(snapshot["run_id"])
+    assert resumed.image_ref == whole.image_ref and engine.calls["generate"] == 1
+
+
+def test_an_interrupted_edit_turn_resumes_and_a_later_turn_ends_that(agent, engine):
+    session = agent.session()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    session.edit("turn0", image=draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE]), seed=1)
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel, started = threading.Event(), threading.Event()  # stopped at its first sampler step
+
+    def stop_in_edit(ev: dict) -> None:
+        if ev.get("event") == "sampler_step" and ev.get("node") == "edit_image":
+            started.set()
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled) as stopped:
+        session.edit("turn1", seed=2, rounds=2, on_event=stop_in_edit, cancel=cancel)
+    assert started.is_set() and [s.instruction for s in session.history()] == ["turn0"]
+    resumed = agent.resume(stopped.value.run_id)
+    assert isinstance(resumed, EditResult) and resumed.thread_id == session.thread_id
+    assert resumed.instruction == "turn1" and resumed.seed == 2 and resumed.max_rounds == 2
+    assert [(s.turn, s.round) for s in resumed.attempts] == [(1, 0), (1, 1)]  # this turn's only
+    assert resumed.step in [s.index for s in resumed.attempts]
+    assert [s.instruction for s in session.history()] == ["turn0", "turn1"]
+    # stopped again, then the session goes on with another turn: that run is over
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel.clear()
+    with pytest.raises(GenerationCancelled) as again:
+        session.edit("turn2", seed=3, on_event=stop_in_edit, cancel=cancel)
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    session.edit("something else", seed=4)
+    with pytest.raises(InvalidInputError, match="moved on"):
+        agent.resume(again.value.run_id)
+
+
+def test_what_cannot_be_resumed_says_why(agent, engine):
+    with pytest.raises(NotFoundError, match="no trace for run 'nope'"):
+        agent.resume("nope")
+    grounded = agent.ground(draw(np.zeros((64, 64, 3), np.uint8), [RED]), ["red circle"])
+    with pytest.raises(InvalidInputError, match="only generate and edit runs"):
+        agent.resume(grounded.run_id)
+    cancel, on_event = _stop_after_critiques(1)
+    with pytest.raises(GenerationCancelled) as stopped:
+        agent.generate(PROMPT, seed=1, rounds=2, on_event=on_event, cancel=cancel)
+    other = LavidaAgent(engine=engine, settings=agent.settings.replace(model_path="/elsewhere"))
+    with other, pytest.raises(InvalidInputError, match="ran on model"):
+        other.resume(stopped.value.run_id)
+
+
+def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    original, drawn = engine.generate, []
+
+    def generate(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second round draws
+        return original(*args, **kwargs)
+
+    engine.generate = generate
+    runner = CliRunner()
+    res = runner.invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
+                                      "--rounds", "3", "--steps", "2"])  # fmt: skip
+    assert res.exit_code == 1 and "Aborted" in res.output
+    run_id = res.output.split("lavida-agent resume ")[1].split()[0]
+    res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["resumed_from"] == run_id and data["rounds"] == 3 and data["out"] == "b.png"
+    assert (tmp_path / "b.png").is_file()
+    res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "c.png"])
+    assert res.exit_code == 1 and "cannot be resumed" in res.output
