@@ -335,6 +335,8 @@ class T2IInput(BaseModel):
     prompt: str
     seed: int | None = Field(default=None, description="Base seed; None: the context's seed.")
     plan: Plan | None = Field(default=None, description="A ready layout (skips planning).")
+    run_id: str | None = Field(default=None, description="The run that started this work "
+                               "(what a resume checks it is finishing).")  # fmt: skip
 
 
 class T2IState(T2IInput):
@@ -379,6 +381,8 @@ class EditInput(BaseModel):
     instruction: str
     image: ImageRef | None = None
     seed: int | None = None
+    run_id: str | None = Field(default=None, description="The run that started this turn "
+                               "(what a resume checks it is finishing).")  # fmt: skip
 
 
 class EditState(EditInput):

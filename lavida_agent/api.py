@@ -424,6 +424,8 @@ class LavidaAgent:
         self._store: ArtifactStore | None = None
         self._checkpointer: Any = None
         self._graphs: dict[str, Any] = {}
+        self._active: dict[str, list[str]] = {}  # thread id -> ids of the runs on it now
+        self._active_lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -523,20 +525,18 @@ class LavidaAgent:
 
     def _context(
         self, *, num_steps: int | None, rounds: int | None, cancel: threading.Event | None,
-        review_plan: bool = False,
+        review_plan: bool = False, recorded: dict[str, Any] | None = None,
     ) -> Context:
+        """The run's knobs from the settings, or (`recorded`: a trace's `settings`, for a
+        resume) as the run that is being finished had them."""
+        knobs = {k: getattr(self.settings, k) for k in _RECORDED_KNOBS}
+        knobs.update({k: v for k, v in (recorded or {}).items() if k in _RECORDED_KNOBS})
         with map_exceptions():
             return Context(engine=_GuardedEngine(self.engine, cancel), artifacts=self.store,
                            num_steps=num_steps if num_steps is not None else self.settings.num_steps,
                            max_rounds=rounds if rounds is not None else self.settings.max_rounds,
-                           preview_every=self.settings.preview_every,
-                           iou_threshold=self.settings.iou_threshold,
-                           grounding_check=self.settings.grounding_check,
-                           critique_by=self.settings.critique_by, answer_by=self.settings.answer_by,
-                           ground_by=self.settings.ground_by,
-                           plan_retries=self.settings.plan_retries,
-                           selection=self.settings.selection, rank_by=self.settings.rank_by,
-                           review_plan=review_plan)  # fmt: skip
+                           preview_every=self.settings.preview_every, review_plan=review_plan,
+                           **knobs)  # fmt: skip
 
     def _prepare_image(
         self, image: ImageInput
@@ -596,6 +596,30 @@ class LavidaAgent:
                             canvas=self.settings.canvas)  # fmt: skip
         config = {"configurable": {"thread_id": thread_id},
                   "recursion_limit": 16 + 6 * context.max_rounds}  # fmt: skip
+        if isinstance(payload, dict) and not resume:
+            payload = {**payload, "run_id": run_id}  # the state names the run that started it
+        with self._active_lock:
+            running = self._active.setdefault(thread_id, [])
+            if resume and running:
+                raise InvalidInputError(f"{workflow} thread {thread_id!r} is running now (run "
+                                        f"{running[0]}): resume it after that run ends")  # fmt: skip
+            running.append(run_id)
+        try:
+            return self._stream_run(run_id, rec, workflow, graph, payload, config, context,
+                                    on_event, lineage, on_interrupt, resume)  # fmt: skip
+        finally:
+            with self._active_lock:
+                running.remove(run_id)
+                if not running:
+                    self._active.pop(thread_id, None)
+
+    def _stream_run(self, run_id: str, rec: TraceRecorder, workflow: str, graph: Any,
+                    payload: Any, config: dict[str, Any], context: Context,
+                    on_event: EventCallback | None,
+                    lineage: Callable[[dict[str, Any]], dict[str, Any] | None] | None,
+                    on_interrupt: Callable[[dict[str, Any]], Any] | None,
+                    resume: bool) -> tuple[str, dict[str, Any], Trace, Path]:  # fmt: skip
+        thread_id = rec.trace.thread_id
         save_trace(rec.trace, self.settings.runs_dir)  # type: ignore[arg-type]
         if on_event is not None:
             on_event({"event": "run_start", "run_id": run_id, "thread_id": thread_id,
@@ -772,21 +796,26 @@ class LavidaAgent:
         """Finish a `generate` or `edit` run that stopped part-way (cancelled, failed, or its
         process killed), from its last checkpoint: the steps it finished are not run again.
 
-        The run's trace (written when it started) names its thread, workflow and settings;
-        the thread's checkpoints (`Settings.db_path`) hold what it did. The resumed run is a
-        new run on the same thread, with its own trace (`inputs.resumed_from`). Each round
-        draws from its own seed, so the result is what the uninterrupted run would have
-        given. A run paused at `review_plan` resumes with the model's plan.
+        The run's trace (written when it started) names its thread, workflow, inputs and
+        settings, which the resumed run takes (rounds, steps, selection, checks), whatever
+        this agent's settings are; the thread's checkpoints (`Settings.db_path`) hold what
+        it did. The resumed run is a new run on the same thread, with its own trace
+        (`inputs.resumed_from`, and `inputs.origin`: the run that started the work). Each
+        round draws from its own seed, so the result is what the uninterrupted run would
+        have given. A run paused at `review_plan` resumes with the model's plan. A run that
+        had finished all but writing its trace (killed in between) draws nothing more: its
+        result is read from its last checkpoint. Resuming the same run again does the same.
 
         Raises:
             NotFoundError: no trace for `run_id`.
-            InvalidInputError: the run finished, its thread has moved on since (a later turn,
-                an undo), it ran on another model, or it is not a generate or edit run.
+            InvalidInputError: the run finished, its thread has moved on since (another turn
+                of its session, an undo), the thread is running now in this agent, it ran on
+                another model, or it is not a generate or edit run.
         """
-        from lavida_agent.traces import load_trace
+        from lavida_agent.traces import find_trace, load_trace
 
         with map_exceptions():
-            old = load_trace(run_id, self.settings.runs_dir)
+            old = load_trace(find_trace(run_id, self.settings.runs_dir))
         if old.workflow not in ("t2i", "edit"):
             raise InvalidInputError(f"run {run_id} is a {old.workflow!r} run: only generate and "
                                     "edit runs can be resumed (run the others again)")  # fmt: skip
@@ -798,19 +827,20 @@ class LavidaAgent:
                                     f"{self.settings.model_path!r}")  # fmt: skip
         session = self.session(old.thread_id) if old.workflow == "edit" else None
         graph = session._session.graph if session is not None else self._graph("t2i")
-        config = {"configurable": {"thread_id": old.thread_id}}
         with map_exceptions():
-            state = graph.get_state(config)
-        # `tasks`, not `next`: a node that finished just before the stop has its writes saved
-        # but no checkpoint after it, so it is not `next`, yet the thread has work left.
-        if not state.tasks or _moved_on(old, state.values):
+            state = graph.get_state({"configurable": {"thread_id": old.thread_id}})
+        origin = old.inputs.get("origin") or run_id
+        if state.values.get("run_id") != origin:
             raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
-                                    f"{old.thread_id!r} finished or moved on since")  # fmt: skip
-        context = self._context(num_steps=old.settings.get("num_steps"),
-                                rounds=state.values.get("max_rounds"), cancel=cancel)  # fmt: skip
-        inputs = {**old.inputs, "resumed_from": run_id}
+                                    f"{old.thread_id!r} has moved on since (another run started "
+                                    "on it)")  # fmt: skip
+        rounds = old.inputs.get("rounds") or old.settings.get("max_rounds")
+        context = self._context(num_steps=old.settings.get("num_steps"), rounds=rounds,
+                                cancel=cancel, recorded=old.settings)  # fmt: skip
+        inputs = {**old.inputs, "resumed_from": run_id, "origin": origin}
         if session is not None:
-            return session._edit(context, None, inputs, on_event, resume=True)
+            return session._edit(context, None, inputs, on_event, resume=True,
+                                 before=old.inputs.get("steps_before"))  # fmt: skip
         ran = self._run("t2i", graph, None, thread_id=old.thread_id, context=context,
                         inputs=inputs, on_event=on_event, resume=True)  # fmt: skip
         return self._generate_result(*ran, thread_id=old.thread_id)
@@ -999,15 +1029,9 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         raise
 
 
-def _moved_on(old: Trace, values: dict[str, Any]) -> bool:
-    """Whether a thread now runs something other than the unfinished run `old` (a later turn
-    of its session), so resuming it would finish that instead."""
-    if old.workflow == "t2i":
-        return values.get("prompt") != old.inputs.get("prompt")
-    turn = old.inputs.get("turn")
-    return values.get("instruction") != old.inputs.get("instruction") or (
-        turn is not None and values.get("turn") != turn
-    )
+_RECORDED_KNOBS = ("iou_threshold", "grounding_check", "plan_retries", "selection", "rank_by",
+                   "critique_by", "answer_by", "ground_by")  # fmt: skip
+"""Context knobs a trace records (`settings`) and a resume restores."""
 
 
 def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> list[float]:
@@ -1190,10 +1214,11 @@ class Session:
         # `image` always goes in (None: edit the current image), so a turn that restarted
         # from an image and never committed cannot leave that image as this turn's source.
         payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed, "image": ref}
+        before = len(st.steps) if st is not None else 0
         inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
                   "rounds": context.max_rounds, "num_steps": context.num_steps,
-                  "turn": st.turn if st is not None else 0}  # fmt: skip
-        return self._edit(context, payload, inputs, on_event, before=len(st.steps) if st else 0)
+                  "steps_before": before}  # fmt: skip
+        return self._edit(context, payload, inputs, on_event, before=before)
 
     def _edit(self, context: Context, payload: Any, inputs: dict[str, Any],
               on_event: EventCallback | None, *, before: int | None = None,

@@ -179,9 +179,10 @@ def create_mcp(
         """Finish a generate or edit run that stopped part-way (a cancelled call, a restarted
         server) from its last checkpoint: what it finished is not drawn again, and the result
         is what the whole run would have given."""
-        from lavida_agent.traces import load_trace
+        from lavida_agent.traces import find_trace, load_trace
 
-        trace = await tools.guard(asyncio.to_thread(load_trace, run_id, agent.settings.runs_dir))
+        path = await tools.guard(asyncio.to_thread(find_trace, run_id, agent.settings.runs_dir))
+        trace = await tools.guard(asyncio.to_thread(load_trace, path))
         edit = trace.workflow == "edit"
         async with tools.lock(trace.thread_id) if edit else contextlib.nullcontext():
             result = await tools.run(ctx, lambda on_event: agent.aresume(run_id, on_event=on_event))
@@ -261,14 +262,12 @@ def create_mcp(
     @mcp.resource(TRACE_URI + "{run_id}", mime_type="application/json", title="A run's trace")
     async def trace_resource(run_id: str) -> str:
         """A run's JSON trace: nodes, inputs, outputs, timings, seeds, boxes, image refs."""
-        from lavida_agent.traces import trace_path
+        from lavida_agent.traces import find_trace
 
         try:
-            path = trace_path(run_id, agent.settings.runs_dir)
-        except LavidaError:
-            raise ResourceError(f"no trace for run {run_id!r}") from None
-        if not path.is_file():
-            raise ResourceError(f"no trace for run {run_id!r}")
+            path = find_trace(run_id, agent.settings.runs_dir)
+        except LavidaError as exc:
+            raise ResourceError(str(exc)) from None
         return await asyncio.to_thread(path.read_text, encoding="utf-8")
 
     return mcp
@@ -478,6 +477,8 @@ def progress_message(ev: dict[str, Any]) -> str:
     """One line for a workflow event (`graphs/events.py`), as a progress message."""
     kind = ev.get("event", "")
     node = ev.get("node")
+    if kind == "run_start":  # the id a host needs to `resume` a call it had to give up on
+        return f"run {ev.get('run_id')} started ({ev.get('workflow')})"
     if kind == "sampler_step":
         return f"{node}: step {ev.get('step')}/{ev.get('total')}"
     if kind == "node_start":

@@ -103,7 +103,7 @@ from lavida_agent.api import (
     LavidaAgent,
     Session,
 )
-from lavida_agent.errors import InvalidInputError, LavidaError, NotFoundError
+from lavida_agent.errors import InvalidInputError, LavidaError
 from lavida_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -497,9 +497,10 @@ class _Service:
 
     async def resume(self, run_id: str) -> GenerateResult | EditResult:
         """`agent.aresume(run_id)`, holding the session's lock when the run is an edit turn."""
-        from lavida_agent.traces import load_trace
+        from lavida_agent.traces import find_trace, load_trace
 
-        trace = await run_in_threadpool(load_trace, run_id, self.agent.settings.runs_dir)
+        path = await run_in_threadpool(find_trace, run_id, self.agent.settings.runs_dir)
+        trace = await run_in_threadpool(load_trace, path)
         lock = self.session_lock(trace.thread_id) if trace.workflow == "edit" else None
         async with lock if lock is not None else contextlib.nullcontext():
             return await self.agent.aresume(run_id)
@@ -867,12 +868,9 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
 
     def _trace_file(run_id: str) -> Path:
         """The run's trace file; a 404 that does not name the server's folder when none."""
-        from lavida_agent.traces import trace_path
+        from lavida_agent.traces import find_trace
 
-        path = trace_path(_run_id(run_id), svc.agent.settings.runs_dir)
-        if not path.is_file():
-            raise NotFoundError(f"no trace for run {run_id!r}")
-        return path
+        return find_trace(run_id, svc.agent.settings.runs_dir)
 
     @app.get("/v1/artifacts/{sha256}", responses={200: {"content": {"image/png": {}}}, **_ERRORS},
              tags=["native"])  # fmt: skip
@@ -887,12 +885,6 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
             raise ApiError(404, "not_found", f"no artifact {sha}") from None
         headers = {"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{sha}"'}
         return Response(data, media_type="image/png", headers=headers)
-
-
-def _run_id(run_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id):
-        raise NotFoundError(f"no trace for run {run_id!r}")
-    return run_id
 
 
 # -- sessions -------------------------------------------------------------------------------
@@ -984,7 +976,7 @@ def _resume_route(app: FastAPI, svc: _Service) -> None:
     async def resume_run(run_id: str, request: Request) -> Any:
         """Finish a generate or edit run that stopped part-way (a cancelled request, a server
         restart) from its last checkpoint; the answer is the run's usual response."""
-        r = await svc.resume(_run_id(run_id))
+        r = await svc.resume(run_id)
         if isinstance(r, EditResult):
             return await run_in_threadpool(svc.edit_out, svc.base(request), r, "b64_json")
         return await run_in_threadpool(svc.generate_out, svc.base(request), r, "b64_json")

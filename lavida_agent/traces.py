@@ -349,6 +349,22 @@ def trace_path(run_id: str, runs_dir: str | Path) -> Path:
     return Path(runs_dir) / f"{_check_run_id(run_id)}.json"
 
 
+def find_trace(run_id: str, runs_dir: str | Path) -> Path:
+    """The trace file of `run_id`, looked up by id only (never a path a caller names).
+
+    Raises:
+        NotFoundError: no such run; the message names the run, not the folder (it reaches
+            remote clients).
+    """
+    try:
+        path = trace_path(run_id, runs_dir)
+    except InvalidInputError:
+        raise NotFoundError(f"no trace for run {run_id!r}") from None
+    if not path.is_file():
+        raise NotFoundError(f"no trace for run {run_id!r}")
+    return path
+
+
 def save_trace(trace: Trace, runs_dir: str | Path) -> Path:
     """Write `trace` to `<runs_dir>/<run_id>.json` (atomically) and return the path."""
     target = trace_path(trace.run_id, runs_dir)

@@ -90,7 +90,7 @@ async def test_generate_returns_the_image_the_result_and_progress(agent):
         values = [v for v, _ in events]
         assert values == list(range(1, len(values) + 1))  # one notification per workflow event
         messages = [m for _, m in events]
-        assert messages[0] == "run start" and messages[-1] == "run end"
+        assert messages[0] == f"run {data['run_id']} started (t2i)" and messages[-1] == "run end"
         assert "generate_image: step 1/4" in messages and "generate_image: step 4/4" in messages
         assert any(m.startswith("critique: ") for m in messages)
         # the same call again replays: same seed, same image
@@ -317,7 +317,9 @@ def test_progress_messages_name_the_step():
         "critique: reject (missing blue square)"  # fmt: skip
     assert progress_message({"event": "plan", "plan": {"items": [{"label": "red circle"}]}}) == \
         "plan: red circle"  # fmt: skip
-    assert progress_message({"event": "run_start"}) == "run start"
+    assert progress_message({"event": "run_start", "run_id": "r1", "workflow": "edit"}) == \
+        "run r1 started (edit)"  # fmt: skip
+    assert progress_message({"event": "run_end"}) == "run end"
 
 
 def test_display_scale_is_checked(agent):
@@ -418,6 +420,8 @@ async def test_resume_finishes_a_cancelled_call(agent, engine):
         data = _ok(await client.call_tool("resume", {"run_id": trace["run_id"]}))
         assert data["resumed_from"] == trace["run_id"] and data["seed"] == 4
         assert engine.calls["plan_layout"] == 3  # planned once (three plans drawn up): not again
-        text = _error(await client.call_tool("resume", {"run_id": trace["run_id"]}))
-        assert "cannot be resumed" in text
-        assert "no trace" in _error(await client.call_tool("resume", {"run_id": "nope"}))
+        again = _ok(await client.call_tool("resume", {"run_id": trace["run_id"]}))
+        assert again["image"] == data["image"]  # a retried resume gets the result again
+        for bad in ("nope", "/etc/passwd.json", "../runs/x"):
+            text = _error(await client.call_tool("resume", {"run_id": bad}))
+            assert f"no trace for run {bad!r}" in text and str(agent.settings.home) not in text

@@ -62,8 +62,9 @@ def test_a_cancelled_generate_resumes_to_the_uninterrupted_result(agent, engine)
     assert resumed.thread_id == load_trace(run_id, agent.settings.runs_dir).thread_id
     assert resumed.trace.inputs["resumed_from"] == run_id and resumed.trace_path.is_file()
     assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
-    with pytest.raises(InvalidInputError, match="cannot be resumed: its thread .* finished"):
-        agent.resume(run_id)  # once is enough
+    engine.calls.clear()
+    again = agent.resume(run_id)  # a retried resume: the result again, nothing drawn
+    assert again.image_ref == whole.image_ref and sum(engine.calls.values()) == 0
     with pytest.raises(InvalidInputError, match="finished: nothing to resume"):
         agent.resume(resumed.run_id)
 
@@ -159,5 +160,120 @@ def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     data = json.loads(res.stdout)
     assert data["resumed_from"] == run_id and data["rounds"] == 3 and data["out"] == "b.png"
     assert (tmp_path / "b.png").is_file()
-    res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "c.png"])
-    assert res.exit_code == 1 and "cannot be resumed" in res.output
+    res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "c.png"])  # again: the result
+    assert res.exit_code == 0 and "accepted after 3 round(s), seed 5" in res.output
+    assert (tmp_path / "c.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    res = runner.invoke(cli_mod.cli, ["resume", data["run_id"], "--out", "d.png"])
+    assert res.exit_code == 1 and "finished: nothing to resume" in res.output
+
+
+def _stop_at(event: str, node: str | None = None) -> tuple[threading.Event, callable]:
+    """A cancel event set at the first `event` (of `node`), and the `on_event` that sets it."""
+    cancel = threading.Event()
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == event and (node is None or ev.get("node") == node):
+            cancel.set()
+
+    return cancel, on_event
+
+
+def test_a_run_stopped_before_it_planned_keeps_its_rounds_and_settings(engine):
+    """Nothing is in the thread's state yet: rounds and knobs come from the trace."""
+    with LavidaAgent(engine=engine, num_steps=4, selection="best") as agent:
+        whole = agent.generate(PROMPT, seed=5, rounds=2)
+        cancel, on_event = _stop_at("run_start")
+        with pytest.raises(GenerationCancelled) as stopped:
+            agent.generate(PROMPT, seed=5, rounds=2, on_event=on_event, cancel=cancel)
+        resumed = agent.resume(stopped.value.run_id)  # this agent's default is 3 rounds
+        assert [a.seed for a in resumed.attempts] == [a.seed for a in whole.attempts] == [5, 6]
+        assert resumed.image_ref == whole.image_ref
+    with LavidaAgent(engine=engine, num_steps=4, selection="accept") as accepting:
+        cancel, on_event = _stop_at("run_start")
+        with pytest.raises(GenerationCancelled) as stopped:
+            accepting.generate(PROMPT, seed=5, rounds=3, on_event=on_event, cancel=cancel)
+    with LavidaAgent(engine=engine, num_steps=4, selection="best") as other:
+        resumed = other.resume(stopped.value.run_id)
+        assert len(resumed.attempts) == 1  # stopped at the first accepted image, as it would have
+
+
+def test_a_run_killed_after_its_last_checkpoint_gives_its_result(agent, engine):
+    snapshot: dict = {}
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "run_start":
+            path = trace_path(ev["run_id"], agent.settings.runs_dir)
+            snapshot.update(run_id=ev["run_id"], path=path, text=path.read_text())
+
+    whole = agent.generate(PROMPT, seed=8, rounds=2, on_event=on_event)
+    snapshot["path"].write_text(snapshot["text"])  # as if killed before the final trace write
+    engine.calls.clear()
+    resumed = agent.resume(snapshot["run_id"])
+    assert resumed.image_ref == whole.image_ref and sum(engine.calls.values()) == 0
+
+
+def test_a_run_is_not_resumed_while_it_runs(agent, engine):
+    entered, release, started = threading.Event(), threading.Event(), {}
+    original = engine.generate
+
+    def generate(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    engine.generate = generate
+    worker = threading.Thread(target=lambda: agent.generate(
+        PROMPT, seed=1, rounds=1, on_event=lambda ev: started.setdefault("id", ev.get("run_id"))))
+    worker.start()
+    assert entered.wait(10)
+    try:
+        with pytest.raises(InvalidInputError, match="is running now"):
+            agent.resume(started["id"])
+    finally:
+        release.set()
+        worker.join(10)
+
+
+def test_a_session_that_moved_on_is_not_resumed_into_another_turn(agent, engine):
+    scene = draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE])
+    session = agent.session()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel, on_event = _stop_at("sampler_step", "edit_image")
+    with pytest.raises(GenerationCancelled) as first:
+        session.edit("make it green", image=scene, seed=1, on_event=on_event, cancel=cancel)
+    # the same instruction again, on another image, stopped too: a different run
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel, on_event = _stop_at("sampler_step", "edit_image")
+    with pytest.raises(GenerationCancelled) as second:
+        session.edit("make it green", image=scene[:, ::-1].copy(), seed=50, on_event=on_event,
+                     cancel=cancel)  # fmt: skip
+    with pytest.raises(InvalidInputError, match="moved on"):
+        agent.resume(first.value.run_id)
+    resumed = agent.resume(second.value.run_id)
+    assert resumed.seed == 50 and {s.seed for s in resumed.attempts} <= {50, 51, 52}
+    assert {s.instruction for s in resumed.attempts} == {"make it green"}
+
+
+def test_an_edit_after_an_abandoned_turn_resumes_with_its_own_attempts(agent, engine):
+    session = agent.session()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    session.edit("turn0", image=draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE]), seed=1)
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel, on_event = _stop_at("critique")  # X: stopped after a verified attempt
+    verified = threading.Event()
+
+    def stop_after_verify(ev: dict) -> None:
+        if ev.get("event") == "node_end" and ev.get("node") == "verify_edit":
+            verified.set()
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled):
+        session.edit("X", seed=3, rounds=3, on_event=stop_after_verify, cancel=cancel)
+    assert verified.is_set()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel, on_event = _stop_at("sampler_step", "edit_image")
+    with pytest.raises(GenerationCancelled) as y:
+        session.edit("Y", seed=5, rounds=2, on_event=on_event, cancel=cancel)
+    resumed = agent.resume(y.value.run_id)
+    assert [(s.instruction, s.seed) for s in resumed.attempts] == [("Y", 5), ("Y", 6)]
+    assert session.history()[-1].instruction == "Y"
