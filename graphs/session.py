@@ -3,7 +3,8 @@
 A thread is a session. Each `EditSession.edit(instruction)` runs one turn of the `edit` graph
 on the thread, so turns append to the same lineage (`EditState.steps`). Going back uses
 LangGraph time travel: `branch(k)` finds the checkpoint written right after step `k` was
-verified and writes a fork from it (`update_state(old_config, ..., as_node="commit_edit")`)
+verified and writes a fork from it (`update_state(old_config, ..., as_node="commit_edit")`,
+which also clears `run_id`: no run's unfinished work is left on the fork to resume)
 that makes step `k`'s image the current one. The thread continues from the fork; the
 original checkpoints stay in the history untouched, so any branch can be revisited.
 
@@ -88,7 +89,7 @@ class EditSession:
         """Run one turn: edit the current image (or `image`, which (re)starts the session)."""
         # `image` always goes in (None included): an earlier turn that restarted from an
         # image and never committed must not leave that image as this turn's source.
-        payload: dict[str, Any] = {"instruction": instruction, "image": image}
+        payload: dict[str, Any] = {"instruction": instruction, "image": image, "run_id": None}
         if seed is not None:
             payload["seed"] = seed
         out = self.graph.invoke(payload, self.config, context=self.context)
@@ -146,7 +147,7 @@ class EditSession:
         update = {"current": target.result, "current_step": step, "heads": [step],
                   "turn": target.turn + 1, "image": None, "candidate": None,
                   "accepted": bool(target.critique and target.critique.accepted),
-                  "undone": self._undone_after_move()}  # fmt: skip
+                  "undone": self._undone_after_move(), "run_id": None}  # fmt: skip
         return self.graph.update_state(snap.config, update, as_node="commit_edit")
 
     def undo(self) -> RunnableConfig:
@@ -169,7 +170,7 @@ class EditSession:
         snap = self._latest_with(first, turn=head.turn)
         update = {"current": head.parent, "current_step": None, "image": None,
                   "candidate": None, "turn": head.turn, "accepted": False,
-                  "undone": self._undone_after_move()}  # fmt: skip
+                  "undone": self._undone_after_move(), "run_id": None}  # fmt: skip
         return self.graph.update_state(snap.config, update, as_node="commit_edit")
 
     def redo(self) -> RunnableConfig:
@@ -188,7 +189,8 @@ class EditSession:
             raise ValueError("nothing to redo: no undo or branch since the last edit")
         left = {"configurable": {**self.config["configurable"], "checkpoint_ns": "",
                                  "checkpoint_id": undone[-1]}}  # fmt: skip
-        return self.graph.update_state(left, {"undone": undone[:-1]}, as_node="commit_edit")
+        return self.graph.update_state(left, {"undone": undone[:-1], "run_id": None},
+                                       as_node="commit_edit")  # fmt: skip
 
     def _undone_after_move(self) -> list[str]:
         """`undone` for a move away from the latest checkpoint: that checkpoint pushed."""

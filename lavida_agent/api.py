@@ -830,10 +830,13 @@ class LavidaAgent:
         with map_exceptions():
             state = graph.get_state({"configurable": {"thread_id": old.thread_id}})
         origin = old.inputs.get("origin") or run_id
-        if state.values.get("run_id") != origin:
+        # Finished work is read back only from a checkpoint the run itself wrote ("loop"): a
+        # restart, undo, redo or branch ("update") leaves nothing of the run to finish.
+        done_elsewhere = not state.tasks and (state.metadata or {}).get("source") != "loop"
+        if state.values.get("run_id") != origin or done_elsewhere:
             raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
-                                    f"{old.thread_id!r} has moved on since (another run started "
-                                    "on it)")  # fmt: skip
+                                    f"{old.thread_id!r} has moved on since (another turn, a "
+                                    "restart, an undo or a branch)")  # fmt: skip
         rounds = old.inputs.get("rounds") or old.settings.get("max_rounds")
         context = self._context(num_steps=old.settings.get("num_steps"), rounds=rounds,
                                 cancel=cancel, recorded=old.settings)  # fmt: skip
@@ -1176,7 +1179,8 @@ class Session:
             self._session.graph.update_state(
                 self._session.config,
                 {"instruction": "", "current": ref, "current_step": None, "image": None,
-                 "candidate": None, "accepted": False, "undone": []},  # a restart ends redo
+                 "candidate": None, "accepted": False, "undone": [],  # a restart ends redo
+                 "run_id": None},  # ... and any unfinished turn
                 as_node="commit_edit",
             )  # fmt: skip
         return ref

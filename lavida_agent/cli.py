@@ -9,6 +9,7 @@
     lavida-agent session start|edit|history|undo|redo|branch|show ...
     lavida-agent resume RUN_ID --out FILE          (finish a generate/edit run that stopped)
     lavida-agent trace RUN_ID --out page.html
+    lavida-agent runs [--unfinished] [--json]     (the newest runs and their status)
     lavida-agent bench quality|speed [--quick] [--out DIR]
     lavida-agent train vq|model [ARGS...]          (arguments go to the training script)
     lavida-agent train blend BASE OTHER --out DIR  (blend a one-sided fine-tune into its start)
@@ -906,6 +907,29 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(page, encoding="utf-8")
         click.echo(out, err=True)
+
+
+@cli.command("runs")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many, newest first.")  # fmt: skip
+@click.option("--unfinished", is_flag=True,
+              help="Only generate and edit runs that did not finish (what `resume` takes).")
+@click.option("--json", "as_json", is_flag=True, help="Print them as JSON lines.")
+@_common
+@click.pass_context
+def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) -> None:
+    """List the newest runs: id, workflow, status (ok, failed, unfinished), start, what was
+    asked. `lavida-agent trace RUN_ID` shows one; `lavida-agent resume RUN_ID` finishes one."""
+    from lavida_agent.traces import recent_runs
+
+    for run in recent_runs(_settings(ctx).runs_dir, limit=limit, unfinished=unfinished):
+        if as_json:
+            _echo_json(run)
+            continue
+        asked = run.get("prompt") or run.get("instruction") or run.get("question") or \
+            ", ".join(run.get("expressions") or [])  # fmt: skip
+        click.echo(f"{run['run_id']}  {run['workflow']:<10} {run['status']:<10} "
+                   f"{run['started_at'][:19]}  {asked}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Tools (each runs the same workflow as the CLI and the HTTP API and records its t
     critique(image, prompt)        does the image show what the prompt asks for
     undo(session) / redo(session) / branch(session, step) / history(session)
     resume(run_id)                 finish a generate or edit run that stopped part-way
+    runs(limit?, unfinished?)      the newest runs and their status (a cancelled call's id)
 
 `edit` without `session` starts one from `image`; its result's `session` continues it, so a
 host keeps a multi-turn edit by passing that id back (and may `undo` a turn it regrets).
@@ -189,6 +190,20 @@ def create_mcp(
         data = {"resumed_from": run_id, **({"session": result.thread_id} if edit else {}),
                 **result.to_dict()}  # fmt: skip
         return tools.answer(result, data)
+
+    @mcp.tool(title="Recent runs", annotations=READS)
+    async def runs(
+        limit: Annotated[int, Field(ge=1, le=200, description="How many, newest first.")] = 10,
+        unfinished: Annotated[bool, Field(description="Only generate and edit runs that did "
+                                          "not finish (what `resume` takes).")] = False,
+    ) -> CallToolResult:  # fmt: skip
+        """The newest runs first: run_id, workflow, status (ok, failed, unfinished), when, and
+        what was asked. A call that was cancelled or timed out is here with its run_id."""
+        from lavida_agent.traces import recent_runs
+
+        found = await tools.guard(asyncio.to_thread(
+            recent_runs, agent.settings.runs_dir, limit=limit, unfinished=unfinished))  # fmt: skip
+        return tools.json_answer({"runs": found})
 
     @mcp.tool(title="Find objects", annotations=READS)
     async def ground(ctx: Context, image: ImageArg, expressions: list[str]) -> CallToolResult:

@@ -40,11 +40,14 @@ __all__ = (
     "TraceRecorder",
     "TraceView",
     "ViewBox",
+    "find_trace",
     "jsonable",
     "load_trace",
+    "recent_runs",
     "render_html",
     "save_trace",
     "trace_path",
+    "trace_status",
 )
 
 TRACE_VERSION = 1
@@ -506,12 +509,49 @@ def _pre(data: Any) -> str:
     return "<pre>" + html.escape(json.dumps(data, indent=1, default=str)) + "</pre>"
 
 
+def trace_status(t: Trace) -> str:
+    """'ok', 'failed' (an error, a cancel included) or 'unfinished': a trace is written when
+    its run starts, so one with neither a result nor an error is still running or its
+    process stopped."""
+    return "failed" if t.error else "ok" if t.result else "unfinished"
+
+
+def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = False,
+                ) -> list[dict[str, Any]]:  # fmt: skip
+    """The newest runs first (by trace file time): id, workflow, thread, start, status, error
+    and what was asked (`prompt`, `instruction`, `question` or `expressions`).
+
+    `unfinished` keeps the runs a `resume` could finish (generate and edit runs, unfinished
+    or failed). Unreadable files are skipped."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
+    folder = Path(runs_dir)
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            t = Trace.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        status = trace_status(t)
+        if unfinished and (status == "ok" or t.workflow not in ("t2i", "edit")):
+            continue
+        asked = {k: t.inputs[k] for k in ("prompt", "instruction", "question", "expressions")
+                 if k in t.inputs}  # fmt: skip
+        out.append({"run_id": t.run_id, "workflow": t.workflow, "thread_id": t.thread_id,
+                    "started_at": t.started_at, "status": status, "error": t.error,
+                    **asked})  # fmt: skip
+        if len(out) == limit:
+            break
+    return out
+
+
 def _status_html(t: Trace) -> str:
-    """ok, the error, or unfinished: a trace is written when its run starts, so one with
-    neither a result nor an error is still running or its process stopped."""
-    if t.error:
-        return f"<span class=err>{html.escape(t.error)}</span>"
-    if t.result:
+    """ok, the error, or unfinished (see `trace_status`)."""
+    status = trace_status(t)
+    if status == "failed":
+        return f"<span class=err>{html.escape(t.error or '')}</span>"
+    if status == "ok":
         return "ok"
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"
             if t.workflow in ("t2i", "edit") else "")  # fmt: skip

@@ -27,7 +27,7 @@ from lavida_agent.mcp_server import IMAGE_URI, TRACE_URI, create_mcp, progress_m
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
 BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
 TOOLS = {"generate", "edit", "ground", "ask", "critique", "undo", "redo", "branch", "history",
-         "resume"}  # fmt: skip
+         "resume", "runs"}  # fmt: skip
 
 
 def _scene() -> np.ndarray:
@@ -62,7 +62,7 @@ async def test_tools_and_their_input_schemas(agent):
         assert tools["ground"].input_schema["properties"]["expressions"]["type"] == "array"
         assert all(t.description for t in tools.values())
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
-    assert read_only == {"ground", "ask", "critique", "history"}
+    assert read_only == {"ground", "ask", "critique", "history", "runs"}
     assert not any(t.annotations.destructive_hint or t.annotations.open_world_hint
                    for t in tools.values())  # fmt: skip
 
@@ -417,6 +417,8 @@ async def test_resume_finishes_a_cancelled_call(agent, engine):
             await call
         engine.generate = original
         trace = await asyncio.to_thread(_cancelled_trace, agent, 10)
+        listed = _ok(await client.call_tool("runs", {"unfinished": True}))["runs"]
+        assert [r["run_id"] for r in listed] == [trace["run_id"]]  # found without progress
         data = _ok(await client.call_tool("resume", {"run_id": trace["run_id"]}))
         assert data["resumed_from"] == trace["run_id"] and data["seed"] == 4
         assert engine.calls["plan_layout"] == 3  # planned once (three plans drawn up): not again

@@ -277,3 +277,67 @@ def test_an_edit_after_an_abandoned_turn_resumes_with_its_own_attempts(agent, en
     resumed = agent.resume(y.value.run_id)
     assert [(s.instruction, s.seed) for s in resumed.attempts] == [("Y", 5), ("Y", 6)]
     assert session.history()[-1].instruction == "Y"
+
+
+@pytest.mark.parametrize("move", ["restart", "undo", "undo_redo", "graph_turn"])
+def test_an_unfinished_turn_is_not_resumed_after_the_session_moved(agent, engine, move):
+    """A turn stopped after a verified attempt, then the session moved without another run
+    of the agent: restarted from an image, undone (and redone), or a turn run on the graph."""
+    from lavida_agent.graphs.session import EditSession
+
+    scene = draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE])
+    session = agent.session()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    session.edit("turn0", image=scene, seed=1, rounds=1)
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    cancel = threading.Event()
+
+    def stop_after_verify(ev: dict) -> None:
+        if ev.get("event") == "node_end" and ev.get("node") == "verify_edit":
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled) as stopped:
+        session.edit("X", seed=3, rounds=3, on_event=stop_after_verify, cancel=cancel)
+    if move == "restart":
+        session.start(scene[:, ::-1].copy())
+    elif move in ("undo", "undo_redo"):
+        session.undo()
+        if move == "undo_redo":
+            session.redo()
+    else:
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        graph_session = EditSession(session.thread_id, checkpointer=agent.checkpointer,
+                                    context=agent._context(num_steps=2, rounds=1, cancel=None))
+        graph_session.edit("a turn on the graph", seed=9)
+    with pytest.raises(InvalidInputError, match="moved on"):
+        agent.resume(stopped.value.run_id)
+
+
+def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypatch):
+    from lavida_agent.traces import recent_runs
+
+    done = agent.generate(PROMPT, seed=1, rounds=1)
+    agent.ground(draw(np.zeros((64, 64, 3), np.uint8), [RED]), ["red circle"])
+    cancel, on_event = _stop_at("run_start")
+    with pytest.raises(GenerationCancelled) as stopped:
+        agent.generate("two red squares", seed=2, on_event=on_event, cancel=cancel)
+    runs = recent_runs(agent.settings.runs_dir)
+    assert [r["workflow"] for r in runs] == ["t2i", "ground", "t2i"]  # newest first
+    assert runs[0]["run_id"] == stopped.value.run_id and runs[0]["status"] == "failed"
+    assert runs[0]["prompt"] == "two red squares" and runs[1]["expressions"] == ["red circle"]
+    assert runs[2] == {**runs[2], "run_id": done.run_id, "status": "ok", "error": None}
+    unfinished = recent_runs(agent.settings.runs_dir, unfinished=True)
+    assert [r["run_id"] for r in unfinished] == [stopped.value.run_id]
+    assert len(recent_runs(agent.settings.runs_dir, limit=1)) == 1
+    with pytest.raises(InvalidInputError, match="limit"):
+        recent_runs(agent.settings.runs_dir, limit=0)
+    # the same list on the command line
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    res = CliRunner().invoke(cli_mod.cli, ["runs", "--unfinished", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["run_id"] for line in res.stdout.splitlines()] == \
+        [stopped.value.run_id]  # fmt: skip
+    res = CliRunner().invoke(cli_mod.cli, ["runs", "-n", "2"])
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith(stopped.value.run_id)
+    assert "failed" in res.stdout.splitlines()[0] and "two red squares" in res.stdout

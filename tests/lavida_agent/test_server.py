@@ -173,6 +173,9 @@ async def test_a_stopped_run_resumes_over_http(client, agent, engine):
     assert r.json()["seed"] == 2 and r.json()["image"]["b64_json"]
     again = await client.post(f"/v1/runs/{stopped.value.run_id}/resume")  # a retried request
     assert again.status_code == 200 and again.json()["image"] == r.json()["image"]
+    listed = (await client.get("/v1/runs", params={"limit": 5})).json()["runs"]
+    assert listed[0]["run_id"] == again.json()["run_id"] and listed[0]["status"] == "ok"
+    assert (await client.get("/v1/runs", params={"limit": 0})).status_code == 400
     for bad in ("nope", "x.json"):
         missing = await client.post(f"/v1/runs/{bad}/resume")
         assert missing.status_code == 404, missing.text
