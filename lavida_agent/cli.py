@@ -42,9 +42,13 @@ is a terminal. Heavy imports (torch, the model, LangGraph) happen inside the com
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,15 +89,44 @@ BATCH_STRINGS = {"prompt", "out", "image", "instruction", "question"}
 
 
 def _one_line(exc: BaseException, *, trace: bool = True) -> str:
-    from lavida_agent.errors import LavidaError
+    from lavida_agent.errors import GenerationCancelled, LavidaError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, LavidaError):
         text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
     run_id = getattr(exc, "run_id", None)
-    if run_id and trace:
+    if run_id and isinstance(exc, GenerationCancelled) and getattr(exc, "resumable", False):
+        text += f"; to finish it: lavida-agent resume {run_id} --out FILE"
+    elif run_id and trace:
         text += f" [trace: lavida-agent trace {run_id}]"
     return text
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_the_run() -> Iterator[threading.Event]:
+    """A `cancel` event that Ctrl-C sets: the run stops at its next step with
+    `GenerationCancelled`, reported with the command that finishes it. A second Ctrl-C quits
+    at once (exit 130; the run can still be resumed from its checkpoints).
+
+    Ctrl-C is not left to raise `KeyboardInterrupt`: raised while the main thread waits in
+    LangGraph's executor, it can leave a lock held and hang the process."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            click.echo("\nQuitting.", err=True)
+            os._exit(130)
+        cancel.set()
+        click.echo("\nStopping at the next step (Ctrl-C again to quit now)...", err=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _LavidaGroup(click.Group):
@@ -253,7 +286,8 @@ def _run_generate(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
     _check_out(args["out"])
     result = agent.generate(args["prompt"], seed=args.get("seed"), rounds=args.get("rounds"),
                             plan=args.get("plan"), num_steps=args.get("steps"),
-                            on_event=on_event, review_plan=args.get("review_plan"))  # fmt: skip
+                            on_event=on_event, review_plan=args.get("review_plan"),
+                            cancel=args.get("cancel"))  # fmt: skip
     out = _write_image(result, args["out"], scale)
     data = result.to_dict()
     return {"prompt": data.pop("prompt"), "out": out, **data}
@@ -295,7 +329,7 @@ def _run_edit(agent: LavidaAgent, args: dict[str, Any], *, scale: int,
     _check_out(args["out"])
     result = agent.edit(args["image"], args["instruction"], seed=args.get("seed"),
                         rounds=args.get("rounds"), num_steps=args.get("steps"),
-                        on_event=on_event)  # fmt: skip
+                        on_event=on_event, cancel=args.get("cancel"))  # fmt: skip
     out = _write_image(result, args["out"], scale)
     data = result.to_dict()
     return {"image": str(args["image"]), "instruction": data.pop("instruction"), "out": out,
@@ -456,7 +490,8 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
     `--json`, print the result. Returns the result for the caller's human summary."""
     progress = _Progress(_progress_enabled(ctx))
     try:
-        data = run(_agent(ctx), request, scale=scale, on_event=progress)
+        with _ctrl_c_stops_the_run() as cancel:
+            data = run(_agent(ctx), {**request, "cancel": cancel}, scale=scale, on_event=progress)
     finally:
         progress.close()
     if as_json:  # before the trace page: a page that cannot be written loses no result
@@ -612,7 +647,7 @@ def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_jso
     def run(agent: LavidaAgent, request: dict[str, Any], *, scale: int,
             on_event: Any) -> dict[str, Any]:  # fmt: skip
         _check_out(request["out"])
-        result = agent.resume(request["run_id"], on_event=on_event)
+        result = agent.resume(request["run_id"], on_event=on_event, cancel=request["cancel"])
         written = _write_image(result, request["out"], scale)
         return {"resumed_from": request["run_id"], "out": written, **result.to_dict()}
 
@@ -767,7 +802,9 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
     s = _session(ctx, session_id)
     progress = _Progress(_progress_enabled(ctx))
     try:
-        result = s.edit(instruction, seed=seed, rounds=rounds, num_steps=steps, on_event=progress)
+        with _ctrl_c_stops_the_run() as cancel:
+            result = s.edit(instruction, seed=seed, rounds=rounds, num_steps=steps,
+                            on_event=progress, cancel=cancel)  # fmt: skip
     finally:
         progress.close()
     data = {"session": s.thread_id, "out": _write_image(result, out, preview_scale),

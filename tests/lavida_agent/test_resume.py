@@ -341,3 +341,33 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
     res = CliRunner().invoke(cli_mod.cli, ["runs", "-n", "2"])
     assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith(stopped.value.run_id)
     assert "failed" in res.stdout.splitlines()[0] and "two red squares" in res.stdout
+
+
+def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
+    """SIGINT sets the run's cancel event (no KeyboardInterrupt inside LangGraph's executor,
+    which can hang it): the run stops cleanly and the message says how to finish it."""
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    original, drawn = engine.generate, []
+
+    def generate(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second round draws
+        return original(*args, **kwargs)
+
+    engine.generate = generate
+    before = signal.getsignal(signal.SIGINT)
+    res = CliRunner().invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
+                                           "--rounds", "3", "--steps", "2"])  # fmt: skip
+    assert res.exit_code == 1 and "Stopping at the next step" in res.output
+    assert "the run was cancelled; to finish it: lavida-agent resume " in res.output
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is the run's only
+    assert len(drawn) == 2  # the third round was never drawn
+    run_id = res.output.split("lavida-agent resume ")[1].split()[0]
+    engine.generate = original
+    res = CliRunner().invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png"])
+    assert res.exit_code == 0 and "after 3 round(s), seed 5" in res.output
