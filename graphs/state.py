@@ -116,13 +116,14 @@ class LayoutItem(BaseModel):
         return {"label": self.label, "box": self.box.as_list()}
 
 
-def given_layout(items: Any) -> list[LayoutItem]:
+def given_layout(items: Any, *, canvas: int | None = None) -> list[LayoutItem]:
     """A layout given from outside (a caller's plan, a reviewer's reply), checked item by
     item before anything is drawn from it.
 
     Raises:
         ValueError: naming the first bad item: not a `{"label", "box"}` object, an empty
-            label, or a box that is not four finite numbers with x0 < x1 and y0 < y1.
+            label, a box that is not four finite numbers with x0 < x1 and y0 < y1, or (with
+            `canvas`) a box reaching outside the `canvas`-pixel square.
     """
     if not isinstance(items, list | tuple):
         raise ValueError(f'a layout is a list of {{"label", "box"}} items, got {items!r}')
@@ -139,6 +140,9 @@ def given_layout(items: Any) -> list[LayoutItem]:
                 raise ValueError("the label is empty")
             if box.x1 <= box.x0 or box.y1 <= box.y0:
                 raise ValueError(f"the box {parsed.box.as_list()} has no area")
+            if canvas is not None and (min(box.x0, box.y0) < 0 or max(box.x1, box.y1) > canvas):
+                raise ValueError(f"the box {parsed.box.as_list()} reaches outside the "
+                                 f"{canvas}x{canvas} canvas")  # fmt: skip
         except ValidationError as exc:
             why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"layout item {k} ({item!r}): {why}") from None

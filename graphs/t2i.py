@@ -150,7 +150,7 @@ def _checked_plan(ctx: Context, prompt: str, base_seed: int) -> tuple[Plan, list
     return chosen, tried
 
 
-def review_answer(answer: Any) -> list[LayoutItem] | None:
+def review_answer(answer: Any, *, canvas: int | None = None) -> list[LayoutItem] | None:
     """A plan reviewer's answer read: None to keep the plan (`None`, `True`, `"approve"`),
     else the replacement layout (a list of `{"label", "box"}`, or a dict with `"items"`).
 
@@ -165,7 +165,7 @@ def review_answer(answer: Any) -> list[LayoutItem] | None:
         raise ValueError(f"review_plan: cannot use the answer {answer!r}: give True (or None, "
                          '"approve") to keep the plan, or a list of {"label", "box"} to '
                          "replace it")  # fmt: skip
-    return given_layout(answer)
+    return given_layout(answer, canvas=canvas)
 
 
 def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:

@@ -643,7 +643,10 @@ class LavidaAgent:
                 where = f" in node {node!r}" if node else ""
                 error = WorkflowError(f"{workflow} failed{where}: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
-            trace = rec.finish(error=str(error) or type(error).__name__)
+            code = (error.code if isinstance(error, LavidaError)
+                    else "interrupted" if isinstance(error, KeyboardInterrupt)
+                    else type(error).__name__)  # fmt: skip
+            trace = rec.finish(error=str(error) or type(error).__name__, error_code=code)
             path = save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
             with contextlib.suppress(AttributeError):  # every error names its run (Ctrl-C too)
                 error.run_id = run_id  # type: ignore[attr-defined]
@@ -748,7 +751,8 @@ class LavidaAgent:
             payload["plan"] = Plan(items=[], source="input")
         elif use_plan is not True:
             with map_exceptions():
-                payload["plan"] = Plan(items=given_layout(use_plan), source="input")
+                payload["plan"] = Plan(items=given_layout(use_plan, canvas=self.settings.canvas),
+                                       source="input")  # fmt: skip
         thread_id = _new_id()
         inputs = {"prompt": prompt, "seed": base_seed,
                   "plan": use_plan if isinstance(use_plan, bool) else payload["plan"],
@@ -759,7 +763,7 @@ class LavidaAgent:
             layout = [LayoutItem.model_validate(i).to_engine() for i in request["plan"].get("items", [])]
             reply = review_plan(layout)  # type: ignore[misc]
             with map_exceptions():  # the reviewer's mistake, refused before the run resumes on it
-                items = review_answer(reply)
+                items = review_answer(reply, canvas=self.settings.canvas)
             return True if items is None else [i.to_engine() for i in items]
 
         ran = self._run("t2i", self._graph("t2i"), payload, thread_id=thread_id, context=context,
@@ -803,13 +807,15 @@ class LavidaAgent:
         (`inputs.resumed_from`, and `inputs.origin`: the run that started the work). Each
         round draws from its own seed, so the result is what the uninterrupted run would
         have given. A run paused at `review_plan` resumes with the model's plan. A run that
-        had finished all but writing its trace (killed in between) draws nothing more: its
-        result is read from its last checkpoint. Resuming the same run again does the same.
+        had finished (a dropped request, a process killed before its final trace write)
+        draws nothing more: its result is read from its last checkpoint; resuming a run
+        again does the same. The resumed traces record the run that finished them
+        (`resumed_by`).
 
         Raises:
             NotFoundError: no trace for `run_id`.
-            InvalidInputError: the run finished, its thread has moved on since (another turn
-                of its session, an undo), the thread is running now in this agent, it ran on
+            InvalidInputError: its thread has moved on since (another turn of its session,
+                a restart, an undo), the thread is running now in this agent, it ran on
                 another model, or it is not a generate or edit run.
         """
         from lavida_agent.traces import find_trace, load_trace
@@ -819,8 +825,6 @@ class LavidaAgent:
         if old.workflow not in ("t2i", "edit"):
             raise InvalidInputError(f"run {run_id} is a {old.workflow!r} run: only generate and "
                                     "edit runs can be resumed (run the others again)")  # fmt: skip
-        if old.result:
-            raise InvalidInputError(f"run {run_id} finished: nothing to resume")
         model = old.settings.get("model_path")
         if model != self.settings.model_path:
             raise InvalidInputError(f"run {run_id} ran on model {model!r}; this agent runs "
@@ -834,6 +838,10 @@ class LavidaAgent:
         # restart, undo, redo or branch ("update") leaves nothing of the run to finish.
         done_elsewhere = not state.tasks and (state.metadata or {}).get("source") != "loop"
         if state.values.get("run_id") != origin or done_elsewhere:
+            if old.result:
+                raise InvalidInputError(f"run {run_id} finished, and its session has moved on "
+                                        "since: its result is in its trace (lavida-agent trace "
+                                        f"{run_id})")  # fmt: skip
             raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
                                     f"{old.thread_id!r} has moved on since (another turn, a "
                                     "restart, an undo or a branch)")  # fmt: skip
@@ -841,12 +849,29 @@ class LavidaAgent:
         context = self._context(num_steps=old.settings.get("num_steps"), rounds=rounds,
                                 cancel=cancel, recorded=old.settings)  # fmt: skip
         inputs = {**old.inputs, "resumed_from": run_id, "origin": origin}
+        result: GenerateResult | EditResult
         if session is not None:
-            return session._edit(context, None, inputs, on_event, resume=True,
-                                 before=old.inputs.get("steps_before"))  # fmt: skip
-        ran = self._run("t2i", graph, None, thread_id=old.thread_id, context=context,
-                        inputs=inputs, on_event=on_event, resume=True)  # fmt: skip
-        return self._generate_result(*ran, thread_id=old.thread_id)
+            result = session._edit(context, None, inputs, on_event, resume=True,
+                                   before=old.inputs.get("steps_before"))  # fmt: skip
+        else:
+            ran = self._run("t2i", graph, None, thread_id=old.thread_id, context=context,
+                            inputs=inputs, on_event=on_event, resume=True)  # fmt: skip
+            result = self._generate_result(*ran, thread_id=old.thread_id)
+        self._mark_resumed({run_id, origin}, result.run_id)
+        return result
+
+    def _mark_resumed(self, run_ids: set[str], by: str) -> None:
+        """Record on each unfinished trace of `run_ids` the run that finished its work, so
+        listings stop offering it. A trace that cannot be rewritten keeps its status."""
+        from lavida_agent.traces import find_trace, load_trace
+
+        for run_id in run_ids:
+            try:
+                old = load_trace(find_trace(run_id, self.settings.runs_dir))
+                if not old.result and not old.resumed_by:
+                    save_trace(old.model_copy(update={"resumed_by": by}), self.settings.runs_dir)  # type: ignore[arg-type]
+            except (LavidaError, OSError) as exc:
+                logger.warning("could not mark run %s as resumed by %s: %s", run_id, by, exc)
 
     # -- edit -----------------------------------------------------------------------------
 

@@ -319,7 +319,8 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
             click.echo(f"--review-plan: not a JSON layout ({exc}); try again", err=True)
             continue
         try:
-            return [i.to_engine() for i in given_layout(items)]
+            canvas = _settings(click.get_current_context()).canvas
+            return [i.to_engine() for i in given_layout(items, canvas=canvas)]
         except ValueError as exc:
             click.echo(f"--review-plan: {exc}; try again", err=True)
 
@@ -955,8 +956,9 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
 @_common
 @click.pass_context
 def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) -> None:
-    """List the newest runs: id, workflow, status (ok, failed, unfinished), start, what was
-    asked. `lavida-agent trace RUN_ID` shows one; `lavida-agent resume RUN_ID` finishes one."""
+    """List the newest runs: id, workflow, status (ok, stopped, failed, unfinished,
+    resumed), start, what was asked. `lavida-agent trace RUN_ID` shows one; `lavida-agent
+    resume RUN_ID` finishes one."""
     from lavida_agent.traces import recent_runs
 
     for run in recent_runs(_settings(ctx).runs_dir, limit=limit, unfinished=unfinished):
@@ -1176,7 +1178,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, api_key: str |
 @click.pass_context
 def mcp(ctx: click.Context) -> None:
     """Serve the agent's tools to an MCP host over stdio (generate, edit, ground, ask,
-    critique, undo, redo, branch, history; images as lavida://images/ resources).
+    critique, undo, redo, branch, history, resume, runs; images as lavida://images/
+    resources).
 
     A host launches it; for Claude Desktop, in claude_desktop_config.json:
     {"mcpServers": {"lavida-agent": {"command": "/path/to/.venv/bin/lavida-agent",

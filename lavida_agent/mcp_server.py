@@ -104,6 +104,16 @@ ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from
 READS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 DRAWS = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 SessionArg = Annotated[str, Field(description="The `session` an earlier edit returned.")]
+Prompt = Annotated[str, Field(description='What to draw, in the ShapesWorld grammar: "a red '
+                              'circle left of a blue square", "two green triangles on a black '
+                              'background".')]  # fmt: skip
+Instruction = Annotated[str, Field(description='The edit: "make the circle green", "remove the '
+                                   'square", "move the triangle to the top left", "add a small '
+                                   'yellow diamond right of the circle".')]  # fmt: skip
+Expressions = Annotated[list[str], Field(description='Referring expressions, one box each: '
+                                         '"the red circle", "the large square".')]  # fmt: skip
+Question = Annotated[str, Field(description='"what color is the circle?", "how many triangles '
+                                'are there?", "is there a square?"')]  # fmt: skip
 SessionOpt = Annotated[str | None, Field(description="Continue this session (its current "
                                          "image); with `image` too, restart it from that "
                                          "image.")]  # fmt: skip
@@ -127,11 +137,11 @@ def create_mcp(
     """
     tools = _Tools(agent, read_files=read_files, display_scale=display_scale,
                    session_lock=session_lock)  # fmt: skip
-    mcp: MCPServer = MCPServer("lavida-agent", version=__version__, instructions=INSTRUCTIONS,
-                               log_level="WARNING")  # fmt: skip
+    mcp: MCPServer = _StrictServer("lavida-agent", version=__version__,
+                                   instructions=INSTRUCTIONS, log_level="WARNING")  # fmt: skip
 
     @mcp.tool(title="Generate an image", annotations=DRAWS)
-    async def generate(ctx: Context, prompt: str, seed: Seed = None, rounds: Rounds = None,
+    async def generate(ctx: Context, prompt: Prompt, seed: Seed = None, rounds: Rounds = None,
                        steps: Steps = None, plan: PlanArg = None) -> CallToolResult:  # fmt: skip
         """Draw an image for `prompt`: the model plans a layout (unless `plan` is false or a
         layout to draw), draws up to `rounds` attempts, critiques each and keeps the best. The
@@ -149,7 +159,7 @@ def create_mcp(
         return tools.answer(result, result.to_dict())
 
     @mcp.tool(title="Edit an image", annotations=DRAWS)
-    async def edit(ctx: Context, instruction: str, image: ImageArg | None = None,
+    async def edit(ctx: Context, instruction: Instruction, image: ImageArg | None = None,
                    session: SessionOpt = None, seed: Seed = None, rounds: Rounds = None,
                    steps: Steps = None) -> CallToolResult:  # fmt: skip
         """Edit an image by `instruction`: the model plans the edit (what changes where), edits,
@@ -197,8 +207,9 @@ def create_mcp(
         unfinished: Annotated[bool, Field(description="Only generate and edit runs that did "
                                           "not finish (what `resume` takes).")] = False,
     ) -> CallToolResult:  # fmt: skip
-        """The newest runs first: run_id, workflow, status (ok, failed, unfinished), when, and
-        what was asked. A call that was cancelled or timed out is here with its run_id."""
+        """The newest runs first: run_id, workflow, status (ok, stopped, failed, unfinished,
+        resumed), when, and what was asked. A call that was cancelled or timed out is here
+        with its run_id."""
         from lavida_agent.traces import recent_runs
 
         found = await tools.guard(asyncio.to_thread(
@@ -206,15 +217,18 @@ def create_mcp(
         return tools.json_answer({"runs": found})
 
     @mcp.tool(title="Find objects", annotations=READS)
-    async def ground(ctx: Context, image: ImageArg, expressions: list[str]) -> CallToolResult:
-        """One box `[x0, y0, x1, y1]` per referring expression ("the red circle", "the large
-        square"), in the input image's pixels, with what the model perceived in the image."""
+    async def ground(ctx: Context, image: ImageArg, expressions: Expressions) -> CallToolResult:
+        """One box `[x0, y0, x1, y1]` per referring expression, in the input image's pixels,
+        with what the model perceived in the image (`caption`, `objects`). Every expression
+        gets a box, even one naming nothing in the image: `found_by` says how it was chosen
+        ('scene' or 'fit': an object the model perceived; 'direct': the model's own box,
+        unchecked), so check it against `objects`."""
         req = tools.check(schemas.GroundRequest, expressions=expressions)
         return await tools.look(ctx, image, lambda pixels, on_event: agent.aground(
             pixels, req.expressions, on_event=on_event))  # fmt: skip
 
     @mcp.tool(title="Ask about an image", annotations=READS)
-    async def ask(ctx: Context, image: ImageArg, question: str) -> CallToolResult:
+    async def ask(ctx: Context, image: ImageArg, question: Question) -> CallToolResult:
         """Answer a question about the image ("what color is the circle?", "how many
         triangles are there?", "is there a square?", "what is left of the diamond?")."""
         req = tools.check(schemas.AskRequest, question=question)
@@ -222,7 +236,7 @@ def create_mcp(
             pixels, req.question, on_event=on_event))  # fmt: skip
 
     @mcp.tool(title="Critique an image", annotations=READS)
-    async def critique(ctx: Context, image: ImageArg, prompt: str) -> CallToolResult:
+    async def critique(ctx: Context, image: ImageArg, prompt: Prompt) -> CallToolResult:
         """Does the image show what the text-to-image `prompt` asks for? A verdict ("accept"
         or "reject") and the reasons."""
         req = tools.check(schemas.CritiqueRequest, prompt=prompt)
@@ -231,7 +245,8 @@ def create_mcp(
 
     @mcp.tool(title="Undo an edit", annotations=DRAWS)
     async def undo(session: SessionArg) -> CallToolResult:
-        """Go back one turn of the session (a new branch; the old one stays in its history)."""
+        """Go back one turn of the session. `history` then lists the turns up to there; `redo`
+        returns to the undone turn (until the next edit)."""
         return await tools.move(session, lambda s: s.undo())
 
     @mcp.tool(title="Redo an edit", annotations=DRAWS)
@@ -242,7 +257,9 @@ def create_mcp(
     @mcp.tool(title="Go back to a step", annotations=DRAWS)
     async def branch(
         session: SessionArg,
-        step: Annotated[int, Field(ge=0, description="A step `index` from `history`.")],
+        step: Annotated[int, Field(ge=0, description="The `index` of a step `history` lists "
+                                   "(a lineage index, not a turn number; `undo` goes back to "
+                                   "the start).")],  # fmt: skip
     ) -> CallToolResult:
         """Make the image of the session's step `step` current (a new branch)."""
         return await tools.move(session, lambda s: s.branch(step))
@@ -286,6 +303,21 @@ def create_mcp(
         return await asyncio.to_thread(path.read_text, encoding="utf-8")
 
     return mcp
+
+
+class _StrictServer(MCPServer):
+    """An `MCPServer` that refuses arguments a tool does not take (a misspelt `sead` would
+    otherwise be dropped and the call run with a random seed)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Any = None) -> Any:  # fmt: skip
+        schema = self._tool_input_schema(name)
+        if schema is not None and isinstance(arguments, dict):
+            unknown = sorted(set(arguments) - set(schema.get("properties", {})))
+            if unknown:
+                known = ", ".join(sorted(schema.get("properties", {})))
+                raise ToolError(f"{unknown[0]}: unknown argument of {name} (it takes {known})")
+        return await super().call_tool(name, arguments, context)
 
 
 class _Tools:

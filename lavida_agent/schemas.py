@@ -98,11 +98,13 @@ class Limits:
     max_steps: int = 64
     max_rounds: int = 8
     max_expressions: int = 16
+    canvas: int = 64
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
-                   max_steps=settings.max_steps, max_rounds=settings.max_rounds_limit)  # fmt: skip
+                   max_steps=settings.max_steps, max_rounds=settings.max_rounds_limit,
+                   canvas=settings.canvas)  # fmt: skip
 
 
 class PayloadTooLarge(InvalidInputError):
@@ -253,7 +255,7 @@ class GenerateRequest(_SamplingFields):
             extra = sorted(set(item) - {"label", "box"}) if isinstance(item, dict) else []
             if extra:
                 raise ValueError(f"layout item {k}: unknown field {extra[0]!r}")
-        given_layout(v)
+        given_layout(v, canvas=lim.canvas if lim is not None else None)
         return v
 
     def plan_arg(self) -> bool | list[dict[str, Any]] | None:

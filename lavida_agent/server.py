@@ -24,7 +24,8 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     POST /v1/sessions/{id}/branch     BranchRequest      -> SessionResponse
     POST /v1/runs/stream              RunStreamRequest   -> text/event-stream
     POST /v1/runs/{run_id}/resume                        -> GenerateResponse | EditResponse
-    GET  /v1/runs?limit=&unfinished=  the newest runs and their status (ok, failed, unfinished)
+    GET  /v1/runs?limit=&unfinished=  the newest runs and their status (ok, stopped, failed,
+                                      unfinished, resumed)
     GET  /v1/traces/{run_id}          the JSON trace;  /v1/traces/{run_id}.html the viewer
     GET  /v1/artifacts/{sha256}       a stored image (PNG; content-addressed, cached forever)
     GET  /healthz
@@ -973,8 +974,9 @@ _RUN_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.RunStreamRequest)
 def _resume_route(app: FastAPI, svc: _Service) -> None:
     @app.get("/v1/runs", responses=_ERRORS, tags=["native"])
     async def list_runs(limit: int = 20, unfinished: bool = False) -> dict[str, Any]:
-        """The newest runs first: `run_id`, workflow, status (ok, failed, unfinished), start
-        and what was asked; `unfinished=true` keeps what `/v1/runs/{run_id}/resume` takes."""
+        """The newest runs first: `run_id`, workflow, status (ok, stopped, failed, unfinished,
+        resumed), start and what was asked; `unfinished=true` keeps what
+        `/v1/runs/{run_id}/resume` takes."""
         from lavida_agent.traces import recent_runs
 
         if not 1 <= limit <= 1000:

@@ -110,6 +110,11 @@ class Trace(BaseModel):
     result: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] | None = None
     error: str | None = None
+    error_code: str | None = Field(default=None, description="The error's kind: a "
+                                   "`LavidaError.code` ('cancelled', ...), or 'interrupted' "
+                                   "(Ctrl-C).")  # fmt: skip
+    resumed_by: str | None = Field(default=None, description="The run that finished this "
+                                   "one's work (`LavidaAgent.resume`).")  # fmt: skip
 
     def to_json(self, **kwargs: Any) -> str:
         """The trace as a JSON string."""
@@ -240,6 +245,7 @@ class TraceRecorder:
         result: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
         error: str | None = None,
+        error_code: str | None = None,
     ) -> Trace:
         """Close the trace: the run's result, the lineage (edit runs) and any error."""
         for node in self._open.values():  # nodes interrupted by an error
@@ -251,6 +257,7 @@ class TraceRecorder:
         self.trace.result = jsonable(result or {})
         self.trace.lineage = jsonable(lineage) if lineage is not None else None
         self.trace.error = error
+        self.trace.error_code = error_code
         return self.trace
 
     # -- views --------------------------------------------------------------------------------
@@ -510,10 +517,17 @@ def _pre(data: Any) -> str:
 
 
 def trace_status(t: Trace) -> str:
-    """'ok', 'failed' (an error, a cancel included) or 'unfinished': a trace is written when
-    its run starts, so one with neither a result nor an error is still running or its
-    process stopped."""
-    return "failed" if t.error else "ok" if t.result else "unfinished"
+    """What became of a run: 'ok'; 'resumed' (a later run finished its work: `resumed_by`);
+    'stopped' (cancelled, or Ctrl-C); 'failed' (any other error); or 'unfinished' (a trace is
+    written when its run starts, so one with neither a result nor an error is still running,
+    or its process was killed)."""
+    if t.result:
+        return "ok"
+    if t.resumed_by:
+        return "resumed"
+    if t.error:
+        return "stopped" if t.error_code in ("cancelled", "interrupted") else "failed"
+    return "unfinished"
 
 
 def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = False,
@@ -521,8 +535,8 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     """The newest runs first (by trace file time): id, workflow, thread, start, status, error
     and what was asked (`prompt`, `instruction`, `question` or `expressions`).
 
-    `unfinished` keeps the runs a `resume` could finish (generate and edit runs, unfinished
-    or failed). Unreadable files are skipped."""
+    `unfinished` keeps the runs a `resume` could finish (generate and edit runs stopped,
+    failed or unfinished, and not resumed since). Unreadable files are skipped."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
     folder = Path(runs_dir)
@@ -534,13 +548,13 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
         except (OSError, ValueError):
             continue
         status = trace_status(t)
-        if unfinished and (status == "ok" or t.workflow not in ("t2i", "edit")):
+        if unfinished and (status in ("ok", "resumed") or t.workflow not in ("t2i", "edit")):
             continue
         asked = {k: t.inputs[k] for k in ("prompt", "instruction", "question", "expressions")
                  if k in t.inputs}  # fmt: skip
         out.append({"run_id": t.run_id, "workflow": t.workflow, "thread_id": t.thread_id,
                     "started_at": t.started_at, "status": status, "error": t.error,
-                    **asked})  # fmt: skip
+                    **({"resumed_by": t.resumed_by} if t.resumed_by else {}), **asked})  # fmt: skip
         if len(out) == limit:
             break
     return out
@@ -549,8 +563,10 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
 def _status_html(t: Trace) -> str:
     """ok, the error, or unfinished (see `trace_status`)."""
     status = trace_status(t)
-    if status == "failed":
+    if status in ("failed", "stopped"):
         return f"<span class=err>{html.escape(t.error or '')}</span>"
+    if status == "resumed":
+        return f"resumed: finished by run <code>{html.escape(t.resumed_by or '')}</code>"
     if status == "ok":
         return "ok"
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"

@@ -193,6 +193,7 @@ async def test_bad_arguments_are_tool_errors_naming_them(agent, engine):
             ("ask", {"image": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
                      "question": "what?"}, "image: "),
             ("ground", {"image": _b64(_scene()), "expressions": []}, "expressions"),
+        ("generate", {"prompt": "a red circle", "sead": 3}, "sead: unknown argument of generate"),
             ("undo", {"session": "nope"}, "no session 'nope'"),
             ("branch", {"session": session, "step": 7}, "no step 7"),
             ("redo", {"session": session}, "nothing to redo"),

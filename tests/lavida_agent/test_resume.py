@@ -65,8 +65,15 @@ def test_a_cancelled_generate_resumes_to_the_uninterrupted_result(agent, engine)
     engine.calls.clear()
     again = agent.resume(run_id)  # a retried resume: the result again, nothing drawn
     assert again.image_ref == whole.image_ref and sum(engine.calls.values()) == 0
-    with pytest.raises(InvalidInputError, match="finished: nothing to resume"):
-        agent.resume(resumed.run_id)
+    engine.calls.clear()  # a finished run (a request dropped after it ended): its result
+    assert agent.resume(resumed.run_id).image_ref == whole.image_ref
+    assert sum(engine.calls.values()) == 0
+    from lavida_agent.traces import recent_runs
+
+    status = {r["run_id"]: r for r in recent_runs(agent.settings.runs_dir)}
+    assert status[run_id]["status"] == "resumed" and status[run_id]["resumed_by"] == resumed.run_id
+    assert run_id not in [r["run_id"] for r in recent_runs(agent.settings.runs_dir,
+                                                           unfinished=True)]  # fmt: skip
 
 
 def test_a_killed_run_resumes_from_the_trace_it_wrote_at_its_start(agent, engine):
@@ -163,8 +170,8 @@ def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "c.png"])  # again: the result
     assert res.exit_code == 0 and "accepted after 3 round(s), seed 5" in res.output
     assert (tmp_path / "c.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    res = runner.invoke(cli_mod.cli, ["resume", data["run_id"], "--out", "d.png"])
-    assert res.exit_code == 1 and "finished: nothing to resume" in res.output
+    res = runner.invoke(cli_mod.cli, ["runs", "--unfinished"])
+    assert res.exit_code == 0 and res.stdout == ""  # resumed: nothing left to finish
 
 
 def _stop_at(event: str, node: str | None = None) -> tuple[threading.Event, callable]:
@@ -323,7 +330,7 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
         agent.generate("two red squares", seed=2, on_event=on_event, cancel=cancel)
     runs = recent_runs(agent.settings.runs_dir)
     assert [r["workflow"] for r in runs] == ["t2i", "ground", "t2i"]  # newest first
-    assert runs[0]["run_id"] == stopped.value.run_id and runs[0]["status"] == "failed"
+    assert runs[0]["run_id"] == stopped.value.run_id and runs[0]["status"] == "stopped"
     assert runs[0]["prompt"] == "two red squares" and runs[1]["expressions"] == ["red circle"]
     assert runs[2] == {**runs[2], "run_id": done.run_id, "status": "ok", "error": None}
     unfinished = recent_runs(agent.settings.runs_dir, unfinished=True)
@@ -340,7 +347,7 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
         [stopped.value.run_id]  # fmt: skip
     res = CliRunner().invoke(cli_mod.cli, ["runs", "-n", "2"])
     assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith(stopped.value.run_id)
-    assert "failed" in res.stdout.splitlines()[0] and "two red squares" in res.stdout
+    assert "stopped" in res.stdout.splitlines()[0] and "two red squares" in res.stdout
 
 
 def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
@@ -371,3 +378,14 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
     engine.generate = original
     res = CliRunner().invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png"])
     assert res.exit_code == 0 and "after 3 round(s), seed 5" in res.output
+
+
+def test_a_finished_turn_of_a_session_that_moved_on_points_to_its_trace(agent, engine):
+    session = agent.session()
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    first = session.edit("turn0", image=draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE]), seed=1)
+    assert agent.resume(first.run_id).image_ref == first.image_ref  # not moved on: its result
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+    session.edit("turn1", seed=2)
+    with pytest.raises(InvalidInputError, match=f"lavida-agent trace {first.run_id}"):
+        agent.resume(first.run_id)

@@ -145,6 +145,7 @@ async def test_generate_draws_a_given_layout(client, engine):
            ([{"label": " ", "box": [4, 4, 20, 20]}], "the label is empty"),
            ([{"label": "red circle", "box": [4, 4, 20, 20], "size": 3}], "unknown field 'size'"),
            (["red circle"], "layout item 0"),
+           ([{"label": "red circle", "box": [-100, 0, 500, 900]}], "outside the 64x64 canvas"),
            ([RED] * 17, "a layout of 17 objects (limit 16)")]  # fmt: skip
     for plan, why in bad:
         r = await client.post("/v1/generate", json={"prompt": "a red circle", "plan": plan})
