@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -389,3 +389,31 @@ def tiny_pipeline(seed: int = 0, corpus: Sequence[str] = ()) -> object:
     torch.manual_seed(seed)
     model = LavidaForMaskedDiffusion(config)
     return LavidaPipeline(model.eval(), vq.eval(), tok)
+
+
+def intercept(engine: FakeEngine, method: str, at: int, action: Callable[[], object]) -> None:
+    """Run `action()` when `engine.<method>` is called for the `at`-th time (1-based), just
+    before that call runs; every call then runs as usual. `del engine.<method>` undoes it."""
+    original = getattr(engine, method)
+    count = [0]
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        count[0] += 1
+        if count[0] == at:
+            action()
+        return original(*args, **kwargs)
+
+    setattr(engine, method, wrapped)
+
+
+def pause(engine: FakeEngine, method: str, at: int = 1) -> tuple[threading.Event, threading.Event]:
+    """Make the `at`-th call of `engine.<method>` wait (up to 10 s) until released: returns
+    `(entered, release)`."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(10)
+
+    intercept(engine, method, at, hold)
+    return entered, release

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.tools.images import decode_png, encode_png
 
 from lavida_agent.api import LavidaAgent
-from tests.fakes import draw
+from tests.fakes import draw, pause
 
 mcp = pytest.importorskip("mcp")
 
@@ -234,15 +233,7 @@ async def test_image_and_trace_resources(agent):
 
 async def test_a_cancelled_call_stops_its_run(agent, engine):
     """Cancelling the caller cancels the tool's task; the run stops at its next sampler step."""
-    started, release = threading.Event(), threading.Event()
-    original = engine.generate
-
-    def slow_generate(*args, **kwargs):
-        started.set()
-        release.wait(10)
-        return original(*args, **kwargs)
-
-    engine.generate = slow_generate
+    started, release = pause(engine, "generate")
     async with Client(create_mcp(agent)) as c:
         call = asyncio.ensure_future(c.call_tool("generate", {"prompt": "a red circle", "seed": 1}))
         assert await asyncio.to_thread(started.wait, 10)
@@ -250,7 +241,7 @@ async def test_a_cancelled_call_stops_its_run(agent, engine):
         with pytest.raises(asyncio.CancelledError):
             await call
         release.set()
-        engine.generate = original
+        del engine.generate
         assert await asyncio.to_thread(_cancelled_trace, agent, 10) is not None
         # the server keeps serving
         assert not (await c.call_tool("generate", {"prompt": "a red circle", "rounds": 1})).is_error
@@ -260,17 +251,7 @@ async def test_a_cancelled_edit_holds_its_session_until_its_run_stops(agent, eng
     """Edit A is cancelled in its last engine call (its edit still commits); edit B on the
     same session must wait for A's run to stop, or A's late checkpoint would hide B."""
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
-    entered, release = threading.Event(), threading.Event()
-    original, calls = engine.noun_fit, []
-
-    def noun_fit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # edit A's (the first is turn0's)
-            entered.set()
-            release.wait(10)
-        return original(*args, **kwargs)
-
-    engine.noun_fit = noun_fit
+    entered, release = pause(engine, "noun_fit", at=2)  # edit A's (the first is turn0's)
     async with Client(create_mcp(agent)) as client:
         first = _ok(await client.call_tool("edit", {"image": _b64(_scene()),
                                                     "instruction": "turn0", "seed": 1}))  # fmt: skip
@@ -398,16 +379,7 @@ async def test_remote_results_hold_no_server_paths(agent):
 
 async def test_resume_finishes_a_cancelled_call(agent, engine):
     """A call cancelled mid-run (a host's timeout) is finished by `resume(run_id)`."""
-    entered, release = threading.Event(), threading.Event()
-    original = engine.generate
-
-    def generate(*args, **kwargs):
-        if engine.calls["generate"] == 0:  # the first drawing
-            entered.set()
-            release.wait(10)
-        return original(*args, **kwargs)
-
-    engine.generate = generate
+    entered, release = pause(engine, "generate")  # the first drawing
     async with Client(create_mcp(agent)) as client:
         call = asyncio.ensure_future(client.call_tool("generate", {"prompt": "a red circle",
                                                                    "seed": 4, "rounds": 3}))  # fmt: skip
@@ -416,7 +388,7 @@ async def test_resume_finishes_a_cancelled_call(agent, engine):
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await call
-        engine.generate = original
+        del engine.generate
         trace = await asyncio.to_thread(_cancelled_trace, agent, 10)
         listed = _ok(await client.call_tool("runs", {"unfinished": True}))["runs"]
         assert [r["run_id"] for r in listed] == [trace["run_id"]]  # found without progress

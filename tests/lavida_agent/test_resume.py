@@ -16,7 +16,7 @@ import lavida_agent.cli as cli_mod
 from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
 from lavida_agent.errors import GenerationCancelled, InvalidInputError, NotFoundError
 from lavida_agent.traces import load_trace, trace_path
-from tests.fakes import draw
+from tests.fakes import draw, intercept, pause
 
 PROMPT = "a red circle and a blue square"
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
@@ -148,15 +148,11 @@ def test_what_cannot_be_resumed_says_why(agent, engine):
 def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
-    original, drawn = engine.generate, []
 
-    def generate(*args, **kwargs):
-        drawn.append(1)
-        if len(drawn) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second round draws
-        return original(*args, **kwargs)
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
 
-    engine.generate = generate
+    intercept(engine, "generate", 2, ctrl_c)  # Ctrl-C while the second round draws
     runner = CliRunner()
     res = runner.invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
                                       "--rounds", "3", "--steps", "2"])  # fmt: skip
@@ -220,15 +216,8 @@ def test_a_run_killed_after_its_last_checkpoint_gives_its_result(agent, engine):
 
 
 def test_a_run_is_not_resumed_while_it_runs(agent, engine):
-    entered, release, started = threading.Event(), threading.Event(), {}
-    original = engine.generate
-
-    def generate(*args, **kwargs):
-        entered.set()
-        release.wait(10)
-        return original(*args, **kwargs)
-
-    engine.generate = generate
+    started: dict = {}
+    entered, release = pause(engine, "generate")
     worker = threading.Thread(target=lambda: agent.generate(
         PROMPT, seed=1, rounds=1, on_event=lambda ev: started.setdefault("id", ev.get("run_id"))))
     worker.start()
@@ -358,24 +347,16 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
-    original, drawn = engine.generate, []
-
-    def generate(*args, **kwargs):
-        drawn.append(1)
-        if len(drawn) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second round draws
-        return original(*args, **kwargs)
-
-    engine.generate = generate
+    intercept(engine, "generate", 2, lambda: os.kill(os.getpid(), signal.SIGINT))  # 2nd round
     before = signal.getsignal(signal.SIGINT)
     res = CliRunner().invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
                                            "--rounds", "3", "--steps", "2"])  # fmt: skip
     assert res.exit_code == 1 and "Stopping at the next step" in res.output
     assert "the run was cancelled; to finish it: lavida-agent resume " in res.output
     assert signal.getsignal(signal.SIGINT) is before  # the handler is the run's only
-    assert len(drawn) == 2  # the third round was never drawn
+    assert engine.calls["generate"] == 2  # the second round stopped in its sampler; no third
     run_id = res.output.split("lavida-agent resume ")[1].split()[0]
-    engine.generate = original
+    del engine.generate
     res = CliRunner().invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png"])
     assert res.exit_code == 0 and "after 3 round(s), seed 5" in res.output
 
