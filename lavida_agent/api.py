@@ -809,8 +809,8 @@ class LavidaAgent:
         have given. A run paused at `review_plan` resumes with the model's plan. A run that
         had finished (a dropped request, a process killed before its final trace write)
         draws nothing more: its result is read from its last checkpoint; resuming a run
-        again does the same. The resumed traces record the run that finished them
-        (`resumed_by`).
+        again does the same. `traces.recent_runs` shows a run a later one finished as
+        'resumed' (the traces of other runs are never rewritten).
 
         Raises:
             NotFoundError: no trace for `run_id`.
@@ -857,21 +857,7 @@ class LavidaAgent:
             ran = self._run("t2i", graph, None, thread_id=old.thread_id, context=context,
                             inputs=inputs, on_event=on_event, resume=True)  # fmt: skip
             result = self._generate_result(*ran, thread_id=old.thread_id)
-        self._mark_resumed({run_id, origin}, result.run_id)
         return result
-
-    def _mark_resumed(self, run_ids: set[str], by: str) -> None:
-        """Record on each unfinished trace of `run_ids` the run that finished its work, so
-        listings stop offering it. A trace that cannot be rewritten keeps its status."""
-        from lavida_agent.traces import find_trace, load_trace
-
-        for run_id in run_ids:
-            try:
-                old = load_trace(find_trace(run_id, self.settings.runs_dir))
-                if not old.result and not old.resumed_by:
-                    save_trace(old.model_copy(update={"resumed_by": by}), self.settings.runs_dir)  # type: ignore[arg-type]
-            except (LavidaError, OSError) as exc:
-                logger.warning("could not mark run %s as resumed by %s: %s", run_id, by, exc)
 
     # -- edit -----------------------------------------------------------------------------
 

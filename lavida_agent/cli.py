@@ -34,7 +34,8 @@ in input order. A bad line prints `{"error": ..., "line": n}` and the rest still
 exit status is 1 when any line failed. Blank lines are skipped.
 
 Errors print one `Error: ...` line on stderr and exit with status 1 (usage errors: 2);
-`--debug` shows the traceback instead. Progress bars (tqdm) go to stderr and only when it
+`--debug` shows the traceback instead. Ctrl-C during a run stops it at its next step (status
+130, with the `resume` command that finishes it); a second Ctrl-C quits at once. Progress bars (tqdm) go to stderr and only when it
 is a terminal. Heavy imports (torch, the model, LangGraph) happen inside the commands, so
 `--help` stays fast. Tests inject an engine through `ENGINE_FACTORY`.
 """
@@ -103,6 +104,20 @@ def _one_line(exc: BaseException, *, trace: bool = True) -> str:
 
 
 @contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises `KeyboardInterrupt` again (Python's default) inside the block: for a
+    prompt, which `_ctrl_c_stops_the_run`'s handler would otherwise leave waiting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _ctrl_c_stops_the_run() -> Iterator[threading.Event]:
     """A `cancel` event that Ctrl-C sets: the run stops at its next step with
     `GenerationCancelled`, reported with the command that finishes it. A second Ctrl-C quits
@@ -149,10 +164,15 @@ class _LavidaGroup(click.Group):
                            "--out FILE", err=True)  # fmt: skip
             raise click.Abort() from None
         except Exception as exc:
+            from lavida_agent.errors import GenerationCancelled
+
             if (ctx.obj or {}).get("debug"):
                 raise
             _json_error(ctx, _one_line(exc, trace=False), getattr(exc, "run_id", None))
-            raise click.ClickException(_one_line(exc)) from exc
+            error = click.ClickException(_one_line(exc))
+            if isinstance(exc, GenerationCancelled):
+                error.exit_code = 130  # as for Ctrl-C: a script can tell a stop from a failure
+            raise error from exc
 
 
 def _json_error(ctx: click.Context, message: str, run_id: str | None = None) -> None:
@@ -304,8 +324,9 @@ def _review_plan_on_terminal(layout: list[dict[str, Any]]) -> Literal[True] | li
         click.echo(f"  {item['label']}: {[round(v) for v in item['box']]}", err=True)
     while True:
         try:
-            reply = click.prompt("Enter to draw it, or a JSON layout to draw instead", default="",
-                                 show_default=False, err=True).strip()  # fmt: skip
+            with _ctrl_c_raises():  # at the prompt, Ctrl-C ends the prompt (and the run)
+                reply = click.prompt("Enter to draw it, or a JSON layout to draw instead",
+                                     default="", show_default=False, err=True).strip()  # fmt: skip
         except click.Abort:  # end of input, or Ctrl-C
             from lavida_agent.errors import InvalidInputError
 
@@ -492,13 +513,24 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
     progress = _Progress(_progress_enabled(ctx))
     try:
         with _ctrl_c_stops_the_run() as cancel:
-            data = run(_agent(ctx), {**request, "cancel": cancel}, scale=scale, on_event=progress)
+            agent = _loaded_agent(ctx, cancel)
+            data = run(agent, {**request, "cancel": cancel}, scale=scale, on_event=progress)
     finally:
         progress.close()
     if as_json:  # before the trace page: a page that cannot be written loses no result
         _echo_json(data)
     _write_trace_html(ctx, data["run_id"], trace_html)
     return data
+
+
+def _loaded_agent(ctx: click.Context, cancel: threading.Event) -> LavidaAgent:
+    """The agent with its model loaded; Ctrl-C during the load ends the command there, before
+    any run (and its trace) exists."""
+    agent = _agent(ctx)
+    _ = agent.engine
+    if cancel.is_set():
+        raise click.Abort()
+    return agent
 
 
 def _write_trace_html(ctx: click.Context, run_id: str, path: str | None) -> None:
@@ -804,6 +836,7 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
     progress = _Progress(_progress_enabled(ctx))
     try:
         with _ctrl_c_stops_the_run() as cancel:
+            _loaded_agent(ctx, cancel)
             result = s.edit(instruction, seed=seed, rounds=rounds, num_steps=steps,
                             on_event=progress, cancel=cancel)  # fmt: skip
     finally:

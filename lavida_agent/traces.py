@@ -113,8 +113,6 @@ class Trace(BaseModel):
     error_code: str | None = Field(default=None, description="The error's kind: a "
                                    "`LavidaError.code` ('cancelled', ...), or 'interrupted' "
                                    "(Ctrl-C).")  # fmt: skip
-    resumed_by: str | None = Field(default=None, description="The run that finished this "
-                                   "one's work (`LavidaAgent.resume`).")  # fmt: skip
 
     def to_json(self, **kwargs: Any) -> str:
         """The trace as a JSON string."""
@@ -517,14 +515,12 @@ def _pre(data: Any) -> str:
 
 
 def trace_status(t: Trace) -> str:
-    """What became of a run: 'ok'; 'resumed' (a later run finished its work: `resumed_by`);
-    'stopped' (cancelled, or Ctrl-C); 'failed' (any other error); or 'unfinished' (a trace is
-    written when its run starts, so one with neither a result nor an error is still running,
-    or its process was killed)."""
+    """What became of a run, from its own trace: 'ok'; 'stopped' (cancelled, or Ctrl-C);
+    'failed' (any other error); or 'unfinished' (a trace is written when its run starts, so
+    one with neither a result nor an error is still running, or its process was killed).
+    `recent_runs` also says 'resumed' when a later run finished the work."""
     if t.result:
         return "ok"
-    if t.resumed_by:
-        return "resumed"
     if t.error:
         return "stopped" if t.error_code in ("cancelled", "interrupted") else "failed"
     return "unfinished"
@@ -535,26 +531,35 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     """The newest runs first (by trace file time): id, workflow, thread, start, status, error
     and what was asked (`prompt`, `instruction`, `question` or `expressions`).
 
-    `unfinished` keeps the runs a `resume` could finish (generate and edit runs stopped,
-    failed or unfinished, and not resumed since). Unreadable files are skipped."""
+    A run whose work a later run finished (`LavidaAgent.resume`: the same `origin`) is
+    'resumed', with `resumed_by`. `unfinished` keeps the runs a `resume` could finish
+    (generate and edit runs stopped, failed or unfinished, and not resumed since).
+    Unreadable files are skipped."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
     folder = Path(runs_dir)
     paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     out: list[dict[str, Any]] = []
-    for path in paths:
+    finished: dict[str, str] = {}  # origin run -> the newest run that finished its work
+    for path in paths:  # newest first, so a resume is seen before the runs it finished
         try:
             t = Trace.model_validate_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        origin = t.inputs.get("origin") or t.run_id
         status = trace_status(t)
+        if status == "ok":
+            finished[origin] = t.run_id  # when older runs of it come, the first that finished it
+        elif origin in finished:
+            status = "resumed"
         if unfinished and (status in ("ok", "resumed") or t.workflow not in ("t2i", "edit")):
             continue
         asked = {k: t.inputs[k] for k in ("prompt", "instruction", "question", "expressions")
                  if k in t.inputs}  # fmt: skip
         out.append({"run_id": t.run_id, "workflow": t.workflow, "thread_id": t.thread_id,
                     "started_at": t.started_at, "status": status, "error": t.error,
-                    **({"resumed_by": t.resumed_by} if t.resumed_by else {}), **asked})  # fmt: skip
+                    **({"resumed_by": finished[origin]} if status == "resumed" else {}),
+                    **asked})  # fmt: skip
         if len(out) == limit:
             break
     return out
@@ -565,8 +570,6 @@ def _status_html(t: Trace) -> str:
     status = trace_status(t)
     if status in ("failed", "stopped"):
         return f"<span class=err>{html.escape(t.error or '')}</span>"
-    if status == "resumed":
-        return f"resumed: finished by run <code>{html.escape(t.resumed_by or '')}</code>"
     if status == "ok":
         return "ok"
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"

@@ -351,7 +351,7 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     res = CliRunner().invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
                                            "--rounds", "3", "--steps", "2"])  # fmt: skip
-    assert res.exit_code == 1 and "Stopping at the next step" in res.output
+    assert res.exit_code == 130 and "Stopping at the next step" in res.output
     assert "the run was cancelled; to finish it: lavida-agent resume " in res.output
     assert signal.getsignal(signal.SIGINT) is before  # the handler is the run's only
     assert engine.calls["generate"] == 2  # the second round stopped in its sampler; no third
@@ -370,3 +370,51 @@ def test_a_finished_turn_of_a_session_that_moved_on_points_to_its_trace(agent, e
     session.edit("turn1", seed=2)
     with pytest.raises(InvalidInputError, match=f"lavida-agent trace {first.run_id}"):
         agent.resume(first.run_id)
+
+
+def test_a_chain_of_resumes_leaves_nothing_unfinished(agent, engine):
+    """A stopped, B = resume(A) stopped, C = resume(A) finishes: A and B are both 'resumed'
+    by C (worked out from the traces; no trace of another run is rewritten)."""
+    from lavida_agent.traces import recent_runs
+
+    cancel, on_event = _stop_at("critique")
+    with pytest.raises(GenerationCancelled) as a:
+        agent.generate(PROMPT, seed=3, rounds=3, on_event=on_event, cancel=cancel)
+    a_trace = trace_path(a.value.run_id, agent.settings.runs_dir).read_text()
+    cancel, on_event = _stop_at("critique")
+    with pytest.raises(GenerationCancelled) as b:
+        agent.resume(a.value.run_id, on_event=on_event, cancel=cancel)
+    c = agent.resume(a.value.run_id)
+    status = {r["run_id"]: r for r in recent_runs(agent.settings.runs_dir)}
+    for stopped in (a.value.run_id, b.value.run_id):
+        assert status[stopped]["status"] == "resumed" and status[stopped]["resumed_by"] == c.run_id
+    assert recent_runs(agent.settings.runs_dir, unfinished=True) == []
+    assert trace_path(a.value.run_id, agent.settings.runs_dir).read_text() == a_trace
+
+
+def test_ctrl_c_at_the_review_prompt_ends_the_prompt(engine, tmp_path, monkeypatch):
+    """The run's Ctrl-C handler steps aside while `--review-plan` waits for an answer."""
+    import os
+    import signal
+    import time
+
+    import click
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    seen = {}
+
+    def prompt(*args, **kwargs):
+        seen["handler"] = signal.getsignal(signal.SIGINT)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise click.Abort() from None  # what click.prompt does on Ctrl-C
+        return ""
+
+    monkeypatch.setattr(click, "prompt", prompt)
+    res = CliRunner().invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--review-plan"])
+    assert seen["handler"] is signal.default_int_handler
+    assert res.exit_code == 1 and "--review-plan: no answer" in res.output
+    assert "nothing was drawn" in res.output and engine.calls["generate"] == 0

@@ -101,8 +101,6 @@ def test_html_status_tells_ok_failed_and_unfinished(agent, refined):
     failed = refined.trace.model_copy(update={"error": "the run was cancelled", "result": {},
                                               "error_code": "cancelled"})  # fmt: skip
     assert "<span class=err>the run was cancelled</span>" in render_html(failed, agent.store)
-    resumed = failed.model_copy(update={"resumed_by": "r2"})
-    assert "resumed: finished by run <code>r2</code>" in render_html(resumed, agent.store)
     started = refined.trace.model_copy(update={"result": {}, "nodes": []})  # as written at start
     page = render_html(started, agent.store)
     assert "unfinished" in page and f"lavida-agent resume {refined.run_id}" in page
