@@ -9,8 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from lavida_agent.graphs.engine import EditPlanResult, EngineUnavailableError
-from lavida_agent.tools.images import ImageError, save_image
 
 from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
 from lavida_agent.errors import (
@@ -22,6 +20,8 @@ from lavida_agent.errors import (
     WorkflowError,
     map_exceptions,
 )
+from lavida_agent.graphs.engine import EditPlanResult, EngineUnavailableError
+from lavida_agent.tools.images import ImageError, save_image
 from lavida_agent.traces import load_trace
 from tests.fakes import FakeEngine, draw, label_color
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
-from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters
 
 from lavida_agent.cli_model import model
+from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
+from lavida_agent.model.modeling_lavida import LavidaForMaskedDiffusion, count_parameters
 
 
 def run(*args: str):

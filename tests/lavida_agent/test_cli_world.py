@@ -6,12 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+
+from lavida_agent.cli import cli
 from lavida_agent.tools.images import load_image, save_image
 from lavida_agent.tools.shapes_world.language import parse_edit, parse_prompt
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.scene import Object, Scene
-
-from lavida_agent.cli import cli
 
 SCENE = Scene(
     "white",

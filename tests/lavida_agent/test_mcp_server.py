@@ -10,10 +10,10 @@ import json
 
 import numpy as np
 import pytest
-from lavida_agent.graphs.engine import EditPlanResult
-from lavida_agent.tools.images import decode_png, encode_png
 
 from lavida_agent.api import LavidaAgent
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.tools.images import decode_png, encode_png
 from tests.fakes import draw, pause
 
 mcp = pytest.importorskip("mcp")

@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from lavida_agent.graphs.engine import EditPlanResult
 
 import lavida_agent.cli as cli_mod
 from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
 from lavida_agent.errors import GenerationCancelled, InvalidInputError, NotFoundError
+from lavida_agent.graphs.engine import EditPlanResult
 from lavida_agent.traces import load_trace, trace_path
 from tests.fakes import draw, intercept, pause
 
