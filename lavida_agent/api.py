@@ -39,7 +39,7 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -85,6 +85,7 @@ __all__ = (
     "LavidaAgent",
     "RunResult",
     "Session",
+    "run_with_events",
 )
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -793,6 +794,19 @@ class LavidaAgent:
 
     # -- resume ---------------------------------------------------------------------------
 
+    def resume_session(self, run_id: str) -> str | None:
+        """The session a `resume(run_id)` would write to (an edit run's thread), or None (a
+        generate run has a thread of its own): what a surface locks around the resume.
+
+        Raises:
+            NotFoundError: no trace for `run_id`.
+        """
+        from lavida_agent.traces import find_trace, load_trace
+
+        with map_exceptions():
+            trace = load_trace(find_trace(run_id, self.settings.runs_dir))
+        return trace.thread_id if trace.workflow == "edit" else None
+
     def resume(
         self, run_id: str, *, on_event: EventCallback | None = None,
         cancel: threading.Event | None = None,
@@ -1017,6 +1031,51 @@ class LavidaAgent:
         return await _in_thread(self.critique, image, prompt, **kwargs)
 
 
+async def run_with_events(
+    start: Callable[[EventCallback], Awaitable[R]], *, heartbeat_s: float | None = None
+) -> AsyncIterator[tuple[str, Any]]:
+    """Run `start(on_event)` (an async twin given its `on_event`) and yield `("event", ev)`
+    per workflow event, in order, `("ping", None)` after `heartbeat_s` of silence, and last
+    `("result", result)` (or raise the run's error).
+
+    `on_event` is called from the worker thread; the events reach the loop through a queue.
+    Closing the iterator (a client gone, a cancelled call) cancels the run and waits until it
+    has stopped, so a caller holding a session's lock does not release it early.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def on_event(ev: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    task = asyncio.ensure_future(start(on_event))
+    task.add_done_callback(lambda _: queue.put_nowait(None))  # after every event it sent
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=heartbeat_s)
+            except TimeoutError:
+                yield "ping", None
+                continue
+            if ev is None:
+                break
+            yield "event", ev
+        yield "result", task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # the async twin sets the run's cancel event
+            await _stopped(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: the run's own interruption is not logged
+
+
+async def _stopped(fut: asyncio.Future[Any]) -> None:
+    """Wait until `fut` is done, however often this waiter is cancelled meanwhile."""
+    while not fut.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([fut])
+
+
 async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """Run `fn(*args, cancel=event, **kwargs)` in the default executor; on task cancellation
     set the event (the run stops at its next engine call or sampler step), wait until the
@@ -1035,9 +1094,7 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
         cancel.set()
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
-                await asyncio.wait([fut])
+        await _stopped(fut)
         if not fut.cancelled():
             fut.exception()  # the run's own error (its interruption) is retrieved, not logged
         raise

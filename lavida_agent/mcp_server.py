@@ -64,7 +64,14 @@ from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from lavida_agent import __version__, schemas
-from lavida_agent.api import EventCallback, LavidaAgent, RunResult, Session, _in_thread
+from lavida_agent.api import (
+    EventCallback,
+    LavidaAgent,
+    RunResult,
+    Session,
+    _in_thread,
+    run_with_events,
+)
 from lavida_agent.errors import LavidaError
 from lavida_agent.settings import SEED_LIMIT
 from lavida_agent.tools.artifacts import ImageRef
@@ -190,14 +197,10 @@ def create_mcp(
         """Finish a generate or edit run that stopped part-way (a cancelled call, a restarted
         server) from its last checkpoint: what it finished is not drawn again, and the result
         is what the whole run would have given."""
-        from lavida_agent.traces import find_trace, load_trace
-
-        path = await tools.guard(asyncio.to_thread(find_trace, run_id, agent.settings.runs_dir))
-        trace = await tools.guard(asyncio.to_thread(load_trace, path))
-        edit = trace.workflow == "edit"
-        async with tools.lock(trace.thread_id) if edit else contextlib.nullcontext():
+        session = await tools.guard(asyncio.to_thread(agent.resume_session, run_id))
+        async with tools.lock(session) if session else contextlib.nullcontext():
             result = await tools.run(ctx, lambda on_event: agent.aresume(run_id, on_event=on_event))
-        data = {"resumed_from": run_id, **({"session": result.thread_id} if edit else {}),
+        data = {"resumed_from": run_id, **({"session": session} if session else {}),
                 **result.to_dict()}  # fmt: skip
         return tools.answer(result, data)
 
@@ -418,31 +421,17 @@ class _Tools:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self, ctx: Context, call: Callable[[EventCallback], Awaitable[T]]) -> T:
-        """`call(on_event)` (an async agent call), reporting each workflow event as progress."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-        def on_event(ev: dict[str, Any]) -> None:  # called from the worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        task = asyncio.ensure_future(self.guard(call(on_event)))
-        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every event it sent
+        """`call(on_event)` (an async agent call), reporting each workflow event as progress.
+        A cancelled call holds the caller (and its session's lock) until the run stopped."""
         count = 0
-        try:
-            while (ev := await queue.get()) is not None:
+        run = run_with_events(lambda on_event: self.guard(call(on_event)))
+        async with contextlib.aclosing(run):
+            async for kind, value in run:
+                if kind == "result":
+                    return value
                 count += 1
-                await ctx.report_progress(count, None, progress_message(ev))
-            return await task
-        finally:
-            if not task.done():
-                # The async twin stops the run at its next sampler step; wait for that, so a
-                # session's lock (held by the caller) is not released while it still writes.
-                task.cancel()
-                while not task.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait([task])
-                if not task.cancelled():
-                    task.exception()  # retrieved: the run's own interruption is not logged
+                await ctx.report_progress(count, None, progress_message(value))
+        raise AssertionError("run_with_events ends with the result")  # pragma: no cover
 
     async def look(
         self, ctx: Context, image: str, call: Callable[[Any, EventCallback], Awaitable[Any]]

@@ -104,6 +104,7 @@ from lavida_agent.api import (
     GroundResult,
     LavidaAgent,
     Session,
+    run_with_events,
 )
 from lavida_agent.errors import InvalidInputError, LavidaError
 from lavida_agent.settings import Settings
@@ -499,12 +500,8 @@ class _Service:
 
     async def resume(self, run_id: str) -> GenerateResult | EditResult:
         """`agent.aresume(run_id)`, holding the session's lock when the run is an edit turn."""
-        from lavida_agent.traces import find_trace, load_trace
-
-        path = await run_in_threadpool(find_trace, run_id, self.agent.settings.runs_dir)
-        trace = await run_in_threadpool(load_trace, path)
-        lock = self.session_lock(trace.thread_id) if trace.workflow == "edit" else None
-        async with lock if lock is not None else contextlib.nullcontext():
+        session = await run_in_threadpool(self.agent.resume_session, run_id)
+        async with self.session_lock(session) if session else contextlib.nullcontext():
             return await self.agent.aresume(run_id)
 
     # -- previews -----------------------------------------------------------------------------
@@ -540,29 +537,11 @@ class _Service:
         """Run `start(agent, on_event)` and yield `("event", ev)` per workflow event,
         `("ping", None)` after `HEARTBEAT_S` of silence, and finally `("result", result)`
         (or raise the run's error). Closing the iterator cancels the run."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def on_event(ev: dict[str, Any]) -> None:  # called from the worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, ("event", ev))
-
         agent = await self.agent_for(preview_every)
-        task = asyncio.ensure_future(start(agent, on_event))
-        task.add_done_callback(lambda _: queue.put_nowait(("done", None)))
-        try:
-            while True:
-                try:
-                    kind, ev = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_S)
-                except TimeoutError:
-                    yield "ping", None
-                    continue
-                if kind == "done":
-                    break
-                yield kind, ev
-            yield "result", task.result()
-        finally:
-            if not task.done():
-                task.cancel()  # the async twin sets the run's cancel event
+        run = run_with_events(lambda on_event: start(agent, on_event), heartbeat_s=HEARTBEAT_S)
+        async with contextlib.aclosing(run):  # closing this iterator cancels the run now
+            async for item in run:
+                yield item
 
     def preview_png(self, ev: dict[str, Any]) -> bytes | None:
         ref = ev.get("preview")
