@@ -21,6 +21,7 @@ from lavida_agent.api import (
     Session,
 )
 from lavida_agent.errors import (
+    BusyError,
     GenerationCancelled,
     InvalidInputError,
     LavidaError,
@@ -32,6 +33,7 @@ from lavida_agent.settings import Settings
 
 __all__ = [
     "AskResult",
+    "BusyError",
     "CritiqueResult",
     "EditResult",
     "GenerateResult",

@@ -39,14 +39,16 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from lavida_agent import live
 from lavida_agent.errors import (
+    BusyError,
     GenerationCancelled,
     InvalidInputError,
     LavidaError,
@@ -425,8 +427,9 @@ class LavidaAgent:
         self._store: ArtifactStore | None = None
         self._checkpointer: Any = None
         self._graphs: dict[str, Any] = {}
-        self._active: dict[str, list[str]] = {}  # thread id -> ids of the runs on it now
+        self._active: dict[str, list[str]] = {}  # thread id -> what is on it now ('run <id>')
         self._active_lock = threading.Lock()
+        self._live: dict[str, live.ThreadLock] = {}  # thread id -> its lock, while it runs here
 
     # -- construction ---------------------------------------------------------------------
 
@@ -599,20 +602,57 @@ class LavidaAgent:
                   "recursion_limit": 16 + 6 * context.max_rounds}  # fmt: skip
         if isinstance(payload, dict) and not resume:
             payload = {**payload, "run_id": run_id}  # the state names the run that started it
-        with self._active_lock:
-            running = self._active.setdefault(thread_id, [])
-            if resume and running:
-                raise InvalidInputError(f"{workflow} thread {thread_id!r} is running now (run "
-                                        f"{running[0]}): resume it after that run ends")  # fmt: skip
-            running.append(run_id)
-        try:
+        what = f"session {thread_id!r}" if workflow == "edit" else f"{workflow} thread {thread_id!r}"
+        with self._on_thread(thread_id, run_id, what, alone=resume):
             return self._stream_run(run_id, rec, workflow, graph, payload, config, context,
                                     on_event, lineage, on_interrupt, resume)  # fmt: skip
+
+    def _refuse_busy(self, thread_id: str, what: str) -> None:
+        """Raise `BusyError` when a run (of this agent or another process) is on the thread:
+        its state is still changing, so nothing can be read from it yet."""
+        with self._active_lock:
+            mine = list(self._active.get(thread_id, ()))
+        if mine:
+            raise BusyError(f"{what} is running now ({mine[0]}): try again when it ends")
+        other = live.holder(self.settings.runs_dir, thread_id)  # type: ignore[arg-type]
+        if other is not None:
+            raise BusyError(live.busy_message(what, other))
+
+    @contextlib.contextmanager
+    def _on_thread(self, thread_id: str, run_id: str | None, what: str, *, alone: bool,
+                   doing: str | None = None) -> Iterator[None]:  # fmt: skip
+        """Record `run_id` (or, for a change that is no run, `doing`: "an undo") as on
+        `thread_id` for the block, and hold the thread against other processes
+        (`live.hold`) while anything of this agent is on it.
+
+        Args:
+            what: how a refusal names the thread.
+            alone: refuse when a run of this agent is on the thread already.
+
+        Raises:
+            BusyError: another process is on the thread (or, with `alone`, this agent).
+        """
+        label = doing or f"run {run_id}"
+        with self._active_lock:
+            running = self._active.setdefault(thread_id, [])
+            if alone and running:
+                raise BusyError(f"{what} is running now ({running[0]}): try again when it ends")
+            if not running:
+                try:
+                    self._live[thread_id] = live.hold(self.settings.runs_dir, thread_id,  # type: ignore[arg-type]
+                                                      run_id=run_id, doing=label, what=what)  # fmt: skip
+                except BaseException:
+                    self._active.pop(thread_id, None)
+                    raise
+            running.append(label)
+        try:
+            yield
         finally:
             with self._active_lock:
-                running.remove(run_id)
+                running.remove(label)
                 if not running:
                     self._active.pop(thread_id, None)
+                    self._live.pop(thread_id).release()
 
     def _stream_run(self, run_id: str, rec: TraceRecorder, workflow: str, graph: Any,
                     payload: Any, config: dict[str, Any], context: Context,
@@ -828,9 +868,10 @@ class LavidaAgent:
 
         Raises:
             NotFoundError: no trace for `run_id`.
+            BusyError: a run is on its thread now (in this agent or another process).
             InvalidInputError: its thread has moved on since (another turn of its session,
-                a restart, an undo), the thread is running now in this agent, it ran on
-                another model, or it is not a generate or edit run.
+                a restart, an undo), it ran on another model, or it is not a generate or
+                edit run.
         """
         from lavida_agent.traces import find_trace, load_trace
 
@@ -843,6 +884,7 @@ class LavidaAgent:
         if model != self.settings.model_path:
             raise InvalidInputError(f"run {run_id} ran on model {model!r}; this agent runs "
                                     f"{self.settings.model_path!r}")  # fmt: skip
+        self._refuse_busy(old.thread_id, f"run {run_id}'s thread {old.thread_id!r}")
         session = self.session(old.thread_id) if old.workflow == "edit" else None
         graph = session._session.graph if session is not None else self._graph("t2i")
         with map_exceptions():
@@ -1342,7 +1384,7 @@ class Session:
         Raises:
             InvalidInputError: nothing to undo.
         """
-        return self._move(lambda session: session.undo())
+        return self._move("undo", lambda session: session.undo())
 
     def redo(self) -> ImageRef:
         """Return to where the last `undo` or `branch` left from (a new branch again).
@@ -1351,12 +1393,15 @@ class Session:
         Raises:
             InvalidInputError: nothing to redo (no undo or branch since the last edit).
         """
-        return self._move(lambda session: session.redo())
+        return self._move("redo", lambda session: session.redo())
 
-    def _move(self, how: Callable[[Any], Any]) -> ImageRef:
-        """`how(graph session)` (undo, redo, branch); the new current image."""
+    def _move(self, name: str, how: Callable[[Any], Any]) -> ImageRef:
+        """`how(graph session)` (`name`: undo, redo, branch), alone on the session; the new
+        current image."""
         self._require()
-        with map_exceptions():
+        doing = f"an {name}" if name[0] in "aeiou" else f"a {name}"
+        with self.agent._on_thread(self.thread_id, None, f"session {self.thread_id!r}",
+                                   alone=True, doing=doing), map_exceptions():  # fmt: skip
             how(self._session)
         ref = self.current
         assert ref is not None
@@ -1373,4 +1418,4 @@ class Session:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
             raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
                                     f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
-        return self._move(lambda session: session.branch(step))
+        return self._move("branch", lambda session: session.branch(step))

@@ -133,6 +133,8 @@ def _ctrl_c_stops_the_run() -> Iterator[threading.Event]:
     def on_sigint(signum: int, frame: Any) -> None:
         if cancel.is_set():
             click.echo("\nQuitting.", err=True)
+            with contextlib.suppress(Exception):  # keep the results printed so far (a pipe)
+                sys.stdout.flush()
             os._exit(130)
         cancel.set()
         click.echo("\nStopping at the next step (Ctrl-C again to quit now)...", err=True)
@@ -364,7 +366,7 @@ def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str,
         exprs = [exprs]
     if args.get("out"):
         _check_out(args["out"])
-    result = agent.ground(args["image"], exprs)
+    result = agent.ground(args["image"], exprs, cancel=args.get("cancel"))
     if args.get("out"):
         from lavida_agent.tools.draw import draw_boxes
         from lavida_agent.tools.images import load_image, save_image
@@ -379,12 +381,12 @@ def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str,
 
 
 def _run_ask(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, Any]:
-    result = agent.ask(args["image"], args["question"])
+    result = agent.ask(args["image"], args["question"], cancel=args.get("cancel"))
     return {"image": str(args["image"]), **result.to_dict()}
 
 
 def _run_critique(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str, Any]:
-    result = agent.critique(args["image"], args["prompt"])
+    result = agent.critique(args["image"], args["prompt"], cancel=args.get("cancel"))
     return {"image": str(args["image"]), **result.to_dict()}
 
 
@@ -437,38 +439,53 @@ def _reject_with_batch(batch: IO[str] | None, given: dict[str, Any]) -> None:
 
 def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str, Any],
                *, scale: int, workers: int) -> None:  # fmt: skip
-    """Run every line of a JSONL file; print one JSON result per line, in order."""
-    agent = _agent(ctx)
-    debug = ctx.ensure_object(dict).get("debug")
+    """Run every line of a JSONL file; print one JSON result per line, in order.
+
+    Ctrl-C stops the lines running at their next step and starts no more: each of those
+    gets an error result (a stopped generate or edit names its `run_id`, which `resume`
+    finishes), so the output still has one line per input line; the exit status is 130."""
     lines = list(_batch_lines(fh))
+    debug = ctx.ensure_object(dict).get("debug")
     show = _progress_enabled(ctx)
+    with _ctrl_c_stops_the_run() as cancel:
+        agent = _loaded_agent(ctx, cancel)
 
-    def one(item: tuple[int, str]) -> dict[str, Any]:
-        n, line = item
-        try:
-            args = _check_batch_args(command, json.loads(line))
-            merged = {**{k: v for k, v in defaults.items() if v is not None}, **args}
-            progress = _Progress(show and workers == 1, label=f"line {n}")
+        def one(item: tuple[int, str]) -> dict[str, Any]:
+            n, line = item
+            if cancel.is_set():
+                return {"error": "not run: the batch was stopped (Ctrl-C)", "line": n}
             try:
-                return _RUNNERS[command](agent, merged, scale=scale, on_event=progress)
-            finally:
-                progress.close()
-        except Exception as exc:
-            if debug:
-                traceback.print_exc(file=sys.stderr)
-            message = f"invalid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else None
-            return {"error": message or _one_line(exc), "line": n}
+                args = _check_batch_args(command, json.loads(line))
+                merged = {**{k: v for k, v in defaults.items() if v is not None}, **args,
+                          "cancel": cancel}  # fmt: skip
+                progress = _Progress(show and workers == 1, label=f"line {n}")
+                try:
+                    return _RUNNERS[command](agent, merged, scale=scale, on_event=progress)
+                finally:
+                    progress.close()
+            except Exception as exc:
+                if debug:
+                    traceback.print_exc(file=sys.stderr)
+                message = f"invalid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else None
+                run_id = getattr(exc, "run_id", None)
+                return {"error": message or _one_line(exc), "line": n,
+                        **({"run_id": run_id} if run_id else {})}  # fmt: skip
 
-    failed = 0
-    from tqdm import tqdm
+        failed = 0
+        from tqdm import tqdm
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(lines), desc=command, file=sys.stderr, disable=not show, unit="line"
-    ) as bar:  # fmt: skip
-        for result in pool.map(one, lines):
-            failed += "error" in result
-            _echo_json(result)
-            bar.update(1)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=len(lines), desc=command, file=sys.stderr, disable=not show, unit="line"
+        ) as bar:  # fmt: skip
+            for result in pool.map(one, lines):
+                failed += "error" in result
+                _echo_json(result)
+                bar.update(1)
+    if cancel.is_set():
+        error = click.ClickException(f"stopped (Ctrl-C): {len(lines) - failed} of {len(lines)} "
+                                     "line(s) done; the others have error lines")  # fmt: skip
+        error.exit_code = 130
+        raise error
     if failed:
         raise click.ClickException(f"{failed} of {len(lines)} line(s) failed")
 
@@ -971,7 +988,8 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
     if as_json:
         click.echo(trace.to_json(indent=1))
         return
-    page = render_html(trace, ArtifactStore(settings.artifacts_dir), scale=scale)  # type: ignore[arg-type]
+    page = render_html(trace, ArtifactStore(settings.artifacts_dir), scale=scale,  # type: ignore[arg-type]
+                       runs_dir=settings.runs_dir)  # fmt: skip
     if out == "-":
         click.echo(page)
     else:
@@ -989,7 +1007,7 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
 @_common
 @click.pass_context
 def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) -> None:
-    """List the newest runs: id, workflow, status (ok, stopped, failed, unfinished,
+    """List the newest runs: id, workflow, status (ok, running, stopped, failed, unfinished,
     resumed), start, what was asked. `lavida-agent trace RUN_ID` shows one; `lavida-agent
     resume RUN_ID` finishes one."""
     from lavida_agent.traces import recent_runs

@@ -6,7 +6,8 @@ detail). Each class carries a stable `code` and the HTTP status a server should 
 
     LavidaError
     ├── InvalidInputError      (also a ValueError)
-    │   └── NotFoundError      (also a KeyError)
+    │   ├── NotFoundError      (also a KeyError)
+    │   └── BusyError
     ├── ModelLoadError
     ├── GenerationCancelled
     └── WorkflowError
@@ -25,6 +26,7 @@ import functools
 from collections.abc import Iterator, Mapping
 
 __all__ = (
+    "BusyError",
     "GenerationCancelled",
     "InvalidInputError",
     "LavidaError",
@@ -61,6 +63,14 @@ class NotFoundError(InvalidInputError, KeyError):
 
     code = "not_found"
     http_status = 404
+
+
+class BusyError(InvalidInputError):
+    """A session or run is taken by a run in progress (here or in another process): nothing
+    was run; try again when that run ends."""
+
+    code = "busy"
+    http_status = 409
 
 
 # -- the model ----------------------------------------------------------------------------

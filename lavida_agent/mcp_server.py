@@ -210,8 +210,8 @@ def create_mcp(
         unfinished: Annotated[bool, Field(description="Only generate and edit runs that did "
                                           "not finish (what `resume` takes).")] = False,
     ) -> CallToolResult:  # fmt: skip
-        """The newest runs first: run_id, workflow, status (ok, stopped, failed, unfinished,
-        resumed), when, and what was asked. A call that was cancelled or timed out is here
+        """The newest runs first: run_id, workflow, status (ok, running, stopped, failed,
+        unfinished, resumed), when, and what was asked. A call that was cancelled or timed out is here
         with its run_id."""
         from lavida_agent.traces import recent_runs
 
@@ -310,7 +310,8 @@ def create_mcp(
 
 class _StrictServer(MCPServer):
     """An `MCPServer` that refuses arguments a tool does not take (a misspelt `sead` would
-    otherwise be dropped and the call run with a random seed)."""
+    otherwise be dropped and the call run with a random seed), and says a badly typed one in
+    one `field: message` line."""
 
     async def call_tool(self, name: str, arguments: dict[str, Any],
                         context: Any = None) -> Any:  # fmt: skip
@@ -320,7 +321,15 @@ class _StrictServer(MCPServer):
             if unknown:
                 known = ", ".join(sorted(schema.get("properties", {})))
                 raise ToolError(f"{unknown[0]}: unknown argument of {name} (it takes {known})")
-        return await super().call_tool(name, arguments, context)
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            # The SDK's own check of the arguments' types: said the way every surface says
+            # it (`seed: Input should be ...`), not as pydantic's multi-line report.
+            _, message = schemas.validation_message(exc.__cause__)
+            raise ToolError(f"Error executing tool {name}: {message}") from exc.__cause__
 
 
 class _Tools:

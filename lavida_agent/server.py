@@ -24,8 +24,8 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
     POST /v1/sessions/{id}/branch     BranchRequest      -> SessionResponse
     POST /v1/runs/stream              RunStreamRequest   -> text/event-stream
     POST /v1/runs/{run_id}/resume                        -> GenerateResponse | EditResponse
-    GET  /v1/runs?limit=&unfinished=  the newest runs and their status (ok, stopped, failed,
-                                      unfinished, resumed)
+    GET  /v1/runs?limit=&unfinished=  the newest runs and their status (ok, running, stopped,
+                                      failed, unfinished, resumed)
     GET  /v1/traces/{run_id}          the JSON trace;  /v1/traces/{run_id}.html the viewer
     GET  /v1/artifacts/{sha256}       a stored image (PNG; content-addressed, cached forever)
     GET  /healthz
@@ -836,7 +836,8 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         from lavida_agent.traces import load_trace, render_html
 
         def render() -> str:
-            return render_html(load_trace(_trace_file(run_id)), svc.agent.store)
+            return render_html(load_trace(_trace_file(run_id)), svc.agent.store,
+                               runs_dir=svc.agent.settings.runs_dir)  # fmt: skip
 
         return HTMLResponse(await run_in_threadpool(render))
 
@@ -953,8 +954,8 @@ _RUN_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.RunStreamRequest)
 def _resume_route(app: FastAPI, svc: _Service) -> None:
     @app.get("/v1/runs", responses=_ERRORS, tags=["native"])
     async def list_runs(limit: int = 20, unfinished: bool = False) -> dict[str, Any]:
-        """The newest runs first: `run_id`, workflow, status (ok, stopped, failed, unfinished,
-        resumed), start and what was asked; `unfinished=true` keeps what
+        """The newest runs first: `run_id`, workflow, status (ok, running, stopped, failed,
+        unfinished, resumed), start and what was asked; `unfinished=true` keeps what
         `/v1/runs/{run_id}/resume` takes."""
         from lavida_agent.traces import recent_runs
 

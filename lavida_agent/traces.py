@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from lavida_agent import live
 from lavida_agent.errors import InvalidInputError, NotFoundError
 
 __all__ = (
@@ -514,15 +515,18 @@ def _pre(data: Any) -> str:
     return "<pre>" + html.escape(json.dumps(data, indent=1, default=str)) + "</pre>"
 
 
-def trace_status(t: Trace) -> str:
+def trace_status(t: Trace, runs_dir: str | Path | None = None) -> str:
     """What became of a run, from its own trace: 'ok'; 'stopped' (cancelled, or Ctrl-C);
-    'failed' (any other error); or 'unfinished' (a trace is written when its run starts, so
-    one with neither a result nor an error is still running, or its process was killed).
-    `recent_runs` also says 'resumed' when a later run finished the work."""
+    'failed' (any other error); 'running' (no result or error yet, and its process holds
+    its thread: `lavida_agent.live`; needs `runs_dir`); or 'unfinished' (its process ended
+    before the run did: killed, or it crashed). `recent_runs` also says 'resumed' when a
+    later run finished the work."""
     if t.result:
         return "ok"
     if t.error:
         return "stopped" if t.error_code in ("cancelled", "interrupted") else "failed"
+    if runs_dir is not None and (live.holder(runs_dir, t.thread_id) or {}).get("run_id") == t.run_id:
+        return "running"
     return "unfinished"
 
 
@@ -533,7 +537,8 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
 
     A run whose work a later run finished (`LavidaAgent.resume`: the same `origin`) is
     'resumed', with `resumed_by`. `unfinished` keeps the runs a `resume` could finish
-    (generate and edit runs stopped, failed or unfinished, and not resumed since).
+    (generate and edit runs stopped, failed or unfinished, and not resumed since; not the
+    ones still running).
     Unreadable files are skipped."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
@@ -547,12 +552,12 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
         except (OSError, ValueError):
             continue
         origin = t.inputs.get("origin") or t.run_id
-        status = trace_status(t)
+        status = trace_status(t, folder)
         if status == "ok":
             finished[origin] = t.run_id  # when older runs of it come, the first that finished it
         elif origin in finished:
             status = "resumed"
-        if unfinished and (status in ("ok", "resumed") or t.workflow not in ("t2i", "edit")):
+        if unfinished and (status in ("ok", "resumed", "running") or t.workflow not in ("t2i", "edit")):
             continue
         asked = {k: t.inputs[k] for k in ("prompt", "instruction", "question", "expressions")
                  if k in t.inputs}  # fmt: skip
@@ -565,19 +570,21 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     return out
 
 
-def _status_html(t: Trace) -> str:
-    """ok, the error, or unfinished (see `trace_status`)."""
-    status = trace_status(t)
+def _status_html(t: Trace, runs_dir: str | Path | None) -> str:
+    """ok, the error, running or unfinished (see `trace_status`)."""
+    status = trace_status(t, runs_dir)
     if status in ("failed", "stopped"):
         return f"<span class=err>{html.escape(t.error or '')}</span>"
-    if status == "ok":
-        return "ok"
+    if status in ("ok", "running"):
+        return status
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"
             if t.workflow in ("t2i", "edit") else "")  # fmt: skip
-    return f"<span class=err>unfinished: still running, or its process stopped</span>{hint}"
+    why = "its process stopped before the run did" if runs_dir is not None else "still running, or its process stopped"
+    return f"<span class=err>unfinished: {why}</span>{hint}"
 
 
-def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) -> str:
+def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4,
+                runs_dir: str | Path | None = None) -> str:  # fmt: skip
     """Render a trace as one self-contained HTML page (no external resources).
 
     Args:
@@ -585,6 +592,8 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
         store: the `ArtifactStore` holding the trace's images (a missing image is drawn as a
             grey placeholder, so an old trace still renders).
         scale: nearest-neighbour upscale of every image (64 px -> 256 px by default).
+        runs_dir: where the run's trace lives; with it, a run without an end says whether
+            it is still running (`trace_status`).
 
     Returns:
         The HTML text: one `<img>` (inline base64 PNG) per node, in run order.
@@ -598,7 +607,7 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4) ->
            f"<tr><th>thread</th><td><code>{esc(t.thread_id)}</code></td></tr>",
            f"<tr><th>started</th><td>{esc(t.started_at)}</td></tr>",
            f"<tr><th>elapsed</th><td>{t.elapsed_s:.3f} s</td></tr>",
-           f"<tr><th>status</th><td>{_status_html(t)}</td></tr>",
+           f"<tr><th>status</th><td>{_status_html(t, runs_dir)}</td></tr>",
            "</table>",
            "<h2>Inputs</h2>", _pre(t.inputs)]  # fmt: skip
     # Timings.

@@ -361,6 +361,31 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
     assert res.exit_code == 0 and "after 3 round(s), seed 5" in res.output
 
 
+def test_ctrl_c_stops_a_batch_with_one_line_out_per_line_in(engine, tmp_path, monkeypatch):
+    """Ctrl-C in a batch stops the line running at its next step and starts no more; every
+    input line still gets its output line (the stopped one names its run), exit 130."""
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    lines = [{"prompt": PROMPT, "out": f"{i}.png", "seed": i, "rounds": 2} for i in range(4)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    intercept(engine, "generate", 4, lambda: os.kill(os.getpid(), signal.SIGINT))  # line 2, round 2
+    res = CliRunner().invoke(cli_mod.cli, ["generate", "--batch", "in.jsonl", "--steps", "2"])
+    assert res.exit_code == 130, res.output
+    out = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [("error" in o, o.get("line")) for o in out] == [(False, None), (True, 2), (True, 3), (True, 4)]
+    assert out[0]["out"] == "0.png" and (tmp_path / "0.png").exists() and not (tmp_path / "1.png").exists()
+    assert "to finish it: lavida-agent resume " + out[1]["run_id"] in out[1]["error"]
+    assert out[2] == out[3] | {"line": 3} and "not run" in out[2]["error"] and "run_id" not in out[2]
+    assert "stopped (Ctrl-C): 1 of 4 line(s) done" in res.output
+    assert engine.calls["generate"] == 4  # nothing was drawn after the stop
+    del engine.generate
+    res = CliRunner().invoke(cli_mod.cli, ["resume", out[1]["run_id"], "--out", "1.png"])
+    assert res.exit_code == 0 and "after 2 round(s), seed 1" in res.output
+
+
 def test_a_finished_turn_of_a_session_that_moved_on_points_to_its_trace(agent, engine):
     session = agent.session()
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))

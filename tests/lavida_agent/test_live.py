@@ -1,0 +1,175 @@
+"""A run holds its thread against other processes (`lavida_agent.live`): a turn, an undo or a
+resume on a thread another process runs is refused with `BusyError`, `runs` says 'running'
+rather than 'unfinished', and a killed process leaves nothing locked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from lavida_agent import live
+from lavida_agent.errors import BusyError, GenerationCancelled, InvalidInputError
+from lavida_agent.traces import load_trace, recent_runs, render_html
+from tests.fakes import draw, pause
+
+PROMPT = "a red circle and a blue square"
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+
+_HOLDER = """
+import sys
+from lavida_agent import live
+live.hold(sys.argv[1], sys.argv[2], run_id=sys.argv[3], doing=f"run {sys.argv[3]}", what="x")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def other_process(tmp_path):
+    """Start a process that holds a thread (`hold(runs_dir, thread_id, run_id)`) until it is
+    killed; every one still alive is killed at the end."""
+    procs = []
+
+    def hold(runs_dir, thread_id: str, run_id: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(runs_dir), thread_id, run_id],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)  # no clean-up runs: the OS alone drops the lock
+    proc.wait(10)
+
+
+def test_a_thread_lock_is_exclusive_names_its_holder_and_is_given_back(tmp_path):
+    lock = live.hold(tmp_path, "t1", run_id="r1", doing="run r1", what="session 't1'")
+    assert live.holder(tmp_path, "t1") == {"pid": os.getpid(), "run_id": "r1", "doing": "run r1", "thread_id": "t1"}
+    assert live.holder(tmp_path, "t2") is None
+    with pytest.raises(BusyError, match=rf"session 't1' is running now in another process \(pid {os.getpid()}, run r1\)"):
+        live.hold(tmp_path, "t1", run_id=None, doing="an undo", what="session 't1'")
+    other = live.hold(tmp_path, "t2", run_id=None, doing="an undo", what="x")  # threads are independent
+    lock.release()
+    lock.release()  # idempotent
+    assert live.holder(tmp_path, "t1") is None
+    assert live.holder(tmp_path, "t2")["doing"] == "an undo"
+    live.hold(tmp_path, "t1", run_id="r4", doing="run r4", what="x").release()
+    other.release()
+    assert list((tmp_path / ".live").iterdir()) == []  # nothing left behind
+
+
+def test_a_killed_holder_leaves_its_thread_free(tmp_path, other_process):
+    proc = other_process(tmp_path, "t1", "r1")
+    assert live.holder(tmp_path, "t1") == {"pid": proc.pid, "run_id": "r1", "doing": "run r1", "thread_id": "t1"}
+    with pytest.raises(BusyError, match=f"pid {proc.pid}, run r1"):
+        live.hold(tmp_path, "t1", run_id="r2", doing="run r2", what="x")
+    _kill(proc)
+    assert live.holder(tmp_path, "t1") is None  # its file is still there, unlocked
+    live.hold(tmp_path, "t1", run_id="r2", doing="run r2", what="x").release()
+
+
+def test_a_session_another_process_runs_is_refused_and_left_as_it_was(agent, engine, other_process):
+    result = agent.edit(draw(np.zeros((64, 64, 3), np.uint8), [RED]), "make the red circle blue", seed=1)
+    session = agent.session(result.thread_id)
+    before = session.state().model_dump()
+    calls = len(engine.calls)
+    proc = other_process(agent.settings.runs_dir, result.thread_id, "elsewhere")
+    for attempt in (lambda: session.edit("remove the red circle", seed=2),
+                    session.undo,
+                    lambda: session.branch(0)):  # fmt: skip
+        with pytest.raises(BusyError, match=f"session '{result.thread_id}' is running now in "
+                                            f"another process \\(pid {proc.pid}, run elsewhere\\)"):  # fmt: skip
+            attempt()
+    assert session.state().model_dump() == before and len(engine.calls) == calls
+    agent.generate(PROMPT, seed=1, rounds=1)  # other threads run as usual
+    _kill(proc)
+    assert session.edit("remove the red circle", seed=2).accepted is not None
+
+
+def test_runs_say_running_and_resume_waits_for_the_process_that_runs(agent, engine, other_process):
+    cancel = threading.Event()
+
+    def stop_at_start(ev: dict) -> None:
+        if ev.get("event") == "run_start":
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled) as stopped:
+        agent.generate(PROMPT, seed=1, on_event=stop_at_start, cancel=cancel)
+    run_id = stopped.value.run_id
+    [row] = recent_runs(agent.settings.runs_dir)
+    thread_id = row["thread_id"]
+    # As if another process were running it now (its trace has neither result nor error).
+    trace_file = agent.settings.runs_dir / f"{run_id}.json"
+    text = trace_file.read_text()
+    trace_file.write_text(text.replace('"error_code": "cancelled"', '"error_code": null')
+                          .replace('"error": "', '"error_was": "'))  # fmt: skip
+    proc = other_process(agent.settings.runs_dir, thread_id, run_id)
+    assert recent_runs(agent.settings.runs_dir)[0]["status"] == "running"
+    assert recent_runs(agent.settings.runs_dir, unfinished=True) == []  # nothing to resume yet
+    page = render_html(load_trace(trace_file), agent.store, runs_dir=agent.settings.runs_dir)
+    assert "<td>running</td>" in page and "unfinished" not in page
+    with pytest.raises(BusyError, match=f"another process \\(pid {proc.pid}, run {run_id}\\)"):
+        agent.resume(run_id)
+    _kill(proc)
+    [row] = recent_runs(agent.settings.runs_dir, unfinished=True)
+    assert row["status"] == "unfinished"
+    done = agent.resume(run_id)
+    assert recent_runs(agent.settings.runs_dir)[1] == {
+        **recent_runs(agent.settings.runs_dir)[1], "run_id": run_id, "status": "resumed", "resumed_by": done.run_id}
+
+
+def test_in_this_process_a_run_shows_as_running_and_an_undo_waits(agent, engine):
+    result = agent.edit(draw(np.zeros((64, 64, 3), np.uint8), [RED]), "make the red circle blue", seed=1)
+    session = agent.session(result.thread_id)
+    entered, release = pause(engine, "edit")
+    started: dict = {}
+    worker = threading.Thread(target=lambda: session.edit(
+        "remove the red circle", seed=2, on_event=lambda ev: started.setdefault("id", ev.get("run_id"))))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        [row] = [r for r in recent_runs(agent.settings.runs_dir) if r["run_id"] == started["id"]]
+        assert row["status"] == "running"
+        with pytest.raises(BusyError, match=f"session '{result.thread_id}' is running now \\(run {started['id']}\\)"):
+            session.undo()
+        with pytest.raises(BusyError, match=f"pid {os.getpid()}, run {started['id']}"):  # what another process meets
+            live.hold(agent.settings.runs_dir, result.thread_id, run_id=None, doing="an undo", what="x")
+        with pytest.raises(BusyError, match="is running now"):
+            agent.resume(started["id"])
+    finally:
+        release.set()
+        worker.join(10)
+    assert recent_runs(agent.settings.runs_dir)[0]["status"] == "ok"
+    session.undo()  # free again
+    assert live.holder(agent.settings.runs_dir, result.thread_id) is None
+
+
+def test_busy_is_an_invalid_input_with_http_409():
+    assert issubclass(BusyError, InvalidInputError)
+    assert (BusyError.code, BusyError.http_status) == ("busy", 409)
+
+
+async def test_over_http_a_session_another_process_runs_is_a_409(agent, other_process):
+    import httpx
+
+    from lavida_agent.server import create_app
+
+    result = agent.edit(draw(np.zeros((64, 64, 3), np.uint8), [RED]), "make the red circle blue", seed=1)
+    proc = other_process(agent.settings.runs_dir, result.thread_id, "elsewhere")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent=agent)),
+                                 base_url="http://test") as client:  # fmt: skip
+        r = await client.post(f"/v1/sessions/{result.thread_id}/undo")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "busy" and f"pid {proc.pid}" in r.json()["error"]["message"]
