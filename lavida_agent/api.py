@@ -627,15 +627,17 @@ class LavidaAgent:
 
         Args:
             what: how a refusal names the thread.
-            alone: refuse when a run of this agent is on the thread already.
+            alone: refuse when a run of this agent is on the thread already. (Runs share a
+                thread with each other, never with a change that is no run.)
 
         Raises:
-            BusyError: another process is on the thread (or, with `alone`, this agent).
+            BusyError: another process is on the thread (or, with `alone` or during an
+                undo, redo, branch or restart, this agent).
         """
         label = doing or f"run {run_id}"
         with self._active_lock:
             running = self._active.setdefault(thread_id, [])
-            if alone and running:
+            if running and (alone or any(not r.startswith("run ") for r in running)):
                 raise BusyError(f"{what} is running now ({running[0]}): try again when it ends")
             if not running:
                 try:
@@ -645,14 +647,23 @@ class LavidaAgent:
                     self._active.pop(thread_id, None)
                     raise
             running.append(label)
+            self._record_live(thread_id)
         try:
             yield
         finally:
             with self._active_lock:
                 running.remove(label)
-                if not running:
+                if running:
+                    self._record_live(thread_id)
+                else:
                     self._active.pop(thread_id, None)
                     self._live.pop(thread_id).release()
+
+    def _record_live(self, thread_id: str) -> None:
+        """Write what this agent runs on `thread_id` into its lock (under `_active_lock`)."""
+        running = self._active[thread_id]
+        with contextlib.suppress(OSError):  # only what others are told; the lock holds anyway
+            self._live[thread_id].record(running, [r[4:] for r in running if r.startswith("run ")])
 
     def _stream_run(self, run_id: str, rec: TraceRecorder, workflow: str, graph: Any,
                     payload: Any, config: dict[str, Any], context: Context,
@@ -1284,8 +1295,9 @@ class Session:
     def start(self, image: ImageInput) -> ImageRef:
         """Start (or restart) the session from `image` (letterboxed); returns its ref."""
         _, ref, params, size = self.agent._prepare_image(image)
-        self._letterbox = (params, size)
-        with map_exceptions():
+        with self.agent._on_thread(self.thread_id, None, f"session {self.thread_id!r}",
+                                   alone=True, doing="a restart"), map_exceptions():  # fmt: skip
+            self._letterbox = (params, size)
             self._session.graph.update_state(
                 self._session.config,
                 {"instruction": "", "current": ref, "current_step": None, "image": None,

@@ -19,6 +19,7 @@
     lavida-agent train export RUN --out DIR        (a run's latest checkpoint as a pipeline folder)
     lavida-agent serve [--host H] [--port P]        (the HTTP API, and the MCP tools at /mcp)
     lavida-agent mcp                               (the MCP tools over stdio, for an MCP host)
+    lavida-agent comfyui install COMFYUI_DIR       (the ComfyUI nodes, into custom_nodes/)
     lavida-agent world ... / model ...
 
 Global options: `--model PATH` (a checkpoint folder; default: the embedded one), `--home DIR`,
@@ -448,7 +449,7 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
     debug = ctx.ensure_object(dict).get("debug")
     show = _progress_enabled(ctx)
     with _ctrl_c_stops_the_run() as cancel:
-        agent = _loaded_agent(ctx, cancel)
+        agent = _agent(ctx)  # the model loads with the first line that needs it
 
         def one(item: tuple[int, str]) -> dict[str, Any]:
             n, line = item
@@ -1241,6 +1242,34 @@ def mcp(ctx: click.Context) -> None:
         click.echo("lavida-agent mcp: serving MCP on stdin/stdout; an MCP host launches this "
                    "command (see the README). Ctrl-C stops it.", err=True)  # fmt: skip
     create_mcp(_agent(ctx)).run("stdio")
+
+
+@cli.group(cls=_LavidaGroup)
+def comfyui() -> None:
+    """ComfyUI nodes: Lavida Generate, Edit, Ground, Ask and Critique."""
+
+
+@comfyui.command("install")
+@click.argument("comfyui_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--force", is_flag=True, help="Replace a lavida_agent_nodes.py already there.")
+@_common
+def comfyui_install(comfyui_dir: str, force: bool) -> None:
+    """Add the nodes to the ComfyUI at COMFYUI_DIR: writes custom_nodes/lavida_agent_nodes.py,
+    one import of `lavida_agent.comfyui`. Install lavida-agent into the Python that runs
+    ComfyUI too (its `pip install`), then restart ComfyUI; the nodes are under
+    'lavida-agent'."""
+    from lavida_agent.comfyui import SHIM
+
+    nodes = Path(comfyui_dir) / "custom_nodes"
+    if not nodes.is_dir():
+        raise click.ClickException(f"{comfyui_dir} has no custom_nodes folder: is it a ComfyUI "
+                                   "checkout (the folder with main.py)?")  # fmt: skip
+    target = nodes / "lavida_agent_nodes.py"
+    if target.exists() and not force and target.read_text(encoding="utf-8") != SHIM:
+        raise click.ClickException(f"{target} exists and is not ours to replace (--force "
+                                   "replaces it)")  # fmt: skip
+    target.write_text(SHIM, encoding="utf-8")
+    click.echo(target)
 
 
 # ----------------------------------------------------------------------------------------

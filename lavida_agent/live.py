@@ -1,16 +1,16 @@
 """Which threads have a run in progress, seen from any process on this machine.
 
 A run holds an OS lock on its thread's file under `<runs_dir>/.live/` while it runs
-(`hold`); another process that wants the same thread (a turn on the same session, a
-`resume`) finds it held (`holder`) and is refused with `BusyError`, and `recent_runs` says
-'running' rather than 'unfinished'. The OS drops the lock when its process ends, however
+(`hold`); another process that wants the same thread (a turn on the same session, an undo,
+a `resume`) finds it held and is refused with `BusyError`, and `recent_runs` says 'running'
+rather than 'unfinished' (`holder`). The OS drops the lock when its process ends, however
 it ends (`kill -9` too), so a crashed run never leaves its thread locked.
 
 One process holds at most one lock per thread: `LavidaAgent` takes it for the first run on
-a thread and gives it back after the last (its own registry serialises runs within the
-process). Locks are `flock` advisory locks, so they see processes on this machine only
-(not a `runs_dir` shared over NFS), and on a system without `fcntl` (Windows) nothing is
-locked and every run looks stopped to the others.
+a thread, records every run of its own on it (`ThreadLock.record`), and gives it back after
+the last. Locks are `flock` advisory locks, so they see processes on this machine only
+(not a `runs_dir` shared over NFS); on a system without `fcntl` (Windows) nothing is
+locked (`SUPPORTED` is False) and no process can tell another's runs from stopped ones.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,11 @@ except ImportError:  # Windows: no advisory locks; see the module docstring
 
 from lavida_agent.errors import BusyError
 
-__all__ = ("ThreadLock", "busy_message", "hold", "holder")
+__all__ = ("SUPPORTED", "ThreadLock", "busy_message", "hold", "holder")
 
+SUPPORTED = fcntl is not None
 _DIR = ".live"
+_PATIENCE_S = 0.1  # how long `hold` retries: `holder` takes the lock for a moment to look
 
 
 def _path(runs_dir: str | Path, thread_id: str) -> Path:
@@ -41,10 +45,20 @@ def _path(runs_dir: str | Path, thread_id: str) -> Path:
 
 
 class ThreadLock:
-    """A held thread lock; `release()` (idempotent) gives it back and removes its file."""
+    """A held thread lock: `record` says what is on it, `release()` (idempotent) gives it
+    back and removes its file."""
 
-    def __init__(self, path: Path, fd: int | None) -> None:
-        self.path, self._fd = path, fd
+    def __init__(self, path: Path, fd: int | None, thread_id: str) -> None:
+        self.path, self._fd, self.thread_id = path, fd, thread_id
+
+    def record(self, doing: Sequence[str], run_ids: Sequence[str]) -> None:
+        """Write what holds the thread now (`doing`: 'run <id>', 'an undo'; the run ids)."""
+        if self._fd is None:
+            return
+        data = {"pid": os.getpid(), "doing": list(doing), "run_ids": list(run_ids),
+                "thread_id": self.thread_id}  # fmt: skip
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(data).encode(), 0)
 
     def release(self) -> None:
         if self._fd is None:
@@ -55,52 +69,60 @@ class ThreadLock:
         os.close(fd)  # closing drops the lock
 
 
-def hold(runs_dir: str | Path, thread_id: str, *, run_id: str | None, doing: str,
-         what: str) -> ThreadLock:  # fmt: skip
+def hold(runs_dir: str | Path, thread_id: str, *, doing: str, what: str,
+         run_id: str | None = None) -> ThreadLock:  # fmt: skip
     """Take `thread_id`'s lock, or raise if another process holds it.
 
     Args:
-        run_id: the run that takes it (None for a change that is not a run: an undo).
         doing: what takes it, as a refusal names it ("run 1a2b...", "an undo").
         what: how a refusal names the thread ("session 'abc'").
+        run_id: the run that takes it (None for a change that is no run: an undo).
 
     Raises:
-        BusyError: another process holds the thread now (the message names the process
-            and what it does).
+        BusyError: another process holds the thread (the message names the process and
+            what it does).
     """
     path = _path(runs_dir, thread_id)
     if fcntl is None:
-        return ThreadLock(path, None)
+        return ThreadLock(path, None, thread_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + _PATIENCE_S
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _read(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:  # perhaps only a `holder` looking
+                    os.close(fd)
+                    time.sleep(0.005)
+                    continue
+                raise BusyError(busy_message(what, _read(fd))) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder removed the file between our open and lock: anew
+                lock = ThreadLock(path, fd, thread_id)
+                lock.record([doing], [run_id] if run_id else [])
+                return lock
+        except BaseException:
             os.close(fd)
-            raise BusyError(busy_message(what, info)) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # else its holder removed the file between our open and lock: open anew
-            break
+            raise
         os.close(fd)
-    os.ftruncate(fd, 0)
-    record = {"pid": os.getpid(), "run_id": run_id, "doing": doing, "thread_id": thread_id}
-    os.write(fd, json.dumps(record).encode())
-    return ThreadLock(path, fd)
 
 
 def busy_message(what: str, info: dict[str, Any]) -> str:
-    """The refusal for a thread another process holds, naming the process and its work."""
-    return (f"{what} is running now in another process (pid {info.get('pid')}, "
-            f"{info.get('doing', 'a run')}): try again when it ends")
+    """The refusal for a thread another process (or agent) holds, naming it and its work."""
+    pid = info.get("pid")
+    where = (f"in this process, by another agent ({', '.join(info.get('doing') or ['a run'])})"
+             if pid == os.getpid()
+             else f"in another process (pid {pid}, {', '.join(info.get('doing') or ['a run'])})")  # fmt: skip
+    return f"{what} is running now {where}: try again when it ends"
 
 
 def holder(runs_dir: str | Path, thread_id: str) -> dict[str, Any] | None:
-    """`{pid, run_id, doing, thread_id}` of what holds `thread_id` now (this process's own
+    """`{pid, doing, run_ids, thread_id}` of what holds `thread_id` now (this process's own
     runs too), or None when nothing does."""
     if fcntl is None:
         return None
@@ -120,7 +142,7 @@ def holder(runs_dir: str | Path, thread_id: str) -> dict[str, Any] | None:
 def _read(fd: int) -> dict[str, Any]:
     """The holder's record (empty while it is being written)."""
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        data = json.loads(os.pread(fd, 65536, 0) or b"{}")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

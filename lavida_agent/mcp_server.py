@@ -59,7 +59,7 @@ from typing import Annotated, Any, TypeVar
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
@@ -324,8 +324,8 @@ class _StrictServer(MCPServer):
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
-            if not isinstance(exc.__cause__, ValidationError):
-                raise
+            if isinstance(exc, UnexpectedToolError) or not isinstance(exc.__cause__, ValidationError):
+                raise  # (a tool body's own crash stays a crash, logged with its traceback)
             # The SDK's own check of the arguments' types: said the way every surface says
             # it (`seed: Input should be ...`), not as pydantic's multi-line report.
             _, message = schemas.validation_message(exc.__cause__)

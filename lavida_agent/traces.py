@@ -519,13 +519,14 @@ def trace_status(t: Trace, runs_dir: str | Path | None = None) -> str:
     """What became of a run, from its own trace: 'ok'; 'stopped' (cancelled, or Ctrl-C);
     'failed' (any other error); 'running' (no result or error yet, and its process holds
     its thread: `lavida_agent.live`; needs `runs_dir`); or 'unfinished' (its process ended
-    before the run did: killed, or it crashed). `recent_runs` also says 'resumed' when a
+    before the run did: killed, or it crashed; where `live.SUPPORTED` is False, also a run
+    of another process still running). `recent_runs` also says 'resumed' when a
     later run finished the work."""
     if t.result:
         return "ok"
     if t.error:
         return "stopped" if t.error_code in ("cancelled", "interrupted") else "failed"
-    if runs_dir is not None and (live.holder(runs_dir, t.thread_id) or {}).get("run_id") == t.run_id:
+    if runs_dir is not None and t.run_id in (live.holder(runs_dir, t.thread_id) or {}).get("run_ids", ()):
         return "running"
     return "unfinished"
 
@@ -579,7 +580,8 @@ def _status_html(t: Trace, runs_dir: str | Path | None) -> str:
         return status
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"
             if t.workflow in ("t2i", "edit") else "")  # fmt: skip
-    why = "its process stopped before the run did" if runs_dir is not None else "still running, or its process stopped"
+    known = runs_dir is not None and live.SUPPORTED  # else a run elsewhere looks stopped
+    why = "its process stopped before the run did" if known else "still running, or its process stopped"
     return f"<span class=err>unfinished: {why}</span>{hint}"
 
 

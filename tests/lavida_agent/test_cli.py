@@ -286,6 +286,18 @@ def test_generate_batch_with_a_bad_line(run, tmp_path):
     assert "Error: 3 of 5 line(s) failed" in res.stderr
 
 
+def test_a_batch_whose_model_cannot_load_says_so_on_every_line(tmp_path, monkeypatch):
+    """The model loads with the first line that needs it: a load error is each line's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", None)
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a red circle", "out": "a.png"}\nnot json\n')
+    res = CliRunner().invoke(cli, ["--model", str(tmp_path / "none"), "generate", "--batch", "jobs.jsonl"])
+    assert res.exit_code == 1
+    assert [json.loads(x) for x in res.stdout.splitlines()] == [
+        {"error": f"no checkpoint at '{tmp_path / 'none'}'", "line": 1},
+        {"error": "invalid JSON: Expecting value: line 1 column 1 (char 0)", "line": 2}]
+
+
 @pytest.mark.parametrize("line, message", [
     ({"rounds": "2"}, "rounds must be an integer >= 1, got '2'"),
     ({"steps": 0}, "steps must be an integer >= 1, got 0"),

@@ -56,28 +56,78 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def test_a_thread_lock_is_exclusive_names_its_holder_and_is_given_back(tmp_path):
     lock = live.hold(tmp_path, "t1", run_id="r1", doing="run r1", what="session 't1'")
-    assert live.holder(tmp_path, "t1") == {"pid": os.getpid(), "run_id": "r1", "doing": "run r1", "thread_id": "t1"}
+    assert live.holder(tmp_path, "t1") == {"pid": os.getpid(), "doing": ["run r1"], "run_ids": ["r1"],
+                                           "thread_id": "t1"}  # fmt: skip
     assert live.holder(tmp_path, "t2") is None
-    with pytest.raises(BusyError, match=rf"session 't1' is running now in another process \(pid {os.getpid()}, run r1\)"):
-        live.hold(tmp_path, "t1", run_id=None, doing="an undo", what="session 't1'")
-    other = live.hold(tmp_path, "t2", run_id=None, doing="an undo", what="x")  # threads are independent
+    with pytest.raises(BusyError, match=r"session 't1' is running now in this process, by another agent \(run r1\)"):
+        live.hold(tmp_path, "t1", doing="an undo", what="session 't1'")
+    other = live.hold(tmp_path, "t2", doing="an undo", what="x")  # threads are independent
+    lock.record(["run r1", "run r5"], ["r1", "r5"])
+    assert live.holder(tmp_path, "t1")["run_ids"] == ["r1", "r5"]
     lock.release()
     lock.release()  # idempotent
     assert live.holder(tmp_path, "t1") is None
-    assert live.holder(tmp_path, "t2")["doing"] == "an undo"
+    assert live.holder(tmp_path, "t2")["doing"] == ["an undo"] and live.holder(tmp_path, "t2")["run_ids"] == []
     live.hold(tmp_path, "t1", run_id="r4", doing="run r4", what="x").release()
     other.release()
     assert list((tmp_path / ".live").iterdir()) == []  # nothing left behind
 
 
+def test_looking_at_a_lock_never_refuses_a_run(tmp_path):
+    """`holder` takes the lock for a moment to look; a `hold` meanwhile waits, not fails."""
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.is_set():
+            live.holder(tmp_path, "t1")
+
+    looker = threading.Thread(target=look)
+    looker.start()
+    try:
+        for i in range(300):
+            live.hold(tmp_path, "t1", run_id=f"r{i}", doing=f"run r{i}", what="x").release()
+    finally:
+        done.set()
+        looker.join(10)
+
+
+def test_a_lock_whose_record_cannot_be_written_is_not_kept(tmp_path, monkeypatch):
+    def full(fd, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(live.os, "ftruncate", full)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space"):
+        live.hold(tmp_path, "t1", run_id="r1", doing="run r1", what="x")
+    assert len(os.listdir("/proc/self/fd")) == fds and live.holder(tmp_path, "t1") is None
+    monkeypatch.undo()
+    live.hold(tmp_path, "t1", run_id="r2", doing="run r2", what="x").release()
+
+
 def test_a_killed_holder_leaves_its_thread_free(tmp_path, other_process):
     proc = other_process(tmp_path, "t1", "r1")
-    assert live.holder(tmp_path, "t1") == {"pid": proc.pid, "run_id": "r1", "doing": "run r1", "thread_id": "t1"}
-    with pytest.raises(BusyError, match=f"pid {proc.pid}, run r1"):
+    assert live.holder(tmp_path, "t1") == {"pid": proc.pid, "doing": ["run r1"], "run_ids": ["r1"],
+                                           "thread_id": "t1"}  # fmt: skip
+    with pytest.raises(BusyError, match=f"in another process \\(pid {proc.pid}, run r1\\)"):
         live.hold(tmp_path, "t1", run_id="r2", doing="run r2", what="x")
     _kill(proc)
     assert live.holder(tmp_path, "t1") is None  # its file is still there, unlocked
     live.hold(tmp_path, "t1", run_id="r2", doing="run r2", what="x").release()
+
+
+def test_runs_of_one_agent_share_a_thread_and_are_all_running(agent):
+    with agent._on_thread("t1", "r1", "session 't1'", alone=False):
+        with agent._on_thread("t1", "r2", "session 't1'", alone=False):
+            assert live.holder(agent.settings.runs_dir, "t1")["run_ids"] == ["r1", "r2"]
+            with pytest.raises(BusyError, match=r"session 't1' is running now \(run r1\)"):
+                with agent._on_thread("t1", None, "session 't1'", alone=True, doing="an undo"):
+                    pass
+        assert live.holder(agent.settings.runs_dir, "t1")["run_ids"] == ["r1"]
+    with agent._on_thread("t1", None, "session 't1'", alone=True, doing="an undo"):
+        with pytest.raises(BusyError, match=r"session 't1' is running now \(an undo\)"):
+            with agent._on_thread("t1", "r3", "session 't1'", alone=False):  # no run during an undo
+                pass
+    assert live.holder(agent.settings.runs_dir, "t1") is None
 
 
 def test_a_session_another_process_runs_is_refused_and_left_as_it_was(agent, engine, other_process):
@@ -88,7 +138,8 @@ def test_a_session_another_process_runs_is_refused_and_left_as_it_was(agent, eng
     proc = other_process(agent.settings.runs_dir, result.thread_id, "elsewhere")
     for attempt in (lambda: session.edit("remove the red circle", seed=2),
                     session.undo,
-                    lambda: session.branch(0)):  # fmt: skip
+                    lambda: session.branch(0),
+                    lambda: session.start(draw(np.zeros((64, 64, 3), np.uint8), [RED]))):  # fmt: skip
         with pytest.raises(BusyError, match=f"session '{result.thread_id}' is running now in "
                                             f"another process \\(pid {proc.pid}, run elsewhere\\)"):  # fmt: skip
             attempt()
@@ -98,7 +149,7 @@ def test_a_session_another_process_runs_is_refused_and_left_as_it_was(agent, eng
     assert session.edit("remove the red circle", seed=2).accepted is not None
 
 
-def test_runs_say_running_and_resume_waits_for_the_process_that_runs(agent, engine, other_process):
+def test_runs_say_running_and_resume_waits_for_the_process_that_runs(agent, engine, other_process, monkeypatch):
     cancel = threading.Event()
 
     def stop_at_start(ev: dict) -> None:
@@ -120,6 +171,11 @@ def test_runs_say_running_and_resume_waits_for_the_process_that_runs(agent, engi
     assert recent_runs(agent.settings.runs_dir, unfinished=True) == []  # nothing to resume yet
     page = render_html(load_trace(trace_file), agent.store, runs_dir=agent.settings.runs_dir)
     assert "<td>running</td>" in page and "unfinished" not in page
+    monkeypatch.setattr(live, "fcntl", None)  # as on Windows: no locks, so no one can tell
+    monkeypatch.setattr(live, "SUPPORTED", False)
+    page = render_html(load_trace(trace_file), agent.store, runs_dir=agent.settings.runs_dir)
+    assert "unfinished: still running, or its process stopped" in page
+    monkeypatch.undo()
     with pytest.raises(BusyError, match=f"another process \\(pid {proc.pid}, run {run_id}\\)"):
         agent.resume(run_id)
     _kill(proc)
@@ -144,8 +200,8 @@ def test_in_this_process_a_run_shows_as_running_and_an_undo_waits(agent, engine)
         assert row["status"] == "running"
         with pytest.raises(BusyError, match=f"session '{result.thread_id}' is running now \\(run {started['id']}\\)"):
             session.undo()
-        with pytest.raises(BusyError, match=f"pid {os.getpid()}, run {started['id']}"):  # what another process meets
-            live.hold(agent.settings.runs_dir, result.thread_id, run_id=None, doing="an undo", what="x")
+        with pytest.raises(BusyError, match=f"by another agent \\(run {started['id']}\\)"):  # what another agent meets
+            live.hold(agent.settings.runs_dir, result.thread_id, doing="an undo", what="x")
         with pytest.raises(BusyError, match="is running now"):
             agent.resume(started["id"])
     finally:

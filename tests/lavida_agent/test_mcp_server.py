@@ -211,6 +211,20 @@ async def test_bad_arguments_are_tool_errors_naming_them(agent, engine):
         assert [s["instruction"] for s in hist["steps"]] == ["redo blue"]
 
 
+async def test_a_tool_that_crashes_on_a_validation_error_stays_a_crash(agent, monkeypatch):
+    """Only the arguments' own check is said as `field: message`; a pydantic error inside a
+    tool is a bug, and its text does not reach the client."""
+    from pydantic import TypeAdapter
+
+    async def crash(*args, **kwargs):
+        TypeAdapter(int).validate_python("internal")
+
+    monkeypatch.setattr(agent, "agenerate", crash)
+    async with Client(create_mcp(agent)) as client:
+        text = _error(await client.call_tool("generate", {"prompt": "a red circle"}))
+    assert text == "Error executing tool generate"
+
+
 async def test_images_over_the_upload_limit_are_refused(engine, tmp_path):
     with LavidaAgent(engine=engine, num_steps=4, max_upload_bytes=1024) as small:
         async with Client(create_mcp(small)) as c:

@@ -1,0 +1,189 @@
+"""The ComfyUI nodes (`lavida_agent.comfyui`) on a `FakeEngine`: ComfyUI's node contract,
+images as `[B, H, W, C]` tensors, sessions, masks, progress and Cancel (ComfyUI's `comfy`
+modules faked), and `lavida-agent comfyui install`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lavida_agent.cli as cli_mod
+from lavida_agent import comfyui
+from lavida_agent.errors import GenerationCancelled
+from lavida_agent.traces import recent_runs
+from tests.fakes import draw
+
+PROMPT = "a red circle and a blue square"
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+COMFY_TYPES = {"IMAGE", "MASK", "STRING", "INT", "BOOLEAN"}
+
+
+@pytest.fixture(autouse=True)
+def nodes_use(agent):
+    comfyui.use_agent(agent)
+    yield
+    comfyui.use_agent(None)
+
+
+def _tensor(*images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)
+
+
+def _scene() -> np.ndarray:
+    return draw(np.zeros((64, 64, 3), np.uint8), [RED, BLUE])
+
+
+@pytest.mark.parametrize("name", sorted(comfyui.NODE_CLASS_MAPPINGS))
+def test_each_node_keeps_comfyuis_contract(name):
+    """What ComfyUI reads off a node class: inputs as `(TYPE, options)`, outputs, a display
+    name, and a FUNCTION that takes exactly the inputs (ComfyUI calls it with them as
+    keywords)."""
+    node = comfyui.NODE_CLASS_MAPPINGS[name]
+    assert name in comfyui.NODE_DISPLAY_NAME_MAPPINGS and node.CATEGORY == "lavida-agent"
+    spec = node.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional"} and spec["required"]
+    for kind, inputs in spec.items():
+        for key, (type_, options) in inputs.items():
+            assert type_ in COMFY_TYPES and isinstance(options, dict), (key, type_)
+            if type_ == "INT":
+                assert options["min"] <= options["default"] <= options["max"], key
+    assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) and set(node.RETURN_TYPES) <= COMFY_TYPES
+    params = inspect.signature(getattr(node, node.FUNCTION)).parameters
+    assert list(params)[1:] == [*spec["required"], *spec.get("optional", {})]
+    assert all(params[k].default is not inspect.Parameter.empty for k in spec.get("optional", {}))
+
+
+def test_generate_gives_an_image_tensor_and_its_run(agent):
+    node = comfyui.LavidaGenerate()
+    image, result = node.run(PROMPT, seed=5, rounds=2, steps=2, upscale=4, plan=True)
+    assert image.shape == (1, 256, 256, 3) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    data = json.loads(result)
+    assert data["prompt"] == PROMPT and data["seed"] == 5 and data["max_rounds"] == 2
+    assert recent_runs(agent.settings.runs_dir)[0] == {**recent_runs(agent.settings.runs_dir)[0],
+                                                       "run_id": data["run_id"], "status": "ok"}  # fmt: skip
+    again, _ = node.run(PROMPT, seed=5, rounds=2, steps=2, upscale=1, plan=True)
+    assert torch.equal(again, image[:, ::4, ::4, :])  # the same seed draws the same image
+
+
+def test_edit_runs_each_image_of_a_batch_and_continues_its_sessions(agent):
+    node = comfyui.LavidaEdit()
+    image, sessions, result = node.run(_tensor(_scene(), _scene()), "make the red circle green",
+                                       seed=3, rounds=1, steps=2, upscale=2)  # fmt: skip
+    ids = sessions.split("\n")
+    assert image.shape == (2, 128, 128, 3) and len(set(ids)) == 2
+    assert [r["thread_id"] for r in json.loads(result)] == ids
+    image, again, result = node.run(_tensor(_scene()), "remove the blue square", seed=4, rounds=1,
+                                    steps=2, upscale=1, session=ids[0] + "\n")  # fmt: skip
+    assert again == ids[0] and json.loads(result)["step"] == 1  # the session's second step
+    assert [s.instruction for s in agent.session(ids[0]).history()] == \
+        ["make the red circle green", "remove the blue square"]  # fmt: skip
+
+
+def test_ground_gives_one_mask_per_expression_covering_its_box():
+    masks, drawn, result = comfyui.LavidaGround().run(_tensor(_scene()), "red circle\n\n blue square \n")
+    data = json.loads(result)
+    assert data["expressions"] == ["red circle", "blue square"]
+    assert data["boxes"] == [RED["box"], BLUE["box"]]
+    assert masks.shape == (2, 64, 64) and drawn.shape == (1, 64, 64, 3)
+    for mask, (x0, y0, x1, y1) in zip(masks, data["boxes"], strict=True):
+        assert x1 > x0 and y1 > y0
+        ys, xs = np.nonzero(mask.numpy())
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (int(x0), int(y0), int(x1), int(y1))
+        assert float(mask.sum()) == (x1 - x0) * (y1 - y0)
+
+
+def test_ask_and_critique_read_the_image(engine):
+    engine.enqueue_answer("red")
+    answer, result = comfyui.LavidaAsk().run(_tensor(_scene()), "what color is the circle?")
+    assert answer == json.loads(result)["answer"]
+    accepted, result = comfyui.LavidaCritique().run(_tensor(_scene()), PROMPT)
+    assert accepted is (json.loads(result)["verdict"] == "accept")
+
+
+def test_a_bad_image_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"image: expected a ComfyUI IMAGE \[B, H, W, C\], got shape \(64, 64, 3\)"):
+        comfyui.LavidaAsk().run(torch.zeros(64, 64, 3), "what?")
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    """ComfyUI's `comfy.utils.ProgressBar` and `comfy.model_management` interruption, faked:
+    `state["interrupt_at"]` presses Cancel at that many progress updates."""
+    state: dict = {"updates": [], "interrupt_at": None, "flag": False}
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            state["updates"].append((value, total))
+            if state["interrupt_at"] is not None and len(state["updates"]) >= state["interrupt_at"]:
+                state["flag"] = True
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_exception_if_processing_interrupted():
+        if state["flag"]:
+            state["flag"] = False
+            raise InterruptProcessingException()
+
+    pkg, utils, mm = (types.ModuleType(n) for n in ("comfy", "comfy.utils", "comfy.model_management"))
+    utils.ProgressBar = ProgressBar
+    mm.processing_interrupted = lambda: state["flag"]
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.InterruptProcessingException = InterruptProcessingException
+    pkg.utils, pkg.model_management = utils, mm
+    for name, module in (("comfy", pkg), ("comfy.utils", utils), ("comfy.model_management", mm)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+def test_progress_follows_the_sampler_and_cancel_stops_the_run(agent, engine, comfy):
+    comfyui.LavidaGenerate().run(PROMPT, seed=1, rounds=1, steps=3, upscale=1, plan=True)
+    assert comfy["updates"][:3] == [(1, 3), (2, 3), (3, 3)]
+    comfy["updates"].clear()
+    comfy["interrupt_at"] = 2
+    drawn = engine.calls["generate"]
+    with pytest.raises(sys.modules["comfy.model_management"].InterruptProcessingException):
+        comfyui.LavidaGenerate().run(PROMPT, seed=2, rounds=3, steps=3, upscale=1, plan=True)
+    assert engine.calls["generate"] == drawn + 1  # stopped inside its first drawing
+    assert comfy["flag"] is False  # ComfyUI's flag is cleared by its own exception
+    [row] = recent_runs(agent.settings.runs_dir, unfinished=True)
+    assert row["status"] == "stopped" and row["prompt"] == PROMPT  # and can be resumed
+
+
+def test_a_stop_not_from_comfyuis_cancel_stays_a_generation_cancelled(engine, comfy, monkeypatch):
+    """Without ComfyUI's flag (the run was cancelled some other way) the node raises the
+    agent's own error, not ComfyUI's interruption."""
+    monkeypatch.setattr(comfyui._Run, "__call__", lambda self, ev: self.cancel.set())
+    with pytest.raises(GenerationCancelled):
+        comfyui.LavidaGenerate().run(PROMPT, seed=1, rounds=1, steps=2, upscale=1, plan=True)
+
+
+def test_install_writes_the_nodes_module_into_custom_nodes(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path)])
+    assert res.exit_code == 1 and "has no custom_nodes folder" in res.output
+    (tmp_path / "custom_nodes").mkdir()
+    res = runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    shim = tmp_path / "custom_nodes" / "lavida_agent_nodes.py"
+    namespace: dict = {}
+    exec(shim.read_text(), namespace)  # what ComfyUI does when it loads the module
+    assert namespace["NODE_CLASS_MAPPINGS"] is comfyui.NODE_CLASS_MAPPINGS
+    assert runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path)]).exit_code == 0  # ours: rewritten
+    shim.write_text("# someone else's\n")
+    res = runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path)])
+    assert res.exit_code == 1 and "--force" in res.output and shim.read_text() == "# someone else's\n"
+    assert runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path), "--force"]).exit_code == 0
+    assert shim.read_text() == comfyui.SHIM
