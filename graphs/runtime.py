@@ -25,12 +25,14 @@ first (`cancel_pending=False`) or cancelled.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -237,13 +239,23 @@ class EngineClosedError(RuntimeError):
 
 
 class PendingRequest(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A submitted request: a `concurrent.futures.Future` of its result."""
+    """A submitted request: a `concurrent.futures.Future` of its result.
+
+    `cancel()` drops a request that has not started; `abandon()` also marks a running one as
+    wanted by no one, and a batch whose every request is abandoned stops at its next step
+    (a backend with an `interrupt` hook: `BatchingEngine`)."""
 
     def __init__(self, request: Request) -> None:
         super().__init__()
         self.request = request
         self.key: tuple[str, Hashable] = (request.method, request.batch_key())
         self.submitted_at = time.monotonic()
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """Cancel the request, or, once it runs, let its batch stop if no one else waits."""
+        self.abandoned = True
+        self.cancel()
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +265,12 @@ class PendingRequest(concurrent.futures.Future):  # type: ignore[type-arg]
 
 class BatchingEngine:
     """An `Engine` for concurrent callers, batching compatible requests into backend calls.
+
+    A backend with an `interrupt` attribute (`PipelineBackend`) gets the engine's check: a
+    running batch stops at its next step once every request in it is abandoned (each
+    caller stopped waiting: `call` interrupted, `asubmit` cancelled) or the engine closes
+    with `cancel_pending` (and at interpreter exit, which closes every engine that way, so
+    no worker is left computing while the process ends).
 
     Args:
         backend: a `BatchedBackend` (owned by the worker thread from now on).
@@ -281,10 +299,23 @@ class BatchingEngine:
         self._cond = threading.Condition()
         self._closing = False
         self._cancel_pending = False
+        self._running: list[PendingRequest] = []  # the batch in the backend now
         self.batches: list[tuple[str, int]] = []
         """(method, size) of every backend call made, for inspection."""
+        if hasattr(backend, "interrupt"):
+            own = backend.interrupt
+            backend.interrupt = (self.stopping if own is None
+                                 else lambda: bool(own()) or self.stopping())  # fmt: skip
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def stopping(self) -> bool:
+        """Should the running batch stop now: every request of it abandoned, or the engine
+        closing with `cancel_pending`."""
+        running = self._running
+        return (self._closing and self._cancel_pending) or (
+            bool(running) and all(p.abandoned for p in running))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -334,8 +365,13 @@ class BatchingEngine:
         return pending
 
     async def asubmit(self, request: Request) -> Any:
-        """Await the result of `request`; cancelling the awaiting task cancels the request."""
-        return await asyncio.wrap_future(self.submit(request))
+        """Await the result of `request`; cancelling the awaiting task abandons the request."""
+        pending = self.submit(request)
+        try:
+            return await asyncio.wrap_future(pending)
+        except asyncio.CancelledError:
+            pending.abandon()
+            raise
 
     def call(self, request: Request, on_step: StepCallback | None = None) -> Any:
         """Submit `request` and block for its result, running `on_step` in this thread.
@@ -352,7 +388,7 @@ class BatchingEngine:
                 if on_step is not None:
                     on_step(ev)
         except BaseException:
-            pending.cancel()
+            pending.abandon()
             raise
         return pending.result()
 
@@ -485,6 +521,7 @@ class BatchingEngine:
                 continue
             method = batch[0].request.method
             self.batches.append((method, len(batch)))
+            self._running = batch
             try:
                 results = list(getattr(self.backend, method)([p.request for p in batch]))
                 if len(results) != len(batch):
@@ -497,11 +534,21 @@ class BatchingEngine:
                 for p in batch:
                     p.set_exception(e)
                 continue
+            finally:
+                self._running = []
             for p, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     p.set_exception(result)
                 else:
                     p.set_result(result)
+
+
+def _close_at_exit(ref: weakref.ref[BatchingEngine]) -> None:
+    """At interpreter exit: stop the engine's worker (its running batch at its next step) and
+    wait for it, so no thread is inside torch while the process ends (that aborts it)."""
+    engine = ref()
+    if engine is not None:
+        engine.close(cancel_pending=True, timeout=30)
 
 
 def _with_on_step(request: Request, put: Callable[[StepEvent], None]) -> Request:

@@ -607,14 +607,20 @@ class LavidaAgent:
             return self._stream_run(run_id, rec, workflow, graph, payload, config, context,
                                     on_event, lineage, on_interrupt, resume)  # fmt: skip
 
-    def _refuse_busy(self, thread_id: str, what: str) -> None:
+    def _refuse_busy(self, thread_id: str, what: str, *, run_id: str | None = None) -> None:
         """Raise `BusyError` when a run (of this agent or another process) is on the thread:
-        its state is still changing, so nothing can be read from it yet."""
+        its state is still changing, so nothing can be read from it yet. `run_id`: the run
+        asked about, said as such when it is the one still running."""
         with self._active_lock:
             mine = list(self._active.get(thread_id, ()))
+        if f"run {run_id}" in mine:
+            raise BusyError(f"run {run_id} is still running here: resume it once it has ended")
         if mine:
             raise BusyError(f"{what} is running now ({mine[0]}): try again when it ends")
         other = live.holder(self.settings.runs_dir, thread_id)  # type: ignore[arg-type]
+        if other is not None and run_id is not None and run_id in other.get("run_ids", ()):
+            raise BusyError(f"run {run_id} is still running in another process (pid "
+                            f"{other.get('pid')}): resume it once it has ended")  # fmt: skip
         if other is not None:
             raise BusyError(live.busy_message(what, other))
 
@@ -858,6 +864,44 @@ class LavidaAgent:
             trace = load_trace(find_trace(run_id, self.settings.runs_dir))
         return trace.thread_id if trace.workflow == "edit" else None
 
+    def check_resume(self, run_id: str) -> None:
+        """Raise what `resume(run_id)` would raise before it runs anything (no model needed):
+        a surface says so at once, before it loads the model."""
+        self._resumable(run_id)
+
+    def _resumable(self, run_id: str) -> tuple[Trace, Session | None, Any, str]:
+        """`resume`'s checks: the run's trace, its session (edit runs), graph and origin."""
+        from lavida_agent.traces import find_trace, load_trace
+
+        with map_exceptions():
+            old = load_trace(find_trace(run_id, self.settings.runs_dir))
+        if old.workflow not in ("t2i", "edit"):
+            raise InvalidInputError(f"run {run_id} is a {old.workflow!r} run: only generate and "
+                                    "edit runs can be resumed (run the others again)")  # fmt: skip
+        model = old.settings.get("model_path")
+        if model != self.settings.model_path:
+            raise InvalidInputError(f"run {run_id} ran on model {model!r}; this agent runs "
+                                    f"{self.settings.model_path!r}")  # fmt: skip
+        self._refuse_busy(old.thread_id, f"run {run_id}'s session {old.thread_id!r}"
+                          if old.workflow == "edit" else f"run {run_id}", run_id=run_id)  # fmt: skip
+        session = self.session(old.thread_id) if old.workflow == "edit" else None
+        graph = session._session.graph if session is not None else self._graph("t2i")
+        with map_exceptions():
+            state = graph.get_state({"configurable": {"thread_id": old.thread_id}})
+        origin = old.inputs.get("origin") or run_id
+        # Finished work is read back only from a checkpoint the run itself wrote ("loop"): a
+        # restart, undo, redo or branch ("update") leaves nothing of the run to finish.
+        done_elsewhere = not state.tasks and (state.metadata or {}).get("source") != "loop"
+        if state.values.get("run_id") != origin or done_elsewhere:
+            if old.result:
+                raise InvalidInputError(f"run {run_id} finished, and its session has moved on "
+                                        "since: its result is in its trace (lavida-agent trace "
+                                        f"{run_id})")  # fmt: skip
+            raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
+                                    f"{old.thread_id!r} has moved on since (another turn, a "
+                                    "restart, an undo or a branch)")  # fmt: skip
+        return old, session, graph, origin
+
     def resume(
         self, run_id: str, *, on_event: EventCallback | None = None,
         cancel: threading.Event | None = None,
@@ -884,34 +928,7 @@ class LavidaAgent:
                 a restart, an undo), it ran on another model, or it is not a generate or
                 edit run.
         """
-        from lavida_agent.traces import find_trace, load_trace
-
-        with map_exceptions():
-            old = load_trace(find_trace(run_id, self.settings.runs_dir))
-        if old.workflow not in ("t2i", "edit"):
-            raise InvalidInputError(f"run {run_id} is a {old.workflow!r} run: only generate and "
-                                    "edit runs can be resumed (run the others again)")  # fmt: skip
-        model = old.settings.get("model_path")
-        if model != self.settings.model_path:
-            raise InvalidInputError(f"run {run_id} ran on model {model!r}; this agent runs "
-                                    f"{self.settings.model_path!r}")  # fmt: skip
-        self._refuse_busy(old.thread_id, f"run {run_id}'s thread {old.thread_id!r}")
-        session = self.session(old.thread_id) if old.workflow == "edit" else None
-        graph = session._session.graph if session is not None else self._graph("t2i")
-        with map_exceptions():
-            state = graph.get_state({"configurable": {"thread_id": old.thread_id}})
-        origin = old.inputs.get("origin") or run_id
-        # Finished work is read back only from a checkpoint the run itself wrote ("loop"): a
-        # restart, undo, redo or branch ("update") leaves nothing of the run to finish.
-        done_elsewhere = not state.tasks and (state.metadata or {}).get("source") != "loop"
-        if state.values.get("run_id") != origin or done_elsewhere:
-            if old.result:
-                raise InvalidInputError(f"run {run_id} finished, and its session has moved on "
-                                        "since: its result is in its trace (lavida-agent trace "
-                                        f"{run_id})")  # fmt: skip
-            raise InvalidInputError(f"run {run_id} cannot be resumed: its thread "
-                                    f"{old.thread_id!r} has moved on since (another turn, a "
-                                    "restart, an undo or a branch)")  # fmt: skip
+        old, session, graph, origin = self._resumable(run_id)
         rounds = old.inputs.get("rounds") or old.settings.get("max_rounds")
         context = self._context(num_steps=old.settings.get("num_steps"), rounds=rounds,
                                 cancel=cancel, recorded=old.settings)  # fmt: skip
@@ -1419,15 +1436,26 @@ class Session:
         assert ref is not None
         return ref
 
-    def branch(self, step: int) -> ImageRef:
+    def branch(self, step: int, *, image: str | None = None) -> ImageRef:
         """Make lineage step `step`'s image current (a new branch). Returns that image.
 
+        Step numbers are per branch: after a branch, two steps `2` may exist. `image` (a
+        sha256, or a prefix of one) picks the step `step` whose result is that image, on
+        whichever branch holds it (a step a result reported, e.g. `EditResult.image_ref`).
+
         Raises:
-            InvalidInputError: no such step on this branch.
+            InvalidInputError: no such step on this branch (with `image`: on any branch).
         """
         self._require()
         n = len(self.state().steps)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (image is None and step >= n):
             raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
                                     f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
-        return self._move("branch", lambda session: session.branch(step))
+        if image is None:
+            return self._move("branch", lambda session: session.branch(step))
+        for snap in self._session.snapshots():  # newest first: the latest branch that holds it
+            steps = EditState.model_validate({"instruction": "", **snap.values}).steps
+            if len(steps) > step and steps[step].result.sha256.startswith(image):
+                config = snap.config
+                return self._move("branch", lambda session: session.branch(step, at=config))
+        raise InvalidInputError(f"no step {step} with image {image!r} in session {self.thread_id!r}")

@@ -147,12 +147,22 @@ def _ctrl_c_stops_the_run() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+_GLOBAL_ONLY = ("--model", "--home", "--device")  # the group's options no command repeats
+
+
 class _LavidaGroup(click.Group):
     """A click group that turns any exception into one `Error: ...` line (unless --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as exc:
+            if exc.option_name in _GLOBAL_ONLY:  # `lavida-agent serve --home DIR`
+                path = exc.ctx.command_path.split(" ", 1)[-1] if exc.ctx else "COMMAND"
+                raise click.UsageError(f"{exc.option_name} is an option of lavida-agent itself: "
+                                       f"put it before the command (lavida-agent "
+                                       f"{exc.option_name} ... {path} ...)", exc.ctx) from None  # fmt: skip
+            raise
         except click.UsageError:
             raise
         except click.ClickException as exc:
@@ -424,7 +434,7 @@ def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
 def _batch_lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
     for n, line in enumerate(fh, start=1):
         if line.strip():
-            yield n, line
+            yield n, line.rstrip("\r\n")  # a JSON error's column is then on this line
 
 
 def _reject_with_batch(batch: IO[str] | None, given: dict[str, Any]) -> None:
@@ -453,10 +463,10 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
 
         def one(item: tuple[int, str]) -> dict[str, Any]:
             n, line = item
-            if cancel.is_set():
-                return {"error": "not run: the batch was stopped (Ctrl-C)", "line": n}
             try:
                 args = _check_batch_args(command, json.loads(line))
+                if cancel.is_set():
+                    return {"error": "not run: the batch was stopped (Ctrl-C)", "line": n}
                 merged = {**{k: v for k, v in defaults.items() if v is not None}, **args,
                           "cancel": cancel}  # fmt: skip
                 progress = _Progress(show and workers == 1, label=f"line {n}")
@@ -467,7 +477,8 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
             except Exception as exc:
                 if debug:
                     traceback.print_exc(file=sys.stderr)
-                message = f"invalid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else None
+                message = (f"invalid JSON at column {exc.colno}: {exc.msg}"  # the line is `line`
+                           if isinstance(exc, json.JSONDecodeError) else None)  # fmt: skip
                 run_id = getattr(exc, "run_id", None)
                 return {"error": message or _one_line(exc), "line": n,
                         **({"run_id": run_id} if run_id else {})}  # fmt: skip
@@ -702,6 +713,7 @@ def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_jso
         written = _write_image(result, request["out"], scale)
         return {"resumed_from": request["run_id"], "out": written, **result.to_dict()}
 
+    _agent(ctx).check_resume(run_id)  # what cannot be resumed is said before the model loads
     data = _run_image_command(ctx, run, {"run_id": run_id, "out": out}, scale=preview_scale,
                               trace_html=trace_html, as_json=as_json)  # fmt: skip
     if not as_json:
@@ -1013,7 +1025,10 @@ def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) ->
     resume RUN_ID` finishes one."""
     from lavida_agent.traces import recent_runs
 
-    for run in recent_runs(_settings(ctx).runs_dir, limit=limit, unfinished=unfinished):
+    runs = recent_runs(_settings(ctx).runs_dir, limit=limit, unfinished=unfinished)
+    if not runs and not as_json:  # said on stderr: stdout stays the (empty) list
+        click.echo("no unfinished runs" if unfinished else "no runs yet", err=True)
+    for run in runs:
         if as_json:
             _echo_json(run)
             continue

@@ -8,13 +8,13 @@ re-edit), records its trace, and returns the run's JSON as a STRING beside its o
 
     Lavida Generate  prompt, seed, rounds, steps, plan, upscale  -> IMAGE, STRING (JSON)
     Lavida Edit      IMAGE, instruction, seed, rounds, steps, upscale, session?
-                                                     -> IMAGE, STRING (session), STRING (JSON)
+                                        -> IMAGE, STRING (`id:step:image` a line), STRING (JSON)
     Lavida Ground    IMAGE, expressions (one a line) -> MASK (one a line), IMAGE (boxes), STRING
     Lavida Ask       IMAGE, question                 -> STRING (answer), STRING (JSON)
     Lavida Critique  IMAGE, prompt                   -> BOOLEAN (accepted), STRING (JSON)
 
 Images follow ComfyUI's convention: `[B, H, W, 3]` float tensors in `[0, 1]`; every image
-of a batch is processed (an edit starts one session per image, its ids one a line). A
+of a batch is processed (an edit starts one session per image, one `id:step:image` a line). A
 sampler loop drives ComfyUI's progress bar, and its Cancel stops the run at the next step
 (the run can be finished later: `lavida-agent resume RUN_ID`). The embedded model draws on
 a 64 px canvas; `upscale` enlarges the result nearest-neighbour for the canvas preview.
@@ -96,30 +96,41 @@ class _Run:
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.bar: Any = None
+        self.interrupted = False  # ComfyUI's Cancel stopped the run
         try:
             import comfy.model_management as mm
             import comfy.utils
         except ImportError:  # outside ComfyUI (a script, the tests): no bar, no Cancel
-            self._progress, self._interrupted = None, None
+            self._mm, self._progress = None, None
         else:
-            self._progress, self._interrupted = comfy.utils.ProgressBar, mm.processing_interrupted
+            self._mm, self._progress = mm, comfy.utils.ProgressBar
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self._interrupted is not None and self._interrupted():
-            self.cancel.set()
-        if event.get("event") == "sampler_step" and self._progress is not None:
+        if self._mm is None:
+            return
+        if self._mm.processing_interrupted():
+            self._stop()
+        if event.get("event") == "sampler_step":
             if self.bar is None or event["step"] == 1:
                 self.bar = self._progress(event["total"])
-            self.bar.update_absolute(event["step"], event["total"])
+            try:  # ComfyUI's progress hook raises its interruption itself: stop our way
+                self.bar.update_absolute(event["step"], event["total"])
+            except self._mm.InterruptProcessingException:
+                self._stop()
+
+    def _stop(self) -> None:
+        self.interrupted = True
+        self.cancel.set()
 
     def stopped(self) -> None:
-        """After a `GenerationCancelled`: raise ComfyUI's own interruption (no error box)
-        when its Cancel stopped the run."""
-        try:
-            import comfy.model_management as mm
-        except ImportError:
+        """After a `GenerationCancelled`: raise ComfyUI's own interruption (a stop, not an
+        error box) when its Cancel stopped the run."""
+        if self._mm is None:
             return
-        mm.throw_exception_if_processing_interrupted()
+        if self.interrupted:
+            self._mm.interrupt_current_processing(False)  # ours to clear, as its own raise does
+            raise self._mm.InterruptProcessingException()
+        self._mm.throw_exception_if_processing_interrupted()
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -139,9 +150,9 @@ def _json(data: Any) -> str:
 
 
 def _seed_input() -> tuple[str, dict[str, Any]]:
-    return ("INT", {"default": 0, "min": 0, "max": SEED_LIMIT, "control_after_generate": True,
+    return ("INT", {"default": 0, "min": 0, "max": SEED_LIMIT - 1, "control_after_generate": True,
                     "tooltip": "Base seed: round r draws with seed + r; the same seed redraws "
-                               "the same images."})  # fmt: skip
+                               "the same images (a larger one linked in is taken modulo 2^63)."})  # fmt: skip
 
 
 def _rounds_steps_upscale() -> dict[str, Any]:
@@ -183,14 +194,15 @@ class LavidaGenerate:
 
     def run(self, prompt: str, seed: int, rounds: int, steps: int, upscale: int,
             plan: bool) -> tuple[Any, str]:  # fmt: skip
-        result = _call(_agent().generate, prompt, seed=seed, rounds=rounds, num_steps=steps,
+        result = _call(_agent().generate, prompt, seed=seed % SEED_LIMIT, rounds=rounds, num_steps=steps,
                        plan=plan)  # fmt: skip
         return _to_image([result.image], upscale), _json(result.to_dict())
 
 
 class LavidaEdit:
-    """Edit by an instruction: plan what changes where, edit, verify, re-edit; the result's
-    session continues (feed `session` back to edit its image again)."""
+    """Edit by an instruction: plan what changes where, edit, verify, re-edit. `session`
+    names the step each result is (`<session id>:<step>:<image>`); feed it to another Lavida
+    Edit to edit that image next, in the same session."""
 
     CATEGORY = CATEGORY
     FUNCTION = "run"
@@ -208,24 +220,57 @@ class LavidaEdit:
                 **_rounds_steps_upscale(),
             },
             "optional": {
-                "session": ("STRING", {"default": "", "tooltip": "Continue these sessions (one "
-                                       "id a line, as a previous Lavida Edit gave them) from "
-                                       "their current images instead of `image`."}),
+                "session": ("STRING", {"default": "", "tooltip": "Edit these session steps "
+                                       "instead of `image`: one `<session id>:<step>:<image>` a "
+                                       "line, as a Lavida Edit's `session` output gives them (a "
+                                       "bare session id edits its current image)."}),
             },
         }  # fmt: skip
+
+    @classmethod
+    def IS_CHANGED(cls, session: str | None = None, **_: Any) -> str:  # noqa: N802
+        """ComfyUI reruns a node whose inputs are unchanged only when this changes: a bare
+        session id typed in edits whatever image is current, so its current step counts.
+        (`id:step:image` pins the image; ComfyUI passes linked inputs here as None.)"""
+        if not session:
+            return ""
+        agent = _agent()
+        heads = []
+        for line in (s.strip() for s in session.splitlines()):
+            if line and ":" not in line and agent.session(line).exists:
+                state = agent.session(line).state()
+                heads.append(f"{line}:{state.current_step}:{len(state.steps)}")
+        return "\n".join(heads)
 
     def run(self, image: Any, instruction: str, seed: int, rounds: int, steps: int,
             upscale: int, session: str = "") -> tuple[Any, str, str]:  # fmt: skip
         agent = _agent()
-        ids = [s.strip() for s in session.splitlines() if s.strip()]
-        kw = {"seed": seed, "rounds": rounds, "num_steps": steps}
-        if ids:
-            results = [_call(agent.session(i).edit, instruction, **kw) for i in ids]
+        kw = {"seed": seed % SEED_LIMIT, "rounds": rounds, "num_steps": steps}
+        lines = [s.strip() for s in session.splitlines() if s.strip()]
+        if lines:
+            results = [_call(_at_step(agent, line).edit, instruction, **kw) for line in lines]
         else:
             results = [_call(agent.edit, a, instruction, **kw) for a in _to_arrays(image)]
         return (_to_image([r.content() for r in results], upscale),
-                "\n".join(r.thread_id for r in results),
+                "\n".join(f"{r.thread_id}:{r.step}:{r.image_ref.sha256[:16]}" for r in results),
                 _json([r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict()))  # fmt: skip
+
+
+def _at_step(agent: LavidaAgent, line: str) -> Any:
+    """The session a `session` line names, on the step it names (`id:step:image`: a new
+    branch when that is not the current image, so a graph queued again, or two Edits fed
+    from one, each edit that image)."""
+    thread_id, *rest = line.split(":")
+    session = agent.session(thread_id)
+    if rest:
+        if len(rest) != 2 or not rest[0].isdigit() or not rest[1]:
+            raise ValueError(f"session: {line!r} is not <session id>:<step>:<image>")
+        step, image = int(rest[0]), rest[1]
+        state = session.state() if session.exists else None
+        current = state.steps[state.current_step] if state and state.current_step is not None else None
+        if not (state and state.current_step == step and current.result.sha256.startswith(image)):
+            session.branch(step, image=image)
+    return session
 
 
 class LavidaGround:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,3 +164,71 @@ def test_close_can_cancel_queued_requests():
     fut = engine.submit(PlanLayoutRequest(prompt="x", seed=0))
     engine.close(cancel_pending=True)
     assert fut.cancelled()
+
+
+class _SlowBackend:
+    """A backend whose `generate` runs `steps` steps of 20 ms, reporting each row's step and
+    stopping (as `PipelineBackend` does) when its `interrupt` hook says so."""
+
+    def __init__(self, steps: int = 100) -> None:
+        self.steps, self.interrupt, self.ran = steps, None, []
+
+    def generate(self, requests):
+        for i in range(self.steps):
+            if self.interrupt is not None and self.interrupt():
+                raise RuntimeError(f"interrupted at step {i}")
+            self.ran.append(i)
+            for r in requests:
+                if r.on_step is not None:
+                    r.on_step(types.SimpleNamespace(step=i + 1, total=self.steps))
+            time.sleep(0.02)
+        return [np.zeros((2, 2, 3), np.uint8) for _ in requests]
+
+
+def _request(seed: int) -> GenerateRequest:
+    return GenerateRequest(prompt="x", plan=None, seed=seed, num_steps=4)
+
+
+def test_a_running_batch_stops_when_every_caller_stopped_waiting():
+    backend = _SlowBackend()
+    with BatchingEngine(backend, max_wait_ms=50) as engine:
+        def stop_at_5(ev):
+            if ev.step == 5:
+                raise KeyboardInterrupt
+
+        with ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(engine.call, _request(s), stop_at_5) for s in (1, 2)]
+            for call in calls:
+                with pytest.raises(KeyboardInterrupt):
+                    call.result(10)
+        deadline = time.monotonic() + 2
+        while engine._running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.batches == [("generate", 2)] and len(backend.ran) < 15  # not all 100 steps
+
+
+def test_a_batch_someone_still_waits_for_runs_to_the_end():
+    backend = _SlowBackend(steps=20)
+    with BatchingEngine(backend, max_wait_ms=50) as engine:
+        def stop_at_5(ev):
+            if ev.step == 5:
+                raise KeyboardInterrupt
+
+        with ThreadPoolExecutor(2) as pool:
+            stopped = pool.submit(engine.call, _request(1), stop_at_5)
+            waited = pool.submit(engine.call, _request(2))
+            with pytest.raises(KeyboardInterrupt):
+                stopped.result(10)
+            assert waited.result(10).shape == (2, 2, 3)
+    assert backend.ran == list(range(20))
+
+
+def test_closing_with_cancel_pending_stops_the_running_batch():
+    backend = _SlowBackend()
+    engine = BatchingEngine(backend, max_wait_ms=0)
+    fut = engine.submit(_request(1))
+    time.sleep(0.1)
+    engine.close(cancel_pending=True, timeout=5)
+    with pytest.raises(RuntimeError, match="interrupted at step"):
+        fut.result(1)
+    assert len(backend.ran) < 20

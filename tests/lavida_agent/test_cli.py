@@ -279,7 +279,7 @@ def test_generate_batch_with_a_bad_line(run, tmp_path):
     validate(out[0], SCHEMAS["generate"])
     validate(out[4], SCHEMAS["generate"])
     assert out[0]["seed"] == 1 and out[4]["plan"] == []
-    assert out[1]["line"] == 2 and "invalid JSON" in out[1]["error"]
+    assert out[1] == {"error": "invalid JSON at column 1: Expecting value", "line": 2}
     assert out[2] == {"error": "missing key(s): out", "line": 3}
     assert "unknown key(s): colour" in out[3]["error"]
     assert (tmp_path / "a.png").is_file() and (tmp_path / "c.png").is_file()
@@ -295,7 +295,7 @@ def test_a_batch_whose_model_cannot_load_says_so_on_every_line(tmp_path, monkeyp
     assert res.exit_code == 1
     assert [json.loads(x) for x in res.stdout.splitlines()] == [
         {"error": f"no checkpoint at '{tmp_path / 'none'}'", "line": 1},
-        {"error": "invalid JSON: Expecting value: line 1 column 1 (char 0)", "line": 2}]
+        {"error": "invalid JSON at column 1: Expecting value", "line": 2}]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -642,3 +642,20 @@ def test_review_plan_at_the_end_of_input_says_so(run, engine):
     res = run("generate", "red circle", "--out", "o.png", "--review-plan", input="")
     assert res.exit_code == 1 and "--review-plan: no answer (the input ended" in res.stderr
     assert engine.calls["generate"] == 0
+
+
+def test_a_batch_line_cut_short_names_its_own_line_and_column(run, tmp_path):
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "red circle", "out": "a.png"}\n\n{"out": "b.png", "prompt": 42\n')
+    res = run("generate", "--batch", "jobs.jsonl", "--steps", 2)
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    assert out[1] == {"error": "invalid JSON at column 30: Expecting ',' delimiter", "line": 3}
+
+
+@pytest.mark.parametrize("args, where", [(["serve", "--home", "x"], "serve"),
+                                         (["session", "undo", "s1", "--model", "m"], "session undo")])
+def test_a_global_option_after_the_command_says_where_it_goes(args, where):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2
+    option = args[-2]
+    assert f"{option} is an option of lavida-agent itself: put it before the command " \
+           f"(lavida-agent {option} ... {where} ...)" in res.output  # fmt: skip

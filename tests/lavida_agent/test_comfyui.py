@@ -17,6 +17,8 @@ from click.testing import CliRunner
 import lavida_agent.cli as cli_mod
 from lavida_agent import comfyui
 from lavida_agent.errors import GenerationCancelled
+from lavida_agent.graphs.state import EditState
+from lavida_agent.settings import SEED_LIMIT
 from lavida_agent.traces import recent_runs
 from tests.fakes import draw
 
@@ -78,14 +80,63 @@ def test_edit_runs_each_image_of_a_batch_and_continues_its_sessions(agent):
     node = comfyui.LavidaEdit()
     image, sessions, result = node.run(_tensor(_scene(), _scene()), "make the red circle green",
                                        seed=3, rounds=1, steps=2, upscale=2)  # fmt: skip
-    ids = sessions.split("\n")
+    lines = sessions.split("\n")
+    ids = [line.split(":")[0] for line in lines]
     assert image.shape == (2, 128, 128, 3) and len(set(ids)) == 2
-    assert [r["thread_id"] for r in json.loads(result)] == ids
+    results = json.loads(result)
+    assert [f"{r['thread_id']}:{r['step']}:" for r in results] == [line[: -16] for line in lines]
     image, again, result = node.run(_tensor(_scene()), "remove the blue square", seed=4, rounds=1,
-                                    steps=2, upscale=1, session=ids[0] + "\n")  # fmt: skip
-    assert again == ids[0] and json.loads(result)["step"] == 1  # the session's second step
+                                    steps=2, upscale=1, session=lines[0] + "\n")  # fmt: skip
+    assert again.startswith(f"{ids[0]}:1:") and json.loads(result)["step"] == 1  # the next step
     assert [s.instruction for s in agent.session(ids[0]).history()] == \
         ["make the red circle green", "remove the blue square"]  # fmt: skip
+    sha = agent.session(ids[0]).history()[1].result.sha256
+    assert again == f"{ids[0]}:1:{sha[:16]}"
+
+
+def _edit(session: str, instruction: str, seed: int) -> tuple[str, dict]:
+    _, out, result = comfyui.LavidaEdit().run(_tensor(_scene()), instruction, seed=seed, rounds=1,
+                                              steps=2, upscale=1, session=session)  # fmt: skip
+    return out, json.loads(result)
+
+
+def test_each_edit_fed_from_one_step_edits_that_step(agent):
+    """ComfyUI reruns the second Edit of Load -> Edit -> Edit (a new seed) with the first's
+    cached `session` output, and a graph may feed two Edits from one: each must edit the
+    image it was given, and what follows each must edit that one's result."""
+    _, first, _ = comfyui.LavidaEdit().run(_tensor(_scene()), "make the red circle green", seed=1,
+                                           rounds=1, steps=2, upscale=1)  # fmt: skip
+    a, a_result = _edit(first, "remove the blue square", 2)
+    b, b_result = _edit(first, "make the blue square red", 3)  # fan-out: a branch from step 0
+    assert a.split(":")[1] == b.split(":")[1] == "1" and a != b  # step 1 twice, two images
+    a2, a2_result = _edit(a, "remove the green circle", 4)  # after branch b, still a's image
+    b2, b2_result = _edit(b, "remove the green circle", 5)
+    session = agent.session(first.split(":")[0])
+    edges = set()  # (parent image, result image) of every step on every branch
+    for snap in session._session.snapshots():
+        for step in EditState.model_validate({"instruction": "", **snap.values}).steps:
+            edges.add((step.parent.sha256[:16], step.result.sha256[:16]))
+    sha = {name: out.split(":")[2] for name, out in
+           (("first", first), ("a", a), ("b", b), ("a2", a2), ("b2", b2))}  # fmt: skip
+    assert {(sha["first"], sha["a"]), (sha["first"], sha["b"]), (sha["a"], sha["a2"]),
+            (sha["b"], sha["b2"])} <= edges  # fmt: skip
+    assert (a_result["step"], b_result["step"], a2_result["step"], b2_result["step"]) == (1, 1, 2, 2)
+    for bad, message in (("x:y:z", "is not <session id>:<step>:<image>"),
+                         (first[:-16] + "0" * 16, "no step 0 with image '0000000000000000'")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            _edit(bad, "remove it", 6)
+
+
+def test_a_typed_session_id_reruns_when_the_session_moves(agent):
+    node = comfyui.LavidaEdit()
+    _, first, _ = node.run(_tensor(_scene()), "make the red circle green", seed=1, rounds=1, steps=2, upscale=1)
+    session_id = first.split(":")[0]
+    assert comfyui.LavidaEdit.IS_CHANGED(session=first) == ""  # id:step:image pins the image
+    before = comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1)
+    assert before == comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1) != ""
+    agent.session(session_id).undo()  # moved outside the graph (the CLI, HTTP, MCP)
+    assert comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1) != before
+    assert comfyui.LavidaEdit.IS_CHANGED(session=None) == ""  # linked: ComfyUI passes None
 
 
 def test_ground_gives_one_mask_per_expression_covering_its_box():
@@ -114,22 +165,15 @@ def test_a_bad_image_is_refused_by_name():
         comfyui.LavidaAsk().run(torch.zeros(64, 64, 3), "what?")
 
 
-@pytest.fixture
-def comfy(monkeypatch):
-    """ComfyUI's `comfy.utils.ProgressBar` and `comfy.model_management` interruption, faked:
-    `state["interrupt_at"]` presses Cancel at that many progress updates."""
+@pytest.fixture(params=[Exception, BaseException], ids=["old-comfyui", "new-comfyui"])
+def comfy(monkeypatch, request):
+    """ComfyUI's `comfy.utils.ProgressBar` (whose hook raises the interruption, as ComfyUI's
+    main.py installs it) and `comfy.model_management`'s interruption flag, faked, with the
+    exception on either base class ComfyUI has used; `state["interrupt_at"]` presses Cancel
+    at that many progress updates."""
     state: dict = {"updates": [], "interrupt_at": None, "flag": False}
 
-    class ProgressBar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None):
-            state["updates"].append((value, total))
-            if state["interrupt_at"] is not None and len(state["updates"]) >= state["interrupt_at"]:
-                state["flag"] = True
-
-    class InterruptProcessingException(Exception):
+    class InterruptProcessingException(request.param):
         pass
 
     def throw_exception_if_processing_interrupted():
@@ -137,10 +181,24 @@ def comfy(monkeypatch):
             state["flag"] = False
             raise InterruptProcessingException()
 
+    def interrupt_current_processing(value=True):
+        state["flag"] = value
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state["updates"].append((value, total))
+            if state["interrupt_at"] is not None and len(state["updates"]) >= state["interrupt_at"]:
+                state["flag"] = True
+            throw_exception_if_processing_interrupted()  # ComfyUI's progress hook does this
+
     pkg, utils, mm = (types.ModuleType(n) for n in ("comfy", "comfy.utils", "comfy.model_management"))
     utils.ProgressBar = ProgressBar
     mm.processing_interrupted = lambda: state["flag"]
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.interrupt_current_processing = interrupt_current_processing
     mm.InterruptProcessingException = InterruptProcessingException
     pkg.utils, pkg.model_management = utils, mm
     for name, module in (("comfy", pkg), ("comfy.utils", utils), ("comfy.model_management", mm)):
@@ -157,9 +215,9 @@ def test_progress_follows_the_sampler_and_cancel_stops_the_run(agent, engine, co
     with pytest.raises(sys.modules["comfy.model_management"].InterruptProcessingException):
         comfyui.LavidaGenerate().run(PROMPT, seed=2, rounds=3, steps=3, upscale=1, plan=True)
     assert engine.calls["generate"] == drawn + 1  # stopped inside its first drawing
-    assert comfy["flag"] is False  # ComfyUI's flag is cleared by its own exception
+    assert comfy["flag"] is False  # cleared, as ComfyUI's own raise clears it
     [row] = recent_runs(agent.settings.runs_dir, unfinished=True)
-    assert row["status"] == "stopped" and row["prompt"] == PROMPT  # and can be resumed
+    assert row["status"] == "stopped" and row["prompt"] == PROMPT  # a stop, which resume finishes
 
 
 def test_a_stop_not_from_comfyuis_cancel_stays_a_generation_cancelled(engine, comfy, monkeypatch):
@@ -168,6 +226,13 @@ def test_a_stop_not_from_comfyuis_cancel_stays_a_generation_cancelled(engine, co
     monkeypatch.setattr(comfyui._Run, "__call__", lambda self, ev: self.cancel.set())
     with pytest.raises(GenerationCancelled):
         comfyui.LavidaGenerate().run(PROMPT, seed=1, rounds=1, steps=2, upscale=1, plan=True)
+
+
+def test_seeds_stay_in_the_agents_range(agent):
+    seed = comfyui.LavidaGenerate.INPUT_TYPES()["required"]["seed"][1]
+    assert seed["max"] == SEED_LIMIT - 1
+    _, result = comfyui.LavidaGenerate().run(PROMPT, seed=2**64 - 1, rounds=1, steps=2, upscale=1, plan=True)
+    assert json.loads(result)["seed"] == (2**64 - 1) % SEED_LIMIT  # a KSampler-range seed linked in
 
 
 def test_install_writes_the_nodes_module_into_custom_nodes(tmp_path):

@@ -12,7 +12,9 @@ import threading
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+import lavida_agent.cli as cli_mod
 from lavida_agent import live
 from lavida_agent.errors import BusyError, GenerationCancelled, InvalidInputError
 from lavida_agent.traces import load_trace, recent_runs, render_html
@@ -176,8 +178,14 @@ def test_runs_say_running_and_resume_waits_for_the_process_that_runs(agent, engi
     page = render_html(load_trace(trace_file), agent.store, runs_dir=agent.settings.runs_dir)
     assert "unfinished: still running, or its process stopped" in page
     monkeypatch.undo()
-    with pytest.raises(BusyError, match=f"another process \\(pid {proc.pid}, run {run_id}\\)"):
-        agent.resume(run_id)
+    with pytest.raises(BusyError, match=f"run {run_id} is still running in another process \\(pid {proc.pid}\\): resume it once it has ended"):
+        agent.check_resume(run_id)
+    # the CLI says so before it loads the model
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    monkeypatch.setattr(cli_mod, "_loaded_agent", lambda *a: pytest.fail("the model was loaded"))
+    res = CliRunner().invoke(cli_mod.cli, ["--home", str(agent.settings.home), "resume", run_id, "--out", "x.png"])
+    assert res.exit_code == 1 and f"run {run_id} is still running in another process" in res.output
+    monkeypatch.undo()
     _kill(proc)
     [row] = recent_runs(agent.settings.runs_dir, unfinished=True)
     assert row["status"] == "unfinished"
@@ -202,7 +210,7 @@ def test_in_this_process_a_run_shows_as_running_and_an_undo_waits(agent, engine)
             session.undo()
         with pytest.raises(BusyError, match=f"by another agent \\(run {started['id']}\\)"):  # what another agent meets
             live.hold(agent.settings.runs_dir, result.thread_id, doing="an undo", what="x")
-        with pytest.raises(BusyError, match="is running now"):
+        with pytest.raises(BusyError, match=f"run {started['id']} is still running here"):
             agent.resume(started["id"])
     finally:
         release.set()

@@ -223,7 +223,7 @@ def test_a_run_is_not_resumed_while_it_runs(agent, engine):
     worker.start()
     assert entered.wait(10)
     try:
-        with pytest.raises(InvalidInputError, match="is running now"):
+        with pytest.raises(InvalidInputError, match="is still running here"):
             agent.resume(started["id"])
     finally:
         release.set()
@@ -334,6 +334,8 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
     assert res.exit_code == 0, res.output
     assert [json.loads(line)["run_id"] for line in res.stdout.splitlines()] == \
         [stopped.value.run_id]  # fmt: skip
+    res = CliRunner().invoke(cli_mod.cli, ["--home", str(tmp_path / "empty"), "runs", "--unfinished"])
+    assert res.exit_code == 0 and res.stdout == "" and "no unfinished runs" in res.stderr
     res = CliRunner().invoke(cli_mod.cli, ["runs", "-n", "2"])
     assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith(stopped.value.run_id)
     assert "stopped" in res.stdout.splitlines()[0] and "two red squares" in res.stdout
