@@ -944,11 +944,14 @@ def session_redo(ctx: click.Context, session_id: str, out: str | None, as_json: 
 @session.command("branch")
 @click.argument("session_id")
 @click.argument("step", type=int)
+@click.option("--image", metavar="SHA", help="The step STEP whose result is this image (a "
+              "sha256 prefix, as `session show` lists them), on whichever branch holds it.")
 @_move_options
-def session_branch(ctx: click.Context, session_id: str, step: int, out: str | None,
-                   as_json: bool) -> None:  # fmt: skip
-    """Make lineage STEP's image the current one (a new branch)."""
-    _session_move(ctx, session_id, out, as_json, lambda s: s.branch(step))
+def session_branch(ctx: click.Context, session_id: str, step: int, image: str | None,
+                   out: str | None, as_json: bool) -> None:  # fmt: skip
+    """Make lineage STEP's image the current one (a new branch). Step numbers are per branch
+    (after an undo, a new turn takes the next number again); --image picks among them."""
+    _session_move(ctx, session_id, out, as_json, lambda s: s.branch(step, image=image))
 
 
 @session.command("show")
@@ -975,6 +978,9 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
     for e in data["lineage"].get("edges", []):
         click.echo(f"  {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
                    f"{e['verdict']}  {e['instruction']}")  # fmt: skip
+    if data["lineage"].get("edges"):
+        click.echo(f"(to make one current: lavida-agent session branch {s.thread_id} "
+                   "#STEP --image TARGET)", err=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

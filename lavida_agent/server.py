@@ -943,7 +943,8 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
     async def session_branch(session_id: str, request: Request) -> schemas.SessionResponse:
         """Make lineage step `step`'s image current (a new branch)."""
         req, _ = await svc.parse(request, schemas.BranchRequest)
-        return await _move(session_id, request, lambda s: s.branch(req.step), req.response_format)
+        return await _move(session_id, request, lambda s: s.branch(req.step, image=req.image),
+                           req.response_format)  # fmt: skip
 
 
 # -- streaming runs ---------------------------------------------------------------------------

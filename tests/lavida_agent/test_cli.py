@@ -426,6 +426,14 @@ def test_session_commands(run, scene, tmp_path):
     assert res.exit_code == 1 and "no session 'no-such-session'" in res.stderr
     res = run("session", "branch", sid, 9)
     assert res.exit_code == 1 and res.stderr.startswith("Error: no step 9")
+    # step 1 ("make it green") is on the branch left behind: --image finds it there
+    green = next(e["target"] for e in show["lineage"]["edges"] if e["instruction"] == "make it green")
+    assert "session branch" in run("session", "show", sid).stderr  # says how
+    moved = json.loads(run("session", "branch", sid, 1, "--image", green[:10], "--json").stdout)
+    assert moved["step"] == 1 and green in moved["current"]
+    res = run("session", "branch", sid, 1, "--image", "0" * 10)
+    assert res.exit_code == 1 and f"no step 1 with image '{'0' * 10}'" in res.stderr
+    assert run("session", "undo", sid).stdout.strip() == "current step: 0"
     for command in (["edit", sid, "make it red"], ["undo", sid], ["redo", sid], ["branch", sid, 0]):
         res = run("session", *command, "--out", "bad.xyz")  # refused before the state changes
         assert res.exit_code == 1 and "unknown file extension '.xyz'" in res.stderr

@@ -132,6 +132,9 @@ async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine
         assert _ok(await client.call_tool("redo", {"session": session}))["image"] == second["image"]
         back = _ok(await client.call_tool("branch", {"session": session, "step": 0}))
         assert back["image"] == first["image"]
+        sha = second["image"].rsplit("/", 1)[-1]  # step 1 of the branch left behind, by its image
+        again = _ok(await client.call_tool("branch", {"session": session, "step": 1, "image": sha[:12]}))
+        assert again["image"] == second["image"]
         # an image restarts the session from it
         engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
         blank = np.full((64, 64, 3), 255, np.uint8)

@@ -267,6 +267,11 @@ async def test_session_lifecycle(client, engine):
     assert nothing.status_code == 400 and "nothing to redo" in nothing.json()["error"]["message"]
     bad = await client.post(f"/v1/sessions/{sid}/branch", json={"step": 9})
     assert bad.status_code == 400
+    # step 1 of the branch left behind, by its image
+    back = await client.post(f"/v1/sessions/{sid}/branch", json={"step": 1, "image": e2["image"]["sha256"][:12]})
+    assert back.status_code == 200 and back.json()["image"]["sha256"] == e2["image"]["sha256"]
+    bad = await client.post(f"/v1/sessions/{sid}/branch", json={"step": 1, "image": "XYZ!"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"
     for method, path in [("GET", "/v1/sessions/nope/history"), ("POST", "/v1/sessions/nope/undo"),
                          ("POST", "/v1/sessions/../x/undo")]:  # fmt: skip
         r = await client.request(method, path)
