@@ -876,8 +876,11 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
     if as_json:
         _echo_json(data)
     else:
-        verdict = "verified" if data["accepted"] else "not verified"
-        click.echo(f"{data['out']}: step {data['step']} ({verdict}), run {data['run_id']}")
+        verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
+        turns = len(s.history())  # committed turns on the current branch, this one last
+        click.echo(f"{data['out']}: turn {turns} {verdict} after {data['rounds']} round(s), "
+                   f"lineage step {data['step']}, run {data['run_id']} (undo: lavida-agent "
+                   f"session undo {s.thread_id})")  # fmt: skip
 
 
 @session.command("history")

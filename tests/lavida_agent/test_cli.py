@@ -413,6 +413,9 @@ def test_session_commands(run, scene, tmp_path):
         assert data["session"] == sid and data["step"] == i
     hist = json.loads(run("session", "history", sid, "--json").stdout)
     assert [s["instruction"] for s in hist["steps"]] == ["make it blue", "make it green"]
+    said = run("session", "edit", sid, "make it red", "--out", "s2.png", "--seed", 2).stdout
+    assert said.startswith("s2.png: turn 3 ") and f"(undo: lavida-agent session undo {sid})" in said
+    assert run("session", "undo", sid).exit_code == 0
     undo = json.loads(run("session", "undo", sid, "--json", "--out", "u.png").stdout)
     assert undo["step"] == 0 and (tmp_path / "u.png").is_file()
     redo = run("session", "redo", sid)
