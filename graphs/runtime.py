@@ -18,8 +18,9 @@ Sampler step events are delivered in the *caller's* thread (the blocking engine 
 drain them while they wait), so `on_step` may use thread-bound things such as LangGraph's
 stream writer. Cancelling a pending request (`PendingRequest.cancel()`, or cancelling the
 awaiting asyncio task) drops it before it reaches the backend; a request already running
-completes but its result is discarded. `close()` stops the worker: queued requests are run
-first (`cancel_pending=False`) or cancelled.
+runs on while any other request of its batch is still wanted, and a batch whose every
+request was abandoned stops at its next step (a backend with an `interrupt` hook). `close()`
+stops the worker: queued requests are run first (`cancel_pending=False`) or cancelled.
 """
 
 from __future__ import annotations
@@ -302,13 +303,17 @@ class BatchingEngine:
         self._running: list[PendingRequest] = []  # the batch in the backend now
         self.batches: list[tuple[str, int]] = []
         """(method, size) of every backend call made, for inspection."""
-        if hasattr(backend, "interrupt"):
-            own = backend.interrupt
-            backend.interrupt = (self.stopping if own is None
+        # The backend's own hook is kept apart the first time, so an engine built later on
+        # the same backend checks it, not a closed engine's hook as well.
+        self._hooked = hasattr(backend, "interrupt")
+        if self._hooked:
+            own = getattr(backend, "_own_interrupt", backend.interrupt)
+            backend._own_interrupt = own  # type: ignore[attr-defined]
+            backend.interrupt = (self.stopping if own is None  # type: ignore[attr-defined]
                                  else lambda: bool(own()) or self.stopping())  # fmt: skip
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        _OPEN.add(self)
 
     def stopping(self) -> bool:
         """Should the running batch stop now: every request of it abandoned, or the engine
@@ -330,8 +335,11 @@ class BatchingEngine:
             self._closing = True
             self._cancel_pending = cancel_pending
             self._cond.notify_all()
+        _OPEN.discard(self)
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
+        if self._hooked and not self._worker.is_alive():  # give the backend its own hook back
+            self.backend.interrupt = self.backend._own_interrupt  # type: ignore[attr-defined]
 
     @property
     def closed(self) -> bool:
@@ -543,12 +551,17 @@ class BatchingEngine:
                     p.set_result(result)
 
 
-def _close_at_exit(ref: weakref.ref[BatchingEngine]) -> None:
-    """At interpreter exit: stop the engine's worker (its running batch at its next step) and
-    wait for it, so no thread is inside torch while the process ends (that aborts it)."""
-    engine = ref()
-    if engine is not None:
-        engine.close(cancel_pending=True, timeout=30)
+_OPEN: weakref.WeakSet[BatchingEngine] = weakref.WeakSet()  # engines not closed yet
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """At interpreter exit: stop every open engine's worker (its running batch at its next
+    step) and wait for it, so no thread is inside torch while the process ends (that aborts
+    it). An engine whose backend has no `interrupt` hook cannot stop a running call: it is
+    not waited for (its worker is a daemon, as before)."""
+    for engine in list(_OPEN):
+        engine.close(cancel_pending=True, timeout=30 if engine._hooked else 0)
 
 
 def _with_on_step(request: Request, put: Callable[[StepEvent], None]) -> Request:

@@ -1453,9 +1453,19 @@ class Session:
                                     f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
         if image is None:
             return self._move("branch", lambda session: session.branch(step))
-        for snap in self._session.snapshots():  # newest first: the latest branch that holds it
+        prefix = image.lower() if isinstance(image, str) else ""
+        if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+            raise InvalidInputError(f"image must be a sha256 or a prefix of one (4 or more hex "
+                                    f"digits), got {image!r}")  # fmt: skip
+        found: dict[str, Any] = {}  # image -> the newest checkpoint whose step `step` it is
+        for snap in self._session.snapshots():  # newest first
             steps = EditState.model_validate({"instruction": "", **snap.values}).steps
-            if len(steps) > step and steps[step].result.sha256.startswith(image):
-                config = snap.config
-                return self._move("branch", lambda session: session.branch(step, at=config))
-        raise InvalidInputError(f"no step {step} with image {image!r} in session {self.thread_id!r}")
+            if len(steps) > step and steps[step].result.sha256.startswith(prefix):
+                found.setdefault(steps[step].result.sha256, snap.config)
+        if not found:
+            raise InvalidInputError(f"no step {step} with image {image!r} in session {self.thread_id!r}")
+        if len(found) > 1:
+            raise InvalidInputError(f"image {image!r} matches {len(found)} images of step {step}: "
+                                    "give more of its sha256")  # fmt: skip
+        [config] = found.values()
+        return self._move("branch", lambda session: session.branch(step, at=config))

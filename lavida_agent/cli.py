@@ -982,8 +982,8 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
         click.echo(f"  {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
                    f"{e['verdict']}  {e['instruction']}")  # fmt: skip
     if data["lineage"].get("edges"):
-        click.echo(f"(to make one current: lavida-agent session branch {s.thread_id} "
-                   "#STEP --image TARGET)", err=True)  # fmt: skip
+        click.echo(f"(to make one current: lavida-agent session branch {s.thread_id} STEP "
+                   "--image TARGET, STEP the number after # above)", err=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

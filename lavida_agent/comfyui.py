@@ -230,7 +230,7 @@ class LavidaEdit:
     @classmethod
     def IS_CHANGED(cls, session: str | None = None, **_: Any) -> str:  # noqa: N802
         """ComfyUI reruns a node whose inputs are unchanged only when this changes: a bare
-        session id typed in edits whatever image is current, so its current step counts.
+        session id typed in edits whatever image is current, so its current image counts.
         (`id:step:image` pins the image; ComfyUI passes linked inputs here as None.)"""
         if not session:
             return ""
@@ -239,7 +239,7 @@ class LavidaEdit:
         for line in (s.strip() for s in session.splitlines()):
             if line and ":" not in line and agent.session(line).exists:
                 state = agent.session(line).state()
-                heads.append(f"{line}:{state.current_step}:{len(state.steps)}")
+                heads.append(f"{line}:{state.current_step}:{state.current.sha256 if state.current else ''}")
         return "\n".join(heads)
 
     def run(self, image: Any, instruction: str, seed: int, rounds: int, steps: int,

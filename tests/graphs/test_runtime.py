@@ -232,3 +232,26 @@ def test_closing_with_cancel_pending_stops_the_running_batch():
     with pytest.raises(RuntimeError, match="interrupted at step"):
         fut.result(1)
     assert len(backend.ran) < 20
+
+
+def test_a_backend_outlives_a_closed_engine():
+    """A backend reused by a new engine after `close(cancel_pending=True)` runs normally:
+    the closed engine's stop check is not left on it, and the engine is let go."""
+    import gc
+
+    from lavida_agent.graphs import runtime
+
+    backend = _SlowBackend(steps=3)
+    first = BatchingEngine(backend, max_wait_ms=0)
+    first.close(cancel_pending=True)
+    assert backend.interrupt is None  # its own hook back
+    with BatchingEngine(backend, max_wait_ms=0) as second:
+        assert second.call(_request(1)).shape == (2, 2, 3)
+    open_before = len(runtime._OPEN)
+    del first, second
+    gc.collect()
+    engines = [BatchingEngine(_SlowBackend(), max_wait_ms=0) for _ in range(5)]
+    assert len(runtime._OPEN) == open_before + 5
+    for engine in engines:
+        engine.close()
+    assert len(runtime._OPEN) == open_before  # closed engines leave the exit hook's set

@@ -436,6 +436,10 @@ def test_session_commands(run, scene, tmp_path):
     assert moved["step"] == 1 and green in moved["current"]
     res = run("session", "branch", sid, 1, "--image", "0" * 10)
     assert res.exit_code == 1 and f"no step 1 with image '{'0' * 10}'" in res.stderr
+    for bad in ("", "ab", "xyz!"):
+        res = run("session", "branch", sid, 1, "--image", bad)
+        assert res.exit_code == 1 and "a prefix of one (4 or more hex digits)" in res.stderr
+    assert json.loads(run("session", "branch", sid, 1, "--image", green[:10].upper(), "--json").stdout)["step"] == 1
     assert run("session", "undo", sid).stdout.strip() == "current step: 0"
     for command in (["edit", sid, "make it red"], ["undo", sid], ["redo", sid], ["branch", sid, 0]):
         res = run("session", *command, "--out", "bad.xyz")  # refused before the state changes

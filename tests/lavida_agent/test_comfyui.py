@@ -136,6 +136,9 @@ def test_a_typed_session_id_reruns_when_the_session_moves(agent):
     assert before == comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1) != ""
     agent.session(session_id).undo()  # moved outside the graph (the CLI, HTTP, MCP)
     assert comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1) != before
+    agent.session(session_id).edit("make the blue square red", seed=7)  # the same step, anew
+    assert agent.session(session_id).state().current_step == 0
+    assert comfyui.LavidaEdit.IS_CHANGED(session=session_id, seed=1) != before  # another image
     assert comfyui.LavidaEdit.IS_CHANGED(session=None) == ""  # linked: ComfyUI passes None
 
 
