@@ -16,8 +16,10 @@ locked (`SUPPORTED` is False) and no process can tell another's runs from stoppe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from lavida_agent.errors import BusyError
 __all__ = ("SUPPORTED", "ThreadLock", "busy_message", "hold", "holder")
 
 SUPPORTED = fcntl is not None
+logger = logging.getLogger(__name__)
 _DIR = ".live"
 _PATIENCE_S = 0.1  # how long `hold` retries: `holder` takes the lock for a moment to look
 
@@ -98,6 +101,10 @@ def hold(runs_dir: str | Path, thread_id: str, *, doing: str, what: str,
                     time.sleep(0.005)
                     continue
                 raise BusyError(busy_message(what, _read(fd))) from None
+            except OSError as exc:  # a file system without flock (some FUSE mounts): run unlocked
+                os.close(fd)
+                _warn_unlocked(str(path.parent), str(exc))
+                return ThreadLock(path, None, thread_id)
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -110,6 +117,12 @@ def hold(runs_dir: str | Path, thread_id: str, *, doing: str, what: str,
             os.close(fd)
             raise
         os.close(fd)
+
+
+@functools.cache
+def _warn_unlocked(folder: str, why: str) -> None:
+    """Once per folder and reason."""
+    logger.warning("runs are not locked against other processes: %s cannot be locked (%s)", folder, why)
 
 
 def busy_message(what: str, info: dict[str, Any]) -> str:
@@ -134,6 +147,8 @@ def holder(runs_dir: str | Path, thread_id: str) -> dict[str, Any] | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _read(fd)
+    except OSError:  # no flock on this file system: nothing is locked there
+        return None
     finally:
         os.close(fd)
     return None

@@ -255,3 +255,45 @@ def test_install_writes_the_nodes_module_into_custom_nodes(tmp_path):
     assert res.exit_code == 1 and "--force" in res.output and shim.read_text() == "# someone else's\n"
     assert runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path), "--force"]).exit_code == 0
     assert shim.read_text() == comfyui.SHIM
+
+
+def _readme_graph() -> dict:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("```json", text.index("### ComfyUI")) + len("```json")
+    return json.loads(text[start:text.index("```", start)])
+
+
+def test_the_readme_graph_runs_as_comfyui_would_run_it(agent):
+    """The README's API-format graph, executed the way ComfyUI does: each node once its
+    inputs are ready, links as `[node, output index]`, every output type matching the
+    input it feeds (SaveImage, a core node, stands in as a check of what it gets)."""
+    graph, outputs, saved = _readme_graph(), {}, []
+    while len(outputs) < len(graph):
+        done = len(outputs)
+        for key, node in graph.items():
+            if key in outputs or any(isinstance(v, list) and v[0] not in outputs
+                                     for v in node["inputs"].values()):  # fmt: skip
+                continue
+            if node["class_type"] == "SaveImage":
+                images = outputs[node["inputs"]["images"][0]][node["inputs"]["images"][1]]
+                saved.append(images)
+                outputs[key] = ()
+                continue
+            cls = comfyui.NODE_CLASS_MAPPINGS[node["class_type"]]
+            spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
+            kwargs = {}
+            for name, value in node["inputs"].items():
+                if isinstance(value, list):  # a link: the type it carries must be the input's
+                    source = comfyui.NODE_CLASS_MAPPINGS[graph[value[0]]["class_type"]]
+                    assert source.RETURN_TYPES[value[1]] == spec[name][0], (key, name)
+                    value = outputs[value[0]][value[1]]
+                kwargs[name] = value
+            assert set(spec) - set(kwargs) <= set(cls.INPUT_TYPES().get("optional", {})), key
+            outputs[key] = getattr(cls(), cls.FUNCTION)(**kwargs)
+        assert len(outputs) > done, "a node waits for an input no node gives"
+    [image] = saved
+    assert image.shape == (1, 256, 256, 3)
+    steps = agent.session(outputs["3"][1].split(":")[0]).history()
+    assert [s.instruction for s in steps] == ["make the blue square green", "remove the red circle"]

@@ -237,3 +237,16 @@ async def test_over_http_a_session_another_process_runs_is_a_409(agent, other_pr
         r = await client.post(f"/v1/sessions/{result.thread_id}/undo")
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "busy" and f"pid {proc.pid}" in r.json()["error"]["message"]
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, op):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(live.fcntl, "flock", no_flock)
+    lock = live.hold(tmp_path, "t1", run_id="r1", doing="run r1", what="x")
+    lock.record(["run r1"], ["r1"])  # nothing to write to
+    (tmp_path / ".live").mkdir(exist_ok=True)
+    assert live.holder(tmp_path, "t1") is None  # and nothing reads as held
+    lock.release()
+    assert "cannot be locked (" in caplog.text and "Operation not supported" in caplog.text
