@@ -1276,8 +1276,9 @@ def comfyui() -> None:
 @comfyui.command("install")
 @click.argument("comfyui_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--force", is_flag=True, help="Replace a lavida_agent_nodes.py already there.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
-def comfyui_install(comfyui_dir: str, force: bool) -> None:
+def comfyui_install(comfyui_dir: str, force: bool, as_json: bool) -> None:
     """Add the nodes to the ComfyUI at COMFYUI_DIR: writes custom_nodes/lavida_agent_nodes.py,
     one import of `lavida_agent.comfyui`. Install lavida-agent into the Python that runs
     ComfyUI too (its `pip install`), then restart ComfyUI; the nodes are under
@@ -1293,7 +1294,7 @@ def comfyui_install(comfyui_dir: str, force: bool) -> None:
         raise click.ClickException(f"{target} exists and is not ours to replace (--force "
                                    "replaces it)")  # fmt: skip
     target.write_text(SHIM, encoding="utf-8")
-    click.echo(target)
+    _echo_json({"installed": str(target)}) if as_json else click.echo(target)
 
 
 # ----------------------------------------------------------------------------------------

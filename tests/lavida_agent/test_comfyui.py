@@ -255,6 +255,10 @@ def test_install_writes_the_nodes_module_into_custom_nodes(tmp_path):
     assert res.exit_code == 1 and "--force" in res.output and shim.read_text() == "# someone else's\n"
     assert runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path), "--force"]).exit_code == 0
     assert shim.read_text() == comfyui.SHIM
+    res = runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == {"installed": str(shim)}
+    res = runner.invoke(cli_mod.cli, ["comfyui", "install", str(tmp_path / "none"), "--json"])
+    assert res.exit_code == 2  # not a folder: click's usage error
 
 
 def _readme_graph() -> dict:
