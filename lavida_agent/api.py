@@ -427,7 +427,8 @@ class LavidaAgent:
         self._store: ArtifactStore | None = None
         self._checkpointer: Any = None
         self._graphs: dict[str, Any] = {}
-        self._active: dict[str, list[str]] = {}  # thread id -> what is on it now ('run <id>')
+        # thread id -> what of this agent is on it now: (label, run id or None for an undo...)
+        self._active: dict[str, list[tuple[str, str | None]]] = {}
         self._active_lock = threading.Lock()
         self._live: dict[str, live.ThreadLock] = {}  # thread id -> its lock, while it runs here
 
@@ -613,10 +614,10 @@ class LavidaAgent:
         asked about, said as such when it is the one still running."""
         with self._active_lock:
             mine = list(self._active.get(thread_id, ()))
-        if f"run {run_id}" in mine:
+        if run_id is not None and any(r == run_id for _, r in mine):
             raise BusyError(f"run {run_id} is still running here: resume it once it has ended")
         if mine:
-            raise BusyError(f"{what} is running now ({mine[0]}): try again when it ends")
+            raise _busy_here(what, mine)
         other = live.holder(self.settings.runs_dir, thread_id)  # type: ignore[arg-type]
         if other is not None and run_id is not None and run_id in other.get("run_ids", ()):
             raise BusyError(f"run {run_id} is still running in another process (pid "
@@ -640,26 +641,26 @@ class LavidaAgent:
             BusyError: another process is on the thread (or, with `alone` or during an
                 undo, redo, branch or restart, this agent).
         """
-        label = doing or f"run {run_id}"
+        entry = (doing or f"run {run_id}", run_id)
         with self._active_lock:
-            running = self._active.setdefault(thread_id, [])
-            if running and (alone or any(not r.startswith("run ") for r in running)):
-                raise BusyError(f"{what} is running now ({running[0]}): try again when it ends")
-            if not running:
+            on = self._active.setdefault(thread_id, [])
+            if on and (alone or any(r is None for _, r in on)):
+                raise _busy_here(what, on)
+            if not on:
                 try:
                     self._live[thread_id] = live.hold(self.settings.runs_dir, thread_id,  # type: ignore[arg-type]
-                                                      run_id=run_id, doing=label, what=what)  # fmt: skip
+                                                      run_id=run_id, doing=entry[0], what=what)  # fmt: skip
                 except BaseException:
                     self._active.pop(thread_id, None)
                     raise
-            running.append(label)
+            on.append(entry)
             self._record_live(thread_id)
         try:
             yield
         finally:
             with self._active_lock:
-                running.remove(label)
-                if running:
+                on.remove(entry)
+                if on:
                     self._record_live(thread_id)
                 else:
                     self._active.pop(thread_id, None)
@@ -667,9 +668,9 @@ class LavidaAgent:
 
     def _record_live(self, thread_id: str) -> None:
         """Write what this agent runs on `thread_id` into its lock (under `_active_lock`)."""
-        running = self._active[thread_id]
+        on = self._active[thread_id]
         with contextlib.suppress(OSError):  # only what others are told; the lock holds anyway
-            self._live[thread_id].record(running, [r[4:] for r in running if r.startswith("run ")])
+            self._live[thread_id].record([label for label, _ in on], [r for _, r in on if r])
 
     def _stream_run(self, run_id: str, rec: TraceRecorder, workflow: str, graph: Any,
                     payload: Any, config: dict[str, Any], context: Context,
@@ -1181,6 +1182,11 @@ def _to_input_box(box: list[float], params: LetterboxParams, w: int, h: int) -> 
     return [round(v, 2) for v in b.as_tuple()]
 
 
+def _busy_here(what: str, on: list[tuple[str, str | None]]) -> BusyError:
+    """The refusal for a thread this agent has something on (the first of `on`)."""
+    return BusyError(f"{what} is running now ({on[0][0]}): try again when it ends")
+
+
 def _load_engine(settings: Settings) -> tuple[Engine, bool]:
     """The real engine for `settings` and whether the caller owns it (torch is imported here only).
 
@@ -1312,8 +1318,7 @@ class Session:
     def start(self, image: ImageInput) -> ImageRef:
         """Start (or restart) the session from `image` (letterboxed); returns its ref."""
         _, ref, params, size = self.agent._prepare_image(image)
-        with self.agent._on_thread(self.thread_id, None, f"session {self.thread_id!r}",
-                                   alone=True, doing="a restart"), map_exceptions():  # fmt: skip
+        with self._alone("a restart"), map_exceptions():
             self._letterbox = (params, size)
             self._session.graph.update_state(
                 self._session.config,
@@ -1413,7 +1418,7 @@ class Session:
         Raises:
             InvalidInputError: nothing to undo.
         """
-        return self._move("undo", lambda session: session.undo())
+        return self._move("an undo", lambda session: session.undo())
 
     def redo(self) -> ImageRef:
         """Return to where the last `undo` or `branch` left from (a new branch again).
@@ -1422,15 +1427,19 @@ class Session:
         Raises:
             InvalidInputError: nothing to redo (no undo or branch since the last edit).
         """
-        return self._move("redo", lambda session: session.redo())
+        return self._move("a redo", lambda session: session.redo())
 
-    def _move(self, name: str, how: Callable[[Any], Any]) -> ImageRef:
-        """`how(graph session)` (`name`: undo, redo, branch), alone on the session; the new
-        current image."""
+    def _alone(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """The session held for a change that is no run (`doing`: "an undo"): refused while
+        a run is on it, here or in another process."""
+        return self.agent._on_thread(self.thread_id, None, f"session {self.thread_id!r}",
+                                     alone=True, doing=doing)
+
+    def _move(self, doing: str, how: Callable[[Any], Any]) -> ImageRef:
+        """`how(graph session)` (`doing`: an undo, a redo, a branch), alone on the session;
+        the new current image."""
         self._require()
-        doing = f"an {name}" if name[0] in "aeiou" else f"a {name}"
-        with self.agent._on_thread(self.thread_id, None, f"session {self.thread_id!r}",
-                                   alone=True, doing=doing), map_exceptions():  # fmt: skip
+        with self._alone(doing), map_exceptions():
             how(self._session)
         ref = self.current
         assert ref is not None
@@ -1452,7 +1461,7 @@ class Session:
             raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
                                     f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
         if image is None:
-            return self._move("branch", lambda session: session.branch(step))
+            return self._move("a branch", lambda session: session.branch(step))
         prefix = image.lower() if isinstance(image, str) else ""
         if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
             raise InvalidInputError(f"image must be a sha256 or a prefix of one (4 or more hex "
@@ -1468,4 +1477,4 @@ class Session:
             raise InvalidInputError(f"image {image!r} matches {len(found)} images of step {step}: "
                                     "give more of its sha256")  # fmt: skip
         [config] = found.values()
-        return self._move("branch", lambda session: session.branch(step, at=config))
+        return self._move("a branch", lambda session: session.branch(step, at=config))

@@ -263,10 +263,7 @@ def create_mcp(
         step: Annotated[int, Field(ge=0, description="The `index` of a step `history` lists "
                                    "(a lineage index, not a turn number; `undo` goes back to "
                                    "the start).")],  # fmt: skip
-        image: Annotated[str | None, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$",
-                                           description="The step `step` whose result is this "
-                                           "image (its sha256, or a prefix), on whichever "
-                                           "branch holds it: step numbers are per branch.")] = None,
+        image: schemas.ImagePrefix | None = None,
     ) -> CallToolResult:
         """Make the image of the session's step `step` current (a new branch)."""
         return await tools.move(session, lambda s: s.branch(step, image=image))

@@ -320,14 +320,18 @@ class SessionEditRequest(_SamplingFields, _ImageFields):
     _check_instruction = field_validator("instruction")(_text)
 
 
+ImagePrefix = Annotated[str, Field(
+    min_length=4, max_length=64, pattern=r"^[0-9a-f]+$",
+    description="The step `step` whose result is this image (its sha256, or a prefix of one), "
+                "on whichever branch holds it: step numbers are per branch.")]  # fmt: skip
+"""A branch's `image` argument (HTTP and MCP)."""
+
+
 class BranchRequest(_Request):
     """`POST /v1/sessions/{id}/branch`: make lineage step `step`'s image current."""
 
     step: int = Field(ge=0)
-    image: str | None = Field(default=None, min_length=4, max_length=64, pattern=r"^[0-9a-f]+$",
-                              description="The step `step` whose result is this image (a sha256 "
-                              "or a prefix of one), on whichever branch holds it: step numbers "
-                              "are per branch.")  # fmt: skip
+    image: ImagePrefix | None = None
     response_format: ResponseFormat = "b64_json"
 
 
