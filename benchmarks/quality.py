@@ -708,6 +708,13 @@ class _MinimalPipelineBackend:
         return self.pipeline.region_fit([r.image for r in requests], [r.prompt for r in requests],
                                         [[b for _, b in p or []] for p in plans], plans=plans)  # fmt: skip
 
+    def stray_marks(self, requests):
+        if not hasattr(self.pipeline, "stray_marks"):  # a stand-in without it: nothing stray
+            return [[] for _ in requests]
+        out = self.pipeline.stray_marks([r.image for r in requests], [r.prompt for r in requests],
+                                        [self._plan_in(r.plan) for r in requests])  # fmt: skip
+        return [[{"box": [float(v) for v in box], "score": float(score)} for box, score in marks] for marks in out]
+
     def noun_fit(self, requests):  # the benchmark's stand-ins read no labels: no signal
         return [[0.0] * len(r.items) for r in requests]
 
@@ -1953,7 +1960,7 @@ def run(
     return result
 
 
-_AGENT_KNOBS = ("plan_retries", "plan_temperature", "selection", "rank_by")
+_AGENT_KNOBS = ("plan_retries", "plan_temperature", "selection", "rank_by", "stray_check")
 
 
 def _check_agent_context(fields: Mapping[str, Any]) -> None:
@@ -2065,6 +2072,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agent t2i: stop at the first accepted image, or draw every round and keep the best")  # fmt: skip
     p.add_argument("--rank-by", choices=("fit", "score"), default=None,
                    help="agent t2i: rank attempts by plan fit, or by the critique score alone")  # fmt: skip
+    p.add_argument("--stray-check", choices=("gate", "off"), default=None,
+                   help="agent t2i: reject and redraw marks off the plan (gate), or skip the check")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
@@ -2075,7 +2084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "python -m lavida_agent.benchmarks.quality " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    knobs = {"plan_retries": args.plan_retries, "selection": args.selection, "rank_by": args.rank_by}
+    knobs = {"plan_retries": args.plan_retries, "selection": args.selection, "rank_by": args.rank_by,
+             "stray_check": args.stray_check}
     try:
         _check_agent_context({k: v for k, v in knobs.items() if v is not None})
         _agent_tasks(args.agent_tasks)

@@ -21,7 +21,7 @@ import numpy as np
 from lavida_agent import prompts
 from lavida_agent.graphs.engine import BoxList, Engine
 from lavida_agent.graphs.perceive import scene_problems
-from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, Perception, Plan, box_iou
+from lavida_agent.graphs.state import Box, Critique, GroundingCheck, LayoutItem, Perception, Plan, Stray, box_iou
 from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.shapes_world import language as lang
 
@@ -81,17 +81,24 @@ def reason_for(check: GroundingCheck) -> str:
                           iou=f"{check.iou:.2f}")  # fmt: skip
 
 
+def reason_for_stray(stray: Stray) -> str:
+    """A user-readable reason for a stray mark (template `critique_stray`)."""
+    return prompts.render("critique_stray", box=fmt_box(stray.box), score=f"{stray.score:.1f}")
+
+
 def make_critique(
     *, round: int, image: ImageRef, model_ok: bool, model_reasons: Sequence[str],
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
     dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (), keep_fit: Sequence[float] = (),
     judged_by: Literal["scene", "model"] = "model", perception: Perception | None = None,
+    strays: Sequence[Stray] = (),
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
     With `gate`, accept only when the model accepts and every check passes; without it the
     model's verdict decides and the checks only score the attempt. A rejection blames each
-    failed object either way.
+    failed object either way. Each of `strays` (marks off the plan) rejects the image,
+    whatever `gate` says, with a reason of its own.
 
     `dropped_reasons` are reasons of the model's that cannot be about the prompt (see
     `split_reasons`); they are recorded, not reported. A rejection left with no reason at
@@ -104,7 +111,8 @@ def make_critique(
         accept = bool(checks) and not failed
     else:
         accept = model_ok and (not failed or not gate)
-    reasons = [str(r) for r in model_reasons] + [reason_for(c) for c in failed]
+    accept = accept and not strays
+    reasons = [str(r) for r in model_reasons] + [reason_for(c) for c in failed] + [reason_for_stray(m) for m in strays]
     if not accept and not reasons:
         reasons = [model_text or "the model rejected the image"]
     score = (int(model_ok) + sum(c.ok for c in checks)) / (1 + len(checks))
@@ -120,6 +128,7 @@ def make_critique(
         perception=perception,
         dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
+        strays=list(strays),
         fit=[round_score(f) for f in fit],
         keep_fit=[round_score(f) for f in keep_fit],
         score=round_score(score),

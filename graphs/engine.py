@@ -37,6 +37,7 @@ __all__ = (
     "PlanItem",
     "StepCallback",
     "StepEvent",
+    "StrayMark",
     "load_engine",
 )
 
@@ -75,6 +76,15 @@ class StepEvent:
 
 
 StepCallback = Callable[[StepEvent], None]
+
+
+class StrayMark(TypedDict):
+    """Something an image shows away from every planned box that the prompt and plan argue
+    against (`Engine.stray_marks`): where (`box`) and how strongly (`score`, lower is more
+    surely stray; the real engine's is in nats)."""
+
+    box: BoxList
+    score: float
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,14 @@ class Engine(Protocol):
         log-likelihood ratio in nats, see `LavidaPipeline.region_fit`). Scores rank the
         attempts at one prompt and plan; they are not calibrated across prompts.
         Deterministic.
+        """
+        ...
+
+    def stray_marks(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[StrayMark]:
+        """Marks of `image` away from every planned box that the prompt and plan argue
+        against (a faint blob, a smear, an object nobody asked for), most sure first; empty
+        for a clean background. The engine owns the threshold (the real engine's is
+        `pipeline_lavida.STRAY_THRESHOLD`). Deterministic.
         """
         ...
 

@@ -46,6 +46,7 @@ from lavida_agent.graphs.engine import (
     PlanItem,
     StepCallback,
     StepEvent,
+    StrayMark,
 )
 from lavida_agent.graphs.runtime import (
     AnswerRequest,
@@ -58,6 +59,7 @@ from lavida_agent.graphs.runtime import (
     PlanFitRequest,
     PlanLayoutRequest,
     RegenerateRegionsRequest,
+    StrayMarksRequest,
 )
 from lavida_agent.tools.boxes import iou, round_half_up
 from lavida_agent.tools.shapes_world import language as lang
@@ -371,6 +373,17 @@ class PipelineBackend:
                                            [[box for _, box in p or []] for p in plans], plans=plans)  # fmt: skip
             for i, scores in zip(good, out, strict=True):
                 results[i] = [float(s) for s in scores]
+        return results
+
+    def stray_marks(self, requests: Sequence[StrayMarksRequest]) -> list[Any]:
+        """One `pipeline.stray_marks` call: the marks of every row away from its plan."""
+        results, good = self._rows_with(requests, lambda r: r.plan)
+        if good:
+            rows = [requests[i] for i in good]
+            out = self.pipeline.stray_marks([np.asarray(r.image) for r in rows], [r.prompt for r in rows],
+                                            [_to_model_plan(r.plan, self.canvas) for r in rows])  # fmt: skip
+            for i, marks in zip(good, out, strict=True):
+                results[i] = [StrayMark(box=[float(v) for v in box], score=float(score)) for box, score in marks]
         return results
 
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[Any]:

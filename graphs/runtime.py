@@ -47,6 +47,7 @@ from lavida_agent.graphs.engine import (
     PlanItem,
     StepCallback,
     StepEvent,
+    StrayMark,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ __all__ = (
     "PlanLayoutRequest",
     "RegenerateRegionsRequest",
     "Request",
+    "StrayMarksRequest",
 )
 
 T = TypeVar("T")
@@ -153,6 +155,16 @@ class PlanFitRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StrayMarksRequest(Request):
+    """`Engine.stray_marks` as a request."""
+
+    method = "stray_marks"
+    image: np.ndarray = field(compare=False)
+    prompt: str
+    plan: list[PlanItem]
+
+
+@dataclass(frozen=True, kw_only=True)
 class NounFitRequest(Request):
     """`Engine.noun_fit` as a request."""
 
@@ -228,6 +240,7 @@ class BatchedBackend(Protocol):
     ) -> Sequence[Any]: ...
     def critique(self, requests: Sequence[CritiqueRequest]) -> Sequence[Any]: ...
     def plan_fit(self, requests: Sequence[PlanFitRequest]) -> Sequence[Any]: ...
+    def stray_marks(self, requests: Sequence[StrayMarksRequest]) -> Sequence[Any]: ...
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> Sequence[Any]: ...
     def ground(self, requests: Sequence[GroundRequest]) -> Sequence[Any]: ...
     def answer(self, requests: Sequence[AnswerRequest]) -> Sequence[Any]: ...
@@ -450,6 +463,11 @@ class BatchingEngine:
         """See `Engine.plan_fit`."""
         scores: list[float] = self.call(PlanFitRequest(image=image, prompt=prompt, plan=plan))
         return scores
+
+    def stray_marks(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[StrayMark]:
+        """See `Engine.stray_marks`."""
+        marks: list[StrayMark] = self.call(StrayMarksRequest(image=image, prompt=prompt, plan=plan))
+        return marks
 
     def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
         """See `Engine.noun_fit`."""

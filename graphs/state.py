@@ -212,6 +212,14 @@ class GroundingCheck(BaseModel):
     )
 
 
+class Stray(BaseModel):
+    """A mark away from every planned box that the prompt and plan argue against
+    (`Engine.stray_marks`): a faint blob, a smear, an object nobody asked for."""
+
+    box: Box
+    score: float = Field(description="How surely stray (lower: more; the real engine's in nats).")
+
+
 class Perception(BaseModel):
     """What the model sees in an image: its caption, and every captioned object grounded.
 
@@ -235,7 +243,8 @@ class Critique(BaseModel):
     verdict is read off the scene it perceives (`judged_by="scene"`, `perception` kept) or
     is its own critique answer (`"model"`; `Context.critique_by`). Edits are
     verified by their grounding checks alone. Failed checks are kept in `grounding` either
-    way, and a rejection blames their objects.
+    way, and a rejection blames their objects. A t2i image with `strays` (marks off the plan,
+    `Context.stray_check="gate"`, the default) is rejected and drawn afresh.
     """
 
     round: int
@@ -261,6 +270,11 @@ class Critique(BaseModel):
                     "such reasons leaves the verdict to the grounding checks.",
     )  # fmt: skip
     grounding: list[GroundingCheck] = Field(default_factory=list)
+    strays: list[Stray] = Field(
+        default_factory=list,
+        description="t2i: marks away from every planned box that the prompt and plan argue "
+        "against (`Engine.stray_marks`); each rejects the image.",
+    )
     fit: list[float] = Field(
         default_factory=list,
         description="t2i: how well the prompt and plan explain each planned box (`Engine."

@@ -64,6 +64,7 @@ from lavida_agent.graphs.state import (
     Critique,
     LayoutItem,
     Plan,
+    Stray,
     T2IInput,
     T2IOutput,
     T2IState,
@@ -244,17 +245,21 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
         found = engine.ground(image, [i.label for i in planned], views=AGENT_VIEWS) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
-        # Step 3: how well the prompt and plan explain each planned box (ranks attempts).
-        layout = attempt.plan.to_engine() if attempt.plan and ctx.rank_by == "fit" else []
-        fit = engine.plan_fit(image, state.prompt, plan=layout) if layout else []
-        # Step 4: one critique of the verdict, the checks and the fit. A model rejection
-        # made only of reasons the prompt rules out leaves the verdict to the checks.
+        # Step 3: marks away from every planned box that the prompt and plan argue against.
+        layout = attempt.plan.to_engine() if attempt.plan else []
+        marks = engine.stray_marks(image, state.prompt, plan=layout) if layout and ctx.stray_check == "gate" else []
+        strays = [Stray(box=m["box"], score=m["score"]) for m in marks]
+        # Step 4: how well the prompt and plan explain each planned box (ranks attempts).
+        fit = engine.plan_fit(image, state.prompt, plan=layout) if layout and ctx.rank_by == "fit" else []
+        # Step 5: one critique of the verdict, the checks, the strays and the fit. A model
+        # rejection made only of reasons the prompt rules out leaves the verdict to the checks.
         critique = make_critique(round=attempt.round, image=attempt.image, model_ok=verdict.ok,
                                  model_reasons=verdict.reasons, dropped_reasons=verdict.dropped_reasons,
                                  model_text=verdict.text, checks=checks,
                                  gate=ctx.grounding_check == "gate", fit=fit,
-                                 judged_by=verdict.judged_by, perception=seen)  # fmt: skip
-        # Step 5: keep the best attempt so far (`rank`).
+                                 judged_by=verdict.judged_by, perception=seen,
+                                 strays=strays)  # fmt: skip
+        # Step 6: keep the best attempt so far (`rank`).
         critiques = [*state.critiques, critique]
         best = max(range(len(critiques)), key=lambda i: rank(critiques[i], i))
         emit("critique", critique=critique.model_dump(mode="json"))
@@ -272,9 +277,14 @@ def rank(critique: Critique, index: int) -> tuple[bool, float, float, int]:
 def refine_mode(
     refine: Literal["auto", "regenerate", "regions"], critique: Critique
 ) -> Literal["generate", "regenerate_regions"]:
-    """How to refine after `critique`: redraw all, or only the blamed boxes (pure)."""
+    """How to refine after `critique`: redraw all, or only the blamed boxes (pure).
+
+    Under "auto" an image with a stray mark is drawn afresh: redrawing the mark's region
+    from the image around it grew the mark back (weights README, "Stop 43")."""
     if refine == "regenerate" or not critique.blamed:
         return "generate"  # nothing to re-mask: a region redraw needs blamed boxes
+    if refine == "auto" and critique.strays:
+        return "generate"
     return "regenerate_regions"
 
 

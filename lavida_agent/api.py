@@ -340,6 +340,7 @@ def _attempt_dict(
         "judged_by": critique.judged_by if critique else None,
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
+        "strays": [{"box": m.box.as_list(), "score": m.score} for m in critique.strays] if critique else [],
         "fit": list(critique.fit) if critique else [],
         "keep_fit": list(critique.keep_fit) if critique else [],
         "dropped_reasons": list(critique.dropped_reasons) if critique else [],
@@ -563,6 +564,7 @@ class LavidaAgent:
                 "dtype": self.settings.dtype, "canvas": self.settings.canvas,
                 "num_steps": context.num_steps, "max_rounds": context.max_rounds,
                 "iou_threshold": context.iou_threshold, "grounding_check": context.grounding_check,
+                "stray_check": context.stray_check,
                 "plan_retries": context.plan_retries, "selection": context.selection,
                 "rank_by": context.rank_by, "critique_by": context.critique_by,
                 "answer_by": context.answer_by,
@@ -1171,8 +1173,8 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         raise
 
 
-_RECORDED_KNOBS = ("iou_threshold", "grounding_check", "plan_retries", "selection", "rank_by",
-                   "critique_by", "answer_by", "ground_by")  # fmt: skip
+_RECORDED_KNOBS = ("iou_threshold", "grounding_check", "stray_check", "plan_retries", "selection",
+                   "rank_by", "critique_by", "answer_by", "ground_by")  # fmt: skip
 """Context knobs a trace records (`settings`) and a resume restores."""
 
 

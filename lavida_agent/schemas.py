@@ -76,6 +76,7 @@ __all__ = (
     "SessionHistoryResponse",
     "SessionResponse",
     "SessionStepOut",
+    "StrayOut",
     "RUN_WORKFLOWS",
     "SESSION_ID_RE",
     "PayloadTooLarge",
@@ -453,6 +454,13 @@ class BoxOut(BaseModel):
     box: list[float] = Field(description="[x0, y0, x1, y1] in pixels.")
 
 
+class StrayOut(BaseModel):
+    """A mark away from every planned box that the prompt and plan argue against."""
+
+    box: list[float] = Field(description="[x0, y0, x1, y1] in canvas pixels.")
+    score: float = Field(description="How surely stray (lower: more; nats for the real engine).")
+
+
 class AttemptOut(BaseModel):
     """One image drawn during a run (t2i attempt or edit step), with its critique."""
 
@@ -464,6 +472,11 @@ class AttemptOut(BaseModel):
         default_factory=list,
         description="Objects whose grounding check failed; an accepted t2i image can have some "
         "(grounding_check=rank trusts the model's verdict and only ranks by the checks).",
+    )
+    strays: list[StrayOut] = Field(
+        default_factory=list,
+        description="t2i: marks away from every planned box that the prompt and plan argue "
+        "against (stray_check=gate); each rejected the image.",
     )
     dropped_reasons: list[str] = Field(
         default_factory=list,

@@ -429,6 +429,8 @@ class _Service:
                                        verdict=getattr(by_round.get(a.round), "verdict", None),
                                        reasons=list(getattr(by_round.get(a.round), "reasons", [])),
                                        grounding_failed=getattr(by_round.get(a.round), "grounding_failed", []),
+                                       strays=[schemas.StrayOut(box=m.box.as_list(), score=m.score)
+                                               for m in getattr(by_round.get(a.round), "strays", [])],
                                        dropped_reasons=list(getattr(by_round.get(a.round), "dropped_reasons", [])),
                                        fit=list(getattr(by_round.get(a.round), "fit", [])),
                                        image=self.image_out(base, a.image, "url"))

@@ -97,6 +97,11 @@ class Settings(BaseModel):
         description="t2i: grounding of the planned objects ranks attempts and blames boxes "
         "(rank), also rejects images (gate), or is skipped (off).",
     )
+    stray_check: Literal["gate", "off"] = Field(
+        default="gate",
+        description="t2i: reject an image with a mark away from every planned box that the "
+        "prompt and plan argue against (gate), or skip the check (off).",
+    )
     critique_by: Literal["scene", "model"] = Field(
         default="scene",
         description="critique and the t2i critique: check a ShapesWorld prompt against the "

@@ -66,7 +66,7 @@ class ViewBox(BaseModel):
 
     label: str
     box: list[float] = Field(description="[x0, y0, x1, y1] in the image's pixels.")
-    kind: str = Field(description="planned | found | region | target | keep")
+    kind: str = Field(description="planned | found | region | target | keep | stray")
     ok: bool | None = Field(default=None, description="For found boxes: the check passed.")
 
 
@@ -284,6 +284,7 @@ class TraceRecorder:
             if crit:
                 boxes = [ViewBox(label=g["label"], box=_blist(g["found"]), kind="found",
                                  ok=g["ok"]) for g in crit.get("grounding", [])]  # fmt: skip
+                boxes += [ViewBox(label="stray", box=_blist(m["box"]), kind="stray") for m in crit.get("strays", [])]
                 cap = _verdict_caption(crit)
                 if crit.get("dropped_reasons"):
                     cap += " (dropped, not about the prompt: " + "; ".join(crit["dropped_reasons"]) + ")"
@@ -420,6 +421,7 @@ _KIND_COLORS: dict[str, tuple[int, int, int]] = {
     "keep": (255, 255, 0),
     "found": (0, 255, 0),
     "found_bad": (255, 0, 128),
+    "stray": (255, 128, 0),
 }
 
 _CSS = """

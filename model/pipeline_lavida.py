@@ -219,6 +219,13 @@ than this many nats better (on seeds 0-1 of the grounding benchmark, margins 0 /
 scored 0.819 / 0.824 / 0.833 against the greedy 0.778: the greedy box is right more often
 than a small difference in fit)."""
 
+STRAY_THRESHOLD = -4.5
+"""`stray_marks` reports cells scoring below this many nats. Measured on the shipped weights'
+own drawings from their own plans (tuning seeds 123 and 125 of the t2i suite, three seeds a
+prompt, 336 images): no image the detector calls right has a cell below -3.2, while four of
+the 40 it calls wrong (a faint blob or smear away from every planned box) score -5.2 to
+-8.8 (weights README, "Stop 43")."""
+
 CANDIDATE_SPREAD = 4
 """Grounding candidates: the first coordinates of two branches are at least this many
 location bins apart (4 bins = 4 px on the 64 px canvas: less than the smallest object)."""
@@ -234,6 +241,38 @@ def _kth_peak(logp: torch.Tensor, k: int, spread: int) -> int:
             return int(logp.argmax())
         lp[max(0, v - spread) : v + spread + 1] = -math.inf
     return v
+
+
+def _dilate(cells: np.ndarray) -> np.ndarray:
+    """`cells` (2-D bool) grown by one cell in all eight directions."""
+    out = cells.copy()
+    out[1:] |= cells[:-1]
+    out[:-1] |= cells[1:]
+    grown = out.copy()
+    out[:, 1:] |= grown[:, :-1]
+    out[:, :-1] |= grown[:, 1:]
+    return out
+
+
+def _components(cells: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of `cells` (2-D bool), each as a mask, in reading order."""
+    seen = np.zeros_like(cells)
+    comps = []
+    for y, x in zip(*np.nonzero(cells)):
+        if seen[y, x]:
+            continue
+        comp, todo = np.zeros_like(cells), [(y, x)]
+        seen[y, x] = True
+        while todo:
+            cy, cx = todo.pop()
+            comp[cy, cx] = True
+            for ny in range(max(cy - 1, 0), min(cy + 2, cells.shape[0])):
+                for nx in range(max(cx - 1, 0), min(cx + 2, cells.shape[1])):
+                    if cells[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        todo.append((ny, nx))
+        comps.append(comp)
+    return comps
 
 
 GROUND_VIEWS: tuple[tuple[bool, int, int], ...] = (
@@ -941,7 +980,6 @@ class LavidaPipeline:
         n = len(images)
         boxes = _as_list(boxes, n, "boxes")
         plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
-        cfg = self.config
         # callers pass one image many times (a candidate per colour): encode each once
         first = {id(im): k for k, im in reversed(list(enumerate(images)))}
         unique = sorted(set(first.values()))
@@ -951,23 +989,93 @@ class LavidaPipeline:
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            cond = [build_t2i(self.tokenizer, cfg, prompts[i], plan=plans[i]) for i, _ in chunk]
-            exs = cond + [drop_conditions(e, cfg, prompt=True, source=False) for e in cond]
-            c, tgt = self._split(exs, cfg.positions_per_image)
-            cache = self._forward(**c, use_cache=True, elastic=True).cache
             masked, cells = self._mask_boxes([codes[i] for i, _ in chunk], [[box] for _, box in chunk])
-            truth = torch.from_numpy(np.stack([codes[i] for i, _ in chunk])).long().to(self.device)
-            logits = self._forward(**tgt, gen_codes=masked.to(self.device).repeat(2, 1, 1), condition_cache=cache,
-                                   elastic=True).image_logits  # fmt: skip
+            ll = self._predict_back([prompts[i] for i, _ in chunk], [plans[i] for i, _ in chunk],
+                                    [codes[i] for i, _ in chunk], masked)  # fmt: skip
             B = len(chunk)
-            logp = torch.log_softmax(logits.float().reshape(2 * B, cfg.image_grid**2, -1), -1)
-            ll = logp.gather(-1, truth.reshape(B, -1).repeat(2, 1)[..., None])[..., 0]
             ll = (ll * torch.from_numpy(cells).reshape(B, -1).repeat(2, 1).to(ll)).sum(1)
             scores += (ll[:B] - ll[B:]).tolist()
         out, k = [], 0
         for i in range(n):
             out.append(scores[k : k + len(boxes[i])])
             k += len(boxes[i])
+        return out
+
+    def _predict_back(
+        self, prompts: Sequence[str], plans: Sequence[list[PlanItem] | None], codes: Sequence[np.ndarray],
+        masked: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Log-likelihood of each row's own `codes` at every cell, predicted from `masked`
+        (its codes with some cells masked) in one forward, once with the row's prompt and
+        plan and once with them dropped (the CFG row): `(2B, G*G)`, the conditioned rows
+        first. Only the masked cells are predictions; the caller picks them."""
+        cfg = self.config
+        B = len(prompts)
+        cond = [build_t2i(self.tokenizer, cfg, p, plan=pl) for p, pl in zip(prompts, plans)]
+        exs = cond + [drop_conditions(e, cfg, prompt=True, source=False) for e in cond]
+        c, tgt = self._split(exs, cfg.positions_per_image)
+        cache = self._forward(**c, use_cache=True, elastic=True).cache
+        truth = torch.from_numpy(np.stack(codes)).long().to(self.device)
+        logits = self._forward(**tgt, gen_codes=masked.to(self.device).repeat(2, 1, 1), condition_cache=cache,
+                               elastic=True).image_logits  # fmt: skip
+        logp = torch.log_softmax(logits.float().reshape(2 * B, cfg.image_grid**2, -1), -1)
+        return logp.gather(-1, truth.reshape(B, -1).repeat(2, 1)[..., None])[..., 0]
+
+    @torch.no_grad()
+    def stray_marks(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], plans: Sequence[list[PlanItem] | None], *,
+        threshold: float = STRAY_THRESHOLD, batch_size: int = 32,
+    ) -> list[list[tuple[Box, float]]]:  # fmt: skip
+        """Marks outside the plan that the prompt and plan argue against: a faint blob, a
+        smear, a shape nobody asked for.
+
+        Every VQ cell at least one cell away from all planned boxes is masked and predicted
+        back from its neighbours (two passes, the black and the white cells of a
+        checkerboard, so each cell's four nearest neighbours stay visible), with the prompt
+        and plan and with them dropped. A cell's score is the
+        difference of the two log-likelihoods of its own code (the pointwise mutual
+        information of `region_fit`, per cell): near zero for plain background, strongly
+        negative where the image shows something the plan puts nowhere. Cells scoring
+        below `threshold` are grouped (8-connected) into marks. Deterministic; a row
+        without a plan (None) has nothing to compare with and gets no marks.
+
+        Returns:
+            One list per image of `(box, score)`: each mark's pixel box (its cells) and its
+            lowest cell score, lowest first.
+        """
+        images, prompts = _as_list(images), _as_list(prompts)
+        n = len(images)
+        plans = _as_list(plans, n, "plans")
+        G = self.config.image_grid
+        rows = []  # (image index, cells to predict back)
+        for i, plan in enumerate(plans):
+            if plan is None:
+                continue
+            outside = ~_dilate(box_cells([box for _, box in plan], self.config))
+            black = np.add.outer(np.arange(G), np.arange(G)) % 2 == 0
+            rows += [(i, cells & outside) for cells in (black, ~black) if (cells & outside).any()]
+        pmi = np.full((n, G, G), np.nan)
+        used = sorted({i for i, _ in rows})
+        codes = dict(zip(used, self._encode_images([images[i] for i in used]))) if used else {}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            masked = torch.from_numpy(np.stack([codes[i] for i, _ in chunk])).long()
+            for b, (_, cells) in enumerate(chunk):
+                masked[b][torch.from_numpy(cells)] = self.config.image_mask_code
+            ll = self._predict_back([prompts[i] for i, _ in chunk], [plans[i] for i, _ in chunk],
+                                    [codes[i] for i, _ in chunk], masked).cpu().numpy()  # fmt: skip
+            B = len(chunk)
+            for b, (i, cells) in enumerate(chunk):
+                pmi[i][cells] = (ll[b] - ll[B + b]).reshape(G, G)[cells]
+        cell = self.config.image_size // G
+        out = []
+        for i in range(n):
+            marks = []
+            for comp in _components(pmi[i] < threshold):
+                ys, xs = np.nonzero(comp)
+                box = (int(xs.min()) * cell, int(ys.min()) * cell, (int(xs.max()) + 1) * cell, (int(ys.max()) + 1) * cell)
+                marks.append((box, float(pmi[i][comp].min())))
+            out.append(sorted(marks, key=lambda m: m[1]))
         return out
 
     def _mask_boxes(

@@ -12,7 +12,7 @@ from langgraph.types import Command
 
 from lavida_agent.graphs import t2i
 from lavida_agent.graphs.context import Context
-from lavida_agent.graphs.state import Box, Critique, LayoutItem, T2IOutput, T2IState
+from lavida_agent.graphs.state import Box, Critique, LayoutItem, Stray, T2IOutput, T2IState
 from tests.fakes import FakeEngine, default_plan
 
 PROMPT = "red circle and blue square"
@@ -70,6 +70,9 @@ def test_refine_mode():
     assert t2i.refine_mode("auto", _critique("reject")) == "generate"
     assert t2i.refine_mode("regenerate", _critique("reject", blamed)) == "generate"
     assert t2i.refine_mode("regions", _critique("reject")) == "generate"  # nothing to re-mask
+    stray = _critique("reject", blamed).model_copy(update={"strays": [Stray(box=blamed[0].box, score=-9.0)]})
+    assert t2i.refine_mode("auto", stray) == "generate"  # a stray's region grows back when redrawn
+    assert t2i.refine_mode("regions", stray) == "regenerate_regions"
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -83,7 +86,8 @@ def test_stops_on_first_accepting_critique(engine, ctx, caplog):
     assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
     # a prompt outside the grammar cannot be checked against a scene: no perception, the
     # model's critique answers
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "stray_marks": 1,
+                            "plan_fit": 1}
     assert out.critiques[0].judged_by == "model"
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
@@ -271,6 +275,37 @@ def test_off_mode_skips_grounding(store):
     assert out.accepted and out.critiques[0].grounding == [] and engine.calls["ground"] == 0
 
 
+def test_a_stray_mark_rejects_and_the_next_image_is_drawn_afresh(engine, ctx, store):
+    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])  # round 0 only
+    engine.drop_labels = {"blue square"}  # grounding misses the square too: a blamed box
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    first, second = out.critiques
+    assert first.model_ok and first.verdict == "reject" and [s.score for s in first.strays] == [-5.6]
+    assert first.reasons[1:] == ["something the layout does not plan is drawn at [48, 0, 60, 8] (stray fit -5.6)."]
+    assert first.reasons[0].startswith("blue square is not where") and [b.label for b in first.blamed] == ["blue square"]
+    redraw = out.attempts[1]
+    assert redraw.mode == "generate" and redraw.regions == [] and redraw.seed == out.attempts[0].seed + 1
+    assert second.accepted and second.strays == [] and out.best == redraw
+    assert engine.log[[m for m, _ in engine.log].index("stray_marks")][1] == {"labels": ["red circle", "blue square"]}
+
+
+def test_the_fake_engine_finds_an_object_off_the_plan(engine, ctx, store):
+    """What the workflow sends `stray_marks` is the attempt's plan: an object drawn off it
+    (here the plan names one object, the image holds two) is found and redrawn."""
+    both = default_plan(PROMPT)
+    image = engine.generate(PROMPT, plan=both, seed=0, num_steps=1)
+    marks = engine.stray_marks(image, PROMPT, plan=both[:1])
+    (x0, y0, x1, y1) = both[1]["box"]
+    assert [m["box"] for m in marks] == [[x0, y0, x1, y1]] and engine.stray_marks(image, PROMPT, plan=both) == []
+
+
+def test_stray_check_off_skips_the_call(engine, store):
+    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, stray_check="off", selection="accept")
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert out.accepted and len(out.attempts) == 1 and engine.calls["stray_marks"] == 0
+
+
 def test_input_plan_skips_planning(engine, ctx):
     plan = {"items": [{"label": "red circle", "box": [10, 10, 30, 30]}]}
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": "x", "plan": plan}, context=ctx))
@@ -351,7 +386,8 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
     # The reviewer moves the circle; nothing planned twice, the new plan is drawn.
     new_plan = [{"label": "red circle", "box": [4, 4, 20, 20]}]
     out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "plan_fit": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "stray_marks": 1,
+                            "plan_fit": 1}
     assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
 
 
@@ -531,7 +567,7 @@ def test_rank_by_score_skips_the_fit(engine, store):
     assert engine.calls["plan_fit"] == 0 and all(c.fit == [] for c in out.critiques)
 
 
-@pytest.mark.parametrize("kw", [{"selection": "all"}, {"rank_by": "iou"}])
+@pytest.mark.parametrize("kw", [{"selection": "all"}, {"rank_by": "iou"}, {"stray_check": "rank"}])
 def test_context_rejects_bad_ranking_knobs(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         Context(**kw)

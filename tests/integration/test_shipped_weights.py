@@ -161,3 +161,20 @@ def test_critique_workflow_reads_the_prompt_off_the_perceived_scene(pipe, tmp_pa
     assert (right.verdict, right.judged_by) == ("accept", "scene"), right
     assert (wrong.verdict, wrong.judged_by) == ("reject", "scene"), wrong
     assert wrong.reasons == ["blue square should be left of red circle"]
+
+
+def test_stray_marks_find_a_blob_the_plan_puts_nowhere(pipe):
+    """A rendered scene drawn from its plan has no stray mark; the same image with a faint
+    grey blob in an empty corner has one, around the blob."""
+    scene = Scene("black", (Object("circle", "red", "large", (4, 4, 28, 28)),
+                            Object("square", "blue", "large", (38, 38, 62, 62))))  # fmt: skip
+    plan = [("large red circle", (4, 4, 28, 28)), ("large blue square", (38, 38, 62, 62))]
+    prompt = "a red circle left of a blue square"
+    clean = render(scene)
+    blob = clean.copy()
+    blob[4:10, 44:52] = (70, 70, 70)
+    marks = pipe.stray_marks([clean, blob], [prompt] * 2, [plan] * 2)
+    assert marks[0] == [], marks
+    assert len(marks[1]) == 1, marks
+    (x0, y0, x1, y1), score = marks[1][0]
+    assert x0 <= 44 and y0 <= 4 and x1 >= 52 and y1 >= 10 and (x1 - x0) * (y1 - y0) <= 16 * 16, marks

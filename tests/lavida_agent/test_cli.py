@@ -136,6 +136,14 @@ def test_generate_says_why_the_kept_attempt_was_rejected(run, engine):
     assert "  critique: missing blue square" in lines[1:]
 
 
+def test_generate_json_lists_each_attempts_stray_marks(run, engine):
+    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1, "--rounds", 1, "--json")
+    (attempt,) = json.loads(res.stdout)["attempts"]
+    assert attempt["strays"] == [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}]
+    assert attempt["reasons"] == ["something the layout does not plan is drawn at [48, 0, 60, 8] (stray fit -5.6)."]
+
+
 def test_generate_shows_critique_reasons_dropped_as_not_about_the_prompt(run, engine):
     engine.enqueue_critique(False, ["missing purple circle"])  # the prompt has no purple circle
     res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1)

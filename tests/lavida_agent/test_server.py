@@ -93,6 +93,14 @@ async def test_an_accepted_attempt_lists_the_objects_grounding_did_not_find(clie
     assert body["accepted"] and body["attempts"][0]["grounding_failed"] == ["blue square"]
 
 
+async def test_an_attempt_lists_its_stray_marks(client, engine):
+    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    r = await client.post("/v1/generate", json={"prompt": "a red circle and a blue square", "seed": 5, "rounds": 2})
+    first, second = r.json()["attempts"]
+    assert first["strays"] == [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}] and first["verdict"] == "reject"
+    assert second["strays"] == [] and second["verdict"] == "accept"
+
+
 async def test_an_attempt_lists_the_critique_reasons_dropped_as_not_about_the_prompt(client, engine):
     engine.enqueue_critique(False, ["missing purple circle"])
     r = await client.post("/v1/generate", json={"prompt": "a red circle and a blue square", "seed": 5})

@@ -161,6 +161,16 @@ def test_trace_shows_the_critique_reasons_dropped_as_not_about_the_prompt(agent,
     assert "dropped (not about the prompt): missing purple circle" in render_html(r.trace, agent.store)
 
 
+def test_trace_draws_a_stray_mark_and_says_why_the_image_was_rejected(agent, engine):
+    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    r = agent.generate("a red circle and a blue square", seed=1, rounds=1)
+    crit = next(n for n in r.trace.nodes if n.node == "critique_image")
+    assert [(b.kind, b.box) for b in crit.view.boxes if b.label == "stray"] == [("stray", [48.0, 0.0, 60.0, 8.0])]
+    page = render_html(r.trace, agent.store)
+    assert "something the layout does not plan is drawn at [48, 0, 60, 8]" in page and ">stray<" in page
+    assert r.trace.settings["stray_check"] == "gate" and not r.accepted
+
+
 def test_ground_trace_shows_the_perception_and_how_each_box_was_chosen(agent, engine):
     engine.enqueue_answer("a small red circle and a small blue circle on a white background")
     engine.enqueue_ground([[4.0, 4.0, 16.0, 16.0], [40.0, 4.0, 52.0, 16.0]])

@@ -19,7 +19,7 @@ from lavida_agent.model.pipeline_lavida import (
     low_rank_delta,
     with_own_weights,
 )
-from lavida_agent.model.tasks import parse_boxes, parse_plan, plan_text, snap_plan
+from lavida_agent.model.tasks import box_cells, parse_boxes, parse_plan, plan_text, snap_plan
 
 
 def test_generate_shapes_and_seed_replay(pipe):
@@ -696,3 +696,34 @@ def test_default_grounding_read_follows_the_pipeline_defaults(pipe, scene_image,
     pipe.ground([scene_image], [["the red circle"]])
     pipe.ground([scene_image], [["the red circle"]], sizes=False)
     assert reads[-2:] == [[["the red circle", "the small red circle", "the large red circle"]], [["the red circle"]]]
+
+
+def test_stray_marks_look_only_away_from_the_plan(pipe, scene_image):
+    """Marks are cell-aligned boxes at least one cell from every planned box, each scored by
+    its lowest cell; the threshold picks them, a row without a plan has none, and a row's
+    marks do not depend on its batch."""
+    from lavida_agent.model.pipeline_lavida import _components, _dilate
+
+    plan = [("small red circle", (4, 4, 16, 16)), ("large blue square", (30, 30, 52, 52))]
+    prompt = "a red circle and a blue square"
+    every = pipe.stray_marks([scene_image], [prompt], [plan], threshold=math.inf)[0]
+    near = _dilate(box_cells([box for _, box in plan], pipe.config))
+    cell = pipe.config.image_size // pipe.config.image_grid
+    covered = np.zeros_like(near)
+    for (x0, y0, x1, y1), score in every:
+        assert all(v % cell == 0 for v in (x0, y0, x1, y1)) and math.isfinite(score)
+        covered[y0 // cell : y1 // cell, x0 // cell : x1 // cell] = True
+    assert covered[~near].all()  # with no threshold every cell away from the plan is a mark
+    assert [len(m) for m in pipe.stray_marks([scene_image] * 2, [prompt] * 2, [plan, None])] == [
+        len(pipe.stray_marks([scene_image], [prompt], [plan])[0]), 0]  # fmt: skip
+    assert pipe.stray_marks([scene_image], [prompt], [plan], threshold=-math.inf) == [[]]
+    (one,) = pipe.stray_marks([scene_image], [prompt], [plan], threshold=0.0)
+    for marks in pipe.stray_marks([scene_image] * 2, [prompt] * 2, [plan, plan], threshold=0.0, batch_size=3):
+        assert [box for box, _ in marks] == [box for box, _ in one]
+        np.testing.assert_allclose([v for _, v in marks], [v for _, v in one], rtol=1e-4, atol=1e-4)
+    # the helpers: a 3 x 3 grow, and 8-connected parts in reading order
+    dot = np.zeros((5, 5), dtype=bool)
+    dot[2, 2] = True
+    assert _dilate(dot).sum() == 9 and _dilate(dot)[1:4, 1:4].all()
+    parts = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    assert [c.sum() for c in _components(parts)] == [2, 2]
