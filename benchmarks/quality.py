@@ -708,12 +708,17 @@ class _MinimalPipelineBackend:
         return self.pipeline.region_fit([r.image for r in requests], [r.prompt for r in requests],
                                         [[b for _, b in p or []] for p in plans], plans=plans)  # fmt: skip
 
-    def stray_marks(self, requests):
-        if not hasattr(self.pipeline, "stray_marks"):  # a stand-in without it: nothing stray
-            return [[] for _ in requests]
-        out = self.pipeline.stray_marks([r.image for r in requests], [r.prompt for r in requests],
-                                        [self._plan_in(r.plan) for r in requests])  # fmt: skip
-        return [[{"box": [float(v) for v in box], "score": float(score)} for box, score in marks] for marks in out]
+    def surprise(self, requests):
+        from lavida_agent.graphs.engine import Surprise
+
+        if not hasattr(self.pipeline, "surprise"):  # a stand-in without it: no signal
+            return [Surprise(worst=0.0) for _ in requests]
+        images, prompts = [r.image for r in requests], [r.prompt for r in requests]
+        plans = [self._plan_in(r.plan) for r in requests]
+        scores = self.pipeline.surprise(images, prompts, plans)
+        marks = self.pipeline.stray_marks(images, prompts, plans, scores=scores)
+        return [Surprise(worst=float(row.min()), strays=[{"box": [float(v) for v in box], "score": float(v)}
+                                                         for box, v in found]) for row, found in zip(scores, marks)]  # fmt: skip
 
     def noun_fit(self, requests):  # the benchmark's stand-ins read no labels: no signal
         return [[0.0] * len(r.items) for r in requests]
@@ -2070,8 +2075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agent t2i: re-plans after a plan fails its check (default: Context's)")  # fmt: skip
     p.add_argument("--selection", choices=("accept", "best"), default=None,
                    help="agent t2i: stop at the first accepted image, or draw every round and keep the best")  # fmt: skip
-    p.add_argument("--rank-by", choices=("fit", "score"), default=None,
-                   help="agent t2i: rank attempts by plan fit, or by the critique score alone")  # fmt: skip
+    p.add_argument("--rank-by", choices=("fit", "surprise", "score"), default=None,
+                   help="agent t2i: rank attempts by plan fit, the worst image token, or the critique score alone")  # fmt: skip
     p.add_argument("--stray-check", choices=("gate", "off"), default=None,
                    help="agent t2i: reject and redraw marks off the plan (gate), or skip the check")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")

@@ -91,7 +91,7 @@ def make_critique(
     model_text: str, checks: Sequence[GroundingCheck], gate: bool = True,
     dropped_reasons: Sequence[str] = (), fit: Sequence[float] = (), keep_fit: Sequence[float] = (),
     judged_by: Literal["scene", "model"] = "model", perception: Perception | None = None,
-    strays: Sequence[Stray] = (),
+    strays: Sequence[Stray] = (), worst_token: float | None = None,
 ) -> Critique:  # fmt: skip
     """Combine the model's verdict with the grounding checks into one `Critique`.
 
@@ -129,6 +129,7 @@ def make_critique(
         dropped_reasons=list(dropped_reasons),
         grounding=list(checks),
         strays=list(strays),
+        worst_token=None if worst_token is None else round_score(worst_token),
         fit=[round_score(f) for f in fit],
         keep_fit=[round_score(f) for f in keep_fit],
         score=round_score(score),

@@ -103,15 +103,18 @@ class Context:
             "(`rank_by`)."
         },
     )
-    rank_by: Literal["fit", "score"] = field(
-        default="fit",
+    rank_by: Literal["fit", "surprise", "score"] = field(
+        default="surprise",
         metadata={
             "description": "How attempts are ranked: 'fit' by `Engine.plan_fit` (t2i: how well "
             "the prompt and plan explain each planned box) or `Engine.noun_fit` with contrast "
             "(edit: how much better each produced object's noun explains its box than a "
             "look-alike one word away; an edit where a look-alike wins is also rejected), the "
-            "worst object counting, then the critique score; 'score' by the critique score "
-            "alone and skips the fit calls."
+            "worst object counting, then the critique score; 'surprise' (the default; t2i) by "
+            "the worst image token of `Engine.surprise` instead, which skips t2i's fit call, "
+            "edits ranked as under 'fit' (t2i agent at three rounds, benchmark seeds 0-3: see "
+            "the weights README, \"Stop 43\"); 'score' by the critique score alone and skips "
+            "the fit calls."
         },
     )
     grounding_check: Literal["rank", "gate", "off"] = field(
@@ -128,7 +131,7 @@ class Context:
         default="gate",
         metadata={
             "description": "t2i: 'gate' asks the engine for marks away from every planned box "
-            "that the prompt and plan argue against (`Engine.stray_marks`: a faint blob, a "
+            "that the prompt and plan argue against (`Engine.surprise`: a faint blob, a "
             "smear); an image with one is rejected and the next is drawn afresh. "
             "'off' skips the call. On the shipped model no image the detector calls right was "
             "flagged in 336 drawings of tuning seeds (weights README, \"Stop 43\")."
@@ -179,8 +182,8 @@ class Context:
             raise ValueError(f"refine must be auto|regenerate|regions, got {self.refine!r}")
         if self.selection not in ("accept", "best"):
             raise ValueError(f"selection must be accept|best, got {self.selection!r}")
-        if self.rank_by not in ("fit", "score"):
-            raise ValueError(f"rank_by must be fit|score, got {self.rank_by!r}")
+        if self.rank_by not in ("fit", "surprise", "score"):
+            raise ValueError(f"rank_by must be fit|surprise|score, got {self.rank_by!r}")
         if self.grounding_check not in ("rank", "gate", "off"):
             raise ValueError(f"grounding_check must be rank|gate|off, got {self.grounding_check!r}")
         if self.stray_check not in ("gate", "off"):

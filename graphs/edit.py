@@ -181,7 +181,7 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         ]  # fmt: skip
         # Step 3: does the model read each object the edit should produce in its planned
         # box, rather than a look-alike one word away (another shape or colour)?
-        produced = step.plan.layout if ctx.rank_by == "fit" else []
+        produced = step.plan.layout if ctx.rank_by != "score" else []
         fit = (engine.noun_fit(pixels, [i.to_engine() for i in produced], contrast=True)
                if produced else [])  # fmt: skip
         misread = [prompts.render("critique_noun_target", label=i.label, expected=fmt_box(i.box),
@@ -191,7 +191,7 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         # apart by how well each kept object still reads as itself: a background edit fails
         # mostly by redrawing an object's edge into another shape, where grounding still
         # finds the object.
-        kept = step.plan.keep if ctx.rank_by == "fit" and not step.plan.layout else []
+        kept = step.plan.keep if ctx.rank_by != "score" and not step.plan.layout else []
         keep_fit = (engine.noun_fit(pixels, [i.to_engine() for i in kept], contrast=True)
                     if kept else [])  # fmt: skip
         # Step 4: combine into the step's critique and append the step to the lineage.

@@ -38,6 +38,7 @@ __all__ = (
     "StepCallback",
     "StepEvent",
     "StrayMark",
+    "Surprise",
     "load_engine",
 )
 
@@ -80,11 +81,27 @@ StepCallback = Callable[[StepEvent], None]
 
 class StrayMark(TypedDict):
     """Something an image shows away from every planned box that the prompt and plan argue
-    against (`Engine.stray_marks`): where (`box`) and how strongly (`score`, lower is more
+    against (`Engine.surprise`): where (`box`) and how strongly (`score`, lower is more
     surely stray; the real engine's is in nats)."""
 
     box: BoxList
     score: float
+
+
+@dataclass(frozen=True)
+class Surprise:
+    """What `Engine.surprise` reads in an image, token by token.
+
+    Attributes:
+        worst: the lowest score of any image token: how strongly the prompt and plan argue
+            against the least explained part of the image (the real engine's is in nats;
+            higher is cleaner; ranks the attempts at one prompt and plan).
+        strays: marks away from every planned box that the prompt and plan argue against,
+            most sure first (empty for a clean background).
+    """
+
+    worst: float
+    strays: list[StrayMark] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -179,11 +196,11 @@ class Engine(Protocol):
         """
         ...
 
-    def stray_marks(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[StrayMark]:
-        """Marks of `image` away from every planned box that the prompt and plan argue
-        against (a faint blob, a smear, an object nobody asked for), most sure first; empty
-        for a clean background. The engine owns the threshold (the real engine's is
-        `pipeline_lavida.STRAY_THRESHOLD`). Deterministic.
+    def surprise(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> Surprise:
+        """How strongly the prompt and plan argue against each part of `image`, read token
+        by token: the worst token's score, and the stray marks away from every planned box
+        (a faint blob, a smear, an object nobody asked for). The engine owns the threshold
+        of a mark (the real engine's is `pipeline_lavida.STRAY_THRESHOLD`). Deterministic.
         """
         ...
 

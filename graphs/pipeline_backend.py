@@ -47,6 +47,7 @@ from lavida_agent.graphs.engine import (
     StepCallback,
     StepEvent,
     StrayMark,
+    Surprise,
 )
 from lavida_agent.graphs.runtime import (
     AnswerRequest,
@@ -59,7 +60,7 @@ from lavida_agent.graphs.runtime import (
     PlanFitRequest,
     PlanLayoutRequest,
     RegenerateRegionsRequest,
-    StrayMarksRequest,
+    SurpriseRequest,
 )
 from lavida_agent.tools.boxes import iou, round_half_up
 from lavida_agent.tools.shapes_world import language as lang
@@ -375,15 +376,19 @@ class PipelineBackend:
                 results[i] = [float(s) for s in scores]
         return results
 
-    def stray_marks(self, requests: Sequence[StrayMarksRequest]) -> list[Any]:
-        """One `pipeline.stray_marks` call: the marks of every row away from its plan."""
-        results, good = self._rows_with(requests, lambda r: r.plan)
+    def surprise(self, requests: Sequence[SurpriseRequest]) -> list[Any]:
+        """One `pipeline.surprise` call; the worst token and the stray marks of each row (a
+        row without a plan has none)."""
+        results, good = self._valid_rows([r.image for r in requests])
         if good:
             rows = [requests[i] for i in good]
-            out = self.pipeline.stray_marks([np.asarray(r.image) for r in rows], [r.prompt for r in rows],
-                                            [_to_model_plan(r.plan, self.canvas) for r in rows])  # fmt: skip
-            for i, marks in zip(good, out, strict=True):
-                results[i] = [StrayMark(box=[float(v) for v in box], score=float(score)) for box, score in marks]
+            images, prompts = [np.asarray(r.image) for r in rows], [r.prompt for r in rows]
+            plans = [_to_model_plan(r.plan, self.canvas) for r in rows]
+            scores = self.pipeline.surprise(images, prompts, plans)
+            marks = self.pipeline.stray_marks(images, prompts, plans, scores=scores)
+            for i, row, found in zip(good, scores, marks, strict=True):
+                results[i] = Surprise(worst=float(row.min()), strays=[
+                    StrayMark(box=[float(v) for v in box], score=float(score)) for box, score in found])  # fmt: skip
         return results
 
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[Any]:

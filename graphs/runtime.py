@@ -47,7 +47,7 @@ from lavida_agent.graphs.engine import (
     PlanItem,
     StepCallback,
     StepEvent,
-    StrayMark,
+    Surprise,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ __all__ = (
     "PlanLayoutRequest",
     "RegenerateRegionsRequest",
     "Request",
-    "StrayMarksRequest",
+    "SurpriseRequest",
 )
 
 T = TypeVar("T")
@@ -155,10 +155,10 @@ class PlanFitRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StrayMarksRequest(Request):
-    """`Engine.stray_marks` as a request."""
+class SurpriseRequest(Request):
+    """`Engine.surprise` as a request."""
 
-    method = "stray_marks"
+    method = "surprise"
     image: np.ndarray = field(compare=False)
     prompt: str
     plan: list[PlanItem]
@@ -240,7 +240,7 @@ class BatchedBackend(Protocol):
     ) -> Sequence[Any]: ...
     def critique(self, requests: Sequence[CritiqueRequest]) -> Sequence[Any]: ...
     def plan_fit(self, requests: Sequence[PlanFitRequest]) -> Sequence[Any]: ...
-    def stray_marks(self, requests: Sequence[StrayMarksRequest]) -> Sequence[Any]: ...
+    def surprise(self, requests: Sequence[SurpriseRequest]) -> Sequence[Any]: ...
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> Sequence[Any]: ...
     def ground(self, requests: Sequence[GroundRequest]) -> Sequence[Any]: ...
     def answer(self, requests: Sequence[AnswerRequest]) -> Sequence[Any]: ...
@@ -464,10 +464,10 @@ class BatchingEngine:
         scores: list[float] = self.call(PlanFitRequest(image=image, prompt=prompt, plan=plan))
         return scores
 
-    def stray_marks(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[StrayMark]:
-        """See `Engine.stray_marks`."""
-        marks: list[StrayMark] = self.call(StrayMarksRequest(image=image, prompt=prompt, plan=plan))
-        return marks
+    def surprise(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> Surprise:
+        """See `Engine.surprise`."""
+        result: Surprise = self.call(SurpriseRequest(image=image, prompt=prompt, plan=plan))
+        return result
 
     def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
         """See `Engine.noun_fit`."""

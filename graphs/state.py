@@ -214,7 +214,7 @@ class GroundingCheck(BaseModel):
 
 class Stray(BaseModel):
     """A mark away from every planned box that the prompt and plan argue against
-    (`Engine.stray_marks`): a faint blob, a smear, an object nobody asked for."""
+    (`Engine.surprise`): a faint blob, a smear, an object nobody asked for."""
 
     box: Box
     score: float = Field(description="How surely stray (lower: more; the real engine's in nats).")
@@ -273,7 +273,13 @@ class Critique(BaseModel):
     strays: list[Stray] = Field(
         default_factory=list,
         description="t2i: marks away from every planned box that the prompt and plan argue "
-        "against (`Engine.stray_marks`); each rejects the image.",
+        "against (`Engine.surprise`); each rejects the image.",
+    )
+    worst_token: float | None = Field(
+        default=None,
+        description="t2i: the lowest score of any image token (`Engine.surprise`: how strongly "
+        "the prompt and plan argue against the least explained part; higher is cleaner); "
+        "None when not measured.",
     )
     fit: list[float] = Field(
         default_factory=list,

@@ -26,16 +26,22 @@
   `model/weights/README.md`). Reasons the prompt rules out (`missing blue circle` for a
   prompt without one) are dropped into `Critique.dropped_reasons`; a rejection made only of
   those misread the prompt, and the grounding checks decide instead.
-- `critique_image` also asks `Engine.plan_fit` how well the prompt and plan explain each
-  planned box (`Context.rank_by="fit"`, the default): attempts that are not accepted are
-  ranked by their worst object's fit, then by the critique score. On the shipped model the
+- `critique_image` also reads the image token by token (`Engine.surprise`: each token
+  masked and predicted back from its neighbours, with the prompt and plan and without). A
+  mark away from every planned box that they argue against (a faint blob, a smear) rejects
+  the image (`Context.stray_check="gate"`, the default), and the next attempt is drawn
+  afresh. Attempts are ranked, after their verdict, by their worst token
+  (`Context.rank_by="surprise"`, the default), or by their worst planned box's fit
+  (`Engine.plan_fit`, `"fit"`), then by the critique score. On the shipped model the
   model's verdict and the grounding checks hardly tell a right image from a wrong one of
-  the same prompt, the fit does better (`model/weights/README.md`, "Stop 17").
+  the same prompt; the fit does better ("Stop 17"), and the worst token better still: a
+  wrong drawing the model accepts is mostly a ragged shape or a smear, which the fit of a
+  whole box averages away (`model/weights/README.md`, "Stop 43").
 - `refine_image` either regenerates the whole image with the critique as feedback, or
   re-masks and redraws only the blamed boxes (masked diffusion can inpaint). Round `r` uses
   seed `base_seed + r`, recorded in its `Attempt`.
 - With `Context.selection="best"` (the default) the loop always draws `max_rounds` images
-  and keeps the best ranked: accepted first, then the worst planned object's fit. With
+  and keeps the best ranked: accepted first, then the worst token. With
   `"accept"` it stops at the first accepting critique, else keeps the best ranked. The
   kept attempt is `best` (the earliest on a tie) and `accepted` is its verdict. On the
   shipped model stopping at the first accepted attempt keeps fewer right images: 0.875 /
@@ -245,10 +251,12 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         planned = attempt.plan.items if attempt.plan and ctx.grounding_check != "off" else []
         found = engine.ground(image, [i.label for i in planned], views=AGENT_VIEWS) if planned else []
         checks = grounding_checks(planned, found, threshold=ctx.iou_threshold, role="planned")
-        # Step 3: marks away from every planned box that the prompt and plan argue against.
+        # Step 3: read the image token by token: its worst token (ranks attempts) and the
+        # marks away from every planned box that the prompt and plan argue against.
         layout = attempt.plan.to_engine() if attempt.plan else []
-        marks = engine.stray_marks(image, state.prompt, plan=layout) if layout and ctx.stray_check == "gate" else []
-        strays = [Stray(box=m["box"], score=m["score"]) for m in marks]
+        read = layout and (ctx.stray_check == "gate" or ctx.rank_by == "surprise")
+        surprise = engine.surprise(image, state.prompt, plan=layout) if read else None
+        strays = [Stray(box=m["box"], score=m["score"]) for m in surprise.strays] if surprise and ctx.stray_check == "gate" else []
         # Step 4: how well the prompt and plan explain each planned box (ranks attempts).
         fit = engine.plan_fit(image, state.prompt, plan=layout) if layout and ctx.rank_by == "fit" else []
         # Step 5: one critique of the verdict, the checks, the strays and the fit. A model
@@ -257,21 +265,24 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
                                  model_reasons=verdict.reasons, dropped_reasons=verdict.dropped_reasons,
                                  model_text=verdict.text, checks=checks,
                                  gate=ctx.grounding_check == "gate", fit=fit,
-                                 judged_by=verdict.judged_by, perception=seen,
-                                 strays=strays)  # fmt: skip
+                                 judged_by=verdict.judged_by, perception=seen, strays=strays,
+                                 worst_token=surprise.worst if surprise else None)  # fmt: skip
         # Step 6: keep the best attempt so far (`rank`).
         critiques = [*state.critiques, critique]
-        best = max(range(len(critiques)), key=lambda i: rank(critiques[i], i))
+        best = max(range(len(critiques)), key=lambda i: rank(critiques[i], i, ctx.rank_by))
         emit("critique", critique=critique.model_dump(mode="json"))
     return {"critiques": [critique], "accepted": critiques[best].accepted,
             "best": state.attempts[best]}  # fmt: skip
 
 
-def rank(critique: Critique, index: int) -> tuple[bool, float, float, int]:
-    """Sort key of attempt `index` (higher is better): accepted first, then the worst
-    object's fit (when measured), then the critique score, then the earliest."""
-    fit = critique.fit_score
-    return (critique.accepted, -math.inf if fit is None else fit, critique.score, -index)
+def rank(
+    critique: Critique, index: int, by: Literal["fit", "score", "surprise"] = "fit"
+) -> tuple[bool, float, float, int]:
+    """Sort key of attempt `index` (higher is better): accepted first, then (`by`) the worst
+    object's fit or the worst token's score (when measured), then the critique score, then
+    the earliest."""
+    value = critique.worst_token if by == "surprise" else critique.fit_score
+    return (critique.accepted, -math.inf if value is None else value, critique.score, -index)
 
 
 def refine_mode(

@@ -341,6 +341,7 @@ def _attempt_dict(
         "reasons": list(critique.reasons) if critique else [],
         "grounding_failed": critique.grounding_failed if critique else [],
         "strays": [{"box": m.box.as_list(), "score": m.score} for m in critique.strays] if critique else [],
+        "worst_token": critique.worst_token if critique else None,
         "fit": list(critique.fit) if critique else [],
         "keep_fit": list(critique.keep_fit) if critique else [],
         "dropped_reasons": list(critique.dropped_reasons) if critique else [],

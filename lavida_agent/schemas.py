@@ -483,6 +483,12 @@ class AttemptOut(BaseModel):
         description="The model's critique reasons that cannot be about the prompt (e.g. "
         "`missing blue circle` when the prompt has no blue circle); not in `reasons`.",
     )
+    worst_token: float | None = Field(
+        default=None,
+        description="t2i: the lowest score of any image token (how strongly the prompt and plan "
+        "argue against the least explained part; higher is cleaner; ranks the attempts of one "
+        "run under rank_by=surprise, the default).",
+    )
     fit: list[float] = Field(
         default_factory=list,
         description="t2i: how well the prompt and plan explain each planned box (plan order; "

@@ -433,6 +433,7 @@ class _Service:
                                                for m in getattr(by_round.get(a.round), "strays", [])],
                                        dropped_reasons=list(getattr(by_round.get(a.round), "dropped_reasons", [])),
                                        fit=list(getattr(by_round.get(a.round), "fit", [])),
+                                       worst_token=getattr(by_round.get(a.round), "worst_token", None),
                                        image=self.image_out(base, a.image, "url"))
                     for a in r.attempts]  # fmt: skip
         return schemas.GenerateResponse(

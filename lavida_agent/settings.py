@@ -89,8 +89,10 @@ class Settings(BaseModel):
         description="t2i: stop at the first accepted image (accept) or draw every round and "
         "keep the best (best).",
     )
-    rank_by: Literal["fit", "score"] = Field(
-        default="fit", description="t2i: rank attempts by plan fit, or by the critique score."
+    rank_by: Literal["fit", "surprise", "score"] = Field(
+        default="surprise",
+        description="t2i: rank attempts by plan fit, by the worst image token (surprise), or by "
+        "the critique score.",
     )
     grounding_check: Literal["rank", "gate", "off"] = Field(
         default="rank",

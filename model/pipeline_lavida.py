@@ -275,6 +275,7 @@ def _components(cells: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
+
 GROUND_VIEWS: tuple[tuple[bool, int, int], ...] = (
     (False, 0, 0), (True, 0, 0), (False, 2, 0), (False, 0, 2), (False, -2, -2), (False, 3, -1),
     (True, 1, 1), (True, -2, 2), (False, -1, 3), (True, 2, -2), (False, 1, -3), (True, -3, 0),
@@ -1022,59 +1023,74 @@ class LavidaPipeline:
         return logp.gather(-1, truth.reshape(B, -1).repeat(2, 1)[..., None])[..., 0]
 
     @torch.no_grad()
+    def surprise(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str],
+        plans: Sequence[list[PlanItem] | None] | None = None, *, batch_size: int = 32,
+    ) -> np.ndarray:  # fmt: skip
+        """How much the prompt (and plan) argue against each image token, given its
+        neighbours.
+
+        Every VQ cell is masked and predicted back from the cells around it (two passes,
+        the black and the white cells of a checkerboard, so each cell's four nearest
+        neighbours stay visible), with the prompt and plan and with them dropped. A cell's
+        score is the difference of the two log-likelihoods of its own code, in nats (the
+        pointwise mutual information of `region_fit`, per cell): near zero or positive where
+        the image shows what the conditions lead the model to expect (plain background, a
+        clean planned shape), strongly negative where they argue against it (a faint blob
+        the plan puts nowhere, a shape's ragged edge). Deterministic; two image-pass rows
+        per image.
+
+        Returns:
+            `(n, G, G)` float scores, one per image token (`image_grid` cells a side).
+        """
+        images, prompts = _as_list(images), _as_list(prompts)
+        n = len(images)
+        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        G = self.config.image_grid
+        black = np.add.outer(np.arange(G), np.arange(G)) % 2 == 0
+        codes = self._encode_images(images) if n else []
+        rows = [(i, cells) for i in range(n) for cells in (black, ~black)]
+        scores = np.zeros((n, G, G))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            masked = torch.from_numpy(np.stack([codes[i] for i, _ in chunk])).long()
+            masked[torch.from_numpy(np.stack([cells for _, cells in chunk]))] = self.config.image_mask_code
+            ll = self._predict_back([prompts[i] for i, _ in chunk], [plans[i] for i, _ in chunk],
+                                    [codes[i] for i, _ in chunk], masked).cpu().numpy()  # fmt: skip
+            B = len(chunk)
+            for b, (i, cells) in enumerate(chunk):
+                scores[i][cells] = (ll[b] - ll[B + b]).reshape(G, G)[cells]
+        return scores
+
     def stray_marks(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], plans: Sequence[list[PlanItem] | None], *,
-        threshold: float = STRAY_THRESHOLD, batch_size: int = 32,
+        threshold: float = STRAY_THRESHOLD, scores: np.ndarray | None = None, batch_size: int = 32,
     ) -> list[list[tuple[Box, float]]]:  # fmt: skip
-        """Marks outside the plan that the prompt and plan argue against: a faint blob, a
-        smear, a shape nobody asked for.
-
-        Every VQ cell at least one cell away from all planned boxes is masked and predicted
-        back from its neighbours (two passes, the black and the white cells of a
-        checkerboard, so each cell's four nearest neighbours stay visible), with the prompt
-        and plan and with them dropped. A cell's score is the
-        difference of the two log-likelihoods of its own code (the pointwise mutual
-        information of `region_fit`, per cell): near zero for plain background, strongly
-        negative where the image shows something the plan puts nowhere. Cells scoring
-        below `threshold` are grouped (8-connected) into marks. Deterministic; a row
-        without a plan (None) has nothing to compare with and gets no marks.
+        """Marks away from the plan that the prompt and plan argue against: a faint blob, a
+        smear, a shape nobody asked for. The cells at least one cell away from every planned
+        box whose `surprise` is below `threshold`, grouped 8-connected. A row without a plan
+        (None) has nothing to compare with and gets no marks. `scores`: the rows' `surprise`
+        when the caller has it already (no model call then).
 
         Returns:
             One list per image of `(box, score)`: each mark's pixel box (its cells) and its
             lowest cell score, lowest first.
         """
         images, prompts = _as_list(images), _as_list(prompts)
-        n = len(images)
-        plans = _as_list(plans, n, "plans")
-        G = self.config.image_grid
-        rows = []  # (image index, cells to predict back)
-        for i, plan in enumerate(plans):
-            if plan is None:
-                continue
-            outside = ~_dilate(box_cells([box for _, box in plan], self.config))
-            black = np.add.outer(np.arange(G), np.arange(G)) % 2 == 0
-            rows += [(i, cells & outside) for cells in (black, ~black) if (cells & outside).any()]
-        pmi = np.full((n, G, G), np.nan)
-        used = sorted({i for i, _ in rows})
-        codes = dict(zip(used, self._encode_images([images[i] for i in used]))) if used else {}
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            masked = torch.from_numpy(np.stack([codes[i] for i, _ in chunk])).long()
-            for b, (_, cells) in enumerate(chunk):
-                masked[b][torch.from_numpy(cells)] = self.config.image_mask_code
-            ll = self._predict_back([prompts[i] for i, _ in chunk], [plans[i] for i, _ in chunk],
-                                    [codes[i] for i, _ in chunk], masked).cpu().numpy()  # fmt: skip
-            B = len(chunk)
-            for b, (i, cells) in enumerate(chunk):
-                pmi[i][cells] = (ll[b] - ll[B + b]).reshape(G, G)[cells]
-        cell = self.config.image_size // G
-        out = []
-        for i in range(n):
+        plans = _as_list(plans, len(images), "plans")
+        if scores is None:
+            scores = self.surprise(images, prompts, plans, batch_size=batch_size)
+        cell = self.config.image_size // self.config.image_grid
+        out: list[list[tuple[Box, float]]] = []
+        for row, plan in zip(scores, plans):
             marks = []
-            for comp in _components(pmi[i] < threshold):
-                ys, xs = np.nonzero(comp)
-                box = (int(xs.min()) * cell, int(ys.min()) * cell, (int(xs.max()) + 1) * cell, (int(ys.max()) + 1) * cell)
-                marks.append((box, float(pmi[i][comp].min())))
+            if plan is not None:
+                away = ~_dilate(box_cells([box for _, box in plan], self.config))
+                for comp in _components(away & (row < threshold)):
+                    ys, xs = np.nonzero(comp)
+                    box = (int(xs.min()) * cell, int(ys.min()) * cell, (int(xs.max()) + 1) * cell,
+                           (int(ys.max()) + 1) * cell)  # fmt: skip
+                    marks.append((box, float(row[comp].min())))
             out.append(sorted(marks, key=lambda m: m[1]))
         return out
 

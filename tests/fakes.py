@@ -29,6 +29,7 @@ from lavida_agent.graphs.engine import (
     StepCallback,
     StepEvent,
     StrayMark,
+    Surprise,
 )
 from lavida_agent.graphs.runtime import (
     AnswerRequest,
@@ -39,7 +40,7 @@ from lavida_agent.graphs.runtime import (
     NounFitRequest,
     PlanEditRequest,
     PlanFitRequest,
-    StrayMarksRequest,
+    SurpriseRequest,
     PlanLayoutRequest,
     RegenerateRegionsRequest,
 )
@@ -117,7 +118,7 @@ class FakeEngine:
         self._plans: collections.deque[list[PlanItem]] = collections.deque()
         self._critiques: collections.deque[CritiqueResult] = collections.deque()
         self._fits: collections.deque[list[float]] = collections.deque()
-        self._strays: collections.deque[list[StrayMark]] = collections.deque()
+        self._surprises: collections.deque[Surprise] = collections.deque()
         self._grounds: collections.deque[list[BoxList]] = collections.deque()
         self._edit_plans: collections.deque[EditPlanResult] = collections.deque()
         self._answers: collections.deque[str] = collections.deque()
@@ -133,9 +134,10 @@ class FakeEngine:
         """The next `plan_fit` returns `scores` (one per plan item)."""
         self._fits.append(list(scores))
 
-    def enqueue_strays(self, marks: list[StrayMark]) -> None:
-        """The next `stray_marks` returns `marks` (default: object colour off the plan)."""
-        self._strays.append(list(marks))
+    def enqueue_surprise(self, worst: float = 0.0, strays: Sequence[StrayMark] = ()) -> None:
+        """The next `surprise` returns this (default: worst 0.0, object colour off the plan
+        as a stray)."""
+        self._surprises.append(Surprise(worst=worst, strays=list(strays)))
 
     def enqueue_critique(self, ok: bool, reasons: Sequence[str] = (), text: str = "") -> None:
         """The next `critique` returns this verdict (default: accept)."""
@@ -222,21 +224,21 @@ class FakeEngine:
             return self._fits.popleft()
         return [10.0 * box_iou(find(image, i["label"]), i["box"]) for i in plan]
 
-    def stray_marks(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> list[StrayMark]:
-        """One mark (score -10) around every object-coloured pixel (a channel >= 128) more
-        than 4 px from each planned box; none when there is none."""
-        self._record("stray_marks", labels=[i["label"] for i in plan])
-        if self._strays:
-            return self._strays.popleft()
+    def surprise(self, image: np.ndarray, prompt: str, *, plan: list[PlanItem]) -> Surprise:
+        """Worst 0.0; one stray (score -10) around every object-coloured pixel (a channel
+        >= 128) more than 4 px from each planned box, none when there is none."""
+        self._record("surprise", labels=[i["label"] for i in plan])
+        if self._surprises:
+            return self._surprises.popleft()
         off = (np.asarray(image) >= 128).any(axis=-1)
         for item in plan:
             x0, y0, x1, y1 = _clip(item["box"])
             off[max(0, y0 - 4) : y1 + 4, max(0, x0 - 4) : x1 + 4] = False
         if not off.any():
-            return []
+            return Surprise(worst=0.0)
         ys, xs = np.nonzero(off)
         box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-        return [StrayMark(box=box, score=-10.0)]
+        return Surprise(worst=-10.0, strays=[StrayMark(box=box, score=-10.0)])
 
     def noun_fit(self, image: np.ndarray, items: list[PlanItem], *, contrast: bool = False) -> list[float]:
         """10 x the IoU of what `find` sees for each label with its box; with `contrast`,
@@ -355,9 +357,9 @@ class FakeBatchedBackend:
         self._call("plan_fit", len(requests))
         return [self.engine.plan_fit(r.image, r.prompt, plan=r.plan) for r in requests]
 
-    def stray_marks(self, requests: Sequence[StrayMarksRequest]) -> list[object]:
-        self._call("stray_marks", len(requests))
-        return [self.engine.stray_marks(r.image, r.prompt, plan=r.plan) for r in requests]
+    def surprise(self, requests: Sequence[SurpriseRequest]) -> list[object]:
+        self._call("surprise", len(requests))
+        return [self.engine.surprise(r.image, r.prompt, plan=r.plan) for r in requests]
 
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[object]:
         self._call("noun_fit", len(requests))

@@ -14,8 +14,9 @@ from lavida_agent.graphs.context import Context
     [
         ("refine", "refine must be auto|regenerate|regions"),
         ("selection", "selection must be accept|best"),
-        ("rank_by", "rank_by must be fit|score"),
+        ("rank_by", "rank_by must be fit|surprise|score"),
         ("grounding_check", "grounding_check must be rank|gate|off"),
+        ("stray_check", "stray_check must be gate|off"),
         ("critique_by", "critique_by must be scene|model"),
         ("answer_by", "answer_by must be scene|direct"),
         ("ground_by", "ground_by must be scene|direct"),

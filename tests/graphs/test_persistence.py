@@ -70,8 +70,7 @@ def test_killed_after_node_k_resumes_at_k_plus_1(tmp_path):
     assert second.returncode == 0, second.stderr
     result = json.loads(second.stdout)
     # Nothing before node k+1 ran again; node k+1 (refine_image) and the rest did.
-    assert result["calls"] == {"regenerate_regions": 1, "critique": 1, "ground": 1, "stray_marks": 1,
-                               "plan_fit": 1}
+    assert result["calls"] == {"regenerate_regions": 1, "critique": 1, "ground": 1, "surprise": 1}
     out = result["output"]
     assert out["accepted"] and [a["mode"] for a in out["attempts"]] == [
         "generate", "regenerate_regions"]

@@ -215,6 +215,22 @@ def test_rows_fail_alone_and_outputs_are_converted(backend, pipe):
     assert verdict.ok is direct.ok[0] and list(verdict.reasons) == list(direct.reasons[0])
 
 
+def test_surprise_gives_each_row_its_worst_token_and_stray_marks(backend, pipe):
+    from lavida_agent.graphs.engine import Surprise
+    from lavida_agent.graphs.runtime import SurpriseRequest
+
+    good, bad = _image(), np.zeros((32, 32, 3), np.uint8)
+    plan = [{"label": "small red circle", "box": [4.0, 4.0, 16.0, 16.0]}]
+    out = backend.surprise([SurpriseRequest(image=good, prompt="a red circle", plan=plan),
+                            SurpriseRequest(image=bad, prompt="a red circle", plan=plan),
+                            SurpriseRequest(image=good, prompt="a red circle", plan=[])])  # fmt: skip
+    scores = pipe.surprise([good], ["a red circle"], [[("small red circle", (4, 4, 16, 16))]])[0]
+    marks = pipe.stray_marks([good], ["a red circle"], [[("small red circle", (4, 4, 16, 16))]], scores=scores[None])[0]
+    assert isinstance(out[0], Surprise) and out[0].worst == pytest.approx(float(scores.min()), abs=1e-4)
+    assert [m["box"] for m in out[0].strays] == [[float(v) for v in box] for box, _ in marks]
+    assert isinstance(out[1], ValueError) and out[2].strays == []  # no plan: no marks
+
+
 def test_ground_reads_the_requested_number_of_candidates(backend, pipe, monkeypatch):
     seen = []
     real = pipe.ground

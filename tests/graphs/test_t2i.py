@@ -86,8 +86,7 @@ def test_stops_on_first_accepting_critique(engine, ctx, caplog):
     assert out.accepted and len(out.attempts) == 1 and len(out.critiques) == 1
     # a prompt outside the grammar cannot be checked against a scene: no perception, the
     # model's critique answers
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "stray_marks": 1,
-                            "plan_fit": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "surprise": 1}
     assert out.critiques[0].judged_by == "model"
     assert out.best == out.attempts[0]
     assert all(c.ok for c in out.critiques[0].grounding)
@@ -276,7 +275,7 @@ def test_off_mode_skips_grounding(store):
 
 
 def test_a_stray_mark_rejects_and_the_next_image_is_drawn_afresh(engine, ctx, store):
-    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])  # round 0 only
+    engine.enqueue_surprise(-5.6, [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])  # round 0 only
     engine.drop_labels = {"blue square"}  # grounding misses the square too: a blamed box
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     first, second = out.critiques
@@ -286,24 +285,28 @@ def test_a_stray_mark_rejects_and_the_next_image_is_drawn_afresh(engine, ctx, st
     redraw = out.attempts[1]
     assert redraw.mode == "generate" and redraw.regions == [] and redraw.seed == out.attempts[0].seed + 1
     assert second.accepted and second.strays == [] and out.best == redraw
-    assert engine.log[[m for m, _ in engine.log].index("stray_marks")][1] == {"labels": ["red circle", "blue square"]}
+    assert engine.log[[m for m, _ in engine.log].index("surprise")][1] == {"labels": ["red circle", "blue square"]}
 
 
-def test_the_fake_engine_finds_an_object_off_the_plan(engine, ctx, store):
-    """What the workflow sends `stray_marks` is the attempt's plan: an object drawn off it
-    (here the plan names one object, the image holds two) is found and redrawn."""
+def test_the_fake_engine_finds_an_object_off_the_plan(engine):
+    """What the workflow sends `surprise` is the attempt's plan: an object drawn off it (here
+    the plan names one object, the image holds two) is a stray."""
     both = default_plan(PROMPT)
     image = engine.generate(PROMPT, plan=both, seed=0, num_steps=1)
-    marks = engine.stray_marks(image, PROMPT, plan=both[:1])
-    (x0, y0, x1, y1) = both[1]["box"]
-    assert [m["box"] for m in marks] == [[x0, y0, x1, y1]] and engine.stray_marks(image, PROMPT, plan=both) == []
+    found = engine.surprise(image, PROMPT, plan=both[:1])
+    assert [m["box"] for m in found.strays] == [both[1]["box"]] and found.worst < 0
+    assert engine.surprise(image, PROMPT, plan=both).strays == []
 
 
-def test_stray_check_off_skips_the_call(engine, store):
-    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, stray_check="off", selection="accept")
-    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
-    assert out.accepted and len(out.attempts) == 1 and engine.calls["stray_marks"] == 0
+def test_stray_check_off_ignores_strays_and_skips_the_call_unless_ranking_needs_it(store):
+    for rank_by, calls in (("surprise", 1), ("fit", 0)):
+        engine = FakeEngine()
+        engine.enqueue_surprise(-5.6, [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+        ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, stray_check="off", rank_by=rank_by,
+                      selection="accept")  # fmt: skip
+        out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+        assert out.accepted and len(out.attempts) == 1 and out.critiques[0].strays == []
+        assert engine.calls["surprise"] == calls
 
 
 def test_input_plan_skips_planning(engine, ctx):
@@ -386,8 +389,7 @@ def test_review_plan_interrupt_and_resume_repeat_no_model_work(engine, store):
     # The reviewer moves the circle; nothing planned twice, the new plan is drawn.
     new_plan = [{"label": "red circle", "box": [4, 4, 20, 20]}]
     out = T2IOutput.model_validate(g.invoke(Command(resume=new_plan), cfg, context=ctx))
-    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "stray_marks": 1,
-                            "plan_fit": 1}
+    assert engine.calls == {"plan_layout": 1, "generate": 1, "critique": 1, "ground": 1, "surprise": 1}
     assert out.plan.source == "user" and out.attempts[0].plan == out.plan and out.accepted
 
 
@@ -538,7 +540,26 @@ def test_rank_orders_accepted_then_worst_fit_then_score_then_earliest():
     assert max(range(2), key=lambda i: t2i.rank(ties[i], i)) == 0  # the earliest on a tie
 
 
-def test_unaccepted_attempts_are_ranked_by_their_worst_fit(engine, ctx):
+def test_rank_by_surprise_orders_by_the_worst_token():
+    def crit(fit, worst):
+        return _critique("reject").model_copy(update={"fit": fit, "worst_token": worst})
+
+    cs = [crit([9.0], -6.0), crit([1.0], -1.5), crit([5.0], None)]
+    assert max(range(3), key=lambda i: t2i.rank(cs[i], i, "surprise")) == 1
+    assert max(range(3), key=lambda i: t2i.rank(cs[i], i, "fit")) == 0
+
+
+def test_rank_by_surprise_reads_every_attempt_and_skips_the_fit(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, rank_by="surprise", stray_check="off")
+    for worst in (-3.0, -1.0, -2.0):
+        engine.enqueue_surprise(worst)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert [c.worst_token for c in out.critiques] == [-3.0, -1.0, -2.0] and out.best == out.attempts[1]
+    assert engine.calls["plan_fit"] == 0 and all(c.fit == [] and c.strays == [] for c in out.critiques)
+
+
+def test_unaccepted_attempts_are_ranked_by_their_worst_fit(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, rank_by="fit", selection="accept")
     for _ in range(3):
         engine.enqueue_critique(False, ["missing blue square"])
     for fit in ([1.0, 1.0], [5.0, 4.0], [2.0, 9.0]):
@@ -549,8 +570,17 @@ def test_unaccepted_attempts_are_ranked_by_their_worst_fit(engine, ctx):
     assert out.best == out.attempts[1]
 
 
+def test_by_default_the_best_worst_token_is_kept(engine, store):
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3)
+    for worst in (-4.0, -1.0, -2.0):
+        engine.enqueue_surprise(worst)
+    out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
+    assert [c.accepted for c in out.critiques] == [True, True, True] and out.best == out.attempts[1]
+    assert engine.calls["plan_fit"] == 0 and engine.calls["surprise"] == 3
+
+
 def test_selection_best_draws_every_round_and_keeps_the_best_fit(engine, store):
-    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, selection="best")
+    ctx = Context(engine=engine, artifacts=store, num_steps=4, max_rounds=3, selection="best", rank_by="fit")
     for fit in ([1.0, 1.0], [3.0, 3.0], [2.0, 2.0]):
         engine.enqueue_fit(fit)
     out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))

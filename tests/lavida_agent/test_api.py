@@ -489,8 +489,10 @@ def test_a_given_plan_is_checked_before_the_run(agent, engine, box, why):
     assert sum(engine.calls.values()) == 0
 
 
-def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(agent, engine):
+def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(engine):
     from lavida_agent.traces import render_html
+
+    agent = LavidaAgent(engine=engine, num_steps=3, selection="accept", rank_by="fit")
 
     swapped = [{"label": "small red circle", "box": [40.0, 20.0, 52.0, 32.0]},
                {"label": "large blue square", "box": [10.0, 20.0, 30.0, 40.0]}]  # fmt: skip
@@ -506,16 +508,22 @@ def test_a_rejected_plan_and_the_fits_reach_the_result_and_its_trace(agent, engi
     r = agent.generate("a red circle left of a blue square", seed=2)  # unscripted: fake plans fail
     page = render_html(r.trace, agent.store)
     assert "plan rejected" in page and "fit " in page
+    agent.close()
 
 
-def test_by_default_every_round_is_drawn_and_the_best_fit_kept(engine):
-    engine.enqueue_fit([1.0, 1.0])
-    engine.enqueue_fit([4.0, 3.0])
+def test_by_default_every_round_is_drawn_and_the_cleanest_kept(engine):
+    engine.enqueue_surprise(-3.0)
+    engine.enqueue_surprise(-1.0)
     with LavidaAgent(engine=engine, num_steps=2) as agent:  # default settings: selection best
         r = agent.generate("red circle and blue square", seed=1, rounds=2)
     assert len(r.attempts) == 2 and all(c.accepted for c in r.critiques)  # no early stop
     assert r.image_ref == r.attempts[1].image and r.accepted
-    assert r.to_dict()["attempts"][1]["fit"] == [4.0, 3.0]
+    assert [c.worst_token for c in r.critiques] == [-3.0, -1.0] and r.to_dict()["attempts"][1]["fit"] == []
+    engine.enqueue_fit([1.0, 1.0])
+    engine.enqueue_fit([4.0, 3.0])
+    with LavidaAgent(engine=engine, num_steps=2, rank_by="fit") as agent:
+        r = agent.generate("red circle and blue square", seed=1, rounds=2)
+    assert r.image_ref == r.attempts[1].image and r.to_dict()["attempts"][1]["fit"] == [4.0, 3.0]
 
 
 def test_grounding_settings_get_an_engine_of_their_own(tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def test_generate_says_why_the_kept_attempt_was_rejected(run, engine):
 
 
 def test_generate_json_lists_each_attempts_stray_marks(run, engine):
-    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    engine.enqueue_surprise(-5.6, [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
     res = run("generate", "a red circle and a blue square", "--out", "o.png", "--seed", 1, "--rounds", 1, "--json")
     (attempt,) = json.loads(res.stdout)["attempts"]
     assert attempt["strays"] == [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}]

@@ -94,10 +94,11 @@ async def test_an_accepted_attempt_lists_the_objects_grounding_did_not_find(clie
 
 
 async def test_an_attempt_lists_its_stray_marks(client, engine):
-    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    engine.enqueue_surprise(-5.6, [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
     r = await client.post("/v1/generate", json={"prompt": "a red circle and a blue square", "seed": 5, "rounds": 2})
     first, second = r.json()["attempts"]
     assert first["strays"] == [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}] and first["verdict"] == "reject"
+    assert first["worst_token"] == -5.6 and second["worst_token"] == 0.0
     assert second["strays"] == [] and second["verdict"] == "accept"
 
 

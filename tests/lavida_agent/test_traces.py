@@ -162,7 +162,7 @@ def test_trace_shows_the_critique_reasons_dropped_as_not_about_the_prompt(agent,
 
 
 def test_trace_draws_a_stray_mark_and_says_why_the_image_was_rejected(agent, engine):
-    engine.enqueue_strays([{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
+    engine.enqueue_surprise(-5.6, [{"box": [48.0, 0.0, 60.0, 8.0], "score": -5.6}])
     r = agent.generate("a red circle and a blue square", seed=1, rounds=1)
     crit = next(n for n in r.trace.nodes if n.node == "critique_image")
     assert [(b.kind, b.box) for b in crit.view.boxes if b.label == "stray"] == [("stray", [48.0, 0.0, 60.0, 8.0])]

@@ -721,9 +721,29 @@ def test_stray_marks_look_only_away_from_the_plan(pipe, scene_image):
     for marks in pipe.stray_marks([scene_image] * 2, [prompt] * 2, [plan, plan], threshold=0.0, batch_size=3):
         assert [box for box, _ in marks] == [box for box, _ in one]
         np.testing.assert_allclose([v for _, v in marks], [v for _, v in one], rtol=1e-4, atol=1e-4)
+    # marks read off given scores need no model call
+    calls = pipe.forward_count
+    scores = np.zeros((1, pipe.config.image_grid, pipe.config.image_grid))
+    scores[0, 0, 15] = -9.0
+    assert pipe.stray_marks([scene_image], [prompt], [plan], scores=scores) == [[((60, 0, 64, 4), -9.0)]]
+    assert pipe.forward_count == calls
     # the helpers: a 3 x 3 grow, and 8-connected parts in reading order
     dot = np.zeros((5, 5), dtype=bool)
     dot[2, 2] = True
     assert _dilate(dot).sum() == 9 and _dilate(dot)[1:4, 1:4].all()
     parts = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
     assert [c.sum() for c in _components(parts)] == [2, 2]
+
+
+def test_surprise_scores_every_token_the_same_in_any_batch(pipe, scene_image):
+    plan = [("small red circle", (4, 4, 16, 16))]
+    G = pipe.config.image_grid
+    calls = pipe.forward_count
+    one = pipe.surprise([scene_image], ["a red circle"], [plan])
+    assert one.shape == (1, G, G) and np.isfinite(one).all()
+    assert pipe.forward_count - calls == 2  # a condition pass and one image pass for both halves
+    other = np.ascontiguousarray(scene_image[::-1])
+    both = pipe.surprise([other, scene_image], ["a green square", "a red circle"], [None, plan], batch_size=3)
+    np.testing.assert_allclose(both[1], one[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(both[0], one[0])
+    assert pipe.surprise([], [], []).shape == (0, G, G)
