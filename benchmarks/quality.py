@@ -717,8 +717,11 @@ class _MinimalPipelineBackend:
         plans = [self._plan_in(r.plan) for r in requests]
         scores = self.pipeline.surprise(images, prompts, plans)
         marks = self.pipeline.stray_marks(images, prompts, plans, scores=scores)
-        return [Surprise(worst=float(row.min()), strays=[{"box": [float(v) for v in box], "score": float(v)}
-                                                         for box, v in found]) for row, found in zip(scores, marks)]  # fmt: skip
+        return [
+            Surprise(worst=float(row.min()),
+                     strays=[{"box": [float(v) for v in box], "score": float(v)} for box, v in found])
+            for row, found in zip(scores, marks)
+        ]  # fmt: skip
 
     def noun_fit(self, requests):  # the benchmark's stand-ins read no labels: no signal
         return [[0.0] * len(r.items) for r in requests]
@@ -2076,7 +2079,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--selection", choices=("accept", "best"), default=None,
                    help="agent t2i: stop at the first accepted image, or draw every round and keep the best")  # fmt: skip
     p.add_argument("--rank-by", choices=("fit", "surprise", "score"), default=None,
-                   help="agent t2i: rank attempts by plan fit, the worst image token, or the critique score alone")  # fmt: skip
+                   help="agent t2i: rank attempts by plan fit, the worst image token, or the "
+                        "critique score alone")  # fmt: skip
     p.add_argument("--stray-check", choices=("gate", "off"), default=None,
                    help="agent t2i: reject and redraw marks off the plan (gate), or skip the check")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")

@@ -256,7 +256,8 @@ def critique_image(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]
         layout = attempt.plan.to_engine() if attempt.plan else []
         read = layout and (ctx.stray_check == "gate" or ctx.rank_by == "surprise")
         surprise = engine.surprise(image, state.prompt, plan=layout) if read else None
-        strays = [Stray(box=m["box"], score=m["score"]) for m in surprise.strays] if surprise and ctx.stray_check == "gate" else []
+        marks = surprise.strays if surprise and ctx.stray_check == "gate" else []
+        strays = [Stray(box=m["box"], score=m["score"]) for m in marks]
         # Step 4: how well the prompt and plan explain each planned box (ranks attempts).
         fit = engine.plan_fit(image, state.prompt, plan=layout) if layout and ctx.rank_by == "fit" else []
         # Step 5: one critique of the verdict, the checks, the strays and the fit. A model
