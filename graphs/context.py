@@ -132,9 +132,10 @@ class Context:
         metadata={
             "description": "t2i: 'gate' asks the engine for marks away from every planned box "
             "that the prompt and plan argue against (`Engine.surprise`: a faint blob, a "
-            "smear); an image with one is rejected and the next is drawn afresh. "
-            "'off' skips the call. On the shipped model no image the detector calls right was "
-            "flagged in 336 drawings of tuning seeds (weights README, \"Stop 43\")."
+            "smear); an image with one is rejected and the next is drawn afresh. 'off' "
+            "ignores them (and skips the call unless `rank_by='surprise'` needs it). On the "
+            "shipped model none of its 599 drawings the detector calls right (tuning seeds "
+            "123-126) was flagged (weights README, \"Stop 43\")."
         },
     )
     critique_by: Literal["scene", "model"] = field(

@@ -221,10 +221,10 @@ than a small difference in fit)."""
 
 STRAY_THRESHOLD = -4.5
 """`stray_marks` reports cells scoring below this many nats. Measured on the shipped weights'
-own drawings from their own plans (tuning seeds 123 and 125 of the t2i suite, three seeds a
-prompt, 336 images): no image the detector calls right has a cell below -3.2, while four of
-the 40 it calls wrong (a faint blob or smear away from every planned box) score -5.2 to
--8.8 (weights README, "Stop 43")."""
+own drawings from their own plans (tuning seeds 123-126 of the t2i suite, three seeds a
+prompt, 672 images): away from the plan no image the detector calls right has a cell below
+-2.95, while 10 of the 73 it calls wrong (a faint blob or smear away from every planned box)
+score -5.1 to -11.3 (weights README, "Stop 43")."""
 
 CANDIDATE_SPREAD = 4
 """Grounding candidates: the first coordinates of two branches are at least this many
@@ -273,7 +273,6 @@ def _components(cells: np.ndarray) -> list[np.ndarray]:
                         todo.append((ny, nx))
         comps.append(comp)
     return comps
-
 
 
 GROUND_VIEWS: tuple[tuple[bool, int, int], ...] = (
