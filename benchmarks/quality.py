@@ -717,11 +717,7 @@ class _MinimalPipelineBackend:
         plans = [self._plan_in(r.plan) for r in requests]
         scores = self.pipeline.surprise(images, prompts, plans)
         marks = self.pipeline.stray_marks(images, prompts, plans, scores=scores)
-        return [
-            Surprise(worst=float(row.min()),
-                     strays=[{"box": [float(v) for v in box], "score": float(v)} for box, v in found])
-            for row, found in zip(scores, marks)
-        ]  # fmt: skip
+        return [Surprise.read(row, found) for row, found in zip(scores, marks)]
 
     def noun_fit(self, requests):  # the benchmark's stand-ins read no labels: no signal
         return [[0.0] * len(r.items) for r in requests]

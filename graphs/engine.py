@@ -103,6 +103,13 @@ class Surprise:
     worst: float
     strays: list[StrayMark] = field(default_factory=list)
 
+    @classmethod
+    def read(cls, scores: np.ndarray, marks: Sequence[tuple[Sequence[float], float]]) -> Surprise:
+        """From a pipeline's per-token `scores` of one image and its `(box, score)` marks
+        (`LavidaPipeline.surprise` and `stray_marks`), as plain types."""
+        return cls(worst=float(np.min(scores)),
+                   strays=[StrayMark(box=[float(v) for v in box], score=float(v)) for box, v in marks])  # fmt: skip
+
 
 @dataclass(frozen=True)
 class CritiqueResult:

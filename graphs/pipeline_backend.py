@@ -46,7 +46,6 @@ from lavida_agent.graphs.engine import (
     PlanItem,
     StepCallback,
     StepEvent,
-    StrayMark,
     Surprise,
 )
 from lavida_agent.graphs.runtime import (
@@ -387,8 +386,7 @@ class PipelineBackend:
             scores = self.pipeline.surprise(images, prompts, plans)
             marks = self.pipeline.stray_marks(images, prompts, plans, scores=scores)
             for i, row, found in zip(good, scores, marks, strict=True):
-                results[i] = Surprise(worst=float(row.min()), strays=[
-                    StrayMark(box=[float(v) for v in box], score=float(score)) for box, score in found])  # fmt: skip
+                results[i] = Surprise.read(row, found)
         return results
 
     def noun_fit(self, requests: Sequence[NounFitRequest]) -> list[Any]:
