@@ -37,6 +37,11 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   suite's questions: object questions read off the scene the model perceives (its caption,
   each object grounded), the others answered directly; per kind, with the share answered
   from the scene and the `vqa` suite's direct accuracy beside it when that suite ran.
+- `agent_ground`: the LangGraph `ground` workflow (what `lavida-agent ground` runs) on the
+  `ground` suite's expressions, single and multi, Acc@0.5; and whether it says each referent
+  is in the image (`present`): for those expressions (all present), and for expressions
+  naming nothing in the image (`absent_expressions`: an absent colour and shape, shape, size
+  class, and relation head; all of an image's in one run).
 
 Held-out data: training draws `numpy.random.default_rng([seed, step])` with small seeds;
 here item `i` of suite `s` draws from `default_rng([10**9 + 1000 * seed + index(s), *key])`,
@@ -96,7 +101,7 @@ from lavida_agent.tools.shapes_world.language import (
 )
 from lavida_agent.tools.shapes_world.render import render
 from lavida_agent.tools.shapes_world.sampler import sample_scene
-from lavida_agent.tools.shapes_world.scene import Scene, valid_scene
+from lavida_agent.tools.shapes_world.scene import COLORS, RELATIONS, SHAPES, Scene, valid_scene
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +128,7 @@ __all__ = [
     "score_agent_edit",
     "score_agent_ask",
     "score_agent_ground",
+    "absent_expressions",
     "run",
     "main",
 ]
@@ -233,6 +239,33 @@ def ground_items(
             {"index": i, "scene": scene, "expressions": texts, "forms": forms, "boxes": boxes}
         )
     return items
+
+
+ABSENT_FORMS: tuple[str, ...] = ("color", "shape", "size", "relation")
+"""How an absent referent is named (`absent_expressions`)."""
+
+
+def absent_expressions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """`(form, expression)` pairs naming nothing in `scene`, one per `ABSENT_FORMS` form the
+    scene allows: a colour and shape no object has; a shape no object has; an object's colour
+    and shape in the other size class; a relation whose anchor is a present object and whose
+    head is the first form's absent noun."""
+    objs = scene.objects
+    have = {(o.color, o.shape) for o in objs}
+    combos = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in have]
+    color, shape = combos[rng.integers(len(combos))]
+    out = [("color", f"the {color} {shape}")]
+    if shapes := [sh for sh in SHAPES if sh not in {o.shape for o in objs}]:
+        out.append(("shape", f"the {shapes[rng.integers(len(shapes))]}"))
+    for o in objs:
+        other = "large" if o.size == "small" else "small"
+        if not any((p.color, p.shape, p.size) == (o.color, o.shape, other) for p in objs):
+            out.append(("size", f"the {other} {o.color} {o.shape}"))
+            break
+    anchor = objs[rng.integers(len(objs))]
+    relation = RELATIONS[rng.integers(len(RELATIONS))]
+    out.append(("relation", f"the {color} {shape} {relation} the {anchor.color} {anchor.shape}"))
+    return out
 
 
 def vqa_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -994,25 +1027,36 @@ def score_agent_ground(
         multi: one run per image with all its expressions; False: one run per expression.
 
     Returns:
-        Per image, one `{expression, box, correct, found_by}` per expression, and totals as
-        `score_agent_t2i`.
+        Per image, one `{expression, box, correct, found_by, present}` per expression, and
+        totals as `score_agent_t2i`.
     """
+    calls = _ground_calls(expressions, multi)
+    found, totals = _ground_workflow(pipeline, images, expressions, calls, backend=backend,
+                                     batch_size=batch_size, ground_by=ground_by)  # fmt: skip
+    return _judge_ground(expressions, true_boxes, calls, found), totals
+
+
+def _ground_workflow(
+    pipeline: Any, images: Sequence[np.ndarray], expressions: Sequence[Sequence[str]],
+    calls: Sequence[tuple[int, list[int]]], *, backend: Any, batch_size: int, ground_by: str,
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:  # fmt: skip
+    """Run the `ground` workflow once per call; per call, one `{box, found_by, present}` per
+    expression (`box`: whole pixels, None when not found)."""
     from lavida_agent.graphs import ground
     from lavida_agent.graphs.state import GroundOutput
-
-    calls = _ground_calls(expressions, multi)
 
     def one(c: int, ctx: Any, store: Any) -> list[dict[str, Any]]:
         i, idx = calls[c]
         exprs = [expressions[i][k] for k in idx]
         raw = ground.graph.invoke({"image": store.put(images[i]), "expressions": exprs}, context=ctx)
         out = GroundOutput.model_validate(raw)
+        present = out.present or [None] * len(exprs)
         return [{"box": None if b.box.area <= 0 else [int(round(v)) for v in b.box.as_list()],
-                 "found_by": by} for b, by in zip(out.boxes, out.found_by, strict=True)]  # fmt: skip
+                 "found_by": by, "present": here}
+                for b, by, here in zip(out.boxes, out.found_by, present, strict=True)]  # fmt: skip
 
-    found, totals = _through_workflow(pipeline, len(calls), one, backend=backend,
-                                      batch_size=batch_size, ground_by=ground_by)  # fmt: skip
-    return _judge_ground(expressions, true_boxes, calls, found), totals
+    return _through_workflow(pipeline, len(calls), one, backend=backend, batch_size=batch_size,
+                             ground_by=ground_by)  # fmt: skip
 
 
 # =========================================================================== suites
@@ -1468,18 +1512,31 @@ def _suite_agent_ground(
     for mode, multi in (("single", False), ("multi", True)):
         scored, totals = score_agent_ground(pipeline, images, exprs, [it["boxes"] for it in items],
                                             multi=multi, backend=backend, batch_size=batch_size)  # fmt: skip
-        flat = [dict(r, perceived=r["found_by"] != "direct") for r in _with_forms(scored, items)]
+        flat = [dict(r, perceived=r["found_by"] != "direct", said_present=r["present"] is True)
+                for r in _with_forms(scored, items)]  # fmt: skip
         result[f"acc@0.5_{mode}"] = _acc_by(flat, "form", REF_FORMS)
         result[f"not_direct_{mode}"] = _acc_by(flat, "form", REF_FORMS, field="perceived")
+        result[f"present_{mode}"] = _acc_by(flat, "form", REF_FORMS, field="said_present")
         result[f"totals_{mode}"] = totals
         per_item[mode] = scored
+    # Expressions naming nothing in the image, all of an image's in one run: said absent?
+    absent = [absent_expressions(it["scene"], item_rng(seed, "agent_ground", it["index"])) for it in items]
+    texts = [[text for _, text in pairs] for pairs in absent]
+    found, result["totals_absent"] = _ground_workflow(
+        pipeline, images, texts, _ground_calls(texts, True), backend=backend,
+        batch_size=batch_size, ground_by="scene")  # fmt: skip
+    flat = [{"form": form, "said_absent": rec["present"] is False}
+            for pairs, recs in zip(absent, found, strict=True)
+            for (form, _), rec in zip(pairs, recs, strict=True)]  # fmt: skip
+    result["absent"] = _acc_by(flat, "form", ABSENT_FORMS, field="said_absent")
     if "ground" in state:  # the model's own boxes, same expressions
         g = state["ground"]
         result["direct"] = {"single": g["acc@0.5_single"], "multi": g["acc@0.5_multi"]}
     result["items"] = [
         {"expressions": it["expressions"], "forms": it["forms"],
          "true_boxes": [list(b) for b in it["boxes"]],
-         **{m: [{k: r[k] for k in ("box", "found_by")} for r in per_item[m][j]] for m in per_item}}
+         **{m: [{k: r[k] for k in ("box", "found_by", "present")} for r in per_item[m][j]] for m in per_item},
+         "absent": [{"expression": text, **rec} for text, rec in zip(texts[j], found[j], strict=True)]}
         for j, it in enumerate(items)
     ]  # fmt: skip
     return result
@@ -1617,6 +1674,18 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             _table(head, _cat_rows(REF_FORMS, cols)),
         ]
+        if "absent" in a:
+            out += [
+                "",
+                "Is the referent in the image (`present`)? Said present for the expressions above "
+                "(all present), and said absent for expressions naming nothing in the image "
+                "(`absent_expressions`, one run per image):",
+                "",
+                _table(["form", "present: said present (single)", "(multi)"],
+                       _cat_rows(REF_FORMS, [a["present_single"], a["present_multi"]])),
+                "",
+                _table(["form", "absent: said absent"], _cat_rows(ABSENT_FORMS, [a["absent"]])),
+            ]
     if "critique" in suites:
         c = suites["critique"]
         cols = [k for k in ("rendered", "own_generations", "workflow_rendered", "workflow_own_generations")

@@ -466,11 +466,12 @@ class GroundState(GroundInput):
     perception: Perception | None = None
     boxes: list[LayoutItem] = Field(default_factory=list)
     found_by: list[FoundBy] = Field(default_factory=list)
+    present: list[bool | None] = Field(default_factory=list)
 
 
 class GroundOutput(BaseModel):
-    """One box per expression, labelled with it, how each was chosen, and the perceived
-    scene they were chosen from (if any)."""
+    """One box per expression, labelled with it, how each was chosen, whether the image
+    holds it, and the perceived scene they were chosen from (if any)."""
 
     boxes: list[LayoutItem] = Field(default_factory=list)
     found_by: list[FoundBy] = Field(
@@ -478,6 +479,13 @@ class GroundOutput(BaseModel):
         description="Per expression: 'direct' (the model's own box), 'scene' (the object the "
         "expression picks out of `perception`) or 'fit' (a perceived object's box that the "
         "expression's head noun explains better).",
+    )
+    present: list[bool | None] = Field(
+        default_factory=list,
+        description="Per expression: whether the image holds what it names. True when the "
+        "perceived scene has it or the model reads its box as it rather than as a look-alike; "
+        "False when neither (the box is then only the nearest look-alike); None when not "
+        "checked (nothing perceived, or an expression outside the ShapesWorld grammar).",
     )
     perception: Perception | None = None
 

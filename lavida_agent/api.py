@@ -235,6 +235,8 @@ class GroundResult(RunResult):
     ('direct': the model's own box; 'scene': the object the expression picks out of what
     the model perceived; 'fit': a perceived object's box its head noun fits better), from
     the model's `caption` and its grounded `objects` (input pixels; see `graphs/ground.py`).
+    `present` says per expression whether the image holds it at all (False: the box is only
+    the nearest look-alike; None: not checked).
     """
 
     expressions: list[str]
@@ -243,6 +245,7 @@ class GroundResult(RunResult):
     source_size: tuple[int, int] = (0, 0)
     letterbox: LetterboxParams | None = None
     found_by: list[str] = field(default_factory=list)
+    present: list[bool | None] = field(default_factory=list)
     caption: str | None = None
     objects: list[LayoutItem] = field(default_factory=list)
 
@@ -252,6 +255,7 @@ class GroundResult(RunResult):
             "expressions": list(self.expressions),
             "boxes": [b.box.as_list() for b in self.boxes],
             "found_by": list(self.found_by),
+            "present": list(self.present),
             "caption": self.caption,
             "objects": [{"label": o.label, "box": o.box.as_list()} for o in self.objects],
             "run_id": self.run_id,
@@ -1001,6 +1005,7 @@ class LavidaAgent:
                             expressions=exprs, boxes=boxes, canvas_boxes=canvas_boxes,
                             source_size=(w, h), letterbox=params,
                             found_by=list(values.get("found_by", [])),
+                            present=list(values.get("present", [])),
                             caption=seen.caption if seen is not None else None,
                             objects=self._input_items(seen.objects if seen else [], params, w, h))  # fmt: skip
 

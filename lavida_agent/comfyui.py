@@ -275,8 +275,9 @@ def _at_step(agent: LavidaAgent, line: str) -> Any:
 
 class LavidaGround:
     """Find each expression (one a line) in the image: one mask per expression (its box),
-    the image with the boxes drawn, and the boxes as JSON. An expression whose object is
-    absent still gets a box; `found_by` in the JSON says how each was chosen."""
+    the image with the boxes drawn, and the boxes as JSON. An expression the image does not
+    hold (`present` false in the JSON) gets an empty mask and no box drawn; `found_by` says
+    how each box was chosen."""
 
     CATEGORY = CATEGORY
     FUNCTION = "run"
@@ -301,11 +302,14 @@ class LavidaGround:
         result = _call(_agent().ground, pixels, exprs)
         h, w = pixels.shape[:2]
         masks = torch.zeros((len(exprs), h, w), dtype=torch.float32)
+        here = [b for b, p in zip(result.boxes, result.present or [None] * len(exprs), strict=True)
+                if p is not False]  # fmt: skip
         for mask, item in zip(masks, result.boxes, strict=True):
+            if item not in here:
+                continue
             x0, y0, x1, y1 = item.box.as_list()  # pixel edges: cover every pixel the box touches
             mask[max(0, math.floor(y0)):min(h, math.ceil(y1)), max(0, math.floor(x0)):min(w, math.ceil(x1))] = 1.0
-        drawn = draw_boxes(pixels, [b.box.as_list() for b in result.boxes],
-                           labels=[b.label for b in result.boxes])  # fmt: skip
+        drawn = draw_boxes(pixels, [b.box.as_list() for b in here], labels=[b.label for b in here])
         return masks, _to_image([drawn]), _json(result.to_dict())
 
 

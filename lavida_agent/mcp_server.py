@@ -223,9 +223,10 @@ def create_mcp(
     async def ground(ctx: Context, image: ImageArg, expressions: Expressions) -> CallToolResult:
         """One box `[x0, y0, x1, y1]` per referring expression, in the input image's pixels,
         with what the model perceived in the image (`caption`, `objects`). Every expression
-        gets a box, even one naming nothing in the image: `found_by` says how it was chosen
-        ('scene' or 'fit': an object the model perceived; 'direct': the model's own box,
-        unchecked), so check it against `objects`."""
+        gets a box, even one naming nothing in the image: `present` says whether the image
+        holds it (false: the box is only the nearest look-alike; null: not checked), and
+        `found_by` how the box was chosen ('scene' or 'fit': an object the model perceived;
+        'direct': the model's own box)."""
         req = tools.check(schemas.GroundRequest, expressions=expressions)
         return await tools.look(ctx, image, lambda pixels, on_event: agent.aground(
             pixels, req.expressions, on_event=on_event))  # fmt: skip

@@ -551,6 +551,12 @@ class GroundResponse(_RunOut):
         "expression picks out of the perceived scene: `caption`, `objects`) or 'fit' (a "
         "perceived object's box the expression's head noun fits better).",
     )
+    present: list[bool | None] = Field(
+        default_factory=list,
+        description="Per expression: whether the image holds what it names (the perceived "
+        "scene has it, or the model reads its box as it). False: the box is only the nearest "
+        "look-alike. None: not checked (nothing perceived, or outside the ShapesWorld grammar).",
+    )
     caption: str | None = Field(default=None, description="The model's caption, if it perceived.")
     objects: list[BoxOut] = Field(
         default_factory=list, description="Each captioned object grounded, in input pixels."

@@ -468,7 +468,8 @@ class _Service:
             run_id=r.run_id, trace_url=f"{base}/v1/traces/{r.run_id}",
             expressions=list(r.expressions), boxes=self._boxes(r.boxes),
             canvas_boxes=self._boxes(r.canvas_boxes), source_size=list(r.source_size),
-            found_by=list(r.found_by), caption=r.caption, objects=self._boxes(r.objects),
+            found_by=list(r.found_by), present=list(r.present), caption=r.caption,
+            objects=self._boxes(r.objects),
         )  # fmt: skip
 
     def ask_out(self, base: str, r: AskResult) -> schemas.AskResponse:

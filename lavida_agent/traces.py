@@ -306,11 +306,15 @@ class TraceRecorder:
         if name == "commit_edit" and out.get("current"):
             return TraceView(image=out["current"], caption=f"kept step {out.get('current_step')}")
         if name == "ground_objects":
-            boxes = [_vbox(i, "found") for i in out.get("boxes", [])]
+            here = out.get("present") or []  # False: not in the image (the box: a look-alike)
+            boxes = [_vbox(i, "found").model_copy(update={"ok": False} if k < len(here) and here[k] is False else {})
+                     for k, i in enumerate(out.get("boxes", []))]  # fmt: skip
             by = out.get("found_by") or []
             cap = f"{len(boxes)} expression(s)"
             if any(b != "direct" for b in by):
                 cap += "; " + ", ".join(f"{b.label}: {how}" for b, how in zip(boxes, by) if how != "direct")
+            if absent := [b.label for b in boxes if b.ok is False]:
+                cap += "; not in the image: " + ", ".join(absent)
             return TraceView(image=inp.get("image"), boxes=boxes, caption=cap)
         if name == "perceive" and out.get("perception"):
             seen = out["perception"]
