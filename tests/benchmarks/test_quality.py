@@ -278,6 +278,8 @@ def test_quick_run_writes_every_suite(quick_run):
     assert {r["found_by"] for it in ag["items"] for m in ("single", "multi") for r in it[m]} <= {
         "direct", "scene", "fit"}
     assert ag["totals_single"]["forwards"] > 0
+    assert set(ag["absent"]) <= set(quality.ABSENT_FORMS) | {"overall"} and ag["totals_absent"]["forwards"] > 0
+    assert all(r["present"] in (True, False, None) for it in ag["items"] for r in it["absent"])
     assert {"rendered", "own_generations", "workflow_rendered", "workflow_own_generations"} <= set(s["critique"])
     assert s["critique"]["workflow_rendered"]["n"] == s["critique"]["rendered"]["n"]
     assert {it["judged_by"] for it in s["critique"]["items"]} <= {"scene", "model"}
@@ -356,6 +358,9 @@ def test_oracle_scores_perfectly(tmp_path):
     assert s["ground"]["acc@0.5_multi"]["overall"] == 1.0
     assert s["agent_ground"]["acc@0.5_single"]["overall"] == 1.0
     assert s["agent_ground"]["acc@0.5_multi"]["overall"] == 1.0
+    # its perfect captions hold every referent and none of the absent ones
+    assert s["agent_ground"]["present_single"]["overall"] == s["agent_ground"]["present_multi"]["overall"] == 1.0
+    assert s["agent_ground"]["absent"]["overall"] == 1.0
     assert s["vqa"]["accuracy"]["overall"] == 1.0
     assert s["ask"]["accuracy"]["overall"] == 1.0
     # the oracle's captions parse whole and its boxes are found: every object question is
@@ -404,6 +409,8 @@ def test_blank_pipeline_scores_zero(tmp_path):
     # an empty caption perceives nothing: every box is the model's own, and none is found
     assert s["agent_ground"]["acc@0.5_multi"]["overall"] == 0.0
     assert s["agent_ground"]["not_direct_single"]["overall"] == 0.0
+    # nothing perceived: no referent is checked, so none is said present or absent
+    assert s["agent_ground"]["present_multi"]["overall"] == s["agent_ground"]["absent"]["overall"] == 0.0
     assert s["vqa"]["accuracy"]["overall"] == 0.0
     assert s["ask"]["accuracy"]["overall"] == 0.0  # an empty caption: every answer direct
     assert s["ask"]["answered_from_scene"]["overall"] == 0.0
@@ -431,6 +438,17 @@ def test_items_are_held_out_deterministic_and_prefix_stable():
     assert [q["kind"] for q in quality.vqa_items(1)] == list(QUESTION_KINDS)
     ground = quality.ground_items(4)
     assert all(1 <= len(g["expressions"]) <= quality.MULTI_EXPRESSIONS for g in ground)
+
+
+def test_absent_expressions_name_nothing_in_their_scene():
+    forms = set()
+    for it in quality.ground_items(40, seed=3):
+        pairs = quality.absent_expressions(it["scene"], np.random.default_rng(it["index"]))
+        forms |= {form for form, _ in pairs}
+        for _, text in pairs:
+            spec = parse_refexp(text)
+            assert not any(spec.noun.matches(o) for o in it["scene"].objects), text
+    assert forms == set(quality.ABSENT_FORMS)
 
 
 def test_plan_correct_reads_plans_as_scenes():

@@ -102,13 +102,14 @@ def test_an_incomplete_perception_resolves_nothing_but_its_boxes_still_compete(c
     assert out.perception is not None and not out.perception.complete
     assert _boxes(out) == [SEEN[2], SEEN[2]]
     assert out.found_by == ["direct", "fit"]
+    assert out.present == [None, None]  # a caption that missed a part cannot say what is absent
 
 
 def test_ground_by_direct_skips_the_perception(ctx, store, engine):
     direct_ctx = dataclasses.replace(ctx, ground_by="direct")
     out = _ground(direct_ctx, store, engine, ["the circle on the left"], [SEEN[2]],
                   caption=None, seen=None)  # fmt: skip
-    assert (_boxes(out), out.found_by, out.perception) == ([SEEN[2]], ["direct"], None)
+    assert (_boxes(out), out.found_by, out.perception, out.present) == ([SEEN[2]], ["direct"], None, [None])
     assert [m for m, _ in engine.log] == ["ground"]
 
 
@@ -126,6 +127,32 @@ def test_an_expression_outside_the_grammar_keeps_the_models_box(ctx, store, engi
 
 
 
+def test_present_says_whether_the_image_holds_each_referent(ctx, store, engine):
+    """A perceived referent is present with no model call; one the caption missed is present
+    when the model reads its box as its noun rather than a look-alike (noun contrast above
+    ABSENT_MARGIN), one contrast call for all of them; outside the grammar: not checked."""
+    engine.enqueue_fit([0.0, -1.0, -1.0, 0.0, -1.0, -1.0])  # choose_boxes: the model's boxes stay
+    engine.enqueue_fit([ground.ABSENT_MARGIN - 3.0, ground.ABSENT_MARGIN + 4.0])
+    out = _ground(ctx, store, engine,
+                  ["the circle on the left", "the yellow triangle", "the purple diamond", "the thing"],
+                  [SEEN[2], SEEN[2], SEEN[0], SEEN[1]])  # fmt: skip
+    assert out.present == [True, False, True, None]
+    assert _boxes(out) == [SEEN[0], SEEN[2], SEEN[0], SEEN[1]]  # an absent one keeps its box
+    assert [m for m, _ in engine.log].count("noun_fit") == 2
+    assert engine.log[-1] == ("noun_fit", {"labels": ["the yellow triangle", "the purple diamond"],
+                                           "contrast": True})  # fmt: skip
+
+
+def test_a_relation_is_present_only_with_its_anchor(ctx, store, engine):
+    engine.enqueue_fit([0.0, -1.0, -1.0])
+    engine.enqueue_fit([-2.0])
+    out = _ground(ctx, store, engine, ["the green circle right of the purple square"], [SEEN[2]])
+    assert out.present == [False]
+    engine.log.clear()
+    out = _ground(ctx, store, engine, ["the green circle right of the blue square"], [SEEN[2]])
+    assert out.present == [True] and "noun_fit" not in [m for m, _ in engine.log]
+
+
 def test_the_choice_is_streamed_with_the_boxes(ctx, store, engine):
     engine.enqueue_answer(CAPTION)
     engine.enqueue_ground(SEEN)
@@ -139,3 +166,4 @@ def test_the_choice_is_streamed_with_the_boxes(ctx, store, engine):
     ]
     (boxes,) = [e for e in events if e["event"] == "boxes"]
     assert boxes["found_by"] == ["scene"] and boxes["boxes"][0]["box"]["x0"] == SEEN[0][0]
+    assert boxes["present"] == [True]

@@ -136,31 +136,52 @@ def test_noun_contrast_reads_what_the_box_shows(pipe):
     assert all(v < 0 for v in out[1:3] + out[4:]), out
 
 
+def _through(pipe, tmp_path, graph, image, inputs):
+    """Invoke `graph` once per input dict (each with `image` added) on the shipped model."""
+    from lavida_agent.graphs.context import Context
+    from lavida_agent.graphs.pipeline_backend import PipelineBackend
+    from lavida_agent.graphs.runtime import BatchingEngine
+    from lavida_agent.tools.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    engine = BatchingEngine(PipelineBackend(pipe), max_batch=4, max_wait_ms=1)
+    try:
+        ctx = Context(engine=engine, artifacts=store)
+        ref = store.put(image)
+        return [graph.invoke({"image": ref, **i}, context=ctx) for i in inputs]
+    finally:
+        engine.close()
+
+
+RED_LEFT_OF_BLUE = Scene("white", (Object("circle", "red", "large", (4, 20, 26, 42)),
+                                   Object("square", "blue", "large", (38, 20, 60, 42))))  # fmt: skip
+
+
 def test_critique_workflow_reads_the_prompt_off_the_perceived_scene(pipe, tmp_path):
     """The shipped model perceives a plain scene whole, so the verdict is the world's rules
     applied to what it saw: right for the prompt the scene was drawn from, and exactly why not
     for one whose relation is reversed."""
     from lavida_agent.graphs import critique
-    from lavida_agent.graphs.context import Context
-    from lavida_agent.graphs.pipeline_backend import PipelineBackend
-    from lavida_agent.graphs.runtime import BatchingEngine
     from lavida_agent.graphs.state import CritiqueOutput
-    from lavida_agent.tools.artifacts import ArtifactStore
 
-    scene = Scene("white", (Object("circle", "red", "large", (4, 20, 26, 42)),
-                            Object("square", "blue", "large", (38, 20, 60, 42))))  # fmt: skip
-    store = ArtifactStore(tmp_path)
-    engine = BatchingEngine(PipelineBackend(pipe), max_batch=4, max_wait_ms=1)
-    try:
-        ctx = Context(engine=engine, artifacts=store)
-        ref = store.put(render(scene))
-        right, wrong = (CritiqueOutput.model_validate(critique.graph.invoke({"image": ref, "prompt": p}, context=ctx))
-                        for p in ("a red circle left of a blue square", "a blue square left of a red circle"))  # fmt: skip
-    finally:
-        engine.close()
+    right, wrong = (CritiqueOutput.model_validate(raw) for raw in _through(
+        pipe, tmp_path, critique.graph, render(RED_LEFT_OF_BLUE),
+        [{"prompt": "a red circle left of a blue square"}, {"prompt": "a blue square left of a red circle"}]))  # fmt: skip
     assert (right.verdict, right.judged_by) == ("accept", "scene"), right
     assert (wrong.verdict, wrong.judged_by) == ("reject", "scene"), wrong
     assert wrong.reasons == ["blue square should be left of red circle"]
+
+
+def test_ground_workflow_says_which_referents_are_absent(pipe, tmp_path):
+    """Both objects are present; a look-alike of each (another colour, another shape) and a
+    shape the scene lacks are not."""
+    from lavida_agent.graphs import ground
+    from lavida_agent.graphs.state import GroundOutput
+
+    exprs = ["the red circle", "the blue square", "the blue circle", "the red square", "the triangle"]
+    (raw,) = _through(pipe, tmp_path, ground.graph, render(RED_LEFT_OF_BLUE), [{"expressions": exprs}])
+    out = GroundOutput.model_validate(raw)
+    assert out.present == [True, True, False, False, False], (out.present, out.perception)
 
 
 def test_stray_marks_find_a_blob_the_plan_puts_nowhere(pipe):

@@ -145,6 +145,7 @@ def test_ground_checks_its_boxes_against_the_perceived_scene(agent, engine):
     assert r.canvas_boxes[0].box.as_list() == [10.0, 26.0, 22.0, 38.0]
     d = r.to_dict()
     assert d["found_by"] == ["scene"] and d["caption"].startswith("a small red circle")
+    assert r.present == d["present"] == [True]
     assert d["objects"][1] == {"label": "small blue circle", "box": [80.0, 20.0, 104.0, 44.0]}
 
 

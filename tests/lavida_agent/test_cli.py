@@ -26,7 +26,7 @@ SCHEMAS = {
                  "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "edit": {"image": str, "instruction": str, "out": str, "seed": int, "rounds": int,
              "plan": [PLAN_ITEM], "keep": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
-    "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str]},
+    "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str], "present": list},
     "ask": {"image": str, "question": str, "answer": str},
     "critique": {"image": str, "prompt": str, "verdict": str, "reasons": [str], "judged_by": str,
                  "objects": [PLAN_ITEM], **RUN},  # fmt: skip
@@ -227,6 +227,27 @@ def test_ground_says_which_boxes_came_from_the_perceived_scene(run, scene, engin
     assert res.stdout.splitlines() == [
         "the circle on the left\t20 20 60 40\t(the object it picks out of the perceived scene)"
     ]
+
+
+def test_ground_says_which_referents_are_not_in_the_image(run, scene, engine):
+    """The caption has one red circle; `the blue square`, boxed elsewhere, is read there as
+    a look-alike: said absent, its box given as the nearest look-alike and not drawn."""
+    for _ in range(2):
+        engine.enqueue_answer("a small red circle on a white background")
+        engine.enqueue_ground([[10.0, 26.0, 30.0, 36.0]])
+        engine.enqueue_ground([[10.0, 26.0, 30.0, 36.0], [40.0, 20.0, 52.0, 32.0]])
+        engine.enqueue_fit([0.0, -1.0])  # the square's own box against the circle's: it stays
+        engine.enqueue_fit([-8.0])  # the square's noun at its box: a look-alike wins
+    res = run("ground", scene, "the red circle", "the blue square")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == ["the red circle\t20 20 60 40",
+                                       "the blue square\tnot in the image\t(nearest look-alike: 80 8 104 32)"]  # fmt: skip
+    res = run("ground", scene, "the red circle", "the blue square", "--json", "--out", "b.png")
+    data = json.loads(res.stdout)
+    assert data["present"] == [True, False] and data["boxes"][1] == [80.0, 8.0, 104.0, 32.0]
+    drawn, plain = load_image("b.png"), load_image(scene)
+    assert (drawn[20:40, 20:60] != plain[20:40, 20:60]).any()  # the circle's box is drawn
+    assert (drawn[8:32, 80:104] == plain[8:32, 80:104]).all()  # the absent square's is not
 
 
 def test_ask_json(run, scene, engine):

@@ -155,6 +155,22 @@ def test_ground_gives_one_mask_per_expression_covering_its_box():
         assert float(mask.sum()) == (x1 - x0) * (y1 - y0)
 
 
+def test_ground_leaves_the_mask_of_an_absent_referent_empty(engine):
+    """Only a red circle; `the blue square` is boxed on the empty corner, where the model
+    reads a look-alike: an empty mask, no box drawn, `present` false in the JSON."""
+    only_red = draw(np.zeros((64, 64, 3), np.uint8), [RED])
+    engine.enqueue_answer("a small red circle on a black background")
+    engine.enqueue_ground([RED["box"]])
+    engine.enqueue_ground([RED["box"], BLUE["box"]])
+    engine.enqueue_fit([0.0, -1.0])  # the square's own box beats the circle's: it stays
+    engine.enqueue_fit([-8.0])  # read there as a look-alike
+    masks, drawn, result = comfyui.LavidaGround().run(_tensor(only_red), "the red circle\nthe blue square")
+    assert json.loads(result)["present"] == [True, False]
+    assert float(masks[0].sum()) == 16 * 16 and float(masks[1].sum()) == 0.0
+    corner = (drawn[0].numpy() * 255).round().astype(np.uint8)[36:52, 36:52]
+    assert (corner == only_red[36:52, 36:52]).all()  # nothing drawn where the square is not
+
+
 def test_ask_and_critique_read_the_image(engine):
     engine.enqueue_answer("red")
     answer, result = comfyui.LavidaAsk().run(_tensor(_scene()), "what color is the circle?")

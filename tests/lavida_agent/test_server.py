@@ -220,12 +220,14 @@ async def test_ground_and_ask(client, engine):
     assert r.json()["boxes"][0]["box"] == [20.0, 20.0, 60.0, 40.0]
     assert r.json()["source_size"] == [128, 64]
     assert r.json()["found_by"] == ["direct"] and r.json()["caption"] is None  # not in the grammar
+    assert r.json()["present"] == [None]  # not checked
     engine.enqueue_answer("a small red circle on a white background")
     engine.enqueue_ground([[10.0, 26.0, 30.0, 36.0]])
     engine.enqueue_ground([[0.0, 0.0, 0.0, 0.0]])  # the model's own box: not found
     r = await client.post("/v1/ground", json={"image": _b64(wide), "expressions": ["the red circle"]})
     assert r.status_code == 200, r.text
     assert r.json()["found_by"] == ["scene"] and r.json()["caption"].startswith("a small red")
+    assert r.json()["present"] == [True]
     assert r.json()["boxes"][0]["box"] == [20.0, 20.0, 60.0, 40.0]
     assert r.json()["objects"] == [{"label": "small red circle", "box": [20.0, 20.0, 60.0, 40.0]}]
     engine.enqueue_answer("two shapes")

@@ -184,6 +184,19 @@ def test_ground_trace_shows_the_perception_and_how_each_box_was_chosen(agent, en
     assert "the circle on the left: scene" in render_html(r.trace, agent.store)
 
 
+def test_ground_trace_marks_a_referent_not_in_the_image(agent, engine):
+    engine.enqueue_answer("a small red circle on a white background")
+    engine.enqueue_ground([[4.0, 4.0, 16.0, 16.0]])
+    engine.enqueue_ground([[40.0, 4.0, 52.0, 16.0]])
+    engine.enqueue_fit([0.0, -1.0])  # its own box stays
+    engine.enqueue_fit([-6.0])  # read there as a look-alike
+    r = agent.ground(np.zeros((64, 64, 3), np.uint8), ["the blue square"])
+    found = r.trace.nodes[-1]
+    assert found.view.caption == "1 expression(s); not in the image: the blue square"
+    assert found.view.boxes[0].ok is False  # drawn as a failed box
+    assert "not in the image: the blue square" in render_html(r.trace, agent.store)
+
+
 def test_critique_traces_say_the_verdict_was_read_off_the_perceived_scene(agent, engine):
     caption = "a large red circle on a white background"
     engine.enqueue_answer(caption)
