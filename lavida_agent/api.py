@@ -249,6 +249,11 @@ class GroundResult(RunResult):
     caption: str | None = None
     objects: list[LayoutItem] = field(default_factory=list)
 
+    @property
+    def located(self) -> list[LayoutItem]:
+        """The boxes to show: found, of expressions not known to be absent."""
+        return [b for b, here in zip(self.boxes, self.present, strict=True) if b.box.area > 0 and here is not False]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's `--json` shape, without `image`)."""
         return {

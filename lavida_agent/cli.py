@@ -382,9 +382,7 @@ def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str,
         from lavida_agent.tools.draw import draw_boxes
         from lavida_agent.tools.images import load_image, save_image
 
-        # an expression the image does not hold gets no box drawn (`present` False)
-        found = [b for b, here in zip(result.boxes, result.present or [None] * len(result.boxes), strict=True)
-                 if b.box.area > 0 and here is not False]  # fmt: skip
+        found = result.located  # an expression the image does not hold gets no box drawn
         image = load_image(args["image"], max_pixels=agent.settings.max_pixels)
         drawn = draw_boxes(image, [b.box.as_list() for b in found],
                            labels=[b.label for b in found])  # fmt: skip
@@ -745,8 +743,8 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
         return
     notes = {"scene": "\t(the object it picks out of the perceived scene)",
              "fit": "\t(a perceived object its noun fits better than the model's box)"}  # fmt: skip
-    present = data["present"] or [None] * len(data["boxes"])
-    for expr, box, by, here in zip(data["expressions"], data["boxes"], data["found_by"], present, strict=True):
+    for expr, box, by, here in zip(data["expressions"], data["boxes"], data["found_by"], data["present"],
+                                   strict=True):  # fmt: skip
         found = box[2] > box[0] and box[3] > box[1]
         where = " ".join(f"{v:g}" for v in box) if found else "not found"
         if here is False:

@@ -302,14 +302,13 @@ class LavidaGround:
         result = _call(_agent().ground, pixels, exprs)
         h, w = pixels.shape[:2]
         masks = torch.zeros((len(exprs), h, w), dtype=torch.float32)
-        here = [b for b, p in zip(result.boxes, result.present or [None] * len(exprs), strict=True)
-                if p is not False]  # fmt: skip
-        for mask, item in zip(masks, result.boxes, strict=True):
-            if item not in here:
-                continue
+        for mask, item, here in zip(masks, result.boxes, result.present, strict=True):
+            if here is False:
+                continue  # not in the image: an empty mask
             x0, y0, x1, y1 = item.box.as_list()  # pixel edges: cover every pixel the box touches
             mask[max(0, math.floor(y0)):min(h, math.ceil(y1)), max(0, math.floor(x0)):min(w, math.ceil(x1))] = 1.0
-        drawn = draw_boxes(pixels, [b.box.as_list() for b in here], labels=[b.label for b in here])
+        shown = result.located
+        drawn = draw_boxes(pixels, [b.box.as_list() for b in shown], labels=[b.label for b in shown])
         return masks, _to_image([drawn]), _json(result.to_dict())
 
 

@@ -143,6 +143,22 @@ def test_present_says_whether_the_image_holds_each_referent(ctx, store, engine):
                                            "contrast": True})  # fmt: skip
 
 
+def test_an_unperceived_size_must_match_its_box(ctx, store, engine):
+    """The fit's look-alikes differ in colour or shape, so a named size is read off the box:
+    `the large red circle` boxed on the small one (12 px) is absent however well it fits."""
+    engine.enqueue_fit([0.0, -1.0, -1.0, 0.0, -1.0, -1.0])  # choose_boxes: the model's boxes stay
+    engine.enqueue_fit([9.0, 9.0])
+    out = _ground(ctx, store, engine, ["the large red circle", "the small blue square"], [SEEN[0], SEEN[1]],
+                  caption="a large green circle, a small red triangle and a large yellow diamond on a white background")  # fmt: skip
+    assert out.present == [False, False]  # SEEN[0] is 12 px (small), SEEN[1] 22 px (large)
+    engine.log.clear()
+    engine.enqueue_fit([0.0, -1.0, -1.0, 0.0, -1.0, -1.0])
+    engine.enqueue_fit([9.0, 9.0])
+    out = _ground(ctx, store, engine, ["the small red circle", "the large blue square"], [SEEN[0], SEEN[1]],
+                  caption="a large green circle, a small red triangle and a large yellow diamond on a white background")  # fmt: skip
+    assert out.present == [True, True]
+
+
 def test_a_relation_is_present_only_with_its_anchor(ctx, store, engine):
     engine.enqueue_fit([0.0, -1.0, -1.0])
     engine.enqueue_fit([-2.0])
