@@ -10,7 +10,10 @@ appended to the lineage `steps`; `commit_edit` keeps the best attempt of the tur
 current image and records it in `heads`. Round `r` of a turn uses seed `base + r`.
 
 - `plan_edit`: the model plans the edit (`Engine.plan_edit`) and grounds the referred
-  objects in the source image.
+  objects in the source image. A referred object the source does not hold (by the caption
+  the planning read and the model's reading of its grounded box, `perceive.presence`) is
+  recorded as `absent`: the edit can only act on a look-alike (`remove the blue circle`
+  would remove a blue square), so every attempt is rejected with a reason naming it.
 - `verify_edit`: grounding: each object the edit should produce is found where planned,
   and each object to keep has not moved; and (`Context.rank_by="fit"`) how much better
   each object the edit should produce is explained by its noun at its planned box than by
@@ -42,6 +45,7 @@ from lavida_agent.graphs._verify import fmt_box, grounding_checks, make_critique
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import AGENT_VIEWS, EditPlanResult, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
+from lavida_agent.graphs.perceive import presence
 from lavida_agent.graphs.state import (
     Box,
     EditInput,
@@ -51,6 +55,7 @@ from lavida_agent.graphs.state import (
     EditStep,
     LayoutItem,
 )
+from lavida_agent.tools.shapes_world import language as lang
 
 __all__ = (
     "build_edit_graph",
@@ -114,11 +119,16 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         found = engine.ground(pixels, targets, views=AGENT_VIEWS) if targets else []
         grounded = [LayoutItem(label=t, box=Box.model_validate([float(v) for v in b]))
                     for t, b in zip(targets, found, strict=True)]  # fmt: skip
+        # Step 4: does the source hold what the instruction names? (None: not checked)
+        caption = lang.parse_caption(planned.caption) if planned.caption else None
+        seen = list(caption.objects) if caption is not None and caption.complete else None
+        here = presence(engine, pixels, targets, [g.box for g in grounded], seen)
         # The region defaults to where the targets are when the planner gave none.
         regions = [Box.model_validate([float(v) for v in b]) for b in planned.target_boxes]
         plan = EditPlan(targets=targets, grounded=grounded,
                         regions=regions or [g.box for g in grounded],
-                        layout=_items(planned.layout), keep=_items(planned.keep))  # fmt: skip
+                        layout=_items(planned.layout), keep=_items(planned.keep),
+                        absent=[t for t, p in zip(targets, here, strict=True) if p is False])  # fmt: skip
         emit("edit_plan", plan=plan.model_dump(mode="json"))
     abandoned = any(s.turn == state.turn for s in state.steps)
     return {"source": source, "source_step": source_step, "edit_plan": plan, "round": 0,
@@ -187,6 +197,8 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         misread = [prompts.render("critique_noun_target", label=i.label, expected=fmt_box(i.box),
                                   margin=f"{-f:.1f}")
                    for i, f in zip(produced, fit, strict=True) if f <= 0]  # fmt: skip
+        misread += [prompts.render("critique_absent_target", label=t.removeprefix("the "))
+                    for t in step.plan.absent]  # fmt: skip
         # With nothing produced (remove, background), attempts that ground alike are told
         # apart by how well each kept object still reads as itself: a background edit fails
         # mostly by redrawing an object's edge into another shape, where grounding still

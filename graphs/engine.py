@@ -138,12 +138,15 @@ class EditPlanResult:
             object that should be there), used to verify the edit by grounding.
         keep: objects of the source image that the edit must leave untouched (label and
             their box in the source), used to verify that nothing else moved.
+        caption: the model's caption of the source image, when planning read one (the edit
+            workflow checks that the image holds what the instruction names).
     """
 
     targets: list[str] = field(default_factory=list)
     target_boxes: list[BoxList] = field(default_factory=list)
     layout: list[PlanItem] = field(default_factory=list)
     keep: list[PlanItem] = field(default_factory=list)
+    caption: str | None = None
 
 
 @runtime_checkable

@@ -26,17 +26,15 @@ Each box's `found_by` records which of the three chose it ('direct', 'scene', 'f
 the perception stays in the state and the trace.
 
 A box is returned for every expression, even one naming nothing in the image (the model
-then boxes the nearest look-alike). `present` says which: an expression is present when the
-perceived scene holds an object its noun (and its anchor's, for a relation) describes, or,
-when the caption missed it, when the model reads its box as that noun rather than as the
-best look-alike one word away (`Engine.noun_fit(contrast=True)` above `ABSENT_MARGIN`; one
-call for every unperceived expression) and the box is of the size class the expression
-names, if it names one (a look-alike differs in colour or shape, so the fit cannot see a
-size). Either signal alone errs: on the shipped weights'
-tuning scenes the caption missed 29 of 323 present referents, 28 of them read as themselves
-at their boxes, while 38 of the 471 absent ones it rightly missed were read as themselves at
-a look-alike's box (weights README, "Stop 44"). `Context.ground_by="direct"` skips the
-perception: one `ground` call, the model's boxes as they are.
+then boxes the nearest look-alike). `present` says which (`perceive.presence`): an
+expression is present when the perceived scene holds an object its noun (and its anchor's,
+for a relation) describes, or, when the caption missed it, when the model reads its box as
+that noun rather than as the best look-alike one word away, at the size it names. Either
+signal alone errs: on the shipped weights' tuning scenes the caption missed 29 of 323
+present referents, 28 of them read as themselves at their boxes, while 38 of the 471 absent
+ones it rightly missed were read as themselves at a look-alike's box (weights README, "Stop
+44"). `Context.ground_by="direct"` skips the perception: one `ground` call, the model's
+boxes as they are.
 
 Why: the shipped model binds a colour or shape to the wrong object more often than it
 captions and grounds each captioned object. Since the engine reads every image in twelve
@@ -58,7 +56,7 @@ from langgraph.runtime import Runtime
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import Engine
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import perceive, perceived_scene
+from lavida_agent.graphs.perceive import perceive, perceived_scene, presence
 from lavida_agent.graphs.state import (
     Box,
     FoundBy,
@@ -69,29 +67,14 @@ from lavida_agent.graphs.state import (
     Perception,
 )
 from lavida_agent.tools.shapes_world import language as lang
-from lavida_agent.tools.shapes_world.scene import SIZES
 
-__all__ = (
-    "ABSENT_MARGIN",
-    "FIT_MARGIN",
-    "PERCEIVE_CANDIDATES",
-    "build_ground_graph",
-    "choose_boxes",
-    "graph",
-    "ground_objects",
-    "presence",
-)
+__all__ = ("FIT_MARGIN", "PERCEIVE_CANDIDATES", "build_ground_graph", "choose_boxes", "graph", "ground_objects")
 
 FIT_MARGIN = 20.0
 """A perceived object's box replaces the model's own box only when the expression's head
 noun fits it by more than this (`Engine.noun_fit`; nats for the real engine, the margin the
 pipeline's own candidate rerank uses). On benchmark seeds 0-1 margins of 10, 20 and 30 gave
 0.884, 0.875 and 0.875; the pipeline's margin was kept rather than tuned on them."""
-
-ABSENT_MARGIN = 0.0
-"""An expression the perception does not hold is still present when its noun explains its
-box better than every look-alike one word away by more than this (`Engine.noun_fit` with
-`contrast`; the boundary `verify_edit` rejects a produced object at). Not tuned."""
 
 PERCEIVE_CANDIDATES: int | None = None
 """The perception grounds each captioned object with the engine's default read (for the
@@ -155,41 +138,6 @@ def choose_boxes(
     return boxes, found_by  # type: ignore[return-value]
 
 
-def presence(
-    engine: Engine, pixels: Any, expressions: list[str], boxes: list[Box], perception: Perception
-) -> list[bool | None]:
-    """Whether the image holds what each expression names (see the module docstring): the
-    perceived scene has it, else the model reads its box as it. None for an expression
-    outside the grammar or when the perception is incomplete. At most one `noun_fit` call.
-    """
-    scene = perceived_scene(perception)
-    present: list[bool | None] = [None] * len(expressions)
-    if scene is None:
-        return present
-    unseen: list[tuple[int, str | None]] = []  # (expression, the size it names)
-    for i, text in enumerate(expressions):
-        spec = _spec(text)
-        if spec is None:
-            continue
-        nouns = [spec.noun] + ([spec.anchor] if spec.anchor is not None else [])
-        present[i] = all(any(n.matches(o) for o in scene.objects) for n in nouns)
-        if not present[i] and boxes[i].area > 0:
-            unseen.append((i, spec.size))
-    if unseen:
-        items = [{"label": expressions[i], "box": boxes[i].as_list()} for i, _ in unseen]
-        fits = engine.noun_fit(pixels, items, contrast=True)
-        for (i, size), fit in zip(unseen, fits, strict=True):
-            present[i] = float(fit) > ABSENT_MARGIN and size in (None, _size_class(boxes[i]))
-    return present
-
-
-def _size_class(box: Box) -> str:
-    """The world's size class nearest the box's longer side (a grounded box a pixel or two
-    off can fall between the classes)."""
-    side = max(box.x1 - box.x0, box.y1 - box.y0)
-    return min(SIZES, key=lambda k: max(SIZES[k][0] - side, side - SIZES[k][1], 0.0))
-
-
 def ground_objects(state: GroundState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Ground every expression in one engine call, then check each box against the
     perception (when the run perceived the image).
@@ -210,7 +158,9 @@ def ground_objects(state: GroundState, runtime: Runtime[Context]) -> dict[str, A
             raise RuntimeError(f"the engine returned {len(direct)} boxes for {len(exprs)} expressions")
         if state.perception is not None:
             chosen, found_by = choose_boxes(engine, pixels, exprs, direct, state.perception)
-            present = presence(engine, pixels, exprs, chosen, state.perception)
+            scene = perceived_scene(state.perception)
+            seen = [lang.Noun(o.shape, o.color, o.size) for o in scene.objects] if scene else None
+            present = presence(engine, pixels, exprs, chosen, seen)
         else:
             chosen, found_by, present = direct, ["direct"] * len(direct), [None] * len(direct)
         boxes = [LayoutItem(label=e, box=b) for e, b in zip(exprs, chosen, strict=True)]

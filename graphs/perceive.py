@@ -11,11 +11,14 @@ adds the node with its own state and candidate count:
 `read_scene` is the same reading for a node that perceives an image of its own (the t2i
 critique reads each attempt), and `scene_problems` judges a text-to-image prompt against a
 perception with the world's own prompt rules (`language.prompt_reasons`), as the `critique`
-workflow and the t2i critique do.
+workflow and the t2i critique do. `presence` says whether an image holds what referring
+expressions name, from the captioned objects and the model's reading of each box (the
+`ground` workflow's `present`, and the edit workflow's check of what an edit names).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,17 +31,25 @@ from lavida_agent.graphs.state import Box, LayoutItem, Perception
 from lavida_agent.tools.artifacts import ImageRef
 from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world import language as lang
-from lavida_agent.tools.shapes_world.scene import Object, Scene
+from lavida_agent.tools.shapes_world.scene import SIZES, Object, Scene
 
 __all__ = (
+    "ABSENT_MARGIN",
     "PERCEIVE_CANDIDATES",
     "grammar_problem",
+    "noun_fits",
     "perceive",
     "perceived_scene",
+    "presence",
     "prompt_in_grammar",
     "read_scene",
     "scene_problems",
 )
+
+ABSENT_MARGIN = 0.0
+"""A referent the caption does not hold is still present when its noun explains its box
+better than every look-alike one word away by more than this (`Engine.noun_fit` with
+`contrast`; the boundary `verify_edit` rejects a produced object at). Not tuned."""
 
 PERCEIVE_CANDIDATES = 1
 """The grounding of a perception that answers questions or judges prompts reads each
@@ -127,3 +138,50 @@ def perceived_scene(perception: Perception) -> Scene | None:
         box = tuple(round_half_up(v) for v in item.box.as_list())
         objects.append(Object(shape, color, size, box))
     return Scene(perception.background, tuple(objects))
+
+
+def noun_fits(obj: lang.Noun, named: lang.Noun) -> bool:
+    """Whether a captioned object fits every word of the named noun."""
+    return obj.shape == named.shape and named.color in (None, obj.color) and named.size in (None, obj.size)
+
+
+def presence(
+    engine: Engine, pixels: np.ndarray, expressions: Sequence[str], boxes: Sequence[Box],
+    seen: Sequence[lang.Noun] | None,
+) -> list[bool | None]:  # fmt: skip
+    """Whether the image holds what each referring expression names.
+
+    Present when an object of `seen` (the captioned objects) fits the expression's noun (and
+    its anchor's, for a relation); else when the model reads the expression's box as its noun
+    rather than as the best look-alike one word away (`noun_fit(contrast=True)` above
+    `ABSENT_MARGIN`) and the box is of the size class the expression names, if any (the
+    look-alikes differ in colour or shape, so the fit cannot see a size). None for an
+    expression outside the grammar, or for all when `seen` is None (a caption that missed a
+    part cannot say what is absent). At most one `noun_fit` call.
+    """
+    present: list[bool | None] = [None] * len(expressions)
+    if seen is None:
+        return present
+    unseen: list[tuple[int, str | None]] = []  # (expression, the size it names)
+    for i, text in enumerate(expressions):
+        try:
+            spec = lang.parse_refexp(text)
+        except lang.GrammarError:
+            continue
+        nouns = [spec.noun] + ([spec.anchor] if spec.anchor is not None else [])
+        present[i] = all(any(noun_fits(o, n) for o in seen) for n in nouns)
+        if not present[i] and boxes[i].area > 0:
+            unseen.append((i, spec.size))
+    if unseen:
+        items = [{"label": expressions[i], "box": boxes[i].as_list()} for i, _ in unseen]
+        fits = engine.noun_fit(pixels, items, contrast=True)
+        for (i, size), fit in zip(unseen, fits, strict=True):
+            present[i] = float(fit) > ABSENT_MARGIN and size in (None, _size_class(boxes[i]))
+    return present
+
+
+def _size_class(box: Box) -> str:
+    """The world's size class nearest the box's longer side (a grounded box a pixel or two
+    off can fall between the classes)."""
+    side = max(box.x1 - box.x0, box.y1 - box.y0)
+    return min(SIZES, key=lambda k: max(SIZES[k][0] - side, side - SIZES[k][1], 0.0))

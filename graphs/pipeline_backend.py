@@ -48,6 +48,7 @@ from lavida_agent.graphs.engine import (
     StepEvent,
     Surprise,
 )
+from lavida_agent.graphs.perceive import noun_fits
 from lavida_agent.graphs.runtime import (
     AnswerRequest,
     CritiqueRequest,
@@ -186,6 +187,7 @@ class _EditDraft:
 
     spec: lang.EditSpec
     referred: str | None = None  # expression of the edited object (or the add anchor)
+    caption_text: str | None = None
     caption: Caption | None = None
     keep_exprs: tuple[str, ...] = ()
     boxes: dict[str, BoxList | None] | None = None
@@ -570,7 +572,7 @@ class PipelineBackend:
         texts = self._understand([requests[i].image for i in rows], [DESCRIBE] * len(rows))
         for i, text in zip(rows, texts, strict=True):
             d = drafts[i]
-            d.caption = parse_caption(text)
+            d.caption_text, d.caption = text, parse_caption(text)
             d.keep_exprs = self._keep_expressions(d.caption, d.spec)
         # Step 3: one grounding call for the named objects and the keep candidates.
         exprs = {i: list(dict.fromkeys([*([drafts[i].referred] if drafts[i].referred else []),
@@ -590,7 +592,7 @@ class PipelineBackend:
 
     def _keep_expressions(self, caption: Caption, spec: lang.EditSpec) -> tuple[str, ...]:
         """Unique expressions for the captioned objects the edit does not name."""
-        objs = [o for o in caption.objects if spec.target is None or not _could_be(o, spec.target)]
+        objs = [o for o in caption.objects if spec.target is None or not noun_fits(o, spec.target)]
         out = []
         for o in objs:
             if o.color is not None and sum(p.color == o.color and p.shape == o.shape
@@ -681,18 +683,13 @@ class PipelineBackend:
                              "object; not kept", e)  # fmt: skip
                 continue
             keep.append({"label": e, "box": kept[e]})
-        return EditPlanResult(targets=targets, target_boxes=regions, layout=layout, keep=keep)
-
-
-def _could_be(obj: lang.Noun, named: lang.Noun) -> bool:
-    """Whether a captioned object fits every word of the named noun."""
-    return obj.shape == named.shape and named.color in (None, obj.color) \
-        and named.size in (None, obj.size)  # fmt: skip
+        return EditPlanResult(targets=targets, target_boxes=regions, layout=layout, keep=keep,
+                              caption=d.caption_text)  # fmt: skip
 
 
 def _resolve_noun(caption: Caption | None, named: lang.Noun) -> lang.Noun:
     """The named noun completed with the colour/size of the one captioned object it fits."""
-    fits = [o for o in (caption.objects if caption else ()) if _could_be(o, named)]
+    fits = [o for o in (caption.objects if caption else ()) if noun_fits(o, named)]
     if len(fits) == 1:
         o = fits[0]
         return lang.Noun(named.shape, named.color or o.color, named.size or o.size)

@@ -327,6 +327,11 @@ class EditPlan(BaseModel):
     regions: list[Box] = Field(default_factory=list, description="Boxes to re-mask and redraw.")
     layout: list[LayoutItem] = Field(default_factory=list, description="Objects after the edit.")
     keep: list[LayoutItem] = Field(default_factory=list, description="Objects that must not move.")
+    absent: list[str] = Field(
+        default_factory=list,
+        description="Targets the source image does not hold (`perceive.presence`): the edit "
+        "can only act on a look-alike, so every attempt is rejected naming them.",
+    )
 
 
 class EditStep(BaseModel):

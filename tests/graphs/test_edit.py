@@ -264,3 +264,30 @@ def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):
         edit.graph.invoke({"instruction": "add a blue square", "image": _scene(store)}, context=ctx))
     assert engine.calls["noun_fit"] == 0 and all(s.critique.fit == [] for s in out.steps)
     assert out.heads == [0]  # equal scores: the earliest
+
+
+def test_an_edit_naming_what_the_source_does_not_hold_is_rejected_by_name(engine, ctx, store):
+    """`remove the blue circle` on an image with only a red circle: the caption planning read
+    holds no blue circle, and the model reads the grounded box as a look-alike, so the plan
+    records it absent and every attempt is rejected naming it (a look-alike was edited)."""
+    engine.enqueue_edit_plan(EditPlanResult(targets=["the blue circle"], target_boxes=[RED["box"]],
+                                            caption="a small red circle on a black background"))  # fmt: skip
+    engine.enqueue_ground([RED["box"]])  # grounding puts the blue circle on the red one
+    engine.enqueue_fit([-7.0])  # where the model reads a look-alike
+    out = EditOutput.model_validate(edit.graph.invoke(
+        {"instruction": "remove the blue circle", "image": _scene(store)}, context=ctx))  # fmt: skip
+    assert len(out.steps) == ctx.max_rounds and not out.accepted
+    reason = "The source image holds no blue circle: the edit could only act on a look-alike."
+    for step in out.steps:
+        assert step.plan.absent == ["the blue circle"] and reason in step.critique.reasons
+    assert [info for m, info in engine.log if m == "noun_fit"][0] == {"labels": ["the blue circle"], "contrast": True}
+
+
+def test_an_edit_naming_a_captioned_object_is_checked_without_a_model_call(engine, ctx, store):
+    engine.enqueue_edit_plan(EditPlanResult(targets=["the red circle"], target_boxes=[RED["box"]],
+                                            layout=[{"label": "the blue circle", "box": RED["box"]}],
+                                            caption="a small red circle on a black background"))  # fmt: skip
+    out = EditOutput.model_validate(edit.graph.invoke(
+        {"instruction": "make the red circle blue", "image": _scene(store)}, context=ctx))  # fmt: skip
+    assert out.steps[0].plan.absent == []
+    assert engine.calls["noun_fit"] == 1  # the produced object's check alone

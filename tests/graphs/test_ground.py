@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from lavida_agent.graphs import ground
+from lavida_agent.graphs import ground, perceive
 from lavida_agent.graphs.state import GroundOutput
 from lavida_agent.tools.shapes_world import language as lang
 
@@ -132,7 +132,7 @@ def test_present_says_whether_the_image_holds_each_referent(ctx, store, engine):
     when the model reads its box as its noun rather than a look-alike (noun contrast above
     ABSENT_MARGIN), one contrast call for all of them; outside the grammar: not checked."""
     engine.enqueue_fit([0.0, -1.0, -1.0, 0.0, -1.0, -1.0])  # choose_boxes: the model's boxes stay
-    engine.enqueue_fit([ground.ABSENT_MARGIN - 3.0, ground.ABSENT_MARGIN + 4.0])
+    engine.enqueue_fit([perceive.ABSENT_MARGIN - 3.0, perceive.ABSENT_MARGIN + 4.0])
     out = _ground(ctx, store, engine,
                   ["the circle on the left", "the yellow triangle", "the purple diamond", "the thing"],
                   [SEEN[2], SEEN[2], SEEN[0], SEEN[1]])  # fmt: skip

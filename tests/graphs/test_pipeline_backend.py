@@ -352,6 +352,7 @@ def test_plan_edit_batches_one_caption_and_one_grounding_call():
         layout=[{"label": "the blue circle", "box": f}],
         keep=[{"label": "the blue square", "box": [float(v) for v in BLUE]},
               {"label": "the green triangle", "box": [float(v) for v in GREEN]}],
+        caption=CAPTION,  # the caption planning read: the graph checks the targets against it
     )  # fmt: skip
     # A move redraws the source box and the destination box: the object's own size, its
     # centre in the named cell (the red circle there is in the way of any such box).

@@ -136,8 +136,9 @@ def test_noun_contrast_reads_what_the_box_shows(pipe):
     assert all(v < 0 for v in out[1:3] + out[4:]), out
 
 
-def _through(pipe, tmp_path, graph, image, inputs):
-    """Invoke `graph` once per input dict (each with `image` added) on the shipped model."""
+def _through(pipe, tmp_path, graph, image, inputs, **context):
+    """Invoke `graph` once per input dict (each with `image` added) on the shipped model,
+    with a `Context` of `context` fields."""
     from lavida_agent.graphs.context import Context
     from lavida_agent.graphs.pipeline_backend import PipelineBackend
     from lavida_agent.graphs.runtime import BatchingEngine
@@ -146,7 +147,7 @@ def _through(pipe, tmp_path, graph, image, inputs):
     store = ArtifactStore(tmp_path)
     engine = BatchingEngine(PipelineBackend(pipe), max_batch=4, max_wait_ms=1)
     try:
-        ctx = Context(engine=engine, artifacts=store)
+        ctx = Context(engine=engine, artifacts=store, **context)
         ref = store.put(image)
         return [graph.invoke({"image": ref, **i}, context=ctx) for i in inputs]
     finally:
@@ -199,3 +200,18 @@ def test_stray_marks_find_a_blob_the_plan_puts_nowhere(pipe):
     assert len(marks[1]) == 1, marks
     (x0, y0, x1, y1), score = marks[1][0]
     assert x0 <= 44 and y0 <= 4 and x1 >= 52 and y1 >= 10 and (x1 - x0) * (y1 - y0) <= 16 * 16, marks
+
+
+def test_an_edit_naming_an_absent_object_is_rejected_by_name(pipe, tmp_path):
+    """`remove the blue circle` beside a blue square: the plan records the blue circle absent
+    and the attempt is rejected naming it; `remove the blue square` is planned as usual."""
+    from lavida_agent.graphs import edit
+    from lavida_agent.graphs.state import EditOutput
+
+    absent, present = (EditOutput.model_validate(raw) for raw in _through(
+        pipe, tmp_path, edit.graph, render(RED_LEFT_OF_BLUE),
+        [{"instruction": "remove the blue circle", "seed": 1}, {"instruction": "remove the blue square", "seed": 1}],
+        max_rounds=1))  # fmt: skip
+    assert absent.steps[0].plan.absent == ["the blue circle"] and not absent.accepted
+    assert any("holds no blue circle" in r for r in absent.steps[0].critique.reasons)
+    assert present.steps[0].plan.absent == []
