@@ -530,6 +530,12 @@ class EditResponse(_RunOut):
     max_rounds: int
     plan: list[BoxOut]
     targets: list[str]
+    absent: list[str] = Field(
+        default_factory=list,
+        description="Targets the input image does not hold (by the model's caption and its "
+        "reading of the grounded box): the edit could only act on a look-alike, so every "
+        "attempt is rejected naming them.",
+    )
     regions: list[list[float]]
     keep: list[BoxOut] = Field(
         default_factory=list,

@@ -458,6 +458,7 @@ class _Service:
             instruction=r.instruction, seed=r.seed, accepted=r.accepted, step=r.step,
             rounds=len(r.attempts), max_rounds=r.max_rounds, plan=self._boxes(r.layout),
             targets=list(plan.targets) if plan else [],
+            absent=list(plan.absent) if plan else [],
             regions=[b.as_list() for b in plan.regions] if plan else [],
             keep=self._boxes(plan.keep) if plan else [],
             attempts=attempts, image=self.image_out(base, r.image_ref, fmt),

@@ -204,6 +204,7 @@ def test_edit_json(run, scene, engine):
     validate(data, SCHEMAS["edit"])
     assert data["image"] == str(scene) and data["seed"] == 2 and data["step"] == 0
     assert data["keep"] == [triangle]  # what every attempt was checked to leave alone
+    assert data["absent"] == []  # no caption read: nothing said absent
     assert load_image("e.png").shape == (64, 64, 3)
 
 

@@ -212,6 +212,19 @@ async def test_edit_json_and_multipart_and_session_continues(client, engine):
     assert [s["instruction"] for s in hist["steps"]] == ["redo red"]
 
 
+async def test_an_edit_of_an_absent_object_says_so(client, engine):
+    engine.enqueue_edit_plan(EditPlanResult(targets=["the green triangle"], target_boxes=[RED["box"]],
+                                            caption="a small red circle on a black background"))  # fmt: skip
+    engine.enqueue_ground([RED["box"]])  # grounded on the red circle
+    engine.enqueue_fit([-4.0])  # where the model reads a look-alike
+    r = await client.post("/v1/edit", json={"image": _b64(_scene()), "instruction": "remove the green triangle",
+                                            "rounds": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["absent"] == ["the green triangle"] and not body["accepted"]
+    assert any(r.startswith("The source image holds no green triangle") for r in body["attempts"][0]["reasons"])
+
+
 async def test_ground_and_ask(client, engine):
     wide = draw(np.zeros((64, 128, 3), np.uint8),
                 [{"label": "red circle", "box": [20, 20, 60, 40]}])  # fmt: skip
