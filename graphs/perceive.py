@@ -37,6 +37,7 @@ __all__ = (
     "ABSENT_MARGIN",
     "PERCEIVE_CANDIDATES",
     "grammar_problem",
+    "nearest_size_class",
     "noun_fits",
     "perceive",
     "perceived_scene",
@@ -176,12 +177,12 @@ def presence(
         items = [{"label": expressions[i], "box": boxes[i].as_list()} for i, _ in unseen]
         fits = engine.noun_fit(pixels, items, contrast=True)
         for (i, size), fit in zip(unseen, fits, strict=True):
-            present[i] = float(fit) > ABSENT_MARGIN and size in (None, _size_class(boxes[i]))
+            side = max(boxes[i].x1 - boxes[i].x0, boxes[i].y1 - boxes[i].y0)
+            present[i] = float(fit) > ABSENT_MARGIN and size in (None, nearest_size_class(side))
     return present
 
 
-def _size_class(box: Box) -> str:
-    """The world's size class nearest the box's longer side (a grounded box a pixel or two
-    off can fall between the classes)."""
-    side = max(box.x1 - box.x0, box.y1 - box.y0)
+def nearest_size_class(side: float) -> str:
+    """The world's size class whose range of sides is nearest `side` (world pixels): a
+    grounded box a pixel or two off can fall between the classes, where no object is."""
     return min(SIZES, key=lambda k: max(SIZES[k][0] - side, side - SIZES[k][1], 0.0))

@@ -48,7 +48,7 @@ from lavida_agent.graphs.engine import (
     StepEvent,
     Surprise,
 )
-from lavida_agent.graphs.perceive import noun_fits
+from lavida_agent.graphs.perceive import nearest_size_class, noun_fits
 from lavida_agent.graphs.runtime import (
     AnswerRequest,
     CritiqueRequest,
@@ -172,7 +172,7 @@ def _world_side(side: float, scale: float) -> float:
     box a pixel or two off can fall between the classes, where no object of the world is
     (and its plan label would have no size word)."""
     s = side / scale
-    lo, hi = min(SIZES.values(), key=lambda r: max(r[0] - s, s - r[1], 0.0))
+    lo, hi = SIZES[nearest_size_class(s)]
     return min(max(s, lo), hi) * scale
 
 
