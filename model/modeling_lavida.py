@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from lavida_agent.model import batch_invariant
 from lavida_agent.model.configuration_lavida import LavidaConfig
 
 __all__ = [
@@ -96,6 +97,52 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+ALL_ROWS = slice(None)
+RowGroups = list[tuple[torch.Tensor | slice, int, int]]
+"""Rows of a batch grouped by where their content starts: `(rows, q0, k0)`."""
+
+
+def leading_padding(valid: torch.Tensor) -> torch.Tensor:
+    """`(B,)` how many positions of each row of `valid` `(B, L)` come before its first valid one."""
+    return (~valid).long().cumprod(1).sum(1)
+
+
+def content_groups(q_valid: torch.Tensor, k_valid: torch.Tensor) -> RowGroups:
+    """Group the rows of a left-padded batch by their leading padding: `(rows, q0, k0)`
+    means rows `rows` (`ALL_ROWS`, or an index tensor) hold no query before `q0` and no key
+    before `k0`.
+
+    Whatever reduces over the sequence (attention, the condition pool, the copy head) runs
+    per group on `[q0:]` x `[k0:]` only (`by_content`), so a row is computed on exactly the
+    shapes it has alone: its result does not depend on what it was batched with, bit for
+    bit (a reduction over a longer, padded axis sums in another order). A batch without
+    leading padding (training packs right-padded) is one group, and nothing changes for it.
+    """
+    q_lead, k_lead = leading_padding(q_valid), leading_padding(k_valid)
+    if not (bool(q_lead.any()) or bool(k_lead.any())):
+        return [(ALL_ROWS, 0, 0)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, key in enumerate(zip(q_lead.tolist(), k_lead.tolist(), strict=True)):
+        groups.setdefault(key, []).append(b)
+    if len(groups) == 1:
+        ((q0, k0),) = groups
+        return [(ALL_ROWS, q0, k0)]
+    return [(torch.tensor(rows, device=q_valid.device), q0, k0) for (q0, k0), rows in groups.items()]
+
+
+def by_content(groups: RowGroups, fn, zeros) -> torch.Tensor:
+    """`out[rows, ..., q0:, :] = fn(rows, q0, k0)` for each group of `content_groups` (the
+    query axis second to last), `out = zeros()`; positions before a group's `q0` (its
+    padding) stay zero. One group with nothing to skip is just `fn(ALL_ROWS, 0, 0)`."""
+    if len(groups) == 1 and groups[0][1:] == (0, 0):
+        return fn(ALL_ROWS, 0, 0)
+    out = zeros()
+    for rows, q0, k0 in groups:
+        if q0 < out.shape[-2]:
+            out[rows, ..., q0:, :] = fn(rows, q0, k0)
+    return out
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
@@ -105,9 +152,9 @@ class LavidaMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = batch_invariant.Linear(dim, hidden, bias=False)
+        self.up_proj = batch_invariant.Linear(dim, hidden, bias=False)
+        self.down_proj = batch_invariant.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -129,20 +176,20 @@ class LavidaDecoderLayer(nn.Module):
         self.head_dim = config.head_dim
         # und branch
         self.attn_norm = LavidaRMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = batch_invariant.Linear(d, d, bias=False)
+        self.k_proj = batch_invariant.Linear(d, d, bias=False)
+        self.v_proj = batch_invariant.Linear(d, d, bias=False)
         self.mlp_norm = LavidaRMSNorm(d, config.rms_norm_eps)
         self.mlp = LavidaMLP(d, config.intermediate_size)
         # gen branch: Q/K/V project dg -> d so that heads are shared (FACTS §2.2)
         self.attn_norm_gen = LavidaRMSNorm(dg, config.rms_norm_eps)
-        self.q_proj_gen = nn.Linear(dg, d, bias=False)
-        self.k_proj_gen = nn.Linear(dg, d, bias=False)
-        self.v_proj_gen = nn.Linear(dg, d, bias=False)
+        self.q_proj_gen = batch_invariant.Linear(dg, d, bias=False)
+        self.k_proj_gen = batch_invariant.Linear(dg, d, bias=False)
+        self.v_proj_gen = batch_invariant.Linear(dg, d, bias=False)
         self.mlp_norm_gen = LavidaRMSNorm(dg, config.rms_norm_eps)
         self.mlp_gen = LavidaMLP(dg, config.gen_intermediate_size)
         # shared: there is no separate gen output projection upstream either
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = batch_invariant.Linear(d, d, bias=False)
 
     def forward(
         self,
@@ -155,6 +202,7 @@ class LavidaDecoderLayer(nn.Module):
         attn_mask: torch.Tensor,
         past_kv: tuple[torch.Tensor, torch.Tensor] | None,
         skip_und: bool,
+        groups: RowGroups = ((ALL_ROWS, 0, 0),),
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, L = shape
         N, d, H, hd = B * L, self.q_proj.in_features, self.num_heads, self.head_dim
@@ -167,10 +215,10 @@ class LavidaDecoderLayer(nn.Module):
         qkv_und = qkv_gen = None
         if run_und:
             w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            qkv_und = F.linear(self.attn_norm(h_und), w)
+            qkv_und = batch_invariant.linear(self.attn_norm(h_und), w)
         if gen_idx.numel():
             w = torch.cat([self.q_proj_gen.weight, self.k_proj_gen.weight, self.v_proj_gen.weight])
-            qkv_gen = F.linear(self.attn_norm_gen(h_gen), w)
+            qkv_gen = batch_invariant.linear(self.attn_norm_gen(h_gen), w)
         # The projections' dtype, not the stream's: under autocast they are bf16.
         like = next((t for t in (qkv_und, qkv_gen) if t is not None), h_gen)
         if run_und or und_idx.numel() == 0:
@@ -192,7 +240,10 @@ class LavidaDecoderLayer(nn.Module):
 
         # Step 2: one bidirectional attention over the whole sequence; the boolean mask
         # carries segments (one-way conditions), padding and, in split layers, modality.
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
+        # Left-padded rows attend over their content only (`content_groups`).
+        o = by_content(groups, lambda r, q0, k0: F.scaled_dot_product_attention(
+            q[r, :, q0:], k[r, :, k0:], v[r, :, k0:], attn_mask=attn_mask[r, :, q0:, k0:]),
+            lambda: torch.zeros_like(q))  # (B, H, L, hd)
         o = o.transpose(1, 2).reshape(N, d)
 
         # Step 3: shared output projection (gen keeps its first dg channels), residual, MLPs.
@@ -200,7 +251,7 @@ class LavidaDecoderLayer(nn.Module):
             h_und = h_und + self.o_proj(o[und_idx])
             h_und = h_und + self.mlp(self.mlp_norm(h_und))
         if gen_idx.numel():
-            h_gen = h_gen + F.linear(o[gen_idx], self.o_proj.weight[:dg])
+            h_gen = h_gen + batch_invariant.linear(o[gen_idx], self.o_proj.weight[:dg])
             h_gen = h_gen + self.mlp_gen(self.mlp_norm_gen(h_gen))
         return h_und, h_gen, present
 
@@ -326,12 +377,12 @@ class LavidaVisionEncoder(nn.Module):
             self.stem = conv_stem(p, ve // 2)
             self.grid_side = config.image_size // p
         elif self.modulated:
-            self.stem = nn.Sequential(nn.Linear(3 * p * p, 2 * ve), nn.GELU(), nn.Linear(2 * ve, ve // 2))
+            self.stem = nn.Sequential(batch_invariant.Linear(3 * p * p, 2 * ve), nn.GELU(), batch_invariant.Linear(2 * ve, ve // 2))
             # Fixed, so not a parameter or buffer: computed on the fly (64 x ve/2 values),
             # which also keeps meta-device construction in `from_pretrained` simple.
             self.grid_side = config.image_size // p
         else:
-            self.patch_embed = nn.Linear(3 * p * p, ve)
+            self.patch_embed = batch_invariant.Linear(3 * p * p, ve)
         self.pos_embed = nn.Parameter(torch.zeros(config.vision_tokens_per_image, ve))
         layer = nn.TransformerEncoderLayer(
             ve, config.vision_heads, dim_feedforward=4 * ve, dropout=0.0,
@@ -340,7 +391,7 @@ class LavidaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList([_clone(layer) for _ in range(config.vision_layers)])
         self.norm = nn.LayerNorm(ve)
         self.projector = nn.Sequential(
-            nn.Linear(ve, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+            batch_invariant.Linear(ve, config.hidden_size), nn.GELU(), batch_invariant.Linear(config.hidden_size, config.hidden_size)
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -380,13 +431,13 @@ def conv_stem(patch: int, out: int, width: int = 32) -> nn.Sequential:
     halvings = patch.bit_length() - 1
     if patch != 1 << halvings:
         raise ValueError(f"vision_stem='conv' needs a power-of-two vision_patch_size, got {patch}")
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()]
+    layers: list[nn.Module] = [batch_invariant.Conv2d(3, width, 3, padding=1), nn.GELU()]
     c = width
     for _ in range(halvings):
         nxt = min(4 * width, c * 2)
-        layers += [nn.Conv2d(c, nxt, 3, stride=2, padding=1), nn.GELU()]
+        layers += [batch_invariant.Conv2d(c, nxt, 3, stride=2, padding=1), nn.GELU()]
         c = nxt
-    layers += [nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, out, 1)]
+    layers += [batch_invariant.Conv2d(c, c, 3, padding=1), nn.GELU(), batch_invariant.Conv2d(c, out, 1)]
     return nn.Sequential(*layers)
 
 
@@ -410,14 +461,14 @@ class LavidaImageEmbedding(nn.Module):
             # where each position's centre is, in the `<LOC_i>` tokens' code (x then y);
             # projected from zero, so weights trained without it load unchanged
             self.code_args = (config.image_grid // c, config.image_size, config.loc_code_dim, config.num_loc_tokens)
-            self.pos_code_proj = nn.Linear(2 * config.loc_code_dim, dg, bias=False)
+            self.pos_code_proj = batch_invariant.Linear(2 * config.loc_code_dim, dg, bias=False)
         self.out_norm = LavidaRMSNorm(dg, config.rms_norm_eps)
-        self.out_proj = nn.Linear(dg, dg, bias=False)
+        self.out_proj = batch_invariant.Linear(dg, dg, bias=False)
         if config.plan_layout:
             # plan items drawn onto the code grid (see `layout`); both from zero, so weights
             # trained without them load into the same function
-            self.layout_label = nn.Linear(config.hidden_size, dg, bias=False)
-            self.layout_geom = nn.Linear(4 * LAYOUT_CODE_DIM, dg, bias=False)
+            self.layout_label = batch_invariant.Linear(config.hidden_size, dg, bias=False)
+            self.layout_geom = batch_invariant.Linear(4 * LAYOUT_CODE_DIM, dg, bias=False)
             self.layout_args = (config.image_grid, config.image_size, config.num_loc_tokens)
 
     def layout(self, slots: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, num_slots: int,
@@ -449,7 +500,8 @@ class LavidaImageEmbedding(nn.Module):
         known = (labels >= 0).to(box.dtype)  # (n, W)
         words = word_table[labels.clamp(min=0)] * known[..., None]  # (n, W, d)
         label = words.sum(1) / known.sum(1, keepdim=True).clamp(min=1)
-        feats = self.layout_label(label.to(word_table.dtype))[:, None, None] + self.layout_geom(geom.to(word_table.dtype))
+        label = batch_invariant.linear(label.to(word_table.dtype), self.layout_label.weight)
+        feats = label[:, None, None] + self.layout_geom(geom.to(word_table.dtype))
         feats = feats * cover[..., None].to(feats.dtype)
         out = feats.new_zeros(num_slots, G, G, feats.shape[-1])
         return out.index_add(0, slots, feats)
@@ -458,8 +510,12 @@ class LavidaImageEmbedding(nn.Module):
         x = self.down_norm(self.code_embed(codes))  # (S, G, G, dg)
         if layout is not None:
             x = x + layout.to(x.dtype)
-        x = self.down(x.permute(0, 3, 1, 2))  # (S, dg, G/c, G/c): 2x2 codes -> 1 position
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (S, P, dg), raster order
+        # `down` (kernel = stride = c) as the linear map it is on each c x c patch: a matmul
+        # computes every image alike in any batch, where the conv kernel does not (oneDNN).
+        S, G, _, dg = x.shape
+        c, n = self.down.stride[0], G // self.down.stride[0]
+        patches = x.view(S, n, c, n, c, dg).permute(0, 1, 3, 5, 2, 4).reshape(S, n * n, dg * c * c)
+        x = batch_invariant.linear(patches, self.down.weight.flatten(1)) + self.pos_embed  # (S, P, dg), raster order
         if hasattr(self, "pos_code_proj"):
             x = x + self.pos_code_proj(grid_code(*self.code_args).to(x.device, x.dtype))
         return self.out_proj(self.out_norm(x))
@@ -479,10 +535,10 @@ class LavidaImageHead(nn.Module):
         self.side = config.image_grid // c
         self.up = nn.ConvTranspose2d(dg, dg, kernel_size=c, stride=c, bias=False)
         self.norm = LavidaRMSNorm(dg, config.rms_norm_eps)
-        self.proj = nn.Linear(dg, dg, bias=False)
-        self.classifier = nn.Linear(dg, config.codebook_size, bias=False)
+        self.proj = batch_invariant.Linear(dg, dg, bias=False)
+        self.classifier = batch_invariant.Linear(dg, config.codebook_size, bias=False)
         if config.image_copy:
-            self.copy_gate = nn.Linear(dg, 1)
+            self.copy_gate = batch_invariant.Linear(dg, 1)
 
     def forward(
         self, h: torch.Tensor, select: torch.Tensor | None = None, source: torch.Tensor | None = None
@@ -493,8 +549,11 @@ class LavidaImageHead(nn.Module):
         only with `image_copy`.
         """
         S, P, dg = h.shape
-        x = h.transpose(1, 2).reshape(S, dg, self.side, self.side)
-        x = self.up(x).permute(0, 2, 3, 1)  # (S, G, G, dg)
+        # `up` (kernel = stride = c) as the linear map it is: each position -> its c x c
+        # cells (a matmul: every image computed alike in any batch, see `down`)
+        n, c = self.side, self.up.stride[0]
+        w = self.up.weight.flatten(1).t()  # (dg_out * c * c, dg_in)
+        x = batch_invariant.linear(h, w).view(S, n, n, dg, c, c).permute(0, 1, 4, 2, 5, 3).reshape(S, n * c, n * c, dg)
         if select is not None:
             x = x[select]  # (n, dg): only the cells a loss is taken on
         x = F.silu(self.proj(self.norm(x)))
@@ -656,21 +715,21 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         self.vision = LavidaVisionEncoder(config)
         self.layers = nn.ModuleList(LavidaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = LavidaRMSNorm(config.hidden_size, config.rms_norm_eps)  # shared final norm
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = batch_invariant.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.loc_code_dim:
             # Location structure shared by the 65 `<LOC_i>` rows (zero at init, so weights
             # trained without it load unchanged): input += loc_in(code_i), logit += h . loc_out(code_i)
-            self.loc_in = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
-            self.loc_out = nn.Linear(config.loc_code_dim, config.hidden_size, bias=False)
+            self.loc_in = batch_invariant.Linear(config.loc_code_dim, config.hidden_size, bias=False)
+            self.loc_out = batch_invariant.Linear(config.loc_code_dim, config.hidden_size, bias=False)
         if config.copy_dim:
             # copy a condition token (see `_copy_logits`); the gate starts at zero
-            self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
-            self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
-            self.copy_gate = nn.Linear(config.hidden_size, 1)
+            self.copy_query = batch_invariant.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_key = batch_invariant.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_gate = batch_invariant.Linear(config.hidden_size, 1)
         if config.condition_pool:
             # the mean embedding of the condition's words, into each branch (see `_condition_pool`)
-            self.pool_und = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-            self.pool_gen = nn.Linear(config.hidden_size, config.gen_hidden_size, bias=False)
+            self.pool_und = batch_invariant.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.pool_gen = batch_invariant.Linear(config.hidden_size, config.gen_hidden_size, bias=False)
         self.image_head = LavidaImageHead(config)
         self.rotary = LavidaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()
@@ -821,6 +880,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         seg: torch.Tensor,
         valid: torch.Tensor,
         cache: ConditionCache | None,
+        groups: RowGroups = ((ALL_ROWS, 0, 0),),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The copy head: logits `(B * L, V)` to add to the LM head's, and this pass's sources.
 
@@ -841,12 +901,19 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             c_keys, c_ids, c_src = cache.copy_sources
             k_keys, k_ids = torch.cat([c_keys.to(keys.dtype), keys], 1), torch.cat([c_ids, input_ids], 1)
             k_src, k_seg = torch.cat([c_src, src], 1), torch.cat([cache.segment_ids, seg], 1)
-        scores = self.copy_query(full) @ k_keys.transpose(1, 2) / math.sqrt(keys.shape[-1])  # (B, L, Lk)
-        allowed = k_src[:, None, :] & (k_seg[:, None, :] < seg[:, :, None])
-        has = allowed.any(-1, keepdim=True)
-        scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has, 0.0)
-        attn = torch.softmax(scores.float(), -1) * has
-        vocab = attn.new_zeros(B, L, V).scatter_add_(2, k_ids[:, None, :].expand(B, L, -1), attn)
+        queries = self.copy_query(full)
+        allowed = k_src[:, None, :] & (k_seg[:, None, :] < seg[:, :, None])  # (B, L, Lk)
+
+        def copy(r, q0: int, k0: int) -> torch.Tensor:  # (rows, L - q0, V): attention per token id
+            ok = allowed[r, q0:, k0:]
+            has = ok.any(-1, keepdim=True)
+            scores = queries[r, q0:] @ k_keys[r, k0:].transpose(1, 2) / math.sqrt(keys.shape[-1])
+            scores = scores.masked_fill(~ok, float("-inf")).masked_fill(~has, 0.0)
+            attn = torch.softmax(scores.float(), -1) * has
+            ids = k_ids[r, k0:][:, None, :].expand(-1, attn.shape[1], -1)
+            return attn.new_zeros(*attn.shape[:2], V).scatter_add_(2, ids, attn)
+
+        vocab = by_content(groups, copy, lambda: queries.new_zeros(B, L, V, dtype=torch.float32))
         bonus = self.copy_gate(full).float() * vocab
         return bonus.view(B * L, V), (keys, input_ids, src)
 
@@ -868,7 +935,8 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         return out.masked_fill((out < 0) | (out >= cfg.codebook_size), -1)
 
     def _condition_pool(
-        self, input_ids: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor, cache: ConditionCache | None
+        self, input_ids: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor, cache: ConditionCache | None,
+        groups: RowGroups = ((ALL_ROWS, 0, 0),),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The condition pool `(B * L, d)`: per position, the mean input embedding of the
         text tokens of earlier segments, scaled to unit RMS (in the cache and in this pass; the copy head's
@@ -886,7 +954,9 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             k_seg = torch.cat([cache.segment_ids, seg], 1)
         table = self.embed_tokens.weight
         allowed = (k_src[:, None, :] & (k_seg[:, None, :] < seg[:, :, None])).to(table.dtype)  # (B, L, Lk)
-        pool = allowed @ F.embedding(k_ids, table)  # (B, L, d): sums; zero where nothing is earlier
+        words = F.embedding(k_ids, table)
+        pool = by_content(groups, lambda r, q0, k0: allowed[r, q0:, k0:] @ words[r, k0:],
+                          lambda: words.new_zeros(*seg.shape, table.shape[1]))  # (B, L, d): sums; zero where nothing is earlier
         # unit RMS (a mean of n words has norm ~1/sqrt(n) of a word's, too small to learn from soon)
         pool = pool * torch.rsqrt(pool.pow(2).mean(-1, keepdim=True) + 1e-6)
         return pool.reshape(-1, table.shape[1]), (input_ids, src)
@@ -966,11 +1036,13 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         if condition_cache is not None and condition_cache.elastic and not elastic:
             raise ValueError("an elastic condition cache can only serve elastic (image-only) passes")
 
+        k_valid = valid if condition_cache is None else torch.cat([condition_cache.valid, valid], 1)
+        groups = content_groups(valid, k_valid)
         row_items = self._row_items(input_ids, condition_cache, use_cache)
         h_und, h_gen, und_idx, gen_idx, gen_is_target = self.embed(input_ids, gen_codes, pixel_values, row_items)
         pool_sources = None
         if cfg.condition_pool:
-            pool, pool_sources = self._condition_pool(input_ids, seg, valid, condition_cache)
+            pool, pool_sources = self._condition_pool(input_ids, seg, valid, condition_cache, groups)
             if und_idx.numel():
                 h_und = h_und + self.pool_und(pool[und_idx].to(h_und.dtype))
             if gen_idx.numel():
@@ -979,14 +1051,15 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         is_gen[gen_idx] = True
         is_gen = is_gen.view(B, L)
 
+        # Positions count from each row's first valid one, so left padding moves none of
+        # them (RoPE is relative, but its rounding is not).
         offset = 0 if condition_cache is None else condition_cache.length
-        position_ids = offset + torch.arange(L, device=device).expand(B, L)
+        position_ids = offset + torch.arange(L, device=device) - leading_padding(k_valid)[:, None]
         rope = self.rotary(position_ids)
         if condition_cache is None:
-            k_valid, k_gen, k_seg = valid, is_gen, seg
+            k_gen, k_seg = is_gen, seg
         else:
             c = condition_cache
-            k_valid = torch.cat([c.valid, valid], 1)
             k_gen = torch.cat([c.is_gen, is_gen], 1)
             k_seg = torch.cat([c.segment_ids, seg], 1)
         mask_joint, mask_split = self._attention_masks(valid, is_gen, seg, k_valid, k_gen, k_seg, offset)
@@ -997,7 +1070,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             skip_und = elastic and not layer.is_joint
             h_und, h_gen, present = layer(
                 h_und, h_gen, und_idx, gen_idx, (B, L), rope,
-                mask_joint if layer.is_joint else mask_split, past, skip_und,
+                mask_joint if layer.is_joint else mask_split, past, skip_und, groups,
             )  # fmt: skip
             if use_cache:
                 presents.append(present)
@@ -1006,7 +1079,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         copy_bonus = copy_sources = hn = None  # hn: the normed und rows, when all are needed
         if cfg.copy_dim and not elastic and (labels is None or bool((labels != -100).any())):
             hn = self.norm(h_und)
-            copy_bonus, copy_sources = self._copy_logits(hn, und_idx, input_ids, seg, valid, condition_cache)
+            copy_bonus, copy_sources = self._copy_logits(hn, und_idx, input_ids, seg, valid, condition_cache, groups)
         source_codes = None
         if cfg.image_copy:
             source_codes = self._source_codes(B, L, gen_codes, gen_idx, gen_is_target, condition_cache)
@@ -1027,7 +1100,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
                 tgt_source = source_codes[gen_idx[gen_is_target][::P] // L]
         if labels is None and image_labels is None:
             if not elastic:
-                text_logits = F.linear(self.norm(h_und) if hn is None else hn, self._lm_head_weight())  # (Nu, V)
+                text_logits = batch_invariant.linear(self.norm(h_und) if hn is None else hn, self._lm_head_weight())  # (Nu, V)
                 if copy_bonus is not None:
                     text_logits = text_logits + copy_bonus[und_idx].to(text_logits.dtype)
                 full = text_logits.new_zeros(B * L, cfg.vocab_size)
@@ -1042,7 +1115,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
             lab = labels.reshape(-1)[und_idx]
             rows = (lab != -100).nonzero().squeeze(1)
             if rows.numel():
-                logits = F.linear(self.norm(h_und[rows]) if hn is None else hn[rows], self._lm_head_weight())
+                logits = batch_invariant.linear(self.norm(h_und[rows]) if hn is None else hn[rows], self._lm_head_weight())
                 if copy_bonus is not None:
                     logits = logits.float() + copy_bonus[und_idx[rows]]
                 targets = lab[rows]

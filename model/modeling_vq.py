@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import batch_invariant
 from .configuration_vq import VQConfig
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ class VQResBlock(nn.Module):
 
     def __init__(self, channels: int, num_groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(num_groups, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm1 = batch_invariant.GroupNorm(num_groups, channels)
+        self.conv1 = batch_invariant.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = batch_invariant.GroupNorm(num_groups, channels)
+        self.conv2 = batch_invariant.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states
@@ -126,12 +127,12 @@ class VQEncoder(nn.Module):
         super().__init__()
         self.factor = config.downsample_factor
         hidden = config.hidden_channels
-        self.conv_in = nn.Conv2d(config.patch_dim, hidden, 3, padding=1)
+        self.conv_in = batch_invariant.Conv2d(config.patch_dim, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(
             VQResBlock(hidden, config.norm_num_groups) for _ in range(config.num_res_blocks)
         )
-        self.norm_out = nn.GroupNorm(config.norm_num_groups, hidden)
-        self.conv_out = nn.Conv2d(hidden, config.latent_channels, 1)
+        self.norm_out = batch_invariant.GroupNorm(config.norm_num_groups, hidden)
+        self.conv_out = batch_invariant.Conv2d(hidden, config.latent_channels, 1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         hidden_states = F.pixel_unshuffle(pixels, self.factor)  # (B, 3*f*f, h, w)
@@ -148,14 +149,14 @@ class VQDecoder(nn.Module):
         super().__init__()
         self.factor = config.downsample_factor
         hidden = config.hidden_channels
-        self.conv_in = nn.Conv2d(config.latent_channels, hidden, 3, padding=1)
+        self.conv_in = batch_invariant.Conv2d(config.latent_channels, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(
             VQResBlock(hidden, config.norm_num_groups) for _ in range(config.num_decoder_blocks)
         )
-        self.norm_out = nn.GroupNorm(config.norm_num_groups, hidden)
+        self.norm_out = batch_invariant.GroupNorm(config.norm_num_groups, hidden)
         # Per-code 2-layer readout of the 4x4x3 pixel patch (a 1x1 MLP before the shuffle).
-        self.proj_out = nn.Conv2d(hidden, hidden, 1)
-        self.conv_out = nn.Conv2d(hidden, config.patch_dim, 1)
+        self.proj_out = batch_invariant.Conv2d(hidden, hidden, 1)
+        self.conv_out = batch_invariant.Conv2d(hidden, config.patch_dim, 1)
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
         hidden_states = self.conv_in(quantized)  # (B, C, h, w)

@@ -91,6 +91,25 @@ def test_generate_is_deterministic_per_seed(pipe):
     assert np.array_equal(a.images[0], b.images[0])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_request_draws_the_same_image_in_any_batch(pipe, threads):
+    """Batched with a longer prompt (left padding) or alone, at one or two threads: the same
+    pixels. Before `model/batch_invariant.py` and `content_groups`, seed 1007 drew another
+    image at one thread when batched."""
+    import torch
+
+    prompts, seeds = ["a red circle", "a blue square left of a green triangle", "three yellow diamonds"], [1007, 5, 9]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plans = pipe.plan(prompts[:2], seed=seeds[:2]).plans + [None]
+        batched = pipe.generate(prompts, plans=plans, seed=seeds).images
+        alone = [pipe.generate([p], plans=[q], seed=[s]).images[0] for p, q, s in zip(prompts, plans, seeds)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, batched, strict=True))
+
+
 def test_answers_in_the_grammar_of_the_question(pipe):
     """Quality is the benchmark's job; here: the answer is a background word, end to end."""
     circle = Object("circle", "red", "large", (20, 20, 40, 40))

@@ -121,13 +121,22 @@ def test_one_way_attention_keeps_condition_blind_to_targets(tiny_model):
     assert not torch.equal(c, d)
 
 
-def test_padding_does_not_change_outputs(tokenizer, tiny_config, tiny_model):
-    short = build_t2i(tokenizer, tiny_config, "a red circle")
-    long = build_t2i(tokenizer, tiny_config, "a red circle and a blue square on a white background")
+def test_a_row_is_computed_alike_in_any_batch(tokenizer, tiny_config):
+    """Bit for bit: left padding and batch companions change nothing of a row's outputs
+    (positions count from its content; attention, the condition pool and the copy head read
+    its content alone: `content_groups`), images and text alike."""
+    model = _open_pool(_with_open_copy_gate(tiny_config))
+    prompts = ["a red circle", "a red circle and a blue square on a white background", "two blue squares"]
+    rows = [build_t2i(tokenizer, tiny_config, p) for p in prompts]
     with torch.no_grad():
-        alone = tiny_model(**pack([short], tiny_config, pad_left=True).model_inputs()).image_logits
-        batched = tiny_model(**pack([short, long], tiny_config, pad_left=True).model_inputs()).image_logits
-    torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=0)
+        alone = model(**pack(rows[:1], tiny_config, pad_left=True).model_inputs()).image_logits[0]
+        for batch in ([0, 1], [1, 2, 0]):
+            out = model(**pack([rows[i] for i in batch], tiny_config, pad_left=True).model_inputs())
+            assert torch.equal(out.image_logits[batch.index(0)], alone)
+        plan_alone = model(**_plan_slot(tokenizer, tiny_config, prompts[:1]).model_inputs()).text_logits[0]
+        plan_both = model(**_plan_slot(tokenizer, tiny_config, prompts[1::-1]).model_inputs()).text_logits[1]
+    assert plan_both.shape[0] > plan_alone.shape[0]  # padded in the batch
+    assert torch.equal(plan_both[-plan_alone.shape[0]:], plan_alone)
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(tiny_model):
