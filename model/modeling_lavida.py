@@ -109,7 +109,7 @@ def leading_padding(valid: torch.Tensor) -> torch.Tensor:
 
 def content_groups(q_valid: torch.Tensor, k_valid: torch.Tensor) -> RowGroups:
     """Group the rows of a left-padded batch by their leading padding: `(rows, q0, k0)`
-    means rows `rows` (`ALL_ROWS`, or an index tensor) hold no query before `q0` and no key
+    means rows `rows` (a slice, or an index tensor) hold no query before `q0` and no key
     before `k0`.
 
     Whatever reduces over the sequence (attention, the condition pool, the copy head) runs
@@ -127,7 +127,9 @@ def content_groups(q_valid: torch.Tensor, k_valid: torch.Tensor) -> RowGroups:
     if len(groups) == 1:
         ((q0, k0),) = groups
         return [(ALL_ROWS, q0, k0)]
-    return [(torch.tensor(rows, device=q_valid.device), q0, k0) for (q0, k0), rows in groups.items()]
+    # a run of consecutive rows is a slice (views, no copies); other groups an index tensor
+    return [(slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1
+             else torch.tensor(rows, device=q_valid.device), q0, k0) for (q0, k0), rows in groups.items()]  # fmt: skip
 
 
 def by_content(groups: RowGroups, fn, zeros) -> torch.Tensor:
