@@ -294,12 +294,33 @@ def _echo_json(data: Any) -> None:
 
 
 def _check_out(out: str | Path) -> None:
-    """Refuse an `--out` Pillow cannot write before the run, not after it."""
+    """Refuse an `--out` Pillow cannot write, or no file can be written at, before the run
+    (and before a session commits its turn), not after it."""
     from lavida_agent.errors import map_exceptions
     from lavida_agent.tools.images import check_image_path
 
     with map_exceptions():
         check_image_path(out)
+    _check_writable(out)
+
+
+def _check_writable(path: str | Path, what: str = "--out") -> None:
+    """Refuse a path no file can be written at (a folder; a place where creating a file
+    fails): its folders are made, and a file is created there and removed."""
+    import tempfile
+
+    from lavida_agent.errors import InvalidInputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidInputError(f"{what}: {str(target)!r} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".lavida-write-check-"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{what}: cannot write a file at {str(target)!r} "
+                                f"({exc.strerror or exc})") from None  # fmt: skip
 
 
 def _write_image(result: Any, out: str | Path, scale: int) -> str:
@@ -539,6 +560,12 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
                        as_json: bool) -> dict[str, Any]:  # fmt: skip
     """Run one generate/edit request with a progress bar; write its trace page and, with
     `--json`, print the result. Returns the result for the caller's human summary."""
+    if trace_html:
+        from lavida_agent.errors import InvalidInputError
+
+        _check_writable(trace_html, "--trace-html")
+        if request.get("out") and Path(trace_html).resolve() == Path(request["out"]).resolve():
+            raise InvalidInputError("--trace-html and --out name the same file")
     progress = _Progress(_progress_enabled(ctx))
     try:
         with _ctrl_c_stops_the_run() as cancel:
@@ -998,10 +1025,10 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
 @cli.command("trace")
 @click.argument("run_id")
 @click.option("--out", "-o", default="-", show_default=True,
-              help="HTML file to write ('-': stdout).")  # fmt: skip
+              help="File to write ('-': stdout).")  # fmt: skip
 @click.option("--scale", type=click.IntRange(min=1), default=4, show_default=True,
               help="Image upscale factor.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print the trace JSON instead.")
+@click.option("--json", "as_json", is_flag=True, help="The trace JSON instead of the HTML page.")
 @_common
 @click.pass_context
 def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bool) -> None:
@@ -1010,12 +1037,14 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
     from lavida_agent.traces import load_trace, render_html
 
     settings = _settings(ctx)
+    if out != "-":
+        _check_writable(out)
     trace = load_trace(run_id, settings.runs_dir)
     if as_json:
-        click.echo(trace.to_json(indent=1))
-        return
-    page = render_html(trace, ArtifactStore(settings.artifacts_dir), scale=scale,  # type: ignore[arg-type]
-                       runs_dir=settings.runs_dir)  # fmt: skip
+        page = trace.to_json(indent=1)
+    else:
+        page = render_html(trace, ArtifactStore(settings.artifacts_dir), scale=scale,  # type: ignore[arg-type]
+                           runs_dir=settings.runs_dir)  # fmt: skip
     if out == "-":
         click.echo(page)
     else:

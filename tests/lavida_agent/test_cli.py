@@ -484,6 +484,28 @@ def test_an_output_pillow_cannot_write_is_refused_before_the_run(run, scene, eng
     assert sum(engine.calls.values()) == 0 and not list(tmp_path.glob("result*"))
 
 
+def test_a_path_no_file_can_be_written_at_is_refused_before_the_run(run, scene, engine, tmp_path):
+    """A folder, or a place where no file can be created (under a file), is said before the
+    run (and before a session commits a turn), not found when the image is written."""
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, said in (("adir.png", "adir.png"), ("afile/o.png", "--out: cannot write a file at 'afile/o.png'")):
+        for args in (["generate", "red circle"], ["edit", scene, "make it blue"], ["ground", scene, "red circle"]):
+            res = run(*args, "--out", out, "--json")
+            assert res.exit_code in (1, 2) and said in res.stderr, res.output
+    res = run("generate", "red circle", "--out", "o.png", "--trace-html", "afile/t.html")
+    assert res.exit_code == 1 and "--trace-html: cannot write a file at" in res.stderr
+    res = run("generate", "red circle", "--out", "o.png", "--trace-html", "./o.png")
+    assert res.exit_code == 1 and "--trace-html and --out name the same file" in res.stderr
+    assert sum(engine.calls.values()) == 0 and not (tmp_path / "o.png").exists()
+    sid = json.loads(run("session", "start", scene, "--json").stdout)["session"]
+    res = run("session", "edit", sid, "make it blue", "--out", "afile/o.png")
+    assert res.exit_code == 1 and "cannot write a file at" in res.stderr
+    assert json.loads(run("session", "show", sid, "--json").stdout)["steps"] == 0  # nothing committed
+    res = run("trace", "deadbeef", "--out", "afile/t.html")
+    assert res.exit_code == 1 and "cannot write a file at" in res.stderr
+
+
 def test_trace_command_renders_html(run, scene, tmp_path):
     run_id = json.loads(run("ask", scene, "q", "--json").stdout)["run_id"]
     res = run("trace", run_id, "--out", "page.html")
@@ -491,6 +513,8 @@ def test_trace_command_renders_html(run, scene, tmp_path):
     page = (tmp_path / "page.html").read_text()
     assert page.count("<img") == 1 and "http://" not in page and "https://" not in page
     assert json.loads(run("trace", run_id, "--json").stdout)["run_id"] == run_id
+    assert run("trace", run_id, "--json", "--out", "t.json").exit_code == 0
+    assert json.loads((tmp_path / "t.json").read_text())["run_id"] == run_id
     res = run("trace", "deadbeef")
     assert res.exit_code == 1 and "no trace for run 'deadbeef'" in res.stderr
 
