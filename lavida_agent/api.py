@@ -456,7 +456,10 @@ class LavidaAgent:
             ModelLoadError: the checkpoint cannot be loaded.
             InvalidInputError: a bad setting.
         """
-        agent = cls(engine=engine, model_path=str(path) if path is not None else None, **settings)
+        if path is not None and settings.get("model_path") is not None:
+            raise InvalidInputError("give the checkpoint as `path` or as `model_path`, not both")
+        model_path = str(path) if path is not None else settings.pop("model_path", None)
+        agent = cls(engine=engine, model_path=model_path, **settings)
         agent.engine  # noqa: B018 - load eagerly so a bad checkpoint fails here
         return agent
 
@@ -1084,7 +1087,13 @@ class LavidaAgent:
     # -- sessions -------------------------------------------------------------------------
 
     def session(self, thread_id: str | None = None) -> Session:
-        """A multi-step edit session: a new one, or the existing thread `thread_id`."""
+        """A multi-step edit session: a new one, or the existing thread `thread_id`.
+
+        Raises:
+            InvalidInputError: `thread_id` is empty.
+        """
+        if thread_id is not None and not thread_id.strip():
+            raise InvalidInputError("a session id must not be empty (None starts a new session)")
         return Session(self, thread_id or _new_id())
 
     # -- async twins ----------------------------------------------------------------------
@@ -1276,8 +1285,9 @@ class Session:
 
     @property
     def exists(self) -> bool:
-        """True once the session has a checkpoint (started or edited)."""
-        return bool(self._session.graph.get_state(self._session.config).values)
+        """True once the session has a checkpoint (started or edited). The thread of another
+        workflow's run (a `generate` run's `thread_id`) is not a session."""
+        return "instruction" in self._session.graph.get_state(self._session.config).values
 
     def _require(self) -> None:
         if not self.exists:

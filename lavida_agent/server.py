@@ -286,6 +286,8 @@ class _Service:
                 data = json.loads(raw)
             except ValueError as exc:
                 raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
             if not isinstance(data, dict):
                 raise ApiError(400, "invalid_json", "the body must be a JSON object")
         elif multipart and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
@@ -377,12 +379,15 @@ class _Service:
 
     def _editable_mask(self, raw: bytes, size: tuple[int, int]) -> np.ndarray:
         """The OpenAI mask as a canvas-sized bool array: True where the edit may change pixels."""
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         from lavida_agent.tools.images import letterbox
 
         try:
-            with Image.open(io.BytesIO(raw)) as img:
+            with Image.open(io.BytesIO(raw)) as opened:
+                if opened.width * opened.height > self.settings.max_pixels:
+                    raise ApiError(400, "invalid_image", "mask: too many pixels", param="mask")
+                img = ImageOps.exif_transpose(opened)  # as the image is read (`load_image`)
                 if img.width * img.height > self.settings.max_pixels:
                     raise ApiError(400, "invalid_image", "mask: too many pixels", param="mask")
                 if img.size != size:

@@ -241,7 +241,10 @@ def _decode(
         # Pillow's own guard (its limit is above ours; the warning is an exception only when
         # warnings are turned into errors). Either way: too large.
         raise ImageError(f"{what}: image is too large ({exc})") from exc
-    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
+    except Image.UnidentifiedImageError as exc:  # its message holds the file object's repr
+        kind = " as PNG" if formats == ["PNG"] else ""
+        raise ImageError(f"{what}: not a recognised image{kind} (Pillow cannot identify it)") from exc
+    except Exception as exc:  # OSError, SyntaxError, ...
         kind = " as PNG" if formats == ["PNG"] else ""
         raise ImageError(f"{what}: not a recognised image{kind} ({exc})") from exc
     with img:

@@ -273,6 +273,15 @@ def test_session_errors(agent):
         s.branch(3)
     with pytest.raises(InvalidInputError):
         s.edit("  ")
+    with pytest.raises(InvalidInputError, match="session id must not be empty"):
+        agent.session("")
+
+
+def test_from_pretrained_takes_the_checkpoint_once(engine):
+    with pytest.raises(InvalidInputError, match="`path` or as `model_path`, not both"):
+        LavidaAgent.from_pretrained("/a", engine=engine, model_path="/b")
+    agent = LavidaAgent.from_pretrained(engine=engine, model_path="/b")
+    assert agent.settings.model_path == "/b"
 
 
 # -- async ------------------------------------------------------------------------------------

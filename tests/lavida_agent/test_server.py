@@ -304,6 +304,24 @@ async def test_session_lifecycle(client, engine):
     assert r.status_code == 404
 
 
+async def test_a_generate_runs_thread_is_not_a_session(client):
+    """Its checkpoint is not a session's: 404, and nothing is run or written on it."""
+    gen = (await client.post("/v1/generate", json={"prompt": "red circle", "seed": 4, "rounds": 1})).json()
+    thread = gen["thread_id"]
+    for method, path, body in [("GET", f"/v1/sessions/{thread}/history", None),
+                               ("POST", f"/v1/sessions/{thread}/undo", None),
+                               ("POST", f"/v1/sessions/{thread}/edit", {"instruction": "x"})]:  # fmt: skip
+        r = await client.request(method, path, json=body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+    assert (await client.post(f"/v1/runs/{gen['run_id']}/resume")).status_code == 200  # untouched
+
+
+async def test_deeply_nested_json_is_a_400(client):
+    r = await client.post("/v1/ask", content=b'{"question": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
 async def test_missing_traces_and_artifacts_are_404(client):
     for path in ["/v1/traces/nope", "/v1/traces/nope.html", "/v1/artifacts/" + "a" * 64,
                  "/v1/artifacts/not-a-sha", "/v1/nowhere"]:  # fmt: skip
@@ -435,6 +453,21 @@ async def test_openai_generation_stream_partial_images(client):
     assert [d["partial_image_index"] for _, d in events[:2]] == [0, 1]
     assert all(d["type"] == n for n, d in events)
     assert _png(events[-1][1]["b64_json"]).shape == (64, 64, 3)
+
+
+async def test_openai_edit_mask_is_turned_as_its_exif_says_like_the_image(client, engine):
+    """A phone photo and its mask, both stored sideways with EXIF orientation 6: each is read
+    as it displays, so the sizes agree and the mask covers what it covers on screen."""
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 64.0, 64.0]]))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image, mask = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.full((64, 128, 3), 200, np.uint8)).save(image, format="PNG", exif=exif)
+    Image.fromarray(np.full((64, 128), 255, np.uint8)).save(mask, format="PNG", exif=exif)
+    r = await client.post("/v1/images/edits", data={"prompt": "repaint", "size": "64x64"},
+                          files={"image": ("i.png", image.getvalue(), "image/png"),
+                                 "mask": ("m.png", mask.getvalue(), "image/png")})  # fmt: skip
+    assert r.status_code == 200, r.text
 
 
 async def test_openai_edit_multipart_with_mask(client, engine):

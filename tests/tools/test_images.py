@@ -262,8 +262,9 @@ def test_exif_orientation_applied():
     ],
 )
 def test_bad_bytes(data, match):
-    with pytest.raises(ImageError, match=match):
+    with pytest.raises(ImageError, match=match) as info:
         load_image(data)
+    assert "object at 0x" not in str(info.value)  # no file object's repr in the message
 
 
 def test_truncated_png(rgb):
