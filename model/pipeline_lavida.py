@@ -736,12 +736,18 @@ class LavidaPipeline:
             text = text.replace(tok, " ")
         return clean_decoded(text)
 
-    def _text_allowed(self) -> torch.Tensor:
-        """Answers never contain image placeholders or the mask token."""
+    def _text_allowed(self, words_only: bool = False) -> torch.Tensor:
+        """Answers never contain image placeholders or the mask token; with `words_only`
+        (answers to questions, captions) no box or `<LOC_i>` token either: an out-of-grammar
+        question then gets words, not coordinates."""
         allowed = torch.ones(self.config.vocab_size, dtype=torch.bool)
         c = self.config
         for t in (c.mask_token_id, c.img_gen_token_id, c.img_src_token_id, c.img_enc_token_id, c.pad_token_id):
             allowed[t] = False
+        if words_only:
+            for t in (c.box_start_token_id, c.box_end_token_id, c.loc_begin_token_id, c.loc_end_token_id):
+                allowed[t] = False
+            allowed[c.loc_token_offset:c.loc_token_offset + c.num_loc_tokens] = False
         return allowed
 
     # ------------------------------------------------------------------ tasks
@@ -1455,7 +1461,7 @@ class LavidaPipeline:
             out = self._decode_text(
                 exs, length, gens=[gens[i] for i in rows],
                 num_steps=num_steps or self.defaults["text_steps"], temperature=temperature,
-                allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
+                allowed=self._text_allowed(words_only=True), callback=callback, interrupt=interrupt,
                 task="understand", model=self.reader,
             )  # fmt: skip
             for i, text in zip(rows, out):

@@ -94,6 +94,9 @@ def test_edit_plan_understand_critique_run(pipe, scene_image):
     assert isinstance(p.plans[0], list) and isinstance(p.texts[0], str)
     u = pipe.understand([scene_image], ["how many circles are there?"], num_steps=4)
     assert isinstance(u.texts[0], str) and "[MASK]" not in u.texts[0]
+    # answers are words: never a box marker or coordinate (an untrained model draws any token)
+    texts = pipe.understand([scene_image] * 8, ["locate the circle"] * 8, seed=list(range(8)), temperature=1.0).texts
+    assert not any(tok in t for t in texts for tok in ("<LOC_", "<box_p>", "</box_p>", "<LOC_BEGIN>", "<LOC_END>"))
     c = pipe.critique([scene_image], ["a red circle"], num_steps=4)
     assert isinstance(c.ok[0], bool)
 
