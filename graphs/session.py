@@ -116,9 +116,12 @@ class EditSession:
             st = self.state()
             return lineage_graph(st.steps, st.heads)
         g = nx.DiGraph()
-        for snap in self.snapshots():
+        for snap in self.snapshots():  # newest first; a step kept as its turn's result stays kept
             st = EditState.model_validate({"instruction": "", **snap.values})
+            kept = [(u, v) for u, v, head in g.edges(data="head") if head]
             g = nx.compose(g, lineage_graph(st.steps, st.heads))
+            for u, v in kept:
+                g.edges[u, v]["head"] = True
         return g
 
     # -- time travel ----------------------------------------------------------------------

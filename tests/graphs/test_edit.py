@@ -113,6 +113,7 @@ def test_session_history_undo_and_branch_keep_the_original_history(tmp_path, sto
     dag = session.lineage(all_branches=True)
     assert nx.is_directed_acyclic_graph(dag) and dag.number_of_edges() == 3
     assert sorted(d for _, d in dag.out_degree()) == [0, 0, 1, 2]
+    assert all(head for *_, head in dag.edges(data="head"))  # each was kept as its turn's result
     doc = lineage_json(third.steps, third.heads)
     assert json.loads(json.dumps(doc))["edges"][0]["instruction"] == "add blue"
 
