@@ -130,12 +130,16 @@ def model() -> None:
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--preset", default=None, help="a named config (tiny, shapes, lavida-o) instead of PATH")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def info(path: Path | None, preset: str | None, as_json: bool) -> None:
+@click.pass_context
+def info(ctx: click.Context, path: Path | None, preset: str | None, as_json: bool) -> None:
     """Parameter counts per branch and the architecture of a checkpoint or preset.
 
     PATH is a LavidaPipeline folder (pipeline_index.json) or a transformer folder
-    (config.json); without PATH or --preset, the embedded weights.
+    (config.json); without PATH or --preset, the global `--model` or the embedded weights.
     """
+    if path is None and preset is None:
+        given = (ctx.find_root().obj or {}).get("model")
+        path = Path(given) if given else None
     result = model_info(path, preset)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -86,3 +86,13 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert message in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("Error: ")
+
+
+def test_the_global_model_option_is_the_default_path(tmp_path):
+    """`lavida-agent --model PATH model info` reads PATH, not the embedded weights."""
+    from lavida_agent.cli import cli
+
+    res = CliRunner().invoke(cli, ["--model", str(tmp_path / "nowhere"), "model", "info"])
+    assert res.exit_code == 1 and "nowhere" in res.output
+    res = CliRunner().invoke(cli, ["--model", str(tmp_path / "nowhere"), "model", "info", "--preset", "tiny"])
+    assert res.exit_code == 0 and "preset tiny" in res.output  # an explicit choice wins
