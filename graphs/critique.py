@@ -30,8 +30,9 @@ from langgraph.runtime import Runtime
 from lavida_agent.graphs._verify import judge
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, prompt_in_grammar
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, prompt_in_grammar, warn_outside_grammar
 from lavida_agent.graphs.state import CritiqueInput, CritiqueOutput, CritiqueState
+from lavida_agent.tools.shapes_world import language as lang
 
 __all__ = ("build_critique_graph", "graph", "judge_image")
 
@@ -52,6 +53,8 @@ def judge_image(state: CritiqueState, runtime: Runtime[Context]) -> dict[str, An
     """
     ctx = runtime.context if runtime.context is not None else Context()
     with node_events("judge_image"):
+        warn_outside_grammar("critique", "prompt", state.prompt, lang.parse_prompt,
+                             "the verdict is the model's own critique")  # fmt: skip
         pixels = ctx.get_store().open(state.image)
         v = judge(ctx.get_engine(), pixels, state.prompt, state.perception)
         out = {"verdict": "accept" if v.ok else "reject", "reasons": v.reasons,

@@ -56,7 +56,7 @@ from langgraph.runtime import Runtime
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import Engine
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import perceive, perceived_scene, presence
+from lavida_agent.graphs.perceive import perceive, perceived_scene, presence, warn_outside_grammar
 from lavida_agent.graphs.state import (
     Box,
     FoundBy,
@@ -152,6 +152,9 @@ def ground_objects(state: GroundState, runtime: Runtime[Context]) -> dict[str, A
         engine = ctx.get_engine()
         pixels = ctx.get_store().open(state.image)
         exprs = list(state.expressions)
+        for e in exprs:
+            warn_outside_grammar("ground", "expression", e, lang.parse_refexp,
+                                 "its box is the model's own, and whether the image holds it is unchecked")  # fmt: skip
         found = engine.ground(pixels, exprs) if exprs else []
         direct = [Box.model_validate([float(v) for v in b]) for b in found]
         if len(direct) != len(exprs):

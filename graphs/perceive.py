@@ -18,7 +18,8 @@ expressions name, from the captioned objects and the model's reading of each box
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,10 +34,13 @@ from lavida_agent.tools.boxes import round_half_up
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.scene import SIZES, Object, Scene
 
+logger = logging.getLogger(__name__)
+
 __all__ = (
     "ABSENT_MARGIN",
     "PERCEIVE_CANDIDATES",
     "grammar_problem",
+    "warn_outside_grammar",
     "nearest_size_class",
     "noun_fits",
     "perceive",
@@ -104,14 +108,23 @@ def prompt_in_grammar(prompt: str) -> bool:
     return grammar_problem(prompt) is None
 
 
-def grammar_problem(prompt: str) -> str | None:
-    """Why a text-to-image prompt is outside the ShapesWorld grammar (the parser's words:
-    `unknown word 'cat' ...`), or None when it parses."""
+def grammar_problem(text: str, parse: Callable[[str], Any] = lang.parse_prompt) -> str | None:
+    """Why `text` is outside the ShapesWorld grammar `parse` reads (default: text-to-image
+    prompts; the parser's words: `unknown word 'cat' ...`), or None when it parses."""
     try:
-        lang.parse_prompt(prompt)
-    except lang.GrammarError as exc:
+        parse(text)
+    except ValueError as exc:  # GrammarError, and the question parser's own
         return str(exc)
     return None
+
+
+def warn_outside_grammar(workflow: str, what: str, text: str, parse: Callable[[str], Any],
+                         consequence: str) -> None:  # fmt: skip
+    """Log that `text` is outside the grammar, and what that leaves unchecked (the README's
+    promise for text outside the grammar: the run still runs, and says so)."""
+    if (why := grammar_problem(text, parse)) is not None:
+        logger.warning("%s: the %s %r is outside the ShapesWorld grammar (%s); %s", workflow, what,
+                       text, why, consequence)  # fmt: skip
 
 
 def scene_problems(prompt: str, perception: Perception) -> list[str] | None:

@@ -51,7 +51,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any, Literal
@@ -64,7 +63,7 @@ from lavida_agent.graphs._verify import grounding_checks, judge, make_critique, 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.engine import AGENT_VIEWS, as_plan_items
 from lavida_agent.graphs.events import emit, node_events, step_callback
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, grammar_problem, prompt_in_grammar, read_scene
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, prompt_in_grammar, read_scene, warn_outside_grammar
 from lavida_agent.graphs.state import (
     Attempt,
     Critique,
@@ -76,6 +75,7 @@ from lavida_agent.graphs.state import (
     T2IState,
     given_layout,
 )
+from lavida_agent.tools.shapes_world import language as lang
 
 __all__ = (
     "build_t2i_graph",
@@ -91,8 +91,6 @@ __all__ = (
     "route_after_critique",
 )
 
-
-logger = logging.getLogger(__name__)
 
 
 def _context(runtime: Runtime[Context]) -> Context:
@@ -119,10 +117,9 @@ def plan_layout(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
     with node_events("plan_layout"):
         # Step 1: the base seed comes from the input, else the context; record it.
         base_seed = state.seed if state.seed is not None else ctx.seed
-        if (why := grammar_problem(state.prompt)) is not None:
-            logger.warning("t2i: the prompt is outside the ShapesWorld grammar (%s); neither its plan "
-                           "nor its images are checked against it, the verdict is the model's own "
-                           "critique", why)  # fmt: skip
+        warn_outside_grammar("t2i", "prompt", state.prompt, lang.parse_prompt,
+                             "neither its plan nor its images are checked against it, the "
+                             "verdict is the model's own critique")  # fmt: skip
         # Step 2: a plan given as input is used as is; otherwise the model plans, and plans
         # again while the plan check finds problems and retries remain.
         rejected: list[Plan] = []

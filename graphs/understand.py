@@ -31,7 +31,7 @@ from langgraph.runtime import Runtime
 
 from lavida_agent.graphs.context import Context
 from lavida_agent.graphs.events import emit, node_events
-from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, perceived_scene
+from lavida_agent.graphs.perceive import PERCEIVE_CANDIDATES, perceive, perceived_scene, warn_outside_grammar
 from lavida_agent.graphs.state import UnderstandInput, UnderstandOutput, UnderstandState
 from lavida_agent.tools.shapes_world import language as lang
 
@@ -69,6 +69,8 @@ def answer_question(state: UnderstandState, runtime: Runtime[Context]) -> dict[s
     """
     ctx = runtime.context if runtime.context is not None else Context()
     with node_events("answer_question"):
+        warn_outside_grammar("understand", "question", state.question, lang.parse_question,
+                             "the answer is the model's own, unchecked")  # fmt: skip
         spec = _scene_question(state.question)
         scene = perceived_scene(state.perception) if state.perception is not None else None
         # A perceived scene without the object the question takes for granted (`what color

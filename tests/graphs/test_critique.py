@@ -81,3 +81,12 @@ def test_the_perception_and_the_verdict_stream_as_events(ctx, store, engine):
     assert kinds.index("perception") < kinds.index("verdict")
     verdict = next(e for e in events if e["event"] == "verdict")
     assert verdict["verdict"] == "reject" and verdict["reasons"] == ["extra blue square"]
+
+
+def test_a_prompt_outside_the_grammar_is_judged_by_the_model_and_said_so(ctx, store, engine, caplog):
+    engine.enqueue_critique(True, [])
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs"):
+        out = _judge(ctx, store, engine, "a cat on a mat", caption=None, boxes=None)
+    assert out.judged_by == "model"
+    (warning,) = caplog.messages
+    assert "critique: the prompt 'a cat on a mat' is outside the ShapesWorld grammar" in warning

@@ -183,3 +183,11 @@ def test_the_choice_is_streamed_with_the_boxes(ctx, store, engine):
     (boxes,) = [e for e in events if e["event"] == "boxes"]
     assert boxes["found_by"] == ["scene"] and boxes["boxes"][0]["box"]["x0"] == SEEN[0][0]
     assert boxes["present"] == [True]
+
+
+def test_an_expression_outside_the_grammar_is_grounded_and_said_unchecked(ctx, store, engine, caplog):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs"):
+        out = _ground(ctx, store, engine, ["the red circle", "the cat"], [[4.0, 20.0, 16.0, 32.0], [1.0, 1.0, 9.0, 9.0]])
+    assert out.present[1] is None and len(out.boxes) == 2
+    (warning,) = caplog.messages  # only the expression outside the grammar
+    assert "ground: the expression 'the cat' is outside the ShapesWorld grammar" in warning

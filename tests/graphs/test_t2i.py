@@ -79,7 +79,7 @@ def test_refine_mode():
 
 
 def test_stops_on_first_accepting_critique(engine, ctx, caplog):
-    with caplog.at_level("WARNING", logger="lavida_agent.graphs.t2i"):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs"):
         out = T2IOutput.model_validate(t2i.graph.invoke({"prompt": PROMPT}, context=ctx))
     (warning,) = caplog.messages  # said once, with the parser's reason
     assert "outside the ShapesWorld grammar (unexpected word 'red'" in warning
@@ -94,7 +94,7 @@ def test_stops_on_first_accepting_critique(engine, ctx, caplog):
 
 
 def test_a_prompt_in_the_grammar_draws_no_warning(engine, ctx, caplog):
-    with caplog.at_level("WARNING", logger="lavida_agent.graphs.t2i"):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs"):
         t2i.graph.invoke({"prompt": "a red circle and a blue square"}, context=ctx)
     assert caplog.messages == []
 

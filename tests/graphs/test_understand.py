@@ -135,3 +135,12 @@ def test_parse_caption_reports_what_it_skipped():
     assert cap.skipped == ("a purple blob",) and not cap.complete
     assert lang.parse_caption(CAPTION).complete
     assert lang.parse_caption("nothing on a gray background").complete
+
+
+def test_a_question_outside_the_grammar_is_answered_and_said_unchecked(ctx, store, engine, caplog):
+    with caplog.at_level("WARNING", logger="lavida_agent.graphs"):
+        out = _ask(ctx, store, engine, "why is the sky blue?", caption=None, boxes=None, direct="yes")
+        _ask(ctx, store, engine, "is there a red circle?")
+    assert out.answer == "yes" and out.answered_by == "direct"
+    (warning,) = caplog.messages  # the question in the grammar says nothing
+    assert "understand: the question 'why is the sky blue?' is outside the ShapesWorld grammar" in warning
