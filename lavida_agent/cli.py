@@ -908,8 +908,9 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
         _echo_json(data)
     else:
         verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
-        turns = len(s.history())  # committed turns on the current branch, this one last
-        click.echo(f"{data['out']}: turn {turns} {verdict} after {data['rounds']} round(s), "
+        history = s.history()  # committed turns on the current branch, this one last
+        turn = history[-1].turn if history else 0  # numbered as `session history` shows it
+        click.echo(f"{data['out']}: turn {turn} {verdict} after {data['rounds']} round(s), "
                    f"lineage step {data['step']}, run {data['run_id']} (undo: lavida-agent "
                    f"session undo {s.thread_id})")  # fmt: skip
 
@@ -936,6 +937,11 @@ def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_jso
                    f"{r['instruction']}")  # fmt: skip
 
 
+def _step_name(step: int | None) -> str:
+    """A lineage step for people: its number, or what the session holds before any edit."""
+    return "none (the input image)" if step is None else str(step)
+
+
 def _move_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """`--out`, `--json` and the common flags of `session undo/redo/branch`."""
     for decorator in reversed([
@@ -956,7 +962,7 @@ def _session_move(ctx: click.Context, session_id: str, out: str | None, as_json:
     s = _session(ctx, session_id)
     move(s)
     data = _session_state(s, out, 1)
-    _echo_json(data) if as_json else click.echo(f"current step: {data['step']}")
+    _echo_json(data) if as_json else click.echo(f"current step: {_step_name(data['step'])}")
 
 
 @session.command("undo")
@@ -1007,7 +1013,7 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
     if as_json:
         _echo_json(data)
         return
-    click.echo(f"session {s.thread_id}: step {data['step']} of {data['steps']}, "
+    click.echo(f"session {s.thread_id}: step {_step_name(data['step'])} of {data['steps']}, "
                f"current {data['current']}")  # fmt: skip
     for e in data["lineage"].get("edges", []):
         click.echo(f"  {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "

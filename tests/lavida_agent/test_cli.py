@@ -444,13 +444,17 @@ def test_session_commands(run, scene, tmp_path):
     hist = json.loads(run("session", "history", sid, "--json").stdout)
     assert [s["instruction"] for s in hist["steps"]] == ["make it blue", "make it green"]
     said = run("session", "edit", sid, "make it red", "--out", "s2.png", "--seed", 2).stdout
-    assert said.startswith("s2.png: turn 3 ") and f"(undo: lavida-agent session undo {sid})" in said
+    last = json.loads(run("session", "history", sid, "--json").stdout)["steps"][-1]
+    assert said.startswith(f"s2.png: turn {last['turn']} ") and last["turn"] == 2  # as history numbers it
+    assert f"(undo: lavida-agent session undo {sid})" in said
     assert run("session", "undo", sid).exit_code == 0
     undo = json.loads(run("session", "undo", sid, "--json", "--out", "u.png").stdout)
     assert undo["step"] == 0 and (tmp_path / "u.png").is_file()
     redo = run("session", "redo", sid)
     assert redo.exit_code == 0 and redo.stdout.strip() == "current step: 1"
     assert run("session", "undo", sid).stdout.strip() == "current step: 0"
+    assert run("session", "undo", sid).stdout.strip() == "current step: none (the input image)"
+    assert run("session", "redo", sid).stdout.strip() == "current step: 0"
     branch = run("session", "branch", sid, 0)  # steps of the current branch only
     assert branch.exit_code == 0 and branch.stdout.strip() == "current step: 0"
     show = json.loads(run("session", "show", sid, "--json").stdout)
