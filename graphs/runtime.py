@@ -11,8 +11,9 @@ The batched backend protocol (`BatchedBackend`): one method per engine method, e
 list of requests and returning a list of the same length and order; a row may be an
 `Exception` instance to fail that row only, and an exception raised by the call fails every
 row. Every request carries its own seed: the backend must draw each row from its own
-generator (`torch.Generator().manual_seed(request.seed)`), never from a shared one, so a
-batched result equals the unbatched one.
+generator (`torch.Generator().manual_seed(request.seed)`), never from a shared one; with a
+pipeline that computes each row as it would alone (`LavidaPipeline` does, bit for bit:
+`model/batch_invariant.py`), a batched result then equals the unbatched one.
 
 Sampler step events are delivered in the *caller's* thread (the blocking engine methods
 drain them while they wait), so `on_step` may use thread-bound things such as LangGraph's

@@ -14,7 +14,9 @@ seed, so inference goes through these:
   padded with zero rows first (a CPU matmul of a few rows takes matrix-vector kernels).
 
 Each is the same function (the same parameters and state-dict keys as the `nn` layer it
-replaces) up to float rounding; under autograd (training) the `nn` kernels run as before.
+replaces) up to float rounding; under autograd (training) the `nn` kernels run as before,
+and so do the convolution and group norm off the CPU (an unfolded convolution of large
+images would take far more memory on a GPU, whose kernels are another story).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ class Linear(nn.Linear):
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (zero padding, no groups) that, without autograd, runs as unfold + matmul."""
+    """`nn.Conv2d` (zero padding, no groups) that, on the CPU without autograd, runs as
+    unfold + matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or self.groups != 1
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)):  # fmt: skip
             return super().forward(x)
         B, _, H, W = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -61,10 +65,10 @@ class Conv2d(nn.Conv2d):
 
 
 class GroupNorm(nn.GroupNorm):
-    """`nn.GroupNorm` that, without autograd, reads each image's groups on their own."""
+    """`nn.GroupNorm` that, on the CPU without autograd, reads each image's groups on their own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         B, C = x.shape[:2]
         g = x.reshape(B, self.num_groups, -1)
