@@ -20,7 +20,7 @@ and `ImageRef`), the layout, every attempt and critique, the ids and the trace.
 
 Input images of any size are letterboxed to the model's canvas (`Settings.canvas`, 64 px):
 `ground` maps the boxes back to the input image's pixels; generated and edited images are
-canvas-sized (crop the padding with `EditResult.content()`).
+canvas-sized (crop the padding with `EditResult.content()`, or `save(..., crop=True)`).
 
 The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `acritique`, `aresume`,
 `Session.aedit`) run the same call
@@ -135,11 +135,7 @@ class RunResult:
 
     def save(self, path: str | Path, *, scale: int = 1) -> Path:
         """Write the final image to `path` (format from the suffix), upscaled `scale`x."""
-        from lavida_agent.tools.images import resize_nearest, save_image
-
-        with map_exceptions():
-            image = resize_nearest(self.image, scale) if scale != 1 else self.image
-            return save_image(image, path)
+        return _save(self.image, path, scale)
 
     def image_path(self, ref: ImageRef) -> str:
         """Absolute path of a stored image (e.g. an attempt's) as a string."""
@@ -191,6 +187,11 @@ class EditResult(RunResult):
     step: int | None = None
     letterbox: LetterboxParams | None = None
     max_rounds: int = 1
+
+    def save(self, path: str | Path, *, scale: int = 1, crop: bool = False) -> Path:
+        """Write the final image to `path` (format from the suffix), upscaled `scale`x;
+        with `crop`, without the letterbox padding of a non-square input (`content()`)."""
+        return _save(self.content() if crop else self.image, path, scale)
 
     def content(self) -> np.ndarray:
         """The image without the letterbox padding added to a non-square input."""
@@ -357,6 +358,14 @@ def _attempt_dict(
         "dropped_reasons": list(critique.dropped_reasons) if critique else [],
         "image": result.image_path(image),
     }
+
+
+def _save(image: np.ndarray, path: str | Path, scale: int) -> Path:
+    """`image` written to `path` (format from the suffix), upscaled `scale`x."""
+    from lavida_agent.tools.images import resize_nearest, save_image
+
+    with map_exceptions():
+        return save_image(resize_nearest(image, scale) if scale != 1 else image, path)
 
 
 def _input_size(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int]:

@@ -324,9 +324,12 @@ def _check_writable(path: str | Path, what: str = "--out") -> None:
 
 
 def _write_image(result: Any, out: str | Path, scale: int) -> str:
+    """The result's image at `out`; an edit's without the letterbox bars of a non-square
+    input (the edited image has the input's shape)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    result.save(path, scale=scale)
+    crop = {"crop": True} if hasattr(result, "content") else {}  # an EditResult (api loads lazily)
+    result.save(path, scale=scale, **crop)
     return str(path)
 
 

@@ -205,7 +205,7 @@ def test_edit_json(run, scene, engine):
     assert data["image"] == str(scene) and data["seed"] == 2 and data["step"] == 0
     assert data["keep"] == [triangle]  # what every attempt was checked to leave alone
     assert data["absent"] == []  # no caption read: nothing said absent
-    assert load_image("e.png").shape == (64, 64, 3)
+    assert load_image("e.png").shape == (32, 64, 3)  # the 128 x 64 input's shape: no letterbox bars
 
 
 def test_ground_json_in_input_pixels(run, scene):
@@ -421,10 +421,15 @@ def test_json_errors_reach_stdout_on_every_command_with_json(run):
         assert res.stderr.startswith("Error: ")  # people still read the one line
 
 
-def test_a_json_result_already_printed_is_not_followed_by_an_error_document(run, tmp_path):
-    (tmp_path / "afile").write_text("not a folder")
-    res = run("generate", "red circle", "--out", "o.png", "--json", "--trace-html", "afile/t.html")
-    assert res.exit_code == 1 and res.stderr.startswith("Error: ")
+def test_a_json_result_already_printed_is_not_followed_by_an_error_document(run, monkeypatch):
+    import lavida_agent.traces
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lavida_agent.traces, "render_html", disk_full)  # the page fails after the run
+    res = run("generate", "red circle", "--out", "o.png", "--json", "--trace-html", "t.html")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: ") and "No space left" in res.stderr
     assert "error" not in json.loads(res.stdout)  # stdout stays one JSON document: the result
 
 
