@@ -545,7 +545,9 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     A run whose work a later run finished (`LavidaAgent.resume`: the same `origin`) is
     'resumed', with `resumed_by`. `unfinished` keeps the runs a `resume` could finish
     (generate and edit runs stopped, failed or unfinished, and not resumed since; not the
-    ones still running).
+    ones still running, nor a session's turn after which another turn started on its
+    thread: `resume` refuses those as moved on; an undo, redo or branch leaves no trace
+    to tell by, and `resume` says so then).
     Unreadable files are skipped."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
@@ -553,6 +555,7 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     out: list[dict[str, Any]] = []
     finished: dict[str, str] = {}  # origin run -> the newest run that finished its work
+    latest: dict[str, str] = {}  # thread -> the origin of its newest run
     for path in paths:  # newest first, so a resume is seen before the runs it finished
         try:
             t = Trace.model_validate_json(path.read_text(encoding="utf-8"))
@@ -564,7 +567,9 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
             finished[origin] = t.run_id  # when older runs of it come, the first that finished it
         elif origin in finished:
             status = "resumed"
-        if unfinished and (status in ("ok", "resumed", "running") or t.workflow not in ("t2i", "edit")):
+        moved_on = latest.setdefault(t.thread_id, origin) != origin  # a later run's thread
+        if unfinished and (status in ("ok", "resumed", "running") or moved_on
+                           or t.workflow not in ("t2i", "edit")):  # fmt: skip
             continue
         asked = {k: t.inputs[k] for k in ("prompt", "instruction", "question", "expressions")
                  if k in t.inputs}  # fmt: skip

@@ -245,6 +245,10 @@ def test_a_session_that_moved_on_is_not_resumed_into_another_turn(agent, engine)
                      cancel=cancel)  # fmt: skip
     with pytest.raises(InvalidInputError, match="moved on"):
         agent.resume(first.value.run_id)
+    from lavida_agent.traces import recent_runs
+
+    listed = [r["run_id"] for r in recent_runs(agent.settings.runs_dir, unfinished=True)]
+    assert listed == [second.value.run_id]  # what resume takes, and only that
     resumed = agent.resume(second.value.run_id)
     assert resumed.seed == 50 and {s.seed for s in resumed.attempts} <= {50, 51, 52}
     assert {s.instruction for s in resumed.attempts} == {"make it green"}
