@@ -93,7 +93,7 @@ def world() -> None:
 @click.argument("task", type=click.Choice(TASKS))
 @click.option("--n", "n", type=click.IntRange(min=0), default=16, show_default=True,
               help="Number of records.")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder (created); gets data.jsonl and the PNGs.")  # fmt: skip
 def sample(task: str, n: int, seed: int, out: Path) -> None:

@@ -127,3 +127,8 @@ def test_quiet_and_debug_are_accepted_after_the_command(image):
     for flag in ("--debug", "--quiet"):
         result = run("detect", image, flag)
         assert result.exit_code == 0, result.output  # was "No such option" (exit 2)
+
+
+def test_sample_names_a_negative_seed(tmp_path):
+    res = run("sample", "t2i", "--seed", "-1", "--out", str(tmp_path / "d"))
+    assert res.exit_code == 2 and "'--seed'" in res.output and not (tmp_path / "d").exists()
