@@ -379,7 +379,8 @@ class LavidaVisionEncoder(nn.Module):
             self.stem = conv_stem(p, ve // 2)
             self.grid_side = config.image_size // p
         elif self.modulated:
-            self.stem = nn.Sequential(batch_invariant.Linear(3 * p * p, 2 * ve), nn.GELU(), batch_invariant.Linear(2 * ve, ve // 2))
+            self.stem = nn.Sequential(batch_invariant.Linear(3 * p * p, 2 * ve), nn.GELU(),
+                                      batch_invariant.Linear(2 * ve, ve // 2))
             # Fixed, so not a parameter or buffer: computed on the fly (64 x ve/2 values),
             # which also keeps meta-device construction in `from_pretrained` simple.
             self.grid_side = config.image_size // p
@@ -393,7 +394,8 @@ class LavidaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList([_clone(layer) for _ in range(config.vision_layers)])
         self.norm = nn.LayerNorm(ve)
         self.projector = nn.Sequential(
-            batch_invariant.Linear(ve, config.hidden_size), nn.GELU(), batch_invariant.Linear(config.hidden_size, config.hidden_size)
+            batch_invariant.Linear(ve, config.hidden_size), nn.GELU(),
+            batch_invariant.Linear(config.hidden_size, config.hidden_size),
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -502,8 +504,7 @@ class LavidaImageEmbedding(nn.Module):
         known = (labels >= 0).to(box.dtype)  # (n, W)
         words = word_table[labels.clamp(min=0)] * known[..., None]  # (n, W, d)
         label = words.sum(1) / known.sum(1, keepdim=True).clamp(min=1)
-        label = batch_invariant.linear(label.to(word_table.dtype), self.layout_label.weight)
-        feats = label[:, None, None] + self.layout_geom(geom.to(word_table.dtype))
+        feats = self.layout_label(label.to(word_table.dtype))[:, None, None] + self.layout_geom(geom.to(word_table.dtype))
         feats = feats * cover[..., None].to(feats.dtype)
         out = feats.new_zeros(num_slots, G, G, feats.shape[-1])
         return out.index_add(0, slots, feats)
