@@ -1234,10 +1234,14 @@ def _load_engine(settings: Settings) -> tuple[Engine, bool]:
     try:
         own_read = settings.ground_candidates is not None or settings.ground_views is not None
         if settings.device is None and settings.dtype == "float32" and not own_read:
-            from lavida_agent.graphs.engine import load_engine
+            from lavida_agent.graphs.engine import EngineUnavailableError, load_engine
 
-            with map_exceptions():
+            try:
                 return load_engine(path), False
+            except EngineUnavailableError as exc:  # its hint is for graph callers; say the cause
+                cause = exc.__cause__ or exc
+                raise ModelLoadError(f"cannot load the model from {where}: {type(cause).__name__}: "
+                                     f"{cause}") from exc  # fmt: skip
         import torch
 
         from lavida_agent.graphs.pipeline_backend import PipelineBackend  # type: ignore

@@ -407,6 +407,10 @@ def test_model_load_errors(tmp_path):
         agent.engine  # noqa: B018
     with pytest.raises(ModelLoadError):
         LavidaAgent.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()  # a folder, but no checkpoint in it
+    with pytest.raises(ModelLoadError, match="cannot load the model from") as info:
+        LavidaAgent(model_path=str(tmp_path / "empty")).engine  # noqa: B018
+    assert "Context(engine" not in str(info.value)  # the graph callers' hint is not for this caller
 
 
 def test_closing_an_agent_leaves_the_shared_cached_engine_open(monkeypatch, tmp_path):
