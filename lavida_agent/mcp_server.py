@@ -61,7 +61,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from lavida_agent import __version__, schemas
 from lavida_agent.api import (
@@ -101,7 +101,7 @@ Seed = Annotated[int | None, Field(ge=0, lt=SEED_LIMIT, description="Base seed (
 Rounds = Annotated[int | None, Field(ge=1, description="Most images to draw (the agent keeps the "
                                      "best); default the server's (3).")]  # fmt: skip
 Steps = Annotated[int | None, Field(ge=1, description="Denoising steps per image.")]
-PlanArg = Annotated[bool | list[schemas.LayoutIn] | None,
+PlanArg = Annotated[bool | list[schemas.LayoutIn] | None, BeforeValidator(schemas.check_layout),
                     Field(description=schemas.GenerateRequest.model_fields["plan"].description)]
 ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from an earlier "
                                 "result, a data:image/...;base64 URL or base64, or (stdio) a "

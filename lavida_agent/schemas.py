@@ -227,6 +227,25 @@ class LayoutIn(_Request):
                                    description="[x0, y0, x1, y1], canvas pixels.")  # fmt: skip
 
 
+def check_layout(v: Any, lim: Limits | None = None) -> Any:
+    """A layout given as a plan (a list; anything else passes through), checked whole before
+    the `bool | list` union is: its error names the item and says what is wrong with it, not
+    one line per member of the union (the HTTP request and the MCP `generate` tool alike)."""
+    if not isinstance(v, list):
+        return v
+    from lavida_agent.graphs.state import given_layout
+
+    v = [i.model_dump() if isinstance(i, LayoutIn) else i for i in v]  # (built in Python)
+    if lim is not None and len(v) > lim.max_expressions:
+        raise ValueError(f"a layout of {len(v)} objects (limit {lim.max_expressions})")
+    for k, item in enumerate(v):
+        extra = sorted(set(item) - {"label", "box"}) if isinstance(item, dict) else []
+        if extra:
+            raise ValueError(f"layout item {k}: unknown field {extra[0]!r}")
+    given_layout(v, canvas=lim.canvas if lim is not None else None)
+    return v
+
+
 class GenerateRequest(_SamplingFields):
     """`POST /v1/generate`: plan, draw, critique and refine an image for `prompt`."""
 
@@ -242,22 +261,7 @@ class GenerateRequest(_SamplingFields):
     @field_validator("plan", mode="before")
     @classmethod
     def _check_plan(cls, v: Any, info: ValidationInfo) -> Any:
-        """A layout is checked whole here, so its error names the item and says what is
-        wrong with it (not one line per member of the `bool | list` union)."""
-        if not isinstance(v, list):
-            return v
-        from lavida_agent.graphs.state import given_layout
-
-        v = [i.model_dump() if isinstance(i, LayoutIn) else i for i in v]  # (built in Python)
-        lim = _limits(info)
-        if lim is not None and len(v) > lim.max_expressions:
-            raise ValueError(f"a layout of {len(v)} objects (limit {lim.max_expressions})")
-        for k, item in enumerate(v):
-            extra = sorted(set(item) - {"label", "box"}) if isinstance(item, dict) else []
-            if extra:
-                raise ValueError(f"layout item {k}: unknown field {extra[0]!r}")
-        given_layout(v, canvas=lim.canvas if lim is not None else None)
-        return v
+        return check_layout(v, _limits(info))
 
     def plan_arg(self) -> bool | list[dict[str, Any]] | None:
         """`plan` as `LavidaAgent.generate` takes it (a layout as plain dicts)."""

@@ -110,6 +110,9 @@ async def test_generate_draws_a_layout_given_back(agent, engine):
         text = _error(await client.call_tool("generate", {"prompt": "a red circle",
                                                           "plan": flipped}))  # fmt: skip
         assert "plan: layout item 0" in text and "x1 (40.0) must be >= x0 (60.0)" in text
+        short = [{"label": "red circle", "box": [1, 2]}]  # refused by the SDK's type check
+        text = _error(await client.call_tool("generate", {"prompt": "a red circle", "plan": short}))
+        assert "plan: layout item 0" in text and "plan.bool" not in text, text
 
 
 async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine):
