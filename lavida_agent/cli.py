@@ -154,6 +154,8 @@ class _LavidaGroup(click.Group):
     """A click group that turns any exception into one `Error: ...` line (unless --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # what the command line asks for, before click parses (and may refuse) it
+        wants_json = "--json" in (*getattr(ctx, "_protected_args", ()), *ctx.args)
         try:
             return super().invoke(ctx)
         except click.NoSuchOption as exc:
@@ -163,7 +165,10 @@ class _LavidaGroup(click.Group):
                                        f"put it before the command (lavida-agent "
                                        f"{exc.option_name} ... {path} ...)", exc.ctx) from None  # fmt: skip
             raise
-        except click.UsageError:
+        except click.UsageError as exc:
+            if wants_json:  # refused before `--json` itself was read: say it as JSON too
+                ctx.ensure_object(dict)["json"] = True
+                _json_error(ctx, exc.format_message())
             raise
         except click.ClickException as exc:
             _json_error(ctx, exc.format_message())

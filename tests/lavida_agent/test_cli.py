@@ -421,6 +421,14 @@ def test_json_errors_reach_stdout_on_every_command_with_json(run):
         assert res.stderr.startswith("Error: ")  # people still read the one line
 
 
+def test_a_usage_error_with_json_is_json_on_stdout_too(run):
+    """click refuses `--seed -1` before it reads `--json`: the error still reaches stdout."""
+    res = run("generate", "red circle", "--out", "o.png", "--seed", -1, "--json")
+    assert res.exit_code == 2 and "'--seed'" in json.loads(res.stdout)["error"]
+    res = run("generate", "red circle", "--out", "o.png", "--seed", -1)
+    assert res.exit_code == 2 and res.stdout == ""  # without --json, stdout stays empty
+
+
 def test_a_json_result_already_printed_is_not_followed_by_an_error_document(run, monkeypatch):
     import lavida_agent.traces
 
