@@ -468,6 +468,8 @@ def test_session_commands(run, scene, tmp_path):
     assert run("session", "undo", sid).stdout.strip() == "current step: 0"
     assert run("session", "undo", sid).stdout.strip() == "current step: none (the input image)"
     assert run("session", "redo", sid).stdout.strip() == "current step: 0"
+    assert run("session", "redo", sid).stdout.strip() == "current step: 1"  # redo walks on
+    assert run("session", "undo", sid).stdout.strip() == "current step: 0"
     branch = run("session", "branch", sid, 0)  # steps of the current branch only
     assert branch.exit_code == 0 and branch.stdout.strip() == "current step: 0"
     show = json.loads(run("session", "show", sid, "--json").stdout)
