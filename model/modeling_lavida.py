@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 ALL_ROWS = slice(None)
-RowGroups = list[tuple[torch.Tensor | slice, int, int]]
+RowGroups = Sequence[tuple[torch.Tensor | slice, int, int]]
 """Rows of a batch grouped by where their content starts: `(rows, q0, k0)`."""
+UNPADDED: RowGroups = ((ALL_ROWS, 0, 0),)
+"""Every row in one group, from its first position (a batch without leading padding)."""
 
 
 def leading_padding(valid: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,7 @@ def content_groups(q_valid: torch.Tensor, k_valid: torch.Tensor) -> RowGroups:
     """
     q_lead, k_lead = leading_padding(q_valid), leading_padding(k_valid)
     if not (bool(q_lead.any()) or bool(k_lead.any())):
-        return [(ALL_ROWS, 0, 0)]
+        return UNPADDED
     groups: dict[tuple[int, int], list[int]] = {}
     for b, key in enumerate(zip(q_lead.tolist(), k_lead.tolist(), strict=True)):
         groups.setdefault(key, []).append(b)
@@ -204,7 +207,7 @@ class LavidaDecoderLayer(nn.Module):
         attn_mask: torch.Tensor,
         past_kv: tuple[torch.Tensor, torch.Tensor] | None,
         skip_und: bool,
-        groups: RowGroups = ((ALL_ROWS, 0, 0),),
+        groups: RowGroups = UNPADDED,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, L = shape
         N, d, H, hd = B * L, self.q_proj.in_features, self.num_heads, self.head_dim
@@ -883,7 +886,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
         seg: torch.Tensor,
         valid: torch.Tensor,
         cache: ConditionCache | None,
-        groups: RowGroups = ((ALL_ROWS, 0, 0),),
+        groups: RowGroups = UNPADDED,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The copy head: logits `(B * L, V)` to add to the LM head's, and this pass's sources.
 
@@ -939,7 +942,7 @@ class LavidaForMaskedDiffusion(LavidaPreTrainedModel):
 
     def _condition_pool(
         self, input_ids: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor, cache: ConditionCache | None,
-        groups: RowGroups = ((ALL_ROWS, 0, 0),),
+        groups: RowGroups = UNPADDED,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The condition pool `(B * L, d)`: per position, the mean input embedding of the
         text tokens of earlier segments, scaled to unit RMS (in the cache and in this pass; the copy head's
