@@ -1163,18 +1163,27 @@ def _exit_with(ret: Any) -> None:
         _echo_json(ret)
 
 
+def _run_trainer(ctx: click.Context, module: str, what: str, args: tuple[str, ...]) -> None:
+    """`train vq|model`: the trainer's own command line, under this command's name; the
+    global `--quiet` turns its progress bars off too."""
+    quiet = ["--quiet"] if ctx.ensure_object(dict).get("quiet") else []
+    _exit_with(_import(module, what).main([*args, *quiet], prog=f"lavida-agent train {ctx.info_name}"))
+
+
 @train.command("vq", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def train_vq(args: tuple[str, ...]) -> None:
+@click.pass_context
+def train_vq(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Train the VQ image tokenizer (`lavida-agent train vq --help` for its options)."""
-    _exit_with(_import("lavida_agent.model.training_vq", "VQ training").main(list(args)))
+    _run_trainer(ctx, "lavida_agent.model.training_vq", "VQ training", args)
 
 
 @train.command("model", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def train_model(args: tuple[str, ...]) -> None:
+@click.pass_context
+def train_model(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Train the Elastic-MoT model (`lavida-agent train model --help` for its options)."""
-    _exit_with(_import("lavida_agent.model.training", "model training").main(list(args)))
+    _run_trainer(ctx, "lavida_agent.model.training", "model training", args)
 
 
 @train.command("blend")

@@ -22,10 +22,12 @@ Run: `python -m lavida_agent.model.training --out DIR --vq model/weights/vq --st
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -40,6 +42,7 @@ from lavida_agent.tools.shapes_world.scene import COLORS, SHAPES
 
 from .configuration_lavida import PRESETS, LavidaConfig
 from .modeling_lavida import LavidaForMaskedDiffusion
+from .run_folder import RunFolderError, check_resume, load_checkpoint, truncate_metrics
 from .tasks import (
     CRITIQUE_LEN,
     Batch,
@@ -87,28 +90,30 @@ class TrainConfig:
     """Knobs of one training run (saved with every checkpoint)."""
 
     out: str = "checkpoints/model"
-    vq: str = "model/weights/vq"
-    preset: str = "shapes"
+    # The VQ tokenizer whose codes the model learns (default: the shipped one). A run keeps
+    # its own copy (`out/vq/`), which its resume and export read.
+    vq: str = str(Path(__file__).resolve().parent / "weights" / "vq")
+    preset: str = "shapes"  # the architecture (`configuration_lavida.PRESETS`: tiny, shapes, lavida-o)
     model_overrides: dict = field(default_factory=dict)
-    steps: int = 6000
-    tokens_per_batch: int = 4096
-    max_rows: int = 48
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
+    steps: int = 6000  # optimizer steps of the multi-task run (0: stage 0 alone, or --init-from's weights)
+    tokens_per_batch: int = 4096  # positions per optimizer step, split among its tasks
+    max_rows: int = 48  # the most rows one task's batch holds
+    lr: float = 1e-3  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # where the cosine ends, relative to lr
+    warmup: int = 200  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # the largest gradient norm
+    seed: int = 0  # seeds the weights and every step's data
     tokenizer_corpus: int = 3000  # sampled texts whose words build the tokenizer
-    log_every: int = 25
-    eval_rows: int = 16
+    log_every: int = 25  # steps between metrics.jsonl records
+    eval_rows: int = 16  # held-out rows per task of each evaluation
     init_from: str = ""  # a run folder or pipeline folder whose weights start this run (fresh optimizer)
-    eval_every: int = 500
-    save_every: int = 250
+    eval_every: int = 500  # steps between evaluations of the held-out loss
+    save_every: int = 250  # steps between checkpoints (state.pt; one is always written at the end)
     # Stage 0 (`training_vision`): dense per-patch pretraining of the vision encoder before
     # the multi-task run; skipped when resuming or starting from other weights.
     vision_pretrain_steps: int = 1000
-    vision_pretrain_batch: int = 64
+    vision_pretrain_batch: int = 64  # scenes per stage-0 step
     # With `init_from`: drop its vision encoder and start a fresh one (the preset's stem,
     # then stage 0), keeping every other weight, e.g. to move old weights off the linear stem.
     reset_vision: bool = False
@@ -130,7 +135,7 @@ class TrainConfig:
     # of the object under a patch 20% of the time, chance 17%, from 99%; shape stayed 77%.)
     # 0: off. Its read-out head lives in `state.pt` (`vision_aux_head`), not in the export.
     vision_aux: float = 0.0
-    vision_aux_batch: int = 16
+    vision_aux_batch: int = 16  # fresh scenes per step of the vision-aux loss
     # For its first steps the aux loss trains only its fresh read-out head (features
     # detached): at step 0 it is ~15 and its gradient disturbed the encoder (grounding loss
     # 2.0 -> 5.4 in 4 steps).
@@ -143,7 +148,7 @@ class TrainConfig:
     # judged by the detector). Synthetic corruptions alone taught a critique that agreed
     # with the detector 0.82 on rendered scenes but 0.55 on its own drawings. 0: off.
     own_critique: float = 0.0
-    own_pool: int = 512
+    own_pool: int = 512  # images in the own-drawing pool (own_critique)
     # The share of edit rows (with a touched box) whose noise masks only cells the edit
     # touches, every other cell holding the *source's* code: the state of the pipeline's
     # region edit (`edit(..., regions=)`, used by the agent), with the loss on the change
@@ -820,34 +825,68 @@ def _worker_step(step: int):
 
 
 def check_run_knobs(tc: TrainConfig) -> None:
-    """Refuse a precision, worker count or worker device that cannot run (`ValueError`),
-    before a run writes anything."""
+    """Refuse knobs that cannot run (`RunFolderError`, a `ValueError`): counts and intervals
+    below 1, a mixture without weight, an unknown preset or architecture key, a precision,
+    worker count or worker device that cannot run; before a run writes anything."""
+    for name in ("tokens_per_batch", "max_rows", "tasks_per_step", "log_every", "eval_every", "save_every",
+                 "eval_rows"):  # fmt: skip
+        if getattr(tc, name) < 1:
+            raise RunFolderError(f"{name} must be at least 1, got {getattr(tc, name)}")
+    # steps 0: stage 0 alone from scratch, or --init-from's weights as this run's export
+    for name in ("steps", "warmup", "vision_pretrain_steps", "vision_pretrain_batch", "own_pool", "vision_aux_batch"):
+        if getattr(tc, name) < 0:
+            raise RunFolderError(f"{name} must be >= 0, got {getattr(tc, name)}")
+    if not tc.lr > 0:
+        raise RunFolderError(f"lr must be > 0, got {tc.lr}")
+    _check_task_weights(tc.task_weights)
+    if tc.preset not in PRESETS:
+        raise RunFolderError(f"unknown preset {tc.preset!r}; expected one of {', '.join(PRESETS)}")
+    if not isinstance(tc.model_overrides, dict):
+        raise RunFolderError(f"model overrides are a JSON object of LavidaConfig fields, got {tc.model_overrides!r}")
+    known = set(inspect.signature(LavidaConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(tc.model_overrides) - known)
+    if unknown:
+        raise RunFolderError(f"unknown model setting(s) {unknown}; LavidaConfig takes {sorted(known)}")
     if tc.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
+        raise RunFolderError(f"precision must be 'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'bf16' or 'fp32', "
                          f"got {tc.precision!r}")  # fmt: skip
     if tc.data_workers < 0:
-        raise ValueError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
+        raise RunFolderError(f"data_workers must be >= 0 (0: draw the data in the training process), got {tc.data_workers}")
     _check_data_device(tc.data_device)
     if tc.edit_area_weight <= 0:
-        raise ValueError(f"edit_area_weight must be > 0 (1: every code weighs the same), got {tc.edit_area_weight}")
+        raise RunFolderError(f"edit_area_weight must be > 0 (1: every code weighs the same), got {tc.edit_area_weight}")
     if not 0 <= tc.edit_with_plan <= 1:
-        raise ValueError(f"edit_with_plan is a share of the edit rows, in [0, 1]; got {tc.edit_with_plan}")
+        raise RunFolderError(f"edit_with_plan is a share of the edit rows, in [0, 1]; got {tc.edit_with_plan}")
     if tc.trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {tc.trainable!r}")
+        raise RunFolderError(f"trainable must be one of {', '.join(TRAINABLE)}, got {tc.trainable!r}")
     if tc.trainable != "all":
         idle, read = ((IMAGE_ONLY_TASKS, "image codes") if tc.trainable == "understanding"
                       else (TEXT_ONLY_TASKS, "text outputs"))  # fmt: skip
         idle = [t for t in idle if tc.task_weights.get(t, 0) > 0]
         if idle:
-            raise ValueError(f"trainable={tc.trainable!r} freezes everything {read} are read from, so "
+            raise RunFolderError(f"trainable={tc.trainable!r} freezes everything {read} are read from, so "
                              f"{', '.join(idle)} rows would carry no gradient: give them weight 0 in --tasks")
         if tc.vision_aux:
-            raise ValueError(f"trainable={tc.trainable!r} freezes the vision encoder: vision_aux must be 0")
+            raise RunFolderError(f"trainable={tc.trainable!r} freezes the vision encoder: vision_aux must be 0")
     if tc.train_only and not train_only_prefixes(tc.train_only):
-        raise ValueError(f"train_only names parameter-name prefixes separated by commas, got {tc.train_only!r}")
+        raise RunFolderError(f"train_only names parameter-name prefixes separated by commas, got {tc.train_only!r}")
     if tc.train_only:  # the preset's parameter names (a model on the meta device: no memory)
         with torch.device("meta"):
             trainable_names(LavidaForMaskedDiffusion(LavidaConfig(**{**PRESETS[tc.preset], **tc.model_overrides})), tc)
+
+
+def _check_task_weights(weights: object) -> None:
+    if not isinstance(weights, dict) or not weights:
+        raise RunFolderError(f"tasks are a JSON object of task weights, e.g. {{\"ground\": 1, \"t2i\": 2}}; got {weights!r}")
+    unknown = sorted(set(weights) - set(TASK_WEIGHTS))
+    if unknown:
+        raise RunFolderError(f"unknown task(s) {unknown}; expected some of {sorted(TASK_WEIGHTS)}")
+    bad = {k: v for k, v in weights.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}  # fmt: skip
+    if bad:
+        raise RunFolderError(f"task weights must be numbers >= 0, got {bad}")
+    if not sum(weights.values()) > 0:
+        raise RunFolderError(f"task weights must not all be 0, got {weights}")
 
 
 def trainable_names(model, tc: TrainConfig) -> set[str]:
@@ -862,7 +901,7 @@ def trainable_names(model, tc: TrainConfig) -> set[str]:
         return side
     learn = {n for n in side if n.startswith(train_only_prefixes(tc.train_only))}
     if not learn:
-        raise ValueError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters "
+        raise RunFolderError(f"train_only={tc.train_only!r} matches none of the {tc.trainable!r} parameters "
                          f"(e.g. {', '.join(sorted(side)[:3])})")  # fmt: skip
     return learn
 
@@ -878,10 +917,10 @@ def _check_data_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"data_device must be a torch device such as 'cpu' or 'cuda', got {name!r}") from None
+        raise RunFolderError(f"data_device must be a torch device such as 'cpu' or 'cuda', got {name!r}") from None
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
-        raise ValueError(f"data_device {name!r}: no {device.type} device is available here")
+        raise RunFolderError(f"data_device {name!r}: no {device.type} device is available here")
 
 
 def _portable(obj, convert):
@@ -986,15 +1025,29 @@ def _merge(windows: list[dict]) -> dict:
     return merged
 
 
-def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) -> dict:
-    """Train (or resume) a model; writes checkpoints, `metrics.jsonl` and a final export."""
+# What a resume may change: where the run lives and how often it reports, the hardware it
+# runs on, and `steps` (the cosine schedule re-targets, with a warning). `vq` is compared
+# by content (`_same_files`).
+RESUMABLE_CHANGES = ("out", "vq", "steps", "log_every", "eval_every", "eval_rows", "save_every", "data_workers",
+                     "data_device", "precision")  # fmt: skip
+
+
+def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) -> dict | None:
+    """Train (or resume) a model; writes checkpoints, `metrics.jsonl` and a final export.
+
+    `tc.out` holds one run: a second call on it resumes from its `state.pt` and must be the
+    same run (`check_run_folder`). Returns `{"step", "export"}` (None on the other ranks of
+    a data-parallel run, which write nothing).
+    """
     from tqdm import tqdm
 
     from .modeling_vq import VQImageTokenizer
 
     check_run_knobs(tc)
-    ranks = _Ranks()
     out = Path(tc.out)
+    ckpt = out / "state.pt"
+    saved = check_run_folder(tc)
+    ranks = _Ranks()
     out.mkdir(parents=True, exist_ok=True)
     if device is None and torch.cuda.is_available():
         device = f"cuda:{ranks.rank % torch.cuda.device_count()}"
@@ -1004,7 +1057,13 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device_type == "cuda")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else _null()
 
-    vq = VQImageTokenizer.from_pretrained(tc.vq).to(device).eval()
+    run_vq = out / "vq"  # the run's own copy: its resume and export do not depend on --vq's folder
+    if ranks.main and not run_vq.exists():
+        import shutil
+
+        shutil.copytree(tc.vq, run_vq)
+    ranks.barrier()
+    vq = VQImageTokenizer.from_pretrained(run_vq).to(device).eval()
     tok_dir = out / "tokenizer"
     if ranks.main and tc.init_from and not tok_dir.exists():
         import shutil
@@ -1016,14 +1075,12 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    ckpt = out / "state.pt"
-    saved = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
     initial = None
     if tc.init_from and saved is None:
         # A later stage of a curriculum: same tokenizer and weights, new mixture and schedule.
         source = Path(tc.init_from)
         if (source / "state.pt").exists():  # a training run folder
-            initial = torch.load(source / "state.pt", map_location=device, weights_only=False)["model"]
+            initial = load_checkpoint(source / "state.pt", map_location=device, weights_only=False)["model"]
         else:  # a pipeline folder, e.g. the shipped weights (fp16 on disk)
             initial = LavidaForMaskedDiffusion.from_pretrained(source / "transformer").state_dict()
         initial = {k: v.float() for k, v in initial.items() if not (tc.reset_vision and k.startswith("vision."))}
@@ -1062,6 +1119,10 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
         logger.info("resumed from %s at step %d", ckpt, step)
     if ranks.main:
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
+        if saved is None:  # a fresh run starts a fresh log
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        else:  # records written after the checkpoint (the run died later) are not this run's
+            truncate_metrics(out / "metrics.jsonl", step)
 
     pool = None
     if tc.own_critique:
@@ -1089,9 +1150,10 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     ranks.broadcast(model, aux_head)  # every rank starts from rank 0's weights
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and ranks.main), desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
-    t0 = time.time()
+    t0 = time.time() - (saved.get("elapsed_s", 0.0) if saved is not None else 0.0)
     # The vision-aux loss is rank 0's alone: other ranks do not draw its scenes.
     data_tc = tc if ranks.main else replace(tc, vision_aux=0.0)
+    data_tc = replace(data_tc, vq=str(run_vq))
     if tc.data_workers:
         pool_path = out / "own_pool.npz" if pool is not None else None
         data = _Prefetcher(tc.data_workers, (data_tc, cfg, str(tok_dir), pool_path, tasks, weights), step, tc.steps)
@@ -1144,7 +1206,7 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
                 log.flush()
                 model.train()
             if ranks.main and (step % tc.save_every == 0 or step == tc.steps):
-                _save_state(ckpt, model, opt, step, aux_head)
+                _save_state(ckpt, model, opt, step, aux_head, time.time() - t0)
     finally:
         if data:
             data.close()
@@ -1153,18 +1215,71 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     export = out / "export"
     if ranks.main:
         model.eval()
-        export_pipeline(model, vq, tokenizer, export)
+        export_pipeline(model, vq, tokenizer, export, progress=progress)
     ranks.close()
-    return {"step": step, "export": str(export)}
+    return {"step": step, "export": str(export)} if ranks.main else None
 
 
-def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a `LavidaPipeline` folder (fp16 safetensors + JSON) from trained parts."""
+def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtype = torch.float16,
+                    progress: bool = False) -> Path:  # fmt: skip
+    """Write a `LavidaPipeline` folder (fp16 safetensors + JSON) from trained parts
+    (`progress`: transformers' bar while it writes the weights)."""
+    from transformers.utils import logging as hf_logging
+
     from .pipeline_lavida import LavidaPipeline
 
     pipe = LavidaPipeline(model.to("cpu").float(), vq.to("cpu").float(), tokenizer)
-    pipe.save_pretrained(dest, dtype=dtype)
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        pipe.save_pretrained(dest, dtype=dtype)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return Path(dest)
+
+
+def check_run_folder(tc: TrainConfig) -> dict | None:
+    """What `tc.out` holds, checked before a run writes anything (`RunFolderError`): the
+    checkpoint a resume continues (None for a fresh run), which must be of the same run
+    (`RESUMABLE_CHANGES` aside), at a step no later than `tc.steps`, with the same VQ
+    tokenizer; `tc.init_from` must be a run or pipeline folder, `tc.vq` a tokenizer folder."""
+    if not (Path(tc.vq) / "config.json").is_file():
+        raise RunFolderError(f"--vq {tc.vq} is not a VQ tokenizer folder (no config.json); the shipped one is "
+                             f"{TrainConfig.vq}")  # fmt: skip
+    if tc.init_from:
+        source = Path(tc.init_from)
+        if not (source / "tokenizer").is_dir() or not (
+            (source / "state.pt").is_file() or (source / "pipeline_index.json").is_file()
+        ):  # fmt: skip
+            raise RunFolderError(f"--init-from {tc.init_from} is neither a training run folder (state.pt, "
+                                 "tokenizer/) nor a pipeline folder (pipeline_index.json, tokenizer/)")  # fmt: skip
+    out = Path(tc.out)
+    if not (out / "state.pt").exists():
+        return None
+    saved = load_checkpoint(out / "state.pt", map_location="cpu", weights_only=False)
+    if (out / "train_config.json").exists():
+        before = {**asdict(TrainConfig()), **json.loads((out / "train_config.json").read_text())}
+        check_resume(out, before, asdict(tc), may_change=RESUMABLE_CHANGES)
+        if before["steps"] != tc.steps:
+            logger.warning("resuming a %d-step run as a %d-step run: the LR schedule is re-targeted",
+                           before["steps"], tc.steps)  # fmt: skip
+    if (out / "vq").is_dir() and not _same_files(out / "vq", Path(tc.vq)):
+        raise RunFolderError(f"--vq {tc.vq} is not the VQ tokenizer {out} was trained with ({out / 'vq'}); "
+                             "give that one, or another --out for a new run")  # fmt: skip
+    if saved["step"] > tc.steps:
+        raise RunFolderError(f"{out} is at step {saved['step']}, past --steps {tc.steps}: give at least "
+                             f"{saved['step']} steps to resume it")  # fmt: skip
+    return saved
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Do folders `a` and `b` hold the same files, byte for byte?"""
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
@@ -1180,10 +1295,17 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
     if missing:
         raise ValueError(f"{train_dir} is not a training run folder with a checkpoint (no {', '.join(missing)}); "
                          "a run writes state.pt every --save-every steps")  # fmt: skip
+    if Path(dest).resolve() == train_dir.resolve():
+        raise ValueError(f"export {train_dir} into another folder than the run's own")
     tc = TrainConfig(**json.loads((train_dir / "train_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(train_dir / "tokenizer")
-    vq = VQImageTokenizer.from_pretrained(tc.vq)
-    state = torch.load(train_dir / "state.pt", map_location="cpu", weights_only=False)
+    # the run's own copy of its tokenizer (runs before it had one name theirs in tc.vq)
+    vq_dir = train_dir / "vq" if (train_dir / "vq").is_dir() else Path(tc.vq)
+    if not (vq_dir / "config.json").is_file():
+        raise ValueError(f"{train_dir} was trained with the VQ tokenizer {tc.vq}, which is not there (from "
+                         f"{Path.cwd()}); copy it to {train_dir / 'vq'}")  # fmt: skip
+    vq = VQImageTokenizer.from_pretrained(vq_dir)
+    state = load_checkpoint(train_dir / "state.pt", map_location="cpu", weights_only=False)
     model = LavidaForMaskedDiffusion(model_config(tc, tokenizer, vq, state["model"]))
     model.load_state_dict(state["model"])
     logger.info("exporting step %d of %s to %s", state["step"], train_dir, dest)
@@ -1193,7 +1315,11 @@ def export_checkpoint(train_dir: str | Path, dest: str | Path) -> dict:
 def _load_growing(model: LavidaForMaskedDiffusion, weights: dict, what: str, also_fresh: tuple = ()) -> None:
     """Load `weights` into `model`, which may have parts they lack if those start at zero
     (`fresh_at_zero`, plus `also_fresh`); anything else missing or unexpected is an error."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes that differ: another preset or --model
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ValueError(f"{what} do not fit the run's architecture (--preset, --model): {first}") from None
     fresh = model.fresh_at_zero + tuple(also_fresh)
     if unexpected or any(not k.startswith(fresh) for k in missing):
         raise ValueError(f"{what} do not fit the run's architecture: missing {missing}, unexpected {unexpected}")
@@ -1376,9 +1502,9 @@ def token_ids(tokenizer) -> dict[str, int]:
     )  # fmt: skip
 
 
-def _save_state(path: Path, model, opt, step: int, aux_head=None) -> None:
+def _save_state(path: Path, model, opt, step: int, aux_head=None, elapsed_s: float = 0.0) -> None:
     tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s}
     if aux_head is not None:
         state["vision_aux_head"] = aux_head.state_dict()
     torch.save(state, tmp)
@@ -1437,33 +1563,73 @@ class _null:
         return False
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object, with the parser's own message when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
+def _field_help() -> dict[str, str]:
+    """Each `TrainConfig` field's comment (the lines above it, or the one beside it): the
+    `--help` of its option."""
+    try:
+        lines = inspect.getsource(TrainConfig).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): options without help
+        return {}
+    helps: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        name, sep, rest = text.partition(":")
+        if sep and name.isidentifier() and "=" in rest:
+            beside = rest.split("  # ", 1)[1] if "  # " in rest else ""
+            helps[name] = " ".join(above) or beside
+        above = []
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
+    """The command line (`lavida-agent train model`): every `TrainConfig` field is an option.
+    Returns `train`'s result (`python -m` prints it as JSON). Bad arguments exit with status
+    2, before the run writes anything."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    helps = _field_help()
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.type in ("int", "float", "str"):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
+        flag, help_ = f"--{f.name.replace('_', '-')}", helps.get(f.name) or " "
+        if f.name == "out":
+            parser.add_argument(flag, required=True, default=argparse.SUPPRESS,
+                                help="the run folder (a second run on it resumes it)")  # fmt: skip
+        elif f.type in ("int", "float", "str"):
+            parser.add_argument(flag, type=eval(f.type), default=f.default, help=help_)
         elif f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
-    parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
-    parser.add_argument("--tasks", type=json.loads, default=None,
-                        help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\'')
-    parser.add_argument("--questions", type=json.loads, default=None,
+            parser.add_argument(flag, action="store_true", help=help_)
+    parser.add_argument("--model", type=_json_object, default={}, help="JSON overrides of the preset's LavidaConfig")
+    parser.add_argument("--tasks", type=_json_object, default=None,
+                        help='JSON task weights, e.g. \'{"ground": 1, "understand": 1}\' (default: TASK_WEIGHTS)')
+    parser.add_argument("--questions", type=_json_object, default=None,
                         help='JSON weights of the question kinds, e.g. \'{"color": 3, "count": 1}\' (default: uniform)')
-    parser.add_argument("--t2i-categories", type=json.loads, default=None,
+    parser.add_argument("--t2i-categories", type=_json_object, default=None,
                         help='JSON weights of the t2i prompt categories, e.g. \'{"color_attr": 2, "colors": 1}\' '
                              "(default: uniform)")
-    parser.add_argument("--edit-categories", type=json.loads, default=None,
+    parser.add_argument("--edit-categories", type=_json_object, default=None,
                         help='JSON weights of the edit categories, e.g. \'{"move": 2, "resize": 2, "add": 1}\' '
                              "(default: uniform)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are some only when stderr is a terminal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     kw = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     tc = TrainConfig(**kw, model_overrides=args.model)
     if args.tasks is not None:
-        unknown = set(args.tasks) - set(TASK_WEIGHTS)
-        if unknown:
-            parser.error(f"unknown task(s) {sorted(unknown)}; expected some of {sorted(TASK_WEIGHTS)}")
         tc.task_weights = dict(args.tasks)
     for flag, field_, check in (("questions", "question_weights", lang.question_kind_weights),
                                 ("t2i_categories", "t2i_categories", lang.prompt_category_weights),
@@ -1477,11 +1643,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{flag.replace('_', '-')}: {e}")
         setattr(tc, field_, dict(weights))
     try:
-        check_run_knobs(tc)
-    except ValueError as e:
+        return train(tc, progress=not args.quiet and sys.stderr.isatty())
+    except RunFolderError as e:
         parser.error(str(e))
-    print(json.dumps(train(tc, progress=not args.quiet)))  # noqa: T201
 
 
 if __name__ == "__main__":
-    main()
+    result = main(prog="python -m lavida_agent.model.training")
+    if result is not None:  # rank 0 of a data-parallel run alone
+        print(json.dumps(result))  # noqa: T201

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +38,13 @@ from tqdm.auto import tqdm
 
 from .configuration_vq import VQConfig
 from .modeling_vq import VQImageTokenizer, images_to_tensor, tensor_to_images
+from .run_folder import RunFolderError, check_resume, load_checkpoint, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+EVAL_NAME = "eval.json"
 
 # (rng, batch_size) -> uint8 images (B, 64, 64, 3)
 BatchSampler = Callable[[np.random.Generator, int], np.ndarray]
@@ -103,18 +106,18 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint(path, map_location="cpu", weights_only=True)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log records written after `step` (by a run that died after its last save)."""
-    if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]  # fmt: skip
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+def _check_run(steps: int, batch_size: int, lr: float, log_every: int, save_every: int, crowded: float) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
+                        ("save_every", save_every)):  # fmt: skip
+        if value < 1:
+            raise RunFolderError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not lr > 0:
+        raise RunFolderError(f"--lr must be > 0, got {lr}")
+    if not 0.0 <= crowded <= 1.0:
+        raise RunFolderError(f"--crowded must be a share in [0, 1], got {crowded}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -134,6 +137,7 @@ def train_vq(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     edge_loss_weight: float = 0.0,
+    crowded: float = 0.0,
     sample_batch: BatchSampler | None = None,
     init_from: str | os.PathLike | None = None,
     decoder_only: bool = False,
@@ -156,7 +160,9 @@ def train_vq(
         grad_clip: Max global gradient norm.
         edge_loss_weight: Extra reconstruction weight on object outlines (see
             `VQImageTokenizer.forward`).
-        sample_batch: `(rng, batch_size) -> uint8 (B, 64, 64, 3)`; default ShapesWorld.
+        crowded: The share of crowded scenes (objects nearly touching) in each batch.
+        sample_batch: `(rng, batch_size) -> uint8 (B, 64, 64, 3)`; default ShapesWorld
+            (with `crowded`).
         init_from: A saved tokenizer (`save_pretrained` folder) whose weights start the
             run. Decoder blocks that `config` adds beyond the saved ones start as exact
             identities (their last conv is zero).
@@ -164,23 +170,48 @@ def train_vq(
             (no EMA updates, no restarts), so every image keeps the codes it had and a
             transformer trained on those codes stays valid. Needs `init_from`.
 
+    A resume must be the same run: other arguments than the checkpoint's (all but `steps`,
+    `log_every`, `save_every` and `progress`) are a `RunFolderError` naming them, as is a
+    `steps` below the checkpoint's step; a fresh run starts a fresh `metrics.jsonl` and
+    removes an earlier run's `eval.json`.
+
     Returns:
         Final metrics: `step`, `loss`, `recon_loss`, `commitment_loss`, `perplexity`,
-        `codebook_usage` (EMA), `seconds_per_step` (this process), `out_dir`.
+        `codebook_usage` (EMA), `lr`, `seconds_per_step` (this process; None when it ran no
+        step), `out_dir`.
     """
+    _check_run(steps, batch_size, lr, log_every, save_every, crowded)
+    if decoder_only and init_from is None:
+        raise ValueError("decoder_only=True needs init_from: a frozen encoder must come from somewhere")
     out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_path / CHECKPOINT_NAME
     metrics_path = out_path / METRICS_NAME
-    sample_batch = sample_batch or sample_shapes_world_batch
+    if sample_batch is None:
+        sample_batch = functools.partial(sample_shapes_world_batch, crowded=crowded) if crowded else sample_shapes_world_batch
+    # what makes the run this run (a resume checks it; `steps` may change, with a warning)
+    run = {"batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
+           "weight_decay": weight_decay, "grad_clip": grad_clip, "edge_loss_weight": edge_loss_weight,
+           "crowded": crowded, "decoder_only": decoder_only,
+           "init_from": None if init_from is None else str(Path(init_from).resolve())}  # fmt: skip
     warmup_steps = min(200, max(1, steps // 10)) if warmup_steps is None else warmup_steps
+    state = _load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if state is not None:
+        if state["config"] != config.to_dict():
+            raise ValueError(
+                f"checkpoint {ckpt_path} was written for a different config: "
+                f"{state['config']} != {config.to_dict()}"
+            )
+        if "run" in state:  # checkpoints written before the check have no record of it
+            check_resume(out_path, state["run"], run)
+        if int(state["step"]) > steps:
+            raise RunFolderError(f"{out_path} is at step {state['step']}, past --steps {steps}: give at least "
+                             f"{state['step']} steps to resume it")  # fmt: skip
+    out_path.mkdir(parents=True, exist_ok=True)
 
     # Three independent streams from one seed: init, data, codebook restarts.
     init_generator = torch.Generator().manual_seed(seed)
     model = VQImageTokenizer(config, generator=init_generator)
-    if decoder_only and init_from is None:
-        raise ValueError("decoder_only=True needs init_from: a frozen encoder must come from somewhere")
-    if init_from is not None and not (resume and ckpt_path.exists()):  # a resume has its own
+    if init_from is not None and state is None:  # a resume has its own
         _load_initial_weights(model, init_from)
     if decoder_only:
         model.encoder.requires_grad_(False)
@@ -192,13 +223,7 @@ def train_vq(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup_steps, steps))
 
     start_step = 0
-    if resume and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path)
-        if state["config"] != config.to_dict():
-            raise ValueError(
-                f"checkpoint {ckpt_path} was written for a different config: "
-                f"{state['config']} != {config.to_dict()}"
-            )
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -216,10 +241,11 @@ def train_vq(
         data_rng.bit_generator.state = state["data_rng"]
         restart_generator.set_state(state["restart_generator"])
         start_step = int(state["step"])
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
         logger.info("resumed from %s at step %d", ckpt_path, start_step)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+    else:  # a fresh run starts a fresh log, and an earlier run's evaluation is not its own
+        metrics_path.unlink(missing_ok=True)
+        (out_path / EVAL_NAME).unlink(missing_ok=True)
 
     def save(step: int) -> None:
         _save_checkpoint(
@@ -228,6 +254,7 @@ def train_vq(
                 "step": step,
                 "steps": steps,
                 "config": config.to_dict(),
+                "run": run,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -243,7 +270,8 @@ def train_vq(
     )  # fmt: skip
 
     model.train()
-    last: dict[str, Any] = {"step": start_step}
+    # a finished run asked again reports its last record
+    last: dict[str, Any] = next(reversed(read_metrics(metrics_path)), None) or {"step": start_step}
     window: list[dict[str, float]] = []
     t_start = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="vq", dynamic_ncols=True)
@@ -253,6 +281,7 @@ def train_vq(
             if decoder_only:  # eval mode: no codebook EMA update, no dead-code restart
                 model.encoder.eval()
                 model.quantizer.eval()
+            lr_now = scheduler.get_last_lr()[0]  # the rate this step takes
             output = model(pixels, generator=restart_generator, edge_loss_weight=edge_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
@@ -278,7 +307,7 @@ def train_vq(
                     record[key] = float(np.mean([w[key] for w in window]))
                 record["restarts"] = int(sum(w["restarts"] for w in window))
                 record["codebook_usage"] = float(output.codebook_usage)
-                record["lr"] = scheduler.get_last_lr()[0]
+                record["lr"] = lr_now
                 record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
                 window = []
                 with metrics_path.open("a", encoding="utf-8") as f:
@@ -296,7 +325,7 @@ def train_vq(
     result = dict(last)
     result.update(
         step=steps,
-        seconds_per_step=elapsed / ran if ran else float("nan"),
+        seconds_per_step=elapsed / ran if ran else None,
         out_dir=str(out_path),
     )
     return result
@@ -471,9 +500,12 @@ def _as_detection(scene: Any) -> _SceneAsDetection:
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """The command line (`lavida-agent train vq`): train, export, evaluate; returns the final
+    metrics (`python -m` prints them as JSON). Bad arguments exit with status 2."""
     defaults = VQConfig()
-    parser = argparse.ArgumentParser(description="Train the ShapesWorld VQ image tokenizer.")
+    parser = argparse.ArgumentParser(prog=prog, description="Train the ShapesWorld VQ image tokenizer.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     # run
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs)")
     parser.add_argument("--steps", type=int, default=3000, help="total optimizer steps")
@@ -483,7 +515,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--log-every", type=int, default=50, help="steps between log records")
     parser.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar (there is one only when stderr is a terminal)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--edge-loss-weight", type=float, default=0.0,
                         help="extra reconstruction weight on object outlines")  # fmt: skip
@@ -510,8 +543,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.decoder_only and not args.init_from:
         parser.error("--decoder-only needs --init-from (the frozen encoder and codebook)")
-    if not 0.0 <= args.crowded <= 1.0:
-        parser.error(f"--crowded must be a share in [0, 1], got {args.crowded}")
     config = VQConfig(
         hidden_channels=args.hidden_channels,
         num_res_blocks=args.num_res_blocks,
@@ -519,22 +550,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         latent_channels=args.latent_channels,
         num_vq_embeddings=args.codebook_size,
     )
-    result = train_vq(
-        config,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        out_dir=args.out,
-        log_every=args.log_every,
-        save_every=args.save_every,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-        edge_loss_weight=args.edge_loss_weight,
-        init_from=args.init_from,
-        decoder_only=args.decoder_only,
-        sample_batch=functools.partial(sample_shapes_world_batch, crowded=args.crowded) if args.crowded else None,
-    )
+    try:
+        result = train_vq(
+            config,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            out_dir=args.out,
+            log_every=args.log_every,
+            save_every=args.save_every,
+            resume=not args.no_resume,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            edge_loss_weight=args.edge_loss_weight,
+            crowded=args.crowded,
+            init_from=args.init_from,
+            decoder_only=args.decoder_only,
+        )
+    except RunFolderError as exc:
+        parser.error(str(exc))
     logger.info("final: %s", result)
     tokenizer = VQImageTokenizer.from_pretrained(Path(args.out) / "final")
     if args.export:
@@ -542,11 +576,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = VQImageTokenizer.from_pretrained(args.export)  # evaluate what ships
     if args.eval_scenes:
         metrics = evaluate_vq(tokenizer, n_scenes=args.eval_scenes, seed=args.eval_seed)
-        (Path(args.out) / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (Path(args.out) / EVAL_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         logger.info("eval: %s", metrics)
         result["eval"] = metrics
     return result
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(main(prog="python -m lavida_agent.model.training_vq")))  # noqa: T201

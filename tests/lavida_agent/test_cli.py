@@ -557,8 +557,8 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
             calls.append((module, kwargs))
             return {"ok": True}
 
-        def main(argv):
-            calls.append((module, argv))
+        def main(argv, prog):
+            calls.append((module, argv, prog))
             return 0
 
         return types.SimpleNamespace(run=run_, main=main)
@@ -568,10 +568,12 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
     assert run("bench", "quality", "--quick").exit_code == 0
     assert run("train", "vq", "--steps", "5", "--help").exit_code == 0
     assert run("train", "model", "--config", "c.json").exit_code == 0
+    assert run("--quiet", "train", "model", "--out", "r").exit_code == 0  # no bars there either
     assert calls[0] == ("lavida_agent.benchmarks.speed_model", {"out_dir": "b", "quick": True})
     assert calls[1][0] == "lavida_agent.benchmarks.quality" and calls[1][1]["quick"] is True
-    assert calls[2] == ("lavida_agent.model.training_vq", ["--steps", "5", "--help"])
-    assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"])
+    assert calls[2] == ("lavida_agent.model.training_vq", ["--steps", "5", "--help"], "lavida-agent train vq")
+    assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"], "lavida-agent train model")
+    assert calls[4] == ("lavida_agent.model.training", ["--out", "r", "--quiet"], "lavida-agent train model")
 
 
 def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):

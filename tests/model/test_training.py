@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
 from lavida_agent.model.tasks import build_t2i, parse_plan
 from lavida_agent.model.training import (
     TASK_WEIGHTS,
+    export_checkpoint,
     TaskSampler,
     TrainConfig,
     add_noise,
@@ -336,9 +338,9 @@ def test_question_weights_steer_the_understand_rows(tokenizer, tiny_config, tiny
         TaskSampler(tokenizer, tiny_config, tiny_vq, question_weights={"colour": 1})
 
 
-def test_cli_rejects_bad_question_weights(capsys):
+def test_cli_rejects_bad_question_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--questions", '{"colour": 1}', "--steps", "1"])
+        main(["--out", str(tmp_path / "x"), "--questions", '{"colour": 1}', "--steps", "1"])
     assert e.value.code == 2 and "unknown question kind" in capsys.readouterr().err
 
 
@@ -361,7 +363,8 @@ def _spy(monkeypatch, owner, name: str) -> list:
      ("edit_categories", "sample_edit", ("edit", "edit_plan"), "move", "rotate")],
 )  # fmt: skip
 def test_category_weights_pick_what_every_row_of_their_tasks_draws(knob, draw, tasks, pick, bad, tokenizer,
-                                                                   tiny_config, tiny_vq, monkeypatch):  # fmt: skip
+                                                                   tiny_config, tiny_vq, monkeypatch,
+                                                                   tmp_path):  # fmt: skip
     import lavida_agent.model.training as training
 
     calls = _spy(monkeypatch, training.lang, draw)
@@ -378,11 +381,11 @@ def test_category_weights_pick_what_every_row_of_their_tasks_draws(knob, draw, t
     flag = "--" + knob.replace("_", "-")
     for weights in ({bad: 1}, {pick: 0}):
         with pytest.raises(SystemExit) as e:
-            main([flag, json.dumps(weights), "--steps", "1"])
+            main(["--out", str(tmp_path / "x"), flag, json.dumps(weights), "--steps", "1"])
         assert e.value.code == 2
     seen = []
     monkeypatch.setattr(training, "train", lambda tc, progress: seen.append(tc) or {})
-    main([flag, json.dumps({pick: 2}), "--questions", '{"count": 1}', "--quiet"])
+    main(["--out", str(tmp_path / "x"), flag, json.dumps({pick: 2}), "--questions", '{"count": 1}', "--quiet"])
     assert getattr(seen[0], knob) == {pick: 2} and seen[0].question_weights == {"count": 1}
 
 
@@ -740,11 +743,105 @@ def test_data_workers_train_on_the_same_batches_as_the_training_process(tmp_path
     ({"precision": "fp8"}, "precision"), ({"data_workers": -1}, "data_workers"),
     ({"data_workers": 1, "data_device": "gpu0"}, "data_device"),
     ({"data_workers": 1, "data_device": "meta"}, "no meta device"),
+    ({"steps": -3}, "steps must be >= 0"), ({"log_every": 0}, "log_every must be at least 1"),
+    ({"save_every": 0}, "save_every"), ({"eval_every": 0}, "eval_every"), ({"tasks_per_step": 0}, "tasks_per_step"),
+    ({"lr": 0.0}, "lr must be > 0"), ({"preset": "nope"}, "unknown preset 'nope'"),
+    ({"model_overrides": {"hidden_sizee": 3}}, r"unknown model setting\(s\) \['hidden_sizee'\]"),
+    ({"task_weights": {}}, "JSON object of task weights"), ({"task_weights": {"t2i": 0}}, "must not all be 0"),
+    ({"task_weights": {"t2i": -1, "ground": 2}}, "numbers >= 0"), ({"task_weights": {"t2i": "x"}}, "numbers >= 0"),
+    ({"task_weights": {"draw": 1}}, r"unknown task\(s\) \['draw'\]"),
+    ({"init_from": "nowhere"}, "neither a training run folder"), ({"vq": "nowhere"}, "not a VQ tokenizer folder"),
 ])  # fmt: skip
 def test_bad_run_knobs_are_refused_before_anything_is_written(tmp_path, vq_dir, bad, match):
     with pytest.raises(ValueError, match=match):
-        train(TrainConfig(out=str(tmp_path / "x"), vq=vq_dir, steps=1, **TINY, **bad), progress=False)
+        train(TrainConfig(**{"out": str(tmp_path / "x"), "vq": vq_dir, "steps": 1, **TINY, **bad}), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--tasks", "5"], "expected a JSON object"), (["--tasks", "{bad json"], "--tasks: not JSON"),
+    (["--tasks", "{}"], "JSON object of task weights"), (["--model", "[1, 2]"], "expected a JSON object"),
+    (["--preset", "nope"], "unknown preset"),
+])  # fmt: skip
+def test_the_command_line_refuses_bad_json_knobs_before_writing(tmp_path, vq_dir, capsys, args, says):
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), "--vq", vq_dir, *args], prog="lavida-agent train model")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and err.startswith("usage: lavida-agent train model")
+    assert not out.exists()
+
+
+def test_help_describes_the_knobs_and_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT the run folder" in text and "(default: 6000)" in text.split("--steps STEPS")[-1][:120]
+    assert "The share of grounding rows whose noise masks every coordinate" in text  # from the field's comment
+
+
+def test_a_resume_must_be_the_same_run(tmp_path, vq_dir):
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), vq=vq_dir, steps=2, save_every=2, **TINY), progress=False)
+    state = (run / "state.pt").read_bytes()
+    for change, named in (({"lr": 0.5}, "--lr 0.003 -> 0.5"), ({"seed": 9}, "--seed 0 -> 9"),
+                          ({"init_from": str(run)}, "--init-from"), ({"preset": "shapes"}, "--preset")):  # fmt: skip
+        with pytest.raises(ValueError, match="holds a run started with other arguments") as e:
+            train(TrainConfig(out=str(run), vq=vq_dir, steps=4, save_every=2, **{**TINY, **change}), progress=False)
+        assert named in str(e.value)
+    other_vq = tmp_path / "other_vq"
+    shutil.copytree(vq_dir, other_vq)
+    (other_vq / "config.json").write_text((other_vq / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match="is not the VQ tokenizer"):
+        train(TrainConfig(out=str(run), vq=str(other_vq), steps=4, **TINY), progress=False)
+    with pytest.raises(ValueError, match="at step 2, past --steps 1"):
+        train(TrainConfig(out=str(run), vq=vq_dir, steps=1, **TINY), progress=False)
+    assert (run / "state.pt").read_bytes() == state
+    assert json.loads((run / "train_config.json").read_text())["lr"] == TINY["lr"]  # the run's record kept
+
+
+def test_a_run_folder_holds_its_tokenizer_and_a_damaged_checkpoint_is_named(tmp_path, vq_dir, monkeypatch):
+    vq_copy = tmp_path / "vq_elsewhere"
+    shutil.copytree(vq_dir, vq_copy)
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), vq=str(vq_copy), steps=2, **TINY), progress=False)
+    shutil.rmtree(vq_copy)  # the run exports from its own copy, from any folder
+    monkeypatch.chdir(tmp_path.parent)
+    assert export_checkpoint(run, tmp_path / "exported")["step"] == 2
+    with pytest.raises(ValueError, match="another folder than the run's own"):
+        export_checkpoint(run, run)
+    path = run / "state.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {path}"):
+        train(TrainConfig(out=str(run), vq=vq_dir, steps=4, **TINY), progress=False)
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {path}"):
+        export_checkpoint(run, tmp_path / "again")
+
+
+def test_the_log_holds_one_record_per_step_after_a_crash_and_restarts_with_a_fresh_run(tmp_path, vq_dir,
+                                                                                      monkeypatch):  # fmt: skip
+    import lavida_agent.model.training as training
+
+    run = tmp_path / "run"
+    real, calls = training.step_data, []
+
+    def dies_at_step_3(*args, **kw):
+        calls.append(args[-2])  # the step
+        if args[-2] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(training, "step_data", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):  # logged steps 1-3, saved at step 2
+        train(TrainConfig(out=str(run), vq=vq_dir, steps=4, save_every=2, **TINY), progress=False)
+    monkeypatch.setattr(training, "step_data", real)
+    train(TrainConfig(out=str(run), vq=vq_dir, steps=4, save_every=2, **TINY), progress=False)
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert steps == [1, 2, 3, 4]
+    (run / "state.pt").unlink()  # a fresh run in the folder
+    train(TrainConfig(out=str(run), vq=vq_dir, steps=1, **TINY), progress=False)
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert steps == [1]
 
 
 def test_the_command_line_refuses_a_bad_run_knob_with_a_message(tmp_path, vq_dir, capsys):
@@ -784,6 +881,7 @@ def test_torchrun_data_parallel_takes_the_steps_of_one_process(tmp_path, vq_dir)
            "-m", "lavida_agent.model.training", f"--out={ddp}", f"--vq={vq_dir}", "--steps=3", "--quiet", *args]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [{"step": 3, "export": str(ddp / "export")}]
     a, b = (torch.load(d / "state.pt", weights_only=False) for d in (single, ddp))
     assert a["step"] == b["step"] == 3
     for k in a["model"]:

@@ -118,8 +118,61 @@ def test_resume_rejects_a_different_config(tmp_path):
 
 def test_no_resume_starts_over(tmp_path):
     run(tmp_path, steps=4)
+    (tmp_path / "eval.json").write_text("{}")  # the evaluation of the run before
     run(tmp_path, steps=2, resume=False)
     assert [r["step"] for r in read_metrics(tmp_path)] == [2]
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"lr": 1e-2}, "--lr 0.003 -> 0.01"), ({"seed": 7}, "--seed 0 -> 7"), ({"batch_size": 3}, "--batch-size"),
+    ({"edge_loss_weight": 2.0}, "--edge-loss-weight"), ({"crowded": 0.5}, "--crowded"),
+])  # fmt: skip
+def test_a_resume_with_other_arguments_is_refused_and_names_them(tmp_path, change, named):
+    run(tmp_path, steps=2)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(ValueError, match="holds a run started with other arguments") as e:
+        run(tmp_path, steps=4, **change)
+    assert named in str(e.value)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before  # nothing trained on
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2]
+
+
+def test_a_resume_needs_steps_up_to_the_checkpoint_and_a_finished_run_reports_its_last_record(tmp_path):
+    first = run(tmp_path, steps=4)
+    with pytest.raises(ValueError, match="at step 4, past --steps 2"):
+        run(tmp_path, steps=2)
+    again = run(tmp_path, steps=4)  # nothing left to train
+    assert again["seconds_per_step"] is None
+    assert {k: v for k, v in again.items() if k != "seconds_per_step"} == {
+        **{k: v for k, v in first.items() if k != "seconds_per_step"}, "elapsed_s": first["elapsed_s"]}
+
+
+def test_a_half_written_log_line_does_not_stop_a_resume(tmp_path):
+    with pytest.raises(Interrupted):
+        run(tmp_path, steps=8, sample_batch=crashing_sampler(after_calls=6))
+    with (tmp_path / METRICS_NAME).open("a") as f:
+        f.write('{"step": 7, "loss": 0.1')  # killed mid-write
+    run(tmp_path, steps=8)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6, 8]
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    run(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {path}"):
+        run(tmp_path, steps=4)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "-5"], ["--steps", "0"], ["--log-every", "0"], ["--save-every", "0"],
+                                 ["--batch-size", "0"], ["--lr", "0"]])  # fmt: skip
+def test_cli_refuses_counts_below_one_before_writing(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), *bad], prog="lavida-agent train vq")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: lavida-agent train vq") and bad[0] in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_vq_reports_fractions():
@@ -176,9 +229,9 @@ def test_resume_with_more_steps_retargets_the_schedule(tmp_path):
     run(tmp_path, steps=6)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [2, 4, 6]
-    # The cosine now ends at step 6 (5% of the peak LR), not at step 4.
-    assert records[-1]["lr"] == pytest.approx(3e-3 * 0.05)
-    assert records[1]["lr"] == pytest.approx(3e-3 * 0.05)  # the first run had ended there
+    # Each record's lr is the rate its step took: the cosine now ends at step 6, not 4.
+    assert records[-1]["lr"] == pytest.approx(3e-3 * warmup_cosine(5, warmup_steps=1, total_steps=6))
+    assert records[1]["lr"] == pytest.approx(3e-3 * warmup_cosine(3, warmup_steps=1, total_steps=4))
 
 
 def test_decoder_only_keeps_the_codes_and_deepens_the_decoder(tmp_path):
