@@ -404,7 +404,8 @@ class LavidaVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values (V, 3, H, W) in [0, 1] -> (V, T, d) with T = (H / p) * (W / p)
         p = self.patch_size
-        x = (pixel_values - 0.5) / 0.5
+        # the encoder's own dtype (a pipeline loaded in bf16 / fp16 gets fp32 pixels)
+        x = (pixel_values.to(next(self.parameters()).dtype) - 0.5) / 0.5
         V, C, Hh, W = x.shape
         if self.conv:
             content = self.stem(x).flatten(2).transpose(1, 2)  # (V, T, ve / 2), raster order

@@ -750,3 +750,14 @@ def test_surprise_scores_every_token_the_same_in_any_batch(pipe, scene_image):
     np.testing.assert_allclose(both[1], one[0], rtol=1e-4, atol=1e-4)
     assert not np.allclose(both[0], one[0])
     assert pipe.surprise([], [], []).shape == (0, G, G)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_pipeline_in_half_precision_reads_images_too(tiny_model, tiny_vq, tokenizer, scene_image, dtype):
+    # `Settings.dtype`: the image inputs (pixels, fp32) meet weights of the pipeline's dtype
+    import copy
+
+    half = LavidaPipeline(copy.deepcopy(tiny_model).to(dtype), copy.deepcopy(tiny_vq).to(dtype), tokenizer)
+    assert isinstance(half.understand([scene_image], ["describe the image."], num_steps=2).texts[0], str)
+    assert half.ground([scene_image], ["the red circle"], num_steps=1).boxes is not None
+    assert half.edit([scene_image], ["make the red circle blue"], num_steps=2).images[0].shape == scene_image.shape
