@@ -175,6 +175,10 @@ class Context:
     )
 
     def __post_init__(self) -> None:
+        for name in ("max_rounds", "num_steps", "plan_retries", "preview_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
         if self.num_steps < 1:

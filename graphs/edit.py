@@ -225,8 +225,9 @@ def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
 
     Returns:
         `current`, `current_step`, `heads` (appended), `turn + 1`, `image = None` (so the
-        next turn edits the current image unless it passes a new one), and an empty `undone`
-        (a new edit ends what `redo` could return to).
+        next turn edits the current image unless it passes a new one), `seed = None` (so a
+        next turn without a seed takes `Context.seed`, not this turn's), and an empty
+        `undone` (a new edit ends what `redo` could return to).
     """
     with node_events("commit_edit"):
         turn_steps = [s for s in state.steps if s.turn == state.turn]
@@ -234,7 +235,8 @@ def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         accepted = bool(best.critique and best.critique.accepted)
         emit("commit", step=best.index, accepted=accepted)
     return {"current": best.result, "current_step": best.index, "heads": [best.index],
-            "turn": state.turn + 1, "image": None, "accepted": accepted, "undone": []}  # fmt: skip
+            "turn": state.turn + 1, "image": None, "seed": None, "accepted": accepted,
+            "undone": []}  # fmt: skip
 
 
 def edit_rank(step: EditStep) -> tuple[float, float, int]:

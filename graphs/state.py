@@ -412,6 +412,11 @@ class EditInput(BaseModel):
     seed: int | None = None
     run_id: str | None = Field(default=None, description="The run that started this turn "
                                "(what a resume checks it is finishing).")  # fmt: skip
+    frame: dict[str, Any] | None = Field(
+        default=None, description="The caller's image given with `image`, before it was "
+        "letterboxed: its `width` and `height` and the canvas `size`, so that a later turn, a "
+        "reopened session or a resume crops results to the caller's shape. The nodes do not "
+        "read it; None: no letterbox known.")  # fmt: skip
 
 
 class EditState(EditInput):

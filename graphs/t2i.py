@@ -188,9 +188,10 @@ def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
     plan = state.plan or Plan()
     payload = {"kind": "review_plan", "prompt": state.prompt, "plan": plan.model_dump(mode="json")}
     answer = interrupt(payload)
+    canvas = getattr(ctx.engine, "canvas", None)  # an engine that says its canvas: boxes must fit it
     while True:
         try:
-            items = review_answer(answer)
+            items = review_answer(answer, canvas=canvas)
             break
         except ValueError as exc:
             answer = interrupt({**payload, "problem": str(exc)})

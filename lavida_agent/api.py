@@ -72,7 +72,7 @@ from lavida_agent.graphs.state import (
 )
 from lavida_agent.settings import SEED_LIMIT, Settings
 from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
-from lavida_agent.tools.boxes import LetterboxParams, from_letterbox
+from lavida_agent.tools.boxes import LetterboxParams, from_letterbox, letterbox_params
 from lavida_agent.traces import Trace, TraceRecorder, save_trace
 
 logger = logging.getLogger(__name__)
@@ -368,6 +368,40 @@ def _save(image: np.ndarray, path: str | Path, scale: int) -> Path:
         return save_image(resize_nearest(image, scale) if scale != 1 else image, path)
 
 
+class _CallbackError(Exception):
+    """A caller's `on_event` raised `error`: carried past `map_exceptions` (which would take
+    a `ValueError` for invalid input) and re-raised unchanged by `_stream_run`."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Callback:
+    """A caller's `on_event`, whose exceptions travel as `_CallbackError`."""
+
+    def __init__(self, fn: EventCallback):
+        self.fn = fn
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            self.fn(event)
+        except Exception as exc:
+            raise _CallbackError(exc) from exc
+
+
+def _frame(params: LetterboxParams, size: tuple[int, int]) -> dict[str, int]:
+    """`EditInput.frame`: what restores a session image's letterbox (`_unframe`)."""
+    return {"width": size[0], "height": size[1], "size": params.size}
+
+
+def _unframe(frame: dict[str, Any] | None) -> tuple[LetterboxParams, tuple[int, int]] | None:
+    if frame is None:
+        return None
+    w, h = int(frame["width"]), int(frame["height"])
+    return letterbox_params(w, h, int(frame["size"])), (w, h)
+
+
 def _input_size(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int]:
     if source is None:
         return lb.size, lb.size
@@ -452,6 +486,9 @@ class LavidaAgent:
         self._active: dict[str, list[tuple[str, str | None]]] = {}
         self._active_lock = threading.Lock()
         self._live: dict[str, live.ThreadLock] = {}  # thread id -> its lock, while it runs here
+        # session id -> its turn lock, and the OS thread whose turn holds it (`_turn`)
+        self._turns: dict[str, threading.Lock] = {}
+        self._turn_owner: dict[str, int] = {}
 
     # -- construction ---------------------------------------------------------------------
 
@@ -691,6 +728,29 @@ class LavidaAgent:
                     self._active.pop(thread_id, None)
                     self._live.pop(thread_id).release()
 
+    @contextlib.contextmanager
+    def _turn(self, thread_id: str) -> Iterator[None]:
+        """One turn at a time on session `thread_id` inside this agent: a second turn waits
+        for the first and then edits its result (two turns from the same state would both
+        build on it, and the last writer's checkpoint would hide the other's edit).
+
+        Raises:
+            BusyError: the calling thread's own turn holds the session (a turn started from
+                that turn's `on_event` callback, which would wait for itself).
+        """
+        me = threading.get_ident()
+        with self._active_lock:
+            lock = self._turns.setdefault(thread_id, threading.Lock())
+            if self._turn_owner.get(thread_id) == me:
+                raise BusyError(f"session {thread_id!r} is in a turn of this thread already (a turn started "
+                                "from its own callback): start the next turn after it returns")  # fmt: skip
+        with lock:
+            self._turn_owner[thread_id] = me
+            try:
+                yield
+            finally:
+                del self._turn_owner[thread_id]
+
     def _record_live(self, thread_id: str) -> None:
         """Write what this agent runs on `thread_id` into its lock (under `_active_lock`)."""
         on = self._active[thread_id]
@@ -705,24 +765,29 @@ class LavidaAgent:
                     resume: bool) -> tuple[str, dict[str, Any], Trace, Path]:  # fmt: skip
         thread_id = rec.trace.thread_id
         save_trace(rec.trace, self.settings.runs_dir)  # type: ignore[arg-type]
-        if on_event is not None:
-            on_event({"event": "run_start", "run_id": run_id, "thread_id": thread_id,
-                      "workflow": workflow})  # fmt: skip
+        emit = _Callback(on_event) if on_event is not None else None
         try:
+            if emit is not None:
+                emit({"event": "run_start", "run_id": run_id, "thread_id": thread_id, "workflow": workflow})
             with map_exceptions():
                 pending: Any = None if resume else payload
                 while True:
                     for mode, chunk in graph.stream(pending, config, context=context,
                                                     stream_mode=["tasks", "custom"]):  # fmt: skip
                         rec.feed(mode, chunk)
-                        if mode == "custom" and on_event is not None:
-                            on_event(chunk)
-                    pending = self._answer_interrupt(graph, config, workflow, on_interrupt, on_event)
+                        if mode == "custom" and emit is not None:
+                            emit(chunk)
+                    pending = self._answer_interrupt(graph, config, workflow, on_interrupt, emit)
                     if pending is None:
                         break
         except BaseException as exc:
             node = rec.current_node or rec.failed_node
             error: BaseException = exc
+            if isinstance(exc, _CallbackError):  # the caller's own exception, as it was raised
+                error = exc.error
+                trace = rec.finish(error=f"on_event raised {type(error).__name__}: {error}", error_code="callback")
+                save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
+                raise error from None
             if isinstance(exc, Exception) and not isinstance(exc, LavidaError):
                 where = f" in node {node!r}" if node else ""
                 error = WorkflowError(f"{workflow} failed{where}: {type(exc).__name__}: {exc}")
@@ -914,6 +979,11 @@ class LavidaAgent:
         graph = session._session.graph if session is not None else self._graph("t2i")
         with map_exceptions():
             state = graph.get_state({"configurable": {"thread_id": old.thread_id}})
+        if not state.config.get("configurable", {}).get("checkpoint_id"):
+            raise InvalidInputError(f"run {run_id} cannot be resumed: this agent's checkpoint database "
+                                    f"({self.settings.db_path}) holds nothing of its thread "
+                                    f"{old.thread_id!r} (it ran on another database or in memory, or "
+                                    "stopped before its first step: run it again)")  # fmt: skip
         origin = old.inputs.get("origin") or run_id
         # Finished work is read back only from a checkpoint the run itself wrote ("loop"): a
         # restart, undo, redo or branch ("update") leaves nothing of the run to finish.
@@ -951,8 +1021,8 @@ class LavidaAgent:
             NotFoundError: no trace for `run_id`.
             BusyError: a run is on its thread now (in this agent or another process).
             InvalidInputError: its thread has moved on since (another turn of its session,
-                a restart, an undo), it ran on another model, or it is not a generate or
-                edit run.
+                a restart, an undo), this agent's database holds none of its checkpoints, it
+                ran on another model, or it is not a generate or edit run.
         """
         old, session, graph, origin = self._resumable(run_id)
         rounds = old.inputs.get("rounds") or old.settings.get("max_rounds")
@@ -1101,8 +1171,9 @@ class LavidaAgent:
         Raises:
             InvalidInputError: `thread_id` is empty.
         """
-        if thread_id is not None and not thread_id.strip():
-            raise InvalidInputError("a session id must not be empty (None starts a new session)")
+        if thread_id is not None and not (isinstance(thread_id, str) and thread_id.strip()):
+            raise InvalidInputError(f"a session id is a non-empty string (None starts a new session), got "
+                                    f"{thread_id!r}")  # fmt: skip
         return Session(self, thread_id or _new_id())
 
     # -- async twins ----------------------------------------------------------------------
@@ -1283,7 +1354,6 @@ class Session:
         self.thread_id = thread_id
         self._session = EditSession(thread_id, checkpointer=agent.checkpointer,
                                     context=Context(artifacts=agent.store))  # fmt: skip
-        self._letterbox: tuple[LetterboxParams, tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"Session({self.thread_id!r})"
@@ -1305,6 +1375,14 @@ class Session:
     def _require(self) -> None:
         if not self.exists:
             raise NotFoundError(f"no session {self.thread_id!r}")
+
+    def _refuse_foreign(self) -> None:
+        """Refuse to write a session onto the thread of another workflow's run (a generate
+        run's `thread_id`): its checkpoints would be overwritten and its run lost."""
+        snapshot = self._session.graph.get_state(self._session.config)
+        if snapshot.config.get("configurable", {}).get("checkpoint_id") and "instruction" not in snapshot.values:
+            raise InvalidInputError(f"{self.thread_id!r} is the thread of another workflow's run (a generate "
+                                    "run), not a session: start a session under a new id")  # fmt: skip
 
     def state(self) -> EditState:
         """The session's state on its current branch."""
@@ -1354,14 +1432,14 @@ class Session:
 
     def start(self, image: ImageInput) -> ImageRef:
         """Start (or restart) the session from `image` (letterboxed); returns its ref."""
+        self._refuse_foreign()
         _, ref, params, size = self.agent._prepare_image(image)
         with self._alone("a restart"), map_exceptions():
-            self._letterbox = (params, size)
             self._session.graph.update_state(
                 self._session.config,
                 {"instruction": "", "current": ref, "current_step": None, "image": None,
                  "candidate": None, "accepted": False, "undone": [],  # a restart ends redo
-                 "run_id": None},  # ... and any unfinished turn
+                 "run_id": None, "frame": _frame(params, size)},  # ... and any unfinished turn
                 as_node="commit_edit",
             )  # fmt: skip
         return ref
@@ -1384,12 +1462,19 @@ class Session:
         """
         if not isinstance(instruction, str) or not instruction.strip():
             raise InvalidInputError("instruction must be a non-empty string")
+        with self.agent._turn(self.thread_id):  # turns of one session run one after another
+            return self._run_turn(instruction, image, seed, rounds, num_steps, on_event, cancel)
+
+    def _run_turn(self, instruction: str, image: ImageInput | None, seed: int | None, rounds: int | None,
+              num_steps: int | None, on_event: EventCallback | None,
+              cancel: threading.Event | None) -> EditResult:  # fmt: skip
+        self._refuse_foreign()
         agent = self.agent
         base_seed = agent._seed(seed)
-        ref = None
+        ref, frame = None, None
         if image is not None:
             _, ref, params, size = agent._prepare_image(image)
-            self._letterbox = (params, size)
+            frame = _frame(params, size)
         elif not self.exists:
             raise InvalidInputError(
                 f"session {self.thread_id!r} has no image: start it with an image first"
@@ -1399,6 +1484,8 @@ class Session:
         # `image` always goes in (None: edit the current image), so a turn that restarted
         # from an image and never committed cannot leave that image as this turn's source.
         payload: dict[str, Any] = {"instruction": instruction, "seed": base_seed, "image": ref}
+        if image is not None:  # the session's letterbox is now this image's
+            payload["frame"] = frame
         before = len(st.steps) if st is not None else 0
         inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
                   "rounds": context.max_rounds, "num_steps": context.num_steps,
@@ -1432,7 +1519,7 @@ class Session:
         with map_exceptions():
             pixels = agent.store.open(st.current)
         plan = attempts[-1].plan if attempts else None
-        lb = self._letterbox
+        lb = _unframe(st.frame)
         return EditResult(
             image=pixels, image_ref=st.current, layout=list(plan.layout) if plan else [],
             attempts=attempts, critiques=[s.critique for s in attempts if s.critique],

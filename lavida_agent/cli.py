@@ -579,6 +579,11 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
         with _ctrl_c_stops_the_run() as cancel:
             agent = _loaded_agent(ctx, cancel)
             data = run(agent, {**request, "cancel": cancel}, scale=scale, on_event=progress)
+    except BaseException as exc:  # a run that failed or stopped has its page too
+        if getattr(exc, "run_id", None):
+            with contextlib.suppress(Exception):  # the run's own error is the one to say
+                _write_trace_html(ctx, exc.run_id, trace_html)  # type: ignore[attr-defined]
+        raise
     finally:
         progress.close()
     if as_json:  # before the trace page: a page that cannot be written loses no result
@@ -606,7 +611,7 @@ def _write_trace_html(ctx: click.Context, run_id: str, path: str | None) -> None
 
     settings = _agent(ctx).settings
     trace = load_trace(run_id, settings.runs_dir)
-    page = render_html(trace, ArtifactStore(settings.artifacts_dir))
+    page = render_html(trace, ArtifactStore(settings.artifacts_dir), runs_dir=settings.runs_dir)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(page, encoding="utf-8")
 

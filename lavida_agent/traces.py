@@ -582,9 +582,32 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     return out
 
 
+def resumed_by(t: Trace, runs_dir: str | Path) -> str | None:
+    """The run that finished `t`'s work after `t` stopped (`LavidaAgent.resume`: the first
+    later run of the same `origin` with a result, as `recent_runs` says), or None. Reads
+    every trace in `runs_dir`."""
+    origin = t.inputs.get("origin") or t.run_id
+    done = []
+    for path in Path(runs_dir).glob("*.json"):
+        if path.stem == t.run_id:
+            continue
+        try:
+            other = Trace.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if other.result and (other.inputs.get("origin") or other.run_id) == origin:
+            done.append((other.started_at, other.run_id))
+    return min(done)[1] if done else None
+
+
 def _status_html(t: Trace, runs_dir: str | Path | None) -> str:
-    """ok, the error, running or unfinished (see `trace_status`)."""
+    """ok, the error, running or unfinished (see `trace_status`), and who finished a run
+    that a later run resumed."""
     status = trace_status(t, runs_dir)
+    later = resumed_by(t, runs_dir) if status not in ("ok", "running") and runs_dir is not None else None
+    if later is not None:
+        stopped = f"{html.escape(t.error)}; " if t.error else ""
+        return f"<span class=err>{stopped}</span>resumed: finished by run <code>{html.escape(later)}</code>"
     if status in ("failed", "stopped"):
         return f"<span class=err>{html.escape(t.error or '')}</span>"
     if status in ("ok", "running"):

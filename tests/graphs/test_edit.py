@@ -7,6 +7,7 @@ import json
 import networkx as nx
 import numpy as np
 import pytest
+from langgraph.checkpoint.memory import InMemorySaver
 
 from lavida_agent import prompts
 from lavida_agent.graphs import edit, ground, understand
@@ -29,6 +30,16 @@ def _plan(item, keep=()):
 
 def _scene(store):
     return store.put(draw(np.full((64, 64, 3), 10, np.uint8), [RED]))
+
+
+def test_a_turn_without_a_seed_takes_the_contexts_not_the_last_turns(engine, ctx, store):
+    g = edit.build_edit_graph().compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "seeds"}}
+    engine.enqueue_edit_plan(_plan(BLUE))
+    g.invoke({"instruction": "add a blue square", "image": _scene(store), "seed": 5}, cfg, context=ctx)
+    engine.enqueue_edit_plan(_plan(RED))
+    out = EditOutput.model_validate(g.invoke({"instruction": "add a red circle"}, cfg, context=ctx))
+    assert [s.seed for s in out.steps] == [5, ctx.seed]
 
 
 def test_route_after_verify():

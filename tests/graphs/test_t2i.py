@@ -408,6 +408,19 @@ def test_review_plan_asks_again_after_an_answer_it_cannot_use(engine, store):
     assert out.plan.source == "model" and engine.calls["plan_layout"] == 1 and out.attempts
 
 
+def test_review_plan_refuses_boxes_off_an_engines_canvas(store):
+    class Sized(FakeEngine):
+        canvas = 64  # an engine that says its canvas (PipelineBackend does)
+
+    ctx = Context(engine=Sized(), artifacts=store, review_plan=True, selection="accept")
+    g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "off-canvas"}}
+    g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+    out = g.invoke(Command(resume=[{"label": "red square", "box": [40, 40, 90, 90]}]), cfg, context=ctx)
+    (intr,) = out["__interrupt__"]
+    assert "outside the 64x64 canvas" in intr.value["problem"]
+
+
 def test_review_plan_approve(engine, store):
     ctx = Context(engine=engine, artifacts=store, review_plan=True, selection="accept")
     g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())

@@ -12,6 +12,7 @@ import pytest
 
 from lavida_agent.api import EditResult, GenerateResult, LavidaAgent
 from lavida_agent.errors import (
+    BusyError,
     GenerationCancelled,
     InvalidInputError,
     LavidaError,
@@ -22,7 +23,7 @@ from lavida_agent.errors import (
 )
 from lavida_agent.graphs.engine import EditPlanResult, EngineUnavailableError
 from lavida_agent.tools.images import ImageError, save_image
-from lavida_agent.traces import load_trace
+from lavida_agent.traces import load_trace, recent_runs
 from tests.fakes import FakeEngine, draw, label_color
 
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
@@ -273,8 +274,82 @@ def test_session_errors(agent):
         s.branch(3)
     with pytest.raises(InvalidInputError):
         s.edit("  ")
-    with pytest.raises(InvalidInputError, match="session id must not be empty"):
-        agent.session("")
+    for bad in ("", "  ", 123):
+        with pytest.raises(InvalidInputError, match="a session id is a non-empty string"):
+            agent.session(bad)
+    with pytest.raises(InvalidInputError, match="max_rounds must be an integer, got '2'"):
+        agent.generate("a red circle", rounds="2")
+
+
+def test_turns_of_one_session_from_two_threads_run_one_after_the_other(engine):
+    class SlowEditor(FakeEngine):
+        def edit(self, *args, **kw):
+            time.sleep(0.2)  # both turns would read the same state meanwhile
+            return super().edit(*args, **kw)
+
+    with LavidaAgent(engine=SlowEditor(), num_steps=2, max_rounds=1) as agent:
+        s = agent.session()
+        s.start(np.zeros((64, 64, 3), np.uint8))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(lambda ins: s.edit(ins, seed=1), ["add a blue square", "add a red circle"]))
+        assert sorted(r.step for r in done) == [0, 1]
+        history = s.history()
+        assert len(history) == 2 and {h.instruction for h in history} == {"add a blue square", "add a red circle"}
+        first, second = sorted(done, key=lambda r: r.step)
+        assert second.source_ref == first.image_ref  # the later turn edited the earlier one's result
+        assert s.current == second.image_ref
+
+        def nested(event):
+            if event.get("event") == "run_start":
+                s.edit("add a green square")
+
+        with pytest.raises(BusyError, match="in a turn of this thread already"):
+            s.edit("add a red circle", on_event=nested)
+
+
+def test_a_reopened_or_resumed_session_keeps_the_inputs_shape(engine):
+    with LavidaAgent(engine=engine, num_steps=2, max_rounds=1) as agent:
+        s = agent.session()
+        s.start(_wide_scene())
+        r = agent.session(s.thread_id).edit("make the red circle blue", seed=1)  # another Session object
+        assert r.content().shape == (32, 64, 3)
+        r2 = agent.session(s.thread_id).edit("make the red circle green", seed=2)
+        assert r2.content().shape == (32, 64, 3)
+        square = agent.session(s.thread_id).edit("make it red", image=np.zeros((64, 64, 3), np.uint8), seed=3)
+        assert square.content().shape == (64, 64, 3)  # a restart from a square image is square again
+
+
+def test_a_session_call_on_a_generate_runs_thread_is_refused_and_leaves_the_run(agent):
+    g = agent.generate("a red circle", seed=1)
+    s = agent.session(g.thread_id)
+    assert not s.exists
+    for call in (lambda: s.start(np.zeros((64, 64, 3), np.uint8)), lambda: s.edit("make it red"),
+                 lambda: s.edit("make it red", image=np.zeros((64, 64, 3), np.uint8))):  # fmt: skip
+        with pytest.raises(InvalidInputError, match="thread of another workflow's run"):
+            call()
+    assert agent.resume(g.run_id).image_ref == g.image_ref  # the run is as it was
+
+
+def test_an_exception_of_the_callers_on_event_is_raised_as_it_was(agent):
+    class Mine(Exception):
+        pass
+
+    def callback(event):
+        if event.get("event") == "plan":
+            raise ValueError("my callback bug")
+
+    with pytest.raises(ValueError, match="my callback bug") as e:
+        agent.generate("a red circle", seed=1, on_event=callback)
+    assert not isinstance(e.value, LavidaError)
+    (newest,) = recent_runs(agent.settings.runs_dir, limit=1)
+    assert newest["status"] == "failed" and "on_event raised ValueError: my callback bug" in newest["error"]
+
+    def on_start(event):
+        raise Mine("at the start")
+
+    with pytest.raises(Mine):
+        agent.generate("a red circle", seed=1, on_event=on_start)
+    assert recent_runs(agent.settings.runs_dir, limit=1)[0]["status"] == "failed"  # not left unfinished
 
 
 def test_from_pretrained_takes_the_checkpoint_once(engine):

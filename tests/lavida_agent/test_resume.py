@@ -143,6 +143,9 @@ def test_what_cannot_be_resumed_says_why(agent, engine):
     other = LavidaAgent(engine=engine, settings=agent.settings.replace(model_path="/elsewhere"))
     with other, pytest.raises(InvalidInputError, match="ran on model"):
         other.resume(stopped.value.run_id)
+    memory = LavidaAgent(engine=engine, settings=agent.settings.replace(db_path=":memory:"))
+    with memory, pytest.raises(InvalidInputError, match="database .* holds nothing of its thread"):
+        memory.resume(stopped.value.run_id)
 
 
 def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
@@ -155,9 +158,10 @@ def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     intercept(engine, "generate", 2, ctrl_c)  # Ctrl-C while the second round draws
     runner = CliRunner()
     res = runner.invoke(cli_mod.cli, ["generate", PROMPT, "--out", "a.png", "--seed", "5",
-                                      "--rounds", "3", "--steps", "2"])  # fmt: skip
+                                      "--rounds", "3", "--steps", "2", "--trace-html", "stopped.html"])  # fmt: skip
     assert res.exit_code == 1 and "Aborted" in res.output
     run_id = res.output.split("lavida-agent resume ")[1].split()[0]
+    assert run_id in (tmp_path / "stopped.html").read_text()  # the stopped run has its page too
     res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
@@ -168,6 +172,10 @@ def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     assert (tmp_path / "c.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     res = runner.invoke(cli_mod.cli, ["runs", "--unfinished"])
     assert res.exit_code == 0 and res.stdout == ""  # resumed: nothing left to finish
+    res = runner.invoke(cli_mod.cli, ["trace", run_id, "--out", "t.html"])
+    page = (tmp_path / "t.html").read_text()
+    assert res.exit_code == 0 and f"resumed: finished by run <code>{data['run_id']}</code>" in page
+    assert "to finish it" not in page
 
 
 def _stop_at(event: str, node: str | None = None) -> tuple[threading.Event, callable]:
