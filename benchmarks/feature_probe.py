@@ -105,9 +105,10 @@ def feature_probe(pipeline: Any, n_scenes: int = 120, seed: int = 5) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lavida_agent.benchmarks.feature_probe",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--model-path", default=None, help="pipeline folder (default: the embedded weights)")
-    parser.add_argument("--scenes", type=int, default=120)
+    parser.add_argument("--scenes", type=int, default=120, help="held-out scenes probed (default 120)")
     args = parser.parse_args(argv)
     from lavida_agent.model.pipeline_lavida import LavidaPipeline
 

@@ -2132,7 +2132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="run seed (held-out streams derive from it)")
     p.add_argument("--quick", action="store_true", help="tiny n: a smoke run")
     p.add_argument("--suites", default=None, help=f"comma list of {','.join(SUITES)} (default all)")
-    p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite")
+    p.add_argument("--agent-rounds", default="1,2,4", help="max_rounds values for the agent suite (default 1,2,4)")
     p.add_argument("--agent-tasks", default=",".join(AGENT_TASKS),
                    help="the agent suite's workflows: t2i, edit or both")  # fmt: skip
     p.add_argument("--agent-plan", default="on,off",
@@ -2147,7 +2147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agent t2i: rank attempts by plan fit, the worst image token, or the "
                         "critique score alone")  # fmt: skip
     p.add_argument("--stray-check", choices=("gate", "off"), default=None,
-                   help="agent t2i: reject and redraw marks off the plan (gate), or skip the check")  # fmt: skip
+                   help="agent t2i: reject an attempt with a mark off the plan (gate; the next round "
+                        "draws afresh), or skip the check (default: the settings')")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
