@@ -1456,6 +1456,8 @@ class Session:
         cancel: threading.Event | None = None,
     ) -> EditResult:
         """Run one turn: edit the current image (or `image`, which (re)starts the session).
+        Turns of one session called from several threads run one after another, each on the
+        result of the one before.
 
         Raises:
             InvalidInputError: an empty instruction, or no image yet in the session.
