@@ -184,6 +184,7 @@ class LavidaConfig(PretrainedConfig):
         self.loc_begin_token_id = loc_begin_token_id
         self.loc_end_token_id = loc_end_token_id
         self.initializer_range = initializer_range
+        self._check_sizes()  # before transformers reads the derived sizes
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
         self.validate_architecture()
 
@@ -207,8 +208,17 @@ class LavidaConfig(PretrainedConfig):
     def vision_tokens_per_image(self) -> int:
         return (self.image_size // self.vision_patch_size) ** 2
 
+    def _check_sizes(self) -> None:
+        for name in ("hidden_size", "num_heads", "num_layers", "intermediate_size", "image_size", "image_grid",
+                     "compression", "vision_patch_size", "vision_hidden_size", "vision_heads", "gen_hidden_size",
+                     "codebook_size"):  # fmt: skip
+            value = getattr(self, name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
     def validate_architecture(self) -> None:
         """Raise `ValueError` naming the offending values when the shapes do not fit."""
+        self._check_sizes()
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"

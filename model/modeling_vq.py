@@ -330,6 +330,9 @@ class VQImageTokenizer(nn.Module):
         return self.config.num_vq_embeddings
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if not pixels.is_floating_point():
+            raise ValueError(f"expected float pixels in [0, 1] (`images_to_tensor` turns uint8 images into "
+                             f"them), got {pixels.dtype}")  # fmt: skip
         size = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (self.config.in_channels, size, size):
             raise ValueError(
@@ -375,6 +378,8 @@ class VQImageTokenizer(nn.Module):
             `(B, 3, 64, 64)` float pixels clamped to [0, 1].
         """
         side = self.config.latent_size
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise ValueError(f"expected a tensor of integer codes, got {codes!r:.80}")
         if codes.ndim == 2 and codes.shape[1] == side * side:
             codes = codes.view(-1, side, side)
         if codes.ndim != 3 or codes.shape[1:] != (side, side):

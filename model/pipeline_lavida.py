@@ -1,9 +1,13 @@
 """`LavidaPipeline`: every task of the unified model behind one diffusers-style object.
 
 `plan`, `generate`, `edit`, `regenerate_regions`, `ground`, `understand` and `critique`
-take lists and return lists (one batched pass per call), accept `seed` (one per request,
-or one for all) or `generator`, a step `callback`, and an `interrupt` check, and return
-typed outputs. Conditions are encoded once per call and cached (one-way attention);
+take lists and return lists (one batched pass per call; a single image or text stands for
+a list of one, one text for every image; empty lists give empty outputs) and return typed
+outputs. All but `ground` (deterministic) accept `seed` (an integer per request, or one
+for all; None draws one from torch's global generator and reports it) or `generator`,
+and an `interrupt` check; the samplers also a step `callback`. Every request draws from
+its own generator, so a row comes out the same alone or in any batch; the same seed for
+two requests draws the same result twice. Conditions are encoded once per call and cached (one-way attention);
 image passes run with elastic activation (und rows skip the split layers).
 
 Folder layout written by `save_pretrained` (all offline, safetensors + JSON):
@@ -34,12 +38,13 @@ their product (`low_rank_delta`; `lavida-agent train ... --rank R` writes them).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -197,21 +202,87 @@ class CritiqueOutput:
 
 
 def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator | None], list[int | None]]:
-    """One generator per request: from `generator` (shared or a list), or from seeds."""
+    """One generator per request: from `generator` (one shared by every request, or one per
+    request), or from seeds (one for every request, or one per request). A seed of None
+    draws one from torch's global generator, so `torch.manual_seed` makes the call
+    reproducible (that generator advances, as diffusers' does; it is never re-seeded), and
+    the seed drawn is the one reported. Returns the generators and the seeds (None per
+    request with `generator`)."""
     if generator is not None:
-        gens = generator if isinstance(generator, list) else [generator] * n
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
         if len(gens) != n:
             raise ValueError(f"got {len(gens)} generators for {n} requests")
+        bad = next((g for g in gens if not isinstance(g, torch.Generator)), None)
+        if bad is not None:
+            raise ValueError(f"generator must be a torch.Generator (or a list of one per request), got {bad!r}")
         return gens, [None] * n
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
+    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed] * n
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} requests")
-    gens = []
+    gens, used = [], []
     for s in seeds:
+        if s is None:
+            s = int(torch.randint(0, SEED_LIMIT - 1, ()).item())
+        elif isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < SEED_LIMIT:
+            raise ValueError(f"a seed is an integer in [0, 2**63), or None; got {s!r}")
         g = torch.Generator(device="cpu")
-        g.manual_seed(int(s) if s is not None else int(torch.seed() % 2**63))
+        g.manual_seed(int(s))
         gens.append(g)
-    return gens, seeds
+        used.append(int(s))
+    return gens, used
+
+
+SEED_LIMIT = 2**63
+"""Seeds are below this (torch's generators take 64-bit seeds; JSON readers often only
+signed 64-bit integers)."""
+
+
+@contextlib.contextmanager
+def _no_hf_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block: a few MB load and save at once."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _paired(images, texts, name: str) -> tuple[list, list]:
+    """`(images, texts)` as lists of one entry per image: a single image or text stands for
+    a list of one, and one text for every image; any other length is a `ValueError`."""
+    images = _as_list(images)
+    return images, _as_list(texts, len(images), name)
+
+
+def _plan_rows(plans, n: int) -> list[list[PlanItem] | None]:
+    """One plan per request (None: none; `plans=None`: none for any), each a list of items
+    `(label, (x0, y0, x1, y1))` or `{"label", "box"}` (the agent's layout items)."""
+    if plans is None:
+        return [None] * n
+    rows = _as_list(plans, n, "plans (one plan per request, each a list of items)")
+    return [None if plan is None else [_plan_item(item) for item in plan] for plan in rows]
+
+
+def _plan_item(item) -> PlanItem:
+    label, box = (item.get("label"), item.get("box")) if isinstance(item, dict) else (
+        item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None))  # fmt: skip
+    if not isinstance(label, str) or not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise ValueError(f"a plan item is (label, (x0, y0, x1, y1)) or {{'label', 'box'}}, got {item!r} "
+                         "(plans hold one list of items per request)")  # fmt: skip
+    return label, tuple(box)
+
+
+def _check_steps(num_steps, default: int) -> int:
+    """`num_steps` (None: `default`), which must be a whole number of steps, at least 1."""
+    if num_steps is None:
+        return int(default)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1 (or None for the default), got {num_steps!r}")
+    return int(num_steps)
 
 
 RERANK_MARGIN = 20.0
@@ -501,15 +572,24 @@ class LavidaPipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     # ------------------------------------------------------------------ save / load
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path | None = None, *, device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
     ) -> LavidaPipeline:  # fmt: skip
-        """Load a pipeline folder (default: the embedded weights), offline."""
+        """Load a pipeline folder (default: the embedded weights), offline, in `dtype`
+        (default float32; `torch_dtype` is diffusers' name for it)."""
         from transformers import AutoTokenizer
+
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("give dtype or torch_dtype (the same setting), not both")
+        dtype = dtype or torch_dtype or torch.float32
 
         root = Path(path) if path is not None else default_weights_path()
         index_file = root / "pipeline_index.json"
@@ -518,16 +598,9 @@ class LavidaPipeline:
                 f"no pipeline_index.json in {root}: not a LavidaPipeline folder"
                 + (" (the embedded weights are missing: train them with `lavida-agent train`)" if path is None else "")
             )
-        from transformers.utils import logging as hf_logging
-
         index = json.loads(index_file.read_text())
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a few MB load instantly: no "Loading weights" bar
-        try:
+        with _no_hf_bars():
             model = LavidaForMaskedDiffusion.from_pretrained(root / index["transformer"], dtype=dtype)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
         vq = VQImageTokenizer.from_pretrained(root / index["vq"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / index["tokenizer"])
         from safetensors.torch import load_file
@@ -553,7 +626,8 @@ class LavidaPipeline:
             import copy
 
             model = copy.deepcopy(model).to(dtype)
-        model.save_pretrained(root / "transformer")
+        with _no_hf_bars():
+            model.save_pretrained(root / "transformer")
         self.vq.save_pretrained(root / "vq", dtype=dtype)
         self.tokenizer.save_pretrained(root / "tokenizer")
         index = {"transformer": "transformer", "vq": "vq", "tokenizer": "tokenizer"}
@@ -583,12 +657,19 @@ class LavidaPipeline:
         index["defaults"] = self.defaults
         (root / "pipeline_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    def to(self, device) -> LavidaPipeline:
-        self.model.to(device)
+    def _no_images(self) -> ImageOutput:
+        """What an image method returns for no requests."""
+        G = self.config.image_grid
+        return ImageOutput(images=[], codes=torch.empty(0, G, G, dtype=torch.long), plans=[], seeds=[])
+
+    def to(self, *args, **kwargs) -> LavidaPipeline:
+        """Move (and/or cast) every part as `nn.Module.to` does: `to("cuda")`,
+        `to(torch.bfloat16)`, `to("cuda", torch.bfloat16)`, `to(device=..., dtype=...)`."""
+        self.model.to(*args, **kwargs)
         for _, attr, _ in OWN_MODELS.values():
             if getattr(self, attr) is not None:
-                getattr(self, attr).to(device)
-        self.vq.to(device)
+                getattr(self, attr).to(*args, **kwargs)
+        self.vq.to(*args, **kwargs)
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -657,6 +738,8 @@ class LavidaPipeline:
         `combine` turns the per-group logits into guided logits; `shift` is one schedule
         shift or one per row (default: `defaults["shift"]`); `model` draws (default: the
         pipeline's). Returns codes (B, G, G)."""
+        if preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0 (0: no previews), got {preview_every}")
         cfg = self.config
         G, P = cfg.image_grid, cfg.positions_per_image
         B = len(examples) // groups
@@ -675,7 +758,7 @@ class LavidaPipeline:
         total = len(sampler.timesteps)
         for i in sampler.timesteps:
             if interrupt is not None and interrupt():
-                raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
+                raise PipelineInterrupted(f"{task} interrupted after {i} of {total} steps")
             codes = sample.view(B, G, G).repeat(groups, 1, 1)
             logits = self._forward(model, **tgt, gen_codes=codes, condition_cache=cache, elastic=True).image_logits
             logits = logits.view(groups, B, G * G, -1)
@@ -724,7 +807,7 @@ class LavidaPipeline:
         total = len(timesteps)
         for i in timesteps:
             if interrupt is not None and interrupt():
-                raise PipelineInterrupted(f"{task} interrupted at step {i} of {total}")
+                raise PipelineInterrupted(f"{task} interrupted after {i} of {total} steps")
             logits = self._forward(model, **{**tgt, "input_ids": sample}, condition_cache=cache).text_logits
             sample = sampler.step(logits, i, sample, generator=gens, allowed=allowed).prev_sample
             if callback is not None:
@@ -762,10 +845,12 @@ class LavidaPipeline:
         square, its label's size range, same centre); `texts` keeps the raw model output.
         """
         prompts = _as_list(prompts)
+        if not prompts:
+            return PlanOutput(plans=[], texts=[])
         gens, _ = _generators(seed, generator, len(prompts), self.device)
         exs = [build_t2i(self.tokenizer, self.config, p, with_plan=True, with_image=False) for p in prompts]
         texts = self._decode_text(
-            exs, PLAN_LEN, gens=gens, num_steps=num_steps or 2 * self.defaults["text_steps"],
+            exs, PLAN_LEN, gens=gens, num_steps=_check_steps(num_steps, 2 * self.defaults["text_steps"]),
             temperature=temperature, allowed=self._text_allowed(), callback=callback,
             interrupt=interrupt, task="plan",
         )  # fmt: skip
@@ -808,13 +893,15 @@ class LavidaPipeline:
         of the scene away. `texts` are the model's plans as written, before snapping and
         this.
         """
-        images, instructions = _as_list(images), _as_list(instructions)
+        images, instructions = _paired(images, instructions, "instructions")
+        if not images:
+            return PlanOutput(plans=[], texts=[])
         gens, _ = _generators(seed, generator, len(images), self.device)
         codes = self._encode_images(images)
         exs = [build_edit(self.tokenizer, self.config, ins, im, c, with_plan=True, with_image=False)
                for ins, im, c in zip(instructions, images, codes)]  # fmt: skip
         ids = self._decode_text_ids(
-            exs, PLAN_LEN, gens=gens, num_steps=num_steps or 2 * self.defaults["text_steps"],
+            exs, PLAN_LEN, gens=gens, num_steps=_check_steps(num_steps, 2 * self.defaults["text_steps"]),
             temperature=temperature, allowed=self._text_allowed(), callback=callback,
             interrupt=interrupt, task="plan_edit",
             model=self.edit_planner if self.defaults["edit_planner_first_step"] else None,
@@ -887,8 +974,10 @@ class LavidaPipeline:
             interrupt: called before each step; True stops with `PipelineInterrupted`.
         """
         prompts = _as_list(prompts)
-        plans = _as_list(plans, len(prompts), "plans") if plans is not None else [None] * len(prompts)
+        plans = _plan_rows(plans, len(prompts))
         gens, seeds = _generators(seed, generator, len(prompts), self.device)
+        if not prompts:
+            return self._no_images()
         d = self.defaults
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         cond = [build_t2i(self.tokenizer, self.config, p, plan=pl, micro_conditions=micro_conditions)
@@ -902,7 +991,7 @@ class LavidaPipeline:
                 groups = 2
             codes[ix] = self._decode_image(
                 exs, groups=groups, combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
-                start=None, gens=[gens[i] for i in ix], num_steps=num_steps or d["num_steps"],
+                start=None, gens=[gens[i] for i in ix], num_steps=_check_steps(num_steps, d["num_steps"]),
                 temperature=d["temperature"] if temperature is None else temperature,
                 order=order or d["order"], callback=step, preview_every=preview_every,
                 interrupt=interrupt, task="generate", model=model,
@@ -921,11 +1010,13 @@ class LavidaPipeline:
 
         Masked diffusion can inpaint: codes outside the boxes stay exactly as they were.
         """
-        images, prompts = _as_list(images), _as_list(prompts)
+        images, prompts = _paired(images, prompts, "prompts")
         n = len(images)
         boxes = _as_list(boxes, n, "boxes")
-        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        plans = _plan_rows(plans, n)
         gens, seeds = _generators(seed, generator, n, self.device)
+        if not n:
+            return self._no_images()
         cfg, d = self.config, self.defaults
         codes, redrawn = self._mask_boxes(self._encode_images(images), boxes)
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -934,7 +1025,7 @@ class LavidaPipeline:
         out = self._decode_image(
             exs, groups=2 if g else 1,
             combine=(lambda lg: (1 + g) * lg[0] - g * lg[1]) if g else (lambda lg: lg[0]),
-            start=codes, gens=gens, num_steps=num_steps or d["num_steps"],
+            start=codes, gens=gens, num_steps=_check_steps(num_steps, d["num_steps"]),
             temperature=d["temperature"] if temperature is None else temperature,
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="regenerate_regions",
@@ -963,10 +1054,10 @@ class LavidaPipeline:
         Returns:
             One list per image, one score per box.
         """
-        images, prompts = _as_list(images), _as_list(prompts)
+        images, prompts = _paired(images, prompts, "prompts")
         n = len(images)
         boxes = _as_list(boxes, n, "boxes")
-        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        plans = _plan_rows(plans, n)
         # callers pass one image many times (a candidate per colour): encode each once
         first = {id(im): k for k, im in reversed(list(enumerate(images)))}
         unique = sorted(set(first.values()))
@@ -1029,9 +1120,9 @@ class LavidaPipeline:
         Returns:
             `(n, G, G)` float scores, one per image token (`image_grid` cells a side).
         """
-        images, prompts = _as_list(images), _as_list(prompts)
+        images, prompts = _paired(images, prompts, "prompts")
         n = len(images)
-        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        plans = _plan_rows(plans, n)
         G = self.config.image_grid
         black = np.add.outer(np.arange(G), np.arange(G)) % 2 == 0
         codes = self._encode_images(images) if n else []
@@ -1062,8 +1153,8 @@ class LavidaPipeline:
             One list per image of `(box, score)`: each mark's pixel box (its cells) and its
             lowest cell score, lowest first.
         """
-        images, prompts = _as_list(images), _as_list(prompts)
-        plans = _as_list(plans, len(images), "plans")
+        images, prompts = _paired(images, prompts, "prompts")
+        plans = _plan_rows(plans, len(images))
         planned = [i for i, plan in enumerate(plans) if plan is not None]
         if scores is None:  # only the rows with a plan are read
             read = self.surprise([images[i] for i in planned], [prompts[i] for i in planned],
@@ -1089,6 +1180,12 @@ class LavidaPipeline:
         """Mask every code whose cell overlaps one of the row's boxes (pixels), except the
         cells wholly inside one of its `keep` boxes; a row whose boxes are None is masked
         whole. Returns the codes (B, G, G) and the redrawn cells."""
+        for name, rows in (("regions", boxes), ("keep", keep or ())):
+            for row in rows:
+                if row is not None and not (isinstance(row, (list, tuple)) and all(
+                        isinstance(box, (list, tuple, np.ndarray)) and len(box) == 4 for box in row)):  # fmt: skip
+                    raise ValueError(f"{name} hold one list of (x0, y0, x1, y1) boxes per image (or None), got "
+                                     f"{row!r}")  # fmt: skip
         cfg = self.config
         codes = torch.from_numpy(np.stack(codes))  # (B, G, G)
         for b, row in enumerate(boxes):
@@ -1141,10 +1238,14 @@ class LavidaPipeline:
         have different drawers runs in one pass per drawer, each calling `callback` with its
         own `StepInfo.rows`.
         """
-        images, instructions = _as_list(images), _as_list(instructions)
+        images, instructions = _paired(images, instructions, "instructions")
         n = len(images)
-        plans = _as_list(plans, n, "plans") if plans is not None else [None] * n
+        plans = _plan_rows(plans, n)
         gens, seeds = _generators(seed, generator, n, self.device)
+        if keep is not None and regions is None:
+            raise ValueError("keep spares cells of the regions: it needs regions")
+        if not n:
+            return self._no_images()
         cfg, d = self.config, self.defaults
         g = d["guidance_scale"] if guidance_scale is None else guidance_scale
         gi = d["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
@@ -1164,7 +1265,10 @@ class LavidaPipeline:
             region_rows = _as_list(regions, n, "regions")
             keep_rows = _as_list(keep, n, "keep") if keep is not None else None
             start, redrawn = self._mask_boxes(src, region_rows, keep_rows)
-        temperature = self._edit_temperatures(instructions) if temperature is None else temperature
+        temperature = (self._edit_temperatures(instructions) if temperature is None
+                       else temperature if isinstance(temperature, (int, float))
+                       else [float(t) for t in _as_list(list(np.asarray(temperature, dtype=float).ravel()), n,
+                                                        "temperature (one, or one per image)")])  # fmt: skip
         drawers = [self.edit_region_model if r is not None else self.edit_model if pl is None else None
                    for pl, r in zip(plans, region_rows)]  # fmt: skip
         out = torch.empty(n, cfg.image_grid, cfg.image_grid, dtype=torch.long)
@@ -1176,8 +1280,8 @@ class LavidaPipeline:
                 exs += [drop_conditions(cond[i], cfg, prompt=True, source=False) for i in ix]
             out[ix] = self._decode_image(
                 exs, groups=len(exs) // len(ix), combine=combine, start=None if start is None else start[ix],
-                gens=[gens[i] for i in ix], num_steps=num_steps or d["num_steps"],
-                temperature=[temperature[i] for i in ix] if isinstance(temperature, Sequence) else temperature,
+                gens=[gens[i] for i in ix], num_steps=_check_steps(num_steps, d["num_steps"]),
+                temperature=[temperature[i] for i in ix] if isinstance(temperature, list) else temperature,
                 order=order or d["order"], callback=step, preview_every=preview_every,
                 interrupt=interrupt, task="edit", model=model,
             ).cpu()  # fmt: skip
@@ -1262,8 +1366,14 @@ class LavidaPipeline:
             `boxes` (the kept box of each expression), `candidates` (every candidate, the
             first one first) and, with views, `votes` (how many views found each candidate).
         """
+        if not isinstance(images, (list, tuple)) and isinstance(expressions, (list, tuple)) \
+                and all(isinstance(e, str) for e in expressions):  # fmt: skip
+            expressions = [list(expressions)]  # one image, several expressions
         images = _as_list(images)
-        expressions = [list(e) if not isinstance(e, str) else [e] for e in _as_list(expressions, len(images), "expressions")]
+        expressions = [list(e) if not isinstance(e, str) else [e]
+                       for e in _as_list(expressions, len(images), "expressions (one list per image)")]  # fmt: skip
+        if not images:
+            return GroundingOutput(boxes=[])
         d = self.defaults
         if views is None:
             views = d["ground_views"] if candidates is None and num_steps != 1 else 1
@@ -1277,7 +1387,7 @@ class LavidaPipeline:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         if K > 1 and V > 1:
             raise ValueError(f"read with candidates or with views, not both (got candidates={K}, views={V})")
-        steps = int(num_steps or max(d["ground_steps"], 1 if K == 1 else 2))
+        steps = _check_steps(num_steps, max(d["ground_steps"], 1 if K == 1 else 2))
         if not (1 if K == 1 else 2) <= steps <= 4:
             raise ValueError(f"num_steps must be {1 if K == 1 else 2} to 4 for a 4-coordinate box "
                              f"with {K} candidate(s), got {steps}")  # fmt: skip
@@ -1449,19 +1559,23 @@ class LavidaPipeline:
     ) -> TextOutput:  # fmt: skip
         """Answer questions about images (and captions for `describe the image.`), with
         `reader`'s answer-side weights when the pipeline has them."""
-        images = _as_list(images)
-        questions = _as_list(questions, len(images), "questions")
+        images, questions = _paired(images, questions, "questions")
         gens, _ = _generators(seed, generator, len(images), self.device)
         texts: list[str] = [""] * len(images)
-        # Captions and short answers have different slot lengths: one batched pass each.
-        for length in sorted({answer_length(q) for q in questions}):
-            rows = [i for i, q in enumerate(questions) if answer_length(q) == length]
+        # Captions and short answers have different slot lengths: one batched pass each
+        # (with several, each callback tags its `StepInfo` with the rows it advances).
+        lengths = [answer_length(q) for q in questions]
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            step = callback
+            if callback is not None and len(set(lengths)) > 1:
+                step = lambda info, rows=rows: callback(replace(info, rows=list(rows)))  # noqa: E731
             exs = [build_understand(self.tokenizer, self.config, self._check_image(images[i]), questions[i])
                    for i in rows]  # fmt: skip
             out = self._decode_text(
                 exs, length, gens=[gens[i] for i in rows],
-                num_steps=num_steps or self.defaults["text_steps"], temperature=temperature,
-                allowed=self._text_allowed(words_only=True), callback=callback, interrupt=interrupt,
+                num_steps=_check_steps(num_steps, self.defaults["text_steps"]), temperature=temperature,
+                allowed=self._text_allowed(words_only=True), callback=step, interrupt=interrupt,
                 task="understand", model=self.reader,
             )  # fmt: skip
             for i, text in zip(rows, out):
@@ -1475,8 +1589,9 @@ class LavidaPipeline:
         """The model's own verdict: does each image match its prompt, and what is wrong."""
         from lavida_agent.tools.shapes_world.language import parse_verdict
 
-        images = _as_list(images)
-        prompts = _as_list(prompts, len(images), "prompts")
+        images, prompts = _paired(images, prompts, "prompts")
+        if not images:
+            return CritiqueOutput(ok=[], reasons=[], texts=[])
         gens, _ = _generators(seed, generator, len(images), self.device)
         exs = [build_critique(self.tokenizer, self.config, self._check_image(im), p)
                for im, p in zip(images, prompts)]  # fmt: skip
@@ -1484,7 +1599,7 @@ class LavidaPipeline:
         # reasons follow it. Left to confidence order, content words are committed first and
         # force a `no` (the shipped model rejected every image; see issue 4's notes).
         texts = self._decode_text(
-            exs, CRITIQUE_LEN, gens=gens, num_steps=num_steps or self.defaults["text_steps"],
+            exs, CRITIQUE_LEN, gens=gens, num_steps=_check_steps(num_steps, self.defaults["text_steps"]),
             temperature=0.0, allowed=self._text_allowed(), callback=callback, interrupt=interrupt,
             task="critique", first_choices=self.tokenizer.convert_tokens_to_ids(["yes", "no"]),
         )  # fmt: skip

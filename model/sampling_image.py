@@ -138,6 +138,9 @@ class ImageMaskSampler:
         temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
         if not temps or any(t < 0 for t in temps):
             raise ValueError(f"temperature must be >= 0 (one, or one per row), got {temperature}")
+        shifts = [shift] if isinstance(shift, (int, float)) else list(shift)
+        if not shifts or any(not v > 0 for v in shifts):
+            raise ValueError(f"shift must be > 0 (one, or one per row; 1: linear), got {shift}")
         self.mask_code = mask_code
         self.shift = shift
         self.order = order

@@ -38,6 +38,8 @@ class TextMaskSampler:
     def __init__(self, mask_token_id: int, *, block_length: int = 16, temperature: float = 0.0):
         if block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {block_length}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: the most likely token), got {temperature}")
         self.mask_token_id = mask_token_id
         self.block_length = block_length
         self.temperature = temperature

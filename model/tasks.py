@@ -334,7 +334,10 @@ def _plan_segment(b: SequenceBuilder, plan, *, plan_is_target: bool, with_plan: 
     elif plan_is_target:
         b.padded_answer(plan_text(plan), PLAN_LEN, 1)
     else:
-        ids = b.encode(plan_text(plan))[: PLAN_LEN - 1]
+        ids = b.encode(plan_text(plan))
+        if len(ids) > PLAN_LEN - 1:
+            raise ValueError(f"a plan of {len(plan)} items takes {len(ids)} tokens; the model reads at most "
+                             f"{PLAN_LEN - 1} (four items like 'small red circle')")  # fmt: skip
         b.tokens(ids + [b.cfg.eos_token_id] * (PLAN_LEN - len(ids)), 1)
     return 2
 
@@ -426,11 +429,19 @@ def build_ground(
 
 
 def answer_length(question: str) -> int:
-    """Answer slot length: captions (`describe the image.`) are long, answers short.
+    """Answer slot length: a question of the ShapesWorld grammar other than the caption
+    (`describe the image.`) gets a short slot, anything else, the caption and text outside
+    the grammar (`please describe the image.`), the caption's long one.
 
-    A short slot keeps the [EOS] padding from drowning the answer's training signal.
+    A short slot keeps the [EOS] padding from drowning the answer's training signal; a
+    question outside the grammar may want more than a word or two.
     """
-    return CAPTION_LEN if question.strip().lower().startswith("describe") else ANSWER_LEN
+    from lavida_agent.tools.shapes_world.language import GrammarError, parse_question
+
+    try:
+        return CAPTION_LEN if parse_question(question).kind == "caption" else ANSWER_LEN
+    except GrammarError:
+        return CAPTION_LEN
 
 
 def build_understand(

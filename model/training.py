@@ -1215,28 +1215,17 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     export = out / "export"
     if ranks.main:
         model.eval()
-        export_pipeline(model, vq, tokenizer, export, progress=progress)
+        export_pipeline(model, vq, tokenizer, export)
     ranks.close()
     return {"step": step, "export": str(export)} if ranks.main else None
 
 
-def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtype = torch.float16,
-                    progress: bool = False) -> Path:  # fmt: skip
-    """Write a `LavidaPipeline` folder (fp16 safetensors + JSON) from trained parts
-    (`progress`: transformers' bar while it writes the weights)."""
-    from transformers.utils import logging as hf_logging
-
+def export_pipeline(model, vq, tokenizer, dest: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a `LavidaPipeline` folder (fp16 safetensors + JSON) from trained parts."""
     from .pipeline_lavida import LavidaPipeline
 
     pipe = LavidaPipeline(model.to("cpu").float(), vq.to("cpu").float(), tokenizer)
-    shown = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        pipe.save_pretrained(dest, dtype=dtype)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+    pipe.save_pretrained(dest, dtype=dtype)
     return Path(dest)
 
 

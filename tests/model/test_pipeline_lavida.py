@@ -761,3 +761,132 @@ def test_a_pipeline_in_half_precision_reads_images_too(tiny_model, tiny_vq, toke
     assert isinstance(half.understand([scene_image], ["describe the image."], num_steps=2).texts[0], str)
     assert half.ground([scene_image], ["the red circle"], num_steps=1).boxes is not None
     assert half.edit([scene_image], ["make the red circle blue"], num_steps=2).images[0].shape == scene_image.shape
+
+
+# -- the API's edges: seeds, list lengths, empty batches, bad values ---------------------------
+
+
+def test_seed_none_draws_from_torchs_global_generator_without_reseeding_it(pipe):
+    torch.manual_seed(0)
+    a = pipe.generate(["a red circle"], seed=None, num_steps=2)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    b = pipe.generate(["a red circle"], seed=None, num_steps=2)
+    assert torch.initial_seed() == 0 and torch.equal(torch.rand(1), after)  # the stream went on, not re-seeded
+    assert a.seeds == b.seeds and isinstance(a.seeds[0], int)  # the seed drawn is reported
+    assert np.array_equal(a.images[0], b.images[0])
+    again = pipe.generate(["a red circle"], seed=a.seeds[0], num_steps=2)
+    assert np.array_equal(again.images[0], a.images[0])
+
+
+@pytest.mark.parametrize("seed", [1.7, "1", -1, 2**63, True])
+def test_a_seed_is_a_non_negative_integer(pipe, seed):
+    with pytest.raises(ValueError, match="a seed is an integer"):
+        pipe.generate(["a red circle"], seed=seed, num_steps=1)
+
+
+def test_seeds_of_numpy_integers_and_generators_are_checked(pipe):
+    assert pipe.generate(["a red circle"], seed=np.int64(3), num_steps=1).seeds == [3]
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        pipe.generate(["a red circle"], generator=5, num_steps=1)
+    two = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    assert len(pipe.generate(["a", "b"], generator=two, num_steps=1).images) == 2  # a tuple is a list
+
+
+def test_every_request_list_must_match_the_images(pipe, scene_image):
+    img = scene_image
+    calls = {  # a second text for one image was dropped, a missing one crashed inside
+        "edit": lambda ims, texts: pipe.edit(ims, texts, num_steps=1),
+        "plan_edit": lambda ims, texts: pipe.plan_edit(ims, texts, num_steps=1, ground=False),
+        "regenerate_regions": lambda ims, texts: pipe.regenerate_regions(ims, texts, [[(0, 0, 8, 8)]] * len(ims),
+                                                                         num_steps=1),
+        "region_fit": lambda ims, texts: pipe.region_fit(ims, texts, [[(0, 0, 8, 8)]] * len(ims)),
+        "surprise": lambda ims, texts: pipe.surprise(ims, texts),
+        "critique": lambda ims, texts: pipe.critique(ims, texts, num_steps=1),
+    }
+    for call in calls.values():
+        for ims, texts in (([img], ["a red circle", "a blue square"]), ([img, img], ["a red circle"])):
+            with pytest.raises(ValueError, match="expected .* entries"):
+                call(ims, texts)
+    assert len(pipe.surprise([img, img], "a red circle")) == 2  # one text stands for every image
+
+
+def test_empty_requests_give_empty_outputs(pipe):
+    assert pipe.plan([]).plans == [] and pipe.generate([]).images == []
+    assert pipe.edit([], []).images == [] and pipe.plan_edit([], []).plans == []
+    assert pipe.regenerate_regions([], [], []).images == [] and pipe.generate([]).codes.shape[0] == 0
+    assert pipe.ground([], []).boxes == [] and pipe.critique([], []).ok == [] and pipe.understand([], []).texts == []
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"num_steps": 0}, "num_steps must be an integer >= 1"), ({"num_steps": 2.5}, "num_steps must be an integer"),
+    ({"shift": 0}, "shift must be > 0"), ({"shift": -1.0}, "shift must be > 0"),
+    ({"preview_every": -1}, "preview_every must be >= 0"),
+])  # fmt: skip
+def test_bad_sampler_values_are_refused(pipe, kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        pipe.generate(["a red circle"], **kwargs)
+
+
+def test_more_bad_values_are_refused(pipe, scene_image):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        pipe.understand([scene_image], ["what color is the circle?"], temperature=-1)
+    with pytest.raises(ValueError, match="keep spares cells of the regions"):
+        pipe.edit([scene_image], ["make the red circle blue"], keep=[[(0, 0, 8, 8)]], num_steps=1)
+    with pytest.raises(ValueError, match="one list of .* boxes per image"):
+        pipe.edit([scene_image], ["make the red circle blue"], regions=[(0, 0, 8, 8)], num_steps=1)
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+        pipe.ground([scene_image], [["the red circle"]], num_steps=0)
+    five = [(f"small red {s}", (4 + 12 * i, 4, 14 + 12 * i, 14)) for i, s in enumerate(["circle"] * 5)]
+    with pytest.raises(ValueError, match="the model reads at most"):
+        pipe.generate(["five red circles"], plans=[five], num_steps=1)
+
+
+def test_edit_temperatures_may_be_an_array_of_one_per_image(pipe, scene_image):
+    two = [scene_image, scene_image]
+    out = pipe.edit(two, ["make the red circle blue"] * 2, temperature=np.array([0.0, 1.0]), num_steps=1)
+    assert len(out.images) == 2
+    with pytest.raises(ValueError, match="temperature"):
+        pipe.edit(two, ["make the red circle blue"] * 2, temperature=np.array([0.0, 1.0, 0.5]), num_steps=1)
+
+
+def test_plans_take_the_agents_item_form_and_one_image_takes_a_flat_list_of_expressions(pipe, scene_image):
+    tuples = pipe.generate(["a red circle"], plans=[[("small red circle", (4, 4, 16, 16))]], num_steps=2, seed=1)
+    dicts = pipe.generate(["a red circle"], plans=[[{"label": "small red circle", "box": [4, 4, 16, 16]}]],
+                          num_steps=2, seed=1)  # fmt: skip
+    assert np.array_equal(tuples.images[0], dicts.images[0])
+    with pytest.raises(ValueError, match="a plan item is"):
+        pipe.generate(["a red circle"], plans=[("small red circle", (4, 4, 16, 16))], num_steps=1)
+    flat = pipe.ground(scene_image, ["the red circle", "the blue square"], num_steps=1)
+    nested = pipe.ground([scene_image], [["the red circle", "the blue square"]], num_steps=1)
+    assert flat.boxes == nested.boxes and len(flat.boxes[0]) == 2
+
+
+def test_understand_tags_each_pass_with_its_rows(pipe, scene_image):
+    seen = []
+    pipe.understand([scene_image] * 2, ["describe the image.", "what color is the circle?"], num_steps=2,
+                    callback=lambda info: seen.append(info.rows))  # fmt: skip
+    assert sorted({tuple(r) for r in seen}) == [(0,), (1,)]
+
+
+def test_to_takes_a_device_and_a_dtype_and_from_pretrained_a_torch_dtype(pipe, tmp_path):
+    import copy
+
+    moved = copy.deepcopy(pipe).to("cpu", torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and moved.vq.quantizer.embedding.dtype == torch.bfloat16
+    assert copy.deepcopy(pipe).to(dtype=torch.float16).dtype == torch.float16
+    pipe.save_pretrained(tmp_path / "p")
+    assert LavidaPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="not both"):
+        LavidaPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16, torch_dtype=torch.float16)
+
+
+def test_the_tokenizer_and_config_name_bad_inputs(tiny_vq):
+    from lavida_agent.model.configuration_lavida import PRESETS, LavidaConfig
+
+    with pytest.raises(ValueError, match="expected float pixels"):
+        tiny_vq.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="integer codes"):
+        tiny_vq.decode(torch.full((1, 16, 16), 3.7))
+    with pytest.raises(ValueError, match="num_heads must be a positive integer"):
+        LavidaConfig(**{**PRESETS["tiny"], "num_heads": 0})
