@@ -193,13 +193,21 @@ class EditResult(RunResult):
         with `crop`, without the letterbox padding of a non-square input (`content()`)."""
         return _save(self.content() if crop else self.image, path, scale)
 
-    def content(self) -> np.ndarray:
-        """The image without the letterbox padding added to a non-square input."""
+    def content(self, image: np.ndarray | None = None) -> np.ndarray:
+        """The image (or `image`, another of the canvas' size) without the letterbox padding
+        added to a non-square input."""
+        image = self.image if image is None else image
+        box = self.content_box()
+        return image if box is None else image[box[1] : box[3], box[0] : box[2]]
+
+    def content_box(self) -> tuple[int, int, int, int] | None:
+        """`(x0, y0, x1, y1)`: where the input's content lies in the canvas image (None: the
+        input was not letterboxed, the whole image is content)."""
         if self.letterbox is None or self.source_ref is None:
-            return self.image
+            return None
         lb = self.letterbox
         w, h = _input_size(lb, self.letterbox_source)
-        return self.image[lb.pad_y : lb.pad_y + h, lb.pad_x : lb.pad_x + w]
+        return lb.pad_x, lb.pad_y, lb.pad_x + w, lb.pad_y + h
 
     letterbox_source: tuple[int, int] | None = None
     """`(width, height)` of the original input image when one was letterboxed."""
@@ -1381,8 +1389,8 @@ class Session:
         run's `thread_id`): its checkpoints would be overwritten and its run lost."""
         snapshot = self._session.graph.get_state(self._session.config)
         if snapshot.config.get("configurable", {}).get("checkpoint_id") and "instruction" not in snapshot.values:
-            raise InvalidInputError(f"{self.thread_id!r} is the thread of another workflow's run (a generate "
-                                    "run), not a session: start a session under a new id")  # fmt: skip
+            raise InvalidInputError(f"{self.thread_id!r} is the thread of another workflow's run (generate, "
+                                    "ground, ask or critique), not a session: start a session under a new id")  # fmt: skip
 
     def state(self) -> EditState:
         """The session's state on its current branch."""

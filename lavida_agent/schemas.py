@@ -415,6 +415,12 @@ class _OpenAIFields(_Request):
     _check_steps = field_validator("steps")(_steps_limit)
     _check_rounds = field_validator("rounds")(_rounds_limit)
 
+    @field_validator("n", "response_format", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        """OpenAI types these "... or null": an explicit null (a client's unset field) is the default."""
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("n")
     @classmethod
     def _check_n(cls, v: int, info: ValidationInfo) -> int:
@@ -548,6 +554,13 @@ class EditResponse(_RunOut):
     )
     attempts: list[AttemptOut]
     image: ImageOut
+    source_size: list[int] | None = Field(
+        default=None, description="[width, height] of the image the session started from, when "
+        "it was letterboxed into the model's square canvas (else null).")  # fmt: skip
+    content_box: list[int] | None = Field(
+        default=None, description="[x0, y0, x1, y1]: where that image's content lies in `image` "
+        "(canvas pixels); cropping `image` to it gives the edit in the input's shape, as the "
+        "CLI writes it (null: the whole image).")  # fmt: skip
 
 
 class GroundResponse(_RunOut):

@@ -106,7 +106,7 @@ from lavida_agent.api import (
     Session,
     run_with_events,
 )
-from lavida_agent.errors import InvalidInputError, LavidaError
+from lavida_agent.errors import GenerationCancelled, InvalidInputError, LavidaError
 from lavida_agent.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -467,6 +467,8 @@ class _Service:
             regions=[b.as_list() for b in plan.regions] if plan else [],
             keep=self._boxes(plan.keep) if plan else [],
             attempts=attempts, image=self.image_out(base, r.image_ref, fmt),
+            source_size=list(r.letterbox_source) if r.letterbox_source else None,
+            content_box=list(box) if (box := r.content_box()) else None,
         )  # fmt: skip
 
     def ground_out(self, base: str, r: GroundResult) -> schemas.GroundResponse:
@@ -589,13 +591,43 @@ def _png_b64(image: np.ndarray, scale: int) -> str:
 
 
 async def _gather(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """Await all; on the first failure cancel the rest and raise it."""
+    """Await all; on the first failure (or when cancelled) cancel the rest, wait until they
+    have stopped, and raise."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()
+        await asyncio.wait(tasks)
+        raise
+
+
+DROP_POLL_S = 0.25
+"""How often a non-streaming request looks whether its client is still there."""
+
+
+async def _unless_dropped(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled when the client goes away first, as a stream's run is: the run
+    stops at its next step and `/v1/runs/{id}/resume` can finish it. Run on, a dropped
+    session edit would commit a turn its client never saw, and the client's retry would
+    apply the edit twice.
+
+    Raises:
+        GenerationCancelled: the client went away (its answer reaches no one).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DROP_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.wait({task})  # until the run has stopped (`api._in_thread`)
+                raise GenerationCancelled("the client closed the request; its run stopped")
+        return task.result()
+    except asyncio.CancelledError:  # the handler itself (server shutdown): the run goes too
+        task.cancel()
+        await asyncio.wait({task})
         raise
 
 
@@ -801,8 +833,8 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
     async def generate(request: Request) -> schemas.GenerateResponse:
         """Plan, draw, critique and refine an image for a prompt."""
         req, _ = await svc.parse(request, schemas.GenerateRequest)
-        r = await svc.agent.agenerate(req.prompt, seed=req.seed, rounds=req.rounds,
-                                      plan=req.plan_arg(), num_steps=req.steps)  # fmt: skip
+        r = await _unless_dropped(request, svc.agent.agenerate(
+            req.prompt, seed=req.seed, rounds=req.rounds, plan=req.plan_arg(), num_steps=req.steps))  # fmt: skip
         return await run_in_threadpool(svc.generate_out, svc.base(request), r, req.response_format)
 
     @app.post("/v1/edit", response_model=schemas.EditResponse, responses=_ERRORS,
@@ -811,8 +843,8 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
         """Edit an image by an instruction; the response's `session_id` continues it."""
         req, uploads = await svc.parse(request, schemas.EditRequest, multipart=True)
         image = await svc.image(req, uploads)
-        r = await svc.agent.aedit(image, req.instruction, seed=req.seed, rounds=req.rounds,
-                                  num_steps=req.steps)  # fmt: skip
+        r = await _unless_dropped(request, svc.agent.aedit(
+            image, req.instruction, seed=req.seed, rounds=req.rounds, num_steps=req.steps))  # fmt: skip
         return await run_in_threadpool(svc.edit_out, svc.base(request), r, req.response_format)
 
     @app.post("/v1/ground", response_model=schemas.GroundResponse, responses=_ERRORS,
@@ -820,7 +852,7 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
     async def ground(request: Request) -> schemas.GroundResponse:
         """Find each referring expression; boxes in the input image's pixels."""
         req, uploads = await svc.parse(request, schemas.GroundRequest, multipart=True)
-        r = await svc.agent.aground(await svc.image(req, uploads), req.expressions)
+        r = await _unless_dropped(request, svc.agent.aground(await svc.image(req, uploads), req.expressions))
         return svc.ground_out(svc.base(request), r)
 
     @app.post("/v1/ask", response_model=schemas.AskResponse, responses=_ERRORS,
@@ -828,7 +860,7 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
     async def ask(request: Request) -> schemas.AskResponse:
         """Answer a question about an image."""
         req, uploads = await svc.parse(request, schemas.AskRequest, multipart=True)
-        r = await svc.agent.aask(await svc.image(req, uploads), req.question)
+        r = await _unless_dropped(request, svc.agent.aask(await svc.image(req, uploads), req.question))
         return svc.ask_out(svc.base(request), r)
 
     @app.post("/v1/critique", response_model=schemas.CritiqueResponse, responses=_ERRORS,
@@ -836,7 +868,7 @@ def _native_routes(app: FastAPI, svc: _Service) -> None:
     async def critique(request: Request) -> schemas.CritiqueResponse:
         """Judge whether an image shows what a text-to-image prompt asks for, and why not."""
         req, uploads = await svc.parse(request, schemas.CritiqueRequest, multipart=True)
-        r = await svc.agent.acritique(await svc.image(req, uploads), req.prompt)
+        r = await _unless_dropped(request, svc.agent.acritique(await svc.image(req, uploads), req.prompt))
         return svc.critique_out(svc.base(request), r)
 
     @app.get("/v1/traces/{run_id}.html", response_class=HTMLResponse, responses=_ERRORS,
@@ -904,8 +936,8 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
         image = await svc.image(req, uploads, required=False)
         async with svc.session_lock(session_id):
             session = await svc.session(session_id, must_exist=image is None)
-            r = await session.aedit(req.instruction, image=image, seed=req.seed,
-                                    rounds=req.rounds, num_steps=req.steps)  # fmt: skip
+            r = await _unless_dropped(request, session.aedit(
+                req.instruction, image=image, seed=req.seed, rounds=req.rounds, num_steps=req.steps))  # fmt: skip
         return await run_in_threadpool(svc.edit_out, svc.base(request), r, req.response_format)
 
     @app.get("/v1/sessions/{session_id}/history", response_model=schemas.SessionHistoryResponse,
@@ -967,7 +999,8 @@ def _resume_route(app: FastAPI, svc: _Service) -> None:
     async def list_runs(limit: int = 20, unfinished: bool = False) -> dict[str, Any]:
         """The newest runs first: `run_id`, workflow, status (ok, running, stopped, failed,
         unfinished, resumed), start and what was asked; `unfinished=true` keeps what
-        `/v1/runs/{run_id}/resume` takes."""
+        `/v1/runs/{run_id}/resume` may take (an edit turn whose session an undo, redo or
+        branch moved since leaves no trace to tell by: resume then says so with a 400)."""
         from lavida_agent.traces import recent_runs
 
         if not 1 <= limit <= 1000:
@@ -982,7 +1015,7 @@ def _resume_route(app: FastAPI, svc: _Service) -> None:
     async def resume_run(run_id: str, request: Request) -> Any:
         """Finish a generate or edit run that stopped part-way (a cancelled request, a server
         restart) from its last checkpoint; the answer is the run's usual response."""
-        r = await svc.resume(run_id)
+        r = await _unless_dropped(request, svc.resume(run_id))
         if isinstance(r, EditResult):
             return await run_in_threadpool(svc.edit_out, svc.base(request), r, "b64_json")
         return await run_in_threadpool(svc.generate_out, svc.base(request), r, "b64_json")
@@ -1091,7 +1124,7 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         if req.partial_images:
             raise ApiError(400, "invalid_field", "partial_images: needs stream=true",
                            param="partial_images")  # fmt: skip
-        images = await _gather([run(svc.agent, s, None) for s in seeds(req)])
+        images = await _unless_dropped(request, _gather([run(svc.agent, s, None) for s in seeds(req)]))
         base = svc.base(request)
 
         def shape() -> dict[str, Any]:
@@ -1104,7 +1137,8 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
                     data.append({"url": f"{base}/v1/artifacts/{ref.sha256}.png"})
                 else:
                     data.append({"b64_json": _png_b64(img, scale)})
-            out = schemas.OpenAIImagesResponse(created=int(time.time()), data=data, size=size)
+            h, w = images[0].shape[:2]  # an edit of a non-square input comes back in its shape
+            out = schemas.OpenAIImagesResponse(created=int(time.time()), data=data, size=f"{w * scale}x{h * scale}")
             return out.model_dump(mode="json", exclude_none=True)
 
         return JSONResponse(await run_in_threadpool(shape))
@@ -1141,9 +1175,9 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
             r = await agent.aedit(image, req.prompt, seed=seed, rounds=req.rounds,
                                   num_steps=req.steps, on_event=on_event)  # fmt: skip
             if editable is None or r.source_ref is None:
-                return r.image
+                return r.content()  # in the input's shape, as the CLI writes it
             original = await run_in_threadpool(svc.agent.store.open, r.source_ref)
-            return np.where(editable[..., None], r.image, original)
+            return r.content(np.where(editable[..., None], r.image, original))
 
         return await respond(request, req, "image_edit", run)
 
@@ -1172,8 +1206,10 @@ def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaita
         b64 = await run_in_threadpool(_png_b64, image, scale)
         usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                  "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
+        h, w = image.shape[:2]  # an edit of a non-square input comes back in its shape
         return _sse(f"{kind}.completed", {"type": f"{kind}.completed", "b64_json": b64,
-                    "created_at": int(time.time()), **common, "usage": usage})  # fmt: skip
+                    "created_at": int(time.time()), **common, "size": f"{w * scale}x{h * scale}",
+                    "usage": usage})  # fmt: skip
 
     async def body() -> AsyncIterator[bytes]:
         sent = 0

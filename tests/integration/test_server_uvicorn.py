@@ -140,6 +140,29 @@ def test_a_client_that_disconnects_cancels_its_run():
         assert ok.status_code == 200
 
 
+def test_a_dropped_plain_request_stops_its_run_and_a_retried_edit_is_applied_once():
+    engine = _CountingEngine(step_delay_s=0.02)
+    with _serve(engine, num_steps=60, max_steps=100, max_rounds=1) as url:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        png = base64.b64encode(encode_png(np.zeros((64, 64, 3), np.uint8))).decode()
+        sid = httpx.post(f"{url}/sessions", json={"image": png}, headers=headers, timeout=30).json()["session_id"]
+        edit = {"instruction": "add a blue square", "seed": 1, "steps": 60}
+        for path, body in ((f"/sessions/{sid}/edit", edit), ("/images/generations", {"prompt": "red circle",
+                                                                                    "steps": 60})):  # fmt: skip
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-run
+                httpx.post(f"{url}{path}", json=body, headers=headers, timeout=0.5)
+            time.sleep(1.0)
+            stopped_at = engine.steps
+            time.sleep(0.3)
+            assert engine.steps == stopped_at  # the run stopped; nothing runs behind the client's back
+        history = httpx.get(f"{url}/sessions/{sid}/history", headers=headers, timeout=30).json()
+        assert history["steps"] == []  # the dropped turn committed nothing
+        retry = httpx.post(f"{url}/sessions/{sid}/edit", json={**edit, "steps": 2}, headers=headers, timeout=30)
+        assert retry.status_code == 200, retry.text
+        history = httpx.get(f"{url}/sessions/{sid}/history", headers=headers, timeout=30).json()
+        assert [s["instruction"] for s in history["steps"]] == ["add a blue square"]  # once
+
+
 def test_mcp_tools_over_http_behind_the_api_key(server_url):
     """`serve` answers MCP at /mcp (streamable HTTP) on the same agent, behind the same key."""
     pytest.importorskip("mcp")

@@ -470,6 +470,30 @@ async def test_openai_edit_mask_is_turned_as_its_exif_says_like_the_image(client
     assert r.status_code == 200, r.text
 
 
+async def test_an_edit_of_a_wide_image_says_where_its_content_is_and_openai_crops_to_it(client, engine):
+    wide = np.full((64, 128, 3), 200, np.uint8)  # letterboxed into 64 x 32 of the canvas
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 16.0, 32.0, 48.0]]))
+    body = (await client.post("/v1/edit", json={"image": _b64(wide), "instruction": "repaint"})).json()
+    assert body["source_size"] == [128, 64] and body["content_box"] == [0, 16, 64, 48]
+    assert _png(body["image"]["b64_json"]).shape == (64, 64, 3)  # the canvas: feed it back as it is
+    square = (await client.post("/v1/edit", json={"image": _b64(_scene()), "instruction": "repaint"})).json()
+    assert square["source_size"] == [64, 64] and square["content_box"] == [0, 0, 64, 64]
+    mask = np.zeros((64, 128, 4), np.uint8)  # all editable
+    buf = io.BytesIO()
+    Image.fromarray(mask, "RGBA").save(buf, format="PNG")
+    for files in ({"image": ("i.png", encode_png(wide), "image/png")},
+                  {"image": ("i.png", encode_png(wide), "image/png"), "mask": ("m.png", buf.getvalue(), "image/png")}):
+        r = await client.post("/v1/images/edits", data={"prompt": "repaint", "size": "256x256"}, files=files)
+        assert r.status_code == 200, r.text
+        assert _png(r.json()["data"][0]["b64_json"]).shape == (128, 256, 3) and r.json()["size"] == "256x128"
+
+
+async def test_openai_nulls_are_the_defaults(client):
+    r = await client.post(GEN, json={"prompt": "red circle", "n": None, "response_format": None, "stream": None})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1 and "b64_json" in r.json()["data"][0]
+
+
 async def test_openai_edit_multipart_with_mask(client, engine):
     scene = _scene()
     engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 0.0, 64.0, 64.0]]))
