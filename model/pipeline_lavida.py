@@ -733,11 +733,14 @@ class LavidaPipeline:
         task: str,
         shift: float | Sequence[float] | None = None,
         model: LavidaForMaskedDiffusion | None = None,
+        decode: Callable[[torch.Tensor], list[np.ndarray]] | None = None,
     ) -> torch.Tensor:
         """The image loop: `examples` holds `groups` blocks of B rows (e.g. [cond, uncond]);
         `combine` turns the per-group logits into guided logits; `shift` is one schedule
         shift or one per row (default: `defaults["shift"]`); `model` draws (default: the
-        pipeline's). Returns codes (B, G, G)."""
+        pipeline's); `decode` turns codes into the previews (default `_decode_codes`; a
+        region redraw keeps the caller's pixels outside, as its result does). Returns codes
+        (B, G, G)."""
         if preview_every < 0:
             raise ValueError(f"preview_every must be >= 0 (0: no previews), got {preview_every}")
         cfg = self.config
@@ -768,7 +771,7 @@ class LavidaPipeline:
             if callback is not None:
                 previews = None
                 if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
-                    previews = self._decode_codes(out.pred_original_sample.view(B, G, G))
+                    previews = (decode or self._decode_codes)(out.pred_original_sample.view(B, G, G))
                 callback(StepInfo(task, i + 1, total, previews))
         return sample.view(B, G, G)
 
@@ -1029,6 +1032,7 @@ class LavidaPipeline:
             temperature=d["temperature"] if temperature is None else temperature,
             order=order or d["order"], callback=callback, preview_every=preview_every,
             interrupt=interrupt, task="regenerate_regions",
+            decode=lambda codes: self._keep_outside(images, codes, redrawn),
         )  # fmt: skip
         return ImageOutput(images=self._keep_outside(images, out, redrawn), codes=out.cpu(),
                            plans=list(plans), seeds=seeds)  # fmt: skip
@@ -1284,6 +1288,8 @@ class LavidaPipeline:
                 temperature=[temperature[i] for i in ix] if isinstance(temperature, list) else temperature,
                 order=order or d["order"], callback=step, preview_every=preview_every,
                 interrupt=interrupt, task="edit", model=model,
+                decode=None if redrawn is None else
+                (lambda codes, ix=ix: self._keep_outside([images[i] for i in ix], codes, redrawn[ix])),
             ).cpu()  # fmt: skip
         images_out = self._decode_codes(out) if redrawn is None else self._keep_outside(images, out, redrawn)
         return ImageOutput(images=images_out, codes=out.cpu(), plans=list(plans), seeds=seeds)

@@ -260,6 +260,7 @@ def train_vq(
                 "scheduler": scheduler.state_dict(),
                 "data_rng": data_rng.bit_generator.state,
                 "restart_generator": restart_generator.get_state(),
+                "elapsed_s": before + time.perf_counter() - t_start,
             },
         )
 
@@ -274,6 +275,7 @@ def train_vq(
     last: dict[str, Any] = next(reversed(read_metrics(metrics_path)), None) or {"step": start_step}
     window: list[dict[str, float]] = []
     t_start = time.perf_counter()
+    before = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0  # the run's time before a resume
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="vq", dynamic_ncols=True)
     with bar:
         for step in range(start_step, steps):
@@ -308,7 +310,7 @@ def train_vq(
                 record["restarts"] = int(sum(w["restarts"] for w in window))
                 record["codebook_usage"] = float(output.codebook_usage)
                 record["lr"] = lr_now
-                record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+                record["elapsed_s"] = round(before + time.perf_counter() - t_start, 2)
                 window = []
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")

@@ -61,7 +61,7 @@ def test_interrupt_stops_the_loop(pipe):
         return len(calls) > 2
 
     before = pipe.forward_count
-    with pytest.raises(PipelineInterrupted, match="step 2"):
+    with pytest.raises(PipelineInterrupted, match="after 2 of 8 steps"):
         pipe.generate(["a red circle"], seed=0, num_steps=8, interrupt=stop_after_two)
     assert pipe.forward_count - before == 1 + 2  # condition pass + two steps
 
@@ -890,3 +890,14 @@ def test_the_tokenizer_and_config_name_bad_inputs(tiny_vq):
         tiny_vq.decode(torch.full((1, 16, 16), 3.7))
     with pytest.raises(ValueError, match="num_heads must be a positive integer"):
         LavidaConfig(**{**PRESETS["tiny"], "num_heads": 0})
+
+
+def test_the_last_preview_of_a_region_redraw_is_its_result(pipe, scene_image):
+    for call in (lambda cb: pipe.edit([scene_image], ["make the red circle blue"], regions=[[(0, 0, 24, 24)]],
+                                      num_steps=3, preview_every=1, callback=cb),
+                 lambda cb: pipe.regenerate_regions([scene_image], ["a blue circle"], [[(0, 0, 24, 24)]],
+                                                    num_steps=3, preview_every=1, callback=cb)):  # fmt: skip
+        seen = []
+        out = call(lambda info: seen.append(info.previews))
+        assert np.array_equal(seen[-1][0], out.images[0])  # the caller's pixels outside, as the result
+        assert np.array_equal(seen[0][0][40:, 40:], scene_image[40:, 40:])

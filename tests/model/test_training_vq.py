@@ -107,6 +107,8 @@ def test_resume_continues_identically(tmp_path):
         return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
 
     assert drop_timing(read_metrics(crash_dir)) == drop_timing(read_metrics(full_dir))
+    elapsed = [r["elapsed_s"] for r in read_metrics(crash_dir)]
+    assert elapsed == sorted(elapsed)  # the run's clock goes on across the resume
 
 
 def test_resume_rejects_a_different_config(tmp_path):
