@@ -230,6 +230,7 @@ class EditResult(RunResult):
                          for s in self.attempts],  # fmt: skip
             "step": self.step,
             "result": self.image_path(self.image_ref),
+            "content_box": list(box) if (box := self.content_box()) else None,
             "run_id": self.run_id,
             "thread_id": self.thread_id,
             "trace": str(self.trace_path) if self.trace_path else None,

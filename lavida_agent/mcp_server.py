@@ -65,6 +65,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from lavida_agent import __version__, schemas
 from lavida_agent.api import (
+    EditResult,
     EventCallback,
     LavidaAgent,
     RunResult,
@@ -427,7 +428,7 @@ class _Tools:
             s = await self.session(session_id)
             ref = await self.guard(_in_thread(lambda cancel: how(s)))
         data = {"session": session_id, "image": IMAGE_URI + ref.sha256}
-        return await asyncio.to_thread(self._answer, ref, data)
+        return await asyncio.to_thread(lambda: self._answer(self.agent.store.open(ref), data))
 
     # -- running ------------------------------------------------------------------------------
 
@@ -484,12 +485,13 @@ class _Tools:
             data = {k: v for k, v in data.items() if k not in ("result", "trace")}
         if not show:
             return self.json_answer(data)
-        return self._answer(result.image_ref, data)
+        # an edit of a non-square input is shown in the input's shape (`image` stays the canvas)
+        pixels = result.content() if isinstance(result, EditResult) else self.agent.store.open(result.image_ref)
+        return self._answer(pixels, data)
 
-    def _answer(self, ref: ImageRef, data: dict[str, Any]) -> CallToolResult:
+    def _answer(self, pixels: Any, data: dict[str, Any]) -> CallToolResult:
         from lavida_agent.tools.images import encode_png, resize_nearest
 
-        pixels = self.agent.store.open(ref)
         png = encode_png(resize_nearest(pixels, self.display_scale))
         picture = ImageContent(type="image", data=base64.b64encode(png).decode("ascii"),
                                mime_type="image/png")  # fmt: skip

@@ -115,6 +115,19 @@ async def test_generate_draws_a_layout_given_back(agent, engine):
         assert "plan: layout item 0" in text and "plan.bool" not in text, text
 
 
+async def test_an_edit_of_a_wide_image_is_shown_in_its_shape(agent, engine):
+    from lavida_agent.tools.images import decode_png
+
+    async with Client(create_mcp(agent)) as client:
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 16.0, 32.0, 48.0]]))
+        result = await client.call_tool("edit", {"image": _b64(np.full((64, 128, 3), 200, np.uint8)),
+                                                 "instruction": "repaint", "seed": 1})  # fmt: skip
+        data = _ok(result)
+        shown = decode_png(base64.b64decode(result.content[0].data))
+        assert data["content_box"] == [0, 16, 64, 48]
+        assert shown.shape[0] * 2 == shown.shape[1]  # 2:1 as the input, not the letterboxed square
+
+
 async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine):
     async with Client(create_mcp(agent)) as client:
         engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
