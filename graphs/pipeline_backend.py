@@ -129,10 +129,12 @@ def _cover_box(box: Sequence[float], canvas: int) -> IntBox:
 
 
 def _to_model_plan(plan: Sequence[PlanItem] | None, canvas: int) -> ModelPlan | None:
-    """Graph plan -> pipeline plan; an empty plan says nothing, so it is sent as None."""
+    """Graph plan -> pipeline plan; an empty plan says nothing, so it is sent as None. A
+    label given as a referring expression (`the small red circle`, a layout's form) loses
+    its article: the model's plans say `small red circle`, and its plan slot is short."""
     if not plan:
         return None
-    return [(str(i["label"]), _int_box(i["box"], canvas)) for i in plan]
+    return [(str(i["label"]).strip().removeprefix("the ").strip(), _int_box(i["box"], canvas)) for i in plan]
 
 
 def _box_list(box: Sequence[int] | None) -> BoxList:

@@ -495,8 +495,9 @@ class LavidaAgent:
         self._active: dict[str, list[tuple[str, str | None]]] = {}
         self._active_lock = threading.Lock()
         self._live: dict[str, live.ThreadLock] = {}  # thread id -> its lock, while it runs here
-        # session id -> its turn lock, and the OS thread whose turn holds it (`_turn`)
-        self._turns: dict[str, threading.Lock] = {}
+        # session id -> [its turn lock, turns holding or waiting for it], and the OS thread
+        # whose turn holds it (`_turn`); a session no turn wants any more is dropped
+        self._turns: dict[str, list[Any]] = {}
         self._turn_owner: dict[str, int] = {}
 
     # -- construction ---------------------------------------------------------------------
@@ -749,16 +750,23 @@ class LavidaAgent:
         """
         me = threading.get_ident()
         with self._active_lock:
-            lock = self._turns.setdefault(thread_id, threading.Lock())
             if self._turn_owner.get(thread_id) == me:
                 raise BusyError(f"session {thread_id!r} is in a turn of this thread already (a turn started "
                                 "from its own callback): start the next turn after it returns")  # fmt: skip
-        with lock:
-            self._turn_owner[thread_id] = me
-            try:
-                yield
-            finally:
-                del self._turn_owner[thread_id]
+            entry = self._turns.setdefault(thread_id, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                self._turn_owner[thread_id] = me
+                try:
+                    yield
+                finally:
+                    del self._turn_owner[thread_id]
+        finally:
+            with self._active_lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._turns[thread_id]
 
     def _record_live(self, thread_id: str) -> None:
         """Write what this agent runs on `thread_id` into its lock (under `_active_lock`)."""
@@ -1034,6 +1042,13 @@ class LavidaAgent:
                 ran on another model, or it is not a generate or edit run.
         """
         old, session, graph, origin = self._resumable(run_id)
+        if session is None:
+            return self._resume(run_id, old, None, graph, origin, on_event, cancel)
+        with self._turn(old.thread_id):  # a resumed turn is a turn: not beside another one
+            return self._resume(run_id, *self._resumable(run_id), on_event, cancel)  # as it is now
+
+    def _resume(self, run_id: str, old: Trace, session: Session | None, graph: Any, origin: str,
+                on_event: EventCallback | None, cancel: threading.Event | None) -> GenerateResult | EditResult:  # fmt: skip
         rounds = old.inputs.get("rounds") or old.settings.get("max_rounds")
         context = self._context(num_steps=old.settings.get("num_steps"), rounds=rounds,
                                 cancel=cancel, recorded=old.settings)  # fmt: skip

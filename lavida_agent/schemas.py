@@ -555,12 +555,12 @@ class EditResponse(_RunOut):
     attempts: list[AttemptOut]
     image: ImageOut
     source_size: list[int] | None = Field(
-        default=None, description="[width, height] of the image the session started from, when "
-        "it was letterboxed into the model's square canvas (else null).")  # fmt: skip
+        default=None, description="[width, height] of the image the session started from, as "
+        "given (null when the session knows none).")  # fmt: skip
     content_box: list[int] | None = Field(
         default=None, description="[x0, y0, x1, y1]: where that image's content lies in `image` "
-        "(canvas pixels); cropping `image` to it gives the edit in the input's shape, as the "
-        "CLI writes it (null: the whole image).")  # fmt: skip
+        "(canvas pixels; the whole canvas for a square input); cropping `image` to it gives the "
+        "edit in the input's shape, as the CLI writes it (null: the whole image).")  # fmt: skip
 
 
 class GroundResponse(_RunOut):

@@ -616,6 +616,10 @@ async def _unless_dropped(request: Request, work: Awaitable[T]) -> T:
     Raises:
         GenerationCancelled: the client went away (its answer reaches no one).
     """
+    if await request.is_disconnected():  # gone while it waited (for a session's lock)
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise GenerationCancelled("the client closed the request before its run started")
     task = asyncio.ensure_future(work)
     try:
         while not task.done():

@@ -595,7 +595,7 @@ def resumed_by(t: Trace, runs_dir: str | Path) -> str | None:
             other = Trace.model_validate_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if other.result and (other.inputs.get("origin") or other.run_id) == origin:
+        if other.result and other.started_at > t.started_at and (other.inputs.get("origin") or other.run_id) == origin:
             done.append((other.started_at, other.run_id))
     return min(done)[1] if done else None
 

@@ -43,6 +43,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -222,9 +223,9 @@ def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator |
     gens, used = [], []
     for s in seeds:
         if s is None:
-            s = int(torch.randint(0, SEED_LIMIT - 1, ()).item())
-        elif isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < SEED_LIMIT:
-            raise ValueError(f"a seed is an integer in [0, 2**63), or None; got {s!r}")
+            s = int(torch.randint(0, 2**63 - 1, ()).item())  # what JSON readers take whole
+        elif isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < GENERATOR_SEED_LIMIT:
+            raise ValueError(f"a seed is an integer in [0, 2**64), or None; got {s!r}")
         g = torch.Generator(device="cpu")
         g.manual_seed(int(s))
         gens.append(g)
@@ -232,9 +233,9 @@ def _generators(seed, generator, n: int, device) -> tuple[list[torch.Generator |
     return gens, used
 
 
-SEED_LIMIT = 2**63
-"""Seeds are below this (torch's generators take 64-bit seeds; JSON readers often only
-signed 64-bit integers)."""
+GENERATOR_SEED_LIMIT = 2**64
+"""Seeds are below this, as torch's generators take them (the agent's seeds are below
+`settings.SEED_LIMIT`, 2**63, and each round adds a few)."""
 
 
 @contextlib.contextmanager
@@ -270,10 +271,10 @@ def _plan_rows(plans, n: int) -> list[list[PlanItem] | None]:
 def _plan_item(item) -> PlanItem:
     label, box = (item.get("label"), item.get("box")) if isinstance(item, dict) else (
         item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None))  # fmt: skip
-    if not isinstance(label, str) or not isinstance(box, (list, tuple)) or len(box) != 4:
+    if not isinstance(label, str) or not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4:
         raise ValueError(f"a plan item is (label, (x0, y0, x1, y1)) or {{'label', 'box'}}, got {item!r} "
                          "(plans hold one list of items per request)")  # fmt: skip
-    return label, tuple(box)
+    return label, tuple(float(v) if isinstance(v, np.floating) else v for v in box)
 
 
 def _check_steps(num_steps, default: int) -> int:
@@ -403,7 +404,7 @@ def _as_list(x, n: int | None = None, name: str = "value") -> list:
         if n is not None and len(x) != n:
             raise ValueError(f"{name}: expected {n} entries, got {len(x)}")
         return list(x)
-    return [x] * (n or 1)
+    return [x] * (1 if n is None else n)
 
 
 def _edit_object(instruction: str) -> str | None:
@@ -1186,7 +1187,7 @@ class LavidaPipeline:
         whole. Returns the codes (B, G, G) and the redrawn cells."""
         for name, rows in (("regions", boxes), ("keep", keep or ())):
             for row in rows:
-                if row is not None and not (isinstance(row, (list, tuple)) and all(
+                if row is not None and not (isinstance(row, (list, tuple, np.ndarray)) and all(
                         isinstance(box, (list, tuple, np.ndarray)) and len(box) == 4 for box in row)):  # fmt: skip
                     raise ValueError(f"{name} hold one list of (x0, y0, x1, y1) boxes per image (or None), got "
                                      f"{row!r}")  # fmt: skip
@@ -1246,7 +1247,7 @@ class LavidaPipeline:
         n = len(images)
         plans = _plan_rows(plans, n)
         gens, seeds = _generators(seed, generator, n, self.device)
-        if keep is not None and regions is None:
+        if keep is not None and regions is None and any(k is not None for k in _as_list(keep)):
             raise ValueError("keep spares cells of the regions: it needs regions")
         if not n:
             return self._no_images()
@@ -1270,7 +1271,7 @@ class LavidaPipeline:
             keep_rows = _as_list(keep, n, "keep") if keep is not None else None
             start, redrawn = self._mask_boxes(src, region_rows, keep_rows)
         temperature = (self._edit_temperatures(instructions) if temperature is None
-                       else temperature if isinstance(temperature, (int, float))
+                       else float(temperature) if isinstance(temperature, numbers.Real)
                        else [float(t) for t in _as_list(list(np.asarray(temperature, dtype=float).ravel()), n,
                                                         "temperature (one, or one per image)")])  # fmt: skip
         drawers = [self.edit_region_model if r is not None else self.edit_model if pl is None else None

@@ -1058,10 +1058,12 @@ def train(tc: TrainConfig, *, progress: bool = True, device: str | None = None) 
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else _null()
 
     run_vq = out / "vq"  # the run's own copy: its resume and export do not depend on --vq's folder
-    if ranks.main and not run_vq.exists():
+    if ranks.main and saved is None:  # a fresh run: nothing of an earlier one in the folder is its own
         import shutil
 
+        shutil.rmtree(run_vq, ignore_errors=True)
         shutil.copytree(tc.vq, run_vq)
+        (out / "own_pool.npz").unlink(missing_ok=True)
     ranks.barrier()
     vq = VQImageTokenizer.from_pretrained(run_vq).to(device).eval()
     tok_dir = out / "tokenizer"

@@ -197,7 +197,7 @@ def train_vq(
     state = _load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if state is not None:
         if state["config"] != config.to_dict():
-            raise ValueError(
+            raise RunFolderError(
                 f"checkpoint {ckpt_path} was written for a different config: "
                 f"{state['config']} != {config.to_dict()}"
             )

@@ -553,3 +553,14 @@ def test_plan_boxes_round_halves_up_as_every_other_box_does():
     for box in ([10.5, 2.5, 21.5, 13.5], [11.5, 0.5, 20.5, 9.5]):
         assert _int_box(box, 64) == Box(*box).as_int()  # widths keep their parity: 11 and 9
     assert _int_box([-3, 0.4, 70, 64.6], 64) == (0, 0, 64, 64)
+
+
+def test_a_layouts_referring_expressions_reach_the_model_in_its_plan_labels():
+    from lavida_agent.graphs.pipeline_backend import _to_model_plan
+
+    layout = [{"label": f"the small {c} circle", "box": [4.0 + 14 * i, 4.0, 14.0 + 14 * i, 14.0]}
+              for i, c in enumerate(["red", "green", "blue", "purple"])]  # fmt: skip
+    plan = _to_model_plan(layout, 64)
+    assert [label for label, _ in plan] == ["small red circle", "small green circle", "small blue circle",
+                                            "small purple circle"]  # fmt: skip
+    assert _to_model_plan([{"label": "red circle", "box": [4, 4, 14, 14]}], 64) == [("red circle", (4, 4, 14, 14))]

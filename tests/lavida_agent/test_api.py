@@ -281,6 +281,12 @@ def test_session_errors(agent):
         agent.generate("a red circle", rounds="2")
 
 
+def test_the_largest_seed_the_agent_takes_runs_every_round(engine):
+    with LavidaAgent(engine=engine, num_steps=2, selection="best") as agent:
+        r = agent.generate("a red circle", seed=2**63 - 1, rounds=2)  # round 2 draws seed 2**63
+    assert [a.seed for a in r.attempts] == [2**63 - 1, 2**63]  # the pipeline takes it (seeds < 2**64)
+
+
 def test_turns_of_one_session_from_two_threads_run_one_after_the_other(engine):
     class SlowEditor(FakeEngine):
         def edit(self, *args, **kw):

@@ -779,7 +779,7 @@ def test_seed_none_draws_from_torchs_global_generator_without_reseeding_it(pipe)
     assert np.array_equal(again.images[0], a.images[0])
 
 
-@pytest.mark.parametrize("seed", [1.7, "1", -1, 2**63, True])
+@pytest.mark.parametrize("seed", [1.7, "1", -1, 2**64, True])
 def test_a_seed_is_a_non_negative_integer(pipe, seed):
     with pytest.raises(ValueError, match="a seed is an integer"):
         pipe.generate(["a red circle"], seed=seed, num_steps=1)
@@ -787,6 +787,7 @@ def test_a_seed_is_a_non_negative_integer(pipe, seed):
 
 def test_seeds_of_numpy_integers_and_generators_are_checked(pipe):
     assert pipe.generate(["a red circle"], seed=np.int64(3), num_steps=1).seeds == [3]
+    assert pipe.generate(["a red circle"], seed=2**64 - 1, num_steps=1).seeds == [2**64 - 1]  # torch's own limit
     with pytest.raises(ValueError, match="generator must be a torch.Generator"):
         pipe.generate(["a red circle"], generator=5, num_steps=1)
     two = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
@@ -816,6 +817,7 @@ def test_empty_requests_give_empty_outputs(pipe):
     assert pipe.edit([], []).images == [] and pipe.plan_edit([], []).plans == []
     assert pipe.regenerate_regions([], [], []).images == [] and pipe.generate([]).codes.shape[0] == 0
     assert pipe.ground([], []).boxes == [] and pipe.critique([], []).ok == [] and pipe.understand([], []).texts == []
+    assert pipe.understand([], "what color is the circle?").texts == []  # one text for no image
 
 
 @pytest.mark.parametrize(("kwargs", "says"), [
@@ -846,6 +848,8 @@ def test_edit_temperatures_may_be_an_array_of_one_per_image(pipe, scene_image):
     two = [scene_image, scene_image]
     out = pipe.edit(two, ["make the red circle blue"] * 2, temperature=np.array([0.0, 1.0]), num_steps=1)
     assert len(out.images) == 2
+    assert len(pipe.edit(two, "make the red circle blue", temperature=np.float32(0.5), keep=[None, None],
+                         num_steps=1).images) == 2  # a numpy scalar is one temperature; keep of None needs no regions
     with pytest.raises(ValueError, match="temperature"):
         pipe.edit(two, ["make the red circle blue"] * 2, temperature=np.array([0.0, 1.0, 0.5]), num_steps=1)
 

@@ -838,8 +838,12 @@ def test_the_log_holds_one_record_per_step_after_a_crash_and_restarts_with_a_fre
     train(TrainConfig(out=str(run), vq=vq_dir, steps=4, save_every=2, **TINY), progress=False)
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert steps == [1, 2, 3, 4]
-    (run / "state.pt").unlink()  # a fresh run in the folder
-    train(TrainConfig(out=str(run), vq=vq_dir, steps=1, **TINY), progress=False)
+    (run / "state.pt").unlink()  # a fresh run in the folder, on another tokenizer
+    other_vq = tmp_path / "other_vq"
+    shutil.copytree(vq_dir, other_vq)
+    (other_vq / "config.json").write_text((other_vq / "config.json").read_text() + " ")
+    train(TrainConfig(out=str(run), vq=str(other_vq), steps=1, **TINY), progress=False)
+    assert (run / "vq" / "config.json").read_text() == (other_vq / "config.json").read_text()  # its own copy
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert steps == [1]
 
