@@ -1117,14 +1117,14 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         return [base + SEED_STRIDE * i for i in range(req.n)]
 
     async def respond(request: Request, req: Any, kind: str,
-                      run: Callable[[LavidaAgent, int, EventCallback | None], Awaitable[np.ndarray]]
-                      ) -> Response:  # fmt: skip
+                      run: Callable[[LavidaAgent, int, EventCallback | None], Awaitable[np.ndarray]],
+                      crop: Callable[[np.ndarray], np.ndarray] | None = None) -> Response:  # fmt: skip
         """Shared by generations and edits: `run(agent, seed, on_event)` -> final image."""
         scale, size = _scale(req.size, svc.agent.settings.canvas)
         if req.stream:
             if req.n != 1:
                 raise ApiError(400, "invalid_field", "n: streaming supports n=1 only", param="n")
-            return _openai_stream(svc, req, kind, run, seeds(req)[0], scale, size)
+            return _openai_stream(svc, req, kind, run, seeds(req)[0], scale, size, crop)
         if req.partial_images:
             raise ApiError(400, "invalid_field", "partial_images: needs stream=true",
                            param="partial_images")  # fmt: skip
@@ -1183,11 +1183,18 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
             original = await run_in_threadpool(svc.agent.store.open, r.source_ref)
             return r.content(np.where(editable[..., None], r.image, original))
 
-        return await respond(request, req, "image_edit", run)
+        from lavida_agent.tools.boxes import letterbox_params
+
+        h, w = image.shape[:2]  # the partial images of a stream come in the input's shape too
+        lb = letterbox_params(w, h, svc.agent.settings.canvas)
+        cw, ch = lb.content_size(w, h)
+        return await respond(request, req, "image_edit", run,
+                             crop=lambda im: im[lb.pad_y : lb.pad_y + ch, lb.pad_x : lb.pad_x + cw])  # fmt: skip
 
 
 def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaitable[np.ndarray]],
-                   seed: int, scale: int, size: str) -> StreamingResponse:  # fmt: skip
+                   seed: int, scale: int, size: str,
+                   crop: Callable[[np.ndarray], np.ndarray] | None = None) -> StreamingResponse:  # fmt: skip
     """SSE shaped like OpenAI's image streaming: `<kind>.partial_image` x <= partial_images,
     then `<kind>.completed`."""
     wanted = req.partial_images or 0
@@ -1201,10 +1208,12 @@ def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaita
             return None
         from lavida_agent.tools.images import decode_png
 
-        b64 = await run_in_threadpool(lambda: _png_b64(decode_png(png), scale))
+        image = decode_png(png) if crop is None else crop(decode_png(png))
+        b64 = await run_in_threadpool(_png_b64, image, scale)
+        h, w = image.shape[:2]
         return _sse(f"{kind}.partial_image", {"type": f"{kind}.partial_image", "b64_json": b64,
                     "created_at": int(time.time()), "partial_image_index": index,
-                    **common})  # fmt: skip
+                    **common, "size": f"{w * scale}x{h * scale}"})  # fmt: skip
 
     async def completed(image: np.ndarray) -> bytes:
         b64 = await run_in_threadpool(_png_b64, image, scale)

@@ -488,6 +488,16 @@ async def test_an_edit_of_a_wide_image_says_where_its_content_is_and_openai_crop
         assert _png(r.json()["data"][0]["b64_json"]).shape == (128, 256, 3) and r.json()["size"] == "256x128"
 
 
+async def test_an_openai_edit_stream_of_a_wide_image_comes_in_its_shape(client, engine):
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[[0.0, 16.0, 32.0, 48.0]]))
+    r = await client.post("/v1/images/edits", json={"prompt": "repaint", "stream": True, "partial_images": 1,
+                                                    "steps": 4, "image": _b64(np.full((64, 128, 3), 200, np.uint8))})
+    events = _events(r.text)
+    assert [n for n, _ in events] == ["image_edit.partial_image", "image_edit.completed"]
+    for _, data in events:
+        assert _png(data["b64_json"]).shape == (32, 64, 3) and data["size"] == "64x32"
+
+
 async def test_openai_nulls_are_the_defaults(client):
     r = await client.post(GEN, json={"prompt": "red circle", "n": None, "response_format": None, "stream": None})
     assert r.status_code == 200, r.text
