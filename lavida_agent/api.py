@@ -205,9 +205,7 @@ class EditResult(RunResult):
         input was not letterboxed, the whole image is content)."""
         if self.letterbox is None or self.source_ref is None:
             return None
-        lb = self.letterbox
-        w, h = _input_size(lb, self.letterbox_source)
-        return lb.pad_x, lb.pad_y, lb.pad_x + w, lb.pad_y + h
+        return _content_box(self.letterbox, self.letterbox_source)
 
     letterbox_source: tuple[int, int] | None = None
     """`(width, height)` of the original input image when one was letterboxed."""
@@ -409,6 +407,12 @@ def _unframe(frame: dict[str, Any] | None) -> tuple[LetterboxParams, tuple[int, 
         return None
     w, h = int(frame["width"]), int(frame["height"])
     return letterbox_params(w, h, int(frame["size"])), (w, h)
+
+
+def _content_box(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """`(x0, y0, x1, y1)` of a letterboxed `source` image's content in the canvas."""
+    w, h = _input_size(lb, source)
+    return lb.pad_x, lb.pad_y, lb.pad_x + w, lb.pad_y + h
 
 
 def _input_size(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int]:
@@ -1421,13 +1425,19 @@ class Session:
         """The session's current image (None before the first image)."""
         return self.state().current if self.exists else None
 
-    def current_image(self) -> np.ndarray:
-        """The current image as an array."""
+    def current_image(self, *, crop: bool = False) -> np.ndarray:
+        """The current image as an array (the canvas); with `crop`, without the letterbox
+        bars of a non-square input (in the shape of the image the session started from)."""
         ref = self.current
         if ref is None:
             raise InvalidInputError(f"session {self.thread_id!r} has no image yet")
         with map_exceptions():
-            return self.agent.store.open(ref)
+            image = self.agent.store.open(ref)
+        frame = _unframe(self.state().frame) if crop else None
+        if frame is None:
+            return image
+        x0, y0, x1, y1 = _content_box(*frame)
+        return image[y0:y1, x0:x1]
 
     def history(self) -> list[EditStep]:
         """The committed steps of the current branch, oldest first (one per turn)."""
@@ -1609,7 +1619,9 @@ class Session:
         n = len(self.state().steps)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (image is None and step >= n):
             raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
-                                    f"(steps 0..{n - 1})" if n else "the session has no steps")  # fmt: skip
+                                    f"(steps 0..{n - 1})" if n else "the session's current branch has no "
+                                    "steps (it is at its input image): name a step of another branch by its "
+                                    "image (`image=`, `--image` in the CLI)")  # fmt: skip
         if image is None:
             return self._move("a branch", lambda session: session.branch(step))
         prefix = image.lower() if isinstance(image, str) else ""

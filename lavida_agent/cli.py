@@ -52,7 +52,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -180,7 +180,9 @@ class _LavidaGroup(click.Group):
             if run_id and getattr(exc, "resumable", False):
                 click.echo(f"Interrupted; to finish the run: lavida-agent resume {run_id} "
                            "--out FILE", err=True)  # fmt: skip
-            raise click.Abort() from None
+            _json_error(ctx, "interrupted (Ctrl-C)", run_id)
+            click.echo("Aborted!", err=True)
+            raise click.exceptions.Exit(130) from None  # as a stopped run: a stop, not a failure
         except Exception as exc:
             from lavida_agent.errors import GenerationCancelled
 
@@ -311,7 +313,8 @@ def _check_out(out: str | Path) -> None:
 
 def _check_writable(path: str | Path, what: str = "--out") -> None:
     """Refuse a path no file can be written at (a folder; a place where creating a file
-    fails): its folders are made, and a file is created there and removed."""
+    fails): a file is created and removed in its nearest existing folder. Nothing is left
+    behind (the folders it needs are made when the file is written)."""
     import tempfile
 
     from lavida_agent.errors import InvalidInputError
@@ -319,13 +322,25 @@ def _check_writable(path: str | Path, what: str = "--out") -> None:
     target = Path(path)
     if target.is_dir():
         raise InvalidInputError(f"{what}: {str(target)!r} is a folder; give a file name")
+    existing = target.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".lavida-write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{str(existing)!r} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lavida-write-check-"):
             pass
     except OSError as exc:
         raise InvalidInputError(f"{what}: cannot write a file at {str(target)!r} "
                                 f"({exc.strerror or exc})") from None  # fmt: skip
+
+
+def _not_the_input(path: str | Path, image: Any, what: str) -> None:
+    """Refuse to write `path` over the command's input image file."""
+    from lavida_agent.errors import InvalidInputError
+
+    if isinstance(image, (str, Path)) and Path(image).exists() and Path(path).resolve() == Path(image).resolve():
+        raise InvalidInputError(f"{what} names the input image {str(image)!r}: it would be overwritten")
 
 
 def _write_image(result: Any, out: str | Path, scale: int) -> str:
@@ -406,6 +421,7 @@ def _run_ground(agent: LavidaAgent, args: dict[str, Any], **_: Any) -> dict[str,
         exprs = [exprs]
     if args.get("out"):
         _check_out(args["out"])
+        _not_the_input(args["out"], args["image"], "--out")
     result = agent.ground(args["image"], exprs, cancel=args.get("cancel"))
     if args.get("out"):
         from lavida_agent.tools.draw import draw_boxes
@@ -438,7 +454,7 @@ def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
     from lavida_agent.errors import InvalidInputError
 
     if not isinstance(args, dict):
-        raise InvalidInputError(f"a {command} line must be a JSON object, got {type(args).__name__}")
+        raise InvalidInputError(f"each {command} line must be a JSON object, got {type(args).__name__}")
     required, optional = BATCH_KEYS[command]
     missing = sorted(required - set(args))
     unknown = sorted(set(args) - required - optional)
@@ -460,8 +476,22 @@ def _check_batch_args(command: str, args: Any) -> dict[str, Any]:
     return args
 
 
+def _first_line_per_out(lines: Sequence[tuple[int, str]]) -> dict[Path, int]:
+    """The first line naming each `out` file (a later line naming it again is refused rather
+    than overwriting that line's result)."""
+    first: dict[Path, int] = {}
+    for n, line in lines:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            out = json.loads(line).get("out")
+            if isinstance(out, str) and out:
+                first.setdefault(Path(out).resolve(), n)
+    return first
+
+
 def _batch_lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
     for n, line in enumerate(fh, start=1):
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if line.strip():
             yield n, line.rstrip("\r\n")  # a JSON error's column is then on this line
 
@@ -484,7 +514,10 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
     Ctrl-C stops the lines running at their next step and starts no more: each of those
     gets an error result (a stopped generate or edit names its `run_id`, which `resume`
     finishes), so the output still has one line per input line; the exit status is 130."""
+    from lavida_agent.errors import InvalidInputError
+
     lines = list(_batch_lines(fh))
+    first_with = _first_line_per_out(lines)
     debug = ctx.ensure_object(dict).get("debug")
     show = _progress_enabled(ctx)
     with _ctrl_c_stops_the_run() as cancel:
@@ -494,6 +527,9 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
             n, line = item
             try:
                 args = _check_batch_args(command, json.loads(line))
+                if args.get("out") and first_with.get(Path(args["out"]).resolve(), n) != n:
+                    raise InvalidInputError(f"out {args['out']!r} is also line {first_with[Path(args['out']).resolve()]}'s: "
+                                            "each line needs its own file")  # fmt: skip
                 if cancel.is_set():
                     return {"error": "not run: the batch was stopped (Ctrl-C)", "line": n}
                 merged = {**{k: v for k, v in defaults.items() if v is not None}, **args,
@@ -574,6 +610,7 @@ def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
         _check_writable(trace_html, "--trace-html")
         if request.get("out") and Path(trace_html).resolve() == Path(request["out"]).resolve():
             raise InvalidInputError("--trace-html and --out name the same file")
+        _not_the_input(trace_html, request.get("image"), "--trace-html")
     progress = _Progress(_progress_enabled(ctx))
     try:
         with _ctrl_c_stops_the_run() as cancel:
@@ -598,7 +635,7 @@ def _loaded_agent(ctx: click.Context, cancel: threading.Event) -> LavidaAgent:
     agent = _agent(ctx)
     _ = agent.engine
     if cancel.is_set():
-        raise click.Abort()
+        raise KeyboardInterrupt  # reported as any Ctrl-C: status 130
     return agent
 
 
@@ -870,7 +907,7 @@ def _session_state(s: Any, out: str | None, scale: int) -> dict[str, Any]:
         from lavida_agent.tools.images import resize_nearest, save_image
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        save_image(resize_nearest(s.current_image(), scale), out)
+        save_image(resize_nearest(s.current_image(crop=True), scale), out)  # in the input's shape, as `edit`
         data["out"] = out
     return data
 

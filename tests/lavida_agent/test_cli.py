@@ -444,6 +444,26 @@ def test_a_json_result_already_printed_is_not_followed_by_an_error_document(run,
 # -- sessions and traces -----------------------------------------------------------------------
 
 
+def test_batch_lines_naming_one_out_file_and_a_leading_byte_order_mark(run, tmp_path):
+    lines = ['\ufeff{"prompt": "red circle", "out": "b/one.png", "seed": 1}',
+             '{"prompt": "blue square", "out": "b/two.png"}', '{"prompt": "green circle", "out": "b/one.png"}']
+    (tmp_path / "gen.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = run("generate", "--batch", "gen.jsonl", "--steps", 2, "--workers", 2)
+    out = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.exit_code == 1 and [("error" in o) for o in out] == [False, False, True]
+    assert "is also line 1's" in out[2]["error"] and out[0]["prompt"] == "red circle"
+
+
+def test_nothing_is_written_over_the_input_or_left_behind_by_a_failed_command(run, scene, tmp_path):
+    before = scene.read_bytes()
+    res = run("edit", scene, "make it blue", "--out", "o.png", "--trace-html", scene)
+    assert res.exit_code == 1 and "names the input image" in res.output
+    res = run("ground", scene, "the red circle", "--out", scene)
+    assert res.exit_code == 1 and "names the input image" in res.output and scene.read_bytes() == before
+    res = run("edit", "nofile.png", "make it red", "--out", "newdir/sub/e.png")
+    assert res.exit_code == 1 and not (tmp_path / "newdir").exists()
+
+
 def test_session_commands(run, scene, tmp_path):
     res = run("session", "start", scene)
     assert res.exit_code == 0, res.output
@@ -462,7 +482,7 @@ def test_session_commands(run, scene, tmp_path):
     assert f"(undo: lavida-agent session undo {sid})" in said
     assert run("session", "undo", sid).exit_code == 0
     undo = json.loads(run("session", "undo", sid, "--json", "--out", "u.png").stdout)
-    assert undo["step"] == 0 and (tmp_path / "u.png").is_file()
+    assert undo["step"] == 0 and load_image(tmp_path / "u.png").shape == (32, 64, 3)  # the input's shape, as edit
     redo = run("session", "redo", sid)
     assert redo.exit_code == 0 and redo.stdout.strip() == "current step: 1"
     assert run("session", "undo", sid).stdout.strip() == "current step: 0"
