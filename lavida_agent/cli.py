@@ -496,10 +496,13 @@ def _batch_lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
             yield n, line.rstrip("\r\n")  # a JSON error's column is then on this line
 
 
-def _reject_with_batch(batch: IO[str] | None, given: dict[str, Any]) -> None:
+def _reject_with_batch(batch: IO[str] | None, given: dict[str, Any], workers: int = 1) -> None:
     """`--batch` takes every input from its file: refuse single-run inputs given beside it
-    (they would be ignored without a word). `given` maps the names users type to values."""
+    (they would be ignored without a word), and `--workers` without it. `given` maps the
+    names users type to values."""
     if batch is None:
+        if workers != 1:
+            raise click.UsageError("--workers runs the lines of a --batch file side by side; give --batch too")
         return
     named = [name for name, value in given.items() if value not in (None, ())]
     if named:
@@ -693,7 +696,7 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
              workers: int) -> None:  # fmt: skip
     """Draw PROMPT: plan a layout, generate, critique, refine; write the best image to --out."""
     defaults = {"rounds": rounds, "steps": steps, "plan": plan, "seed": seed}
-    _reject_with_batch(batch, {"PROMPT": prompt, "--out": out, "--trace-html": trace_html})
+    _reject_with_batch(batch, {"PROMPT": prompt, "--out": out, "--trace-html": trace_html}, workers)
     if review_plan and batch is not None:
         raise click.UsageError("--review-plan asks about one layout; it cannot run with --batch")
     if review_plan and plan is False:
@@ -747,7 +750,7 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
     """
     defaults = {"rounds": rounds, "steps": steps, "seed": seed}
     _reject_with_batch(batch, {"IMAGE": image, "INSTRUCTION": instruction, "--out": out,
-                               "--trace-html": trace_html})  # fmt: skip
+                               "--trace-html": trace_html}, workers)  # fmt: skip
     if batch is not None:
         _run_batch(ctx, "edit", batch, defaults, scale=preview_scale, workers=workers)
         return
@@ -808,7 +811,7 @@ def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_jso
 def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], out: str | None,
            as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Find each EXPRESSION in IMAGE; boxes are in IMAGE's pixels (x0 y0 x1 y1)."""
-    _reject_with_batch(batch, {"IMAGE": image, "EXPRESSION": expressions, "--out": out})
+    _reject_with_batch(batch, {"IMAGE": image, "EXPRESSION": expressions, "--out": out}, workers)
     if batch is not None:
         _run_batch(ctx, "ground", batch, {}, scale=1, workers=workers)
         return
@@ -840,7 +843,7 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
 def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bool,
         batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Answer QUESTION about IMAGE."""
-    _reject_with_batch(batch, {"IMAGE": image, "QUESTION": question})
+    _reject_with_batch(batch, {"IMAGE": image, "QUESTION": question}, workers)
     if batch is not None:
         _run_batch(ctx, "ask", batch, {}, scale=1, workers=workers)
         return
@@ -863,7 +866,7 @@ def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bo
 def critique(ctx: click.Context, image: str | None, prompt: str | None, as_json: bool,
              batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Judge whether IMAGE shows what PROMPT asks for; prints accept or reject and why."""
-    _reject_with_batch(batch, {"IMAGE": image, "PROMPT": prompt})
+    _reject_with_batch(batch, {"IMAGE": image, "PROMPT": prompt}, workers)
     if batch is not None:
         _run_batch(ctx, "critique", batch, {}, scale=1, workers=workers)
         return

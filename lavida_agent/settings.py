@@ -136,6 +136,8 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         home = self.home.expanduser().absolute()
+        if home.exists() and not home.is_dir():
+            raise ValueError(f"home {str(home)!r} is a file; it must be a folder (made if missing)")
         object.__setattr__(self, "home", home)
         if self.artifacts_dir is None:
             object.__setattr__(self, "artifacts_dir", home / "artifacts")

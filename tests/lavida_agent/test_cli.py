@@ -769,3 +769,10 @@ def test_a_global_option_after_the_command_says_where_it_goes(args, where):
     option = args[-2]
     assert f"{option} is an option of lavida-agent itself: put it before the command " \
            f"(lavida-agent {option} ... {where} ...)" in res.output  # fmt: skip
+
+
+def test_workers_needs_a_batch_and_home_must_be_a_folder(run, scene, tmp_path):
+    res = run("ask", scene, "is there a circle?", "--workers", 4)
+    assert res.exit_code == 2 and "--workers runs the lines of a --batch file" in res.output
+    res = run("--home", scene, "runs")
+    assert res.exit_code != 0 and "is a file; it must be a folder" in res.output
