@@ -118,11 +118,23 @@ def _observe(path: str) -> Any:
         raise click.ClickException(f"cannot read image {path!r}: {err}") from err
 
 
+def _size(path: str) -> tuple[int, int] | None:
+    """`(width, height)` of an image file, or None when it cannot be read (`_observe` says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError):
+        return None
+
+
 @world.command()
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def detect(image: str, as_json: bool) -> None:
-    """Detect the background and objects in IMAGE."""
+    """Detect the background and objects in IMAGE, letterboxed into the 64x64 canvas as the
+    model sees it: boxes are canvas pixels (`ground` maps its boxes back to IMAGE's)."""
     obs = _observe(image)
     data = {
         "background": obs.background,
@@ -176,6 +188,10 @@ def score_edit(source: str, instruction: str, result: str, as_json: bool) -> Non
         spec = parse_edit(instruction)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    sizes = [_size(path) for path in (source, result)]
+    if sizes[0] and sizes[1] and sizes[0] != sizes[1]:
+        raise click.ClickException(f"SOURCE is {sizes[0][0]}x{sizes[0][1]} and RESULT {sizes[1][0]}x{sizes[1][1]}: "
+                                   "an edit keeps the image's size")  # fmt: skip
     try:
         checked = check_edit(_observe(source), spec, _observe(result))
     except ValueError as err:  # e.g. images of different sizes

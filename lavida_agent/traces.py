@@ -411,7 +411,9 @@ def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
     try:
         return Trace.model_validate_json(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise InvalidInputError(f"{str(path)!r} is not a lavida-agent trace: {exc}") from None
+        errors = getattr(exc, "errors", None)  # pydantic: name the first problem, not all of them
+        why = f"{'.'.join(map(str, errors()[0]['loc'])) or 'the file'}: {errors()[0]['msg']}" if errors else exc
+        raise InvalidInputError(f"{str(path)!r} is not a lavida-agent trace ({why})") from None
 
 
 # ----------------------------------------------------------------------------------------

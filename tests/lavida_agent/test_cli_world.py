@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -100,6 +101,9 @@ def test_score_edit(tmp_path, image):
     assert isinstance(data["psnr_outside"], float) and data["psnr_outside"] < 30
     human = run("score-edit", image, "make the blue square green", result_path)
     assert human.output.startswith("correct (PSNR outside: inf dB)")
+    wide = str(save_image(np.zeros((64, 128, 3), np.uint8), tmp_path / "wide.png"))
+    other = run("score-edit", image, "make the blue square green", wide)
+    assert other.exit_code == 1 and "SOURCE is 64x64 and RESULT 128x64" in other.output
 
 
 @pytest.mark.parametrize(

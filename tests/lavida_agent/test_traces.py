@@ -213,3 +213,11 @@ def test_critique_traces_say_the_verdict_was_read_off_the_perceived_scene(agent,
     crit = next(n for n in g.trace.nodes if n.node == "critique_image")
     assert crit.view.caption == "accept: ok (judged by the perceived scene)"
     assert "seen: <i>a large red circle and a large blue square" in render_html(g.trace, agent.store)
+
+
+def test_a_json_file_that_is_not_a_trace_is_named_in_one_line(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text('{"seed": 1, "out": "a.png"}')  # e.g. `generate --json` output
+    with pytest.raises(InvalidInputError) as e:
+        load_trace(path)
+    assert str(e.value).endswith("is not a lavida-agent trace (run_id: Field required)")
