@@ -205,7 +205,8 @@ class EditResult(RunResult):
         input was not letterboxed, the whole image is content)."""
         if self.letterbox is None or self.source_ref is None:
             return None
-        return _content_box(self.letterbox, self.letterbox_source)
+        lb, source = self.letterbox, self.letterbox_source
+        return lb.content_box(*source) if source is not None else (0, 0, lb.size, lb.size)
 
     letterbox_source: tuple[int, int] | None = None
     """`(width, height)` of the original input image when one was letterboxed."""
@@ -407,18 +408,6 @@ def _unframe(frame: dict[str, Any] | None) -> tuple[LetterboxParams, tuple[int, 
         return None
     w, h = int(frame["width"]), int(frame["height"])
     return letterbox_params(w, h, int(frame["size"])), (w, h)
-
-
-def _content_box(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int, int, int]:
-    """`(x0, y0, x1, y1)` of a letterboxed `source` image's content in the canvas."""
-    w, h = _input_size(lb, source)
-    return lb.pad_x, lb.pad_y, lb.pad_x + w, lb.pad_y + h
-
-
-def _input_size(lb: LetterboxParams, source: tuple[int, int] | None) -> tuple[int, int]:
-    if source is None:
-        return lb.size, lb.size
-    return lb.content_size(*source)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1428,15 +1417,16 @@ class Session:
     def current_image(self, *, crop: bool = False) -> np.ndarray:
         """The current image as an array (the canvas); with `crop`, without the letterbox
         bars of a non-square input (in the shape of the image the session started from)."""
-        ref = self.current
-        if ref is None:
+        st = self.state() if self.exists else None  # read once
+        if st is None or st.current is None:
             raise InvalidInputError(f"session {self.thread_id!r} has no image yet")
         with map_exceptions():
-            image = self.agent.store.open(ref)
-        frame = _unframe(self.state().frame) if crop else None
+            image = self.agent.store.open(st.current)
+        frame = _unframe(st.frame) if crop else None
         if frame is None:
             return image
-        x0, y0, x1, y1 = _content_box(*frame)
+        (lb, (w, h)) = frame
+        x0, y0, x1, y1 = lb.content_box(w, h)
         return image[y0:y1, x0:x1]
 
     def history(self) -> list[EditStep]:

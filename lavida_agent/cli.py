@@ -530,9 +530,9 @@ def _run_batch(ctx: click.Context, command: str, fh: IO[str], defaults: dict[str
             n, line = item
             try:
                 args = _check_batch_args(command, json.loads(line))
-                if args.get("out") and first_with.get(Path(args["out"]).resolve(), n) != n:
-                    raise InvalidInputError(f"out {args['out']!r} is also line {first_with[Path(args['out']).resolve()]}'s: "
-                                            "each line needs its own file")  # fmt: skip
+                first = first_with.get(Path(args["out"]).resolve(), n) if args.get("out") else n
+                if first != n:
+                    raise InvalidInputError(f"out {args['out']!r} is also line {first}'s: each line needs its own file")
                 if cancel.is_set():
                     return {"error": "not run: the batch was stopped (Ctrl-C)", "line": n}
                 merged = {**{k: v for k, v in defaults.items() if v is not None}, **args,

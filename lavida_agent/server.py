@@ -570,17 +570,18 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {text}\n\n".encode()
 
 
-def _scale(size: str | None, canvas: int) -> tuple[int, str]:
-    """`(upscale factor, "WxH")` for an OpenAI `size`; 400 naming `size` for others."""
+def _scale(size: str | None, canvas: int) -> int:
+    """The upscale factor of an OpenAI `size` (the size the answer then states is its
+    image's: an edit keeps its input's shape); 400 naming `size` for others."""
     allowed = [canvas] + [s for s in UPSCALED_SIZES if s > canvas and s % canvas == 0]
     if size is None or size == "auto":
-        return 1, f"{canvas}x{canvas}"
+        return 1
     m = re.fullmatch(r"(\d+)x(\d+)", size)
     if m is None or m.group(1) != m.group(2) or int(m.group(1)) not in allowed:
         names = ", ".join(f"'{s}x{s}'" for s in allowed)
         raise ApiError(400, "invalid_size", f"size: {size!r} is not supported; use {names} or "
                        "'auto'", param="size")  # fmt: skip
-    return int(m.group(1)) // canvas, size
+    return int(m.group(1)) // canvas
 
 
 def _png_b64(image: np.ndarray, scale: int) -> str:
@@ -1120,11 +1121,11 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
                       run: Callable[[LavidaAgent, int, EventCallback | None], Awaitable[np.ndarray]],
                       crop: Callable[[np.ndarray], np.ndarray] | None = None) -> Response:  # fmt: skip
         """Shared by generations and edits: `run(agent, seed, on_event)` -> final image."""
-        scale, size = _scale(req.size, svc.agent.settings.canvas)
+        scale = _scale(req.size, svc.agent.settings.canvas)
         if req.stream:
             if req.n != 1:
                 raise ApiError(400, "invalid_field", "n: streaming supports n=1 only", param="n")
-            return _openai_stream(svc, req, kind, run, seeds(req)[0], scale, size, crop)
+            return _openai_stream(svc, req, kind, run, seeds(req)[0], scale, crop)
         if req.partial_images:
             raise ApiError(400, "invalid_field", "partial_images: needs stream=true",
                            param="partial_images")  # fmt: skip
@@ -1186,21 +1187,19 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         from lavida_agent.tools.boxes import letterbox_params
 
         h, w = image.shape[:2]  # the partial images of a stream come in the input's shape too
-        lb = letterbox_params(w, h, svc.agent.settings.canvas)
-        cw, ch = lb.content_size(w, h)
-        return await respond(request, req, "image_edit", run,
-                             crop=lambda im: im[lb.pad_y : lb.pad_y + ch, lb.pad_x : lb.pad_x + cw])  # fmt: skip
+        x0, y0, x1, y1 = letterbox_params(w, h, svc.agent.settings.canvas).content_box(w, h)
+        return await respond(request, req, "image_edit", run, crop=lambda im: im[y0:y1, x0:x1])
 
 
 def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaitable[np.ndarray]],
-                   seed: int, scale: int, size: str,
+                   seed: int, scale: int,
                    crop: Callable[[np.ndarray], np.ndarray] | None = None) -> StreamingResponse:  # fmt: skip
     """SSE shaped like OpenAI's image streaming: `<kind>.partial_image` x <= partial_images,
     then `<kind>.completed`."""
     wanted = req.partial_images or 0
     steps = req.steps or svc.agent.settings.num_steps
     every = max(1, steps // (wanted + 1)) if wanted else 0
-    common = {"background": "opaque", "output_format": "png", "quality": "auto", "size": size}
+    common = {"background": "opaque", "output_format": "png", "quality": "auto"}  # `size`: each image's
 
     async def partial(ev: dict[str, Any], index: int) -> bytes | None:
         png = svc.preview_png(ev)

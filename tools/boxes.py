@@ -413,6 +413,11 @@ class LetterboxParams:
         h = min(self.size, max(1, round_half_up(height * self.scale)))
         return w, h
 
+    def content_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """`(x0, y0, x1, y1)`: where the `width` x `height` source lies in the square."""
+        w, h = self.content_size(width, height)
+        return self.pad_x, self.pad_y, self.pad_x + w, self.pad_y + h
+
 
 def letterbox_params(width: int, height: int, size: int = DEFAULT_CANVAS) -> LetterboxParams:
     """Compute the letterbox of a `width` x `height` image into a `size` x `size` square.
