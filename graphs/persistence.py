@@ -8,9 +8,12 @@ unregistered types nor accepts arbitrary classes.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import re
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
@@ -18,9 +21,18 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from lavida_agent.graphs.state import STATE_VALUE_TYPES
 
-__all__ = ("async_checkpointer_from_path", "checkpointer_from_path", "make_serde")
+__all__ = (
+    "async_checkpointer_from_path",
+    "checkpointer_from_path",
+    "compact",
+    "last_written",
+    "make_serde",
+    "referenced_shas",
+    "thread_ids",
+)
 
 MEMORY = ":memory:"
+_SHA_BYTES_RE = re.compile(rb"[0-9a-f]{64}")
 
 
 def make_serde() -> JsonPlusSerializer:
@@ -59,3 +71,106 @@ async def async_checkpointer_from_path(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     async with aiosqlite.connect(str(path)) as conn:
         yield AsyncSqliteSaver(conn, serde=make_serde())
+
+
+# -- what a checkpointer holds (for deleting threads and sweeping images) --------------------
+# Only the two checkpointers made above are read; others raise `TypeError`.
+
+
+def _is_sqlite(saver: BaseCheckpointSaver[str]) -> bool:
+    return isinstance(getattr(saver, "conn", None), sqlite3.Connection)
+
+
+def _check_readable(saver: BaseCheckpointSaver[str]) -> None:
+    if not (_is_sqlite(saver) or isinstance(saver, InMemorySaver)):
+        raise TypeError(f"cannot list what a {type(saver).__name__} holds (SqliteSaver and "
+                        "InMemorySaver only)")  # fmt: skip
+
+
+def thread_ids(saver: BaseCheckpointSaver[str]) -> set[str]:
+    """Every thread with a checkpoint in `saver`."""
+    _check_readable(saver)
+    if _is_sqlite(saver):
+        with saver.cursor() as cur:  # type: ignore[attr-defined]
+            try:
+                return {row[0] for row in cur.execute("SELECT DISTINCT thread_id FROM checkpoints")}
+            except sqlite3.OperationalError:  # no table yet: nothing was ever checkpointed
+                return set()
+    return {t for t, namespaces in saver.storage.items() if any(namespaces.values())}  # type: ignore[attr-defined]
+
+
+def _stored_bytes(value: Any) -> Iterator[bytes]:
+    """Every bytes value inside the nested tuples and dicts of an `InMemorySaver`."""
+    if isinstance(value, bytes | bytearray):
+        yield bytes(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _stored_bytes(v)
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _stored_bytes(v)
+
+
+def _blobs(saver: BaseCheckpointSaver[str]) -> Iterator[tuple[str, bytes]]:
+    """`(thread id, serialized bytes)` of every checkpoint, its metadata and pending write."""
+    if _is_sqlite(saver):
+        with saver.cursor() as cur:  # type: ignore[attr-defined]
+            for query in ("SELECT thread_id, checkpoint, metadata FROM checkpoints",
+                          "SELECT thread_id, value FROM writes"):  # fmt: skip
+                try:
+                    rows = cur.execute(query).fetchall()
+                except sqlite3.OperationalError:  # no table yet: nothing was ever checkpointed
+                    continue
+                for thread, *blobs in rows:
+                    for blob in blobs:
+                        if blob:
+                            yield thread, blob.encode() if isinstance(blob, str) else blob
+        return
+    for part in (saver.storage, saver.writes, saver.blobs):  # type: ignore[attr-defined]
+        for key, value in part.items():
+            thread = key if isinstance(key, str) else key[0]  # storage: thread; others: (thread, ...)
+            for blob in _stored_bytes(value):
+                yield thread, blob
+
+
+def referenced_shas(saver: BaseCheckpointSaver[str]) -> dict[str, set[str]]:
+    """Thread id -> every sha256 (64 lowercase hex characters) in its checkpoints and
+    pending writes in `saver`: the images its states refer to (a superset: any such string
+    counts). Read from the serialized bytes; nothing is deserialized.
+
+    Raises:
+        TypeError: `saver` is neither a `SqliteSaver` nor an `InMemorySaver`.
+    """
+    _check_readable(saver)
+    found: dict[str, set[str]] = {}
+    for thread, blob in _blobs(saver):
+        found.setdefault(thread, set()).update(m.decode() for m in _SHA_BYTES_RE.findall(blob))
+    return found
+
+
+def last_written(saver: BaseCheckpointSaver[str], thread_id: str) -> float | None:
+    """When `thread_id`'s newest checkpoint was written (POSIX seconds), None without one."""
+    tup = saver.get_tuple({"configurable": {"thread_id": thread_id}})
+    if tup is None:
+        return None
+    return dt.datetime.fromisoformat(tup.checkpoint["ts"]).timestamp()
+
+
+def compact(saver: BaseCheckpointSaver[str]) -> int:
+    """Give the pages of deleted threads back to the file system (`VACUUM`, SQLite only);
+    the bytes the database shrank by. Skipped (0) while another connection is writing."""
+    if not _is_sqlite(saver):
+        return 0
+    conn: sqlite3.Connection = saver.conn  # type: ignore[attr-defined]
+
+    def size() -> int:
+        return conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    with saver.lock:  # type: ignore[attr-defined]
+        before = size()
+        try:
+            conn.commit()
+            conn.execute("VACUUM")
+        except sqlite3.OperationalError:  # "database is locked": another process is writing
+            return 0
+        return max(0, before - size())

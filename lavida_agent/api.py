@@ -12,6 +12,8 @@
         s.history(), s.lineage()
 
     agent.resume(run_id)        # finish a generate/edit run that was cancelled or killed
+    agent.delete_run(run_id); agent.delete_session(session_id)
+    agent.prune(older_than=30 * 86400)  # every run and session idle for 30 days
 
 Every call runs a LangGraph workflow (`graphs/`) compiled with the SQLite checkpointer of
 `Settings.db_path`, on its own thread (`thread_id`), records a JSON trace under
@@ -34,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = (
     "AskResult",
+    "Cleanup",
     "CritiqueResult",
     "EditResult",
     "EventCallback",
@@ -348,6 +353,27 @@ class CritiqueResult(RunResult):
             "thread_id": self.thread_id,
             "trace": str(self.trace_path) if self.trace_path else None,
         }
+
+
+@dataclass
+class Cleanup:
+    """What `delete_run`, `delete_session` or `prune` deleted (with `dry_run`: would delete)."""
+
+    threads: list[str] = field(default_factory=list)
+    """The threads deleted: sessions, and the threads of generate, ground, ask and critique runs."""
+    runs: list[str] = field(default_factory=list)
+    """The runs whose traces were deleted."""
+    images: int = 0
+    """Images removed from the artifact store: those nothing refers to any more."""
+    bytes_freed: int = 0
+    """Of the traces, the images and (`prune`: it compacts the database) the database file."""
+    busy: list[str] = field(default_factory=list)
+    """`prune`: threads old enough but with a run on them now, kept."""
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threads": list(self.threads), "runs": list(self.runs), "images": self.images,
+                "bytes_freed": self.bytes_freed, "busy": list(self.busy), "dry_run": self.dry_run}
 
 
 def _attempt_dict(
@@ -1192,6 +1218,131 @@ class LavidaAgent:
             raise InvalidInputError(f"a session id is a non-empty string (None starts a new session), got "
                                     f"{thread_id!r}")  # fmt: skip
         return Session(self, thread_id or _new_id())
+
+    # -- deleting -------------------------------------------------------------------------
+
+    def delete_run(self, run_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
+        """Delete a generate, ground, ask or critique run: its trace and checkpoints (its
+        thread's: with the runs that resumed it), then the images nothing refers to any
+        more (see `prune` for which go at once). A session's turn goes with its session
+        (`delete_session`).
+
+        Raises:
+            NotFoundError: no such run.
+            InvalidInputError: the run is a session's turn.
+            BusyError: a run is on its thread now (here or in another process).
+        """
+        from lavida_agent.traces import find_trace, load_trace
+
+        trace = load_trace(find_trace(run_id, self.settings.runs_dir))  # type: ignore[arg-type]
+        if trace.workflow == "edit":
+            raise InvalidInputError(f"run {run_id} is a turn of session {trace.thread_id}: delete the "
+                                    "session (all its turns) instead")  # fmt: skip
+        return self._delete([trace.thread_id], dry_run=dry_run, grace_s=grace_s)
+
+    def delete_session(self, session_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
+        """Delete a session: its checkpoints (every branch) and the traces of its turns, then
+        the images nothing refers to any more (see `prune`).
+
+        Raises:
+            NotFoundError: no such session.
+            InvalidInputError: `session_id` is the thread of another workflow's run.
+            BusyError: a turn (or an undo...) is on it now, here or in another process.
+        """
+        from lavida_agent.traces import trace_files
+
+        session = self.session(session_id)
+        if not session.exists:
+            turns = [f for f in trace_files(self.settings.runs_dir) if f.thread_id == session_id]  # type: ignore[arg-type]
+            if any(f.workflow != "edit" for f in turns) or session_id in self._thread_ids():
+                raise InvalidInputError(f"{session_id!r} is the thread of another workflow's run, not a "
+                                        "session: delete that run by its run id")  # fmt: skip
+            if not turns:
+                raise NotFoundError(f"no session {session_id!r}")
+        return self._delete([session_id], dry_run=dry_run, grace_s=grace_s)
+
+    def prune(self, older_than: float | dt.timedelta, *, dry_run: bool = False,
+              grace_s: float = 3600) -> Cleanup:  # fmt: skip
+        """Delete every run and session last active more than `older_than` ago (seconds, or a
+        `timedelta`; 0: all), except those with a run on them now, then the images nothing
+        refers to any more.
+
+        An image nothing refers to goes when it was last stored more than `grace_s` seconds
+        ago, or, if it belonged to what was deleted, at once unless a run is in progress
+        (here or in another process on this home): a run may have stored an image and not
+        yet recorded it. A later `prune` takes what stayed.
+
+        Raises:
+            InvalidInputError: a negative or non-numeric `older_than` or `grace_s`.
+        """
+        from lavida_agent.graphs.persistence import compact, last_written
+        from lavida_agent.traces import trace_files
+
+        if isinstance(older_than, dt.timedelta):
+            older_than = older_than.total_seconds()
+        for name, value in (("older_than", older_than), ("grace_s", grace_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise InvalidInputError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        cutoff = time.time() - older_than
+        last: dict[str, float] = {}
+        for f in trace_files(self.settings.runs_dir):  # type: ignore[arg-type]
+            if f.thread_id is not None:
+                last[f.thread_id] = max(last.get(f.thread_id, 0.0), f.mtime)
+        for thread in self._thread_ids():
+            last[thread] = max(last.get(thread, 0.0), last_written(self.checkpointer, thread) or 0.0)
+        old = sorted(t for t, when in last.items() if when < cutoff)
+        out = self._delete(old, dry_run=dry_run, grace_s=grace_s, skip_busy=True)
+        if out.threads and not dry_run:
+            out.bytes_freed += compact(self.checkpointer)
+        return out
+
+    def _thread_ids(self) -> set[str]:
+        from lavida_agent.graphs.persistence import thread_ids
+
+        with map_exceptions():
+            return thread_ids(self.checkpointer)
+
+    def _delete(self, threads: Sequence[str], *, dry_run: bool, grace_s: float,
+                skip_busy: bool = False) -> Cleanup:  # fmt: skip
+        """Delete `threads` (each held alone while it goes), then sweep the store."""
+        from lavida_agent.graphs.persistence import referenced_shas
+        from lavida_agent.traces import trace_files
+
+        out = Cleanup(dry_run=dry_run)
+        files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+        with map_exceptions():
+            held = referenced_shas(self.checkpointer)  # thread -> the images its states name
+        for thread in threads:
+            try:
+                with self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete"):
+                    mine = [f for f in files if f.thread_id == thread]
+                    if not dry_run:
+                        self.checkpointer.delete_thread(thread)
+                        for f in mine:
+                            f.path.unlink(missing_ok=True)
+            except BusyError:
+                if not skip_busy:
+                    raise
+                out.busy.append(thread)
+                continue
+            out.threads.append(thread)
+            out.runs += [f.run_id for f in mine]
+            out.bytes_freed += sum(f.size for f in mine)
+        gone = set(out.threads)
+        theirs = set().union(*(held.get(t, ()) for t in gone),
+                             *(f.shas for f in files if f.thread_id in gone))  # fmt: skip
+        with self._active_lock:
+            running = bool(self._active)
+        running = running or bool(live.holders(self.settings.runs_dir))  # type: ignore[arg-type]
+        with map_exceptions():  # read again: what runs wrote meanwhile is kept too
+            held = referenced_shas(self.checkpointer)
+        files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+        keep = set().union(*(shas for t, shas in held.items() if t not in gone),
+                           *(f.shas for f in files if f.thread_id not in gone))  # fmt: skip
+        at_once = set() if running else theirs - keep
+        out.images, freed = self.store.sweep(keep, older_than_s=grace_s, also=at_once, dry_run=dry_run)
+        out.bytes_freed += freed
+        return out
 
     # -- async twins ----------------------------------------------------------------------
 

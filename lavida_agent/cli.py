@@ -928,6 +928,18 @@ def session_start(ctx: click.Context, image: str, as_json: bool) -> None:
     _echo_json(data) if as_json else click.echo(s.thread_id)
 
 
+@session.command("delete")
+@click.argument("session_id")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def session_delete(ctx: click.Context, session_id: str, dry_run: bool, as_json: bool) -> None:
+    """Delete the session: every branch, the traces of its turns and the images nothing
+    else refers to (as `lavida-agent delete SESSION_ID`)."""
+    _say_cleanup(f"session {session_id}", _agent(ctx).delete_session(session_id, dry_run=dry_run), as_json)
+
+
 @session.command("edit")
 @click.argument("session_id")
 @click.argument("instruction")
@@ -1137,6 +1149,83 @@ def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) ->
             ", ".join(run.get("expressions") or [])  # fmt: skip
         click.echo(f"{run['run_id']}  {run['workflow']:<10} {run['status']:<10} "
                    f"{run['started_at'][:19]}  {asked}")  # fmt: skip
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` or `0` as seconds."""
+    text = value.strip().lower()
+    try:
+        seconds = float(text[:-1]) * _DURATION_UNITS[text[-1]] if text != "0" else 0.0
+    except (KeyError, ValueError, IndexError):
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise click.BadParameter(f"{value!r} is not a duration: a number and a unit (s, m, h, d or w), "
+                                 "e.g. 30d, or 0 for everything")  # fmt: skip
+    return seconds
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _say_cleanup(what: str, done: Any, as_json: bool) -> None:
+    """One line (or a JSON object) for what a delete or prune removed."""
+    if as_json:
+        _echo_json({"deleted": what, **done.to_dict()})
+        return
+    verb = "would delete" if done.dry_run else "deleted"
+    runs = f"{len(done.runs)} run{'s' * (len(done.runs) != 1)}"
+    click.echo(f"{verb} {what}: {runs}, {done.images} image{'s' * (done.images != 1)}, {_mb(done.bytes_freed)}"
+               + (f"; kept {len(done.busy)} with a run on it now" if done.busy else ""))  # fmt: skip
+
+
+def _delete_one(agent: Any, ident: str, dry_run: bool) -> tuple[str, Any]:
+    """Delete run or session `ident`: `(how to name it, Cleanup)`."""
+    from lavida_agent.errors import NotFoundError
+    from lavida_agent.traces import find_trace
+
+    try:
+        find_trace(ident, agent.settings.runs_dir)
+    except NotFoundError:
+        try:
+            return f"session {ident}", agent.delete_session(ident, dry_run=dry_run)
+        except NotFoundError:
+            raise NotFoundError(f"no run or session {ident!r} (`lavida-agent runs` lists runs)") from None
+    return f"run {ident}", agent.delete_run(ident, dry_run=dry_run)
+
+
+@cli.command("delete")
+@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON line per ID.")
+@_common
+@click.pass_context
+def delete_cmd(ctx: click.Context, ids: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Delete runs and sessions by id, with their traces, checkpoints and the images nothing
+    else refers to. A generate, ground, ask or critique run goes with the runs that resumed
+    it; a session with all its turns (a turn alone cannot go). A run in progress is refused."""
+    agent = _agent(ctx)
+    for ident in ids:
+        _say_cleanup(*_delete_one(agent, ident, dry_run), as_json)
+
+
+@cli.command("prune")
+@click.option("--older-than", "older_than", metavar="AGE", required=True, callback=_duration,
+              help="Delete what was last active longer ago than AGE: 30d, 12h, 90m, 2w; 0: all.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+@click.pass_context
+def prune_cmd(ctx: click.Context, older_than: float, dry_run: bool, as_json: bool) -> None:
+    """Delete every run and session idle for longer than AGE (traces, checkpoints), then the
+    images nothing refers to any more, and compact the database. What runs now is kept, and
+    so are images stored in the last hour while anything runs."""
+    done = _agent(ctx).prune(older_than, dry_run=dry_run)
+    threads = len(done.threads)
+    _say_cleanup(f"{threads} thread{'s' * (threads != 1)} (sessions and runs)", done, as_json)
 
 
 # ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ except ImportError:  # Windows: no advisory locks; see the module docstring
 
 from lavida_agent.errors import BusyError
 
-__all__ = ("SUPPORTED", "ThreadLock", "busy_message", "hold", "holder")
+__all__ = ("SUPPORTED", "ThreadLock", "busy_message", "hold", "holder", "holders")
 
 SUPPORTED = fcntl is not None
 logger = logging.getLogger(__name__)
@@ -137,10 +137,20 @@ def busy_message(what: str, info: dict[str, Any]) -> str:
 def holder(runs_dir: str | Path, thread_id: str) -> dict[str, Any] | None:
     """`{pid, doing, run_ids, thread_id}` of what holds `thread_id` now (this process's own
     runs too), or None when nothing does."""
+    return _held(_path(runs_dir, thread_id))
+
+
+def holders(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """What holds each thread that something holds now (as `holder` says it)."""
+    found = (_held(path) for path in sorted((Path(runs_dir) / _DIR).glob("*.lock")))
+    return [info for info in found if info is not None]
+
+
+def _held(path: Path) -> dict[str, Any] | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(_path(runs_dir, thread_id), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:

@@ -108,7 +108,7 @@ ImageArg = Annotated[str, Field(description="A lavida://images/<sha256> URI from
                                 "result, a data:image/...;base64 URL or base64, or (stdio) a "
                                 "file path.")]  # fmt: skip
 # Hints for hosts (some approve read-only tools without asking): nothing here reaches outside
-# the process; drawing tools add images and sessions, which nothing deletes.
+# the process; drawing tools add images and sessions, which no tool here deletes.
 READS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 DRAWS = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 SessionArg = Annotated[str, Field(description="The `session` an earlier edit returned.")]

@@ -637,6 +637,17 @@ class SessionHistoryResponse(BaseModel):
     steps: list[SessionStepOut] = Field(description="Committed steps of the current branch.")
 
 
+class DeleteResponse(BaseModel):
+    """What a delete removed (`dry_run`: would remove)."""
+
+    threads: list[str] = Field(description="The threads deleted: the session, or the run's thread.")
+    runs: list[str] = Field(description="The runs whose traces were deleted.")
+    images: int = Field(description="Images removed from the store: those nothing refers to any more.")
+    bytes_freed: int
+    busy: list[str] = Field(default_factory=list)
+    dry_run: bool
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     version: str

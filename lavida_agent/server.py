@@ -978,6 +978,17 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
         """Go back one turn (a new branch; the old one stays in the history)."""
         return await _move(session_id, request, lambda s: s.undo(), "b64_json")
 
+    @app.delete("/v1/sessions/{session_id}", response_model=schemas.DeleteResponse,
+                responses=_ERRORS, tags=["sessions"])  # fmt: skip
+    async def session_delete(session_id: str, dry_run: bool = False) -> schemas.DeleteResponse:
+        """Delete the session: every branch, its turns' traces and the images nothing else
+        refers to. Waits for a turn of it this server runs; 409 while another process runs one."""
+        if not schemas.SESSION_ID_RE.fullmatch(session_id):
+            raise ApiError(404, "not_found", f"no session {session_id!r}")
+        async with svc.session_lock(session_id):
+            done = await run_in_threadpool(svc.agent.delete_session, session_id, dry_run=dry_run)
+        return schemas.DeleteResponse(**done.to_dict())
+
     @app.post("/v1/sessions/{session_id}/redo", response_model=schemas.SessionResponse,
               responses=_ERRORS, tags=["sessions"])  # fmt: skip
     async def session_redo(session_id: str, request: Request) -> schemas.SessionResponse:
@@ -1013,6 +1024,15 @@ def _resume_route(app: FastAPI, svc: _Service) -> None:
         found = await run_in_threadpool(lambda: recent_runs(svc.agent.settings.runs_dir,
                                                             limit=limit, unfinished=unfinished))  # fmt: skip
         return {"runs": found}
+
+    @app.delete("/v1/runs/{run_id}", response_model=schemas.DeleteResponse, responses=_ERRORS,
+                tags=["native"])  # fmt: skip
+    async def delete_run(run_id: str, dry_run: bool = False) -> schemas.DeleteResponse:
+        """Delete a generate, ground, ask or critique run (with the runs that resumed it): its
+        trace, checkpoints and the images nothing else refers to. A session's turn goes with
+        its session (`DELETE /v1/sessions/{id}`, 400 here); 409 while it runs."""
+        done = await run_in_threadpool(svc.agent.delete_run, run_id, dry_run=dry_run)
+        return schemas.DeleteResponse(**done.to_dict())
 
     @app.post("/v1/runs/{run_id}/resume",
               response_model=schemas.GenerateResponse | schemas.EditResponse, responses=_ERRORS,

@@ -18,6 +18,7 @@ graph. The page loads nothing from anywhere.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import html
 import json
@@ -39,6 +40,7 @@ __all__ = (
     "Trace",
     "TraceNode",
     "TraceRecorder",
+    "TraceFile",
     "TraceView",
     "ViewBox",
     "find_trace",
@@ -47,12 +49,14 @@ __all__ = (
     "recent_runs",
     "render_html",
     "save_trace",
+    "trace_files",
     "trace_path",
     "trace_status",
 )
 
 TRACE_VERSION = 1
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _QUIET_EVENTS = {"node_start", "node_end", "sampler_step"}
 
 
@@ -581,6 +585,38 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
                     **asked})  # fmt: skip
         if len(out) == limit:
             break
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceFile:
+    """A trace on disk, read for deleting runs (`trace_files`)."""
+
+    path: Path
+    run_id: str
+    thread_id: str | None  # None: not a readable trace (kept, never deleted by thread)
+    workflow: str | None
+    mtime: float
+    size: int
+    shas: frozenset[str]  # every sha256 in the file: the images it refers to
+
+
+def trace_files(runs_dir: str | Path) -> list[TraceFile]:
+    """Every `<run_id>.json` in `runs_dir` with its thread, workflow, time (last written)
+    and the shas in it. A file that is no trace keeps its shas and has no thread."""
+    out = []
+    for path in Path(runs_dir).glob("*.json"):
+        try:
+            st, text = path.stat(), path.read_text(encoding="utf-8", errors="replace")
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            data = json.loads(text)
+            thread, workflow = str(data["thread_id"]), str(data["workflow"])
+        except (ValueError, KeyError, TypeError):
+            thread = workflow = None
+        out.append(TraceFile(path, path.stem, thread, workflow, st.st_mtime, st.st_size,
+                             frozenset(_SHA_RE.findall(text))))  # fmt: skip
     return out
 
 

@@ -16,6 +16,9 @@ Design points:
 - **No path tricks.** A sha must be 64 lowercase hex characters and a relative path must match
   the layout above exactly, so nothing can name a file outside the root; resolved paths are
   also checked to stay inside the root (against symlinked folders).
+- **Removed only by `sweep`**, with the shas still referred to (`LavidaAgent.prune` reads
+  them from the traces and checkpoints); `put` renews an existing file's time, so what was
+  stored lately stays however old its first copy is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import logging
 import os
 import re
 import tempfile
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -232,7 +237,8 @@ class ArtifactStore:
     def put(self, image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRef:
         """Store an image (anything `images.load_image` accepts) as PNG and return its ref.
 
-        Identical pixels give the same ref; an existing file is not rewritten.
+        Identical pixels give the same ref; an existing file is not rewritten, only touched
+        (its time is when it was last stored: `sweep` keeps what was stored recently).
 
         Raises:
             ImageError: `image` is not a loadable image.
@@ -241,7 +247,9 @@ class ArtifactStore:
         h, w = pixels.shape[:2]
         ref = ImageRef.for_image(content_hash(pixels), w, h)
         target = self.path(ref)
-        if not target.is_file():
+        try:
+            os.utime(target)
+        except FileNotFoundError:
             self._write_atomic(target, encode_png(pixels))
             logger.debug("stored %s (%dx%d)", ref.sha256, w, h)
         return ref
@@ -308,6 +316,36 @@ class ArtifactStore:
         if verify and content_hash(pixels) != sha:
             raise ImageError(f"stored image {rel!r} does not match its hash (corrupt file?)")
         return pixels
+
+    # -- removing -------------------------------------------------------------------------
+
+    def sweep(self, keep: Collection[str], *, older_than_s: float, also: Collection[str] = (),
+              dry_run: bool = False) -> tuple[int, int]:  # fmt: skip
+        """Remove every image whose sha is not in `keep` and that was last stored (`put`)
+        more than `older_than_s` seconds ago (or is in `also`: at once), and temporary
+        files as old (a write that crashed). Images stored since stay: a run of another
+        process may have stored them and not yet recorded them where `keep` was read from.
+
+        Returns:
+            `(images removed, bytes freed)`; with `dry_run`, what would be.
+        """
+        cutoff = time.time() - older_than_s
+        removed = freed = 0
+        for path in self.root.glob("images/??/*"):
+            is_tmp = path.name.startswith(".tmp-")
+            if not is_tmp and (path.suffix != ".png" or path.stem in keep):
+                continue
+            try:
+                st = path.stat()
+                if st.st_mtime >= cutoff and path.stem not in also:
+                    continue
+                if not dry_run:
+                    path.unlink()
+            except FileNotFoundError:  # removed meanwhile (another sweep)
+                continue
+            removed += not is_tmp
+            freed += st.st_size
+        return removed, freed
 
     def ref(self, sha: str) -> ImageRef:
         """Rebuild the `ImageRef` of a stored image from its sha (reads the PNG header only).

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -22,34 +21,6 @@ from tests.fakes import draw, pause
 
 PROMPT = "a red circle and a blue square"
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
-
-_HOLDER = """
-import sys
-from lavida_agent import live
-live.hold(sys.argv[1], sys.argv[2], run_id=sys.argv[3], doing=f"run {sys.argv[3]}", what="x")
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def other_process(tmp_path):
-    """Start a process that holds a thread (`hold(runs_dir, thread_id, run_id)`) until it is
-    killed; every one still alive is killed at the end."""
-    procs = []
-
-    def hold(runs_dir, thread_id: str, run_id: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(runs_dir), thread_id, run_id],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "held"
-        return proc
-
-    yield hold
-    for proc in procs:
-        proc.kill()
-        proc.wait(10)
-
 
 def _kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)  # no clean-up runs: the OS alone drops the lock

@@ -316,6 +316,33 @@ async def test_a_generate_runs_thread_is_not_a_session(client):
     assert (await client.post(f"/v1/runs/{gen['run_id']}/resume")).status_code == 200  # untouched
 
 
+async def test_runs_and_sessions_are_deleted_with_what_only_they_refer_to(client, engine):
+    gen = (await client.post("/v1/generate", json={"prompt": "red circle", "seed": 4, "rounds": 1})).json()
+    sid = (await client.post("/v1/sessions", json={"image": _b64(_scene())})).json()["session_id"]
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+    turn = (await client.post(f"/v1/sessions/{sid}/edit", json={"instruction": "redo blue"})).json()
+
+    r = await client.delete(f"/v1/runs/{turn['run_id']}")  # a turn goes with its session
+    assert r.status_code == 400 and f"turn of session {sid}" in r.json()["error"]["message"]
+    r = await client.delete(f"/v1/sessions/{gen['thread_id']}")
+    assert r.status_code == 400 and "not a session" in r.json()["error"]["message"]
+    r = await client.delete(f"/v1/runs/{gen['run_id']}", params={"dry_run": "true"})
+    assert r.status_code == 200 and r.json()["dry_run"] and r.json()["runs"] == [gen["run_id"]]
+    assert (await client.get(f"/v1/artifacts/{gen['image']['sha256']}")).status_code == 200
+    r = await client.delete(f"/v1/runs/{gen['run_id']}")
+    assert r.status_code == 200 and r.json()["images"] >= 1 and not r.json()["dry_run"]
+    for path in (f"/v1/traces/{gen['run_id']}", f"/v1/artifacts/{gen['image']['sha256']}"):
+        assert (await client.get(path)).status_code == 404, path
+    assert (await client.delete(f"/v1/runs/{gen['run_id']}")).status_code == 404
+
+    r = await client.delete(f"/v1/sessions/{sid}")
+    assert r.status_code == 200 and r.json()["threads"] == [sid] and r.json()["runs"] == [turn["run_id"]]
+    assert (await client.get(f"/v1/sessions/{sid}/history")).status_code == 404
+    for bad in (sid, "../x", "nope"):
+        r = await client.delete(f"/v1/sessions/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", bad
+
+
 async def test_deeply_nested_json_is_a_400(client):
     r = await client.post("/v1/ask", content=b'{"question": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                           headers={"content-type": "application/json"})  # fmt: skip

@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,26 @@ def test_identical_content_written_once(store, tmp_path):
     for same in (img.copy(), Image.fromarray(img), png, path, str(path)):
         assert store.put(same) == ref
     st2 = store.path(ref).stat()
-    assert (st2.st_ino, st2.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert st2.st_ino == st.st_ino and st2.st_mtime_ns >= st.st_mtime_ns  # touched, not rewritten
     assert store.put(_image(2)) != ref
     assert len(list((store.root / "images").rglob("*.png"))) == 2
+
+
+def test_sweep_removes_old_unkept_images_and_crashed_writes(store):
+    kept, old, new, now = (store.put(_image(i)) for i in range(1, 5))
+    hour_ago = time.time() - 3600
+    crashed = store.path(kept).parent / ".tmp-crashed.png"
+    crashed.write_bytes(b"half")
+    for path in (store.path(kept), store.path(old), crashed):
+        os.utime(path, (hour_ago, hour_ago))
+    keep = {kept.sha256}
+    assert store.sweep(keep, older_than_s=60, dry_run=True) == (1, store.path(old).stat().st_size + 4)
+    assert all(store.exists(r) for r in (kept, old, new, now)) and crashed.exists()
+    assert store.sweep(keep, older_than_s=60, also={now.sha256})[0] == 2  # `also`: at once
+    assert [store.exists(r) for r in (kept, old, new, now)] == [True, False, True, False]
+    assert not crashed.exists()
+    size = store.path(new).stat().st_size
+    assert store.sweep(keep, older_than_s=0) == (1, size) and store.exists(kept)
 
 
 def test_put_rejects_bad_images(store):

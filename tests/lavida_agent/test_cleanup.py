@@ -1,0 +1,219 @@
+"""Deleting runs and sessions, and pruning a home (`LavidaAgent.delete_run`, `delete_session`,
+`prune`; the CLI's `delete`, `prune`, `session delete`): what goes is the thread's traces,
+checkpoints and the images nothing else refers to, and nothing else."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import lavida_agent.cli as cli_mod
+from lavida_agent.api import LavidaAgent
+from lavida_agent.errors import BusyError, InvalidInputError, NotFoundError
+from lavida_agent.graphs import persistence
+from lavida_agent.graphs.engine import EditPlanResult
+from lavida_agent.tools.images import save_image
+from lavida_agent.traces import recent_runs, render_html, trace_path
+
+BLUE = {"label": "blue square", "box": [36.0, 36.0, 52.0, 52.0]}
+RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
+
+
+def _images(agent: LavidaAgent) -> set[str]:
+    return {p.stem for p in agent.store.root.glob("images/??/*.png")}
+
+
+def _result_images(r) -> set[str]:
+    return {r.image_ref.sha256, *(a.image.sha256 for a in r.attempts)}
+
+
+def _edit(session, engine, item=BLUE):
+    engine.enqueue_edit_plan(EditPlanResult(target_boxes=[item["box"]], layout=[item]))
+    return session.edit(f"add a {item['label']}", seed=1)
+
+
+def test_deleting_a_run_takes_its_trace_checkpoints_and_only_its_own_images(agent):
+    a = agent.generate("a red circle", seed=1)
+    b = agent.generate("a blue square", seed=2)
+    mine, theirs = _result_images(a), _result_images(b)
+    assert mine - theirs and mine <= _images(agent)
+
+    preview = agent.delete_run(a.run_id, dry_run=True)
+    assert trace_path(a.run_id, agent.settings.runs_dir).is_file() and mine <= _images(agent)
+    done = agent.delete_run(a.run_id)
+    assert preview.to_dict() == {**done.to_dict(), "dry_run": True}
+    assert done.threads == [a.thread_id] and done.runs == [a.run_id]
+    assert done.images == len(mine - theirs) and done.bytes_freed > 0
+
+    assert not trace_path(a.run_id, agent.settings.runs_dir).exists()
+    assert agent.checkpointer.get_tuple({"configurable": {"thread_id": a.thread_id}}) is None
+    assert not (mine - theirs) & _images(agent)
+    assert theirs <= _images(agent)  # the other run is whole: its images, trace and page
+    assert [r["run_id"] for r in recent_runs(agent.settings.runs_dir)] == [b.run_id]
+    assert "<html" in render_html(b.trace, agent.store)
+    with pytest.raises(NotFoundError, match=a.run_id):
+        agent.resume(a.run_id)
+    with pytest.raises(NotFoundError, match=a.run_id):
+        agent.delete_run(a.run_id)
+
+
+def test_a_session_goes_whole_and_a_turn_alone_is_refused(agent, engine):
+    s = agent.session()
+    src = s.start(np.full((64, 64, 3), 10, np.uint8))
+    first = _edit(s, engine)
+    s.undo()
+    second = _edit(s, engine, RED)  # a second branch
+    other = agent.session()
+    other.start(np.full((64, 64, 3), 10, np.uint8))  # the same input image
+
+    with pytest.raises(InvalidInputError, match=f"turn of session {s.thread_id}"):
+        agent.delete_run(first.run_id)
+    assert s.exists and len(s.lineage(all_branches=True)["nodes"]) >= 3
+
+    done = agent.delete_session(s.thread_id)
+    assert done.threads == [s.thread_id] and sorted(done.runs) == sorted([first.run_id, second.run_id])
+    assert not s.exists
+    with pytest.raises(NotFoundError):
+        s.history()
+    for r in (first, second):
+        assert not trace_path(r.run_id, agent.settings.runs_dir).exists()
+        assert r.image_ref.sha256 not in _images(agent)
+    assert src.sha256 in _images(agent) and other.current == src  # the other session keeps it
+    with pytest.raises(NotFoundError, match="no session"):
+        agent.delete_session(s.thread_id)
+
+
+def test_ids_that_are_no_run_or_no_session_are_named(agent):
+    g = agent.generate("a red circle", seed=1)
+    with pytest.raises(NotFoundError, match="nope"):
+        agent.delete_run("nope")
+    with pytest.raises(NotFoundError, match="no session 'nope'"):
+        agent.delete_session("nope")
+    with pytest.raises(InvalidInputError, match="not a session"):
+        agent.delete_session(g.thread_id)
+    assert trace_path(g.run_id, agent.settings.runs_dir).is_file()
+
+
+def test_what_runs_now_is_refused_or_kept_and_its_images_wait(agent, other_process):
+    a = agent.generate("a red circle", seed=1)
+    b = agent.generate("a blue square", seed=2)
+    holder = other_process(agent.settings.runs_dir, a.thread_id, "r-elsewhere")
+    with pytest.raises(BusyError, match="another process"):
+        agent.delete_run(a.run_id)
+    assert trace_path(a.run_id, agent.settings.runs_dir).is_file()
+
+    done = agent.prune(0)  # b goes; a is kept, busy
+    assert done.threads == [b.thread_id] and done.busy == [a.thread_id]
+    own_b = _result_images(b) - _result_images(a)
+    # Something runs: an image nothing refers to waits out the grace (that run may have stored it).
+    assert done.images == 0 and own_b <= _images(agent)
+    holder.kill()
+    holder.wait(10)
+    later = agent.prune(0)  # nothing runs now: what the deleted thread held goes at once
+    assert later.threads == [a.thread_id] and not later.busy
+    assert not _result_images(a) & _images(agent)
+    assert own_b <= _images(agent)  # b's, unknown now, wait out their grace...
+    assert agent.prune(0, grace_s=0).images == len(own_b) and not own_b & _images(agent)
+
+
+def test_prune_goes_by_the_last_activity_of_traces_and_checkpoints(agent, engine, monkeypatch):
+    old = agent.generate("a red circle", seed=1)
+    new = agent.generate("a blue square", seed=2)
+    s = agent.session()
+    s.start(np.full((64, 64, 3), 10, np.uint8))
+    turn = _edit(s, engine)
+    two_days_ago = time.time() - 2 * 86400
+    for run in (old, turn):  # both traces look old; the session's checkpoint stays new
+        os.utime(trace_path(run.run_id, agent.settings.runs_dir), (two_days_ago, two_days_ago))
+    written = persistence.last_written
+    monkeypatch.setattr(persistence, "last_written",
+                        lambda saver, t: two_days_ago if t == old.thread_id else written(saver, t))  # fmt: skip
+    done = agent.prune(dt.timedelta(days=1))
+    assert done.threads == [old.thread_id]
+    assert trace_path(new.run_id, agent.settings.runs_dir).is_file() and s.exists
+
+
+def test_an_unreferenced_image_waits_out_the_grace_and_put_renews_it(agent):
+    lone = np.full((64, 64, 3), 99, np.uint8)
+    ref = agent.store.put(lone)
+    assert agent.prune(0).images == 0 and agent.store.exists(ref)  # stored just now
+    hour_ago = time.time() - 3601
+    os.utime(agent.store.path(ref), (hour_ago, hour_ago))
+    agent.store.put(lone)  # stored again: it is new again
+    assert agent.prune(0).images == 0 and agent.store.exists(ref)
+    os.utime(agent.store.path(ref), (hour_ago, hour_ago))
+    assert agent.prune(0, dry_run=True).images == 1 and agent.store.exists(ref)
+    assert agent.prune(0).images == 1 and not agent.store.exists(ref)
+
+
+def test_prune_compacts_the_database_and_checks_its_arguments(agent):
+    for seed in range(4):
+        agent.generate("a red circle and a blue square", seed=seed)
+    db = Path(agent.settings.db_path)
+    agent.close()  # (the checkpointer writes ahead: its file is whole once closed)
+    size = db.stat().st_size
+    done = agent.prune(0)
+    assert len(done.threads) == 4 and done.bytes_freed > 0
+    agent.close()
+    assert db.stat().st_size < size
+    for bad in (-1, "1d", True, float("nan")):
+        with pytest.raises(InvalidInputError, match="older_than"):
+            agent.prune(bad)
+    with pytest.raises(InvalidInputError, match="grace_s"):
+        agent.prune(0, grace_s=-5)
+
+
+def test_an_agent_in_memory_deletes_too(engine):
+    with LavidaAgent(engine=engine, num_steps=2, selection="accept", db_path=":memory:") as agent:
+        a = agent.generate("a red circle", seed=1)
+        b = agent.generate("a blue square", seed=2)
+        assert agent.delete_run(a.run_id).threads == [a.thread_id]
+        assert agent.checkpointer.get_tuple({"configurable": {"thread_id": a.thread_id}}) is None
+        assert agent.checkpointer.get_tuple({"configurable": {"thread_id": b.thread_id}}) is not None
+        assert b.image_ref.sha256 in _images(agent)
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(cli_mod.cli, [str(a) for a in args])
+
+
+def test_cli_delete_prune_and_session_delete(cli, engine, tmp_path):
+    gen = json.loads(cli("generate", "a red circle", "--out", "a.png", "--seed", "1", "--json").output)
+    r = cli("delete", gen["run_id"], "--dry-run")
+    assert r.exit_code == 0 and r.output.startswith(f"would delete run {gen['run_id']}: 1 run, ")
+    r = cli("delete", gen["run_id"], "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["runs"] == [gen["run_id"]]
+    r = cli("delete", gen["run_id"])
+    assert r.exit_code == 1 and f"no run or session '{gen['run_id']}'" in r.output
+
+    save_image(np.full((64, 64, 3), 10, np.uint8), tmp_path / "src.png")
+    sid = cli("session", "start", "src.png").output.strip()
+    r = cli("delete", sid, "--dry-run", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["threads"] == [sid]
+    r = cli("session", "delete", sid)
+    assert r.exit_code == 0 and r.output.startswith(f"deleted session {sid}: 0 runs, ")
+    assert cli("session", "history", sid).exit_code == 1
+
+    cli("generate", "a blue square", "--out", "b.png", "--seed", "2")
+    r = cli("prune", "--older-than", "3x")
+    assert r.exit_code == 2 and "'3x' is not a duration" in r.output
+    r = cli("prune", "--older-than", "1d")
+    assert r.exit_code == 0 and r.output.startswith("deleted 0 threads")
+    r = cli("prune", "--older-than", "0", "--json")
+    assert r.exit_code == 0 and len(json.loads(r.output)["runs"]) == 1
+    r = cli("runs")
+    assert r.stdout == "" and "no runs yet" in r.stderr
