@@ -118,7 +118,7 @@ def _blobs(saver: BaseCheckpointSaver[str]) -> Iterator[tuple[str, bytes]]:
             for query in ("SELECT thread_id, checkpoint, metadata FROM checkpoints",
                           "SELECT thread_id, value FROM writes"):  # fmt: skip
                 try:
-                    rows = cur.execute(query).fetchall()
+                    rows = cur.execute(query)  # streamed, not all in memory at once
                 except sqlite3.OperationalError:  # no table yet: nothing was ever checkpointed
                     continue
                 for thread, *blobs in rows:
