@@ -56,6 +56,7 @@ from lavida_agent.graphs.state import (
     LayoutItem,
 )
 from lavida_agent.tools.shapes_world import language as lang
+from lavida_agent.tools.shapes_world.checkers import normalize_answer
 
 __all__ = (
     "build_edit_graph",
@@ -165,7 +166,8 @@ def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
 
 
 def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Verify the candidate by grounding: the change is present and the rest is unmoved.
+    """Verify the candidate by grounding: the change is present and the rest is unmoved
+    (and, for a background edit, the model reads the background asked for).
 
     Returns:
         `steps` (the verified step appended to the lineage), `accepted`, `round + 1`.
@@ -199,6 +201,13 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
                    for i, f in zip(produced, fit, strict=True) if f <= 0]  # fmt: skip
         misread += [prompts.render("critique_absent_target", label=t.removeprefix("the "))
                     for t in step.plan.absent]  # fmt: skip
+        # A background edit produces no object to ground: ask the model the background's colour.
+        wanted = _wanted_background(step.instruction)
+        if wanted is not None:
+            seen = normalize_answer(engine.answer(pixels, BACKGROUND_QUESTION))
+            if seen != wanted:
+                misread.append(prompts.render("critique_background", seen=seen or "nothing",
+                                              expected=wanted))  # fmt: skip
         # With nothing produced (remove, background), attempts that ground alike are told
         # apart by how well each kept object still reads as itself: a background edit fails
         # mostly by redrawing an object's edge into another shape, where grounding still
@@ -207,17 +216,32 @@ def verify_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         keep_fit = (engine.noun_fit(pixels, [i.to_engine() for i in kept], contrast=True)
                     if kept else [])  # fmt: skip
         # Step 4: combine into the step's critique and append the step to the lineage.
-        # With nothing grounded there is nothing to verify: that is not an acceptance.
-        unverified = [] if checks else ["nothing to verify: no object of the edit was grounded"]
+        # With nothing grounded (nor a background read) there is nothing to verify: that is
+        # not an acceptance.
+        verified_any = bool(checks) or wanted is not None
+        unverified = [] if verified_any else ["nothing to verify: no object of the edit was grounded"]
         critique = make_critique(round=step.round, image=step.result,
-                                 model_ok=bool(checks) and not misread,
+                                 model_ok=verified_any and not misread,
                                  model_reasons=unverified + misread,
-                                 model_text="(edits are verified by grounding and noun contrast)",
+                                 model_text="(edits are verified by grounding, noun contrast and, for a "
+                                            "background, the model's answer)",
                                  checks=checks, fit=fit, keep_fit=keep_fit)  # fmt: skip
         verified = step.model_copy(update={"critique": critique})
         emit("critique", critique=critique.model_dump(mode="json"))
     return {"steps": [verified], "candidate": None, "accepted": critique.accepted,
             "round": state.round + 1}  # fmt: skip
+
+
+BACKGROUND_QUESTION = lang.question_text(lang.QuestionSpec(kind="background"))
+
+
+def _wanted_background(instruction: str) -> str | None:
+    """The background colour a background edit asks for (None for any other instruction)."""
+    try:
+        spec = lang.parse_edit(instruction)
+    except lang.GrammarError:
+        return None
+    return spec.background if spec.category == "background" else None
 
 
 def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:

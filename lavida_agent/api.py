@@ -146,6 +146,15 @@ class RunResult:
         """Absolute path of a stored image (e.g. an attempt's) as a string."""
         return str(self.store.path(ref)) if self.store is not None else ref.path
 
+    @property
+    def kept(self) -> int | None:
+        """The round of the attempt whose image is the result (None: no attempt is; e.g. an
+        edit that found nothing to change)."""
+        for a in self.attempts:
+            if getattr(a, "image", None) == self.image_ref or getattr(a, "result", None) == self.image_ref:
+                return int(a.round)
+        return None
+
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateResult(RunResult):
@@ -173,6 +182,7 @@ class GenerateResult(RunResult):
                                 "problems": list(p.problems)} for p in self.rejected_plans],  # fmt: skip
             "attempts": [_attempt_dict(self, a.seed, by_round.get(a.round), a.image)
                          for a in self.attempts],  # fmt: skip
+            "kept": self.kept,
             "result": self.image_path(self.image_ref),
             "run_id": self.run_id,
             "thread_id": self.thread_id,
@@ -232,6 +242,7 @@ class EditResult(RunResult):
             "keep": [{"label": i.label, "box": i.box.as_list()} for i in plan.keep] if plan else [],
             "attempts": [_attempt_dict(self, s.seed, s.critique, s.result)
                          for s in self.attempts],  # fmt: skip
+            "kept": self.kept,
             "step": self.step,
             "result": self.image_path(self.image_ref),
             "content_box": list(box) if (box := self.content_box()) else None,
@@ -872,12 +883,15 @@ class LavidaAgent:
             best = values.get("best")
             return {"accepted": values.get("accepted", False),
                     "image_ref": best.image if best else None,
+                    "kept_round": best.round if best else None,
                     "rounds": len(values.get("attempts", []))}  # fmt: skip
         if workflow == "edit":
+            steps, current = values.get("steps", []), values.get("current_step")
             return {"accepted": values.get("accepted", False),
                     "image_ref": values.get("current"),
-                    "current_step": values.get("current_step"),
-                    "steps": len(values.get("steps", []))}  # fmt: skip
+                    "current_step": current,
+                    "kept_round": steps[current].round if current is not None and current < len(steps) else None,
+                    "steps": len(steps)}  # fmt: skip
         if workflow == "ground":
             return {"boxes": values.get("boxes", []), "image_ref": values.get("image")}
         return {"answer": values.get("answer"), "image_ref": values.get("image")}

@@ -67,6 +67,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINE_FACTORY", "cli", "main"]
 
+# The largest --scale / --preview-scale: a 64 px canvas to 8192 px (`tools.images.MAX_UPSCALED_SIDE`).
+MAX_SCALE = 128
+
 ENGINE_FACTORY: Callable[[Settings], Any] | None = None
 """When set, `ENGINE_FACTORY(settings)` provides the engine instead of the real model (tests)."""
 
@@ -592,7 +595,7 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=SEED_TYPE, help="Base seed (default: random, reported)."),
         click.option("--rounds", type=click.IntRange(min=1), help="Most attempts (default: settings)."),
         click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per image."),
-        click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
                      help="Upscale the written image K times (nearest neighbour)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("--trace-html", type=click.Path(dir_okay=False),
@@ -718,7 +721,7 @@ def generate(ctx: click.Context, prompt: str | None, out: str | None, seed: int 
 def _echo_generate_summary(data: dict[str, Any]) -> None:
     """The human summary of a generate run: verdict, rounds, seed, run, and why not."""
     verdict = "accepted" if data["accepted"] else "best of rejected attempts"
-    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
+    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s){_kept(data)}, seed "
                f"{data['seed']}, run {data['run_id']}")  # fmt: skip
     for rejected in data["rejected_plans"]:
         click.echo(f"  plan rejected and redrawn: {'; '.join(rejected['problems'])}")
@@ -765,15 +768,20 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
 
 def _echo_edit_summary(data: dict[str, Any]) -> None:
     verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
-    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s), seed "
-               f"{data['seed']}, session {data['thread_id']}")  # fmt: skip
+    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s){_kept(data)}, seed "
+               f"{data['seed']}, run {data['run_id']}, session {data['thread_id']}")  # fmt: skip
+
+
+def _kept(data: dict[str, Any]) -> str:
+    """`, kept round R` when more than one round was drawn (rounds count from 0, as traces)."""
+    return f", kept round {data['kept']}" if data.get("kept") is not None and data["rounds"] > 1 else ""
 
 
 @cli.command()
 @click.argument("run_id")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
               help="Image file to write.")
-@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
               help="Upscale the written image K times (nearest neighbour).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--trace-html", type=click.Path(dir_okay=False),
@@ -948,7 +956,7 @@ def session_delete(ctx: click.Context, session_id: str, dry_run: bool, as_json: 
 @click.option("--seed", type=SEED_TYPE, help="Base seed (default: random, reported).")
 @click.option("--rounds", type=click.IntRange(min=1), help="Most attempts (default: settings).")
 @click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per image.")
-@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
               help="Upscale the written image K times (nearest neighbour).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
@@ -975,7 +983,7 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
         verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
         history = s.history()  # committed turns on the current branch, this one last
         turn = history[-1].turn if history else 0  # numbered as `session history` shows it
-        click.echo(f"{data['out']}: turn {turn} {verdict} after {data['rounds']} round(s), "
+        click.echo(f"{data['out']}: turn {turn} {verdict} after {data['rounds']} round(s){_kept(data)}, "
                    f"lineage step {data['step']}, run {data['run_id']} (undo: lavida-agent "
                    f"session undo {s.thread_id})")  # fmt: skip
 
@@ -1062,7 +1070,7 @@ def session_branch(ctx: click.Context, session_id: str, step: int, image: str | 
 @session.command("show")
 @click.argument("session_id")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the current image.")
-@click.option("--preview-scale", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
               help="Upscale the written image K times (nearest neighbour).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
@@ -1097,7 +1105,7 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
 @click.argument("run_id")
 @click.option("--out", "-o", default="-", show_default=True,
               help="File to write ('-': stdout).")  # fmt: skip
-@click.option("--scale", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--scale", type=click.IntRange(1, MAX_SCALE), default=4, show_default=True,
               help="Image upscale factor.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="The trace JSON instead of the HTML page.")
 @_common

@@ -363,6 +363,9 @@ def _is_canonical(image: Any) -> bool:
     )
 
 
+MAX_UPSCALED_SIDE = 8192  # px: `resize_nearest`'s largest output side
+
+
 def resize_nearest(image: np.ndarray, scale: int) -> np.ndarray:
     """Upscale by an integer factor, repeating each pixel `scale` x `scale` times.
 
@@ -375,11 +378,19 @@ def resize_nearest(image: np.ndarray, scale: int) -> np.ndarray:
 
     Returns:
         A new array of shape `(H * scale, W * scale[, C])`.
+
+    Raises:
+        ValueError: `scale` is not an integer >= 1, or makes a side longer than
+            `MAX_UPSCALED_SIDE` px (a typo such as 1000 would take every byte of memory).
     """
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
         raise ImageError(f"image must be an (H, W) or (H, W, C) array, got {_describe(image)}")
     if isinstance(scale, bool) or not isinstance(scale, int | np.integer) or scale < 1:
         raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    h, w = image.shape[:2]
+    if max(h, w) * scale > MAX_UPSCALED_SIDE:
+        raise ValueError(f"scale {scale} would make the {w}x{h} image {w * scale}x{h * scale}: at most "
+                         f"{MAX_UPSCALED_SIDE} px a side (scale <= {max(1, MAX_UPSCALED_SIDE // max(h, w))})")  # fmt: skip
     return np.repeat(np.repeat(image, int(scale), axis=0), int(scale), axis=1)
 
 

@@ -269,6 +269,22 @@ def test_an_edit_that_produces_nothing_breaks_ties_by_how_the_kept_objects_read(
     assert edit.edit_rank(out.steps[1]) > edit.edit_rank(out.steps[2]) > edit.edit_rank(out.steps[0])
 
 
+def test_a_background_edit_is_verified_by_the_background_the_model_reads(engine, store):
+    """Nothing to ground shows a background left as it was: the model is asked its colour."""
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, selection="accept")
+    engine.enqueue_edit_plan(EditPlanResult(keep=[RED]))  # (the fake then redraws nothing)
+    engine.enqueue_answer("Gray.")
+    engine.enqueue_answer("black")
+    out = EditOutput.model_validate(edit.graph.invoke(
+        {"instruction": "change the background to black", "image": _scene(store)}, context=ctx))  # fmt: skip
+    assert [q for m, info in engine.log if m == "answer" for q in [info["question"]]] == \
+        ["what color is the background?"] * 2  # fmt: skip
+    first, second = out.steps
+    assert not first.critique.accepted
+    assert prompts.render("critique_background", seen="gray", expected="black") in first.critique.reasons
+    assert second.critique.accepted and out.heads == [1]
+
+
 def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):
     ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, rank_by="score")
     engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))

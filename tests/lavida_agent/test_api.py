@@ -613,6 +613,7 @@ def test_by_default_every_round_is_drawn_and_the_cleanest_kept(engine):
         r = agent.generate("red circle and blue square", seed=1, rounds=2)
     assert len(r.attempts) == 2 and all(c.accepted for c in r.critiques)  # no early stop
     assert r.image_ref == r.attempts[1].image and r.accepted
+    assert r.kept == 1 and r.to_dict()["kept"] == 1 and r.trace.result["kept_round"] == 1  # said where kept
     assert [c.worst_token for c in r.critiques] == [-3.0, -1.0] and r.to_dict()["attempts"][1]["fit"] == []
     engine.enqueue_fit([1.0, 1.0])
     engine.enqueue_fit([4.0, 3.0])

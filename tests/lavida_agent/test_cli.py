@@ -206,6 +206,18 @@ def test_edit_json(run, scene, engine):
     assert data["keep"] == [triangle]  # what every attempt was checked to leave alone
     assert data["absent"] == []  # no caption read: nothing said absent
     assert load_image("e.png").shape == (32, 64, 3)  # the 128 x 64 input's shape: no letterbox bars
+    res = run("edit", scene, "make it blue", "--out", "f.png", "--seed", 2)  # the line names the run
+    assert res.exit_code == 0 and f", run {data['run_id']}, session " not in res.stdout  # (a new one)
+    run_id = res.stdout.split(", run ")[1].split(",")[0]
+    assert run("trace", run_id, "--json").exit_code == 0
+
+
+def test_an_upscale_that_would_fill_the_memory_is_a_usage_error(run, engine):
+    for args in (("generate", "a red circle", "--out", "o.png", "--preview-scale", 1000),
+                 ("trace", "some-run", "--scale", 129)):  # fmt: skip
+        res = run(*args)
+        assert res.exit_code == 2 and "range 1<=x<=128" in res.output, res.output
+    assert not engine.log  # refused before anything ran
 
 
 def test_ground_json_in_input_pixels(run, scene):

@@ -5,6 +5,7 @@ only what it had not drawn, and gives what the uninterrupted run would have give
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -168,7 +169,7 @@ def test_cli_resume_after_ctrl_c(engine, tmp_path, monkeypatch):
     assert data["resumed_from"] == run_id and data["rounds"] == 3 and data["out"] == "b.png"
     assert (tmp_path / "b.png").is_file()
     res = runner.invoke(cli_mod.cli, ["resume", run_id, "--out", "c.png"])  # again: the result
-    assert res.exit_code == 0 and "accepted after 3 round(s), seed 5" in res.output
+    assert res.exit_code == 0 and f"accepted after 3 round(s), kept round {data['kept']}, seed 5" in res.output
     assert (tmp_path / "c.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     res = runner.invoke(cli_mod.cli, ["runs", "--unfinished"])
     assert res.exit_code == 0 and res.stdout == ""  # resumed: nothing left to finish
@@ -372,7 +373,7 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
     run_id = res.output.split("lavida-agent resume ")[1].split()[0]
     del engine.generate
     res = CliRunner().invoke(cli_mod.cli, ["resume", run_id, "--out", "b.png"])
-    assert res.exit_code == 0 and "after 3 round(s), seed 5" in res.output
+    assert res.exit_code == 0 and re.search(r"after 3 round\(s\), kept round [0-2], seed 5", res.output)
 
 
 def test_ctrl_c_stops_a_batch_with_one_line_out_per_line_in(engine, tmp_path, monkeypatch):
@@ -397,7 +398,7 @@ def test_ctrl_c_stops_a_batch_with_one_line_out_per_line_in(engine, tmp_path, mo
     assert engine.calls["generate"] == 4  # nothing was drawn after the stop
     del engine.generate
     res = CliRunner().invoke(cli_mod.cli, ["resume", out[1]["run_id"], "--out", "1.png"])
-    assert res.exit_code == 0 and "after 2 round(s), seed 1" in res.output
+    assert res.exit_code == 0 and re.search(r"after 2 round\(s\), kept round [01], seed 1", res.output)
 
 
 def test_a_finished_turn_of_a_session_that_moved_on_points_to_its_trace(agent, engine):

@@ -433,3 +433,7 @@ def test_resize_nearest(rgb):
         images.resize_nearest(rgb, 1.5)  # type: ignore[arg-type]
     with pytest.raises(ImageError):
         images.resize_nearest([[1]], 2)  # type: ignore[arg-type]
+    side = images.MAX_UPSCALED_SIDE // 6  # rgb is 6 x 5: the largest scale allowed, and one more
+    assert images.resize_nearest(rgb[:1, :1], 2).shape[:2] == (2, 2)
+    with pytest.raises(ValueError, match=f"at most {images.MAX_UPSCALED_SIDE} px a side"):
+        images.resize_nearest(rgb, side + 1)  # before a byte is allocated
