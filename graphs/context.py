@@ -7,6 +7,7 @@ public surface (`lavida_agent/settings.py`) builds a `Context` and passes it as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -201,8 +202,22 @@ class Context:
             raise ValueError(f"ground_by must be scene|direct, got {self.ground_by!r}")
         if self.plan_retries < 0:
             raise ValueError(f"plan_retries must be >= 0, got {self.plan_retries}")
+        if not isinstance(self.review_plan, bool):
+            raise ValueError(f"review_plan must be True or False, got {self.review_plan!r}")
+        for name in ("iou_threshold", "plan_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < self.iou_threshold <= 1:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.plan_temperature <= 0:
             raise ValueError(f"plan_temperature must be > 0, got {self.plan_temperature}")
+        if self.engine is not None and not any(callable(getattr(self.engine, m, None))
+                                               for m in ("plan_layout", "generate", "ground", "answer", "edit")):  # fmt: skip
+            raise ValueError(f"engine must be an Engine (plan_layout, generate, ground, ...), got "
+                             f"{type(self.engine).__name__}")  # fmt: skip
+        if self.artifacts is not None and not isinstance(self.artifacts, ArtifactStore | str | Path):
+            raise ValueError(f"artifacts must be an ArtifactStore or a folder, got {type(self.artifacts).__name__}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {self.preview_every}")
 

@@ -329,6 +329,11 @@ class BatchingEngine:
         self._worker.start()
         _OPEN.add(self)
 
+    @property
+    def canvas(self) -> int | None:
+        """The backend's canvas side in pixels, when it says one (plan boxes must fit it)."""
+        return getattr(self.backend, "canvas", None)
+
     def stopping(self) -> bool:
         """Should the running batch stop now: every request of it abandoned, or the engine
         closing with `cancel_pending`."""

@@ -165,10 +165,10 @@ def review_answer(answer: Any, *, canvas: int | None = None) -> list[LayoutItem]
         return None
     if isinstance(answer, dict) and "items" in answer:
         answer = answer["items"]
-    if not isinstance(answer, list | tuple):
+    if not isinstance(answer, list | tuple) or not answer:
         raise ValueError(f"review_plan: cannot use the answer {answer!r}: give True (or None, "
                          '"approve") to keep the plan, or a list of {"label", "box"} to '
-                         "replace it")  # fmt: skip
+                         "replace it (at least one item: an empty layout draws nothing)")  # fmt: skip
     return given_layout(answer, canvas=canvas)
 
 
@@ -188,7 +188,7 @@ def review_plan(state: T2IState, runtime: Runtime[Context]) -> dict[str, Any]:
     plan = state.plan or Plan()
     payload = {"kind": "review_plan", "prompt": state.prompt, "plan": plan.model_dump(mode="json")}
     answer = interrupt(payload)
-    canvas = getattr(ctx.engine, "canvas", None)  # an engine that says its canvas: boxes must fit it
+    canvas = getattr(ctx.get_engine(), "canvas", None)  # an engine that says its canvas: boxes must fit it
     while True:
         try:
             items = review_answer(answer, canvas=canvas)

@@ -12,8 +12,9 @@ from langgraph.types import Command
 
 from lavida_agent.graphs import t2i
 from lavida_agent.graphs.context import Context
+from lavida_agent.graphs.runtime import BatchingEngine
 from lavida_agent.graphs.state import Box, Critique, LayoutItem, Stray, T2IOutput, T2IState
-from tests.fakes import FakeEngine, default_plan
+from tests.fakes import FakeBatchedBackend, FakeEngine, default_plan
 
 PROMPT = "red circle and blue square"
 
@@ -399,7 +400,8 @@ def test_review_plan_asks_again_after_an_answer_it_cannot_use(engine, store):
     cfg = {"configurable": {"thread_id": "bad-review"}}
     g.invoke({"prompt": PROMPT}, cfg, context=ctx)
     for bad, why in (([{"label": "red circle", "box": [20, 20, 4, 4]}], r"layout item 0 .*must be >= x0"),
-                     ("maybe", "cannot use the answer 'maybe'")):  # fmt: skip
+                     ("maybe", "cannot use the answer 'maybe'"),
+                     ([], "an empty layout draws nothing")):  # fmt: skip
         out = g.invoke(Command(resume=bad), cfg, context=ctx)
         (intr,) = out["__interrupt__"]  # asked again, saying why
         assert re.search(why, intr.value["problem"]) and intr.value["plan"]["items"]
@@ -409,16 +411,20 @@ def test_review_plan_asks_again_after_an_answer_it_cannot_use(engine, store):
 
 
 def test_review_plan_refuses_boxes_off_an_engines_canvas(store):
-    class Sized(FakeEngine):
-        canvas = 64  # an engine that says its canvas (PipelineBackend does)
+    class Sized(FakeBatchedBackend):
+        canvas = 64  # a backend that says its canvas (PipelineBackend does)
 
-    ctx = Context(engine=Sized(), artifacts=store, review_plan=True, selection="accept")
-    g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
-    cfg = {"configurable": {"thread_id": "off-canvas"}}
-    g.invoke({"prompt": PROMPT}, cfg, context=ctx)
-    out = g.invoke(Command(resume=[{"label": "red square", "box": [40, 40, 90, 90]}]), cfg, context=ctx)
-    (intr,) = out["__interrupt__"]
-    assert "outside the 64x64 canvas" in intr.value["problem"]
+    engine = BatchingEngine(Sized())  # what `load_engine` gives: the canvas is the backend's
+    try:
+        ctx = Context(engine=engine, artifacts=store, review_plan=True, selection="accept")
+        g = t2i.build_t2i_graph().compile(checkpointer=InMemorySaver())
+        cfg = {"configurable": {"thread_id": "off-canvas"}}
+        g.invoke({"prompt": PROMPT}, cfg, context=ctx)
+        out = g.invoke(Command(resume=[{"label": "red square", "box": [40, 40, 90, 90]}]), cfg, context=ctx)
+        (intr,) = out["__interrupt__"]
+        assert "outside the 64x64 canvas" in intr.value["problem"]
+    finally:
+        engine.close()
 
 
 def test_review_plan_approve(engine, store):
