@@ -589,6 +589,10 @@ def _batch_options(command: str) -> Callable[[Callable[..., Any]], Callable[...,
     return decorate
 
 
+_TRACE_HTML = click.option("--trace-html", type=click.Path(dir_okay=False),
+                           help="Also write the run's trace as a self-contained HTML page.")
+
+
 def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for decorator in reversed([
         click.option("--out", "-o", type=click.Path(dir_okay=False), help="Image file to write."),
@@ -598,8 +602,7 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
                      help="Upscale the written image K times (nearest neighbour)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
-        click.option("--trace-html", type=click.Path(dir_okay=False),
-                     help="Also write the run's trace as a self-contained HTML page."),
+        _TRACE_HTML,
     ]):  # fmt: skip
         f = decorator(f)
     return f
@@ -608,8 +611,9 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _run_image_command(ctx: click.Context, run: Callable[..., dict[str, Any]],
                        request: dict[str, Any], *, scale: int, trace_html: str | None,
                        as_json: bool) -> dict[str, Any]:  # fmt: skip
-    """Run one generate/edit request with a progress bar; write its trace page and, with
-    `--json`, print the result. Returns the result for the caller's human summary."""
+    """Run one request (generate, edit, ground, ask, critique) with a progress bar, Ctrl-C
+    stopping it; write its trace page and, with `--json`, print the result. Returns the
+    result for the caller's human summary."""
     if trace_html:
         from lavida_agent.errors import InvalidInputError
 
@@ -813,21 +817,23 @@ def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_jso
 @click.argument("expressions", nargs=-1)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Draw the boxes to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_TRACE_HTML
 @_batch_options("ground")
 @_common
 @click.pass_context
 def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], out: str | None,
-           as_json: bool, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+           as_json: bool, trace_html: str | None, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Find each EXPRESSION in IMAGE; boxes are in IMAGE's pixels (x0 y0 x1 y1)."""
-    _reject_with_batch(batch, {"IMAGE": image, "EXPRESSION": expressions, "--out": out}, workers)
+    _reject_with_batch(batch, {"IMAGE": image, "EXPRESSION": expressions, "--out": out,
+                               "--trace-html": trace_html}, workers)  # fmt: skip
     if batch is not None:
         _run_batch(ctx, "ground", batch, {}, scale=1, workers=workers)
         return
     if image is None or not expressions:
         raise click.UsageError("ground needs IMAGE and at least one EXPRESSION (or --batch FILE)")
-    data = _run_ground(_agent(ctx), {"image": image, "expressions": list(expressions), "out": out})
+    data = _run_image_command(ctx, _run_ground, {"image": image, "expressions": list(expressions), "out": out},
+                              scale=1, trace_html=trace_html, as_json=as_json)  # fmt: skip
     if as_json:
-        _echo_json(data)
         return
     notes = {"scene": "\t(the object it picks out of the perceived scene)",
              "fit": "\t(a perceived object its noun fits better than the model's box)"}  # fmt: skip
@@ -845,22 +851,22 @@ def ground(ctx: click.Context, image: str | None, expressions: tuple[str, ...], 
 @click.argument("image", required=False)
 @click.argument("question", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_TRACE_HTML
 @_batch_options("ask")
 @_common
 @click.pass_context
 def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bool,
-        batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+        trace_html: str | None, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Answer QUESTION about IMAGE."""
-    _reject_with_batch(batch, {"IMAGE": image, "QUESTION": question}, workers)
+    _reject_with_batch(batch, {"IMAGE": image, "QUESTION": question, "--trace-html": trace_html}, workers)
     if batch is not None:
         _run_batch(ctx, "ask", batch, {}, scale=1, workers=workers)
         return
     if image is None or question is None:
         raise click.UsageError("ask needs IMAGE and QUESTION (or --batch FILE)")
-    data = _run_ask(_agent(ctx), {"image": image, "question": question})
-    if as_json:
-        _echo_json(data)
-    else:
+    data = _run_image_command(ctx, _run_ask, {"image": image, "question": question}, scale=1,
+                              trace_html=trace_html, as_json=as_json)  # fmt: skip
+    if not as_json:
         click.echo(data["answer"])
 
 
@@ -868,21 +874,22 @@ def ask(ctx: click.Context, image: str | None, question: str | None, as_json: bo
 @click.argument("image", required=False)
 @click.argument("prompt", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_TRACE_HTML
 @_batch_options("critique")
 @_common
 @click.pass_context
 def critique(ctx: click.Context, image: str | None, prompt: str | None, as_json: bool,
-             batch: IO[str] | None, workers: int) -> None:  # fmt: skip
+             trace_html: str | None, batch: IO[str] | None, workers: int) -> None:  # fmt: skip
     """Judge whether IMAGE shows what PROMPT asks for; prints accept or reject and why."""
-    _reject_with_batch(batch, {"IMAGE": image, "PROMPT": prompt}, workers)
+    _reject_with_batch(batch, {"IMAGE": image, "PROMPT": prompt, "--trace-html": trace_html}, workers)
     if batch is not None:
         _run_batch(ctx, "critique", batch, {}, scale=1, workers=workers)
         return
     if image is None or prompt is None:
         raise click.UsageError("critique needs IMAGE and PROMPT (or --batch FILE)")
-    data = _run_critique(_agent(ctx), {"image": image, "prompt": prompt})
+    data = _run_image_command(ctx, _run_critique, {"image": image, "prompt": prompt}, scale=1,
+                              trace_html=trace_html, as_json=as_json)  # fmt: skip
     if as_json:
-        _echo_json(data)
         return
     how = {"scene": "read off the scene the model perceived", "model": "the model's critique"}
     click.echo(f"{data['verdict']}\t({how.get(data['judged_by'], data['judged_by'])})")

@@ -543,9 +543,24 @@ def trace_status(t: Trace, runs_dir: str | Path | None = None) -> str:
     return "unfinished"
 
 
+_STARTED_RE = re.compile(rb'"started_at": *"([^"]*)"')
+
+
+def _started(path: Path) -> str:
+    """When the run of trace file `path` started (ISO, UTC: sorts as text), read from the
+    file's first lines; "" (last of all) when it cannot be read. Not the file's time, which
+    a copy of the home without `-p` resets."""
+    try:
+        with path.open("rb") as f:
+            m = _STARTED_RE.search(f.read(4096))
+    except OSError:
+        return ""
+    return m.group(1).decode("utf-8", "replace") if m else ""
+
+
 def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = False,
                 ) -> list[dict[str, Any]]:  # fmt: skip
-    """The newest runs first (by trace file time): id, workflow, thread, start, status, error
+    """The newest runs first (by start): id, workflow, thread, start, status, error
     and what was asked (`prompt`, `instruction`, `question` or `expressions`).
 
     A run whose work a later run finished (`LavidaAgent.resume`: the same `origin`) is
@@ -558,7 +573,7 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
     folder = Path(runs_dir)
-    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    paths = sorted(folder.glob("*.json"), key=_started, reverse=True)
     out: list[dict[str, Any]] = []
     finished: dict[str, str] = {}  # origin run -> the newest run that finished its work
     latest: dict[str, str] = {}  # thread -> the origin of its newest run

@@ -212,6 +212,18 @@ def test_edit_json(run, scene, engine):
     assert run("trace", run_id, "--json").exit_code == 0
 
 
+def test_ground_ask_and_critique_write_their_trace_pages_too(run, scene, tmp_path):
+    for args in (("ground", scene, "red circle"), ("ask", scene, "what color is the circle?"),
+                 ("critique", scene, "a red circle")):  # fmt: skip
+        page = tmp_path / f"{args[0]}.html"
+        res = run(*args, "--trace-html", page, "--json")
+        assert res.exit_code == 0, res.output
+        run_id = json.loads(res.stdout)["run_id"]
+        assert run_id in page.read_text() and "<img" in page.read_text(), args[0]
+    res = run("ask", scene, "what?", "--trace-html", scene)
+    assert res.exit_code == 1 and "--trace-html" in res.output  # never over the input
+
+
 def test_an_upscale_that_would_fill_the_memory_is_a_usage_error(run, engine):
     for args in (("generate", "a red circle", "--out", "o.png", "--preview-scale", 1000),
                  ("trace", "some-run", "--scale", 129)):  # fmt: skip

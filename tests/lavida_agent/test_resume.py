@@ -5,8 +5,11 @@ only what it had not drawn, and gives what the uninterrupted run would have give
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,6 +343,11 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
     assert len(recent_runs(agent.settings.runs_dir, limit=1)) == 1
     with pytest.raises(InvalidInputError, match="limit"):
         recent_runs(agent.settings.runs_dir, limit=0)
+    # the order is by start, not by file time (a copy of the home resets file times)
+    now = time.time()
+    for i, r in enumerate(runs):  # the newest file time to the oldest run
+        os.utime(Path(agent.settings.runs_dir) / f"{r['run_id']}.json", (now + i, now + i))
+    assert recent_runs(agent.settings.runs_dir) == runs
     # the same list on the command line
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli_mod, "ENGINE_FACTORY", lambda settings: engine)
@@ -357,7 +365,6 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
 def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
     """SIGINT sets the run's cancel event (no KeyboardInterrupt inside LangGraph's executor,
     which can hang it): the run stops cleanly and the message says how to finish it."""
-    import os
     import signal
 
     monkeypatch.chdir(tmp_path)
@@ -379,7 +386,6 @@ def test_ctrl_c_stops_a_cli_run_at_its_next_step(engine, tmp_path, monkeypatch):
 def test_ctrl_c_stops_a_batch_with_one_line_out_per_line_in(engine, tmp_path, monkeypatch):
     """Ctrl-C in a batch stops the line running at its next step and starts no more; every
     input line still gets its output line (the stopped one names its run), exit 130."""
-    import os
     import signal
 
     monkeypatch.chdir(tmp_path)
@@ -434,7 +440,6 @@ def test_a_chain_of_resumes_leaves_nothing_unfinished(agent, engine):
 
 def test_ctrl_c_at_the_review_prompt_ends_the_prompt(engine, tmp_path, monkeypatch):
     """The run's Ctrl-C handler steps aside while `--review-plan` waits for an answer."""
-    import os
     import signal
     import time
 
