@@ -55,6 +55,7 @@ from lavida_agent.graphs.state import (
     EditStep,
     LayoutItem,
 )
+from lavida_agent.tools.boxes import letterbox_params
 from lavida_agent.tools.shapes_world import language as lang
 from lavida_agent.tools.shapes_world.checkers import normalize_answer
 
@@ -126,9 +127,13 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         here = presence(engine, pixels, targets, [g.box for g in grounded], seen)
         # The region defaults to where the targets are when the planner gave none.
         regions = [Box.model_validate([float(v) for v in b]) for b in planned.target_boxes]
+        layout = _items(planned.layout)
+        content = _content_box(state.frame)
+        if content is not None and _places_anew(state.instruction):
+            layout, regions = _into_content(layout, regions, content)
         plan = EditPlan(targets=targets, grounded=grounded,
                         regions=regions or [g.box for g in grounded],
-                        layout=_items(planned.layout), keep=_items(planned.keep),
+                        layout=layout, keep=_items(planned.keep),
                         absent=[t for t, p in zip(targets, here, strict=True) if p is False])  # fmt: skip
         emit("edit_plan", plan=plan.model_dump(mode="json"))
     abandoned = any(s.turn == state.turn for s in state.steps)
@@ -136,6 +141,41 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
             "accepted": False, "candidate": None, "max_rounds": ctx.max_rounds,
             "selection": ctx.selection,
             "turn": state.turn + 1 if abandoned else state.turn}  # fmt: skip
+
+
+def _content_box(frame: dict[str, Any] | None) -> Box | None:
+    """Where a letterboxed input's content lies in the canvas (None: no letterbox known)."""
+    if not frame:
+        return None
+    w, h = int(frame["width"]), int(frame["height"])
+    return Box.model_validate(list(letterbox_params(w, h, int(frame["size"])).content_box(w, h)))
+
+
+def _places_anew(instruction: str) -> bool:
+    """Does the edit put an object where none was (add, move)?"""
+    try:
+        return lang.parse_edit(instruction).category in ("add", "move")
+    except lang.GrammarError:
+        return False
+
+
+def _into_content(layout: list[LayoutItem], regions: list[Box], content: Box,
+                  ) -> tuple[list[LayoutItem], list[Box]]:  # fmt: skip
+    """Shift each new box that reaches into the letterbox bars back into the content (the
+    cells the planner names are the canvas', and `the bottom left` of a wide input is its
+    content's), and the region that is the same box with it: drawn in a bar, the object
+    would be cropped off the result."""
+    out, moved = [], {}
+    for item in layout:
+        b = item.box
+        dx = max(content.x0 - b.x0, 0.0) - max(b.x1 - content.x1, 0.0)
+        dy = max(content.y0 - b.y0, 0.0) - max(b.y1 - content.y1, 0.0)
+        if dx or dy:
+            new = Box(x0=b.x0 + dx, y0=b.y0 + dy, x1=b.x1 + dx, y1=b.y1 + dy)
+            moved[tuple(b.as_list())] = new
+            item = item.model_copy(update={"box": new})
+        out.append(item)
+    return out, [moved.get(tuple(r.as_list()), r) for r in regions]
 
 
 def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:

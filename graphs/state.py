@@ -415,8 +415,8 @@ class EditInput(BaseModel):
     frame: dict[str, Any] | None = Field(
         default=None, description="The caller's image given with `image`, before it was "
         "letterboxed: its `width` and `height` and the canvas `size`, so that a later turn, a "
-        "reopened session or a resume crops results to the caller's shape. The nodes do not "
-        "read it; None: no letterbox known.")  # fmt: skip
+        "reopened session or a resume crops results to the caller's shape, and `plan_edit` "
+        "keeps an added or moved object inside the content. None: no letterbox known.")  # fmt: skip
 
 
 class EditState(EditInput):

@@ -1681,6 +1681,10 @@ class Session:
         inputs = {"instruction": instruction, "image": ref, "seed": base_seed,
                   "rounds": context.max_rounds, "num_steps": context.num_steps,
                   "steps_before": before}  # fmt: skip
+        framed = _unframe(frame if image is not None else st.frame if st is not None else None)
+        if framed is not None:  # where the input's content lies in the canvas the boxes are in
+            lb, (w, h) = framed
+            inputs.update(source_size=[w, h], content_box=list(lb.content_box(w, h)))
         return self._edit(context, payload, inputs, on_event, before=before)
 
     def _edit(self, context: Context, payload: Any, inputs: dict[str, Any],

@@ -6,8 +6,8 @@ the nodes in the order they ran, each with its input (a compact view of the stat
 given), its output (the partial state update it returned), its timings, the custom events it
 emitted (plan, image, critique, boxes, answer...) and a `view`: the image the node is about
 plus the boxes worth drawing on it (planned, grounded, re-masked regions). Images are
-`ImageRef`s into the artifact store, never bytes, so a trace stays a few kB
-(PEERS.md §0 item 8).
+`ImageRef`s into the artifact store, never bytes, so a trace stays small (tens of kB:
+its images are references).
 
 `render_html(trace, store)` turns a trace into one self-contained HTML page: every node's
 image inlined as a base64 PNG (upscaled nearest-neighbour, boxes drawn with `tools.draw`),
@@ -116,8 +116,9 @@ class Trace(BaseModel):
     lineage: dict[str, Any] | None = None
     error: str | None = None
     error_code: str | None = Field(default=None, description="The error's kind: a "
-                                   "`LavidaError.code` ('cancelled', ...), or 'interrupted' "
-                                   "(Ctrl-C).")  # fmt: skip
+                                   "`LavidaError.code` ('cancelled': its cancel event was set, "
+                                   "as the CLI's Ctrl-C does; ...), or 'interrupted' (a "
+                                   "KeyboardInterrupt raised inside the run).")  # fmt: skip
 
     def to_json(self, **kwargs: Any) -> str:
         """The trace as a JSON string."""
@@ -411,6 +412,8 @@ def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
     else:
         path = trace_path(text, runs_dir)
     if not path.is_file():
+        if text.endswith(".json"):
+            raise NotFoundError(f"no trace file {text!r}")
         raise NotFoundError(f"no trace for run {text!r}" + (f" in {runs_dir}" if runs_dir else ""))
     try:
         return Trace.model_validate_json(path.read_text(encoding="utf-8"))
@@ -662,7 +665,7 @@ def _status_html(t: Trace, runs_dir: str | Path | None) -> str:
         stopped = f"{html.escape(t.error)}; " if t.error else ""
         return f"<span class=err>{stopped}</span>resumed: finished by run <code>{html.escape(later)}</code>"
     if status in ("failed", "stopped"):
-        return f"<span class=err>{html.escape(t.error or '')}</span>"
+        return f"<span class=err>{status}: {html.escape(t.error or '')}</span>"
     if status in ("ok", "running"):
         return status
     hint = (f" (to finish it: <code>lavida-agent resume {html.escape(t.run_id)} --out FILE</code>)"
@@ -748,7 +751,9 @@ def render_html(trace: Trace | dict[str, Any], store: Any, *, scale: int = 4,
                            "previews": n.previews}) + "</details></div></div>")  # fmt: skip
     if t.lineage:
         current = (t.result.get("image_ref") or {}).get("sha256")
-        out.append("<h2>Session lineage</h2>" + _lineage_svg(t.lineage, current))
+        out.append("<h2>Session lineage</h2><p>The session's branch as this run left it (every "
+                   "attempt); <code>lavida-agent session show</code> lists every branch.</p>"
+                   + _lineage_svg(t.lineage, current))  # fmt: skip
     out.append("<h2>Result</h2>" + _pre(t.result))
     out.append("<h2>Settings</h2>" + _pre(t.settings) + "</body></html>")
     return "\n".join(out)

@@ -221,6 +221,27 @@ def test_edit_letterboxes_and_keeps_the_padding_crop(agent, engine):
     assert [i.label for i in r.layout] == ["blue square"] and r.plan.targets == ["red circle"]
     assert r.source_ref is not None and r.source_ref.width == 64
     assert agent.session(r.thread_id).exists  # a one-shot edit is a resumable session
+    # the trace says where the input lies in the canvas its boxes are in, as ground's does
+    assert r.trace.inputs["source_size"] == [128, 64] and r.trace.inputs["content_box"] == [0, 16, 64, 48]
+    engine.enqueue_edit_plan(EditPlanResult(targets=["blue square"], target_boxes=[BLUE["box"]], layout=[RED]))
+    again = agent.session(r.thread_id).edit("replace the blue square by a red circle", seed=5)
+    assert again.trace.inputs["content_box"] == [0, 16, 64, 48]  # a later turn: the session's frame
+
+
+def test_an_object_moved_or_added_on_a_wide_input_stays_in_its_content(agent, engine):
+    """`the bottom left` of a 128 x 64 input is its content's (canvas rows 16-48): a box the
+    planner put in the canvas' bottom cell is moved up out of the letterbox bar, with the
+    region that is the same box; the source's region and other edits stay as planned."""
+    low = [2.0, 44.0, 20.0, 62.0]  # reaches 14 px into the bottom bar
+    engine.enqueue_edit_plan(EditPlanResult(targets=["red circle"], target_boxes=[[20.0, 20.0, 30.0, 30.0], low],
+                                            layout=[{"label": "red circle", "box": low}]))  # fmt: skip
+    r = agent.edit(_wide_scene(), "move the red circle to the bottom left", seed=1)
+    assert r.plan.layout[0].box.as_list() == [2.0, 30.0, 20.0, 48.0]
+    assert [b.as_list() for b in r.plan.regions] == [[20.0, 20.0, 30.0, 30.0], [2.0, 30.0, 20.0, 48.0]]
+    engine.enqueue_edit_plan(EditPlanResult(targets=["red circle"], target_boxes=[low],
+                                            layout=[{"label": "blue circle", "box": low}]))  # fmt: skip
+    recolor = agent.session(r.thread_id).edit("make the red circle blue", seed=2)
+    assert recolor.plan.layout[0].box.as_list() == low  # not an object put somewhere new
 
 
 # -- sessions ---------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_html_status_tells_ok_failed_and_unfinished(agent, refined):
     assert "<th>status</th><td>ok</td>" in render_html(refined.trace, agent.store)
     failed = refined.trace.model_copy(update={"error": "the run was cancelled", "result": {},
                                               "error_code": "cancelled"})  # fmt: skip
-    assert "<span class=err>the run was cancelled</span>" in render_html(failed, agent.store)
+    assert "<span class=err>stopped: the run was cancelled</span>" in render_html(failed, agent.store)  # as `runs` says
     started = refined.trace.model_copy(update={"result": {}, "nodes": []})  # as written at start
     page = render_html(started, agent.store)
     assert "unfinished" in page and f"lavida-agent resume {refined.run_id}" in page
