@@ -48,3 +48,7 @@ def test_langgraph_json_names_every_workflow():
         graph = getattr(importlib.import_module(module), attr)
         assert graph.name == name
         assert graph.checkpointer is None  # the LangGraph server supplies persistence
+    # ... with the same allow-list as `persistence.make_serde` (no "unregistered type" warnings)
+    from lavida_agent.graphs.state import STATE_VALUE_TYPES
+
+    assert spec["checkpointer"]["serde"]["allowed_msgpack_modules"] == [[c.__module__, c.__name__] for c in STATE_VALUE_TYPES]
