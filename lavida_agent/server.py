@@ -641,6 +641,23 @@ async def _unless_dropped(request: Request, work: Awaitable[T]) -> T:
 # ----------------------------------------------------------------------------------------
 
 
+PRUNE_EVERY_S = 3600.0
+
+
+async def _prune_every(agent: LavidaAgent, keep_days: float) -> None:
+    """`Settings.keep_days`: prune what was idle for longer, now and every `PRUNE_EVERY_S`
+    (a failure is logged; the next hour tries again)."""
+    while True:
+        try:
+            done = await run_in_threadpool(agent.prune, keep_days * 86400)
+            if done.threads:
+                logger.info("pruned %d runs and sessions idle for %g days: %d runs, %d images, %d bytes",
+                            len(done.threads), keep_days, len(done.runs), done.images, done.bytes_freed)  # fmt: skip
+        except Exception:
+            logger.exception("pruning the runs and sessions idle for %g days failed", keep_days)
+        await asyncio.sleep(PRUNE_EVERY_S)
+
+
 def create_app(
     settings: Settings | None = None, *, agent: LavidaAgent | None = None, mcp: bool | None = None
 ) -> FastAPI:
@@ -665,8 +682,15 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with mount.running() if mount else contextlib.nullcontext():
-            yield
+        pruning = asyncio.create_task(_prune_every(svc.agent, settings.keep_days)) if settings.keep_days else None
+        try:
+            async with mount.running() if mount else contextlib.nullcontext():
+                yield
+        finally:
+            if pruning is not None:
+                pruning.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pruning
         if owns_agent:
             await run_in_threadpool(svc.agent.close)
 

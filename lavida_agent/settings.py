@@ -132,6 +132,10 @@ class Settings(BaseModel):
     max_n: int = Field(default=4, ge=1, description="Most images per request.")
     max_steps: int = Field(default=64, ge=1, description="Most denoising steps per request.")
     max_rounds_limit: int = Field(default=8, ge=1, description="Most rounds per request.")
+    keep_days: float | None = Field(
+        default=None, gt=0,
+        description="serve: prune the runs and sessions idle for longer (`LavidaAgent.prune`) "
+        "when it starts and every hour; None: keep everything.")  # fmt: skip
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

@@ -21,6 +21,7 @@ from PIL import Image
 from lavida_agent.api import LavidaAgent
 from lavida_agent.server import create_app
 from lavida_agent.settings import Settings
+from lavida_agent.traces import trace_path
 from tests.fakes import FakeBatchedBackend, FakeEngine, default_plan, draw, noise
 
 RED = {"label": "red circle", "box": [8.0, 8.0, 24.0, 24.0]}
@@ -341,6 +342,20 @@ async def test_runs_and_sessions_are_deleted_with_what_only_they_refer_to(client
     for bad in (sid, "../x", "nope"):
         r = await client.delete(f"/v1/sessions/{bad}")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", bad
+
+
+async def test_a_server_with_keep_days_prunes_when_it_starts(engine):
+    settings = Settings.from_env(keep_days=1e-9, num_steps=2)  # (any idle time is too long)
+    with LavidaAgent(engine=engine, settings=settings) as agent:
+        old = agent.generate("a red circle", seed=1, rounds=1)
+        app = create_app(settings, agent=agent, mcp=False)
+        async with app.router.lifespan_context(app):
+            for _ in range(200):
+                if not trace_path(old.run_id, settings.runs_dir).exists():
+                    break
+                await asyncio.sleep(0.01)
+            assert not trace_path(old.run_id, settings.runs_dir).exists()
+        assert agent.checkpointer.get_tuple({"configurable": {"thread_id": old.thread_id}}) is None
 
 
 async def test_deeply_nested_json_is_a_400(client):
