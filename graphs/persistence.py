@@ -157,20 +157,24 @@ def last_written(saver: BaseCheckpointSaver[str], thread_id: str) -> float | Non
 
 
 def compact(saver: BaseCheckpointSaver[str]) -> int:
-    """Give the pages of deleted threads back to the file system (`VACUUM`, SQLite only);
-    the bytes the database shrank by. Skipped (0) while another connection is writing."""
+    """Give the pages of deleted threads back to the file system (SQLite only: `VACUUM`, then
+    a truncating checkpoint of the write-ahead log the saver keeps); the bytes the database's
+    files shrank by. Skipped (0) while another connection is writing."""
     if not _is_sqlite(saver):
         return 0
     conn: sqlite3.Connection = saver.conn  # type: ignore[attr-defined]
+    name = conn.execute("PRAGMA database_list").fetchone()[2]
+    files = [Path(name), Path(f"{name}-wal")] if name else []
 
     def size() -> int:
-        return conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+        return sum(f.stat().st_size for f in files if f.is_file())
 
     with saver.lock:  # type: ignore[attr-defined]
         before = size()
         try:
             conn.commit()
             conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.OperationalError:  # "database is locked": another process is writing
             return 0
         return max(0, before - size())
