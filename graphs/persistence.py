@@ -156,10 +156,14 @@ def last_written(saver: BaseCheckpointSaver[str], thread_id: str) -> float | Non
     return dt.datetime.fromisoformat(tup.checkpoint["ts"]).timestamp()
 
 
+COMPACT_MIN_FREE = 1 << 20  # bytes of free pages below which `compact` leaves the pages for reuse
+
+
 def compact(saver: BaseCheckpointSaver[str]) -> int:
-    """Give the pages of deleted threads back to the file system (SQLite only: `VACUUM`, then
-    a truncating checkpoint of the write-ahead log the saver keeps); the bytes the database's
-    files shrank by. Skipped (0) while another connection is writing."""
+    """Give the pages of deleted threads back to the file system (SQLite only): `VACUUM` when
+    a quarter of the pages or `COMPACT_MIN_FREE` bytes are free (else SQLite reuses them),
+    then a truncating checkpoint of the write-ahead log the saver keeps. Returns the bytes
+    the database's files shrank by; 0 while another connection holds them (a server)."""
     if not _is_sqlite(saver):
         return 0
     conn: sqlite3.Connection = saver.conn  # type: ignore[attr-defined]
@@ -169,11 +173,16 @@ def compact(saver: BaseCheckpointSaver[str]) -> int:
     def size() -> int:
         return sum(f.stat().st_size for f in files if f.is_file())
 
+    def pragma(what: str) -> int:
+        return int(conn.execute(f"PRAGMA {what}").fetchone()[0])
+
     with saver.lock:  # type: ignore[attr-defined]
         before = size()
         try:
             conn.commit()
-            conn.execute("VACUUM")
+            free, pages = pragma("freelist_count"), pragma("page_count")
+            if free * pragma("page_size") >= COMPACT_MIN_FREE or 4 * free >= pages > 0 and free:
+                conn.execute("VACUUM")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.OperationalError:  # "database is locked": another process is writing
             return 0

@@ -380,11 +380,47 @@ class Cleanup:
     """Of the traces, the images and (`prune`: it compacts the database) the database file."""
     busy: list[str] = field(default_factory=list)
     """`prune`: threads old enough but with a run on them now, kept."""
+    images_waiting: int = 0
+    """Images only what was deleted referred to, kept back because a run is in progress (a
+    later `prune` takes them once they are `grace_s` old)."""
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"threads": list(self.threads), "runs": list(self.runs), "images": self.images,
-                "bytes_freed": self.bytes_freed, "busy": list(self.busy), "dry_run": self.dry_run}
+                "images_waiting": self.images_waiting, "bytes_freed": self.bytes_freed,
+                "busy": list(self.busy), "dry_run": self.dry_run}
+
+
+_UNREADABLE = "\0unreadable trace "  # `_delete`'s name for a trace file that is no trace
+
+
+def _check_id(ident: Any) -> None:
+    if not isinstance(ident, str) or not ident.strip():
+        raise InvalidInputError(f"a run or session id is a non-empty string, got {ident!r}")
+
+
+@contextlib.contextmanager
+def _home_errors(settings: Settings) -> Iterator[None]:
+    """A database or folder of the home that cannot be used, said as such (not as a raw
+    `sqlite3` or `OSError`)."""
+    import sqlite3
+
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise BusyError(f"the database {settings.db_path!r} is locked by another process: try again") from exc
+        raise InvalidInputError(f"cannot use the database {settings.db_path!r}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise InvalidInputError(f"cannot use the database {settings.db_path!r}: {exc}") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"cannot use the home {str(settings.home)!r}: {exc.strerror or exc}"
+                                + (f" ({exc.filename})" if exc.filename else "")) from exc
+
+
+def _check_grace(value: Any, name: str = "grace_s") -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidInputError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
 
 def _attempt_dict(
@@ -1235,90 +1271,174 @@ class LavidaAgent:
 
     # -- deleting -------------------------------------------------------------------------
 
+    def delete(self, ids: str | Sequence[str], *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
+        """Delete runs and sessions by id, then the images nothing refers to any more (see
+        `prune` for which go at once). Every id is checked before anything is deleted.
+
+        A run id deletes its thread: a generate, ground, ask or critique run with the runs
+        that resumed it (or the run a resume finished); an edit run only when it is its
+        session's one turn (a one-shot `edit`), else its session goes with `delete_session`.
+        A session id deletes the session: its checkpoints (every branch) and its turns'
+        traces.
+
+        Raises:
+            NotFoundError: an id is no run and no session.
+            InvalidInputError: an id is one turn of a longer session; an empty id; or the
+                home's store, runs folder or database set apart from it (`_check_own_home`).
+            BusyError: a run is on a thread now (here or in another process).
+        """
+        _check_grace(grace_s)
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        self._check_own_home()
+        with _home_errors(self.settings):
+            threads = list(dict.fromkeys(self._thread_of(i) for i in ids))
+            return self._delete(threads, dry_run=dry_run, grace_s=grace_s)
+
     def delete_run(self, run_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
-        """Delete a generate, ground, ask or critique run: its trace and checkpoints (its
-        thread's: with the runs that resumed it), then the images nothing refers to any
-        more (see `prune` for which go at once). A session's turn goes with its session
-        (`delete_session`).
+        """`delete` of one run id.
 
         Raises:
             NotFoundError: no such run.
-            InvalidInputError: the run is a session's turn.
+            InvalidInputError: the run is one turn of a longer session (delete the session).
             BusyError: a run is on its thread now (here or in another process).
         """
-        from lavida_agent.traces import find_trace, load_trace
+        from lavida_agent.traces import find_trace
 
-        trace = load_trace(find_trace(run_id, self.settings.runs_dir))  # type: ignore[arg-type]
-        if trace.workflow == "edit":
-            raise InvalidInputError(f"run {run_id} is a turn of session {trace.thread_id}: delete the "
-                                    "session (all its turns) instead")  # fmt: skip
-        return self._delete([trace.thread_id], dry_run=dry_run, grace_s=grace_s)
+        find_trace(run_id, self.settings.runs_dir)  # type: ignore[arg-type]
+        return self.delete([run_id], dry_run=dry_run, grace_s=grace_s)
 
     def delete_session(self, session_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
-        """Delete a session: its checkpoints (every branch) and the traces of its turns, then
-        the images nothing refers to any more (see `prune`).
+        """`delete` of one session id: its checkpoints (every branch) and its turns' traces.
 
         Raises:
             NotFoundError: no such session.
             InvalidInputError: `session_id` is the thread of another workflow's run.
             BusyError: a turn (or an undo...) is on it now, here or in another process.
         """
-        from lavida_agent.traces import trace_files
-
-        session = self.session(session_id)
-        if not session.exists:
-            turns = [f for f in trace_files(self.settings.runs_dir) if f.thread_id == session_id]  # type: ignore[arg-type]
-            if any(f.workflow != "edit" for f in turns) or session_id in self._thread_ids():
-                raise InvalidInputError(f"{session_id!r} is the thread of another workflow's run, not a "
-                                        "session: delete that run by its run id")  # fmt: skip
-            if not turns:
-                raise NotFoundError(f"no session {session_id!r}")
-        return self._delete([session_id], dry_run=dry_run, grace_s=grace_s)
+        _check_grace(grace_s)
+        self._check_own_home()
+        with _home_errors(self.settings):
+            return self._delete([self._session_thread(session_id)], dry_run=dry_run, grace_s=grace_s)
 
     def prune(self, older_than: float | dt.timedelta, *, dry_run: bool = False,
               grace_s: float = 3600) -> Cleanup:  # fmt: skip
         """Delete every run and session last active more than `older_than` ago (seconds, or a
         `timedelta`; 0: all), except those with a run on them now, then the images nothing
-        refers to any more.
+        refers to any more, and compact the database.
 
         An image nothing refers to goes when it was last stored more than `grace_s` seconds
         ago, or, if it belonged to what was deleted, at once unless a run is in progress
         (here or in another process on this home): a run may have stored an image and not
-        yet recorded it. A later `prune` takes what stayed.
+        yet recorded it. `Cleanup.images_waiting` counts those kept back; a later `prune`
+        takes them. A trace file that cannot be read is deleted when its file is as old.
 
         Raises:
-            InvalidInputError: a negative or non-numeric `older_than` or `grace_s`.
+            InvalidInputError: a negative or non-numeric `older_than` or `grace_s`, or the
+                home's store, runs folder or database set apart from it.
         """
+        if isinstance(older_than, dt.timedelta):
+            older_than = older_than.total_seconds()
+        _check_grace(older_than, "older_than")
+        _check_grace(grace_s)
+        self._check_own_home()
+        if not self._home_exists():
+            return Cleanup(dry_run=dry_run)
+        with _home_errors(self.settings):
+            return self._prune(older_than, dry_run=dry_run, grace_s=grace_s)
+
+    def _prune(self, older_than: float, *, dry_run: bool, grace_s: float) -> Cleanup:
         from lavida_agent.graphs.persistence import compact, last_written
         from lavida_agent.traces import trace_files
 
-        if isinstance(older_than, dt.timedelta):
-            older_than = older_than.total_seconds()
-        for name, value in (("older_than", older_than), ("grace_s", grace_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise InvalidInputError(f"{name} must be a number of seconds >= 0, got {value!r}")
         cutoff = time.time() - older_than
         last: dict[str, float] = {}
         for f in trace_files(self.settings.runs_dir):  # type: ignore[arg-type]
-            if f.thread_id is not None:
-                last[f.thread_id] = max(last.get(f.thread_id, 0.0), f.mtime)
+            key = f.thread_id if f.thread_id is not None else _UNREADABLE + f.run_id
+            last[key] = max(last.get(key, 0.0), f.mtime)
         for thread in self._thread_ids():
-            last[thread] = max(last.get(thread, 0.0), last_written(self.checkpointer, thread) or 0.0)
+            with map_exceptions():
+                last[thread] = max(last.get(thread, 0.0), last_written(self.checkpointer, thread) or 0.0)
         old = sorted(t for t, when in last.items() if when < cutoff)
         out = self._delete(old, dry_run=dry_run, grace_s=grace_s, skip_busy=True)
-        if out.threads and not dry_run:
-            out.bytes_freed += compact(self.checkpointer)
+        if not dry_run:
+            with map_exceptions():
+                out.bytes_freed += compact(self.checkpointer)
         return out
+
+    def _check_own_home(self) -> None:
+        """Refuse to delete unless the store, runs folder and database are the home's own: what
+        else refers to an image in a shared store, or which runs a database elsewhere holds,
+        cannot be known from here."""
+        s = self.settings
+        apart = [f"{name} {str(path)!r}" for name, path, own in (
+            ("artifacts_dir", s.artifacts_dir, s.home / "artifacts"), ("runs_dir", s.runs_dir, s.home / "runs"),
+            ("db_path", s.db_path, s.home / "lavida.db"))
+            if Path(str(path)).expanduser().absolute() != own]  # fmt: skip
+        if apart:
+            raise InvalidInputError(f"deleting works on a whole home (its own store, runs folder and database: what "
+                                    f"else refers to their images cannot be known otherwise), and {', '.join(apart)} "
+                                    f"is set apart from the home {str(s.home)!r}")  # fmt: skip
+
+    def _home_exists(self) -> bool:
+        """Has anything been written to the home (so that deleting need not create it)?"""
+        s = self.settings
+        return Path(str(s.db_path)).is_file() or Path(str(s.runs_dir)).is_dir() or Path(str(s.artifacts_dir)).is_dir()
+
+    def _thread_of(self, ident: str) -> str:
+        """The thread that deleting run or session `ident` deletes."""
+        from lavida_agent.traces import find_trace, trace_files
+
+        _check_id(ident)
+        try:
+            path = find_trace(ident, self.settings.runs_dir)  # type: ignore[arg-type]
+        except NotFoundError:
+            try:
+                return self._session_thread(ident)
+            except NotFoundError:
+                raise NotFoundError(f"no run or session {ident[:80]!r}") from None
+        mine = next(f for f in trace_files(self.settings.runs_dir) if f.path == path)  # type: ignore[arg-type]
+        if mine.thread_id is None:  # a file that is no trace: the file alone goes
+            return _UNREADABLE + ident
+        if mine.workflow == "edit":
+            turns = {f.origin for f in trace_files(self.settings.runs_dir) if f.thread_id == mine.thread_id}  # type: ignore[arg-type]
+            if len(turns) > 1:
+                raise InvalidInputError(f"run {ident} is one of {len(turns)} turns of session {mine.thread_id}: "
+                                        "delete the session (all its turns) instead")  # fmt: skip
+        return mine.thread_id
+
+    def _session_thread(self, session_id: str) -> str:
+        """`session_id`, checked to be a session's thread."""
+        from lavida_agent.traces import trace_files
+
+        _check_id(session_id)
+        session = self.session(session_id)
+        if session.exists:
+            return session_id
+        turns = [f for f in trace_files(self.settings.runs_dir) if f.thread_id == session_id]  # type: ignore[arg-type]
+        if any(f.workflow != "edit" for f in turns) or session_id in self._thread_ids():
+            raise InvalidInputError(f"{session_id!r} is the thread of another workflow's run, not a "
+                                    "session: delete that run by its run id")  # fmt: skip
+        if not turns:
+            from lavida_agent.traces import trace_path
+
+            with contextlib.suppress(InvalidInputError):
+                if trace_path(session_id, self.settings.runs_dir).is_file():  # type: ignore[arg-type]
+                    raise NotFoundError(f"no session {session_id!r}: it is a run (delete it as one)")
+            raise NotFoundError(f"no session {session_id[:80]!r}")
+        return session_id
 
     def _thread_ids(self) -> set[str]:
         from lavida_agent.graphs.persistence import thread_ids
 
+        if not self._home_exists():
+            return set()
         with map_exceptions():
             return thread_ids(self.checkpointer)
 
     def _delete(self, threads: Sequence[str], *, dry_run: bool, grace_s: float,
                 skip_busy: bool = False) -> Cleanup:  # fmt: skip
-        """Delete `threads` (each held alone while it goes), then sweep the store."""
+        """Delete `threads` (each held alone while it goes; `_UNREADABLE` + a run id: that
+        unreadable trace file alone), then sweep the store."""
         from lavida_agent.graphs.persistence import referenced_shas
         from lavida_agent.traces import trace_files
 
@@ -1327,11 +1447,16 @@ class LavidaAgent:
         with map_exceptions():
             held = referenced_shas(self.checkpointer)  # thread -> the images its states name
         for thread in threads:
+            if thread.startswith(_UNREADABLE):
+                mine = [f for f in files if f.thread_id is None and _UNREADABLE + f.run_id == thread]
+            else:
+                mine = [f for f in files if f.thread_id == thread]
             try:
                 with self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete"):
-                    mine = [f for f in files if f.thread_id == thread]
                     if not dry_run:
-                        self.checkpointer.delete_thread(thread)
+                        if not thread.startswith(_UNREADABLE):
+                            with map_exceptions():
+                                self.checkpointer.delete_thread(thread)
                         for f in mine:
                             f.path.unlink(missing_ok=True)
             except BusyError:
@@ -1339,12 +1464,13 @@ class LavidaAgent:
                     raise
                 out.busy.append(thread)
                 continue
-            out.threads.append(thread)
+            if not thread.startswith(_UNREADABLE):
+                out.threads.append(thread)
             out.runs += [f.run_id for f in mine]
             out.bytes_freed += sum(f.size for f in mine)
-        gone = set(out.threads)
-        theirs = set().union(*(held.get(t, ()) for t in gone),
-                             *(f.shas for f in files if f.thread_id in gone))  # fmt: skip
+        gone = set(out.threads) | {t for t in threads if t.startswith(_UNREADABLE)} - set(out.busy)
+        gone_files = {f.path for f in files if (f.thread_id in gone if f.thread_id else _UNREADABLE + f.run_id in gone)}
+        theirs = set().union(*(held.get(t, ()) for t in gone), *(f.shas for f in files if f.path in gone_files))
         with self._active_lock:
             running = bool(self._active)
         running = running or bool(live.holders(self.settings.runs_dir))  # type: ignore[arg-type]
@@ -1352,9 +1478,14 @@ class LavidaAgent:
             held = referenced_shas(self.checkpointer)
         files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
         keep = set().union(*(shas for t, shas in held.items() if t not in gone),
-                           *(f.shas for f in files if f.thread_id not in gone))  # fmt: skip
-        at_once = set() if running else theirs - keep
-        out.images, freed = self.store.sweep(keep, older_than_s=grace_s, also=at_once, dry_run=dry_run)
+                           *(f.shas for f in files if f.path not in gone_files))  # fmt: skip
+        orphans = theirs - keep
+        out.images, freed = self.store.sweep(keep, older_than_s=grace_s, also=set() if running else orphans,
+                                             dry_run=dry_run)  # fmt: skip
+        if running:
+            cutoff = time.time() - grace_s
+            out.images_waiting = sum(1 for sha in orphans if (p := self.store.path(sha)).is_file()
+                                     and p.stat().st_mtime >= cutoff)  # fmt: skip
         out.bytes_freed += freed
         return out
 

@@ -1193,44 +1193,31 @@ def _say_cleanup(what: str, done: Any, as_json: bool) -> None:
         return
     verb = "would delete" if done.dry_run else "deleted"
     runs = f"{len(done.runs)} run{'s' * (len(done.runs) != 1)}"
+    waiting = (f"; {done.images_waiting} image{'s' * (done.images_waiting != 1)} wait: a run is in progress "
+               "(a later prune takes them)" if done.images_waiting else "")  # fmt: skip
     click.echo(f"{verb} {what}: {runs}, {done.images} image{'s' * (done.images != 1)}, {_mb(done.bytes_freed)}"
-               + (f"; kept {len(done.busy)} with a run on it now" if done.busy else ""))  # fmt: skip
-
-
-def _delete_one(agent: Any, ident: str, dry_run: bool) -> tuple[str, Any]:
-    """Delete run or session `ident`: `(how to name it, Cleanup)`."""
-    from lavida_agent.errors import NotFoundError
-    from lavida_agent.traces import find_trace
-
-    try:
-        find_trace(ident, agent.settings.runs_dir)
-    except NotFoundError:
-        try:
-            return f"session {ident}", agent.delete_session(ident, dry_run=dry_run)
-        except NotFoundError:
-            raise NotFoundError(f"no run or session {ident!r} (`lavida-agent runs` lists runs)") from None
-    return f"run {ident}", agent.delete_run(ident, dry_run=dry_run)
+               + (f"; kept {len(done.busy)} with a run on it now" if done.busy else "") + waiting)  # fmt: skip
 
 
 @cli.command("delete")
 @click.argument("ids", metavar="ID...", nargs=-1, required=True)
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON line per ID.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
 @click.pass_context
 def delete_cmd(ctx: click.Context, ids: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Delete runs and sessions by id, with their traces, checkpoints and the images nothing
-    else refers to. A generate, ground, ask or critique run goes with the runs that resumed
-    it; a session with all its turns (a turn alone cannot go). A run in progress is refused."""
-    agent = _agent(ctx)
-    for ident in ids:
-        _say_cleanup(*_delete_one(agent, ident, dry_run), as_json)
+    else refers to. A run goes with the runs that resumed it, a session with all its turns
+    (a turn of a longer session cannot go alone). Every id is checked before anything is
+    deleted; a run in progress is refused."""
+    _say_cleanup(", ".join(dict.fromkeys(ids)), _agent(ctx).delete(ids, dry_run=dry_run), as_json)
 
 
 @cli.command("prune")
 @click.option("--older-than", "older_than", metavar="AGE", required=True, callback=_duration,
               help="Delete what was last active longer ago than AGE: 30d, 12h, 90m, 2w; 0: all.")
-@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted (not what compacting the "
+              "database gives back); delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
 @click.pass_context

@@ -643,6 +643,8 @@ class DeleteResponse(BaseModel):
     threads: list[str] = Field(description="The threads deleted: the session, or the run's thread.")
     runs: list[str] = Field(description="The runs whose traces were deleted.")
     images: int = Field(description="Images removed from the store: those nothing refers to any more.")
+    images_waiting: int = Field(default=0, description="Images only the deleted referred to, "
+                                "kept back while a run is in progress (a later prune takes them).")
     bytes_freed: int
     busy: list[str] = Field(default_factory=list)
     dry_run: bool

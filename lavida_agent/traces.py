@@ -407,7 +407,8 @@ def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
         InvalidInputError: the file is not a trace.
     """
     text = str(run)
-    if text.endswith(".json") or runs_dir is None:
+    path_given = text.endswith(".json") or runs_dir is None
+    if path_given:
         path = Path(text)
     else:
         path = trace_path(text, runs_dir)
@@ -420,7 +421,8 @@ def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
     except ValueError as exc:
         errors = getattr(exc, "errors", None)  # pydantic: name the first problem, not all of them
         why = f"{'.'.join(map(str, errors()[0]['loc'])) or 'the file'}: {errors()[0]['msg']}" if errors else exc
-        raise InvalidInputError(f"{str(path)!r} is not a lavida-agent trace ({why})") from None
+        what = repr(str(path)) if path_given else f"the trace of run {text!r}"  # (no folder: it may reach a client)
+        raise InvalidInputError(f"{what} is not a lavida-agent trace ({why})") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -612,8 +614,9 @@ class TraceFile:
 
     path: Path
     run_id: str
-    thread_id: str | None  # None: not a readable trace (kept, never deleted by thread)
+    thread_id: str | None  # None: not a readable trace (deleted by its run id or its age alone)
     workflow: str | None
+    origin: str | None  # the run whose work it does: itself, or the run a resume finished
     mtime: float
     size: int
     shas: frozenset[str]  # every sha256 in the file: the images it refers to
@@ -631,9 +634,10 @@ def trace_files(runs_dir: str | Path) -> list[TraceFile]:
         try:
             data = json.loads(text)
             thread, workflow = str(data["thread_id"]), str(data["workflow"])
-        except (ValueError, KeyError, TypeError):
-            thread = workflow = None
-        out.append(TraceFile(path, path.stem, thread, workflow, st.st_mtime, st.st_size,
+            origin = str((data.get("inputs") or {}).get("origin") or data["run_id"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            thread = workflow = origin = None
+        out.append(TraceFile(path, path.stem, thread, workflow, origin, st.st_mtime, st.st_size,
                              frozenset(_SHA_RE.findall(text))))  # fmt: skip
     return out
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import lavida_agent.cli as cli_mod
-from lavida_agent.api import LavidaAgent
+from lavida_agent.api import Cleanup, LavidaAgent
 from lavida_agent.errors import BusyError, InvalidInputError, NotFoundError
 from lavida_agent.graphs import persistence
 from lavida_agent.graphs.engine import EditPlanResult
@@ -73,7 +73,7 @@ def test_a_session_goes_whole_and_a_turn_alone_is_refused(agent, engine):
     other = agent.session()
     other.start(np.full((64, 64, 3), 10, np.uint8))  # the same input image
 
-    with pytest.raises(InvalidInputError, match=f"turn of session {s.thread_id}"):
+    with pytest.raises(InvalidInputError, match=f"one of 2 turns of session {s.thread_id}"):
         agent.delete_run(first.run_id)
     assert s.exists and len(s.lineage(all_branches=True)["nodes"]) >= 3
 
@@ -113,7 +113,7 @@ def test_what_runs_now_is_refused_or_kept_and_its_images_wait(agent, other_proce
     assert done.threads == [b.thread_id] and done.busy == [a.thread_id]
     own_b = _result_images(b) - _result_images(a)
     # Something runs: an image nothing refers to waits out the grace (that run may have stored it).
-    assert done.images == 0 and own_b <= _images(agent)
+    assert done.images == 0 and own_b <= _images(agent) and done.images_waiting == len(own_b)
     holder.kill()
     holder.wait(10)
     later = agent.prune(0)  # nothing runs now: what the deleted thread held goes at once
@@ -170,14 +170,52 @@ def test_prune_compacts_the_database_and_checks_its_arguments(agent):
         agent.prune(0, grace_s=-5)
 
 
-def test_an_agent_in_memory_deletes_too(engine):
-    with LavidaAgent(engine=engine, num_steps=2, selection="accept", db_path=":memory:") as agent:
+@pytest.mark.parametrize("apart", ["db_path", "artifacts_dir", "runs_dir"])
+def test_a_home_whose_parts_are_set_apart_is_refused(engine, tmp_path, apart):
+    """Another home may share a store or a database set apart: what refers to what cannot
+    be known, so nothing is deleted (a prune on it once took another home's images)."""
+    where = ":memory:" if apart == "db_path" else str(tmp_path / "elsewhere")
+    with LavidaAgent(engine=engine, num_steps=2, selection="accept", **{apart: where}) as agent:
         a = agent.generate("a red circle", seed=1)
-        b = agent.generate("a blue square", seed=2)
-        assert agent.delete_run(a.run_id).threads == [a.thread_id]
-        assert agent.checkpointer.get_tuple({"configurable": {"thread_id": a.thread_id}}) is None
-        assert agent.checkpointer.get_tuple({"configurable": {"thread_id": b.thread_id}}) is not None
-        assert b.image_ref.sha256 in _images(agent)
+        for call in (lambda: agent.delete_run(a.run_id), lambda: agent.prune(0),
+                     lambda: agent.delete_session(a.thread_id)):  # fmt: skip
+            with pytest.raises(InvalidInputError, match=f"{apart} .* is set apart from the home"):
+                call()
+        assert trace_path(a.run_id, agent.settings.runs_dir).is_file() and a.image_ref.sha256 in _images(agent)
+
+
+def test_a_one_shot_edit_goes_by_its_run_id_and_several_ids_go_together(agent, engine):
+    one = agent.edit(np.full((64, 64, 3), 10, np.uint8), "add a blue square", seed=1)
+    gen = agent.generate("a red circle", seed=1)
+    ids = [one.run_id, gen.run_id, one.run_id]  # a repeat counts once
+    preview = agent.delete(ids, dry_run=True)
+    done = agent.delete(ids)
+    assert preview.to_dict() == {**done.to_dict(), "dry_run": True}  # the whole command, not id by id
+    assert sorted(done.threads) == sorted([one.thread_id, gen.thread_id])
+    assert not agent.session(one.thread_id).exists
+    kept = agent.generate("a blue square", seed=2)
+    with pytest.raises(NotFoundError, match="no run or session 'nope'"):
+        agent.delete([kept.run_id, "nope"])  # every id is checked first: nothing went
+    assert trace_path(kept.run_id, agent.settings.runs_dir).is_file()
+    for bad in ("", "  "):
+        with pytest.raises(InvalidInputError, match="non-empty string"):
+            agent.delete([bad])
+    with pytest.raises(InvalidInputError, match="grace_s"):
+        agent.delete([kept.run_id], grace_s="1h")
+    assert trace_path(kept.run_id, agent.settings.runs_dir).is_file()
+
+
+def test_an_unreadable_trace_file_goes_by_its_id_or_its_age(agent):
+    kept = agent.generate("a red circle", seed=1)
+    runs = Path(agent.settings.runs_dir)
+    (runs / "bad.json").write_text("{not json")
+    (runs / "cut.json").write_text(trace_path(kept.run_id, runs).read_text()[:500])  # refers to images
+    assert agent.delete(["bad"]).runs == ["bad"] and not (runs / "bad.json").exists()
+    hour_ago = time.time() - 3601
+    os.utime(runs / "cut.json", (hour_ago, hour_ago))
+    done = agent.prune(1800)
+    assert done.runs == ["cut"] and not (runs / "cut.json").exists()
+    assert trace_path(kept.run_id, runs).is_file()  # younger than half an hour
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -194,7 +232,7 @@ def cli(engine, tmp_path, monkeypatch):
 def test_cli_delete_prune_and_session_delete(cli, engine, tmp_path):
     gen = json.loads(cli("generate", "a red circle", "--out", "a.png", "--seed", "1", "--json").output)
     r = cli("delete", gen["run_id"], "--dry-run")
-    assert r.exit_code == 0 and r.output.startswith(f"would delete run {gen['run_id']}: 1 run, ")
+    assert r.exit_code == 0 and r.output.startswith(f"would delete {gen['run_id']}: 1 run, ")
     r = cli("delete", gen["run_id"], "--json")
     assert r.exit_code == 0 and json.loads(r.output)["runs"] == [gen["run_id"]]
     r = cli("delete", gen["run_id"])
@@ -217,3 +255,15 @@ def test_cli_delete_prune_and_session_delete(cli, engine, tmp_path):
     assert r.exit_code == 0 and len(json.loads(r.output)["runs"]) == 1
     r = cli("runs")
     assert r.stdout == "" and "no runs yet" in r.stderr
+
+
+def test_a_home_that_cannot_be_used_is_said_plainly(engine, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "lavida.db").write_text("garbage")
+    with LavidaAgent(engine=engine, home=home) as agent:
+        with pytest.raises(InvalidInputError, match="cannot use the database .*file is not a database"):
+            agent.prune(0, dry_run=True)
+    with LavidaAgent(engine=engine, home=tmp_path / "never") as agent:
+        assert agent.prune(0, dry_run=True) == Cleanup(dry_run=True)  # nothing there: nothing made
+    assert not (tmp_path / "never").exists()
