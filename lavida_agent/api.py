@@ -476,6 +476,11 @@ def _frame(params: LetterboxParams, size: tuple[int, int]) -> dict[str, int]:
     return {"width": size[0], "height": size[1], "size": params.size}
 
 
+def _placed(params: LetterboxParams, w: int, h: int) -> dict[str, Any]:
+    """A trace's record of where a `w` x `h` input lies in the canvas its boxes are in."""
+    return {"source_size": [w, h], "letterbox": vars(params), "content_box": list(params.content_box(w, h))}
+
+
 def _unframe(frame: dict[str, Any] | None) -> tuple[LetterboxParams, tuple[int, int]] | None:
     if frame is None:
         return None
@@ -1173,8 +1178,7 @@ class LavidaAgent:
         canvas, ref, params, (w, h) = self._prepare_image(image)
         context = self._context(num_steps=None, rounds=None, cancel=cancel)
         thread_id = _new_id()
-        inputs = {"image": ref, "expressions": exprs, "source_size": [w, h],
-                  "letterbox": vars(params)}  # fmt: skip
+        inputs = {"image": ref, "expressions": exprs, **_placed(params, w, h)}
         run_id, values, trace, path = self._run(
             "ground", self._graph("ground"), {"image": ref, "expressions": exprs},
             thread_id=thread_id, context=context, inputs=inputs, on_event=on_event)  # fmt: skip
@@ -1207,7 +1211,7 @@ class LavidaAgent:
         run_id, values, trace, path = self._run(
             "understand", self._graph("understand"), {"image": ref, "question": question},
             thread_id=thread_id, context=context,
-            inputs={"image": ref, "question": question, "source_size": [w, h]},
+            inputs={"image": ref, "question": question, **_placed(params, w, h)},
             on_event=on_event)  # fmt: skip
         seen: Perception | None = values.get("perception")
         objects = self._input_items(seen.objects if seen is not None else [], params, w, h)
@@ -1236,7 +1240,7 @@ class LavidaAgent:
         run_id, values, trace, path = self._run(
             "critique", self._graph("critique"), {"image": ref, "prompt": prompt},
             thread_id=thread_id, context=context,
-            inputs={"image": ref, "prompt": prompt, "source_size": [w, h]},
+            inputs={"image": ref, "prompt": prompt, **_placed(params, w, h)},
             on_event=on_event)  # fmt: skip
         seen: Perception | None = values.get("perception")
         return CritiqueResult(image=canvas, image_ref=ref, run_id=run_id, thread_id=thread_id,
@@ -1813,9 +1817,8 @@ class Session:
                   "rounds": context.max_rounds, "num_steps": context.num_steps,
                   "steps_before": before}  # fmt: skip
         framed = _unframe(frame if image is not None else st.frame if st is not None else None)
-        if framed is not None:  # where the input's content lies in the canvas the boxes are in
-            lb, (w, h) = framed
-            inputs.update(source_size=[w, h], content_box=list(lb.content_box(w, h)))
+        if framed is not None:
+            inputs.update(_placed(framed[0], *framed[1]))
         return self._edit(context, payload, inputs, on_event, before=before)
 
     def _edit(self, context: Context, payload: Any, inputs: dict[str, Any],

@@ -1149,8 +1149,8 @@ def trace_cmd(ctx: click.Context, run_id: str, out: str, scale: int, as_json: bo
 @click.pass_context
 def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) -> None:
     """List the newest runs: id, workflow, status (ok, running, stopped, failed, unfinished,
-    resumed), start, what was asked. `lavida-agent trace RUN_ID` shows one; `lavida-agent
-    resume RUN_ID` finishes one."""
+    resumed), whether a generate or edit kept an accepted image, start, what was asked.
+    `lavida-agent trace RUN_ID` shows one; `lavida-agent resume RUN_ID` finishes one."""
     from lavida_agent.traces import recent_runs
 
     runs = recent_runs(_settings(ctx).runs_dir, limit=limit, unfinished=unfinished)
@@ -1162,7 +1162,8 @@ def runs_cmd(ctx: click.Context, limit: int, unfinished: bool, as_json: bool) ->
             continue
         asked = run.get("prompt") or run.get("instruction") or run.get("question") or \
             ", ".join(run.get("expressions") or [])  # fmt: skip
-        click.echo(f"{run['run_id']}  {run['workflow']:<10} {run['status']:<10} "
+        verdict = {True: "accepted", False: "rejected"}.get(run.get("accepted"), "")  # type: ignore[arg-type]
+        click.echo(f"{run['run_id']}  {run['workflow']:<10} {run['status']:<10} {verdict:<8}  "
                    f"{run['started_at'][:19]}  {asked}")  # fmt: skip
 
 

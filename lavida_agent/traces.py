@@ -565,8 +565,9 @@ def _started(path: Path) -> str:
 
 def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = False,
                 ) -> list[dict[str, Any]]:  # fmt: skip
-    """The newest runs first (by start): id, workflow, thread, start, status, error
-    and what was asked (`prompt`, `instruction`, `question` or `expressions`).
+    """The newest runs first (by start): id, workflow, thread, start, status, error,
+    `accepted` (a finished generate or edit: was its kept image accepted or verified; else
+    None) and what was asked (`prompt`, `instruction`, `question` or `expressions`).
 
     A run whose work a later run finished (`LavidaAgent.resume`: the same `origin`) is
     'resumed', with `resumed_by`. `unfinished` keeps the runs a `resume` could finish
@@ -601,6 +602,7 @@ def recent_runs(runs_dir: str | Path, *, limit: int = 20, unfinished: bool = Fal
                  if k in t.inputs}  # fmt: skip
         out.append({"run_id": t.run_id, "workflow": t.workflow, "thread_id": t.thread_id,
                     "started_at": t.started_at, "status": status, "error": t.error,
+                    "accepted": t.result.get("accepted"),
                     **({"resumed_by": finished[origin]} if status == "resumed" else {}),
                     **asked})  # fmt: skip
         if len(out) == limit:

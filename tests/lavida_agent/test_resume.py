@@ -337,7 +337,9 @@ def test_recent_runs_list_what_can_be_resumed(agent, engine, tmp_path, monkeypat
     assert [r["workflow"] for r in runs] == ["t2i", "ground", "t2i"]  # newest first
     assert runs[0]["run_id"] == stopped.value.run_id and runs[0]["status"] == "stopped"
     assert runs[0]["prompt"] == "two red squares" and runs[1]["expressions"] == ["red circle"]
-    assert runs[2] == {**runs[2], "run_id": done.run_id, "status": "ok", "error": None}
+    assert runs[2] == {**runs[2], "run_id": done.run_id, "status": "ok", "error": None,
+                       "accepted": done.accepted}  # fmt: skip
+    assert runs[1]["accepted"] is None and runs[0]["accepted"] is None  # a ground; a stopped run
     unfinished = recent_runs(agent.settings.runs_dir, unfinished=True)
     assert [r["run_id"] for r in unfinished] == [stopped.value.run_id]
     assert len(recent_runs(agent.settings.runs_dir, limit=1)) == 1
