@@ -77,7 +77,7 @@ from lavida_agent.graphs.state import (
 from lavida_agent.settings import SEED_LIMIT, Settings
 from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
 from lavida_agent.tools.boxes import LetterboxParams, from_letterbox, letterbox_params
-from lavida_agent.traces import Trace, TraceRecorder, save_trace
+from lavida_agent.traces import Trace, TraceFile, TraceRecorder, save_trace
 
 logger = logging.getLogger(__name__)
 
@@ -1291,11 +1291,14 @@ class LavidaAgent:
                 home's store, runs folder or database set apart from it (`_check_own_home`).
             BusyError: a run is on a thread now (here or in another process).
         """
+        from lavida_agent.traces import trace_files
+
         _check_grace(grace_s)
         ids = [ids] if isinstance(ids, str) else list(ids)
         self._check_own_home()
         with _home_errors(self.settings):
-            threads = list(dict.fromkeys(self._thread_of(i) for i in ids))
+            files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+            threads = list(dict.fromkeys(self._thread_of(i, files) for i in ids))
             return self._delete(threads, dry_run=dry_run, grace_s=grace_s)
 
     def delete_run(self, run_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
@@ -1319,10 +1322,13 @@ class LavidaAgent:
             InvalidInputError: `session_id` is the thread of another workflow's run.
             BusyError: a turn (or an undo...) is on it now, here or in another process.
         """
+        from lavida_agent.traces import trace_files
+
         _check_grace(grace_s)
         self._check_own_home()
         with _home_errors(self.settings):
-            return self._delete([self._session_thread(session_id)], dry_run=dry_run, grace_s=grace_s)
+            files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+            return self._delete([self._session_thread(session_id, files)], dry_run=dry_run, grace_s=grace_s)
 
     def prune(self, older_than: float | dt.timedelta, *, dry_run: bool = False,
               grace_s: float = 3600) -> Cleanup:  # fmt: skip
@@ -1388,37 +1394,37 @@ class LavidaAgent:
         s = self.settings
         return Path(str(s.db_path)).is_file() or Path(str(s.runs_dir)).is_dir() or Path(str(s.artifacts_dir)).is_dir()
 
-    def _thread_of(self, ident: str) -> str:
-        """The thread that deleting run or session `ident` deletes."""
-        from lavida_agent.traces import find_trace, trace_files
+    def _thread_of(self, ident: str, files: list[TraceFile]) -> str:
+        """The thread that deleting run or session `ident` deletes (`files`: the traces)."""
+        from lavida_agent.traces import find_trace
 
         _check_id(ident)
         try:
             path = find_trace(ident, self.settings.runs_dir)  # type: ignore[arg-type]
         except NotFoundError:
             try:
-                return self._session_thread(ident)
+                return self._session_thread(ident, files)
             except NotFoundError:
                 raise NotFoundError(f"no run or session {ident[:80]!r}") from None
-        mine = next(f for f in trace_files(self.settings.runs_dir) if f.path == path)  # type: ignore[arg-type]
+        mine = next((f for f in files if f.path == path), None)
+        if mine is None:
+            raise NotFoundError(f"no run or session {ident[:80]!r}")  # written just now: not yet listed
         if mine.thread_id is None:  # a file that is no trace: the file alone goes
             return _UNREADABLE + ident
         if mine.workflow == "edit":
-            turns = {f.origin for f in trace_files(self.settings.runs_dir) if f.thread_id == mine.thread_id}  # type: ignore[arg-type]
+            turns = {f.origin for f in files if f.thread_id == mine.thread_id}
             if len(turns) > 1:
                 raise InvalidInputError(f"run {ident} is one of {len(turns)} turns of session {mine.thread_id}: "
                                         "delete the session (all its turns) instead")  # fmt: skip
         return mine.thread_id
 
-    def _session_thread(self, session_id: str) -> str:
-        """`session_id`, checked to be a session's thread."""
-        from lavida_agent.traces import trace_files
-
+    def _session_thread(self, session_id: str, files: list[TraceFile]) -> str:
+        """`session_id`, checked to be a session's thread (`files`: the traces)."""
         _check_id(session_id)
         session = self.session(session_id)
         if session.exists:
             return session_id
-        turns = [f for f in trace_files(self.settings.runs_dir) if f.thread_id == session_id]  # type: ignore[arg-type]
+        turns = [f for f in files if f.thread_id == session_id]
         if any(f.workflow != "edit" for f in turns) or session_id in self._thread_ids():
             raise InvalidInputError(f"{session_id!r} is the thread of another workflow's run, not a "
                                     "session: delete that run by its run id")  # fmt: skip
@@ -1450,15 +1456,15 @@ class LavidaAgent:
         files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
         with map_exceptions():
             held = referenced_shas(self.checkpointer)  # thread -> the images its states name
+        gone: set[str] = set()  # the threads deleted
+        gone_files: set[Path] = set()  # and their traces
         for thread in threads:
-            if thread.startswith(_UNREADABLE):
-                mine = [f for f in files if f.thread_id is None and _UNREADABLE + f.run_id == thread]
-            else:
-                mine = [f for f in files if f.thread_id == thread]
+            unreadable = thread.startswith(_UNREADABLE)
+            mine = [f for f in files if (_UNREADABLE + f.run_id if f.thread_id is None else f.thread_id) == thread]
             try:
                 with self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete"):
                     if not dry_run:
-                        if not thread.startswith(_UNREADABLE):
+                        if not unreadable:
                             with map_exceptions():
                                 self.checkpointer.delete_thread(thread)
                         for f in mine:
@@ -1468,12 +1474,12 @@ class LavidaAgent:
                     raise
                 out.busy.append(thread)
                 continue
-            if not thread.startswith(_UNREADABLE):
+            gone.add(thread)
+            gone_files.update(f.path for f in mine)
+            if not unreadable:
                 out.threads.append(thread)
             out.runs += [f.run_id for f in mine]
             out.bytes_freed += sum(f.size for f in mine)
-        gone = set(out.threads) | {t for t in threads if t.startswith(_UNREADABLE)} - set(out.busy)
-        gone_files = {f.path for f in files if (f.thread_id in gone if f.thread_id else _UNREADABLE + f.run_id in gone)}
         theirs = set().union(*(held.get(t, ()) for t in gone), *(f.shas for f in files if f.path in gone_files))
         with self._active_lock:
             running = bool(self._active)
