@@ -848,7 +848,7 @@ def _through_workflow(
             records = _run_threads(lambda i: run_one(i, ctx, store), n, batch_size)
         finally:
             engine.close()
-        batches = len(engine.batches)
+        batches = engine.calls
     forwards = getattr(pipeline, "forward_count", 0) - f0
     return records, {
         "forwards": forwards,

@@ -124,7 +124,12 @@ def warn_outside_grammar(workflow: str, what: str, text: str, parse: Callable[[s
     promise for text outside the grammar: the run still runs, and says so)."""
     if (why := grammar_problem(text, parse)) is not None:
         logger.warning("%s: the %s %r is outside the ShapesWorld grammar (%s); %s", workflow, what,
-                       text, why, consequence)  # fmt: skip
+                       _short(text, 100), _short(why, 200), consequence)  # fmt: skip
+
+
+def _short(text: str, n: int) -> str:
+    """`text`, cut to `n` characters with its length said (a log line stays a line)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
 def scene_problems(prompt: str, perception: Perception) -> list[str] | None:

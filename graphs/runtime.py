@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -52,6 +53,7 @@ from lavida_agent.graphs.engine import (
 )
 
 logger = logging.getLogger(__name__)
+BATCHES_KEPT = 10_000  # `BatchingEngine.batches` keeps this many of its latest calls
 
 __all__ = (
     "AnswerRequest",
@@ -315,8 +317,11 @@ class BatchingEngine:
         self._closing = False
         self._cancel_pending = False
         self._running: list[PendingRequest] = []  # the batch in the backend now
-        self.batches: list[tuple[str, int]] = []
-        """(method, size) of every backend call made, for inspection."""
+        self.batches: collections.deque[tuple[str, int]] = collections.deque(maxlen=BATCHES_KEPT)
+        """(method, size) of the last `BATCHES_KEPT` backend calls, for inspection (bounded:
+        an engine serves a process for as long as it lives)."""
+        self.calls = 0
+        """Backend calls made, all of them."""
         # The backend's own hook is kept apart the first time, so an engine built later on
         # the same backend checks it, not a closed engine's hook as well.
         self._hooked = hasattr(backend, "interrupt")
@@ -553,6 +558,7 @@ class BatchingEngine:
                 continue
             method = batch[0].request.method
             self.batches.append((method, len(batch)))
+            self.calls += 1
             self._running = batch
             try:
                 results = list(getattr(self.backend, method)([p.request for p in batch]))

@@ -29,12 +29,18 @@ The `a*` twins (`agenerate`, `aedit`, `aground`, `aask`, `acritique`, `aresume`,
 in a worker thread; cancelling the awaiting task stops the run at the next sampler step
 (`GenerationCancelled`). Sync calls take `cancel=threading.Event()` for the same purpose.
 `on_event` receives every workflow event (dicts, see `graphs/events.py`) plus `run_start`
-and `run_end`; for the async twins it is called from the worker thread.
+and `run_end` (however the run ends: its `status` is ok, stopped or failed); for the async
+twins it is called from the worker thread (a pool of the agent's module, `RUN_THREADS`, not
+the event loop's default executor). A cancelled twin's `CancelledError` carries the stopped
+run's `run_id`. `close()` stops the runs in progress (resumable) before it closes the
+database. Prompts, instructions, questions and expressions are limited to
+`Settings.max_prompt_chars` characters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
@@ -77,7 +83,7 @@ from lavida_agent.graphs.state import (
 from lavida_agent.settings import SEED_LIMIT, Settings
 from lavida_agent.tools.artifacts import ArtifactStore, ImageRef
 from lavida_agent.tools.boxes import LetterboxParams, from_letterbox, letterbox_params
-from lavida_agent.traces import Trace, TraceFile, TraceRecorder, save_trace
+from lavida_agent.traces import Trace, TraceFile, TraceRecorder, save_trace, trace_status
 
 logger = logging.getLogger(__name__)
 
@@ -494,18 +500,23 @@ def _unframe(frame: dict[str, Any] | None) -> tuple[LetterboxParams, tuple[int, 
 
 
 class _GuardedEngine:
-    """Wraps an `Engine`: raise `GenerationCancelled` once `cancel` is set.
+    """Wraps an `Engine`: raise `GenerationCancelled` once `cancel` (or `closing`: the agent
+    is closing) is set.
 
     Checked before every engine call and at every sampler step (through `on_step`).
     """
 
-    def __init__(self, engine: Engine, cancel: threading.Event | None) -> None:
+    def __init__(self, engine: Engine, cancel: threading.Event | None,
+                 closing: threading.Event | None = None) -> None:  # fmt: skip
         self._engine = engine
         self._cancel = cancel
+        self._closing = closing
 
     def _check(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
             raise GenerationCancelled("the run was cancelled")
+        if self._closing is not None and self._closing.is_set():
+            raise GenerationCancelled("the run was cancelled: its agent was closed")
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._engine, name)
@@ -516,7 +527,7 @@ class _GuardedEngine:
         def call(*args: Any, **kwargs: Any) -> Any:
             self._check()
             on_step = kwargs.get("on_step")
-            if self._cancel is not None and "on_step" in kwargs:
+            if "on_step" in kwargs:
 
                 def guarded(ev: Any) -> None:
                     self._check()
@@ -570,6 +581,7 @@ class LavidaAgent:
         # whose turn holds it (`_turn`); a session no turn wants any more is dropped
         self._turns: dict[str, list[Any]] = {}
         self._turn_owner: dict[str, int] = {}
+        self._closing = threading.Event()  # set by `close`: the runs in progress stop
 
     # -- construction ---------------------------------------------------------------------
 
@@ -642,8 +654,24 @@ class LavidaAgent:
                 )
             return self._graphs[workflow]
 
-    def close(self) -> None:
-        """Close the database connection, and the engine if this agent loaded it."""
+    def close(self, *, timeout: float = 30.0) -> None:
+        """Stop the runs in progress (each ends with `GenerationCancelled`, resumable, as a
+        cancelled run does; waiting up to `timeout` seconds for them), then close the
+        database connection, and the engine if this agent loaded it. The agent may be used
+        again: what it needs is opened anew."""
+        self._closing.set()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with self._active_lock:
+                    if not any(r for on in self._active.values() for _, r in on):
+                        break
+                time.sleep(0.01)
+            self._close()
+        finally:
+            self._closing.clear()
+
+    def _close(self) -> None:
         with self._lock:
             conn = getattr(self._checkpointer, "conn", None)
             if conn is not None and hasattr(conn, "close"):
@@ -679,7 +707,7 @@ class LavidaAgent:
         knobs = {k: getattr(self.settings, k) for k in _RECORDED_KNOBS}
         knobs.update({k: v for k, v in (recorded or {}).items() if k in _RECORDED_KNOBS})
         with map_exceptions():
-            return Context(engine=_GuardedEngine(self.engine, cancel), artifacts=self.store,
+            return Context(engine=_GuardedEngine(self.engine, cancel, self._closing), artifacts=self.store,
                            num_steps=num_steps if num_steps is not None else self.settings.num_steps,
                            max_rounds=rounds if rounds is not None else self.settings.max_rounds,
                            preview_every=self.settings.preview_every, review_plan=review_plan,
@@ -699,6 +727,15 @@ class LavidaAgent:
             h, w = pixels.shape[:2]
             canvas, params = letterbox(pixels, size=self.settings.canvas)
             return canvas, self.store.put(canvas), params, (w, h)
+
+    def _check_text(self, name: str, text: Any) -> None:
+        """A prompt, instruction, question or expression: a non-empty string of at most
+        `settings.max_prompt_chars` (a long text is slow for every request batched with it)."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError(f"{name} must be a non-empty string")
+        if len(text) > self.settings.max_prompt_chars:
+            raise InvalidInputError(f"{name} is {len(text)} characters: at most {self.settings.max_prompt_chars} "
+                                    "(settings.max_prompt_chars, LAVIDA_MAX_PROMPT_CHARS)")  # fmt: skip
 
     def _settings_record(self, context: Context) -> dict[str, Any]:
         return {"model_path": self.settings.model_path, "device": self.settings.device,
@@ -888,6 +925,11 @@ class LavidaAgent:
             with contextlib.suppress(AttributeError):  # every error names its run (Ctrl-C too)
                 error.run_id = run_id  # type: ignore[attr-defined]
                 error.resumable = workflow in ("t2i", "edit")  # type: ignore[attr-defined]
+            if on_event is not None:  # the run's end is told however it ends
+                with contextlib.suppress(Exception):  # (the run's own error is the one to raise)
+                    on_event({"event": "run_end", "run_id": run_id, "thread_id": thread_id,
+                              "trace": str(path), "status": trace_status(trace), "error": trace.error,
+                              "error_code": code})  # fmt: skip
             if error is exc:
                 raise
             raise error from exc
@@ -897,7 +939,7 @@ class LavidaAgent:
         path = save_trace(trace, self.settings.runs_dir)  # type: ignore[arg-type]
         if on_event is not None:
             on_event({"event": "run_end", "run_id": run_id, "thread_id": thread_id,
-                      "trace": str(path)})  # fmt: skip
+                      "trace": str(path), "status": "ok", "error": None, "error_code": None})  # fmt: skip
         return run_id, values, trace, path
 
     @staticmethod
@@ -979,8 +1021,7 @@ class LavidaAgent:
             GenerationCancelled: `cancel` was set.
             ModelLoadError, WorkflowError: the model could not load / the workflow failed.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInputError("prompt must be a non-empty string")
+        self._check_text("prompt", prompt)
         base_seed = self._seed(seed)
         use_plan = self.settings.plan if plan is None else plan
         reviewing = review_plan is not None and use_plan is True
@@ -1175,6 +1216,8 @@ class LavidaAgent:
         exprs = [expressions] if isinstance(expressions, str) else list(expressions)
         if not exprs or not all(isinstance(e, str) and e.strip() for e in exprs):
             raise InvalidInputError("ground needs one or more non-empty expressions")
+        for e in exprs:
+            self._check_text("an expression", e)
         canvas, ref, params, (w, h) = self._prepare_image(image)
         context = self._context(num_steps=None, rounds=None, cancel=cancel)
         thread_id = _new_id()
@@ -1203,8 +1246,7 @@ class LavidaAgent:
         cancel: threading.Event | None = None,
     ) -> AskResult:
         """Answer `question` about `image` (the `understand` workflow)."""
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidInputError("question must be a non-empty string")
+        self._check_text("question", question)
         canvas, ref, params, (w, h) = self._prepare_image(image)
         context = self._context(num_steps=None, rounds=None, cancel=cancel)
         thread_id = _new_id()
@@ -1232,8 +1274,7 @@ class LavidaAgent:
     ) -> CritiqueResult:
         """Judge whether `image` shows what the text-to-image `prompt` asks for, and why not
         (the `critique` workflow)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInputError("prompt must be a non-empty string")
+        self._check_text("prompt", prompt)
         canvas, ref, params, (w, h) = self._prepare_image(image)
         context = self._context(num_steps=None, rounds=None, cancel=cancel)
         thread_id = _new_id()
@@ -1574,9 +1615,9 @@ async def _stopped(fut: asyncio.Future[Any]) -> None:
 
 
 async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-    """Run `fn(*args, cancel=event, **kwargs)` in the default executor; on task cancellation
+    """Run `fn(*args, cancel=event, **kwargs)` in the runs' thread pool; on task cancellation
     set the event (the run stops at its next engine call or sampler step), wait until the
-    run has stopped, and re-raise.
+    run has stopped, and re-raise (the `CancelledError` carries the stopped run's `run_id`).
 
     Waiting matters: a caller that holds a lock around this call (a session's turn) must not
     release it while the run is still writing checkpoints, or the next turn on that session
@@ -1586,15 +1627,33 @@ async def _in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     loop = asyncio.get_running_loop()
     # run_in_executor (not to_thread): no contextvars are copied, so a run started from inside
     # another LangGraph node is not mistaken for a subgraph of it.
-    fut = loop.run_in_executor(None, functools.partial(fn, *args, cancel=cancel, **kwargs))
+    fut = loop.run_in_executor(_run_pool(), functools.partial(fn, *args, cancel=cancel, **kwargs))
     try:
         return await asyncio.shield(fut)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         cancel.set()
         await _stopped(fut)
-        if not fut.cancelled():
-            fut.exception()  # the run's own error (its interruption) is retrieved, not logged
+        error = None if fut.cancelled() else fut.exception()  # retrieved, so not logged
+        if getattr(error, "run_id", None):  # the stopped run, resumable: say which it was
+            exc.run_id = error.run_id  # type: ignore[attr-defined, union-attr]
+            raise exc from error
         raise
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+RUN_THREADS = 64
+"""Threads of the pool the `a*` twins run in (their own: the event loop's default executor,
+a few threads, would queue runs behind each other and stall the app's own `to_thread` and
+DNS lookups). A run's thread mostly waits for the engine, which batches across them."""
+
+
+def _run_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(RUN_THREADS, thread_name_prefix="lavida-run")
+        return _POOL
 
 
 _RECORDED_KNOBS = ("iou_threshold", "grounding_check", "stray_check", "plan_retries", "selection",
@@ -1792,8 +1851,7 @@ class Session:
         Raises:
             InvalidInputError: an empty instruction, or no image yet in the session.
         """
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise InvalidInputError("instruction must be a non-empty string")
+        self.agent._check_text("instruction", instruction)
         with self.agent._turn(self.thread_id):  # turns of one session run one after another
             return self._run_turn(instruction, image, seed, rounds, num_steps, on_event, cancel)
 

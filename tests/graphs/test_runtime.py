@@ -92,6 +92,16 @@ def test_incompatible_requests_are_not_batched():
                                            ("plan_layout", 1)]  # fmt: skip
 
 
+def test_the_record_of_batches_is_bounded_and_the_count_whole(monkeypatch):
+    import lavida_agent.graphs.runtime as runtime
+
+    monkeypatch.setattr(runtime, "BATCHES_KEPT", 3)
+    with BatchingEngine(FakeBatchedBackend()) as engine:
+        for i in range(5):
+            engine.plan_layout(f"shape {i}", seed=i)
+    assert list(engine.batches) == [("plan_layout", 1)] * 3 and engine.calls == 5
+
+
 def test_on_step_runs_in_the_callers_thread():
     seen = []
     with BatchingEngine(FakeBatchedBackend()) as engine:
@@ -204,7 +214,7 @@ def test_a_running_batch_stops_when_every_caller_stopped_waiting():
         deadline = time.monotonic() + 2
         while engine._running and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.batches == [("generate", 2)] and len(backend.ran) < 15  # not all 100 steps
+        assert list(engine.batches) == [("generate", 2)] and len(backend.ran) < 15  # not all 100 steps
 
 
 def test_a_batch_someone_still_waits_for_runs_to_the_end():

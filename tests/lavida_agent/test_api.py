@@ -424,20 +424,52 @@ def test_cancel_event_stops_a_run(agent):
 def test_cancelling_the_async_task_stops_the_worker_at_the_next_step(tmp_path):
     engine = FakeEngine(step_delay_s=0.02)
     with LavidaAgent(engine=engine, num_steps=200, selection="accept") as agent:
+        events = []
 
         async def main():
-            task = asyncio.create_task(agent.agenerate("red circle", seed=1))
+            task = asyncio.create_task(agent.agenerate("red circle", seed=1, on_event=events.append))
             while engine.calls["generate"] == 0:
                 await asyncio.sleep(0.01)
             task.cancel()
-            with pytest.raises(asyncio.CancelledError):
+            with pytest.raises(asyncio.CancelledError) as info:
                 await task
+            return info.value
 
-        asyncio.run(main())
+        stopped = asyncio.run(main())
         # the task ends only once the worker has stopped: its trace is already written
         (path,) = agent.settings.runs_dir.glob("*.json")
         assert "cancelled" in load_trace(path).error
         assert engine.calls["critique"] == 0  # stopped inside the first sampler loop
+        assert stopped.run_id == path.stem  # which run to resume
+        end = events[-1]  # the run's end is told however it ends
+        assert end["event"] == "run_end" and end["status"] == "stopped" and end["error_code"] == "cancelled"
+
+
+def test_closing_the_agent_stops_its_runs_resumably_and_it_opens_again(tmp_path):
+    engine = FakeEngine(step_delay_s=0.02)
+    agent = LavidaAgent(engine=engine, num_steps=200, selection="accept")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(agent.generate, "red circle", seed=i) for i in range(2)]
+        while engine.calls["generate"] < 2:
+            time.sleep(0.01)
+        agent.close()  # returns once both have stopped
+        for run in runs:
+            with pytest.raises(GenerationCancelled, match="its agent was closed") as info:
+                run.result(timeout=5)
+            assert info.value.resumable
+    done = agent.generate("red circle", seed=3, num_steps=2)  # used again: opened anew
+    assert done.accepted
+    agent.close()
+
+
+def test_a_text_longer_than_the_prompt_limit_is_refused(engine):
+    with LavidaAgent(engine=engine, max_prompt_chars=50) as agent:
+        for call in (lambda: agent.generate("a red circle " * 10),
+                     lambda: agent.ground(np.zeros((8, 8, 3), np.uint8), ["the circle " * 10]),
+                     lambda: agent.session().edit("make it red " * 10)):  # fmt: skip
+            with pytest.raises(InvalidInputError, match="at most 50"):
+                call()
+        assert not engine.log  # refused before anything ran
 
 
 def test_a_cancelled_session_turn_ends_before_the_next_turn_starts():
