@@ -168,14 +168,22 @@ def _into_content(layout: list[LayoutItem], regions: list[Box], content: Box,
     out, moved = [], {}
     for item in layout:
         b = item.box
-        dx = max(content.x0 - b.x0, 0.0) - max(b.x1 - content.x1, 0.0)
-        dy = max(content.y0 - b.y0, 0.0) - max(b.y1 - content.y1, 0.0)
-        if dx or dy:
-            new = Box(x0=b.x0 + dx, y0=b.y0 + dy, x1=b.x1 + dx, y1=b.y1 + dy)
+        x0, x1 = _fit(b.x0, b.x1, content.x0, content.x1)
+        y0, y1 = _fit(b.y0, b.y1, content.y0, content.y1)
+        if (x0, y0, x1, y1) != (b.x0, b.y0, b.x1, b.y1):
+            new = Box(x0=x0, y0=y0, x1=x1, y1=y1)
             moved[tuple(b.as_list())] = new
             item = item.model_copy(update={"box": new})
         out.append(item)
     return out, [moved.get(tuple(r.as_list()), r) for r in regions]
+
+
+def _fit(lo: float, hi: float, start: float, end: float) -> tuple[float, float]:
+    """`[lo, hi)` shifted into `[start, end)`, or cut to it when longer."""
+    if hi - lo >= end - start:
+        return start, end
+    shift = max(start - lo, 0.0) - max(hi - end, 0.0)
+    return lo + shift, hi + shift
 
 
 def edit_image(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:

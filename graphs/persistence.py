@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,39 +111,47 @@ def _stored_bytes(value: Any) -> Iterator[bytes]:
             yield from _stored_bytes(v)
 
 
-def _blobs(saver: BaseCheckpointSaver[str]) -> Iterator[tuple[str, bytes]]:
-    """`(thread id, serialized bytes)` of every checkpoint, its metadata and pending write."""
+def _blobs(saver: BaseCheckpointSaver[str], threads: Sequence[str] | None) -> Iterator[tuple[str, bytes]]:
+    """`(thread id, serialized bytes)` of every checkpoint, its metadata and pending write
+    (of `threads` only, if given)."""
     if _is_sqlite(saver):
+        chunks = [None] if threads is None else [list(threads[i : i + 500]) for i in range(0, len(threads), 500)]
         with saver.cursor() as cur:  # type: ignore[attr-defined]
             for query in ("SELECT thread_id, checkpoint, metadata FROM checkpoints",
                           "SELECT thread_id, value FROM writes"):  # fmt: skip
-                try:
-                    rows = cur.execute(query)  # streamed, not all in memory at once
-                except sqlite3.OperationalError:  # no table yet: nothing was ever checkpointed
-                    continue
-                for thread, *blobs in rows:
-                    for blob in blobs:
-                        if blob:
-                            yield thread, blob.encode() if isinstance(blob, str) else blob
+                for chunk in chunks:
+                    where = "" if chunk is None else f" WHERE thread_id IN ({','.join('?' * len(chunk))})"
+                    try:
+                        rows = cur.execute(query + where, chunk or ())  # streamed, not all in memory
+                    except sqlite3.OperationalError:  # no table yet: nothing was ever checkpointed
+                        continue
+                    for thread, *blobs in rows:
+                        for blob in blobs:
+                            if blob:
+                                yield thread, blob.encode() if isinstance(blob, str) else blob
         return
+    wanted = None if threads is None else set(threads)
     for part in (saver.storage, saver.writes, saver.blobs):  # type: ignore[attr-defined]
         for key, value in part.items():
             thread = key if isinstance(key, str) else key[0]  # storage: thread; others: (thread, ...)
-            for blob in _stored_bytes(value):
-                yield thread, blob
+            if wanted is None or thread in wanted:
+                for blob in _stored_bytes(value):
+                    yield thread, blob
 
 
-def referenced_shas(saver: BaseCheckpointSaver[str]) -> dict[str, set[str]]:
+def referenced_shas(saver: BaseCheckpointSaver[str], *, threads: Sequence[str] | None = None,
+                    ) -> dict[str, set[str]]:  # fmt: skip
     """Thread id -> every sha256 (64 lowercase hex characters) in its checkpoints and
-    pending writes in `saver`: the images its states refer to (a superset: any such string
-    counts). Read from the serialized bytes; nothing is deserialized.
+    pending writes in `saver` (of `threads` only, if given): the images its states refer to
+    (a superset: any such string counts). Read from the serialized bytes; nothing is
+    deserialized.
 
     Raises:
         TypeError: `saver` is neither a `SqliteSaver` nor an `InMemorySaver`.
     """
     _check_readable(saver)
     found: dict[str, set[str]] = {}
-    for thread, blob in _blobs(saver):
+    for thread, blob in _blobs(saver, threads):
         found.setdefault(thread, set()).update(m.decode() for m in _SHA_BYTES_RE.findall(blob))
     return found
 

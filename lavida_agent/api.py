@@ -143,6 +143,8 @@ class RunResult:
     trace: Trace = field(repr=False)
     trace_path: Path | None = None
     store: ArtifactStore | None = field(default=None, repr=False, compare=False)
+    kept: int | None = None
+    """The round of the attempt the workflow kept as the result (None: none, or no rounds)."""
 
     def save(self, path: str | Path, *, scale: int = 1) -> Path:
         """Write the final image to `path` (format from the suffix), upscaled `scale`x."""
@@ -152,14 +154,6 @@ class RunResult:
         """Absolute path of a stored image (e.g. an attempt's) as a string."""
         return str(self.store.path(ref)) if self.store is not None else ref.path
 
-    @property
-    def kept(self) -> int | None:
-        """The round of the attempt whose image is the result (None: no attempt is; e.g. an
-        edit that found nothing to change)."""
-        for a in self.attempts:
-            if getattr(a, "image", None) == self.image_ref or getattr(a, "result", None) == self.image_ref:
-                return int(a.round)
-        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -582,6 +576,7 @@ class LavidaAgent:
         self._turns: dict[str, list[Any]] = {}
         self._turn_owner: dict[str, int] = {}
         self._closing = threading.Event()  # set by `close`: the runs in progress stop
+        self._maintaining = 0  # deletes and prunes in progress (`close` waits for them)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -656,7 +651,8 @@ class LavidaAgent:
 
     def close(self, *, timeout: float = 30.0) -> None:
         """Stop the runs in progress (each ends with `GenerationCancelled`, resumable, as a
-        cancelled run does; waiting up to `timeout` seconds for them), then close the
+        cancelled run does; waiting up to `timeout` seconds for them, and for a delete or
+        prune in progress), then close the
         database connection, and the engine if this agent loaded it. The agent may be used
         again: what it needs is opened anew."""
         self._closing.set()
@@ -664,7 +660,7 @@ class LavidaAgent:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 with self._active_lock:
-                    if not any(r for on in self._active.values() for _, r in on):
+                    if not self._maintaining and not any(r for on in self._active.values() for _, r in on):
                         break
                 time.sleep(0.01)
             self._close()
@@ -1070,6 +1066,7 @@ class LavidaAgent:
             seed=values.get("base_seed") or 0, plan=final_plan,
             rejected_plans=list(values.get("rejected_plans", [])),
             accepted=bool(values.get("accepted")), max_rounds=values.get("max_rounds") or 1,
+            kept=best.round,
         )  # fmt: skip
 
     # -- resume ---------------------------------------------------------------------------
@@ -1337,10 +1334,10 @@ class LavidaAgent:
         _check_grace(grace_s)
         ids = [ids] if isinstance(ids, str) else list(ids)
         self._check_own_home()
-        with _home_errors(self.settings):
-            files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+        with self._maintenance(), _home_errors(self.settings):
+            files = trace_files(self.settings.runs_dir) if self._home_exists() else []  # type: ignore[arg-type]
             threads = list(dict.fromkeys(self._thread_of(i, files) for i in ids))
-            return self._delete(threads, dry_run=dry_run, grace_s=grace_s)
+            return self._delete(threads, files, dry_run=dry_run, grace_s=grace_s)
 
     def delete_run(self, run_id: str, *, dry_run: bool = False, grace_s: float = 3600) -> Cleanup:
         """`delete` of one run id.
@@ -1367,9 +1364,9 @@ class LavidaAgent:
 
         _check_grace(grace_s)
         self._check_own_home()
-        with _home_errors(self.settings):
-            files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
-            return self._delete([self._session_thread(session_id, files)], dry_run=dry_run, grace_s=grace_s)
+        with self._maintenance(), _home_errors(self.settings):
+            files = trace_files(self.settings.runs_dir) if self._home_exists() else []  # type: ignore[arg-type]
+            return self._delete([self._session_thread(session_id, files)], files, dry_run=dry_run, grace_s=grace_s)
 
     def prune(self, older_than: float | dt.timedelta, *, dry_run: bool = False,
               grace_s: float = 3600) -> Cleanup:  # fmt: skip
@@ -1394,7 +1391,7 @@ class LavidaAgent:
         self._check_own_home()
         if not self._home_exists():
             return Cleanup(dry_run=dry_run)
-        with _home_errors(self.settings):
+        with self._maintenance(), _home_errors(self.settings):
             return self._prune(older_than, dry_run=dry_run, grace_s=grace_s)
 
     def _prune(self, older_than: float, *, dry_run: bool, grace_s: float) -> Cleanup:
@@ -1403,18 +1400,30 @@ class LavidaAgent:
 
         cutoff = time.time() - older_than
         last: dict[str, float] = {}
-        for f in trace_files(self.settings.runs_dir):  # type: ignore[arg-type]
+        files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+        for f in files:
             key = f.thread_id if f.thread_id is not None else _UNREADABLE + f.run_id
             last[key] = max(last.get(key, 0.0), f.mtime)
         for thread in self._thread_ids():
             with map_exceptions():
                 last[thread] = max(last.get(thread, 0.0), last_written(self.checkpointer, thread) or 0.0)
         old = sorted(t for t, when in last.items() if when < cutoff)
-        out = self._delete(old, dry_run=dry_run, grace_s=grace_s, skip_busy=True)
+        out = self._delete(old, files, dry_run=dry_run, grace_s=grace_s, skip_busy=True)
         if not dry_run:
             with map_exceptions():
                 out.bytes_freed += compact(self.checkpointer)
         return out
+
+    @contextlib.contextmanager
+    def _maintenance(self) -> Iterator[None]:
+        """A delete or prune in progress: `close` waits for it."""
+        with self._active_lock:
+            self._maintaining += 1
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._maintaining -= 1
 
     def _check_own_home(self) -> None:
         """Refuse to delete unless the store, runs folder and database are the home's own: what
@@ -1462,6 +1471,8 @@ class LavidaAgent:
     def _session_thread(self, session_id: str, files: list[TraceFile]) -> str:
         """`session_id`, checked to be a session's thread (`files`: the traces)."""
         _check_id(session_id)
+        if not self._home_exists():  # (asking the checkpointer would make the home)
+            raise NotFoundError(f"no session {session_id[:80]!r}")
         session = self.session(session_id)
         if session.exists:
             return session_id
@@ -1486,41 +1497,49 @@ class LavidaAgent:
         with map_exceptions():
             return thread_ids(self.checkpointer)
 
-    def _delete(self, threads: Sequence[str], *, dry_run: bool, grace_s: float,
+    def _delete(self, threads: Sequence[str], files: list[TraceFile], *, dry_run: bool, grace_s: float,
                 skip_busy: bool = False) -> Cleanup:  # fmt: skip
-        """Delete `threads` (each held alone while it goes; `_UNREADABLE` + a run id: that
-        unreadable trace file alone), then sweep the store."""
+        """Delete `threads` (`files`: the traces as read; `_UNREADABLE` + a run id: that
+        unreadable trace file alone), then sweep the store. Each thread is held against runs
+        while it goes; without `skip_busy` every one is held first, so a busy one refuses
+        the whole call before anything goes (with it, a busy one is kept and said)."""
         from lavida_agent.graphs.persistence import referenced_shas
         from lavida_agent.traces import trace_files
 
         out = Cleanup(dry_run=dry_run)
-        files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
+        started = time.time()  # an image stored since is a run's own, whatever it was before
         with map_exceptions():
-            held = referenced_shas(self.checkpointer)  # thread -> the images its states name
+            held = referenced_shas(self.checkpointer, threads=threads)  # the images their states name
         gone: set[str] = set()  # the threads deleted
         gone_files: set[Path] = set()  # and their traces
-        for thread in threads:
-            unreadable = thread.startswith(_UNREADABLE)
-            mine = [f for f in files if (_UNREADABLE + f.run_id if f.thread_id is None else f.thread_id) == thread]
-            try:
-                with self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete"):
-                    if not dry_run:
-                        if not unreadable:
-                            with map_exceptions():
-                                self.checkpointer.delete_thread(thread)
-                        for f in mine:
-                            f.path.unlink(missing_ok=True)
-            except BusyError:
-                if not skip_busy:
-                    raise
-                out.busy.append(thread)
-                continue
-            gone.add(thread)
-            gone_files.update(f.path for f in mine)
-            if not unreadable:
-                out.threads.append(thread)
-            out.runs += [f.run_id for f in mine]
-            out.bytes_freed += sum(f.size for f in mine)
+
+        def hold(thread: str) -> contextlib.AbstractContextManager[None]:
+            return self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete")
+
+        with contextlib.ExitStack() as holding:
+            if not skip_busy:
+                for thread in threads:
+                    holding.enter_context(hold(thread))
+            for thread in threads:
+                unreadable = thread.startswith(_UNREADABLE)
+                mine = [f for f in files if (_UNREADABLE + f.run_id if f.thread_id is None else f.thread_id) == thread]
+                try:
+                    with hold(thread) if skip_busy else contextlib.nullcontext():
+                        if not dry_run:
+                            if not unreadable:
+                                with map_exceptions():
+                                    self.checkpointer.delete_thread(thread)
+                            for f in mine:
+                                f.path.unlink(missing_ok=True)
+                except BusyError:
+                    out.busy.append(thread)
+                    continue
+                gone.add(thread)
+                gone_files.update(f.path for f in mine)
+                if not unreadable:
+                    out.threads.append(thread)
+                out.runs += [f.run_id for f in mine]
+                out.bytes_freed += sum(f.size for f in mine)
         theirs = set().union(*(held.get(t, ()) for t in gone), *(f.shas for f in files if f.path in gone_files))
         with self._active_lock:
             running = bool(self._active)
@@ -1532,7 +1551,7 @@ class LavidaAgent:
                            *(f.shas for f in files if f.path not in gone_files))  # fmt: skip
         orphans = theirs - keep
         out.images, freed = self.store.sweep(keep, older_than_s=grace_s, also=set() if running else orphans,
-                                             dry_run=dry_run)  # fmt: skip
+                                             also_before=started, dry_run=dry_run)  # fmt: skip
         if running:
             cutoff = time.time() - grace_s
             out.images_waiting = sum(1 for sha in orphans if (p := self.store.path(sha)).is_file()
@@ -1922,6 +1941,7 @@ class Session:
             accepted=st.accepted, step=st.current_step,
             letterbox=lb[0] if lb else None, letterbox_source=lb[1] if lb else None,
             max_rounds=context.max_rounds,
+            kept=next((a.round for a in attempts if a.index == st.current_step), None),
         )  # fmt: skip
 
     async def aedit(self, instruction: str, **kwargs: Any) -> EditResult:

@@ -788,8 +788,7 @@ def _kept(data: dict[str, Any]) -> str:
 @click.option("--preview-scale", type=click.IntRange(1, MAX_SCALE), default=1, show_default=True,
               help="Upscale the written image K times (nearest neighbour).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--trace-html", type=click.Path(dir_okay=False),
-              help="Also write the resumed run's trace as a self-contained HTML page.")
+@_TRACE_HTML
 @_common
 @click.pass_context
 def resume(ctx: click.Context, run_id: str, out: str, preview_scale: int, as_json: bool,

@@ -1162,9 +1162,10 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         return [base + SEED_STRIDE * i for i in range(req.n)]
 
     async def respond(request: Request, req: Any, kind: str,
-                      run: Callable[[LavidaAgent, int, EventCallback | None], Awaitable[np.ndarray]],
+                      run: Callable[[LavidaAgent, int, EventCallback | None], Awaitable[tuple[np.ndarray, str]]],
                       crop: Callable[[np.ndarray], np.ndarray] | None = None) -> Response:  # fmt: skip
-        """Shared by generations and edits: `run(agent, seed, on_event)` -> final image."""
+        """Shared by generations and edits: `run(agent, seed, on_event)` -> (final image, its
+        run id)."""
         scale = _scale(req.size, svc.agent.settings.canvas)
         if req.stream:
             if req.n != 1:
@@ -1173,16 +1174,19 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         if req.partial_images:
             raise ApiError(400, "invalid_field", "partial_images: needs stream=true",
                            param="partial_images")  # fmt: skip
-        images = await _unless_dropped(request, _gather([run(svc.agent, s, None) for s in seeds(req)]))
+        results = await _unless_dropped(request, _gather([run(svc.agent, s, None) for s in seeds(req)]))
+        images = [img for img, _ in results]
         base = svc.base(request)
 
         def shape() -> dict[str, Any]:
             from lavida_agent.tools.images import resize_nearest
+            from lavida_agent.traces import add_served
 
             data = []
-            for img in images:
+            for img, run_id in results:
                 if req.response_format == "url":
                     ref = svc.agent.store.put(resize_nearest(img, scale) if scale > 1 else img)
+                    add_served(run_id, ref, svc.agent.settings.runs_dir)  # kept while its run is
                     data.append({"url": f"{base}/v1/artifacts/{ref.sha256}.png"})
                 else:
                     data.append({"b64_json": _png_b64(img, scale)})
@@ -1199,10 +1203,10 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         """OpenAI `images.generate`: the agent's t2i workflow per image (`n` run concurrently)."""
         req, _ = await svc.parse(request, schemas.OpenAIImageGenerationRequest)
 
-        async def run(agent: LavidaAgent, seed: int, on_event: EventCallback | None) -> np.ndarray:
+        async def run(agent: LavidaAgent, seed: int, on_event: EventCallback | None) -> tuple[np.ndarray, str]:
             r = await agent.agenerate(req.prompt, seed=seed, rounds=req.rounds,
                                       num_steps=req.steps, on_event=on_event)  # fmt: skip
-            return r.image
+            return r.image, r.run_id
 
         return await respond(request, req, "image_generation", run)
 
@@ -1220,13 +1224,13 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
             h, w = image.shape[:2]
             editable = await run_in_threadpool(svc._editable_mask, mask_raw, (w, h))
 
-        async def run(agent: LavidaAgent, seed: int, on_event: EventCallback | None) -> np.ndarray:
+        async def run(agent: LavidaAgent, seed: int, on_event: EventCallback | None) -> tuple[np.ndarray, str]:
             r = await agent.aedit(image, req.prompt, seed=seed, rounds=req.rounds,
                                   num_steps=req.steps, on_event=on_event)  # fmt: skip
             if editable is None or r.source_ref is None:
-                return r.content()  # in the input's shape, as the CLI writes it
+                return r.content(), r.run_id  # in the input's shape, as the CLI writes it
             original = await run_in_threadpool(svc.agent.store.open, r.source_ref)
-            return r.content(np.where(editable[..., None], r.image, original))
+            return r.content(np.where(editable[..., None], r.image, original)), r.run_id
 
         from lavida_agent.tools.boxes import letterbox_params
 
@@ -1235,7 +1239,7 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
         return await respond(request, req, "image_edit", run, crop=lambda im: im[y0:y1, x0:x1])
 
 
-def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaitable[np.ndarray]],
+def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaitable[tuple[np.ndarray, str]]],
                    seed: int, scale: int,
                    crop: Callable[[np.ndarray], np.ndarray] | None = None) -> StreamingResponse:  # fmt: skip
     """SSE shaped like OpenAI's image streaming: `<kind>.partial_image` x <= partial_images,
@@ -1276,7 +1280,7 @@ def _openai_stream(svc: _Service, req: Any, kind: str, run: Callable[..., Awaita
                     if what == "ping":
                         yield b": ping\n\n"
                     elif what == "result":
-                        yield await completed(ev)
+                        yield await completed(ev[0])
                     elif sent < wanted and ev.get("event") == "sampler_step":
                         chunk = await partial(ev, sent)
                         if chunk is not None:

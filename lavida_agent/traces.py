@@ -18,6 +18,7 @@ graph. The page loads nothing from anywhere.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import html
@@ -43,6 +44,7 @@ __all__ = (
     "TraceFile",
     "TraceView",
     "ViewBox",
+    "add_served",
     "find_trace",
     "jsonable",
     "load_trace",
@@ -397,6 +399,18 @@ def save_trace(trace: Trace, runs_dir: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def add_served(run_id: str, ref: Any, runs_dir: str | Path) -> None:
+    """Record in run `run_id`'s trace an image derived from its result and handed out by
+    reference (the server's OpenAI `url` answers: cropped, masked, upscaled copies), so the
+    store keeps it as long as the run (`result.served`). A run without a trace is left be."""
+    with contextlib.suppress(NotFoundError):
+        trace = load_trace(find_trace(run_id, runs_dir))
+        served = trace.result.setdefault("served", [])
+        if ref.to_dict() not in served:
+            served.append(ref.to_dict())
+            save_trace(trace, runs_dir)
 
 
 def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:

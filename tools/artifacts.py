@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -320,11 +321,12 @@ class ArtifactStore:
     # -- removing -------------------------------------------------------------------------
 
     def sweep(self, keep: Collection[str], *, older_than_s: float, also: Collection[str] = (),
-              dry_run: bool = False) -> tuple[int, int]:  # fmt: skip
+              also_before: float = math.inf, dry_run: bool = False) -> tuple[int, int]:  # fmt: skip
         """Remove every image whose sha is not in `keep` and that was last stored (`put`)
-        more than `older_than_s` seconds ago (or is in `also`: at once), and temporary
-        files as old (a write that crashed). Images stored since stay: a run of another
-        process may have stored them and not yet recorded them where `keep` was read from.
+        more than `older_than_s` seconds ago (or is in `also` and was last stored before the
+        time `also_before`), and temporary files as old (a write that crashed). Images
+        stored since stay: a run of another process may have stored them and not yet
+        recorded them where `keep` was read from.
 
         Returns:
             `(images removed, bytes freed)`; with `dry_run`, what would be.
@@ -337,7 +339,7 @@ class ArtifactStore:
                 continue
             try:
                 st = path.stat()
-                if st.st_mtime >= cutoff and path.stem not in also:
+                if st.st_mtime >= cutoff and not (path.stem in also and st.st_mtime < also_before):
                     continue
                 if not dry_run:
                     path.unlink()

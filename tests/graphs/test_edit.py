@@ -319,3 +319,15 @@ def test_an_edit_naming_a_captioned_object_is_checked_without_a_model_call(engin
         {"instruction": "make the red circle blue", "image": _scene(store)}, context=ctx))  # fmt: skip
     assert out.steps[0].plan.absent == []
     assert engine.calls["noun_fit"] == 1  # the produced object's check alone
+
+
+def test_a_new_box_is_moved_or_cut_into_the_content_of_a_letterboxed_input():
+    content = Box.model_validate([0.0, 20.0, 64.0, 44.0])  # a 128 x 48 input's content: 24 rows
+    low, tall, small = [20.0, 4.0, 44.0, 30.0], [10.0, 8.0, 50.0, 58.0], [2.0, 40.0, 12.0, 50.0]
+    layout, regions = edit._into_content(
+        [edit.LayoutItem(label="red circle", box=Box.model_validate(b)) for b in (low, tall, small)],
+        [Box.model_validate(low), Box.model_validate(small)], content)  # fmt: skip
+    # longer than the content: cut to it; shorter: moved in whole
+    assert [i.box.as_list() for i in layout] == [[20.0, 20.0, 44.0, 44.0], [10.0, 20.0, 50.0, 44.0],
+                                                 [2.0, 34.0, 12.0, 44.0]]  # fmt: skip
+    assert [r.as_list() for r in regions] == [[20.0, 20.0, 44.0, 44.0], [2.0, 34.0, 12.0, 44.0]]  # moved alike

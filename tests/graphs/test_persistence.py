@@ -38,6 +38,27 @@ def test_sync_checkpointers_round_trip_state(where, tmp_path, store, caplog):
     assert not [r for r in caplog.records if "unregistered" in r.getMessage().lower()]
 
 
+@pytest.mark.parametrize("where", [":memory:", "file"])
+def test_what_a_checkpointer_holds_is_read_without_deserializing(where, tmp_path, store):
+    from lavida_agent.graphs.persistence import compact, last_written, referenced_shas, thread_ids
+
+    saver = checkpointer_from_path(":memory:" if where == ":memory:" else tmp_path / "s.sqlite")
+    assert thread_ids(saver) == set() and referenced_shas(saver) == {}  # nothing yet (no tables)
+    g = t2i.build_t2i_graph().compile(checkpointer=saver)
+    ctx = Context(engine=FakeEngine(), artifacts=store, selection="accept")
+    images = {}
+    for thread in ("a", "b"):
+        out = T2IState.model_validate(g.invoke({"prompt": PROMPT, "seed": len(images)},
+                                               {"configurable": {"thread_id": thread}}, context=ctx))  # fmt: skip
+        images[thread] = {a.image.sha256 for a in out.attempts}
+    assert thread_ids(saver) == {"a", "b"}
+    held = referenced_shas(saver)
+    assert images["a"] <= held["a"] and images["b"] <= held["b"] and referenced_shas(saver, threads=["b"]).keys() == {"b"}
+    assert last_written(saver, "a") <= last_written(saver, "b") and last_written(saver, "nope") is None
+    saver.delete_thread("a")
+    assert thread_ids(saver) == {"b"} and compact(saver) >= 0
+
+
 async def test_async_sqlite_saver(tmp_path, store):
     ctx = Context(engine=FakeEngine(), artifacts=store, selection="accept")
     async with async_checkpointer_from_path(tmp_path / "a.sqlite") as saver:

@@ -445,6 +445,17 @@ def test_cancelling_the_async_task_stops_the_worker_at_the_next_step(tmp_path):
         assert end["event"] == "run_end" and end["status"] == "stopped" and end["error_code"] == "cancelled"
 
 
+def test_kept_is_the_round_the_workflow_committed_even_among_equal_images(agent, engine):
+    """Two rounds of an edit can draw the same image; the kept round is the committed one."""
+    engine.enqueue_edit_plan(EditPlanResult(keep=[RED]))  # (the fake then redraws nothing)
+    engine.enqueue_answer("gray")
+    engine.enqueue_answer("black")
+    scene = draw(np.full((64, 64, 3), 10, np.uint8), [RED])
+    r = agent.edit(scene, "change the background to black", seed=1, rounds=2)
+    assert r.attempts[0].result == r.attempts[1].result and r.accepted
+    assert r.kept == 1 == r.trace.result["kept_round"] and r.to_dict()["kept"] == 1
+
+
 def test_closing_the_agent_stops_its_runs_resumably_and_it_opens_again(tmp_path):
     engine = FakeEngine(step_delay_s=0.02)
     agent = LavidaAgent(engine=engine, num_steps=200, selection="accept")

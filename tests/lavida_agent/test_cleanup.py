@@ -267,3 +267,65 @@ def test_a_home_that_cannot_be_used_is_said_plainly(engine, tmp_path):
     with LavidaAgent(engine=engine, home=tmp_path / "never") as agent:
         assert agent.prune(0, dry_run=True) == Cleanup(dry_run=True)  # nothing there: nothing made
     assert not (tmp_path / "never").exists()
+
+
+def test_an_image_stored_again_during_a_delete_is_kept(agent, monkeypatch):
+    """What a deleted run alone held goes at once, unless it was stored again after the
+    delete began (a new run with the same input, not yet on any thread)."""
+    a = agent.generate("a red circle", seed=1)
+    sweep = agent.store.sweep
+
+    def store_again_first(keep, **kw):
+        agent.store.put(agent.store.open(a.image_ref))  # (renews the file's time)
+        return sweep(keep, **kw)
+
+    monkeypatch.setattr(agent.store, "sweep", store_again_first)
+    agent.delete_run(a.run_id)
+    assert agent.store.exists(a.image_ref)
+
+
+def test_a_busy_id_refuses_the_whole_delete_before_anything_goes(agent, other_process):
+    a = agent.generate("a red circle", seed=1)
+    b = agent.generate("a blue square", seed=2)
+    other_process(agent.settings.runs_dir, b.thread_id, "r-elsewhere")
+    with pytest.raises(BusyError):
+        agent.delete([a.run_id, b.run_id])
+    assert trace_path(a.run_id, agent.settings.runs_dir).is_file()
+    assert agent.checkpointer.get_tuple({"configurable": {"thread_id": a.thread_id}}) is not None
+
+
+def test_close_waits_for_a_prune_in_progress(agent, monkeypatch):
+    import threading
+
+    from lavida_agent.graphs import persistence
+
+    agent.generate("a red circle", seed=1)
+    entered, release = threading.Event(), threading.Event()
+    compact = persistence.compact
+
+    def slow_compact(saver):
+        entered.set()
+        release.wait(5)
+        return compact(saver)
+
+    monkeypatch.setattr(persistence, "compact", slow_compact)
+    pruning = threading.Thread(target=lambda: results.append(agent.prune(0)))
+    results: list = []
+    pruning.start()
+    assert entered.wait(5)
+    closing = threading.Thread(target=agent.close)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive()  # waits for the prune
+    release.set()
+    closing.join(5)
+    pruning.join(5)
+    assert not closing.is_alive() and len(results) == 1 and len(results[0].threads) == 1
+
+
+def test_deleting_in_a_home_that_does_not_exist_makes_nothing(engine, tmp_path):
+    with LavidaAgent(engine=engine, home=tmp_path / "never") as agent:
+        for call in (lambda: agent.delete(["abc"]), lambda: agent.delete_session("abc")):
+            with pytest.raises(NotFoundError):
+                call()
+    assert not (tmp_path / "never").exists()

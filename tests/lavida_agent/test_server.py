@@ -9,6 +9,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,6 +74,7 @@ async def client(agent):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://test") as c:  # fmt: skip
         c.runs_dir = agent.settings.runs_dir
+        c.app_agent = agent
         yield c
 
 
@@ -487,6 +489,14 @@ async def test_openai_generations_sizes_n_seed_and_url(client):
     url = r.json()["data"][0]["url"]
     assert url.startswith("http://test/v1/artifacts/")
     assert decode_png((await client.get(url)).content).shape == (512, 512, 3)
+    # the upscaled copy lives as long as its run: a prune of everything else keeps it
+    (served_by,) = [p.stem for p in Path(client.runs_dir).glob("*.json") if url.split("/")[-1][:64] in p.read_text()]
+    agent = client.app_agent
+    others = [p.stem for p in Path(client.runs_dir).glob("*.json") if p.stem != served_by]
+    agent.delete(others, grace_s=0)
+    assert (await client.get(url)).status_code == 200
+    agent.delete([served_by], grace_s=0)
+    assert (await client.get(url)).status_code == 404
 
 
 async def test_openai_generation_stream_partial_images(client):

@@ -433,7 +433,12 @@ def test_resize_nearest(rgb):
         images.resize_nearest(rgb, 1.5)  # type: ignore[arg-type]
     with pytest.raises(ImageError):
         images.resize_nearest([[1]], 2)  # type: ignore[arg-type]
-    side = images.MAX_UPSCALED_SIDE // 6  # rgb is 6 x 5: the largest scale allowed, and one more
-    assert images.resize_nearest(rgb[:1, :1], 2).shape[:2] == (2, 2)
-    with pytest.raises(ValueError, match=f"at most {images.MAX_UPSCALED_SIDE} px a side"):
-        images.resize_nearest(rgb, side + 1)  # before a byte is allocated
+    with pytest.raises(ValueError, match=f"scale 100000 .* at most {images.MAX_UPSCALED_SIDE} px a side"):
+        images.resize_nearest(rgb, 100_000)  # refused before a byte is allocated
+
+
+def test_resize_nearest_allows_the_largest_side_exactly(rgb, monkeypatch):
+    monkeypatch.setattr(images, "MAX_UPSCALED_SIDE", 30)  # rgb is 6 x 5: scale 5 is the largest
+    assert images.resize_nearest(rgb, 5).shape[:2] == (30, 25)
+    with pytest.raises(ValueError, match="at most 30 px a side"):
+        images.resize_nearest(rgb, 6)
