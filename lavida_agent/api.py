@@ -380,15 +380,17 @@ class Cleanup:
     """Of the traces, the images and (`prune`: it compacts the database) the database file."""
     busy: list[str] = field(default_factory=list)
     """`prune`: threads old enough but with a run on them now, kept."""
+    busy_runs: list[str] = field(default_factory=list)
+    """The runs on those threads (what `runs` lists as running)."""
     images_waiting: int = 0
-    """Images only what was deleted referred to, kept back because a run is in progress (a
-    later `prune` takes them once they are `grace_s` old)."""
+    """Images nothing refers to, kept only because they were stored less than `grace_s`
+    ago (a run may not have recorded them yet); a `prune` after that takes them."""
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"threads": list(self.threads), "runs": list(self.runs), "images": self.images,
                 "images_waiting": self.images_waiting, "bytes_freed": self.bytes_freed,
-                "busy": list(self.busy), "dry_run": self.dry_run}
+                "busy": list(self.busy), "busy_runs": list(self.busy_runs), "dry_run": self.dry_run}
 
 
 _UNREADABLE = "\0unreadable trace "  # `_delete`'s name for a trace file that is no trace
@@ -1377,8 +1379,9 @@ class LavidaAgent:
         An image nothing refers to goes when it was last stored more than `grace_s` seconds
         ago, or, if it belonged to what was deleted, at once unless a run is in progress
         (here or in another process on this home): a run may have stored an image and not
-        yet recorded it. `Cleanup.images_waiting` counts those kept back; a later `prune`
-        takes them. A trace file that cannot be read is deleted when its file is as old.
+        yet recorded it. `Cleanup.images_waiting` counts the images nothing refers to that
+        stay for that reason; a `prune` after the grace takes them. A trace file that cannot
+        be read is deleted when its file is as old.
 
         Raises:
             InvalidInputError: a negative or non-numeric `older_than` or `grace_s`, or the
@@ -1413,6 +1416,13 @@ class LavidaAgent:
             with map_exceptions():
                 out.bytes_freed += compact(self.checkpointer)
         return out
+
+    def _runs_on(self, thread: str) -> list[str]:
+        """The runs on `thread` now, of this agent or another process."""
+        with self._active_lock:
+            mine = [r for _, r in self._active.get(thread, ()) if r]
+        other = live.holder(self.settings.runs_dir, thread) or {}  # type: ignore[arg-type]
+        return list(dict.fromkeys([*mine, *other.get("run_ids", ())]))
 
     @contextlib.contextmanager
     def _maintenance(self) -> Iterator[None]:
@@ -1533,6 +1543,7 @@ class LavidaAgent:
                                 f.path.unlink(missing_ok=True)
                 except BusyError:
                     out.busy.append(thread)
+                    out.busy_runs += self._runs_on(thread)
                     continue
                 gone.add(thread)
                 gone_files.update(f.path for f in mine)
@@ -1549,14 +1560,10 @@ class LavidaAgent:
         files = trace_files(self.settings.runs_dir)  # type: ignore[arg-type]
         keep = set().union(*(shas for t, shas in held.items() if t not in gone),
                            *(f.shas for f in files if f.path not in gone_files))  # fmt: skip
-        orphans = theirs - keep
-        out.images, freed = self.store.sweep(keep, older_than_s=grace_s, also=set() if running else orphans,
-                                             also_before=started, dry_run=dry_run)  # fmt: skip
-        if running:
-            cutoff = time.time() - grace_s
-            out.images_waiting = sum(1 for sha in orphans if (p := self.store.path(sha)).is_file()
-                                     and p.stat().st_mtime >= cutoff)  # fmt: skip
-        out.bytes_freed += freed
+        swept = self.store.sweep(keep, older_than_s=grace_s, also=set() if running else theirs - keep,
+                                 also_before=started, dry_run=dry_run)  # fmt: skip
+        out.images, out.images_waiting = swept.removed, swept.waiting
+        out.bytes_freed += swept.freed
         return out
 
     # -- async twins ----------------------------------------------------------------------

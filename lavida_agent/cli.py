@@ -951,7 +951,8 @@ def session_start(ctx: click.Context, image: str, as_json: bool) -> None:
 def session_delete(ctx: click.Context, session_id: str, dry_run: bool, as_json: bool) -> None:
     """Delete the session: every branch, the traces of its turns and the images nothing
     else refers to (as `lavida-agent delete SESSION_ID`)."""
-    _say_cleanup(f"session {session_id}", _agent(ctx).delete_session(session_id, dry_run=dry_run), as_json)
+    _say_cleanup(f"session {session_id}", _agent(ctx).delete_session(session_id, dry_run=dry_run), as_json,
+                 {"ids": [session_id]})  # fmt: skip
 
 
 @session.command("edit")
@@ -1186,17 +1187,21 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _say_cleanup(what: str, done: Any, as_json: bool) -> None:
-    """One line (or a JSON object) for what a delete or prune removed."""
+def _say_cleanup(what: str, done: Any, as_json: bool, asked: dict[str, Any]) -> None:
+    """One line for what a delete or prune removed; with `--json`, `asked` (what the
+    command was given) and the `Cleanup`."""
     if as_json:
-        _echo_json({"deleted": what, **done.to_dict()})
+        _echo_json({**asked, **done.to_dict()})
         return
     verb = "would delete" if done.dry_run else "deleted"
     runs = f"{len(done.runs)} run{'s' * (len(done.runs) != 1)}"
-    waiting = (f"; {done.images_waiting} image{'s' * (done.images_waiting != 1)} wait: a run is in progress "
-               "(a later prune takes them)" if done.images_waiting else "")  # fmt: skip
-    click.echo(f"{verb} {what}: {runs}, {done.images} image{'s' * (done.images != 1)}, {_mb(done.bytes_freed)}"
-               + (f"; kept {len(done.busy)} with a run on it now" if done.busy else "") + waiting)  # fmt: skip
+    busy = (f"; kept {len(done.busy)} with a run on it now ({', '.join(done.busy_runs) or 'an undo or a delete'})"
+            if done.busy else "")  # fmt: skip
+    waiting = (f"; {done.images_waiting} image{'s' * (done.images_waiting != 1)} nothing refers to stored within "
+               "the hour stay (a run may not have recorded them yet; a prune after that takes them)"
+               if done.images_waiting else "")  # fmt: skip
+    click.echo(f"{verb} {what}: {runs}, {done.images} image{'s' * (done.images != 1)}, "
+               f"{_mb(done.bytes_freed)}{busy}{waiting}")  # fmt: skip
 
 
 @cli.command("delete")
@@ -1210,7 +1215,8 @@ def delete_cmd(ctx: click.Context, ids: tuple[str, ...], dry_run: bool, as_json:
     else refers to. A run goes with the runs that resumed it, a session with all its turns
     (a turn of a longer session cannot go alone). Every id is checked before anything is
     deleted; a run in progress is refused."""
-    _say_cleanup(", ".join(dict.fromkeys(ids)), _agent(ctx).delete(ids, dry_run=dry_run), as_json)
+    ids = tuple(dict.fromkeys(ids))
+    _say_cleanup(", ".join(ids), _agent(ctx).delete(ids, dry_run=dry_run), as_json, {"ids": list(ids)})
 
 
 @cli.command("prune")
@@ -1227,7 +1233,8 @@ def prune_cmd(ctx: click.Context, older_than: float, dry_run: bool, as_json: boo
     so are images stored in the last hour while anything runs."""
     done = _agent(ctx).prune(older_than, dry_run=dry_run)
     threads = len(done.threads)
-    _say_cleanup(f"{threads} thread{'s' * (threads != 1)} (sessions and runs)", done, as_json)
+    _say_cleanup(f"{threads} thread{'s' * (threads != 1)} (sessions and runs)", done, as_json,
+                 {"older_than_s": older_than})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

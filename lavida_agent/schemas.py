@@ -643,10 +643,11 @@ class DeleteResponse(BaseModel):
     threads: list[str] = Field(description="The threads deleted: the session, or the run's thread.")
     runs: list[str] = Field(description="The runs whose traces were deleted.")
     images: int = Field(description="Images removed from the store: those nothing refers to any more.")
-    images_waiting: int = Field(default=0, description="Images only the deleted referred to, "
-                                "kept back while a run is in progress (a later prune takes them).")
+    images_waiting: int = Field(default=0, description="Images nothing refers to, kept only because "
+                                "they were stored within the grace (an hour): a prune after it takes them.")
     bytes_freed: int
     busy: list[str] = Field(default_factory=list)
+    busy_runs: list[str] = Field(default_factory=list)
     dry_run: bool
 
 
@@ -659,6 +660,8 @@ class OpenAIImage(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
+    run_id: str | None = Field(default=None, description="Extension: the run that made the "
+                               "image (its trace; `DELETE /v1/runs/{run_id}` removes it).")  # fmt: skip
 
 
 class OpenAIImagesResponse(BaseModel):

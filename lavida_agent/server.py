@@ -34,7 +34,7 @@ Native endpoints (JSON bodies; those taking an image also accept multipart/form-
 
 OpenAI-compatible (the official `openai` client works unchanged):
 
-    POST /v1/images/generations       JSON, `{"created", "data": [{"b64_json"|"url"}], ...}`
+    POST /v1/images/generations       JSON, `{"created", "data": [{"b64_json"|"url", "run_id"}], ...}`
     POST /v1/images/edits             multipart (`image`, optional `mask`) or JSON (base64)
 
 `size` is "64x64" (the native canvas; also "auto") or "256x256"/"512x512"/"1024x1024", a
@@ -1187,9 +1187,9 @@ def _openai_routes(app: FastAPI, svc: _Service) -> None:
                 if req.response_format == "url":
                     ref = svc.agent.store.put(resize_nearest(img, scale) if scale > 1 else img)
                     add_served(run_id, ref, svc.agent.settings.runs_dir)  # kept while its run is
-                    data.append({"url": f"{base}/v1/artifacts/{ref.sha256}.png"})
+                    data.append({"url": f"{base}/v1/artifacts/{ref.sha256}.png", "run_id": run_id})
                 else:
-                    data.append({"b64_json": _png_b64(img, scale)})
+                    data.append({"b64_json": _png_b64(img, scale), "run_id": run_id})
             h, w = images[0].shape[:2]  # an edit of a non-square input comes back in its shape
             out = schemas.OpenAIImagesResponse(created=int(time.time()), data=data, size=f"{w * scale}x{h * scale}")
             return out.model_dump(mode="json", exclude_none=True)

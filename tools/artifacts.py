@@ -33,7 +33,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -54,7 +54,15 @@ _SUFFIX_RE = re.compile(r"\.[a-z0-9]{1,16}")
 # Every path the store hands out: kind / shard / sha + suffix (the shard is checked separately).
 _PATH_RE = re.compile(r"(images|blobs)/([0-9a-f]{2})/([0-9a-f]{64})(\.[a-z0-9]{1,16})")
 
-__all__ = ["ArtifactNotFound", "ArtifactStore", "ImageRef", "check_sha256"]
+__all__ = ["ArtifactNotFound", "ArtifactStore", "ImageRef", "Swept", "check_sha256"]
+
+
+class Swept(NamedTuple):
+    """What `ArtifactStore.sweep` removed, and what it kept only for being stored lately."""
+
+    removed: int
+    freed: int
+    waiting: int
 
 
 class ArtifactNotFound(KeyError):
@@ -321,7 +329,7 @@ class ArtifactStore:
     # -- removing -------------------------------------------------------------------------
 
     def sweep(self, keep: Collection[str], *, older_than_s: float, also: Collection[str] = (),
-              also_before: float = math.inf, dry_run: bool = False) -> tuple[int, int]:  # fmt: skip
+              also_before: float = math.inf, dry_run: bool = False) -> Swept:  # fmt: skip
         """Remove every image whose sha is not in `keep` and that was last stored (`put`)
         more than `older_than_s` seconds ago (or is in `also` and was last stored before the
         time `also_before`), and temporary files as old (a write that crashed). Images
@@ -329,10 +337,11 @@ class ArtifactStore:
         recorded them where `keep` was read from.
 
         Returns:
-            `(images removed, bytes freed)`; with `dry_run`, what would be.
+            `Swept(removed, freed, waiting)`: images removed, bytes freed, and images kept
+            only because they were stored lately (with `dry_run`, what would be).
         """
         cutoff = time.time() - older_than_s
-        removed = freed = 0
+        removed = freed = waiting = 0
         for path in self.root.glob("images/??/*"):
             is_tmp = path.name.startswith(".tmp-")
             if not is_tmp and (path.suffix != ".png" or path.stem in keep):
@@ -340,6 +349,7 @@ class ArtifactStore:
             try:
                 st = path.stat()
                 if st.st_mtime >= cutoff and not (path.stem in also and st.st_mtime < also_before):
+                    waiting += not is_tmp
                     continue
                 if not dry_run:
                     path.unlink()
@@ -347,7 +357,7 @@ class ArtifactStore:
                 continue
             removed += not is_tmp
             freed += st.st_size
-        return removed, freed
+        return Swept(removed, freed, waiting)
 
     def ref(self, sha: str) -> ImageRef:
         """Rebuild the `ImageRef` of a stored image from its sha (reads the PNG header only).

@@ -114,12 +114,13 @@ def test_what_runs_now_is_refused_or_kept_and_its_images_wait(agent, other_proce
     own_b = _result_images(b) - _result_images(a)
     # Something runs: an image nothing refers to waits out the grace (that run may have stored it).
     assert done.images == 0 and own_b <= _images(agent) and done.images_waiting == len(own_b)
+    assert done.busy_runs == ["r-elsewhere"]  # the run on it, as `runs` lists it
     holder.kill()
     holder.wait(10)
     later = agent.prune(0)  # nothing runs now: what the deleted thread held goes at once
     assert later.threads == [a.thread_id] and not later.busy
     assert not _result_images(a) & _images(agent)
-    assert own_b <= _images(agent)  # b's, unknown now, wait out their grace...
+    assert own_b <= _images(agent) and later.images_waiting == len(own_b)  # b's wait out their grace, said
     assert agent.prune(0, grace_s=0).images == len(own_b) and not own_b & _images(agent)
 
 
@@ -234,7 +235,7 @@ def test_cli_delete_prune_and_session_delete(cli, engine, tmp_path):
     r = cli("delete", gen["run_id"], "--dry-run")
     assert r.exit_code == 0 and r.output.startswith(f"would delete {gen['run_id']}: 1 run, ")
     r = cli("delete", gen["run_id"], "--json")
-    assert r.exit_code == 0 and json.loads(r.output)["runs"] == [gen["run_id"]]
+    assert r.exit_code == 0 and json.loads(r.output)["runs"] == [gen["run_id"]] == json.loads(r.output)["ids"]
     r = cli("delete", gen["run_id"])
     assert r.exit_code == 1 and f"no run or session '{gen['run_id']}'" in r.output
 
@@ -252,7 +253,7 @@ def test_cli_delete_prune_and_session_delete(cli, engine, tmp_path):
     r = cli("prune", "--older-than", "1d")
     assert r.exit_code == 0 and r.output.startswith("deleted 0 threads")
     r = cli("prune", "--older-than", "0", "--json")
-    assert r.exit_code == 0 and len(json.loads(r.output)["runs"]) == 1
+    assert r.exit_code == 0 and len(json.loads(r.output)["runs"]) == 1 and json.loads(r.output)["older_than_s"] == 0
     r = cli("runs")
     assert r.stdout == "" and "no runs yet" in r.stderr
 

@@ -491,6 +491,7 @@ async def test_openai_generations_sizes_n_seed_and_url(client):
     assert decode_png((await client.get(url)).content).shape == (512, 512, 3)
     # the upscaled copy lives as long as its run: a prune of everything else keeps it
     (served_by,) = [p.stem for p in Path(client.runs_dir).glob("*.json") if url.split("/")[-1][:64] in p.read_text()]
+    assert r.json()["data"][0]["run_id"] == served_by  # (an extension: which run to delete)
     agent = client.app_agent
     others = [p.stem for p in Path(client.runs_dir).glob("*.json") if p.stem != served_by]
     agent.delete(others, grace_s=0)

@@ -126,13 +126,14 @@ def test_sweep_removes_old_unkept_images_and_crashed_writes(store):
     for path in (store.path(kept), store.path(old), crashed):
         os.utime(path, (hour_ago, hour_ago))
     keep = {kept.sha256}
-    assert store.sweep(keep, older_than_s=60, dry_run=True) == (1, store.path(old).stat().st_size + 4)
+    # (new and now were stored just now: they wait)
+    assert store.sweep(keep, older_than_s=60, dry_run=True) == (1, store.path(old).stat().st_size + 4, 2)
     assert all(store.exists(r) for r in (kept, old, new, now)) and crashed.exists()
-    assert store.sweep(keep, older_than_s=60, also={now.sha256})[0] == 2  # `also`: at once
+    assert store.sweep(keep, older_than_s=60, also={now.sha256}).removed == 2  # `also`: at once
     assert [store.exists(r) for r in (kept, old, new, now)] == [True, False, True, False]
     assert not crashed.exists()
     size = store.path(new).stat().st_size
-    assert store.sweep(keep, older_than_s=0) == (1, size) and store.exists(kept)
+    assert store.sweep(keep, older_than_s=0) == (1, size, 0) and store.exists(kept)
 
 
 def test_put_rejects_bad_images(store):
