@@ -420,7 +420,8 @@ def _home_errors(settings: Settings) -> Iterator[None]:
                                 + (f" ({exc.filename})" if exc.filename else "")) from exc
 
 
-def _check_grace(value: Any, name: str = "grace_s") -> None:
+def _check_seconds(value: Any, name: str = "grace_s") -> None:
+    """A number of seconds >= 0 (`grace_s`, `older_than`)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise InvalidInputError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
@@ -1333,7 +1334,7 @@ class LavidaAgent:
         """
         from lavida_agent.traces import trace_files
 
-        _check_grace(grace_s)
+        _check_seconds(grace_s)
         ids = [ids] if isinstance(ids, str) else list(ids)
         self._check_own_home()
         with self._maintenance(), _home_errors(self.settings):
@@ -1364,7 +1365,7 @@ class LavidaAgent:
         """
         from lavida_agent.traces import trace_files
 
-        _check_grace(grace_s)
+        _check_seconds(grace_s)
         self._check_own_home()
         with self._maintenance(), _home_errors(self.settings):
             files = trace_files(self.settings.runs_dir) if self._home_exists() else []  # type: ignore[arg-type]
@@ -1389,8 +1390,8 @@ class LavidaAgent:
         """
         if isinstance(older_than, dt.timedelta):
             older_than = older_than.total_seconds()
-        _check_grace(older_than, "older_than")
-        _check_grace(grace_s)
+        _check_seconds(older_than, "older_than")
+        _check_seconds(grace_s)
         self._check_own_home()
         if not self._home_exists():
             return Cleanup(dry_run=dry_run)
@@ -1491,11 +1492,8 @@ class LavidaAgent:
             raise InvalidInputError(f"{session_id!r} is the thread of another workflow's run, not a "
                                     "session: delete that run by its run id")  # fmt: skip
         if not turns:
-            from lavida_agent.traces import trace_path
-
-            with contextlib.suppress(InvalidInputError):
-                if trace_path(session_id, self.settings.runs_dir).is_file():  # type: ignore[arg-type]
-                    raise NotFoundError(f"no session {session_id!r}: it is a run (delete it as one)")
+            if any(f.run_id == session_id for f in files):
+                raise NotFoundError(f"no session {session_id!r}: it is a run (delete it as one)")
             raise NotFoundError(f"no session {session_id[:80]!r}")
         return session_id
 
@@ -1526,13 +1524,16 @@ class LavidaAgent:
         def hold(thread: str) -> contextlib.AbstractContextManager[None]:
             return self._on_thread(thread, None, f"thread {thread!r}", alone=True, doing="a delete")
 
+        by_thread: dict[str, list[TraceFile]] = {}
+        for f in files:
+            by_thread.setdefault(_UNREADABLE + f.run_id if f.thread_id is None else f.thread_id, []).append(f)
         with contextlib.ExitStack() as holding:
             if not skip_busy:
                 for thread in threads:
                     holding.enter_context(hold(thread))
             for thread in threads:
                 unreadable = thread.startswith(_UNREADABLE)
-                mine = [f for f in files if (_UNREADABLE + f.run_id if f.thread_id is None else f.thread_id) == thread]
+                mine = by_thread.get(thread, [])
                 try:
                     with hold(thread) if skip_busy else contextlib.nullcontext():
                         if not dry_run:
