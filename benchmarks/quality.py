@@ -42,6 +42,12 @@ the `critique` suite (whose *subject* is the model's verdict) and inside the age
   is in the image (`present`): for those expressions (all present), and for expressions
   naming nothing in the image (`absent_expressions`: an absent colour and shape, shape, size
   class, and relation head; all of an image's in one run).
+- `session`: multi-turn editing. `n` chains of `session_turns` edits (`session_items`: each a
+  random edit of the scene the chain should hold by then), run through the pipeline alone
+  (single shot; with the model's edit plan) and as an `EditSession` (the agent, what
+  `lavida-agent session edit` runs). Each turn is judged by `check_edit` on the image it
+  edited; reported per turn: accuracy, accuracy on the chains right so far, and the chains
+  right through it; and drift: the untouched objects' PSNR after the last turn.
 
 Held-out data: training draws `numpy.random.default_rng([seed, step])` with small seeds;
 here item `i` of suite `s` draws from `default_rng([10**9 + 1000 * seed + index(s), *key])`,
@@ -50,7 +56,8 @@ rounds, which use `base + round`). Items are prefix-stable: a larger `n` extends
 one.
 
 Outputs in `out_dir`: `quality.json` (every number, settings, command, seeds, timings),
-`quality.md` (one table per suite), `samples_t2i.png` and `samples_edit.png`.
+`quality.md` (one table per suite), `samples_t2i.png`, `samples_edit.png` and
+`samples_session.png`.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from lavida_agent.tools.shapes_world.checkers import (
     check_edit,
     check_prompt,
     grounding_correct,
+    psnr,
 )
 from lavida_agent.tools.shapes_world.language import (
     EDIT_CATEGORIES,
@@ -93,6 +101,7 @@ from lavida_agent.tools.shapes_world.language import (
     plan_reasons,
     referable,
     sample_critique,
+    sample_edit,
     sample_edit_on_new_scene,
     sample_prompt,
     sample_question,
@@ -128,6 +137,11 @@ __all__ = [
     "score_agent_edit",
     "score_agent_ask",
     "score_agent_ground",
+    "session_items",
+    "judge_chain",
+    "kept_mask",
+    "score_session",
+    "score_agent_session",
     "absent_expressions",
     "run",
     "main",
@@ -136,7 +150,7 @@ __all__ = [
 HELDOUT_BASE = 10**9
 """First element of every held-out seed sequence (training uses small seeds)."""
 SUITES: tuple[str, ...] = (
-    "vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask", "agent_ground"
+    "vq", "t2i", "edit", "ground", "vqa", "critique", "agent", "ask", "agent_ground", "session"
 )  # fmt: skip
 # (new suites go last: an index into this tuple seeds each suite's held-out items)
 AGENT_TASKS: tuple[str, ...] = ("t2i", "edit")
@@ -153,6 +167,10 @@ QUICK_STEPS = 4
 """Sampler steps of a quick run when none are given (a smoke run, not a measurement)."""
 VQ_PER_N = 8
 """The vq suite round-trips `VQ_PER_N * n` scenes (it is cheap)."""
+SESSION_TURNS = 5
+"""Edits per chain in the session suite (multi-turn editing)."""
+QUICK_TURNS = 2
+"""Edits per chain of a quick run when no turns are given."""
 
 
 # =========================================================================== seeds and items
@@ -210,6 +228,31 @@ def edit_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
                     "seed": sampler_seed(seed, ci * 10_000 + i),
                 }
             )
+    return items
+
+
+def session_items(n: int, seed: int = 0, turns: int = SESSION_TURNS) -> list[dict[str, Any]]:
+    """`n` held-out edit chains: `{index, scene, instructions, categories, targets, seeds}`.
+
+    Each chain starts from a random scene; every turn is a random edit (a category drawn
+    uniformly among those that apply) of the scene the chain is expected to hold by then,
+    so each instruction names objects the earlier turns left unique. Turn `t` of chain `i`
+    samples with `sampler_seed(seed, 100 * i + t)`. Prefix-stable in `n` and in `turns`.
+    """
+    if not 1 <= turns < SEED_STRIDE:
+        raise ValueError(f"turns must be in 1..{SEED_STRIDE - 1}, got {turns}")
+    items = []
+    for i in range(n):
+        rng = item_rng(seed, "session", i)
+        scene = expected = sample_scene(rng)
+        instructions, categories, targets = [], [], []
+        for _ in range(turns):
+            text, spec, expected = sample_edit(rng, expected)
+            instructions.append(text)
+            categories.append(spec.category)
+            targets.append(expected)
+        items.append({"index": i, "scene": scene, "instructions": instructions, "categories": categories,
+                      "targets": targets, "seeds": [sampler_seed(seed, 100 * i + t) for t in range(turns)]})  # fmt: skip
     return items
 
 
@@ -429,6 +472,36 @@ def score_t2i(
     return out
 
 
+def _edit_images(
+    pipeline: Any,
+    images: Sequence[np.ndarray],
+    instructions: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+    with_plan: bool = False,
+    true_plans: Sequence[Any] | None = None,
+) -> tuple[list[np.ndarray], list[Any]]:
+    """The pipeline's edits of `images` (batched), as `score_edit` describes them: the
+    edited images and, per edit, the plan it was given (None for a single shot)."""
+    edited: list[np.ndarray] = []
+    plans_out: list[Any] = []
+    for sl in _chunks(len(images), batch_size):
+        seed_list = [int(s) for s in seeds[sl]]
+        kw: dict[str, Any] = {}
+        plans: list[Any] = [None] * len(seed_list)
+        if with_plan or true_plans is not None:
+            plans = (list(true_plans[sl]) if true_plans is not None
+                     else pipeline.plan_edit(images[sl], list(instructions[sl]), seed=seed_list).plans)  # fmt: skip
+            kw = {"plans": [pl or None for pl in plans],
+                  "regions": [[box for _, box in pl] if pl else None for pl in plans]}  # fmt: skip
+        res = pipeline.edit(images[sl], list(instructions[sl]), seed=seed_list, **kw, **_gen_kwargs(num_steps))
+        edited += [_canvas(image) for image in res.images]
+        plans_out += plans
+    return edited, plans_out
+
+
 def score_edit(
     pipeline: Any,
     sources: Sequence[Scene],
@@ -455,34 +528,24 @@ def score_edit(
         with `with_plan`); PSNR in dB over the pixels outside the touched boxes, identical
         pixels reported as `PSNR_CAP`.
     """
-    images = [render(s) for s in sources]
+    planned = with_plan or true_plans is not None
+    edited, plans = _edit_images(pipeline, [render(s) for s in sources], instructions, seeds,
+                                 batch_size=batch_size, num_steps=num_steps, with_plan=with_plan,
+                                 true_plans=true_plans)  # fmt: skip
     out: list[dict[str, Any]] = []
-    for sl in _chunks(len(sources), batch_size):
-        seed_list = [int(s) for s in seeds[sl]]
-        kw: dict[str, Any] = {}
-        plans: list[Any] = [None] * len(seed_list)
-        if with_plan or true_plans is not None:
-            plans = (list(true_plans[sl]) if true_plans is not None
-                     else pipeline.plan_edit(images[sl], list(instructions[sl]), seed=seed_list).plans)  # fmt: skip
-            kw = {"plans": [pl or None for pl in plans],
-                  "regions": [[box for _, box in pl] if pl else None for pl in plans]}  # fmt: skip
-        res = pipeline.edit(images[sl], list(instructions[sl]), seed=seed_list, **kw, **_gen_kwargs(num_steps))
-        for src, ins, s, image, plan in zip(
-            sources[sl], instructions[sl], seeds[sl], res.images, plans, strict=True
-        ):
-            verdict = check_edit(src, ins, _canvas(image))
-            rec = {
-                "instruction": ins,
-                "seed": int(s),
-                "correct": verdict.correct,
-                "reasons": list(verdict.reasons),
-                "psnr_outside": _psnr(verdict.psnr_outside),
-                "image": _canvas(image),
-            }
-            if with_plan or true_plans is not None:
-                rec["plan"] = [[label, list(box)] for label, box in plan]
-            out.append(rec)
+    for src, ins, s, image, plan in zip(sources, instructions, seeds, edited, plans, strict=True):
+        rec = {"instruction": ins, "seed": int(s), **_judge_edit(src, ins, image), "image": image}
+        if planned:
+            rec["plan"] = [[label, list(box)] for label, box in plan]
+        out.append(rec)
     return out
+
+
+def _judge_edit(source: Any, instruction: str, image: np.ndarray) -> dict[str, Any]:
+    """`check_edit`'s verdict as a record: `{correct, reasons, psnr_outside}` (capped PSNR)."""
+    verdict = check_edit(source, instruction, image)
+    return {"correct": verdict.correct, "reasons": list(verdict.reasons),
+            "psnr_outside": _psnr(verdict.psnr_outside)}  # fmt: skip
 
 
 def score_ground(
@@ -969,6 +1032,104 @@ def score_agent_edit(
 
     return _through_workflow(pipeline, len(sources), one, backend=backend, batch_size=batch_size,
                              num_steps=_default_steps(pipeline, num_steps), max_rounds=max_rounds)  # fmt: skip
+
+
+def kept_mask(item: Mapping[str, Any]) -> np.ndarray:
+    """`(H, W)` bool: the pixels of a chain's first scene that no turn may change, the shapes
+    of the objects every expected scene of the chain still holds exactly (same shape,
+    colour, size and box). Background pixels are left out (a background edit repaints them)."""
+    scene: Scene = item["scene"]
+    kept = tuple(o for o in scene.objects if all(o in t.objects for t in item["targets"]))
+    blank = render(Scene(background=scene.background))
+    return (render(Scene(background=scene.background, objects=kept)) != blank).any(axis=-1)
+
+
+def judge_chain(item: Mapping[str, Any], images: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Judge one chain of edits turn by turn.
+
+    Each turn is judged by `check_edit` against the image it edited (the previous turn's
+    result, whatever that was), so a turn whose instruction no longer applies (its object
+    was lost earlier) is wrong. `chain[t]`: every turn up to `t` right. `kept_psnr`: PSNR
+    of the last image against the first over `kept_mask` (the untouched objects' pixels;
+    `PSNR_CAP` when identical, None when every object was touched): drift over the turns.
+    """
+    first = render(item["scene"])
+    prev, turns = first, []
+    for ins, image in zip(item["instructions"], images, strict=True):
+        turns.append(_judge_edit(prev, ins, image))
+        prev = _canvas(image)
+    chain = np.logical_and.accumulate([t["correct"] for t in turns]).tolist()
+    mask = kept_mask(item)
+    kept = _psnr(psnr(first, prev, mask)) if mask.any() else None
+    return {"turns": turns, "chain": chain, "kept_psnr": kept}
+
+
+def score_session(
+    pipeline: Any,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    with_plan: bool = False,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run every chain of `session_items` through the pipeline alone: turn `t` of every
+    chain is one batched `edit` (single shot, or with the model's own edit plan as in
+    `score_edit`) of that chain's turn `t - 1` result.
+
+    Returns:
+        Per chain, `judge_chain`'s record with `images` (one per turn).
+    """
+    current = [render(it["scene"]) for it in items]
+    images: list[list[np.ndarray]] = [[] for _ in items]
+    for t in range(len(items[0]["instructions"]) if items else 0):
+        current, _ = _edit_images(pipeline, current, [it["instructions"][t] for it in items],
+                                  [it["seeds"][t] for it in items], batch_size=batch_size,
+                                  num_steps=num_steps, with_plan=with_plan)  # fmt: skip
+        for row, image in zip(images, current, strict=True):
+            row.append(image)
+    return [dict(judge_chain(it, ims), images=ims) for it, ims in zip(items, images, strict=True)]
+
+
+def score_agent_session(
+    pipeline: Any,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    max_rounds: int | None = None,
+    backend: Any = None,
+    batch_size: int = 16,
+    num_steps: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run every chain as one `EditSession` (the checkpointed `edit` workflow that
+    `lavida-agent session edit` runs): the first turn gives the rendered scene, every later
+    turn edits the session's current image. Chains run concurrently (`batch_size` threads)
+    through one `BatchingEngine`.
+
+    Returns:
+        Per chain, `judge_chain`'s record with `images`, `rounds` and `accepted` (per turn),
+        and totals as `score_agent_t2i`.
+    """
+    from lavida_agent.graphs.persistence import checkpointer_from_path
+    from lavida_agent.graphs.session import EditSession
+
+    saver = checkpointer_from_path(None)
+
+    def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
+        it = items[i]
+        session = EditSession(f"chain-{i}", checkpointer=saver, context=ctx)
+        images: list[np.ndarray] = []
+        rounds: list[int] = []
+        accepted: list[bool] = []
+        for t, (ins, s) in enumerate(zip(it["instructions"], it["seeds"], strict=True)):
+            out = session.edit(ins, image=store.put(render(it["scene"])) if t == 0 else None, seed=int(s))
+            assert out.current is not None
+            images.append(store.open(out.current))
+            rounds.append(len(out.steps) - sum(rounds))  # the lineage holds every turn's attempts
+            accepted.append(bool(out.accepted))
+        return dict(judge_chain(it, images), images=images, rounds=rounds, accepted=accepted)
+
+    context = {} if max_rounds is None else {"max_rounds": int(max_rounds)}
+    return _through_workflow(pipeline, len(items), one, backend=backend, batch_size=batch_size,
+                             num_steps=_default_steps(pipeline, num_steps), **context)  # fmt: skip
 
 
 def score_agent_ask(
@@ -1542,6 +1703,76 @@ def _suite_agent_ground(
     return result
 
 
+def _session_summary(recs: Sequence[dict[str, Any]], items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per turn: accuracy, accuracy of the chains right so far, and chains right through it;
+    per category over every turn; PSNR outside each turn's touched boxes; drift (`kept_*`)."""
+    n_turns = len(items[0]["instructions"]) if items else 0
+    flat = [dict(turn, category=cat) for r, it in zip(recs, items, strict=True)
+            for turn, cat in zip(r["turns"], it["categories"], strict=True)]  # fmt: skip
+    after_right = [_mean([r["turns"][t]["correct"] for r in recs if t == 0 or r["chain"][t - 1]])
+                   for t in range(n_turns)]  # fmt: skip
+    kept = [r["kept_psnr"] for r in recs if r["kept_psnr"] is not None]
+    return {
+        "turn_accuracy": [_mean([r["turns"][t]["correct"] for r in recs]) for t in range(n_turns)],
+        "turn_accuracy_after_right": after_right,
+        "chain_success": [_mean([r["chain"][t] for r in recs]) for t in range(n_turns)],
+        "accuracy": _acc_by(flat, "category", EDIT_CATEGORIES),
+        "psnr_outside_db": _mean([x["psnr_outside"] for x in flat]),
+        "kept_psnr_db": _mean(kept),
+        "kept_exact": _mean([k == PSNR_CAP for k in kept]),
+    }
+
+
+def _suite_session(
+    pipeline: Any,
+    n: int,
+    seed: int,
+    batch_size: int,
+    num_steps: int | None,
+    state: dict,
+    backend: Any = None,
+    session_turns: int = SESSION_TURNS,
+    session_rounds: int | None = None,
+    **_: Any,
+) -> dict[str, Any]:
+    from lavida_agent.graphs.context import Context
+
+    items = session_items(n, seed, session_turns)
+    systems = {"single": score_session(pipeline, items, batch_size=batch_size, num_steps=num_steps)}
+    if hasattr(pipeline, "plan_edit"):
+        systems["planned"] = score_session(pipeline, items, with_plan=True, batch_size=batch_size,
+                                             num_steps=num_steps)  # fmt: skip
+    rounds = session_rounds or Context().max_rounds
+    systems["agent"], totals = score_agent_session(pipeline, items, max_rounds=rounds, backend=backend,
+                                                   batch_size=batch_size, num_steps=num_steps)  # fmt: skip
+    state["session"] = {"items": items, **systems}
+    agent = systems["agent"]
+    return {
+        "n_chains": n,
+        "turns": session_turns,
+        "agent_max_rounds": rounds,
+        **{name: _session_summary(recs, items) for name, recs in systems.items()},
+        "agent_mean_rounds": _mean([x for r in agent for x in r["rounds"]]),
+        "agent_accepted_rate": _mean([x for r in agent for x in r["accepted"]]),
+        "agent_totals": totals,
+        "items": [
+            {
+                "index": it["index"],
+                "source": it["scene"].to_dict(),
+                "instructions": it["instructions"],
+                "categories": it["categories"],
+                "seeds": it["seeds"],
+                **{name: {"correct": [t["correct"] for t in recs[k]["turns"]],
+                          "reasons": [t["reasons"] for t in recs[k]["turns"]],
+                          "kept_psnr": recs[k]["kept_psnr"]}
+                   for name, recs in systems.items()},
+                "agent_rounds": agent[k]["rounds"],
+            }
+            for k, it in enumerate(items)
+        ],  # fmt: skip
+    }
+
+
 _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "vq": _suite_vq,
     "t2i": _suite_t2i,
@@ -1552,6 +1783,7 @@ _SUITE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
     "agent": _suite_agent,
     "ask": _suite_ask,
     "agent_ground": _suite_agent_ground,
+    "session": _suite_session,
 }
 
 
@@ -1756,6 +1988,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                     cost,
                 ),
             ]
+    if "session" in suites:
+        out += _session_markdown(suites["session"])
     out += [
         "",
         "## timings (s)",
@@ -1764,6 +1998,39 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+_SESSION_SYSTEMS = {"single": "single shot", "planned": "with the model's plan", "agent": "agent"}
+
+
+def _session_markdown(se: Mapping[str, Any]) -> list[str]:
+    """The session suite's tables: chains right per turn, turn accuracy, categories, drift."""
+    names = [k for k in _SESSION_SYSTEMS if k in se]
+    labels = [_SESSION_SYSTEMS[k] for k in names]
+    turns = range(se["turns"])
+    per_turn = [[t + 1, *(f"{_fmt(se[k]['turn_accuracy'][t])} ({_fmt(se[k]['turn_accuracy_after_right'][t])})"
+                          for k in names)] for t in turns]  # fmt: skip
+    return [
+        "",
+        f"## session: multi-turn editing ({se['n_chains']} chains of {se['turns']} edits; the agent "
+        f"at most {se['agent_max_rounds']} attempts a turn, {_fmt(se['agent_mean_rounds'])} on average)",
+        "",
+        "Chains right through each turn:",
+        "",
+        _table(["turn", *labels], [[t + 1, *(se[k]["chain_success"][t] for k in names)] for t in turns]),
+        "",
+        "Each turn judged on the image it edited (in brackets: on the chains right so far):",
+        "",
+        _table(["turn", *labels], per_turn),
+        "",
+        _table(["category (every turn)", *labels], _cat_rows(EDIT_CATEGORIES, [se[k]["accuracy"] for k in names])),
+        "",
+        _table(["", *labels], [
+            ["PSNR outside each turn's touched boxes (dB)", *(se[k]["psnr_outside_db"] for k in names)],
+            ["untouched objects after the last turn, PSNR (dB)", *(se[k]["kept_psnr_db"] for k in names)],
+            ["untouched objects exactly kept", *(se[k]["kept_exact"] for k in names)],
+        ]),  # fmt: skip
+    ]
 
 
 def _tile(image: np.ndarray, width: int = 136) -> np.ndarray:
@@ -1781,7 +2048,8 @@ def _mark(ok: bool) -> str:
 
 
 def _save_samples(out_dir: Path, state: dict, per_category: int = 2) -> list[str]:
-    """`samples_t2i.png` / `samples_edit.png`: a few items per category, each with its verdict."""
+    """`samples_t2i.png` / `samples_edit.png`: a few items per category, each with its verdict;
+    `samples_session.png`: the agent's first chains of edits, turn by turn."""
     written = []
     agent = state.get("agent") or {}
     t2i = state.get("t2i")
@@ -1844,6 +2112,19 @@ def _save_samples(out_dir: Path, state: dict, per_category: int = 2) -> list[str
             grid = make_grid(images, ncols=ncols, pad=6, labels=labels, scale=4, font_scale=0.42)
             save_image(grid, out_dir / "samples_edit.png")
             written.append("samples_edit.png")
+    se = state.get("session")
+    if se:
+        images, labels = [], []
+        for it, rec in list(zip(se["items"], se["agent"], strict=True))[:per_category * 2]:
+            images.append(_tile(render(it["scene"])))
+            labels.append(f"chain {it['index']}: source")
+            for t, (ins, image) in enumerate(zip(it["instructions"], rec["images"], strict=True)):
+                images.append(_tile(image))
+                labels.append(f"{_mark(rec['turns'][t]['correct'])} {t + 1}. {ins}")
+        grid = make_grid(images, ncols=1 + len(se["items"][0]["instructions"]), pad=6, labels=labels,
+                         scale=4, font_scale=0.42)  # fmt: skip
+        save_image(grid, out_dir / "samples_session.png")
+        written.append("samples_session.png")
     return written
 
 
@@ -1892,6 +2173,8 @@ def run(
     grounding_check: str = "rank",
     agent_context: Mapping[str, Any] | None = None,
     agent_tasks: Sequence[str] | str = AGENT_TASKS,
+    session_turns: int | None = None,
+    session_rounds: int | None = None,
     batch_size: int = 16,
     num_steps: int | None = None,
     pipeline: Any = None,
@@ -1921,6 +2204,10 @@ def run(
             `plan_temperature`, `selection`, `rank_by`); unset ones keep their defaults.
         agent_tasks: the agent suite's workflows, from `AGENT_TASKS` (list or comma
             string); default both.
+        session_turns: edits per chain of the session suite (default `SESSION_TURNS`, or
+            `QUICK_TURNS` with `quick`).
+        session_rounds: the session suite's agent `max_rounds` (default: `Context`'s, what
+            `lavida-agent session edit` runs).
         batch_size: rows per pipeline call (and concurrent workflow runs in the agent suite).
         num_steps: sampler steps for generate/edit (None: the pipeline's default).
         pipeline: a ready pipeline (tests pass a tiny random one, or a stand-in with the same
@@ -1943,6 +2230,10 @@ def run(
     n = int(n) if n is not None else (QUICK_N if quick else DEFAULT_N)
     if quick and num_steps is None:
         num_steps = QUICK_STEPS
+    if session_turns is None:
+        session_turns = QUICK_TURNS if quick else SESSION_TURNS
+    if not 1 <= int(session_turns) < SEED_STRIDE or (session_rounds is not None and int(session_rounds) < 1):
+        raise ValueError(f"session turns must be in 1..{SEED_STRIDE - 1} and session rounds >= 1")
     if n < 1 or batch_size < 1 or not agent_rounds or min(agent_rounds) < 1:
         raise ValueError("n, batch_size and every agent round must be >= 1")
     agent_plan = tuple(dict.fromkeys(bool(p) for p in agent_plan))
@@ -1987,6 +2278,8 @@ def run(
             grounding_check=grounding_check,
             agent_context=agent_context,
             agent_tasks=agent_tasks,
+            session_turns=int(session_turns),
+            session_rounds=None if session_rounds is None else int(session_rounds),
             backend=backend,
         )
         timings[name] = time.perf_counter() - t0
@@ -2009,6 +2302,8 @@ def run(
             "grounding_check": grounding_check,
             "agent_context": _agent_context_record(agent_context),
             "agent_tasks": list(agent_tasks),
+            "session_turns": int(session_turns),
+            "session_rounds": session_rounds,
             "batch_size": batch_size,
             "num_steps": num_steps,
             "device": str(getattr(pipeline, "device", device)),
@@ -2018,8 +2313,9 @@ def run(
         "seeds": {
             "heldout_base": HELDOUT_BASE,
             "scheme": "item rng = numpy default_rng([10**9 + 1000*seed + suite_index, *key]); "
-            "key = (category_index, i) for t2i/edit/vqa, (i,) for ground/critique; "
-            "sampler base seed = 10**6*seed + 100*(category_index*10000 + i + 1); "
+            "key = (category_index, i) for t2i/edit/vqa, (i,) for ground/critique/session; "
+            "sampler base seed = 10**6*seed + 100*(category_index*10000 + i + 1), "
+            "for session turn t of chain i 10**6*seed + 100*(100*i + t + 1); "
             "agent round r uses base + r",
             "suite_seeds": {s: suite_seed(seed, s) for s in chosen},
         },
@@ -2097,6 +2393,13 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
         flow = c.get("workflow_rendered")  # absent in older result files
         lines.append(f"critique agreement {_fmt(c['rendered']['agreement'])}"
                      + (f" (critique workflow {_fmt(flow['agreement'])})" if flow else ""))  # fmt: skip
+    if "session" in s:
+        se = s["session"]
+        lines.append(
+            f"session ({se['n_chains']} chains of {se['turns']} edits) right through the last turn: "
+            + ", ".join(f"{label} {_fmt(se[k]['chain_success'][-1])}"
+                        for k, label in _SESSION_SYSTEMS.items() if k in se)  # fmt: skip
+        )
     if "agent" in s:
         for task in ("t2i", "edit"):
             for k, v in s["agent"].get(task, {}).items():  # absent: not in `agent_tasks`
@@ -2116,12 +2419,13 @@ def _on_off(text: str, parser: argparse.ArgumentParser) -> tuple[bool, ...]:
     return tuple(w == "on" for w in words)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `python -m lavida_agent.benchmarks.quality --out DIR [...]`."""
-    p = argparse.ArgumentParser(
-        prog="python -m lavida_agent.benchmarks.quality", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--out", default="bench_out/quality", help="output folder")
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command line: `python -m lavida_agent.benchmarks.quality --out DIR [...]` (also
+    `lavida-agent bench quality`, which passes `prog`). Prints one summary line per suite,
+    or with `--json` the whole report."""
+    prog = prog or "python -m lavida_agent.benchmarks.quality"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--out", "-o", default="bench_out/quality", help="output folder")
     p.add_argument("--model-path", default=None, help="pipeline folder (default: embedded weights)")
     p.add_argument(
         "--n",
@@ -2149,14 +2453,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stray-check", choices=("gate", "off"), default=None,
                    help="agent t2i: reject an attempt with a mark off the plan (gate; the next round "
                         "draws afresh), or skip the check (default: the settings')")  # fmt: skip
+    p.add_argument("--session-turns", type=int, default=None,
+                   help=f"session suite: edits per chain (default {SESSION_TURNS}, quick {QUICK_TURNS})")  # fmt: skip
+    p.add_argument("--session-rounds", type=int, default=None,
+                   help="session suite: the agent's attempts per turn (default: the agent's, 3)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="rows per pipeline call")
     p.add_argument(
         "--num-steps", type=int, default=None, help="sampler steps (default: pipeline's)"
     )
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the whole report (quality.json) instead of a summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress log")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cmd = "python -m lavida_agent.benchmarks.quality " + " ".join(
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
+    cmd = f"{prog} " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     knobs = {"plan_retries": args.plan_retries, "selection": args.selection, "rank_by": args.rank_by,
@@ -2178,11 +2489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         grounding_check=args.grounding_check,
         agent_context={k: v for k, v in knobs.items() if v is not None},
         agent_tasks=args.agent_tasks,
+        session_turns=args.session_turns,
+        session_rounds=args.session_rounds,
         batch_size=args.batch_size,
         num_steps=args.num_steps,
         device=args.device,
         command=cmd,
     )
+    if args.json:
+        print(json.dumps(result, allow_nan=False))
+        return 0
     for line in _summary_lines(result):
         print(line)
     print(f"wrote {', '.join(result['files'])} to {args.out}")

@@ -1254,24 +1254,33 @@ def _import(module: str, what: str) -> Any:
         raise
 
 
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
+                 "help_option_names": []}  # fmt: skip
+
+
 @cli.group(cls=_LavidaGroup)
 def bench() -> None:
     """Quality and speed benchmarks (JSON + Markdown reports)."""
 
 
-@bench.command("quality")
-@click.option("--out", "-o", "out_dir", default=None, help="Report folder (default: HOME/bench/quality).")
-@click.option("--quick", is_flag=True, help="A small, fast run.")
-@_common
+@bench.command("quality", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def bench_quality(ctx: click.Context, out_dir: str | None, quick: bool) -> None:
-    """ShapesWorld quality suites (t2i, edit, grounding, VQA, reflection, plan lift and the
-    `ask` and `ground` workflows)."""
+def bench_quality(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """ShapesWorld quality suites: t2i, edit, grounding, VQA, critique, the agents and
+    multi-turn sessions, judged by the detector (`lavida-agent bench quality --help` for
+    its options: --suites, --n, --seed, ...). The report goes to HOME/bench/quality unless
+    --out says otherwise; the model and device are the ones --model / LAVIDA_MODEL_PATH and
+    --device / LAVIDA_DEVICE name."""
     settings = _settings(ctx)
-    run = _import("lavida_agent.benchmarks.quality", "the quality benchmark").run
-    report = run(model_path=settings.model_path,
-                 out_dir=out_dir or settings.home / "bench" / "quality", quick=quick)  # fmt: skip
-    _echo_json(report)
+    given = {a.split("=", 1)[0] for a in args}
+    defaults = [] if given & {"--out", "-o"} else ["--out", str(settings.home / "bench" / "quality")]
+    for option, value in (("--model-path", settings.model_path), ("--device", settings.device)):
+        if value is not None and option not in given:
+            defaults += [option, str(value)]
+    quiet = ["--quiet"] if ctx.ensure_object(dict).get("quiet") and "--quiet" not in given else []
+    main = _import("lavida_agent.benchmarks.quality", "the quality benchmark").main
+    _exit_with(main([*defaults, *args, *quiet], prog="lavida-agent bench quality"))
 
 
 @bench.command("speed")
@@ -1293,10 +1302,6 @@ def bench_speed(ctx: click.Context, out_dir: str | None, quick: bool) -> None:
 @cli.group(cls=_LavidaGroup)
 def train() -> None:
     """Train the VQ tokenizer or the model (arguments go to the training script)."""
-
-
-_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
-                 "help_option_names": []}  # fmt: skip
 
 
 def _exit_with(ret: Any) -> None:

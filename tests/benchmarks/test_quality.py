@@ -248,7 +248,7 @@ def quick_run(tmp_path_factory, _one_torch_thread):
 
 def test_quick_run_writes_every_suite(quick_run):
     out, result, _ = quick_run
-    for name in ("quality.json", "quality.md", "samples_t2i.png", "samples_edit.png"):
+    for name in ("quality.json", "quality.md", "samples_t2i.png", "samples_edit.png", "samples_session.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "quality.json").read_text())
     assert on_disk == result
@@ -328,8 +328,20 @@ def test_quick_run_writes_every_suite(quick_run):
         "## agent: edit",
         "## ask",
         "## agent_ground",
+        "## session",
     ):
         assert header in md
+    se = s["session"]
+    assert se["turns"] == quality.QUICK_TURNS == on_disk["settings"]["session_turns"]
+    assert se["agent_max_rounds"] == 3  # the agent's own default
+    for name in ("single", "planned", "agent"):
+        block = se[name]
+        assert len(block["turn_accuracy"]) == len(block["chain_success"]) == se["turns"]
+        # a chain right through turn t is right through every earlier turn
+        assert all(a >= b for a, b in zip(block["chain_success"], block["chain_success"][1:]))
+        assert block["chain_success"][0] == block["turn_accuracy"][0]
+    assert se["agent_totals"]["forwards"] > 0
+    assert all(1 <= r <= 3 for it in se["items"] for r in it["agent_rounds"])
 
 
 def test_samples_grid_is_upscaled(quick_run):
@@ -376,6 +388,10 @@ def test_oracle_scores_perfectly(tmp_path):
         assert s["critique"][k]["agreement"] == 1.0 and s["critique"][k]["judged_by_scene"] > 0.8
         assert s["critique"][k]["reasons_exact_when_both_reject"] in (1.0, None)
     assert s["critique"]["detector_vs_sample_label"] == 1.0
+    for name in ("single", "planned", "agent"):  # every turn of every chain, and no drift
+        block = s["session"][name]
+        assert block["chain_success"] == [1.0] * quality.SESSION_TURNS, name
+        assert block["kept_exact"] in (1.0, None) and block["accuracy"]["overall"] == 1.0
     for task, key in (("t2i", "max_rounds={}"), ("t2i", "max_rounds={}, no plan"), ("edit", "max_rounds={}")):
         for r in (1, 2):
             block = s["agent"][task][key.format(r)]
@@ -391,8 +407,8 @@ def _mean_correct(block):
 def test_blank_pipeline_scores_zero(tmp_path):
     """The judge fails what is wrong: black images, no boxes, empty answers score 0.0."""
     result = quality.run(
-        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa,ask,agent_ground",
-        batch_size=8,
+        pipeline=BlankPipeline(), out_dir=tmp_path, n=1, suites="t2i,edit,ground,vqa,ask,agent_ground,session",
+        batch_size=8, session_turns=2,
     )
     s = result["suites"]
     assert s["t2i"]["single_shot"]["overall"] == 0.0
@@ -414,6 +430,8 @@ def test_blank_pipeline_scores_zero(tmp_path):
     assert s["vqa"]["accuracy"]["overall"] == 0.0
     assert s["ask"]["accuracy"]["overall"] == 0.0  # an empty caption: every answer direct
     assert s["ask"]["answered_from_scene"]["overall"] == 0.0
+    for name in ("single", "planned", "agent"):
+        assert s["session"][name]["chain_success"] == [0.0, 0.0], name
 
 
 def test_score_t2i_passes_the_right_image_and_fails_a_blank_one():
@@ -438,6 +456,54 @@ def test_items_are_held_out_deterministic_and_prefix_stable():
     assert [q["kind"] for q in quality.vqa_items(1)] == list(QUESTION_KINDS)
     ground = quality.ground_items(4)
     assert all(1 <= len(g["expressions"]) <= quality.MULTI_EXPRESSIONS for g in ground)
+
+
+def test_session_items_chain_edits_that_apply():
+    """Each turn is an edit of the scene the chain should hold by then: the expected scenes,
+    rendered, pass every turn; items are deterministic and prefix-stable in n and turns."""
+    items = quality.session_items(4, seed=2, turns=4)
+    assert items == quality.session_items(4, seed=2, turns=4)
+    longer = quality.session_items(5, seed=2, turns=6)
+    for a, b in zip(items, longer, strict=False):
+        assert a["scene"] == b["scene"] and a["instructions"] == b["instructions"][:4]
+        assert a["seeds"] == b["seeds"][:4]
+    assert len({s for it in longer for s in it["seeds"]}) == 5 * 6
+    assert quality.session_items(4, seed=3, turns=4) != items
+    for it in items:
+        assert set(it["categories"]) <= set(EDIT_CATEGORIES)
+        judged = quality.judge_chain(it, [render(t) for t in it["targets"]])
+        assert judged["chain"] == [True] * 4, (it["instructions"], judged["turns"])
+        assert judged["kept_psnr"] in (quality.PSNR_CAP, None)
+        assert judged["kept_psnr"] is None or quality.kept_mask(it).sum() > 0
+    with pytest.raises(ValueError, match="turns"):
+        quality.session_items(1, turns=0)
+
+
+def test_judge_chain_fails_a_lost_turn_and_everything_after():
+    it = quality.session_items(1, seed=0, turns=3)[0]
+    right = [render(t) for t in it["targets"]]
+    blank = np.zeros_like(right[0])
+    judged = quality.judge_chain(it, [right[0], blank, right[2]])
+    assert [t["correct"] for t in judged["turns"]][:2] == [True, False]
+    assert judged["chain"] == [True, False, False]
+    assert judged["turns"][1]["reasons"]
+    # the kept objects' pixels are gone from a black canvas: drift is measured
+    if quality.kept_mask(it).any():
+        assert quality.judge_chain(it, [right[0], right[1], blank])["kept_psnr"] < quality.PSNR_CAP
+
+
+def test_session_options_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match="session turns"):
+        quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="session", session_turns=0)
+    with pytest.raises(ValueError, match="session rounds"):
+        quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="session", session_rounds=0)
+    r = quality.run(pipeline=OraclePipeline(), out_dir=tmp_path, n=1, suites="session", session_turns=2,
+                    session_rounds=1, batch_size=1)  # fmt: skip
+    se = r["suites"]["session"]
+    assert se["agent_max_rounds"] == 1 and se["agent_mean_rounds"] == 1.0 and se["turns"] == 2
+    assert r["settings"]["session_rounds"] == 1
+    lines = quality._summary_lines(r)
+    assert any(x.startswith("session (1 chains of 2 edits)") for x in lines)
 
 
 def test_absent_expressions_name_nothing_in_their_scene():
@@ -522,6 +588,11 @@ def test_main_runs_a_saved_pipeline(tmp_path, capsys):
     assert data["settings"]["suites"] == ["t2i", "vqa"] and data["settings"]["model"] == str(folder)
     assert data["command"].startswith("python -m lavida_agent.benchmarks.quality")
     assert "t2i single" in capsys.readouterr().out
+    # --json prints the report itself (what quality.json holds)
+    assert quality.main(["-o", str(out / "j"), "--quick", "--suites", "vqa", "--model-path", str(folder),
+                         "--device", "cpu", "--json", "--quiet"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "j" / "quality.json").read_text())
 
 
 def test_agent_plan_option_is_checked(tmp_path, capsys):

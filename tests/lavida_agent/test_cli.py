@@ -614,10 +614,15 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
     assert run("train", "model", "--config", "c.json").exit_code == 0
     assert run("--quiet", "train", "model", "--out", "r").exit_code == 0  # no bars there either
     assert calls[0] == ("lavida_agent.benchmarks.speed_model", {"out_dir": "b", "quick": True})
-    assert calls[1][0] == "lavida_agent.benchmarks.quality" and calls[1][1]["quick"] is True
+    module, argv, prog = calls[1]
+    assert module == "lavida_agent.benchmarks.quality" and prog == "lavida-agent bench quality"
+    assert argv[0] == "--out" and argv[1].endswith("bench/quality") and argv[-1] == "--quick"
     assert calls[2] == ("lavida_agent.model.training_vq", ["--steps", "5", "--help"], "lavida-agent train vq")
     assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"], "lavida-agent train model")
     assert calls[4] == ("lavida_agent.model.training", ["--out", "r", "--quiet"], "lavida-agent train model")
+    # the benchmark's own options pass through; --out, the model and the device are given once
+    assert run("--model", "m", "--device", "cpu", "-q", "bench", "quality", "--suites", "session", "-o", "x").exit_code == 0
+    assert calls[5][1] == ["--model-path", "m", "--device", "cpu", "--suites", "session", "-o", "x", "--quiet"]
 
 
 def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
