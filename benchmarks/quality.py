@@ -1105,8 +1105,9 @@ def score_agent_session(
     through one `BatchingEngine`.
 
     Returns:
-        Per chain, `judge_chain`'s record with `images`, `rounds` and `accepted` (per turn),
-        and totals as `score_agent_t2i`.
+        Per chain, `judge_chain`'s record with `images`, `rounds`, `accepted` and
+        `attempts_correct` (per turn: each attempt judged on the image the turn edited), and
+        totals as `score_agent_t2i`.
     """
     from lavida_agent.graphs.persistence import checkpointer_from_path
     from lavida_agent.graphs.session import EditSession
@@ -1116,16 +1117,22 @@ def score_agent_session(
     def one(i: int, ctx: Any, store: Any) -> dict[str, Any]:
         it = items[i]
         session = EditSession(f"chain-{i}", checkpointer=saver, context=ctx)
+        prev = render(it["scene"])
         images: list[np.ndarray] = []
         rounds: list[int] = []
         accepted: list[bool] = []
+        attempts: list[list[bool]] = []
         for t, (ins, s) in enumerate(zip(it["instructions"], it["seeds"], strict=True)):
-            out = session.edit(ins, image=store.put(render(it["scene"])) if t == 0 else None, seed=int(s))
+            out = session.edit(ins, image=store.put(prev) if t == 0 else None, seed=int(s))
             assert out.current is not None
-            images.append(store.open(out.current))
-            rounds.append(len(out.steps) - sum(rounds))  # the lineage holds every turn's attempts
+            turn = out.steps[sum(rounds):]  # the lineage holds every turn's attempts
+            attempts.append([check_edit(prev, ins, store.open(step.result)).correct for step in turn])
+            rounds.append(len(turn))
             accepted.append(bool(out.accepted))
-        return dict(judge_chain(it, images), images=images, rounds=rounds, accepted=accepted)
+            prev = store.open(out.current)
+            images.append(prev)
+        return dict(judge_chain(it, images), images=images, rounds=rounds, accepted=accepted,
+                    attempts_correct=attempts)  # fmt: skip
 
     context = {} if max_rounds is None else {"max_rounds": int(max_rounds)}
     return _through_workflow(pipeline, len(items), one, backend=backend, batch_size=batch_size,
@@ -1754,6 +1761,7 @@ def _suite_session(
         **{name: _session_summary(recs, items) for name, recs in systems.items()},
         "agent_mean_rounds": _mean([x for r in agent for x in r["rounds"]]),
         "agent_accepted_rate": _mean([x for r in agent for x in r["accepted"]]),
+        "agent_any_attempt_rate": _mean([any(x) for r in agent for x in r["attempts_correct"]]),
         "agent_totals": totals,
         "items": [
             {
@@ -1767,6 +1775,7 @@ def _suite_session(
                           "kept_psnr": recs[k]["kept_psnr"]}
                    for name, recs in systems.items()},
                 "agent_rounds": agent[k]["rounds"],
+                "agent_attempts_correct": agent[k]["attempts_correct"],
             }
             for k, it in enumerate(items)
         ],  # fmt: skip
@@ -2013,7 +2022,8 @@ def _session_markdown(se: Mapping[str, Any]) -> list[str]:
     return [
         "",
         f"## session: multi-turn editing ({se['n_chains']} chains of {se['turns']} edits; the agent "
-        f"at most {se['agent_max_rounds']} attempts a turn, {_fmt(se['agent_mean_rounds'])} on average)",
+        f"at most {se['agent_max_rounds']} attempts a turn, {_fmt(se['agent_mean_rounds'])} on average, "
+        f"some attempt right in {_fmt(se['agent_any_attempt_rate'])} of its turns)",
         "",
         "Chains right through each turn:",
         "",

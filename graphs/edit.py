@@ -134,7 +134,8 @@ def plan_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
         plan = EditPlan(targets=targets, grounded=grounded,
                         regions=regions or [g.box for g in grounded],
                         layout=layout, keep=_items(planned.keep),
-                        absent=[t for t, p in zip(targets, here, strict=True) if p is False])  # fmt: skip
+                        absent=[t for t, p in zip(targets, here, strict=True) if p is False],
+                        caption=planned.caption or None)  # fmt: skip
         emit("edit_plan", plan=plan.model_dump(mode="json"))
     abandoned = any(s.turn == state.turn for s in state.steps)
     return {"source": source, "source_step": source_step, "edit_plan": plan, "round": 0,

@@ -332,6 +332,10 @@ class EditPlan(BaseModel):
         description="Targets the source image does not hold (`perceive.presence`): the edit "
         "can only act on a look-alike, so every attempt is rejected naming them.",
     )
+    caption: str | None = Field(
+        default=None, description="The model's caption of the source image, which the plan "
+        "and `absent` were read from (None: the planner read none).",
+    )
 
 
 class EditStep(BaseModel):

@@ -238,6 +238,7 @@ class EditResult(RunResult):
             "plan": [{"label": i.label, "box": i.box.as_list()} for i in self.layout],
             "targets": list(plan.targets) if plan else [],
             "absent": list(plan.absent) if plan else [],
+            "caption": plan.caption if plan else None,
             "regions": [b.as_list() for b in plan.regions] if plan else [],
             "keep": [{"label": i.label, "box": i.box.as_list()} for i in plan.keep] if plan else [],
             "attempts": [_attempt_dict(self, s.seed, s.critique, s.result)

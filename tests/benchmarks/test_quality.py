@@ -342,6 +342,10 @@ def test_quick_run_writes_every_suite(quick_run):
         assert block["chain_success"][0] == block["turn_accuracy"][0]
     assert se["agent_totals"]["forwards"] > 0
     assert all(1 <= r <= 3 for it in se["items"] for r in it["agent_rounds"])
+    for it in se["items"]:  # every attempt judged: the kept one is right only if some attempt was
+        assert [len(a) for a in it["agent_attempts_correct"]] == it["agent_rounds"]
+        assert all(any(a) for a, ok in zip(it["agent_attempts_correct"], it["agent"]["correct"]) if ok)
+    assert 0.0 <= se["agent_any_attempt_rate"] <= 1.0
 
 
 def test_samples_grid_is_upscaled(quick_run):

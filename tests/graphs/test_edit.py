@@ -308,6 +308,8 @@ def test_an_edit_naming_what_the_source_does_not_hold_is_rejected_by_name(engine
     reason = "The source image holds no blue circle: the edit could only act on a look-alike."
     for step in out.steps:
         assert step.plan.absent == ["the blue circle"] and reason in step.critique.reasons
+        # what the absence was read from is in the plan (and so in the trace)
+        assert step.plan.caption == "a small red circle on a black background"
     assert [info for m, info in engine.log if m == "noun_fit"][0] == {"labels": ["the blue circle"], "contrast": True}
 
 

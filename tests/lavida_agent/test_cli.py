@@ -25,7 +25,8 @@ SCHEMAS = {
     "generate": {"prompt": str, "out": str, "seed": int, "rounds": int,
                  "plan": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
     "edit": {"image": str, "instruction": str, "out": str, "seed": int, "rounds": int,
-             "plan": [PLAN_ITEM], "keep": [PLAN_ITEM], "attempts": [ATTEMPT], **RUN},  # fmt: skip
+             "plan": [PLAN_ITEM], "keep": [PLAN_ITEM], "caption": (str, type(None)), "attempts": [ATTEMPT],
+             **RUN},  # fmt: skip
     "ground": {"image": str, "expressions": [str], "boxes": [list], "found_by": [str], "present": list},
     "ask": {"image": str, "question": str, "answer": str},
     "critique": {"image": str, "prompt": str, "verdict": str, "reasons": [str], "judged_by": str,
