@@ -1272,15 +1272,19 @@ def bench_quality(ctx: click.Context, args: tuple[str, ...]) -> None:
     its options: --suites, --n, --seed, ...). The report goes to HOME/bench/quality unless
     --out says otherwise; the model and device are the ones --model / LAVIDA_MODEL_PATH and
     --device / LAVIDA_DEVICE name."""
-    settings = _settings(ctx)
+    settings, obj = _settings(ctx), ctx.ensure_object(dict)
+    obj["debug"] = obj.get("debug") or "--debug" in args  # this command's, as after any other
+    obj["json"] = obj.get("json") or "--json" in args  # an error is then JSON on stdout too
+    args = tuple(a for a in args if a != "--debug")
     given = {a.split("=", 1)[0] for a in args}
-    defaults = [] if given & {"--out", "-o"} else ["--out", str(settings.home / "bench" / "quality")]
+    defaults = []
     for option, value in (("--model-path", settings.model_path), ("--device", settings.device)):
         if value is not None and option not in given:
             defaults += [option, str(value)]
-    quiet = ["--quiet"] if ctx.ensure_object(dict).get("quiet") and "--quiet" not in given else []
+    quiet = ["--quiet"] if obj.get("quiet") and "--quiet" not in given else []
     main = _import("lavida_agent.benchmarks.quality", "the quality benchmark").main
-    _exit_with(main([*defaults, *args, *quiet], prog="lavida-agent bench quality"))
+    _exit_with(main([*defaults, *args, *quiet], prog="lavida-agent bench quality",
+                    default_out=str(settings.home / "bench" / "quality")))  # fmt: skip
 
 
 @bench.command("speed")

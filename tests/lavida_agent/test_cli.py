@@ -602,8 +602,8 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
             calls.append((module, kwargs))
             return {"ok": True}
 
-        def main(argv, prog):
-            calls.append((module, argv, prog))
+        def main(argv, prog, **kwargs):
+            calls.append((module, argv, prog, *kwargs.values()))
             return 0
 
         return types.SimpleNamespace(run=run_, main=main)
@@ -615,15 +615,24 @@ def test_bench_and_train_call_the_modules(run, monkeypatch):
     assert run("train", "model", "--config", "c.json").exit_code == 0
     assert run("--quiet", "train", "model", "--out", "r").exit_code == 0  # no bars there either
     assert calls[0] == ("lavida_agent.benchmarks.speed_model", {"out_dir": "b", "quick": True})
-    module, argv, prog = calls[1]
+    module, argv, prog, default_out = calls[1]
     assert module == "lavida_agent.benchmarks.quality" and prog == "lavida-agent bench quality"
-    assert argv[0] == "--out" and argv[1].endswith("bench/quality") and argv[-1] == "--quick"
+    assert argv == ["--quick"] and default_out.endswith("bench/quality")  # HOME/bench/quality
     assert calls[2] == ("lavida_agent.model.training_vq", ["--steps", "5", "--help"], "lavida-agent train vq")
     assert calls[3] == ("lavida_agent.model.training", ["--config", "c.json"], "lavida-agent train model")
     assert calls[4] == ("lavida_agent.model.training", ["--out", "r", "--quiet"], "lavida-agent train model")
     # the benchmark's own options pass through; --out, the model and the device are given once
     assert run("--model", "m", "--device", "cpu", "-q", "bench", "quality", "--suites", "session", "-o", "x").exit_code == 0
     assert calls[5][1] == ["--model-path", "m", "--device", "cpu", "--suites", "session", "-o", "x", "--quiet"]
+
+
+def test_bench_quality_takes_debug_and_says_errors_as_json(run):
+    """`--debug` after the command is the CLI's own (not the benchmark's); with `--json` a bad
+    option is a JSON error on stdout, before any model loads."""
+    res = run("bench", "quality", "--n", "0", "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"].startswith("ValueError: n, batch_size")
+    res = run("bench", "quality", "--n", "0", "--debug")
+    assert isinstance(res.exception, ValueError)  # the traceback is not turned into a message
 
 
 def test_serve_binds_loopback_and_applies_the_key(run, monkeypatch):
