@@ -21,10 +21,10 @@ current image and records it in `heads`. Round `r` of a turn uses seed `base + r
   another colour), recorded as the critique's `fit`; an attempt where a look-alike wins
   (fit <= 0) is rejected with a reason naming the object. Grounding alone cannot see
   that: `the red square` is "found" on a red circle drawn in its place.
-- `commit_edit` keeps the attempt whose worst produced object fits best (by the grounding
-  score when no fit was measured: a remove or background edit produces nothing, and ties
-  there go to the attempt whose worst kept object reads best as itself, `keep_fit`; then
-  the earliest). With `Context.selection="best"`
+- `commit_edit` keeps an accepted attempt first (as the t2i workflow does), then the one
+  whose worst produced object fits best (by the grounding score when no fit was measured: a
+  remove or background edit produces nothing, and ties there go to the attempt whose worst
+  kept object reads best as itself, `keep_fit`; then the earliest). With `Context.selection="best"`
   (the default) every round is drawn; with `"accept"` the turn ends at the first attempt
   whose checks all pass. On the shipped model's three-round attempts at the benchmark's
   edits, ranking by noun contrast kept a right one for 0.688, by the absolute fit 0.679,
@@ -312,15 +312,19 @@ def commit_edit(state: EditState, runtime: Runtime[Context]) -> dict[str, Any]:
             "undone": []}  # fmt: skip
 
 
-def edit_rank(step: EditStep) -> tuple[float, float, int]:
-    """Sort key of an attempt (higher is better): its worst produced object's fit when
-    measured, else its grounding score; then its worst kept object's noun contrast when
-    measured (edits that produce nothing); then the earliest."""
+def edit_rank(step: EditStep) -> tuple[bool, float, float, int]:
+    """Sort key of an attempt (higher is better): accepted first; then its worst produced
+    object's fit when measured, else its grounding score; then its worst kept object's noun
+    contrast when measured (edits that produce nothing); then the earliest.
+
+    Accepted first never kept a wrong attempt over a right one on the benchmark's 336
+    three-round edits (seeds 0-3, 7, 8) and kept one more right one; before it, a turn could
+    say "not verified" while one of its own attempts had passed every check."""
     c = step.critique
     if c is None:
-        return (-math.inf, -math.inf, -step.index)
+        return (False, -math.inf, -math.inf, -step.index)
     fit, keep = c.fit_score, c.keep_fit_score
-    return (c.score if fit is None else fit, -math.inf if keep is None else keep, -step.index)
+    return (c.accepted, c.score if fit is None else fit, -math.inf if keep is None else keep, -step.index)
 
 
 # ----------------------------------------------------------------------------------------

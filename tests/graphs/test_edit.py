@@ -285,6 +285,23 @@ def test_a_background_edit_is_verified_by_the_background_the_model_reads(engine,
     assert second.critique.accepted and out.heads == [1]
 
 
+def test_an_accepted_attempt_is_kept_over_a_rejected_one_that_ranks_higher(engine, store):
+    """The turn is verified when one of its attempts is: an attempt whose new object reads
+    better but which moved an object it had to keep is not kept over an accepted one."""
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2)  # selection best
+    engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
+    engine.enqueue_ground([BLUE["box"]])  # planning grounds the target
+    engine.enqueue_ground([BLUE["box"], [0.0, 0.0, 4.0, 4.0]])  # attempt 0: the red circle "moved"
+    for fit in ([9.0], [1.0]):  # (attempt 1 is grounded where it is drawn)
+        engine.enqueue_fit(fit)
+    out = EditOutput.model_validate(
+        edit.graph.invoke({"instruction": "add a blue square", "image": _scene(store)}, context=ctx))
+    rejected, accepted = out.steps
+    assert not rejected.critique.accepted and accepted.critique.accepted
+    assert rejected.critique.fit_score > accepted.critique.fit_score
+    assert out.heads == [1] and out.accepted
+
+
 def test_edit_rank_uses_the_score_when_no_fit_was_measured(engine, store):
     ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2, rank_by="score")
     engine.enqueue_edit_plan(_plan(BLUE, keep=[RED]))
