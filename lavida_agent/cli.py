@@ -771,9 +771,26 @@ def edit(ctx: click.Context, image: str | None, instruction: str | None, out: st
 
 
 def _echo_edit_summary(data: dict[str, Any]) -> None:
-    verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
-    click.echo(f"{data['out']}: {verdict} after {data['rounds']} round(s){_kept(data)}, seed "
+    click.echo(f"{data['out']}: {_edit_verdict(data)} after {data['rounds']} round(s){_kept(data)}, seed "
                f"{data['seed']}, run {data['run_id']}, session {data['thread_id']}")  # fmt: skip
+    _echo_edit_why(data)
+
+
+def _edit_verdict(data: dict[str, Any]) -> str:
+    return "verified" if data["accepted"] else "not verified (best attempt kept)"
+
+
+def _echo_edit_why(data: dict[str, Any]) -> None:
+    """Under a turn that was not verified: why its kept attempt was rejected, and (when the
+    edit names an object the image was read not to hold) the caption it was read from."""
+    if data["accepted"]:
+        return
+    attempts, kept = data.get("attempts") or [], data.get("kept")
+    reasons = attempts[kept]["reasons"] if kept is not None and kept < len(attempts) else []
+    if reasons:
+        click.echo("  why: " + "; ".join(reasons))
+    if data.get("absent") and data.get("caption"):
+        click.echo(f"  the model read the image as: {data['caption']}")
 
 
 def _kept(data: dict[str, Any]) -> str:
@@ -987,12 +1004,12 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
     if as_json:
         _echo_json(data)
     else:
-        verdict = "verified" if data["accepted"] else "not verified (best attempt kept)"
         history = s.history()  # committed turns on the current branch, this one last
         turn = history[-1].turn if history else 0  # numbered as `session history` shows it
-        click.echo(f"{data['out']}: turn {turn} {verdict} after {data['rounds']} round(s){_kept(data)}, "
-                   f"lineage step {data['step']}, run {data['run_id']} (undo: lavida-agent "
+        click.echo(f"{data['out']}: turn {turn} {_edit_verdict(data)} after {data['rounds']} round(s)"
+                   f"{_kept(data)}, lineage step {data['step']}, run {data['run_id']} (undo: lavida-agent "
                    f"session undo {s.thread_id})")  # fmt: skip
+        _echo_edit_why(data)
 
 
 @session.command("history")

@@ -213,6 +213,23 @@ def test_edit_json(run, scene, engine):
     assert run("trace", run_id, "--json").exit_code == 0
 
 
+def test_an_edit_that_is_not_verified_says_why(run, scene, engine):
+    """The line under an unverified edit gives the kept attempt's reasons and, for an object
+    the image was read not to hold, the caption that reading came from."""
+    caption = "a small red circle on a black background"
+    engine.enqueue_edit_plan(EditPlanResult(targets=["the blue circle"], target_boxes=[[20, 20, 60, 40]],
+                                            caption=caption))  # fmt: skip
+    engine.enqueue_ground([[20.0, 20.0, 60.0, 40.0]])  # grounding puts it on the red circle
+    engine.enqueue_fit([-7.0])  # where the model reads a look-alike
+    res = run("edit", scene, "remove the blue circle", "--out", "e.png", "--rounds", 1)
+    assert res.exit_code == 0, res.output
+    first, why, read = res.stdout.splitlines()
+    assert "not verified (best attempt kept)" in first
+    assert why.startswith("  why: ")
+    assert "The source image holds no blue circle: the edit could only act on a look-alike." in why
+    assert read == f"  the model read the image as: {caption}"
+
+
 def test_ground_ask_and_critique_write_their_trace_pages_too(run, scene, tmp_path):
     for args in (("ground", scene, "red circle"), ("ask", scene, "what color is the circle?"),
                  ("critique", scene, "a red circle")):  # fmt: skip
