@@ -29,7 +29,7 @@ from lavida_agent.graphs.edit import build_edit_graph
 from lavida_agent.graphs.state import EditOutput, EditState, EditStep
 from lavida_agent.tools.artifacts import ImageRef
 
-__all__ = ("EditSession", "lineage_graph", "lineage_json")
+__all__ = ("EditSession", "committed", "lineage_graph", "lineage_json")
 
 
 def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.DiGraph:
@@ -50,6 +50,17 @@ def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.Di
             verdict=s.critique.verdict if s.critique else None, head=s.index in heads_set,
         )  # fmt: skip
     return g
+
+
+def committed(state: EditState) -> list[EditStep]:
+    """The turns that made the current image, oldest first: its step, that step's parent
+    step, and so on back to an input image. A restart from a new image (`image` in a turn's
+    input, or `Session.start`) begins a new history: the turns before it made another image."""
+    out, i = [], state.current_step
+    while i is not None:
+        out.append(state.steps[i])
+        i = state.steps[i].parent_step
+    return out[::-1]
 
 
 def lineage_json(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> dict[str, Any]:
@@ -102,9 +113,8 @@ class EditSession:
         return EditState.model_validate(self.graph.get_state(self.config).values)
 
     def history(self) -> list[EditStep]:
-        """The committed steps of this branch, oldest first (one per turn)."""
-        st = self.state()
-        return [st.steps[i] for i in st.heads]
+        """The committed steps of this branch, oldest first (one per turn; `committed`)."""
+        return committed(self.state())
 
     def snapshots(self) -> list[StateSnapshot]:
         """Every checkpoint of the thread, all branches, newest first."""
@@ -164,7 +174,7 @@ class EditSession:
         """
         st = self.state()
         if st.current_step is None:
-            raise ValueError("nothing to undo: the session has no committed edit")
+            raise ValueError("nothing to undo: the current image is the session's input (no edit made it)")
         head = st.steps[st.current_step]
         if head.parent_step is not None:
             return self.branch(head.parent_step)

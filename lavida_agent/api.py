@@ -1823,9 +1823,11 @@ class Session:
         return image[y0:y1, x0:x1]
 
     def history(self) -> list[EditStep]:
-        """The committed steps of the current branch, oldest first (one per turn)."""
-        st = self.state()
-        return [st.steps[i] for i in st.heads]
+        """The turns that made the current image, oldest first (one per turn; a restart from
+        a new image begins a new history)."""
+        from lavida_agent.graphs.session import committed
+
+        return committed(self.state())
 
     def steps(self) -> list[EditStep]:
         """Every verified attempt of the current branch's lineage, in order."""

@@ -268,6 +268,12 @@ def test_session_edit_history_undo_branch_and_resume(engine, tmp_path):
         with pytest.raises(InvalidInputError, match="nothing to redo"):
             s.redo()
         assert s.current == restart
+        assert s.history() == []  # the restart begins a new history: no turn made this image
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[RED["box"]], layout=[RED]))
+        s.edit("add a red circle", seed=3)
+        assert [h.instruction for h in s.history()] == ["add a red circle"]
+        assert s.history()[0].parent == restart and s.undo() == restart
+        assert s.history() == []
         s.branch(0)
         assert src.sha256 in {n["id"] for n in lineage["nodes"]}
         assert second.trace.lineage is not None
