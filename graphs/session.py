@@ -32,20 +32,22 @@ from lavida_agent.tools.artifacts import ImageRef
 __all__ = ("EditSession", "committed", "lineage_graph", "lineage_json")
 
 
-def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.DiGraph:
-    """The edit lineage as a DAG of images (node = image sha256, edge = one edit step).
+def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.MultiDiGraph:
+    """The edit lineage as a DAG of images (node = image sha256, edge = one edit step,
+    keyed by its lineage index: two steps that made the same image from the same parent,
+    a seed replayed on another branch, are two edges).
 
     Node attributes: `ref` (ImageRef dict). Edge attributes: `index`, `turn`, `round`,
     `instruction`, `seed`, `num_steps`, `verdict`, `head` (kept as the turn's result).
     """
-    g = nx.DiGraph()
+    g = nx.MultiDiGraph()
     heads_set = set(heads)
     for s in steps:
         for ref in (s.parent, s.result):
             if ref.sha256 not in g:
                 g.add_node(ref.sha256, ref=ref.to_dict())
         g.add_edge(
-            s.parent.sha256, s.result.sha256, index=s.index, turn=s.turn, round=s.round,
+            s.parent.sha256, s.result.sha256, key=s.index, index=s.index, turn=s.turn, round=s.round,
             instruction=s.instruction, seed=s.seed, num_steps=s.num_steps,
             verdict=s.critique.verdict if s.critique else None, head=s.index in heads_set,
         )  # fmt: skip
@@ -120,18 +122,18 @@ class EditSession:
         """Every checkpoint of the thread, all branches, newest first."""
         return list(self.graph.get_state_history(self.config))
 
-    def lineage(self, *, all_branches: bool = False) -> nx.DiGraph:
+    def lineage(self, *, all_branches: bool = False) -> nx.MultiDiGraph:
         """The lineage DAG of this branch, or of every branch the thread ever had."""
         if not all_branches:
             st = self.state()
             return lineage_graph(st.steps, st.heads)
-        g = nx.DiGraph()
+        g = nx.MultiDiGraph()
         for snap in self.snapshots():  # newest first; a step kept as its turn's result stays kept
             st = EditState.model_validate({"instruction": "", **snap.values})
-            kept = [(u, v) for u, v, head in g.edges(data="head") if head]
+            kept = [(u, v, k) for u, v, k, head in g.edges(keys=True, data="head") if head]
             g = nx.compose(g, lineage_graph(st.steps, st.heads))
-            for u, v in kept:
-                g.edges[u, v]["head"] = True
+            for u, v, k in kept:
+                g.edges[u, v, k]["head"] = True
         return g
 
     # -- time travel ----------------------------------------------------------------------

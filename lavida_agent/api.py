@@ -2006,8 +2006,9 @@ class Session:
         self._require()
         n = len(self.state().steps)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (image is None and step >= n):
-            raise InvalidInputError(f"no step {step!r} in session {self.thread_id!r} "
-                                    f"(steps 0..{n - 1})" if n else "the session's current branch has no "
+            raise InvalidInputError(f"no step {step!r} on the current branch of session {self.thread_id!r} "
+                                    f"(steps 0..{n - 1}; a step of another branch is named with its image: "
+                                    "`image=`, `--image` in the CLI)" if n else "the session's current branch has no "
                                     "steps (it is at its input image): name a step of another branch by its "
                                     "image (`image=`, `--image` in the CLI)")  # fmt: skip
         if image is None:

@@ -936,7 +936,7 @@ def _session_state(s: Any, out: str | None, scale: int) -> dict[str, Any]:
     """The session's current image (written to `out` if given) and its step, as JSON."""
     st = s.state()
     data = {"session": s.thread_id, "current": str(s.agent.store.path(st.current)),
-            "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
+            "sha256": st.current.sha256, "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
     if out:
         from lavida_agent.tools.images import resize_nearest, save_image
 
@@ -1113,11 +1113,12 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
     click.echo(f"session {s.thread_id}: step {_step_name(data['step'])} of {data['steps']}, "
                f"current {data['current']}")  # fmt: skip
     for e in data["lineage"].get("edges", []):
-        click.echo(f"  {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
+        here = e["index"] == data["step"] and e["target"] == data["sha256"] and e["head"]
+        click.echo(f"{'*' if here else ' '} {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
                    f"{e['verdict']}  {e['instruction']}")  # fmt: skip
     if data["lineage"].get("edges"):
-        click.echo(f"(to make one current: lavida-agent session branch {s.thread_id} STEP "
-                   "--image TARGET, STEP the number after # above)", err=True)  # fmt: skip
+        click.echo(f"(* marks the current image; to make another one current: lavida-agent session "
+                   f"branch {s.thread_id} STEP --image TARGET, STEP the number after # above)", err=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

@@ -129,6 +129,25 @@ def test_session_history_undo_and_branch_keep_the_original_history(tmp_path, sto
     assert json.loads(json.dumps(doc))["edges"][0]["instruction"] == "add blue"
 
 
+def test_steps_that_made_the_same_image_on_two_branches_are_two_edges(engine, store):
+    """A seed replayed after an undo draws the image another branch's second round drew:
+    the lineage over every branch keeps both steps (they were one edge, and `session show`
+    lost the current one)."""
+    ctx = Context(engine=engine, artifacts=store, num_steps=2, max_rounds=2)  # selection best
+    session = EditSession("twins", checkpointer=checkpointer_from_path(None), context=ctx)
+    src = _scene(store)
+    engine.enqueue_edit_plan(_plan(BLUE))
+    first = session.edit("add blue", image=src, seed=5)  # rounds with seeds 5, 6
+    session.undo()
+    engine.enqueue_edit_plan(_plan(BLUE))
+    again = session.edit("add blue", seed=6)  # rounds with seeds 6, 7
+    assert again.steps[0].result == first.steps[1].result  # the same image, step 0 and step 1
+    dag = session.lineage(all_branches=True)
+    twins = [k for k in dag[src.sha256][again.steps[0].result.sha256]]
+    assert sorted(twins) == [0, 1]  # (the fake draws the same image for every seed here)
+    assert dag.number_of_edges() == 2 and len(first.steps) == 2
+
+
 def test_a_turn_that_never_committed_leaves_the_next_turn_clean(engine, ctx, store, monkeypatch):
     session = EditSession("s3", checkpointer=checkpointer_from_path(None), context=ctx)
     engine.enqueue_edit_plan(_plan(BLUE))

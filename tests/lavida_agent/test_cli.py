@@ -543,8 +543,14 @@ def test_session_commands(run, scene, tmp_path):
     # step 1 ("make it green") is on the branch left behind: --image finds it there
     green = next(e["target"] for e in show["lineage"]["edges"] if e["instruction"] == "make it green")
     assert "session branch" in run("session", "show", sid).stderr  # says how
+    res = run("session", "branch", sid, 1)  # step 1 is on the other branch only
+    assert res.exit_code == 1 and "no step 1 on the current branch" in res.stderr and "--image" in res.stderr
     moved = json.loads(run("session", "branch", sid, 1, "--image", green[:10], "--json").stdout)
     assert moved["step"] == 1 and green in moved["current"]
+    shown = run("session", "show", sid).stdout.splitlines()[1:]
+    assert [line[0] for line in shown].count("*") == 1  # the current image's step, marked
+    starred = next(line for line in shown if line.startswith("*"))
+    assert f"-> {green[:10]}  #1 " in starred and starred.endswith("make it green")
     res = run("session", "branch", sid, 1, "--image", "0" * 10)
     assert res.exit_code == 1 and f"no step 1 with image '{'0' * 10}'" in res.stderr
     for bad in ("", "ab", "xyz!"):
