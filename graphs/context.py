@@ -100,8 +100,8 @@ class Context:
             "keeps the best ranked; 'accept' stops at the first image the critique (t2i) or "
             "the grounding checks (edit) accept: fewer images, more wrong ones kept with the "
             "shipped model. t2i keeps an accepted image, else the one whose worst planned "
-            "object fits best; edit keeps the one whose worst produced object fits best "
-            "(`rank_by`)."
+            "object fits best (`rank_by`); edit keeps an accepted attempt, else the one whose "
+            "worst produced object fits best."
         },
     )
     rank_by: Literal["fit", "surprise", "score"] = field(

@@ -29,13 +29,13 @@ from lavida_agent.graphs.edit import build_edit_graph
 from lavida_agent.graphs.state import EditOutput, EditState, EditStep
 from lavida_agent.tools.artifacts import ImageRef
 
-__all__ = ("EditSession", "committed", "lineage_graph", "lineage_json")
+__all__ = ("EditSession", "committed", "lineage_graph", "lineage_json", "step_key")
 
 
 def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.MultiDiGraph:
     """The edit lineage as a DAG of images (node = image sha256, edge = one edit step,
-    keyed by its lineage index: two steps that made the same image from the same parent,
-    a seed replayed on another branch, are two edges).
+    keyed by `step_key`: two steps that made the same image from the same parent, a seed
+    replayed on another branch, are two edges).
 
     Node attributes: `ref` (ImageRef dict). Edge attributes: `index`, `turn`, `round`,
     `instruction`, `seed`, `num_steps`, `verdict`, `head` (kept as the turn's result).
@@ -47,11 +47,17 @@ def lineage_graph(steps: Iterable[EditStep], heads: Sequence[int] = ()) -> nx.Mu
             if ref.sha256 not in g:
                 g.add_node(ref.sha256, ref=ref.to_dict())
         g.add_edge(
-            s.parent.sha256, s.result.sha256, key=s.index, index=s.index, turn=s.turn, round=s.round,
+            s.parent.sha256, s.result.sha256, key=step_key(s), index=s.index, turn=s.turn, round=s.round,
             instruction=s.instruction, seed=s.seed, num_steps=s.num_steps,
             verdict=s.critique.verdict if s.critique else None, head=s.index in heads_set,
         )  # fmt: skip
     return g
+
+
+def step_key(step: EditStep) -> str:
+    """An edit step's lineage edge key: lineage indices are per branch, so two branches can
+    each hold a step `#0`; the same step on two branches (before their fork) has one key."""
+    return f"{step.index}:{step.turn}:{step.round}:{step.seed}:{step.instruction}"
 
 
 def committed(state: EditState) -> list[EditStep]:
@@ -115,7 +121,7 @@ class EditSession:
         return EditState.model_validate(self.graph.get_state(self.config).values)
 
     def history(self) -> list[EditStep]:
-        """The committed steps of this branch, oldest first (one per turn; `committed`)."""
+        """The turns that made the current image, oldest first (`committed`)."""
         return committed(self.state())
 
     def snapshots(self) -> list[StateSnapshot]:
@@ -176,7 +182,7 @@ class EditSession:
         """
         st = self.state()
         if st.current_step is None:
-            raise ValueError("nothing to undo: the current image is the session's input (no edit made it)")
+            raise ValueError("nothing to undo: no edit made the current image (it is the session's input)")
         head = st.steps[st.current_step]
         if head.parent_step is not None:
             return self.branch(head.parent_step)

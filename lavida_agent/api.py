@@ -2005,7 +2005,9 @@ class Session:
         """
         self._require()
         n = len(self.state().steps)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (image is None and step >= n):
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidInputError(f"step must be a lineage index (an int >= 0), got {step!r}")
+        if image is None and step >= n:
             raise InvalidInputError(f"no step {step!r} on the current branch of session {self.thread_id!r} "
                                     f"(steps 0..{n - 1}; a step of another branch is named with its image: "
                                     "`image=`, `--image` in the CLI)" if n else "the session's current branch has no "

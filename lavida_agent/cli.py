@@ -936,7 +936,7 @@ def _session_state(s: Any, out: str | None, scale: int) -> dict[str, Any]:
     """The session's current image (written to `out` if given) and its step, as JSON."""
     st = s.state()
     data = {"session": s.thread_id, "current": str(s.agent.store.path(st.current)),
-            "sha256": st.current.sha256, "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
+            "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
     if out:
         from lavida_agent.tools.images import resize_nearest, save_image
 
@@ -1014,12 +1014,15 @@ def session_edit(ctx: click.Context, session_id: str, instruction: str, out: str
 
 @session.command("history")
 @click.argument("session_id")
-@click.option("--all", "all_steps", is_flag=True, help="Every attempt, not only kept steps.")
+@click.option("--all", "all_steps", is_flag=True,
+              help="Every attempt of the current branch's lineage, not only the kept turns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
 @click.pass_context
 def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_json: bool) -> None:
-    """The session's steps on its current branch, oldest first."""
+    """The turns that made the session's current image, oldest first (a restart from a new
+    image begins a new history; `--all` lists every attempt of the branch, the earlier ones
+    too)."""
     s = _session(ctx, session_id)
     steps = s.steps() if all_steps else s.history()
     rows = [{"step": st.index, "turn": st.turn, "round": st.round,
@@ -1102,6 +1105,8 @@ def session_branch(ctx: click.Context, session_id: str, step: int, image: str | 
 def session_show(ctx: click.Context, session_id: str, out: str | None, preview_scale: int,
                  as_json: bool) -> None:  # fmt: skip
     """The session's current image and its lineage (every branch)."""
+    from lavida_agent.graphs.session import step_key
+
     if out:
         _check_out(out)
     s = _session(ctx, session_id)
@@ -1112,8 +1117,9 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
         return
     click.echo(f"session {s.thread_id}: step {_step_name(data['step'])} of {data['steps']}, "
                f"current {data['current']}")  # fmt: skip
+    current = s.state().steps[data["step"]] if data["step"] is not None else None
     for e in data["lineage"].get("edges", []):
-        here = e["index"] == data["step"] and e["target"] == data["sha256"] and e["head"]
+        here = current is not None and e["key"] == step_key(current) and e["source"] == current.parent.sha256
         click.echo(f"{'*' if here else ' '} {e['source'][:10]} -> {e['target'][:10]}  #{e['index']} "
                    f"{e['verdict']}  {e['instruction']}")  # fmt: skip
     if data["lineage"].get("edges"):

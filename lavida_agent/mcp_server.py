@@ -272,8 +272,9 @@ def create_mcp(
 
     @mcp.tool(title="Edit history", annotations=READS)
     async def history(session: SessionArg) -> CallToolResult:
-        """The session's committed turns, oldest first: instruction, seed, verdict and image
-        of each, and the current image."""
+        """The turns that made the session's current image, oldest first (a restart from a new
+        image begins a new history): instruction, seed, verdict and image of each, and the
+        current image."""
         s = await tools.session(session)
 
         def build() -> dict[str, Any]:

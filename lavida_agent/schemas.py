@@ -634,7 +634,8 @@ class SessionResponse(BaseModel):
 class SessionHistoryResponse(BaseModel):
     session_id: str
     image: ImageOut | None
-    steps: list[SessionStepOut] = Field(description="Committed steps of the current branch.")
+    steps: list[SessionStepOut] = Field(description="The turns that made the current image, oldest "
+                                        "first (a restart from a new image begins a new history).")
 
 
 class DeleteResponse(BaseModel):

@@ -972,7 +972,8 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
     @app.get("/v1/sessions/{session_id}/history", response_model=schemas.SessionHistoryResponse,
              responses=_ERRORS, tags=["sessions"])  # fmt: skip
     async def session_history(session_id: str, request: Request) -> schemas.SessionHistoryResponse:
-        """The committed steps of the session's current branch, oldest first."""
+        """The turns that made the session's current image, oldest first (a restart from a
+        new image begins a new history)."""
         session = await svc.session(session_id)
         base = svc.base(request)
 

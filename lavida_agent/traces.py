@@ -525,14 +525,16 @@ def _lineage_svg(lineage: dict[str, Any], current: str | None) -> str:
              '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
              'markerHeight="6" orient="auto"><path d="M0,0L10,5L0,10z" fill="#555"/></marker>'
              "</defs>"]  # fmt: skip
+    twins: dict[tuple[str, str], int] = {}  # steps that made the same image from the same one
     for e in edges:
         (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
         color = {"accept": "#2a2", "reject": "#c22"}.get(str(e.get("verdict")), "#555")
         width = 3 if e.get("head") else 1
         label = f"#{e.get('index')} {str(e.get('instruction', ''))[:22]}"
+        k = twins[e["source"], e["target"]] = twins.get((e["source"], e["target"]), -1) + 1
         parts.append(f'<line x1="{x0 + 110}" y1="{y0 + 15}" x2="{x1}" y2="{y1 + 15}" '
                      f'stroke="{color}" stroke-width="{width}" marker-end="url(#arrow)"/>')  # fmt: skip
-        parts.append(f'<text x="{(x0 + 110 + x1) // 2 - 40}" y="{(y0 + y1) // 2 + 8}" '
+        parts.append(f'<text x="{(x0 + 110 + x1) // 2 - 40}" y="{(y0 + y1) // 2 + 8 + 12 * k}" '
                      f'fill="{color}">{html.escape(label)}</text>')  # fmt: skip
     for n, (x, y) in pos.items():
         fill = "#ffd" if n == current else "#eef"

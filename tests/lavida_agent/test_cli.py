@@ -230,6 +230,22 @@ def test_an_edit_that_is_not_verified_says_why(run, scene, engine):
     assert read == f"  the model read the image as: {caption}"
 
 
+def test_session_show_marks_the_current_step_when_two_branches_made_its_image(run, scene, engine):
+    """Two branches whose step 0 drew the same image from the same input (two instructions):
+    both steps are listed, and the one that made the current image is marked."""
+    sid = run("session", "start", scene).stdout.strip()
+    blue = {"label": "blue square", "box": [8.0, 8.0, 24.0, 24.0]}
+    for k, instruction in enumerate(("add a blue square", "put a blue square at the top left")):
+        if k:
+            assert run("session", "undo", sid).exit_code == 0
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[blue["box"]], layout=[blue]))
+        assert run("session", "edit", sid, instruction, "--out", f"{k}.png", "--rounds", 1).exit_code == 0
+    assert np.array_equal(load_image("0.png"), load_image("1.png"))  # the same image twice
+    shown = run("session", "show", sid).stdout.splitlines()[1:]
+    assert len(shown) == 2 and [line[0] for line in shown].count("*") == 1
+    assert next(line for line in shown if line.startswith("*")).endswith("put a blue square at the top left")
+
+
 def test_ground_ask_and_critique_write_their_trace_pages_too(run, scene, tmp_path):
     for args in (("ground", scene, "red circle"), ("ask", scene, "what color is the circle?"),
                  ("critique", scene, "a red circle")):  # fmt: skip
