@@ -429,6 +429,11 @@ def load_trace(run: str | Path, runs_dir: str | Path | None = None) -> Trace:
     if not path.is_file():
         if text.endswith(".json"):
             raise NotFoundError(f"no trace file {text!r}")
+        runs = sorted((f for f in trace_files(runs_dir) if f.thread_id == text), key=lambda f: f.mtime)
+        if runs:  # a session (or a run's thread) id: name its runs, newest last
+            named = ", ".join(f.run_id for f in runs[-5:])
+            raise NotFoundError(f"{text!r} is a session (thread), not a run: its {len(runs)} run(s) "
+                                f"{'end with ' if len(runs) > 5 else 'are '}{named}; trace one of them")  # fmt: skip
         raise NotFoundError(f"no trace for run {text!r}" + (f" in {runs_dir}" if runs_dir else ""))
     try:
         return Trace.model_validate_json(path.read_text(encoding="utf-8"))

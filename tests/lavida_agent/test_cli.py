@@ -620,6 +620,10 @@ def test_trace_command_renders_html(run, scene, tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["run_id"] == run_id
     res = run("trace", "deadbeef")
     assert res.exit_code == 1 and "no trace for run 'deadbeef'" in res.stderr
+    thread = json.loads(run("trace", run_id, "--json").stdout)["thread_id"]
+    res = run("trace", thread)  # a session's (thread's) id: its runs are named
+    assert res.exit_code == 1 and f"'{thread}' is a session (thread), not a run" in res.stderr
+    assert f"are {run_id}; trace one of them" in res.stderr
 
 
 # -- model, bench, train, serve ----------------------------------------------------------------
