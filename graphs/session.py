@@ -181,6 +181,8 @@ class EditSession:
             ValueError: the session has nothing to undo.
         """
         st = self.state()
+        if st.current is None:
+            raise ValueError("nothing to undo: the session has no image yet")
         if st.current_step is None:
             raise ValueError("nothing to undo: no edit made the current image (it is the session's input)")
         head = st.steps[st.current_step]
