@@ -935,7 +935,7 @@ def _session(ctx: click.Context, session_id: str) -> Any:
 def _session_state(s: Any, out: str | None, scale: int) -> dict[str, Any]:
     """The session's current image (written to `out` if given) and its step, as JSON."""
     st = s.state()
-    data = {"session": s.thread_id, "current": str(s.agent.store.path(st.current)),
+    data = {"session": s.thread_id, "current": str(s.agent.store.path(st.current)) if st.current else None,
             "step": st.current_step, "steps": len(st.steps)}  # fmt: skip
     if out:
         from lavida_agent.tools.images import resize_nearest, save_image
@@ -1116,7 +1116,7 @@ def session_show(ctx: click.Context, session_id: str, out: str | None, preview_s
         _echo_json(data)
         return
     click.echo(f"session {s.thread_id}: step {_step_name(data['step'])} of {data['steps']}, "
-               f"current {data['current']}")  # fmt: skip
+               f"current {data['current'] or 'none (no image yet)'}")  # fmt: skip
     current = s.state().steps[data["step"]] if data["step"] is not None else None
     for e in data["lineage"].get("edges", []):
         here = current is not None and e["key"] == step_key(current) and e["source"] == current.parent.sha256

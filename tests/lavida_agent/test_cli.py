@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import types
 
 import numpy as np
@@ -244,6 +245,25 @@ def test_session_show_marks_the_current_step_when_two_branches_made_its_image(ru
     shown = run("session", "show", sid).stdout.splitlines()[1:]
     assert len(shown) == 2 and [line[0] for line in shown].count("*") == 1
     assert next(line for line in shown if line.startswith("*")).endswith("put a blue square at the top left")
+
+
+def test_a_session_without_an_image_is_shown_and_not_undone(run, scene, engine):
+    """A one-shot edit stopped before it committed leaves a session with no image yet."""
+    from lavida_agent.api import LavidaAgent
+    from lavida_agent.traces import load_trace
+    from tests.fakes import intercept
+
+    with LavidaAgent(engine=engine, num_steps=2) as agent:
+        cancel = threading.Event()
+        intercept(engine, "edit", 1, cancel.set)
+        with pytest.raises(Exception) as stopped:
+            agent.edit(load_image(scene), "add a blue square", seed=1, cancel=cancel)
+        sid = load_trace(stopped.value.run_id, agent.settings.runs_dir).thread_id
+        assert agent.session(sid).current is None
+    res = run("session", "show", sid)
+    assert res.exit_code == 0 and "current none (no image yet)" in res.stdout
+    res = run("session", "undo", sid)
+    assert res.exit_code == 1 and "nothing to undo: the session has no image yet" in res.stderr
 
 
 def test_ground_ask_and_critique_write_their_trace_pages_too(run, scene, tmp_path):
