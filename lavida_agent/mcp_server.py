@@ -271,7 +271,12 @@ def create_mcp(
         return await tools.move(session, lambda s: s.branch(step, image=image))
 
     @mcp.tool(title="Edit history", annotations=READS)
-    async def history(session: SessionArg) -> CallToolResult:
+    async def history(
+        session: SessionArg,
+        all: Annotated[bool, Field(description="Every attempt of the current branch's lineage "  # noqa: A002
+                                   "(the turns before a restart too), not only the turns that "
+                                   "made the current image.")] = False,
+    ) -> CallToolResult:
         """The turns that made the session's current image, oldest first (a restart from a new
         image begins a new history): instruction, seed, verdict and image of each, and the
         current image."""
@@ -281,7 +286,7 @@ def create_mcp(
             steps = [{"index": st.index, "turn": st.turn, "instruction": st.instruction,
                       "seed": st.seed, "verdict": st.critique.verdict if st.critique else None,
                       "image": IMAGE_URI + st.result.sha256}
-                     for st in s.history()]  # fmt: skip
+                     for st in (s.steps() if all else s.history())]  # fmt: skip
             current = s.current
             image = IMAGE_URI + current.sha256 if current is not None else None
             return {"session": session, "steps": steps, "image": image}

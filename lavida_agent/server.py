@@ -971,9 +971,11 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
 
     @app.get("/v1/sessions/{session_id}/history", response_model=schemas.SessionHistoryResponse,
              responses=_ERRORS, tags=["sessions"])  # fmt: skip
-    async def session_history(session_id: str, request: Request) -> schemas.SessionHistoryResponse:
+    async def session_history(session_id: str, request: Request,
+                              all: bool = False) -> schemas.SessionHistoryResponse:  # noqa: A002
         """The turns that made the session's current image, oldest first (a restart from a
-        new image begins a new history)."""
+        new image begins a new history); `?all=true`: every attempt of the current branch's
+        lineage, the turns before a restart too (their `index` is what `branch` takes)."""
         session = await svc.session(session_id)
         base = svc.base(request)
 
@@ -982,7 +984,7 @@ def _session_routes(app: FastAPI, svc: _Service) -> None:
                                             seed=s.seed, parent_sha256=s.parent.sha256,
                                             verdict=s.critique.verdict if s.critique else None,
                                             image=svc.image_out(base, s.result, "url"))
-                     for s in session.history()]  # fmt: skip
+                     for s in (session.steps() if all else session.history())]  # fmt: skip
             current = session.current
             image = svc.image_out(base, current, "url") if current is not None else None
             return schemas.SessionHistoryResponse(session_id=session_id, steps=steps, image=image)

@@ -143,6 +143,8 @@ async def test_edit_sessions_continue_undo_redo_branch_and_history(agent, engine
         assert [(s["index"], s["instruction"]) for s in hist["steps"]] == [(0, "redo blue"),
                                                                            (1, "redo red")]  # fmt: skip
         assert hist["image"] == second["image"] == hist["steps"][1]["image"]
+        every = _ok(await client.call_tool("history", {"session": session, "all": True}))
+        assert [s["index"] for s in every["steps"]] == [0, 1]  # no restart: the same steps
         undo = _ok(await client.call_tool("undo", {"session": session}))
         assert undo["image"] == first["image"] and undo["session"] == session
         assert _ok(await client.call_tool("redo", {"session": session}))["image"] == second["image"]

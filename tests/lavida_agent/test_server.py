@@ -267,6 +267,20 @@ async def test_image_by_sha256(client):
     assert r.status_code == 404 and r.json()["error"]["param"] == "image_sha256"
 
 
+async def test_session_history_after_a_restart_and_all_steps(client, engine):
+    """A turn given a new image restarts the history there; `?all=true` lists every step of
+    the branch, the earlier turns too, whose index `branch` takes."""
+    sid = (await client.post("/v1/sessions", json={"image": _b64(_scene())})).json()["session_id"]
+    for seed, image in ((1, None), (2, _b64(_scene()))):
+        engine.enqueue_edit_plan(EditPlanResult(target_boxes=[BLUE["box"]], layout=[BLUE]))
+        body = {"instruction": "redo blue", "seed": seed, **({"image": image} if image else {})}
+        assert (await client.post(f"/v1/sessions/{sid}/edit", json=body)).status_code == 200
+    assert [s["seed"] for s in (await client.get(f"/v1/sessions/{sid}/history")).json()["steps"]] == [2]
+    every = (await client.get(f"/v1/sessions/{sid}/history", params={"all": "true"})).json()["steps"]
+    assert [(s["index"], s["seed"]) for s in every] == [(0, 1), (1, 2)]
+    assert (await client.post(f"/v1/sessions/{sid}/branch", json={"step": 0})).status_code == 200
+
+
 async def test_session_lifecycle(client, engine):
     r = await client.post("/v1/sessions", json={"image": _b64(_scene())})
     assert r.status_code == 200, r.text
