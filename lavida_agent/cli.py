@@ -1035,6 +1035,10 @@ def session_history(ctx: click.Context, session_id: str, all_steps: bool, as_jso
     for r in rows:
         click.echo(f"{r['step']}\tturn {r['turn']}\t{r['verdict']}\tseed {r['seed']}\t"
                    f"{r['instruction']}")  # fmt: skip
+    if not rows:  # (on stderr: stdout stays one line per step for scripts)
+        more = ("" if all_steps or not s.steps()
+                else f"; earlier steps: lavida-agent session history {s.thread_id} --all")
+        click.echo(f"(no edit made the current image: it is the session's input{more})", err=True)
 
 
 def _step_name(step: int | None) -> str:

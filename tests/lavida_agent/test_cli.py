@@ -266,6 +266,13 @@ def test_a_session_without_an_image_is_shown_and_not_undone(run, scene, engine):
     assert res.exit_code == 1 and "nothing to undo: the session has no image yet" in res.stderr
 
 
+def test_session_history_of_a_session_without_edits_says_so(run, scene):
+    sid = run("session", "start", scene).stdout.strip()
+    res = run("session", "history", sid)
+    assert res.exit_code == 0 and res.stdout == ""  # one line per step: none
+    assert "no edit made the current image: it is the session's input" in res.stderr
+
+
 def test_ground_ask_and_critique_write_their_trace_pages_too(run, scene, tmp_path):
     for args in (("ground", scene, "red circle"), ("ask", scene, "what color is the circle?"),
                  ("critique", scene, "a red circle")):  # fmt: skip
